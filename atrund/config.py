@@ -1,0 +1,144 @@
+"""Runner configuration: one TOML file, validated by pydantic.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every error
+names the TOML key it is about (``access.mode: Input should be ...``). Secrets never live in
+this file: the runner's app password comes from an environment variable or a file it names.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNTIMES_DIR = REPO_ROOT / "nix" / "runtimes"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunnerSection(Section):
+    pds: str = Field(description="URL of the runner account's PDS")
+    identifier: str = Field(description="handle or DID of the runner account")
+    password_env: str = "ATRUND_APP_PASSWORD"
+    password_file: Path | None = None
+    description: str = "An atrund runner."
+
+    def password(self) -> str:
+        """The app password: from password_file if set, else from the environment variable."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.expanduser().read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"runner.password_file: cannot read {self.password_file}: {e.strerror}") from e
+        value = os.environ.get(self.password_env, "")
+        if not value:
+            raise ConfigError(
+                f"runner.password_env: environment variable {self.password_env} is empty or unset "
+                "(set it to the runner account's app password, or set runner.password_file)"
+            )
+        return value
+
+
+class IdentitySection(Section):
+    plc_url: str = "https://plc.directory"
+    cache_seconds: int = Field(default=300, ge=0)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class AccessSection(Section):
+    mode: Literal["allowlist", "blocklist", "open"] = "allowlist"
+    allowlist: list[str] = []
+    blocklist: list[str] = []
+
+    @model_validator(mode="after")
+    def _dids(self) -> "AccessSection":
+        for key in ("allowlist", "blocklist"):
+            for i, did in enumerate(getattr(self, key)):
+                if not did.startswith("did:"):
+                    raise ValueError(f"{key}[{i}]: {did!r} is not a DID (expected did:plc:... or did:web:...)")
+        return self
+
+
+class IngestSection(Section):
+    mode: Literal["poll"] = "poll"
+    poll_interval: float = Field(default=2.0, gt=0)
+    authors: list[str] | None = Field(
+        default=None, description="DIDs whose repos are polled; defaults to access.allowlist"
+    )
+
+
+class BundlesSection(Section):
+    max_bytes: int = Field(default=1_048_576, gt=0)
+
+
+class ExecutorSection(Section):
+    isolation: Literal["none"] = "none"
+    warm: int = Field(default=2, ge=0, description="warm workers kept per runtime")
+    concurrency: int = Field(default=4, ge=1)
+    default_timeout: int = Field(default=30, ge=1)
+    max_timeout: int = Field(default=300, ge=1)
+    max_output_bytes: int = Field(default=65_536, ge=1024)
+    memory_mb: int = Field(default=512, ge=16)
+    runtimes_dir: Path = RUNTIMES_DIR
+
+
+class StateSection(Section):
+    dir: Path = Path("atrund-state")
+
+
+class Config(Section):
+    runner: RunnerSection
+    identity: IdentitySection = IdentitySection()
+    access: AccessSection = AccessSection()
+    ingest: IngestSection = IngestSection()
+    bundles: BundlesSection = BundlesSection()
+    executor: ExecutorSection = ExecutorSection()
+    state: StateSection = StateSection()
+
+    @property
+    def poll_authors(self) -> list[str]:
+        return self.ingest.authors if self.ingest.authors is not None else self.access.allowlist
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config.toml.example)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse(data: dict, base_dir: Path | None = None) -> Config:
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+    if base_dir is not None and not cfg.state.dir.is_absolute():
+        cfg.state.dir = base_dir / cfg.state.dir
+    return cfg
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file; relative state paths are relative to the file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return parse(data, base_dir=path.resolve().parent)

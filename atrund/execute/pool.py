@@ -1,0 +1,242 @@
+"""The worker pool: everything about running a request that is the same for every backend.
+
+A backend only knows how to start an at-run-exec worker and how to kill it (``Backend``).
+Deadlines, the answer-size cap, warm workers, slot accounting, statistics and turning every
+way a worker can fail into an ExecResponse are written once, here.
+
+One worker serves exactly one request: untrusted code never shares a process with another
+invocation. "Warm" means started and waiting for its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import signal
+import statistics
+import time
+from abc import ABC, abstractmethod
+
+import structlog
+from pydantic import ValidationError
+
+from atrund.execute.base import Executor, ExecutorError, PoolStats
+from atrund.execute.protocol import ExecRequest, ExecResponse, parse_ready
+from atrund.execute.runtimes import Runtime, load_runtimes
+
+log = structlog.get_logger("atrund.execute")
+
+READY_TIMEOUT = 15.0  # seconds a new worker may take to announce it is ready
+STDERR_TAIL = 4096  # bytes of the bundle's own output kept for error messages
+
+
+class Worker(ABC):
+    """A started at-run-exec, reached through three byte streams."""
+
+    stdin: asyncio.StreamWriter
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+
+    @abstractmethod
+    def exited(self) -> int | None:
+        """The exit code if the worker is gone, else None."""
+
+    @abstractmethod
+    async def kill(self) -> None:
+        """Kill the worker and everything it started; release its resources. Idempotent."""
+
+
+class Backend(ABC):
+    isolation: str
+
+    @abstractmethod
+    async def spawn(self, runtime: Runtime, limits) -> Worker: ...
+
+    async def close(self) -> None:
+        return None
+
+
+class WorkerPool(Executor):
+    def __init__(self, backend: Backend, settings) -> None:
+        self.backend = backend
+        self.isolation = backend.isolation
+        self.settings = settings
+        self.runtimes = load_runtimes(settings.runtimes_dir)
+        self._warm: dict[str, collections.deque[Worker]] = {name: collections.deque() for name in self.runtimes}
+        self._warm_target = 0
+        self._starting: collections.Counter[str] = collections.Counter()
+        self._refills: set[asyncio.Task] = set()
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._counts = collections.Counter()
+        self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def warm(self, count: int) -> None:
+        self._warm_target = count
+        await asyncio.gather(*(self._refill(name) for name in self.runtimes))
+
+    async def _refill(self, runtime: str) -> None:
+        while not self._closed and len(self._warm[runtime]) + self._starting[runtime] < self._warm_target:
+            self._starting[runtime] += 1
+            try:
+                worker = await self._start(self.runtimes[runtime])
+            except ExecutorError as e:
+                log.warning("warm worker failed to start", runtime=runtime, error=str(e))
+                return
+            finally:
+                self._starting[runtime] -= 1
+            if self._closed:
+                await worker.kill()
+                return
+            self._warm[runtime].append(worker)
+
+    def _schedule_refill(self, runtime: str) -> None:
+        if self._warm_target and not self._closed:
+            task = asyncio.create_task(self._refill(runtime))
+            self._refills.add(task)
+            task.add_done_callback(self._refills.discard)
+
+    async def drain(self) -> None:
+        self._closed = True
+        await self._idle.wait()
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        for task in list(self._refills):
+            task.cancel()
+        await asyncio.gather(*self._refills, return_exceptions=True)
+        workers = [w for q in self._warm.values() for w in q]
+        for q in self._warm.values():
+            q.clear()
+        await asyncio.gather(*(w.kill() for w in workers), return_exceptions=True)
+        await self.backend.close()
+
+    def stats(self) -> PoolStats:
+        lat = sorted(self._latencies)
+        return PoolStats(
+            isolation=self.isolation,
+            warm={name: len(q) for name, q in self._warm.items()},
+            busy=self._busy,
+            completed=self._counts["completed"],
+            failed=self._counts["failed"],
+            timeouts=self._counts["timeouts"],
+            cold_starts=self._counts["cold"],
+            latency_p50_ms=round(statistics.median(lat), 1) if lat else None,
+            latency_p95_ms=round(lat[int(0.95 * (len(lat) - 1))], 1) if lat else None,
+        )
+
+    # -- one request ---------------------------------------------------------------------
+
+    async def _start(self, runtime: Runtime) -> Worker:
+        worker = await self.backend.spawn(runtime, self.settings)
+        try:
+            line = await asyncio.wait_for(worker.stdout.readline(), READY_TIMEOUT)
+        except (asyncio.TimeoutError, ValueError):
+            line = b""
+        if not parse_ready(line):
+            err = await _tail(worker.stderr)
+            await worker.kill()
+            raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}")
+        return worker
+
+    async def _take(self, runtime: Runtime) -> Worker:
+        queue = self._warm[runtime.name]
+        while queue:
+            worker = queue.popleft()
+            self._schedule_refill(runtime.name)
+            if worker.exited() is None:
+                return worker
+            await worker.kill()  # died while waiting (OOM killer, operator); not the bundle's fault
+        self._counts["cold"] += 1
+        return await self._start(runtime)
+
+    async def execute(self, request: ExecRequest, runtime: str) -> ExecResponse:
+        if self._closed:
+            raise ExecutorError("executor is shut down")
+        rt = self.runtimes.get(runtime)
+        if rt is None:
+            return _fail(f"runtime {runtime!r} is not offered here (offered: {', '.join(self.runtimes)})", "UnknownRuntime")
+        self._busy += 1
+        self._idle.clear()
+        started = time.monotonic()
+        try:
+            worker = await self._take(rt)
+            try:
+                response = await self._run(worker, request)
+            finally:
+                await worker.kill()
+        finally:
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.set()
+        self._latencies.append((time.monotonic() - started) * 1000)
+        self._counts["completed" if response.success else "failed"] += 1
+        if response.timed_out:
+            self._counts["timeouts"] += 1
+        return response
+
+    async def _run(self, worker: Worker, request: ExecRequest) -> ExecResponse:
+        stderr_tail = asyncio.create_task(_tail(worker.stderr))
+        try:
+            worker.stdin.write(request.to_json().encode() + b"\n")
+            await worker.stdin.drain()
+            worker.stdin.close()
+        except (ConnectionError, BrokenPipeError):
+            pass  # the worker is gone; reading its answer below says how
+        try:
+            line = await asyncio.wait_for(worker.stdout.readline(), request.timeout)
+        except asyncio.TimeoutError:
+            stderr_tail.cancel()
+            return _fail(f"timed out after {request.timeout} s", "Timeout", timed_out=True, elapsed_s=request.timeout)
+        except ValueError:  # asyncio's StreamReader limit: the line is longer than allowed
+            stderr_tail.cancel()
+            return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge")
+        if not line:
+            await worker.kill()  # closes the bundle's stderr too, so the tail below ends
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stderr_tail), 1)
+            tail = stderr_tail.result() if stderr_tail.done() else ""
+            code = worker.exited()
+            how = _exit_description(code)
+            return _fail(f"the bundle process {how} before answering" + (f"; its last output: {tail}" if tail else ""), "Crash")
+        stderr_tail.cancel()
+        try:
+            return ExecResponse.model_validate(json.loads(line))
+        except (ValueError, ValidationError) as e:
+            return _fail(f"at-run-exec answered with something that is not an ExecResponse: {str(e)[:300]}", "ProtocolError")
+
+
+def _exit_description(code: int | None) -> str:
+    if code is None:
+        return "closed its output"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _fail(message: str, error_type: str, timed_out: bool | None = None, elapsed_s: int | None = None) -> ExecResponse:
+    resp = ExecResponse(success=False, error=message, error_type=error_type, timed_out=timed_out)
+    if elapsed_s is not None:
+        resp.metrics.execution_time_ms = elapsed_s * 1000
+    return resp
+
+
+async def _tail(stream: asyncio.StreamReader) -> str:
+    """Read a stream to its end, keeping only the last bytes (the bundle may print forever)."""
+    buf = bytearray()
+    try:
+        while chunk := await stream.read(65536):
+            buf += chunk
+            del buf[:-STDERR_TAIL]
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    return buf.decode("utf-8", "replace").strip()

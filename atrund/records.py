@@ -1,0 +1,196 @@
+"""The dev.atrun.* records as pydantic models.
+
+The lexicon files in ``lexicons/`` are the source of truth; ``tests/test_lexicons.py`` checks
+these models against them so the two cannot drift. Field names on the wire are camelCase
+(aliases); Python code uses snake_case.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+BUNDLE = "dev.atrun.bundle"
+INVOCATION = "dev.atrun.invocation"
+RESULT = "dev.atrun.result"
+RUNNER = "dev.atrun.runner"
+JSON_VALUE = "dev.atrun.defs#jsonValue"
+
+Status = Literal["success", "error", "timeout", "rejected"]
+
+
+def now_iso() -> str:
+    """An AT Protocol datetime: UTC with milliseconds and a Z."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def result_rkey(invocation_uri: str) -> str:
+    """The record key of the result for an invocation, computable by anyone in advance.
+
+    First 32 characters of the lowercase, unpadded base32 of SHA-256 over the AT URI. The URI
+    holds the author's DID, so one author cannot aim at another's result key.
+    """
+    digest = hashlib.sha256(invocation_uri.encode("utf-8")).digest()
+    return base64.b32encode(digest).decode("ascii").rstrip("=").lower()[:32]
+
+
+def result_uri(runner_did: str, invocation_uri: str) -> str:
+    return f"at://{runner_did}/{RESULT}/{result_rkey(invocation_uri)}"
+
+
+class Record(BaseModel):
+    """Base: camelCase on the wire, unknown fields kept (records may grow compatibly)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    def to_record(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class StrongRef(Record):
+    """com.atproto.repo.strongRef"""
+
+    model_config = ConfigDict(extra="ignore")
+    uri: str = Field(pattern=r"^at://[^/]+/[^/]+/[^/]+$")
+    cid: str = Field(min_length=8)
+
+
+class BlobLink(BaseModel):
+    link: str = Field(alias="$link")
+
+
+class BlobRef(BaseModel):
+    """A blob reference as records carry it (``$type: blob``)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    type: Literal["blob"] = Field(default="blob", alias="$type")
+    ref: BlobLink
+    mime_type: str = Field(alias="mimeType")
+    size: int = Field(ge=0)
+
+    @property
+    def cid(self) -> str:
+        return self.ref.link
+
+
+class Permissions(Record):
+    net: list[str] | None = None
+    read: list[str] | None = None
+    write: list[str] | None = None
+    env: list[str] | None = None
+
+
+class Metrics(Record):
+    execution_time_ms: int | None = None
+    queued_ms: int | None = None
+    total_ms: int | None = None
+    isolation: str | None = None
+    runtime: str | None = None
+
+
+class HttpResponse(Record):
+    status: int = Field(ge=100, le=599)
+    headers: dict[str, str] | None = None
+    body: str | None = None
+    is_base64: bool | None = None
+
+
+class Limits(Record):
+    timeout_seconds: int | None = None
+    default_timeout_seconds: int | None = None
+    max_bundle_bytes: int | None = None
+    max_output_bytes: int | None = None
+    memory_mb: int | None = None
+    concurrency: int | None = None
+
+
+class Bundle(Record):
+    runtime: str = Field(min_length=1, max_length=64)
+    code: BlobRef
+    created_at: str
+    name: str | None = None
+    description: str | None = None
+    entrypoint: str | None = None
+    endpoints: list[str] | None = None
+    permissions: Permissions | None = None
+
+
+class Invocation(Record):
+    runner: str = Field(pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]+$")
+    bundle: StrongRef
+    endpoint: str = Field(min_length=1, max_length=128)
+    created_at: str
+    args: dict[str, Any] | None = None
+    timeout: int | None = Field(default=None, ge=1)
+
+
+class Result(Record):
+    invocation: StrongRef
+    bundle: StrongRef
+    status: Status
+    created_at: str
+    data: dict[str, Any] | None = None
+    error: str | None = None
+    response: HttpResponse | None = None
+    metrics: Metrics | None = None
+
+    def value(self) -> Any:
+        """The endpoint's return value, unwrapped from a jsonValue if it was wrapped."""
+        return decode_data(self.data)
+
+
+class Runner(Record):
+    runtimes: list[str]
+    isolation: str
+    access_mode: str
+    created_at: str
+    limits: Limits | None = None
+    description: str | None = None
+    version: str | None = None
+
+
+def _fits_data_model(value: Any) -> bool:
+    """True if ``value`` survives the AT Protocol data model unchanged.
+
+    The data model has no floats, and keys starting with '$' have meanings of their own
+    ($type, $link, $bytes), so a value holding either is not stored as it is.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, float):
+        return False
+    if isinstance(value, list):
+        return all(_fits_data_model(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and not k.startswith("$") and _fits_data_model(v) for k, v in value.items())
+    return False
+
+
+def encode_data(value: Any) -> dict[str, Any] | None:
+    """The ``data`` field for an endpoint's return value.
+
+    An object the data model holds unchanged is stored as it is (readable by any AT client);
+    anything else (a number, a list, a string, floats inside) is kept exactly as JSON text in
+    a ``dev.atrun.defs#jsonValue``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dict) and _fits_data_model(value):
+        return value
+    text = json.dumps(value, separators=(",", ":"), allow_nan=True)
+    return {"$type": JSON_VALUE, "json": text}
+
+
+def decode_data(data: Any) -> Any:
+    if isinstance(data, dict) and data.get("$type") == JSON_VALUE and isinstance(data.get("json"), str):
+        return json.loads(data["json"])
+    return data
+
