@@ -14,11 +14,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from atrund.errors import AtrundError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES_DIR = REPO_ROOT / "nix" / "runtimes"
 
 
-class ConfigError(Exception):
+class ConfigError(AtrundError):
     """The configuration is unusable; the message names the key."""
 
 

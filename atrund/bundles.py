@@ -1,0 +1,108 @@
+"""Bundle fetch and verification, with an on-disk cache keyed by CID.
+
+What an invocation pins (a strongRef) is what runs, or nothing does: the bundle record must be
+at exactly the pinned CID (proven by hashing its block), and the code blob's bytes must hash to
+the blob CID the record names. Only verified content is written to the cache, so a cache hit
+needs no network and no re-check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge
+from atrund.records import BUNDLE, Bundle, StrongRef
+from atrund.repos import Repos
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    ref: StrongRef
+    record: Bundle
+    code_path: Path
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """at://did/collection/rkey -> (did, collection, rkey)."""
+    parts = uri.removeprefix("at://").split("/")
+    if not uri.startswith("at://") or len(parts) != 3 or not all(parts):
+        raise ValueError(f"{uri!r} is not an AT URI of a record (at://DID/COLLECTION/RKEY)")
+    return parts[0], parts[1], parts[2]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, path)
+
+
+def _field_errors(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in err.errors())
+
+
+class BundleStore:
+    def __init__(self, repos: Repos, cache_dir: Path, max_bytes: int) -> None:
+        self.repos = repos
+        self.records_dir = cache_dir / "records"
+        self.blobs_dir = cache_dir / "blobs"
+        self.max_bytes = max_bytes
+
+    async def get(self, ref: StrongRef) -> VerifiedBundle:
+        did, collection, rkey = split_uri(ref.uri)
+        if collection != BUNDLE:
+            raise BundleRefused(f"bundle.uri names a {collection} record, not a {BUNDLE}")
+        record = self.parse(await self._record(did, rkey, ref.cid))
+        code_path = await self._blob(did, record)
+        return VerifiedBundle(ref=ref, record=record, code_path=code_path)
+
+    async def _record(self, did: str, rkey: str, cid: str) -> dict:
+        cached = self.records_dir / f"{cid}.json"
+        if cached.exists():
+            return json.loads(cached.read_text())
+        try:
+            value = await self.repos.get_verified_record(did, BUNDLE, rkey, cid)
+        except ContentMismatch as e:
+            raise BundleRefused(f"bundle record: {e}") from None
+        except NotFound:
+            try:
+                current, _ = await self.repos.get_record(did, BUNDLE, rkey)
+            except NotFound:
+                raise NotFound(f"bundle at://{did}/{BUNDLE}/{rkey} does not exist (deleted, or never published)") from None
+            raise BundleRefused(
+                f"bundle CID mismatch: the invocation pins {cid}, but at://{did}/{BUNDLE}/{rkey} is now {current} "
+                "(the bundle was changed after the invocation was made; invoke the new version by its CID)"
+            ) from None
+        _write_atomic(cached, json.dumps(value).encode())
+        return value
+
+    async def _blob(self, did: str, record: Bundle) -> Path:
+        cid = record.code.cid
+        path = self.blobs_dir / cid
+        if path.exists():
+            return path
+        if record.code.size > self.max_bytes:
+            raise BundleRefused(f"bundle code is {record.code.size} bytes, more than this runner's limit of {self.max_bytes}")
+        try:
+            data = await self.repos.get_blob(did, cid, self.max_bytes)
+        except (TooLarge, ContentMismatch) as e:
+            raise BundleRefused(f"bundle code: {e}") from None
+        except NotFound:
+            raise NotFound(f"bundle code blob {cid} is missing from {did}'s PDS") from None
+        _write_atomic(path, data)
+        return path
+
+    @staticmethod
+    def parse(value: dict) -> Bundle:
+        try:
+            return Bundle.model_validate(value)
+        except ValidationError as e:
+            raise BundleRefused(f"bundle record is invalid: {_field_errors(e)}") from None

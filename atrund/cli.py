@@ -1,0 +1,315 @@
+"""The atrund command line: the daemon for operators, and the inner loop for authors.
+
+JSON results go to stdout (pipe them to jq); progress and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import mimetypes
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from atrund import __version__
+from atrund import config as config_mod
+from atrund.errors import AtrundError, NotFound
+from atrund.records import BUNDLE, INVOCATION, RESULT, Result, decode_data, now_iso, result_rkey, result_uri
+
+err = Console(stderr=True, highlight=False)
+
+EXIT_NOT_SUCCESS = 3  # invoke --wait: the result's status is not success
+EXIT_NO_RESULT = 4  # invoke --wait: no result before the wait ran out
+
+
+def run_async(fn):
+    """Run an async click command; our own errors become one clear line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except AtrundError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def parse_args_json(value: str) -> dict[str, Any]:
+    try:
+        args = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="--args") from None
+    if not isinstance(args, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"name\": \"ada\"}'", param_hint="--args")
+    return args
+
+
+@click.group()
+@click.version_option(__version__, prog_name="atrund")
+def main() -> None:
+    """Social cloud hosting on the AT Protocol."""
+
+
+# -- operator ----------------------------------------------------------------------------
+
+config_option = click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+                             required=True, help="The runner's TOML configuration.")
+
+
+def _load_config(path: Path) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as e:
+        raise click.ClickException(f"{path}: invalid configuration:\n{e}") from None
+
+
+@main.command("check-config")
+@config_option
+def check_config(config_path: Path) -> None:
+    """Validate a configuration file; errors name the TOML key."""
+    cfg = _load_config(config_path)
+    err.print(f"[green]ok[/green]: {config_path} (runner {cfg.runner.identifier} on {cfg.runner.pds}, "
+              f"access {cfg.access.mode}, isolation {cfg.executor.isolation})")
+
+
+@main.command()
+@config_option
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--json-logs/--console-logs", default=None, help="Log format; JSON when stderr is not a terminal.")
+def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
+    """Run the runner: publish its record, poll for invocations, write results."""
+    from atrund import log
+    from atrund.daemon import Daemon
+
+    cfg = _load_config(config_path)
+    log.setup(log_level, json_logs)
+
+    async def serve_until_signalled() -> None:
+        daemon = Daemon(cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await daemon.start()
+            await daemon.run(stop)
+        finally:
+            await daemon.close()
+
+    run_async(serve_until_signalled)()
+
+
+# -- authors -----------------------------------------------------------------------------
+
+@main.command("exec")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--runtime", required=True, help="python (more runtimes come with their nix/runtimes/ directory)")
+@click.option("--endpoint", required=True, help="The function to call.")
+@click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
+@click.option("--timeout", type=int, default=30, show_default=True, help="Seconds before the run is killed.")
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Use this runner configuration's executor settings.")
+def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: int, config_path: Path | None) -> None:
+    """Run a bundle file locally, as a runner would, and print the ExecResponse."""
+    from atrund.execute import ExecRequest, create_executor
+
+    args = parse_args_json(args_json)
+    settings = _load_config(config_path).executor if config_path else config_mod.ExecutorSection(warm=0)
+
+    async def once() -> dict[str, Any]:
+        executor = create_executor(settings, settings.isolation)
+        try:
+            request = ExecRequest(code_path=str(file.resolve()), endpoint=endpoint, args=args, timeout=timeout)
+            response = await executor.execute(request, runtime)
+        finally:
+            await executor.shutdown()
+        return response.model_dump(by_alias=True, exclude_none=True)
+
+    out = run_async(once)()
+    emit(out)
+    if not out.get("success"):
+        sys.exit(EXIT_NOT_SUCCESS)
+
+
+def author_options(fn):
+    """Login options shared by the commands that write to the author's repo."""
+    fn = click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True,
+                      help="PLC directory used to resolve DIDs [env ATRUND_PLC_URL].")(fn)
+    fn = click.option("--password", envvar="ATRUND_PASSWORD", required=True,
+                      help="App password [env ATRUND_PASSWORD].")(fn)
+    fn = click.option("--identifier", envvar="ATRUND_IDENTIFIER", required=True,
+                      help="Your handle or DID [env ATRUND_IDENTIFIER].")(fn)
+    fn = click.option("--pds", envvar="ATRUND_PDS", default=None,
+                      help="Your PDS URL [env ATRUND_PDS]; found from your DID document when omitted.")(fn)
+    return fn
+
+
+async def _login(pds: str | None, identifier: str, password: str, plc_url: str):
+    from atrund.identity import Identities
+    from atrund.session import Session
+
+    if pds is None:
+        if not identifier.startswith("did:"):
+            raise click.UsageError("give --pds (or ATRUND_PDS), or log in with your DID so the PDS can be looked up")
+        pds = await Identities(plc_url).pds(identifier)
+    return await Session.login(pds, identifier, password)
+
+
+@main.group()
+def bundle() -> None:
+    """Publish code bundles."""
+
+
+@bundle.command("publish")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--runtime", required=True, type=click.Choice(["python", "deno", "node"]))
+@click.option("--name", default=None, help="A short name (defaults to the file name).")
+@click.option("--description", default=None)
+@click.option("--endpoints", default=None, help="Comma-separated endpoint names the bundle offers.")
+@author_options
+@run_async
+async def bundle_publish(file: Path, runtime: str, name: str | None, description: str | None, endpoints: str | None,
+                         pds: str | None, identifier: str, password: str, plc_url: str) -> None:
+    """Upload FILE as a blob and create a dev.atrun.bundle record; prints its AT URI and CID."""
+    session = await _login(pds, identifier, password, plc_url)
+    mime = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    blob = await session.upload_blob(file.read_bytes(), mime)
+    record: dict[str, Any] = {"runtime": runtime, "code": blob, "name": name or file.name, "createdAt": now_iso()}
+    if description:
+        record["description"] = description
+    if endpoints:
+        record["endpoints"] = [e.strip() for e in endpoints.split(",") if e.strip()]
+    uri, cid = await session.create_record(BUNDLE, record)
+    err.print(f"published [bold]{record['name']}[/bold] ({blob['size']} bytes)")
+    emit({"uri": uri, "cid": cid})
+
+
+@main.command()
+@click.argument("bundle_uri")
+@click.option("--runner", "runner_did", required=True, help="DID of the runner to ask.")
+@click.option("--endpoint", required=True)
+@click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
+@click.option("--cid", default=None, help="Pin this bundle version; the current one when omitted.")
+@click.option("--timeout", type=int, default=None, help="Seconds the run may take (capped by the runner).")
+@click.option("--wait/--no-wait", default=False, help="Wait for the result record and print it.")
+@click.option("--wait-seconds", type=float, default=120, show_default=True)
+@author_options
+@run_async
+async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
+                 wait: bool, wait_seconds: float, pds: str | None, identifier: str, password: str, plc_url: str) -> None:
+    """Create a dev.atrun.invocation of BUNDLE_URI; prints its URI and where the result will be."""
+    from atrund.bundles import split_uri
+    from atrund.identity import Identities
+    from atrund.repos import Repos
+
+    args = parse_args_json(args_json)
+    try:
+        b_did, b_coll, b_rkey = split_uri(bundle_uri)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="BUNDLE_URI") from None
+    repos = Repos(Identities(plc_url))
+    try:
+        session = await _login(pds, identifier, password, plc_url)
+        if cid is None:
+            cid, _ = await repos.get_record(b_did, b_coll, b_rkey)
+        record: dict[str, Any] = {"runner": runner_did, "bundle": {"uri": bundle_uri, "cid": cid},
+                                  "endpoint": endpoint, "args": args, "createdAt": now_iso()}
+        if timeout is not None:
+            record["timeout"] = timeout
+        uri, inv_cid = await session.create_record(INVOCATION, record)
+        out: dict[str, Any] = {"invocation": {"uri": uri, "cid": inv_cid}, "result": result_uri(runner_did, uri)}
+        if not wait:
+            emit(out)
+            return
+        err.print(f"invoked {endpoint} → waiting for [bold]{out['result']}[/bold]")
+        found = await _wait_for_result(repos, runner_did, uri, wait_seconds)
+    finally:
+        await repos.close()
+    if found is None:
+        emit(out)
+        err.print(f"[yellow]no result after {wait_seconds:g} s[/yellow]")
+        sys.exit(EXIT_NO_RESULT)
+    out.update(found)
+    emit(out)
+    if found["status"] != "success":
+        sys.exit(EXIT_NOT_SUCCESS)
+
+
+async def _wait_for_result(repos, runner_did: str, invocation_uri: str, wait_seconds: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.1
+    while time.monotonic() < deadline:
+        try:
+            cid, value = await repos.get_record(runner_did, RESULT, result_rkey(invocation_uri))
+            return _describe_result(cid, value)
+        except NotFound:
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+    return None
+
+
+def _describe_result(cid: str, value: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"cid": cid, "status": value.get("status"), "record": value}
+    if "data" in value:
+        out["value"] = decode_data(value["data"])
+    return out
+
+
+@main.group()
+def result() -> None:
+    """Read result records."""
+
+
+@result.command("get")
+@click.argument("at_uri")
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True)
+@run_async
+async def result_get(at_uri: str, plc_url: str) -> None:
+    """Print the result record at AT_URI (a result URI, or an invocation URI with --runner)."""
+    from atrund.bundles import split_uri
+    from atrund.identity import Identities
+    from atrund.repos import Repos
+
+    try:
+        did, coll, rkey = split_uri(at_uri)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="AT_URI") from None
+    repos = Repos(Identities(plc_url))
+    try:
+        cid, value = await repos.get_record(did, coll, rkey)
+    finally:
+        await repos.close()
+    Result.model_validate(value)  # says clearly if this is not a result record
+    emit({"uri": at_uri, **_describe_result(cid, value)})
+
+
+@result.command("uri")
+@click.argument("invocation_uri")
+@click.option("--runner", "runner_did", required=True)
+def result_uri_cmd(invocation_uri: str, runner_did: str) -> None:
+    """Print where the result of INVOCATION_URI will appear (computable before it exists)."""
+    click.echo(result_uri(runner_did, invocation_uri))
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of the at-run-exec protocol (ExecRequest, ExecResponse)."""
+    from atrund.execute.protocol import schema as exec_schema
+
+    emit(exec_schema())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The runner: wiring of ingest → access → bundles → executor → results.
+
+Reads like the path of one invocation: ``handle`` takes a stored invocation, checks it,
+fetches and verifies its bundle, runs it and queues the result record. Everything that can go
+wrong on that path ends in a result record that says what happened, except a denied author
+(no record, by design) and a crash of the runner mid-run (an "interrupted" result at the next
+start; the invocation is never started twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from atrund import __version__
+from atrund.access import AccessPolicy
+from atrund.bundles import BundleStore, _field_errors
+from atrund.config import Config
+from atrund.errors import AtrundError, BundleRefused, NotFound, Unreachable
+from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
+from atrund.execute.protocol import ExecResponse
+from atrund.identity import Identities
+from atrund.ingest.poll import Poller
+from atrund.records import RUNNER, Invocation, Limits, Metrics, Runner, StrongRef, now_iso, result_rkey
+from atrund.repos import Repos
+from atrund.results import ResultWriter, build
+from atrund.session import Session
+from atrund.state import State, Stored
+
+log = structlog.get_logger("atrund.daemon")
+
+FETCH_ATTEMPTS = 3
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.policy = AccessPolicy.from_config(cfg.access)
+        self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds)
+        self.repos = Repos(self.identities)
+        self.state = State(cfg.state.dir / "atrund.sqlite3")
+        self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes)
+        self.executor: Executor = create_executor(cfg.executor, cfg.executor.isolation)
+        self.slots = asyncio.Semaphore(cfg.executor.concurrency)
+        self.tasks: set[asyncio.Task] = set()
+        self.session: Session | None = None
+        self.writer: ResultWriter | None = None
+        self.poller: Poller | None = None
+
+    # -- start and stop ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        r = self.cfg.runner
+        self.session = await Session.login(r.pds, r.identifier, r.password())
+        self.writer = ResultWriter(self.session, self.state)
+        await self.session.put_record(RUNNER, "self", self.declaration().to_record())
+        log.info("runner published", did=self.session.did, handle=self.session.handle, isolation=self.executor.isolation,
+                 access=self.policy.mode, authors=len(self.cfg.poll_authors))
+        await self.executor.warm(self.cfg.executor.warm)
+        self.recover()
+        self.poller = Poller(
+            self.repos, self.state, self.session.did, self.policy, self.cfg.poll_authors,
+            self.cfg.ingest.poll_interval, self.submit,
+        )
+
+    def declaration(self) -> Runner:
+        e = self.cfg.executor
+        return Runner(
+            runtimes=sorted(getattr(self.executor, "runtimes", {"python": None})),
+            isolation=self.executor.isolation,
+            access_mode=self.policy.mode,
+            created_at=now_iso(),
+            description=self.cfg.runner.description,
+            version=__version__,
+            limits=Limits(
+                timeout_seconds=e.max_timeout, default_timeout_seconds=e.default_timeout,
+                max_bundle_bytes=self.cfg.bundles.max_bytes, max_output_bytes=e.max_output_bytes,
+                memory_mb=e.memory_mb, concurrency=e.concurrency,
+            ),
+        )
+
+    def recover(self) -> None:
+        """Finish what a previous run of the runner left: never start anything twice."""
+        for inv in self.state.with_state("running"):
+            log.warning("invocation was running when the runner stopped; not running it again", uri=inv.uri)
+            self._finish(inv, "error", error="interrupted: the runner stopped while this invocation was running; "
+                         "it was not started again (invocations run at most once)")
+        for inv in self.state.with_state("pending"):
+            self.submit(inv.uri)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; then drain running work and stop cleanly."""
+        assert self.poller and self.writer
+        loops = [asyncio.create_task(self.poller.run()), asyncio.create_task(self.writer.run())]
+        await stop.wait()
+        loops[0].cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.writer.flush()
+        loops[1].cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.executor.shutdown()
+        await self.repos.close()
+        self.state.close()
+
+    # -- one invocation ------------------------------------------------------------------
+
+    def submit(self, uri: str) -> None:
+        task = asyncio.create_task(self._guarded(uri))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _guarded(self, uri: str) -> None:
+        async with self.slots:
+            stored = self.state.pending(uri)
+            if stored is None:
+                return
+            try:
+                await self.handle(stored)
+            except Exception as e:  # a bug of ours must still end in a result, not a silent loss
+                log.exception("internal error while handling an invocation", uri=uri)
+                self._finish(stored, "error", error=f"internal error in the runner: {type(e).__name__}")
+
+    async def handle(self, inv: Stored) -> None:
+        try:
+            record = Invocation.model_validate(inv.value)
+        except ValidationError as e:
+            self._finish(inv, "rejected", error=f"invalid invocation record: {_field_errors(e)}")
+            return
+        if not self.state.mark_running(inv.uri):
+            return
+        try:
+            bundle = await self._fetch(record.bundle)
+        except BundleRefused as e:
+            self._finish(inv, "rejected", error=str(e), bundle=record.bundle)
+            return
+        except (AtrundError, ValueError) as e:
+            self._finish(inv, "error", error=f"bundle unavailable: {e}", bundle=record.bundle)
+            return
+        b = bundle.record
+        if b.endpoints is not None and record.endpoint not in b.endpoints:
+            self._finish(inv, "rejected", bundle=record.bundle,
+                         error=f"endpoint {record.endpoint!r} is not one the bundle declares ({', '.join(b.endpoints) or 'none'})")
+            return
+        e = self.cfg.executor
+        request = ExecRequest(
+            code_path=str(bundle.code_path),
+            endpoint=record.endpoint,
+            args=record.args or {},
+            timeout=min(record.timeout or e.default_timeout, e.max_timeout),
+        )
+        started = time.time()
+        try:
+            response = await self.executor.execute(request, b.runtime)
+        except ExecutorError as err:
+            log.error("executor failed", uri=inv.uri, error=str(err))
+            response = ExecResponse(success=False, error=f"the runner could not run the bundle: {err}", error_type="ExecutorError")
+        status = "success" if response.success else ("timeout" if response.timed_out else "error")
+        metrics = Metrics(
+            execution_time_ms=response.metrics.execution_time_ms,
+            queued_ms=max(0, int((started - inv.seen_at) * 1000)),
+            isolation=self.executor.isolation,
+            runtime=b.runtime,
+        )
+        self._finish(inv, status, bundle=record.bundle, data=response.data if response.success else None,
+                     error=response.error, response=response.response.model_dump(by_alias=True) if response.response else None,
+                     metrics=metrics, error_type=response.error_type)
+
+    async def _fetch(self, ref: StrongRef):
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                return await self.bundles.get(ref)
+            except Unreachable as e:
+                if attempt == FETCH_ATTEMPTS - 1:
+                    raise
+                log.info("bundle fetch failed; retrying", bundle=ref.uri, error=str(e))
+                await asyncio.sleep(2**attempt)
+        raise AssertionError("unreachable")
+
+    def _finish(self, inv: Stored, status: str, *, bundle: StrongRef | None = None, metrics: Metrics | None = None,
+                error_type: str | None = None, **fields: Any) -> None:
+        assert self.session and self.writer
+        metrics = metrics or Metrics()
+        metrics.total_ms = max(0, int((time.time() - inv.seen_at) * 1000))
+        inv_ref = StrongRef(uri=inv.uri, cid=inv.cid)
+        result = build(inv_ref, bundle or _bundle_ref(inv.value, inv_ref), status, metrics=metrics, **fields)
+        self.state.finish(inv.uri, status, result_rkey(inv.uri), result.to_record())
+        self.writer.wake()
+        log.info("invocation", uri=inv.uri, author=inv.author, status=status, bundle=(bundle.cid if bundle else None),
+                 runtime=metrics.runtime, isolation=metrics.isolation, queued_ms=metrics.queued_ms,
+                 exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms, error_type=error_type,
+                 error=fields.get("error"))
+
+
+def _bundle_ref(value: dict, fallback: StrongRef) -> StrongRef:
+    """The invocation's bundle reference if it is readable, else the invocation's own (documented)."""
+    try:
+        return StrongRef.model_validate(value.get("bundle"))
+    except ValidationError:
+        return fallback

@@ -1,0 +1,48 @@
+"""The runner's own exceptions.
+
+    AtrundError
+    ├── ConfigError (atrund.config)      the configuration is unusable; names the TOML key
+    ├── IdentityError                    a DID does not resolve, or names no PDS
+    ├── RemoteError                      a PDS answered with an error or not at all
+    │   ├── NotFound                     the record or blob does not exist
+    │   ├── ContentMismatch              bytes that do not hash to the CID they were fetched by
+    │   ├── TooLarge                     more bytes than the configured limit
+    │   └── Unreachable                  network failure or 5xx: worth retrying
+    └── BundleRefused                    the bundle cannot be run as pinned (CID mismatch, too large)
+
+ExecutorError (atrund.execute) is the executor's. Third-party exceptions (aiohttp, the atproto
+SDK) are translated into these where they are raised: atrund.repos for reads, atrund.session
+for the runner's own writes, atrund.identity for DID resolution.
+"""
+
+
+class AtrundError(Exception):
+    pass
+
+
+class IdentityError(AtrundError):
+    pass
+
+
+class RemoteError(AtrundError):
+    pass
+
+
+class NotFound(RemoteError):
+    pass
+
+
+class Unreachable(RemoteError):
+    pass
+
+
+class ContentMismatch(RemoteError):
+    pass
+
+
+class TooLarge(RemoteError):
+    pass
+
+
+class BundleRefused(AtrundError):
+    pass

@@ -1,0 +1,44 @@
+"""Who is who: DID documents (did:plc through a configurable PLC directory, did:web) and the
+PDS each DID lives on, cached for a while (an author who moves PDS is picked up after the TTL)."""
+
+from __future__ import annotations
+
+import time
+
+from atproto_identity.did.resolver import AsyncDidResolver
+from atproto_identity.exceptions import DidNotFoundError
+from atproto_core.did_doc import DidDocument
+
+from atrund.errors import IdentityError
+
+
+class Identities:
+    def __init__(self, plc_url: str, cache_seconds: int = 300, timeout: float = 10.0) -> None:
+        self._resolver = AsyncDidResolver(plc_url=plc_url.rstrip("/"), timeout=timeout)
+        self._ttl = cache_seconds
+        self._cache: dict[str, tuple[float, DidDocument]] = {}
+
+    async def document(self, did: str, refresh: bool = False) -> DidDocument:
+        hit = self._cache.get(did)
+        if hit and not refresh and time.monotonic() - hit[0] < self._ttl:
+            return hit[1]
+        try:
+            doc = await self._resolver.resolve(did)
+        except DidNotFoundError:
+            doc = None
+        except Exception as e:  # the SDK raises httpx and its own errors; translate them here, once
+            raise IdentityError(f"cannot resolve {did}: {type(e).__name__}: {e}") from e
+        if doc is None:
+            raise IdentityError(f"cannot resolve {did}: no DID document")
+        self._cache[did] = (time.monotonic(), doc)
+        return doc
+
+    async def pds(self, did: str) -> str:
+        doc = await self.document(did)
+        endpoint = doc.get_pds_endpoint()
+        if not endpoint:
+            raise IdentityError(f"{did} names no PDS (#atproto_pds service) in its DID document")
+        return endpoint.rstrip("/")
+
+    def forget(self, did: str) -> None:
+        self._cache.pop(did, None)

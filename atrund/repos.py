@@ -1,0 +1,152 @@
+"""Reading other people's repos: records, record blocks and blobs, from the PDS their DID names.
+
+Reads go over plain aiohttp rather than the SDK's client because they need what the SDK does
+not offer: a hard cap on the bytes a remote PDS may send (a hostile PDS can stream forever),
+and errors sorted into "not found" (final) versus "unreachable" (retry). Everything that
+proves content (CID and CAR decoding) is the SDK's and libipld's.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+import aiohttp
+import libipld
+
+from atrund.errors import ContentMismatch, NotFound, RemoteError, TooLarge, Unreachable
+from atrund.identity import Identities
+
+SHA2_256 = 0x12
+DAG_CBOR = 0x71
+RAW = 0x55
+NOT_FOUND_ERRORS = {"RecordNotFound", "RepoNotFound", "BlobNotFound", "NotFound", "RepoDeactivated", "RepoTakendown"}
+
+
+def verify_cid(cid: str, data: bytes, codec: int) -> None:
+    """Raise RemoteError unless ``data`` hashes to ``cid`` (sha2-256, given codec)."""
+    try:
+        parsed = libipld.decode_cid(cid)
+    except ValueError as e:
+        raise RemoteError(f"{cid!r} is not a CID: {e}") from e
+    if parsed["hash"]["code"] != SHA2_256 or parsed["codec"] != codec:
+        raise RemoteError(f"CID {cid} uses an unsupported codec or hash (codec {parsed['codec']:#x}, hash {parsed['hash']['code']:#x})")
+    if hashlib.sha256(data).digest() != parsed["hash"]["digest"]:
+        raise ContentMismatch(f"content does not hash to its CID {cid}")
+
+
+def to_json_model(value: Any) -> Any:
+    """DAG-CBOR as libipld decodes it (links and bytes as ``bytes``) to the JSON form of records."""
+    if isinstance(value, dict):
+        return {k: to_json_model(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_json_model(v) for v in value]
+    if isinstance(value, bytes):
+        try:
+            return {"$link": libipld.encode_cid(value)}
+        except ValueError:
+            return {"$bytes": base64.b64encode(value).decode().rstrip("=")}
+    return value
+
+
+class Repos:
+    def __init__(self, identities: Identities, timeout: float = 15.0) -> None:
+        self.identities = identities
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    async def _get(self, did: str, method: str, params: dict[str, Any], max_bytes: int) -> tuple[bytes, str]:
+        """One XRPC query against ``did``'s PDS; returns (body, content type)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=self._timeout)
+        base = await self.identities.pds(did)
+        url = f"{base}/xrpc/{method}"
+        query = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items() if v is not None}
+        try:
+            async with self._http.get(url, params=query) as resp:
+                body = await _read_capped(resp, max_bytes, f"{method} from {base}")
+                if resp.status >= 500:
+                    raise Unreachable(f"{method} at {base}: HTTP {resp.status}")
+                if resp.status >= 400:
+                    raise _xrpc_error(method, base, resp.status, body)
+                return body, resp.headers.get("Content-Type", "")
+        except aiohttp.ClientError as e:
+            raise Unreachable(f"{method} at {base}: {type(e).__name__}: {e}") from e
+        except TimeoutError as e:
+            raise Unreachable(f"{method} at {base}: timed out") from e
+
+    async def _get_json(self, did: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        body, _ = await self._get(did, method, params, max_bytes=8 * 1024 * 1024)
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            raise RemoteError(f"{method}: the PDS answered with invalid JSON") from e
+
+    async def list_records(
+        self, did: str, collection: str, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of records, oldest first, after ``cursor`` (a record key)."""
+        out = await self._get_json(
+            did, "com.atproto.repo.listRecords",
+            {"repo": did, "collection": collection, "limit": limit, "reverse": True, "cursor": cursor},
+        )
+        return out.get("records", []), out.get("cursor")
+
+    async def get_record(self, did: str, collection: str, rkey: str) -> tuple[str, dict[str, Any]]:
+        out = await self._get_json(did, "com.atproto.repo.getRecord", {"repo": did, "collection": collection, "rkey": rkey})
+        return out["cid"], out["value"]
+
+    async def get_verified_record(self, did: str, collection: str, rkey: str, cid: str) -> dict[str, Any]:
+        """The record at ``cid``, proven by hashing its block from com.atproto.sync.getRecord.
+
+        Raises NotFound if the repo no longer holds that version (the record was updated or
+        deleted; a PDS keeps only the current one). The caller tells those apart.
+        """
+        body, _ = await self._get(
+            did, "com.atproto.sync.getRecord", {"did": did, "collection": collection, "rkey": rkey}, max_bytes=4 * 1024 * 1024
+        )
+        try:
+            _header, blocks = libipld.decode_car(body)
+        except ValueError as e:
+            raise RemoteError(f"sync.getRecord for at://{did}/{collection}/{rkey}: not a CAR file: {e}") from e
+        wanted = libipld.decode_multibase(cid)[1] if cid.startswith("b") else None
+        for key, block in blocks.items():
+            if key == wanted:
+                verify_cid(cid, libipld.encode_dag_cbor(block), DAG_CBOR)
+                return to_json_model(block)
+        raise NotFound(f"at://{did}/{collection}/{rkey} is no longer at CID {cid}")
+
+    async def get_blob(self, did: str, cid: str, max_bytes: int) -> bytes:
+        """The blob's bytes, refused unless they hash to ``cid`` and fit in ``max_bytes``."""
+        body, _ = await self._get(did, "com.atproto.sync.getBlob", {"did": did, "cid": cid}, max_bytes=max_bytes)
+        verify_cid(cid, body, RAW)
+        return body
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:
+    if resp.content_length is not None and resp.content_length > max_bytes:
+        raise TooLarge(f"{what}: {resp.content_length} bytes is more than the limit of {max_bytes}")
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise TooLarge(f"{what}: more than the limit of {max_bytes} bytes")
+    return bytes(buf)
+
+
+def _xrpc_error(method: str, base: str, status: int, body: bytes) -> RemoteError:
+    try:
+        err = json.loads(body)
+        name, message = err.get("error", ""), err.get("message", "")
+    except (ValueError, AttributeError):
+        name, message = "", body[:200].decode("utf-8", "replace")
+    text = f"{method} at {base}: {name or f'HTTP {status}'}" + (f": {message}" if message else "")
+    if name in NOT_FOUND_ERRORS or status == 404:
+        return NotFound(text)
+    return RemoteError(text)

@@ -1,0 +1,99 @@
+"""Result records: built from an outcome, queued in SQLite, written with putRecord.
+
+The record key is derived from the invocation URI (records.result_rkey), so a second write of
+the same result replaces it with identical content: retries are harmless. A write the PDS
+refuses for good (4xx) is replaced once by an error result saying why, so the author still
+learns the outcome; network failures are retried with jittered backoff until they succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import structlog
+
+from atrund.records import RESULT, HttpResponse, Metrics, Result, StrongRef, encode_data, now_iso
+from atrund.session import Rejected, Session
+from atrund.errors import RemoteError
+from atrund.state import State
+
+log = structlog.get_logger("atrund.results")
+
+MAX_ERROR_CHARS = 4000
+FALLBACK_MARK = "the result could not be stored"
+
+
+def build(
+    invocation: StrongRef,
+    bundle: StrongRef,
+    status: str,
+    *,
+    data: Any = None,
+    error: str | None = None,
+    response: dict[str, Any] | None = None,
+    metrics: Metrics | None = None,
+) -> Result:
+    if error is not None and len(error) > MAX_ERROR_CHARS:
+        error = error[: MAX_ERROR_CHARS - 20] + " … (truncated)"
+    return Result(
+        invocation=invocation,
+        bundle=bundle,
+        status=status,
+        created_at=now_iso(),
+        data=encode_data(data),
+        error=error,
+        response=HttpResponse.model_validate(response) if response else None,
+        metrics=metrics,
+    )
+
+
+def _fallback(record: dict[str, Any], reason: str) -> dict[str, Any]:
+    out = {k: v for k, v in record.items() if k in ("invocation", "bundle", "createdAt", "metrics")}
+    out["status"] = "error"
+    out["error"] = f"{FALLBACK_MARK}: {reason}"[:MAX_ERROR_CHARS]
+    return out
+
+
+class ResultWriter:
+    def __init__(self, session: Session, state: State) -> None:
+        self.session = session
+        self.state = state
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def flush(self) -> int:
+        """Write every due result; returns how many were written."""
+        written = 0
+        for item in self.state.due():
+            try:
+                await self.session.put_record(RESULT, item.rkey, item.record)
+            except Rejected as e:
+                if str(item.record.get("error", "")).startswith(FALLBACK_MARK):
+                    log.error("result refused by the PDS, even as an error", invocation=item.invocation_uri, error=str(e))
+                    self.state.retry_later(item.invocation_uri, str(e), delay=3600)
+                else:
+                    log.warning("result refused by the PDS; writing an error result instead", invocation=item.invocation_uri, error=str(e))
+                    self.state.retry_later(item.invocation_uri, str(e), delay=0, record=_fallback(item.record, str(e)))
+                continue
+            except RemoteError as e:
+                delay = min(60.0, 2 ** min(item.attempts, 6)) * random.uniform(0.5, 1.0)
+                log.warning("result write failed; will retry", invocation=item.invocation_uri, error=str(e), retry_in_s=round(delay, 1))
+                self.state.retry_later(item.invocation_uri, str(e), delay=delay)
+                continue
+            self.state.written(item.invocation_uri)
+            written += 1
+        return written
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()  # before flushing, so a wake() during the flush is not lost
+            await self.flush()
+            wait = self.state.next_due_in()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait if wait is not None else None)
+            except asyncio.TimeoutError:
+                pass

@@ -1,0 +1,87 @@
+"""A logged-in account (the runner's, or an author's in the CLI): the one place that writes.
+
+Writes go through the atproto SDK, which handles login, token refresh and blob upload. Its
+exceptions are translated here, once: a 4xx means the PDS refused this write for good
+(``Rejected``), anything else (network, 5xx, rate limit) is worth retrying (``Unreachable``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from atproto import AsyncClient
+from atproto_client.exceptions import AtProtocolError, RequestErrorBase, UnauthorizedError
+
+from atrund.errors import RemoteError, Unreachable
+
+
+class Rejected(RemoteError):
+    """The PDS answered 4xx: the same request will fail again."""
+
+
+class LoginFailed(RemoteError):
+    pass
+
+
+RETRYABLE_STATUS = {408, 425, 429}
+
+
+def _translate(what: str, e: Exception) -> RemoteError:
+    status = e.response.status_code if isinstance(e, RequestErrorBase) and e.response is not None else None
+    detail = str(e) or type(e).__name__
+    if isinstance(e, UnauthorizedError):
+        return LoginFailed(f"{what}: not authorized: {detail}")
+    if status is not None and 400 <= status < 500 and status not in RETRYABLE_STATUS:
+        return Rejected(f"{what}: {detail}")
+    return Unreachable(f"{what}: {detail}")
+
+
+@contextlib.asynccontextmanager
+async def _sdk(what: str):
+    try:
+        yield
+    except AtProtocolError as e:
+        raise _translate(what, e) from e
+    except OSError as e:
+        raise Unreachable(f"{what}: {e}") from e
+
+
+class Session:
+    def __init__(self, client: AsyncClient, did: str, handle: str, pds: str) -> None:
+        self.client = client
+        self.did = did
+        self.handle = handle
+        self.pds = pds
+
+    @classmethod
+    async def login(cls, pds: str, identifier: str, password: str) -> "Session":
+        client = AsyncClient(base_url=pds.rstrip("/") + "/xrpc")
+        async with _sdk(f"login to {pds} as {identifier}"):
+            await client.login(identifier, password, fetch_bsky_profile=False)
+            me = await client.com.atproto.server.get_session()
+        return cls(client, me.did, me.handle, pds.rstrip("/"))
+
+    async def put_record(self, collection: str, rkey: str, record: dict[str, Any]) -> tuple[str, str]:
+        async with _sdk(f"putRecord {collection}/{rkey}"):
+            out = await self.client.com.atproto.repo.put_record(
+                {"repo": self.did, "collection": collection, "rkey": rkey, "record": {"$type": collection, **record}}
+            )
+        return out.uri, out.cid
+
+    async def create_record(self, collection: str, record: dict[str, Any]) -> tuple[str, str]:
+        async with _sdk(f"createRecord {collection}"):
+            out = await self.client.com.atproto.repo.create_record(
+                {"repo": self.did, "collection": collection, "record": {"$type": collection, **record}}
+            )
+        return out.uri, out.cid
+
+    async def delete_record(self, collection: str, rkey: str) -> None:
+        async with _sdk(f"deleteRecord {collection}/{rkey}"):
+            await self.client.com.atproto.repo.delete_record({"repo": self.did, "collection": collection, "rkey": rkey})
+
+    async def upload_blob(self, data: bytes, mime_type: str) -> dict[str, Any]:
+        """Upload and return the blob reference as a record holds it."""
+        async with _sdk("uploadBlob"):
+            out = await self.client.com.atproto.repo.upload_blob(data, headers={"Content-Type": mime_type})
+        return {"$type": "blob", "ref": {"$link": out.blob.cid.encode()}, "mimeType": out.blob.mime_type, "size": out.blob.size}

@@ -1,0 +1,189 @@
+"""The runner's memory: embedded SQLite, one file.
+
+What makes "nothing lost, nothing run twice" true:
+- an invocation is stored (state ``pending``) before the ingest cursor moves past it;
+- it is marked ``running`` and committed before its bundle starts, so after a crash it is
+  never started again: a ``running`` row found at start-up gets an "interrupted" result;
+- its result record goes into the outbox in the same transaction that marks it ``done``;
+  the outbox is retried until the PDS accepts the write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS invocations (
+    uri         TEXT PRIMARY KEY,
+    author      TEXT NOT NULL,
+    cid         TEXT NOT NULL,
+    value       TEXT NOT NULL,        -- the invocation record as JSON
+    state       TEXT NOT NULL,        -- pending | running | done | denied
+    status      TEXT,                 -- the result status once done
+    seen_at     REAL NOT NULL,
+    started_at  REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS invocations_state ON invocations(state);
+CREATE TABLE IF NOT EXISTS outbox (
+    invocation_uri TEXT PRIMARY KEY,
+    rkey        TEXT NOT NULL,
+    record      TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_try    REAL NOT NULL,
+    last_error  TEXT,
+    written_at  REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(written_at, next_try);
+CREATE TABLE IF NOT EXISTS cursors (
+    source TEXT PRIMARY KEY,
+    cursor TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Stored:
+    uri: str
+    author: str
+    cid: str
+    value: dict[str, Any]
+    seen_at: float
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    invocation_uri: str
+    rkey: str
+    record: dict[str, Any]
+    attempts: int
+
+
+class State:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- invocations ---------------------------------------------------------------------
+
+    def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool:
+        """Remember an invocation; False if it was seen before (whatever became of it)."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO invocations(uri, author, cid, value, state, seen_at) VALUES (?,?,?,?,?,?)",
+            (uri, author, cid, json.dumps(value), state, time.time()),
+        )
+        return cur.rowcount == 1
+
+    def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]]) -> list[str]:
+        """Store a page of invocations and move the source's cursor past it, atomically.
+
+        Returns the URIs that were new.
+        """
+        new = []
+        with self._tx():
+            for uri, author, cid, value, state in rows:
+                if self.accept(uri, author, cid, value, state):
+                    new.append(uri)
+            if cursor is not None:
+                self.db.execute("INSERT OR REPLACE INTO cursors(source, cursor) VALUES (?, ?)", (source, cursor))
+        return new
+
+    def cursor(self, source: str) -> str | None:
+        row = self.db.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
+        return row[0] if row else None
+
+    def with_state(self, state: str) -> list[Stored]:
+        rows = self.db.execute(
+            "SELECT uri, author, cid, value, seen_at FROM invocations WHERE state = ? ORDER BY seen_at", (state,)
+        ).fetchall()
+        return [Stored(uri, author, cid, json.loads(value), seen) for uri, author, cid, value, seen in rows]
+
+    def pending(self, uri: str) -> Stored | None:
+        row = self.db.execute(
+            "SELECT uri, author, cid, value, seen_at FROM invocations WHERE uri = ? AND state = 'pending'", (uri,)
+        ).fetchone()
+        return Stored(row[0], row[1], row[2], json.loads(row[3]), row[4]) if row else None
+
+    def mark_running(self, uri: str) -> bool:
+        """Claim a pending invocation for execution; False if it is not pending (never run twice)."""
+        cur = self.db.execute(
+            "UPDATE invocations SET state = 'running', started_at = ? WHERE uri = ? AND state = 'pending'", (time.time(), uri)
+        )
+        return cur.rowcount == 1
+
+    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any]) -> None:
+        """Mark an invocation done and queue its result record, in one transaction."""
+        now = time.time()
+        with self._tx():
+            self.db.execute(
+                "UPDATE invocations SET state = 'done', status = ?, finished_at = ? WHERE uri = ?", (status, now, uri)
+            )
+            self.db.execute(
+                "INSERT OR REPLACE INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
+                (uri, rkey, json.dumps(record), now),
+            )
+
+    def status_of(self, uri: str) -> tuple[str, str | None] | None:
+        row = self.db.execute("SELECT state, status FROM invocations WHERE uri = ?", (uri,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def counts(self) -> dict[str, int]:
+        out = dict(self.db.execute("SELECT state, count(*) FROM invocations GROUP BY state").fetchall())
+        out["unwritten"] = self.db.execute("SELECT count(*) FROM outbox WHERE written_at IS NULL").fetchone()[0]
+        return out
+
+    # -- outbox --------------------------------------------------------------------------
+
+    def due(self, limit: int = 50) -> list[Outgoing]:
+        rows = self.db.execute(
+            "SELECT invocation_uri, rkey, record, attempts FROM outbox WHERE written_at IS NULL AND next_try <= ? "
+            "ORDER BY next_try LIMIT ?",
+            (time.time(), limit),
+        ).fetchall()
+        return [Outgoing(uri, rkey, json.loads(rec), attempts) for uri, rkey, rec, attempts in rows]
+
+    def next_due_in(self) -> float | None:
+        row = self.db.execute("SELECT min(next_try) FROM outbox WHERE written_at IS NULL").fetchone()
+        return None if row[0] is None else max(0.0, row[0] - time.time())
+
+    def written(self, invocation_uri: str) -> None:
+        self.db.execute("UPDATE outbox SET written_at = ? WHERE invocation_uri = ?", (time.time(), invocation_uri))
+
+    def retry_later(self, invocation_uri: str, error: str, delay: float, record: dict[str, Any] | None = None) -> None:
+        if record is None:
+            self.db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE invocation_uri = ?",
+                (time.time() + delay, error, invocation_uri),
+            )
+        else:
+            self.db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ?, record = ? WHERE invocation_uri = ?",
+                (time.time() + delay, error, json.dumps(record), invocation_uri),
+            )
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
