@@ -20,7 +20,7 @@ from atrund import __version__
 from atrund.access import AccessPolicy
 from atrund.bundles import BundleStore, _field_errors
 from atrund.config import Config
-from atrund.errors import AtrundError, BundleRefused, NotFound, Unreachable
+from atrund.errors import AtrundError, BundleRefused, Unreachable
 from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
 from atrund.execute.protocol import ExecResponse
 from atrund.identity import Identities

@@ -68,7 +68,7 @@ class Poller:
     async def poll_once(self) -> int:
         results = await asyncio.gather(*(self.poll_author(a) for a in self.authors), return_exceptions=True)
         found = 0
-        for author, res in zip(self.authors, results):
+        for author, res in zip(self.authors, results, strict=True):
             if isinstance(res, AtrundError):
                 log.warning("poll failed", author=author, error=str(res))
             elif isinstance(res, BaseException):

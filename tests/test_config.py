@@ -1,0 +1,70 @@
+"""Configuration errors name the TOML key; defaults are what the README says."""
+
+from pathlib import Path
+
+import pytest
+
+from atrund import config
+
+MINIMAL = '[runner]\npds = "http://localhost:2583"\nidentifier = "runner.test"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL))
+    assert cfg.access.mode == "allowlist" and cfg.access.allowlist == []
+    assert cfg.executor.isolation == "none" and cfg.executor.default_timeout == 30 and cfg.executor.max_timeout == 300
+    assert cfg.ingest.poll_interval == 2.0
+    assert cfg.state.dir == tmp_path / "atrund-state"  # relative to the config file
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ('[access]\nmode = "friends"\n', "access.mode"),
+        ('[access]\nallowlist = ["alice.test"]\n', "access"),
+        ('[executor]\nconcurency = 3\n', "executor.concurency"),
+        ('[executor]\nmax_timeout = 0\n', "executor.max_timeout"),
+        ('[ingest]\npoll_interval = "soon"\n', "ingest.poll_interval"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, extra, key):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(write(tmp_path, MINIMAL + extra))
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_missing_runner_section(tmp_path):
+    with pytest.raises(config.ConfigError, match="^runner: required key is missing"):
+        config.load(write(tmp_path, "[access]\nmode = 'open'\n"))
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[runner\n"))
+
+
+def test_password_comes_from_the_environment_never_the_file(tmp_path, monkeypatch):
+    cfg = config.load(write(tmp_path, MINIMAL))
+    monkeypatch.delenv("ATRUND_APP_PASSWORD", raising=False)
+    with pytest.raises(config.ConfigError, match="runner.password_env: environment variable ATRUND_APP_PASSWORD"):
+        cfg.runner.password()
+    monkeypatch.setenv("ATRUND_APP_PASSWORD", "abcd-efgh")
+    assert cfg.runner.password() == "abcd-efgh"
+    with pytest.raises(config.ConfigError, match="unknown key"):
+        config.load(write(tmp_path, MINIMAL + 'password = "x"\n'))
+
+
+def test_password_file(tmp_path):
+    (tmp_path / "pw").write_text("from-file\n")
+    cfg = config.load(write(tmp_path, MINIMAL + f'password_file = "{tmp_path / "pw"}"\n'))
+    assert cfg.runner.password() == "from-file"
+
+
+def test_example_config_is_valid():
+    config.load(Path(__file__).resolve().parent.parent / "config.toml.example")

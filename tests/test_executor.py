@@ -1,0 +1,203 @@
+"""The none backend and the worker pool, with real at-run-exec subprocesses.
+
+Each bundle below is a small program that misbehaves in one way; the comment says how.
+"""
+
+import asyncio
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from atrund.config import ExecutorSection
+from atrund.execute import ExecRequest, ExecutorError, create_executor
+
+
+def bundle(tmp_path: Path, source: str) -> str:
+    path = tmp_path / "bundle.py"
+    path.write_text(textwrap.dedent(source))
+    return str(path)
+
+
+async def run(tmp_path, source, endpoint="main", args=None, timeout=10, **settings):
+    executor = create_executor(ExecutorSection(warm=0, **settings))
+    try:
+        req = ExecRequest(code_path=bundle(tmp_path, source), endpoint=endpoint, args=args or {}, timeout=timeout)
+        return await executor.execute(req, "python")
+    finally:
+        await executor.shutdown()
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_return_value_survives_prints_on_stdout_and_stderr(tmp_path):
+    r = await run(tmp_path, """
+        import sys
+        print("import-time noise")
+        def main(args):
+            print("call-time noise", flush=True)
+            sys.stderr.write("to stderr\\n")
+            return {"got": args}
+    """, args={"x": 1})
+    assert r.success and r.data == {"got": {"x": 1}}
+    assert r.metrics.execution_time_ms is not None
+
+
+async def test_async_endpoint_is_awaited(tmp_path):
+    r = await run(tmp_path, """
+        import asyncio
+        async def main(args):
+            await asyncio.sleep(0.01)
+            return [1, 2, 3]
+    """)
+    assert r.success and r.data == [1, 2, 3]
+
+
+async def test_exception_reports_type_message_and_line(tmp_path):
+    r = await run(tmp_path, """
+        def main(args):
+            return {}["missing"]
+    """)
+    assert not r.success and r.error_type == "KeyError"
+    assert r.error == "KeyError: 'missing' (line 3)"
+
+
+async def test_unknown_endpoint_names_what_exists(tmp_path):
+    r = await run(tmp_path, "def a(args): pass\ndef _private(args): pass\nimport os\n", endpoint="b")
+    assert r.error == "unknown endpoint 'b': the bundle defines a"
+
+
+async def test_syntax_error(tmp_path):
+    r = await run(tmp_path, "def main(args):\n  return (\n")
+    assert not r.success and r.error_type == "SyntaxError" and "does not compile" in r.error
+
+
+async def test_sys_exit_at_import_is_an_error_not_a_crash(tmp_path):
+    # The bundle tries to end the worker before the endpoint is even looked up.
+    r = await run(tmp_path, "import sys\nsys.exit(7)\n")
+    assert r.error == "bundle failed while loading: SystemExit: 7"
+
+
+async def test_timeout_kills_the_whole_process_group(tmp_path):
+    # The bundle starts a long-lived child and then hangs; both must die at the deadline.
+    pidfile = tmp_path / "child.pid"
+    started = time.monotonic()
+    r = await run(tmp_path, f"""
+        import subprocess, time
+        def main(args):
+            child = subprocess.Popen(["sleep", "1000"])
+            open({str(pidfile)!r}, "w").write(str(child.pid))
+            time.sleep(1000)
+    """, timeout=2)
+    assert r.timed_out and r.error_type == "Timeout" and r.error == "timed out after 2 s"
+    assert time.monotonic() - started < 10
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        if gone(pid):
+            break
+        await asyncio.sleep(0.1)
+    assert gone(pid), "the bundle's child outlived the timeout"
+
+
+async def test_busy_loop_is_killed_at_the_deadline(tmp_path):
+    # Pure CPU, never yields to anything the runtime could check.
+    r = await run(tmp_path, "def main(args):\n    while True: pass\n", timeout=1)
+    assert r.timed_out
+
+
+async def test_crash_before_answering_is_explained(tmp_path):
+    # The bundle kills its own interpreter: no answer ever comes.
+    r = await run(tmp_path, """
+        import os, signal, sys
+        def main(args):
+            sys.stderr.write("about to die\\n"); sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert r.error_type == "Crash"
+    assert r.error.startswith("the bundle process was killed by SIGKILL before answering")
+    assert "about to die" in r.error
+
+
+async def test_forged_protocol_line_is_a_protocol_error(tmp_path):
+    # The bundle finds the protocol descriptor and writes garbage on it before answering.
+    r = await run(tmp_path, """
+        import os
+        def main(args):
+            for fd in range(3, 10):
+                try: os.write(fd, b"not json\\n")
+                except OSError: pass
+            return 1
+    """)
+    assert not r.success and r.error_type == "ProtocolError"
+
+
+async def test_answer_larger_than_the_limit(tmp_path):
+    r = await run(tmp_path, "def main(args):\n    return 'x' * 200_000\n", max_output_bytes=65536)
+    assert r.error_type == "OutputTooLarge" and "65536" in r.error
+
+
+async def test_unserializable_return_value(tmp_path):
+    r = await run(tmp_path, "def main(args):\n    return {1, 2}\n")
+    assert not r.success and r.error.startswith("return value is not JSON")
+
+
+async def test_nan_is_not_json(tmp_path):
+    r = await run(tmp_path, "def main(args):\n    return float('nan')\n")
+    assert not r.success and "not JSON" in r.error
+
+
+async def test_memory_limit(tmp_path):
+    # Allocates 2 GiB; RLIMIT_DATA (set from outside with prlimit) stops it.
+    r = await run(tmp_path, "def main(args):\n    return len(bytearray(2 * 1024**3))\n", memory_mb=256)
+    assert not r.success and r.error_type == "MemoryError"
+
+
+async def test_environment_is_clean(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATRUND_APP_PASSWORD", "runner-secret")
+    r = await run(tmp_path, "import os\ndef main(args):\n    return dict(os.environ)\n")
+    assert r.success and r.data == {}
+
+
+async def test_unknown_runtime_is_a_failed_response(tmp_path):
+    executor = create_executor(ExecutorSection(warm=0))
+    r = await executor.execute(ExecRequest(code_path="/nonexistent", endpoint="x"), "cobol")
+    assert not r.success and r.error_type == "UnknownRuntime" and "python" in r.error
+    await executor.shutdown()
+
+
+async def test_warm_pool_refills_and_shutdown_leaves_no_process(tmp_path):
+    executor = create_executor(ExecutorSection(warm=2))
+    await executor.warm(2)
+    warm_pids = [w.process.pid for w in executor._warm["python"]]
+    assert executor.stats().warm == {"python": 2}
+    r = await executor.execute(ExecRequest(code_path=bundle(tmp_path, "def main(a): return 1"), endpoint="main"), "python")
+    assert r.success and r.data == 1
+    for _ in range(50):
+        if executor.stats().warm["python"] == 2:
+            break
+        await asyncio.sleep(0.05)
+    stats = executor.stats()
+    assert stats.warm == {"python": 2} and stats.completed == 1 and stats.cold_starts == 0
+    pids = warm_pids + [w.process.pid for w in executor._warm["python"]]
+    await executor.shutdown()
+    assert all(gone(p) for p in pids)
+    with pytest.raises(ExecutorError):
+        await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
+
+
+async def test_missing_runtime_program_raises(tmp_path):
+    rdir = tmp_path / "runtimes" / "python"
+    rdir.mkdir(parents=True)
+    (rdir / "runtime.json").write_text('{"name": "python", "command": ["/nonexistent/at-run-exec"]}')
+    executor = create_executor(ExecutorSection(warm=0, runtimes_dir=tmp_path / "runtimes"))
+    with pytest.raises(ExecutorError, match="cannot start python worker"):
+        await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
+    await executor.shutdown()

@@ -1,0 +1,97 @@
+"""The lexicon files are the contract; the Python models must say exactly the same thing."""
+
+import json
+import types
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from atrund import records
+
+LEXICONS = Path(__file__).resolve().parent.parent / "lexicons"
+
+MODELS = {
+    "dev.atrun.defs#permissions": records.Permissions,
+    "dev.atrun.defs#metrics": records.Metrics,
+    "dev.atrun.defs#httpResponse": records.HttpResponse,
+    "dev.atrun.defs#limits": records.Limits,
+    "dev.atrun.bundle": records.Bundle,
+    "dev.atrun.invocation": records.Invocation,
+    "dev.atrun.result": records.Result,
+    "dev.atrun.runner": records.Runner,
+}
+REFS = {records.StrongRef: "com.atproto.repo.strongRef"} | {m: k for k, m in MODELS.items() if "#" in k}
+
+
+def load_all() -> dict[str, dict]:
+    docs = {}
+    for path in LEXICONS.rglob("*.json"):
+        doc = json.loads(path.read_text())
+        docs[doc["id"]] = doc
+        assert path.relative_to(LEXICONS).with_suffix("").parts == tuple(doc["id"].split(".")), path
+    return docs
+
+
+def object_def(docs: dict, name: str) -> dict:
+    nsid, _, frag = name.partition("#")
+    d = docs[nsid]["defs"][frag or "main"]
+    return d["record"] if d["type"] == "record" else d
+
+
+def lexicon_type(annotation) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        assert len(args) == 1, annotation
+        return lexicon_type(args[0])
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return "array"
+    if origin is dict or annotation is typing.Any:
+        return "unknown"
+    if origin is typing.Literal or annotation is str:
+        return "string"
+    if annotation is bool:
+        return "boolean"
+    if annotation is int:
+        return "integer"
+    if annotation is records.BlobRef:
+        return "blob"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "ref:" + REFS[annotation]
+    raise AssertionError(f"no lexicon type for {annotation}")
+
+
+def test_every_lexicon_is_a_valid_v1_document():
+    docs = load_all()
+    assert set(docs) == {"dev.atrun.defs", "dev.atrun.bundle", "dev.atrun.invocation", "dev.atrun.result", "dev.atrun.runner"}
+    for nsid, doc in docs.items():
+        assert doc["lexicon"] == 1
+        for name, d in doc["defs"].items():
+            assert d["type"] in {"record", "object", "token", "string"}
+            obj = d.get("record", d)
+            for prop, spec in obj.get("properties", {}).items():
+                assert isinstance(spec.get("type"), str), f"{nsid}#{name}.{prop}"
+                assert spec["type"] != "float" and spec["type"] != "number", "the data model has no floats"
+            assert set(obj.get("required", [])) <= set(obj.get("properties", {})), f"{nsid}#{name}"
+
+
+def test_record_keys_are_as_documented():
+    docs = load_all()
+    keys = {n: docs[n]["defs"]["main"]["key"] for n in docs if "main" in docs[n]["defs"]}
+    assert keys == {"dev.atrun.bundle": "tid", "dev.atrun.invocation": "tid", "dev.atrun.result": "any", "dev.atrun.runner": "literal:self"}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_matches_lexicon(name):
+    obj = object_def(load_all(), name)
+    model = MODELS[name]
+    fields = {f.alias or n: f for n, f in model.model_fields.items()}
+    assert set(fields) == set(obj["properties"]), f"{name}: properties differ"
+    required = {a for a, f in fields.items() if f.is_required()}
+    assert required == set(obj.get("required", [])), f"{name}: required fields differ"
+    for alias, field in fields.items():
+        spec = obj["properties"][alias]
+        want = spec["type"] + (":" + spec["ref"].replace("#main", "") if spec["type"] == "ref" else "")
+        assert lexicon_type(field.annotation) == want, f"{name}.{alias}"

@@ -1,0 +1,38 @@
+"""Result keys and the encoding of return values into records."""
+
+import pytest
+
+from atrund.records import JSON_VALUE, Result, decode_data, encode_data, result_rkey, result_uri
+
+
+def test_result_key_is_base32_sha256_prefix_of_the_invocation_uri():
+    """Pinned against coreutils: printf URI | sha256sum | xxd -r -p | base32 | tr A-Z a-z | cut -c1-32."""
+    assert result_rkey("at://did:plc:abc/dev.atrun.invocation/3kabc") == "7vstiuogi2j5spw2rcifxtxeekk7akc6"
+
+def test_result_key_depends_on_the_author():
+    a = result_rkey("at://did:plc:alice/dev.atrun.invocation/3kabc")
+    b = result_rkey("at://did:plc:mallory/dev.atrun.invocation/3kabc")
+    assert a != b and len(a) == len(b) == 32 and set(a + b) <= set("abcdefghijklmnopqrstuvwxyz234567")
+
+def test_result_uri():
+    assert result_uri("did:plc:r", "at://x/y/z") == f"at://did:plc:r/dev.atrun.result/{result_rkey('at://x/y/z')}"
+
+@pytest.mark.parametrize("value", [{"a": 1, "b": [True, None, "x"], "c": {"d": -5}}])
+def test_plain_objects_are_stored_as_they_are(value):
+    assert encode_data(value) is value
+    assert decode_data(encode_data(value)) == value
+
+@pytest.mark.parametrize("value", [42, "text", [1, 2], {"pi": 3.14}, {"$type": "x"}, {"big": 2**70}, 0.5, True, {"n": [1.5]}])
+def test_values_the_data_model_cannot_hold_are_kept_exactly_as_json(value):
+    data = encode_data(value)
+    assert data["$type"] == JSON_VALUE and isinstance(data["json"], str)
+    assert decode_data(data) == value
+    assert set(data) == {"$type", "json"}  # nothing but a string: no float reaches the record
+
+def test_none_is_no_data():
+    assert encode_data(None) is None
+
+def test_result_model_rejects_an_unknown_status_type():
+    with pytest.raises(ValueError):
+        Result.model_validate({"invocation": {"uri": "at://a/b/c", "cid": "bafyreiabc"}, "bundle": {"uri": "at://a/b/c", "cid": "bafyreiabc"},
+                               "status": 3, "createdAt": "2026-01-01T00:00:00Z"})
