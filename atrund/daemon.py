@@ -106,6 +106,8 @@ class Daemon:
     async def close(self) -> None:
         await self.executor.shutdown()
         await self.repos.close()
+        if self.session is not None:
+            await self.session.close()
         self.state.close()
 
     # -- one invocation ------------------------------------------------------------------

@@ -96,7 +96,7 @@ class LocalStack:
         else:
             self.data_dir = self._given_data_dir.resolve()
             self.data_dir.mkdir(parents=True, exist_ok=True)
-        pds_port, plc_port = _free_ports(2)
+        pds_port, plc_port = self._ports()
         self._log = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
             [str(self.node), str(script), "--data-dir", str(self.data_dir),
@@ -116,6 +116,18 @@ class LocalStack:
             raise
         self.pds_url, self.plc_url = ready["pds"], ready["plc"]
         return self
+
+    def _ports(self) -> tuple[int, int]:
+        """Free ports, kept in the data dir: DID documents name the PDS by its URL,
+        port included, so a reused data dir must get the same ports again."""
+        assert self.data_dir is not None
+        saved = self.data_dir / "ports.json"
+        if saved.exists():
+            ports = json.loads(saved.read_text())
+            return int(ports["pds"]), int(ports["plc"])
+        pds_port, plc_port = _free_ports(2)
+        saved.write_text(json.dumps({"pds": pds_port, "plc": plc_port}) + "\n")
+        return pds_port, plc_port
 
     def _read_ready_line(self, timeout: float) -> dict[str, Any]:
         assert self._proc is not None and self._proc.stdout is not None

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
+from atproto_core.did_doc import DidDocument
 from atproto_identity.did.resolver import AsyncDidResolver
 from atproto_identity.exceptions import DidNotFoundError
-from atproto_core.did_doc import DidDocument
 
 from atrund.errors import IdentityError
 
@@ -39,6 +39,13 @@ class Identities:
         if not endpoint:
             raise IdentityError(f"{did} names no PDS (#atproto_pds service) in its DID document")
         return endpoint.rstrip("/")
+
+    async def close(self) -> None:
+        # The SDK's resolvers each open an httpx client and offer no way to close it.
+        for method in getattr(self._resolver, "_methods", {}).values():
+            client = getattr(method, "_client", None)
+            if client is not None:
+                await client.aclose()
 
     def forget(self, did: str) -> None:
         self._cache.pop(did, None)

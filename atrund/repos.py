@@ -58,8 +58,10 @@ class Repos:
         self._http: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
+        """Close the HTTP session and the identity resolver it uses."""
         if self._http is not None:
             await self._http.close()
+        await self.identities.close()
 
     async def _get(self, did: str, method: str, params: dict[str, Any], max_bytes: int) -> tuple[bytes, str]:
         """One XRPC query against ``did``'s PDS; returns (body, content type)."""

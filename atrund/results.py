@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
+from atrund.errors import RemoteError
 from atrund.records import RESULT, HttpResponse, Metrics, Result, StrongRef, encode_data, now_iso
 from atrund.session import Rejected, Session
-from atrund.errors import RemoteError
 from atrund.state import State
 
 log = structlog.get_logger("atrund.results")

@@ -62,6 +62,9 @@ class Session:
             me = await client.com.atproto.server.get_session()
         return cls(client, me.did, me.handle, pds.rstrip("/"))
 
+    async def close(self) -> None:
+        await self.client.request.close()
+
     async def put_record(self, collection: str, rkey: str, record: dict[str, Any]) -> tuple[str, str]:
         async with _sdk(f"putRecord {collection}/{rkey}"):
             out = await self.client.com.atproto.repo.put_record(

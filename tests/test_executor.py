@@ -4,7 +4,6 @@ Each bundle below is a small program that misbehaves in one way; the comment say
 """
 
 import asyncio
-import os
 import textwrap
 import time
 from pathlib import Path

@@ -1,0 +1,172 @@
+"""Fixtures: a real PDS + PLC on loopback (session-wide), accounts, and in-process runners.
+
+Nothing here is mocked: the PDS is the reference implementation, the runner is our daemon,
+bundles run in real subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atrund import config
+from atrund.daemon import Daemon
+from atrund.devstack import Account, LocalStack
+from atrund.errors import NotFound
+from atrund.identity import Identities
+from atrund.records import BUNDLE, INVOCATION, RESULT, now_iso, result_rkey
+from atrund.repos import Repos
+from atrund.session import Session
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> LocalStack:
+    with LocalStack(data_dir=tmp_path_factory.mktemp("stack")) as s:
+        yield s
+
+
+@pytest.fixture
+def new_account(stack):
+    """Make a fresh account: tests never see each other's invocations or runners."""
+
+    def make(prefix: str) -> Account:
+        return stack.create_account(f"{prefix}{os.getpid() % 1000}x{next(_names)}")
+
+    return make
+
+
+@dataclass
+class Author:
+    """An author using the SDK session directly (the CLI is tested on its own)."""
+
+    account: Account
+    session: Session
+
+    async def publish(self, source: str, runtime: str = "python", **fields: Any) -> dict[str, str]:
+        blob = await self.session.upload_blob(source.encode(), "text/x-python")
+        uri, cid = await self.session.create_record(
+            BUNDLE, {"runtime": runtime, "code": blob, "createdAt": now_iso(), **fields}
+        )
+        return {"uri": uri, "cid": cid}
+
+    async def invoke(self, bundle: dict[str, str], runner_did: str, endpoint: str = "main", args: Any = None,
+                     **fields: Any) -> str:
+        record = {"runner": runner_did, "bundle": bundle, "endpoint": endpoint, "createdAt": now_iso(), **fields}
+        if args is not None:
+            record["args"] = args
+        uri, _ = await self.session.create_record(INVOCATION, record)
+        return uri
+
+    async def raw_invocation(self, record: dict[str, Any]) -> str:
+        uri, _ = await self.session.create_record(INVOCATION, record)
+        return uri
+
+
+@pytest.fixture
+async def login_author(new_account) -> AsyncIterator:
+    """Make a fresh account and log it in; sessions are closed at teardown."""
+    made: list[Author] = []
+
+    async def make(prefix: str = "author") -> Author:
+        acct = new_account(prefix)
+        made.append(Author(acct, await Session.login(acct.pds_url, acct.handle, acct.app_password)))
+        return made[-1]
+
+    yield make
+    for a in made:
+        await a.session.close()
+
+
+@pytest.fixture
+async def author(login_author) -> Author:
+    return await login_author()
+
+
+@pytest.fixture
+async def reader(stack) -> AsyncIterator[Repos]:
+    repos = Repos(Identities(stack.plc_url))
+    yield repos
+    await repos.close()
+
+
+class RunnerHandle:
+    """A Daemon serving in this event loop, with its own account and state directory."""
+
+    def __init__(self, stack: LocalStack, account: Account, state_dir: Path, **sections: dict[str, Any]) -> None:
+        pw = state_dir / "app-password"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        pw.write_text(account.app_password)
+        data = {
+            "runner": {"pds": stack.pds_url, "identifier": account.handle, "password_file": str(pw)},
+            "identity": {"plc_url": stack.plc_url},
+            "ingest": {"poll_interval": 0.2},
+            "executor": {"warm": 1},
+            "state": {"dir": str(state_dir / "state")},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        self.cfg = config.parse(data)
+        self.account = account
+        self.did = account.did
+        self.daemon: Daemon | None = None
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> "RunnerHandle":
+        self.daemon = Daemon(self.cfg)
+        await self.daemon.start()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.daemon.run(self._stop))
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._stop.set()
+            await self._task
+            await self.daemon.close()
+            self._task = None
+
+
+@pytest.fixture
+async def make_runner(stack, new_account, tmp_path) -> AsyncIterator:
+    started: list[RunnerHandle] = []
+
+    async def make(account: Account | None = None, state_name: str = "runner", start: bool = True, **sections) -> RunnerHandle:
+        handle = RunnerHandle(stack, account or new_account("runner"), tmp_path / state_name, **sections)
+        started.append(handle)
+        return await handle.start() if start else handle
+
+    yield make
+    for h in started:
+        await h.stop()
+
+
+async def wait_result(reader: Repos, runner_did: str, invocation_uri: str, timeout: float = 30) -> dict[str, Any]:
+    """Poll the computed result URI until the record exists (as any AT client would)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _, value = await reader.get_record(runner_did, RESULT, result_rkey(invocation_uri))
+            return value
+        except NotFound:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no result for {invocation_uri} after {timeout} s") from None
+            await asyncio.sleep(0.1)
+
+
+async def no_result(reader: Repos, runner_did: str, invocation_uri: str, settle: float = 2.0) -> bool:
+    await asyncio.sleep(settle)
+    try:
+        await reader.get_record(runner_did, RESULT, result_rkey(invocation_uri))
+        return False
+    except NotFound:
+        return True

@@ -1,0 +1,168 @@
+"""An invocation record on the real local PDS comes back as a result record, for every outcome."""
+
+import asyncio
+
+from conftest import no_result, wait_result
+
+from atrund.records import BUNDLE, RUNNER, Result
+
+HELLO = '''
+def main(args):
+    print("bundle output must not break anything")
+    return {"greeting": "hello " + args.get("name", "world")}
+
+def boom(args):
+    return 1 / 0
+
+def forever(args):
+    import time
+    time.sleep(600)
+
+def number(args):
+    return 42
+'''
+
+
+async def test_success_lands_at_the_computed_uri_with_metrics(author, make_runner, reader):
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    bundle = await author.publish(HELLO)
+    uri = await author.invoke(bundle, runner.did, "main", {"name": "ada"})
+    value = await wait_result(reader, runner.did, uri)
+    result = Result.model_validate(value)
+    assert result.status == "success"
+    assert result.data == {"greeting": "hello ada"}
+    assert result.invocation.uri == uri and result.bundle.cid == bundle["cid"]
+    m = result.metrics
+    assert m.isolation == "none" and m.runtime == "python"
+    assert m.execution_time_ms >= 0 and m.queued_ms >= 0 and m.total_ms >= m.execution_time_ms
+
+
+async def test_runner_publishes_its_declaration(make_runner, reader):
+    runner = await make_runner(access={"mode": "open"}, executor={"max_timeout": 60})
+    _, value = await reader.get_record(runner.did, RUNNER, "self")
+    assert value["runtimes"] == ["python"] and value["isolation"] == "none" and value["accessMode"] == "open"
+    assert value["limits"]["timeoutSeconds"] == 60
+
+
+async def test_failures_each_end_in_an_explained_result(author, make_runner, reader):
+    runner = await make_runner(access={"allowlist": [author.account.did]}, executor={"max_timeout": 2, "warm": 2})
+    bundle = await author.publish(HELLO)
+    cases = {
+        "boom": await author.invoke(bundle, runner.did, "boom"),
+        "forever": await author.invoke(bundle, runner.did, "forever", timeout=60),  # capped at 2 s
+        "nope": await author.invoke(bundle, runner.did, "nope"),
+        "number": await author.invoke(bundle, runner.did, "number"),
+    }
+    got = {name: await wait_result(reader, runner.did, uri) for name, uri in cases.items()}
+    assert got["boom"]["status"] == "error" and got["boom"]["error"].startswith("ZeroDivisionError: division by zero")
+    assert got["forever"]["status"] == "timeout" and got["forever"]["error"] == "timed out after 2 s"
+    assert got["nope"]["status"] == "error" and "unknown endpoint 'nope'" in got["nope"]["error"]
+    assert got["number"]["status"] == "success"
+    assert Result.model_validate(got["number"]).value() == 42
+
+
+async def test_missing_bundle(author, make_runner, reader):
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    bundle = await author.publish(HELLO)
+    await author.session.delete_record(BUNDLE, bundle["uri"].rsplit("/", 1)[1])
+    uri = await author.invoke(bundle, runner.did)
+    value = await wait_result(reader, runner.did, uri)
+    assert value["status"] == "error"
+    assert "does not exist" in value["error"] and bundle["uri"].rsplit("/", 1)[1] in value["error"]
+
+
+async def test_bundle_changed_after_pinning_is_refused_by_cid(author, make_runner, reader):
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    bundle = await author.publish(HELLO)
+    blob = await author.session.upload_blob(b"def main(args):\n    return {'evil': True}\n", "text/x-python")
+    rkey = bundle["uri"].rsplit("/", 1)[1]
+    _, new_cid = await author.session.put_record(BUNDLE, rkey, {"runtime": "python", "code": blob, "createdAt": "2026-01-01T00:00:00.000Z"})
+    uri = await author.invoke(bundle, runner.did)  # still pins the old CID
+    value = await wait_result(reader, runner.did, uri)
+    assert value["status"] == "rejected"
+    assert "CID mismatch" in value["error"] and bundle["cid"] in value["error"] and new_cid in value["error"]
+    assert "data" not in value
+
+
+async def test_invalid_invocations_are_rejected_naming_the_field(author, make_runner, reader):
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    bundle = await author.publish(HELLO)
+    base = {"runner": runner.did, "bundle": bundle, "endpoint": "main", "createdAt": "2026-01-01T00:00:00.000Z"}
+    no_endpoint = await author.raw_invocation({k: v for k, v in base.items() if k != "endpoint"})
+    bad_args = await author.raw_invocation({**base, "args": ["not", "an", "object"]})
+    bad_ref = await author.raw_invocation({**base, "bundle": {"uri": "not-a-uri"}})
+    bad_timeout = await author.raw_invocation({**base, "timeout": -5})
+    r1 = await wait_result(reader, runner.did, no_endpoint)
+    assert r1["status"] == "rejected" and "endpoint" in r1["error"] and "invalid invocation record" in r1["error"]
+    r2 = await wait_result(reader, runner.did, bad_args)
+    assert r2["status"] == "rejected" and "args" in r2["error"]
+    r3 = await wait_result(reader, runner.did, bad_ref)
+    assert r3["status"] == "rejected" and "bundle.uri" in r3["error"] and "bundle.cid" in r3["error"]
+    assert r3["bundle"]["uri"] == bad_ref  # no readable bundle: the result names the invocation itself
+    r4 = await wait_result(reader, runner.did, bad_timeout)
+    assert r4["status"] == "rejected" and "timeout" in r4["error"]
+
+
+async def test_undeclared_endpoint_and_oversized_bundle_are_rejected(author, make_runner, reader):
+    runner = await make_runner(access={"allowlist": [author.account.did]}, bundles={"max_bytes": 2000})
+    declared = await author.publish(HELLO, endpoints=["main"])
+    big = await author.publish("x = 1\n" * 1000 + "def main(args): return 1\n")
+    r1 = await wait_result(reader, runner.did, await author.invoke(declared, runner.did, "boom"))
+    assert r1["status"] == "rejected" and "not one the bundle declares (main)" in r1["error"]
+    r2 = await wait_result(reader, runner.did, await author.invoke(big, runner.did))
+    assert r2["status"] == "rejected" and "more than this runner's limit of 2000" in r2["error"]
+
+
+async def test_allowlist_ignores_outsiders(login_author, author, make_runner, reader):
+    outsider = await login_author("outsider")
+    acct = outsider.account
+    runner = await make_runner(access={"allowlist": [author.account.did]}, ingest={"authors": [author.account.did, acct.did]})
+    bundle = await author.publish(HELLO)
+    theirs = await outsider.invoke(bundle, runner.did)
+    ours = await author.invoke(bundle, runner.did)
+    assert (await wait_result(reader, runner.did, ours))["status"] == "success"
+    assert await no_result(reader, runner.did, theirs)
+    assert runner.daemon.poller.denied == 1
+    assert runner.daemon.state.status_of(theirs) == ("denied", None)
+
+
+async def test_blocklist_and_open_modes(login_author, author, make_runner, reader):
+    blocked = await login_author("blocked")
+    acct = blocked.account
+    authors = [author.account.did, acct.did]
+    bl = await make_runner(state_name="bl", access={"mode": "blocklist", "blocklist": [acct.did]}, ingest={"authors": authors})
+    op = await make_runner(state_name="op", access={"mode": "open"}, ingest={"authors": authors})
+    bundle = await author.publish(HELLO)
+    invs = {(r.did, who): await a.invoke(bundle, r.did) for r in (bl, op) for who, a in (("ok", author), ("blocked", blocked))}
+    assert (await wait_result(reader, bl.did, invs[(bl.did, "ok")]))["status"] == "success"
+    assert (await wait_result(reader, op.did, invs[(op.did, "ok")]))["status"] == "success"
+    assert (await wait_result(reader, op.did, invs[(op.did, "blocked")]))["status"] == "success"
+    assert await no_result(reader, bl.did, invs[(bl.did, "blocked")])
+
+
+async def test_invocations_for_another_runner_are_left_alone(author, make_runner, new_account, reader):
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    other = new_account("elsewhere")
+    bundle = await author.publish(HELLO)
+    uri = await author.invoke(bundle, other.did)
+    mine = await author.invoke(bundle, runner.did)
+    await wait_result(reader, runner.did, mine)
+    assert runner.daemon.state.status_of(uri) is None
+    assert await no_result(reader, runner.did, uri, settle=0.5)
+
+
+async def test_restart_runs_nothing_twice(author, make_runner, new_account, reader, tmp_path):
+    """Each run of the bundle appends a line to a file: the count is the number of executions."""
+    counter = tmp_path / "runs.txt"
+    source = f"def main(args):\n    open({str(counter)!r}, 'a').write('run\\n')\n    return {{'ok': True}}\n"
+    account = new_account("runner")
+    first = await make_runner(account=account, state_name="same", access={"allowlist": [author.account.did]})
+    bundle = await author.publish(source)
+    before = await author.invoke(bundle, first.did)
+    await wait_result(reader, first.did, before)
+    await first.stop()
+    during = await author.invoke(bundle, account.did)  # posted while the runner is down
+    second = await make_runner(account=account, state_name="same", access={"allowlist": [author.account.did]})
+    assert (await wait_result(reader, second.did, during))["status"] == "success"
+    await asyncio.sleep(1.0)  # a few more polls: nothing more may run
+    assert counter.read_text().count("run") == 2
