@@ -228,7 +228,7 @@ class LocalStack:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.load(response)
         except urllib.error.HTTPError as err:
-            raise LocalStackError(f"{method}: {err.code} {err.read().decode(errors='replace')}")
+            raise LocalStackError(f"{method}: {err.code} {err.read().decode(errors='replace')}") from None
 
 
 def _free_ports(count: int) -> list[int]:

@@ -1,0 +1,113 @@
+"""The demo: the whole path on a local AT Protocol stack, narrated.
+
+Starts the reference PDS + PLC on loopback, creates an author and a runner account, starts
+`atrund serve` for the runner, then runs the same CLI commands an author would type: publish
+the bundles in examples/, invoke them, wait for each result record, and print where each
+result lives and what it says. Run it with `bash scripts/demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from atrund.devstack import LocalStack
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console(highlight=False)
+
+INVOCATIONS = [
+    ("hello.py", "greet", {"name": "Ada"}),
+    ("hello.py", "divide", {"a": 84, "b": 2}),
+    ("hello.py", "divide", {"a": 1, "b": 0}),  # fails on purpose: ZeroDivisionError
+    ("wordstats.py", "stats", {"text": "the quick brown fox jumps over the lazy dog the end"}),
+]
+
+
+def atrund(args: list[str], env: dict[str, str]) -> tuple[int, dict]:
+    shown = " ".join(a if " " not in a and "{" not in a else f"'{a}'" for a in args)
+    console.print(f"[dim]$[/dim] [bold]atrund {shown}[/bold]")
+    proc = subprocess.run([sys.executable, "-m", "atrund.cli", *args], env=env, capture_output=True, text=True)
+    if proc.returncode not in (0, 3):
+        console.print(proc.stderr)
+        raise SystemExit(f"atrund {args[0]} failed with exit code {proc.returncode}")
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def main() -> None:
+    state = ROOT / "demo-state"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir()
+    console.rule("[bold]atrund demo[/bold]")
+    t0 = time.monotonic()
+    with LocalStack() as stack:
+        console.print(f"local PDS [cyan]{stack.pds_url}[/cyan], PLC [cyan]{stack.plc_url}[/cyan] "
+                      f"(ready in {time.monotonic() - t0:.1f} s)")
+        alice = stack.create_account("alice")
+        runner = stack.create_account("runner")
+        console.print(f"author [cyan]{alice.handle}[/cyan] {alice.did}")
+        console.print(f"runner [cyan]{runner.handle}[/cyan] {runner.did}")
+
+        (state / "app-password").write_text(runner.app_password)
+        (state / "app-password").chmod(0o600)
+        config = state / "config.toml"
+        config.write_text(
+            f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "app-password"\n'
+            f'description = "The atrund demo runner."\n\n'
+            f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
+            f'[access]\nmode = "allowlist"\nallowlist = ["{alice.did}"]\n\n'
+            f'[ingest]\npoll_interval = 0.5\n'
+        )
+        # password_file is relative to where serve runs: start it in the state directory.
+        log_path = state / "runner.log"
+        console.print(f"[dim]$[/dim] [bold]atrund serve -c {config.relative_to(ROOT)}[/bold]  [dim](log: {log_path.relative_to(ROOT)})[/dim]")
+        with open(log_path, "w") as log:
+            serve = subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"],
+                                     cwd=state, stdout=log, stderr=log)
+        try:
+            run_author_side(stack, alice, runner)
+        finally:
+            serve.terminate()
+            serve.wait(15)
+        console.print(f"runner stopped; its log is in {log_path.relative_to(ROOT)}")
+    console.rule(f"done in {time.monotonic() - t0:.1f} s")
+
+
+def run_author_side(stack: LocalStack, alice, runner) -> None:
+    env = {**os.environ, "ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": alice.handle,
+           "ATRUND_PASSWORD": alice.app_password, "ATRUND_PLC_URL": stack.plc_url}
+    console.rule("alice publishes bundles", style="dim")
+    bundles = {}
+    for name in sorted({b for b, _, _ in INVOCATIONS}):
+        _, out = atrund(["bundle", "publish", f"examples/{name}", "--runtime", "python"], env)
+        bundles[name] = out
+        console.print(f"  → {out['uri']}  [dim]cid {out['cid']}[/dim]")
+    console.rule("alice invokes them on the runner and waits for the result records", style="dim")
+    table = Table(title="results", show_lines=True)
+    for col in ("call", "status", "result AT URI", "value or error", "ms"):
+        table.add_column(col, overflow="fold")
+    for name, endpoint, args in INVOCATIONS:
+        t = time.monotonic()
+        _, out = atrund(["invoke", bundles[name]["uri"], "--runner", runner.did, "--endpoint", endpoint,
+                         "--args", json.dumps(args), "--wait"], env)
+        ms = int((time.monotonic() - t) * 1000)
+        status = out.get("status", "?")
+        shown = json.dumps(out["value"]) if "value" in out else out["record"].get("error", "")
+        colour = "green" if status == "success" else "red"
+        console.print(f"  → [{colour}]{status}[/{colour}] {out['result']}\n    {shown}")
+        table.add_row(f"{name} {endpoint}({json.dumps(args)})", f"[{colour}]{status}[/{colour}]", out["result"], shown, str(ms))
+    console.print(table)
+    console.print("Anyone can read a result by its URI, e.g.:")
+    console.print(f"[dim]$[/dim] [bold]atrund result get {out['result']} --plc-url {stack.plc_url}[/bold]")
+
+
+if __name__ == "__main__":
+    main()
