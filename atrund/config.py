@@ -130,8 +130,12 @@ def parse(data: dict, base_dir: Path | None = None) -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e)) from None
-    if base_dir is not None and not cfg.state.dir.is_absolute():
-        cfg.state.dir = base_dir / cfg.state.dir
+    if base_dir is not None:  # relative paths are relative to the config file, not the working directory
+        if not cfg.state.dir.is_absolute():
+            cfg.state.dir = base_dir / cfg.state.dir
+        pw = cfg.runner.password_file
+        if pw is not None and not pw.expanduser().is_absolute():
+            cfg.runner.password_file = base_dir / pw
     return cfg
 
 

@@ -66,7 +66,6 @@ def main() -> None:
             f'[access]\nmode = "allowlist"\nallowlist = ["{alice.did}"]\n\n'
             f'[ingest]\npoll_interval = 0.5\n'
         )
-        # password_file is relative to where serve runs: start it in the state directory.
         log_path = state / "runner.log"
         console.print(f"[dim]$[/dim] [bold]atrund serve -c {config.relative_to(ROOT)}[/bold]  [dim](log: {log_path.relative_to(ROOT)})[/dim]")
         with open(log_path, "w") as log:

@@ -68,3 +68,10 @@ def test_password_file(tmp_path):
 
 def test_example_config_is_valid():
     config.load(Path(__file__).resolve().parent.parent / "config.toml.example")
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "pw").write_text("secret")
+    monkeypatch.chdir("/")
+    cfg = config.load(write(tmp_path, MINIMAL + 'password_file = "pw"\n[state]\ndir = "st"\n'))
+    assert cfg.runner.password() == "secret" and cfg.state.dir == tmp_path / "st"

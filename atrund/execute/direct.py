@@ -22,6 +22,10 @@ from atrund.execute.pool import Backend, Worker
 from atrund.execute.runtimes import Runtime
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# If the runner dies (even by SIGKILL), its workers must not live on: setpriv (util-linux)
+# sets the parent-death signal before exec'ing the runtime. Processes the bundle itself
+# starts are not covered; containing those is the job of the stronger backends.
+SETPRIV = shutil.which("setpriv")
 
 
 class DirectWorker(Worker):
@@ -62,7 +66,9 @@ class DirectBackend(Backend):
         workdir = Path(tempfile.mkdtemp(prefix=f"atrund-{runtime.name}-"))
         env = {"PATH": SAFE_PATH, "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
         try:
+            prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
             process = await asyncio.create_subprocess_exec(
+                *prefix,
                 *runtime.command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,

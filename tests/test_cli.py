@@ -1,0 +1,156 @@
+"""The atrund command line, run as a user runs it: a real subprocess against the local stack."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_result
+
+from atrund.records import result_uri
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def atrund(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "atrund.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
+
+
+def test_exec_prints_the_exec_response():
+    p = atrund("exec", "examples/hello.py", "--runtime", "python", "--endpoint", "greet", "--args", '{"name": "ada"}')
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["success"] is True and out["data"] == {"greeting": "hello, ada!"}
+
+
+def test_exec_failure_exits_3_and_explains():
+    p = atrund("exec", "examples/hello.py", "--runtime", "python", "--endpoint", "divide", "--args", '{"a": 1, "b": 0}')
+    assert p.returncode == 3
+    assert json.loads(p.stdout)["error"].startswith("ZeroDivisionError")
+
+
+@pytest.mark.parametrize("args, message", [("[1]", "must be a JSON object"), ("{nope", "not JSON")])
+def test_exec_bad_args_names_the_option(args, message):
+    p = atrund("exec", "examples/hello.py", "--runtime", "python", "--endpoint", "greet", "--args", args)
+    assert p.returncode == 2 and "--args" in p.stderr and message in p.stderr
+
+
+def test_check_config_names_the_key(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[runner]\npds = "http://x"\nidentifier = "r.test"\n[executor]\nwarm = -1\n')
+    p = atrund("check-config", "-c", str(cfg))
+    assert p.returncode == 1 and "executor.warm" in p.stderr
+    assert atrund("check-config", "-c", str(ROOT / "config.toml.example")).returncode == 0
+
+
+def test_schema_exports_both_messages():
+    out = json.loads(atrund("schema").stdout)
+    assert {"ExecRequest", "ExecResponse"} <= set(out["$defs"])
+    assert "codePath" in out["$defs"]["ExecRequest"]["properties"]
+
+
+def _author_env(stack, account) -> dict:
+    return {"ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": account.handle, "ATRUND_PASSWORD": account.app_password,
+            "ATRUND_PLC_URL": stack.plc_url}
+
+
+async def test_publish_invoke_wait_and_get(stack, new_account, make_runner):
+    alice = new_account("cli")
+    runner = await make_runner(access={"allowlist": [alice.did]})
+    env = _author_env(stack, alice)
+    pub = atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", "--endpoints", "greet,divide", env=env)
+    assert pub.returncode == 0, pub.stderr
+    bundle = json.loads(pub.stdout)
+    assert bundle["uri"].startswith(f"at://{alice.did}/dev.atrun.bundle/")
+    # --wait blocks this process; the runner lives in the test's event loop, so run the CLI in a thread.
+    import asyncio
+
+    inv = await asyncio.to_thread(atrund, "invoke", bundle["uri"], "--runner", runner.did, "--endpoint", "greet",
+                                  "--args", '{"name": "cli"}', "--wait", "--wait-seconds", "60", env=env)
+    assert inv.returncode == 0, inv.stderr
+    out = json.loads(inv.stdout)
+    assert out["status"] == "success" and out["value"] == {"greeting": "hello, cli!"}
+    assert out["result"] == result_uri(runner.did, out["invocation"]["uri"])
+    got = atrund("result", "get", out["result"], "--plc-url", stack.plc_url)
+    assert got.returncode == 0 and json.loads(got.stdout)["value"] == {"greeting": "hello, cli!"}
+    uri = atrund("result", "uri", out["invocation"]["uri"], "--runner", runner.did)
+    assert uri.stdout.strip() == out["result"]
+    bad = await asyncio.to_thread(atrund, "invoke", bundle["uri"], "--runner", runner.did, "--endpoint", "divide",
+                                  "--args", '{"a": 1, "b": 0}', "--wait", env=env)
+    assert bad.returncode == 3 and json.loads(bad.stdout)["status"] == "error"
+
+
+def test_login_failure_is_one_clear_line(stack, new_account):
+    alice = new_account("cli")
+    env = {**_author_env(stack, alice), "ATRUND_PASSWORD": "wrong-wrong-wrong"}
+    p = atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", env=env)
+    assert p.returncode == 1 and "login to" in p.stderr and "Traceback" not in p.stderr
+
+
+def _worker_pid(marker: Path) -> int:
+    return int(marker.read_text().split()[1])
+
+
+def _dead(pid: int) -> bool:
+    for _ in range(50):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _serve(config: Path, log: Path) -> subprocess.Popen:
+    with open(log, "a") as out:
+        return subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+async def test_runner_killed_mid_run_never_runs_it_twice(stack, new_account, author, reader, tmp_path):
+    """SIGKILL `atrund serve` while a bundle runs: after restart the invocation gets an
+    "interrupted" error result and the bundle has started exactly once."""
+    import asyncio
+
+    runner = new_account("crash")
+    (tmp_path / "pw").write_text(runner.app_password)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n'
+        f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.account.did}"]\n'
+        f'[ingest]\npoll_interval = 0.2\n'
+    )
+    marker = tmp_path / "started.txt"
+    bundle = await author.publish(
+        f"import os, time\ndef main(args):\n    open({str(marker)!r}, 'a').write(f'started {{os.getpid()}}\\n')\n    time.sleep(30)\n"
+    )
+    log = tmp_path / "serve.log"
+    first = _serve(config, log)
+    try:
+        uri = await author.invoke(bundle, runner.did)
+        for _ in range(200):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert marker.exists(), log.read_text()
+        worker = _worker_pid(marker)
+    finally:
+        first.kill()  # SIGKILL: no chance to clean up
+        first.wait()
+    second = _serve(config, log)
+    try:
+        assert _dead(worker), "the worker outlived the runner"
+        value = await wait_result(reader, runner.did, uri)
+        assert value["status"] == "error" and value["error"].startswith("interrupted:")
+        time.sleep(1)
+        assert marker.read_text().count("started") == 1
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0, log.read_text()
