@@ -166,3 +166,34 @@ async def test_restart_runs_nothing_twice(author, make_runner, new_account, read
     assert (await wait_result(reader, second.did, during))["status"] == "success"
     await asyncio.sleep(1.0)  # a few more polls: nothing more may run
     assert counter.read_text().count("run") == 2
+
+
+async def test_result_write_survives_an_unreachable_pds(stack, author, make_runner, reader, tmp_path):
+    """Freeze the PDS (SIGSTOP) while the bundle runs: the result write times out, stays in the
+    outbox, and lands once the PDS is back. Nothing is lost and the bundle ran once."""
+    import os
+    import signal
+
+    marker = tmp_path / "ran"
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    bundle = await author.publish(
+        f"import time\ndef main(args):\n    open({str(marker)!r}, 'a').write('x')\n    time.sleep(1)\n    return {{'done': 1}}\n"
+    )
+    uri = await author.invoke(bundle, runner.did)
+    for _ in range(300):
+        if marker.exists():
+            break
+        await asyncio.sleep(0.05)
+    os.kill(stack.pid, signal.SIGSTOP)
+    try:
+        for _ in range(400):
+            row = runner.daemon.state.db.execute("SELECT attempts, last_error FROM outbox WHERE invocation_uri = ?", (uri,)).fetchone()
+            if row and row[0] >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert row and row[0] >= 1 and row[1], "the write should have failed while the PDS was frozen"
+    finally:
+        os.kill(stack.pid, signal.SIGCONT)
+    value = await wait_result(reader, runner.did, uri, timeout=90)
+    assert value["status"] == "success" and value["data"] == {"done": 1}
+    assert marker.read_text() == "x"
