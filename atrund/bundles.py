@@ -50,8 +50,10 @@ def _field_errors(err: ValidationError) -> str:
 
 
 class BundleStore:
-    def __init__(self, repos: Repos, cache_dir: Path, max_bytes: int) -> None:
+    def __init__(self, repos: Repos, cache_dir: Path, max_bytes: int, extensions: dict[str, str] | None = None) -> None:
         self.repos = repos
+        # Runtimes pick a module's kind by its file name (.ts, .mjs), so cached code carries the runtime's extension.
+        self.extensions = extensions or {}
         self.records_dir = cache_dir / "records"
         self.blobs_dir = cache_dir / "blobs"
         self.max_bytes = max_bytes
@@ -86,7 +88,7 @@ class BundleStore:
 
     async def _blob(self, did: str, record: Bundle) -> Path:
         cid = record.code.cid
-        path = self.blobs_dir / cid
+        path = self.blobs_dir / f"{cid}{self.extensions.get(record.runtime, '')}"
         if path.exists():
             return path
         if record.code.size > self.max_bytes:

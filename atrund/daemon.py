@@ -43,8 +43,9 @@ class Daemon:
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds)
         self.repos = Repos(self.identities)
         self.state = State(cfg.state.dir / "atrund.sqlite3")
-        self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes)
         self.executor: Executor = create_executor(cfg.executor, cfg.executor.isolation)
+        extensions = {name: rt.extension for name, rt in getattr(self.executor, "runtimes", {}).items()}
+        self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes, extensions)
         self.slots = asyncio.Semaphore(cfg.executor.concurrency)
         self.tasks: set[asyncio.Task] = set()
         self.session: Session | None = None

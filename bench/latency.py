@@ -49,6 +49,7 @@ import collections
 import ctypes
 import json
 import math
+import os
 import shutil
 import signal
 import sqlite3
@@ -150,6 +151,36 @@ def pct(values: Iterable[float], q: float) -> float | None:
 
 def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+class CpuMeter:
+    """CPU seconds used by named processes, by the children they reaped (``NAME children``) and
+    by the whole machine, from /proc: where the cores went, and whether anything else used them."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _process(self, pid: int) -> tuple[float, float]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return 0.0, 0.0
+        own, children = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])  # utime+stime, cutime+cstime
+        return own / self.tick, children / self.tick
+
+    def _machine(self) -> float:
+        try:
+            values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        return (sum(values) - values[3] - values[4]) / self.tick  # all but idle and iowait
+
+    def snapshot(self) -> dict[str, float]:
+        out = {"machine": self._machine()}
+        for name, pid in self.pids.items():
+            out[name], out[f"{name} children"] = self._process(pid)
+        return out
 
 
 # -- the runner subprocess ---------------------------------------------------------------
@@ -256,6 +287,8 @@ class Run:
     seen: dict[str, Sighting] = field(default_factory=dict)  # result rkey -> sighting (any result record)
     posting_done: bool = False
     post_seconds: float = 0.0
+    window_seconds: float = 0.0  # first post started -> watching ended
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used in that window, by whom
     watch_rounds: int = 0
     watch_requests: int = 0
     watch_round_seconds: list[float] = field(default_factory=list)
@@ -354,6 +387,8 @@ async def post_all(run: Run, session: Session, record_for: Callable[[int], dict[
 
 
 async def measure(opts: Options, stack: LocalStack, author: Account, runner: Account, runner_proc: RunnerProcess) -> Run:
+    assert runner_proc.proc is not None and stack.pid is not None
+    meter = CpuMeter({"runner": runner_proc.proc.pid, "stack": stack.pid, "bench": os.getpid()})
     session = await Session.login(stack.pds_url, author.handle, author.app_password)
     repos = Repos(Identities(stack.plc_url))
     try:
@@ -369,6 +404,7 @@ async def measure(opts: Options, stack: LocalStack, author: Account, runner: Acc
         warmup = await warm_up(session, repos, runner.did, record_for(-1), runner_proc)
         run = Run(warmup_latency=warmup, timeout=opts.timeout)
         watcher = watch_list if opts.watch == "list" else watch_get
+        cpu_before, window_start = meter.snapshot(), time.monotonic()
         watching = asyncio.create_task(watcher(run, repos, runner.did, opts.watch_interval))
         try:
             await post_all(run, session, record_for, opts)
@@ -380,6 +416,8 @@ async def measure(opts: Options, stack: LocalStack, author: Account, runner: Acc
                 raise RuntimeError(f"the runner exited with {runner_proc.exited()} during the run")
             await asyncio.wait({watching}, timeout=0.5)
         watching.result()
+        run.window_seconds = time.monotonic() - window_start
+        run.cpu = {k: v - cpu_before[k] for k, v in meter.snapshot().items()}
         return run
     finally:
         await repos.close()
@@ -496,6 +534,14 @@ def report(run: Run, opts: Options, stages: dict[str, list[float]], log_counts: 
           f"{log_counts.get('error', 0)} error lines" + "".join(f"\n    {v} x {k}" for k, v in sorted(notable.items())))
     if missing:
         print(f"  NO RESULT within {opts.timeout:g} s for {len(missing)} invocations, e.g. {run.uris[missing[0]]}")
+    if run.cpu:
+        c = run.cpu
+        ours = sum(v for k, v in c.items() if k != "machine")
+        print(f"  CPU seconds in the {run.window_seconds:.1f} s run ({os.cpu_count()} cores): runner {c['runner']:.1f}, "
+              f"its workers {c['runner children']:.1f}, PDS+PLC {c['stack'] + c['stack children']:.1f}, "
+              f"bench {c['bench'] + c['bench children']:.1f}, "
+              f"other processes {max(0.0, run.cpu['machine'] - ours):.1f}; machine busy "
+              f"{run.cpu['machine'] / (run.window_seconds * (os.cpu_count() or 1)):.0%}")
     print(f"  bench wall time: {elapsed:.1f} s")
 
     figures: dict[str, Any] = {
@@ -509,6 +555,7 @@ def report(run: Run, opts: Options, stages: dict[str, list[float]], log_counts: 
         "runner_metrics_p50_ms": {k: _r(pct(v, 50)) for k, v in metric.items()},
         "stages_p50_ms": {k: _r(pct(v, 50)) for k, v in stages.items()},
         "watch_resolution_ms": {"p50": _r(pct(resolution, 50)), "max": _r(max(resolution, default=None))},
+        "cpu_seconds": {k: round(v, 2) for k, v in run.cpu.items()}, "window_seconds": round(run.window_seconds, 2),
         "post_seconds": round(run.post_seconds, 3), "wall_seconds": round(elapsed, 1),
     }
     if opts.json_out:

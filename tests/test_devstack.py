@@ -78,6 +78,7 @@ def test_local_stack() -> None:
             f"?repo={alice.did}&collection=dev.atrun.test&rkey={rkey}"
         )
         assert fetched["value"]["text"] == "hello"
+        client.request.close()
 
         listening = _listening_addresses(stack.pid)
         ports = {int(url.rsplit(":", 1)[1]) for url in (stack.pds_url, stack.plc_url)}

