@@ -84,13 +84,17 @@ class BundlesSection(Section):
 
 
 class ExecutorSection(Section):
-    isolation: Literal["none"] = "none"
+    isolation: Literal["auto", "none", "process"] = "auto"
     warm: int = Field(default=2, ge=0, description="warm workers kept per runtime")
     concurrency: int = Field(default=4, ge=1)
     default_timeout: int = Field(default=30, ge=1)
     max_timeout: int = Field(default=300, ge=1)
     max_output_bytes: int = Field(default=65_536, ge=1024)
     memory_mb: int = Field(default=512, ge=16)
+    max_processes: int = Field(default=128, ge=8, description="RLIMIT_NPROC of a process-backend worker (threads count)")
+    sandbox_uid_base: int = Field(default=910_000, ge=1000, description="first uid of the process backend's workers")
+    sandbox_uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
+    work_dir: Path | None = Field(default=None, description="process backend: where workers' private /tmp live")
     runtimes_dir: Path = RUNTIMES_DIR
 
 

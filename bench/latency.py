@@ -20,19 +20,26 @@ Method
    creates, or paced at ``--rate`` per second. An invocation's *created* time is the moment its
    createRecord (applyWrites) call returned.
 5. Meanwhile a watcher looks for the results at their computed record keys
-   (``records.result_rkey``). Default ``--watch list``: com.atproto.repo.listRecords over the
-   runner's whole ``dev.atrun.result`` collection, 100 per page, a round every
-   ``--watch-interval``; this costs a page per 100 results per round, whatever N. ``--watch get``:
-   com.atproto.repo.getRecord on every result still missing, each round (N requests a round at
-   first, so its rounds are much longer). A result's *readable* time is when the response that
-   first contained it arrived; it became readable no earlier than the start of the previous
-   round, so ``readable - previous round start`` bounds the error and is printed ("watch
-   resolution").
-6. Print N, latency created -> readable (p50/p95/max), throughput over the whole run (N / (last
-   readable - first created)), result statuses, the runner's own metrics from the result records
-   (queuedMs, executionTimeMs, totalMs), and where the time went per stage, from the runner's
-   SQLite state (seen_at, started_at, finished_at, outbox written_at) joined with this process's
-   own timestamps: the runner is on this machine, so both use the same wall clock.
+   (``records.result_rkey``), as any AT client would. Default ``--watch list``:
+   com.atproto.repo.listRecords over the runner's whole ``dev.atrun.result`` collection, 100 a
+   page, a round every ``--watch-interval`` (a page per 100 results per round, whatever is still
+   missing). ``--watch get``: com.atproto.repo.getRecord on every result still missing, each round
+   (N requests a round while the backlog is long). The watcher decides when the run is over and
+   which invocations got no result.
+6. *Readable* time. A polling watcher sees a result up to a round late, and its rounds slow down
+   when the machine is busy (on 2 saturated cores a listRecords round takes 50-80 ms), so it is
+   not used alone. A result is readable at the latest when the runner's putRecord returned
+   (``outbox.written_at`` in the runner's SQLite state) or when the watcher saw it, whichever came
+   first; that is the *readable* time used for the headline figures. It is readable at the
+   earliest when the PDS began the commit that wrote it (``record.indexedAt`` in the reference
+   PDS's per-account SQLite store), which is printed too: the two bound the true value, typically
+   within 10-30 ms. The watcher's own view (and its lag behind the commit) is printed for
+   comparison. All these clocks are this machine's wall clock.
+7. Print N, latency created -> readable (p50/p95/max), throughput over the whole run (N / (last
+   readable - first created)), p50 / poll_interval, result statuses, the runner's own metrics from
+   the result records (queuedMs, executionTimeMs, totalMs), where the time went stage by stage
+   (the runner's seen_at, started_at, finished_at, written_at), runner log warnings, and the CPU
+   seconds used meanwhile by the runner, its workers, the PDS, this process and anything else.
 
 Exit status: 0 when every invocation has a success result whose data echoes its args; 2 when
 some invocation got no result within ``--timeout`` seconds of its creation; 3 when every one got a
@@ -59,6 +66,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +91,17 @@ EXIT_NO_RESULT = 2
 EXIT_NOT_SUCCESS = 3
 
 
+class BenchError(RuntimeError):
+    """The run could not be measured (the runner died or never served); said in one line."""
+
+
 @dataclass(frozen=True)
 class Options:
     n: int
     poll_interval: float
     warm: int
     concurrency: int
+    isolation: str | None
     burst: bool
     batch_size: int
     post_concurrency: int
@@ -110,6 +123,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     p.add_argument("--poll-interval", type=float, default=0.2, help="runner's [ingest] poll_interval, seconds")
     p.add_argument("--warm", type=int, default=2, help="runner's [executor] warm")
     p.add_argument("--concurrency", type=int, default=4, help="runner's [executor] concurrency")
+    p.add_argument("--isolation", default=None, help="runner's [executor] isolation (unset: the runner's default)")
     p.add_argument("--burst", action="store_true", help="post with com.atproto.repo.applyWrites, --batch-size per call")
     p.add_argument("--batch-size", type=int, default=50, help=f"creates per applyWrites with --burst (max {APPLY_WRITES_MAX})")
     p.add_argument("--post-concurrency", type=int, default=1, help="createRecord calls in flight (without --burst)")
@@ -127,7 +141,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         p.error(f"--batch-size must be between 1 and {APPLY_WRITES_MAX}")
     if a.poll_interval <= 0 or a.post_concurrency < 1 or a.concurrency < 1 or a.warm < 0 or a.rate < 0:
         p.error("--poll-interval must be > 0, --post-concurrency and --concurrency >= 1, --warm and --rate >= 0")
-    return Options(a.n, a.poll_interval, a.warm, a.concurrency, a.burst, a.batch_size, a.post_concurrency, a.rate,
+    return Options(a.n, a.poll_interval, a.warm, a.concurrency, a.isolation, a.burst, a.batch_size, a.post_concurrency, a.rate,
                    a.watch, a.watch_interval, a.timeout, a.keep, a.json_out)
 
 
@@ -251,17 +265,21 @@ class RunnerProcess:
 
 
 def write_config(directory: Path, stack: LocalStack, runner: Account, author: Account, opts: Options) -> Path:
+    """The runner's TOML configuration; its password file and state directory sit next to it."""
     (directory / "app-password").write_text(runner.app_password)
     (directory / "app-password").chmod(0o600)
+    executor = f"warm = {opts.warm}\nconcurrency = {opts.concurrency}\n"
+    if opts.isolation:
+        executor += f'isolation = "{opts.isolation}"\n'
     config = directory / "config.toml"
     config.write_text(
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "app-password"\n'
-        f'description = "atrund latency bench"\n\n'
+        'description = "atrund latency bench"\n\n'
         f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
         f'[access]\nmode = "allowlist"\nallowlist = ["{author.did}"]\n\n'
-        f'[ingest]\npoll_interval = {opts.poll_interval}\n\n'
-        f'[executor]\nwarm = {opts.warm}\nconcurrency = {opts.concurrency}\n\n'
-        f'[state]\ndir = "state"\n'
+        f"[ingest]\npoll_interval = {opts.poll_interval}\n\n"
+        f"[executor]\n{executor}\n"
+        '[state]\ndir = "state"\n'
     )
     return config
 
@@ -407,15 +425,18 @@ async def measure(opts: Options, stack: LocalStack, author: Account, runner: Acc
         cpu_before, window_start = meter.snapshot(), time.monotonic()
         watching = asyncio.create_task(watcher(run, repos, runner.did, opts.watch_interval))
         try:
-            await post_all(run, session, record_for, opts)
+            try:
+                await post_all(run, session, record_for, opts)
+            finally:
+                run.posting_done = True
+            while not watching.done():
+                if runner_proc.exited() is not None:
+                    raise BenchError(f"the runner exited with {runner_proc.exited()} during the run")
+                await asyncio.wait({watching}, timeout=0.5)
+            watching.result()
         finally:
-            run.posting_done = True
-        while not watching.done():
-            if runner_proc.exited() is not None:
-                watching.cancel()
-                raise RuntimeError(f"the runner exited with {runner_proc.exited()} during the run")
-            await asyncio.wait({watching}, timeout=0.5)
-        watching.result()
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         run.window_seconds = time.monotonic() - window_start
         run.cpu = {k: v - cpu_before[k] for k, v in meter.snapshot().items()}
         return run
@@ -431,19 +452,66 @@ async def warm_up(session: Session, repos: Repos, runner_did: str, record: dict[
     rkey = result_rkey(uri)
     while time.monotonic() - created < WARMUP_SECONDS:
         if runner_proc.exited() is not None:
-            raise RuntimeError(f"the runner exited with {runner_proc.exited()} before serving")
+            raise BenchError(f"the runner exited with {runner_proc.exited()} before serving")
         try:
             _, value = await repos.get_record(runner_did, RESULT, rkey)
         except NotFound:
             await asyncio.sleep(0.01)
             continue
         if value.get("status") != "success":
-            raise RuntimeError(f"the warm-up invocation ended {value.get('status')}: {value.get('error')}")
+            raise BenchError(f"the warm-up invocation ended {value.get('status')}: {value.get('error')}")
         return time.monotonic() - created
-    raise RuntimeError(f"the warm-up invocation got no result in {WARMUP_SECONDS:.0f} s")
+    raise BenchError(f"the warm-up invocation got no result in {WARMUP_SECONDS:.0f} s")
 
 
 # -- the report --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunnerTimes:
+    """One invocation's path through the runner, from its state DB (time.time() seconds)."""
+
+    seen_at: float  # stored by the poller
+    started_at: float  # claimed for execution (a concurrency slot was free)
+    finished_at: float  # result built and queued in the outbox
+    written_at: float  # putRecord of the result returned
+
+
+def runner_times(db_path: Path) -> dict[str, RunnerTimes]:
+    """Invocation URI -> its times, for the invocations whose result was written."""
+    if not db_path.exists():
+        return {}
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT i.uri, i.seen_at, i.started_at, i.finished_at, o.written_at "
+            "FROM invocations i JOIN outbox o ON o.invocation_uri = i.uri WHERE o.written_at IS NOT NULL"
+        ).fetchall()
+    finally:
+        db.close()
+    return {uri: RunnerTimes(*times) for uri, *times in rows if None not in times}
+
+
+def pds_commit_starts(stack_dir: Path, did: str) -> dict[str, float]:
+    """Record URI -> when the PDS began the commit that wrote it (epoch seconds, ms resolution).
+
+    Read from the reference PDS's own per-account SQLite store (``record.indexedAt``, stamped when
+    the write's transaction begins): a record is readable no earlier than this, and no later than
+    the write's response. Empty if the store is not there or not shaped like that.
+    """
+    out: dict[str, float] = {}
+    for path in stack_dir.glob(f"actors/*/{did}/store.sqlite"):
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT uri, indexedAt FROM record").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            continue
+        for uri, indexed_at in rows:
+            out[uri] = datetime.fromisoformat(indexed_at).timestamp()
+    return out
+
 
 STAGES = [
     ("ingest", "created -> stored by the poller (poll interval + listRecords)"),
@@ -454,107 +522,116 @@ STAGES = [
 ]
 
 
-def runner_stages(run: Run, db_path: Path) -> dict[str, list[float]]:
-    """Per-stage durations (seconds) from the runner's state, joined on the invocation URI."""
-    stages: dict[str, list[float]] = {name: [] for name, _ in STAGES}
-    if not db_path.exists():
-        return stages
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT i.uri, i.seen_at, i.started_at, i.finished_at, o.written_at "
-            "FROM invocations i LEFT JOIN outbox o ON o.invocation_uri = i.uri"
-        ).fetchall()
-    finally:
-        db.close()
-    by_uri = {uri: rkey for rkey, uri in run.uris.items()}
-    for uri, seen_at, started_at, finished_at, written_at in rows:
-        rkey = by_uri.get(uri)
-        if rkey is None or None in (seen_at, started_at, finished_at, written_at):
-            continue
-        stages["ingest"].append(seen_at - wall(run.created[rkey]))
-        stages["wait"].append(started_at - seen_at)
-        stages["run"].append(finished_at - started_at)
-        stages["outbox"].append(written_at - finished_at)
-        if rkey in run.seen:
-            stages["visible"].append(wall(run.seen[rkey].at) - written_at)
-    return stages
+def dist(values: list[float]) -> dict[str, int | None]:
+    return {"p50": _r(pct(values, 50)), "p95": _r(pct(values, 95)), "max": _r(max(values, default=None))}
 
 
-def report(run: Run, opts: Options, stages: dict[str, list[float]], log_counts: collections.Counter[str],
-           elapsed: float) -> tuple[dict[str, Any], int]:
+def row(values: list[float]) -> str:
+    d = dist(values)
+    return "  ".join(f"{k} {'-' if v is None else v}" for k, v in d.items())
+
+
+def report(run: Run, opts: Options, runner_did: str, times: dict[str, RunnerTimes], commits: dict[str, float],
+           log_counts: collections.Counter[str], elapsed: float) -> tuple[dict[str, Any], int]:
     """Print the figures; return them (for --json) and the exit status."""
     got = {rk: run.seen[rk] for rk in run.created if rk in run.seen}
-    latencies = [s.at - run.created[rk] for rk, s in got.items()]
     statuses = collections.Counter(s.value.get("status", "?") for s in got.values())
+    isolation = collections.Counter(str((s.value.get("metrics") or {}).get("isolation")) for s in got.values())
     wrong_data = sum(1 for rk, s in got.items() if s.value.get("status") == "success" and s.value.get("data") != run.args[rk])
     late = [rk for rk, s in got.items() if s.at - run.created[rk] > opts.timeout]
     missing = run.missing() + late  # no result within the timeout, whether it came later or never
-    span = (max(s.at for s in got.values()) - min(run.created.values())) if got else None
-    throughput = len(got) / span if span else None
-    metric = {key: [float(s.value.get("metrics", {}).get(key)) / 1000 for s in got.values()
-                    if isinstance(s.value.get("metrics", {}).get(key), int)]
-              for key in ("queuedMs", "executionTimeMs", "totalMs")}
+    metrics = {key: [v / 1000 for s in got.values() if isinstance(v := (s.value.get("metrics") or {}).get(key), int)]
+               for key in ("queuedMs", "executionTimeMs", "totalMs")}
+
+    # A result is readable once its putRecord has returned (or the watcher has seen it, if that
+    # came first), and not before the PDS began the commit that wrote it.
+    readable: dict[str, float] = {}  # rkey -> wall clock
+    stages: dict[str, list[float]] = {name: [] for name, _ in STAGES}
+    not_before: list[float] = []
+    watched: list[float] = []
+    lag: list[float] = []
+    for rk, sighting in got.items():
+        created, seen = wall(run.created[rk]), wall(sighting.at)
+        watched.append(seen - created)
+        readable[rk] = seen
+        t = times.get(run.uris[rk])
+        if t is not None:
+            readable[rk] = min(seen, t.written_at)
+            stages["ingest"].append(t.seen_at - created)
+            stages["wait"].append(t.started_at - t.seen_at)
+            stages["run"].append(t.finished_at - t.started_at)
+            stages["outbox"].append(t.written_at - t.finished_at)
+            stages["visible"].append(seen - t.written_at)
+        commit = commits.get(f"at://{runner_did}/{RESULT}/{rk}")
+        if commit is not None:
+            not_before.append(commit - created)
+            lag.append(seen - commit)
+    latencies = [readable[rk] - wall(run.created[rk]) for rk in readable]
+    span = (max(readable.values()) - wall(min(run.created.values()))) if readable else None
+    throughput = len(readable) / span if span else None
+
     p50 = pct(latencies, 50)
-    resolution = [s.resolution for s in got.values()]
-    posting = (f"applyWrites x{opts.batch_size}" if opts.burst else f"createRecord, {opts.post_concurrency} in flight")
+    posting = f"applyWrites x{opts.batch_size}" if opts.burst else f"createRecord, {opts.post_concurrency} in flight"
     if opts.rate:
         posting += f", paced at {opts.rate:g}/s"
-    watch = "listRecords (whole collection)" if opts.watch == "list" else "getRecord per missing result"
+    watch = "listRecords over the result collection" if opts.watch == "list" else "getRecord per missing result"
 
     print()
     print(f"atrund latency bench: N={opts.n}, poll_interval={opts.poll_interval:g} s, warm={opts.warm}, "
-          f"concurrency={opts.concurrency}; posting: {posting}; watching: {watch} every {opts.watch_interval * 1000:g} ms")
+          f"concurrency={opts.concurrency}, isolation={'/'.join(isolation) or opts.isolation or '?'}; posting: {posting}; watching: {watch} every {opts.watch_interval * 1000:g} ms")
     print(f"  warm-up invocation (not counted): {ms(run.warmup_latency)} ms")
     print(f"  posted {len(run.created)} invocations in {run.post_seconds:.2f} s "
           f"({len(run.created) / run.post_seconds:.1f}/s accepted by the PDS)")
     print(f"  results readable: {len(got)}/{len(run.created)}; statuses: "
           + (", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "none")
           + (f"; {wrong_data} success results did not echo their args" if wrong_data else ""))
-    print(f"  latency created -> readable (ms): p50 {ms(p50)}  p95 {ms(pct(latencies, 95))}  "
-          f"max {ms(max(latencies, default=None))}  min {ms(min(latencies, default=None))}")
-    if throughput is not None:
+    print(f"  latency created -> readable (ms): {row(latencies)}  min {_r(min(latencies, default=None))}")
+    print("    (readable: when the runner's putRecord returned, or when the watcher saw it if that was sooner)")
+    print(f"    lower bound, created -> the PDS began that commit:  {row(not_before)}")
+    print(f"    as the polling watcher saw it:                      {row(watched)}")
+    if throughput is not None and span is not None:
         print(f"  throughput: {throughput:.1f} invocations/s (first created -> last readable: {span:.2f} s)")
     if p50 is not None:
         print(f"  p50 / poll_interval: {p50 / opts.poll_interval:.1f}")
-    print("  runner metrics from the result records (ms):   p50    p95    max")
-    for key, values in metric.items():
-        print(f"    {key:<17}{'':26}{ms(pct(values, 50)):>6} {ms(pct(values, 95)):>6} {ms(max(values, default=None)):>6}")
-    print("  where the time goes, from the runner's state DB (ms):")
-    print(f"    {'stage':<8}{'p50':>7}{'p95':>7}{'max':>7}  what")
+    print("  runner metrics from the result records (ms):")
+    for key, values in metrics.items():
+        print(f"    {key:<16}{row(values)}")
+    print("  where the time goes (runner state DB joined with the bench's clock; ms):")
     for name, what in STAGES:
-        values = stages.get(name, [])
-        print(f"    {name:<8}{ms(pct(values, 50)):>7}{ms(pct(values, 95)):>7}{ms(max(values, default=None)):>7}  {what}")
-    rounds = run.watch_round_seconds
-    print(f"  watch resolution (readable - previous round start, ms): p50 {ms(pct(resolution, 50))}  "
-          f"max {ms(max(resolution, default=None))}; {run.watch_rounds} rounds, {run.watch_requests} requests, "
-          f"round p50 {ms(pct(rounds, 50))} ms")
-    notable = {k: v for k, v in log_counts.items() if ":" in k}
+        print(f"    {name:<8}{row(stages[name]):<32}{what}")
+    resolution = [s.resolution for s in got.values()]
+    print(f"  watcher: {run.watch_rounds} rounds, {run.watch_requests} requests, round p50 "
+          f"{ms(pct(run.watch_round_seconds, 50))} ms; sighting - commit start (ms): {row(lag)}; "
+          f"sighting - previous round start (ms): {row(resolution)}")
+    notable = sorted((k, v) for k, v in log_counts.items() if ":" in k)
     print(f"  runner log: {log_counts.get('info', 0)} info, {log_counts.get('warning', 0)} warning, "
-          f"{log_counts.get('error', 0)} error lines" + "".join(f"\n    {v} x {k}" for k, v in sorted(notable.items())))
-    if missing:
-        print(f"  NO RESULT within {opts.timeout:g} s for {len(missing)} invocations, e.g. {run.uris[missing[0]]}")
+          f"{log_counts.get('error', 0)} error lines" + "".join(f"\n    {v} x {k}" for k, v in notable))
     if run.cpu:
         c = run.cpu
         ours = sum(v for k, v in c.items() if k != "machine")
         print(f"  CPU seconds in the {run.window_seconds:.1f} s run ({os.cpu_count()} cores): runner {c['runner']:.1f}, "
               f"its workers {c['runner children']:.1f}, PDS+PLC {c['stack'] + c['stack children']:.1f}, "
-              f"bench {c['bench'] + c['bench children']:.1f}, "
-              f"other processes {max(0.0, run.cpu['machine'] - ours):.1f}; machine busy "
-              f"{run.cpu['machine'] / (run.window_seconds * (os.cpu_count() or 1)):.0%}")
+              f"bench {c['bench'] + c['bench children']:.1f}, everything else {max(0.0, c['machine'] - ours):.1f} "
+              f"(other sessions; sandboxed workers that end up re-parented to init); "
+              f"machine busy {c['machine'] / (run.window_seconds * (os.cpu_count() or 1)):.0%}")
+    if missing:
+        print(f"  NO RESULT within {opts.timeout:g} s for {len(missing)} invocations, e.g. {run.uris[missing[0]]}")
     print(f"  bench wall time: {elapsed:.1f} s")
 
     figures: dict[str, Any] = {
         "n": opts.n, "poll_interval_s": opts.poll_interval, "warm": opts.warm, "concurrency": opts.concurrency,
+        "isolation": sorted(isolation),
         "burst": opts.burst, "batch_size": opts.batch_size if opts.burst else None, "rate": opts.rate or None,
-        "watch": opts.watch, "results": len(got), "missing": len(missing), "statuses": dict(statuses),
-        "wrong_data": wrong_data, "warmup_ms": round(run.warmup_latency * 1000),
-        "latency_ms": {"p50": _r(p50), "p95": _r(pct(latencies, 95)), "max": _r(max(latencies, default=None))},
+        "post_concurrency": opts.post_concurrency, "watch": opts.watch, "results": len(got), "missing": len(missing),
+        "statuses": dict(statuses), "wrong_data": wrong_data, "warmup_ms": _r(run.warmup_latency),
+        "latency_ms": dist(latencies), "latency_to_commit_start_ms": dist(not_before),
+        "latency_watched_ms": dist(watched),
         "throughput_per_s": round(throughput, 2) if throughput else None,
         "p50_over_poll_interval": round(p50 / opts.poll_interval, 2) if p50 is not None else None,
-        "runner_metrics_p50_ms": {k: _r(pct(v, 50)) for k, v in metric.items()},
-        "stages_p50_ms": {k: _r(pct(v, 50)) for k, v in stages.items()},
-        "watch_resolution_ms": {"p50": _r(pct(resolution, 50)), "max": _r(max(resolution, default=None))},
+        "runner_metrics_ms": {k: dist(v) for k, v in metrics.items()},
+        "stages_ms": {k: dist(v) for k, v in stages.items()},
+        "watcher": {"rounds": run.watch_rounds, "requests": run.watch_requests, "lag_behind_commit_ms": dist(lag),
+                  "resolution_ms": dist(resolution)},
         "cpu_seconds": {k: round(v, 2) for k, v in run.cpu.items()}, "window_seconds": round(run.window_seconds, 2),
         "post_seconds": round(run.post_seconds, 3), "wall_seconds": round(elapsed, 1),
     }
@@ -575,7 +652,10 @@ def _r(seconds: float | None) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    # Ctrl-C and SIGTERM both raise KeyboardInterrupt, so the finally blocks stop what was started
+    # (SIGINT explicitly too: a shell starting us in the background would have it ignored).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="atrund-bench-"))
     keep = opts.keep
@@ -590,17 +670,21 @@ def main(argv: list[str] | None = None) -> int:
             runner_proc.start()
             try:
                 run = asyncio.run(measure(opts, stack, author, runner, runner_proc))
-            except BaseException:
+            except Exception:
                 print(f"runner log tail:\n{runner_proc.log_tail()}", file=sys.stderr)
                 keep = True
                 raise
             finally:
                 runner_proc.stop()  # drains and flushes; its state DB is then complete
-            stages = runner_stages(run, tmp / "state" / "atrund.sqlite3")
-            _, status = report(run, opts, stages, runner_proc.log_counts(), time.monotonic() - started)
+            times = runner_times(tmp / "state" / "atrund.sqlite3")
+            commits = pds_commit_starts(tmp / "stack", runner.did)
+            _, status = report(run, opts, runner.did, times, commits, runner_proc.log_counts(), time.monotonic() - started)
             if status:
                 keep = True
             return status
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; stopped the runner and the stack", file=sys.stderr)
         return 130

@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_minimal_config_gets_documented_defaults(tmp_path):
     cfg = config.load(write(tmp_path, MINIMAL))
     assert cfg.access.mode == "allowlist" and cfg.access.allowlist == []
-    assert cfg.executor.isolation == "none" and cfg.executor.default_timeout == 30 and cfg.executor.max_timeout == 300
+    assert cfg.executor.isolation == "auto" and cfg.executor.default_timeout == 30 and cfg.executor.max_timeout == 300
     assert cfg.ingest.poll_interval == 2.0
     assert cfg.state.dir == tmp_path / "atrund-state"  # relative to the config file
 

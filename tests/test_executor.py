@@ -4,6 +4,7 @@ Each bundle below is a small program that misbehaves in one way; the comment say
 """
 
 import asyncio
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -14,14 +15,20 @@ from atrund.config import ExecutorSection
 from atrund.execute import ExecRequest, ExecutorError, create_executor
 
 
+@pytest.fixture(params=["none", "process"])
+def isolation(request) -> str:
+    """Every test here runs on both backends: the contract is the same."""
+    return request.param
+
+
 def bundle(tmp_path: Path, source: str) -> str:
     path = tmp_path / "bundle.py"
     path.write_text(textwrap.dedent(source))
     return str(path)
 
 
-async def run(tmp_path, source, endpoint="main", args=None, timeout=10, **settings):
-    executor = create_executor(ExecutorSection(warm=0, **settings))
+async def run(tmp_path, source, endpoint="main", args=None, timeout=10, isolation="none", **settings):
+    executor = create_executor(ExecutorSection(warm=0, isolation=isolation, **settings))
     try:
         req = ExecRequest(code_path=bundle(tmp_path, source), endpoint=endpoint, args=args or {}, timeout=timeout)
         return await executor.execute(req, "python")
@@ -37,8 +44,8 @@ def gone(pid: int) -> bool:
         return True
 
 
-async def test_return_value_survives_prints_on_stdout_and_stderr(tmp_path):
-    r = await run(tmp_path, """
+async def test_return_value_survives_prints_on_stdout_and_stderr(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="""
         import sys
         print("import-time noise")
         def main(args):
@@ -50,8 +57,8 @@ async def test_return_value_survives_prints_on_stdout_and_stderr(tmp_path):
     assert r.metrics.execution_time_ms is not None
 
 
-async def test_async_endpoint_is_awaited(tmp_path):
-    r = await run(tmp_path, """
+async def test_async_endpoint_is_awaited(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="""
         import asyncio
         async def main(args):
             await asyncio.sleep(0.01)
@@ -60,8 +67,8 @@ async def test_async_endpoint_is_awaited(tmp_path):
     assert r.success and r.data == [1, 2, 3]
 
 
-async def test_exception_reports_type_message_and_line(tmp_path):
-    r = await run(tmp_path, """
+async def test_exception_reports_type_message_and_line(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="""
         def main(args):
             return {}["missing"]
     """)
@@ -69,52 +76,78 @@ async def test_exception_reports_type_message_and_line(tmp_path):
     assert r.error == "KeyError: 'missing' (line 3)"
 
 
-async def test_unknown_endpoint_names_what_exists(tmp_path):
-    r = await run(tmp_path, "def a(args): pass\ndef _private(args): pass\nimport os\n", endpoint="b")
+async def test_unknown_endpoint_names_what_exists(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="def a(args): pass\ndef _private(args): pass\nimport os\n", endpoint="b")
     assert r.error == "unknown endpoint 'b': the bundle defines a"
 
 
-async def test_syntax_error(tmp_path):
-    r = await run(tmp_path, "def main(args):\n  return (\n")
+async def test_syntax_error(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="def main(args):\n  return (\n")
     assert not r.success and r.error_type == "SyntaxError" and "does not compile" in r.error
 
 
-async def test_sys_exit_at_import_is_an_error_not_a_crash(tmp_path):
+async def test_sys_exit_at_import_is_an_error_not_a_crash(isolation, tmp_path):
     # The bundle tries to end the worker before the endpoint is even looked up.
-    r = await run(tmp_path, "import sys\nsys.exit(7)\n")
+    r = await run(tmp_path, isolation=isolation, source="import sys\nsys.exit(7)\n")
     assert r.error == "bundle failed while loading: SystemExit: 7"
 
 
-async def test_timeout_kills_the_whole_process_group(tmp_path):
-    # The bundle starts a long-lived child and then hangs; both must die at the deadline.
-    pidfile = tmp_path / "child.pid"
+async def test_timeout_kills_everything_the_bundle_started(isolation, tmp_path):
+    # The bundle starts a long-lived child and a double-forked, setsid daemon, then hangs:
+    # all must die at the deadline. (The daemon escapes a process-group kill: see the none case.)
+    tag = f"{1000 + os.getpid() % 1000}.{time.monotonic_ns() % 10**6}"
     started = time.monotonic()
-    r = await run(tmp_path, f"""
-        import subprocess, time
+    r = await run(tmp_path, isolation=isolation, source=f"""
+        import os, subprocess, time
         def main(args):
-            child = subprocess.Popen(["sleep", "1000"])
-            open({str(pidfile)!r}, "w").write(str(child.pid))
+            subprocess.Popen(["sleep", "{tag}"])
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    os.execvp("sleep", ["sleep", "{tag}1"])
+                os._exit(0)
             time.sleep(1000)
     """, timeout=2)
     assert r.timed_out and r.error_type == "Timeout" and r.error == "timed out after 2 s"
     assert time.monotonic() - started < 10
-    pid = int(pidfile.read_text())
-    for _ in range(50):
-        if gone(pid):
-            break
+    child, daemon = await _survivors(tag), await _survivors(tag + "1")
+    assert child == [], "the bundle's child outlived the timeout"
+    if isolation == "none":
+        # Not contained by none: a setsid'd grandchild leaves the process group. Documented.
+        assert daemon, "expected the none backend to miss the setsid daemon"
+        for pid in daemon:
+            os.kill(pid, 9)
+    else:
+        assert daemon == [], "the process backend's PID namespace must take the daemon down too"
+
+
+async def _survivors(tag: str) -> list[int]:
+    """Host PIDs of live processes whose command line is exactly `sleep TAG` (after a grace period)."""
+    for _ in range(30):
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if f.read().split(b"\0")[:2] == [b"sleep", tag.encode()] and not gone(int(entry)):
+                            found.append(int(entry))
+                except OSError:
+                    pass
+        if not found:
+            return []
         await asyncio.sleep(0.1)
-    assert gone(pid), "the bundle's child outlived the timeout"
+    return found
 
 
-async def test_busy_loop_is_killed_at_the_deadline(tmp_path):
+async def test_busy_loop_is_killed_at_the_deadline(isolation, tmp_path):
     # Pure CPU, never yields to anything the runtime could check.
-    r = await run(tmp_path, "def main(args):\n    while True: pass\n", timeout=1)
+    r = await run(tmp_path, isolation=isolation, source="def main(args):\n    while True: pass\n", timeout=1)
     assert r.timed_out
 
 
-async def test_crash_before_answering_is_explained(tmp_path):
+async def test_crash_before_answering_is_explained(isolation, tmp_path):
     # The bundle kills its own interpreter: no answer ever comes.
-    r = await run(tmp_path, """
+    r = await run(tmp_path, isolation=isolation, source="""
         import os, signal, sys
         def main(args):
             sys.stderr.write("about to die\\n"); sys.stderr.flush()
@@ -125,9 +158,9 @@ async def test_crash_before_answering_is_explained(tmp_path):
     assert "about to die" in r.error
 
 
-async def test_forged_protocol_line_is_a_protocol_error(tmp_path):
+async def test_forged_protocol_line_is_a_protocol_error(isolation, tmp_path):
     # The bundle finds the protocol descriptor and writes garbage on it before answering.
-    r = await run(tmp_path, """
+    r = await run(tmp_path, isolation=isolation, source="""
         import os
         def main(args):
             for fd in range(3, 10):
@@ -138,45 +171,45 @@ async def test_forged_protocol_line_is_a_protocol_error(tmp_path):
     assert not r.success and r.error_type == "ProtocolError"
 
 
-async def test_answer_larger_than_the_limit(tmp_path):
-    r = await run(tmp_path, "def main(args):\n    return 'x' * 200_000\n", max_output_bytes=65536)
+async def test_answer_larger_than_the_limit(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="def main(args):\n    return 'x' * 200_000\n", max_output_bytes=65536)
     assert r.error_type == "OutputTooLarge" and "65536" in r.error
 
 
-async def test_unserializable_return_value(tmp_path):
-    r = await run(tmp_path, "def main(args):\n    return {1, 2}\n")
+async def test_unserializable_return_value(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="def main(args):\n    return {1, 2}\n")
     assert not r.success and r.error.startswith("return value is not JSON")
 
 
-async def test_nan_is_not_json(tmp_path):
-    r = await run(tmp_path, "def main(args):\n    return float('nan')\n")
+async def test_nan_is_not_json(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="def main(args):\n    return float('nan')\n")
     assert not r.success and "not JSON" in r.error
 
 
-async def test_memory_limit(tmp_path):
+async def test_memory_limit(isolation, tmp_path):
     # Allocates 2 GiB; RLIMIT_DATA (set from outside with prlimit) stops it.
-    r = await run(tmp_path, "def main(args):\n    return len(bytearray(2 * 1024**3))\n", memory_mb=256)
+    r = await run(tmp_path, isolation=isolation, source="def main(args):\n    return len(bytearray(2 * 1024**3))\n", memory_mb=256)
     assert not r.success and r.error_type == "MemoryError"
 
 
-async def test_environment_is_clean(tmp_path, monkeypatch):
+async def test_environment_is_clean(isolation, tmp_path, monkeypatch):
     monkeypatch.setenv("ATRUND_APP_PASSWORD", "runner-secret")
-    r = await run(tmp_path, "import os\ndef main(args):\n    return dict(os.environ)\n")
+    r = await run(tmp_path, isolation=isolation, source="import os\ndef main(args):\n    return dict(os.environ)\n")
     assert r.success and r.data == {}
 
 
-async def test_unknown_runtime_is_a_failed_response(tmp_path):
-    executor = create_executor(ExecutorSection(warm=0))
+async def test_unknown_runtime_is_a_failed_response(isolation, tmp_path):
+    executor = create_executor(ExecutorSection(warm=0, isolation=isolation))
     r = await executor.execute(ExecRequest(code_path="/nonexistent", endpoint="x"), "cobol")
     assert not r.success and r.error_type == "UnknownRuntime" and "python" in r.error
     await executor.shutdown()
 
 
-async def test_warm_pool_refills_and_shutdown_leaves_no_process(tmp_path):
-    executor = create_executor(ExecutorSection(warm=2))
+async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_path):
+    executor = create_executor(ExecutorSection(warm=2, isolation=isolation))
     await executor.warm(2)
     warm_pids = [w.process.pid for w in executor._warm["python"]]
-    assert executor.stats().warm == {"python": 2}
+    assert executor.stats().warm["python"] == 2
     r = await executor.execute(ExecRequest(code_path=bundle(tmp_path, "def main(a): return 1"), endpoint="main"), "python")
     assert r.success and r.data == 1
     for _ in range(50):
@@ -184,7 +217,7 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(tmp_path):
             break
         await asyncio.sleep(0.05)
     stats = executor.stats()
-    assert stats.warm == {"python": 2} and stats.completed == 1 and stats.cold_starts == 0
+    assert stats.warm["python"] == 2 and stats.completed == 1 and stats.cold_starts == 0
     pids = warm_pids + [w.process.pid for w in executor._warm["python"]]
     await executor.shutdown()
     assert all(gone(p) for p in pids)
@@ -192,11 +225,11 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(tmp_path):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
 
 
-async def test_missing_runtime_program_raises(tmp_path):
+async def test_missing_runtime_program_raises(isolation, tmp_path):
     rdir = tmp_path / "runtimes" / "python"
     rdir.mkdir(parents=True)
     (rdir / "runtime.json").write_text('{"name": "python", "command": ["/nonexistent/at-run-exec"]}')
-    executor = create_executor(ExecutorSection(warm=0, runtimes_dir=tmp_path / "runtimes"))
+    executor = create_executor(ExecutorSection(warm=0, isolation=isolation, runtimes_dir=tmp_path / "runtimes"))
     with pytest.raises(ExecutorError, match="cannot start python worker"):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
     await executor.shutdown()

@@ -6,11 +6,27 @@ from atrund.execute.protocol import ExecRequest, ExecResponse
 __all__ = ["Executor", "ExecutorError", "PoolStats", "ExecRequest", "ExecResponse", "create_executor"]
 
 
-def create_executor(settings, isolation: str = "none") -> Executor:
-    """The executor for an isolation level (only ``none`` exists so far)."""
+BACKENDS = ("process", "none")  # strongest first: what "auto" tries, in order
+
+
+def create_backend(isolation: str, settings):
     from atrund.execute.direct import DirectBackend
+    from atrund.execute.process import ProcessBackend
+
+    if isolation == "none":
+        return DirectBackend()
+    if isolation == "process":
+        return ProcessBackend(settings)
+    raise ExecutorError(f"isolation {isolation!r} is not available in this build (available: {', '.join(BACKENDS)}, auto)")
+
+
+def create_executor(settings, isolation: str | None = None) -> Executor:
+    """The executor for an isolation level; ``auto`` probes for the strongest that works here."""
     from atrund.execute.pool import WorkerPool
 
-    if isolation != "none":
-        raise ExecutorError(f"isolation {isolation!r} is not available in this build (available: none)")
-    return WorkerPool(DirectBackend(), settings)
+    isolation = isolation or settings.isolation
+    if isolation == "auto":
+        from atrund.execute.probe import choose
+
+        isolation = choose(settings)
+    return WorkerPool(create_backend(isolation, settings), settings)

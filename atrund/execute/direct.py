@@ -19,6 +19,7 @@ from pathlib import Path
 
 from atrund.execute.base import ExecutorError
 from atrund.execute.pool import Backend, Worker
+from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -26,6 +27,7 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 # sets the parent-death signal before exec'ing the runtime. Processes the bundle itself
 # starts are not covered; containing those is the job of the stronger backends.
 SETPRIV = shutil.which("setpriv")
+KILL_WAIT = 2.0  # seconds to wait for a killed worker's pipes to close
 
 
 class DirectWorker(Worker):
@@ -38,12 +40,28 @@ class DirectWorker(Worker):
     def exited(self) -> int | None:
         return self.process.returncode
 
-    async def kill(self) -> None:
+    async def wait_exit(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _kill_all(self) -> None:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        await self.process.wait()
+
+    async def kill(self) -> None:
+        self._kill_all()
+        try:
+            await asyncio.wait_for(self.process.wait(), KILL_WAIT)
+        except asyncio.TimeoutError:
+            # The worker is dead but something that left its process group (a setsid'd
+            # daemon) still holds the pipes open, and asyncio's wait() waits for them too.
+            # Close our ends; the process is reaped all the same.
+            self.process._transport.close()  # noqa: SLF001 - the only way to drop the pipes
+            await self.process.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -59,31 +77,39 @@ def _limits(settings) -> list[tuple[int, int]]:
     ]
 
 
+def check_program(runtime: Runtime) -> None:
+    program = runtime.command[0]
+    if not (shutil.which(program) or os.access(program, os.X_OK)):
+        raise ExecutorError(f"cannot start {runtime.name} worker: {program} is not an executable program")
+
+
+async def spawn_process(command: list[str], name: str, workdir: Path, settings) -> asyncio.subprocess.Process:
+    """Start a worker process in its own session (so its whole group can be killed), with pipes."""
+    env = {"PATH": SAFE_PATH, "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
+    try:
+        return await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+            limit=settings.max_output_bytes + 4096,
+        )
+    except OSError as e:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise ExecutorError(f"cannot start {name} worker {command[0]}: {e.strerror}") from e
+
+
 class DirectBackend(Backend):
     isolation = "none"
 
-    async def spawn(self, runtime: Runtime, settings) -> Worker:
-        program = runtime.command[0]
-        if not (shutil.which(program) or os.access(program, os.X_OK)):
-            raise ExecutorError(f"cannot start {runtime.name} worker: {program} is not an executable program")
+    async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
+        check_program(runtime)
         workdir = Path(tempfile.mkdtemp(prefix=f"atrund-{runtime.name}-"))
-        env = {"PATH": SAFE_PATH, "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
-        try:
-            prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
-            process = await asyncio.create_subprocess_exec(
-                *prefix,
-                *runtime.command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=workdir,
-                env=env,
-                start_new_session=True,
-                limit=settings.max_output_bytes + 4096,
-            )
-        except OSError as e:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise ExecutorError(f"cannot start {runtime.name} worker {runtime.command[0]}: {e.strerror}") from e
+        prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
+        process = await spawn_process([*prefix, *runtime.command], runtime.name, workdir, settings)
         worker = DirectWorker(process, workdir)
         try:
             for res, value in _limits(settings):

@@ -23,13 +23,16 @@ import structlog
 from pydantic import ValidationError
 
 from atrund.execute.base import Executor, ExecutorError, PoolStats
-from atrund.execute.protocol import ExecRequest, ExecResponse, parse_ready
+from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_ready
+
+NO_PERMISSIONS = ExecPermissions()
 from atrund.execute.runtimes import Runtime, load_runtimes
 
 log = structlog.get_logger("atrund.execute")
 
 READY_TIMEOUT = 15.0  # seconds a new worker may take to announce it is ready
 STDERR_TAIL = 4096  # bytes of the bundle's own output kept for error messages
+EXIT_GRACE = 0.5  # seconds a worker that closed its output gets to exit before it is killed
 
 
 class Worker(ABC):
@@ -39,9 +42,17 @@ class Worker(ABC):
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
 
+    def stage(self, code_path: str) -> str:
+        """Make the bundle file reachable by the worker; returns the path the worker sees."""
+        return code_path
+
     @abstractmethod
     def exited(self) -> int | None:
         """The exit code if the worker is gone, else None."""
+
+    @abstractmethod
+    async def wait_exit(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the worker to exit on its own."""
 
     @abstractmethod
     async def kill(self) -> None:
@@ -52,7 +63,8 @@ class Backend(ABC):
     isolation: str
 
     @abstractmethod
-    async def spawn(self, runtime: Runtime, limits) -> Worker: ...
+    async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
+        """Start an at-run-exec worker whose fence grants ``permissions`` (and nothing else)."""
 
     async def close(self) -> None:
         return None
@@ -133,8 +145,8 @@ class WorkerPool(Executor):
 
     # -- one request ---------------------------------------------------------------------
 
-    async def _start(self, runtime: Runtime) -> Worker:
-        worker = await self.backend.spawn(runtime, self.settings)
+    async def _start(self, runtime: Runtime, permissions: ExecPermissions = NO_PERMISSIONS) -> Worker:
+        worker = await self.backend.spawn(runtime, self.settings, permissions)
         try:
             line = await asyncio.wait_for(worker.stdout.readline(), READY_TIMEOUT)
         except (asyncio.TimeoutError, ValueError):
@@ -145,7 +157,12 @@ class WorkerPool(Executor):
             raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}")
         return worker
 
-    async def _take(self, runtime: Runtime) -> Worker:
+    async def _take(self, runtime: Runtime, permissions: ExecPermissions) -> Worker:
+        """A warm worker if the request needs no more than the default fence, else a new one."""
+        fenced = ExecPermissions(net=permissions.net, read=permissions.read, write=permissions.write)
+        if fenced != NO_PERMISSIONS:
+            self._counts["cold"] += 1
+            return await self._start(runtime, fenced)
         queue = self._warm[runtime.name]
         while queue:
             worker = queue.popleft()
@@ -166,7 +183,7 @@ class WorkerPool(Executor):
         self._idle.clear()
         started = time.monotonic()
         try:
-            worker = await self._take(rt)
+            worker = await self._take(rt, request.permissions)
             try:
                 response = await self._run(worker, request)
             finally:
@@ -183,6 +200,7 @@ class WorkerPool(Executor):
 
     async def _run(self, worker: Worker, request: ExecRequest) -> ExecResponse:
         stderr_tail = asyncio.create_task(_tail(worker.stderr))
+        request = request.model_copy(update={"code_path": worker.stage(request.code_path)})
         try:
             worker.stdin.write(request.to_json().encode() + b"\n")
             await worker.stdin.drain()
@@ -198,6 +216,7 @@ class WorkerPool(Executor):
             stderr_tail.cancel()
             return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge")
         if not line:
+            await worker.wait_exit(EXIT_GRACE)  # read its exit status before we kill it ourselves
             await worker.kill()  # closes the bundle's stderr too, so the tail below ends
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stderr_tail), 1)
@@ -216,11 +235,18 @@ def _exit_description(code: int | None) -> str:
     if code is None:
         return "closed its output"
     if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
+        return f"was killed by {_signal_name(-code)}"
+    if code > 128 and _signal_name(code - 128, None):
+        # A sandboxed runtime is not our child: its init passes a fatal signal on as 128 + n.
+        return f"was killed by {_signal_name(code - 128)}"
     return f"exited with code {code}"
+
+
+def _signal_name(number: int, default: str | None = "") -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}" if default == "" else default
 
 
 def _fail(message: str, error_type: str, timed_out: bool | None = None, elapsed_s: int | None = None) -> ExecResponse:

@@ -47,7 +47,12 @@ def _node() -> str:
     return str(bundled) if bundled.exists() else (shutil.which("node") or "node")
 
 
-PLACEHOLDERS = {"{python}": lambda: sys.executable, "{deno}": _deno, "{node}": _node}
+def _python() -> str:
+    """The system's python3 (readable by the process backend's unprivileged workers), else ours."""
+    return "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+PLACEHOLDERS = {"{python}": _python, "{deno}": _deno, "{node}": _node}
 
 
 def _expand(word: str, rdir: Path) -> str:

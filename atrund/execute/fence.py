@@ -1,0 +1,158 @@
+"""The fence of the ``process`` backend: applied to a worker before the runtime is exec'd.
+
+Runs as root inside fresh mount, PID, IPC, UTS (and, when no network is granted, network)
+namespaces made by ``unshare``, and then, in this order, before any bundle code exists in the
+process:
+
+1. makes every mount private and binds the worker's own directory on /tmp (the only place
+   it may write unless more is granted);
+2. sets hard resource limits (memory, CPU, file size, open files, processes, no core dumps);
+3. sets no_new_privs, drops every group and switches to the worker's own unprivileged uid
+   (one uid per worker: workers cannot signal or ptrace each other, and RLIMIT_NPROC counts
+   one worker's processes only);
+4. restricts itself with Landlock: read/execute only the runtime and system library paths,
+   read the granted paths, write /tmp and the granted paths, TCP connect only to granted
+   ports and never bind, no signals or abstract unix sockets beyond its own domain;
+5. forks: the child execs the runtime with a clean environment, and this process stays as the
+   namespace's init (reaping orphans, passing on the runtime's exit status).
+
+None of this can be undone by the bundle: hard limits cannot be raised without privilege,
+the uid change is permanent, and Landlock domains only ever get stricter.
+
+Standalone on purpose (stdlib only, run with ``python3 -I -S``): it must not import the
+runner's package or see its environment. Usage: fence.py SPEC_JSON
+"""
+
+import ctypes
+import json
+import os
+import resource
+import stat
+import sys
+
+SYS_landlock_create_ruleset = 444
+SYS_landlock_add_rule = 445
+SYS_landlock_restrict_self = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+LANDLOCK_RULE_NET_PORT = 2
+PR_SET_NO_NEW_PRIVS = 38
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+
+# Filesystem rights, with the ABI that introduced them.
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR, MAKE_REG = 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 8
+MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = 1 << 9, 1 << 10, 1 << 11, 1 << 12
+REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
+READ = EXECUTE | READ_FILE | READ_DIR
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+class RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+
+
+class PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class NetPortAttr(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
+def fail(message):
+    # stdout is the protocol channel: a line that is not the ready line makes the pool report it.
+    sys.stdout.write(json.dumps({"fenceError": message}) + "\n")
+    sys.stdout.flush()
+    os._exit(70)
+
+
+def check(result, what):
+    if result < 0:
+        fail(f"{what}: {os.strerror(ctypes.get_errno())}")
+    return result
+
+
+def landlock_abi():
+    return libc.syscall(SYS_landlock_create_ruleset, None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+
+
+def landlock(read, write, ports):
+    abi = landlock_abi()
+    if abi < 1:
+        fail("Landlock is not available in this kernel; the process backend cannot fence a worker")
+    fs = FS_BY_ABI.get(abi, FS_BY_ABI[5])
+    attr = RulesetAttr(fs, (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0,
+                       (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0)
+    size = ctypes.sizeof(RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)
+    ruleset = check(libc.syscall(SYS_landlock_create_ruleset, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
+                    "landlock_create_ruleset")
+    for paths, rights in ((read, READ & fs), (write, fs)):
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # a granted path that does not exist grants nothing
+            allowed = rights if stat.S_ISDIR(os.fstat(fd).st_mode) else rights & FILE_RIGHTS
+            rule = PathBeneathAttr(allowed, fd)
+            check(libc.syscall(SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), ctypes.c_uint32(0)),
+                  f"landlock_add_rule {path}")
+            os.close(fd)
+    if abi >= 4:
+        for port in ports:
+            rule = NetPortAttr(NET_CONNECT_TCP, port)
+            check(libc.syscall(SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_NET_PORT, ctypes.byref(rule), ctypes.c_uint32(0)),
+                  f"landlock_add_rule port {port}")
+    elif ports:
+        fail(f"Landlock ABI {abi} cannot limit TCP ports; refusing to grant network")
+    check(libc.syscall(SYS_landlock_restrict_self, ruleset, ctypes.c_uint32(0)), "landlock_restrict_self")
+    os.close(ruleset)
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    uid, gid, workdir = spec["uid"], spec["gid"], spec["workdir"]
+    check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    os.chown(workdir, uid, gid)
+    os.chmod(workdir, 0o700)
+    check(libc.mount(workdir.encode(), b"/tmp", None, MS_BIND, None), "bind the worker directory on /tmp")
+    for name, value in spec["rlimits"].items():
+        resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, value))
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    landlock(spec["read"], ["/tmp", *spec["write"]], spec["ports"])
+    os.chdir("/tmp")
+    argv = spec["argv"]
+    child = os.fork()
+    if child == 0:
+        os.execve(argv[0], argv, spec["env"])
+    serve_as_init(child)
+
+
+def serve_as_init(child):
+    """Be PID 1 of the worker's namespace so the runtime is not.
+
+    The kernel shields a namespace's init from its own signals (a runtime that is PID 1
+    cannot even SIGKILL itself) and expects it to reap orphans. This loop reaps everything,
+    and when the runtime exits, exits with its status, which tears the namespace down.
+    """
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)  # the pipes belong to the runtime alone: EOF when it is done
+    while True:
+        pid, status = os.wait()
+        if pid == child:
+            os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""What really works on this host: each backend is probed by running the Python runtime's test
+bundle through it, not by checking that some file exists. ``auto`` takes the strongest backend
+that passed; falling back to ``none`` is logged as a warning (it is not a sandbox)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import shutil
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from atrund.execute.base import ExecutorError
+from atrund.execute.protocol import ExecRequest
+
+log = structlog.get_logger("atrund.execute")
+
+PROBE_TIMEOUT = 20
+
+
+@dataclass(frozen=True)
+class Probe:
+    backend: str
+    ok: bool
+    detail: str
+    ms: int | None = None
+
+
+def landlock_abi() -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
+
+
+async def _try(backend: str, settings) -> Probe:
+    from atrund.execute import create_backend
+    from atrund.execute.pool import WorkerPool
+
+    started = time.monotonic()
+    try:
+        pool = WorkerPool(create_backend(backend, settings), settings)
+    except (ExecutorError, OSError) as e:
+        return Probe(backend, False, str(e))
+    try:
+        rt = pool.runtimes.get("python")
+        if rt is None:
+            return Probe(backend, False, "no python runtime directory to probe with")
+        req = ExecRequest(code_path=str(rt.dir / "test-bundle.py"), endpoint="test", args={"probe": 1}, timeout=PROBE_TIMEOUT)
+        resp = await pool.execute(req, "python")
+    except ExecutorError as e:
+        return Probe(backend, False, str(e))
+    finally:
+        await pool.shutdown()
+    ms = int((time.monotonic() - started) * 1000)
+    if resp.success and resp.data == {"ok": True, "echo": {"probe": 1}}:
+        return Probe(backend, True, "ran the python test bundle", ms)
+    return Probe(backend, False, f"test bundle failed: {resp.error}", ms)
+
+
+async def probe_all(settings) -> list[Probe]:
+    from atrund.execute import BACKENDS
+
+    results = []
+    for backend in BACKENDS:
+        if backend == "process":
+            missing = [tool for tool in ("unshare", "setpriv") if not shutil.which(tool)]
+            abi = landlock_abi()
+            if missing or abi < 1:
+                why = f"missing {', '.join(missing)}" if missing else "Landlock is not available in this kernel"
+                results.append(Probe(backend, False, why))
+                continue
+        results.append(await _try(backend, settings))
+    return results
+
+
+def probe_sync(settings) -> list[Probe]:
+    """Probe from anywhere, even inside a running event loop (on a thread of its own)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, probe_all(settings)).result()
+
+
+def choose(settings) -> str:
+    probes = probe_sync(settings)
+    for p in probes:
+        if p.ok:
+            if p.backend == "none":
+                log.warning("isolation auto fell back to none: bundles run WITHOUT a sandbox",
+                            why={q.backend: q.detail for q in probes if not q.ok})
+            else:
+                log.info("isolation auto chose a backend", backend=p.backend)
+            return p.backend
+    raise ExecutorError("no executor backend works on this host: " + "; ".join(f"{p.backend}: {p.detail}" for p in probes))

@@ -1,0 +1,161 @@
+"""The ``process`` backend: the none backend's worker inside a kernel sandbox (Linux).
+
+Each worker is started as
+``setpriv --pdeathsig KILL -- unshare --mount --pid --fork --kill-child --mount-proc --ipc --uts [--net] -- python3 fence.py SPEC``
+so it has its own PID namespace (killing the worker kills everything it started, setsid or
+not), its own mount namespace with a private /tmp, no network device unless the request grants
+network, and then the fence (atrund/execute/fence.py): hard rlimits, an unprivileged uid of its
+own, Landlock over files, TCP ports and signals. The runtime's own permission flags (Deno,
+Node) apply on top, inside.
+
+Warm workers carry the default fence (no network, no paths beyond the runtime); a request that
+is granted more gets a worker started for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from atrund.execute.base import ExecutorError
+from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, spawn_process
+from atrund.execute.pool import Backend, Worker
+from atrund.execute.protocol import ExecPermissions
+from atrund.execute.runtimes import Runtime
+
+FENCE = Path(__file__).with_name("fence.py")
+SYSTEM_PYTHON = "/usr/bin/python3"
+# What every runtime may read besides its own directory: system libraries and a few files.
+SYSTEM_READ = [
+    "/usr", "/lib", "/lib64", "/bin", "/sbin", "/proc", "/dev/urandom", "/dev/random",
+    "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/nsswitch.conf",
+    "/etc/hosts", "/etc/resolv.conf", "/etc/host.conf", "/etc/gai.conf", "/etc/ssl", "/etc/ca-certificates",
+    "/etc/passwd", "/etc/group", "/etc/mime.types",
+]
+SYSTEM_WRITE = ["/dev/null", "/dev/zero", "/dev/full"]
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def ports_for(net: list[str]) -> list[int]:
+    """TCP ports a network grant allows: host:port gives that port, a bare host 80 and 443.
+
+    Landlock filters ports, not addresses: which hosts are reachable is enforced by the
+    runtime (Deno's --allow-net), not here. Documented in docs/threat-model.md.
+    """
+    ports: set[int] = set()
+    for entry in net:
+        host, sep, port = entry.rpartition(":")
+        if sep and port.isdigit() and "]" not in port:
+            ports.add(int(port))
+        else:
+            ports.update(DEFAULT_PORTS.values())
+    return sorted(ports)
+
+
+class UidPool:
+    """One unprivileged uid per live worker, from a configured range."""
+
+    def __init__(self, base: int, count: int) -> None:
+        self.free = list(range(base, base + count))
+
+    def take(self) -> int:
+        if not self.free:
+            raise ExecutorError("no sandbox uid free: raise executor.sandbox_uids")
+        return self.free.pop()
+
+    def give(self, uid: int) -> None:
+        self.free.append(uid)
+
+
+class FencedWorker(DirectWorker):
+    def __init__(self, process, workdir: Path, uid: int, uids: UidPool) -> None:
+        super().__init__(process, workdir)
+        self.uid = uid
+        self._uids: UidPool | None = uids
+
+    def stage(self, code_path: str) -> str:
+        """Copy the verified bundle into the worker's /tmp; the sandbox sees nothing else of ours."""
+        name = "bundle" + Path(code_path).suffix
+        shutil.copyfile(code_path, self.workdir / name)
+        os.chmod(self.workdir / name, 0o444)
+        return f"/tmp/{name}"
+
+    def _kill_all(self) -> None:
+        # Kill unshare's child, the init of the worker's PID namespace, first: the kernel then
+        # kills everything in the namespace, and unshare (our child) reaps it, so nothing is
+        # left for the host's init to reap. Then the process group, as for any worker.
+        try:
+            with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:
+            children = []
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        super()._kill_all()
+
+    async def kill(self) -> None:
+        await super().kill()
+        if self._uids is not None:  # the uid is free again only once no process of it can be left
+            self._uids.give(self.uid)
+            self._uids = None
+
+
+class ProcessBackend(Backend):
+    isolation = "process"
+
+    def __init__(self, settings) -> None:
+        self.uids = UidPool(settings.sandbox_uid_base, settings.sandbox_uids)
+        self.work_root = Path(settings.work_dir or "/tmp/atrund-work")
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.work_root, 0o711)
+
+    async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
+        check_program(runtime)
+        uid = self.uids.take()
+        workdir = Path(os.path.join(self.work_root, f"w{uid}"))
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(mode=0o700)
+        spec = {
+            "uid": uid,
+            "gid": uid,
+            "workdir": str(workdir),
+            "read": SYSTEM_READ + runtime_paths(runtime) + list(permissions.read),
+            "write": SYSTEM_WRITE + list(permissions.write),
+            "ports": ports_for(permissions.net),
+            "rlimits": {
+                "DATA": settings.memory_mb * 1024 * 1024,
+                "CPU": settings.max_timeout + 1,
+                "FSIZE": 64 * 1024 * 1024,
+                "NOFILE": 256,
+                "NPROC": settings.max_processes,
+                "CORE": 0,
+            },
+            "env": {"PATH": SAFE_PATH, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
+            "argv": list(runtime.command),
+        }
+        unshare = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
+        if not permissions.net:
+            unshare.append("--net")
+        command = [*([SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []), *unshare, "--",
+                   SYSTEM_PYTHON, "-I", "-S", str(FENCE), json.dumps(spec)]
+        try:
+            process = await spawn_process(command, runtime.name, workdir, settings)
+        except ExecutorError:
+            self.uids.give(uid)
+            raise
+        return FencedWorker(process, workdir, uid, self.uids)
+
+
+def runtime_paths(runtime: Runtime) -> list[str]:
+    """The runtime's directory, and the directory of every program its command names."""
+    paths = {str(runtime.dir)}
+    for word in runtime.command:
+        if word.startswith("/") and os.path.exists(word):
+            paths.add(str(Path(os.path.realpath(word)).parent))
+    return sorted(paths)
