@@ -60,6 +60,9 @@ def parse_args_json(value: str) -> dict[str, Any]:
 @click.version_option(__version__, prog_name="atrund")
 def main() -> None:
     """Social cloud hosting on the AT Protocol."""
+    from atrund import log
+
+    log.setup("warning")  # stdout carries JSON results; logs go to stderr (serve sets its own level)
 
 
 # -- operator ----------------------------------------------------------------------------
@@ -121,17 +124,32 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
 @click.option("--timeout", type=int, default=30, show_default=True, help="Seconds before the run is killed.")
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Use this runner configuration's executor settings.")
-def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: int, config_path: Path | None) -> None:
-    """Run a bundle file locally, as a runner would, and print the ExecResponse."""
+@click.option("--isolation", type=click.Choice(["auto", "none", "process"]), default=None,
+              help="Executor backend (default: the config's, else auto).")
+@click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle may reach.")
+@click.option("--allow-read", default="", help="Comma-separated paths the bundle may read.")
+@click.option("--allow-write", default="", help="Comma-separated paths the bundle may write.")
+@click.option("--allow-env", default="", help="Comma-separated NAMES of environment variables passed through from yours.")
+def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: int, config_path: Path | None,
+             isolation: str | None, allow_net: str, allow_read: str, allow_write: str, allow_env: str) -> None:
+    """Run a bundle file locally, under the same fence a runner would use, and print the ExecResponse."""
+    import os
+
     from atrund.execute import ExecRequest, create_executor
+    from atrund.execute.protocol import ExecPermissions
 
     args = parse_args_json(args_json)
     settings = _load_config(config_path).executor if config_path else config_mod.ExecutorSection(warm=0)
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    permissions = ExecPermissions(net=split(allow_net), read=[str(Path(p).resolve()) for p in split(allow_read)],
+                                  write=[str(Path(p).resolve()) for p in split(allow_write)], env=split(allow_env))
+    env = {name: os.environ[name] for name in permissions.env if name in os.environ}
 
     async def once() -> dict[str, Any]:
-        executor = create_executor(settings, settings.isolation)
+        executor = create_executor(settings, isolation or settings.isolation)
         try:
-            request = ExecRequest(code_path=str(file.resolve()), endpoint=endpoint, args=args, timeout=timeout)
+            request = ExecRequest(code_path=str(file.resolve()), endpoint=endpoint, args=args, timeout=timeout,
+                                  permissions=permissions, env=env)
             response = await executor.execute(request, runtime)
         finally:
             await executor.shutdown()

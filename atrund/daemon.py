@@ -96,8 +96,14 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; then drain running work and stop cleanly."""
         assert self.poller and self.writer
-        loops = [asyncio.create_task(self.poller.run()), asyncio.create_task(self.writer.run())]
-        await stop.wait()
+        loops = [asyncio.create_task(self.poller.run(), name="poller"), asyncio.create_task(self.writer.run(), name="writer")]
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopping:  # a loop must never end by itself: say why, and stop cleanly
+                log.error("a runner loop stopped unexpectedly; shutting down", loop=task.get_name(),
+                          error=repr(task.exception()) if not task.cancelled() else "cancelled")
+        stopping.cancel()
         loops[0].cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.writer.flush()

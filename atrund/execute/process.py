@@ -14,10 +14,12 @@ is granted more gets a worker started for it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 from atrund.execute.base import ExecutorError
@@ -56,17 +58,32 @@ def ports_for(net: list[str]) -> list[int]:
 
 
 class UidPool:
-    """One unprivileged uid per live worker, from a configured range."""
+    """One unprivileged uid per live worker, from a configured range.
 
-    def __init__(self, base: int, count: int) -> None:
+    A uid is held with an flock on a file named for it, so two runners on one host (or two
+    pools in one process) never hand the same uid to two live workers.
+    """
+
+    def __init__(self, base: int, count: int, lock_dir: Path) -> None:
         self.free = list(range(base, base + count))
+        self.lock_dir = lock_dir
+        self.held: dict[int, int] = {}
 
     def take(self) -> int:
-        if not self.free:
-            raise ExecutorError("no sandbox uid free: raise executor.sandbox_uids")
-        return self.free.pop()
+        for uid in list(self.free):
+            fd = os.open(self.lock_dir / f"uid-{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.free.remove(uid)
+            self.held[uid] = fd
+            return uid
+        raise ExecutorError("no sandbox uid free: raise executor.sandbox_uids")
 
     def give(self, uid: int) -> None:
+        os.close(self.held.pop(uid))
         self.free.append(uid)
 
 
@@ -110,17 +127,15 @@ class ProcessBackend(Backend):
     isolation = "process"
 
     def __init__(self, settings) -> None:
-        self.uids = UidPool(settings.sandbox_uid_base, settings.sandbox_uids)
         self.work_root = Path(settings.work_dir or "/tmp/atrund-work")
         self.work_root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.work_root, 0o711)
+        self.uids = UidPool(settings.sandbox_uid_base, settings.sandbox_uids, self.work_root)
 
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
         check_program(runtime)
         uid = self.uids.take()
-        workdir = Path(os.path.join(self.work_root, f"w{uid}"))
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(mode=0o700)
+        workdir = Path(tempfile.mkdtemp(prefix=f"w{uid}-", dir=self.work_root))
         spec = {
             "uid": uid,
             "gid": uid,

@@ -21,6 +21,25 @@ from atrund.state import State
 
 log = structlog.get_logger("atrund.ingest")
 
+PAGE = 100  # listRecords' maximum page
+MAX_PAGES = 20  # per author per round
+
+
+def _fields(rec: object) -> tuple[str | None, str | None, object]:
+    if not isinstance(rec, dict):
+        return None, None, None
+    uri, cid = rec.get("uri"), rec.get("cid")
+    return (uri if isinstance(uri, str) else None), (cid if isinstance(cid, str) else None), rec.get("value")
+
+
+def _own_rkey(uri: str | None, author: str) -> str | None:
+    """The record key if ``uri`` is an invocation in ``author``'s repo, else None."""
+    prefix = f"at://{author}/{INVOCATION}/"
+    if uri is None or not uri.startswith(prefix):
+        return None
+    rkey = uri[len(prefix):]
+    return rkey if rkey and "/" not in rkey else None
+
 
 class Poller:
     def __init__(
@@ -43,36 +62,48 @@ class Poller:
         self.denied = 0
 
     async def poll_author(self, author: str) -> int:
+        """Take every new invocation from one author's repo; returns how many are to run."""
         source = f"poll:{author}"
         found = 0
-        while True:
+        for _ in range(MAX_PAGES):
             cursor = self.state.cursor(source)
-            records, _ = await self.repos.list_records(author, INVOCATION, cursor=cursor)
-            if not records:
-                return found
-            rows = []
+            records, _ = await self.repos.list_records(author, INVOCATION, cursor=cursor, limit=PAGE)
+            rows, last_rkey = [], cursor
             for rec in records:
-                verdict = classify(rec["uri"], rec.get("value"), self.runner_did, self.policy)
+                uri, cid, value = _fields(rec)
+                rkey = _own_rkey(uri, author)
+                if rkey is None or cid is None:
+                    # A PDS listing another repo's records (or garbage) must not be able to
+                    # put words in someone else's mouth: only this author's invocations count.
+                    log.warning("ignoring a listed record that is not this author's invocation", author=author, uri=uri)
+                    continue
+                last_rkey = max(last_rkey or rkey, rkey)
+                verdict = classify(uri, value, self.runner_did, self.policy)
                 if verdict is not None:
-                    rows.append((rec["uri"], author, rec["cid"], rec["value"], verdict))
-            last_rkey = records[-1]["uri"].rsplit("/", 1)[-1]
+                    rows.append((uri, author, cid, value, verdict))
+            if last_rkey == cursor:
+                return found  # nothing new (also guards against a PDS that ignores the cursor)
+            verdicts = {row[0]: row[4] for row in rows}
             for uri in self.state.accept_page(source, last_rkey, rows):
-                verdict = next(r[4] for r in rows if r[0] == uri)
-                if verdict == "denied":
+                if verdicts[uri] == "denied":
                     self.denied += 1
                     log.warning("invocation denied by access policy", uri=uri, author=author, mode=self.policy.mode)
                 else:
                     found += 1
                     self.on_new(uri)
+            if len(records) < PAGE:
+                return found
+        return found  # more next round: one author cannot hold the poller for ever
 
     async def poll_once(self) -> int:
         results = await asyncio.gather(*(self.poll_author(a) for a in self.authors), return_exceptions=True)
         found = 0
         for author, res in zip(self.authors, results, strict=True):
-            if isinstance(res, AtrundError):
-                log.warning("poll failed", author=author, error=str(res))
-            elif isinstance(res, BaseException):
-                raise res
+            if isinstance(res, BaseException):
+                if not isinstance(res, AtrundError):
+                    log.error("poll failed unexpectedly", author=author, error=f"{type(res).__name__}: {res}")
+                else:
+                    log.warning("poll failed", author=author, error=str(res))
             else:
                 found += res
         return found
