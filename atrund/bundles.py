@@ -8,6 +8,7 @@ needs no network and no re-check.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -67,7 +68,9 @@ class BundleStore:
         return VerifiedBundle(ref=ref, record=record, code_path=code_path)
 
     async def _record(self, did: str, rkey: str, cid: str) -> dict:
-        cached = self.records_dir / f"{cid}.json"
+        # Keyed by URI and CID: a cached record proves what one repo held, not what another holds.
+        uri_hash = hashlib.sha256(f"at://{did}/{BUNDLE}/{rkey}".encode()).hexdigest()[:32]
+        cached = self.records_dir / f"{uri_hash}-{cid}.json"
         if cached.exists():
             return json.loads(cached.read_text())
         try:

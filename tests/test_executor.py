@@ -89,7 +89,7 @@ async def test_syntax_error(isolation, tmp_path):
 async def test_sys_exit_at_import_is_an_error_not_a_crash(isolation, tmp_path):
     # The bundle tries to end the worker before the endpoint is even looked up.
     r = await run(tmp_path, isolation=isolation, source="import sys\nsys.exit(7)\n")
-    assert r.error == "bundle failed while loading: SystemExit: 7"
+    assert r.error == "bundle failed while loading: SystemExit: 7 (line 2)"
 
 
 async def test_timeout_kills_everything_the_bundle_started(isolation, tmp_path):
@@ -233,3 +233,50 @@ async def test_missing_runtime_program_raises(isolation, tmp_path):
     with pytest.raises(ExecutorError, match="cannot start python worker"):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
     await executor.shutdown()
+
+
+def test_committed_protocol_schema_is_current():
+    """nix/runtimes/exec-protocol.schema.json is what `atrund schema` prints (runtime authors read it)."""
+    import json
+
+    from atrund.execute.protocol import schema
+
+    committed = Path(__file__).resolve().parent.parent / "nix/runtimes/exec-protocol.schema.json"
+    assert json.loads(committed.read_text()) == schema(), "regenerate: atrund schema > nix/runtimes/exec-protocol.schema.json"
+
+
+@pytest.mark.parametrize("status", [700, True, "200"])
+async def test_malformed_http_response_is_an_explained_error(isolation, tmp_path, status):
+    # handleRequest answers with something that is not an HTTP status.
+    r = await run(tmp_path, isolation=isolation, endpoint="handleRequest",
+                  source=f"def handleRequest(req):\n    return {{'status': {status!r}, 'body': 'x'}}\n")
+    if status is True or status == "200":
+        assert r.success and r.response is None  # not response-shaped: plain data
+    else:
+        assert not r.success and r.error_type == "InvalidResponse" and "700" in r.error
+
+
+async def test_http_response_lands_in_response(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, endpoint="handleRequest", args={"method": "GET", "path": "/x"},
+                  source="def handleRequest(req):\n    return {'status': 201, 'headers': {'x-a': 1}, 'body': req['path']}\n")
+    assert r.success and r.response.status == 201 and r.response.body == "/x" and r.response.headers == {"x-a": "1"}
+
+
+async def test_load_time_exception_names_the_line(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="x = 1\nraise RuntimeError('at import')\n")
+    assert r.error == "bundle failed while loading: RuntimeError: at import (line 2)"
+
+
+async def test_crash_exit_code_is_reported_as_it_was(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="import os\ndef main(args):\n    os._exit(5)\n")
+    assert r.error == "the bundle process exited with code 5 before answering"
+
+
+async def test_answer_just_over_the_limit(isolation, tmp_path):
+    r = await run(tmp_path, isolation=isolation, source="def main(args):\n    return 'x' * 66000\n", max_output_bytes=65536)
+    assert r.error_type == "OutputTooLarge"
+
+
+async def test_no_bytecode_is_written_beside_the_bundle(tmp_path):
+    r = await run(tmp_path, isolation="none", source="import json\ndef main(args):\n    return 1\n")
+    assert r.success and not (tmp_path / "__pycache__").exists()

@@ -225,6 +225,8 @@ class WorkerPool(Executor):
             how = _exit_description(code)
             return _fail(f"the bundle process {how} before answering" + (f"; its last output: {tail}" if tail else ""), "Crash")
         stderr_tail.cancel()
+        if len(line) > self.settings.max_output_bytes:
+            return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge")
         try:
             return ExecResponse.model_validate(json.loads(line))
         except (ValueError, ValidationError) as e:

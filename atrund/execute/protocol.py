@@ -2,7 +2,8 @@
 
 Framing: the worker writes ``{"ready": true}`` + newline on stdout when started, reads one
 ExecRequest JSON line on stdin, writes one ExecResponse JSON line on stdout, and exits.
-``schema/exec-protocol.schema.json`` is exported from these models (``atrund schema``).
+``nix/runtimes/exec-protocol.schema.json`` is exported from these models (``atrund schema``);
+a test keeps it current.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ExecRequest(_Msg):
 
 
 class ExecHttpResponse(_Msg):
-    status: int
+    status: int = Field(ge=100, le=599)
     headers: dict[str, str] = {}
     body: str = ""
     is_base64: bool = False

@@ -68,6 +68,8 @@ def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
         rdir = meta.parent
         try:
             spec = json.loads(meta.read_text())
+            if spec["name"] in found:
+                raise ExecutorError(f"{meta}: runtime {spec['name']!r} is already defined by {found[spec['name']].dir}")
             found[spec["name"]] = Runtime(
                 name=spec["name"],
                 dir=rdir,
