@@ -98,6 +98,15 @@ class ExecutorSection(Section):
     runtimes_dir: Path = RUNTIMES_DIR
 
 
+class PermissionsSection(Section):
+    """What the runner grants when a bundle's record asks for it; nothing by default."""
+
+    net: list[str] = Field(default=[], description='hosts, host:port, "*.example.com", or "*"')
+    read: list[str] = Field(default=[], description="absolute paths (and everything below them)")
+    write: list[str] = Field(default=[], description="absolute paths (and everything below them)")
+    env: list[str] = Field(default=[], description='variable names, or "*"')
+
+
 class StateSection(Section):
     dir: Path = Path("atrund-state")
 
@@ -109,6 +118,7 @@ class Config(Section):
     ingest: IngestSection = IngestSection()
     bundles: BundlesSection = BundlesSection()
     executor: ExecutorSection = ExecutorSection()
+    permissions: PermissionsSection = PermissionsSection()
     state: StateSection = StateSection()
 
     @property

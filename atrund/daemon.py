@@ -17,15 +17,15 @@ import structlog
 from pydantic import ValidationError
 
 from atrund import __version__
-from atrund.access import AccessPolicy
+from atrund.access import AccessPolicy, PermissionPolicy
 from atrund.bundles import BundleStore, _field_errors
 from atrund.config import Config
 from atrund.errors import AtrundError, BundleRefused, Unreachable
 from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
-from atrund.execute.protocol import ExecResponse
+from atrund.execute.protocol import ExecPermissions, ExecResponse
 from atrund.identity import Identities
 from atrund.ingest.poll import Poller
-from atrund.records import RUNNER, Invocation, Limits, Metrics, Runner, StrongRef, now_iso, result_rkey
+from atrund.records import RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
 from atrund.session import Session
@@ -40,6 +40,7 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.policy = AccessPolicy.from_config(cfg.access)
+        self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds)
         self.repos = Repos(self.identities)
         self.state = State(cfg.state.dir / "atrund.sqlite3")
@@ -156,11 +157,18 @@ class Daemon:
             self._finish(inv, "rejected", bundle=record.bundle,
                          error=f"endpoint {record.endpoint!r} is not one the bundle declares ({', '.join(b.endpoints) or 'none'})")
             return
+        refused = self.grants.refused(b.permissions)
+        if refused:
+            self._finish(inv, "rejected", bundle=record.bundle,
+                         error=f"the bundle asks for permissions this runner does not grant: {', '.join(refused)}")
+            return
         e = self.cfg.executor
+        asked = b.permissions or Permissions()
         request = ExecRequest(
             code_path=str(bundle.code_path),
             endpoint=record.endpoint,
             args=record.args or {},
+            permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or []),
             timeout=min(record.timeout or e.default_timeout, e.max_timeout),
         )
         started = time.time()

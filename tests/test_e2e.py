@@ -198,3 +198,33 @@ async def test_result_write_survives_an_unreachable_pds(stack, author, make_runn
     value = await wait_result(reader, runner.did, uri, timeout=90)
     assert value["status"] == "success" and value["data"] == {"done": 1}
     assert marker.read_text() == "x"
+
+
+async def test_permissions_are_granted_or_the_bundle_is_refused(author, make_runner, reader):
+    """A bundle asking for network the runner does not grant is rejected, naming it; when the
+    runner grants it, the sandboxed bundle really can connect (and only there)."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    source = (
+        "import socket\n"
+        "def main(args):\n"
+        "    try:\n"
+        "        socket.create_connection(('127.0.0.1', args['port']), timeout=2).close()\n"
+        "        return {'connected': True}\n"
+        "    except OSError as e:\n"
+        "        return {'connected': False, 'why': type(e).__name__}\n"
+    )
+    asking = await author.publish(source, permissions={"net": [f"127.0.0.1:{port}"]})
+    silent = await author.publish(source)
+    stingy = await make_runner(state_name="stingy", access={"allowlist": [author.account.did]})
+    generous = await make_runner(state_name="generous", access={"allowlist": [author.account.did]},
+                                 permissions={"net": [f"127.0.0.1:{port}"]})
+    try:
+        r1 = await wait_result(reader, stingy.did, await author.invoke(asking, stingy.did, args={"port": port}))
+        assert r1["status"] == "rejected" and f"net 127.0.0.1:{port}" in r1["error"]
+        r2 = await wait_result(reader, generous.did, await author.invoke(asking, generous.did, args={"port": port}))
+        assert r2["status"] == "success" and r2["data"] == {"connected": True}
+        r3 = await wait_result(reader, generous.did, await author.invoke(silent, generous.did, args={"port": port}))
+        assert r3["status"] == "success" and r3["data"]["connected"] is False  # not asked, not granted
+    finally:
+        server.close()
