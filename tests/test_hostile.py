@@ -1,0 +1,216 @@
+"""Hostile bundles (tests/hostile/<runtime>/, one attack each, explained in its docstring),
+run against every backend this host offers.
+
+For ``process`` every attack must be contained. For ``none`` (no sandbox) the tests assert
+what really happens, so the README's list of what ``none`` does not contain stays true; the
+two attacks that would harm the machine running the tests under ``none`` (a fork bomb as root,
+kill(-1) as root) are skipped there, and say so.
+"""
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from atrund.config import ExecutorSection
+from atrund.execute import ExecRequest, create_executor
+from atrund.execute.protocol import ExecPermissions
+
+HOSTILE = Path(__file__).resolve().parent / "hostile" / "python"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def host_dir():
+    """A world-readable directory outside /tmp (the process backend gives bundles their own /tmp,
+    so files under the host's /tmp would be out of sight rather than denied)."""
+    import shutil
+    import tempfile
+
+    base = ROOT / ".hostile-tmp"
+    base.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(dir=base))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(params=["none", "process"])
+def isolation(request) -> str:
+    return request.param
+
+
+async def attack(isolation: str, name: str, args=None, timeout=5, permissions=None, warm=0, **settings):
+    executor = create_executor(ExecutorSection(warm=warm, isolation=isolation, **settings))
+    if warm:
+        await executor.warm(warm)
+    try:
+        req = ExecRequest(code_path=str(HOSTILE / f"{name}.py"), endpoint="main", args=args or {}, timeout=timeout,
+                          permissions=permissions or ExecPermissions())
+        return await executor.execute(req, "python")
+    finally:
+        await executor.shutdown()
+
+
+def processes_of_uid_range(base: int = 910_000, count: int = 256) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+                if base <= uid < base + count:
+                    pids.append(int(entry))
+            except (OSError, StopIteration):
+                pass
+    return pids
+
+
+async def test_fork_bomb(isolation):
+    if isolation == "none":
+        pytest.skip("none cannot contain a fork bomb (RLIMIT_NPROC does not apply to root); not run, documented in README")
+    r = await attack(isolation, "fork_bomb", timeout=3)
+    assert not r.success
+    for _ in range(50):  # the kernel tears the namespace down asynchronously
+        if not processes_of_uid_range():
+            break
+        await asyncio.sleep(0.1)
+    assert processes_of_uid_range() == [], "fork bomb processes outlived the run"
+
+
+async def test_memory_bomb(isolation):
+    r = await attack(isolation, "memory_bomb", memory_mb=256)
+    assert not r.success and r.error_type == "MemoryError"
+
+
+@pytest.mark.parametrize("name", ["cpu_spin", "sleep_forever"])
+async def test_past_the_deadline(isolation, name):
+    started = time.monotonic()
+    r = await attack(isolation, name, timeout=2)
+    assert r.timed_out and time.monotonic() - started < 8
+
+
+async def test_output_flood(isolation):
+    r = await attack(isolation, "output_flood", timeout=60)
+    assert r.success and r.data == {"answer": "intact"}
+
+
+async def test_fake_protocol_lines(isolation):
+    r = await attack(isolation, "fake_protocol")
+    assert r.success and r.data == {"real": 1}
+
+
+async def test_reading_the_runners_secrets(isolation, host_dir):
+    secret = host_dir / "app-password"
+    secret.write_text("canary-app-password")
+    secret.chmod(0o600)
+    r = await attack(isolation, "read_file", {"path": str(secret)})
+    if isolation == "none":
+        assert r.data == {"read": "canary-app-password"}  # NOT contained by none
+    else:
+        assert r.data == {"denied": "PermissionError"}
+
+
+async def test_reading_etc_shadow(isolation):
+    r = await attack(isolation, "read_file", {"path": "/etc/shadow"})
+    if isolation == "none":
+        assert "read" in r.data  # NOT contained by none: the runner runs as root here
+    else:
+        assert r.data == {"denied": "PermissionError"}
+
+
+async def test_writing_outside_granted_paths(isolation, host_dir):
+    host_dir.chmod(0o777)  # so only the fence, not file modes, stands in the way
+    target = host_dir / "pwned"
+    r = await attack(isolation, "write_outside", {"path": str(target)})
+    if isolation == "none":
+        assert target.exists()  # NOT contained by none
+    else:
+        assert r.data == {"denied": "PermissionError"} and not target.exists()
+
+
+async def test_symlink_escape_from_a_granted_directory(isolation, host_dir):
+    granted = host_dir / "granted"
+    granted.mkdir()
+    granted.chmod(0o777)
+    outside = host_dir / "outside.txt"
+    outside.write_text("outside-secret")
+    outside.chmod(0o644)
+    perms = ExecPermissions(read=[str(granted)], write=[str(granted)])
+    r = await attack(isolation, "symlink_escape", {"granted": str(granted), "target": str(outside)}, permissions=perms)
+    if isolation == "none":
+        assert r.data == {"read": "outside-secret"}  # NOT contained by none
+    else:
+        assert r.data == {"denied": "PermissionError"}
+
+
+async def test_environment_dump(isolation):
+    # /proc/PID/environ shows a process's environment as it started: use a value of ours from then.
+    with open("/proc/self/environ", "rb") as f:
+        ours = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    canary = ours[b"PATH"].decode()
+    assert canary != "/usr/local/bin:/usr/bin:/bin", "the test needs a PATH of its own to look for"
+    r = await attack(isolation, "env_dump", {"canary": canary})
+    assert r.success and r.data["own"] == {}
+    if isolation == "none":
+        assert os.getpid() in r.data["others"]  # NOT contained by none: the runner's /proc/PID/environ
+    else:
+        assert r.data["others"] == []
+
+
+async def test_connecting_to_a_loopback_port_not_granted(isolation):
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        r = await attack(isolation, "connect_loopback", {"port": port})
+    finally:
+        server.close()
+    assert r.success
+    assert r.data["connected"] is (isolation == "none")  # none has no network fence
+
+
+async def test_signalling_the_parent_and_everyone(isolation):
+    if isolation == "none":
+        pytest.skip("under none, kill(-1) as root would kill the machine's processes; not run, documented in README")
+    sentinel = subprocess.Popen(["sleep", "60"])
+    try:
+        r = await attack(isolation, "signal_parent", {"sentinel": sentinel.pid})
+        assert sentinel.poll() is None, "a host process was killed by the bundle"
+        assert r.success or r.error_type == "Crash"  # it may take itself down with kill(-1); the runner lives on
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+
+
+async def test_lingering_child(isolation):
+    tag = f"{2000 + os.getpid() % 1000}.{time.monotonic_ns() % 10**6}"
+    r = await attack(isolation, "lingering_child", {"tag": tag})
+    assert r.success
+    await asyncio.sleep(0.3)
+    left = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == ["sleep", tag]]
+    if isolation == "none":
+        assert left  # NOT contained by none: a setsid'd child leaves the process group
+        for pid in left:
+            os.kill(pid, 9)
+    else:
+        assert left == []
+
+
+async def test_hijacking_a_neighbour_worker(isolation):
+    r = await attack(isolation, "hijack_neighbour", warm=2)
+    assert r.success
+    if isolation == "none":
+        assert r.data["opened"] >= 1  # NOT contained by none: workers share a uid
+    else:
+        assert r.data["opened"] == 0
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [p.decode() for p in f.read().split(b"\0") if p]
+    except OSError:
+        return []
