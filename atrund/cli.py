@@ -322,6 +322,51 @@ def result_uri_cmd(invocation_uri: str, runner_did: str) -> None:
 
 
 @main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Probe with this configuration's executor settings.")
+def doctor(config_path: Path | None) -> None:
+    """Probe this host: which executor backends really work, why not, and which auto picks."""
+    import shutil
+    import subprocess
+
+    from rich.table import Table
+
+    from atrund.execute.probe import landlock_abi, probe_sync
+    from atrund.execute.runtimes import load_runtimes
+
+    settings = _load_config(config_path).executor if config_path else config_mod.ExecutorSection(warm=0)
+    out = Console(highlight=False)
+    abi = landlock_abi()
+    out.print(f"Landlock ABI: {abi if abi > 0 else 'not available'}")
+    for tool in ("unshare", "setpriv"):
+        out.print(f"{tool}: {shutil.which(tool) or 'missing'}")
+    runtimes = Table(title="runtimes")
+    for col in ("runtime", "program", "version"):
+        runtimes.add_column(col)
+    for name, rt in load_runtimes(settings.runtimes_dir).items():
+        program = rt.command[0]
+        try:
+            version = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired) as e:
+            version = f"[red]not runnable: {e}[/red]"
+        runtimes.add_row(name, program, version)
+    out.print(runtimes)
+    probes = probe_sync(settings)
+    chosen = next((p.backend for p in probes if p.ok), None)
+    table = Table(title="executor backends (strongest first)")
+    for col in ("backend", "works", "ms", "detail"):
+        table.add_column(col)
+    for p in probes:
+        mark = "[green]yes[/green]" if p.ok else "[red]no[/red]"
+        table.add_row(p.backend + (" ← auto" if p.backend == chosen else ""), mark, str(p.ms or ""), p.detail)
+    out.print(table)
+    if chosen == "none":
+        out.print("[yellow]auto would run bundles WITHOUT a sandbox (none)[/yellow]")
+    elif chosen is None:
+        raise click.ClickException("no executor backend works on this host")
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON Schema of the at-run-exec protocol (ExecRequest, ExecResponse)."""
     from atrund.execute.protocol import schema as exec_schema

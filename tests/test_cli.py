@@ -154,3 +154,9 @@ async def test_runner_killed_mid_run_never_runs_it_twice(stack, new_account, aut
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0, log.read_text()
+
+
+def test_doctor_reports_the_probe():
+    p = atrund("doctor")
+    assert p.returncode == 0, p.stderr
+    assert "process ← auto" in p.stdout and "ran the python test bundle" in p.stdout and "Landlock ABI: " in p.stdout
