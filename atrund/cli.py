@@ -326,6 +326,7 @@ def result_uri_cmd(invocation_uri: str, runner_did: str) -> None:
               help="Probe with this configuration's executor settings.")
 def doctor(config_path: Path | None) -> None:
     """Probe this host: which executor backends really work, why not, and which auto picks."""
+    import os
     import shutil
     import subprocess
 
@@ -344,7 +345,9 @@ def doctor(config_path: Path | None) -> None:
     for col in ("runtime", "program", "version"):
         runtimes.add_column(col)
     for name, rt in load_runtimes(settings.runtimes_dir).items():
-        program = rt.command[0]
+        # The runtime's own binary: the last executable the command names outside the runtime directory.
+        program = next((w for w in reversed(rt.command) if os.path.isabs(w) and os.access(w, os.X_OK)
+                        and not w.startswith(str(rt.dir))), rt.command[0])
         try:
             version = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired) as e:
