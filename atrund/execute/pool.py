@@ -110,9 +110,12 @@ class WorkerPool(Executor):
 
     def _schedule_refill(self, runtime: str) -> None:
         if self._warm_target and not self._closed:
-            task = asyncio.create_task(self._refill(runtime))
-            self._refills.add(task)
-            task.add_done_callback(self._refills.discard)
+            self._track(asyncio.create_task(self._refill(runtime)))
+
+    def _track(self, task: asyncio.Future) -> None:
+        """Background work (refills, teardowns) that shutdown() must wait for."""
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
 
     async def drain(self) -> None:
         self._closed = True
@@ -120,8 +123,7 @@ class WorkerPool(Executor):
 
     async def shutdown(self) -> None:
         self._closed = True
-        for task in list(self._refills):
-            task.cancel()
+        # Refills stop at _closed; teardowns are let finish (they kill processes).
         await asyncio.gather(*self._refills, return_exceptions=True)
         workers = [w for q in self._warm.values() for w in q]
         for q in self._warm.values():
@@ -166,7 +168,6 @@ class WorkerPool(Executor):
         queue = self._warm[runtime.name]
         while queue:
             worker = queue.popleft()
-            self._schedule_refill(runtime.name)
             if worker.exited() is None:
                 return worker
             await worker.kill()  # died while waiting (OOM killer, operator); not the bundle's fault
@@ -187,7 +188,10 @@ class WorkerPool(Executor):
             try:
                 response = await self._run(worker, request)
             finally:
-                await worker.kill()
+                # The answer is in hand: tear the worker down and start its replacement, both off
+                # the caller's path (spawning forks in this thread, so it must not delay the answer).
+                self._track(asyncio.ensure_future(worker.kill()))
+                self._schedule_refill(rt.name)
         finally:
             self._busy -= 1
             if self._busy == 0:
