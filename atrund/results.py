@@ -22,6 +22,7 @@ from atrund.state import State
 log = structlog.get_logger("atrund.results")
 
 MAX_ERROR_CHARS = 4000
+BATCH = 100  # results per applyWrites call (the reference PDS takes up to 200 writes)
 FALLBACK_MARK = "the result could not be stored"
 
 
@@ -66,9 +67,27 @@ class ResultWriter:
         self._wake.set()
 
     async def flush(self) -> int:
-        """Write every due result; returns how many were written."""
+        """Write every due result; returns how many were written.
+
+        Several due results go in one applyWrites call (one repo commit instead of one each:
+        under load the PDS's commits, not our runs, are the bottleneck). If the PDS refuses the
+        batch, each result is written on its own, so one bad record cannot hold up the others.
+        """
+        due = self.state.due(limit=BATCH)
+        if len(due) > 1:
+            try:
+                await self.session.apply_creates(RESULT, [(item.rkey, item.record) for item in due])
+            except RemoteError as e:
+                log.info("batched result write failed; writing one by one", results=len(due), error=str(e))
+            else:
+                for item in due:
+                    self.state.written(item.invocation_uri)
+                return len(due)
+        return await self._one_by_one(due)
+
+    async def _one_by_one(self, due) -> int:
         written = 0
-        for item in self.state.due():
+        for item in due:
             try:
                 await self.session.put_record(RESULT, item.rkey, item.record)
             except Rejected as e:

@@ -79,6 +79,13 @@ class Session:
             )
         return out.uri, out.cid
 
+    async def apply_creates(self, collection: str, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Create several records (rkey, record) in one commit; all or nothing."""
+        writes = [{"$type": "com.atproto.repo.applyWrites#create", "collection": collection, "rkey": rkey,
+                   "value": {"$type": collection, **record}} for rkey, record in records]
+        async with _sdk(f"applyWrites {len(writes)} x {collection}"):
+            await self.client.com.atproto.repo.apply_writes({"repo": self.did, "writes": writes})
+
     async def delete_record(self, collection: str, rkey: str) -> None:
         async with _sdk(f"deleteRecord {collection}/{rkey}"):
             await self.client.com.atproto.repo.delete_record({"repo": self.did, "collection": collection, "rkey": rkey})

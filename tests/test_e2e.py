@@ -4,7 +4,7 @@ import asyncio
 
 from conftest import no_result, wait_result
 
-from atrund.records import BUNDLE, RUNNER, Result
+from atrund.records import BUNDLE, RUNNER, Result, result_rkey
 
 HELLO = '''
 def main(args):
@@ -228,3 +228,35 @@ async def test_permissions_are_granted_or_the_bundle_is_refused(author, make_run
         assert r3["status"] == "success" and r3["data"]["connected"] is False  # not asked, not granted
     finally:
         server.close()
+
+
+async def test_batched_result_writes_fall_back_one_by_one(new_account, stack, reader, tmp_path):
+    """Results go out in one applyWrites; when the PDS refuses the batch (here: one result key
+    already holds a record, so #create fails) each is written on its own, and all land."""
+    from atrund.records import RESULT
+    from atrund.results import ResultWriter
+    from atrund.session import Session
+    from atrund.state import State
+
+    acct = new_account("writer")
+    session = await Session.login(acct.pds_url, acct.handle, acct.app_password)
+    state = State(tmp_path / "s.sqlite3")
+    try:
+        ref = {"uri": "at://did:plc:x/dev.atrun.bundle/b", "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}
+        uris = [f"at://did:plc:author/dev.atrun.invocation/3k{i}" for i in range(3)]
+        for i, uri in enumerate(uris):
+            state.accept(uri, "did:plc:author", ref["cid"], {})
+            state.finish(uri, "success", result_rkey(uri), {"invocation": {"uri": uri, "cid": ref["cid"]}, "bundle": ref,
+                                                           "status": "success", "data": {"n": i}, "createdAt": "2026-01-01T00:00:00.000Z"})
+        await session.put_record(RESULT, result_rkey(uris[1]), {"stale": True})  # a key already taken
+        writer = ResultWriter(session, state)
+        assert await writer.flush() == 3
+        for i, uri in enumerate(uris):
+            _, value = await reader.get_record(acct.did, RESULT, result_rkey(uri))
+            assert value["data"] == {"n": i}
+        assert state.counts()["unwritten"] == 0
+        await session.apply_creates(RESULT, [("batchone", {"n": 1}), ("batchtwo", {"n": 2})])  # the batch itself works
+        assert (await reader.get_record(acct.did, RESULT, "batchtwo"))[1] == {"$type": RESULT, "n": 2}
+    finally:
+        state.close()
+        await session.close()
