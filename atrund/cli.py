@@ -25,6 +25,8 @@ from atrund.records import BUNDLE, INVOCATION, RESULT, Result, decode_data, now_
 
 err = Console(stderr=True, highlight=False)
 
+CODE_MIME = {".py": "text/x-python", ".ts": "application/typescript", ".js": "text/javascript",
+             ".mjs": "text/javascript"}  # mimetypes calls .ts an MPEG stream
 EXIT_NOT_SUCCESS = 3  # invoke --wait: the result's status is not success
 EXIT_NO_RESULT = 4  # invoke --wait: no result before the wait ran out
 
@@ -202,7 +204,7 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
                          pds: str | None, identifier: str, password: str, plc_url: str) -> None:
     """Upload FILE as a blob and create a dev.atrun.bundle record; prints its AT URI and CID."""
     session = await _login(pds, identifier, password, plc_url)
-    mime = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    mime = CODE_MIME.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
     blob = await session.upload_blob(file.read_bytes(), mime)
     record: dict[str, Any] = {"runtime": runtime, "code": blob, "name": name or file.name, "createdAt": now_iso()}
     if description:

@@ -27,7 +27,6 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 # sets the parent-death signal before exec'ing the runtime. Processes the bundle itself
 # starts are not covered; containing those is the job of the stronger backends.
 SETPRIV = shutil.which("setpriv")
-KILL_WAIT = 2.0  # seconds to wait for a killed worker's pipes to close
 
 
 class DirectWorker(Worker):
@@ -54,19 +53,15 @@ class DirectWorker(Worker):
 
     async def kill(self) -> None:
         self._kill_all()
-        try:
-            await asyncio.wait_for(self.process.wait(), KILL_WAIT)
-        except asyncio.TimeoutError:
-            # The worker is dead but something that left its process group (a setsid'd
-            # daemon) still holds the pipes open, and asyncio's wait() waits for them too.
-            # Close our ends; the process is reaped all the same.
-            self.process._transport.close()  # noqa: SLF001 - the only way to drop the pipes
-            await self.process.wait()
+        # Drop our pipe ends at once: asyncio's wait() also waits for the pipes to close, which
+        # a setsid'd daemon holding them, or a reader paused at the output cap, would delay.
+        self.process._transport.close()  # noqa: SLF001 - asyncio offers no public way
+        await self.process.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _limits(settings) -> list[tuple[int, int]]:
-    mem = settings.memory_mb * 1024 * 1024
+def _limits(settings, runtime: Runtime) -> list[tuple[int, int]]:
+    mem = data_limit(settings, runtime)
     cpu = settings.max_timeout + 1
     return [
         (resource.RLIMIT_DATA, mem),
@@ -75,6 +70,12 @@ def _limits(settings) -> list[tuple[int, int]]:
         (resource.RLIMIT_NOFILE, 256),
         (resource.RLIMIT_CORE, 0),
     ]
+
+
+def data_limit(settings, runtime: Runtime) -> int:
+    """RLIMIT_DATA in bytes: the operator's memory_mb, plus what the runtime reserves up front
+    without using it (V8 in Deno maps a 512 MiB code range writable at start)."""
+    return (settings.memory_mb + runtime.data_overhead_mb) * 1024 * 1024
 
 
 def check_program(runtime: Runtime) -> None:
@@ -112,7 +113,7 @@ class DirectBackend(Backend):
         process = await spawn_process([*prefix, *runtime.command], runtime.name, workdir, settings)
         worker = DirectWorker(process, workdir)
         try:
-            for res, value in _limits(settings):
+            for res, value in _limits(settings, runtime):
                 resource.prlimit(process.pid, res, (value, value))
         except OSError as e:
             await worker.kill()

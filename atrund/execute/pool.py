@@ -221,9 +221,9 @@ class WorkerPool(Executor):
             return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge")
         if not line:
             await worker.wait_exit(EXIT_GRACE)  # read its exit status before we kill it ourselves
-            await worker.kill()  # closes the bundle's stderr too, so the tail below ends
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(stderr_tail), 1)
+            with contextlib.suppress(asyncio.TimeoutError):  # its last words, unless a daemon holds stderr
+                await asyncio.wait_for(asyncio.shield(stderr_tail), EXIT_GRACE)
+            await worker.kill()
             tail = stderr_tail.result() if stderr_tail.done() else ""
             code = worker.exited()
             how = _exit_description(code)

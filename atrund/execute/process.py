@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, spawn_process
+from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
 from atrund.execute.pool import Backend, Worker
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
@@ -144,7 +144,7 @@ class ProcessBackend(Backend):
             "write": SYSTEM_WRITE + list(permissions.write),
             "ports": ports_for(permissions.net),
             "rlimits": {
-                "DATA": settings.memory_mb * 1024 * 1024,
+                "DATA": data_limit(settings, runtime),
                 "CPU": settings.max_timeout + 1,
                 "FSIZE": 64 * 1024 * 1024,
                 "NOFILE": 256,

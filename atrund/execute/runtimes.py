@@ -24,6 +24,7 @@ class Runtime:
     dir: Path
     command: tuple[str, ...]
     extension: str
+    data_overhead_mb: int = 0
 
 
 def _deno() -> str:
@@ -75,6 +76,7 @@ def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
                 dir=rdir,
                 command=tuple(_expand(w, rdir) for w in spec["command"]),
                 extension=spec.get("extension", ""),
+                data_overhead_mb=int(spec.get("dataOverheadMb", 0)),
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExecutorError(f"{meta}: not a valid runtime description: {e}") from e

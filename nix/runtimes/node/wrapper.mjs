@@ -1,0 +1,224 @@
+// The trusted wrapper for Node bundles: node's entry point, started by at-run-exec with the
+// --permission flags of one request. It reads the job on stdin, imports the bundle (.mjs),
+// calls the endpoint and writes one answer line, prefixed with the job's token, on fd 3.
+// See at-run-exec for the whole picture.
+
+import { Buffer } from "node:buffer";
+import fs from "node:fs";
+import { pathToFileURL } from "node:url";
+
+const ANSWER_FD = 3;
+const realExit = process.exit.bind(process);
+const writeSync = fs.writeSync;
+const stringify = JSON.stringify;
+const now = () => performance.now();
+
+const job = JSON.parse(fs.readFileSync(0, "utf8"));
+const bundleUrl = pathToFileURL(job.codePath).href;
+
+let answered = false;
+let callStarted = null;
+let loadTimeMs;
+
+function metrics(started) {
+  const out = {};
+  if (started != null) out.executionTimeMs = Math.round(now() - started);
+  if (loadTimeMs != null) out.loadTimeMs = loadTimeMs;
+  return out;
+}
+
+function failure(error, errorType, started = callStarted) {
+  return { success: false, error, errorType, metrics: metrics(started) };
+}
+
+function answer(obj) {
+  if (answered) return;
+  answered = true;
+  let line;
+  try {
+    line = stringify(obj, strictJson);
+  } catch (e) {
+    line = stringify(failure(`return value is not JSON: ${message(e)}`, "TypeError"));
+  }
+  const bytes = Buffer.from(`\n${job.token}${line}\n`, "utf8");
+  let off = 0;
+  while (off < bytes.length) {
+    try {
+      off += writeSync(ANSWER_FD, bytes, off);
+    } catch (e) {
+      if (e.code !== "EAGAIN") throw e;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
+    }
+  }
+  realExit(0);
+}
+
+// JSON.stringify quietly turns NaN into null and drops functions; a return value that is not
+// JSON is an error instead, as in the Python runtime.
+function strictJson(_key, value) {
+  switch (typeof value) {
+    case "number":
+      if (!Number.isFinite(value)) throw new TypeError(`${value} is not JSON`);
+      return value;
+    case "bigint":
+    case "function":
+    case "symbol":
+      throw new TypeError(`a ${typeof value} is not JSON`);
+  }
+  if (
+    value instanceof Map || value instanceof Set || value instanceof WeakMap ||
+    value instanceof WeakSet || value instanceof Promise || value instanceof ArrayBuffer ||
+    ArrayBuffer.isView(value)
+  ) {
+    throw new TypeError(`a ${value.constructor.name} is not JSON`);
+  }
+  return value;
+}
+
+// -- describing errors -----------------------------------------------------------------------
+
+function errorName(e) {
+  try {
+    if (e !== null && typeof e === "object" && typeof e.name === "string" && e.name) return e.name;
+  } catch { /* a throwing getter */ }
+  return "Error";
+}
+
+function message(e) {
+  try {
+    if (e instanceof Error) return String(e.message);
+    if (typeof e === "string") return e;
+    return stringify(e) ?? String(e);
+  } catch {
+    return "(an unprintable value)";
+  }
+}
+
+function lineOf(e) {
+  let text = "";
+  try {
+    text = `${typeof e?.stack === "string" ? e.stack : ""}\n${message(e)}`;
+  } catch { /* ignore */ }
+  const at = text.indexOf(`${bundleUrl}:`);
+  if (at < 0) return "";
+  const m = /^:(\d+)/.exec(text.slice(at + bundleUrl.length));
+  return m ? ` (line ${m[1]})` : "";
+}
+
+function describe(e) {
+  let code = "";
+  try {
+    if (typeof e?.code === "string") code = ` [${e.code}]`;
+  } catch { /* ignore */ }
+  return `${errorName(e)}${code}: ${message(e)}${lineOf(e)}`;
+}
+
+class SystemExit extends Error {
+  name = "SystemExit";
+}
+
+// A bundle that tries to end the process gets an exception instead (it would end without an
+// answer otherwise); errors that escape the call (timers, forgotten promises) end the call.
+process.exit = (code) => {
+  throw new SystemExit(String(code ?? 0));
+};
+process.on("uncaughtException", (e) => answer(failure(describe(e), errorName(e))));
+process.on("unhandledRejection", (e) => answer(failure(describe(e), errorName(e))));
+
+// -- HTTP-style endpoints --------------------------------------------------------------------
+// handleRequest gets the request object as sent ({method, path, query, headers, body,
+// isBase64}); it may return a web Response or {status, headers, body, isBase64}.
+
+const TEXTY = /^text\/|json|xml|javascript|ecmascript|x-www-form-urlencoded|csv|yaml|graphql/;
+
+function encodeBody(bytes, contentType) {
+  const ct = (contentType ?? "").toLowerCase();
+  if (!ct || TEXTY.test(ct)) {
+    try {
+      return { body: new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(bytes), isBase64: false };
+    } catch { /* not UTF-8: send the bytes */ }
+  }
+  return { body: Buffer.from(bytes).toString("base64"), isBase64: true };
+}
+
+function headerObject(entries) {
+  const out = {};
+  for (const [k, v] of entries) {
+    const key = String(k);
+    out[key] = key in out ? `${out[key]}, ${v}` : String(v);
+  }
+  return out;
+}
+
+async function shapeResponse(value) {
+  if (typeof Response === "function" && value instanceof Response) {
+    const bytes = new Uint8Array(await value.arrayBuffer());
+    return {
+      status: value.status,
+      headers: headerObject(value.headers),
+      ...encodeBody(bytes, value.headers.get("content-type")),
+    };
+  }
+  if (value !== null && typeof value === "object" && Number.isInteger(value.status) && "body" in value) {
+    let body = value.body;
+    let isBase64 = Boolean(value.isBase64);
+    if (body instanceof ArrayBuffer) body = new Uint8Array(body);
+    if (body instanceof Uint8Array) {
+      body = Buffer.from(body).toString("base64");
+      isBase64 = true;
+    } else if (typeof body !== "string") {
+      body = stringify(body, strictJson) ?? "";
+    }
+    return { status: value.status, headers: headerObject(Object.entries(value.headers ?? {})), body, isBase64 };
+  }
+  return null;
+}
+
+// -- the call --------------------------------------------------------------------------------
+
+function isEndpoint(value) {
+  if (typeof value !== "function") return false;
+  try {
+    return !/^class\b/.test(Function.prototype.toString.call(value));
+  } catch {
+    return true;
+  }
+}
+
+const loadStarted = now();
+let mod;
+try {
+  mod = await import(bundleUrl);
+} catch (e) {
+  const name = errorName(e);
+  const what = name === "SyntaxError" ? "bundle does not compile" : "bundle failed while loading";
+  answer(failure(`${what}: ${describe(e)}`, name, loadStarted));
+}
+loadTimeMs = Math.round(now() - loadStarted);
+
+const endpoint = String(job.endpoint);
+const names = Object.keys(mod).filter((k) => !k.startsWith("_") && k !== "default" && isEndpoint(mod[k])).sort();
+if (!names.includes(endpoint)) {
+  answer(failure(`unknown endpoint '${endpoint}': the bundle defines ${names.join(", ") || "none"}`, "UnknownEndpoint", null));
+}
+
+callStarted = now();
+let value;
+try {
+  value = mod[endpoint](job.args);
+  if (value !== null && (typeof value === "object" || typeof value === "function") && typeof value.then === "function") {
+    value = await value;
+  }
+} catch (e) {
+  answer(failure(describe(e), errorName(e)));
+}
+
+let response = null;
+if (endpoint === "handleRequest") {
+  try {
+    response = await shapeResponse(value);
+  } catch (e) {
+    answer(failure(`handleRequest: the response cannot be read: ${describe(e)}`, errorName(e)));
+  }
+}
+answer(response ? { success: true, response, metrics: metrics(callStarted) } : { success: true, data: value, metrics: metrics(callStarted) });
