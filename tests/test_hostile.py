@@ -214,3 +214,77 @@ def _cmdline(pid: str) -> list[str]:
             return [p.decode() for p in f.read().split(b"\0") if p]
     except OSError:
         return []
+
+
+# -- Deno and Node: the same attacks where they apply. Under none, each runtime's own permission
+# model is the only fence (Deno's covers files, network, env and subprocesses; Node 22's covers
+# files and subprocesses, not the network).
+
+JS = {"deno": ".ts", "node": ".mjs"}
+
+
+async def js_attack(runtime: str, isolation: str, name: str, args=None, timeout=10):
+    executor = create_executor(ExecutorSection(warm=0, isolation=isolation))
+    try:
+        req = ExecRequest(code_path=str(HOSTILE.parent / runtime / f"{name}{JS[runtime]}"), endpoint="main",
+                          args=args or {}, timeout=timeout)
+        return await executor.execute(req, runtime)
+    finally:
+        await executor.shutdown()
+
+
+@pytest.fixture(params=["deno", "node"])
+def js(request) -> str:
+    return request.param
+
+
+async def test_js_reading_secrets(js, isolation, host_dir):
+    secret = host_dir / "app-password"
+    secret.write_text("canary")
+    secret.chmod(0o600)
+    for path in (str(secret), "/etc/shadow"):
+        r = await js_attack(js, isolation, "read_file", {"path": path})
+        assert r.success and "read" not in r.data, (path, r.data)
+
+
+async def test_js_writing_outside(js, isolation, host_dir):
+    host_dir.chmod(0o777)
+    r = await js_attack(js, isolation, "write_outside", {"path": str(host_dir / "pwned")})
+    assert r.success and "denied" in r.data and not (host_dir / "pwned").exists()
+
+
+async def test_js_environment_dump(js, isolation):
+    with open("/proc/self/environ", "rb") as f:
+        canary = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)[b"PATH"].decode()
+    r = await js_attack(js, isolation, "env_dump", {"canary": canary})
+    assert r.success and r.data["others"] == []
+    assert not isinstance(r.data["own"], dict) or all(canary not in v for v in r.data["own"].values())
+
+
+async def test_js_spawning_a_process(js, isolation):
+    r = await js_attack(js, isolation, "spawn_process")
+    assert r.success and "denied" in r.data
+
+
+async def test_js_connecting_to_loopback(js, isolation):
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        r = await js_attack(js, isolation, "connect_loopback", {"port": port})
+    finally:
+        server.close()
+    assert r.success
+    if js == "node" and isolation == "none":
+        assert r.data["connected"] is True  # NOT contained: Node 22 has no network permission; none adds no fence
+    else:
+        assert r.data["connected"] is False
+
+
+async def test_js_cpu_spin(js, isolation):
+    r = await js_attack(js, isolation, "cpu_spin", timeout=2)
+    assert r.timed_out
+
+
+async def test_deno_remote_import(isolation):
+    r = await js_attack("deno", isolation, "remote_import")
+    assert r.success and "imported" not in r.data.values(), r.data

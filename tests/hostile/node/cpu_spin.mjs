@@ -1,0 +1,2 @@
+// CPU spin past the timeout.
+export function main() { while (true) { /* spin */ } }
