@@ -22,14 +22,17 @@ from rich.table import Table
 from atrund.devstack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
-console = Console(highlight=False)
+console = Console(highlight=False, width=max(Console().width, 120))
 
 INVOCATIONS = [
     ("hello.py", "greet", {"name": "Ada"}),
     ("hello.py", "divide", {"a": 84, "b": 2}),
     ("hello.py", "divide", {"a": 1, "b": 0}),  # fails on purpose: ZeroDivisionError
     ("wordstats.py", "stats", {"text": "the quick brown fox jumps over the lazy dog the end"}),
+    ("hello.ts", "greet", {"name": "Grace"}),
+    ("hello.mjs", "greet", {"name": "Linus"}),
 ]
+RUNTIME = {".py": "python", ".ts": "deno", ".mjs": "node"}
 
 
 def atrund(args: list[str], env: dict[str, str]) -> tuple[int, dict]:
@@ -86,12 +89,12 @@ def run_author_side(stack: LocalStack, alice, runner) -> None:
     console.rule("alice publishes bundles", style="dim")
     bundles = {}
     for name in sorted({b for b, _, _ in INVOCATIONS}):
-        _, out = atrund(["bundle", "publish", f"examples/{name}", "--runtime", "python"], env)
+        _, out = atrund(["bundle", "publish", f"examples/{name}", "--runtime", RUNTIME[Path(name).suffix]], env)
         bundles[name] = out
         console.print(f"  → {out['uri']}  [dim]cid {out['cid']}[/dim]")
     console.rule("alice invokes them on the runner and waits for the result records", style="dim")
     table = Table(title="results", show_lines=True)
-    for col in ("call", "status", "result AT URI", "value or error", "ms"):
+    for col in ("call", "ran on", "status", "result AT URI", "value or error", "ms"):
         table.add_column(col, overflow="fold")
     for name, endpoint, args in INVOCATIONS:
         t = time.monotonic()
@@ -102,7 +105,9 @@ def run_author_side(stack: LocalStack, alice, runner) -> None:
         shown = json.dumps(out["value"]) if "value" in out else out["record"].get("error", "")
         colour = "green" if status == "success" else "red"
         console.print(f"  → [{colour}]{status}[/{colour}] {out['result']}\n    {shown}")
-        table.add_row(f"{name} {endpoint}({json.dumps(args)})", f"[{colour}]{status}[/{colour}]", out["result"], shown, str(ms))
+        m = out["record"].get("metrics", {})
+        table.add_row(f"{name} {endpoint}({json.dumps(args)})", f"{m.get('runtime')} / {m.get('isolation')}",
+                      f"[{colour}]{status}[/{colour}]", out["result"], shown, str(ms))
     console.print(table)
     console.print("Anyone can read a result by its URI, e.g.:")
     console.print(f"[dim]$[/dim] [bold]atrund result get {out['result']} --plc-url {stack.plc_url}[/bold]")
