@@ -95,6 +95,7 @@ class ExecutorSection(Section):
     sandbox_uid_base: int = Field(default=910_000, ge=1000, description="first uid of the process backend's workers")
     sandbox_uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
     work_dir: Path | None = Field(default=None, description="process backend: where workers' private /tmp live")
+    tmp_mb: int = Field(default=64, ge=1, description="process backend: size of a worker's private /tmp (a tmpfs)")
     runtimes_dir: Path = RUNTIMES_DIR
 
 

@@ -288,3 +288,30 @@ async def test_js_cpu_spin(js, isolation):
 async def test_deno_remote_import(isolation):
     r = await js_attack("deno", isolation, "remote_import")
     assert r.success and "imported" not in r.data.values(), r.data
+
+
+async def test_filling_the_disk(isolation):
+    if isolation == "none":
+        pytest.skip("under none the bundle writes to the host's /tmp: filling it would harm the machine; not run, documented")
+    r = await attack(isolation, "disk_fill", timeout=30, tmp_mb=16)
+    assert r.success and r.data["written_mb"] <= 16 and r.data["stopped_by"] == "No space left on device", r.data
+
+
+async def test_a_crashed_runners_worker_mounts_are_cleaned(tmp_path):
+    """A runner that died leaves tmpfs mounts under work_dir; the next one removes them, and
+    leaves alone those whose uid another live runner holds."""
+    from atrund.execute.process import ProcessBackend, mount_tmpfs, worker_mounts
+
+    settings = ExecutorSection(work_dir=tmp_path / "work", sandbox_uid_base=950_000, sandbox_uids=4)
+    live = ProcessBackend(settings)
+    held = live.uids.take()
+    for uid in (950_003, held):
+        d = tmp_path / "work" / f"w{uid}-left"
+        d.mkdir()
+        mount_tmpfs(d, 1)
+    ProcessBackend(settings)  # a second runner starting on the same host
+    left = [m.name for m in worker_mounts(tmp_path / "work")]
+    assert left == [f"w{held}-left"]
+    from atrund.execute.process import unmount
+
+    unmount(tmp_path / "work" / f"w{held}-left")

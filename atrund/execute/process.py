@@ -14,6 +14,7 @@ is granted more gets a worker started for it.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -71,20 +72,50 @@ class UidPool:
 
     def take(self) -> int:
         for uid in list(self.free):
-            fd = os.open(self.lock_dir / f"uid-{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self.free.remove(uid)
-            self.held[uid] = fd
-            return uid
+            if self.hold(uid):
+                return uid
         raise ExecutorError("no sandbox uid free: raise executor.sandbox_uids")
+
+    def hold(self, uid: int) -> bool:
+        """Take ``uid`` if no one (in any process) holds it."""
+        if uid not in self.free:
+            return False
+        fd = os.open(self.lock_dir / f"uid-{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.free.remove(uid)
+        self.held[uid] = fd
+        return True
 
     def give(self, uid: int) -> None:
         os.close(self.held.pop(uid))
         self.free.append(uid)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
+MS_NOSUID, MS_NODEV = 2, 4
+
+
+def mount_tmpfs(path: Path, size_mb: int) -> None:
+    """A size-limited tmpfs for a worker's /tmp: a bundle filling it fills its own quota, not the host's disk."""
+    opts = f"size={size_mb}m,mode=0700".encode()
+    if _libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts) != 0:
+        err = ctypes.get_errno()
+        raise ExecutorError(f"cannot mount a tmpfs for a worker at {path}: {os.strerror(err)}")
+
+
+def unmount(path: Path) -> None:
+    _libc.umount2(str(path).encode(), MNT_DETACH)
+
+
+def worker_mounts(root: Path) -> list[Path]:
+    prefix = str(root) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [Path(line.split()[4]) for line in f if line.split()[4].startswith(prefix)]
 
 
 class FencedWorker(DirectWorker):
@@ -117,6 +148,7 @@ class FencedWorker(DirectWorker):
         super()._kill_all()
 
     async def kill(self) -> None:
+        unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
         await super().kill()
         if self._uids is not None:  # the uid is free again only once no process of it can be left
             self._uids.give(self.uid)
@@ -131,11 +163,34 @@ class ProcessBackend(Backend):
         self.work_root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.work_root, 0o711)
         self.uids = UidPool(settings.sandbox_uid_base, settings.sandbox_uids, self.work_root)
+        self.tmp_mb = settings.tmp_mb
+        self.remove_leftovers()
+
+    def remove_leftovers(self) -> None:
+        """Unmount and remove worker directories a crashed runner left behind.
+
+        Only those whose uid nobody holds: another runner on this host may share the directory.
+        """
+        for mountpoint in worker_mounts(self.work_root):
+            uid = int(mountpoint.name[1:].split("-", 1)[0]) if mountpoint.name.startswith("w") else None
+            if uid is None or not self.uids.hold(uid):
+                continue
+            try:
+                unmount(mountpoint)
+                shutil.rmtree(mountpoint, ignore_errors=True)
+            finally:
+                self.uids.give(uid)
 
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
         check_program(runtime)
         uid = self.uids.take()
         workdir = Path(tempfile.mkdtemp(prefix=f"w{uid}-", dir=self.work_root))
+        try:
+            mount_tmpfs(workdir, self.tmp_mb)
+        except ExecutorError:
+            self.uids.give(uid)
+            os.rmdir(workdir)
+            raise
         spec = {
             "uid": uid,
             "gid": uid,
