@@ -4,8 +4,9 @@ Runs as root inside fresh mount, PID, IPC, UTS (and, when no network is granted,
 namespaces made by ``unshare``, and then, in this order, before any bundle code exists in the
 process:
 
-1. makes every mount private and binds the worker's own directory on /tmp (the only place
-   it may write unless more is granted);
+1. makes every mount private, shows the runtime's own directories read-only under
+   /run/atrund (wherever they live on the host), and binds the worker's own directory on
+   /tmp (the only place it may write unless more is granted);
 2. sets hard resource limits (memory, CPU, file size, open files, processes, no core dumps);
 3. sets no_new_privs, drops every group and switches to the worker's own unprivileged uid
    (one uid per worker: workers cannot signal or ptrace each other, and RLIMIT_NPROC counts
@@ -37,6 +38,7 @@ LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_RULE_NET_PORT = 2
 PR_SET_NO_NEW_PRIVS = 38
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
 # Filesystem rights, with the ABI that introduced them.
@@ -116,10 +118,42 @@ def landlock(read, write, ports):
     os.close(ruleset)
 
 
+def relocate(sources, argv, read):
+    """Show the runtime's own directories at /run/atrund/N, read-only, and point argv there.
+
+    They may live where the worker cannot see or reach them: under /tmp (which the worker's own
+    /tmp covers) or under a directory closed to other users (/root). A tmpfs on /run also hides
+    the host's /run (sockets such as docker.sock) from the worker.
+    """
+    fds = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src in sources]  # before anything is covered
+    check(libc.mount(b"tmpfs", b"/run", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=0755"), "mount a tmpfs on /run")
+    moves = []
+    for i, (src, fd) in enumerate(zip(sources, fds)):
+        dst = f"/run/atrund/{i}"
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.makedirs(dst)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "w").close()
+        check(libc.mount(f"/proc/self/fd/{fd}".encode(), dst.encode(), None, MS_BIND | MS_REC, None), f"bind {src}")
+        check(libc.mount(None, dst.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"make {src} read-only")
+        moves.append((src, dst))
+    moves.sort(key=lambda m: len(m[0]), reverse=True)  # the longest source wins
+
+    def moved(path):
+        for src, dst in moves:
+            if path == src or path.startswith(src + "/"):
+                return dst + path[len(src):]
+        return path
+
+    return [moved(word) for word in argv], [moved(p) for p in read] + [dst for _, dst in moves]
+
+
 def main():
     spec = json.loads(sys.argv[1])
     uid, gid, workdir = spec["uid"], spec["gid"], spec["workdir"]
     check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    argv, read = relocate(spec["relocate"], spec["argv"], spec["read"])
     os.chown(workdir, uid, gid)
     os.chmod(workdir, 0o700)
     check(libc.mount(workdir.encode(), b"/tmp", None, MS_BIND, None), "bind the worker directory on /tmp")
@@ -129,9 +163,8 @@ def main():
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-    landlock(spec["read"], ["/tmp", *spec["write"]], spec["ports"])
+    landlock(read, ["/tmp", *spec["write"]], spec["ports"])
     os.chdir("/tmp")
-    argv = spec["argv"]
     child = os.fork()
     if child == 0:
         os.execve(argv[0], argv, spec["env"])

@@ -195,7 +195,8 @@ class ProcessBackend(Backend):
             "uid": uid,
             "gid": uid,
             "workdir": str(workdir),
-            "read": SYSTEM_READ + runtime_paths(runtime) + list(permissions.read),
+            "read": SYSTEM_READ + list(permissions.read),
+            "relocate": runtime_paths(runtime),
             "write": SYSTEM_WRITE + list(permissions.write),
             "ports": ports_for(permissions.net),
             "rlimits": {
@@ -223,9 +224,13 @@ class ProcessBackend(Backend):
 
 
 def runtime_paths(runtime: Runtime) -> list[str]:
-    """The runtime's directory, and the directory of every program its command names."""
+    """The runtime's directory, and the directory of every program its command names that is
+    not a system path (system paths are readable in place)."""
     paths = {str(runtime.dir)}
     for word in runtime.command:
         if word.startswith("/") and os.path.exists(word):
-            paths.add(str(Path(os.path.realpath(word)).parent))
+            for candidate in (word, os.path.realpath(word)):
+                parent = str(Path(candidate).parent)
+                if not any(parent == p or parent.startswith(p + "/") for p in SYSTEM_READ):
+                    paths.add(parent)
     return sorted(paths)
