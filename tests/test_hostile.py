@@ -26,13 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def host_dir():
     """A world-readable directory outside /tmp (the process backend gives bundles their own /tmp,
-    so files under the host's /tmp would be out of sight rather than denied)."""
+    so files under the host's /tmp would be out of sight rather than denied): /var/tmp."""
     import shutil
     import tempfile
 
-    base = ROOT / ".hostile-tmp"
-    base.mkdir(exist_ok=True)
-    d = Path(tempfile.mkdtemp(dir=base))
+    d = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="atrund-hostile-"))
     d.chmod(0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)

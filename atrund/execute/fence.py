@@ -128,7 +128,7 @@ def relocate(sources, argv, read):
     fds = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src in sources]  # before anything is covered
     check(libc.mount(b"tmpfs", b"/run", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=0755"), "mount a tmpfs on /run")
     moves = []
-    for i, (src, fd) in enumerate(zip(sources, fds)):
+    for i, (src, fd) in enumerate(zip(sources, fds, strict=True)):
         dst = f"/run/atrund/{i}"
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.makedirs(dst)
