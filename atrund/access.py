@@ -44,8 +44,14 @@ def _host_allowed(requested: str, patterns: list[str]) -> bool:
 
 
 def _path_allowed(requested: str, roots: list[str]) -> bool:
+    """Within an allowed root, both as written and as the file system resolves it today: a
+    symlink planted inside a granted directory must not widen the grant to where it points."""
     path = PurePosixPath(os.path.normpath(requested))
-    return path.is_absolute() and any(r == "*" or path.is_relative_to(os.path.normpath(r)) for r in roots)
+    if not path.is_absolute():
+        return False
+    real = PurePosixPath(os.path.realpath(requested))
+    return any(r == "*" or (path.is_relative_to(os.path.normpath(r)) and real.is_relative_to(os.path.realpath(r)))
+               for r in roots)
 
 
 @dataclass(frozen=True)

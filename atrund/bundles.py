@@ -90,8 +90,10 @@ class BundleStore:
         return value
 
     async def _blob(self, did: str, record: Bundle) -> Path:
-        cid = record.code.cid
+        cid = record.code.cid  # validated as a canonical CID by the model: never a path
         path = self.blobs_dir / f"{cid}{self.extensions.get(record.runtime, '')}"
+        if path.parent != self.blobs_dir:
+            raise BundleRefused(f"bundle code names {cid!r}, which is not a CID")
         if path.exists():
             return path
         if record.code.size > self.max_bytes:

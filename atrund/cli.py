@@ -120,7 +120,7 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
 
 @main.command("exec")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--runtime", required=True, help="python (more runtimes come with their nix/runtimes/ directory)")
+@click.option("--runtime", required=True, help="python, deno or node (any directory under nix/runtimes/)")
 @click.option("--endpoint", required=True, help="The function to call.")
 @click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
 @click.option("--timeout", type=int, default=30, show_default=True, help="Seconds before the run is killed.")

@@ -91,7 +91,7 @@ class ExecutorSection(Section):
     max_timeout: int = Field(default=300, ge=1)
     max_output_bytes: int = Field(default=65_536, ge=1024)
     memory_mb: int = Field(default=512, ge=16)
-    max_processes: int = Field(default=128, ge=8, description="RLIMIT_NPROC of a process-backend worker (threads count)")
+    max_processes: int = Field(default=64, ge=8, description="RLIMIT_NPROC of a process-backend worker (threads count)")
     sandbox_uid_base: int = Field(default=910_000, ge=1000, description="first uid of the process backend's workers")
     sandbox_uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
     work_dir: Path | None = Field(default=None, description="process backend: where workers' private /tmp live")
@@ -151,6 +151,10 @@ def parse(data: dict, base_dir: Path | None = None) -> Config:
         pw = cfg.runner.password_file
         if pw is not None and not pw.expanduser().is_absolute():
             cfg.runner.password_file = base_dir / pw
+        for key in ("work_dir", "runtimes_dir"):
+            value = getattr(cfg.executor, key)
+            if value is not None and not value.is_absolute():
+                setattr(cfg.executor, key, base_dir / value)
     return cfg
 
 

@@ -49,6 +49,7 @@ class Daemon:
         self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes, extensions)
         self.slots = asyncio.Semaphore(cfg.executor.concurrency)
         self.tasks: set[asyncio.Task] = set()
+        self.stopping = False
         self.session: Session | None = None
         self.writer: ResultWriter | None = None
         self.poller: Poller | None = None
@@ -105,6 +106,7 @@ class Daemon:
                 log.error("a runner loop stopped unexpectedly; shutting down", loop=task.get_name(),
                           error=repr(task.exception()) if not task.cancelled() else "cancelled")
         stopping.cancel()
+        self.stopping = True  # running invocations finish; queued ones wait for the next start
         loops[0].cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.writer.flush()
@@ -127,6 +129,8 @@ class Daemon:
 
     async def _guarded(self, uri: str) -> None:
         async with self.slots:
+            if self.stopping:
+                return  # stays pending: the next start takes it up
             stored = self.state.pending(uri)
             if stored is None:
                 return
@@ -206,7 +210,8 @@ class Daemon:
         metrics.total_ms = max(0, int((time.time() - inv.seen_at) * 1000))
         inv_ref = StrongRef(uri=inv.uri, cid=inv.cid)
         result = build(inv_ref, bundle or _bundle_ref(inv.value, inv_ref), status, metrics=metrics, **fields)
-        self.state.finish(inv.uri, status, result_rkey(inv.uri), result.to_record())
+        if not self.state.finish(inv.uri, status, result_rkey(inv.uri), result.to_record()):
+            return  # it already has its result
         self.writer.wake()
         log.info("invocation", uri=inv.uri, author=inv.author, status=status, bundle=(bundle.cid if bundle else None),
                  runtime=metrics.runtime, isolation=metrics.isolation, queued_ms=metrics.queued_ms,

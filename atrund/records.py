@@ -13,8 +13,10 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import libipld
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from typing_extensions import Annotated
 
 BUNDLE = "dev.atrun.bundle"
 INVOCATION = "dev.atrun.invocation"
@@ -44,6 +46,21 @@ def result_uri(runner_did: str, invocation_uri: str) -> str:
     return f"at://{runner_did}/{RESULT}/{result_rkey(invocation_uri)}"
 
 
+def _cid(value: str) -> str:
+    """A CID in its canonical string form (it names files in the bundle cache: never a path)."""
+    try:
+        parsed = libipld.decode_cid(value)
+        canonical = libipld.encode_cid(libipld.decode_multibase(value)[1]) if value.startswith("b") else None
+    except ValueError as e:
+        raise ValueError(f"not a CID: {e}") from None
+    if canonical != value or parsed["hash"]["code"] != 0x12:
+        raise ValueError("not a base32 CIDv1 with a sha2-256 hash")
+    return value
+
+
+Cid = Annotated[str, AfterValidator(_cid)]
+
+
 class Record(BaseModel):
     """Base: camelCase on the wire, unknown fields kept (records may grow compatibly)."""
 
@@ -58,11 +75,11 @@ class StrongRef(Record):
 
     model_config = ConfigDict(extra="ignore")
     uri: str = Field(pattern=r"^at://[^/]+/[^/]+/[^/]+$")
-    cid: str = Field(min_length=8)
+    cid: Cid
 
 
 class BlobLink(BaseModel):
-    link: str = Field(alias="$link")
+    link: Cid = Field(alias="$link")
 
 
 class BlobRef(BaseModel):

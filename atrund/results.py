@@ -21,7 +21,7 @@ from atrund.state import State
 
 log = structlog.get_logger("atrund.results")
 
-MAX_ERROR_CHARS = 4000
+MAX_ERROR_BYTES = 4000
 BATCH = 100  # results per applyWrites call (the reference PDS takes up to 200 writes)
 FALLBACK_MARK = "the result could not be stored"
 
@@ -36,8 +36,8 @@ def build(
     response: dict[str, Any] | None = None,
     metrics: Metrics | None = None,
 ) -> Result:
-    if error is not None and len(error) > MAX_ERROR_CHARS:
-        error = error[: MAX_ERROR_CHARS - 20] + " … (truncated)"
+    if error is not None and len(error.encode()) > MAX_ERROR_BYTES:  # the lexicon's maxLength counts UTF-8 bytes
+        error = error.encode()[: MAX_ERROR_BYTES - 20].decode("utf-8", "ignore") + " … (truncated)"
     return Result(
         invocation=invocation,
         bundle=bundle,
@@ -53,7 +53,7 @@ def build(
 def _fallback(record: dict[str, Any], reason: str) -> dict[str, Any]:
     out = {k: v for k, v in record.items() if k in ("invocation", "bundle", "createdAt", "metrics")}
     out["status"] = "error"
-    out["error"] = f"{FALLBACK_MARK}: {reason}"[:MAX_ERROR_CHARS]
+    out["error"] = f"{FALLBACK_MARK}: {reason}".encode()[:MAX_ERROR_BYTES].decode("utf-8", "ignore")
     return out
 
 

@@ -10,12 +10,16 @@ What makes "nothing lost, nothing run twice" true:
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from atrund.errors import AtrundError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS invocations (
@@ -47,6 +51,10 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 
+class StateLocked(AtrundError):
+    pass
+
+
 @dataclass(frozen=True)
 class Stored:
     uri: str
@@ -67,13 +75,22 @@ class Outgoing:
 class State:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # One runner per state directory: two would each believe the other's running rows were
+        # interrupted by a crash.
+        self._lock = os.open(path.parent / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise StateLocked(f"{path.parent} is in use by another atrund process") from None
         self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a committed "running" must survive a power cut
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.db.close()
+        os.close(self._lock)
 
     # -- invocations ---------------------------------------------------------------------
 
@@ -122,17 +139,24 @@ class State:
         )
         return cur.rowcount == 1
 
-    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any]) -> None:
-        """Mark an invocation done and queue its result record, in one transaction."""
+    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any]) -> bool:
+        """Mark an invocation done and queue its result record, in one transaction.
+
+        Only once: an invocation that is already done keeps its first result (False).
+        """
         now = time.time()
         with self._tx():
-            self.db.execute(
-                "UPDATE invocations SET state = 'done', status = ?, finished_at = ? WHERE uri = ?", (status, now, uri)
+            cur = self.db.execute(
+                "UPDATE invocations SET state = 'done', status = ?, finished_at = ? WHERE uri = ? AND state IN ('pending', 'running')",
+                (status, now, uri),
             )
+            if cur.rowcount != 1:
+                return False
             self.db.execute(
-                "INSERT OR REPLACE INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
+                "INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
                 (uri, rkey, json.dumps(record), now),
             )
+        return True
 
     def status_of(self, uri: str) -> tuple[str, str | None] | None:
         row = self.db.execute("SELECT state, status FROM invocations WHERE uri = ?", (uri,)).fetchone()

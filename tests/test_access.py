@@ -41,3 +41,23 @@ def test_path_grants_do_not_escape_with_dotdot():
 def test_nothing_is_granted_by_default():
     assert PermissionPolicy().refused(Permissions(net=["a.com"], env=["KEY"])) == ["net a.com", "env KEY"]
     assert PermissionPolicy().refused(None) == []
+
+
+def test_a_symlink_inside_a_granted_directory_does_not_widen_the_grant(tmp_path):
+    """A bundle with write access can plant a link; the policy judges where it really leads."""
+    root = tmp_path / "granted"
+    root.mkdir()
+    (root / "escape").symlink_to("/etc")
+    p = PermissionPolicy(read=(str(root),))
+    assert p.refused(Permissions(read=[str(root / "escape")])) == [f"read {root / 'escape'}"]
+    assert p.refused(Permissions(read=[str(root / "plain")])) == []
+
+
+@pytest.mark.parametrize("net, ports", [
+    (["api.example.com"], [80, 443]), (["api.example.com:8443"], [8443]), (["[2001:db8::1]:8443"], [8443]),
+    (["2001:db8::1"], [80, 443]), (["127.0.0.1:5432", "x.org"], [80, 443, 5432]),
+])
+def test_network_grants_become_landlock_ports(net, ports):
+    from atrund.execute.process import ports_for
+
+    assert ports_for(net) == ports

@@ -41,7 +41,11 @@ def isolation(request) -> str:
     return request.param
 
 
+UID_BASE = 960_000  # this suite's own sandbox uids, so process counts see only its workers
+
+
 async def attack(isolation: str, name: str, args=None, timeout=5, permissions=None, warm=0, **settings):
+    settings.setdefault("sandbox_uid_base", UID_BASE)
     executor = create_executor(ExecutorSection(warm=warm, isolation=isolation, **settings))
     if warm:
         await executor.warm(warm)
@@ -53,7 +57,7 @@ async def attack(isolation: str, name: str, args=None, timeout=5, permissions=No
         await executor.shutdown()
 
 
-def processes_of_uid_range(base: int = 910_000, count: int = 256) -> list[int]:
+def processes_of_uid_range(base: int = UID_BASE, count: int = 256) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():

@@ -36,3 +36,15 @@ def test_result_model_rejects_an_unknown_status_type():
     with pytest.raises(ValueError):
         Result.model_validate({"invocation": {"uri": "at://a/b/c", "cid": "bafyreiabc"}, "bundle": {"uri": "at://a/b/c", "cid": "bafyreiabc"},
                                "status": 3, "createdAt": "2026-01-01T00:00:00Z"})
+
+
+@pytest.mark.parametrize("link", ["../../../etc/passwd", "/etc/passwd", "bafkreinotacid", "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"])
+def test_blob_and_record_references_must_be_cids(link):
+    """A CID names a file in the bundle cache: anything else (a path!) is refused by the model."""
+    from atrund.records import Bundle, StrongRef
+
+    with pytest.raises(ValueError):
+        Bundle.model_validate({"runtime": "python", "createdAt": "x",
+                               "code": {"$type": "blob", "ref": {"$link": link}, "mimeType": "text/x-python", "size": 1}})
+    with pytest.raises(ValueError):
+        StrongRef(uri="at://did:plc:a/dev.atrun.bundle/b", cid=link)

@@ -86,7 +86,7 @@ def landlock_abi():
     return libc.syscall(SYS_landlock_create_ruleset, None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
 
 
-def landlock(read, write, ports):
+def landlock(read, write, grant_read, grant_write, ports):
     abi = landlock_abi()
     if abi < 1:
         fail("Landlock is not available in this kernel; the process backend cannot fence a worker")
@@ -96,12 +96,19 @@ def landlock(read, write, ports):
     size = ctypes.sizeof(RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)
     ruleset = check(libc.syscall(SYS_landlock_create_ruleset, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
                     "landlock_create_ruleset")
-    for paths, rights in ((read, READ & fs), (write, fs)):
+    # System and runtime paths may be symlinks (/lib -> usr/lib); a granted path may not: the
+    # runner checked it resolved inside what the operator allows, and a link swapped in since
+    # must not widen the grant.
+    for paths, rights, flags in ((read, READ & fs, 0), (write, fs, 0),
+                                 (grant_read, READ & fs, os.O_NOFOLLOW), (grant_write, fs, os.O_NOFOLLOW)):
         for path in paths:
             try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC | flags)
             except FileNotFoundError:
                 continue  # a granted path that does not exist grants nothing
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                os.close(fd)
+                continue
             allowed = rights if stat.S_ISDIR(os.fstat(fd).st_mode) else rights & FILE_RIGHTS
             rule = PathBeneathAttr(allowed, fd)
             check(libc.syscall(SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), ctypes.c_uint32(0)),
@@ -118,14 +125,22 @@ def landlock(read, write, ports):
     os.close(ruleset)
 
 
-def relocate(sources, argv, read):
+def keep(paths, fds):
+    """Bind host files back at their own path inside the private /run."""
+    for path, fd in zip(paths, fds, strict=True):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+        check(libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND, None), f"bind {path}")
+        check(libc.mount(None, path.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"make {path} read-only")
+
+
+def relocate(sources, fds, argv, read):
     """Show the runtime's own directories at /run/atrund/N, read-only, and point argv there.
 
     They may live where the worker cannot see or reach them: under /tmp (which the worker's own
     /tmp covers) or under a directory closed to other users (/root). A tmpfs on /run also hides
     the host's /run (sockets such as docker.sock) from the worker.
     """
-    fds = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src in sources]  # before anything is covered
     check(libc.mount(b"tmpfs", b"/run", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=0755"), "mount a tmpfs on /run")
     moves = []
     for i, (src, fd) in enumerate(zip(sources, fds, strict=True)):
@@ -153,17 +168,23 @@ def main():
     spec = json.loads(sys.argv[1])
     uid, gid, workdir = spec["uid"], spec["gid"], spec["workdir"]
     check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
-    argv, read = relocate(spec["relocate"], spec["argv"], spec["read"])
-    os.chown(workdir, uid, gid)
-    os.chmod(workdir, 0o700)
-    check(libc.mount(workdir.encode(), b"/tmp", None, MS_BIND, None), "bind the worker directory on /tmp")
+    # Open what we will show before anything is covered (the worker dir may live under /run).
+    fds = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src in spec["relocate"]]
+    kept = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path in spec["keep"]]
+    work = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    os.fchown(work, uid, gid)
+    os.fchmod(work, 0o700)
+    check(libc.mount(f"/proc/self/fd/{work}".encode(), b"/tmp", None, MS_BIND, None), "bind the worker directory on /tmp")
+    os.close(work)
+    argv, read = relocate(spec["relocate"], fds, spec["argv"], spec["read"])
+    keep(spec["keep"], kept)
     for name, value in spec["rlimits"].items():
         resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, value))
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-    landlock(read, ["/tmp", *spec["write"]], spec["ports"])
+    landlock(read, ["/tmp", *spec["write"]], spec["grant_read"], spec["grant_write"], spec["ports"])
     os.chdir("/tmp")
     child = os.fork()
     if child == 0:

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from atrund.execute.runtimes import Runtime
 
 FENCE = Path(__file__).with_name("fence.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
+DEFAULT_WORK_DIR = "/run/atrund-work"  # root-only parent; never world-writable /tmp
 # What every runtime may read besides its own directory: system libraries and a few files.
 SYSTEM_READ = [
     "/usr", "/lib", "/lib64", "/bin", "/sbin", "/proc", "/dev/urandom", "/dev/random",
@@ -51,7 +53,8 @@ def ports_for(net: list[str]) -> list[int]:
     ports: set[int] = set()
     for entry in net:
         host, sep, port = entry.rpartition(":")
-        if sep and port.isdigit() and "]" not in port:
+        # host:port or [v6]:port names a port; a bare IPv6 address (several colons) does not.
+        if sep and port.isdigit() and (host.count(":") == 0 or host.endswith("]")):
             ports.add(int(port))
         else:
             ports.update(DEFAULT_PORTS.values())
@@ -80,7 +83,7 @@ class UidPool:
         """Take ``uid`` if no one (in any process) holds it."""
         if uid not in self.free:
             return False
-        fd = os.open(self.lock_dir / f"uid-{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.lock_dir / f"uid-{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -102,7 +105,7 @@ MS_NOSUID, MS_NODEV = 2, 4
 
 def mount_tmpfs(path: Path, size_mb: int) -> None:
     """A size-limited tmpfs for a worker's /tmp: a bundle filling it fills its own quota, not the host's disk."""
-    opts = f"size={size_mb}m,mode=0700".encode()
+    opts = f"size={size_mb}m,nr_inodes=4096,mode=0700".encode()  # inodes cost unaccounted kernel memory
     if _libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts) != 0:
         err = ctypes.get_errno()
         raise ExecutorError(f"cannot mount a tmpfs for a worker at {path}: {os.strerror(err)}")
@@ -159,9 +162,12 @@ class ProcessBackend(Backend):
     isolation = "process"
 
     def __init__(self, settings) -> None:
-        self.work_root = Path(settings.work_dir or "/tmp/atrund-work")
-        self.work_root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.work_root, 0o711)
+        self.work_root = Path(settings.work_dir or DEFAULT_WORK_DIR)
+        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        st = os.lstat(self.work_root)
+        # Root works in here (mounts, chown, locks): it must not be a place another user controls.
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            raise ExecutorError(f"{self.work_root} must be a directory owned by root and not writable by others")
         self.uids = UidPool(settings.sandbox_uid_base, settings.sandbox_uids, self.work_root)
         self.tmp_mb = settings.tmp_mb
         self.remove_leftovers()
@@ -195,9 +201,12 @@ class ProcessBackend(Backend):
             "uid": uid,
             "gid": uid,
             "workdir": str(workdir),
-            "read": SYSTEM_READ + list(permissions.read),
+            "read": SYSTEM_READ,
+            "grant_read": list(permissions.read),
             "relocate": runtime_paths(runtime),
-            "write": SYSTEM_WRITE + list(permissions.write),
+            "keep": kept_in_run(),
+            "write": SYSTEM_WRITE,
+            "grant_write": list(permissions.write),
             "ports": ports_for(permissions.net),
             "rlimits": {
                 "DATA": data_limit(settings, runtime),
@@ -218,9 +227,18 @@ class ProcessBackend(Backend):
         try:
             process = await spawn_process(command, runtime.name, workdir, settings)
         except ExecutorError:
+            unmount(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
             self.uids.give(uid)
             raise
         return FencedWorker(process, workdir, uid, self.uids)
+
+
+def kept_in_run() -> list[str]:
+    """Files the worker's private /run would hide but name resolution needs (systemd-resolved
+    makes /etc/resolv.conf a link into /run)."""
+    real = os.path.realpath("/etc/resolv.conf")
+    return [real] if real.startswith("/run/") and os.path.isfile(real) else []
 
 
 def runtime_paths(runtime: Runtime) -> list[str]:
