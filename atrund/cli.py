@@ -126,7 +126,7 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
 @click.option("--timeout", type=int, default=30, show_default=True, help="Seconds before the run is killed.")
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Use this runner configuration's executor settings.")
-@click.option("--isolation", type=click.Choice(["auto", "none", "process"]), default=None,
+@click.option("--isolation", type=click.Choice(["auto", "none", "process", "container", "firecracker"]), default=None,
               help="Executor backend (default: the config's, else auto).")
 @click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle may reach.")
 @click.option("--allow-read", default="", help="Comma-separated paths the bundle may read.")

@@ -84,8 +84,9 @@ class BundlesSection(Section):
 
 
 class ExecutorSection(Section):
-    isolation: Literal["auto", "none", "process"] = "auto"
+    isolation: Literal["auto", "none", "process", "container", "firecracker"] = "auto"
     warm: int = Field(default=2, ge=0, description="warm workers kept per runtime")
+    warm_by_runtime: dict[str, int] = Field(default={}, description="per-runtime override of warm, e.g. {deno = 0}")
     concurrency: int = Field(default=4, ge=1)
     default_timeout: int = Field(default=30, ge=1)
     max_timeout: int = Field(default=300, ge=1)

@@ -280,3 +280,17 @@ async def test_answer_just_over_the_limit(isolation, tmp_path):
 async def test_no_bytecode_is_written_beside_the_bundle(tmp_path):
     r = await run(tmp_path, isolation="none", source="import json\ndef main(args):\n    return 1\n")
     assert r.success and not (tmp_path / "__pycache__").exists()
+
+
+async def test_warm_counts_per_runtime(tmp_path):
+    """warm_by_runtime overrides warm for one runtime (a Deno worker costs more memory)."""
+    executor = create_executor(ExecutorSection(warm=1, isolation="none", warm_by_runtime={"deno": 0, "node": 0, "python": 2}))
+    await executor.warm(1)
+    assert executor.stats().warm == {"python": 2, "deno": 0, "node": 0}
+    await executor.shutdown()
+
+
+async def test_backends_not_built_yet_say_so():
+    for isolation in ("container", "firecracker"):
+        with pytest.raises(ExecutorError, match="not built yet"):
+            create_executor(ExecutorSection(isolation=isolation))

@@ -17,7 +17,9 @@ def create_backend(isolation: str, settings):
         return DirectBackend()
     if isolation == "process":
         return ProcessBackend(settings)
-    raise ExecutorError(f"isolation {isolation!r} is not available in this build (available: {', '.join(BACKENDS)}, auto)")
+    if isolation in ("container", "firecracker"):
+        raise ExecutorError(f"isolation {isolation!r} is not built yet (available: {', '.join(BACKENDS)}, auto)")
+    raise ExecutorError(f"unknown isolation {isolation!r} (available: {', '.join(BACKENDS)}, auto)")
 
 
 def create_executor(settings, isolation: str | None = None) -> Executor:

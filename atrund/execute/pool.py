@@ -78,6 +78,7 @@ class WorkerPool(Executor):
         self.runtimes = load_runtimes(settings.runtimes_dir)
         self._warm: dict[str, collections.deque[Worker]] = {name: collections.deque() for name in self.runtimes}
         self._warm_target = 0
+        self._warming = False  # warm() was called: keep the pool topped up
         self._starting: collections.Counter[str] = collections.Counter()
         self._refills: set[asyncio.Task] = set()
         self._busy = 0
@@ -91,10 +92,14 @@ class WorkerPool(Executor):
 
     async def warm(self, count: int) -> None:
         self._warm_target = count
+        self._warming = True
         await asyncio.gather(*(self._refill(name) for name in self.runtimes))
 
+    def _target(self, runtime: str) -> int:
+        return self.settings.warm_by_runtime.get(runtime, self._warm_target) if self._warming else 0
+
     async def _refill(self, runtime: str) -> None:
-        while not self._closed and len(self._warm[runtime]) + self._starting[runtime] < self._warm_target:
+        while not self._closed and len(self._warm[runtime]) + self._starting[runtime] < self._target(runtime):
             self._starting[runtime] += 1
             try:
                 worker = await self._start(self.runtimes[runtime])
@@ -109,7 +114,7 @@ class WorkerPool(Executor):
             self._warm[runtime].append(worker)
 
     def _schedule_refill(self, runtime: str) -> None:
-        if self._warm_target and not self._closed:
+        if self._warming and not self._closed:
             self._track(asyncio.create_task(self._refill(runtime)))
 
     def _track(self, task: asyncio.Future) -> None:
