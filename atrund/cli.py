@@ -48,6 +48,15 @@ def emit(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+def parse_uri(value: str, hint: str) -> tuple[str, str, str]:
+    from atrund.bundles import split_uri
+
+    try:
+        return split_uri(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=hint) from None
+
+
 def parse_args_json(value: str) -> dict[str, Any]:
     try:
         args = json.loads(value)
@@ -183,7 +192,11 @@ async def _login(pds: str | None, identifier: str, password: str, plc_url: str):
     if pds is None:
         if not identifier.startswith("did:"):
             raise click.UsageError("give --pds (or ATRUND_PDS), or log in with your DID so the PDS can be looked up")
-        pds = await Identities(plc_url).pds(identifier)
+        identities = Identities(plc_url)
+        try:
+            pds = await identities.pds(identifier)
+        finally:
+            await identities.close()
     return await Session.login(pds, identifier, password)
 
 
@@ -204,14 +217,17 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
                          pds: str | None, identifier: str, password: str, plc_url: str) -> None:
     """Upload FILE as a blob and create a dev.atrun.bundle record; prints its AT URI and CID."""
     session = await _login(pds, identifier, password, plc_url)
-    mime = CODE_MIME.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-    blob = await session.upload_blob(file.read_bytes(), mime)
-    record: dict[str, Any] = {"runtime": runtime, "code": blob, "name": name or file.name, "createdAt": now_iso()}
-    if description:
-        record["description"] = description
-    if endpoints:
-        record["endpoints"] = [e.strip() for e in endpoints.split(",") if e.strip()]
-    uri, cid = await session.create_record(BUNDLE, record)
+    try:
+        mime = CODE_MIME.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        blob = await session.upload_blob(file.read_bytes(), mime)
+        record: dict[str, Any] = {"runtime": runtime, "code": blob, "name": name or file.name, "createdAt": now_iso()}
+        if description:
+            record["description"] = description
+        if endpoints:
+            record["endpoints"] = [e.strip() for e in endpoints.split(",") if e.strip()]
+        uri, cid = await session.create_record(BUNDLE, record)
+    finally:
+        await session.close()
     err.print(f"published [bold]{record['name']}[/bold] ({blob['size']} bytes)")
     emit({"uri": uri, "cid": cid})
 
@@ -230,25 +246,24 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
 async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
                  wait: bool, wait_seconds: float, pds: str | None, identifier: str, password: str, plc_url: str) -> None:
     """Create a dev.atrun.invocation of BUNDLE_URI; prints its URI and where the result will be."""
-    from atrund.bundles import split_uri
     from atrund.identity import Identities
     from atrund.repos import Repos
 
     args = parse_args_json(args_json)
-    try:
-        b_did, b_coll, b_rkey = split_uri(bundle_uri)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="BUNDLE_URI") from None
+    b_did, b_coll, b_rkey = parse_uri(bundle_uri, "BUNDLE_URI")
     repos = Repos(Identities(plc_url))
     try:
         session = await _login(pds, identifier, password, plc_url)
-        if cid is None:
-            cid, _ = await repos.get_record(b_did, b_coll, b_rkey)
-        record: dict[str, Any] = {"runner": runner_did, "bundle": {"uri": bundle_uri, "cid": cid},
-                                  "endpoint": endpoint, "args": args, "createdAt": now_iso()}
-        if timeout is not None:
-            record["timeout"] = timeout
-        uri, inv_cid = await session.create_record(INVOCATION, record)
+        try:
+            if cid is None:
+                cid, _ = await repos.get_record(b_did, b_coll, b_rkey)
+            record: dict[str, Any] = {"runner": runner_did, "bundle": {"uri": bundle_uri, "cid": cid},
+                                      "endpoint": endpoint, "args": args, "createdAt": now_iso()}
+            if timeout is not None:
+                record["timeout"] = timeout
+            uri, inv_cid = await session.create_record(INVOCATION, record)
+        finally:
+            await session.close()
         out: dict[str, Any] = {"invocation": {"uri": uri, "cid": inv_cid}, "result": result_uri(runner_did, uri)}
         if not wait:
             emit(out)
@@ -297,15 +312,11 @@ def result() -> None:
 @click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True)
 @run_async
 async def result_get(at_uri: str, plc_url: str) -> None:
-    """Print the result record at AT_URI (a result URI, or an invocation URI with --runner)."""
-    from atrund.bundles import split_uri
+    """Print the result record at AT_URI (anyone can; no login)."""
     from atrund.identity import Identities
     from atrund.repos import Repos
 
-    try:
-        did, coll, rkey = split_uri(at_uri)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="AT_URI") from None
+    did, coll, rkey = parse_uri(at_uri, "AT_URI")
     repos = Repos(Identities(plc_url))
     try:
         cid, value = await repos.get_record(did, coll, rkey)

@@ -28,6 +28,35 @@ from atrund.session import Session
 _names = itertools.count()
 
 
+# -- executor helpers shared by the executor, runtime and hostile suites ---------------------
+
+async def execute_once(runtime: str, code_path: str, *, endpoint: str = "main", args: Any = None, timeout: int = 10,
+                       permissions: dict | None = None, env: dict | None = None, warm: int = 0, **settings: Any):
+    """One request through a fresh executor (real workers), shut down afterwards."""
+    from atrund.config import ExecutorSection
+    from atrund.execute import ExecRequest, create_executor
+    from atrund.execute.protocol import ExecPermissions
+
+    executor = create_executor(ExecutorSection(warm=warm, **settings))
+    if warm:
+        await executor.warm(warm)
+    try:
+        request = ExecRequest(code_path=code_path, endpoint=endpoint, args=args or {}, timeout=timeout,
+                              permissions=ExecPermissions(**(permissions or {})), env=env or {})
+        return await executor.execute(request, runtime)
+    finally:
+        await executor.shutdown()
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts: it runs nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> LocalStack:
     with LocalStack(data_dir=tmp_path_factory.mktemp("stack")) as s:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import execute_once, gone
 
 from atrund.config import ExecutorSection
 from atrund.execute import ExecRequest, ExecutorError, create_executor
@@ -28,20 +29,8 @@ def bundle(tmp_path: Path, source: str) -> str:
 
 
 async def run(tmp_path, source, endpoint="main", args=None, timeout=10, isolation="none", **settings):
-    executor = create_executor(ExecutorSection(warm=0, isolation=isolation, **settings))
-    try:
-        req = ExecRequest(code_path=bundle(tmp_path, source), endpoint=endpoint, args=args or {}, timeout=timeout)
-        return await executor.execute(req, "python")
-    finally:
-        await executor.shutdown()
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    return await execute_once("python", bundle(tmp_path, source), endpoint=endpoint, args=args, timeout=timeout,
+                              isolation=isolation, **settings)
 
 
 async def test_return_value_survives_prints_on_stdout_and_stderr(isolation, tmp_path):

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import execute_once
 
 from atrund.config import ExecutorSection
-from atrund.execute import ExecRequest, create_executor
 from atrund.execute.protocol import ExecPermissions
 
 HOSTILE = Path(__file__).resolve().parent / "hostile" / "python"
@@ -46,15 +46,8 @@ UID_BASE = 960_000  # this suite's own sandbox uids, so process counts see only 
 
 async def attack(isolation: str, name: str, args=None, timeout=5, permissions=None, warm=0, **settings):
     settings.setdefault("sandbox_uid_base", UID_BASE)
-    executor = create_executor(ExecutorSection(warm=warm, isolation=isolation, **settings))
-    if warm:
-        await executor.warm(warm)
-    try:
-        req = ExecRequest(code_path=str(HOSTILE / f"{name}.py"), endpoint="main", args=args or {}, timeout=timeout,
-                          permissions=permissions or ExecPermissions())
-        return await executor.execute(req, "python")
-    finally:
-        await executor.shutdown()
+    return await execute_once("python", str(HOSTILE / f"{name}.py"), args=args, timeout=timeout, warm=warm,
+                              permissions=permissions.model_dump() if permissions else None, isolation=isolation, **settings)
 
 
 def processes_of_uid_range(base: int = UID_BASE, count: int = 256) -> list[int]:
@@ -226,13 +219,8 @@ JS = {"deno": ".ts", "node": ".mjs"}
 
 
 async def js_attack(runtime: str, isolation: str, name: str, args=None, timeout=10):
-    executor = create_executor(ExecutorSection(warm=0, isolation=isolation))
-    try:
-        req = ExecRequest(code_path=str(HOSTILE.parent / runtime / f"{name}{JS[runtime]}"), endpoint="main",
-                          args=args or {}, timeout=timeout)
-        return await executor.execute(req, runtime)
-    finally:
-        await executor.shutdown()
+    return await execute_once(runtime, str(HOSTILE.parent / runtime / f"{name}{JS[runtime]}"), args=args, timeout=timeout,
+                              isolation=isolation, sandbox_uid_base=UID_BASE)
 
 
 @pytest.fixture(params=["deno", "node"])

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import execute_once, gone
 
 from atrund.config import REPO_ROOT, ExecutorSection
 from atrund.execute import ExecRequest, create_executor
@@ -62,21 +63,8 @@ async def run(runtime, isolation, tmp_path, source, endpoint="main", args=None, 
               timeout=10, **settings):
     path = tmp_path / f"bundle{EXTENSION[runtime]}"
     path.write_text(src(source, runtime))
-    executor = create_executor(ExecutorSection(warm=0, isolation=isolation, **{"memory_mb": MEMORY_MB, **settings}))
-    try:
-        request = ExecRequest(code_path=str(path), endpoint=endpoint, args=args or {}, timeout=timeout,
-                              permissions=ExecPermissions(**(permissions or {})), env=env or {})
-        return await executor.execute(request, runtime)
-    finally:
-        await executor.shutdown()
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    return await execute_once(runtime, str(path), endpoint=endpoint, args=args, permissions=permissions, env=env,
+                              timeout=timeout, isolation=isolation, **{"memory_mb": MEMORY_MB, **settings})
 
 
 def runtime_pids(marker: str) -> list[int]:
