@@ -27,6 +27,7 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 # sets the parent-death signal before exec'ing the runtime. Processes the bundle itself
 # starts are not covered; containing those is the job of the stronger backends.
 SETPRIV = shutil.which("setpriv")
+PIPE_GRACE = 0.5  # seconds a killed worker's pipes get to close by themselves
 
 
 class DirectWorker(Worker):
@@ -53,10 +54,15 @@ class DirectWorker(Worker):
 
     async def kill(self) -> None:
         self._kill_all()
-        # Drop our pipe ends at once: asyncio's wait() also waits for the pipes to close, which
-        # a setsid'd daemon holding them, or a reader paused at the output cap, would delay.
-        self.process._transport.close()  # noqa: SLF001 - asyncio offers no public way
-        await self.process.wait()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), PIPE_GRACE)
+        except asyncio.TimeoutError:
+            # Dead, but asyncio's wait() also waits for the pipes to close, which a setsid'd
+            # daemon holding them, or a reader paused at the output cap, delays: drop our ends.
+            # (Only now: closing the transport polls and reaps the process itself, which
+            # leaves asyncio's child watcher without an exit status to report.)
+            self.process._transport.close()  # noqa: SLF001 - asyncio offers no public way
+            await self.process.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
