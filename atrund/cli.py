@@ -354,6 +354,10 @@ def doctor(config_path: Path | None) -> None:
     out.print(f"Landlock ABI: {abi if abi > 0 else 'not available'}")
     for tool in ("unshare", "setpriv"):
         out.print(f"{tool}: {shutil.which(tool) or 'missing'}")
+    import ctypes.util
+
+    seccomp = ctypes.util.find_library("seccomp")
+    out.print(f"libseccomp: {seccomp or 'missing (the process backend then runs without its syscall filter)'}")
     runtimes = Table(title="runtimes")
     for col in ("runtime", "program", "version"):
         runtimes.add_column(col)

@@ -305,3 +305,28 @@ async def test_a_crashed_runners_worker_mounts_are_cleaned(tmp_path):
     from atrund.execute.process import unmount
 
     unmount(tmp_path / "work" / f"w{held}-left")
+
+
+async def test_connecting_to_a_world_writable_unix_socket(isolation, host_dir):
+    import socket
+
+    path = host_dir / "db.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    path.chmod(0o777)
+    try:
+        r = await attack(isolation, "unix_socket", {"path": str(path)})
+    finally:
+        server.close()
+    if isolation == "none":
+        assert r.success and r.data["connected"] is True  # NOT contained by none
+    else:
+        assert r.error_type == "PermissionError"  # seccomp: socket(AF_UNIX) itself is refused
+
+
+async def test_creating_a_user_namespace(isolation):
+    r = await attack(isolation, "user_namespace")
+    assert r.success
+    if isolation == "process":
+        assert r.data == {"unshared": False, "errno": 1}  # EPERM from seccomp

@@ -14,7 +14,8 @@ process:
 4. restricts itself with Landlock: read/execute only the runtime and system library paths,
    read the granted paths, write /tmp and the granted paths, TCP connect only to granted
    ports and never bind, no signals or abstract unix sockets beyond its own domain;
-5. forks: the child execs the runtime with a clean environment, and this process stays as the
+5. forks: the child loads a seccomp filter (no UNIX-socket connects, no user namespaces, no
+   ptrace/bpf/keyctl/mount/...) and execs the runtime with a clean environment, and this process stays as the
    namespace's init (reaping orphans, passing on the runtime's exit status).
 
 None of this can be undone by the bundle: hard limits cannot be raised without privilege,
@@ -164,6 +165,65 @@ def relocate(sources, fds, argv, read):
     return [moved(word) for word in argv], [moved(p) for p in read] + [dst for _, dst in moves]
 
 
+# seccomp: what a bundle never needs and an escape often does. Landlock cannot see pathname
+# UNIX sockets (outside /run and /tmp, e.g. a database's) or user namespaces (which hand out
+# capabilities inside them), so these are denied here. clone3 answers ENOSYS so libc falls back
+# to clone, whose flags (unlike clone3's) a filter can read.
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ = 4, 7
+AF_UNIX, CLONE_NEWUSER = 1, 0x10000000
+EPERM, EACCES, ENOSYS = 1, 13, 38
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "bpf", "perf_event_open", "userfaultfd",
+    "keyctl", "add_key", "request_key", "mount", "umount2", "pivot_root", "setns", "move_mount",
+    "open_tree", "fsopen", "fsmount", "fspick", "open_by_handle_at", "name_to_handle_at", "kexec_load",
+    "kexec_file_load", "init_module", "finit_module", "delete_module", "acct", "swapon", "swapoff",
+    "reboot", "syslog",
+)
+NOT_IMPLEMENTED = ("clone3", "io_uring_setup", "io_uring_enter", "io_uring_register")
+
+
+class ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+def seccomp_filter():
+    """Load the filter (no_new_privs is already set). Without libseccomp it is skipped: the
+    namespaces, uid and Landlock still stand, and `atrund doctor` says so."""
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        return False
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(ArgCmp)]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not ctx:
+        fail("seccomp_init failed")
+
+    def rule(action, name, *cmps):
+        nr = lib.seccomp_syscall_resolve_name(name.encode())
+        if nr < 0:
+            return  # not a syscall on this architecture
+        arr = (ArgCmp * max(1, len(cmps)))(*cmps)
+        if lib.seccomp_rule_add_array(ctypes.c_void_p(ctx), ctypes.c_uint32(action), nr, len(cmps), arr) != 0:
+            fail(f"seccomp rule for {name} failed")
+
+    errno = lambda e: 0x00050000 | e  # noqa: E731 - SCMP_ACT_ERRNO
+    for name in DENIED_SYSCALLS:
+        rule(errno(EPERM), name)
+    for name in NOT_IMPLEMENTED:
+        rule(errno(ENOSYS), name)
+    rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))
+    for name in ("unshare", "clone"):
+        rule(errno(EPERM), name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
+    if lib.seccomp_load(ctypes.c_void_p(ctx)) != 0:
+        fail("seccomp_load failed")
+    lib.seccomp_release(ctypes.c_void_p(ctx))
+    return True
+
+
 def main():
     spec = json.loads(sys.argv[1])
     uid, gid, workdir = spec["uid"], spec["gid"], spec["workdir"]
@@ -188,6 +248,7 @@ def main():
     os.chdir("/tmp")
     child = os.fork()
     if child == 0:
+        seccomp_filter()  # in the runtime's process only: the init needs none of this either way
         os.execve(argv[0], argv, spec["env"])
     serve_as_init(child)
 
