@@ -74,6 +74,7 @@ class AccessSection(Section):
 class IngestSection(Section):
     mode: Literal["poll"] = "poll"
     poll_interval: float = Field(default=2.0, gt=0)
+    reconcile_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans of each author's invocations")
     authors: list[str] | None = Field(
         default=None, description="DIDs whose repos are polled; defaults to access.allowlist"
     )

@@ -67,7 +67,7 @@ class Daemon:
         self.recover()
         self.poller = Poller(
             self.repos, self.state, self.session.did, self.policy, self.cfg.poll_authors,
-            self.cfg.ingest.poll_interval, self.submit,
+            self.cfg.ingest.poll_interval, self.submit, self.cfg.ingest.reconcile_interval,
         )
 
     def declaration(self) -> Runner:

@@ -260,3 +260,21 @@ async def test_batched_result_writes_fall_back_one_by_one(new_account, stack, re
     finally:
         state.close()
         await session.close()
+
+
+async def test_reconciliation_finds_an_invocation_behind_the_cursor(author, make_runner, reader):
+    """An invocation whose record key sorts before the poll cursor (an author choosing an old
+    key; or a PDS committing concurrent writes out of key order) is invisible to cursor polling;
+    the periodic full rescan finds it, and nothing seen before runs again."""
+    from atrund.records import INVOCATION
+
+    runner = await make_runner(access={"allowlist": [author.account.did]}, ingest={"reconcile_interval": 1.5})
+    bundle = await author.publish(HELLO)
+    first = await author.invoke(bundle, runner.did)
+    await wait_result(reader, runner.did, first)
+    behind, _ = await author.session.put_record(INVOCATION, "2222222222222", {
+        "runner": runner.did, "bundle": bundle, "endpoint": "main", "args": {"name": "late"},
+        "createdAt": "2026-01-01T00:00:00.000Z"})
+    value = await wait_result(reader, runner.did, behind, timeout=30)
+    assert value["data"] == {"greeting": "hello late"}
+    assert runner.daemon.state.counts()["done"] == 2

@@ -8,6 +8,7 @@ the two can neither skip nor repeat one.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import structlog
@@ -23,6 +24,7 @@ log = structlog.get_logger("atrund.ingest")
 
 PAGE = 100  # listRecords' maximum page
 MAX_PAGES = 20  # per author per round
+RECONCILE_PAGES = 1000  # a full rescan of one author's invocations (100,000 records)
 
 
 def _fields(rec: object) -> tuple[str | None, str | None, object]:
@@ -51,6 +53,7 @@ class Poller:
         authors: list[str],
         interval: float,
         on_new: Callable[[str], None],
+        reconcile_interval: float = 300.0,
     ) -> None:
         self.repos = repos
         self.state = state
@@ -58,15 +61,23 @@ class Poller:
         self.policy = policy
         self.authors = authors
         self.interval = interval
+        self.reconcile_interval = reconcile_interval
         self.on_new = on_new
         self.denied = 0
 
-    async def poll_author(self, author: str) -> int:
-        """Take every new invocation from one author's repo; returns how many are to run."""
+    async def poll_author(self, author: str, reconcile: bool = False) -> int:
+        """Take every new invocation from one author's repo; returns how many are to run.
+
+        ``reconcile`` lists the collection from its start instead of from the cursor (and
+        leaves the cursor where it is): it catches records that appeared behind the cursor,
+        which a PDS committing concurrent writes out of key order, or an author choosing an
+        old record key, can cause. Whatever was seen before is recognised and skipped.
+        """
         source = f"poll:{author}"
         found = 0
-        for _ in range(MAX_PAGES):
-            cursor = self.state.cursor(source)
+        scan_cursor: str | None = None
+        for _ in range(RECONCILE_PAGES if reconcile else MAX_PAGES):
+            cursor = scan_cursor if reconcile else self.state.cursor(source)
             records, _ = await self.repos.list_records(author, INVOCATION, cursor=cursor, limit=PAGE)
             rows, last_rkey = [], cursor
             for rec in records:
@@ -84,7 +95,8 @@ class Poller:
             if last_rkey == cursor:
                 return found  # nothing new (also guards against a PDS that ignores the cursor)
             verdicts = {row[0]: row[4] for row in rows}
-            for uri in self.state.accept_page(source, last_rkey, rows):
+            scan_cursor = last_rkey
+            for uri in self.state.accept_page(source, None if reconcile else last_rkey, rows):
                 if verdicts[uri] == "denied":
                     self.denied += 1
                     log.warning("invocation denied by access policy", uri=uri, author=author, mode=self.policy.mode)
@@ -95,8 +107,8 @@ class Poller:
                 return found
         return found  # more next round: one author cannot hold the poller for ever
 
-    async def poll_once(self) -> int:
-        results = await asyncio.gather(*(self.poll_author(a) for a in self.authors), return_exceptions=True)
+    async def poll_once(self, reconcile: bool = False) -> int:
+        results = await asyncio.gather(*(self.poll_author(a, reconcile) for a in self.authors), return_exceptions=True)
         found = 0
         for author, res in zip(self.authors, results, strict=True):
             if isinstance(res, BaseException):
@@ -109,6 +121,12 @@ class Poller:
         return found
 
     async def run(self) -> None:
+        last_reconcile = time.monotonic()
         while True:
-            await self.poll_once()
+            reconcile = time.monotonic() - last_reconcile >= self.reconcile_interval
+            found = await self.poll_once(reconcile)
+            if reconcile:
+                last_reconcile = time.monotonic()
+                if found:
+                    log.warning("reconciliation found invocations the cursor had passed", found=found)
             await asyncio.sleep(self.interval)
