@@ -358,6 +358,10 @@ def doctor(config_path: Path | None) -> None:
 
     seccomp = ctypes.util.find_library("seccomp")
     out.print(f"libseccomp: {seccomp or 'missing (the process backend then runs without its syscall filter)'}")
+    from atrund.execute.process import Cgroups
+
+    out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
+                                               else "not writable (the process backend then limits each process only)"))
     runtimes = Table(title="runtimes")
     for col in ("runtime", "program", "version"):
         runtimes.add_column(col)

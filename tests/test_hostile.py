@@ -330,3 +330,16 @@ async def test_creating_a_user_namespace(isolation):
     assert r.success
     if isolation == "process":
         assert r.data == {"unshared": False, "errno": 1}  # EPERM from seccomp
+
+
+async def test_many_processes_each_under_the_limit(isolation):
+    from atrund.execute.process import Cgroups
+
+    if isolation == "process" and not Cgroups().available:
+        pytest.skip("cgroup v1 memory/pids are not writable on this host; per-process limits only")
+    r = await attack(isolation, "many_small_hogs", timeout=30, memory_mb=128, tmp_mb=16)
+    if isolation == "none":
+        assert r.success and r.data["survivors"] == 10  # NOT contained by none: limits are per process
+    else:
+        # 10 x 100 MiB against a 128 + 16 MiB cgroup: the OOM killer takes most of them (or the bundle).
+        assert not r.success or r.data["survivors"] <= 2, r

@@ -7,7 +7,8 @@ process:
 1. makes every mount private, shows the runtime's own directories read-only under
    /run/atrund (wherever they live on the host), and binds the worker's own directory on
    /tmp (the only place it may write unless more is granted);
-2. sets hard resource limits (memory, CPU, file size, open files, processes, no core dumps);
+2. joins the worker's cgroups (memory and process count of the whole tree), and sets hard
+   resource limits per process (memory, CPU, file size, open files, processes, no core dumps);
 3. sets no_new_privs, drops every group and switches to the worker's own unprivileged uid
    (one uid per worker: workers cannot signal or ptrace each other, and RLIMIT_NPROC counts
    one worker's processes only);
@@ -227,6 +228,9 @@ def seccomp_filter():
 def main():
     spec = json.loads(sys.argv[1])
     uid, gid, workdir = spec["uid"], spec["gid"], spec["workdir"]
+    for procs in spec.get("cgroups", []):  # join first: everything started from here on is counted
+        with open(procs, "w") as f:
+            f.write("0")
     check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
     # Open what we will show before anything is covered (the worker dir may live under /run).
     fds = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src in spec["relocate"]]

@@ -14,6 +14,7 @@ is granted more gets a worker started for it.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import fcntl
 import json
@@ -121,11 +122,68 @@ def worker_mounts(root: Path) -> list[Path]:
         return [Path(line.split()[4]) for line in f if line.split()[4].startswith(prefix)]
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_CONTROLLERS = ("memory", "pids")
+
+
+class Cgroups:
+    """One cgroup (v1 memory and pids) per worker: the worker's whole tree together, not each
+    process, is held to its memory (tmpfs pages included) and process count. Absent where the
+    cgroup v1 controllers are not mounted writable; `atrund doctor` says which."""
+
+    def __init__(self, name: str = "atrund") -> None:
+        self.parents = {c: CGROUP_ROOT / c / name for c in CGROUP_CONTROLLERS}
+        try:
+            for d in self.parents.values():
+                d.mkdir(exist_ok=True)
+            self.available = True
+        except OSError:
+            self.available = False
+
+    def create(self, name: str, memory_bytes: int, pids: int) -> list[str]:
+        """The cgroup.procs files the worker's fence joins; empty if cgroups are not available."""
+        if not self.available:
+            return []
+        mem, pid = self.parents["memory"] / name, self.parents["pids"] / name
+        for d in (mem, pid):
+            d.mkdir(exist_ok=True)
+        (mem / "memory.limit_in_bytes").write_text(str(memory_bytes))
+        try:
+            (mem / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))  # no escape into swap
+        except OSError:
+            pass  # swap accounting is off on this kernel
+        (pid / "pids.max").write_text(str(pids))
+        return [str(mem / "cgroup.procs"), str(pid / "cgroup.procs")]
+
+    async def remove(self, name: str) -> None:
+        if not self.available:
+            return
+        for parent in self.parents.values():
+            for _ in range(50):  # the kernel empties a cgroup a moment after its last task dies
+                try:
+                    (parent / name).rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    await asyncio.sleep(0.02)
+
+    def remove_empty(self) -> None:
+        for parent in self.parents.values() if self.available else ():
+            for child in parent.iterdir():
+                if child.is_dir():
+                    try:
+                        child.rmdir()  # only empty ones go: a live runner's workers stay
+                    except OSError:
+                        pass
+
+
 class FencedWorker(DirectWorker):
-    def __init__(self, process, workdir: Path, uid: int, uids: UidPool) -> None:
+    def __init__(self, process, workdir: Path, uid: int, uids: UidPool, cgroups: Cgroups) -> None:
         super().__init__(process, workdir)
         self.uid = uid
         self._uids: UidPool | None = uids
+        self._cgroups = cgroups
 
     def stage(self, code_path: str) -> str:
         """Copy the verified bundle into the worker's /tmp; the sandbox sees nothing else of ours."""
@@ -153,6 +211,7 @@ class FencedWorker(DirectWorker):
     async def kill(self) -> None:
         unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
         await super().kill()
+        await self._cgroups.remove(self.workdir.name)
         if self._uids is not None:  # the uid is free again only once no process of it can be left
             self._uids.give(self.uid)
             self._uids = None
@@ -170,7 +229,9 @@ class ProcessBackend(Backend):
             raise ExecutorError(f"{self.work_root} must be a directory owned by root and not writable by others")
         self.uids = UidPool(settings.sandbox_uid_base, settings.sandbox_uids, self.work_root)
         self.tmp_mb = settings.tmp_mb
+        self.cgroups = Cgroups()
         self.remove_leftovers()
+        self.cgroups.remove_empty()
 
     def remove_leftovers(self) -> None:
         """Unmount and remove worker directories a crashed runner left behind.
@@ -218,6 +279,11 @@ class ProcessBackend(Backend):
             },
             "env": {"PATH": SAFE_PATH, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
             "argv": list(runtime.command),
+            "cgroups": self.cgroups.create(
+                workdir.name,
+                memory_bytes=(settings.memory_mb + runtime.data_overhead_mb + self.tmp_mb) * 1024 * 1024,
+                pids=settings.max_processes,
+            ),
         }
         unshare = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
         if not permissions.net:
@@ -229,9 +295,10 @@ class ProcessBackend(Backend):
         except ExecutorError:
             unmount(workdir)
             shutil.rmtree(workdir, ignore_errors=True)
+            await self.cgroups.remove(workdir.name)
             self.uids.give(uid)
             raise
-        return FencedWorker(process, workdir, uid, self.uids)
+        return FencedWorker(process, workdir, uid, self.uids, self.cgroups)
 
 
 def kept_in_run() -> list[str]:
