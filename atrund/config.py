@@ -72,7 +72,8 @@ class AccessSection(Section):
 
 
 class IngestSection(Section):
-    mode: Literal["poll"] = "poll"
+    mode: Literal["poll", "firehose"] = "poll"
+    firehose_url: str | None = Field(default=None, description="ws(s):// of a relay or PDS; default: the runner's PDS")
     poll_interval: float = Field(default=2.0, gt=0)
     reconcile_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans of each author's invocations")
     authors: list[str] | None = Field(

@@ -24,6 +24,7 @@ from atrund.errors import AtrundError, BundleRefused, Unreachable
 from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
 from atrund.execute.protocol import ExecPermissions, ExecResponse
 from atrund.identity import Identities
+from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
 from atrund.records import RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
 from atrund.repos import Repos
@@ -53,6 +54,7 @@ class Daemon:
         self.session: Session | None = None
         self.writer: ResultWriter | None = None
         self.poller: Poller | None = None
+        self.firehose: Firehose | None = None
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -65,10 +67,16 @@ class Daemon:
                  access=self.policy.mode, authors=len(self.cfg.poll_authors))
         await self.executor.warm(self.cfg.executor.warm)
         self.recover()
+        ingest = self.cfg.ingest
+        # With a firehose, polling is only the periodic rescan that catches what the stream missed.
+        interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
         self.poller = Poller(
             self.repos, self.state, self.session.did, self.policy, self.cfg.poll_authors,
-            self.cfg.ingest.poll_interval, self.submit, self.cfg.ingest.reconcile_interval,
+            interval, self.submit, ingest.reconcile_interval,
         )
+        if ingest.mode == "firehose":
+            url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
+            self.firehose = Firehose(url, self.repos, self.state, self.session.did, self.policy, self.submit)
 
     def declaration(self) -> Runner:
         e = self.cfg.executor
@@ -99,6 +107,8 @@ class Daemon:
         """Serve until ``stop`` is set; then drain running work and stop cleanly."""
         assert self.poller and self.writer
         loops = [asyncio.create_task(self.poller.run(), name="poller"), asyncio.create_task(self.writer.run(), name="writer")]
+        if self.firehose is not None:
+            loops.append(asyncio.create_task(self.firehose.run(), name="firehose"))
         stopping = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -107,10 +117,12 @@ class Daemon:
                           error=repr(task.exception()) if not task.cancelled() else "cancelled")
         stopping.cancel()
         self.stopping = True  # running invocations finish; queued ones wait for the next start
-        loops[0].cancel()
+        for loop in loops:
+            if loop.get_name() != "writer":
+                loop.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.writer.flush()
-        loops[1].cancel()
+        loops[1].cancel()  # the writer, last
         await asyncio.gather(*loops, return_exceptions=True)
 
     async def close(self) -> None:
