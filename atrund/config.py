@@ -81,6 +81,15 @@ class IngestSection(Section):
     )
 
 
+class LimitsSection(Section):
+    """Fairness: per-author limits, so one author cannot crowd out the others."""
+
+    per_author_concurrency: int = Field(default=1, ge=1, description="an author's invocations running at once (1: in order)")
+    per_author_per_minute: float = Field(default=60.0, gt=0, description="invocations an author may start per minute")
+    per_author_burst: int = Field(default=10, ge=1, description="starts an author may make at once before the rate applies")
+    per_author_backlog: int = Field(default=1000, ge=1, description="invocations an author may have waiting; more get rejected")
+
+
 class BundlesSection(Section):
     max_bytes: int = Field(default=1_048_576, gt=0)
 
@@ -122,6 +131,7 @@ class Config(Section):
     ingest: IngestSection = IngestSection()
     bundles: BundlesSection = BundlesSection()
     executor: ExecutorSection = ExecutorSection()
+    limits: LimitsSection = LimitsSection()
     permissions: PermissionsSection = PermissionsSection()
     state: StateSection = StateSection()
 

@@ -29,6 +29,7 @@ from atrund.ingest.poll import Poller
 from atrund.records import RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
+from atrund.schedule import Scheduler
 from atrund.session import Session
 from atrund.state import State, Stored
 
@@ -48,9 +49,10 @@ class Daemon:
         self.executor: Executor = create_executor(cfg.executor, cfg.executor.isolation)
         extensions = {name: rt.extension for name, rt in getattr(self.executor, "runtimes", {}).items()}
         self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes, extensions)
-        self.slots = asyncio.Semaphore(cfg.executor.concurrency)
-        self.tasks: set[asyncio.Task] = set()
-        self.stopping = False
+        lim = cfg.limits
+        self.scheduler = Scheduler(self._guarded, self._reject_backlog, cfg.executor.concurrency,
+                                   lim.per_author_concurrency, lim.per_author_per_minute, lim.per_author_burst,
+                                   lim.per_author_backlog)
         self.session: Session | None = None
         self.writer: ResultWriter | None = None
         self.poller: Poller | None = None
@@ -106,7 +108,8 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; then drain running work and stop cleanly."""
         assert self.poller and self.writer
-        loops = [asyncio.create_task(self.poller.run(), name="poller"), asyncio.create_task(self.writer.run(), name="writer")]
+        loops = [asyncio.create_task(self.poller.run(), name="poller"), asyncio.create_task(self.writer.run(), name="writer"),
+                 asyncio.create_task(self.scheduler.run(), name="scheduler")]
         if self.firehose is not None:
             loops.append(asyncio.create_task(self.firehose.run(), name="firehose"))
         stopping = asyncio.create_task(stop.wait())
@@ -116,11 +119,10 @@ class Daemon:
                 log.error("a runner loop stopped unexpectedly; shutting down", loop=task.get_name(),
                           error=repr(task.exception()) if not task.cancelled() else "cancelled")
         stopping.cancel()
-        self.stopping = True  # running invocations finish; queued ones wait for the next start
         for loop in loops:
-            if loop.get_name() != "writer":
+            if loop.get_name() not in ("writer", "scheduler"):
                 loop.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.scheduler.stop()  # running invocations finish; queued ones wait for the next start
         await self.writer.flush()
         loops[1].cancel()  # the writer, last
         await asyncio.gather(*loops, return_exceptions=True)
@@ -135,22 +137,23 @@ class Daemon:
     # -- one invocation ------------------------------------------------------------------
 
     def submit(self, uri: str) -> None:
-        task = asyncio.create_task(self._guarded(uri))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        """Queue a stored, pending invocation; the scheduler decides when it runs."""
+        self.scheduler.submit(uri.removeprefix("at://").split("/", 1)[0], uri)
+
+    def _reject_backlog(self, uri: str, why: str) -> None:
+        stored = self.state.pending(uri)
+        if stored is not None:
+            self._finish(stored, "rejected", error=why)
 
     async def _guarded(self, uri: str) -> None:
-        async with self.slots:
-            if self.stopping:
-                return  # stays pending: the next start takes it up
-            stored = self.state.pending(uri)
-            if stored is None:
-                return
-            try:
-                await self.handle(stored)
-            except Exception as e:  # a bug of ours must still end in a result, not a silent loss
-                log.exception("internal error while handling an invocation", uri=uri)
-                self._finish(stored, "error", error=f"internal error in the runner: {type(e).__name__}")
+        stored = self.state.pending(uri)
+        if stored is None:
+            return
+        try:
+            await self.handle(stored)
+        except Exception as e:  # a bug of ours must still end in a result, not a silent loss
+            log.exception("internal error while handling an invocation", uri=uri)
+            self._finish(stored, "error", error=f"internal error in the runner: {type(e).__name__}")
 
     async def handle(self, inv: Stored) -> None:
         try:

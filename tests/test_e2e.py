@@ -278,3 +278,24 @@ async def test_reconciliation_finds_an_invocation_behind_the_cursor(author, make
     value = await wait_result(reader, runner.did, behind, timeout=30)
     assert value["data"] == {"greeting": "hello late"}
     assert runner.daemon.state.counts()["done"] == 2
+
+
+async def test_one_authors_flood_does_not_hold_up_another(login_author, make_runner, reader):
+    """Fifteen slow invocations from one author, then one from another: the second author's
+    result comes within a few executions, and every flooded invocation still ends in a result
+    (success, or rejected if it found the backlog full)."""
+    flooder, other = await login_author("flood"), await login_author("other")
+    runner = await make_runner(access={"allowlist": [flooder.account.did, other.account.did]},
+                               executor={"concurrency": 1, "isolation": "none"},
+                               limits={"per_author_backlog": 12})
+    slow = "import time\ndef main(args):\n    time.sleep(0.3)\n    return {'i': args['i']}\n"
+    fb, ob = await flooder.publish(slow), await other.publish(slow)
+    flood = [await flooder.invoke(fb, runner.did, args={"i": i}) for i in range(15)]
+    single = await other.invoke(ob, runner.did, args={"i": 99})
+    assert (await wait_result(reader, runner.did, single, timeout=60))["status"] == "success"
+    rows = dict(runner.daemon.state.db.execute("SELECT uri, finished_at FROM invocations WHERE status = 'success'").fetchall())
+    before = [u for u in flood if u in rows and rows[u] < rows[single]]
+    assert len(before) <= 4, f"{len(before)} of the flood ran before the other author's one"
+    statuses = [(await wait_result(reader, runner.did, u, timeout=60))["status"] for u in flood]
+    rejected = [s for s in statuses if s == "rejected"]
+    assert statuses.count("success") + len(rejected) == 15

@@ -1,0 +1,131 @@
+"""Who runs next: fairness and per-author limits.
+
+Each author has a FIFO queue (their invocations run in the order they arrived). Authors are
+served round-robin, so one author flooding a thousand invocations delays another author's
+single one by at most a few executions. Limits, all per author: how many run at once, a token
+bucket for how many start per minute, and how many may wait. An invocation over the rate waits;
+past the backlog it gets a ``rejected`` result saying why. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Author:
+    queue: collections.deque[str] = field(default_factory=collections.deque)
+    running: int = 0
+    tokens: float = 0.0
+    refilled: float = 0.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        run: Callable[[str], Awaitable[None]],
+        reject: Callable[[str, str], None],
+        concurrency: int,
+        per_author_concurrency: int = 1,
+        per_minute: float = 60.0,
+        burst: int = 10,
+        backlog: int = 1000,
+    ) -> None:
+        self._run, self._reject = run, reject
+        self.concurrency = concurrency
+        self.per_author_concurrency = per_author_concurrency
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self.backlog = backlog
+        self.authors: dict[str, _Author] = {}
+        self.ring: collections.deque[str] = collections.deque()  # authors with something queued
+        self.running = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.stopped = False
+        self._wake = asyncio.Event()
+
+    def submit(self, author: str, uri: str) -> None:
+        a = self.authors.get(author)
+        if a is None:
+            a = self.authors[author] = _Author(tokens=float(self.burst), refilled=time.monotonic())
+        if len(a.queue) >= self.backlog:
+            self._reject(uri, f"rate limited: {author} already has {len(a.queue)} invocations waiting on this runner "
+                              f"(limit {self.backlog}); post it again later")
+            return
+        a.queue.append(uri)
+        if author not in self.ring:
+            self.ring.append(author)
+        self._wake.set()
+
+    def queued(self) -> int:
+        return sum(len(a.queue) for a in self.authors.values())
+
+    def _refill(self, a: _Author, now: float) -> None:
+        a.tokens = min(float(self.burst), a.tokens + (now - a.refilled) * self.rate)
+        a.refilled = now
+
+    def _next(self) -> tuple[str | None, float | None]:
+        """The next author allowed to start one, or how long until a token frees one up."""
+        now = time.monotonic()
+        wait: float | None = None
+        for _ in range(len(self.ring)):
+            author = self.ring[0]
+            self.ring.rotate(-1)
+            a = self.authors[author]
+            if a.running >= self.per_author_concurrency:
+                continue
+            self._refill(a, now)
+            if a.tokens >= 1.0:
+                return author, None
+            need = (1.0 - a.tokens) / self.rate if self.rate > 0 else 60.0
+            wait = need if wait is None else min(wait, need)
+        return None, wait
+
+    async def run(self) -> None:
+        while not self.stopped:
+            started = False
+            while self.running < self.concurrency and self.ring:
+                author, wait = self._next()
+                if author is None:
+                    break
+                self._start(author)
+                started = True
+            if started:
+                continue
+            self._wake.clear()
+            _, wait = self._next() if self.ring and self.running < self.concurrency else (None, None)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def _start(self, author: str) -> None:
+        a = self.authors[author]
+        uri = a.queue.popleft()
+        if not a.queue:
+            self.ring.remove(author)
+        a.tokens -= 1.0
+        a.running += 1
+        self.running += 1
+        task = asyncio.create_task(self._run(uri))
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task, a: _Author = a, author: str = author) -> None:
+            self.tasks.discard(t)
+            a.running -= 1
+            self.running -= 1
+            if a.queue and author not in self.ring:
+                self.ring.append(author)
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def stop(self) -> None:
+        """Start nothing more (what waits stays pending for the next start); let running ones finish."""
+        self.stopped = True
+        self._wake.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
