@@ -336,10 +336,8 @@ async def test_a_frame_after_a_long_silence_is_delivered(rig):
 
 
 # Frames that decode as DAG-CBOR but not into the shape of a subscribeRepos message. A relay can
-# send anything; none of this may stop the stream. Today each one raises out of Firehose.frame()
-# (AttributeError, TypeError or ValueError, none of which run() catches), run() ends, and in the
-# daemon that shuts the whole runner down. Strict xfail: when frame() is fixed these start to
-# pass, and the marker must go.
+# send anything; none of this may stop the stream (it once did: each raised out of
+# Firehose.frame(), ended run(), and the daemon shut the runner down).
 def _poison(did: str, uri: str, cid: str) -> dict[str, bytes]:
     path = uri.split("/", 3)[3]
     return {
@@ -356,8 +354,6 @@ POISON = ["header-not-a-map", "body-not-a-map", "error-body-not-a-map", "ops-not
           "cid-bytes-not-a-cid"]
 
 
-@pytest.mark.xfail(strict=True, raises=FirehoseDied,
-                   reason="bug: Firehose.frame() raises on well-formed CBOR of the wrong shape, ending run()")
 @pytest.mark.parametrize("kind", POISON)
 async def test_a_decodable_frame_of_the_wrong_shape_is_skipped(rig, kind):
     """Wrong shape: a frame that is valid DAG-CBOR but not a well-formed message (see _poison) is

@@ -65,7 +65,11 @@ class Firehose:
                     log.info("firehose connected", url=self.url, cursor=self.state.cursor(self.source))
                     async for message in ws:
                         if isinstance(message, bytes):
-                            await self.frame(message)
+                            try:
+                                await self.frame(message)
+                            except (AttributeError, TypeError, ValueError, KeyError) as e:
+                                # One malformed frame from a relay must not end ingest for everyone.
+                                log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as e:
                 log.warning("firehose connection lost; reconnecting", url=self.url, error=f"{type(e).__name__}: {e}")
             if time.monotonic() - connected_at > 60:
@@ -78,6 +82,9 @@ class Firehose:
             header, body = libipld.decode_dag_cbor_multi(message)[:2]
         except (ValueError, TypeError):
             log.warning("firehose: undecodable frame skipped", size=len(message))
+            return
+        if not isinstance(header, dict) or not isinstance(body, dict):
+            log.warning("firehose: frame of the wrong shape skipped")
             return
         if header.get("op") == -1:
             log.warning("firehose error frame", error=body.get("error"), message=body.get("message"))
@@ -104,18 +111,21 @@ class Firehose:
 
     async def _invocations(self, body: dict) -> list[tuple[str, str, str, dict, str]]:
         did = body.get("repo")
-        ops = body.get("ops") or []
-        if not isinstance(did, str) or not any(isinstance(op, dict) and str(op.get("path", "")).startswith(PREFIX) for op in ops):
+        ops = [op for op in body.get("ops") or [] if isinstance(op, dict)] if isinstance(body.get("ops"), list) else []
+        if not isinstance(did, str) or not any(str(op.get("path", "")).startswith(PREFIX) for op in ops):
             return []
-        if did in self.policy.blocklist:
-            return []
+        if not self.policy.allows(did):
+            return []  # not fetched at all: a slow PDS of someone we would not serve cannot stall the stream
         rows = []
         for op in ops:
             path, action, cid = op.get("path", ""), op.get("action"), op.get("cid")
-            if action != "create" or not str(path).startswith(PREFIX) or not isinstance(cid, bytes):
+            if action != "create" or not isinstance(path, str) or not path.startswith(PREFIX) or not isinstance(cid, bytes):
                 continue  # updates never run an invocation again; deletes have nothing to run
             rkey = path[len(PREFIX):]
-            cid_str = libipld.encode_cid(cid)
+            try:
+                cid_str = libipld.encode_cid(cid)
+            except ValueError:
+                continue
             try:
                 value = await self.repos.get_verified_record(did, INVOCATION, rkey, cid_str)
             except NotFound:
