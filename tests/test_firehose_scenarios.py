@@ -362,3 +362,19 @@ async def test_a_decodable_frame_of_the_wrong_shape_is_skipped(rig, kind):
     rig.start(send(_poison(rig.did, uri, cid)[kind], commit(rig.did, 110, [create_op(uri, cid)])))
     await rig.until(lambda: rig.seen, f"the genuine frame after a {kind} frame")
     assert rig.seen == [uri]
+
+
+async def test_an_inactive_account_is_not_served_until_active_again(rig):
+    """#account active=false (takedown, deactivation) stops service for that author; a later
+    #account active=true resumes it."""
+    uri1, cid1 = await rig.invocation(21)
+    uri2, cid2 = await rig.invocation(22)
+    rig.start(send(
+        encode({"op": 1, "t": "#account"}, {"seq": 200, "did": rig.did, "active": False, "status": "takendown"}),
+        commit(rig.did, 201, [create_op(uri1, cid1)]),
+        encode({"op": 1, "t": "#account"}, {"seq": 202, "did": rig.did, "active": True}),
+        commit(rig.did, 203, [create_op(uri2, cid2)]),
+    ))
+    await rig.until(lambda: rig.seen, "the invocation after the account came back")
+    assert rig.seen == [uri2]
+    assert rig.state.status_of(uri1) is None

@@ -48,6 +48,7 @@ class Firehose:
         self.policy = policy
         self.on_new = on_new
         self.denied = 0
+        self.inactive: set[str] = set()
         self._saved_at = 0.0
 
     def _endpoint(self) -> str:
@@ -97,6 +98,13 @@ class Firehose:
         rows = await self._invocations(body) if kind == "#commit" else []
         if kind == "#identity" and isinstance(body.get("did"), str):
             self.repos.identities.forget(body["did"])  # an author who moved PDS keeps working
+        if kind == "#account" and isinstance(body.get("did"), str):
+            # A taken-down, suspended or deactivated account is not served until it is active again.
+            if body.get("active") is False:
+                self.inactive.add(body["did"])
+                log.warning("author account inactive: not served", did=body["did"], status=body.get("status"))
+            else:
+                self.inactive.discard(body["did"])
         now = time.monotonic()
         if not rows and now - self._saved_at < IDLE_CURSOR_SAVE:
             return
@@ -114,7 +122,7 @@ class Firehose:
         ops = [op for op in body.get("ops") or [] if isinstance(op, dict)] if isinstance(body.get("ops"), list) else []
         if not isinstance(did, str) or not any(str(op.get("path", "")).startswith(PREFIX) for op in ops):
             return []
-        if not self.policy.allows(did):
+        if not self.policy.allows(did) or did in self.inactive:
             return []  # not fetched at all: a slow PDS of someone we would not serve cannot stall the stream
         rows = []
         for op in ops:
