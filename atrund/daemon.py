@@ -24,6 +24,7 @@ from atrund.errors import AtrundError, BundleRefused, Unreachable
 from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
 from atrund.execute.protocol import ExecPermissions, ExecResponse
 from atrund.identity import Identities
+from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
 from atrund.records import RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
@@ -72,13 +73,11 @@ class Daemon:
         ingest = self.cfg.ingest
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
         interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
-        self.poller = Poller(
-            self.repos, self.state, self.session.did, self.policy, self.cfg.poll_authors,
-            interval, self.submit, ingest.reconcile_interval,
-        )
+        self.intake = Intake(self.state, self.session.did, self.policy, self.submit)
+        self.poller = Poller(self.repos, self.intake, self.cfg.poll_authors, interval, ingest.reconcile_interval)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
-            self.firehose = Firehose(url, self.repos, self.state, self.session.did, self.policy, self.submit)
+            self.firehose = Firehose(url, self.repos, self.intake)
 
     def declaration(self) -> Runner:
         e = self.cfg.executor

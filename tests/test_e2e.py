@@ -122,7 +122,7 @@ async def test_allowlist_ignores_outsiders(login_author, author, make_runner, re
     ours = await author.invoke(bundle, runner.did)
     assert (await wait_result(reader, runner.did, ours))["status"] == "success"
     assert await no_result(reader, runner.did, theirs)
-    assert runner.daemon.poller.denied == 1
+    assert runner.daemon.intake.denied == 1
     assert runner.daemon.state.status_of(theirs) == ("denied", None)
 
 

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from atrund.access import AccessPolicy
 from atrund.identity import Identities
+from atrund.ingest import Intake
 from atrund.ingest.firehose import MAX_FRAME, Firehose
 from atrund.records import INVOCATION, now_iso
 from atrund.repos import Repos
@@ -177,7 +178,7 @@ async def rig(stack, author, reader, new_account, tmp_path):
     state = State(tmp_path / "state" / "atrund.db")
     policy = AccessPolicy("allowlist", frozenset({author.account.did}), frozenset())
     seen: list[str] = []
-    firehose = Firehose(relay.url, repos, state, runner.did, policy, seen.append)
+    firehose = Firehose(relay.url, repos, Intake(state, runner.did, policy, seen.append))
     r = Rig(author, reader, relay, state, firehose, bundle, runner.did, seen)
     try:
         yield r

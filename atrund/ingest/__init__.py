@@ -1,14 +1,23 @@
-"""Ingest: how invocation records reach the runner (polling now; a firehose later).
+"""Ingest: how invocation records reach the runner (polling, or a firehose).
 
-Every source hands records to ``classify``, so what counts as "ours" and "allowed" is decided
-in one place whatever the source.
+Every source hands its records to one ``Intake``, so what counts as "ours" and "allowed", and
+how accepted invocations are stored (with the source's cursor) and queued, is decided in one
+place whatever the source.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from atrund.access import AccessPolicy
+from atrund.state import State
+
+log = structlog.get_logger("atrund.ingest")
+
+Row = tuple[str, str, str, Any, str]  # uri, author, cid, value, verdict
 
 
 def classify(uri: str, value: Any, runner_did: str, policy: AccessPolicy) -> str | None:
@@ -21,3 +30,29 @@ def classify(uri: str, value: Any, runner_did: str, policy: AccessPolicy) -> str
         return None
     author = uri.removeprefix("at://").split("/", 1)[0]
     return "pending" if policy.allows(author) else "denied"
+
+
+class Intake:
+    def __init__(self, state: State, runner_did: str, policy: AccessPolicy, on_new: Callable[[str], None]) -> None:
+        self.state = state
+        self.runner_did = runner_did
+        self.policy = policy
+        self.on_new = on_new
+        self.denied = 0
+
+    def verdict(self, uri: str, value: Any) -> str | None:
+        return classify(uri, value, self.runner_did, self.policy)
+
+    def accept(self, source: str, cursor: str | None, rows: list[Row]) -> int:
+        """Store ``rows`` and move ``source``'s cursor (None: leave it), atomically; queue the new
+        pending ones, count and log the new denied ones. Returns how many were queued."""
+        verdicts = {row[0]: row[4] for row in rows}
+        found = 0
+        for uri in self.state.accept_page(source, cursor, rows):
+            if verdicts[uri] == "denied":
+                self.denied += 1
+                log.warning("invocation denied by access policy", uri=uri, mode=self.policy.mode)
+            else:
+                found += 1
+                self.on_new(uri)
+        return found

@@ -17,18 +17,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
 
 import libipld
 import structlog
 import websockets
 
-from atrund.access import AccessPolicy
 from atrund.errors import AtrundError, NotFound
-from atrund.ingest import classify
+from atrund.ingest import Intake, Row
 from atrund.records import INVOCATION
 from atrund.repos import Repos
-from atrund.state import State
 
 log = structlog.get_logger("atrund.ingest")
 
@@ -38,21 +35,16 @@ MAX_FRAME = 8 * 1024 * 1024
 
 
 class Firehose:
-    def __init__(self, url: str, repos: Repos, state: State, runner_did: str, policy: AccessPolicy,
-                 on_new: Callable[[str], None]) -> None:
+    def __init__(self, url: str, repos: Repos, intake: Intake) -> None:
         self.url = url.rstrip("/")
         self.source = f"firehose:{self.url}"
         self.repos = repos
-        self.state = state
-        self.runner_did = runner_did
-        self.policy = policy
-        self.on_new = on_new
-        self.denied = 0
+        self.intake = intake
         self.inactive: set[str] = set()
         self._saved_at = 0.0
 
     def _endpoint(self) -> str:
-        cursor = self.state.cursor(self.source)
+        cursor = self.intake.state.cursor(self.source)
         url = f"{self.url}/xrpc/com.atproto.sync.subscribeRepos"
         return url + (f"?cursor={cursor}" if cursor else "")
 
@@ -63,7 +55,7 @@ class Firehose:
             try:
                 async with websockets.connect(self._endpoint(), max_size=MAX_FRAME, open_timeout=10,
                                               ping_interval=20, ping_timeout=20) as ws:
-                    log.info("firehose connected", url=self.url, cursor=self.state.cursor(self.source))
+                    log.info("firehose connected", url=self.url, cursor=self.intake.state.cursor(self.source))
                     async for message in ws:
                         if isinstance(message, bytes):
                             try:
@@ -109,20 +101,14 @@ class Firehose:
         if not rows and now - self._saved_at < IDLE_CURSOR_SAVE:
             return
         self._saved_at = now
-        verdicts = {row[0]: row[4] for row in rows}
-        for uri in self.state.accept_page(self.source, str(seq), rows):
-            if verdicts[uri] == "denied":
-                self.denied += 1
-                log.warning("invocation denied by access policy", uri=uri, mode=self.policy.mode)
-            else:
-                self.on_new(uri)
+        self.intake.accept(self.source, str(seq), rows)
 
-    async def _invocations(self, body: dict) -> list[tuple[str, str, str, dict, str]]:
+    async def _invocations(self, body: dict) -> list[Row]:
         did = body.get("repo")
         ops = [op for op in body.get("ops") or [] if isinstance(op, dict)] if isinstance(body.get("ops"), list) else []
         if not isinstance(did, str) or not any(str(op.get("path", "")).startswith(PREFIX) for op in ops):
             return []
-        if not self.policy.allows(did) or did in self.inactive:
+        if not self.intake.policy.allows(did) or did in self.inactive:
             return []  # not fetched at all: a slow PDS of someone we would not serve cannot stall the stream
         rows = []
         for op in ops:
@@ -142,7 +128,7 @@ class Firehose:
                 log.warning("firehose: cannot verify an invocation; the rescan will retry", did=did, rkey=rkey, error=str(e))
                 continue
             uri = f"at://{did}/{path}"
-            verdict = classify(uri, value, self.runner_did, self.policy)
+            verdict = self.intake.verdict(uri, value)
             if verdict is not None:
                 rows.append((uri, did, cid_str, value, verdict))
         return rows

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import structlog
 
-from atrund.access import AccessPolicy
 from atrund.errors import AtrundError
-from atrund.ingest import classify
+from atrund.ingest import Intake
 from atrund.records import INVOCATION
 from atrund.repos import Repos
-from atrund.state import State
 
 log = structlog.get_logger("atrund.ingest")
 
@@ -44,26 +41,13 @@ def _own_rkey(uri: str | None, author: str) -> str | None:
 
 
 class Poller:
-    def __init__(
-        self,
-        repos: Repos,
-        state: State,
-        runner_did: str,
-        policy: AccessPolicy,
-        authors: list[str],
-        interval: float,
-        on_new: Callable[[str], None],
-        reconcile_interval: float = 300.0,
-    ) -> None:
+    def __init__(self, repos: Repos, intake: Intake, authors: list[str], interval: float,
+                 reconcile_interval: float = 300.0) -> None:
         self.repos = repos
-        self.state = state
-        self.runner_did = runner_did
-        self.policy = policy
+        self.intake = intake
         self.authors = authors
         self.interval = interval
         self.reconcile_interval = reconcile_interval
-        self.on_new = on_new
-        self.denied = 0
 
     async def poll_author(self, author: str, reconcile: bool = False) -> int:
         """Take every new invocation from one author's repo; returns how many are to run.
@@ -77,7 +61,7 @@ class Poller:
         found = 0
         scan_cursor: str | None = None
         for _ in range(RECONCILE_PAGES if reconcile else MAX_PAGES):
-            cursor = scan_cursor if reconcile else self.state.cursor(source)
+            cursor = scan_cursor if reconcile else self.intake.state.cursor(source)
             records, _ = await self.repos.list_records(author, INVOCATION, cursor=cursor, limit=PAGE)
             rows, last_rkey = [], cursor
             for rec in records:
@@ -89,20 +73,13 @@ class Poller:
                     log.warning("ignoring a listed record that is not this author's invocation", author=author, uri=uri)
                     continue
                 last_rkey = max(last_rkey or rkey, rkey)
-                verdict = classify(uri, value, self.runner_did, self.policy)
+                verdict = self.intake.verdict(uri, value)
                 if verdict is not None:
                     rows.append((uri, author, cid, value, verdict))
             if last_rkey == cursor:
                 return found  # nothing new (also guards against a PDS that ignores the cursor)
-            verdicts = {row[0]: row[4] for row in rows}
             scan_cursor = last_rkey
-            for uri in self.state.accept_page(source, None if reconcile else last_rkey, rows):
-                if verdicts[uri] == "denied":
-                    self.denied += 1
-                    log.warning("invocation denied by access policy", uri=uri, author=author, mode=self.policy.mode)
-                else:
-                    found += 1
-                    self.on_new(uri)
+            found += self.intake.accept(source, None if reconcile else last_rkey, rows)
             if len(records) < PAGE:
                 return found
         return found  # more next round: one author cannot hold the poller for ever
