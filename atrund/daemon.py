@@ -48,7 +48,7 @@ class Daemon:
         self.repos = Repos(self.identities)
         self.state = State(cfg.state.dir / "atrund.sqlite3")
         self.executor: Executor = create_executor(cfg.executor, cfg.executor.isolation)
-        extensions = {name: rt.extension for name, rt in getattr(self.executor, "runtimes", {}).items()}
+        extensions = {name: rt.extension for name, rt in self.executor.runtimes.items()}
         self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes, extensions)
         lim = cfg.limits
         self.scheduler = Scheduler(self._guarded, self._reject_backlog, cfg.executor.concurrency,
@@ -82,7 +82,7 @@ class Daemon:
     def declaration(self) -> Runner:
         e = self.cfg.executor
         return Runner(
-            runtimes=sorted(getattr(self.executor, "runtimes", {"python": None})),
+            runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
             access_mode=self.policy.mode,
             created_at=now_iso(),

@@ -31,6 +31,7 @@ class PoolStats:
 
 class Executor(ABC):
     isolation: str
+    runtimes: dict  # name -> atrund.execute.runtimes.Runtime: what this executor can run
 
     @abstractmethod
     async def execute(self, request: ExecRequest, runtime: str) -> ExecResponse:
