@@ -20,14 +20,14 @@ from atrund import __version__
 from atrund.access import AccessPolicy, PermissionPolicy
 from atrund.bundles import BundleStore, _field_errors
 from atrund.config import Config
-from atrund.errors import AtrundError, BundleRefused, Unreachable
+from atrund.errors import AtrundError, BundleRefused, NotFound, Unreachable
 from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
 from atrund.execute.protocol import ExecPermissions, ExecResponse
 from atrund.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
-from atrund.records import RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
+from atrund.records import INVOCATION, RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
@@ -37,6 +37,7 @@ from atrund.state import State, Stored
 log = structlog.get_logger("atrund.daemon")
 
 FETCH_ATTEMPTS = 3
+STILL_POSTED_TIMEOUT = 3.0  # seconds
 
 
 class Daemon:
@@ -160,7 +161,7 @@ class Daemon:
         except ValidationError as e:
             self._finish(inv, "rejected", error=f"invalid invocation record: {_field_errors(e)}")
             return
-        if not self.state.mark_running(inv.uri):
+        if not await self._still_posted(inv) or not self.state.mark_running(inv.uri):
             return
         try:
             bundle = await self._fetch(record.bundle)
@@ -205,6 +206,24 @@ class Daemon:
         self._finish(inv, status, bundle=record.bundle, data=response.data if response.success else None,
                      error=response.error, response=response.response.model_dump(by_alias=True) if response.response else None,
                      metrics=metrics, error_type=response.error_type)
+
+    async def _still_posted(self, inv: Stored) -> bool:
+        """Is the invocation still in its author's repo, unchanged? One sync.getRecord, just
+        before it would start: an invocation its author deleted (or edited) while it waited is
+        withdrawn (no run, no result), whichever way it came in and however long it waited. If
+        the author's PDS does not answer in time it runs anyway: what was accepted was proven
+        to be the author's, and a PDS that is down must not hold up the queue."""
+        did, _collection, rkey = inv.uri.removeprefix("at://").split("/", 2)
+        try:
+            await asyncio.wait_for(self.repos.get_verified_record(did, INVOCATION, rkey, inv.cid),
+                                   STILL_POSTED_TIMEOUT)
+        except NotFound:
+            if self.state.withdraw(inv.uri):
+                log.info("invocation withdrawn by its author before it ran (deleted or edited); not run", uri=inv.uri)
+            return False
+        except (AtrundError, TimeoutError) as e:
+            log.info("could not check that the invocation is still posted; running it", uri=inv.uri, error=str(e) or "timeout")
+        return True
 
     async def _fetch(self, ref: StrongRef):
         for attempt in range(FETCH_ATTEMPTS):

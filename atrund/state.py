@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS invocations (
     author      TEXT NOT NULL,
     cid         TEXT NOT NULL,
     value       TEXT NOT NULL,        -- the invocation record as JSON
-    state       TEXT NOT NULL,        -- pending | running | done | denied
+    state       TEXT NOT NULL,        -- pending | running | done | denied | withdrawn
     status      TEXT,                 -- the result status once done
     seen_at     REAL NOT NULL,
     started_at  REAL,
@@ -102,19 +102,31 @@ class State:
         )
         return cur.rowcount == 1
 
-    def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]]) -> list[str]:
-        """Store a page of invocations and move the source's cursor past it, atomically.
-
-        Returns the URIs that were new.
+    def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
+                    withdrawn: list[str] = ()) -> list[str]:
+        """Store a page of invocations, withdraw the deleted ones, and move the source's cursor
+        past it, atomically. Returns the URIs that were new (and not withdrawn in the same page).
         """
         new = []
         with self._tx():
             for uri, author, cid, value, state in rows:
                 if self.accept(uri, author, cid, value, state):
                     new.append(uri)
+            gone = {uri for uri in withdrawn if self._withdraw(uri)}
             if cursor is not None:
                 self.db.execute("INSERT OR REPLACE INTO cursors(source, cursor) VALUES (?, ?)", (source, cursor))
-        return new
+        return [uri for uri in new if uri not in gone]
+
+    def withdraw(self, uri: str) -> bool:
+        """The author deleted (or changed) a pending invocation: it will not run, and gets no result."""
+        with self._tx():
+            return self._withdraw(uri)
+
+    def _withdraw(self, uri: str) -> bool:
+        cur = self.db.execute(
+            "UPDATE invocations SET state = 'withdrawn', finished_at = ? WHERE uri = ? AND state = 'pending'", (time.time(), uri)
+        )
+        return cur.rowcount == 1
 
     def cursor(self, source: str) -> str | None:
         row = self.db.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()

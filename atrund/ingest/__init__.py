@@ -43,12 +43,13 @@ class Intake:
     def verdict(self, uri: str, value: Any) -> str | None:
         return classify(uri, value, self.runner_did, self.policy)
 
-    def accept(self, source: str, cursor: str | None, rows: list[Row]) -> int:
-        """Store ``rows`` and move ``source``'s cursor (None: leave it), atomically; queue the new
-        pending ones, count and log the new denied ones. Returns how many were queued."""
+    def accept(self, source: str, cursor: str | None, rows: list[Row], withdrawn: list[str] = ()) -> int:
+        """Store ``rows``, withdraw the pending invocations whose records were deleted, and move
+        ``source``'s cursor (None: leave it), atomically; queue the new pending ones, count and log
+        the new denied ones. Returns how many were queued."""
         verdicts = {row[0]: row[4] for row in rows}
         found = 0
-        for uri in self.state.accept_page(source, cursor, rows):
+        for uri in self.state.accept_page(source, cursor, rows, withdrawn):
             if verdicts[uri] == "denied":
                 self.denied += 1
                 log.warning("invocation denied by access policy", uri=uri, mode=self.policy.mode)

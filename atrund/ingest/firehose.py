@@ -1,15 +1,25 @@
 """Firehose ingest: com.atproto.sync.subscribeRepos from a PDS or relay, instead of polling.
 
-Per frame: the header and body are decoded (DAG-CBOR), and only a ``#commit`` whose ops touch
-``dev.atrun.invocation/`` is looked at further; the CAR blocks are never decoded. Authenticity:
-a relay can say anything, so the record is fetched from the author's own PDS (found through
-their DID document) and its block hashed against the CID the commit named; only then is it an
-invocation. A record already gone (deleted before it ran) is not run.
+The data flow: a reader task takes messages off the socket into a bounded inbox; when the inbox
+is full the reader stops reading, so the socket (and TCP) push back on the relay instead of this
+process growing. A processor takes what the inbox holds, up to ``BATCH`` frames at once, and
+stores what they carry with the cursor in one SQLite transaction (group commit: one fsync per
+batch, not per frame).
 
-The cursor (the last ``seq``) is stored in the same SQLite transaction as the invocations the
-frame carried, so a crash at any point neither skips nor repeats one; on reconnect and restart
-the stream resumes from it. Reconnects back off with jitter. The poller's periodic full rescan
-still runs beside this, for anything the stream missed.
+Per frame, cheapest test first: a frame whose bytes do not contain ``dev.atrun.invocation/`` is
+a commit that touches no invocation (paths are plain CBOR text), so it is not decoded at all;
+only its position matters. The rest is decoded (header and body; the CAR slice is not parsed
+unless an op creates an invocation of an author the policy serves).
+
+Authenticity: a relay can say anything, so an invocation is only believed once
+:mod:`atrund.ingest.proof` ties it to the author's signing key (commit signature, MST path, block
+hashes), locally. A frame without the needed blocks falls back to fetching the record from the
+author's own PDS and hashing it against the commit's CID. A forged frame is dropped and logged.
+
+Deletes withdraw a pending invocation; updates never run one again. The cursor is stored in the
+same transaction as the invocations, so a crash at any point neither skips nor repeats one; on
+reconnect and restart the stream resumes after the last frame processed. Reconnects back off
+with jitter. The poller's periodic full rescan still runs beside this, for what the stream missed.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass, field
 
 import libipld
 import structlog
@@ -24,14 +35,33 @@ import websockets
 
 from atrund.errors import AtrundError, NotFound
 from atrund.ingest import Intake, Row
+from atrund.ingest.proof import Incomplete, ProofError, SigningKey, created_records
 from atrund.records import INVOCATION
-from atrund.repos import Repos
+from atrund.repos import Repos, to_json_model
 
 log = structlog.get_logger("atrund.ingest")
 
 PREFIX = INVOCATION + "/"
+NEEDLE = PREFIX.encode()
+# The canonical DAG-CBOR header of a commit frame ({"t": "#commit", "op": 1}); anything else is
+# decoded in full, so a relay that orders its keys differently only loses the fast path.
+COMMIT_HEADER = libipld.encode_dag_cbor({"t": "#commit", "op": 1})
 IDLE_CURSOR_SAVE = 5.0  # seconds: frames that carry nothing for us still move the stored cursor this often
 MAX_FRAME = 8 * 1024 * 1024
+INBOX = 1024  # frames received and not yet processed; beyond this the socket is not read
+BATCH = 256  # frames processed per transaction at most
+
+
+@dataclass
+class Counters:
+    frames: int = 0
+    skipped_fast: int = 0  # never decoded: no invocation path in the bytes
+    proven: int = 0  # invocations proven from the frame itself
+    fetched: int = 0  # invocations proven by asking the author's PDS (frame lacked blocks)
+    forged: int = 0  # frames refused: signature, tree or hash did not check out
+    malformed: int = 0
+    reconnects: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class Firehose:
@@ -41,94 +71,210 @@ class Firehose:
         self.repos = repos
         self.intake = intake
         self.inactive: set[str] = set()
+        self.inbox: asyncio.Queue[bytes] = asyncio.Queue(INBOX)
+        self.counters = Counters()
+        self._keys: dict[str, SigningKey] = {}
         self._saved_at = 0.0
+        self._seq: int | None = None  # the last frame processed (stored or not)
+        self._undecoded: bytes | None = None  # the last frame skipped undecoded: its seq, if asked
+
+    # -- the socket ---------------------------------------------------------------------------
+
+    def _position(self) -> int | None:
+        """The seq of the last frame processed, decoding the last skipped one only now."""
+        if self._undecoded is not None:
+            seq = _seq_of(self._undecoded)
+            self._undecoded = None
+            if seq is not None and (self._seq is None or seq > self._seq):
+                self._seq = seq
+        return self._seq
 
     def _endpoint(self) -> str:
-        cursor = self.intake.state.cursor(self.source)
+        position = self._position()
+        cursor = position if position is not None else self.intake.state.cursor(self.source)
         url = f"{self.url}/xrpc/com.atproto.sync.subscribeRepos"
-        return url + (f"?cursor={cursor}" if cursor else "")
+        return url + (f"?cursor={cursor}" if cursor is not None else "")
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:  # if either loop fails, both end, and the daemon says why
+            tasks.create_task(self._process(), name="firehose-processor")
+            tasks.create_task(self._read(), name="firehose-reader")
+
+    async def _read(self) -> None:
         delay = 1.0
         while True:
             connected_at = time.monotonic()
             try:
-                async with websockets.connect(self._endpoint(), max_size=MAX_FRAME, open_timeout=10,
-                                              ping_interval=20, ping_timeout=20) as ws:
-                    log.info("firehose connected", url=self.url, cursor=self.intake.state.cursor(self.source))
+                endpoint = self._endpoint()
+                async with websockets.connect(endpoint, max_size=MAX_FRAME, open_timeout=10,
+                                              ping_interval=20, ping_timeout=20, compression=None) as ws:
+                    log.info("firehose connected", url=self.url, cursor=endpoint.partition("?cursor=")[2] or None)
                     async for message in ws:
                         if isinstance(message, bytes):
-                            try:
-                                await self.frame(message)
-                            except (AttributeError, TypeError, ValueError, KeyError) as e:
-                                # One malformed frame from a relay must not end ingest for everyone.
-                                log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
+                            await self.inbox.put(message)  # blocks while the inbox is full: backpressure
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as e:
                 log.warning("firehose connection lost; reconnecting", url=self.url, error=f"{type(e).__name__}: {e}")
+            self.counters.reconnects += 1
+            await self.inbox.join()  # resume after the last frame received, once it is processed
             if time.monotonic() - connected_at > 60:
                 delay = 1.0  # only a healthy minute resets the backoff
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 60.0)
 
+    async def _process(self) -> None:
+        while True:
+            batch = [await self.inbox.get()]
+            while len(batch) < BATCH and not self.inbox.empty():
+                batch.append(self.inbox.get_nowait())
+            try:
+                await self.ingest(batch)
+            finally:
+                for _ in batch:
+                    self.inbox.task_done()
+
+    # -- frames -------------------------------------------------------------------------------
+
+    async def ingest(self, messages: list[bytes]) -> None:
+        """Process frames in order and store what they carry with the cursor, in one transaction."""
+        rows: list[Row] = []
+        withdrawn: list[str] = []
+        for message in messages:
+            try:
+                await self._frame(message, rows, withdrawn)
+            except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+                # One malformed frame from a relay must not end ingest for everyone.
+                self.counters.malformed += 1
+                log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
+        now = time.monotonic()
+        if not rows and not withdrawn and now - self._saved_at < IDLE_CURSOR_SAVE:
+            return
+        self._saved_at = now
+        position = self._position()
+        self.intake.accept(self.source, str(position) if position is not None else None, rows, withdrawn)
+
     async def frame(self, message: bytes) -> None:
+        """One frame on its own (a batch of one)."""
+        await self.ingest([message])
+
+    async def _frame(self, message: bytes, rows: list[Row], withdrawn: list[str]) -> None:
+        self.counters.frames += 1
+        if NEEDLE not in message and message.startswith(COMMIT_HEADER):
+            self.counters.skipped_fast += 1
+            self._undecoded = message  # its seq is read only if the cursor is stored now
+            return
         try:
             header, body = libipld.decode_dag_cbor_multi(message)[:2]
         except (ValueError, TypeError):
+            self.counters.malformed += 1
             log.warning("firehose: undecodable frame skipped", size=len(message))
             return
         if not isinstance(header, dict) or not isinstance(body, dict):
+            self.counters.malformed += 1
             log.warning("firehose: frame of the wrong shape skipped")
             return
         if header.get("op") == -1:
             log.warning("firehose error frame", error=body.get("error"), message=body.get("message"))
             return
         kind, seq = header.get("t"), body.get("seq")
+        self.counters.by_kind[kind] = self.counters.by_kind.get(kind, 0) + 1
         if kind == "#info" and body.get("name") == "OutdatedCursor":
             log.warning("firehose: our cursor is older than the stream keeps; the rescan covers the gap")
         if not isinstance(seq, int):
             return
-        rows = await self._invocations(body) if kind == "#commit" else []
-        if kind == "#identity" and isinstance(body.get("did"), str):
-            self.repos.identities.forget(body["did"])  # an author who moved PDS keeps working
-        if kind == "#account" and isinstance(body.get("did"), str):
+        if self._seq is not None and seq <= self._seq:
+            return  # a replay of what was processed already (a relay resending after a reconnect)
+        self._seq, self._undecoded = seq, None
+        did = body.get("did")
+        if kind == "#commit":
+            await self._commit(body, rows, withdrawn)
+        elif kind == "#identity" and isinstance(did, str):
+            self.repos.identities.forget(did)  # an author who moved PDS (or rotated keys) keeps working
+            self._keys.pop(did, None)
+        elif kind == "#account" and isinstance(did, str):
             # A taken-down, suspended or deactivated account is not served until it is active again.
             if body.get("active") is False:
-                self.inactive.add(body["did"])
-                log.warning("author account inactive: not served", did=body["did"], status=body.get("status"))
+                self.inactive.add(did)
+                log.warning("author account inactive: not served", did=did, status=body.get("status"))
             else:
-                self.inactive.discard(body["did"])
-        now = time.monotonic()
-        if not rows and now - self._saved_at < IDLE_CURSOR_SAVE:
-            return
-        self._saved_at = now
-        self.intake.accept(self.source, str(seq), rows)
+                self.inactive.discard(did)
 
-    async def _invocations(self, body: dict) -> list[Row]:
-        did = body.get("repo")
-        ops = [op for op in body.get("ops") or [] if isinstance(op, dict)] if isinstance(body.get("ops"), list) else []
-        if not isinstance(did, str) or not any(str(op.get("path", "")).startswith(PREFIX) for op in ops):
-            return []
-        if not self.intake.policy.allows(did) or did in self.inactive:
-            return []  # not fetched at all: a slow PDS of someone we would not serve cannot stall the stream
-        rows = []
+    async def _commit(self, body: dict, rows: list[Row], withdrawn: list[str]) -> None:
+        did, ops = body.get("repo"), body.get("ops")
+        if not isinstance(did, str) or not isinstance(ops, list):
+            return
+        creates: list[tuple[str, bytes]] = []
         for op in ops:
-            path, action, cid = op.get("path", ""), op.get("action"), op.get("cid")
-            if action != "create" or not isinstance(path, str) or not path.startswith(PREFIX) or not isinstance(cid, bytes):
-                continue  # updates never run an invocation again; deletes have nothing to run
-            rkey = path[len(PREFIX):]
-            try:
-                cid_str = libipld.encode_cid(cid)
-            except ValueError:
+            path = op.get("path") if isinstance(op, dict) else None
+            if not isinstance(path, str) or not path.startswith(PREFIX):
                 continue
-            try:
-                value = await self.repos.get_verified_record(did, INVOCATION, rkey, cid_str)
-            except NotFound:
-                continue  # deleted (or changed) before we got to it: not run
-            except AtrundError as e:
-                log.warning("firehose: cannot verify an invocation; the rescan will retry", did=did, rkey=rkey, error=str(e))
-                continue
+            if op.get("action") == "create" and isinstance(op.get("cid"), bytes):
+                creates.append((path, op["cid"]))
+            elif op.get("action") == "delete":
+                withdrawn.append(f"at://{did}/{path}")  # deleted before it ran: it will not run
+            # updates never run an invocation again
+        if not creates or not self.intake.policy.allows(did) or did in self.inactive:
+            return  # not verified at all: someone we would not serve cannot cost us work
+        for path, cid, value in await self._proven(did, body, creates):
             uri = f"at://{did}/{path}"
             verdict = self.intake.verdict(uri, value)
             if verdict is not None:
-                rows.append((uri, did, cid_str, value, verdict))
-        return rows
+                rows.append((uri, did, cid, value, verdict))
+
+    async def _proven(self, did: str, body: dict, creates: list[tuple[str, bytes]]) -> list[tuple[str, str, dict]]:
+        """(path, cid, record) of the creates, each proven to be the author's; [] for a forgery."""
+        try:
+            try:
+                records = created_records(body, creates, await self._key(did))
+            except ProofError:
+                # A key rotation not seen yet looks like a bad signature: check once with a fresh
+                # DID document before calling the frame forged.
+                self._keys.pop(did, None)
+                self.repos.identities.forget(did)
+                records = created_records(body, creates, await self._key(did))
+        except Incomplete:
+            return await self._fetched(did, creates)
+        except ProofError as e:
+            self.counters.forged += 1
+            log.warning("firehose: commit does not prove its records; dropped", did=did, seq=body.get("seq"), error=str(e))
+            return []
+        except AtrundError as e:  # the author's DID document could not be read
+            log.warning("firehose: cannot verify a commit now; the rescan will retry", did=did, error=str(e))
+            return []
+        self.counters.proven += len(records)
+        return [(path, libipld.encode_cid(cid), to_json_model(records[path])) for path, cid in creates]
+
+    async def _fetched(self, did: str, creates: list[tuple[str, bytes]]) -> list[tuple[str, str, dict]]:
+        """The frame did not carry the blocks: fetch each record from the author's own PDS."""
+        out = []
+        for path, cid in creates:
+            try:
+                cid_str = libipld.encode_cid(cid)
+                value = await self.repos.get_verified_record(did, INVOCATION, path[len(PREFIX):], cid_str)
+            except ValueError:
+                continue
+            except NotFound:
+                continue  # deleted or changed before we got to it, or never the author's: not run
+            except AtrundError as e:
+                log.warning("firehose: cannot verify an invocation; the rescan will retry", did=did, path=path, error=str(e))
+                continue
+            self.counters.fetched += 1
+            out.append((path, cid_str, value))
+        return out
+
+    async def _key(self, did: str) -> SigningKey:
+        key = self._keys.get(did)
+        if key is None:
+            doc = await self.repos.identities.document(did)
+            did_key = doc.get_did_key()
+            if not did_key:
+                raise ProofError(f"{did} publishes no atproto signing key")
+            key = self._keys[did] = SigningKey(did_key)
+        return key
+
+
+def _seq_of(message: bytes) -> int | None:
+    try:
+        seq = libipld.decode_dag_cbor_multi(message)[1].get("seq")
+    except (ValueError, TypeError, AttributeError, IndexError):
+        return None
+    return seq if isinstance(seq, int) else None
