@@ -4,6 +4,7 @@
     .venv/bin/python bench/latency.py -n 50 --poll-interval 0.05
     .venv/bin/python bench/latency.py --burst --batch-size 50  # post with applyWrites, 50 per commit
     .venv/bin/python bench/latency.py --rate 5                 # paced: latency without a backlog
+    .venv/bin/python bench/latency.py --rate 4 --ingest firehose  # the PDS's subscribeRepos instead of polling
 
 Method
 ------
@@ -99,6 +100,7 @@ class BenchError(RuntimeError):
 class Options:
     n: int
     poll_interval: float
+    ingest: str
     warm: int
     concurrency: int
     isolation: str | None
@@ -121,6 +123,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     )
     p.add_argument("-n", type=int, default=200, help="invocations to post (the warm-up one is extra)")
     p.add_argument("--poll-interval", type=float, default=0.2, help="runner's [ingest] poll_interval, seconds")
+    p.add_argument("--ingest", choices=["poll", "firehose"], default="poll", help="runner's [ingest] mode")
     p.add_argument("--warm", type=int, default=2, help="runner's [executor] warm")
     p.add_argument("--concurrency", type=int, default=4, help="runner's [executor] concurrency")
     p.add_argument("--isolation", default=None, help="runner's [executor] isolation (unset: the runner's default)")
@@ -141,7 +144,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         p.error(f"--batch-size must be between 1 and {APPLY_WRITES_MAX}")
     if a.poll_interval <= 0 or a.post_concurrency < 1 or a.concurrency < 1 or a.warm < 0 or a.rate < 0:
         p.error("--poll-interval must be > 0, --post-concurrency and --concurrency >= 1, --warm and --rate >= 0")
-    return Options(a.n, a.poll_interval, a.warm, a.concurrency, a.isolation, a.burst, a.batch_size, a.post_concurrency, a.rate,
+    return Options(a.n, a.poll_interval, a.ingest, a.warm, a.concurrency, a.isolation, a.burst, a.batch_size, a.post_concurrency, a.rate,
                    a.watch, a.watch_interval, a.timeout, a.keep, a.json_out)
 
 
@@ -277,7 +280,10 @@ def write_config(directory: Path, stack: LocalStack, runner: Account, author: Ac
         'description = "atrund latency bench"\n\n'
         f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
         f'[access]\nmode = "allowlist"\nallowlist = ["{author.did}"]\n\n'
-        f"[ingest]\npoll_interval = {opts.poll_interval}\n\n"
+        f'[ingest]\nmode = "{opts.ingest}"\npoll_interval = {opts.poll_interval}\n\n'
+        # The per-author rate limit would pace a one-author bench: lift it, this measures latency.
+        "[limits]\nper_author_per_minute = 1000000\nper_author_burst = 100000\nper_author_backlog = 100000\n"
+        f"per_author_concurrency = {opts.concurrency}\n\n"
         f"[executor]\n{executor}\n"
         '[state]\ndir = "state"\n'
     )
@@ -514,7 +520,7 @@ def pds_commit_starts(stack_dir: Path, did: str) -> dict[str, float]:
 
 
 STAGES = [
-    ("ingest", "created -> stored by the poller (poll interval + listRecords)"),
+    ("ingest", "created -> stored (poll: interval + listRecords; firehose: sequencer + frame + proof)"),
     ("wait", "stored -> claimed (waiting for one of the concurrency slots)"),
     ("run", "claimed -> finished (bundle cache, worker, execution, result built)"),
     ("outbox", "finished -> putRecord returned (writer queue + write)"),
@@ -548,6 +554,7 @@ def report(run: Run, opts: Options, runner_did: str, times: dict[str, RunnerTime
     readable: dict[str, float] = {}  # rkey -> wall clock
     stages: dict[str, list[float]] = {name: [] for name, _ in STAGES}
     not_before: list[float] = []
+    to_start: list[float] = []  # created -> claimed for execution
     watched: list[float] = []
     lag: list[float] = []
     for rk, sighting in got.items():
@@ -559,6 +566,7 @@ def report(run: Run, opts: Options, runner_did: str, times: dict[str, RunnerTime
             readable[rk] = min(seen, t.written_at)
             stages["ingest"].append(t.seen_at - created)
             stages["wait"].append(t.started_at - t.seen_at)
+            to_start.append(t.started_at - created)
             stages["run"].append(t.finished_at - t.started_at)
             stages["outbox"].append(t.written_at - t.finished_at)
             stages["visible"].append(seen - t.written_at)
@@ -577,7 +585,7 @@ def report(run: Run, opts: Options, runner_did: str, times: dict[str, RunnerTime
     watch = "listRecords over the result collection" if opts.watch == "list" else "getRecord per missing result"
 
     print()
-    print(f"atrund latency bench: N={opts.n}, poll_interval={opts.poll_interval:g} s, warm={opts.warm}, "
+    print(f"atrund latency bench: N={opts.n}, ingest={opts.ingest}, poll_interval={opts.poll_interval:g} s, warm={opts.warm}, "
           f"concurrency={opts.concurrency}, isolation={'/'.join(isolation) or opts.isolation or '?'}; posting: {posting}; watching: {watch} every {opts.watch_interval * 1000:g} ms")
     print(f"  warm-up invocation (not counted): {ms(run.warmup_latency)} ms")
     print(f"  posted {len(run.created)} invocations in {run.post_seconds:.2f} s "
@@ -586,6 +594,7 @@ def report(run: Run, opts: Options, runner_did: str, times: dict[str, RunnerTime
           + (", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "none")
           + (f"; {wrong_data} success results did not echo their args" if wrong_data else ""))
     print(f"  latency created -> readable (ms): {row(latencies)}  min {_r(min(latencies, default=None))}")
+    print(f"  latency created -> execution start (ms): {row(to_start)}")
     print("    (readable: when the runner's putRecord returned, or when the watcher saw it if that was sooner)")
     print(f"    lower bound, created -> the PDS began that commit:  {row(not_before)}")
     print(f"    as the polling watcher saw it:                      {row(watched)}")
@@ -619,7 +628,7 @@ def report(run: Run, opts: Options, runner_did: str, times: dict[str, RunnerTime
     print(f"  bench wall time: {elapsed:.1f} s")
 
     figures: dict[str, Any] = {
-        "n": opts.n, "poll_interval_s": opts.poll_interval, "warm": opts.warm, "concurrency": opts.concurrency,
+        "n": opts.n, "ingest": opts.ingest, "poll_interval_s": opts.poll_interval, "warm": opts.warm, "concurrency": opts.concurrency,
         "isolation": sorted(isolation),
         "burst": opts.burst, "batch_size": opts.batch_size if opts.burst else None, "rate": opts.rate or None,
         "post_concurrency": opts.post_concurrency, "watch": opts.watch, "results": len(got), "missing": len(missing),

@@ -89,11 +89,16 @@ def read_car(data: bytes) -> dict[bytes, bytes]:
         blocks = {}
         end_of_data = len(data)
         while pos < end_of_data:
-            size, pos = _varint(data, pos)
+            size = data[pos]
+            if size < 0x80:  # sections under 128 bytes: most MST nodes and small records
+                pos += 1
+            else:
+                size, pos = _varint(data, pos)
             end = pos + size
             if end > end_of_data:
                 raise ProofError("CAR section runs past the end of the frame")
-            cid_end = _cid_end(data, pos)
+            # Repo blocks all have 36-byte CIDv1 dag-cbor sha2-256 CIDs; anything else is parsed.
+            cid_end = pos + 36 if data.startswith(CBOR_SHA256_CID, pos) else _cid_end(data, pos)
             blocks[data[pos:cid_end]] = data[cid_end:end]
             pos = end
         return blocks
