@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -38,6 +39,7 @@ log = structlog.get_logger("atrund.daemon")
 
 FETCH_ATTEMPTS = 3
 STILL_POSTED_TIMEOUT = 3.0  # seconds
+STALE_AFTER = 2.0  # seconds: older invocations are checked for deletion just before they start
 
 
 class Daemon:
@@ -161,7 +163,7 @@ class Daemon:
         except ValidationError as e:
             self._finish(inv, "rejected", error=f"invalid invocation record: {_field_errors(e)}")
             return
-        if not await self._still_posted(inv) or not self.state.mark_running(inv.uri):
+        if not await self._still_posted(inv, record) or not self.state.mark_running(inv.uri):
             return
         try:
             bundle = await self._fetch(record.bundle)
@@ -207,12 +209,23 @@ class Daemon:
                      error=response.error, response=response.response.model_dump(by_alias=True) if response.response else None,
                      metrics=metrics, error_type=response.error_type)
 
-    async def _still_posted(self, inv: Stored) -> bool:
-        """Is the invocation still in its author's repo, unchanged? One sync.getRecord, just
+    async def _still_posted(self, inv: Stored, record: Invocation) -> bool:
+        """Is a stale invocation still in its author's repo, unchanged? One sync.getRecord, just
         before it would start: an invocation its author deleted (or edited) while it waited is
-        withdrawn (no run, no result), whichever way it came in and however long it waited. If
-        the author's PDS does not answer in time it runs anyway: what was accepted was proven
-        to be the author's, and a PDS that is down must not hold up the queue."""
+        withdrawn (no run, no result), whichever way it came in.
+
+        Stale: it waited in our queue, or was already old when we first saw it (a replay after
+        a restart, a poll backlog), by more than STALE_AFTER. A fresh one is not checked: the
+        check costs a PDS round trip per invocation, and in firehose mode a delete that follows
+        at once arrives on the stream and withdraws it there. If the author's PDS does not
+        answer in time it runs anyway: what was accepted was proven to be the author's, and a
+        PDS that is down must not hold up the queue."""
+        try:
+            created = datetime.fromisoformat(record.created_at).timestamp()
+        except ValueError:
+            created = 0.0  # unreadable: treat as old
+        if time.time() - inv.seen_at <= STALE_AFTER and inv.seen_at - created <= STALE_AFTER:
+            return True
         did, _collection, rkey = inv.uri.removeprefix("at://").split("/", 2)
         try:
             await asyncio.wait_for(self.repos.get_verified_record(did, INVOCATION, rkey, inv.cid),

@@ -299,3 +299,27 @@ async def test_one_authors_flood_does_not_hold_up_another(login_author, make_run
     statuses = [(await wait_result(reader, runner.did, u, timeout=60))["status"] for u in flood]
     rejected = [s for s in statuses if s == "rejected"]
     assert statuses.count("success") + len(rejected) == 15
+
+
+async def test_an_invocation_deleted_while_it_waits_is_withdrawn(author, make_runner, reader):
+    """Poll mode, one slot per author: the first invocation sleeps 3 s, the second waits behind
+    it and is deleted meanwhile. Just before it would start, the runner finds it gone from the
+    author's repo (it waited longer than STALE_AFTER, so it is checked): withdrawn, not run, no
+    result. A third, posted after the first finished, runs normally."""
+    from atrund.records import INVOCATION
+
+    runner = await make_runner(access={"allowlist": [author.account.did]}, limits={"per_author_concurrency": 1})
+    bundle = await author.publish("import time\n\ndef main(args):\n    time.sleep(args['s'])\n    return args\n")
+    slow = await author.invoke(bundle, runner.did, args={"s": 3})
+    doomed = await author.invoke(bundle, runner.did, args={"s": 0})
+    for _ in range(100):  # until the poller has stored both
+        if runner.daemon.state.status_of(doomed) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert runner.daemon.state.status_of(doomed) == ("pending", None)
+    await author.session.delete_record(INVOCATION, doomed.rsplit("/", 1)[1])
+    assert (await wait_result(reader, runner.did, slow))["status"] == "success"
+    after = await author.invoke(bundle, runner.did, args={"s": 0})
+    assert (await wait_result(reader, runner.did, after))["status"] == "success"
+    assert runner.daemon.state.status_of(doomed) == ("withdrawn", None)
+    assert await no_result(reader, runner.did, doomed, settle=0.2)
