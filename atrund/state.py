@@ -128,6 +128,9 @@ class State:
         )
         return cur.rowcount == 1
 
+    def forget_cursor(self, source: str) -> None:
+        self.db.execute("DELETE FROM cursors WHERE source = ?", (source,))
+
     def cursor(self, source: str) -> str | None:
         row = self.db.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
         return row[0] if row else None

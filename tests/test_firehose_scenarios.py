@@ -258,10 +258,11 @@ async def test_garbage_between_frames_is_skipped(rig):
     assert len(rig.relay.paths) == 1  # skipped, not disconnected
 
 
-async def test_oversized_frame_drops_the_connection_and_resumes_from_the_cursor(rig):
+async def test_oversized_frame_is_stepped_over(rig):
     """Oversized: a message bigger than the client's max_size (MAX_FRAME) closes the connection
-    (1009); the client reconnects with ?cursor= the last stored seq, and a genuine frame on the
-    new connection is accepted."""
+    (1009). A relay would resend it on every reconnect from the same cursor, so the client steps
+    over it: it reconnects with ?cursor= one past the last seq it processed (70 -> 71), and a
+    genuine frame on the new connection is accepted."""
     first, first_cid = await rig.invocation(5)
     second, second_cid = await rig.invocation(6)
     rig.start(
@@ -270,8 +271,39 @@ async def test_oversized_frame_drops_the_connection_and_resumes_from_the_cursor(
     )
     await rig.until(lambda: len(rig.seen) == 2, "both invocations, across the reconnect")
     assert rig.seen == [first, second]
-    assert rig.relay.paths == [subscribe(), subscribe(70)]
+    assert rig.relay.paths == [subscribe(), subscribe(71)]
     assert rig.cursor() == "72"
+
+
+async def test_an_oversized_frame_that_keeps_coming_is_stepped_over_further(rig):
+    """Sparse seqs: the oversized frame is still the first thing sent after ?cursor=71, so the
+    next reconnect steps over one more (72), and so on until the stream moves again."""
+    first, first_cid = await rig.invocation(12)
+    second, second_cid = await rig.invocation(13)
+    big = b"\0" * (MAX_FRAME + 1)
+    rig.start(
+        send(commit(rig.did, 70, [create_op(first, first_cid)]), big),
+        send(big),
+        send(commit(rig.did, 75, [create_op(second, second_cid)])),
+    )
+    await rig.until(lambda: len(rig.seen) == 2, "the invocation after two oversized frames")
+    assert rig.relay.paths == [subscribe(), subscribe(71), subscribe(72)]
+    assert rig.cursor() == "75"
+
+
+async def test_future_cursor_starts_again_from_the_live_end(rig):
+    """FutureCursor: our stored cursor is ahead of the relay (it was reset, or the URL now names
+    another relay). Reconnecting with it would fail forever, so the client forgets it and
+    subscribes without a cursor; the relay's lower seqs are then accepted as new."""
+    uri, cid = await rig.invocation(14)
+    rig.state.accept_page(rig.firehose.source, "5000", [])
+    rig.start(
+        send(error("FutureCursor", "cursor in the future"), then_close=True),
+        send(commit(rig.did, 12, [create_op(uri, cid)])),
+    )
+    await rig.until(lambda: rig.seen, "the invocation after the cursor reset")
+    assert rig.relay.paths == [subscribe(5000), subscribe()]
+    assert rig.cursor() == "12"
 
 
 async def test_error_frames_are_logged_and_the_client_reconnects(rig):
@@ -383,6 +415,23 @@ async def test_an_inactive_account_is_not_served_until_active_again(rig):
     await rig.until(lambda: rig.seen, "the invocation after the account came back")
     assert rig.seen == [uri2]
     assert rig.state.status_of(uri1) is None
+
+
+async def test_the_poll_rescan_does_not_take_what_an_inactive_account_posted(rig):
+    """The stream says the author was taken down; the periodic poll rescan, sharing the same
+    Intake, reads the author's PDS (which still serves the records) and takes nothing of theirs
+    until the account is reported active again."""
+    from atrund.ingest.poll import Poller
+
+    uri, _ = await rig.invocation(23)
+    rig.start(send(encode({"op": 1, "t": "#account"}, {"seq": 210, "did": rig.did, "active": False, "status": "takendown"})))
+    await rig.until(lambda: rig.did in rig.firehose.intake.inactive, "the account marked inactive")
+    poller = Poller(rig.reader, rig.firehose.intake, [rig.did], interval=60)
+    assert await poller.poll_author(rig.did, reconcile=True) == 0
+    assert rig.state.status_of(uri) is None
+    rig.firehose.intake.inactive.discard(rig.did)  # as an #account active=true frame does
+    assert await poller.poll_author(rig.did, reconcile=True) >= 1
+    assert rig.state.status_of(uri) == ("pending", None)
 
 
 # -- real frames: what the local PDS itself sent, relayed as is or doctored -----------------------

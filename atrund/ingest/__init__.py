@@ -39,8 +39,13 @@ class Intake:
         self.policy = policy
         self.on_new = on_new
         self.denied = 0
+        # Authors whose accounts the network reports inactive (taken down, suspended,
+        # deactivated): their invocations are not taken, by the stream or the poll rescan.
+        self.inactive: set[str] = set()
 
     def verdict(self, uri: str, value: Any) -> str | None:
+        if uri.removeprefix("at://").split("/", 1)[0] in self.inactive:
+            return None
         return classify(uri, value, self.runner_did, self.policy)
 
     def accept(self, source: str, cursor: str | None, rows: list[Row], withdrawn: list[str] = ()) -> int:

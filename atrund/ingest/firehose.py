@@ -48,7 +48,7 @@ NEEDLE = PREFIX.encode()
 COMMIT_HEADER = libipld.encode_dag_cbor({"t": "#commit", "op": 1})
 IDLE_CURSOR_SAVE = 5.0  # seconds: frames that carry nothing for us still move the stored cursor this often
 MAX_FRAME = 8 * 1024 * 1024
-INBOX = 1024  # frames received and not yet processed; beyond this the socket is not read
+INBOX_BYTES = 32 * 1024 * 1024  # frames received and not yet processed; beyond this the socket is not read
 BATCH = 256  # frames processed per transaction at most
 
 
@@ -70,13 +70,16 @@ class Firehose:
         self.source = f"firehose:{self.url}"
         self.repos = repos
         self.intake = intake
-        self.inactive: set[str] = set()
-        self.inbox: asyncio.Queue[bytes] = asyncio.Queue(INBOX)
+        self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._inbox_bytes = 0
+        self._inbox_room = asyncio.Event()
         self.counters = Counters()
         self._keys: dict[str, SigningKey] = {}
         self._saved_at = 0.0
         self._seq: int | None = None  # the last frame processed (stored or not)
         self._undecoded: bytes | None = None  # the last frame skipped undecoded: its seq, if asked
+        self._skip = 0  # seqs to step over on reconnect, past a frame too big to receive
+        self._oversized_at: int | None = None
 
     # -- the socket ---------------------------------------------------------------------------
 
@@ -91,7 +94,9 @@ class Firehose:
 
     def _endpoint(self) -> str:
         position = self._position()
-        cursor = position if position is not None else self.intake.state.cursor(self.source)
+        cursor = position if position is not None else _int(self.intake.state.cursor(self.source))
+        if cursor is not None and self._skip:
+            cursor += self._skip
         url = f"{self.url}/xrpc/com.atproto.sync.subscribeRepos"
         return url + (f"?cursor={cursor}" if cursor is not None else "")
 
@@ -111,7 +116,13 @@ class Firehose:
                     log.info("firehose connected", url=self.url, cursor=endpoint.partition("?cursor=")[2] or None)
                     async for message in ws:
                         if isinstance(message, bytes):
-                            await self.inbox.put(message)  # blocks while the inbox is full: backpressure
+                            while self._inbox_bytes > INBOX_BYTES:  # backpressure: stop reading the socket
+                                self._inbox_room.clear()
+                                await self._inbox_room.wait()
+                            self._inbox_bytes += len(message)
+                            self.inbox.put_nowait(message)
+            except websockets.ConnectionClosedError as e:
+                self._closed(e)
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as e:
                 log.warning("firehose connection lost; reconnecting", url=self.url, error=f"{type(e).__name__}: {e}")
             self.counters.reconnects += 1
@@ -121,6 +132,22 @@ class Firehose:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 60.0)
 
+    def _closed(self, e: websockets.ConnectionClosedError) -> None:
+        """A connection the relay (or our own size limit) ended abnormally."""
+        if e.rcvd is None and e.sent is not None and e.sent.code == 1009:
+            # A frame bigger than MAX_FRAME: the relay would resend it on every reconnect from
+            # the same cursor, forever. Step over one seq more each time it happens at the same
+            # place (seqs can be sparse); the poll rescan finds anything it carried for us.
+            position = self._position()
+            if position is None:
+                position = _int(self.intake.state.cursor(self.source))
+            self._skip = self._skip + 1 if position == self._oversized_at else 1
+            self._oversized_at = position
+            log.warning("firehose: a frame over the size limit; skipping it", limit=MAX_FRAME, after_seq=position,
+                        skip=self._skip)
+            return
+        log.warning("firehose connection lost; reconnecting", url=self.url, error=f"{type(e).__name__}: {e}")
+
     async def _process(self) -> None:
         while True:
             batch = [await self.inbox.get()]
@@ -129,6 +156,8 @@ class Firehose:
             try:
                 await self.ingest(batch)
             finally:
+                self._inbox_bytes -= sum(map(len, batch))
+                self._inbox_room.set()
                 for _ in batch:
                     self.inbox.task_done()
 
@@ -174,6 +203,13 @@ class Firehose:
             return
         if header.get("op") == -1:
             log.warning("firehose error frame", error=body.get("error"), message=body.get("message"))
+            if body.get("error") == "FutureCursor":
+                # Our cursor is ahead of the stream (the relay was reset, or the URL now names
+                # another one): its seqs mean nothing here. Start again from the live end; the
+                # poll rescan covers whatever was posted in between.
+                log.warning("firehose: our cursor is ahead of the stream; starting from its live end", url=self.url)
+                self._seq, self._undecoded, self._skip = None, None, 0
+                self.intake.state.forget_cursor(self.source)
             return
         kind, seq = header.get("t"), body.get("seq")
         self.counters.by_kind[kind] = self.counters.by_kind.get(kind, 0) + 1
@@ -184,6 +220,8 @@ class Firehose:
         if self._seq is not None and seq <= self._seq:
             return  # a replay of what was processed already (a relay resending after a reconnect)
         self._seq, self._undecoded = seq, None
+        if self._skip and self._oversized_at is not None and seq > self._oversized_at + self._skip:
+            self._skip, self._oversized_at = 0, None  # moving again: the skip is spent
         did = body.get("did")
         if kind == "#commit":
             await self._commit(body, rows, withdrawn)
@@ -193,10 +231,10 @@ class Firehose:
         elif kind == "#account" and isinstance(did, str):
             # A taken-down, suspended or deactivated account is not served until it is active again.
             if body.get("active") is False:
-                self.inactive.add(did)
+                self.intake.inactive.add(did)
                 log.warning("author account inactive: not served", did=did, status=body.get("status"))
             else:
-                self.inactive.discard(did)
+                self.intake.inactive.discard(did)
 
     async def _commit(self, body: dict, rows: list[Row], withdrawn: list[str]) -> None:
         did, ops = body.get("repo"), body.get("ops")
@@ -212,7 +250,7 @@ class Firehose:
             elif op.get("action") == "delete":
                 withdrawn.append(f"at://{did}/{path}")  # deleted before it ran: it will not run
             # updates never run an invocation again
-        if not creates or not self.intake.policy.allows(did) or did in self.inactive:
+        if not creates or not self.intake.policy.allows(did) or did in self.intake.inactive:
             return  # not verified at all: someone we would not serve cannot cost us work
         for path, cid, value in await self._proven(did, body, creates):
             uri = f"at://{did}/{path}"
@@ -270,6 +308,13 @@ class Firehose:
                 raise ProofError(f"{did} publishes no atproto signing key")
             key = self._keys[did] = SigningKey(did_key)
         return key
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _seq_of(message: bytes) -> int | None:
