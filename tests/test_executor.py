@@ -283,3 +283,40 @@ async def test_backends_not_built_yet_say_so():
     for isolation in ("container", "firecracker"):
         with pytest.raises(ExecutorError, match="not built yet"):
             create_executor(ExecutorSection(isolation=isolation))
+
+
+async def test_a_second_runner_starting_up_does_not_break_this_ones_worker_starts(tmp_path):
+    """Two runners on one host share the process backend's cgroup parent. A runner starting up
+    sweeps the cgroups a crashed runner left; a live runner's worker cgroup is empty for a
+    moment between its creation and the fence joining it, and must not be swept then (it once
+    was: the worker failed to start with 'cgroup.procs: No such file'). Here one executor
+    starts 15 workers one after another while other backends are created (each sweeping)
+    as fast as they can."""
+    from atrund.execute import create_backend
+    from atrund.execute.probe import probe_sync
+
+    if not next(p for p in probe_sync(ExecutorSection(isolation="process")) if p.backend == "process").ok:
+        pytest.skip("the process backend does not work on this host (see atrund doctor)")
+    settings = ExecutorSection(isolation="process", warm=0)
+    executor = create_executor(settings, "process")
+    stop = False
+
+    async def sweep() -> int:
+        n = 0
+        while not stop:
+            create_backend("process", settings)
+            n += 1
+            await asyncio.sleep(0)
+        return n
+
+    sweeper = asyncio.create_task(sweep())
+    try:
+        path = bundle(tmp_path, "def main(args):\n    return args\n")
+        for i in range(15):
+            r = await executor.execute(ExecRequest(code_path=path, endpoint="main", args={"i": i}, timeout=10), "python")
+            assert r.success and r.data == {"i": i}, r.error
+    finally:
+        stop = True
+        sweeps = await sweeper
+        await executor.shutdown()
+    assert sweeps > 15

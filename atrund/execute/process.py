@@ -168,14 +168,27 @@ class Cgroups:
                 except OSError:
                     await asyncio.sleep(0.02)
 
-    def remove_empty(self) -> None:
+    def remove_leftovers(self, uids: "UidPool") -> None:
+        """Remove the cgroups of workers a crashed runner left: only those whose uid nobody
+        holds. A cgroup is empty for a moment between its creation and the fence joining it,
+        so "empty" alone would let one runner starting up break another's worker start."""
         for parent in self.parents.values() if self.available else ():
             for child in parent.iterdir():
-                if child.is_dir():
-                    try:
-                        child.rmdir()  # only empty ones go: a live runner's workers stay
-                    except OSError:
-                        pass
+                uid = _worker_uid(child.name)
+                if not child.is_dir() or uid is None or not uids.hold(uid):
+                    continue
+                try:
+                    child.rmdir()  # fails, harmlessly, if a process still lives in it
+                except OSError:
+                    pass
+                finally:
+                    uids.give(uid)
+
+
+def _worker_uid(name: str) -> int | None:
+    """The uid in a worker directory's or cgroup's name, ``w{uid}-{random}``."""
+    head = name[1:].split("-", 1)[0] if name.startswith("w") else ""
+    return int(head) if head.isdigit() else None
 
 
 class FencedWorker(DirectWorker):
@@ -231,7 +244,7 @@ class ProcessBackend(Backend):
         self.tmp_mb = settings.tmp_mb
         self.cgroups = Cgroups()
         self.remove_leftovers()
-        self.cgroups.remove_empty()
+        self.cgroups.remove_leftovers(self.uids)
 
     def remove_leftovers(self) -> None:
         """Unmount and remove worker directories a crashed runner left behind.
@@ -239,7 +252,7 @@ class ProcessBackend(Backend):
         Only those whose uid nobody holds: another runner on this host may share the directory.
         """
         for mountpoint in worker_mounts(self.work_root):
-            uid = int(mountpoint.name[1:].split("-", 1)[0]) if mountpoint.name.startswith("w") else None
+            uid = _worker_uid(mountpoint.name)
             if uid is None or not self.uids.hold(uid):
                 continue
             try:
