@@ -148,10 +148,11 @@ class Invocation(Record):
 
 
 class Result(Record):
-    invocation: StrongRef
     bundle: StrongRef
     status: Status
     created_at: str
+    invocation: StrongRef | None = None  # absent for an XRPC invoke, which names its caller instead
+    caller: str | None = Field(default=None, pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]+$")
     data: dict[str, Any] | None = None
     error: str | None = None
     response: HttpResponse | None = None
@@ -170,6 +171,7 @@ class Runner(Record):
     limits: Limits | None = None
     description: str | None = None
     version: str | None = None
+    gateway_url: str | None = None
 
 
 def _fits_data_model(value: Any) -> bool:
