@@ -100,20 +100,25 @@ class Daemon:
             self.firehose = Firehose(url, self.repos, self.intake)
 
     def declaration(self, gateway_url: str | None = None) -> Runner:
-        e = self.cfg.executor
+        e, g = self.cfg.executor, self.cfg.gateway
+        limits = Limits(
+            timeout_seconds=e.max_timeout, default_timeout_seconds=e.default_timeout,
+            max_bundle_bytes=self.cfg.bundles.max_bytes, max_output_bytes=e.max_output_bytes,
+            memory_mb=e.memory_mb, concurrency=e.concurrency,
+        )
+        if gateway_url is not None:  # only limits of what this runner really serves
+            limits.gateway_requests_per_minute = int(g.rate_per_minute)
+            limits.gateway_timeout_seconds = min(g.timeout, e.max_timeout)
+            limits.max_request_bytes = g.max_body_bytes
         return Runner(
-            gateway_url=gateway_url,
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
             access_mode=self.policy.mode,
             created_at=now_iso(),
             description=self.cfg.runner.description,
             version=__version__,
-            limits=Limits(
-                timeout_seconds=e.max_timeout, default_timeout_seconds=e.default_timeout,
-                max_bundle_bytes=self.cfg.bundles.max_bytes, max_output_bytes=e.max_output_bytes,
-                memory_mb=e.memory_mb, concurrency=e.concurrency,
-            ),
+            limits=limits,
+            gateway_url=gateway_url,
         )
 
     def recover(self) -> None:

@@ -60,6 +60,7 @@ log = structlog.get_logger("atrund.gateway")
 INVOKE = "dev.atrun.invoke"
 HANDLER = "handleRequest"
 RKEY = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
+DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]{1,2000}")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
               "trailer", "trailers", "transfer-encoding", "upgrade"}
 NOT_TO_BUNDLE = HOP_BY_HOP | {"cookie", "content-length"}
@@ -265,6 +266,8 @@ class Gateway:
                 _cid(cid)
             except ValueError as e:
                 raise HttpError(400, "InvalidRequest", f"cid: {e}") from None
+        if actor.startswith("did:") and not DID.fullmatch(actor):
+            raise HttpError(400, "InvalidRequest", f"{actor[:100]!r} is not a DID")
         did = actor if actor.startswith("did:") else await self.d.identities.did_for_handle(actor, self.d.cfg.runner.pds)
         if not self.d.policy.allows(did):
             self.meters.denied["gateway"] += 1

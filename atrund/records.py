@@ -125,6 +125,9 @@ class Limits(Record):
     max_output_bytes: int | None = None
     memory_mb: int | None = None
     concurrency: int | None = None
+    gateway_requests_per_minute: int | None = None
+    gateway_timeout_seconds: int | None = None
+    max_request_bytes: int | None = None
 
 
 class Bundle(Record):

@@ -80,6 +80,15 @@ async def test_request_reaches_handler_and_answer_comes_back(author, make_runner
     # The runner record says where the gateway is.
     _, value = await reader.get_record(runner.did, RUNNER, "self")
     assert value["gatewayUrl"] == base
+    assert value["limits"]["gatewayRequestsPerMinute"] == 600 and value["limits"]["maxRequestBytes"] == 1_048_576
+
+
+async def test_gateway_can_be_disabled(author, make_runner, reader):
+    """enabled = false: nothing listens, and the runner record names no gateway."""
+    runner = await make_runner(access={"mode": "open"}, gateway={"enabled": False})
+    assert runner.daemon.gateway is None
+    _, value = await reader.get_record(runner.did, RUNNER, "self")
+    assert "gatewayUrl" not in value and "gatewayRequestsPerMinute" not in value["limits"]
 
 
 async def test_cid_pins_a_version_and_latest_follows_updates(author, make_runner):
@@ -110,6 +119,8 @@ async def test_cid_pins_a_version_and_latest_follows_updates(author, make_runner
 
     status, _, body = await call("GET", f"{route}?cid=not-a-cid")
     assert status == 400 and json.loads(body)["message"].startswith("cid: ")
+    status, _, body = await call("GET", f"{base}/did:plc:..%2F..%2Fetc/{rkey(v1)}")
+    assert status == 400 and "is not a DID" in json.loads(body)["message"]
 
 
 async def test_errors_are_json_with_the_documented_status(login_author, author, make_runner):
