@@ -279,6 +279,7 @@ def write_config(directory: Path, stack: LocalStack, runner: Account, author: Ac
         f'[access]\nmode = "allowlist"\nallowlist = ["{author.did}"]\n\n'
         f"[ingest]\npoll_interval = {opts.poll_interval}\n\n"
         f"[executor]\n{executor}\n"
+        '[gateway]\nlisten = "127.0.0.1:0"\n\n'
         '[state]\ndir = "state"\n'
     )
     return config

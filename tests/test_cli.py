@@ -126,6 +126,7 @@ async def test_runner_killed_mid_run_never_runs_it_twice(stack, new_account, aut
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n'
         f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.account.did}"]\n'
         f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"  # the bundle marks a host file\n'
+        '[gateway]\nlisten = "127.0.0.1:0"\n'
     )
     marker = tmp_path / "started.txt"
     bundle = await author.publish(
