@@ -147,6 +147,8 @@ class Daemon:
         for loop in loops:
             if loop.get_name() not in ("writer", "scheduler"):
                 loop.cancel()
+        if self.gateway is not None:
+            await self.gateway.close()  # stop taking requests first; the ones in flight finish
         await self.scheduler.stop()  # running invocations finish; queued ones wait for the next start
         await self.writer.flush()
         loops[1].cancel()  # the writer, last

@@ -137,8 +137,13 @@ class RateLimiter:
         now = time.monotonic()
         b = self.buckets.get(key)
         if b is None:
-            if len(self.buckets) >= MAX_BUCKETS:  # keys come from the web: forget buckets that are full again
-                self.buckets = {k: v for k, v in self.buckets.items() if v.tokens + (now - v.at) * self.rate < self.burst}
+            if len(self.buckets) >= MAX_BUCKETS:  # keys come from the web: keep the table bounded
+                # Buckets that are full again carry no state; if that is not enough, keep the newest
+                # half (an evicted bundle starts again with a full burst; a scan every MAX/2 keys at most).
+                live = {k: v for k, v in self.buckets.items() if v.tokens + (now - v.at) * self.rate < self.burst}
+                if len(live) >= MAX_BUCKETS // 2:
+                    live = dict(sorted(live.items(), key=lambda kv: kv[1].at)[-(MAX_BUCKETS // 2):])
+                self.buckets = live
             b = self.buckets[key] = _Bucket(self.burst, now)
         b.tokens = min(self.burst, b.tokens + (now - b.at) * self.rate)
         b.at = now

@@ -279,3 +279,18 @@ async def test_gateway_requests_share_the_executor_slots(author, make_runner):
     results = await asyncio.gather(call("GET", url), call("GET", url))
     assert [r[0] for r in results] == [200, 200]
     assert loop.time() - t0 >= 2.0
+
+
+def test_rate_limiter_table_stays_bounded():
+    """Keys come from anonymous callers: the bucket table never grows past its bound, and a key
+    that is still limited stays limited while others come and go."""
+    from atrund.gateway import MAX_BUCKETS, RateLimiter
+
+    limiter = RateLimiter(per_minute=1, burst=1)
+    assert limiter.take("hot") == 0 and limiter.take("hot") > 0
+    for i in range(MAX_BUCKETS // 4):
+        limiter.take(i)
+    assert limiter.take("hot") > 0
+    for i in range(3 * MAX_BUCKETS):
+        limiter.take(("flood", i))
+    assert len(limiter.buckets) <= MAX_BUCKETS
