@@ -130,6 +130,7 @@ class GatewaySection(Section):
     burst: int = Field(default=60, ge=1, description="requests a bundle may take at once before the rate applies")
     max_body_bytes: int = Field(default=1_048_576, ge=0, description="largest request body; more is answered 413")
     timeout: int = Field(default=10, ge=1, description="seconds a handleRequest may run (capped by executor.max_timeout)")
+    max_waiting: int = Field(default=64, ge=0, description="requests that may wait for an execution slot; more get 503")
     latest_cache_seconds: float = Field(default=5.0, ge=0, description="how long 'latest bundle version' is trusted without asking the PDS")
     token_leeway_seconds: int = Field(default=5, ge=0, description="clock skew allowed on service-auth tokens' exp and iat")
 

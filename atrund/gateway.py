@@ -48,6 +48,7 @@ from atrund.errors import (
     RemoteError,
     VersionGone,
 )
+from atrund.metrics import CONTENT_TYPE
 from atrund.records import BUNDLE, RESULT, StrongRef, _cid, result_rkey
 from atrund.results import build
 from atrund.serviceauth import ServiceAuth, ServiceAuthError
@@ -256,7 +257,7 @@ class Gateway:
         return _json(200, self.d.health())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.meters.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(body=self.meters.render(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- the bundle gateway -------------------------------------------------------------
 
@@ -282,6 +283,7 @@ class Gateway:
             self.meters.rate_limited.inc()
             raise HttpError(429, "RateLimited", f"bundle {did}/{rkey} is over this runner's rate limit of "
                             f"{self.cfg.rate_per_minute:g} requests per minute", {"Retry-After": str(max(1, math.ceil(wait)))})
+        self._not_too_busy()
         body = await self._body(request)
         uri = f"at://{did}/{BUNDLE}/{rkey}"
         ref = StrongRef(uri=uri, cid=cid or await self._latest_cid(did, rkey))
@@ -298,6 +300,14 @@ class Gateway:
                  exec_ms=response.metrics.execution_time_ms, total_ms=int(total * 1000), error_type=response.error_type,
                  error=response.error)
         return self._answer(response, exec_request.timeout)
+
+    def _not_too_busy(self) -> None:
+        """Refuse rather than queue without bound: each waiting request holds a connection open."""
+        sched = self.d.scheduler
+        waiting = sched.slot_waiters()
+        if sched.running >= sched.concurrency and waiting >= self.cfg.max_waiting:
+            raise HttpError(503, "Busy", f"{waiting} requests are already waiting for this runner; try again shortly",
+                            {"Retry-After": "1"})
 
     async def _body(self, request: web.Request) -> bytes:
         limit = self.cfg.max_body_bytes
@@ -382,6 +392,7 @@ class Gateway:
         except ValueError as e:
             detail = _field_errors(e) if isinstance(e, ValidationError) else f"not JSON: {e}"
             raise HttpError(400, "InvalidRequest", f"input: {detail}") from None
+        self._not_too_busy()
         seen = time.time()
         out = await self.d.run_bundle(inp.bundle, inp.endpoint, inp.args or {}, inp.timeout, queued_since=seen, attempts=1,
                                       take_slot=True)

@@ -281,6 +281,24 @@ async def test_gateway_requests_share_the_executor_slots(author, make_runner):
     assert loop.time() - t0 >= 2.0
 
 
+async def test_too_many_waiting_requests_get_503(author, make_runner):
+    """With every slot busy and max_waiting requests already waiting, the next one is refused
+    at once (503, Retry-After) instead of queueing without bound."""
+    runner = await make_runner(access={"allowlist": [author.account.did]}, executor={"concurrency": 1, "warm": 2},
+                               gateway={"listen": "127.0.0.1:0", "max_waiting": 1})
+    source = "import time\ndef handleRequest(req):\n    time.sleep(1.5)\n    return {'status': 200, 'body': 'ok'}\n"
+    bundle = await author.publish(source)
+    url = f"{runner.daemon.gateway.url}/{author.account.did}/{rkey(bundle)}/"
+    await call("GET", url)  # fetch and cache the bundle first
+    running = asyncio.create_task(call("GET", url))
+    await asyncio.sleep(0.5)
+    waiting = asyncio.create_task(call("GET", url))
+    await asyncio.sleep(0.3)
+    status, headers, body = await call("GET", url)
+    assert status == 503 and json.loads(body)["error"] == "Busy" and headers["Retry-After"] == "1"
+    assert [(await running)[0], (await waiting)[0]] == [200, 200]
+
+
 def test_rate_limiter_table_stays_bounded():
     """Keys come from anonymous callers: the bucket table never grows past its bound, and a key
     that is still limited stays limited while others come and go."""
