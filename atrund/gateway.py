@@ -209,7 +209,7 @@ class Gateway:
     # -- lifecycle ----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=self.cfg.max_body_bytes + 1)
+        app = web.Application(middlewares=[self._errors])  # bodies are read (and capped) by _body
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_route("*", "/xrpc/{nsid}", self.xrpc)
@@ -240,9 +240,8 @@ class Gateway:
         route = "bundle" if request.match_info.get("rkey") else ("xrpc" if request.path.startswith("/xrpc/") else "ops")
         try:
             resp = await handler(request)
-        except web.HTTPException as e:  # aiohttp's own (no route, body over client_max_size): JSON too
-            status = 413 if e.status == 413 else e.status
-            resp = _json(status, {"error": e.reason.replace(" ", ""), "message": f"{e.reason}: {request.method} {request.path}"})
+        except web.HTTPException as e:  # aiohttp's own (no such route, method not allowed): JSON too
+            resp = _json(e.status, {"error": e.reason.replace(" ", ""), "message": f"{e.reason}: {request.method} {request.path}"})
         except Exception as e:
             err = http_error(e)
             if err.status >= 500 and not isinstance(e, (HttpError, AtrundError)):

@@ -141,6 +141,8 @@ async def test_errors_are_json_with_the_documented_status(login_author, author, 
         assert set(doc) == {"error", "message"} and "Traceback" not in doc["message"]
         return status, doc
 
+    status, doc = await error("GET", f"{base}/")
+    assert status == 404 and doc["error"] == "NotFound"
     status, doc = await error("GET", f"{base}/{author.account.did}/3zzzzzzzzzzzz/x")
     assert status == 404 and doc["error"] == "BundleNotFound" and "3zzzzzzzzzzzz" in doc["message"]
     status, doc = await error("GET", f"{base}/nobody.invalid/{rkey(bundle)}")
