@@ -23,6 +23,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from atrund.execute.base import ExecutorError
@@ -168,14 +169,18 @@ class Cgroups:
                 except OSError:
                     await asyncio.sleep(0.02)
 
-    def remove_empty(self) -> None:
+    def remove_empty(self, min_age: float = 60.0) -> None:
+        """Remove cgroups left empty by runners that died. Only empty ones go (a live runner's
+        workers stay), and only those older than ``min_age`` seconds: another runner on this
+        host creates a worker's cgroup a moment before the worker joins it, and it is empty then."""
+        cutoff = time.time() - min_age
         for parent in self.parents.values() if self.available else ():
             for child in parent.iterdir():
-                if child.is_dir():
-                    try:
-                        child.rmdir()  # only empty ones go: a live runner's workers stay
-                    except OSError:
-                        pass
+                try:
+                    if child.is_dir() and child.stat().st_mtime < cutoff:
+                        child.rmdir()
+                except OSError:
+                    pass
 
 
 class FencedWorker(DirectWorker):
