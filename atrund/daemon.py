@@ -5,6 +5,10 @@ fetches and verifies its bundle, runs it and queues the result record. Everythin
 wrong on that path ends in a result record that says what happened, except a denied author
 (no record, by design) and a crash of the runner mid-run (an "interrupted" result at the next
 start; the invocation is never started twice).
+
+The same path serves the HTTP side (atrund.gateway): ``run_bundle`` for XRPC invoke, and
+``prepare`` + ``execute`` for the gateway, which needs finer answers (HTTP statuses) than a
+result record's status.
 """
 
 from __future__ import annotations
@@ -163,7 +167,7 @@ class Daemon:
             await self.session.close()
         self.state.close()
 
-    # -- one invocation ------------------------------------------------------------------
+    # -- operations (/healthz, /metrics) -------------------------------------------------
 
     def health(self) -> dict[str, Any]:
         """What /healthz says: the runner is serving, for how long, how far behind, how busy."""
@@ -186,6 +190,8 @@ class Daemon:
         return {"queued": self.scheduler.queued(), "waiting_requests": self.scheduler.slot_waiters(),
                 "running": self.scheduler.running, "pool": self.executor.stats(),
                 "record_denials": self.intake.denied if self.intake else 0}
+
+    # -- one invocation ------------------------------------------------------------------
 
     def submit(self, uri: str) -> None:
         """Queue a stored, pending invocation; the scheduler decides when it runs."""
