@@ -16,12 +16,15 @@ from atrund.errors import IdentityError
 HANDLE = re.compile(r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
+NEGATIVE_SECONDS = 30  # how long a handle that did not resolve stays unresolved
+
+
 class Identities:
     def __init__(self, plc_url: str, cache_seconds: int = 300, timeout: float = 10.0) -> None:
         self._resolver = AsyncDidResolver(plc_url=plc_url.rstrip("/"), timeout=timeout)
         self._ttl = cache_seconds
         self._cache: dict[str, tuple[float, DidDocument]] = {}
-        self._handles: dict[str, tuple[float, str]] = {}
+        self._handles: dict[str, tuple[float, str | None, str | None]] = {}  # handle -> (when, DID, or why not)
         self._timeout = timeout
 
     async def document(self, did: str, refresh: bool = False) -> DidDocument:
@@ -61,8 +64,23 @@ class Identities:
         if not HANDLE.fullmatch(handle):
             raise IdentityError(f"{handle!r} is not a handle or a DID")
         hit = self._handles.get(handle)
-        if hit and time.monotonic() - hit[0] < self._ttl:
-            return hit[1]
+        if hit is not None:
+            at, did, error = hit
+            if did is not None and time.monotonic() - at < self._ttl:
+                return did
+            if error is not None and time.monotonic() - at < NEGATIVE_SECONDS:
+                raise IdentityError(error)
+        if len(self._handles) > 10_000:  # bounded: anonymous callers choose the handles
+            self._handles.clear()
+        try:
+            did = await self._resolve_handle(handle, via_pds)
+        except IdentityError as e:  # remembered for a while too: a web caller must not make us ask again and again
+            self._handles[handle] = (time.monotonic(), None, str(e))
+            raise
+        self._handles[handle] = (time.monotonic(), did, None)
+        return did
+
+    async def _resolve_handle(self, handle: str, via_pds: str) -> str:
         url = via_pds.rstrip("/") + "/xrpc/com.atproto.identity.resolveHandle"
         try:
             async with httpx.AsyncClient(timeout=self._timeout) as client:
@@ -78,9 +96,6 @@ class Identities:
         doc = await self.document(did)
         if (doc.get_handle() or "").lower() != handle:
             raise IdentityError(f"handle {handle} names {did}, but that DID document does not claim the handle back")
-        if len(self._handles) > 10_000:  # bounded: anonymous callers choose the handles
-            self._handles.clear()
-        self._handles[handle] = (time.monotonic(), did)
         return did
 
     def forget(self, did: str) -> None:
