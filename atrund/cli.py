@@ -103,7 +103,7 @@ def check_config(config_path: Path) -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--json-logs/--console-logs", default=None, help="Log format; JSON when stderr is not a terminal.")
 def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
-    """Run the runner: publish its record, poll for invocations, write results."""
+    """Run the runner: publish its record, poll for invocations, write results, serve the HTTP gateway."""
     from atrund import log
     from atrund.daemon import Daemon
 
