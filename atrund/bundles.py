@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge
+from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
 from atrund.records import BUNDLE, Bundle, StrongRef
 from atrund.repos import Repos
 
@@ -82,7 +82,7 @@ class BundleStore:
                 current, _ = await self.repos.get_record(did, BUNDLE, rkey)
             except NotFound:
                 raise NotFound(f"bundle at://{did}/{BUNDLE}/{rkey} does not exist (deleted, or never published)") from None
-            raise BundleRefused(
+            raise VersionGone(
                 f"bundle CID mismatch: the invocation pins {cid}, but at://{did}/{BUNDLE}/{rkey} is now {current} "
                 "(the bundle was changed after the invocation was made; invoke the new version by its CID)"
             ) from None

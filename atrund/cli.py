@@ -103,7 +103,7 @@ def check_config(config_path: Path) -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--json-logs/--console-logs", default=None, help="Log format; JSON when stderr is not a terminal.")
 def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
-    """Run the runner: publish its record, poll for invocations, write results."""
+    """Run the runner: publish its record, poll for invocations, write results, serve the HTTP gateway."""
     from atrund import log
     from atrund.daemon import Daemon
 
@@ -396,6 +396,75 @@ def schema() -> None:
     from atrund.execute.protocol import schema as exec_schema
 
     emit(exec_schema())
+
+
+
+@main.command()
+@click.argument("bundle_uri")
+@click.option("--runner", "runner_did", required=True, help="DID of the runner to call.")
+@click.option("--endpoint", required=True)
+@click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
+@click.option("--cid", default=None, help="Pin this bundle version; the current one when omitted.")
+@click.option("--timeout", type=int, default=None, help="Seconds the run may take (capped by the runner).")
+@click.option("--write-result", is_flag=True, help="Also have the runner keep the answer as a result record.")
+@click.option("--gateway", "gateway_url", default=None, help="The runner's gateway URL; read from its runner record when omitted.")
+@author_options
+@run_async
+async def call(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
+               write_result: bool, gateway_url: str | None, pds: str | None, identifier: str, password: str,
+               plc_url: str) -> None:
+    """Run BUNDLE_URI's endpoint on a runner now (XRPC dev.atrun.invoke) and print the answer.
+
+    Authenticates with a single-use service-auth token from your own PDS; no record is written
+    in your repo. Exits 3 when the status is not success.
+    """
+    import aiohttp
+
+    from atrund.identity import Identities
+    from atrund.records import RUNNER
+    from atrund.repos import Repos
+
+    args = parse_args_json(args_json)
+    b_did, b_coll, b_rkey = parse_uri(bundle_uri, "BUNDLE_URI")
+    repos = Repos(Identities(plc_url))
+    try:
+        if cid is None:
+            cid, _ = await repos.get_record(b_did, b_coll, b_rkey)
+        if gateway_url is None:
+            _, declared = await repos.get_record(runner_did, RUNNER, "self")
+            gateway_url = declared.get("gatewayUrl")
+            if not gateway_url:
+                raise click.ClickException(f"runner {runner_did} publishes no gatewayUrl: it does not serve XRPC invoke")
+    finally:
+        await repos.close()
+    session = await _login(pds, identifier, password, plc_url)
+    try:
+        token = await session.service_token(runner_did, "dev.atrun.invoke")
+    finally:
+        await session.close()
+    body: dict[str, Any] = {"bundle": {"uri": bundle_uri, "cid": cid}, "endpoint": endpoint, "args": args}
+    if timeout is not None:
+        body["timeout"] = timeout
+    if write_result:
+        body["writeResult"] = True
+    url = gateway_url.rstrip("/") + "/xrpc/dev.atrun.invoke"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
+                status, text = resp.status, await resp.text()
+    except aiohttp.ClientError as e:
+        raise click.ClickException(f"{url}: {type(e).__name__}: {e}") from None
+    try:
+        out = json.loads(text)
+    except ValueError:
+        raise click.ClickException(f"{url} answered HTTP {status} with something that is not JSON: {text[:200]!r}") from None
+    if status != 200:
+        raise click.ClickException(f"{url}: HTTP {status} {out.get('error')}: {out.get('message')}")
+    if "data" in out:
+        out["value"] = decode_data(out["data"])
+    emit(out)
+    if out.get("status") != "success":
+        sys.exit(EXIT_NOT_SUCCESS)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atrund.errors import AtrundError
 
@@ -120,6 +120,37 @@ class PermissionsSection(Section):
     env: list[str] = Field(default=[], description='variable names, or "*"')
 
 
+class GatewaySection(Section):
+    """The HTTP side: the gateway to bundles' handleRequest, XRPC invoke, /healthz and /metrics."""
+
+    enabled: bool = True
+    listen: str = Field(default="127.0.0.1:8080", description="host:port; loopback by default (put a reverse proxy in front)")
+    public_url: str | None = Field(default=None, description="URL published in the runner record; default http://LISTEN")
+    rate_per_minute: float = Field(default=600.0, gt=0, description="requests per minute per bundle (token bucket)")
+    burst: int = Field(default=60, ge=1, description="requests a bundle may take at once before the rate applies")
+    max_body_bytes: int = Field(default=1_048_576, ge=0, description="largest request body; more is answered 413")
+    timeout: int = Field(default=10, ge=1, description="seconds a handleRequest may run (capped by executor.max_timeout)")
+    max_waiting: int = Field(default=64, ge=0, description="requests that may wait for an execution slot; more get 503")
+    latest_cache_seconds: float = Field(default=5.0, ge=0, description="how long 'latest bundle version' is trusted without asking the PDS")
+    token_leeway_seconds: int = Field(default=5, ge=0, description="clock skew allowed on service-auth tokens' exp and iat")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8080)")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class StateSection(Section):
     dir: Path = Path("atrund-state")
 
@@ -133,6 +164,7 @@ class Config(Section):
     executor: ExecutorSection = ExecutorSection()
     limits: LimitsSection = LimitsSection()
     permissions: PermissionsSection = PermissionsSection()
+    gateway: GatewaySection = GatewaySection()
     state: StateSection = StateSection()
 
     @property

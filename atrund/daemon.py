@@ -5,12 +5,17 @@ fetches and verifies its bundle, runs it and queues the result record. Everythin
 wrong on that path ends in a result record that says what happened, except a denied author
 (no record, by design) and a crash of the runner mid-run (an "interrupted" result at the next
 start; the invocation is never started twice).
+
+The same path serves the HTTP side (atrund.gateway): ``run_bundle`` for XRPC invoke, and
+``prepare`` + ``execute`` for the gateway, which needs finer answers (HTTP statuses) than a
+result record's status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,15 +24,17 @@ from pydantic import ValidationError
 
 from atrund import __version__
 from atrund.access import AccessPolicy, PermissionPolicy
-from atrund.bundles import BundleStore, _field_errors
+from atrund.bundles import BundleStore, VerifiedBundle, _field_errors
 from atrund.config import Config
-from atrund.errors import AtrundError, BundleRefused, NotFound, Unreachable
+from atrund.errors import AtrundError, BundleRefused, EndpointUndeclared, NotFound, PermissionsRefused, Unreachable
 from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
 from atrund.execute.protocol import ExecPermissions, ExecResponse
+from atrund.gateway import Gateway
 from atrund.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
+from atrund.metrics import Meters
 from atrund.records import INVOCATION, RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
@@ -40,6 +47,18 @@ log = structlog.get_logger("atrund.daemon")
 FETCH_ATTEMPTS = 3
 STILL_POSTED_TIMEOUT = 3.0  # seconds
 STALE_AFTER = 2.0  # seconds: older invocations are checked for deletion just before they start
+
+
+@dataclass
+class Outcome:
+    """How one run of a bundle ended, before it becomes a result record or an XRPC answer."""
+
+    status: str
+    data: Any = None
+    error: str | None = None
+    response: dict[str, Any] | None = None
+    metrics: Metrics | None = None
+    error_type: str | None = None
 
 
 class Daemon:
@@ -57,8 +76,12 @@ class Daemon:
         self.scheduler = Scheduler(self._guarded, self._reject_backlog, cfg.executor.concurrency,
                                    lim.per_author_concurrency, lim.per_author_per_minute, lim.per_author_burst,
                                    lim.per_author_backlog)
+        self.meters = Meters()
+        self.meters.watch(self._live_figures)
+        self.gateway: Gateway | None = Gateway(self) if cfg.gateway.enabled else None
         self.session: Session | None = None
         self.writer: ResultWriter | None = None
+        self.intake: Intake | None = None
         self.poller: Poller | None = None
         self.firehose: Firehose | None = None
 
@@ -68,9 +91,10 @@ class Daemon:
         r = self.cfg.runner
         self.session = await Session.login(r.pds, r.identifier, r.password())
         self.writer = ResultWriter(self.session, self.state)
-        await self.session.put_record(RUNNER, "self", self.declaration().to_record())
+        gateway_url = await self.gateway.start(self.session.did) if self.gateway is not None else None
+        await self.session.put_record(RUNNER, "self", self.declaration(gateway_url).to_record())
         log.info("runner published", did=self.session.did, handle=self.session.handle, isolation=self.executor.isolation,
-                 access=self.policy.mode, authors=len(self.cfg.poll_authors))
+                 access=self.policy.mode, authors=len(self.cfg.poll_authors), gateway=gateway_url)
         await self.executor.warm(self.cfg.executor.warm)
         self.recover()
         ingest = self.cfg.ingest
@@ -82,8 +106,17 @@ class Daemon:
             url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
             self.firehose = Firehose(url, self.repos, self.intake)
 
-    def declaration(self) -> Runner:
-        e = self.cfg.executor
+    def declaration(self, gateway_url: str | None = None) -> Runner:
+        e, g = self.cfg.executor, self.cfg.gateway
+        limits = Limits(
+            timeout_seconds=e.max_timeout, default_timeout_seconds=e.default_timeout,
+            max_bundle_bytes=self.cfg.bundles.max_bytes, max_output_bytes=e.max_output_bytes,
+            memory_mb=e.memory_mb, concurrency=e.concurrency,
+        )
+        if gateway_url is not None:  # only limits of what this runner really serves
+            limits.gateway_requests_per_minute = int(g.rate_per_minute)
+            limits.gateway_timeout_seconds = min(g.timeout, e.max_timeout)
+            limits.max_request_bytes = g.max_body_bytes
         return Runner(
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
@@ -91,11 +124,8 @@ class Daemon:
             created_at=now_iso(),
             description=self.cfg.runner.description,
             version=__version__,
-            limits=Limits(
-                timeout_seconds=e.max_timeout, default_timeout_seconds=e.default_timeout,
-                max_bundle_bytes=self.cfg.bundles.max_bytes, max_output_bytes=e.max_output_bytes,
-                memory_mb=e.memory_mb, concurrency=e.concurrency,
-            ),
+            limits=limits,
+            gateway_url=gateway_url,
         )
 
     def recover(self) -> None:
@@ -124,17 +154,45 @@ class Daemon:
         for loop in loops:
             if loop.get_name() not in ("writer", "scheduler"):
                 loop.cancel()
+        if self.gateway is not None:
+            await self.gateway.close()  # stop taking requests first; the ones in flight finish
         await self.scheduler.stop()  # running invocations finish; queued ones wait for the next start
         await self.writer.flush()
         loops[1].cancel()  # the writer, last
         await asyncio.gather(*loops, return_exceptions=True)
 
     async def close(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.close()
         await self.executor.shutdown()
         await self.repos.close()
         if self.session is not None:
             await self.session.close()
         self.state.close()
+
+    # -- operations (/healthz, /metrics) -------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz says: the runner is serving, for how long, how far behind, how busy."""
+        pool = self.executor.stats()
+        lag = self.meters.lag_seconds
+        return {
+            "ok": self.session is not None and not self.scheduler.stopped,
+            "version": __version__,
+            "did": self.session.did if self.session else None,
+            "uptimeSeconds": round(self.meters.uptime(), 3),
+            "ingestLagSeconds": round(lag, 3) if lag is not None else None,
+            "queue": {"invocations": self.scheduler.queued(), "requests": self.scheduler.slot_waiters(),
+                      "running": self.scheduler.running, "concurrency": self.scheduler.concurrency},
+            "pool": {"isolation": pool.isolation, "warm": pool.warm, "busy": pool.busy, "completed": pool.completed,
+                     "failed": pool.failed, "timeouts": pool.timeouts, "coldStarts": pool.cold_starts,
+                     "latencyP50Ms": pool.latency_p50_ms, "latencyP95Ms": pool.latency_p95_ms},
+        }
+
+    def _live_figures(self) -> dict[str, Any]:
+        return {"queued": self.scheduler.queued(), "waiting_requests": self.scheduler.slot_waiters(),
+                "running": self.scheduler.running, "pool": self.executor.stats(),
+                "record_denials": self.intake.denied if self.intake else 0}
 
     # -- one invocation ------------------------------------------------------------------
 
@@ -151,6 +209,7 @@ class Daemon:
         stored = self.state.pending(uri)
         if stored is None:
             return
+        self.meters.ingested(stored.value.get("createdAt") if isinstance(stored.value, dict) else None, stored.seen_at)
         try:
             await self.handle(stored)
         except Exception as e:  # a bug of ours must still end in a result, not a silent loss
@@ -165,52 +224,42 @@ class Daemon:
             return
         if not await self._still_posted(inv, record) or not self.state.mark_running(inv.uri):
             return
+        out = await self.run_bundle(record.bundle, record.endpoint, record.args or {}, record.timeout, queued_since=inv.seen_at)
+        self._finish(inv, out.status, bundle=record.bundle, data=out.data, error=out.error, response=out.response,
+                     metrics=out.metrics, error_type=out.error_type)
+
+    async def run_bundle(self, ref: StrongRef, endpoint: str, args: dict[str, Any], timeout: int | None, *, queued_since: float,
+                         attempts: int = FETCH_ATTEMPTS, take_slot: bool = False) -> Outcome:
+        """Fetch the pinned bundle, check it may run here, run it: every way this ends is an Outcome.
+
+        ``take_slot``: for callers outside the scheduler (XRPC invoke), which must still hold
+        one of the executor's slots while the bundle runs.
+        """
         try:
-            bundle = await self._fetch(record.bundle)
+            bundle = await self._fetch(ref, attempts)
         except BundleRefused as e:
-            self._finish(inv, "rejected", error=str(e), bundle=record.bundle)
-            return
+            return Outcome("rejected", error=str(e))
         except (AtrundError, ValueError) as e:
-            self._finish(inv, "error", error=f"bundle unavailable: {e}", bundle=record.bundle)
-            return
-        b = bundle.record
-        if b.endpoints is not None and record.endpoint not in b.endpoints:
-            self._finish(inv, "rejected", bundle=record.bundle,
-                         error=f"endpoint {record.endpoint!r} is not one the bundle declares ({', '.join(b.endpoints) or 'none'})")
-            return
-        refused = self.grants.refused(b.permissions)
-        if refused:
-            self._finish(inv, "rejected", bundle=record.bundle,
-                         error=f"the bundle asks for permissions this runner does not grant: {', '.join(refused)}")
-            return
-        e = self.cfg.executor
-        asked = b.permissions or Permissions()
-        request = ExecRequest(
-            code_path=str(bundle.code_path),
-            endpoint=record.endpoint,
-            args=record.args or {},
-            permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or []),
-            timeout=min(record.timeout or e.default_timeout, e.max_timeout),
-        )
-        started = time.time()
+            return Outcome("error", error=f"bundle unavailable: {e}")
         try:
-            response = await self.executor.execute(request, b.runtime)
-        except ExecutorError as err:
-            log.error("executor failed", uri=inv.uri, error=str(err))
-            response = ExecResponse(success=False, error=f"the runner could not run the bundle: {err}", error_type="ExecutorError")
+            request = self.prepare(bundle, endpoint, args, timeout)
+        except BundleRefused as e:
+            return Outcome("rejected", error=str(e))
+        started = time.time()
+        response = await self.execute(request, bundle.record.runtime, take_slot=take_slot)
         status = "success" if response.success else ("timeout" if response.timed_out else "error")
         metrics = Metrics(
             execution_time_ms=response.metrics.execution_time_ms,
-            queued_ms=max(0, int((started - inv.seen_at) * 1000)),
+            queued_ms=max(0, int((started - queued_since) * 1000)),
             isolation=self.executor.isolation,
-            runtime=b.runtime,
+            runtime=bundle.record.runtime,
         )
-        self._finish(inv, status, bundle=record.bundle, data=response.data if response.success else None,
-                     error=response.error, response=response.response.model_dump(by_alias=True) if response.response else None,
-                     metrics=metrics, error_type=response.error_type)
+        return Outcome(status, data=response.data if response.success else None, error=response.error,
+                       response=response.response.model_dump(by_alias=True) if response.response else None,
+                       metrics=metrics, error_type=response.error_type)
 
     async def _still_posted(self, inv: Stored, record: Invocation) -> bool:
-        """Is a stale invocation still in its author's repo, unchanged? One sync.getRecord, just
+        """Is a stale invocation still in its author's repo, unchanged? One repo.getRecord, just
         before it would start: an invocation its author deleted (or edited) while it waited is
         withdrawn (no run, no result), whichever way it came in.
 
@@ -242,12 +291,43 @@ class Daemon:
             return False
         return True
 
-    async def _fetch(self, ref: StrongRef):
-        for attempt in range(FETCH_ATTEMPTS):
+    def prepare(self, bundle: VerifiedBundle, endpoint: str, args: dict[str, Any], timeout: int | None,
+                max_timeout: int | None = None) -> ExecRequest:
+        """The ExecRequest for ``endpoint`` of a verified bundle; raises BundleRefused (a subclass
+        naming why) if the bundle does not declare the endpoint or asks for more than is granted."""
+        b = bundle.record
+        if b.endpoints is not None and endpoint not in b.endpoints:
+            raise EndpointUndeclared(f"endpoint {endpoint!r} is not one the bundle declares ({', '.join(b.endpoints) or 'none'})")
+        refused = self.grants.refused(b.permissions)
+        if refused:
+            raise PermissionsRefused(f"the bundle asks for permissions this runner does not grant: {', '.join(refused)}")
+        e = self.cfg.executor
+        asked = b.permissions or Permissions()
+        return ExecRequest(
+            code_path=str(bundle.code_path),
+            endpoint=endpoint,
+            args=args,
+            permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or []),
+            timeout=min(timeout or e.default_timeout, e.max_timeout, max_timeout or e.max_timeout),
+        )
+
+    async def execute(self, request: ExecRequest, runtime: str, *, take_slot: bool = False) -> ExecResponse:
+        """Run a prepared request; a failure of the executor itself becomes a response naming it."""
+        try:
+            if take_slot:
+                async with self.scheduler.slot():
+                    return await self.executor.execute(request, runtime)
+            return await self.executor.execute(request, runtime)
+        except ExecutorError as err:
+            log.error("executor failed", endpoint=request.endpoint, error=str(err))
+            return ExecResponse(success=False, error=f"the runner could not run the bundle: {err}", error_type="ExecutorError")
+
+    async def _fetch(self, ref: StrongRef, attempts: int = FETCH_ATTEMPTS) -> VerifiedBundle:
+        for attempt in range(attempts):
             try:
                 return await self.bundles.get(ref)
             except Unreachable as e:
-                if attempt == FETCH_ATTEMPTS - 1:
+                if attempt == attempts - 1:
                     raise
                 log.info("bundle fetch failed; retrying", bundle=ref.uri, error=str(e))
                 await asyncio.sleep(2**attempt)
@@ -263,6 +343,7 @@ class Daemon:
         if not self.state.finish(inv.uri, status, result_rkey(inv.uri), result.to_record()):
             return  # it already has its result
         self.writer.wake()
+        self.meters.finished("record", status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
         log.info("invocation", uri=inv.uri, author=inv.author, status=status, bundle=(bundle.cid if bundle else None),
                  runtime=metrics.runtime, isolation=metrics.isolation, queued_ms=metrics.queued_ms,
                  exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms, error_type=error_type,

@@ -67,7 +67,8 @@ def main() -> None:
             f'description = "The atrund demo runner."\n\n'
             f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
             f'[access]\nmode = "allowlist"\nallowlist = ["{alice.did}"]\n\n'
-            f'[ingest]\npoll_interval = 0.5\n'
+            f'[ingest]\npoll_interval = 0.5\n\n'
+            '[gateway]\nlisten = "127.0.0.1:0"  # any free port: the demo must not fail because 8080 is taken\n'
         )
         log_path = state / "runner.log"
         console.print(f"[dim]$[/dim] [bold]atrund serve -c {config.relative_to(ROOT)}[/bold]  [dim](log: {log_path.relative_to(ROOT)})[/dim]")

@@ -9,8 +9,12 @@
     │   ├── TooLarge                     more bytes than the configured limit
     │   └── Unreachable                  network failure or 5xx: worth retrying
     └── BundleRefused                    the bundle cannot be run as pinned (CID mismatch, too large)
+        ├── VersionGone                  the pinned CID is no longer in the repo, nor cached here
+        ├── EndpointUndeclared           the endpoint is not one the bundle record declares
+        └── PermissionsRefused           the bundle asks for permissions this runner does not grant
 
-ExecutorError (atrund.execute) is the executor's. Third-party exceptions (aiohttp, the atproto
+ExecutorError (atrund.execute) is the executor's; ServiceAuthError (atrund.serviceauth) is a
+refused XRPC token. atrund.gateway maps all of these to HTTP statuses, in one function. Third-party exceptions (aiohttp, the atproto
 SDK) are translated into these where they are raised: atrund.repos for reads, atrund.session
 for the runner's own writes, atrund.identity for DID resolution.
 """
@@ -45,4 +49,16 @@ class TooLarge(RemoteError):
 
 
 class BundleRefused(AtrundError):
+    pass
+
+
+class VersionGone(BundleRefused):
+    pass
+
+
+class EndpointUndeclared(BundleRefused):
+    pass
+
+
+class PermissionsRefused(BundleRefused):
     pass

@@ -3,13 +3,20 @@ PDS each DID lives on, cached for a while (an author who moves PDS is picked up 
 
 from __future__ import annotations
 
+import re
 import time
 
+import httpx
 from atproto_core.did_doc import DidDocument
 from atproto_identity.did.resolver import AsyncDidResolver
 from atproto_identity.exceptions import DidNotFoundError
 
 from atrund.errors import IdentityError
+
+HANDLE = re.compile(r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+NEGATIVE_SECONDS = 30  # how long a handle that did not resolve stays unresolved
 
 
 class Identities:
@@ -17,6 +24,8 @@ class Identities:
         self._resolver = AsyncDidResolver(plc_url=plc_url.rstrip("/"), timeout=timeout)
         self._ttl = cache_seconds
         self._cache: dict[str, tuple[float, DidDocument]] = {}
+        self._handles: dict[str, tuple[float, str | None, str | None]] = {}  # handle -> (when, DID, or why not)
+        self._timeout = timeout
 
     async def document(self, did: str, refresh: bool = False) -> DidDocument:
         hit = self._cache.get(did)
@@ -46,6 +55,48 @@ class Identities:
             client = getattr(method, "_client", None)
             if client is not None:
                 await client.aclose()
+
+    async def did_for_handle(self, handle: str, via_pds: str) -> str:
+        """The DID ``handle`` names: asked of a PDS (com.atproto.identity.resolveHandle, which
+        resolves by DNS or HTTPS, or directly for its own accounts), then confirmed by the DID
+        document naming the handle back; a handle only one side claims resolves to nothing."""
+        handle = handle.lower()
+        if not HANDLE.fullmatch(handle):
+            raise IdentityError(f"{handle!r} is not a handle or a DID")
+        hit = self._handles.get(handle)
+        if hit is not None:
+            at, did, error = hit
+            if did is not None and time.monotonic() - at < self._ttl:
+                return did
+            if error is not None and time.monotonic() - at < NEGATIVE_SECONDS:
+                raise IdentityError(error)
+        if len(self._handles) > 10_000:  # bounded: anonymous callers choose the handles
+            self._handles.clear()
+        try:
+            did = await self._resolve_handle(handle, via_pds)
+        except IdentityError as e:  # remembered for a while too: a web caller must not make us ask again and again
+            self._handles[handle] = (time.monotonic(), None, str(e))
+            raise
+        self._handles[handle] = (time.monotonic(), did, None)
+        return did
+
+    async def _resolve_handle(self, handle: str, via_pds: str) -> str:
+        url = via_pds.rstrip("/") + "/xrpc/com.atproto.identity.resolveHandle"
+        try:
+            async with httpx.AsyncClient(timeout=self._timeout) as client:
+                resp = await client.get(url, params={"handle": handle})
+        except httpx.HTTPError as e:
+            raise IdentityError(f"cannot resolve handle {handle}: {type(e).__name__}: {e}") from e
+        try:
+            did = resp.json().get("did") if resp.status_code == 200 else None
+        except (ValueError, AttributeError):
+            did = None
+        if not isinstance(did, str) or not did.startswith("did:"):
+            raise IdentityError(f"handle {handle} does not resolve to a DID")
+        doc = await self.document(did)
+        if (doc.get_handle() or "").lower() != handle:
+            raise IdentityError(f"handle {handle} names {did}, but that DID document does not claim the handle back")
+        return did
 
     def forget(self, did: str) -> None:
         self._cache.pop(did, None)

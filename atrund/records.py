@@ -125,6 +125,9 @@ class Limits(Record):
     max_output_bytes: int | None = None
     memory_mb: int | None = None
     concurrency: int | None = None
+    gateway_requests_per_minute: int | None = None
+    gateway_timeout_seconds: int | None = None
+    max_request_bytes: int | None = None
 
 
 class Bundle(Record):
@@ -148,10 +151,11 @@ class Invocation(Record):
 
 
 class Result(Record):
-    invocation: StrongRef
     bundle: StrongRef
     status: Status
     created_at: str
+    invocation: StrongRef | None = None  # absent for an XRPC invoke, which names its caller instead
+    caller: str | None = Field(default=None, pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]+$")
     data: dict[str, Any] | None = None
     error: str | None = None
     response: HttpResponse | None = None
@@ -170,6 +174,7 @@ class Runner(Record):
     limits: Limits | None = None
     description: str | None = None
     version: str | None = None
+    gateway_url: str | None = None
 
 
 def _fits_data_model(value: Any) -> bool:

@@ -27,7 +27,7 @@ FALLBACK_MARK = "the result could not be stored"
 
 
 def build(
-    invocation: StrongRef,
+    invocation: StrongRef | None,
     bundle: StrongRef,
     status: str,
     *,
@@ -35,11 +35,13 @@ def build(
     error: str | None = None,
     response: dict[str, Any] | None = None,
     metrics: Metrics | None = None,
+    caller: str | None = None,
 ) -> Result:
     if error is not None and len(error.encode()) > MAX_ERROR_BYTES:  # the lexicon's maxLength counts UTF-8 bytes
         error = error.encode()[: MAX_ERROR_BYTES - 20].decode("utf-8", "ignore") + " … (truncated)"
     return Result(
         invocation=invocation,
+        caller=caller,
         bundle=bundle,
         status=status,
         created_at=now_iso(),

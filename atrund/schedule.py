@@ -2,7 +2,9 @@
 
 Each author has a FIFO queue (their invocations run in the order they arrived). Authors are
 served round-robin, so one author flooding a thousand invocations delays another author's
-single one by at most a few executions. Limits, all per author: how many run at once, a token
+single one by at most a few executions. Work that is not an invocation record (a gateway or XRPC
+request) takes one of the same ``concurrency`` slots through ``slot()``, so the executor never
+runs more than ``concurrency`` bundles at once, whatever asked for them. Limits, all per author: how many run at once, a token
 bucket for how many start per minute, and how many may wait. An invocation over the rate waits;
 past the backlog it gets a ``rejected`` result saying why. Nothing is dropped silently.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ class Scheduler:
         self.tasks: set[asyncio.Task] = set()
         self.stopped = False
         self._wake = asyncio.Event()
+        self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
 
     def submit(self, author: str, uri: str) -> None:
         a = self.authors.get(author)
@@ -63,6 +67,47 @@ class Scheduler:
 
     def queued(self) -> int:
         return sum(len(a.queue) for a in self.authors.values())
+
+    def slot_waiters(self) -> int:
+        return sum(1 for f in self._slot_waiters if not f.done())
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        """Hold one execution slot for the block; wait while all are busy.
+
+        A waiting caller gets the next freed slot before queued invocations do: an HTTP caller
+        is holding a connection open, an invocation's author is not waiting on a line. The
+        gateway's per-bundle rate limit is what keeps that from starving invocations.
+        """
+        if self.running < self.concurrency and not self._slot_waiters:
+            self.running += 1
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():  # handed a slot just as the caller gave up
+                    self._release()
+                else:
+                    self._slot_waiters.remove(fut)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self.running -= 1
+        self._hand_off()
+        self._wake.set()
+
+    def _hand_off(self) -> None:
+        while self._slot_waiters and self.running < self.concurrency:
+            fut = self._slot_waiters.popleft()
+            if not fut.done():
+                self.running += 1
+                fut.set_result(None)
 
     def _refill(self, a: _Author, now: float) -> None:
         a.tokens = min(float(self.burst), a.tokens + (now - a.refilled) * self.rate)
@@ -118,6 +163,7 @@ class Scheduler:
             self.tasks.discard(t)
             a.running -= 1
             self.running -= 1
+            self._hand_off()
             if a.queue and author not in self.ring:
                 self.ring.append(author)
             self._wake.set()

@@ -95,3 +95,9 @@ class Session:
         async with _sdk("uploadBlob"):
             out = await self.client.com.atproto.repo.upload_blob(data, headers={"Content-Type": mime_type})
         return {"$type": "blob", "ref": {"$link": out.blob.cid.encode()}, "mimeType": out.blob.mime_type, "size": out.blob.size}
+
+    async def service_token(self, audience: str, method: str) -> str:
+        """A service-auth JWT from this account's PDS for calling ``method`` on ``audience`` (a DID)."""
+        async with _sdk(f"getServiceAuth for {method} on {audience}"):
+            out = await self.client.com.atproto.server.get_service_auth({"aud": audience, "lxm": method})
+        return out.token

@@ -285,6 +285,7 @@ def write_config(directory: Path, stack: LocalStack, runner: Account, author: Ac
         "[limits]\nper_author_per_minute = 1000000\nper_author_burst = 100000\nper_author_backlog = 100000\n"
         f"per_author_concurrency = {opts.concurrency}\n\n"
         f"[executor]\n{executor}\n"
+        '[gateway]\nlisten = "127.0.0.1:0"\n\n'
         '[state]\ndir = "state"\n'
     )
     return config

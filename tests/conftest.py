@@ -139,6 +139,7 @@ class RunnerHandle:
             "identity": {"plc_url": stack.plc_url},
             "ingest": {"poll_interval": 0.2},
             "executor": {"warm": 1},
+            "gateway": {"listen": "127.0.0.1:0"},  # any free port: runners in one test run side by side
             "state": {"dir": str(state_dir / "state")},
         }
         for name, values in sections.items():

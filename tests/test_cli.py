@@ -85,6 +85,28 @@ async def test_publish_invoke_wait_and_get(stack, new_account, make_runner):
     assert bad.returncode == 3 and json.loads(bad.stdout)["status"] == "error"
 
 
+async def test_call_runs_now_through_xrpc(stack, new_account, make_runner):
+    """`atrund call` finds the runner's gateway in its record, authenticates with a service-auth
+    token and prints the answer; a caller the runner does not serve gets one clear line."""
+    import asyncio
+
+    alice, mallory = new_account("cli"), new_account("cli")
+    runner = await make_runner(access={"allowlist": [alice.did]})
+    env = _author_env(stack, alice)
+    bundle = json.loads(atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", env=env).stdout)
+    p = await asyncio.to_thread(atrund, "call", bundle["uri"], "--runner", runner.did, "--endpoint", "greet",
+                                "--args", '{"name": "xrpc"}', env=env)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["status"] == "success" and out["value"] == {"greeting": "hello, xrpc!"} and out["caller"] == alice.did
+    p = await asyncio.to_thread(atrund, "call", bundle["uri"], "--runner", runner.did, "--endpoint", "divide",
+                                "--args", '{"a": 1, "b": 0}', env=env)
+    assert p.returncode == 3 and json.loads(p.stdout)["status"] == "error"
+    p = await asyncio.to_thread(atrund, "call", bundle["uri"], "--runner", runner.did, "--endpoint", "greet",
+                                env=_author_env(stack, mallory))
+    assert p.returncode == 1 and "HTTP 403 Forbidden" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_login_failure_is_one_clear_line(stack, new_account):
     alice = new_account("cli")
     env = {**_author_env(stack, alice), "ATRUND_PASSWORD": "wrong-wrong-wrong"}
@@ -126,6 +148,7 @@ async def test_runner_killed_mid_run_never_runs_it_twice(stack, new_account, aut
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n'
         f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.account.did}"]\n'
         f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"  # the bundle marks a host file\n'
+        '[gateway]\nlisten = "127.0.0.1:0"\n'
     )
     marker = tmp_path / "started.txt"
     bundle = await author.publish(

@@ -21,6 +21,9 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
     assert cfg.executor.isolation == "auto" and cfg.executor.default_timeout == 30 and cfg.executor.max_timeout == 300
     assert cfg.ingest.poll_interval == 2.0
     assert cfg.state.dir == tmp_path / "atrund-state"  # relative to the config file
+    g = cfg.gateway
+    assert g.enabled and (g.host, g.port) == ("127.0.0.1", 8080) and g.public_url is None  # loopback unless asked
+    assert (g.rate_per_minute, g.burst, g.max_body_bytes, g.timeout) == (600.0, 60, 1_048_576, 10)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +34,10 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
         ('[executor]\nconcurency = 3\n', "executor.concurency"),
         ('[executor]\nmax_timeout = 0\n', "executor.max_timeout"),
         ('[ingest]\npoll_interval = "soon"\n', "ingest.poll_interval"),
+        ('[gateway]\nlisten = "8080"\n', "gateway.listen"),
+        ('[gateway]\nlisten = "0.0.0.0:99999"\n', "gateway.listen"),
+        ('[gateway]\nrate_per_minute = 0\n', "gateway.rate_per_minute"),
+        ('[gateway]\nport = 80\n', "gateway.port"),
     ],
 )
 def test_errors_name_the_key(tmp_path, extra, key):

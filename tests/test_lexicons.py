@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+import atrund.gateway
 from atrund import records
 
 LEXICONS = Path(__file__).resolve().parent.parent / "lexicons"
@@ -21,6 +22,7 @@ MODELS = {
     "dev.atrun.invocation": records.Invocation,
     "dev.atrun.result": records.Result,
     "dev.atrun.runner": records.Runner,
+    "dev.atrun.invoke#input": atrund.gateway.InvokeInput,
 }
 REFS = {records.StrongRef: "com.atproto.repo.strongRef"} | {m: k for k, m in MODELS.items() if "#" in k}
 
@@ -36,6 +38,8 @@ def load_all() -> dict[str, dict]:
 
 def object_def(docs: dict, name: str) -> dict:
     nsid, _, frag = name.partition("#")
+    if frag in ("input", "output"):
+        return docs[nsid]["defs"]["main"][frag]["schema"]
     d = docs[nsid]["defs"][frag or "main"]
     return d["record"] if d["type"] == "record" else d
 
@@ -65,21 +69,27 @@ def lexicon_type(annotation) -> str:
 
 def test_every_lexicon_is_a_valid_v1_document():
     docs = load_all()
-    assert set(docs) == {"dev.atrun.defs", "dev.atrun.bundle", "dev.atrun.invocation", "dev.atrun.result", "dev.atrun.runner"}
+    assert set(docs) == {"dev.atrun.defs", "dev.atrun.bundle", "dev.atrun.invocation", "dev.atrun.result", "dev.atrun.runner",
+                         "dev.atrun.invoke"}
     for nsid, doc in docs.items():
         assert doc["lexicon"] == 1
         for name, d in doc["defs"].items():
-            assert d["type"] in {"record", "object", "token", "string"}
-            obj = d.get("record", d)
-            for prop, spec in obj.get("properties", {}).items():
-                assert isinstance(spec.get("type"), str), f"{nsid}#{name}.{prop}"
-                assert spec["type"] != "float" and spec["type"] != "number", "the data model has no floats"
-            assert set(obj.get("required", [])) <= set(obj.get("properties", {})), f"{nsid}#{name}"
+            assert d["type"] in {"record", "object", "token", "string", "procedure"}
+            objects = [d["input"]["schema"], d["output"]["schema"]] if d["type"] == "procedure" else [d.get("record", d)]
+            for obj in objects:
+                _check_object(nsid, name, obj)
+
+
+def _check_object(nsid: str, name: str, obj: dict) -> None:
+    for prop, spec in obj.get("properties", {}).items():
+        assert isinstance(spec.get("type"), str), f"{nsid}#{name}.{prop}"
+        assert spec["type"] != "float" and spec["type"] != "number", "the data model has no floats"
+    assert set(obj.get("required", [])) <= set(obj.get("properties", {})), f"{nsid}#{name}"
 
 
 def test_record_keys_are_as_documented():
     docs = load_all()
-    keys = {n: docs[n]["defs"]["main"]["key"] for n in docs if "main" in docs[n]["defs"]}
+    keys = {n: docs[n]["defs"]["main"]["key"] for n in docs if docs[n]["defs"].get("main", {}).get("type") == "record"}
     assert keys == {"dev.atrun.bundle": "tid", "dev.atrun.invocation": "tid", "dev.atrun.result": "any", "dev.atrun.runner": "literal:self"}
 
 

@@ -21,10 +21,11 @@ BUNDLE = StrongRef(uri="at://did:plc:abc/dev.atrun.bundle/3kabcdefghi2b", cid=CI
 
 
 def validate(records: list[tuple[str, dict]]) -> list[dict]:
-    """Validate as written: atrund.session adds the $type of the collection to every record."""
+    """Validate as written: atrund.session adds the $type of the collection to every record.
+    "nsid#input" and "nsid#output" validate an XRPC procedure's input or output body instead."""
     if not NODE.exists():
         pytest.fail("localstack is not installed: run bash scripts/setup")
-    p = subprocess.run([str(NODE), str(ROOT / "tests/lexicon_check.js")], input=json.dumps({"records": [(n, {"$type": n, **v}) for n, v in records]}),
+    p = subprocess.run([str(NODE), str(ROOT / "tests/lexicon_check.js")], input=json.dumps({"records": [(n, v if "#" in n else {"$type": n, **v}) for n, v in records]}),
                        capture_output=True, text=True, timeout=60)
     lines = [json.loads(line) for line in p.stdout.splitlines()]
     assert p.returncode == 0, lines or p.stderr
@@ -39,6 +40,12 @@ def test_records_we_write_are_valid():
         ("dev.atrun.result", results.build(INV, BUNDLE, "error", error="ZeroDivisionError: division by zero").to_record()),
         ("dev.atrun.result", results.build(INV, BUNDLE, "success", response={"status": 200, "headers": {"a": "b"}, "body": "hi", "isBase64": False}).to_record()),
         ("dev.atrun.runner", Runner(runtimes=["python"], isolation="none", access_mode="allowlist", created_at=now_iso()).to_record()),
+        ("dev.atrun.runner", Runner(runtimes=["python"], isolation="none", access_mode="open", created_at=now_iso(),
+                                    gateway_url="http://127.0.0.1:8080").to_record()),
+        ("dev.atrun.result", results.build(None, BUNDLE, "success", data={"a": 1}, caller="did:plc:xyz", metrics=m).to_record()),
+        ("dev.atrun.invoke#input", {"bundle": BUNDLE.to_record(), "endpoint": "main", "args": {"k": 1}, "writeResult": True}),
+        ("dev.atrun.invoke#output", {**results.build(None, BUNDLE, "timeout", error="timed out", caller="did:plc:xyz").to_record(),
+                                     "result": BUNDLE.to_record()}),
         ("dev.atrun.bundle", {"runtime": "python", "createdAt": now_iso(), "endpoints": ["main"], "permissions": {"net": ["a.example"]},
                               "code": {"$type": "blob", "ref": {"$link": BLOB_CID}, "mimeType": "text/x-python", "size": 10}}),
         ("dev.atrun.invocation", {"runner": "did:plc:xyz", "bundle": BUNDLE.to_record(), "endpoint": "main", "args": {"k": 1},
@@ -53,5 +60,7 @@ def test_the_validator_rejects_what_we_must_not_write():
         ("dev.atrun.invocation", {"runner": "not-a-did", "bundle": BUNDLE.to_record(), "endpoint": "m", "createdAt": now_iso()}),
         ("dev.atrun.result", {"invocation": INV.to_record(), "bundle": BUNDLE.to_record(), "status": "success",
                               "createdAt": now_iso(), "metrics": {"totalMs": 1.5}}),  # a float
+        ("dev.atrun.invoke#input", {"bundle": BUNDLE.to_record()}),  # no endpoint
+        ("dev.atrun.result", {"bundle": BUNDLE.to_record(), "status": "success", "createdAt": now_iso(), "caller": "bob"}),  # not a DID
     ]
-    assert [r["ok"] for r in validate(bad)] == [False, False, False]
+    assert [r["ok"] for r in validate(bad)] == [False] * 5

@@ -1,0 +1,425 @@
+"""The runner's HTTP side (aiohttp): bundles answering web requests, XRPC invoke, health, metrics.
+
+    GET  /healthz                                  JSON: ok, uptime, ingest lag, queue, pool
+    GET  /metrics                                  Prometheus text format
+    POST /xrpc/dev.atrun.invoke                    service-auth JWT; answers like a result record
+    *    /{author DID or handle}/{bundle rkey}/{path...}[?cid=CID]
+                                                   the bundle's handleRequest endpoint
+
+Gateway callers are anonymous web clients; the *author* must pass the access policy. Each
+bundle has a token bucket (rate_per_minute, burst). A request takes one of the executor's
+slots like any invocation. Every error is JSON naming what went wrong (``{"error", "message"}``)
+and never carries a trace of the runner; ``http_error`` is the one place our exceptions
+become HTTP statuses.
+
+Headers: hop-by-hop headers and ``Cookie`` are not passed to the bundle. From the bundle's
+answer, hop-by-hop and framing headers are dropped (aiohttp frames the body itself), and so
+are headers that would act on the whole runner origin, which every bundle shares:
+``Set-Cookie`` (one bundle's cookie would reach every other bundle), ``Strict-Transport-Security``,
+``Clear-Site-Data``, ``Alt-Svc``, ``Service-Worker-Allowed``. Malformed, oversized or too many
+headers are dropped too. Every answer carries ``Content-Security-Policy: sandbox ...`` (so a
+bundle's page runs in an opaque origin and cannot read other bundles' pages or storage) and
+``X-Content-Type-Options: nosniff``; a bundle may add its own CSP, which browsers enforce as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from atrund.bundles import _field_errors
+from atrund.errors import (
+    AtrundError,
+    BundleRefused,
+    EndpointUndeclared,
+    IdentityError,
+    NotFound,
+    PermissionsRefused,
+    RemoteError,
+    VersionGone,
+)
+from atrund.metrics import CONTENT_TYPE
+from atrund.records import BUNDLE, RESULT, StrongRef, _cid, result_rkey
+from atrund.results import build
+from atrund.serviceauth import ServiceAuth, ServiceAuthError
+
+if TYPE_CHECKING:
+    from atrund.daemon import Daemon
+
+log = structlog.get_logger("atrund.gateway")
+
+INVOKE = "dev.atrun.invoke"
+HANDLER = "handleRequest"
+RKEY = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
+DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]{1,2000}")
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+              "trailer", "trailers", "transfer-encoding", "upgrade"}
+NOT_TO_BUNDLE = HOP_BY_HOP | {"cookie", "content-length"}
+NOT_FROM_BUNDLE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2", "strict-transport-security", "clear-site-data",
+                                "alt-svc", "service-worker-allowed"}
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 field name
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 8192  # one header's value
+SANDBOX = "sandbox allow-scripts allow-forms allow-popups allow-downloads"
+MAX_BUCKETS = 10_000
+
+
+class HttpError(Exception):
+    """An answer other than the bundle's own: status, a short error name and a message."""
+
+    def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message, self.headers = status, error, message, headers or {}
+
+
+def http_error(e: Exception) -> HttpError:
+    """Our exceptions as HTTP answers: the one place that decides which status each gets."""
+    if isinstance(e, HttpError):
+        return e
+    if isinstance(e, ServiceAuthError):
+        return HttpError(401, "AuthRequired" if e.reason == "missing" else "InvalidToken", str(e))
+    if isinstance(e, IdentityError):
+        return HttpError(404, "AuthorNotFound", str(e))
+    if isinstance(e, (NotFound, VersionGone)):
+        return HttpError(404, "BundleNotFound", str(e))
+    if isinstance(e, EndpointUndeclared):
+        return HttpError(404, "NoHandler", f"the bundle does not declare {HANDLER}: {e}")
+    if isinstance(e, PermissionsRefused):
+        return HttpError(403, "PermissionsRefused", str(e))
+    if isinstance(e, BundleRefused):
+        return HttpError(502, "BundleRefused", str(e))
+    if isinstance(e, RemoteError):
+        return HttpError(502, "AuthorPdsFailed", f"the author's PDS did not deliver the bundle: {e}")
+    if isinstance(e, AtrundError):
+        return HttpError(500, "InternalError", f"the runner failed: {type(e).__name__}")
+    return HttpError(500, "InternalError", "internal error in the runner")
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers)
+
+
+class InvokeInput(BaseModel):
+    """The input of dev.atrun.invoke (lexicons/dev/atrun/invoke.json)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    bundle: StrongRef
+    endpoint: str = Field(min_length=1, max_length=128)
+    args: dict[str, Any] | None = None
+    timeout: int | None = Field(default=None, ge=1)
+    write_result: bool = Field(default=False, alias="writeResult")
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class RateLimiter:
+    """A token bucket per key; ``take`` returns 0 if allowed, else seconds until it would be."""
+
+    def __init__(self, per_minute: float, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.buckets: dict[Any, _Bucket] = {}
+
+    def take(self, key: Any) -> float:
+        now = time.monotonic()
+        b = self.buckets.get(key)
+        if b is None:
+            if len(self.buckets) >= MAX_BUCKETS:  # keys come from the web: keep the table bounded
+                # Buckets that are full again carry no state; if that is not enough, keep the newest
+                # half (an evicted bundle starts again with a full burst; a scan every MAX/2 keys at most).
+                live = {k: v for k, v in self.buckets.items() if v.tokens + (now - v.at) * self.rate < self.burst}
+                if len(live) >= MAX_BUCKETS // 2:
+                    live = dict(sorted(live.items(), key=lambda kv: kv[1].at)[-(MAX_BUCKETS // 2):])
+                self.buckets = live
+            b = self.buckets[key] = _Bucket(self.burst, now)
+        b.tokens = min(self.burst, b.tokens + (now - b.at) * self.rate)
+        b.at = now
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
+            return 0.0
+        return (1.0 - b.tokens) / self.rate
+
+
+def to_bundle_request(method: str, path: str, query: Any, headers: Any, body: bytes) -> dict[str, Any]:
+    """The request as handleRequest receives it: {method, path, query, headers, body, isBase64}.
+
+    query: name -> value, or a list of values when the name repeats (``cid`` is the gateway's
+    and removed). headers: lowercase name -> value, repeats joined with ", ". body: text if it is
+    UTF-8, else base64 with isBase64 true.
+    """
+    q: dict[str, Any] = {}
+    for k, v in query.items():
+        if k == "cid":
+            continue
+        q[k] = [*q[k], v] if isinstance(q.get(k), list) else ([q[k], v] if k in q else v)
+    h: dict[str, str] = {}
+    for k, v in headers.items():
+        name = k.lower()
+        if name not in NOT_TO_BUNDLE:
+            h[name] = f"{h[name]}, {v}" if name in h else v
+    try:
+        text, is_b64 = body.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, is_b64 = base64.b64encode(body).decode("ascii"), True
+    return {"method": method, "path": path, "query": q, "headers": h, "body": text, "isBase64": is_b64}
+
+
+def response_headers(headers: dict[str, str]) -> tuple[CIMultiDict, list[str]]:
+    """The bundle's headers that may go out, and the names of those dropped (see the module doc)."""
+    out: CIMultiDict = CIMultiDict()
+    dropped: list[str] = []
+    for name, value in headers.items():
+        value = str(value)
+        if (len(out) >= MAX_HEADERS or not TOKEN.fullmatch(name) or name.lower() in NOT_FROM_BUNDLE
+                or len(value) > MAX_HEADER_BYTES or any(c in value for c in "\r\n\0")):
+            dropped.append(name[:64])
+            continue
+        out.add(name, value)
+    out.add("Content-Security-Policy", SANDBOX)
+    out["X-Content-Type-Options"] = "nosniff"
+    return out, dropped
+
+
+class Gateway:
+    def __init__(self, daemon: "Daemon") -> None:
+        self.d = daemon
+        self.cfg = daemon.cfg.gateway
+        self.meters = daemon.meters
+        self.limiter = RateLimiter(self.cfg.rate_per_minute, self.cfg.burst)
+        self.auth: ServiceAuth | None = None
+        self._latest: dict[tuple[str, str], tuple[float, str]] = {}
+        self._runner: web.AppRunner | None = None
+        self.url: str | None = None
+        self.port: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors])  # bodies are read (and capped) by _body
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_route("*", "/xrpc/{nsid}", self.xrpc)
+        app.router.add_route("*", "/{actor}/{rkey}", self.bundle)
+        app.router.add_route("*", "/{actor}/{rkey}/{path:.*}", self.bundle)
+        return app
+
+    async def start(self, runner_did: str) -> str:
+        """Bind the listen address; returns the public URL (public_url, else http://host:port)."""
+        self.auth = ServiceAuth(self.d.identities, runner_did, self.cfg.token_leeway_seconds)
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # the real port when listen asks for :0
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        self.url = (self.cfg.public_url or f"http://{host}:{self.port}").rstrip("/")
+        log.info("gateway listening", listen=f"{host}:{self.port}", url=self.url)
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        route = "bundle" if request.match_info.get("rkey") else ("xrpc" if request.path.startswith("/xrpc/") else "ops")
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:  # aiohttp's own (no such route, method not allowed): JSON too
+            resp = _json(e.status, {"error": e.reason.replace(" ", ""), "message": f"{e.reason}: {request.method} {request.path}"})
+        except Exception as e:
+            err = http_error(e)
+            if err.status >= 500 and not isinstance(e, (HttpError, AtrundError)):
+                log.exception("gateway: internal error", path=request.path)
+            resp = _json(err.status, {"error": err.error, "message": err.message}, err.headers)
+        self.meters.gateway_requests.labels(route, str(resp.status)).inc()
+        return resp
+
+    # -- operations ---------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json(200, self.d.health())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.meters.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    # -- the bundle gateway -------------------------------------------------------------
+
+    async def bundle(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
+        actor, rkey = request.match_info["actor"], request.match_info["rkey"]
+        if not RKEY.fullmatch(rkey):
+            raise HttpError(400, "InvalidRequest", f"{rkey[:100]!r} is not a record key")
+        cid = request.query.get("cid")
+        if cid is not None:
+            try:
+                _cid(cid)
+            except ValueError as e:
+                raise HttpError(400, "InvalidRequest", f"cid: {e}") from None
+        if actor.startswith("did:") and not DID.fullmatch(actor):
+            raise HttpError(400, "InvalidRequest", f"{actor[:100]!r} is not a DID")
+        did = actor if actor.startswith("did:") else await self.d.identities.did_for_handle(actor, self.d.cfg.runner.pds)
+        if not self.d.policy.allows(did):
+            self.meters.denied["gateway"] += 1
+            raise HttpError(403, "AuthorDenied", f"{did} is not served by this runner (access mode {self.d.policy.mode})")
+        wait = self.limiter.take((did, rkey))
+        if wait:
+            self.meters.rate_limited.inc()
+            raise HttpError(429, "RateLimited", f"bundle {did}/{rkey} is over this runner's rate limit of "
+                            f"{self.cfg.rate_per_minute:g} requests per minute", {"Retry-After": str(max(1, math.ceil(wait)))})
+        self._not_too_busy()
+        body = await self._body(request)
+        uri = f"at://{did}/{BUNDLE}/{rkey}"
+        ref = StrongRef(uri=uri, cid=cid or await self._latest_cid(did, rkey))
+        bundle = await self.d.bundles.get(ref)
+        exec_request = self.d.prepare(bundle, HANDLER, to_bundle_request(request.method, "/" + request.match_info.get("path", ""),
+                                                                           request.query, request.headers, body),
+                                      self.cfg.timeout, max_timeout=self.cfg.timeout)
+        response = await self.d.execute(exec_request, bundle.record.runtime, take_slot=True)
+        status = "success" if response.success else ("timeout" if response.timed_out else "error")
+        total = time.monotonic() - started
+        self.meters.finished("gateway", status, bundle.record.runtime, response.metrics.execution_time_ms, total)
+        log.info("gateway request", author=did, bundle=ref.cid, rkey=rkey, method=request.method, status=status,
+                 runtime=bundle.record.runtime, isolation=self.d.executor.isolation,
+                 exec_ms=response.metrics.execution_time_ms, total_ms=int(total * 1000), error_type=response.error_type,
+                 error=response.error)
+        return self._answer(response, exec_request.timeout)
+
+    def _not_too_busy(self) -> None:
+        """Refuse rather than queue without bound: each waiting request holds a connection open."""
+        sched = self.d.scheduler
+        waiting = sched.slot_waiters()
+        if sched.running >= sched.concurrency and waiting >= self.cfg.max_waiting:
+            raise HttpError(503, "Busy", f"{waiting} requests are already waiting for this runner; try again shortly",
+                            {"Retry-After": "1"})
+
+    async def _body(self, request: web.Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise HttpError(413, "PayloadTooLarge", f"request body is {request.content_length} bytes; this runner takes at most {limit}")
+        buf = bytearray()
+        async for chunk in request.content.iter_chunked(65536):
+            buf += chunk
+            if len(buf) > limit:
+                raise HttpError(413, "PayloadTooLarge", f"request body is more than this runner's limit of {limit} bytes")
+        return bytes(buf)
+
+    async def _latest_cid(self, did: str, rkey: str) -> str:
+        """The CID of the bundle record now, asked of the author's PDS at most every latest_cache_seconds.
+
+        Only the CID comes from this unverified read: the record itself is then fetched and
+        proven against it (atrund.bundles), as for a pinned invocation."""
+        key = (did, rkey)
+        hit = self._latest.get(key)
+        if hit and time.monotonic() - hit[0] < self.cfg.latest_cache_seconds:
+            return hit[1]
+        try:
+            cid, _ = await self.d.repos.get_record(did, BUNDLE, rkey)
+        except NotFound:
+            self._latest.pop(key, None)
+            raise NotFound(f"bundle at://{did}/{BUNDLE}/{rkey} does not exist") from None
+        if len(self._latest) >= MAX_BUCKETS:
+            self._latest.clear()
+        self._latest[key] = (time.monotonic(), cid)
+        return cid
+
+    def _answer(self, response, timeout: int) -> web.Response:
+        if response.timed_out:
+            return _json(504, {"error": "Timeout", "message": f"the bundle did not answer within {timeout} s"})
+        if not response.success:
+            kind = response.error_type or "Error"
+            if kind == "UnknownEndpoint":
+                return _json(404, {"error": "NoHandler", "message": f"the bundle defines no {HANDLER} endpoint"})
+            if kind == "ExecutorError":
+                return _json(503, {"error": "RunnerUnavailable", "message": "the runner could not start the bundle; try again"})
+            # The bundle's own message stays in the log: it may hold what its author would not publish.
+            return _json(502, {"error": "BundleFailed", "message": f"the bundle's {HANDLER} failed ({kind})"})
+        r = response.response
+        if r is None:
+            return _json(502, {"error": "InvalidResponse",
+                               "message": f"{HANDLER} returned no HTTP response (an object with status, headers, body)"})
+        if r.is_base64:
+            try:
+                body = base64.b64decode(r.body, validate=True)
+            except ValueError:
+                return _json(502, {"error": "InvalidResponse", "message": "the bundle's body is marked isBase64 but is not base64"})
+        else:
+            body = r.body.encode()
+        headers, dropped = response_headers(r.headers)
+        if dropped:
+            log.info("gateway: dropped headers the bundle set", headers=dropped)
+        if r.status < 200 or r.status in (204, 304):
+            body = b""  # no body is allowed with these
+        return web.Response(status=r.status, body=body, headers=headers)
+
+    # -- XRPC ---------------------------------------------------------------------------
+
+    async def xrpc(self, request: web.Request) -> web.Response:
+        nsid = request.match_info["nsid"]
+        if nsid != INVOKE:
+            raise HttpError(501, "MethodNotImplemented", f"this runner implements only {INVOKE}")
+        if request.method != "POST":
+            raise HttpError(405, "InvalidRequest", f"{INVOKE} is a procedure: use POST")
+        assert self.auth is not None
+        try:
+            caller = await self.auth.verify(request.headers.get("Authorization"), INVOKE)
+        except ServiceAuthError as e:
+            self.meters.auth_failures.labels(e.reason).inc()
+            raise
+        if not self.d.policy.allows(caller.did):
+            self.meters.denied["xrpc"] += 1
+            raise HttpError(403, "Forbidden", f"{caller.did} is not served by this runner (access mode {self.d.policy.mode})")
+        body = await self._body(request)
+        try:
+            data = json.loads(body)
+            inp = InvokeInput.model_validate(data)
+        except ValueError as e:
+            detail = _field_errors(e) if isinstance(e, ValidationError) else f"not JSON: {e}"
+            raise HttpError(400, "InvalidRequest", f"input: {detail}") from None
+        self._not_too_busy()
+        seen = time.time()
+        out = await self.d.run_bundle(inp.bundle, inp.endpoint, inp.args or {}, inp.timeout, queued_since=seen, attempts=1,
+                                      take_slot=True)
+        metrics = out.metrics
+        if metrics is not None:
+            metrics.total_ms = max(0, int((time.time() - seen) * 1000))
+        self.meters.finished("xrpc", out.status, metrics.runtime if metrics else None,
+                             metrics.execution_time_ms if metrics else None, time.time() - seen)
+        log.info("xrpc invoke", caller=caller.did, bundle=inp.bundle.cid, endpoint=inp.endpoint, status=out.status,
+                 runtime=metrics.runtime if metrics else None, exec_ms=metrics.execution_time_ms if metrics else None,
+                 error_type=out.error_type, error=out.error)
+        # The answer is the result record's shape; there is no invocation record, so it names the caller.
+        result = build(None, inp.bundle, out.status, data=out.data, error=out.error, response=out.response, metrics=metrics,
+                       caller=caller.did)
+        answer = result.to_record()
+        if inp.write_result:
+            answer["result"] = await self._write_result(caller, result)
+        return _json(200, answer)
+
+    async def _write_result(self, caller, result) -> dict[str, str]:
+        """Also keep the answer as a result record, at a key the caller can compute:
+        result_rkey("at://CALLER/dev.atrun.invoke/JTI") (their DID and their token's jti)."""
+        assert self.d.session is not None
+        record = result.to_record()
+        rkey = result_rkey(f"at://{caller.did}/{INVOKE}/{caller.jti}")
+        try:
+            uri, cid = await self.d.session.put_record(RESULT, rkey, record)
+        except AtrundError as e:
+            raise HttpError(502, "ResultNotWritten", f"the bundle ran, but its result record could not be written: {e}") from None
+        return {"uri": uri, "cid": cid}
+

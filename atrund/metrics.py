@@ -1,0 +1,106 @@
+"""What the runner counts, for /metrics (Prometheus text format) and /healthz.
+
+One ``Meters`` per daemon, on its own CollectorRegistry rather than prometheus-client's global
+one: two runners in one process (the tests) must not share or collide on counters. Figures
+owned elsewhere (queue depth, pool statistics, denials of invocation records) are read when
+scraped, through a collector, so there is one source of truth for each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Meters:
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.invocations = Counter("atrund_invocations", "Bundle runs finished, by how they were asked for, status and runtime",
+                                   ["source", "status", "runtime"], registry=r)
+        self.execution = Histogram("atrund_execution_seconds", "Time inside the endpoint, as the runtime measured it",
+                                   ["runtime"], buckets=LATENCY_BUCKETS, registry=r)
+        self.total = Histogram("atrund_invocation_seconds", "From seeing an invocation (or receiving a request) to its answer",
+                               ["source"], buckets=LATENCY_BUCKETS, registry=r)
+        self.denied = {"gateway": 0, "xrpc": 0}  # with the record denials ingest counts: atrund_denials_total
+        self.gateway_requests = Counter("atrund_gateway_requests", "HTTP requests answered by the gateway, by route and status",
+                                        ["route", "status"], registry=r)
+        self.rate_limited = Counter("atrund_gateway_rate_limited", "Gateway requests refused with 429 (per-bundle rate limit)",
+                                    registry=r)
+        self.ingest_lag = Histogram("atrund_ingest_lag_seconds", "From an invocation's createdAt to the runner seeing it",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.last_ingest_lag = Gauge("atrund_ingest_lag_last_seconds", "Ingest lag of the most recent invocation", registry=r)
+        self.auth_failures = Counter("atrund_xrpc_auth_failures", "XRPC calls refused for their service-auth token, by reason",
+                                     ["reason"], registry=r)
+        self.lag_seconds: float | None = None
+
+    def watch(self, read: Callable[[], dict[str, Any]]) -> None:
+        """Read live figures (queue, pool, record denials) from ``read`` at every scrape."""
+        self.registry.register(_Live(read, self.denied))
+
+    def finished(self, source: str, status: str, runtime: str | None, exec_ms: int | None, total_s: float | None) -> None:
+        self.invocations.labels(source, status, runtime or "unknown").inc()
+        if exec_ms is not None:
+            self.execution.labels(runtime or "unknown").observe(exec_ms / 1000)
+        if total_s is not None:
+            self.total.labels(source).observe(max(0.0, total_s))
+
+    def ingested(self, created_at: Any, seen_at: float) -> None:
+        """Lag of one invocation record; createdAt is the author's claim, so bad or future values are skipped."""
+        try:
+            created = datetime.fromisoformat(str(created_at).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return
+        lag = seen_at - created
+        if 0 <= lag < 86_400 * 365:
+            self.ingest_lag.observe(lag)
+            self.last_ingest_lag.set(lag)
+            self.lag_seconds = lag
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def uptime(self) -> float:
+        return time.time() - self.started
+
+
+class _Live:
+    def __init__(self, read: Callable[[], dict[str, Any]], denied: dict[str, int]) -> None:
+        self.read = read
+        self.denied = denied
+
+    def describe(self):  # nothing to describe up front: figures exist only once the daemon runs
+        return []
+
+    def collect(self):
+        live = self.read()
+        queue = GaugeMetricFamily("atrund_queue_depth", "Work waiting for an execution slot", labels=["kind"])
+        queue.add_metric(["invocation"], live["queued"])
+        queue.add_metric(["request"], live["waiting_requests"])
+        yield queue
+        yield GaugeMetricFamily("atrund_running", "Bundles running now (all sources)", value=live["running"])
+        pool = live["pool"]
+        warm = GaugeMetricFamily("atrund_pool_warm_workers", "Started workers waiting for a request", labels=["runtime"])
+        for runtime, n in sorted(pool.warm.items()):
+            warm.add_metric([runtime], n)
+        yield warm
+        yield GaugeMetricFamily("atrund_pool_busy_workers", "Workers running a request", value=pool.busy)
+        for name, value, doc in (("completed", pool.completed, "Requests that ended in success"),
+                                 ("failed", pool.failed, "Requests that ended in a failure of the bundle"),
+                                 ("timeouts", pool.timeouts, "Requests killed at their deadline"),
+                                 ("cold_starts", pool.cold_starts, "Requests that found no warm worker")):
+            yield CounterMetricFamily(f"atrund_pool_{name}", doc, value=value)
+        denied = CounterMetricFamily("atrund_denials", "Authors or callers the access policy refused, by where they came from",
+                                     labels=["source"])
+        for source, n in {"record": live["record_denials"], **self.denied}.items():
+            denied.add_metric([source], n)
+        yield denied

@@ -1,0 +1,135 @@
+"""Service-auth tokens: who is calling the runner's XRPC methods.
+
+A caller asks its own PDS for a short-lived JWT (``com.atproto.server.getServiceAuth`` with
+aud = the runner's DID and lxm = the method) and sends it as ``Authorization: Bearer``. The PDS
+signs it with the caller's atproto signing key, so the token proves the caller's DID without
+the runner ever seeing a password. A token is accepted only if all of these hold:
+
+- three base64url parts; header ``alg`` ES256K or ES256, and the key's own algorithm;
+- ``iss`` a DID (no service fragment), ``aud`` exactly the runner's DID, ``lxm`` exactly the
+  method called, ``exp`` present and not past, ``iat`` present and not in the future, and a
+  lifetime of at most an hour (what a PDS issues; it also bounds the replay memory below);
+- the signature verifies against the ``#atproto`` key of the issuer's DID document (fetched
+  once more, uncached, if it does not: keys rotate);
+- ``jti`` not seen before.
+
+Replay: seen ``jti`` values are kept in memory until their token expires. A restart forgets
+them, so tokens issued before this process started are refused as well: this process cannot
+have seen them, and the previous one may have. (A caller just asks its PDS for a new token.)
+Signature checks run the SDK's atproto_crypto (low-S enforced, as atproto requires).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from atproto_crypto.did import parse_did_key
+from atproto_crypto.verify import verify_signature
+from atproto_server.auth.jwt import decode_jwt_payload, parse_jwt
+from atproto_server.exceptions import TokenDecodeError
+
+from atrund.errors import AtrundError, IdentityError
+from atrund.identity import Identities
+
+ALGORITHMS = {"ES256K", "ES256"}
+MAX_LIFETIME = 3600  # seconds; a PDS issues method-bound tokens for at most an hour
+
+
+class ServiceAuthError(AtrundError):
+    """The token is missing or not acceptable; ``reason`` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Caller:
+    did: str
+    jti: str
+    expires: int
+
+
+class ServiceAuth:
+    def __init__(self, identities: Identities, audience: str, leeway: int = 5) -> None:
+        self.identities = identities
+        self.audience = audience
+        self.leeway = leeway
+        self.started = int(time.time())
+        self._seen: dict[str, int] = {}  # jti -> exp
+        self._pruned = 0.0
+
+    async def verify(self, authorization: str | None, method: str) -> Caller:
+        """The caller a ``Bearer`` header proves, for ``method``; raises ServiceAuthError."""
+        if not authorization:
+            raise ServiceAuthError("missing", "this method needs a service-auth token: Authorization: Bearer <JWT from "
+                                              "com.atproto.server.getServiceAuth with aud = the runner's DID>")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ServiceAuthError("malformed", "Authorization must be 'Bearer <JWT>'")
+        try:
+            payload_bytes, signing_input, header, signature = parse_jwt(token.strip())
+            payload = decode_jwt_payload(payload_bytes)
+        except TokenDecodeError as e:
+            raise ServiceAuthError("malformed", f"token is not a JWT: {e}") from None
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            raise ServiceAuthError("malformed", f"token alg {alg!r} is not one atproto signs with (ES256K, ES256)")
+        iss = payload.iss or ""
+        if not iss.startswith("did:") or "#" in iss:
+            raise ServiceAuthError("malformed", f"token iss {iss!r} is not an account DID")
+        if payload.aud != self.audience:
+            raise ServiceAuthError("audience", f"token is for {payload.aud!r}, not this runner ({self.audience})")
+        lxm = getattr(payload, "lxm", None)
+        if lxm != method:
+            raise ServiceAuthError("method", f"token is bound to method {lxm!r}, not {method}")
+        now = time.time()
+        if not isinstance(payload.exp, int) or not isinstance(payload.iat, int):
+            raise ServiceAuthError("malformed", "token must carry exp and iat (integers)")
+        if payload.exp <= now - self.leeway:
+            raise ServiceAuthError("expired", f"token expired {int(now - payload.exp)} s ago")
+        if payload.iat > now + self.leeway:
+            raise ServiceAuthError("malformed", "token iat is in the future")
+        if payload.exp - payload.iat > MAX_LIFETIME:
+            raise ServiceAuthError("malformed", f"token lifetime {payload.exp - payload.iat} s is more than {MAX_LIFETIME} s")
+        if payload.iat < self.started:
+            raise ServiceAuthError("replayed", "token was issued before this runner started (its jti may have been used "
+                                               "already); ask your PDS for a new one")
+        if not payload.jti:
+            raise ServiceAuthError("malformed", "token carries no jti (needed to refuse replays)")
+        await self._check_signature(iss, alg, signing_input, signature)
+        self._forget_expired(now)
+        if payload.jti in self._seen:  # no await between this check and the insert: one winner
+            raise ServiceAuthError("replayed", "token was already used (jti seen before); tokens are single-use")
+        self._seen[payload.jti] = payload.exp
+        return Caller(did=iss, jti=payload.jti, expires=payload.exp)
+
+    async def _check_signature(self, did: str, alg: str, signing_input: bytes, signature: bytes) -> None:
+        for refresh in (False, True):
+            try:
+                key = (await self.identities.document(did, refresh=refresh)).get_did_key()
+            except IdentityError as e:
+                raise ServiceAuthError("identity", f"cannot verify the token: {e}") from None
+            if key is None:
+                raise ServiceAuthError("identity", f"{did} publishes no atproto signing key")
+            if parse_did_key(key).jwt_alg != alg:
+                ok = False  # a token must use its key's own algorithm
+            else:
+                try:
+                    ok = verify_signature(key, signing_input, signature)
+                except Exception:  # the SDK raises on malformed signatures; both mean "not signed by this key"
+                    ok = False
+            if ok:
+                return
+        raise ServiceAuthError("signature", f"token signature does not verify against {did}'s signing key")
+
+    def _forget_expired(self, now: float) -> None:
+        if now - self._pruned > 30:  # at most every 30 s: a scan per call would be quadratic under load
+            self._pruned = now
+            cutoff = now - self.leeway
+            for jti in [j for j, exp in self._seen.items() if exp < cutoff]:
+                del self._seen[jti]
+
+    def seen(self) -> int:
+        return len(self._seen)
