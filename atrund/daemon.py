@@ -27,10 +27,24 @@ from atrund.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
-from atrund.records import RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
+from atrund.records import (
+    RUNNER,
+    Bundle,
+    Invocation,
+    Limits,
+    Metrics,
+    Permissions,
+    Runner,
+    SealedSecret,
+    SecretsKey,
+    StrongRef,
+    now_iso,
+    result_rkey,
+)
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
+from atrund.sealed import KeyFileError, Keyring, SecretError, redact
 from atrund.session import Session
 from atrund.state import State, Stored
 
@@ -44,6 +58,7 @@ class Daemon:
         self.cfg = cfg
         self.policy = AccessPolicy.from_config(cfg.access)
         self.grants = PermissionPolicy.from_config(cfg.permissions)
+        self.keyring = _load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds)
         self.repos = Repos(self.identities)
         self.state = State(cfg.state.dir / "atrund.sqlite3")
@@ -85,6 +100,7 @@ class Daemon:
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
             access_mode=self.policy.mode,
+            secrets_key=SecretsKey.model_validate(self.keyring.current.to_record()) if self.keyring else None,
             created_at=now_iso(),
             description=self.cfg.runner.description,
             version=__version__,
@@ -180,6 +196,11 @@ class Daemon:
             self._finish(inv, "rejected", bundle=record.bundle,
                          error=f"the bundle asks for permissions this runner does not grant: {', '.join(refused)}")
             return
+        try:
+            env = self.open_secrets(record.bundle.uri, b, inv.author, record.secrets)
+        except SecretError as err:
+            self._finish(inv, "error", bundle=record.bundle, error=str(err), error_type="SecretError")
+            return
         e = self.cfg.executor
         asked = b.permissions or Permissions()
         request = ExecRequest(
@@ -188,6 +209,7 @@ class Daemon:
             args=record.args or {},
             permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or []),
             timeout=min(record.timeout or e.default_timeout, e.max_timeout),
+            env=env,
         )
         started = time.time()
         try:
@@ -195,6 +217,11 @@ class Daemon:
         except ExecutorError as err:
             log.error("executor failed", uri=inv.uri, error=str(err))
             response = ExecResponse(success=False, error=f"the runner could not run the bundle: {err}", error_type="ExecutorError")
+        if env:  # nothing the runner writes or logs carries a secret value verbatim (see atrund.sealed.redact)
+            response = response.model_copy(update={
+                "data": redact(response.data, env), "error": redact(response.error, env),
+                "response": response.response and type(response.response).model_validate(redact(response.response.model_dump(), env)),
+            })
         status = "success" if response.success else ("timeout" if response.timed_out else "error")
         metrics = Metrics(
             execution_time_ms=response.metrics.execution_time_ms,
@@ -205,6 +232,36 @@ class Daemon:
         self._finish(inv, status, bundle=record.bundle, data=response.data if response.success else None,
                      error=response.error, response=response.response.model_dump(by_alias=True) if response.response else None,
                      metrics=metrics, error_type=response.error_type)
+
+    def open_secrets(self, bundle_uri: str, bundle: Bundle, author: str | None = None,
+                     invocation_secrets: list[SealedSecret] | None = None) -> dict[str, str]:
+        """The environment a run gets: the bundle record's sealed secrets, then the invocation's
+        (``author``'s; they win on a name clash), opened. A run without an invocation record (the
+        HTTP gateway) passes none and gets the bundle's own secrets.
+
+        Every name must be one the bundle's permissions.env lists (and so one the runner grants,
+        or the bundle would not run at all): a secret the bundle could never see is a mistake
+        worth saying, not dropping silently. Raises SecretError naming the secret.
+        """
+        assert self.session
+        sources = [("bundle record", bundle.secrets, bundle_uri.removeprefix("at://").split("/", 1)[0]),
+                   ("invocation", invocation_secrets, author)]
+        if not any(items for _, items, _ in sources):
+            return {}
+        if self.keyring is None:
+            raise SecretError("sealed secrets were given, but this runner has no secrets key (its dev.atrun.runner record "
+                              "publishes none), so it cannot open them")
+        allowed = set((bundle.permissions.env or []) if bundle.permissions else [])
+        env: dict[str, str] = {}
+        for where, items, sealer in sources:
+            sealed = [s.to_record() for s in items or []]
+            for item in sealed:
+                if item["name"] not in allowed:
+                    raise SecretError(f"secret {item['name']!r} in the {where} is not a name the bundle's permissions.env "
+                                      f"lists ({', '.join(sorted(allowed)) or 'none'}), so the bundle could never see it")
+            if sealed:
+                env.update(self.keyring.open(sealed, author=sealer, runner=self.session.did, bundle_uri=bundle_uri, where=where))
+        return env
 
     async def _fetch(self, ref: StrongRef):
         for attempt in range(FETCH_ATTEMPTS):
@@ -231,6 +288,18 @@ class Daemon:
                  runtime=metrics.runtime, isolation=metrics.isolation, queued_ms=metrics.queued_ms,
                  exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms, error_type=error_type,
                  error=fields.get("error"))
+
+
+def _load_keyring(cfg: Config) -> Keyring | None:
+    """The runner's secrets keys; None (sealed secrets refused) when the default key file does
+    not exist. A key file the configuration names explicitly must load."""
+    path = cfg.key_file
+    if cfg.secrets.key_file is None and not path.exists():
+        if cfg.secrets.old_key_files:
+            raise KeyFileError(f"secrets.old_key_files is set but there is no current key at {path} (atrund keys init)")
+        log.info("no secrets key: sealed secrets are refused; create one with `atrund keys init`", key_file=str(path))
+        return None
+    return Keyring.load(path, cfg.secrets.old_key_files)
 
 
 def _bundle_ref(value: dict, fallback: StrongRef) -> StrongRef:
