@@ -125,6 +125,75 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
     run_async(serve_until_signalled)()
 
 
+@main.group()
+def access() -> None:
+    """Edit who this runner serves; a running daemon applies changes within a second."""
+
+
+async def _did_of(who: str, cfg: config_mod.Config) -> str:
+    if who.startswith("did:"):
+        return who
+    from atrund.identity import resolve_handle
+
+    return await resolve_handle(who, cfg.runner.pds)
+
+
+def _policy_file(cfg: config_mod.Config):
+    from atrund.access import PolicyFile
+
+    return PolicyFile(cfg.access_file)
+
+
+@access.command("allow")
+@click.argument("who", metavar="DID|HANDLE")
+@config_option
+@run_async
+async def access_allow(who: str, config_path: Path) -> None:
+    """Serve DID|HANDLE (in every mode; lifts an `access deny` of it)."""
+    cfg = _load_config(config_path)
+    did = await _did_of(who, cfg)
+    _policy_file(cfg).allow(did)
+    err.print(f"allowed {did}" + (f" ({who})" if who != did else "") + f" in {cfg.access_file}")
+    if did in cfg.access.blocklist:
+        err.print(f"[yellow]but {did} is in access.blocklist of {config_path}, which still wins: remove it there[/yellow]")
+    elif cfg.access.mode in ("blocklist", "open"):
+        err.print(f"(access.mode is {cfg.access.mode}: everyone not denied is served anyway)")
+
+
+@access.command("deny")
+@click.argument("who", metavar="DID|HANDLE")
+@config_option
+@run_async
+async def access_deny(who: str, config_path: Path) -> None:
+    """Never serve DID|HANDLE (wins over every allow, follow and list membership)."""
+    cfg = _load_config(config_path)
+    did = await _did_of(who, cfg)
+    _policy_file(cfg).deny(did)
+    err.print(f"denied {did}" + (f" ({who})" if who != did else "") + f" in {cfg.access_file}")
+
+
+@access.command("list")
+@config_option
+def access_list(config_path: Path) -> None:
+    """Print the access policy: mode, its source, and who is allowed and denied, and where it says so."""
+    cfg = _load_config(config_path)
+    try:
+        entries = _policy_file(cfg).read()
+    except AtrundError as e:
+        raise click.ClickException(str(e)) from None
+    a = cfg.access
+    out: dict[str, Any] = {"mode": a.mode, "policyFile": str(cfg.access_file)}
+    if a.mode == "follows":
+        out["follows"] = {"of": a.operator or "the runner account", "refreshSeconds": a.refresh_interval}
+    elif a.mode == "list":
+        out["listMembers"] = {"of": a.list_uri, "refreshSeconds": a.refresh_interval}
+    out["allow"] = [{"did": d, "from": "config"} for d in a.allowlist] + \
+        [{"did": d, "from": "policy file"} for d in sorted(entries.allow) if d not in a.allowlist]
+    out["deny"] = [{"did": d, "from": "config"} for d in a.blocklist] + \
+        [{"did": d, "from": "policy file"} for d in sorted(entries.deny) if d not in a.blocklist]
+    emit(out)
+
+
 # -- authors -----------------------------------------------------------------------------
 
 @main.command("exec")

@@ -89,7 +89,7 @@ class IngestSection(Section):
     poll_interval: float = Field(default=2.0, gt=0)
     reconcile_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans of each author's invocations")
     authors: list[str] | None = Field(
-        default=None, description="DIDs whose repos are polled; defaults to access.allowlist"
+        default=None, description="DIDs whose repos are polled; default: everyone the access policy names (allowlist, follows, list)"
     )
 
 
@@ -154,10 +154,6 @@ class Config(Section):
     permissions: PermissionsSection = PermissionsSection()
     secrets: SecretsSection = SecretsSection()
     state: StateSection = StateSection()
-
-    @property
-    def poll_authors(self) -> list[str]:
-        return self.ingest.authors if self.ingest.authors is not None else self.access.allowlist
 
     @property
     def key_file(self) -> Path:

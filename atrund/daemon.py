@@ -17,7 +17,7 @@ import structlog
 from pydantic import ValidationError
 
 from atrund import __version__
-from atrund.access import AccessPolicy, PermissionPolicy
+from atrund.access import AccessPolicy, PermissionPolicy, PolicyFile
 from atrund.bundles import BundleStore, _field_errors
 from atrund.config import Config
 from atrund.errors import AtrundError, BundleRefused, Unreachable
@@ -47,6 +47,7 @@ from atrund.schedule import Scheduler
 from atrund.sealed import KeyFileError, Keyring, SecretError, redact
 from atrund.session import Session
 from atrund.state import State, Stored
+from atrund.trust import LiveAccess
 
 log = structlog.get_logger("atrund.daemon")
 
@@ -56,11 +57,13 @@ FETCH_ATTEMPTS = 3
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.policy = AccessPolicy.from_config(cfg.access)
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = _load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds)
         self.repos = Repos(self.identities)
+        # Who is served: the configuration, the policy file `atrund access` edits, and (follows,
+        # list modes) the AT graph; kept current while the runner serves (atrund.trust).
+        self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
         self.state = State(cfg.state.dir / "atrund.sqlite3")
         self.executor: Executor = create_executor(cfg.executor, cfg.executor.isolation)
         extensions = {name: rt.extension for name, rt in self.executor.runtimes.items()}
@@ -80,16 +83,19 @@ class Daemon:
         r = self.cfg.runner
         self.session = await Session.login(r.pds, r.identifier, r.password())
         self.writer = ResultWriter(self.session, self.state)
+        await self.policy.start(self.session.did)
+        self.policy.on_change = self._access_changed
         await self.session.put_record(RUNNER, "self", self.declaration().to_record())
         log.info("runner published", did=self.session.did, handle=self.session.handle, isolation=self.executor.isolation,
-                 access=self.policy.mode, authors=len(self.cfg.poll_authors))
+                 access=self.policy.mode, access_source=self.policy.source, authors=len(self._poll_authors()),
+                 secrets_key=self.keyring.current.id if self.keyring else None)
         await self.executor.warm(self.cfg.executor.warm)
         self.recover()
         ingest = self.cfg.ingest
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
         interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
         self.intake = Intake(self.state, self.session.did, self.policy, self.submit)
-        self.poller = Poller(self.repos, self.intake, self.cfg.poll_authors, interval, ingest.reconcile_interval)
+        self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
             self.firehose = Firehose(url, self.repos, self.intake)
@@ -100,6 +106,7 @@ class Daemon:
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
             access_mode=self.policy.mode,
+            access_source=self.policy.source,
             secrets_key=SecretsKey.model_validate(self.keyring.current.to_record()) if self.keyring else None,
             created_at=now_iso(),
             description=self.cfg.runner.description,
@@ -110,6 +117,16 @@ class Daemon:
                 memory_mb=e.memory_mb, concurrency=e.concurrency,
             ),
         )
+
+    def _poll_authors(self) -> list[str]:
+        """The configured ingest.authors, else everyone the access policy names as served."""
+        return self.cfg.ingest.authors if self.cfg.ingest.authors is not None else self.policy.served()
+
+    def _access_changed(self, policy: AccessPolicy) -> None:
+        if self.poller is not None:
+            self.poller.authors = self._poll_authors()
+        log.info("access policy changed", mode=policy.mode, allowed=len(policy.allowlist), blocked=len(policy.blocklist),
+                 trusted=len(policy.trusted), polled=len(self.poller.authors) if self.poller else None)
 
     def recover(self) -> None:
         """Finish what a previous run of the runner left: never start anything twice."""
@@ -124,7 +141,7 @@ class Daemon:
         """Serve until ``stop`` is set; then drain running work and stop cleanly."""
         assert self.poller and self.writer
         loops = [asyncio.create_task(self.poller.run(), name="poller"), asyncio.create_task(self.writer.run(), name="writer"),
-                 asyncio.create_task(self.scheduler.run(), name="scheduler")]
+                 asyncio.create_task(self.scheduler.run(), name="scheduler"), asyncio.create_task(self.policy.run(), name="access")]
         if self.firehose is not None:
             loops.append(asyncio.create_task(self.firehose.run(), name="firehose"))
         stopping = asyncio.create_task(stop.wait())
@@ -163,6 +180,11 @@ class Daemon:
     async def _guarded(self, uri: str) -> None:
         stored = self.state.pending(uri)
         if stored is None:
+            return
+        if not self.policy.allows(stored.author):  # access was withdrawn while it waited: as if it came now
+            if self.state.deny(uri):
+                self.intake.denied += 1
+                log.warning("invocation denied by access policy (withdrawn while it waited)", uri=uri, mode=self.policy.mode)
             return
         try:
             await self.handle(stored)
