@@ -44,6 +44,8 @@ async def _subjects(repos: Repos, did: str, collection: str, keep: Callable[[dic
     cursor = None
     for _ in range(MAX_PAGES):
         records, cursor = await repos.list_records(did, collection, cursor=cursor, limit=PAGE)
+        if not isinstance(records, list):
+            raise TrustUnavailable(f"listRecords of {collection} in {did}: the PDS answered without a list of records")
         for rec in records:
             value = rec.get("value") if isinstance(rec, dict) else None
             subject = value.get("subject") if isinstance(value, dict) else None
@@ -117,7 +119,12 @@ class LiveAccess:
     def reload_file(self) -> bool:
         """Re-read the policy file if it changed; True if its entries did. A file that does not
         parse keeps the previous entries in force (and says why)."""
-        stamp = self.file.stamp()
+        try:
+            stamp = self.file.stamp()
+        except OSError as e:
+            log.error("access policy file cannot be checked; the previous entries stay in force", file=str(self.file.path),
+                      error=e.strerror)
+            return False
         if stamp == self._stamp:
             return False
         self._stamp = stamp
@@ -139,10 +146,11 @@ class LiveAccess:
                 trusted = await follows(self.repos, self.source)
             else:
                 trusted = await list_members(self.repos, self.source)
-        except AtrundError as e:
+        except Exception as e:  # whatever a PDS does, the policy loop must not end: keep the last set, retry
+            detail = str(e) if isinstance(e, AtrundError) else f"{type(e).__name__}: {e}"
             log.warning("could not read the trust source; keeping the last known set", mode=self.mode, source=self.source,
-                        error=str(e), known=len(self.trusted))
-            raise TrustUnavailable(str(e)) from e
+                        error=detail, known=len(self.trusted))
+            raise TrustUnavailable(detail) from e
         self.trust_read_at = time.monotonic()
         changed = trusted != self.trusted
         if changed:

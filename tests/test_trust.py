@@ -158,3 +158,27 @@ async def test_a_broken_policy_file_keeps_the_last_good_policy(author, make_runn
     f.path.write_text("{not json")
     await asyncio.sleep(1.5)
     assert runner.daemon.policy.allows(author.account.did)
+
+
+async def test_an_unreadable_trust_source_keeps_the_last_known_set(author, new_account, make_runner):
+    """A PDS outage must neither lock everyone out nor end the runner: the last set stays in force."""
+    from atrund.trust import TrustUnavailable
+
+    operator = new_account("operator")
+    op = await _login(operator)
+    try:
+        await op.create_record(FOLLOW, {"subject": author.account.did, "createdAt": now_iso()})
+        runner = await make_runner(access={"mode": "follows", "operator": operator.did})
+        live = runner.daemon.policy
+        assert live.allows(author.account.did)
+        live.source = "did:plc:nobodyhomexxxxxxxxxxxxx"  # resolves nowhere: every read fails
+        with pytest.raises(TrustUnavailable, match="did:plc:nobodyhomexxxxxxxxxxxxx"):
+            await live.refresh_trust()
+        assert live.allows(author.account.did) and live.trusted == {author.account.did}
+    finally:
+        await op.close()
+
+
+async def test_a_runner_whose_operator_does_not_resolve_still_starts(make_runner):
+    runner = await make_runner(access={"mode": "follows", "operator": "did:plc:nobodyhomexxxxxxxxxxxxx"})
+    assert runner.daemon.policy.trusted == frozenset() and runner.daemon.poller.authors == []
