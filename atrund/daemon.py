@@ -1,8 +1,9 @@
 """The runner: wiring of ingest → access → bundles → executor → results.
 
 Reads like the path of one invocation: ``handle`` takes a stored invocation, checks it,
-fetches and verifies its bundle, runs it and queues the result record. Everything that can go
-wrong on that path ends in a result record that says what happened, except a denied author
+fetches and verifies its bundle, opens its sealed secrets, runs it and queues the result
+record. Everything that can go wrong on that path ends in a result record that says what
+happened, except a denied author
 (no record, by design) and a crash of the runner mid-run (an "interrupted" result at the next
 start; the invocation is never started twice).
 """
@@ -44,7 +45,7 @@ from atrund.records import (
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
-from atrund.sealed import KeyFileError, Keyring, SecretError, redact
+from atrund.sealed import KeyFileError, Keyring, SecretError, redact_response
 from atrund.session import Session
 from atrund.state import State, Stored
 from atrund.trust import LiveAccess
@@ -239,11 +240,8 @@ class Daemon:
         except ExecutorError as err:
             log.error("executor failed", uri=inv.uri, error=str(err))
             response = ExecResponse(success=False, error=f"the runner could not run the bundle: {err}", error_type="ExecutorError")
-        if env:  # nothing the runner writes or logs carries a secret value verbatim (see atrund.sealed.redact)
-            response = response.model_copy(update={
-                "data": redact(response.data, env), "error": redact(response.error, env),
-                "response": response.response and type(response.response).model_validate(redact(response.response.model_dump(), env)),
-            })
+        # Nothing the runner writes or logs carries a secret value verbatim (see atrund.sealed.redact).
+        response = redact_response(response, env)
         status = "success" if response.success else ("timeout" if response.timed_out else "error")
         metrics = Metrics(
             execution_time_ms=response.metrics.execution_time_ms,

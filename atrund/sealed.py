@@ -221,3 +221,15 @@ def redact(value: Any, secrets: dict[str, str], min_length: int = 4) -> Any:
         return v
 
     return walk(value)
+
+
+def redact_response(response, secrets: dict[str, str]):
+    """An ExecResponse with ``redact`` applied to what reaches a result: data, error, response."""
+    if not secrets:
+        return response
+    http = response.response
+    return response.model_copy(update={
+        "data": redact(response.data, secrets),
+        "error": redact(response.error, secrets),
+        "response": http and type(http).model_validate(redact(http.model_dump(), secrets)),
+    })

@@ -354,3 +354,18 @@ def test_records_carrying_secrets_pass_the_official_validator(keyfile):
     bad = [("dev.atrun.invocation", {"runner": RUNNER_DID, "bundle": BUNDLE.to_record(), "endpoint": "main",
                                      "secrets": [{"name": "K", "keyId": "x"}], "createdAt": now_iso()})]  # no ciphertext
     assert [r["ok"] for r in validate(bad)] == [False]
+
+
+def test_key_file_configuration(tmp_path):
+    """No default key: secrets refused, not an error. A named key file that is missing: an error naming it."""
+    from atrund import config
+    from atrund.daemon import _load_keyring
+
+    base = {"runner": {"pds": "http://x", "identifier": "r.test"}, "state": {"dir": str(tmp_path / "st")}}
+    assert _load_keyring(config.parse(base)) is None
+    with pytest.raises(KeyFileError, match="old_key_files is set but there is no current key"):
+        _load_keyring(config.parse({**base, "secrets": {"old_key_files": [str(tmp_path / "old")]}}))
+    with pytest.raises(KeyFileError, match=f"{tmp_path / 'nope.key'}: cannot read"):
+        _load_keyring(config.parse({**base, "secrets": {"key_file": str(tmp_path / "nope.key")}}))
+    generate_key_file(tmp_path / "st" / "secrets.key")  # the default place
+    assert _load_keyring(config.parse(base)) is not None
