@@ -3,9 +3,8 @@
 Reads like the path of one invocation: ``handle`` takes a stored invocation, checks it,
 fetches and verifies its bundle, opens its sealed secrets, runs it and queues the result
 record. Everything that can go wrong on that path ends in a result record that says what
-happened, except a denied author
-(no record, by design) and a crash of the runner mid-run (an "interrupted" result at the next
-start; the invocation is never started twice).
+happened, except a denied author (no record, by design) and a crash of the runner mid-run (an
+"interrupted" result at the next start; the invocation is never started twice).
 """
 
 from __future__ import annotations
