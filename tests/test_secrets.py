@@ -369,3 +369,17 @@ def test_key_file_configuration(tmp_path):
         _load_keyring(config.parse({**base, "secrets": {"key_file": str(tmp_path / "nope.key")}}))
     generate_key_file(tmp_path / "st" / "secrets.key")  # the default place
     assert _load_keyring(config.parse(base)) is not None
+
+
+@pytest.mark.parametrize("runtime, source", [
+    # Deno refuses (NotCapable) to read a variable it was not granted, so only the granted one is asked for.
+    ("deno", 'export function main(args) { return {key: Deno.env.get("API_KEY"), other: null}; }\n'),
+    ("node", 'export function main(args) { return {key: process.env.API_KEY, other: process.env.HOME ?? null}; }\n'),
+])
+async def test_every_runtime_gets_the_opened_secret_and_nothing_else(secret_runner, author, reader, runtime, source):
+    key = await _runner_key(reader, secret_runner.did)
+    bundle = await author.publish(source, runtime=runtime, permissions={"env": ["API_KEY"]})
+    sealed = [seal("API_KEY", "abc", key, author=author.account.did, runner=secret_runner.did, bundle_uri=bundle["uri"])]
+    got = await wait_result(reader, secret_runner.did, await author.invoke(bundle, secret_runner.did, secrets=sealed), timeout=60)
+    assert got["status"] == "success", got
+    assert got["data"] == {"key": "abc", "other": None}  # 3 characters: below the redaction threshold, so visible
