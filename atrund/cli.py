@@ -174,19 +174,28 @@ async def access_deny(who: str, config_path: Path) -> None:
 
 @access.command("list")
 @config_option
-def access_list(config_path: Path) -> None:
+@click.option("--members", is_flag=True, help="follows/list mode: also read the follows or the list now and print them.")
+@run_async
+async def access_list(config_path: Path, members: bool) -> None:
     """Print the access policy: mode, its source, and who is allowed and denied, and where it says so."""
     cfg = _load_config(config_path)
-    try:
-        entries = _policy_file(cfg).read()
-    except AtrundError as e:
-        raise click.ClickException(str(e)) from None
+    entries = _policy_file(cfg).read()
     a = cfg.access
     out: dict[str, Any] = {"mode": a.mode, "policyFile": str(cfg.access_file)}
-    if a.mode == "follows":
-        out["follows"] = {"of": a.operator or "the runner account", "refreshSeconds": a.refresh_interval}
-    elif a.mode == "list":
-        out["listMembers"] = {"of": a.list_uri, "refreshSeconds": a.refresh_interval}
+    if a.mode in ("follows", "list"):
+        source = a.list_uri if a.mode == "list" else a.operator or await _did_of(cfg.runner.identifier, cfg)
+        out["trusted"] = {"of": source, "refreshSeconds": a.refresh_interval}
+        if members:
+            from atrund import trust
+            from atrund.identity import Identities
+            from atrund.repos import Repos
+
+            repos = Repos(Identities(cfg.identity.plc_url, timeout=cfg.identity.timeout_seconds))
+            try:
+                found = await (trust.follows(repos, source) if a.mode == "follows" else trust.list_members(repos, source))
+            finally:
+                await repos.close()
+            out["trusted"]["members"] = sorted(found)
     out["allow"] = [{"did": d, "from": "config"} for d in a.allowlist] + \
         [{"did": d, "from": "policy file"} for d in sorted(entries.allow) if d not in a.allowlist]
     out["deny"] = [{"did": d, "from": "config"} for d in a.blocklist] + \

@@ -93,7 +93,9 @@ async def test_follows_of_a_named_operator_and_blocks_win(author, login_author, 
         await op.close()
 
 
-async def test_list_mode_serves_members_until_removed(author, login_author, new_account, make_runner, reader):
+async def test_list_mode_serves_members_until_removed(stack, author, login_author, new_account, make_runner, reader, tmp_path):
+    from test_cli import atrund
+
     owner = new_account("curator")
     other = await login_author("other")
     s = await _login(owner)
@@ -109,6 +111,14 @@ async def test_list_mode_serves_members_until_removed(author, login_author, new_
         bundle = await author.publish(HELLO)
         ok = await author.invoke(bundle, runner.did)
         assert (await wait_result(reader, runner.did, ok))["status"] == "success"
+
+        cfg = tmp_path / "runner.toml"
+        cfg.write_text(f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.account.handle}"\n'
+                       f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nmode = "list"\nlist_uri = "{list_uri}"\n'
+                       f'[state]\ndir = "{runner.cfg.state.dir}"\n')
+        listed = await asyncio.to_thread(atrund, "access", "list", "--members", "-c", str(cfg))
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["trusted"] == {"of": list_uri, "refreshSeconds": 300.0, "members": [author.account.did]}
 
         await s.delete_record(LISTITEM, item.rsplit("/", 1)[1])
         await _until(lambda: not runner.daemon.policy.allows(author.account.did))
