@@ -43,6 +43,21 @@ def test_policy_file_edits_are_atomic_and_validated(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".access.json.")] == []  # no temporary left behind
 
 
+@pytest.mark.parametrize("access, message", [
+    ({"mode": "list"}, 'access: list_uri: required when mode = "list"'),
+    ({"mode": "list", "list_uri": "at://did:plc:a/app.bsky.feed.post/3k"}, "access: list_uri: 'at://did:plc:a/app.bsky.feed.post/3k' is not"),
+    ({"mode": "follows", "operator": "alice.test"}, "access: operator: 'alice.test' is not a DID"),
+    ({"mode": "follows", "refresh_interval": 0}, "access.refresh_interval: Input should be greater than or equal to 1"),
+    ({"mode": "friends"}, "access.mode: Input should be 'allowlist', 'blocklist', 'open', 'follows' or 'list'"),
+])
+def test_trust_configuration_errors_name_the_key(access, message):
+    from atrund import config
+
+    with pytest.raises(config.ConfigError) as e:
+        config.parse({"runner": {"pds": "http://x", "identifier": "r.test"}, "access": access})
+    assert str(e.value).startswith(message), str(e.value)
+
+
 async def _login(account) -> Session:
     return await Session.login(account.pds_url, account.handle, account.app_password)
 
