@@ -383,3 +383,29 @@ async def test_every_runtime_gets_the_opened_secret_and_nothing_else(secret_runn
     got = await wait_result(reader, secret_runner.did, await author.invoke(bundle, secret_runner.did, secrets=sealed), timeout=60)
     assert got["status"] == "success", got
     assert got["data"] == {"key": "abc", "other": None}  # 3 characters: below the redaction threshold, so visible
+
+
+async def test_rotation_through_restarts(make_runner, new_account, author, reader, tmp_path):
+    """Rotate: the new key is published, the old one (in old_key_files) still opens; once removed, it does not."""
+    account = new_account("runner")
+    old, new = tmp_path / "old.key", tmp_path / "new.key"
+    generate_key_file(old)
+    generate_key_file(new)
+    common = {"access": {"allowlist": [author.account.did]}, "permissions": {"env": ["API_KEY"]}}
+    first = await make_runner(account, "first", secrets={"key_file": str(old)}, **common)
+    bundle = await author.publish(SECRET_BUNDLE, permissions={"env": ["API_KEY"]})
+    key = await _runner_key(reader, first.did)
+    sealed_to_old = [seal("API_KEY", "rotate-me", key, author=author.account.did, runner=first.did, bundle_uri=bundle["uri"])]
+    await first.stop()
+    # Each restart below uses a fresh state directory for the same account (so it re-reads the
+    # author's repo from the start); only the newest invocation's result is looked at.
+
+    rotated = await make_runner(account, "rotated", secrets={"key_file": str(new), "old_key_files": [str(old)]}, **common)
+    assert (await _runner_key(reader, rotated.did)).id == Keyring.load(new, []).current.id  # the new key is published
+    got = await wait_result(reader, rotated.did, await author.invoke(bundle, rotated.did, "proof", secrets=sealed_to_old))
+    assert got["status"] == "success" and got["data"]["sha256"] == hashlib.sha256(b"rotate-me").hexdigest()
+    await rotated.stop()
+
+    removed = await make_runner(account, "removed", secrets={"key_file": str(new)}, **common)
+    got = await wait_result(reader, removed.did, await author.invoke(bundle, removed.did, "proof", secrets=sealed_to_old))
+    assert got["status"] == "error" and "which this runner does not hold" in got["error"]
