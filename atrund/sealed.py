@@ -147,7 +147,7 @@ def load_key_file(path: Path) -> x25519.X25519PrivateKey:
 class Keyring:
     """The runner's private keys: the current one (published) and old ones (still opening)."""
 
-    def __init__(self, current: x25519.X25519PrivateKey, old: list[x25519.X25519PrivateKey] = ()) -> None:
+    def __init__(self, current: x25519.X25519PrivateKey, old: tuple[x25519.X25519PrivateKey, ...] | list = ()) -> None:
         self.current = RunnerKey(key_id(current.public_key()), current.public_key())
         self._keys = {key_id(k.public_key()): k for k in old}
         self._keys[self.current.id] = current
