@@ -1,15 +1,27 @@
 """Who may have code run here: the operator's access policy.
 
-Explicit blocks always win; then allowlist mode serves only listed DIDs, blocklist mode
-everyone not blocked, open mode everyone. A denied author gets no result record (the runner
-must not become an amplifier), only a log line and a count.
+Explicit blocks always win; then allowlist mode serves only listed DIDs, follows and list
+modes the listed DIDs plus the ``trusted`` set read from the AT graph (atrund.trust), blocklist
+mode everyone not blocked, open mode everyone. A denied author gets no result record (the
+runner must not become an amplifier), only a log line and a count.
+
+The lists are the configuration's plus the policy file's (``PolicyFile``), which
+``atrund access allow|deny`` edits while the daemon runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import tempfile
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+
+from atrund.errors import AtrundError
+
+LISTED_MODES = ("allowlist", "follows", "list")  # modes that serve only whom they name
 
 
 @dataclass(frozen=True)
@@ -17,6 +29,7 @@ class AccessPolicy:
     mode: str
     allowlist: frozenset[str]
     blocklist: frozenset[str]
+    trusted: frozenset[str] = frozenset()  # follows / list members, in those modes
 
     @classmethod
     def from_config(cls, section) -> "AccessPolicy":
@@ -25,9 +38,108 @@ class AccessPolicy:
     def allows(self, did: str) -> bool:
         if did in self.blocklist:
             return False
-        if self.mode == "allowlist":
-            return did in self.allowlist
+        if self.mode in LISTED_MODES:
+            return did in self.allowlist or did in self.trusted
         return True
+
+    def served(self) -> list[str]:
+        """Everyone this policy names as served (empty in blocklist and open modes, which serve
+        whoever is not blocked): the authors worth polling."""
+        if self.mode not in LISTED_MODES:
+            return []
+        return sorted((self.allowlist | self.trusted) - self.blocklist)
+
+
+class PolicyFileError(AtrundError):
+    """The access policy file cannot be read or written; the message names the file."""
+
+
+@dataclass(frozen=True)
+class PolicyEntries:
+    allow: frozenset[str] = frozenset()
+    deny: frozenset[str] = frozenset()
+
+
+class PolicyFile:
+    """The operator's live edits: ``{"allow": [DID...], "deny": [DID...]}``.
+
+    Written whole to a temporary file and renamed over the old one (readers never see half a
+    file), under an exclusive lock so that two edits at once cannot lose one. The daemon
+    re-reads it when its identity (inode, mtime, size) changes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def read(self) -> PolicyEntries:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return PolicyEntries()
+        except OSError as e:
+            raise PolicyFileError(f"{self.path}: cannot read: {e.strerror}") from e
+        except ValueError as e:
+            raise PolicyFileError(f"{self.path}: not JSON: {e}") from None
+        if not isinstance(data, dict) or set(data) - {"allow", "deny"}:
+            raise PolicyFileError(f'{self.path}: expected an object with only "allow" and "deny" lists')
+        out = {}
+        for key in ("allow", "deny"):
+            items = data.get(key, [])
+            bad = [d for d in items if not isinstance(d, str) or not d.startswith("did:")] if isinstance(items, list) else [items]
+            if bad:
+                raise PolicyFileError(f"{self.path}: {key}: {bad[0]!r} is not a DID")
+            out[key] = frozenset(items)
+        return PolicyEntries(**out)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write(self, entries: PolicyEntries) -> None:
+        text = json.dumps({"allow": sorted(entries.allow), "deny": sorted(entries.deny)}, indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def allow(self, did: str) -> PolicyEntries:
+        """Serve ``did`` (and lift a deny of it made here)."""
+        with self._locked():
+            old = self.read()
+            new = PolicyEntries(old.allow | {did}, old.deny - {did})
+            self._write(new)
+        return new
+
+    def deny(self, did: str) -> PolicyEntries:
+        """Never serve ``did`` (and drop an allow of it made here)."""
+        with self._locked():
+            old = self.read()
+            new = PolicyEntries(old.allow - {did}, old.deny | {did})
+            self._write(new)
+        return new
+
+
+def effective(section, entries: PolicyEntries, trusted: frozenset[str] = frozenset()) -> AccessPolicy:
+    """The policy in force: the configuration's lists plus the policy file's, and the trusted set."""
+    return AccessPolicy(section.mode, frozenset(section.allowlist) | entries.allow,
+                        frozenset(section.blocklist) | entries.deny, trusted)
 
 
 def _host_allowed(requested: str, patterns: list[str]) -> bool:

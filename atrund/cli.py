@@ -125,6 +125,84 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
     run_async(serve_until_signalled)()
 
 
+@main.group()
+def access() -> None:
+    """Edit who this runner serves; a running daemon applies changes within a second."""
+
+
+async def _did_of(who: str, cfg: config_mod.Config) -> str:
+    if who.startswith("did:"):
+        return who
+    from atrund.identity import resolve_handle
+
+    return await resolve_handle(who, cfg.runner.pds)
+
+
+def _policy_file(cfg: config_mod.Config):
+    from atrund.access import PolicyFile
+
+    return PolicyFile(cfg.access_file)
+
+
+@access.command("allow")
+@click.argument("who", metavar="DID|HANDLE")
+@config_option
+@run_async
+async def access_allow(who: str, config_path: Path) -> None:
+    """Serve DID|HANDLE (in every mode; lifts an `access deny` of it)."""
+    cfg = _load_config(config_path)
+    did = await _did_of(who, cfg)
+    _policy_file(cfg).allow(did)
+    err.print(f"allowed {did}" + (f" ({who})" if who != did else "") + f" in {cfg.access_file}")
+    if did in cfg.access.blocklist:
+        err.print(f"[yellow]but {did} is in access.blocklist of {config_path}, which still wins: remove it there[/yellow]")
+    elif cfg.access.mode in ("blocklist", "open"):
+        err.print(f"(access.mode is {cfg.access.mode}: everyone not denied is served anyway)")
+
+
+@access.command("deny")
+@click.argument("who", metavar="DID|HANDLE")
+@config_option
+@run_async
+async def access_deny(who: str, config_path: Path) -> None:
+    """Never serve DID|HANDLE (wins over every allow, follow and list membership)."""
+    cfg = _load_config(config_path)
+    did = await _did_of(who, cfg)
+    _policy_file(cfg).deny(did)
+    err.print(f"denied {did}" + (f" ({who})" if who != did else "") + f" in {cfg.access_file}")
+
+
+@access.command("list")
+@config_option
+@click.option("--members", is_flag=True, help="follows/list mode: also read the follows or the list now and print them.")
+@run_async
+async def access_list(config_path: Path, members: bool) -> None:
+    """Print the access policy: mode, its source, and who is allowed and denied, and where it says so."""
+    cfg = _load_config(config_path)
+    entries = _policy_file(cfg).read()
+    a = cfg.access
+    out: dict[str, Any] = {"mode": a.mode, "policyFile": str(cfg.access_file)}
+    if a.mode in ("follows", "list"):
+        source = a.list_uri if a.mode == "list" else a.operator or await _did_of(cfg.runner.identifier, cfg)
+        out["trusted"] = {"of": source, "refreshSeconds": a.refresh_interval}
+        if members:
+            from atrund import trust
+            from atrund.identity import Identities
+            from atrund.repos import Repos
+
+            repos = Repos(Identities(cfg.identity.plc_url, timeout=cfg.identity.timeout_seconds))
+            try:
+                found = await (trust.follows(repos, source) if a.mode == "follows" else trust.list_members(repos, source))
+            finally:
+                await repos.close()
+            out["trusted"]["members"] = sorted(found)
+    out["allow"] = [{"did": d, "from": "config"} for d in a.allowlist] + \
+        [{"did": d, "from": "policy file"} for d in sorted(entries.allow) if d not in a.allowlist]
+    out["deny"] = [{"did": d, "from": "config"} for d in a.blocklist] + \
+        [{"did": d, "from": "policy file"} for d in sorted(entries.deny) if d not in a.blocklist]
+    emit(out)
+
+
 # -- authors -----------------------------------------------------------------------------
 
 @main.command("exec")
@@ -205,18 +283,89 @@ def bundle() -> None:
     """Publish code bundles."""
 
 
+def _split(value: str | None) -> list[str]:
+    return [x.strip() for x in (value or "").split(",") if x.strip()]
+
+
+secret_option = click.option(
+    "--secret", "secrets", multiple=True, metavar="NAME=VALUE",
+    help="Seal a secret to the runner's key (repeatable). NAME alone takes the value of your environment variable "
+         "NAME, which keeps it out of your shell history.")
+
+
+def parse_secrets(pairs: tuple[str, ...]) -> dict[str, str]:
+    import os
+
+    from atrund.sealed import SecretError, check_name
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        try:
+            check_name(name)
+        except SecretError as e:
+            raise click.BadParameter(str(e), param_hint="--secret") from None
+        if not eq:
+            if name not in os.environ:
+                raise click.BadParameter(f"{name}: no '=VALUE' and no environment variable {name}", param_hint="--secret")
+            value = os.environ[name]
+        if name in out:
+            raise click.BadParameter(f"{name} is given twice", param_hint="--secret")
+        out[name] = value
+    return out
+
+
+async def _seal_all(repos, secrets: dict[str, str], runner_did: str, author: str, bundle_uri: str) -> list[dict[str, str]]:
+    """Seal ``secrets`` to the key the runner's dev.atrun.runner record publishes."""
+    from atrund.records import RUNNER
+    from atrund.sealed import RunnerKey, seal
+
+    try:
+        _, runner_record = await repos.get_record(runner_did, RUNNER, "self")
+    except NotFound:
+        raise click.ClickException(f"{runner_did} has no dev.atrun.runner record: is it a runner?") from None
+    key = RunnerKey.from_record(runner_record, runner_did)
+    return [seal(n, v, key, author=author, runner=runner_did, bundle_uri=bundle_uri) for n, v in secrets.items()]
+
+
+def new_tid() -> str:
+    """A fresh record key (TID): microseconds since the epoch and a random clock id, base32-sortable."""
+    import random
+
+    n = (int(time.time() * 1_000_000) << 10) | random.getrandbits(10)
+    alphabet = "234567abcdefghijklmnopqrstuvwxyz"
+    return "".join(alphabet[(n >> (5 * i)) & 31] for i in reversed(range(13)))
+
+
 @bundle.command("publish")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--runtime", required=True, type=click.Choice(["python", "deno", "node"]))
 @click.option("--name", default=None, help="A short name (defaults to the file name).")
 @click.option("--description", default=None)
 @click.option("--endpoints", default=None, help="Comma-separated endpoint names the bundle offers.")
+@click.option("--allow-env", default="", help="Comma-separated environment variable names the bundle asks for "
+              "(every --secret name is added).")
+@click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle asks to reach.")
+@secret_option
+@click.option("--runner", "runner_did", default=None, help="DID of the runner the --secret values are sealed to.")
 @author_options
 @run_async
 async def bundle_publish(file: Path, runtime: str, name: str | None, description: str | None, endpoints: str | None,
+                         allow_env: str, allow_net: str, secrets: tuple[str, ...], runner_did: str | None,
                          pds: str | None, identifier: str, password: str, plc_url: str) -> None:
-    """Upload FILE as a blob and create a dev.atrun.bundle record; prints its AT URI and CID."""
+    """Upload FILE as a blob and create a dev.atrun.bundle record; prints its AT URI and CID.
+
+    With --secret, the values are sealed to the runner named by --runner, bound to you and to
+    this bundle, and every invocation of the bundle on that runner gets them.
+    """
+    from atrund.identity import Identities
+    from atrund.repos import Repos
+
+    opened = parse_secrets(secrets)
+    if opened and runner_did is None:
+        raise click.UsageError("--secret needs --runner: a secret is sealed to one runner's key")
     session = await _login(pds, identifier, password, plc_url)
+    repos = Repos(Identities(plc_url))
     try:
         mime = CODE_MIME.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         blob = await session.upload_blob(file.read_bytes(), mime)
@@ -224,10 +373,19 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
         if description:
             record["description"] = description
         if endpoints:
-            record["endpoints"] = [e.strip() for e in endpoints.split(",") if e.strip()]
-        uri, cid = await session.create_record(BUNDLE, record)
+            record["endpoints"] = _split(endpoints)
+        env_names = list(dict.fromkeys(_split(allow_env) + list(opened)))
+        permissions = {k: v for k, v in (("env", env_names), ("net", _split(allow_net))) if v}
+        if permissions:
+            record["permissions"] = permissions
+        # The secrets are bound to the bundle's AT URI, so its record key is chosen before it exists.
+        rkey = new_tid()
+        if opened:
+            record["secrets"] = await _seal_all(repos, opened, runner_did, session.did, f"at://{session.did}/{BUNDLE}/{rkey}")
+        uri, cid = await session.put_record(BUNDLE, rkey, record)
     finally:
         await session.close()
+        await repos.close()
     err.print(f"published [bold]{record['name']}[/bold] ({blob['size']} bytes)")
     emit({"uri": uri, "cid": cid})
 
@@ -241,15 +399,22 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
 @click.option("--timeout", type=int, default=None, help="Seconds the run may take (capped by the runner).")
 @click.option("--wait/--no-wait", default=False, help="Wait for the result record and print it.")
 @click.option("--wait-seconds", type=float, default=120, show_default=True)
+@secret_option
 @author_options
 @run_async
 async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
-                 wait: bool, wait_seconds: float, pds: str | None, identifier: str, password: str, plc_url: str) -> None:
-    """Create a dev.atrun.invocation of BUNDLE_URI; prints its URI and where the result will be."""
+                 wait: bool, wait_seconds: float, secrets: tuple[str, ...], pds: str | None, identifier: str, password: str,
+                 plc_url: str) -> None:
+    """Create a dev.atrun.invocation of BUNDLE_URI; prints its URI and where the result will be.
+
+    --secret values are sealed to the runner's key (read from its dev.atrun.runner record),
+    bound to you, the runner and this bundle; the bundle's permissions.env must list each name.
+    """
     from atrund.identity import Identities
     from atrund.repos import Repos
 
     args = parse_args_json(args_json)
+    opened = parse_secrets(secrets)
     b_did, b_coll, b_rkey = parse_uri(bundle_uri, "BUNDLE_URI")
     repos = Repos(Identities(plc_url))
     try:
@@ -261,6 +426,8 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
                                       "endpoint": endpoint, "args": args, "createdAt": now_iso()}
             if timeout is not None:
                 record["timeout"] = timeout
+            if opened:
+                record["secrets"] = await _seal_all(repos, opened, runner_did, session.did, bundle_uri)
             uri, inv_cid = await session.create_record(INVOCATION, record)
         finally:
             await session.close()
@@ -300,6 +467,64 @@ def _describe_result(cid: str, value: dict[str, Any]) -> dict[str, Any]:
     if "data" in value:
         out["value"] = decode_data(value["data"])
     return out
+
+
+@main.group()
+def secret() -> None:
+    """Seal secrets to a runner's key."""
+
+
+@secret.command("seal")
+@click.argument("pairs", nargs=-1, required=True, metavar="NAME=VALUE...")
+@click.option("--runner", "runner_did", required=True, help="DID of the runner whose key seals them.")
+@click.option("--bundle", "bundle_uri", required=True, help="AT URI of the bundle the secrets are for.")
+@click.option("--author", default=None, help="DID of whoever writes the record that will carry them "
+              "(default: the bundle's author, right for the bundle's own record and for invoking your own bundle).")
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True)
+@run_async
+async def secret_seal(pairs: tuple[str, ...], runner_did: str, bundle_uri: str, author: str | None, plc_url: str) -> None:
+    """Print the sealed objects (a JSON list) for a record's "secrets" field. No login needed.
+
+    NAME alone takes the value of your environment variable NAME.
+    """
+    from atrund.identity import Identities
+    from atrund.repos import Repos
+
+    b_did, _, _ = parse_uri(bundle_uri, "--bundle")
+    if author is not None and not author.startswith("did:"):
+        raise click.BadParameter(f"{author!r} is not a DID", param_hint="--author")
+    opened = parse_secrets(pairs)
+    repos = Repos(Identities(plc_url))
+    try:
+        emit(await _seal_all(repos, opened, runner_did, author or b_did, bundle_uri))
+    finally:
+        await repos.close()
+
+
+@main.group()
+def keys() -> None:
+    """The runner's key pair for sealed secrets."""
+
+
+@keys.command("init")
+@config_option
+@click.option("--force", is_flag=True, help="Replace an existing key (what was sealed to it stops opening).")
+def keys_init(config_path: Path, force: bool) -> None:
+    """Create the runner's X25519 key (secrets.key_file, mode 0600); prints its id and public key.
+
+    The runner publishes the public key in its dev.atrun.runner record at the next start.
+    """
+    from atrund.sealed import KeyFileError, RunnerKey, generate_key_file, key_id, load_key_file
+
+    cfg = _load_config(config_path)
+    try:
+        generate_key_file(cfg.key_file, force=force)
+        private = load_key_file(cfg.key_file)
+    except KeyFileError as e:
+        raise click.ClickException(str(e)) from None
+    key = RunnerKey(key_id(private.public_key()), private.public_key())
+    err.print(f"wrote {cfg.key_file} (mode 0600); restart the runner to publish it")
+    emit({"keyFile": str(cfg.key_file), **key.to_record()})
 
 
 @main.group()

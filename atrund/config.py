@@ -8,6 +8,7 @@ this file: the runner's app password comes from an environment variable or a fil
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -58,9 +59,13 @@ class IdentitySection(Section):
 
 
 class AccessSection(Section):
-    mode: Literal["allowlist", "blocklist", "open"] = "allowlist"
+    mode: Literal["allowlist", "blocklist", "open", "follows", "list"] = "allowlist"
     allowlist: list[str] = []
     blocklist: list[str] = []
+    operator: str | None = Field(default=None, description="follows mode: DID whose follows are served; default: the runner account")
+    list_uri: str | None = Field(default=None, description="list mode: AT URI of an app.bsky.graph.list whose members are served")
+    refresh_interval: float = Field(default=300.0, ge=1, description="seconds between re-reads of the follows or the list")
+    policy_file: Path | None = Field(default=None, description="what `atrund access allow|deny` edits; default: state.dir/access.json")
 
     @model_validator(mode="after")
     def _dids(self) -> "AccessSection":
@@ -68,6 +73,13 @@ class AccessSection(Section):
             for i, did in enumerate(getattr(self, key)):
                 if not did.startswith("did:"):
                     raise ValueError(f"{key}[{i}]: {did!r} is not a DID (expected did:plc:... or did:web:...)")
+        if self.operator is not None and not self.operator.startswith("did:"):
+            raise ValueError(f"operator: {self.operator!r} is not a DID (expected did:plc:... or did:web:...)")
+        if self.mode == "list":
+            if self.list_uri is None:
+                raise ValueError('list_uri: required when mode = "list" (at://DID/app.bsky.graph.list/RKEY)')
+            if not re.fullmatch(r"at://did:[a-z]+:[A-Za-z0-9._:%-]+/app\.bsky\.graph\.list/[A-Za-z0-9._~:-]+", self.list_uri):
+                raise ValueError(f"list_uri: {self.list_uri!r} is not the AT URI of a list (at://DID/app.bsky.graph.list/RKEY)")
         return self
 
 
@@ -77,7 +89,7 @@ class IngestSection(Section):
     poll_interval: float = Field(default=2.0, gt=0)
     reconcile_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans of each author's invocations")
     authors: list[str] | None = Field(
-        default=None, description="DIDs whose repos are polled; defaults to access.allowlist"
+        default=None, description="DIDs whose repos are polled; default: everyone the access policy names (allowlist, follows, list)"
     )
 
 
@@ -151,6 +163,13 @@ class GatewaySection(Section):
         return int(self.listen.rpartition(":")[2])
 
 
+class SecretsSection(Section):
+    """The runner's X25519 key pair for sealed secrets (``atrund keys init`` creates it)."""
+
+    key_file: Path | None = Field(default=None, description="private key (PEM, mode 0600); default: state.dir/secrets.key")
+    old_key_files: list[Path] = Field(default=[], description="earlier keys: what was sealed to them still opens")
+
+
 class StateSection(Section):
     dir: Path = Path("atrund-state")
 
@@ -165,11 +184,16 @@ class Config(Section):
     limits: LimitsSection = LimitsSection()
     permissions: PermissionsSection = PermissionsSection()
     gateway: GatewaySection = GatewaySection()
+    secrets: SecretsSection = SecretsSection()
     state: StateSection = StateSection()
 
     @property
-    def poll_authors(self) -> list[str]:
-        return self.ingest.authors if self.ingest.authors is not None else self.access.allowlist
+    def key_file(self) -> Path:
+        return self.secrets.key_file if self.secrets.key_file is not None else self.state.dir / "secrets.key"
+
+    @property
+    def access_file(self) -> Path:
+        return self.access.policy_file if self.access.policy_file is not None else self.state.dir / "access.json"
 
 
 def _describe(err: ValidationError) -> str:
@@ -200,6 +224,10 @@ def parse(data: dict, base_dir: Path | None = None) -> Config:
             value = getattr(cfg.executor, key)
             if value is not None and not value.is_absolute():
                 setattr(cfg.executor, key, base_dir / value)
+        rel = lambda p: None if p is None else (p.expanduser() if p.expanduser().is_absolute() else base_dir / p)  # noqa: E731
+        cfg.secrets.key_file = rel(cfg.secrets.key_file)
+        cfg.secrets.old_key_files = [rel(p) for p in cfg.secrets.old_key_files]
+        cfg.access.policy_file = rel(cfg.access.policy_file)
     return cfg
 
 

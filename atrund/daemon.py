@@ -1,10 +1,10 @@
 """The runner: wiring of ingest → access → bundles → executor → results.
 
 Reads like the path of one invocation: ``handle`` takes a stored invocation, checks it,
-fetches and verifies its bundle, runs it and queues the result record. Everything that can go
-wrong on that path ends in a result record that says what happened, except a denied author
-(no record, by design) and a crash of the runner mid-run (an "interrupted" result at the next
-start; the invocation is never started twice).
+fetches and verifies its bundle, opens its sealed secrets, runs it and queues the result
+record. Everything that can go wrong on that path ends in a result record that says what
+happened, except a denied author (no record, by design) and a crash of the runner mid-run (an
+"interrupted" result at the next start; the invocation is never started twice).
 
 The same path serves the HTTP side (atrund.gateway): ``run_bundle`` for XRPC invoke, and
 ``prepare`` + ``execute`` for the gateway, which needs finer answers (HTTP statuses) than a
@@ -23,7 +23,7 @@ import structlog
 from pydantic import ValidationError
 
 from atrund import __version__
-from atrund.access import AccessPolicy, PermissionPolicy
+from atrund.access import AccessPolicy, PermissionPolicy, PolicyFile
 from atrund.bundles import BundleStore, VerifiedBundle, _field_errors
 from atrund.config import Config
 from atrund.errors import AtrundError, BundleRefused, EndpointUndeclared, NotFound, PermissionsRefused, Unreachable
@@ -35,12 +35,28 @@ from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
 from atrund.metrics import Meters
-from atrund.records import INVOCATION, RUNNER, Invocation, Limits, Metrics, Permissions, Runner, StrongRef, now_iso, result_rkey
+from atrund.records import (
+    INVOCATION,
+    RUNNER,
+    Bundle,
+    Invocation,
+    Limits,
+    Metrics,
+    Permissions,
+    Runner,
+    SealedSecret,
+    SecretsKey,
+    StrongRef,
+    now_iso,
+    result_rkey,
+)
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
+from atrund.sealed import KeyFileError, Keyring, SecretError, redact_response
 from atrund.session import Session
 from atrund.state import State, Stored
+from atrund.trust import LiveAccess
 
 log = structlog.get_logger("atrund.daemon")
 
@@ -64,10 +80,13 @@ class Outcome:
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.policy = AccessPolicy.from_config(cfg.access)
         self.grants = PermissionPolicy.from_config(cfg.permissions)
+        self.keyring = _load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds)
         self.repos = Repos(self.identities)
+        # Who is served: the configuration, the policy file `atrund access` edits, and (follows,
+        # list modes) the AT graph; kept current while the runner serves (atrund.trust).
+        self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
         self.state = State(cfg.state.dir / "atrund.sqlite3")
         self.executor: Executor = create_executor(cfg.executor, cfg.executor.isolation)
         extensions = {name: rt.extension for name, rt in self.executor.runtimes.items()}
@@ -91,17 +110,20 @@ class Daemon:
         r = self.cfg.runner
         self.session = await Session.login(r.pds, r.identifier, r.password())
         self.writer = ResultWriter(self.session, self.state)
+        await self.policy.start(self.session.did)
+        self.policy.on_change = self._access_changed
         gateway_url = await self.gateway.start(self.session.did) if self.gateway is not None else None
         await self.session.put_record(RUNNER, "self", self.declaration(gateway_url).to_record())
         log.info("runner published", did=self.session.did, handle=self.session.handle, isolation=self.executor.isolation,
-                 access=self.policy.mode, authors=len(self.cfg.poll_authors), gateway=gateway_url)
+                 access=self.policy.mode, access_source=self.policy.source, authors=len(self._poll_authors()),
+                 secrets_key=self.keyring.current.id if self.keyring else None, gateway=gateway_url)
         await self.executor.warm(self.cfg.executor.warm)
         self.recover()
         ingest = self.cfg.ingest
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
         interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
         self.intake = Intake(self.state, self.session.did, self.policy, self.submit)
-        self.poller = Poller(self.repos, self.intake, self.cfg.poll_authors, interval, ingest.reconcile_interval)
+        self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
             self.firehose = Firehose(url, self.repos, self.intake)
@@ -121,12 +143,24 @@ class Daemon:
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
             access_mode=self.policy.mode,
+            access_source=self.policy.source,
+            secrets_key=SecretsKey.model_validate(self.keyring.current.to_record()) if self.keyring else None,
             created_at=now_iso(),
             description=self.cfg.runner.description,
             version=__version__,
             limits=limits,
             gateway_url=gateway_url,
         )
+
+    def _poll_authors(self) -> list[str]:
+        """The configured ingest.authors, else everyone the access policy names as served."""
+        return self.cfg.ingest.authors if self.cfg.ingest.authors is not None else self.policy.served()
+
+    def _access_changed(self, policy: AccessPolicy) -> None:
+        if self.poller is not None:
+            self.poller.authors = self._poll_authors()
+        log.info("access policy changed", mode=policy.mode, allowed=len(policy.allowlist), blocked=len(policy.blocklist),
+                 trusted=len(policy.trusted), polled=len(self.poller.authors) if self.poller else None)
 
     def recover(self) -> None:
         """Finish what a previous run of the runner left: never start anything twice."""
@@ -141,7 +175,7 @@ class Daemon:
         """Serve until ``stop`` is set; then drain running work and stop cleanly."""
         assert self.poller and self.writer
         loops = [asyncio.create_task(self.poller.run(), name="poller"), asyncio.create_task(self.writer.run(), name="writer"),
-                 asyncio.create_task(self.scheduler.run(), name="scheduler")]
+                 asyncio.create_task(self.scheduler.run(), name="scheduler"), asyncio.create_task(self.policy.run(), name="access")]
         if self.firehose is not None:
             loops.append(asyncio.create_task(self.firehose.run(), name="firehose"))
         stopping = asyncio.create_task(stop.wait())
@@ -209,6 +243,11 @@ class Daemon:
         stored = self.state.pending(uri)
         if stored is None:
             return
+        if not self.policy.allows(stored.author):  # access was withdrawn while it waited: as if it came now
+            if self.state.deny(uri):
+                self.intake.denied += 1
+                log.warning("invocation denied by access policy (withdrawn while it waited)", uri=uri, mode=self.policy.mode)
+            return
         self.meters.ingested(stored.value.get("createdAt") if isinstance(stored.value, dict) else None, stored.seen_at)
         try:
             await self.handle(stored)
@@ -224,12 +263,14 @@ class Daemon:
             return
         if not await self._still_posted(inv, record) or not self.state.mark_running(inv.uri):
             return
-        out = await self.run_bundle(record.bundle, record.endpoint, record.args or {}, record.timeout, queued_since=inv.seen_at)
+        out = await self.run_bundle(record.bundle, record.endpoint, record.args or {}, record.timeout, queued_since=inv.seen_at,
+                                    author=inv.author, secrets=record.secrets)
         self._finish(inv, out.status, bundle=record.bundle, data=out.data, error=out.error, response=out.response,
                      metrics=out.metrics, error_type=out.error_type)
 
     async def run_bundle(self, ref: StrongRef, endpoint: str, args: dict[str, Any], timeout: int | None, *, queued_since: float,
-                         attempts: int = FETCH_ATTEMPTS, take_slot: bool = False) -> Outcome:
+                         attempts: int = FETCH_ATTEMPTS, take_slot: bool = False, author: str | None = None,
+                         secrets: list[SealedSecret] | None = None) -> Outcome:
         """Fetch the pinned bundle, check it may run here, run it: every way this ends is an Outcome.
 
         ``take_slot``: for callers outside the scheduler (XRPC invoke), which must still hold
@@ -242,9 +283,11 @@ class Daemon:
         except (AtrundError, ValueError) as e:
             return Outcome("error", error=f"bundle unavailable: {e}")
         try:
-            request = self.prepare(bundle, endpoint, args, timeout)
+            request = self.prepare(bundle, endpoint, args, timeout, author=author, secrets=secrets)
         except BundleRefused as e:
             return Outcome("rejected", error=str(e))
+        except SecretError as e:
+            return Outcome("error", error=str(e), error_type="SecretError")
         started = time.time()
         response = await self.execute(request, bundle.record.runtime, take_slot=take_slot)
         status = "success" if response.success else ("timeout" if response.timed_out else "error")
@@ -292,9 +335,12 @@ class Daemon:
         return True
 
     def prepare(self, bundle: VerifiedBundle, endpoint: str, args: dict[str, Any], timeout: int | None,
-                max_timeout: int | None = None) -> ExecRequest:
-        """The ExecRequest for ``endpoint`` of a verified bundle; raises BundleRefused (a subclass
-        naming why) if the bundle does not declare the endpoint or asks for more than is granted."""
+                max_timeout: int | None = None, *, author: str | None = None,
+                secrets: list[SealedSecret] | None = None) -> ExecRequest:
+        """The ExecRequest for ``endpoint`` of a verified bundle, its sealed secrets (and the
+        invocation's, ``author``'s) opened into its env. Raises BundleRefused (a subclass naming
+        why) if the bundle does not declare the endpoint or asks for more than is granted, and
+        SecretError (naming the secret) if a secret cannot be used."""
         b = bundle.record
         if b.endpoints is not None and endpoint not in b.endpoints:
             raise EndpointUndeclared(f"endpoint {endpoint!r} is not one the bundle declares ({', '.join(b.endpoints) or 'none'})")
@@ -309,18 +355,53 @@ class Daemon:
             args=args,
             permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or []),
             timeout=min(timeout or e.default_timeout, e.max_timeout, max_timeout or e.max_timeout),
+            env=self.open_secrets(bundle.ref.uri, b, author, secrets),
         )
 
     async def execute(self, request: ExecRequest, runtime: str, *, take_slot: bool = False) -> ExecResponse:
-        """Run a prepared request; a failure of the executor itself becomes a response naming it."""
+        """Run a prepared request; a failure of the executor itself becomes a response naming it.
+        Nothing the runner writes or logs afterwards carries a secret value verbatim: the answer
+        is redacted here, once, for every path (see atrund.sealed.redact)."""
         try:
             if take_slot:
                 async with self.scheduler.slot():
-                    return await self.executor.execute(request, runtime)
-            return await self.executor.execute(request, runtime)
+                    response = await self.executor.execute(request, runtime)
+            else:
+                response = await self.executor.execute(request, runtime)
         except ExecutorError as err:
             log.error("executor failed", endpoint=request.endpoint, error=str(err))
-            return ExecResponse(success=False, error=f"the runner could not run the bundle: {err}", error_type="ExecutorError")
+            response = ExecResponse(success=False, error=f"the runner could not run the bundle: {err}", error_type="ExecutorError")
+        return redact_response(response, request.env)
+
+    def open_secrets(self, bundle_uri: str, bundle: Bundle, author: str | None = None,
+                     invocation_secrets: list[SealedSecret] | None = None) -> dict[str, str]:
+        """The environment a run gets: the bundle record's sealed secrets, then the invocation's
+        (``author``'s; they win on a name clash), opened. A run without an invocation record (the
+        HTTP gateway) passes none and gets the bundle's own secrets.
+
+        Every name must be one the bundle's permissions.env lists (and so one the runner grants,
+        or the bundle would not run at all): a secret the bundle could never see is a mistake
+        worth saying, not dropping silently. Raises SecretError naming the secret.
+        """
+        assert self.session
+        sources = [("bundle record", bundle.secrets, bundle_uri.removeprefix("at://").split("/", 1)[0]),
+                   ("invocation", invocation_secrets, author)]
+        if not any(items for _, items, _ in sources):
+            return {}
+        if self.keyring is None:
+            raise SecretError("sealed secrets were given, but this runner has no secrets key (its dev.atrun.runner record "
+                              "publishes none), so it cannot open them")
+        allowed = set((bundle.permissions.env or []) if bundle.permissions else [])
+        env: dict[str, str] = {}
+        for where, items, sealer in sources:
+            sealed = [s.to_record() for s in items or []]
+            for item in sealed:
+                if item["name"] not in allowed:
+                    raise SecretError(f"secret {item['name']!r} in the {where} is not a name the bundle's permissions.env "
+                                      f"lists ({', '.join(sorted(allowed)) or 'none'}), so the bundle could never see it")
+            if sealed:
+                env.update(self.keyring.open(sealed, author=sealer, runner=self.session.did, bundle_uri=bundle_uri, where=where))
+        return env
 
     async def _fetch(self, ref: StrongRef, attempts: int = FETCH_ATTEMPTS) -> VerifiedBundle:
         for attempt in range(attempts):
@@ -348,6 +429,18 @@ class Daemon:
                  runtime=metrics.runtime, isolation=metrics.isolation, queued_ms=metrics.queued_ms,
                  exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms, error_type=error_type,
                  error=fields.get("error"))
+
+
+def _load_keyring(cfg: Config) -> Keyring | None:
+    """The runner's secrets keys; None (sealed secrets refused) when the default key file does
+    not exist. A key file the configuration names explicitly must load."""
+    path = cfg.key_file
+    if cfg.secrets.key_file is None and not path.exists():
+        if cfg.secrets.old_key_files:
+            raise KeyFileError(f"secrets.old_key_files is set but there is no current key at {path} (atrund keys init)")
+        log.info("no secrets key: sealed secrets are refused; create one with `atrund keys init`", key_file=str(path))
+        return None
+    return Keyring.load(path, cfg.secrets.old_key_files)
 
 
 def _bundle_ref(value: dict, fallback: StrongRef) -> StrongRef:

@@ -31,7 +31,9 @@ INVOCATIONS = [
     ("wordstats.py", "stats", {"text": "the quick brown fox jumps over the lazy dog the end"}),
     ("hello.ts", "greet", {"name": "Grace"}),
     ("hello.mjs", "greet", {"name": "Linus"}),
+    ("signed.py", "sign", {"message": "hello"}),  # its key arrives as a sealed secret
 ]
+SIGNING_KEY = "demo-signing-key-0123456789"  # sealed to the runner by `bundle publish --secret`
 RUNTIME = {".py": "python", ".ts": "deno", ".mjs": "node"}
 
 
@@ -68,8 +70,10 @@ def main() -> None:
             f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
             f'[access]\nmode = "allowlist"\nallowlist = ["{alice.did}"]\n\n'
             f'[ingest]\npoll_interval = 0.5\n\n'
+            f'[permissions]\nenv = ["SIGNING_KEY"]\n\n'
             '[gateway]\nlisten = "127.0.0.1:0"  # any free port: the demo must not fail because 8080 is taken\n'
         )
+        atrund(["keys", "init", "-c", str(config.relative_to(ROOT))], dict(os.environ))  # the key sealed secrets are sealed to
         log_path = state / "runner.log"
         console.print(f"[dim]$[/dim] [bold]atrund serve -c {config.relative_to(ROOT)}[/bold]  [dim](log: {log_path.relative_to(ROOT)})[/dim]")
         with open(log_path, "w") as log:
@@ -86,11 +90,13 @@ def main() -> None:
 
 def run_author_side(stack: LocalStack, alice, runner) -> None:
     env = {**os.environ, "ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": alice.handle,
-           "ATRUND_PASSWORD": alice.app_password, "ATRUND_PLC_URL": stack.plc_url}
+           "ATRUND_PASSWORD": alice.app_password, "ATRUND_PLC_URL": stack.plc_url, "SIGNING_KEY": SIGNING_KEY}
     console.rule("alice publishes bundles", style="dim")
     bundles = {}
+    _wait_for_runner_record(stack, runner)  # publishing with --secret reads the runner's key from it
     for name in sorted({b for b, _, _ in INVOCATIONS}):
-        _, out = atrund(["bundle", "publish", f"examples/{name}", "--runtime", RUNTIME[Path(name).suffix]], env)
+        extra = ["--secret", "SIGNING_KEY", "--runner", runner.did] if name == "signed.py" else []
+        _, out = atrund(["bundle", "publish", f"examples/{name}", "--runtime", RUNTIME[Path(name).suffix], *extra], env)
         bundles[name] = out
         console.print(f"  → {out['uri']}  [dim]cid {out['cid']}[/dim]")
     console.rule("alice invokes them on the runner and waits for the result records", style="dim")
@@ -110,8 +116,27 @@ def run_author_side(stack: LocalStack, alice, runner) -> None:
         table.add_row(f"{name} {endpoint}({json.dumps(args)})", f"{m.get('runtime')} / {m.get('isolation')}",
                       f"[{colour}]{status}[/{colour}]", out["result"], shown, str(ms))
     console.print(table)
+    leaked = SIGNING_KEY in json.dumps(out) or SIGNING_KEY in (ROOT / "demo-state" / "runner.log").read_text()
+    console.print(f"signed.py's key was sealed to the runner's key in its bundle record; it appears in the result record "
+                  f"or the runner's log: [bold]{'YES (a bug)' if leaked else 'no'}[/bold]")
     console.print("Anyone can read a result by its URI, e.g.:")
     console.print(f"[dim]$[/dim] [bold]atrund result get {out['result']} --plc-url {stack.plc_url}[/bold]")
+
+
+def _wait_for_runner_record(stack: LocalStack, runner, timeout: float = 60) -> None:
+    import urllib.error
+    import urllib.request
+
+    url = f"{stack.pds_url}/xrpc/com.atproto.repo.getRecord?repo={runner.did}&collection=dev.atrun.runner&rkey=self"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise SystemExit("the runner did not publish its record; see demo-state/runner.log") from None
+            time.sleep(0.3)
 
 
 if __name__ == "__main__":

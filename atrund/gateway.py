@@ -51,6 +51,7 @@ from atrund.errors import (
 from atrund.metrics import CONTENT_TYPE
 from atrund.records import BUNDLE, RESULT, StrongRef, _cid, result_rkey
 from atrund.results import build
+from atrund.sealed import SecretError
 from atrund.serviceauth import ServiceAuth, ServiceAuthError
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ def http_error(e: Exception) -> HttpError:
         return HttpError(403, "PermissionsRefused", str(e))
     if isinstance(e, BundleRefused):
         return HttpError(502, "BundleRefused", str(e))
+    if isinstance(e, SecretError):  # the message names the secret, never its value
+        return HttpError(502, "SecretUnusable", str(e))
     if isinstance(e, RemoteError):
         return HttpError(502, "AuthorPdsFailed", f"the author's PDS did not deliver the bundle: {e}")
     if isinstance(e, AtrundError):

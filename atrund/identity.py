@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 
-import httpx
+import aiohttp
 from atproto_core.did_doc import DidDocument
 from atproto_identity.did.resolver import AsyncDidResolver
 from atproto_identity.exceptions import DidNotFoundError
@@ -81,18 +81,7 @@ class Identities:
         return did
 
     async def _resolve_handle(self, handle: str, via_pds: str) -> str:
-        url = via_pds.rstrip("/") + "/xrpc/com.atproto.identity.resolveHandle"
-        try:
-            async with httpx.AsyncClient(timeout=self._timeout) as client:
-                resp = await client.get(url, params={"handle": handle})
-        except httpx.HTTPError as e:
-            raise IdentityError(f"cannot resolve handle {handle}: {type(e).__name__}: {e}") from e
-        try:
-            did = resp.json().get("did") if resp.status_code == 200 else None
-        except (ValueError, AttributeError):
-            did = None
-        if not isinstance(did, str) or not did.startswith("did:"):
-            raise IdentityError(f"handle {handle} does not resolve to a DID")
+        did = await resolve_handle(handle, via_pds, self._timeout)
         doc = await self.document(did)
         if (doc.get_handle() or "").lower() != handle:
             raise IdentityError(f"handle {handle} names {did}, but that DID document does not claim the handle back")
@@ -100,3 +89,20 @@ class Identities:
 
     def forget(self, did: str) -> None:
         self._cache.pop(did, None)
+
+
+async def resolve_handle(handle: str, pds: str, timeout: float = 10.0) -> str:
+    """The DID a handle names, as ``pds`` resolves it (com.atproto.identity.resolveHandle; any PDS
+    answers for any handle, and a local one also for its own ``.test`` handles)."""
+    url = f"{pds.rstrip('/')}/xrpc/com.atproto.identity.resolveHandle"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            async with http.get(url, params={"handle": handle.removeprefix("@")}) as resp:
+                body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        raise IdentityError(f"cannot resolve handle {handle} at {pds}: {type(e).__name__}: {e}") from e
+    did = body.get("did") if isinstance(body, dict) else None
+    if resp.status != 200 or not isinstance(did, str) or not did.startswith("did:"):
+        why = body.get("message") if isinstance(body, dict) else None
+        raise IdentityError(f"cannot resolve handle {handle} at {pds}: {why or f'HTTP {resp.status}'}")
+    return did

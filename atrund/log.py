@@ -11,7 +11,10 @@ import structlog
 def setup(level: str = "info", json_logs: bool | None = None) -> None:
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
-    renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=True)
+    # Tracebacks without local variables: a frame's locals can hold opened secrets (structlog's
+    # rich formatter shows them by default).
+    console = structlog.dev.ConsoleRenderer(colors=True, exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False))
+    renderer = structlog.processors.JSONRenderer() if json_logs else console
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

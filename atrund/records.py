@@ -130,6 +130,20 @@ class Limits(Record):
     max_request_bytes: int | None = None
 
 
+class SealedSecret(Record):
+    """A name/value pair sealed to a runner's key (atrund.sealed opens and seals it)."""
+
+    name: str = Field(max_length=128)
+    key_id: str = Field(max_length=64)
+    ciphertext: str = Field(max_length=12000)
+
+
+class SecretsKey(Record):
+    id: str = Field(max_length=64)
+    alg: str = Field(max_length=64)
+    public_key: str = Field(max_length=128)
+
+
 class Bundle(Record):
     runtime: str = Field(min_length=1, max_length=64)
     code: BlobRef
@@ -139,6 +153,7 @@ class Bundle(Record):
     entrypoint: str | None = None
     endpoints: list[str] | None = None
     permissions: Permissions | None = None
+    secrets: list[SealedSecret] | None = Field(default=None, max_length=32)
 
 
 class Invocation(Record):
@@ -148,6 +163,7 @@ class Invocation(Record):
     created_at: str
     args: dict[str, Any] | None = None
     timeout: int | None = Field(default=None, ge=1)
+    secrets: list[SealedSecret] | None = Field(default=None, max_length=32)
 
 
 class Result(Record):
@@ -171,6 +187,8 @@ class Runner(Record):
     isolation: str
     access_mode: str
     created_at: str
+    access_source: str | None = None
+    secrets_key: SecretsKey | None = None
     limits: Limits | None = None
     description: str | None = None
     version: str | None = None

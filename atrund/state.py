@@ -154,6 +154,11 @@ class State:
         )
         return cur.rowcount == 1
 
+    def deny(self, uri: str) -> bool:
+        """A pending invocation whose author lost access before it started: never run, no result."""
+        cur = self.db.execute("UPDATE invocations SET state = 'denied' WHERE uri = ? AND state = 'pending'", (uri,))
+        return cur.rowcount == 1
+
     def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any]) -> bool:
         """Mark an invocation done and queue its result record, in one transaction.
 

@@ -18,6 +18,8 @@ MODELS = {
     "dev.atrun.defs#metrics": records.Metrics,
     "dev.atrun.defs#httpResponse": records.HttpResponse,
     "dev.atrun.defs#limits": records.Limits,
+    "dev.atrun.defs#sealedSecret": records.SealedSecret,
+    "dev.atrun.defs#secretsKey": records.SecretsKey,
     "dev.atrun.bundle": records.Bundle,
     "dev.atrun.invocation": records.Invocation,
     "dev.atrun.result": records.Result,

@@ -85,9 +85,10 @@ class Poller:
         return found  # more next round: one author cannot hold the poller for ever
 
     async def poll_once(self, reconcile: bool = False) -> int:
-        results = await asyncio.gather(*(self.poll_author(a, reconcile) for a in self.authors), return_exceptions=True)
+        authors = list(self.authors)  # the daemon may replace the list while this round runs
+        results = await asyncio.gather(*(self.poll_author(a, reconcile) for a in authors), return_exceptions=True)
         found = 0
-        for author, res in zip(self.authors, results, strict=True):
+        for author, res in zip(authors, results, strict=True):
             if isinstance(res, BaseException):
                 if not isinstance(res, AtrundError):
                     log.error("poll failed unexpectedly", author=author, error=f"{type(res).__name__}: {res}")
