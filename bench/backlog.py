@@ -106,13 +106,14 @@ async def main(opts) -> int:
                     if proc.exited() is not None:
                         raise RuntimeError(f"the runner exited with {proc.exited()}:\n{proc.log_tail()}")
                     rss, hwm = memory_kib(proc.proc.pid)
-                    first_rss = first_rss or rss
                     samples.append((time.monotonic() - started, rss))
                     try:
                         stored = query(db, "SELECT count(*) FROM invocations")[0][0]
                         written = query(db, "SELECT count(*) FROM outbox WHERE written_at IS NOT NULL")[0][0]
                     except sqlite3.Error:
                         stored = written = 0
+                    if stored and not first_rss:
+                        first_rss = rss  # serving: connected, first frames in
                     if lone_uri is None and stored >= min(1000, opts.n):
                         lone_uri, _ = await lone.create_record(INVOCATION, invocation(-1))
                     if written >= opts.n + (lone_uri is not None):
@@ -137,7 +138,7 @@ async def main(opts) -> int:
             print(f"atrund backlog bench: {opts.n} invocations queued from one author, firehose ingest, "
                   f"concurrency {opts.concurrency}, isolation {opts.isolation or 'auto'}")
             print(f"  drained in {drained:.1f} s ({opts.n / drained:.1f} invocations/s); statuses: {statuses}")
-            print(f"  runner RSS: {first_rss / 1024:.1f} MiB at start, peak {peak / 1024:.1f} MiB sampled, "
+            print(f"  runner RSS: {first_rss / 1024:.1f} MiB when the first invocation was stored, peak {peak / 1024:.1f} MiB sampled, "
                   f"high-water mark {hwm / 1024:.1f} MiB (kernel VmHWM), {samples[-1][1] / 1024:.1f} MiB at the end")
             print(f"  the bystander's single invocation, posted with {queued_then} of the flooder's not yet started: "
                   f"waited {(began - seen) * 1000:.0f} ms from stored to started; "
