@@ -58,6 +58,15 @@ class Worker(ABC):
     async def kill(self) -> None:
         """Kill the worker and everything it started; release its resources. Idempotent."""
 
+    def out_of_memory(self) -> bool:
+        """Whether the worker was killed for exceeding its memory limit (if the backend can tell)."""
+        return False
+
+    def lost(self) -> str | None:
+        """Why the worker's output ended if the backend, not the program, is to blame (e.g. the
+        container engine went away); None when the program itself ended."""
+        return None
+
 
 class Backend(ABC):
     isolation: str
@@ -229,7 +238,13 @@ class WorkerPool(Executor):
             with contextlib.suppress(asyncio.TimeoutError):  # its last words, unless a daemon holds stderr
                 await asyncio.wait_for(asyncio.shield(stderr_tail), EXIT_GRACE)
             await worker.kill()
+            if why := worker.lost():  # not the bundle's doing: an infrastructure failure
+                stderr_tail.cancel()
+                raise ExecutorError(f"the {self.isolation} worker was lost before it answered: {why}")
             tail = stderr_tail.result() if stderr_tail.done() else ""
+            if worker.out_of_memory():
+                return _fail(f"the bundle ran out of memory (limit {self.settings.memory_mb} MiB) before answering"
+                             + (f"; its last output: {tail}" if tail else ""), "MemoryError")
             code = worker.exited()
             how = _exit_description(code)
             return _fail(f"the bundle process {how} before answering" + (f"; its last output: {tail}" if tail else ""), "Crash")
