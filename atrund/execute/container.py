@@ -315,7 +315,8 @@ class ContainerBackend(Backend):
         memory = (s.memory_mb + runtime.data_overhead_mb + s.tmp_mb) << 20
         data = (s.memory_mb + runtime.data_overhead_mb) << 20
         mounts = [Mount(BUNDLE_DIR_IN_CONTAINER, str(bundle_dir), type="bind", read_only=True)]
-        for path, read_only in [*((p, True) for p in permissions.read), *((p, False) for p in permissions.write)]:
+        grants = {p: True for p in permissions.read} | {p: False for p in permissions.write}  # write wins
+        for path, read_only in grants.items():
             if os.path.exists(path):  # a grant of a path the host does not have gives nothing
                 mounts.append(Mount(path, path, type="bind", read_only=read_only))
         host_config = self.engine.client.api.create_host_config(
