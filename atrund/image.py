@@ -181,6 +181,18 @@ def image_tar(base: Path, adds: list[Addition], out: Path) -> None:
 
 # -- step 3: docker import --------------------------------------------------------------------
 
+def connect(docker_host: str | None):
+    """A Docker SDK client for the engine at ``docker_host`` (default $DOCKER_HOST, then the
+    local socket), speaking the engine's API version."""
+    import docker
+
+    url = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        return docker.DockerClient(base_url=url, version="auto", timeout=600)
+    except docker.errors.DockerException as e:
+        raise ImageError(f"no Docker engine answers at {url}: {e} (start one; without systemd: bash scripts/dockerd)") from e
+
+
 def build(client, runtimes_dir: Path, cache_dir: Path = DEFAULT_CACHE, progress: Progress = print) -> str:
     """Build (or find) the runtime image; returns its content-hash tag."""
     import docker.errors

@@ -6,7 +6,7 @@ from atrund.execute.protocol import ExecRequest, ExecResponse
 __all__ = ["Executor", "ExecutorError", "PoolStats", "ExecRequest", "ExecResponse", "create_executor"]
 
 
-BACKENDS = ("process", "container", "none")  # what "auto" tries, in order (see probe.order)
+BACKENDS = ("process", "container", "none")  # built here; the order auto tries them in is probe.order()
 
 
 def create_backend(isolation: str, settings):
