@@ -1,8 +1,9 @@
 """The Deno and Node runtimes (nix/runtimes/deno, nix/runtimes/node) with real subprocesses.
 
 Every request goes through ``create_executor`` and the worker pool, on every backend (``none``,
-``process``, ``container``, ``container`` under gVisor), so what is pinned here is what a runner gets. Tests that only make sense
-for one runtime say so in their name. Each docstring says what the test pins.
+``process``, ``container``, ``container`` under gVisor), so what is pinned here is what a runner
+gets. Tests that only make sense for one runtime say so in their name. Each docstring says what
+the test pins.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ DEFAULT_WORK_DIR = "/run/atrund-work"
 # and on the ptrace platform one host thread per bundle thread): node and deno do not start
 # under gVisor below about 96. Measured here; the bundle's share stays max_processes.
 RUNSC_PIDS_OVERHEAD = 128
+STATUS_TIMEOUT = 5  # seconds to learn how a container ended (exit code, OOM) after its stream closed
 REMOVE_TIMEOUT = 30  # seconds a remove may take before we give up on it (the sweep retries later)
 
 
@@ -86,7 +87,7 @@ class Engine:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except docker.errors.ImageNotFound as e:
-            raise ExecutorError(f"the container engine has no image for {what}: {e.explanation} (build it: atrund image build)") from e
+            raise ExecutorError(f"the container engine has no such image ({what}): {e.explanation}; build it with `atrund image build`") from e
         except docker.errors.APIError as e:
             raise ExecutorError(f"the container engine refused to {what}: {e.explanation or e}") from e
         except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as e:
@@ -105,7 +106,10 @@ class Engine:
                 if e.status_code != 409 or "already in progress" not in str(e):  # another remove got there first
                     raise
 
-        await asyncio.wait_for(self.call(f"remove container {container_id[:12]}", remove), REMOVE_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.call(f"remove container {container_id[:12]}", remove), REMOVE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ExecutorError(f"the container engine did not remove container {container_id[:12]} within {REMOVE_TIMEOUT} s") from None
 
 
 class _Stdin:
@@ -211,7 +215,10 @@ class ContainerWorker(Worker):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._ended.wait(), timeout)
             if self._status is not None:
-                await asyncio.wait_for(asyncio.shield(self._status), timeout)
+                # Asking the engine how it ended is a round trip or two, slower than a process
+                # wait on a busy host: give it longer than the pool's grace, or the crash would be
+                # described as a bare exit code.
+                await asyncio.wait_for(asyncio.shield(self._status), max(timeout, STATUS_TIMEOUT))
 
     async def kill(self) -> None:
         if self._killed:
@@ -219,7 +226,7 @@ class ContainerWorker(Worker):
         self._killed = True
         try:
             await self.backend.engine.remove(self.id)
-        except (ExecutorError, asyncio.TimeoutError) as e:
+        except ExecutorError as e:
             self.backend.unremoved.add(self.id)  # retried before the next container starts
             log.warning("could not remove a container worker", container=self.id[:12], error=str(e))
         finally:
@@ -380,7 +387,7 @@ class ContainerBackend(Backend):
             return worker
         except BaseException:
             if container_id is not None:
-                with contextlib.suppress(ExecutorError, asyncio.TimeoutError):
+                with contextlib.suppress(ExecutorError):
                     await self.engine.remove(container_id)
             shutil.rmtree(bundle_dir, ignore_errors=True)
             raise
@@ -389,7 +396,7 @@ class ContainerBackend(Backend):
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
         if self.unremoved and self.engine.client is not None:
-            with contextlib.suppress(ExecutorError, asyncio.TimeoutError):
+            with contextlib.suppress(ExecutorError):
                 await self.sweep()
         if self.engine.client is not None:
             with contextlib.suppress(Exception):
