@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import docker
@@ -143,26 +142,17 @@ async def test_leftovers_of_a_dead_runner_are_removed_and_a_live_ones_kept(isola
                 c.remove(force=True)
 
 
-async def _running_worker(client, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = [c for c in ours(client) if c.status == "running"]
-        if running:
-            return running[0]
-        await asyncio.sleep(0.05)
-    raise AssertionError("no worker container started")
-
-
 async def test_a_container_killed_mid_run_is_explained_and_the_pool_recovers(isolation, client, tmp_path):
     """Someone (the operator, the engine's OOM handling) kills the container while the bundle
     runs: the invocation ends in an explained crash, and the next one runs normally."""
-    executor = create_executor(executor_settings(isolation, warm=0))
+    executor = create_executor(executor_settings(isolation, warm=1))
+    await executor.warm(1)
     try:
         slow = ExecRequest(code_path=bundle(tmp_path, "import time\ndef main(a):\n    time.sleep(30)\n"), endpoint="main", timeout=60)
+        taken = executor._warm["python"][0].id  # ready and waiting: the request goes straight in
         running = asyncio.ensure_future(executor.execute(slow, "python"))
-        container = await _running_worker(client)
-        await asyncio.sleep(0.5)  # the request is in
-        container.kill()
+        await asyncio.sleep(1.0)
+        client.containers.get(taken).kill()
         r = await asyncio.wait_for(running, 20)
         assert r.error_type == "Crash" and r.error.startswith("the bundle process was killed by SIGKILL before answering"), r.error
         ok = await executor.execute(ExecRequest(code_path=bundle(tmp_path, "def main(a): return 2"), endpoint="main"), "python")
