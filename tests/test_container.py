@@ -123,6 +123,26 @@ async def test_network_is_there_only_when_granted(isolation, tmp_path):
     assert r.success and r.data == ["eth0", "lo"]
 
 
+async def test_drain_lets_the_running_request_finish_and_leaves_no_containers(isolation, client, tmp_path):
+    """drain(): the request in flight still gets its answer; then no container of ours is left,
+    warm ones included, before shutdown() is even called."""
+    executor = create_executor(executor_settings(isolation, warm=2))
+    await executor.warm(2)
+    try:
+        request = ExecRequest(code_path=bundle(tmp_path, "import time\ndef main(a):\n    time.sleep(1)\n    return 'done'\n"),
+                              endpoint="main")
+        running = asyncio.ensure_future(executor.execute(request, "python"))
+        await asyncio.sleep(0.2)
+        await executor.drain()
+        r = await running
+        assert r.success and r.data == "done"
+        assert ours(client) == []
+        with pytest.raises(ExecutorError, match="shut down"):
+            await executor.execute(request, "python")
+    finally:
+        await executor.shutdown()
+
+
 async def test_leftovers_of_a_dead_runner_are_removed_and_a_live_ones_kept(isolation, client, tmp_path):
     """A runner that crashed leaves labelled containers; the next one removes them on start-up,
     and leaves alone those of a runner that still runs (two runners may share an engine)."""

@@ -134,16 +134,20 @@ class WorkerPool(Executor):
     async def drain(self) -> None:
         self._closed = True
         await self._idle.wait()
+        await self._release_warm()  # nothing is handed out any more: warm workers would only wait
 
     async def shutdown(self) -> None:
         self._closed = True
-        # Refills stop at _closed; teardowns are let finish (they kill processes).
+        await self._release_warm()
+        await self.backend.close()
+
+    async def _release_warm(self) -> None:
+        # Refills stop at _closed; teardowns are let finish (they kill processes, remove containers).
         await asyncio.gather(*self._refills, return_exceptions=True)
         workers = [w for q in self._warm.values() for w in q]
         for q in self._warm.values():
             q.clear()
         await asyncio.gather(*(w.kill() for w in workers), return_exceptions=True)
-        await self.backend.close()
 
     def stats(self) -> PoolStats:
         lat = sorted(self._latencies)
