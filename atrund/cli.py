@@ -408,6 +408,7 @@ def image_build(config_path: Path | None, cache_dir: Path | None) -> None:
     from atrund import image as image_mod
 
     settings = _load_config(config_path).executor if config_path else config_mod.ExecutorSection()
+    client = None
     try:
         client = image_mod.connect(settings.docker_host)
         tag = image_mod.build(client, settings.runtimes_dir, cache_dir or image_mod.DEFAULT_CACHE,
@@ -421,6 +422,9 @@ def image_build(config_path: Path | None, cache_dir: Path | None) -> None:
             tags.append(settings.image)
     except AtrundError as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        if client is not None:
+            client.close()
     emit({"image": tag, "tags": tags})
 
 
@@ -430,8 +434,11 @@ def _engine_summary(settings) -> str:
 
     try:
         client = image_mod.connect(settings.docker_host)
-        info = client.info()
-        labels = image_mod.describe(client, settings.image)
+        try:
+            info = client.info()
+            labels = image_mod.describe(client, settings.image)
+        finally:
+            client.close()
     except Exception as e:  # noqa: BLE001 - doctor reports every failure, whatever it is
         return f"not available ({str(e)[:200]})"
     if labels is None:

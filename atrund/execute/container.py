@@ -65,20 +65,53 @@ def _owner_of(pid: int) -> str | None:
 OWNER = _owner_of(os.getpid())
 
 
+def _close_socket_on_failed_connect() -> None:
+    """docker 7's UnixHTTPConnection.connect() leaves its new socket open when connect() fails,
+    which it does on every call while the engine is down: a runner retrying then leaks a
+    descriptor per attempt until the garbage collector finds it. Close it instead."""
+    import socket
+
+    from docker.transport import unixconn
+
+    if getattr(unixconn.UnixHTTPConnection.connect, "_atrund", False):
+        return
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_socket)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    connect._atrund = True
+    unixconn.UnixHTTPConnection.connect = connect
+
+
 class Engine:
     """The Docker SDK behind one seam: every call runs on a thread, every failure is an ExecutorError."""
 
     def __init__(self, url: str | None) -> None:
         self.url = url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self.client = None
+        _close_socket_on_failed_connect()
 
     async def connect(self):
         import docker
 
         # version="auto" asks the engine which API version it speaks (Debian's 20.10 is older
         # than the SDK's default, Podman's differs again).
-        self.client = await self.call("connect", docker.DockerClient, base_url=self.url, version="auto", timeout=60)
-        return self.client
+        client = await self.call("connect", docker.DockerClient, base_url=self.url, version="auto", timeout=60)
+        self.close()  # a client of an earlier, failed attempt
+        self.client = client
+        return client
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     async def call(self, what: str, fn, *args, **kwargs):
         import docker.errors
@@ -374,7 +407,7 @@ class ContainerBackend(Backend):
         bundle_dir = self.work_root / name
         bundle_dir.mkdir(mode=0o755)
         api = self.engine.client.api
-        container_id = None
+        container_id = worker = None
         try:
             created = await self.engine.call("create a container", api.create_container, **self._create_args(runtime, permissions, name, bundle_dir))
             container_id = created["Id"]
@@ -386,7 +419,9 @@ class ContainerBackend(Backend):
             await self.engine.call("start a container", api.start, container_id)
             return worker
         except BaseException:
-            if container_id is not None:
+            if worker is not None:
+                await worker.kill()  # removes the container, closes the stream
+            elif container_id is not None:
                 with contextlib.suppress(ExecutorError):
                     await self.engine.remove(container_id)
             shutil.rmtree(bundle_dir, ignore_errors=True)
@@ -398,9 +433,8 @@ class ContainerBackend(Backend):
         if self.unremoved and self.engine.client is not None:
             with contextlib.suppress(ExecutorError):
                 await self.sweep()
-        if self.engine.client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.engine.client.close)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.engine.close)
 
 
 def _alive(owner: str) -> bool:
