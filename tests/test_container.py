@@ -250,3 +250,45 @@ async def test_auto_takes_a_gvisor_container_first_and_process_before_a_runc_one
         assert executor.isolation == "container"
     finally:
         await executor.shutdown()
+
+
+def _atrund(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "atrund.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT, timeout=300)
+
+
+def test_image_build_is_tagged_by_its_inputs_and_a_rerun_is_quick(container_engine):
+    """`atrund image build` prints the content-hash tag; with nothing changed it only re-tags."""
+    import json
+    import time as clock
+
+    started = clock.monotonic()
+    p = _atrund("image", "build")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["image"].startswith("atrund-runtime:") and len(out["image"].split(":")[1]) == 16
+    assert out["tags"] == [out["image"], "atrund-runtime:latest"]
+    assert "already built from these inputs" in p.stderr and clock.monotonic() - started < 60
+
+
+def test_image_build_without_an_engine_says_where_it_looked(tmp_path):
+    p = _atrund("image", "build", env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert p.returncode == 1 and f"no Docker engine answers at unix://{tmp_path}/no.sock" in p.stderr
+
+
+def test_the_image_hash_covers_the_runtime_programs(tmp_path):
+    """A changed at-run-exec gives another runtimes label (the backend then refuses the image)
+    and another image tag."""
+    import shutil
+
+    from atrund import image
+
+    runtimes = tmp_path / "runtimes"
+    shutil.copytree(ROOT / "nix/runtimes", runtimes)
+    before = image.runtimes_hash(runtimes), image.content_hash(image.additions(runtimes))
+    with open(runtimes / "python/at-run-exec", "a") as f:
+        f.write("# changed\n")
+    after = image.runtimes_hash(runtimes), image.content_hash(image.additions(runtimes))
+    assert before[0] != after[0] and before[1] != after[1]
