@@ -119,7 +119,14 @@ class ExecutorSection(Section):
     sandbox_uid_base: int = Field(default=910_000, ge=1000, description="first uid of the process backend's workers")
     sandbox_uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
     work_dir: Path | None = Field(default=None, description="process backend: where workers' private /tmp live")
-    tmp_mb: int = Field(default=64, ge=1, description="process backend: size of a worker's private /tmp (a tmpfs)")
+    tmp_mb: int = Field(default=64, ge=1, description="process and container backends: size of a worker's private /tmp (a tmpfs)")
+    docker_host: str | None = Field(
+        default=None, description="container backend: the engine's API socket; default $DOCKER_HOST, else unix:///var/run/docker.sock"
+    )
+    image: str = Field(default="atrund-runtime:latest", description="container backend: the runtime image (`atrund image build`)")
+    runtime: Literal["runc", "runsc"] = Field(default="runc", description="container backend: OCI runtime; runsc is gVisor")
+    cpus: float = Field(default=1.0, gt=0, description="container backend: CPUs a worker may use")
+    container_uid: int = Field(default=900_000, ge=1, description="container backend: the unprivileged uid bundles run as")
     runtimes_dir: Path = RUNTIMES_DIR
 
 

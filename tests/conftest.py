@@ -33,11 +33,10 @@ _names = itertools.count()
 async def execute_once(runtime: str, code_path: str, *, endpoint: str = "main", args: Any = None, timeout: int = 10,
                        permissions: dict | None = None, env: dict | None = None, warm: int = 0, **settings: Any):
     """One request through a fresh executor (real workers), shut down afterwards."""
-    from atrund.config import ExecutorSection
     from atrund.execute import ExecRequest, create_executor
     from atrund.execute.protocol import ExecPermissions
 
-    executor = create_executor(ExecutorSection(warm=warm, **settings))
+    executor = create_executor(executor_settings(warm=warm, **settings))
     if warm:
         await executor.warm(warm)
     try:
@@ -46,6 +45,49 @@ async def execute_once(runtime: str, code_path: str, *, endpoint: str = "main", 
         return await executor.execute(request, runtime)
     finally:
         await executor.shutdown()
+
+
+def executor_settings(isolation: str = "none", **settings: Any):
+    """ExecutorSection for a test isolation name: a backend, or ``container+runsc`` (the container
+    backend under gVisor)."""
+    from atrund.config import ExecutorSection
+
+    backend, _, runtime = isolation.partition("+")
+    if runtime:
+        settings["runtime"] = runtime
+    return ExecutorSection(isolation=backend, **settings)
+
+
+ISOLATIONS = ["none", "process", "container", "container+runsc"]
+
+
+def require_isolation(request) -> str:
+    """The isolation a parametrized test asked for; container variants need the engine and the
+    image (built once per session, cached), and are skipped, saying why, where there is none."""
+    isolation = request.param
+    if isolation.startswith("container"):
+        info = request.getfixturevalue("container_engine")
+        runtime = isolation.partition("+")[2]
+        if runtime and runtime not in info["Runtimes"]:
+            pytest.skip(f"the Docker engine has no {runtime} runtime (bash scripts/dockerd registers it)")
+    return isolation
+
+
+@pytest.fixture(scope="session")
+def container_engine() -> dict[str, Any]:
+    """A Docker engine that answers, with the runtime image built from this checkout."""
+    import docker
+
+    from atrund import image
+
+    try:
+        client = docker.from_env(timeout=10)
+        info = client.info()
+    except docker.errors.DockerException as e:
+        pytest.skip(f"no Docker engine answers ({e}); start one with: bash scripts/dockerd")
+    image.build(client, config.RUNTIMES_DIR, progress=lambda line: None)
+    client.close()
+    return info
 
 
 def gone(pid: int) -> bool:

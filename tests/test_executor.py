@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import execute_once, gone
+from conftest import ISOLATIONS, execute_once, executor_settings, gone, require_isolation
 
 from atrund.config import ExecutorSection
 from atrund.execute import ExecRequest, ExecutorError, create_executor
 
 
-@pytest.fixture(params=["none", "process"])
+@pytest.fixture(params=ISOLATIONS)
 def isolation(request) -> str:
-    """Every test here runs on both backends: the contract is the same."""
-    return request.param
+    """Every test here runs on every backend: the contract is the same."""
+    return require_isolation(request)
 
 
 def bundle(tmp_path: Path, source: str) -> str:
@@ -188,16 +188,16 @@ async def test_environment_is_clean(isolation, tmp_path, monkeypatch):
 
 
 async def test_unknown_runtime_is_a_failed_response(isolation, tmp_path):
-    executor = create_executor(ExecutorSection(warm=0, isolation=isolation))
+    executor = create_executor(executor_settings(isolation, warm=0))
     r = await executor.execute(ExecRequest(code_path="/nonexistent", endpoint="x"), "cobol")
     assert not r.success and r.error_type == "UnknownRuntime" and "python" in r.error
     await executor.shutdown()
 
 
 async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_path):
-    executor = create_executor(ExecutorSection(warm=2, isolation=isolation))
+    executor = create_executor(executor_settings(isolation, warm=2))
     await executor.warm(2)
-    warm_pids = [w.process.pid for w in executor._warm["python"]]
+    warm_pids = _handles(executor)
     assert executor.stats().warm["python"] == 2
     r = await executor.execute(ExecRequest(code_path=bundle(tmp_path, "def main(a): return 1"), endpoint="main"), "python")
     assert r.success and r.data == 1
@@ -207,19 +207,40 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
         await asyncio.sleep(0.05)
     stats = executor.stats()
     assert stats.warm["python"] == 2 and stats.completed == 1 and stats.cold_starts == 0
-    pids = warm_pids + [w.process.pid for w in executor._warm["python"]]
+    handles = warm_pids + _handles(executor)
     await executor.shutdown()
-    assert all(gone(p) for p in pids)
+    if isolation.startswith("container"):
+        assert await _containers(handles) == [], "containers outlived shutdown()"
+    else:
+        assert all(gone(p) for p in handles)
     with pytest.raises(ExecutorError):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
+
+
+def _handles(executor) -> list:
+    """What identifies the warm python workers: process ids, or container ids."""
+    return [getattr(w, "id", None) or w.process.pid for w in executor._warm["python"]]
+
+
+async def _containers(ids: list[str]) -> list[str]:
+    """Those of ``ids`` the engine still has (any state)."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        return [c.id for c in client.containers.list(all=True) if c.id in ids]
+    finally:
+        client.close()
 
 
 async def test_missing_runtime_program_raises(isolation, tmp_path):
     rdir = tmp_path / "runtimes" / "python"
     rdir.mkdir(parents=True)
     (rdir / "runtime.json").write_text('{"name": "python", "command": ["/nonexistent/at-run-exec"]}')
-    executor = create_executor(ExecutorSection(warm=0, isolation=isolation, runtimes_dir=tmp_path / "runtimes"))
-    with pytest.raises(ExecutorError, match="cannot start python worker"):
+    executor = create_executor(executor_settings(isolation, warm=0, runtimes_dir=tmp_path / "runtimes"))
+    # The container backend checks its image holds these runtimes' programs, which it does not.
+    match = "other at-run-exec programs" if isolation.startswith("container") else "cannot start python worker"
+    with pytest.raises(ExecutorError, match=match):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
     await executor.shutdown()
 
@@ -280,9 +301,8 @@ async def test_warm_counts_per_runtime(tmp_path):
 
 
 async def test_backends_not_built_yet_say_so():
-    for isolation in ("container", "firecracker"):
-        with pytest.raises(ExecutorError, match="not built yet"):
-            create_executor(ExecutorSection(isolation=isolation))
+    with pytest.raises(ExecutorError, match="not built yet"):
+        create_executor(ExecutorSection(isolation="firecracker"))
 
 
 async def test_a_second_runner_starting_up_does_not_break_this_ones_worker_starts(tmp_path):

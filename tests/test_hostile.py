@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import execute_once
+from conftest import ISOLATIONS, execute_once, require_isolation
 
 from atrund.config import ExecutorSection
 from atrund.execute.protocol import ExecPermissions
@@ -36,16 +36,23 @@ def host_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(params=["none", "process"])
+@pytest.fixture(params=ISOLATIONS)
 def isolation(request) -> str:
-    return request.param
+    return require_isolation(request)
 
 
-UID_BASE = 960_000  # this suite's own sandbox uids, so process counts see only its workers
+def out_of_reach(isolation: str) -> dict:
+    """How a sandboxed bundle fails to open a host file: the process backend's Landlock denies
+    it; a container has its own root, in which the host's file does not exist."""
+    return {"denied": "FileNotFoundError" if isolation.startswith("container") else "PermissionError"}
+
+
+UID_BASE = 960_000  # this suite's own sandbox uids (containers run as the first), so process counts see only its workers
 
 
 async def attack(isolation: str, name: str, args=None, timeout=5, permissions=None, warm=0, **settings):
     settings.setdefault("sandbox_uid_base", UID_BASE)
+    settings.setdefault("container_uid", UID_BASE)
     return await execute_once("python", str(HOSTILE / f"{name}.py"), args=args, timeout=timeout, warm=warm,
                               permissions=permissions.model_dump() if permissions else None, isolation=isolation, **settings)
 
@@ -106,7 +113,7 @@ async def test_reading_the_runners_secrets(isolation, host_dir):
     if isolation == "none":
         assert r.data == {"read": "canary-app-password"}  # NOT contained by none
     else:
-        assert r.data == {"denied": "PermissionError"}
+        assert r.data == out_of_reach(isolation)
 
 
 async def test_reading_etc_shadow(isolation):
@@ -124,7 +131,7 @@ async def test_writing_outside_granted_paths(isolation, host_dir):
     if isolation == "none":
         assert target.exists()  # NOT contained by none
     else:
-        assert r.data == {"denied": "PermissionError"} and not target.exists()
+        assert r.data == out_of_reach(isolation) and not target.exists()
 
 
 async def test_symlink_escape_from_a_granted_directory(isolation, host_dir):
@@ -139,7 +146,7 @@ async def test_symlink_escape_from_a_granted_directory(isolation, host_dir):
     if isolation == "none":
         assert r.data == {"read": "outside-secret"}  # NOT contained by none
     else:
-        assert r.data == {"denied": "PermissionError"}
+        assert r.data == out_of_reach(isolation)
 
 
 async def test_environment_dump(isolation):
@@ -220,7 +227,7 @@ JS = {"deno": ".ts", "node": ".mjs"}
 
 async def js_attack(runtime: str, isolation: str, name: str, args=None, timeout=10):
     return await execute_once(runtime, str(HOSTILE.parent / runtime / f"{name}{JS[runtime]}"), args=args, timeout=timeout,
-                              isolation=isolation, sandbox_uid_base=UID_BASE)
+                              isolation=isolation, sandbox_uid_base=UID_BASE, container_uid=UID_BASE)
 
 
 @pytest.fixture(params=["deno", "node"])
@@ -321,15 +328,17 @@ async def test_connecting_to_a_world_writable_unix_socket(isolation, host_dir):
         server.close()
     if isolation == "none":
         assert r.success and r.data["connected"] is True  # NOT contained by none
-    else:
+    elif isolation == "process":
         assert r.error_type == "PermissionError"  # seccomp: socket(AF_UNIX) itself is refused
+    else:
+        assert r.success and r.data == {"connected": False, "why": "FileNotFoundError"}  # not in the container's world
 
 
 async def test_creating_a_user_namespace(isolation):
     r = await attack(isolation, "user_namespace")
     assert r.success
-    if isolation == "process":
-        assert r.data == {"unshared": False, "errno": 1}  # EPERM from seccomp
+    if isolation in ("process", "container"):
+        assert r.data == {"unshared": False, "errno": 1}  # EPERM from seccomp (ours; Docker's default profile)
 
 
 async def test_many_processes_each_under_the_limit(isolation):

@@ -1,8 +1,9 @@
 """The Deno and Node runtimes (nix/runtimes/deno, nix/runtimes/node) with real subprocesses.
 
-Every request goes through ``create_executor`` and the worker pool, on both the ``none`` and the
-``process`` backends, so what is pinned here is what a runner gets. Tests that only make sense
-for one runtime say so in their name. Each docstring says what the test pins.
+Every request goes through ``create_executor`` and the worker pool, on every backend (``none``,
+``process``, ``container``, ``container`` under gVisor), so what is pinned here is what a runner
+gets. Tests that only make sense for one runtime say so in their name. Each docstring says what
+the test pins.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import execute_once, gone
+from conftest import ISOLATIONS, execute_once, executor_settings, gone, require_isolation
 
-from atrund.config import REPO_ROOT, ExecutorSection
+from atrund.config import REPO_ROOT
 from atrund.execute import ExecRequest, create_executor
 from atrund.execute.protocol import ExecPermissions
 
@@ -39,10 +40,10 @@ def runtime(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=["none", "process"])
+@pytest.fixture(params=ISOLATIONS)
 def isolation(request) -> str:
-    """Both backends: the runtime's own fence must hold with or without the kernel one."""
-    return request.param
+    """Every backend: the runtime's own fence must hold with or without the outer ones."""
+    return require_isolation(request)
 
 
 @pytest.fixture
@@ -65,6 +66,11 @@ async def run(runtime, isolation, tmp_path, source, endpoint="main", args=None, 
     path.write_text(src(source, runtime))
     return await execute_once(runtime, str(path), endpoint=endpoint, args=args, permissions=permissions, env=env,
                               timeout=timeout, isolation=isolation, **{"memory_mb": MEMORY_MB, **settings})
+
+
+def needs_granted_network(isolation: str) -> None:
+    if isolation == "container+runsc":
+        pytest.skip("gVisor runs with --network=none here, so a network grant is refused (asserted in test_container.py)")
 
 
 def runtime_pids(marker: str) -> list[int]:
@@ -245,6 +251,9 @@ async def test_forged_protocol_lines_do_not_replace_the_answer(runtime, isolatio
 async def test_timeout_kills_the_inner_runtime_too(runtime, isolation, tmp_path):
     """At the deadline the pool kills the launcher's process group; the deno/node process the
     launcher started is in that group (and has PR_SET_PDEATHSIG), so it is gone as well."""
+    if isolation == "container+runsc":
+        pytest.skip("under gVisor the sandbox's processes are not host processes to look for; "
+                    "that the sandbox is removed is asserted in test_container.py")
     marker = f"/nonexistent/atrund-{uuid.uuid4().hex}"
     started = time.monotonic()
     task = asyncio.create_task(run(runtime, isolation, tmp_path, """
@@ -403,7 +412,9 @@ async def test_deno_loopback_is_denied_unless_granted_literally(isolation, tmp_p
     """Deno: a request granted only host names cannot reach a loopback port, not by IP, not by
     a numeric alias (2130706433 = 127.0.0.1, checked after resolution), not through a granted
     name that resolves to 127.0.0.1 (--deny-net holds the private ranges)."""
-    name = _loopback_name()
+    needs_granted_network(isolation)
+    # The host's own names are not in a container's /etc/hosts.
+    name = None if isolation.startswith("container") else _loopback_name()
     async with HttpServer() as server:
         grants = ["2130706433", "example.com", *([name] if name else [])]
         r = await run("deno", isolation, tmp_path, """
@@ -446,6 +457,9 @@ async def test_node_network_is_fenced_by_the_process_backend_only(tmp_path):
 async def test_granted_network_works(runtime, isolation, tmp_path):
     """A literal grant of 127.0.0.1:PORT opens exactly that: the private-range deny list is cut
     around the granted address."""
+    if isolation.startswith("container"):
+        pytest.skip("the test server listens on the host's loopback, which a container never reaches "
+                    "(127.0.0.1 is its own); network in containers is asserted in test_container.py")
     async with HttpServer() as server:
         r = await run(runtime, isolation, tmp_path, """
             export async function main(args) {
@@ -459,6 +473,7 @@ async def test_granted_network_works(runtime, isolation, tmp_path):
 async def test_deno_remote_imports_are_refused(isolation, tmp_path):
     """Deno: https:, npm: and jsr: imports are refused (--no-remote, --no-npm), even when the
     hosts they would come from are granted network access."""
+    needs_granted_network(isolation)
     hosts = ["deno.land", "jsr.io", "registry.npmjs.org"]
     r = await run("deno", isolation, tmp_path, """
         export async function main() {
@@ -608,7 +623,7 @@ async def test_warm_worker_takes_the_request_permissions(runtime, isolation, tmp
         "deno": 'export function main() { return Deno.env.get("TOKEN"); }\n',
         "node": "export function main() { return process.env.TOKEN; }\n",
     }, runtime))
-    executor = create_executor(ExecutorSection(warm=1, isolation=isolation, memory_mb=MEMORY_MB))
+    executor = create_executor(executor_settings(isolation, warm=1, memory_mb=MEMORY_MB))
     try:
         await executor.warm(1)
         assert executor.stats().warm[runtime] == 1
@@ -623,7 +638,7 @@ async def test_warm_worker_takes_the_request_permissions(runtime, isolation, tmp
 async def test_self_test_bundles(runtime, isolation):
     """The runtime directory's own test bundle answers {ok: true, echo: args}."""
     path = REPO_ROOT / f"nix/runtimes/{runtime}/test-bundle{EXTENSION[runtime]}"
-    executor = create_executor(ExecutorSection(warm=0, isolation=isolation, memory_mb=MEMORY_MB))
+    executor = create_executor(executor_settings(isolation, warm=0, memory_mb=MEMORY_MB))
     try:
         r = await executor.execute(ExecRequest(code_path=str(path), endpoint="test", args={"a": [1]}), runtime)
     finally:

@@ -6,7 +6,7 @@ from atrund.execute.protocol import ExecRequest, ExecResponse
 __all__ = ["Executor", "ExecutorError", "PoolStats", "ExecRequest", "ExecResponse", "create_executor"]
 
 
-BACKENDS = ("process", "none")  # strongest first: what "auto" tries, in order
+BACKENDS = ("process", "container", "none")  # built here; the order auto tries them in is probe.order()
 
 
 def create_backend(isolation: str, settings):
@@ -17,7 +17,11 @@ def create_backend(isolation: str, settings):
         return DirectBackend()
     if isolation == "process":
         return ProcessBackend(settings)
-    if isolation in ("container", "firecracker"):
+    if isolation == "container":
+        from atrund.execute.container import ContainerBackend
+
+        return ContainerBackend(settings)
+    if isolation == "firecracker":
         raise ExecutorError(f"isolation {isolation!r} is not built yet (available: {', '.join(BACKENDS)}, auto)")
     raise ExecutorError(f"unknown isolation {isolation!r} (available: {', '.join(BACKENDS)}, auto)")
 

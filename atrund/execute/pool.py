@@ -58,6 +58,15 @@ class Worker(ABC):
     async def kill(self) -> None:
         """Kill the worker and everything it started; release its resources. Idempotent."""
 
+    def out_of_memory(self) -> bool:
+        """Whether the worker was killed for exceeding its memory limit (if the backend can tell)."""
+        return False
+
+    def lost(self) -> str | None:
+        """Why the worker's output ended if the backend, not the program, is to blame (e.g. the
+        container engine went away); None when the program itself ended."""
+        return None
+
 
 class Backend(ABC):
     isolation: str
@@ -125,16 +134,20 @@ class WorkerPool(Executor):
     async def drain(self) -> None:
         self._closed = True
         await self._idle.wait()
+        await self._release_warm()  # nothing is handed out any more: warm workers would only wait
 
     async def shutdown(self) -> None:
         self._closed = True
-        # Refills stop at _closed; teardowns are let finish (they kill processes).
+        await self._release_warm()
+        await self.backend.close()
+
+    async def _release_warm(self) -> None:
+        # Refills stop at _closed; teardowns are let finish (they kill processes, remove containers).
         await asyncio.gather(*self._refills, return_exceptions=True)
         workers = [w for q in self._warm.values() for w in q]
         for q in self._warm.values():
             q.clear()
         await asyncio.gather(*(w.kill() for w in workers), return_exceptions=True)
-        await self.backend.close()
 
     def stats(self) -> PoolStats:
         lat = sorted(self._latencies)
@@ -229,7 +242,13 @@ class WorkerPool(Executor):
             with contextlib.suppress(asyncio.TimeoutError):  # its last words, unless a daemon holds stderr
                 await asyncio.wait_for(asyncio.shield(stderr_tail), EXIT_GRACE)
             await worker.kill()
+            if why := worker.lost():  # not the bundle's doing: an infrastructure failure
+                stderr_tail.cancel()
+                raise ExecutorError(f"the {self.isolation} worker was lost before it answered: {why}")
             tail = stderr_tail.result() if stderr_tail.done() else ""
+            if worker.out_of_memory():
+                return _fail(f"the bundle ran out of memory (limit {self.settings.memory_mb} MiB) before answering"
+                             + (f"; its last output: {tail}" if tail else ""), "MemoryError")
             code = worker.exited()
             how = _exit_description(code)
             return _fail(f"the bundle process {how} before answering" + (f"; its last output: {tail}" if tail else ""), "Crash")

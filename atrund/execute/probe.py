@@ -1,6 +1,12 @@
 """What really works on this host: each backend is probed by running the Python runtime's test
 bundle through it, not by checking that some file exists. ``auto`` takes the strongest backend
-that passed; falling back to ``none`` is logged as a warning (it is not a sandbox)."""
+that passes; falling back to ``none`` is logged as a warning (it is not a sandbox).
+
+Which is strongest: a container under gVisor (``executor.runtime = "runsc"``) puts a kernel of
+its own between the bundle and the host, so it comes first. Otherwise ``process`` and a runc
+container are walls of the same kind (namespaces, seccomp and limits on the shared host kernel;
+ours filters more syscalls and adds Landlock), and ``process`` needs no engine and starts
+faster, so it comes first and ``container`` is what auto takes where it does not work."""
 
 from __future__ import annotations
 
@@ -60,11 +66,19 @@ async def _try(backend: str, settings) -> Probe:
     return Probe(backend, False, f"test bundle failed: {resp.error}", ms)
 
 
-async def probe_all(settings) -> list[Probe]:
-    from atrund.execute import BACKENDS
+def order(settings) -> tuple[str, ...]:
+    """The backends auto tries, strongest first (see the module docstring)."""
+    if getattr(settings, "runtime", "runc") == "runsc":
+        return ("container", "process", "none")
+    return ("process", "container", "none")
 
+
+async def probe_all(settings, first_only: bool = False) -> list[Probe]:
+    """Probe the backends in order; with ``first_only``, stop at the first that works."""
     results = []
-    for backend in BACKENDS:
+    for backend in order(settings):
+        if first_only and any(p.ok for p in results):
+            break
         if backend == "process":
             missing = [tool for tool in ("unshare", "setpriv") if not shutil.which(tool)]
             abi = landlock_abi()
@@ -76,14 +90,14 @@ async def probe_all(settings) -> list[Probe]:
     return results
 
 
-def probe_sync(settings) -> list[Probe]:
+def probe_sync(settings, first_only: bool = False) -> list[Probe]:
     """Probe from anywhere, even inside a running event loop (on a thread of its own)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, probe_all(settings)).result()
+        return pool.submit(asyncio.run, probe_all(settings, first_only)).result()
 
 
 def choose(settings) -> str:
-    probes = probe_sync(settings)
+    probes = probe_sync(settings, first_only=True)
     for p in probes:
         if p.ok:
             if p.backend == "none":

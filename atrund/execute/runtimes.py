@@ -25,6 +25,17 @@ class Runtime:
     command: tuple[str, ...]
     extension: str
     data_overhead_mb: int = 0
+    template: tuple[str, ...] = ()  # the command as runtime.json writes it, placeholders unexpanded
+
+
+def expand(template: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
+    """A runtime.json command with its placeholders replaced by ``values`` (e.g. paths inside an image)."""
+    out = []
+    for word in template:
+        for key, value in values.items():
+            word = word.replace(key, value)
+        out.append(word)
+    return tuple(out)
 
 
 def _deno() -> str:
@@ -77,6 +88,7 @@ def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
                 command=tuple(_expand(w, rdir) for w in spec["command"]),
                 extension=spec.get("extension", ""),
                 data_overhead_mb=int(spec.get("dataOverheadMb", 0)),
+                template=tuple(spec["command"]),
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExecutorError(f"{meta}: not a valid runtime description: {e}") from e
