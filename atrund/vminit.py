@@ -39,6 +39,10 @@ PATHS = {"{python}": "/usr/bin/python3", "{deno}": "/usr/local/bin/deno", "{node
 PORT_NAME = "atrun"
 HEADER = struct.Struct(">cI")
 MAX_FRAME = 8 << 20  # a bundle is at most a few MiB; anything larger is a broken host
+# The host keeps only a tail of stderr (for error messages): past this much, only the last
+# STDERR_TAIL bytes cross the channel, at the end, so a flood costs the guest, not the channel.
+STDERR_PASS = 256 << 10
+STDERR_TAIL = 8192
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -152,11 +156,16 @@ def relay(chan, pid, stdin, stdout, stderr):
     outputs = {stdout: b"O", stderr: b"E"}
     status = None
     host_open = True
+    passed = 0  # stderr bytes forwarded as they came
+    tail = b""  # stderr past STDERR_PASS, last bytes only
     while outputs or status is None:
         if status is None:
             done, st = os.waitpid(pid, os.WNOHANG)
             if done == pid:
                 status = os.waitstatus_to_exitcode(st)
+                # Whatever the bundle left running goes with it (it may hold the output pipes open).
+                # As PID 1, kill(-1) reaches every other process of the VM.
+                os.kill(-1, signal.SIGKILL)
         while True:  # reap orphans the bundle left (PID 1's duty)
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -170,7 +179,7 @@ def relay(chan, pid, stdin, stdout, stderr):
                 data = os.read(chan, 65536)
                 if not data:
                     host_open = False  # the host went away: nobody to answer; end the worker
-                    os.killpg(pid, signal.SIGKILL) if status is None else None
+                    os.kill(-1, signal.SIGKILL)
                     continue
                 buf += data
                 while len(buf) >= HEADER.size:
@@ -196,9 +205,14 @@ def relay(chan, pid, stdin, stdout, stderr):
                         stdin = None
             else:
                 data = os.read(fd, 65536)
-                if data:
+                if data and fd == stderr and passed >= STDERR_PASS:
+                    tail = (tail + data)[-STDERR_TAIL:]
+                elif data:
                     send(chan, outputs[fd], data)
+                    passed += len(data) if fd == stderr else 0
                 else:
+                    if fd == stderr and tail:
+                        send(chan, b"E", b"\n[...]\n" + tail)
                     os.close(fd)
                     del outputs[fd]
     return status
