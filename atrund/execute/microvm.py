@@ -59,7 +59,7 @@ CONNECT_TIMEOUT = 10.0  # seconds the monitor may take to connect the channel so
 # Under TCG the guest's TSC calibration hangs about half the boots without these (measured here);
 # with them, every boot. Harmless under KVM, where the values are not used for calibration.
 TCG_KERNEL_ARGS = "tsc_early_khz=2000000 lpj=4000000"
-KERNEL_ARGS = "console=ttyS0 quiet panic=-1 reboot=t"
+KERNEL_ARGS = "console=ttyS0 quiet panic=-1"
 KVM_PROBE_SILENCE = 3.0  # a KVM guest that has printed nothing by now will not boot
 KVM_PROBE_TIMEOUT = 15.0
 
@@ -451,7 +451,12 @@ class MicroVmBackend(Backend):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         worker = None
         try:
-            listener.bind(str(self.monitor.channel_path(vm_dir)))
+            path = self.monitor.channel_path(vm_dir)
+            try:
+                listener.bind(str(path))
+            except OSError as e:
+                raise ExecutorError(f"cannot listen on {path}: {e.strerror or e} (a Unix socket path has at most 107 bytes: "
+                                    "choose a shorter executor.work_dir)") from e
             listener.listen(1)
             listener.setblocking(False)
             spec = VmSpec(vm_dir, settings.vm_kernel, settings.vm_initramfs, settings.vm_rootfs,
