@@ -263,6 +263,15 @@ def _link(name: Path, target: Path) -> None:
     tmp.rename(name)
 
 
+def _prune(out_dir: Path, keep: set[str]) -> None:
+    """Earlier builds go (a rootfs is hundreds of MiB). A running VM keeps its open image alive
+    until it ends: unlinking a file does not take it from a process that has it open."""
+    for pattern in ("vmlinux-*", "initramfs-*.img", "rootfs-*.ext4", "rootfs-*.json"):
+        for old in out_dir.glob(pattern):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+
+
 def build(runtimes_dir: Path, out_dir: Path = DEFAULT_DIR, image_cache: Path = image.DEFAULT_CACHE,
           progress: Progress = print) -> dict[str, str]:
     """Build (or find) the kernel, initramfs and rootfs.ext4; returns their stable paths."""
@@ -275,6 +284,7 @@ def build(runtimes_dir: Path, out_dir: Path = DEFAULT_DIR, image_cache: Path = i
     paths = {"kernel": out_dir / "vmlinux", "initramfs": out_dir / "initramfs.img", "rootfs": out_dir / "rootfs.ext4"}
     for name, target in zip(paths.values(), (vmlinux, initrd, root), strict=True):
         _link(name, target)
+    _prune(out_dir, keep={vmlinux.name, initrd.name, root.name, root.with_suffix(".json").name})
     progress(f"VM guest ready in {time.monotonic() - started:.1f} s: {root}")
     return {k: str(v) for k, v in paths.items()}
 

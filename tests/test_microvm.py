@@ -150,3 +150,19 @@ def test_rootfs_is_refused_when_built_from_other_runtimes(vm_guest):
 
     assert vmimage.runtimes_of(Path(vm_guest["rootfs"])) == image.runtimes_hash(ROOT / "nix" / "runtimes")
     assert os.path.realpath(vm_guest["rootfs"]).endswith(".ext4")
+
+
+async def test_a_runner_serves_an_invocation_from_a_vm_end_to_end(vm_guest, author, make_runner, reader):
+    """On the local PDS: an invocation record in, a result record out, the bundle run in a VM."""
+    from conftest import wait_result
+
+    from atrund.records import Result
+
+    runner = await make_runner(access={"allowlist": [author.account.did]},
+                               executor={"isolation": "firecracker", "warm_by_runtime": {"python": 1, "deno": 0, "node": 0}})
+    bundle_ref = await author.publish("import platform\ndef main(args):\n    return {'hi': args['name'], 'kernel': platform.release()}\n")
+    uri = await author.invoke(bundle_ref, runner.did, "main", {"name": "ada"})
+    result = Result.model_validate(await wait_result(reader, runner.did, uri, timeout=120))
+    assert result.status == "success", result.error
+    assert result.data["hi"] == "ada" and result.metrics.isolation == "firecracker"
+    assert result.data["kernel"] != os.uname().release  # it ran on the guest's kernel, not the host's
