@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -272,7 +273,7 @@ class HostSupport:
     detail: str
 
 
-_accelerators: dict[tuple, tuple[str, str]] = {}  # per process: (qemu, kernel, initramfs) -> (accel, why)
+_accelerators: dict[str, tuple[str, str]] = {}  # per process: _probe_key -> (accelerator, why)
 
 
 def kvm_boots(binary: str, kernel: Path, initramfs: Path | None) -> tuple[bool, str]:
@@ -313,14 +314,41 @@ def kvm_boots(binary: str, kernel: Path, initramfs: Path | None) -> tuple[bool, 
         proc.stdout.close()
 
 
+def _probe_key(binary: str, kernel: Path, initramfs: Path | None) -> str:
+    """What a KVM verdict depends on: this boot of the host, the QEMU binary and the guest files."""
+    parts = [os.uname().release]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    for path in (shutil.which(binary) or binary, kernel, initramfs):
+        if path is not None:
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                parts.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
 def accelerator(settings) -> tuple[str, str]:
-    """The QEMU accelerator to use and why: KVM when it really boots a guest, else TCG."""
+    """The QEMU accelerator to use and why: KVM when it really boots a guest, else TCG.
+
+    The verdict of the trial boot is kept per process and, beside the kernel, per host boot
+    (``kvm-probe.json``), so that a command-line run with ``auto`` does not pay it every time."""
     if settings.vm_accelerator != "auto":
         return settings.vm_accelerator, "set in the configuration"
-    key = (settings.qemu_binary, str(settings.vm_kernel), str(settings.vm_initramfs))
-    if key not in _accelerators:
-        ok, why = kvm_boots(settings.qemu_binary, settings.vm_kernel, settings.vm_initramfs)
-        _accelerators[key] = ("kvm", why) if ok else ("tcg", why)
+    key = _probe_key(settings.qemu_binary, settings.vm_kernel, settings.vm_initramfs)
+    if key in _accelerators:
+        return _accelerators[key]
+    record = Path(os.path.realpath(settings.vm_kernel)).parent / "kvm-probe.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(record.read_text())
+        if saved["key"] == key:
+            _accelerators[key] = (saved["accelerator"], saved["why"] + " (probed earlier since the host booted)")
+            return _accelerators[key]
+    ok, why = kvm_boots(settings.qemu_binary, settings.vm_kernel, settings.vm_initramfs)
+    _accelerators[key] = ("kvm", why) if ok else ("tcg", why)
+    with contextlib.suppress(OSError):
+        partial = record.with_name(f".kvm-probe.{os.getpid()}")
+        partial.write_text(json.dumps({"key": key, "accelerator": _accelerators[key][0], "why": why}))
+        partial.rename(record)
     return _accelerators[key]
 
 
