@@ -280,6 +280,7 @@ async def test_malformed_http_response_is_an_explained_error(isolation, tmp_path
         assert not r.success and r.error_type == "InvalidResponse" and "700" in r.error
 
 
+@pytest.mark.vm
 async def test_http_response_lands_in_response(isolation, tmp_path):
     r = await run(tmp_path, isolation=isolation, endpoint="handleRequest", args={"method": "GET", "path": "/x"},
                   source="def handleRequest(req):\n    return {'status': 201, 'headers': {'x-a': 1}, 'body': req['path']}\n")
