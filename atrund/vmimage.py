@@ -266,7 +266,7 @@ def _link(name: Path, target: Path) -> None:
 def _prune(out_dir: Path, keep: set[str]) -> None:
     """Earlier builds go (a rootfs is hundreds of MiB). A running VM keeps its open image alive
     until it ends: unlinking a file does not take it from a process that has it open."""
-    for pattern in ("vmlinux-*", "initramfs-*.img", "rootfs-*.ext4", "rootfs-*.json"):
+    for pattern in ("vmlinux-*", "initramfs-*.img", "rootfs-*.ext4", "rootfs-*.json", "linux-image-*.deb"):
         for old in out_dir.glob(pattern):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
@@ -284,7 +284,7 @@ def build(runtimes_dir: Path, out_dir: Path = DEFAULT_DIR, image_cache: Path = i
     paths = {"kernel": out_dir / "vmlinux", "initramfs": out_dir / "initramfs.img", "rootfs": out_dir / "rootfs.ext4"}
     for name, target in zip(paths.values(), (vmlinux, initrd, root), strict=True):
         _link(name, target)
-    _prune(out_dir, keep={vmlinux.name, initrd.name, root.name, root.with_suffix(".json").name})
+    _prune(out_dir, keep={vmlinux.name, initrd.name, root.name, root.with_suffix(".json").name, kernel_deb(out_dir, progress).name})
     progress(f"VM guest ready in {time.monotonic() - started:.1f} s: {root}")
     return {k: str(v) for k, v in paths.items()}
 
