@@ -65,7 +65,8 @@ while [ ! -b /dev/vda ]; do
     n=$((n + 1)); [ $n -gt 500 ] && fail "no root disk /dev/vda"
     $B usleep 10000
 done
-$B mount -t ext4 -o ro,nodev /dev/vda /newroot || fail "cannot mount /dev/vda"
+# nosuid: Debian's setuid programs (mount, passwd, ...) are in the image; they elevate nobody.
+$B mount -t ext4 -o ro,nodev,nosuid /dev/vda /newroot || fail "cannot mount /dev/vda"
 $B umount /proc
 $B mount --move /dev /newroot/dev
 exec $B switch_root /newroot /usr/bin/python3 -I -S /sbin/atrun-init

@@ -134,6 +134,7 @@ def start_worker(opts):
                 limits[resource.RLIMIT_DATA] = int(opts["atrun.data_mb"]) << 20
             for res, value in limits.items():
                 resource.setrlimit(res, (value, value))
+            libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no exec gains privileges (the root is nosuid too)
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)

@@ -68,6 +68,31 @@ async def test_nothing_carries_over_and_the_root_is_read_only(vm_guest, tmp_path
     assert second.success and second.data == {"tmp": False, "etc": False, "interfaces": ["lo"]}, second
 
 
+async def test_the_bundle_is_nobody_and_reaches_no_device(vm_guest, tmp_path):
+    """Inside the VM the bundle runs as nobody, with no_new_privs, on a nosuid root (Debian's
+    setuid programs are there), and cannot open the disk or the channel atrun-init speaks on."""
+    probe = bundle(tmp_path, """
+        import os
+        def attempt(path, mode):
+            try:
+                os.close(os.open(path, mode))
+                return "opened"
+            except OSError as e:
+                return type(e).__name__
+        def main(args):
+            ports = os.listdir("/sys/class/virtio-ports")
+            root = next(line.split()[3] for line in open("/proc/mounts") if line.split()[1] == "/")
+            nnp = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("NoNewPrivs"))
+            return {"uid": os.getuid(), "nnp": nnp, "root": sorted(set(root.split(",")) & {"ro", "nosuid", "nodev"}),
+                    "disk": attempt("/dev/vda", os.O_RDONLY), "channel": [attempt("/dev/" + p, os.O_RDWR) for p in ports],
+                    "setuid": os.stat("/usr/bin/passwd").st_mode & 0o4000 != 0}
+    """)
+    r = await execute_once("python", probe, isolation="firecracker", timeout=30)
+    assert r.success, r.error
+    assert r.data == {"uid": 65534, "nnp": "1", "root": ["nodev", "nosuid", "ro"], "disk": "PermissionError",
+                      "channel": ["PermissionError"], "setuid": True}, r.data
+
+
 async def test_a_crashed_runners_vms_are_swept_on_start(vm_guest, request):
     """A runner killed with SIGKILL leaves its QEMU running (it has a session of its own); the
     next runner's backend kills it and removes its directory (socket, pid file)."""
