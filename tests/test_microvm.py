@@ -93,6 +93,24 @@ async def test_the_bundle_is_nobody_and_reaches_no_device(vm_guest, tmp_path):
                       "channel": ["PermissionError"], "setuid": True}, r.data
 
 
+async def test_shutdown_during_a_warm_up_leaves_no_vm(vm_guest, tmp_path):
+    """shutdown() while a warm VM is still booting: its monitor is killed and its directory goes,
+    at once, not when the boot would have finished."""
+    executor = create_executor(ExecutorSection(isolation="firecracker", warm=1, warm_by_runtime={"deno": 0, "node": 0}))
+    warming = asyncio.ensure_future(executor.warm(1))
+    backend = executor.backend
+    for _ in range(200):
+        if backend.live:
+            break
+        await asyncio.sleep(0.05)
+    (worker,) = backend.live
+    assert worker.exited() is None, "the VM should still be booting"
+    await executor.shutdown()
+    assert gone(worker.process.pid) and not worker.dir.exists() and not backend.live
+    await asyncio.wait_for(warming, 30)  # the warm-up ends (its worker failed to start), leaving nothing
+    assert executor.stats().warm["python"] == 0 and not backend.live
+
+
 async def test_a_crashed_runners_vms_are_swept_on_start(vm_guest, request):
     """A runner killed with SIGKILL leaves its QEMU running (it has a session of its own); the
     next runner's backend kills it and removes its directory (socket, pid file)."""

@@ -259,9 +259,14 @@ class VmWorker(Worker):
             await asyncio.wait_for(self.process.wait(), 10)
         for task in self._tasks:
             task.cancel()
+        # Ended for whoever reads them, even if the demultiplexer never got to run.
+        self.stdout.feed_eof()
+        self.stderr.feed_eof()
+        self._ended.set()
         if self._writer is not None:
             self._writer.close()
         await self.backend.monitor_gone(self.dir)
+        self.backend.live.discard(self)
 
 
 @dataclass(frozen=True)
@@ -406,6 +411,10 @@ class MicroVmBackend(Backend):
         self.ready_timeout = settings.vm_boot_timeout
         self.monitor: Monitor | None = None
         self._ready: asyncio.Task | None = None
+        # Every VM this backend started and has not killed yet, booting ones included: close()
+        # kills them, so a shutdown during a warm-up leaves no monitor running.
+        self.live: set[VmWorker] = set()
+        self.closed = False
 
     async def _prepare(self) -> None:
         """Once per backend: the guest files exist and match our runtimes, a monitor is chosen,
@@ -474,6 +483,8 @@ class MicroVmBackend(Backend):
             raise ExecutorError("network grants are not available with isolation firecracker: its VMs have no network "
                                 "device (run bundles that need the network on another backend)")
         await self.ready()
+        if self.closed:
+            raise ExecutorError("the microVM backend is shut down")
         vm_dir = self.work_root / f"vm-{(OWNER or '0').replace(':', '_')}-{runtime.name}-{secrets.token_hex(4)}"
         vm_dir.mkdir(mode=0o700)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -492,6 +503,7 @@ class MicroVmBackend(Backend):
             process = await self.monitor.launch(spec)
             (vm_dir / PID_FILE).write_text(str(process.pid))
             worker = VmWorker(self, vm_dir, process, settings.max_output_bytes + 4096)
+            self.live.add(worker)
             # The monitor connects the channel as it starts (QEMU) or when the guest dials (Firecracker).
             accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(listener))
             exited = asyncio.ensure_future(process.wait())
@@ -506,6 +518,8 @@ class MicroVmBackend(Backend):
             conn, _ = accept.result()
             reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 20)
             worker.attach(reader, writer)
+            if self.closed:  # shut down while this one started
+                raise ExecutorError("the microVM backend is shut down")
             return worker
         except BaseException:
             if worker is not None:
@@ -522,8 +536,10 @@ class MicroVmBackend(Backend):
         shutil.rmtree(vm_dir, ignore_errors=True)
 
     async def close(self) -> None:
+        self.closed = True
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
+        await asyncio.gather(*(w.kill() for w in list(self.live)), return_exceptions=True)
 
 
 def kill_monitor(vm_dir: Path) -> None:
