@@ -588,6 +588,10 @@ def doctor(config_path: Path | None) -> None:
     out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
                                                else "not writable (the process backend then limits each process only)"))
     out.print("Docker engine: " + _engine_summary(settings))
+    from atrund.execute.microvm import host_support
+
+    vm = host_support(settings)
+    out.print(f"microVM monitor: {vm.monitor or 'none'}; accelerator: {vm.accelerator or 'none'} ({vm.detail})")
     runtimes = Table(title="runtimes")
     for col in ("runtime", "program", "version"):
         runtimes.add_column(col)
@@ -602,7 +606,7 @@ def doctor(config_path: Path | None) -> None:
         runtimes.add_row(name, program, version)
     out.print(runtimes)
     probes = probe_sync(settings)
-    chosen = next((p.backend for p in probes if p.ok), None)
+    chosen = next((p.backend for p in probes if p.ok and p.auto), None)
     table = Table(title="executor backends (strongest first)")
     for col in ("backend", "works", "ms", "detail"):
         table.add_column(col)
@@ -618,7 +622,7 @@ def doctor(config_path: Path | None) -> None:
 
 @main.group()
 def image() -> None:
-    """The container backend's runtime image."""
+    """The runtime images: the container backend's, and the microVM guest (kernel, initramfs, rootfs.ext4)."""
 
 
 @image.command("build")
@@ -626,13 +630,32 @@ def image() -> None:
               help="Take executor.docker_host, executor.image and executor.runtimes_dir from this configuration.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the Debian rootfs tar is cached between builds  [default: /var/cache/atrund/image]")
-def image_build(config_path: Path | None, cache_dir: Path | None) -> None:
+@click.option("--container/--no-container", default=True, show_default=True,
+              help="Build the container image (needs a Docker engine).")
+@click.option("--vm/--no-vm", default=True, show_default=True,
+              help="Build the microVM guest: vmlinux, initramfs.img and rootfs.ext4 from the same rootfs.")
+@click.option("--vm-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the microVM guest goes  [default: /var/cache/atrund/vm]")
+def image_build(config_path: Path | None, cache_dir: Path | None, container: bool, vm: bool, vm_dir: Path | None) -> None:
     """Build the runtime image: a Debian rootfs (debootstrap) with python3, deno, node and the
-    at-run-exec programs, imported into the Docker engine and tagged with a hash of its inputs.
-    Reruns with the same inputs take seconds. Prints the image's tags as JSON."""
+    at-run-exec programs, imported into the Docker engine and tagged with a hash of its inputs;
+    and from the same rootfs the microVM guest (rootfs.ext4, with the guest kernel and initramfs).
+    Reruns with the same inputs take seconds. Prints the image's tags and the guest's paths as JSON."""
     from atrund import image as image_mod
 
     settings = _load_config(config_path).executor if config_path else config_mod.ExecutorSection()
+    out: dict = {}
+    if vm:
+        from atrund import vmimage
+
+        try:
+            out["vm"] = vmimage.build(settings.runtimes_dir, vm_dir or vmimage.DEFAULT_DIR, cache_dir or image_mod.DEFAULT_CACHE,
+                                      progress=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+        except AtrundError as e:
+            raise click.ClickException(str(e)) from None
+    if not container:
+        emit(out)
+        return
     client = None
     try:
         client = image_mod.connect(settings.docker_host)
@@ -650,7 +673,7 @@ def image_build(config_path: Path | None, cache_dir: Path | None) -> None:
     finally:
         if client is not None:
             client.close()
-    emit({"image": tag, "tags": tags})
+    emit({"image": tag, "tags": tags, **out})
 
 
 def _engine_summary(settings) -> str:

@@ -127,6 +127,21 @@ class ExecutorSection(Section):
     runtime: Literal["runc", "runsc"] = Field(default="runc", description="container backend: OCI runtime; runsc is gVisor")
     cpus: float = Field(default=1.0, gt=0, description="container backend: CPUs a worker may use")
     container_uid: int = Field(default=900_000, ge=1, description="container backend: the unprivileged uid bundles run as")
+    vm_monitor: Literal["auto", "qemu", "firecracker"] = Field(
+        default="auto", description="firecracker backend: the monitor; auto takes firecracker if its binary and /dev/kvm exist, else qemu")
+    vm_accelerator: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto", description="firecracker backend under qemu: kvm if a KVM guest really boots here, else tcg (software)")
+    qemu_binary: str = Field(default="qemu-system-x86_64", description="firecracker backend: the QEMU binary (-M microvm)")
+    firecracker_binary: str = Field(default="firecracker", description="firecracker backend: the Firecracker binary")
+    jailer_binary: str | None = Field(default=None, description="firecracker backend: start Firecracker under this jailer")
+    jailer_uid: int = Field(default=65534, ge=1, description="firecracker backend: the uid (and gid) the jailer drops to")
+    vm_kernel: Path = Field(default=Path("/var/cache/atrund/vm/vmlinux"), description="firecracker backend: uncompressed guest kernel (ELF)")
+    vm_initramfs: Path | None = Field(default=Path("/var/cache/atrund/vm/initramfs.img"), description="firecracker backend: the guest's initramfs")
+    vm_rootfs: Path = Field(default=Path("/var/cache/atrund/vm/rootfs.ext4"), description="firecracker backend: the guest root (opened read-only)")
+    vm_vcpus: int = Field(default=1, ge=1, le=32, description="firecracker backend: vCPUs per VM")
+    vm_overhead_mb: int = Field(default=128, ge=32, description="firecracker backend: guest memory for its kernel and init, beyond the bundle's")
+    vm_boot_timeout: float = Field(default=90.0, gt=0, description="firecracker backend: seconds a VM may take to boot and say it is ready")
+    vm_kernel_args: str = Field(default="", description="firecracker backend: extra guest kernel command line")
     runtimes_dir: Path = RUNTIMES_DIR
 
 
@@ -227,7 +242,7 @@ def parse(data: dict, base_dir: Path | None = None) -> Config:
         pw = cfg.runner.password_file
         if pw is not None and not pw.expanduser().is_absolute():
             cfg.runner.password_file = base_dir / pw
-        for key in ("work_dir", "runtimes_dir"):
+        for key in ("work_dir", "runtimes_dir", "vm_kernel", "vm_initramfs", "vm_rootfs"):
             value = getattr(cfg.executor, key)
             if value is not None and not value.is_absolute():
                 setattr(cfg.executor, key, base_dir / value)

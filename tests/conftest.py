@@ -58,13 +58,19 @@ def executor_settings(isolation: str = "none", **settings: Any):
     return ExecutorSection(isolation=backend, **settings)
 
 
-ISOLATIONS = ["none", "process", "container", "container+runsc"]
+ISOLATIONS = ["none", "process", "container", "container+runsc", "firecracker"]
+# Each firecracker test boots a VM, about 10-20 s under software emulation (TCG) on these
+# machines: only tests marked ``vm`` (a subset that means something inside a VM) run on it;
+# pytest_collection_modifyitems below deselects the others. The README lists what is left out.
+VM_ISOLATION = "firecracker"
 
 
 def require_isolation(request) -> str:
     """The isolation a parametrized test asked for; container variants need the engine and the
     image (built once per session, cached), and are skipped, saying why, where there is none."""
     isolation = request.param
+    if isolation == VM_ISOLATION:
+        request.getfixturevalue("vm_guest")
     if isolation.startswith("container"):
         info = request.getfixturevalue("container_engine")
         runtime = isolation.partition("+")[2]
@@ -88,6 +94,35 @@ def container_engine() -> dict[str, Any]:
     image.build(client, config.RUNTIMES_DIR, progress=lambda line: None)
     client.close()
     return info
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect firecracker variants of tests not marked ``vm`` (see VM_ISOLATION)."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        (drop if params.get("isolation") == VM_ISOLATION and not item.get_closest_marker("vm") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def vm_guest() -> dict[str, str]:
+    """The microVM guest (kernel, initramfs, rootfs.ext4) built from this checkout, and QEMU."""
+    import shutil
+
+    from atrund import vmimage
+    from atrund.image import ImageError
+
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
+    if os.geteuid() != 0:
+        pytest.skip("building the VM guest's rootfs needs root")
+    try:
+        return vmimage.build(config.RUNTIMES_DIR, progress=lambda line: None)
+    except ImageError as e:
+        pytest.skip(f"the VM guest cannot be built here: {e}")
 
 
 def gone(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,3 +184,8 @@ def test_doctor_reports_the_probe():
     p = atrund("doctor")
     assert p.returncode == 0, p.stderr
     assert "process ← auto" in p.stdout and "ran the python test bundle" in p.stdout and "Landlock ABI: " in p.stdout
+    # The microVM line names the monitor and the accelerator found (KVM only if a guest booted under it).
+    import shutil
+
+    if shutil.which("qemu-system-x86_64"):
+        assert re.search(r"microVM monitor: qemu; accelerator: (kvm|tcg|none) ", p.stdout), p.stdout

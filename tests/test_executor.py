@@ -33,6 +33,7 @@ async def run(tmp_path, source, endpoint="main", args=None, timeout=10, isolatio
                               isolation=isolation, **settings)
 
 
+@pytest.mark.vm
 async def test_return_value_survives_prints_on_stdout_and_stderr(isolation, tmp_path):
     r = await run(tmp_path, isolation=isolation, source="""
         import sys
@@ -56,6 +57,7 @@ async def test_async_endpoint_is_awaited(isolation, tmp_path):
     assert r.success and r.data == [1, 2, 3]
 
 
+@pytest.mark.vm
 async def test_exception_reports_type_message_and_line(isolation, tmp_path):
     r = await run(tmp_path, isolation=isolation, source="""
         def main(args):
@@ -128,12 +130,14 @@ async def _survivors(tag: str) -> list[int]:
     return found
 
 
+@pytest.mark.vm
 async def test_busy_loop_is_killed_at_the_deadline(isolation, tmp_path):
     # Pure CPU, never yields to anything the runtime could check.
     r = await run(tmp_path, isolation=isolation, source="def main(args):\n    while True: pass\n", timeout=1)
     assert r.timed_out
 
 
+@pytest.mark.vm
 async def test_crash_before_answering_is_explained(isolation, tmp_path):
     # The bundle kills its own interpreter: no answer ever comes.
     r = await run(tmp_path, isolation=isolation, source="""
@@ -147,6 +151,7 @@ async def test_crash_before_answering_is_explained(isolation, tmp_path):
     assert "about to die" in r.error
 
 
+@pytest.mark.vm
 async def test_forged_protocol_line_is_a_protocol_error(isolation, tmp_path):
     # The bundle finds the protocol descriptor and writes garbage on it before answering.
     r = await run(tmp_path, isolation=isolation, source="""
@@ -160,6 +165,7 @@ async def test_forged_protocol_line_is_a_protocol_error(isolation, tmp_path):
     assert not r.success and r.error_type == "ProtocolError"
 
 
+@pytest.mark.vm
 async def test_answer_larger_than_the_limit(isolation, tmp_path):
     r = await run(tmp_path, isolation=isolation, source="def main(args):\n    return 'x' * 200_000\n", max_output_bytes=65536)
     assert r.error_type == "OutputTooLarge" and "65536" in r.error
@@ -175,18 +181,21 @@ async def test_nan_is_not_json(isolation, tmp_path):
     assert not r.success and "not JSON" in r.error
 
 
+@pytest.mark.vm
 async def test_memory_limit(isolation, tmp_path):
     # Allocates 2 GiB; RLIMIT_DATA (set from outside with prlimit) stops it.
     r = await run(tmp_path, isolation=isolation, source="def main(args):\n    return len(bytearray(2 * 1024**3))\n", memory_mb=256)
     assert not r.success and r.error_type == "MemoryError"
 
 
+@pytest.mark.vm
 async def test_environment_is_clean(isolation, tmp_path, monkeypatch):
     monkeypatch.setenv("ATRUND_APP_PASSWORD", "runner-secret")
     r = await run(tmp_path, isolation=isolation, source="import os\ndef main(args):\n    return dict(os.environ)\n")
     assert r.success and r.data == {}
 
 
+@pytest.mark.vm
 async def test_unknown_runtime_is_a_failed_response(isolation, tmp_path):
     executor = create_executor(executor_settings(isolation, warm=0))
     r = await executor.execute(ExecRequest(code_path="/nonexistent", endpoint="x"), "cobol")
@@ -194,6 +203,7 @@ async def test_unknown_runtime_is_a_failed_response(isolation, tmp_path):
     await executor.shutdown()
 
 
+@pytest.mark.vm
 async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_path):
     executor = create_executor(executor_settings(isolation, warm=2))
     await executor.warm(2)
@@ -201,9 +211,8 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
     assert executor.stats().warm["python"] == 2
     r = await executor.execute(ExecRequest(code_path=bundle(tmp_path, "def main(a): return 1"), endpoint="main"), "python")
     assert r.success and r.data == 1
-    for _ in range(50):
-        if executor.stats().warm["python"] == 2:
-            break
+    deadline = time.monotonic() + (120 if isolation == "firecracker" else 2.5)  # the replacement VM boots first
+    while executor.stats().warm["python"] != 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     stats = executor.stats()
     assert stats.warm["python"] == 2 and stats.completed == 1 and stats.cold_starts == 0
@@ -213,6 +222,10 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
         assert await _containers(handles) == [], "containers outlived shutdown()"
     else:
         assert all(gone(p) for p in handles)
+    if isolation == "firecracker":  # no VM directory (channel socket, pid file) is left either
+        from atrund.execute.container import OWNER
+
+        assert list(executor.backend.work_root.glob(f"vm-{OWNER.replace(':', '_')}-*")) == []
     with pytest.raises(ExecutorError):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
 
@@ -233,13 +246,14 @@ async def _containers(ids: list[str]) -> list[str]:
         client.close()
 
 
+@pytest.mark.vm
 async def test_missing_runtime_program_raises(isolation, tmp_path):
     rdir = tmp_path / "runtimes" / "python"
     rdir.mkdir(parents=True)
     (rdir / "runtime.json").write_text('{"name": "python", "command": ["/nonexistent/at-run-exec"]}')
     executor = create_executor(executor_settings(isolation, warm=0, runtimes_dir=tmp_path / "runtimes"))
-    # The container backend checks its image holds these runtimes' programs, which it does not.
-    match = "other at-run-exec programs" if isolation.startswith("container") else "cannot start python worker"
+    # The container and microVM backends check their image holds these runtimes' programs, which it does not.
+    match = "other at-run-exec programs" if isolation.startswith("container") or isolation == "firecracker" else "cannot start python worker"
     with pytest.raises(ExecutorError, match=match):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
     await executor.shutdown()
@@ -266,6 +280,7 @@ async def test_malformed_http_response_is_an_explained_error(isolation, tmp_path
         assert not r.success and r.error_type == "InvalidResponse" and "700" in r.error
 
 
+@pytest.mark.vm
 async def test_http_response_lands_in_response(isolation, tmp_path):
     r = await run(tmp_path, isolation=isolation, endpoint="handleRequest", args={"method": "GET", "path": "/x"},
                   source="def handleRequest(req):\n    return {'status': 201, 'headers': {'x-a': 1}, 'body': req['path']}\n")
@@ -277,6 +292,7 @@ async def test_load_time_exception_names_the_line(isolation, tmp_path):
     assert r.error == "bundle failed while loading: RuntimeError: at import (line 2)"
 
 
+@pytest.mark.vm
 async def test_crash_exit_code_is_reported_as_it_was(isolation, tmp_path):
     r = await run(tmp_path, isolation=isolation, source="import os\ndef main(args):\n    os._exit(5)\n")
     assert r.error == "the bundle process exited with code 5 before answering"
@@ -300,9 +316,9 @@ async def test_warm_counts_per_runtime(tmp_path):
     await executor.shutdown()
 
 
-async def test_backends_not_built_yet_say_so():
-    with pytest.raises(ExecutorError, match="not built yet"):
-        create_executor(ExecutorSection(isolation="firecracker"))
+async def test_unknown_isolation_names_the_choices():
+    with pytest.raises(ExecutorError, match="unknown isolation 'vmware'.*firecracker, process, container, none, auto"):
+        create_executor(ExecutorSection.model_construct(**{**ExecutorSection().model_dump(), "isolation": "vmware"}))
 
 
 async def test_a_second_runner_starting_up_does_not_break_this_ones_worker_starts(tmp_path):

@@ -6,7 +6,7 @@ from atrund.execute.protocol import ExecRequest, ExecResponse
 __all__ = ["Executor", "ExecutorError", "PoolStats", "ExecRequest", "ExecResponse", "create_executor"]
 
 
-BACKENDS = ("process", "container", "none")  # built here; the order auto tries them in is probe.order()
+BACKENDS = ("firecracker", "process", "container", "none")  # built here; the order auto tries them in is probe.order()
 
 
 def create_backend(isolation: str, settings):
@@ -22,7 +22,9 @@ def create_backend(isolation: str, settings):
 
         return ContainerBackend(settings)
     if isolation == "firecracker":
-        raise ExecutorError(f"isolation {isolation!r} is not built yet (available: {', '.join(BACKENDS)}, auto)")
+        from atrund.execute.microvm import MicroVmBackend
+
+        return MicroVmBackend(settings)
     raise ExecutorError(f"unknown isolation {isolation!r} (available: {', '.join(BACKENDS)}, auto)")
 
 

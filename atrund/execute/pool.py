@@ -67,9 +67,14 @@ class Worker(ABC):
         container engine went away); None when the program itself ended."""
         return None
 
+    def diagnostics(self) -> str:
+        """What the backend saw of a worker that did not start (e.g. a VM's console), if anything."""
+        return ""
+
 
 class Backend(ABC):
     isolation: str
+    ready_timeout: float = READY_TIMEOUT  # a backend that boots something slow (a VM) may allow more
 
     @abstractmethod
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
@@ -168,13 +173,14 @@ class WorkerPool(Executor):
     async def _start(self, runtime: Runtime, permissions: ExecPermissions = NO_PERMISSIONS) -> Worker:
         worker = await self.backend.spawn(runtime, self.settings, permissions)
         try:
-            line = await asyncio.wait_for(worker.stdout.readline(), READY_TIMEOUT)
+            line = await asyncio.wait_for(worker.stdout.readline(), self.backend.ready_timeout)
         except (asyncio.TimeoutError, ValueError):
             line = b""
         if not parse_ready(line):
+            await worker.kill()  # first: a worker that hangs would never end its stderr
             err = await _tail(worker.stderr)
-            await worker.kill()
-            raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}")
+            extra = worker.diagnostics()
+            raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}" + (f"; {extra}" if extra else ""))
         return worker
 
     async def _take(self, runtime: Runtime, permissions: ExecPermissions) -> Worker:

@@ -2,7 +2,10 @@
 bundle through it, not by checking that some file exists. ``auto`` takes the strongest backend
 that passes; falling back to ``none`` is logged as a warning (it is not a sandbox).
 
-Which is strongest: a container under gVisor (``executor.runtime = "runsc"``) puts a kernel of
+Which is strongest: a microVM (``firecracker``: a guest kernel of its own behind a hardware
+virtualisation boundary) comes first, but auto takes it only with KVM: under software
+emulation (TCG) it works, slowly (seconds per cold invocation), so only an explicit
+``isolation = "firecracker"`` selects it there. Then a container under gVisor (``executor.runtime = "runsc"``) puts a kernel of
 its own between the bundle and the host, so it comes first. Otherwise ``process`` and a runc
 container are walls of the same kind (namespaces, seccomp and limits on the shared host kernel;
 ours filters more syscalls and adds Landlock), and ``process`` needs no engine and starts
@@ -33,6 +36,7 @@ class Probe:
     ok: bool
     detail: str
     ms: int | None = None
+    auto: bool = True  # whether auto may choose it when it works (not a microVM under software emulation)
 
 
 def landlock_abi() -> int:
@@ -69,8 +73,8 @@ async def _try(backend: str, settings) -> Probe:
 def order(settings) -> tuple[str, ...]:
     """The backends auto tries, strongest first (see the module docstring)."""
     if getattr(settings, "runtime", "runc") == "runsc":
-        return ("container", "process", "none")
-    return ("process", "container", "none")
+        return ("firecracker", "container", "process", "none")
+    return ("firecracker", "process", "container", "none")
 
 
 async def probe_all(settings, first_only: bool = False) -> list[Probe]:
@@ -79,6 +83,22 @@ async def probe_all(settings, first_only: bool = False) -> list[Probe]:
     for backend in order(settings):
         if first_only and any(p.ok for p in results):
             break
+        if backend == "firecracker":
+            from atrund.execute.microvm import host_support
+
+            vm = host_support(settings)
+            if vm.accelerator is None:
+                results.append(Probe(backend, False, vm.detail))
+                continue
+            if vm.accelerator == "tcg":
+                # Software emulation works, but a cold invocation then takes many seconds: auto does
+                # not choose it; isolation = "firecracker" does. Doctor still boots one to show it works.
+                if first_only:
+                    results.append(Probe(backend, False, "software emulation (TCG) only: auto does not choose it", auto=False))
+                else:
+                    p = await _try(backend, settings)
+                    results.append(Probe(backend, p.ok, p.detail + " (under TCG: auto does not choose it)", p.ms, auto=False))
+                continue
         if backend == "process":
             missing = [tool for tool in ("unshare", "setpriv") if not shutil.which(tool)]
             abi = landlock_abi()
@@ -99,7 +119,7 @@ def probe_sync(settings, first_only: bool = False) -> list[Probe]:
 def choose(settings) -> str:
     probes = probe_sync(settings, first_only=True)
     for p in probes:
-        if p.ok:
+        if p.ok and p.auto:
             if p.backend == "none":
                 log.warning("isolation auto fell back to none: bundles run WITHOUT a sandbox",
                             why={q.backend: q.detail for q in probes if not q.ok})
