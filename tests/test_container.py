@@ -237,12 +237,15 @@ async def test_missing_image_is_a_clear_error(container_engine):
 
 
 async def test_auto_takes_a_gvisor_container_first_and_process_before_a_runc_one(container_engine):
-    """auto: with runtime = "runsc" the container backend is the strongest here; with runc,
-    process comes first (a wall of the same kind that starts faster) and container after it."""
+    """auto: a microVM comes first, but only where KVM really boots one (here only TCG does, so
+    auto passes it over); then with runtime = "runsc" the container backend is the strongest;
+    with runc, process comes first (a wall of the same kind that starts faster) and container
+    after it."""
     from atrund.config import ExecutorSection
     from atrund.execute.probe import order
 
-    assert order(ExecutorSection(runtime="runc")) == ("process", "container", "none")
+    assert order(ExecutorSection(runtime="runc")) == ("firecracker", "process", "container", "none")
+    assert order(ExecutorSection(runtime="runsc")) == ("firecracker", "container", "process", "none")
     if "runsc" not in container_engine["Runtimes"]:
         pytest.skip("the Docker engine has no runsc runtime (bash scripts/dockerd registers it)")
     executor = create_executor(ExecutorSection(isolation="auto", runtime="runsc", warm=0))
