@@ -22,7 +22,7 @@ from atrund.execute import ExecutorError
 from atrund.execute.firecracker import requests
 from atrund.execute.microvm import VmSpec
 
-API_YAML = Path(os.environ.get("FIRECRACKER_API_YAML", Path(__file__).resolve().parents[2] / "shared/firecracker/firecracker-api.yaml"))
+API_YAML = Path(os.environ.get("FIRECRACKER_API_YAML", Path(__file__).resolve().parent / "firecracker" / "firecracker-api.yaml"))
 STANDIN = Path(__file__).resolve().parent / "standins" / "firecracker"
 
 
