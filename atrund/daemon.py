@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -49,6 +48,7 @@ from atrund.records import (
     StrongRef,
     now_iso,
     result_rkey,
+    unix_time,
 )
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
@@ -312,9 +312,8 @@ class Daemon:
         at once arrives on the stream and withdraws it there. If the author's PDS does not
         answer in time it runs anyway: what was accepted was proven to be the author's, and a
         PDS that is down must not hold up the queue."""
-        try:
-            created = datetime.fromisoformat(record.created_at).timestamp()
-        except ValueError:
+        created = unix_time(record.created_at)
+        if created is None:
             created = 0.0  # unreadable: treat as old
         if time.time() - inv.seen_at <= STALE_AFTER and inv.seen_at - created <= STALE_AFTER:
             return True

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from atrund.records import unix_time
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,9 +57,8 @@ class Meters:
 
     def ingested(self, created_at: Any, seen_at: float) -> None:
         """Lag of one invocation record; createdAt is the author's claim, so bad or future values are skipped."""
-        try:
-            created = datetime.fromisoformat(str(created_at).replace("Z", "+00:00")).timestamp()
-        except ValueError:
+        created = unix_time(created_at)
+        if created is None:
             return
         lag = seen_at - created
         if 0 <= lag < 86_400 * 365:

@@ -32,6 +32,14 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def unix_time(value: Any) -> float | None:
+    """A datetime string (a record's createdAt: the author's claim) as Unix time; None if unreadable."""
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def result_rkey(invocation_uri: str) -> str:
     """The record key of the result for an invocation, computable by anyone in advance.
 

@@ -374,7 +374,7 @@ async def test_a_frame_after_a_long_silence_is_delivered(rig):
 
 # Frames that decode as DAG-CBOR but not into the shape of a subscribeRepos message. A relay can
 # send anything; none of this may stop the stream (it once did: each raised out of
-# Firehose.frame(), ended run(), and the daemon shut the runner down).
+# the frame handler, ended run(), and the daemon shut the runner down).
 def _poison(did: str, uri: str, cid: str) -> dict[str, bytes]:
     path = uri.split("/", 3)[3]
     return {

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import libipld
 import structlog
@@ -59,9 +59,6 @@ class Counters:
     proven: int = 0  # invocations proven from the frame itself
     fetched: int = 0  # invocations proven by asking the author's PDS (frame lacked blocks)
     forged: int = 0  # frames refused: signature, tree or hash did not check out
-    malformed: int = 0
-    reconnects: int = 0
-    by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class Firehose:
@@ -92,9 +89,13 @@ class Firehose:
                 self._seq = seq
         return self._seq
 
-    def _endpoint(self) -> str:
+    def _resume_point(self) -> int | None:
+        """Where the stream goes on from: the last frame processed, else the stored cursor."""
         position = self._position()
-        cursor = position if position is not None else _int(self.intake.state.cursor(self.source))
+        return position if position is not None else _int(self.intake.state.cursor(self.source))
+
+    def _endpoint(self) -> str:
+        cursor = self._resume_point()
         if cursor is not None and self._skip:
             cursor += self._skip
         url = f"{self.url}/xrpc/com.atproto.sync.subscribeRepos"
@@ -125,7 +126,6 @@ class Firehose:
                 self._closed(e)
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as e:
                 log.warning("firehose connection lost; reconnecting", url=self.url, error=f"{type(e).__name__}: {e}")
-            self.counters.reconnects += 1
             await self.inbox.join()  # resume after the last frame received, once it is processed
             if time.monotonic() - connected_at > 60:
                 delay = 1.0  # only a healthy minute resets the backoff
@@ -138,9 +138,7 @@ class Firehose:
             # A frame bigger than MAX_FRAME: the relay would resend it on every reconnect from
             # the same cursor, forever. Step over one seq more each time it happens at the same
             # place (seqs can be sparse); the poll rescan finds anything it carried for us.
-            position = self._position()
-            if position is None:
-                position = _int(self.intake.state.cursor(self.source))
+            position = self._resume_point()
             self._skip = self._skip + 1 if position == self._oversized_at else 1
             self._oversized_at = position
             log.warning("firehose: a frame over the size limit; skipping it", limit=MAX_FRAME, after_seq=position,
@@ -172,7 +170,6 @@ class Firehose:
                 await self._frame(message, rows, withdrawn)
             except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
                 # One malformed frame from a relay must not end ingest for everyone.
-                self.counters.malformed += 1
                 log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
         now = time.monotonic()
         if not rows and not withdrawn and now - self._saved_at < IDLE_CURSOR_SAVE:
@@ -180,10 +177,6 @@ class Firehose:
         self._saved_at = now
         position = self._position()
         self.intake.accept(self.source, str(position) if position is not None else None, rows, withdrawn)
-
-    async def frame(self, message: bytes) -> None:
-        """One frame on its own (a batch of one)."""
-        await self.ingest([message])
 
     async def _frame(self, message: bytes, rows: list[Row], withdrawn: list[str]) -> None:
         self.counters.frames += 1
@@ -194,11 +187,9 @@ class Firehose:
         try:
             header, body = libipld.decode_dag_cbor_multi(message)[:2]
         except (ValueError, TypeError):
-            self.counters.malformed += 1
             log.warning("firehose: undecodable frame skipped", size=len(message))
             return
         if not isinstance(header, dict) or not isinstance(body, dict):
-            self.counters.malformed += 1
             log.warning("firehose: frame of the wrong shape skipped")
             return
         if header.get("op") == -1:
@@ -212,7 +203,6 @@ class Firehose:
                 self.intake.state.forget_cursor(self.source)
             return
         kind, seq = header.get("t"), body.get("seq")
-        self.counters.by_kind[kind] = self.counters.by_kind.get(kind, 0) + 1
         if kind == "#info" and body.get("name") == "OutdatedCursor":
             log.warning("firehose: our cursor is older than the stream keeps; the rescan covers the gap")
         if not isinstance(seq, int):

@@ -53,7 +53,6 @@ class SigningKey:
 
     def __init__(self, did_key: str) -> None:
         parsed = parse_did_key(did_key)
-        self.did_key = did_key
         if parsed.jwt_alg == "ES256K":
             self._k256 = coincurve.PublicKey(parsed.key_bytes)
             return
