@@ -552,3 +552,49 @@ async def test_a_deleted_invocation_is_withdrawn_by_the_delete_frame(rig, stack)
     rig.start(send(doctor(created, 330), delete))
     await rig.until(lambda: rig.state.status_of(uri) == ("withdrawn", None), "the invocation withdrawn")
     assert rig.cursor() == "331"
+
+
+async def test_a_stuck_processor_stops_the_reader_instead_of_buffering(rig, stack, tmp_path, monkeypatch):
+    """Backpressure: the processor is stuck on a genuine invocation whose author's DID document
+    cannot be read (the PLC directory here accepts connections and never answers), while the
+    relay pushes 25 MiB of frames behind it. The reader must stop taking frames once the inbox
+    holds INBOX_BYTES (set to 256 KiB here), so the relay's sends back up instead of this
+    process buffering everything: the inbox never exceeds the bound by more than one frame."""
+    import atrund.ingest.firehose as firehose_module
+
+    monkeypatch.setattr(firehose_module, "INBOX_BYTES", 256 * 1024)
+    silent = await asyncio.start_server(lambda r, w: asyncio.sleep(3600), "127.0.0.1", 0)
+    repos = Repos(Identities(f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}", timeout=60))
+    state = State(tmp_path / "stuck" / "atrund.db")
+    policy = AccessPolicy("allowlist", frozenset({rig.did}), frozenset())
+    stuck = Firehose(rig.relay.url, repos, Intake(state, rig.runner_did, policy, lambda uri: None))
+    uri, _ = await rig.invocation(40)
+    first = doctor(await genuine_frame(stack, uri), 400)
+    filler = [encode({"op": 1, "t": "#commit"}, {"seq": 401 + i, "repo": rig.did, "ops": [], "blocks": b"\0" * 65536})
+              for i in range(400)]
+    sent = 0
+
+    async def push(ws) -> None:
+        nonlocal sent
+        await ws.send(first)
+        for frame in filler:
+            await ws.send(frame)
+            sent += 1
+        await ws.wait_closed()
+
+    rig.relay.scripts = [push]
+    task = asyncio.create_task(stuck.run())
+    try:
+        peak, deadline = 0, time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            peak = max(peak, stuck._inbox_bytes)
+            await asyncio.sleep(0.01)
+        assert 0 < peak <= 256 * 1024 + len(filler[0]), peak
+        assert sent < len(filler), "the relay sent everything: nothing pushed back"
+        assert state.cursor(stuck.source) is None  # nothing behind the stuck frame was taken as processed
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        silent.close()
+        await repos.close()
+        state.close()
