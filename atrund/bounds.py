@@ -63,6 +63,8 @@ def check_depth(value: Any, what: str, limit: int = MAX_DEPTH) -> Any:
     """``value``, unless it nests deeper than ``limit``: then Malformed naming ``what`` and where."""
     where = too_deep(value, limit)
     if where is not None:
+        if len(where) > 60:  # the path of a very deep value is long: its start says where it is
+            where = where[:60] + "…"
         at = "" if where == "(top level)" else f" at {where}"
         raise Malformed(f"{what} is nested deeper than {limit} levels{at} (the limit)")
     return value
