@@ -29,6 +29,7 @@ from atrund.errors import AtrundError, BundleRefused, EndpointUndeclared, NotFou
 from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
 from atrund.execute.protocol import ExecPermissions, ExecResponse
 from atrund.gateway import Gateway
+from atrund.health import Health
 from atrund.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
@@ -50,12 +51,14 @@ from atrund.records import (
     result_rkey,
     unix_time,
 )
+from atrund.quarantine import Quarantine, QuarantineError
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
 from atrund.sealed import KeyFileError, Keyring, SecretError, redact_response
 from atrund.session import Session
-from atrund.state import State, Stored
+from atrund.state import State, Stored, StoreError
+from atrund.supervise import Supervisor
 from atrund.trust import LiveAccess
 
 log = structlog.get_logger("atrund.daemon")
@@ -63,6 +66,9 @@ log = structlog.get_logger("atrund.daemon")
 FETCH_ATTEMPTS = 3
 STILL_POSTED_TIMEOUT = 3.0  # seconds
 STALE_AFTER = 2.0  # seconds: older invocations are checked for deletion just before they start
+STORE_RETRY = 2.0  # seconds before an invocation the state store could not claim is tried again
+OUTBOX_STALE = 60.0  # seconds: an unwritten result older than this makes /healthz say degraded
+RETRY_POLL = 2.0  # seconds between looks for operators' `atrund quarantine retry`
 
 
 @dataclass
@@ -88,15 +94,21 @@ class Daemon:
         # list modes) the AT graph; kept current while the runner serves (atrund.trust).
         self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
         self.state = State(cfg.state.dir / "atrund.sqlite3")
+        self.quarantine = Quarantine(cfg.state.dir / "quarantine.sqlite3")
+        self.health = Health()
+        self.supervisor = Supervisor(self.health)
+        self._held: list[tuple[str, str, dict[str, Any]]] = []  # outcomes the state store could not take yet
+        self._held_wake = asyncio.Event()
         self.executor: Executor = create_executor(cfg.executor, cfg.executor.isolation)
         extensions = {name: rt.extension for name, rt in self.executor.runtimes.items()}
         self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes, extensions)
         lim = cfg.limits
         self.scheduler = Scheduler(self._guarded, self._reject_backlog, cfg.executor.concurrency,
                                    lim.per_author_concurrency, lim.per_author_per_minute, lim.per_author_burst,
-                                   lim.per_author_backlog)
+                                   lim.per_author_backlog, check=self._still_posted)
         self.meters = Meters()
         self.meters.watch(self._live_figures)
+        self.health.watch(self._conditions)
         self.gateway: Gateway | None = Gateway(self) if cfg.gateway.enabled else None
         self.session: Session | None = None
         self.writer: ResultWriter | None = None
@@ -109,7 +121,7 @@ class Daemon:
     async def start(self) -> None:
         r = self.cfg.runner
         self.session = await Session.login(r.pds, r.identifier, r.password())
-        self.writer = ResultWriter(self.session, self.state)
+        self.writer = ResultWriter(self.session, self.state, self.quarantine, self.health)
         await self.policy.start(self.session.did)
         self.policy.on_change = self._access_changed
         gateway_url = await self.gateway.start(self.session.did) if self.gateway is not None else None
@@ -122,11 +134,11 @@ class Daemon:
         ingest = self.cfg.ingest
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
         interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
-        self.intake = Intake(self.state, self.session.did, self.policy, self.submit)
-        self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval)
+        self.intake = Intake(self.state, self.session.did, self.policy, self.submit, self.quarantine)
+        self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval, self.health)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
-            self.firehose = Firehose(url, self.repos, self.intake)
+            self.firehose = Firehose(url, self.repos, self.intake, self.health)
 
     def declaration(self, gateway_url: str | None = None) -> Runner:
         e, g = self.cfg.executor, self.cfg.gateway
@@ -172,28 +184,34 @@ class Daemon:
             self.submit(inv.uri)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set; then drain running work and stop cleanly."""
+        """Serve until ``stop`` is set; then drain running work and stop cleanly.
+
+        Every loop runs under the supervisor: one that fails is restarted with backoff and
+        reported on /healthz, never a reason to stop serving."""
         assert self.poller and self.writer
-        loops = [asyncio.create_task(self.poller.run(), name="poller"), asyncio.create_task(self.writer.run(), name="writer"),
-                 asyncio.create_task(self.scheduler.run(), name="scheduler"), asyncio.create_task(self.policy.run(), name="access")]
+        loops = {"poller": self.poller.run, "writer": self.writer.run, "scheduler": self.scheduler.run,
+                 "access": self.policy.run, "held-outcomes": self._record_held, "quarantine-retries": self._take_retries}
         if self.firehose is not None:
-            loops.append(asyncio.create_task(self.firehose.run(), name="firehose"))
-        stopping = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stopping:  # a loop must never end by itself: say why, and stop cleanly
-                log.error("a runner loop stopped unexpectedly; shutting down", loop=task.get_name(),
-                          error=repr(task.exception()) if not task.cancelled() else "cancelled")
-        stopping.cancel()
-        for loop in loops:
-            if loop.get_name() not in ("writer", "scheduler"):
-                loop.cancel()
+            loops["firehose"] = self.firehose.run
+        for name, loop in loops.items():
+            self.supervisor.start(name, loop)
+        await stop.wait()
+        self.supervisor.stopping = True
+        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries"])
         if self.gateway is not None:
             await self.gateway.close()  # stop taking requests first; the ones in flight finish
         await self.scheduler.stop()  # running invocations finish; queued ones wait for the next start
-        await self.writer.flush()
-        loops[1].cancel()  # the writer, last
-        await asyncio.gather(*loops, return_exceptions=True)
+        await self.supervisor.stop(["scheduler", "held-outcomes"])
+        self._store_held()
+        if self._held:
+            log.error("outcomes not recorded: the state store still fails; these invocations will read as interrupted",
+                      count=len(self._held), uris=[uri for uri, _, _ in self._held][:20])
+        try:
+            await self.writer.flush()
+        except StoreError as e:
+            log.error("results not flushed at shutdown: the state store fails; they are written at the next start",
+                      error=str(e))
+        await self.supervisor.stop()  # the writer, last
 
     async def close(self) -> None:
         if self.gateway is not None:
@@ -203,15 +221,19 @@ class Daemon:
         if self.session is not None:
             await self.session.close()
         self.state.close()
+        self.quarantine.close()
 
     # -- operations (/healthz, /metrics) -------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        """What /healthz says: the runner is serving, for how long, how far behind, how busy."""
+    def report(self) -> dict[str, Any]:
+        """What /healthz says: serving or not, degraded and why, for how long, how far behind, how busy."""
         pool = self.executor.stats()
         lag = self.meters.lag_seconds
+        problems = self.health.problems()
         return {
             "ok": self.session is not None and not self.scheduler.stopped,
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
             "version": __version__,
             "did": self.session.did if self.session else None,
             "uptimeSeconds": round(self.meters.uptime(), 3),
@@ -223,10 +245,43 @@ class Daemon:
                      "latencyP50Ms": pool.latency_p50_ms, "latencyP95Ms": pool.latency_p95_ms},
         }
 
+    def _conditions(self) -> dict[str, str]:
+        """Problems measured when /healthz asks (the rest are reported as they happen)."""
+        out: dict[str, str] = {}
+        if self.state.failing is not None:
+            out["state"] = f"the state store fails: {self.state.failing}"
+        if self._held:
+            out["held-outcomes"] = f"{len(self._held)} finished invocations wait for the state store to record them"
+        if self.policy.failing is not None:
+            out["access"] = self.policy.failing
+        try:
+            depth, oldest = self.state.outbox_figures()
+        except StoreError:
+            return out  # said above
+        if oldest is not None and oldest > OUTBOX_STALE:
+            out["outbox"] = f"{depth} results are not written yet; the oldest has waited {oldest:.0f} s"
+        if self.firehose is not None:
+            out.update(self.firehose.conditions())
+        return out
+
     def _live_figures(self) -> dict[str, Any]:
+        try:
+            depth, oldest = self.state.outbox_figures()
+        except StoreError:
+            depth, oldest = None, None
+        try:
+            quarantined = self.quarantine.counts()
+        except QuarantineError:
+            quarantined = {}
         return {"queued": self.scheduler.queued(), "waiting_requests": self.scheduler.slot_waiters(),
                 "running": self.scheduler.running, "pool": self.executor.stats(),
-                "record_denials": self.intake.denied if self.intake else 0}
+                "record_denials": self.intake.denied if self.intake else 0,
+                "outbox_depth": depth, "outbox_oldest": oldest,
+                "write_failures": self.writer.write_failures if self.writer else 0,
+                "poll_failures": dict(self.poller.failures) if self.poller else {},
+                "firehose": self.firehose.figures() if self.firehose else None,
+                "quarantined": quarantined, "loop_restarts": dict(self.supervisor.restarts),
+                "store_failing": self.state.failing is not None}
 
     # -- one invocation ------------------------------------------------------------------
 
@@ -240,20 +295,33 @@ class Daemon:
             self._finish(stored, "rejected", error=why)
 
     async def _guarded(self, uri: str) -> None:
-        stored = self.state.pending(uri)
-        if stored is None:
-            return
-        if not self.policy.allows(stored.author):  # access was withdrawn while it waited: as if it came now
-            if self.state.deny(uri):
-                self.intake.denied += 1
-                log.warning("invocation denied by access policy (withdrawn while it waited)", uri=uri, mode=self.policy.mode)
+        try:
+            stored = self.state.pending(uri)
+            if stored is None:
+                return
+            if not self.policy.allows(stored.author):  # access was withdrawn while it waited: as if it came now
+                if self.state.deny(uri):
+                    self.intake.denied += 1
+                    log.warning("invocation denied by access policy (withdrawn while it waited)", uri=uri, mode=self.policy.mode)
+                return
+        except StoreError as e:
+            self._store_later(uri, e)
             return
         self.meters.ingested(stored.value.get("createdAt") if isinstance(stored.value, dict) else None, stored.seen_at)
         try:
             await self.handle(stored)
+        except StoreError as e:  # it could not be claimed: nothing started; it stays pending
+            self._store_later(uri, e)
         except Exception as e:  # a bug of ours must still end in a result, not a silent loss
             log.exception("internal error while handling an invocation", uri=uri)
             self._finish(stored, "error", error=f"internal error in the runner: {type(e).__name__}")
+
+    def _store_later(self, uri: str, e: StoreError) -> None:
+        """The store failed before the invocation started: it stays pending (in the store, if the
+        store took it at all) and is queued again shortly, never dropped from the live queue."""
+        log.warning("state store failed before an invocation started; queued again", uri=uri, error=str(e),
+                    retry_in_s=STORE_RETRY)
+        asyncio.get_running_loop().call_later(STORE_RETRY, self.submit, uri)
 
     async def handle(self, inv: Stored) -> None:
         try:
@@ -261,7 +329,7 @@ class Daemon:
         except ValidationError as e:
             self._finish(inv, "rejected", error=f"invalid invocation record: {_field_errors(e)}")
             return
-        if not await self._still_posted(inv, record) or not self.state.mark_running(inv.uri):
+        if not self.state.mark_running(inv.uri):
             return
         out = await self.run_bundle(record.bundle, record.endpoint, record.args or {}, record.timeout, queued_since=inv.seen_at,
                                     author=inv.author, secrets=record.secrets)
@@ -301,10 +369,11 @@ class Daemon:
                        response=response.response.model_dump(by_alias=True) if response.response else None,
                        metrics=metrics, error_type=response.error_type)
 
-    async def _still_posted(self, inv: Stored, record: Invocation) -> bool:
-        """Is a stale invocation still in its author's repo, unchanged? One repo.getRecord, just
-        before it would start: an invocation its author deleted (or edited) while it waited is
-        withdrawn (no run, no result), whichever way it came in.
+    async def _still_posted(self, uri: str) -> bool:
+        """Is a stale invocation still in its author's repo, unchanged? One repo.getRecord, when
+        it is next in line for its author (the scheduler's check, outside the execution slots):
+        an invocation its author deleted (or edited) while it waited is withdrawn (no run, no
+        result), whichever way it came in.
 
         Stale: it waited in our queue, or was already old when we first saw it (a replay after
         a restart, a poll backlog), by more than STALE_AFTER. A fresh one is not checked: the
@@ -312,7 +381,13 @@ class Daemon:
         at once arrives on the stream and withdraws it there. If the author's PDS does not
         answer in time it runs anyway: what was accepted was proven to be the author's, and a
         PDS that is down must not hold up the queue."""
-        created = unix_time(record.created_at)
+        try:
+            inv = self.state.pending(uri)
+        except StoreError:
+            return True  # the claim (mark_running) decides, and requeues if the store still fails
+        if inv is None:
+            return False
+        created = unix_time(inv.value.get("createdAt")) if isinstance(inv.value, dict) else None
         if created is None:
             created = 0.0  # unreadable: treat as old
         if time.time() - inv.seen_at <= STALE_AFTER and inv.seen_at - created <= STALE_AFTER:
@@ -328,8 +403,11 @@ class Daemon:
             log.info("could not check that the invocation is still posted; running it", uri=inv.uri, error=str(e) or "timeout")
             return True
         if cid != inv.cid:
-            if self.state.withdraw(inv.uri):
-                log.info("invocation withdrawn by its author before it ran (deleted or edited); not run", uri=inv.uri)
+            try:
+                if self.state.withdraw(inv.uri):
+                    log.info("invocation withdrawn by its author before it ran (deleted or edited); not run", uri=inv.uri)
+            except StoreError:
+                return True  # still pending in the store: the claim decides, and requeues
             return False
         return True
 
@@ -419,15 +497,65 @@ class Daemon:
         metrics = metrics or Metrics()
         metrics.total_ms = max(0, int((time.time() - inv.seen_at) * 1000))
         inv_ref = StrongRef(uri=inv.uri, cid=inv.cid)
-        result = build(inv_ref, bundle or _bundle_ref(inv.value, inv_ref), status, metrics=metrics, **fields)
-        if not self.state.finish(inv.uri, status, result_rkey(inv.uri), result.to_record()):
-            return  # it already has its result
-        self.writer.wake()
-        self.meters.finished("record", status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
+        bundle_ref = bundle or _bundle_ref(inv.value, inv_ref)
+        try:
+            record = build(inv_ref, bundle_ref, status, metrics=metrics, **fields).to_record()
+        except Exception as e:  # noqa: BLE001 - an answer a result cannot hold is an explained error, never a lost outcome
+            log.warning("answer cannot be stored as a result; storing an error instead", uri=inv.uri, error=f"{type(e).__name__}: {e}")
+            status, error_type = "error", "InvalidResult"
+            fields = {"error": f"the bundle's answer cannot be stored as a result record: {type(e).__name__}: {str(e)[:500]}"}
+            record = build(inv_ref, bundle_ref, status, metrics=metrics, **fields).to_record()
+        # The canonical line before the commit: a kill just after the commit must not lose it.
         log.info("invocation", uri=inv.uri, author=inv.author, status=status, bundle=(bundle.cid if bundle else None),
                  runtime=metrics.runtime, isolation=metrics.isolation, queued_ms=metrics.queued_ms,
                  exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms, error_type=error_type,
                  error=fields.get("error"))
+        self.meters.finished("record", status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
+        self._held.append((inv.uri, status, record))
+        self._store_held()
+
+    def _store_held(self) -> None:
+        """Record held outcomes (done + result queued, in one transaction each), oldest first. One
+        the store cannot take stays held, and the held-outcomes loop tries again: a finished run is
+        never relabelled "interrupted" because the store failed for a while."""
+        while self._held:
+            uri, status, record = self._held[0]
+            try:
+                self.state.finish(uri, status, result_rkey(uri), record)
+            except StoreError as e:
+                log.warning("outcome held: the state store failed; it is recorded once the store answers", uri=uri,
+                            error=str(e), held=len(self._held))
+                self._held_wake.set()
+                return
+            self._held.pop(0)
+            if self.writer is not None:
+                self.writer.wake()
+
+    async def _record_held(self) -> None:
+        delay = 1.0
+        while True:
+            await self._held_wake.wait()
+            self._held_wake.clear()
+            while self._held:
+                await asyncio.sleep(delay)
+                self._store_held()
+                delay = min(delay * 2, 30.0) if self._held else 1.0
+
+    async def _take_retries(self) -> None:
+        """Apply operators' `atrund quarantine retry`: the item goes back where it came from."""
+        while True:
+            await asyncio.sleep(RETRY_POLL)
+            for held in self.quarantine.take_retries():
+                log.info("retrying a quarantined item", kind=held.kind, key=held.key, id=held.id)
+                if held.kind == "result":
+                    self.state.requeue_result(held.key, held.item["rkey"], held.item["record"])
+                    self.writer.wake()
+                elif held.kind == "frame" and self.firehose is not None:
+                    await self.firehose.reprocess(held.item)
+                elif held.kind == "record" and self.intake is not None:
+                    self.intake.retake(held.item)
+                else:
+                    self.quarantine.add(held.kind, held.key, held.item, f"cannot be retried here ({held.reason})", held.attempts)
 
 
 def _load_keyring(cfg: Config) -> Keyring | None:

@@ -256,7 +256,7 @@ class Gateway:
     # -- operations ---------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return _json(200, self.d.health())
+        return _json(200, self.d.report())
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.meters.render(), headers={"Content-Type": CONTENT_TYPE})

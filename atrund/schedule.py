@@ -7,6 +7,12 @@ request) takes one of the same ``concurrency`` slots through ``slot()``, so the 
 runs more than ``concurrency`` bundles at once, whatever asked for them. Limits, all per author: how many run at once, a token
 bucket for how many start per minute, and how many may wait. An invocation over the rate waits;
 past the backlog it gets a ``rejected`` result saying why. Nothing is dropped silently.
+
+An optional ``check`` runs on the invocation at the head of each author's queue before it may
+take a slot (the daemon asks the author's PDS whether a stale invocation is still posted). It
+runs with its own bounded concurrency, outside the execution slots: a PDS that hangs delays only
+its own authors' checks, never the slots everyone else's work needs. A head the check refuses is
+dropped (the check has recorded why); one it accepts waits for a slot like any other.
 """
 
 from __future__ import annotations
@@ -18,6 +24,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import structlog
+
+log = structlog.get_logger("atrund.schedule")
+
+
+CHECK_CONCURRENCY = 8
+
 
 @dataclass
 class _Author:
@@ -25,6 +38,8 @@ class _Author:
     running: int = 0
     tokens: float = 0.0
     refilled: float = 0.0
+    ready: bool = False  # the head of the queue passed the check
+    checking: bool = False
 
 
 class Scheduler:
@@ -37,8 +52,11 @@ class Scheduler:
         per_minute: float = 60.0,
         burst: int = 10,
         backlog: int = 1000,
+        check: Callable[[str], Awaitable[bool]] | None = None,
+        check_concurrency: int = CHECK_CONCURRENCY,
     ) -> None:
-        self._run, self._reject = run, reject
+        self._run, self._reject, self._check = run, reject, check
+        self._checks = asyncio.Semaphore(check_concurrency)
         self.concurrency = concurrency
         self.per_author_concurrency = per_author_concurrency
         self.rate = per_minute / 60.0
@@ -48,6 +66,7 @@ class Scheduler:
         self.ring: collections.deque[str] = collections.deque()  # authors with something queued
         self.running = 0
         self.tasks: set[asyncio.Task] = set()
+        self.checks: set[asyncio.Task] = set()
         self.stopped = False
         self._wake = asyncio.Event()
         self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
@@ -123,6 +142,10 @@ class Scheduler:
             a = self.authors[author]
             if a.running >= self.per_author_concurrency:
                 continue
+            if not a.ready:
+                self._check_head(author, a)  # ready at once without a check; else when it passes
+                if not a.ready:
+                    continue
             self._refill(a, now)
             if a.tokens >= 1.0:
                 return author, None
@@ -148,9 +171,42 @@ class Scheduler:
             except asyncio.TimeoutError:
                 pass
 
+    def _check_head(self, author: str, a: _Author) -> None:
+        """Start the check of the author's head (once); the author may start when it passes."""
+        if self._check is None:
+            a.ready = True
+            return
+        if a.checking:
+            return
+        a.checking = True
+        uri = a.queue[0]
+
+        async def check() -> None:
+            ok = True
+            try:
+                async with self._checks:
+                    ok = await self._check(uri)
+            except Exception:  # noqa: BLE001 - a failed check must not lose the invocation: run it
+                log.exception("invocation check failed; running it", uri=uri)
+            finally:
+                a.checking = False
+            if a.queue and a.queue[0] == uri:
+                if ok:
+                    a.ready = True
+                else:
+                    a.queue.popleft()
+                    if not a.queue and author in self.ring:
+                        self.ring.remove(author)
+            self._wake.set()
+
+        task = asyncio.create_task(check())
+        self.checks.add(task)
+        task.add_done_callback(self.checks.discard)
+
     def _start(self, author: str) -> None:
         a = self.authors[author]
         uri = a.queue.popleft()
+        a.ready = False  # the next head is checked before it starts
         if not a.queue:
             self.ring.remove(author)
         a.tokens -= 1.0
@@ -174,4 +230,6 @@ class Scheduler:
         """Start nothing more (what waits stays pending for the next start); let running ones finish."""
         self.stopped = True
         self._wake.set()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for task in self.checks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, *self.checks, return_exceptions=True)

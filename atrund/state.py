@@ -5,12 +5,26 @@ What makes "nothing lost, nothing run twice" true:
 - it is marked ``running`` and committed before its bundle starts, so after a crash it is
   never started again: a ``running`` row found at start-up gets an "interrupted" result;
 - its result record goes into the outbox in the same transaction that marks it ``done``;
-  the outbox is retried until the PDS accepts the write.
+  the outbox is retried until the PDS accepts the write (or refuses it for good: see
+  atrund.results, and atrund.quarantine for what cannot be written at all).
+
+Faults of the store itself (a full disk, an immutable or unreadable file, an I/O error) become
+``StoreError`` here, the one place sqlite3's exceptions are translated; ``failing`` says what
+the last one was until a write succeeds again (/healthz shows it). Callers hold what they could
+not store and try again; nothing is dropped because the store failed for a while.
+
+The database is opened in WAL mode with ``locking_mode=EXCLUSIVE``: its WAL index then lives in
+this process's memory instead of a memory-mapped ``-shm`` file. A mapped file that cannot be
+written (an immutable flag, a full disk) makes the kernel send SIGBUS, which kills the process;
+with the index in memory the same fault is an ordinary error. The file lock below already makes
+the database private to one runner, so no other process needs the shared index. (Operators'
+commands that must work while the runner runs use their own file: atrund.quarantine.)
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -55,6 +69,32 @@ class StateLocked(AtrundError):
     pass
 
 
+class StoreError(AtrundError):
+    """The state store failed (disk full, read-only or immutable file, I/O error): worth retrying."""
+
+
+def _translated(method):
+    """sqlite3's exceptions as StoreError, and ``failing`` kept current: the one place they are
+    translated. A successful call clears ``failing`` (reads too: a store that answers reads but
+    not writes reports again at the next write)."""
+
+    @functools.wraps(method)
+    def call(self: "State", *args, **kwargs):
+        try:
+            out = method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            self.failing = f"{method.__name__}: {type(e).__name__}: {e}"
+            raise StoreError(f"the state store failed ({self.failing})") from e
+        if self.failing is not None and method.__name__ not in _READS:
+            self.failing = None
+        return out
+
+    return call
+
+
+_READS = {"cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures"}
+
+
 @dataclass(frozen=True)
 class Stored:
     uri: str
@@ -83,7 +123,10 @@ class State:
         except BlockingIOError:
             os.close(self._lock)
             raise StateLocked(f"{path.parent} is in use by another atrund process") from None
+        self.path = path
+        self.failing: str | None = None
         self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
+        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before WAL: no memory-mapped -shm (see above)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed "running" must survive a power cut
         self.db.executescript(SCHEMA)
@@ -94,6 +137,7 @@ class State:
 
     # -- invocations ---------------------------------------------------------------------
 
+    @_translated
     def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool:
         """Remember an invocation; False if it was seen before (whatever became of it)."""
         cur = self.db.execute(
@@ -102,6 +146,7 @@ class State:
         )
         return cur.rowcount == 1
 
+    @_translated
     def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
                     withdrawn: list[str] = ()) -> list[str]:
         """Store a page of invocations, withdraw the deleted ones, and move the source's cursor
@@ -117,6 +162,7 @@ class State:
                 self.db.execute("INSERT OR REPLACE INTO cursors(source, cursor) VALUES (?, ?)", (source, cursor))
         return [uri for uri in new if uri not in gone]
 
+    @_translated
     def withdraw(self, uri: str) -> bool:
         """The author deleted (or changed) a pending invocation: it will not run, and gets no result."""
         with self._tx():
@@ -128,25 +174,30 @@ class State:
         )
         return cur.rowcount == 1
 
+    @_translated
     def forget_cursor(self, source: str) -> None:
         self.db.execute("DELETE FROM cursors WHERE source = ?", (source,))
 
+    @_translated
     def cursor(self, source: str) -> str | None:
         row = self.db.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
         return row[0] if row else None
 
+    @_translated
     def with_state(self, state: str) -> list[Stored]:
         rows = self.db.execute(
             "SELECT uri, author, cid, value, seen_at FROM invocations WHERE state = ? ORDER BY seen_at", (state,)
         ).fetchall()
         return [Stored(uri, author, cid, json.loads(value), seen) for uri, author, cid, value, seen in rows]
 
+    @_translated
     def pending(self, uri: str) -> Stored | None:
         row = self.db.execute(
             "SELECT uri, author, cid, value, seen_at FROM invocations WHERE uri = ? AND state = 'pending'", (uri,)
         ).fetchone()
         return Stored(row[0], row[1], row[2], json.loads(row[3]), row[4]) if row else None
 
+    @_translated
     def mark_running(self, uri: str) -> bool:
         """Claim a pending invocation for execution; False if it is not pending (never run twice)."""
         cur = self.db.execute(
@@ -154,11 +205,13 @@ class State:
         )
         return cur.rowcount == 1
 
+    @_translated
     def deny(self, uri: str) -> bool:
         """A pending invocation whose author lost access before it started: never run, no result."""
         cur = self.db.execute("UPDATE invocations SET state = 'denied' WHERE uri = ? AND state = 'pending'", (uri,))
         return cur.rowcount == 1
 
+    @_translated
     def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any]) -> bool:
         """Mark an invocation done and queue its result record, in one transaction.
 
@@ -178,10 +231,12 @@ class State:
             )
         return True
 
+    @_translated
     def status_of(self, uri: str) -> tuple[str, str | None] | None:
         row = self.db.execute("SELECT state, status FROM invocations WHERE uri = ?", (uri,)).fetchone()
         return (row[0], row[1]) if row else None
 
+    @_translated
     def counts(self) -> dict[str, int]:
         out = dict(self.db.execute("SELECT state, count(*) FROM invocations GROUP BY state").fetchall())
         out["unwritten"] = self.db.execute("SELECT count(*) FROM outbox WHERE written_at IS NULL").fetchone()[0]
@@ -189,6 +244,7 @@ class State:
 
     # -- outbox --------------------------------------------------------------------------
 
+    @_translated
     def due(self, limit: int = 50) -> list[Outgoing]:
         rows = self.db.execute(
             "SELECT invocation_uri, rkey, record, attempts FROM outbox WHERE written_at IS NULL AND next_try <= ? "
@@ -197,13 +253,38 @@ class State:
         ).fetchall()
         return [Outgoing(uri, rkey, json.loads(rec), attempts) for uri, rkey, rec, attempts in rows]
 
+    @_translated
     def next_due_in(self) -> float | None:
         row = self.db.execute("SELECT min(next_try) FROM outbox WHERE written_at IS NULL").fetchone()
         return None if row[0] is None else max(0.0, row[0] - time.time())
 
+    @_translated
     def written(self, invocation_uri: str) -> None:
         self.db.execute("UPDATE outbox SET written_at = ? WHERE invocation_uri = ?", (time.time(), invocation_uri))
 
+    @_translated
+    def outbox_figures(self) -> tuple[int, float | None]:
+        """How many results wait to be written, and how long the oldest has waited (seconds)."""
+        count, oldest = self.db.execute(
+            "SELECT count(*), min(i.finished_at) FROM outbox o JOIN invocations i ON i.uri = o.invocation_uri "
+            "WHERE o.written_at IS NULL"
+        ).fetchone()
+        return count, (None if oldest is None else max(0.0, time.time() - oldest))
+
+    @_translated
+    def unqueue_result(self, invocation_uri: str) -> None:
+        """Take a result off the outbox for good (it is in quarantine now: atrund.quarantine)."""
+        self.db.execute("DELETE FROM outbox WHERE invocation_uri = ? AND written_at IS NULL", (invocation_uri,))
+
+    @_translated
+    def requeue_result(self, invocation_uri: str, rkey: str, record: dict[str, Any]) -> None:
+        """Put a result back on the outbox, due now (an operator's ``atrund quarantine retry``)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
+            (invocation_uri, rkey, json.dumps(record), time.time()),
+        )
+
+    @_translated
     def retry_later(self, invocation_uri: str, error: str, delay: float, record: dict[str, Any] | None = None) -> None:
         if record is None:
             self.db.execute(
@@ -230,4 +311,10 @@ class _Transaction:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:  # a failed BEGIN or COMMIT may have ended it already
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the first error is the one worth reporting

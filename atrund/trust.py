@@ -77,6 +77,7 @@ class LiveAccess:
         self.repos = repos
         self.source: str | None = None  # the operator DID (follows) or list AT URI (list)
         self.trusted: frozenset[str] = frozenset()
+        self.failing: str | None = None  # why the trust source could not be read last time (/healthz)
         self.trust_read_at: float | None = None  # monotonic time of the last successful read
         self._entries = PolicyEntries()
         self._stamp: object = None
@@ -110,10 +111,12 @@ class LiveAccess:
         interval = self.section.refresh_interval
         try:
             changed = await self.refresh_trust()
-        except TrustUnavailable:
+        except TrustUnavailable as e:
             self._next_trust = time.monotonic() + min(interval, RETRY_SECONDS)
+            self.failing = f"the trust source ({self.mode} of {self.source}) cannot be read: {e}"
             return False
         self._next_trust = time.monotonic() + interval
+        self.failing = None
         return changed
 
     def reload_file(self) -> bool:

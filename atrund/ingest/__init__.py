@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from atrund.access import AccessPolicy
+from atrund.quarantine import Quarantine
 from atrund.state import State
 
 log = structlog.get_logger("atrund.ingest")
@@ -33,8 +34,10 @@ def classify(uri: str, value: Any, runner_did: str, policy: AccessPolicy) -> str
 
 
 class Intake:
-    def __init__(self, state: State, runner_did: str, policy: AccessPolicy, on_new: Callable[[str], None]) -> None:
+    def __init__(self, state: State, runner_did: str, policy: AccessPolicy, on_new: Callable[[str], None],
+                 quarantine: Quarantine | None = None) -> None:
         self.state = state
+        self.quarantine = quarantine
         self.runner_did = runner_did
         self.policy = policy
         self.on_new = on_new
@@ -62,3 +65,20 @@ class Intake:
                 found += 1
                 self.on_new(uri)
         return found
+
+    def hold(self, kind: str, key: str, item: Any, reason: str) -> None:
+        """Quarantine one item a source could not process (atrund.quarantine); the source moves on."""
+        log.error("ingest: item quarantined", kind=kind, key=key, reason=reason)
+        if self.quarantine is not None:
+            self.quarantine.add(kind, key, item, reason)
+
+    def retake(self, item: dict[str, Any]) -> int:
+        """Take a quarantined listed record again (``atrund quarantine retry``), as a poll would."""
+        uri, cid, value = item.get("uri"), item.get("cid"), item.get("value")
+        author = uri.removeprefix("at://").split("/", 1)[0] if isinstance(uri, str) else None
+        verdict = self.verdict(uri, value) if author else None
+        if verdict is None or not isinstance(cid, str):
+            log.info("quarantined record retried: not an invocation for this runner; nothing to do", uri=uri)
+            return 0
+        return self.accept(f"retry:{author}", None, [(uri, author, cid, value, verdict)])
+

@@ -20,24 +20,40 @@ Deletes withdraw a pending invocation; updates never run one again. The cursor i
 same transaction as the invocations, so a crash at any point neither skips nor repeats one; on
 reconnect and restart the stream resumes after the last frame processed. Reconnects back off
 with jitter. The poller's periodic full rescan still runs beside this, for what the stream missed.
+
+No frame stops the stream:
+- a frame that is malformed is skipped and counted; one whose processing fails in a way we did
+  not foresee is quarantined (atrund.quarantine) and skipped; the cursor moves on either way;
+- a state store that fails holds the batch (and, through the inbox, the socket) until it answers;
+- a ``seq`` must be an integer below 2^53 that moves forward. One that jumps more than
+  ``MAX_SEQ_JUMP`` ahead is believed only when the next frame carries on from it (a relay that
+  really moved on); alone, it is dropped, so one forged frame cannot make every later genuine
+  frame look like a replay;
+- a stream that delivers frames but none that moves forward for ``STALL_SECONDS`` is stalled:
+  /healthz says so and the connection is made again (from the live end, if it stalls twice at the
+  same place; the poll rescan covers the gap).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import libipld
 import structlog
 import websockets
 
 from atrund.errors import AtrundError, NotFound
+from atrund.health import Health
 from atrund.ingest import Intake, Row
 from atrund.ingest.proof import Incomplete, ProofError, SigningKey, created_records
 from atrund.records import INVOCATION
 from atrund.repos import Repos, to_json_model
+from atrund.state import StoreError
 
 log = structlog.get_logger("atrund.ingest")
 
@@ -50,6 +66,11 @@ IDLE_CURSOR_SAVE = 5.0  # seconds: frames that carry nothing for us still move t
 MAX_FRAME = 8 * 1024 * 1024
 INBOX_BYTES = 32 * 1024 * 1024  # frames received and not yet processed; beyond this the socket is not read
 BATCH = 256  # frames processed per transaction at most
+MAX_SEQ = 2**53  # seqs are JavaScript-safe integers in every implementation
+MAX_SEQ_JUMP = 1_000_000  # further ahead than this in one frame needs the next frame to agree
+STALL_SECONDS = 30.0
+DISCONNECTED_DEGRADED = 10.0  # seconds without a connection before /healthz says so
+MAX_QUARANTINED_FRAMES = 100  # per process: a relay sending garbage must not fill the disk
 
 
 @dataclass
@@ -59,10 +80,14 @@ class Counters:
     proven: int = 0  # invocations proven from the frame itself
     fetched: int = 0  # invocations proven by asking the author's PDS (frame lacked blocks)
     forged: int = 0  # frames refused: signature, tree or hash did not check out
+    malformed: int = 0  # frames skipped: undecodable, or of the wrong shape
+    failed: int = 0  # frames whose processing failed unexpectedly (quarantined)
+    implausible: int = 0  # frames dropped for a seq that does not move forward plausibly
+    stalls: int = 0  # reconnects because the stream stalled
 
 
 class Firehose:
-    def __init__(self, url: str, repos: Repos, intake: Intake) -> None:
+    def __init__(self, url: str, repos: Repos, intake: Intake, health: Health | None = None) -> None:
         self.url = url.rstrip("/")
         self.source = f"firehose:{self.url}"
         self.repos = repos
@@ -77,6 +102,16 @@ class Firehose:
         self._undecoded: bytes | None = None  # the last frame skipped undecoded: its seq, if asked
         self._skip = 0  # seqs to step over on reconnect, past a frame too big to receive
         self._oversized_at: int | None = None
+        self.health = health or Health()
+        self._stored: int | None = None  # the stored cursor when the stream (re)started: the base of plausibility
+        self._suspect: tuple[int, bytes] | None = None  # a frame whose seq jumped far ahead, until the next agrees
+        self._ws = None
+        self.connected = False
+        self._disconnected_since: float | None = time.monotonic()
+        self._last_error = "not connected yet"
+        self._last_frame: float | None = None  # monotonic time of the last frame received
+        self._stuck_since: float | None = None  # frames arrive but none moves forward, since
+        self._stalled_at: int | None = None
 
     # -- the socket ---------------------------------------------------------------------------
 
@@ -85,9 +120,40 @@ class Firehose:
         if self._undecoded is not None:
             seq = _seq_of(self._undecoded)
             self._undecoded = None
-            if seq is not None and (self._seq is None or seq > self._seq):
+            if seq is not None and self._moves_forward(seq) and not self._jumps(seq):
                 self._seq = seq
         return self._seq
+
+    def _moves_forward(self, seq: int) -> bool:
+        return 0 <= seq < MAX_SEQ and (self._seq is None or seq > self._seq)
+
+    def _jumps(self, seq: int) -> bool:
+        """Whether ``seq`` is further ahead of where we are than one frame plausibly moves."""
+        base = self._seq if self._seq is not None else self._stored
+        return base is not None and seq > base + MAX_SEQ_JUMP
+
+    # -- health -------------------------------------------------------------------------------
+
+    def conditions(self) -> dict[str, str]:
+        """What /healthz should say about the stream now."""
+        now = time.monotonic()
+        if not self.connected and self._disconnected_since is not None and now - self._disconnected_since > DISCONNECTED_DEGRADED:
+            return {"firehose": f"disconnected from {self.url} for {now - self._disconnected_since:.0f} s: {self._last_error}"}
+        if self._stuck_since is not None and now - self._stuck_since > STALL_SECONDS:
+            return {"firehose": f"stalled: frames arrive from {self.url} but none has moved forward for "
+                                f"{now - self._stuck_since:.0f} s (last seq {self._seq})"}
+        return {}
+
+    def figures(self) -> dict[str, Any]:
+        return {"connected": self.connected, "last_frame_age": None if self._last_frame is None else time.monotonic() - self._last_frame,
+                "counters": self.counters}
+
+    def _progress(self) -> None:
+        self._stuck_since = None
+
+    def _no_progress(self) -> None:
+        if self._stuck_since is None:
+            self._stuck_since = time.monotonic()
 
     def _resume_point(self) -> int | None:
         """Where the stream goes on from: the last frame processed, else the stored cursor."""
@@ -102,9 +168,32 @@ class Firehose:
         return url + (f"?cursor={cursor}" if cursor is not None else "")
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tasks:  # if either loop fails, both end, and the daemon says why
+        self._stored = _int(self.intake.state.cursor(self.source))
+        async with asyncio.TaskGroup() as tasks:  # if either loop fails, both end, and the supervisor restarts both
             tasks.create_task(self._process(), name="firehose-processor")
             tasks.create_task(self._read(), name="firehose-reader")
+            tasks.create_task(self._watch(), name="firehose-watchdog")
+
+    async def _watch(self) -> None:
+        """Reconnect a stream that stalled (see the module doc)."""
+        while True:
+            await asyncio.sleep(STALL_SECONDS / 6)
+            if self._stuck_since is None or time.monotonic() - self._stuck_since <= STALL_SECONDS or self._ws is None:
+                continue
+            self.counters.stalls += 1
+            position = self._position()
+            if self._stalled_at is not None and self._stalled_at == position:
+                # The same place twice: our position means nothing to this stream. Start from its
+                # live end; the poll rescan covers whatever was posted in between.
+                log.warning("firehose stalled again at the same place; starting from the live end", url=self.url, seq=position)
+                self._seq, self._undecoded, self._stored = None, None, None
+                self.intake.state.forget_cursor(self.source)
+            else:
+                log.warning("firehose stalled: frames arrive but none moves forward; reconnecting", url=self.url,
+                            seq=position, stuck_s=round(time.monotonic() - self._stuck_since, 1))
+            self._stalled_at = position
+            self._stuck_since = None
+            await self._ws.close()
 
     async def _read(self) -> None:
         delay = 1.0
@@ -115,7 +204,9 @@ class Firehose:
                 async with websockets.connect(endpoint, max_size=MAX_FRAME, open_timeout=10,
                                               ping_interval=20, ping_timeout=20, compression=None) as ws:
                     log.info("firehose connected", url=self.url, cursor=endpoint.partition("?cursor=")[2] or None)
+                    self._ws, self.connected, self._disconnected_since = ws, True, None
                     async for message in ws:
+                        self._last_frame = time.monotonic()
                         if isinstance(message, bytes):
                             while self._inbox_bytes > INBOX_BYTES:  # backpressure: stop reading the socket
                                 self._inbox_room.clear()
@@ -123,9 +214,17 @@ class Firehose:
                             self._inbox_bytes += len(message)
                             self.inbox.put_nowait(message)
             except websockets.ConnectionClosedError as e:
+                self._last_error = f"{type(e).__name__}: {e}"
                 self._closed(e)
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as e:
-                log.warning("firehose connection lost; reconnecting", url=self.url, error=f"{type(e).__name__}: {e}")
+                self._last_error = f"{type(e).__name__}: {e}"
+                log.warning("firehose connection lost; reconnecting", url=self.url, error=self._last_error)
+            else:
+                self._last_error = "the stream closed the connection"
+            finally:
+                if self.connected:
+                    self._disconnected_since = time.monotonic()
+                self._ws, self.connected = None, False
             await self.inbox.join()  # resume after the last frame received, once it is processed
             if time.monotonic() - connected_at > 60:
                 delay = 1.0  # only a healthy minute resets the backoff
@@ -166,30 +265,63 @@ class Firehose:
         rows: list[Row] = []
         withdrawn: list[str] = []
         for message in messages:
-            try:
-                await self._frame(message, rows, withdrawn)
-            except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
-                # One malformed frame from a relay must not end ingest for everyone.
-                log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
+            await self._guarded(message, rows, withdrawn)
         now = time.monotonic()
         if not rows and not withdrawn and now - self._saved_at < IDLE_CURSOR_SAVE:
             return
         self._saved_at = now
         position = self._position()
-        self.intake.accept(self.source, str(position) if position is not None else None, rows, withdrawn)
+        await self._store(str(position) if position is not None else None, rows, withdrawn)
 
-    async def _frame(self, message: bytes, rows: list[Row], withdrawn: list[str]) -> None:
+    async def _guarded(self, message: bytes, rows: list[Row], withdrawn: list[str], replay: bool = False) -> None:
+        """One frame; whatever goes wrong is this frame's alone (see the module doc)."""
+        taken = len(rows), len(withdrawn)
+        try:
+            await self._frame(message, rows, withdrawn, replay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one frame must never end ingest for everyone
+            del rows[taken[0]:], withdrawn[taken[1]:]  # nothing half-taken from it
+            self.counters.failed += 1
+            log.exception("firehose: processing a frame failed; skipped and quarantined", url=self.url, after_seq=self._seq)
+            if self.counters.failed <= MAX_QUARANTINED_FRAMES:
+                self.intake.hold("frame", f"{self.url} after seq {self._seq}",
+                                 {"url": self.url, "frame": base64.b64encode(message).decode()}, f"{type(e).__name__}: {e}")
+
+    async def _store(self, cursor: str | None, rows: list[Row], withdrawn: list[str]) -> None:
+        """Store a batch with the cursor; while the state store fails, hold it (and so the stream)."""
+        delay = 1.0
+        while True:
+            try:
+                self.intake.accept(self.source, cursor, rows, withdrawn)
+                return
+            except StoreError as e:
+                log.warning("firehose: the state store failed; holding the batch", error=str(e), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def reprocess(self, item: dict[str, Any]) -> None:
+        """Process a quarantined frame again (``atrund quarantine retry``); the cursor stays where it is."""
+        rows: list[Row] = []
+        withdrawn: list[str] = []
+        await self._guarded(base64.b64decode(item["frame"]), rows, withdrawn, replay=True)
+        await self._store(None, rows, withdrawn)
+
+    async def _frame(self, message: bytes, rows: list[Row], withdrawn: list[str], replay: bool = False) -> None:
         self.counters.frames += 1
-        if NEEDLE not in message and message.startswith(COMMIT_HEADER):
+        if NEEDLE not in message and message.startswith(COMMIT_HEADER) and not replay:
             self.counters.skipped_fast += 1
             self._undecoded = message  # its seq is read only if the cursor is stored now
+            self._progress()
             return
         try:
             header, body = libipld.decode_dag_cbor_multi(message)[:2]
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
+            self.counters.malformed += 1
             log.warning("firehose: undecodable frame skipped", size=len(message))
             return
         if not isinstance(header, dict) or not isinstance(body, dict):
+            self.counters.malformed += 1
             log.warning("firehose: frame of the wrong shape skipped")
             return
         if header.get("op") == -1:
@@ -199,17 +331,40 @@ class Firehose:
                 # another one): its seqs mean nothing here. Start again from the live end; the
                 # poll rescan covers whatever was posted in between.
                 log.warning("firehose: our cursor is ahead of the stream; starting from its live end", url=self.url)
-                self._seq, self._undecoded, self._skip = None, None, 0
+                self._seq, self._undecoded, self._skip, self._stored = None, None, 0, None
                 self.intake.state.forget_cursor(self.source)
             return
         kind, seq = header.get("t"), body.get("seq")
         if kind == "#info" and body.get("name") == "OutdatedCursor":
             log.warning("firehose: our cursor is older than the stream keeps; the rescan covers the gap")
-        if not isinstance(seq, int):
+        if not isinstance(seq, int) or isinstance(seq, bool):
             return
-        if self._seq is not None and seq <= self._seq:
-            return  # a replay of what was processed already (a relay resending after a reconnect)
-        self._seq, self._undecoded = seq, None
+        if not replay:
+            if not self._moves_forward(seq):
+                self._no_progress()  # a replay of what was processed already, or nonsense
+                if seq >= MAX_SEQ or seq < 0:
+                    self.counters.implausible += 1
+                return
+            if self._jumps(seq):
+                held, self._suspect = self._suspect, (seq, message)
+                if held is not None and held[0] < seq <= held[0] + MAX_SEQ_JUMP:
+                    # Two frames agree that the stream moved on: take the held one, then this one.
+                    log.warning("firehose: the stream's seq moved far ahead; following it", previous=self._seq, seq=held[0])
+                    self._suspect, self._seq, self._stored = None, held[0] - 1, None
+                    await self._frame(held[1], rows, withdrawn)
+                    await self._frame(message, rows, withdrawn)
+                    return
+                if held is not None:
+                    self.counters.implausible += 1
+                self._no_progress()
+                log.warning("firehose: a frame's seq jumps far ahead; held until the next frame agrees", last=self._seq, seq=seq)
+                return
+            if self._suspect is not None:
+                log.warning("firehose: dropped a frame whose seq jumped ahead alone", seq=self._suspect[0], last=self._seq)
+                self.counters.implausible += 1
+                self._suspect = None
+            self._seq, self._undecoded = seq, None
+            self._progress()
         if self._skip and self._oversized_at is not None and seq > self._oversized_at + self._skip:
             self._skip, self._oversized_at = 0, None  # moving again: the skip is spent
         did = body.get("did")

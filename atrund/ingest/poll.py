@@ -3,16 +3,24 @@
 The per-author cursor is the last record key seen (listRecords in ascending key order), and it
 moves in the same SQLite transaction that stores the page's invocations, so a crash between
 the two can neither skip nor repeat one.
+
+Authors are polled side by side with bounded concurrency, and each one's failure is its own: an
+author whose PDS is down, or whose repo holds something the poller cannot take, is logged,
+counted (``failures``) and reported on /healthz by name, and the others are polled as usual. A
+listed record that breaks processing is quarantined (atrund.quarantine) and passed, so it cannot
+hold up the author's later invocations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 
 import structlog
 
 from atrund.errors import AtrundError
+from atrund.health import Health
 from atrund.ingest import Intake
 from atrund.records import INVOCATION
 from atrund.repos import Repos
@@ -22,6 +30,7 @@ log = structlog.get_logger("atrund.ingest")
 PAGE = 100  # listRecords' maximum page
 MAX_PAGES = 20  # per author per round
 RECONCILE_PAGES = 1000  # a full rescan of one author's invocations (100,000 records)
+CONCURRENCY = 16  # authors polled at once
 
 
 def _fields(rec: object) -> tuple[str | None, str | None, object]:
@@ -42,12 +51,15 @@ def _own_rkey(uri: str | None, author: str) -> str | None:
 
 class Poller:
     def __init__(self, repos: Repos, intake: Intake, authors: list[str], interval: float,
-                 reconcile_interval: float = 300.0) -> None:
+                 reconcile_interval: float = 300.0, health: Health | None = None) -> None:
         self.repos = repos
         self.intake = intake
         self.authors = authors
         self.interval = interval
         self.reconcile_interval = reconcile_interval
+        self.health = health or Health()
+        self.failures: collections.Counter[str] = collections.Counter()  # failed polls per author (/metrics)
+        self._slots = asyncio.Semaphore(CONCURRENCY)
 
     async def poll_author(self, author: str, reconcile: bool = False) -> int:
         """Take every new invocation from one author's repo; returns how many are to run.
@@ -73,7 +85,11 @@ class Poller:
                     log.warning("ignoring a listed record that is not this author's invocation", author=author, uri=uri)
                     continue
                 last_rkey = max(last_rkey or rkey, rkey)
-                verdict = self.intake.verdict(uri, value)
+                try:
+                    verdict = self.intake.verdict(uri, value)
+                except Exception as e:  # noqa: BLE001 - one record must not stop the author's polls for good
+                    self.intake.hold("record", uri, {"uri": uri, "cid": cid, "value": value}, f"{type(e).__name__}: {e}")
+                    continue
                 if verdict is not None:
                     rows.append((uri, author, cid, value, verdict))
             if last_rkey == cursor:
@@ -86,16 +102,28 @@ class Poller:
 
     async def poll_once(self, reconcile: bool = False) -> int:
         authors = list(self.authors)  # the daemon may replace the list while this round runs
-        results = await asyncio.gather(*(self.poll_author(a, reconcile) for a in authors), return_exceptions=True)
-        found = 0
-        for author, res in zip(authors, results, strict=True):
-            if isinstance(res, BaseException):
-                if not isinstance(res, AtrundError):
-                    log.error("poll failed unexpectedly", author=author, error=f"{type(res).__name__}: {res}")
-                else:
-                    log.warning("poll failed", author=author, error=str(res))
+        found = sum(await asyncio.gather(*(self._poll_one(a, reconcile) for a in authors)))
+        self.health.clear_prefix("poll:", keep={f"poll:{a}" for a in authors})  # authors no longer polled
+        return found
+
+    async def _poll_one(self, author: str, reconcile: bool) -> int:
+        """One author's poll, its failure its own: logged, counted, on /healthz until it works again."""
+        try:
+            async with self._slots:
+                found = await self.poll_author(author, reconcile)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever happened, the other authors are polled
+            self.failures[author] += 1
+            if isinstance(e, AtrundError):
+                detail = str(e)
+                log.warning("poll failed", author=author, error=detail)
             else:
-                found += res
+                detail = f"{type(e).__name__}: {e}"
+                log.exception("poll failed unexpectedly", author=author)
+            self.health.problem(f"poll:{author}", f"polls of {author} fail: {detail[:300]}")
+            return 0
+        self.health.clear(f"poll:{author}")
         return found
 
     async def run(self) -> None:
