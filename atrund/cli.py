@@ -5,23 +5,33 @@ JSON results go to stdout (pipe them to jq); progress and errors go to stderr.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import json
-import mimetypes
 import signal
 import sys
-import time
-from pathlib import Path
-from typing import Any
 
-import click
-from rich.console import Console
+# Signal handlers before anything else: the imports below take about 100 ms, and a SIGTERM that
+# arrives then must stop `serve` cleanly rather than kill it mid-start. What arrives early is
+# remembered and acted on as soon as the runner's event loop runs (see serve).
+_early_signals: list[int] = []
+if sys.argv[1:2] == ["serve"]:
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, lambda signum, frame: _early_signals.append(signum))
 
-from atrund import __version__
-from atrund import config as config_mod
-from atrund.errors import AtrundError, NotFound
-from atrund.records import BUNDLE, INVOCATION, RESULT, Result, decode_data, now_iso, result_rkey, result_uri
+import asyncio  # noqa: E402 - after the handlers, on purpose
+import functools  # noqa: E402
+import json  # noqa: E402
+import mimetypes  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from atrund import __version__  # noqa: E402
+from atrund import config as config_mod  # noqa: E402
+from atrund.errors import AtrundError, NotFound  # noqa: E402
+from atrund.records import BUNDLE, INVOCATION, RESULT, Result, decode_data, now_iso, result_rkey, result_uri  # noqa: E402
 
 err = Console(stderr=True, highlight=False)
 
@@ -38,6 +48,19 @@ def run_async(fn):
     def wrapper(*args, **kwargs):
         try:
             return asyncio.run(fn(*args, **kwargs))
+        except AtrundError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def plain_errors(fn):
+    """Our own errors in a synchronous command become one clear line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
         except AtrundError as e:
             raise click.ClickException(str(e)) from None
 
@@ -111,13 +134,31 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
     log.setup(log_level, json_logs)
 
     async def serve_until_signalled() -> None:
-        daemon = Daemon(cfg)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(log.asyncio_errors)
+
+        def signalled(signum: int) -> None:
+            if stop.is_set():  # the second one: do not wait for running work to drain
+                err.print(f"{signal.Signals(signum).name} again: exiting now (running invocations will read as interrupted)")
+                os._exit(128 + signum)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled, sig)
+        for sig in _early_signals:
+            signalled(sig)
+        daemon = Daemon(cfg)
         try:
-            await daemon.start()
+            starting = asyncio.create_task(daemon.start())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not starting.done():  # a signal during start-up: stop without serving
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                return
+            starting.result()
             await daemon.run(stop)
         finally:
             await daemon.close()
@@ -201,6 +242,77 @@ async def access_list(config_path: Path, members: bool) -> None:
     out["deny"] = [{"did": d, "from": "config"} for d in a.blocklist] + \
         [{"did": d, "from": "policy file"} for d in sorted(entries.deny) if d not in a.blocklist]
     emit(out)
+
+
+@main.group()
+def quarantine() -> None:
+    """Items the runner could not process (a result the PDS refuses even as an error, a firehose
+    frame or a listed record that broke processing): look at them, put them back, or drop them.
+    Works while the runner runs; it takes a retry within a few seconds (else at its next start)."""
+
+
+def _quarantine(config_path: Path):
+    from atrund.quarantine import Quarantine, QuarantineError
+
+    cfg = _load_config(config_path)
+    path = cfg.state.dir / "quarantine.sqlite3"
+    if not path.exists():
+        raise click.ClickException(f"no quarantine at {path}: this runner has not quarantined anything (state.dir is "
+                                   f"{cfg.state.dir})")
+    try:
+        return Quarantine(path)
+    except QuarantineError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _ids(ids: tuple[int, ...], every: bool) -> list[int] | None:
+    if every == bool(ids):
+        raise click.UsageError("give the IDs to act on (from `atrund quarantine list`), or --all")
+    return None if every else list(ids)
+
+
+@quarantine.command("list")
+@config_option
+@click.option("--kind", type=click.Choice(["result", "frame", "record"]), default=None, help="Only items of this kind.")
+@click.option("--full", is_flag=True, help="Also print each item as held (a result record, a frame in base64, a record).")
+@plain_errors
+def quarantine_list(config_path: Path, kind: str | None, full: bool) -> None:
+    """Print the quarantined items, oldest first: id, kind, what it is about, why, when."""
+    q = _quarantine(config_path)
+    try:
+        emit([{**held.summary(), **({"item": held.item} if full else {})} for held in q.list(kind)])
+    finally:
+        q.close()
+
+
+@quarantine.command("retry")
+@click.argument("ids", type=int, nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every quarantined item.")
+@config_option
+@plain_errors
+def quarantine_retry(ids: tuple[int, ...], every: bool, config_path: Path) -> None:
+    """Put items back where they came from: a result onto the outbox, a frame or record into ingest."""
+    q = _quarantine(config_path)
+    try:
+        n = q.ask_retry(_ids(ids, every))
+    finally:
+        q.close()
+    err.print(f"{n} item(s) marked for retry; a running runner takes them within a few seconds (else at its next start)")
+
+
+@quarantine.command("drop")
+@click.argument("ids", type=int, nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every quarantined item.")
+@config_option
+@plain_errors
+def quarantine_drop(ids: tuple[int, ...], every: bool, config_path: Path) -> None:
+    """Forget items for good."""
+    q = _quarantine(config_path)
+    try:
+        n = q.drop(_ids(ids, every))
+    finally:
+        q.close()
+    err.print(f"dropped {n} item(s)")
 
 
 # -- authors -----------------------------------------------------------------------------

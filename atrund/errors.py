@@ -8,6 +8,7 @@
     │   ├── ContentMismatch              bytes that do not hash to the CID they were fetched by
     │   ├── TooLarge                     more bytes than the configured limit
     │   └── Unreachable                  network failure or 5xx: worth retrying
+    ├── NotServed                        the access policy does not serve this DID (checked before resolving it)
     └── BundleRefused                    the bundle cannot be run as pinned (CID mismatch, too large)
         ├── VersionGone                  the pinned CID is no longer in the repo, nor cached here
         ├── EndpointUndeclared           the endpoint is not one the bundle record declares
@@ -46,6 +47,15 @@ class ContentMismatch(RemoteError):
 
 class TooLarge(RemoteError):
     pass
+
+
+class NotServed(AtrundError):
+    """The access policy does not serve ``did``: raised before the runner resolves it, so a caller
+    cannot make the runner connect to a host of their choosing (a did:web) by naming it."""
+
+    def __init__(self, did: str, message: str | None = None) -> None:
+        super().__init__(message or f"{did} is not served by this runner")
+        self.did = did
 
 
 class BundleRefused(AtrundError):

@@ -44,6 +44,7 @@ from atrund.errors import (
     EndpointUndeclared,
     IdentityError,
     NotFound,
+    NotServed,
     PermissionsRefused,
     RemoteError,
     VersionGone,
@@ -276,10 +277,15 @@ class Gateway:
                 raise HttpError(400, "InvalidRequest", f"cid: {e}") from None
         if actor.startswith("did:") and not DID.fullmatch(actor):
             raise HttpError(400, "InvalidRequest", f"{actor[:100]!r} is not a DID")
-        did = actor if actor.startswith("did:") else await self.d.identities.did_for_handle(actor, self.d.cfg.runner.pds)
-        if not self.d.policy.allows(did):
+        try:
+            # The policy is asked before any DID document is fetched (see atrund.serviceauth).
+            did = actor if actor.startswith("did:") else await self.d.identities.did_for_handle(
+                actor, self.d.cfg.runner.pds, admit=self.d.policy.allows)
+            if not self.d.policy.allows(did):
+                raise NotServed(did)
+        except NotServed as e:
             self.meters.denied["gateway"] += 1
-            raise HttpError(403, "AuthorDenied", f"{did} is not served by this runner (access mode {self.d.policy.mode})")
+            raise HttpError(403, "AuthorDenied", f"{e.did} is not served by this runner (access mode {self.d.policy.mode})") from None
         wait = self.limiter.take((did, rkey))
         if wait:
             self.meters.rate_limited.inc()
@@ -380,13 +386,15 @@ class Gateway:
             raise HttpError(405, "InvalidRequest", f"{INVOKE} is a procedure: use POST")
         assert self.auth is not None
         try:
-            caller = await self.auth.verify(request.headers.get("Authorization"), INVOKE)
+            caller = await self.auth.verify(request.headers.get("Authorization"), INVOKE, admit=self.d.policy.allows)
+            if not self.d.policy.allows(caller.did):  # the policy may have changed while the token was checked
+                raise NotServed(caller.did)
         except ServiceAuthError as e:
             self.meters.auth_failures.labels(e.reason).inc()
             raise
-        if not self.d.policy.allows(caller.did):
+        except NotServed as e:
             self.meters.denied["xrpc"] += 1
-            raise HttpError(403, "Forbidden", f"{caller.did} is not served by this runner (access mode {self.d.policy.mode})")
+            raise HttpError(403, "Forbidden", f"{e.did} is not served by this runner (access mode {self.d.policy.mode})") from None
         body = await self._body(request)
         try:
             data = json.loads(body)

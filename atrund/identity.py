@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 import aiohttp
 from atproto_core.did_doc import DidDocument
 from atproto_identity.did.resolver import AsyncDidResolver
 from atproto_identity.exceptions import DidNotFoundError
 
-from atrund.errors import IdentityError
+from atrund.errors import IdentityError, NotServed
 
 HANDLE = re.compile(r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -56,10 +57,13 @@ class Identities:
             if client is not None:
                 await client.aclose()
 
-    async def did_for_handle(self, handle: str, via_pds: str) -> str:
+    async def did_for_handle(self, handle: str, via_pds: str, admit: Callable[[str], bool] | None = None) -> str:
         """The DID ``handle`` names: asked of a PDS (com.atproto.identity.resolveHandle, which
         resolves by DNS or HTTPS, or directly for its own accounts), then confirmed by the DID
-        document naming the handle back; a handle only one side claims resolves to nothing."""
+        document naming the handle back; a handle only one side claims resolves to nothing.
+
+        ``admit``: the access policy; a DID it refuses raises NotServed before its document is
+        fetched (see atrund.serviceauth)."""
         handle = handle.lower()
         if not HANDLE.fullmatch(handle):
             raise IdentityError(f"{handle!r} is not a handle or a DID")
@@ -67,21 +71,25 @@ class Identities:
         if hit is not None:
             at, did, error = hit
             if did is not None and time.monotonic() - at < self._ttl:
+                if admit is not None and not admit(did):
+                    raise NotServed(did)
                 return did
             if error is not None and time.monotonic() - at < NEGATIVE_SECONDS:
                 raise IdentityError(error)
         if len(self._handles) > 10_000:  # bounded: anonymous callers choose the handles
             self._handles.clear()
         try:
-            did = await self._resolve_handle(handle, via_pds)
+            did = await self._resolve_handle(handle, via_pds, admit)
         except IdentityError as e:  # remembered for a while too: a web caller must not make us ask again and again
             self._handles[handle] = (time.monotonic(), None, str(e))
             raise
         self._handles[handle] = (time.monotonic(), did, None)
         return did
 
-    async def _resolve_handle(self, handle: str, via_pds: str) -> str:
+    async def _resolve_handle(self, handle: str, via_pds: str, admit: Callable[[str], bool] | None) -> str:
         did = await resolve_handle(handle, via_pds, self._timeout)
+        if admit is not None and not admit(did):
+            raise NotServed(did)
         doc = await self.document(did)
         if (doc.get_handle() or "").lower() != handle:
             raise IdentityError(f"handle {handle} names {did}, but that DID document does not claim the handle back")

@@ -15,14 +15,26 @@ def setup(level: str = "info", json_logs: bool | None = None) -> None:
     # rich formatter shows them by default).
     console = structlog.dev.ConsoleRenderer(colors=True, exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False))
     renderer = structlog.processors.JSONRenderer() if json_logs else console
+    # JSON lines carry the traceback as text in "exception" (without local variables, as above);
+    # the console renderer formats exc_info itself.
+    tracebacks = [structlog.processors.format_exc_info] if json_logs else []
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *tracebacks,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def asyncio_errors(loop, context: dict) -> None:
+    """asyncio's own reports (a task's exception never retrieved, a callback that raised) as a log
+    line with its traceback, instead of text printed on stderr."""
+    structlog.get_logger("atrund.asyncio").error("unhandled error in a background task", message=context.get("message"),
+                                                 task=repr(context.get("task") or context.get("future") or "")[:200],
+                                                 exc_info=context.get("exception"))

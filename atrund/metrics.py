@@ -104,3 +104,36 @@ class _Live:
         for source, n in {"record": live["record_denials"], **self.denied}.items():
             denied.add_metric([source], n)
         yield denied
+        # Health of the loops around the runs: what /healthz calls degraded, as numbers.
+        if live.get("outbox_depth") is not None:
+            yield GaugeMetricFamily("atrund_outbox_depth", "Result records waiting to be written", value=live["outbox_depth"])
+            yield GaugeMetricFamily("atrund_outbox_oldest_seconds", "How long the oldest unwritten result has waited",
+                                    value=live["outbox_oldest"] or 0.0)
+        yield CounterMetricFamily("atrund_result_write_failures", "Result writes that failed and will be retried",
+                                  value=live.get("write_failures", 0))
+        polls = CounterMetricFamily("atrund_poll_failures", "Polls of an author's repo that failed, by author", labels=["author"])
+        for author, n in sorted(live.get("poll_failures", {}).items()):
+            polls.add_metric([author], n)
+        yield polls
+        quarantined = GaugeMetricFamily("atrund_quarantined", "Items in quarantine (atrund quarantine list), by kind",
+                                        labels=["kind"])
+        for kind in ("result", "frame", "record"):
+            quarantined.add_metric([kind], live.get("quarantined", {}).get(kind, 0))
+        yield quarantined
+        restarts = CounterMetricFamily("atrund_loop_restarts", "Runner loops restarted after a failure, by loop", labels=["loop"])
+        for loop, n in sorted(live.get("loop_restarts", {}).items()):
+            restarts.add_metric([loop], n)
+        yield restarts
+        yield GaugeMetricFamily("atrund_state_store_failing", "1 while the state store answers with errors",
+                                value=1 if live.get("store_failing") else 0)
+        firehose = live.get("firehose")
+        if firehose is not None:
+            yield GaugeMetricFamily("atrund_firehose_connected", "1 while the firehose socket is open", value=int(firehose["connected"]))
+            if firehose["last_frame_age"] is not None:
+                yield GaugeMetricFamily("atrund_firehose_last_frame_seconds", "Seconds since the last firehose frame",
+                                        value=firehose["last_frame_age"])
+            frames = CounterMetricFamily("atrund_firehose_frames", "Firehose frames, by what became of them", labels=["outcome"])
+            c = firehose["counters"]
+            for outcome in ("frames", "skipped_fast", "proven", "fetched", "forged", "malformed", "failed", "implausible", "stalls"):
+                frames.add_metric([outcome], getattr(c, outcome, 0))
+            yield frames

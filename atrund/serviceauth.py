@@ -22,6 +22,7 @@ Signature checks run the SDK's atproto_crypto (low-S enforced, as atproto requir
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from atproto_crypto.did import parse_did_key
@@ -29,7 +30,7 @@ from atproto_crypto.verify import verify_signature
 from atproto_server.auth.jwt import decode_jwt_payload, parse_jwt
 from atproto_server.exceptions import TokenDecodeError
 
-from atrund.errors import AtrundError, IdentityError
+from atrund.errors import AtrundError, IdentityError, NotServed
 from atrund.identity import Identities
 
 ALGORITHMS = {"ES256K", "ES256"}
@@ -60,8 +61,12 @@ class ServiceAuth:
         self._seen: dict[str, int] = {}  # jti -> exp
         self._pruned = 0.0
 
-    async def verify(self, authorization: str | None, method: str) -> Caller:
-        """The caller a ``Bearer`` header proves, for ``method``; raises ServiceAuthError."""
+    async def verify(self, authorization: str | None, method: str, admit: Callable[[str], bool] | None = None) -> Caller:
+        """The caller a ``Bearer`` header proves, for ``method``; raises ServiceAuthError.
+
+        ``admit``: the access policy. An issuer it refuses is refused (NotServed) before its DID
+        document is fetched: resolving a did:web connects to the host it names, and an unlisted
+        caller must not be able to make the runner do that."""
         if not authorization:
             raise ServiceAuthError("missing", "this method needs a service-auth token: Authorization: Bearer <JWT from "
                                               "com.atproto.server.getServiceAuth with aud = the runner's DID>")
@@ -98,6 +103,8 @@ class ServiceAuth:
                                                "already); ask your PDS for a new one")
         if not payload.jti:
             raise ServiceAuthError("malformed", "token carries no jti (needed to refuse replays)")
+        if admit is not None and not admit(iss):
+            raise NotServed(iss)
         await self._check_signature(iss, alg, signing_input, signature)
         self._forget_expired(now)
         if payload.jti in self._seen:  # no await between this check and the insert: one winner
