@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from atrund import bounds
 from atrund.errors import RemoteError
 from atrund.health import Health
 from atrund.quarantine import Quarantine
@@ -69,6 +70,35 @@ def _fallback(record: dict[str, Any], reason: str) -> dict[str, Any]:
     return out
 
 
+def unsendable(record: Any) -> str | None:
+    """Why ``record`` cannot be a record at all, or None: what the AT data model has no room for
+    (a float, which the reference PDS answers with a 500, not a refusal; a string that is not valid
+    Unicode; a key that is not a string; nesting past bounds.MAX_DEPTH). Checked before sending, so
+    such a result is refused here, at once, instead of looking like a PDS that is down."""
+    where = bounds.too_deep(record)
+    if where is not None:
+        return f"{where} is nested deeper than {bounds.MAX_DEPTH} levels"
+    stack: list[tuple[Any, str]] = [(record, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, float):
+            return f"{path or 'the record'} is a floating-point number ({value!r}), which AT records cannot hold"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{path or 'the record'} is a string that is not valid Unicode (a lone surrogate)"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    return f"{path or 'the record'} has a key that is not a string ({k!r})"
+                stack.append((k, f"{path}.{k} (a key)"))
+                stack.append((v, f"{path}.{k}" if path else k))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+    return None
+
+
 class ResultWriter:
     """Writes the outbox to the runner's PDS; never stops on one result.
 
@@ -113,7 +143,13 @@ class ResultWriter:
         under load the PDS's commits, not our runs, are the bottleneck). If the PDS refuses the
         batch, each result is written on its own, so one bad record cannot hold up the others.
         """
-        due = self.state.due(limit=BATCH)
+        due = []
+        for item in self.state.due(limit=BATCH):
+            problem = unsendable(item.record)
+            if problem is None:
+                due.append(item)
+            else:
+                self._refused(item, f"it cannot be sent: {problem}")
         if len(due) > 1:
             try:
                 await self.session.apply_creates(RESULT, [(item.rkey, item.record) for item in due])
