@@ -598,3 +598,80 @@ async def test_a_stuck_processor_stops_the_reader_instead_of_buffering(rig, stac
         silent.close()
         await repos.close()
         state.close()
+
+
+# -- seqs that do not move forward plausibly, and stalls (issue 11) ---------------------------
+
+def info(seq: int) -> bytes:
+    return encode({"op": 1, "t": "#info"}, {"seq": seq, "name": "Nonsense"})
+
+
+async def test_a_huge_seq_in_one_frame_does_not_hide_the_genuine_frames_after_it(rig):
+    """A frame with seq 2^62 (or anything past 2^53) is never taken as our position: the genuine
+    frames after it (seq 91, 92) are processed and the cursor stays on them. Before: every later
+    genuine frame looked like a replay of something already processed, until a reconnect."""
+    first, first_cid = await rig.invocation(20)
+    second, second_cid = await rig.invocation(21)
+    rig.start(send(commit(rig.did, 90, []), info(2**62), commit(rig.did, 91, [create_op(first, first_cid)]),
+                   commit(rig.did, 92, [create_op(second, second_cid)])))
+    await rig.until(lambda: len(rig.seen) == 2, "both genuine frames after the huge seq")
+    assert rig.seen == [first, second]
+    assert rig.cursor() == "92"
+    assert rig.firehose.counters.implausible == 1
+
+
+async def test_a_seq_that_jumps_far_ahead_alone_is_dropped(rig):
+    """One frame that jumps a million and more ahead, followed by frames that carry on from where
+    the stream was, is dropped (counted); the stream goes on from 101."""
+    uri, cid = await rig.invocation(22)
+    rig.start(send(commit(rig.did, 100, []), info(100 + 5_000_000), commit(rig.did, 101, [create_op(uri, cid)])))
+    await rig.until(lambda: rig.seen, "the genuine frame after the lone jump")
+    assert rig.cursor() == "101"
+    assert rig.firehose.counters.implausible == 1
+
+
+async def test_a_jump_the_next_frame_agrees_with_is_followed(rig):
+    """A relay that really moved on (a jump, then frames that carry on from it) is followed: both
+    frames are processed and the cursor is the new seq."""
+    first, first_cid = await rig.invocation(23)
+    second, second_cid = await rig.invocation(24)
+    far = 110 + 5_000_000
+    rig.start(send(commit(rig.did, 110, []), commit(rig.did, far, [create_op(first, first_cid)]),
+                   commit(rig.did, far + 1, [create_op(second, second_cid)])))
+    await rig.until(lambda: len(rig.seen) == 2, "both frames after the agreed jump")
+    assert rig.seen == [first, second]
+    assert rig.cursor() == str(far + 1)
+    assert rig.firehose.counters.implausible == 0
+
+
+async def test_a_stream_that_only_replays_is_a_stall_and_is_reconnected(rig):
+    """Frames keep arriving but none moves forward (a relay resending seq 119 over and over): after
+    the stall time the firehose reports `stalled` (for /healthz) and connects again; on the new
+    connection a genuine frame is processed."""
+    uri, cid = await rig.invocation(25)
+    rig.firehose.stall_seconds = 1.2
+
+    async def replaying(ws) -> None:
+        await ws.send(commit(rig.did, 120, []))
+        for _ in range(200):
+            await ws.send(info(119))
+            await asyncio.sleep(0.02)
+        await ws.wait_closed()
+
+    rig.start(replaying, send(commit(rig.did, 121, [create_op(uri, cid)])))
+    await rig.until(lambda: "firehose" in rig.firehose.conditions(), "the stall to be reported", timeout=WAIT)
+    assert "stalled" in rig.firehose.conditions()["firehose"]
+    await rig.until(lambda: rig.seen, "the genuine frame on the new connection", timeout=WAIT)
+    assert len(rig.relay.paths) >= 2 and rig.firehose.counters.stalls >= 1
+    assert rig.firehose.conditions() == {}
+
+
+async def test_a_disconnected_firehose_is_reported(rig, monkeypatch):
+    """No connection for longer than DISCONNECTED_DEGRADED: /healthz says disconnected, and why."""
+    from atrund.ingest import firehose as module
+
+    monkeypatch.setattr(module, "DISCONNECTED_DEGRADED", 0.5)
+    rig.firehose.url = "ws://127.0.0.1:9"  # the discard port: nothing listens on loopback here
+    rig.start()
+    await rig.until(lambda: "firehose" in rig.firehose.conditions(), "the disconnection to be reported")
+    assert "disconnected" in rig.firehose.conditions()["firehose"]

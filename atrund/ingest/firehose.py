@@ -112,6 +112,7 @@ class Firehose:
         self._last_frame: float | None = None  # monotonic time of the last frame received
         self._stuck_since: float | None = None  # frames arrive but none moves forward, since
         self._stalled_at: int | None = None
+        self.stall_seconds = STALL_SECONDS
 
     # -- the socket ---------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class Firehose:
         now = time.monotonic()
         if not self.connected and self._disconnected_since is not None and now - self._disconnected_since > DISCONNECTED_DEGRADED:
             return {"firehose": f"disconnected from {self.url} for {now - self._disconnected_since:.0f} s: {self._last_error}"}
-        if self._stuck_since is not None and now - self._stuck_since > STALL_SECONDS:
+        if self._stuck_since is not None and now - self._stuck_since > self.stall_seconds:
             return {"firehose": f"stalled: frames arrive from {self.url} but none has moved forward for "
                                 f"{now - self._stuck_since:.0f} s (last seq {self._seq})"}
         return {}
@@ -177,8 +178,8 @@ class Firehose:
     async def _watch(self) -> None:
         """Reconnect a stream that stalled (see the module doc)."""
         while True:
-            await asyncio.sleep(STALL_SECONDS / 6)
-            if self._stuck_since is None or time.monotonic() - self._stuck_since <= STALL_SECONDS or self._ws is None:
+            await asyncio.sleep(self.stall_seconds / 6)
+            if self._stuck_since is None or time.monotonic() - self._stuck_since <= self.stall_seconds or self._ws is None:
                 continue
             self.counters.stalls += 1
             position = self._position()
@@ -340,6 +341,7 @@ class Firehose:
         if not isinstance(seq, int) or isinstance(seq, bool):
             return
         if not replay:
+            self._position()  # the last frame skipped undecoded is where we are: judge this one from there
             if not self._moves_forward(seq):
                 self._no_progress()  # a replay of what was processed already, or nonsense
                 if seq >= MAX_SEQ or seq < 0:
