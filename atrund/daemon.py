@@ -134,7 +134,7 @@ class Daemon:
         ingest = self.cfg.ingest
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
         interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
-        self.intake = Intake(self.state, self.session.did, self.policy, self.submit, self.quarantine)
+        self.intake = Intake(self.state, self.session.did, self.policy, self.submit, self.quarantine, self._refuse_reused)
         self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval, self.health)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
@@ -396,20 +396,22 @@ class Daemon:
         try:
             # repo.getRecord, not the proof-carrying sync.getRecord: what we hold was proven to be
             # the author's already; this only asks whether it is still there at the same CID.
-            cid, _ = await asyncio.wait_for(self.repos.get_record(did, INVOCATION, rkey), STILL_POSTED_TIMEOUT)
+            cid, value = await asyncio.wait_for(self.repos.get_record(did, INVOCATION, rkey), STILL_POSTED_TIMEOUT)
         except NotFound:
-            cid = None
+            cid, value = None, None
         except (AtrundError, TimeoutError) as e:
             log.info("could not check that the invocation is still posted; running it", uri=inv.uri, error=str(e) or "timeout")
             return True
-        if cid != inv.cid:
-            try:
-                if self.state.withdraw(inv.uri):
-                    log.info("invocation withdrawn by its author before it ran (deleted or edited); not run", uri=inv.uri)
-            except StoreError:
-                return True  # still pending in the store: the claim decides, and requeues
-            return False
-        return True
+        if cid == inv.cid:
+            return True
+        try:
+            if cid is not None:  # changed in place, or deleted and created again: one key, one run
+                self._refuse_reused(inv.uri, inv.author, cid, value)
+            elif self.state.withdraw(inv.uri):
+                log.info("invocation withdrawn by its author before it ran (deleted); not run", uri=inv.uri)
+        except StoreError:
+            return True  # still pending in the store: the claim decides, and requeues
+        return False
 
     def prepare(self, bundle: VerifiedBundle, endpoint: str, args: dict[str, Any], timeout: int | None,
                 max_timeout: int | None = None, *, author: str | None = None,
@@ -513,6 +515,23 @@ class Daemon:
         self.meters.finished("record", status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
         self._held.append((inv.uri, status, record))
         self._store_held()
+
+    def _refuse_reused(self, uri: str, author: str, cid: str, value: Any) -> None:
+        """A record key seen again at a new CID before its invocation ran (edited, or deleted and
+        created again). A record key is one invocation, run at most once, so neither version runs:
+        the key gets a ``rejected`` result about the new version that says why, instead of silence
+        or a result about a version the author replaced (docs/protocol.md, "one key, one run")."""
+        inv_ref = StrongRef(uri=uri, cid=cid)
+        error = ("this record key held another invocation before (it was changed, or deleted and created again, before "
+                 "it ran); a record key is one invocation and runs at most once, so neither version runs: post the "
+                 "invocation as a new record (atrund invoke always does)")
+        record = build(inv_ref, _bundle_ref(value if isinstance(value, dict) else {}, inv_ref), "rejected", error=error,
+                       metrics=Metrics()).to_record()
+        if self.state.refuse_reused(uri, cid, value, "rejected", result_rkey(uri), record):
+            log.info("invocation", uri=uri, author=author, status="rejected", error_type="KeyReused", error=error)
+            self.meters.finished("record", "rejected", None, None, None)
+            if self.writer is not None:
+                self.writer.wake()
 
     def _store_held(self) -> None:
         """Record held outcomes (done + result queued, in one transaction each), oldest first. One

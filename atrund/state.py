@@ -148,15 +148,23 @@ class State:
 
     @_translated
     def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
-                    withdrawn: list[str] = ()) -> list[str]:
+                    withdrawn: list[str] = (), reused: list[tuple[str, str, str, dict]] | None = None) -> list[str]:
         """Store a page of invocations, withdraw the deleted ones, and move the source's cursor
         past it, atomically. Returns the URIs that were new (and not withdrawn in the same page).
+
+        ``reused`` collects (uri, author, cid, value) of rows whose record key was seen before at
+        another CID while that invocation had not run (pending, or withdrawn by a delete): the
+        caller refuses them (see refuse_reused).
         """
         new = []
         with self._tx():
             for uri, author, cid, value, state in rows:
                 if self.accept(uri, author, cid, value, state):
                     new.append(uri)
+                elif reused is not None and state == "pending":
+                    known = self.db.execute("SELECT cid, state FROM invocations WHERE uri = ?", (uri,)).fetchone()
+                    if known is not None and known[0] != cid and known[1] in ("pending", "withdrawn"):
+                        reused.append((uri, author, cid, value))
             gone = {uri for uri in withdrawn if self._withdraw(uri)}
             if cursor is not None:
                 self.db.execute("INSERT OR REPLACE INTO cursors(source, cursor) VALUES (?, ?)", (source, cursor))
@@ -229,6 +237,22 @@ class State:
                 "INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
                 (uri, rkey, json.dumps(record), now),
             )
+        return True
+
+    @_translated
+    def refuse_reused(self, uri: str, cid: str, value: dict[str, Any], status: str, rkey: str,
+                      record: dict[str, Any]) -> bool:
+        """A record key used again (a new CID) before its invocation ran: it becomes done with this
+        result (the new version's), in one transaction; False if it has started meanwhile."""
+        now = time.time()
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE invocations SET cid = ?, value = ?, state = 'done', status = ?, finished_at = ? "
+                "WHERE uri = ? AND state IN ('pending', 'withdrawn')", (cid, json.dumps(value), status, now, uri))
+            if cur.rowcount != 1:
+                return False
+            self.db.execute("INSERT OR REPLACE INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
+                            (uri, rkey, json.dumps(record), now))
         return True
 
     @_translated

@@ -460,3 +460,37 @@ def test_sigterm_at_any_point_of_start_up_stops_serve_cleanly(after, author, sta
         raise
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err
+
+
+# -- one record key, one run -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["poll", "firehose"])
+@pytest.mark.parametrize("how", ["deleted-and-created-again", "edited"])
+async def test_a_record_key_used_again_before_it_ran_gets_an_explained_rejection(mode, how, author, make_runner, reader):
+    """An invocation waits behind a slow one; its author deletes it and creates it again at the same
+    record key with new args (or edits it in place). Neither version runs: the key gets a
+    `rejected` result about the new version (its CID) that says why. Before: nothing ran, and the
+    result at the key, if any, named the old CID. A fresh invocation afterwards runs as usual."""
+    from atrund.records import INVOCATION, now_iso
+
+    ingest = {"mode": mode, "reconcile_interval": 3600} if mode == "firehose" else {}
+    runner = await make_runner(access={"allowlist": [author.account.did]}, ingest=ingest)
+    slow, hello = await author.publish(SLOW), await author.publish(HELLO)
+    blocker = await author.invoke(slow, runner.did, args={"s": 4})
+    await until(lambda: _status(runner, blocker, "running"), "the slow invocation to start")
+    from atrund.cli import new_tid
+
+    rkey = new_tid()  # after every key the author used so far: a poll's cursor has not passed it
+    record = {"runner": runner.did, "bundle": hello, "endpoint": "main", "args": {"n": 1}, "createdAt": now_iso()}
+    uri, first_cid = await author.session.put_record(INVOCATION, rkey, record)
+    await until(lambda: _status(runner, uri, "pending"), "the first version to be seen")
+    if how == "deleted-and-created-again":
+        await author.session.delete_record(INVOCATION, rkey)
+    _, second_cid = await author.session.put_record(INVOCATION, rkey, {**record, "args": {"n": 2}})
+    assert second_cid != first_cid
+    value = await wait_result(reader, runner.did, uri, timeout=30)
+    result = Result.model_validate(value)
+    assert result.status == "rejected" and "runs at most once" in result.error
+    assert result.invocation.cid == second_cid
+    fresh = await author.invoke(hello, runner.did, args={"n": 3})
+    assert Result.model_validate(await wait_result(reader, runner.did, fresh)).value() == {"n": 3}

@@ -35,8 +35,9 @@ def classify(uri: str, value: Any, runner_did: str, policy: AccessPolicy) -> str
 
 class Intake:
     def __init__(self, state: State, runner_did: str, policy: AccessPolicy, on_new: Callable[[str], None],
-                 quarantine: Quarantine | None = None) -> None:
+                 quarantine: Quarantine | None = None, on_reused: Callable[[str, str, str, Any], None] | None = None) -> None:
         self.state = state
+        self.on_reused = on_reused
         self.quarantine = quarantine
         self.runner_did = runner_did
         self.policy = policy
@@ -57,7 +58,11 @@ class Intake:
         the new denied ones. Returns how many were queued."""
         verdicts = {row[0]: row[4] for row in rows}
         found = 0
-        for uri in self.state.accept_page(source, cursor, rows, withdrawn):
+        reused: list[tuple[str, str, str, Any]] = []
+        new = self.state.accept_page(source, cursor, rows, withdrawn, reused if self.on_reused else None)
+        for uri, author, cid, value in reused:
+            self.on_reused(uri, author, cid, value)
+        for uri in new:
             if verdicts[uri] == "denied":
                 self.denied += 1
                 log.warning("invocation denied by access policy", uri=uri, mode=self.policy.mode)
