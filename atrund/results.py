@@ -13,9 +13,10 @@ import random
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
-from atrund.errors import RemoteError
-from atrund.records import RESULT, HttpResponse, Metrics, Result, StrongRef, encode_data, now_iso
+from atrund.errors import AtrundError, RemoteError
+from atrund.records import RESULT, HttpResponse, Metrics, Result, StrongRef, encode_data, now_iso, valid_unicode
 from atrund.session import Rejected, Session
 from atrund.state import State
 
@@ -37,19 +38,45 @@ def build(
     metrics: Metrics | None = None,
     caller: str | None = None,
 ) -> Result:
-    if error is not None and len(error.encode()) > MAX_ERROR_BYTES:  # the lexicon's maxLength counts UTF-8 bytes
-        error = error.encode()[: MAX_ERROR_BYTES - 20].decode("utf-8", "ignore") + " … (truncated)"
+    """The result record for an outcome. What the bundle answered is untrusted: a return value
+    no record can hold (records.UnstorableValue, or nested too deep) or an HTTP response that is
+    not one makes an ``error`` result saying why, and text meant for people (the error, the
+    HTTP headers and body) has lone surrogates replaced. So every Result built here serializes
+    as strict JSON in UTF-8: the result writer can always send it."""
+    try:
+        encoded = encode_data(data)
+        http = HttpResponse.model_validate(_valid_text(response)) if response else None
+    except (AtrundError, ValidationError) as e:
+        if isinstance(e, ValidationError):
+            err = e.errors(include_url=False)[0]
+            why = f"the HTTP response is not valid: {'.'.join(map(str, err['loc'])) or 'response'}: {err['msg']}"
+        else:
+            why = str(e)
+        status, encoded, http, error = "error", None, None, why
+    if error is not None:
+        error = valid_unicode(error)
+        if len(error.encode()) > MAX_ERROR_BYTES:  # the lexicon's maxLength counts UTF-8 bytes
+            error = error.encode()[: MAX_ERROR_BYTES - 20].decode("utf-8", "ignore") + " … (truncated)"
     return Result(
         invocation=invocation,
         caller=caller,
         bundle=bundle,
         status=status,
         created_at=now_iso(),
-        data=encode_data(data),
+        data=encoded,
         error=error,
-        response=HttpResponse.model_validate(response) if response else None,
+        response=http,
         metrics=metrics,
     )
+
+
+def _valid_text(response: dict[str, Any]) -> dict[str, Any]:
+    out = dict(response)
+    if isinstance(out.get("body"), str):
+        out["body"] = valid_unicode(out["body"])
+    if isinstance(out.get("headers"), dict):
+        out["headers"] = {valid_unicode(str(k)): valid_unicode(v) if isinstance(v, str) else v for k, v in out["headers"].items()}
+    return out
 
 
 def _fallback(record: dict[str, Any], reason: str) -> dict[str, Any]:
