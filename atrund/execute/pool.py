@@ -23,7 +23,7 @@ import structlog
 from atrund.bounds import Malformed
 from atrund.execute.base import Executor, ExecutorError, PoolStats
 from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_answer, parse_ready
-from atrund.records import data_problem, valid_unicode
+from atrund.records import data_problem
 
 NO_PERMISSIONS = ExecPermissions()
 from atrund.execute.runtimes import Runtime, load_runtimes
@@ -270,8 +270,8 @@ def _checked(line: bytes, timeout: int) -> ExecResponse:
     worker with the wrapper that writes it): it must match the protocol schema, strictly (see
     protocol.parse_answer); its metrics cannot exceed the time the runner allowed the run;
     a return value no record could hold (a lone surrogate, see records.data_problem) is refused
-    here, once, for every consumer (results, XRPC, the gateway, ``atrund exec``); and text
-    meant for people (error, HTTP headers and body) has lone surrogates replaced."""
+    here, once, for every consumer (results, XRPC, the gateway, ``atrund exec``). Text meant for
+    people (error, HTTP headers and body) arrives with lone surrogates replaced (parse_answer)."""
     try:
         response = parse_answer(line)
     except Malformed as e:
@@ -285,13 +285,6 @@ def _checked(line: bytes, timeout: int) -> ExecResponse:
         refused = _fail(f"the return value {problem}", "InvalidReturnValue")
         refused.metrics = response.metrics
         return refused
-    if response.error is not None:
-        response.error = valid_unicode(response.error)
-    if response.error_type is not None:
-        response.error_type = valid_unicode(response.error_type)
-    if (http := response.response) is not None:
-        http.body = valid_unicode(http.body)
-        http.headers = {valid_unicode(k): valid_unicode(v) for k, v in http.headers.items()}
     return response
 
 

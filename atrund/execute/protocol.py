@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
 from atrund import bounds
+from atrund.records import valid_unicode
 
 MAX_METRIC_MS = 86_400_000  # 24 h: longer than any run a runner allows; a metric past it is a lie
 MAX_METRICS = 16  # named metrics in one answer
@@ -31,14 +32,14 @@ MAX_ERROR_CHARS = 65_536  # the wrappers cut their messages at 16384; results ke
 MAX_ERROR_TYPE_CHARS = 256  # the wrappers cut at 128
 
 
-def _rule(kind: str, message: str, ok: Callable[[Any], bool]) -> BeforeValidator:
+def _rule(kind: str, message: str, ok: Callable[[Any], bool], repair: Callable[[Any], Any] = lambda v: v) -> BeforeValidator:
     """A strict check with a message that says the rule (pydantic's would coerce, or say less).
     It runs before pydantic's own validation, which keeps the type and bounds in the schema."""
 
     def check(value: Any) -> Any:
         if not ok(value):
             raise PydanticCustomError(kind, message)
-        return value
+        return repair(value)
 
     return BeforeValidator(check)
 
@@ -48,14 +49,17 @@ def _int_between(lo: int, hi: int) -> Any:
                      _rule("int_range", f"must be an integer between {lo} and {hi}", lambda v: type(v) is int and lo <= v <= hi)]
 
 
+# Text meant for people (error messages, HTTP headers and bodies) has each lone surrogate
+# replaced: it has no UTF-8 form, so no record, log line or HTTP answer could carry it (and
+# pydantic refuses such a str). The return value is not text: see records.data_problem.
 def _text(max_chars: int) -> Any:
     return Annotated[str, Field(max_length=max_chars),
                      _rule("text", f"must be a string of at most {max_chars} characters",
-                           lambda v: type(v) is str and len(v) <= max_chars)]
+                           lambda v: type(v) is str and len(v) <= max_chars, valid_unicode)]
 
 
 StrictBool = Annotated[bool, _rule("bool", "must be true or false", lambda v: type(v) is bool)]
-StrictStr = Annotated[str, _rule("str", "must be a string", lambda v: type(v) is str)]
+Text = Annotated[str, _rule("str", "must be a string", lambda v: type(v) is str, valid_unicode)]
 Millis = _int_between(0, MAX_METRIC_MS)
 
 
@@ -84,8 +88,8 @@ class ExecRequest(_Msg):
 
 class ExecHttpResponse(_Msg):
     status: _int_between(100, 599)  # type: ignore[valid-type]
-    headers: dict[str, StrictStr] = {}
-    body: StrictStr = ""
+    headers: dict[Text, Text] = {}
+    body: Text = ""
     is_base64: StrictBool = False
 
 
