@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
@@ -30,14 +30,18 @@ MAX_METRICS = 16  # named metrics in one answer
 MAX_METRIC_NAME = 64
 MAX_ERROR_CHARS = 65_536  # the wrappers cut their messages at 16384; results keep 4000 bytes
 MAX_ERROR_TYPE_CHARS = 256  # the wrappers cut at 128
+ANSWER = {"answer": True}  # validation context of parse_answer: the value came from a worker
 
 
-def _rule(kind: str, message: str, ok: Callable[[Any], bool], repair: Callable[[Any], Any] = lambda v: v) -> BeforeValidator:
+def _rule(kind: str, message: str, ok: Callable[[Any], bool], repair: Callable[[Any], Any] = lambda v: v,
+          answers_only: Callable[[Any], bool] = lambda v: True) -> BeforeValidator:
     """A strict check with a message that says the rule (pydantic's would coerce, or say less).
-    It runs before pydantic's own validation, which keeps the type and bounds in the schema."""
+    It runs before pydantic's own validation, which keeps the type and bounds in the schema.
+    ``answers_only`` is a further check applied only to what a worker sent (parse_answer): the
+    runner's own messages (a crash with its output, a VM's console) are not cut by it."""
 
-    def check(value: Any) -> Any:
-        if not ok(value):
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if not ok(value) or (info.context == ANSWER and not answers_only(value)):
             raise PydanticCustomError(kind, message)
         return repair(value)
 
@@ -53,9 +57,9 @@ def _int_between(lo: int, hi: int) -> Any:
 # replaced: it has no UTF-8 form, so no record, log line or HTTP answer could carry it (and
 # pydantic refuses such a str). The return value is not text: see records.data_problem.
 def _text(max_chars: int) -> Any:
-    return Annotated[str, Field(max_length=max_chars),
+    return Annotated[str, Field(json_schema_extra={"maxLength": max_chars}),  # enforced on answers only
                      _rule("text", f"must be a string of at most {max_chars} characters",
-                           lambda v: type(v) is str and len(v) <= max_chars, valid_unicode)]
+                           lambda v: type(v) is str, valid_unicode, answers_only=lambda v: len(v) <= max_chars)]
 
 
 StrictBool = Annotated[bool, _rule("bool", "must be true or false", lambda v: type(v) is bool)]
@@ -157,7 +161,7 @@ def parse_answer(line: bytes) -> ExecResponse:
     does not match the schema."""
     value = bounds.loads(line, "the answer")
     try:
-        return ExecResponse.model_validate(value)
+        return ExecResponse.model_validate(value, context=ANSWER)
     except ValidationError as e:
         raise bounds.Malformed(answer_problem(e)) from None
 
