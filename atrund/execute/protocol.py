@@ -14,7 +14,6 @@ milliseconds between 0 and MAX_METRIC_MS) and turns one that breaks a rule into 
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
@@ -136,8 +135,8 @@ READY = {"ready": True}
 
 def parse_ready(line: bytes) -> bool:
     try:
-        return json.loads(line) == READY
-    except ValueError:
+        return bounds.loads(line, "the ready line") == READY
+    except bounds.Malformed:
         return False
 
 
