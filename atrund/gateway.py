@@ -362,6 +362,10 @@ class Gateway:
         if r is None:
             return _json(502, {"error": "InvalidResponse",
                                "message": f"{HANDLER} returned no HTTP response (an object with status, headers, body)"})
+        if r.status < 200:
+            # 1xx are interim answers: sent as the whole answer, the client would wait for a final one forever.
+            return _json(502, {"error": "InvalidResponse",
+                               "message": f"the bundle answered with status {r.status}, which is not a final HTTP status"})
         if r.is_base64:
             try:
                 body = base64.b64decode(r.body, validate=True)
@@ -372,7 +376,7 @@ class Gateway:
         headers, dropped = response_headers(r.headers)
         if dropped:
             log.info("gateway: dropped headers the bundle set", headers=dropped)
-        if r.status < 200 or r.status in (204, 304):
+        if r.status in (204, 304):
             body = b""  # no body is allowed with these
         return web.Response(status=r.status, body=body, headers=headers)
 

@@ -18,6 +18,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from typing_extensions import Annotated
 
+from atrund.bounds import _step, check_depth
+from atrund.bounds import loads as bounds_loads
+from atrund.errors import AtrundError
+
 BUNDLE = "dev.atrun.bundle"
 INVOCATION = "dev.atrun.invocation"
 RESULT = "dev.atrun.result"
@@ -203,42 +207,116 @@ class Runner(Record):
     gateway_url: str | None = None
 
 
-def _fits_data_model(value: Any) -> bool:
-    """True if ``value`` survives the AT Protocol data model unchanged.
+# The integers every AT client reads exactly: JavaScript numbers are exact only up to 2^53 - 1,
+# and the reference PDS parses record JSON into JavaScript numbers (an integer past this range
+# would be stored rounded, or as a float it then refuses). Larger integers go into a jsonValue.
+MAX_SAFE_INTEGER = 2**53 - 1
 
-    The data model has no floats, and keys starting with '$' have meanings of their own
-    ($type, $link, $bytes), so a value holding either is not stored as it is.
+
+class UnstorableValue(AtrundError):
+    """A value no record can hold, not even as a jsonValue: a string that is not valid Unicode
+    (a lone surrogate), NaN or an infinity, or a type JSON does not have. Says what and where."""
+
+
+def _short(path: str) -> str:
+    return path if len(path) <= 60 else path[:60] + "…"  # a deep value's path is long: its start says where
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD. A lone surrogate (JSON's ``\\ud800``,
+    which Python and JavaScript strings can hold) has no UTF-8 form: no record, log line or HTTP
+    body can carry it. Messages and HTTP answers are text for people, so they are repaired."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def data_problem(value: Any, where: str = "data") -> str | None:
+    """Why ``value`` cannot be stored in any form (see UnstorableValue), naming where; None if
+    it can. Iterative: measures values of any depth without recursing."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"holds a string that is not valid Unicode (a lone surrogate at {valid_unicode(_short(path))})"
+        elif isinstance(node, float):
+            if node != node or node in (float("inf"), float("-inf")):
+                return f"holds {node!r}, which is not a JSON number (at {valid_unicode(_short(path))})"
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                if not isinstance(key, str):
+                    return f"holds a key that is not a string (at {valid_unicode(_short(path))})"
+                step = _step(path, key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"holds a key that is not valid Unicode (a lone surrogate at {valid_unicode(_short(step))})"
+                stack.append((child, step))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((child, _step(path, i)) for i, child in enumerate(node))
+        elif not (node is None or isinstance(node, (bool, int))):
+            return f"holds a {type(node).__name__}, which is not a JSON value (at {valid_unicode(_short(path))})"
+    return None
+
+
+def _fits_data_model(value: Any) -> bool:
+    """True if ``value`` (a JSON value: see data_problem) survives the AT Protocol data model
+    unchanged and every AT client reads it exactly.
+
+    The data model has no floats, keys starting with '$' have meanings of their own ($type,
+    $link, $bytes), and integers past MAX_SAFE_INTEGER are not read exactly by JavaScript
+    clients, the reference PDS among them: a value holding any of these is not stored as it is.
+    Iterative, like data_problem.
     """
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return True
-    if isinstance(value, int):
-        return -(2**63) <= value < 2**63
-    if isinstance(value, float):
-        return False
-    if isinstance(value, list):
-        return all(_fits_data_model(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and not k.startswith("$") and _fits_data_model(v) for k, v in value.items())
-    return False
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, bool) or node is None or isinstance(node, str):
+            continue
+        if isinstance(node, int):
+            if not -MAX_SAFE_INTEGER <= node <= MAX_SAFE_INTEGER:
+                return False
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if any(not isinstance(k, str) or k.startswith("$") for k in node):
+                return False
+            stack.extend(node.values())
+        else:
+            return False
+    return True
 
 
 def encode_data(value: Any) -> dict[str, Any] | None:
     """The ``data`` field for an endpoint's return value.
 
     An object the data model holds unchanged is stored as it is (readable by any AT client);
-    anything else (a number, a list, a string, floats inside) is kept exactly as JSON text in
-    a ``dev.atrun.defs#jsonValue``.
+    anything else (a number, a list, a string, floats or integers past 2^53 - 1 inside) is kept
+    exactly as JSON text in a ``dev.atrun.defs#jsonValue``. That text is always strict JSON
+    (never ``NaN``) and pure ASCII (non-ASCII characters as ``\\u`` escapes).
+
+    Raises UnstorableValue (naming what and where) for a value no record can hold (see
+    data_problem), and bounds.Malformed for one nested deeper than bounds.MAX_DEPTH.
     """
     if value is None:
         return None
+    check_depth(value, "the return value")
+    problem = data_problem(value)
+    if problem:
+        raise UnstorableValue(f"the return value {problem}")
     if isinstance(value, dict) and _fits_data_model(value):
         return value
-    text = json.dumps(value, separators=(",", ":"), allow_nan=True)
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     return {"$type": JSON_VALUE, "json": text}
 
 
 def decode_data(data: Any) -> Any:
     if isinstance(data, dict) and data.get("$type") == JSON_VALUE and isinstance(data.get("json"), str):
-        return json.loads(data["json"])
+        return bounds_loads(data["json"], "the jsonValue")
     return data
 

@@ -15,12 +15,24 @@ import time
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from atrund import bounds
-from atrund.errors import RemoteError
+from atrund.errors import AtrundError, RemoteError
 from atrund.health import Health
 from atrund.quarantine import Quarantine
-from atrund.records import RESULT, HttpResponse, Metrics, Result, StrongRef, encode_data, now_iso
+from atrund.records import (
+    MAX_SAFE_INTEGER,
+    RESULT,
+    HttpResponse,
+    Metrics,
+    Result,
+    StrongRef,
+    data_problem,
+    encode_data,
+    now_iso,
+    valid_unicode,
+)
 from atrund.session import Rejected, Session
 from atrund.state import Outgoing, State, StoreError
 
@@ -44,19 +56,45 @@ def build(
     metrics: Metrics | None = None,
     caller: str | None = None,
 ) -> Result:
-    if error is not None and len(error.encode()) > MAX_ERROR_BYTES:  # the lexicon's maxLength counts UTF-8 bytes
-        error = error.encode()[: MAX_ERROR_BYTES - 20].decode("utf-8", "ignore") + " … (truncated)"
+    """The result record for an outcome. What the bundle answered is untrusted: a return value
+    no record can hold (records.UnstorableValue, or nested too deep) or an HTTP response that is
+    not one makes an ``error`` result saying why, and text meant for people (the error, the
+    HTTP headers and body) has lone surrogates replaced. So every Result built here serializes
+    as strict JSON in UTF-8: the result writer can always send it."""
+    try:
+        encoded = encode_data(data)
+        http = HttpResponse.model_validate(_valid_text(response)) if response else None
+    except (AtrundError, ValidationError) as e:
+        if isinstance(e, ValidationError):
+            err = e.errors(include_url=False)[0]
+            why = f"the HTTP response is not valid: {'.'.join(map(str, err['loc'])) or 'response'}: {err['msg']}"
+        else:
+            why = str(e)
+        status, encoded, http, error = "error", None, None, why
+    if error is not None:
+        error = valid_unicode(error)
+        if len(error.encode()) > MAX_ERROR_BYTES:  # the lexicon's maxLength counts UTF-8 bytes
+            error = error.encode()[: MAX_ERROR_BYTES - 20].decode("utf-8", "ignore") + " … (truncated)"
     return Result(
         invocation=invocation,
         caller=caller,
         bundle=bundle,
         status=status,
         created_at=now_iso(),
-        data=encode_data(data),
+        data=encoded,
         error=error,
-        response=HttpResponse.model_validate(response) if response else None,
+        response=http,
         metrics=metrics,
     )
+
+
+def _valid_text(response: dict[str, Any]) -> dict[str, Any]:
+    out = dict(response)
+    if isinstance(out.get("body"), str):
+        out["body"] = valid_unicode(out["body"])
+    if isinstance(out.get("headers"), dict):
+        out["headers"] = {valid_unicode(str(k)): valid_unicode(v) if isinstance(v, str) else v for k, v in out["headers"].items()}
+    return out
 
 
 def _fallback(record: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -71,31 +109,25 @@ def _fallback(record: dict[str, Any], reason: str) -> dict[str, Any]:
 
 
 def unsendable(record: Any) -> str | None:
-    """Why ``record`` cannot be a record at all, or None: what the AT data model has no room for
-    (a float, which the reference PDS answers with a 500, not a refusal; a string that is not valid
-    Unicode; a key that is not a string; nesting past bounds.MAX_DEPTH). Checked before sending, so
-    such a result is refused here, at once, instead of looking like a PDS that is down."""
+    """Why ``record`` cannot be sent as a record at all, or None. Checked before sending, so such
+    a result is refused here, at once: the reference PDS answers a float or an integer past 2^53
+    with a 500, which would otherwise look like a PDS that is down and be retried."""
     where = bounds.too_deep(record)
     if where is not None:
         return f"{where} is nested deeper than {bounds.MAX_DEPTH} levels"
-    stack: list[tuple[Any, str]] = [(record, "")]
+    problem = data_problem(record, "record")
+    if problem is not None:
+        return f"it {problem}"
+    stack = [record]
     while stack:
-        value, path = stack.pop()
-        if isinstance(value, float):
-            return f"{path or 'the record'} is a floating-point number ({value!r}), which AT records cannot hold"
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"{path or 'the record'} is a string that is not valid Unicode (a lone surrogate)"
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                if not isinstance(k, str):
-                    return f"{path or 'the record'} has a key that is not a string ({k!r})"
-                stack.append((k, f"{path}.{k} (a key)"))
-                stack.append((v, f"{path}.{k}" if path else k))
-        elif isinstance(value, list):
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+        node = stack.pop()
+        if isinstance(node, float) or (isinstance(node, int) and not isinstance(node, bool)
+                                       and not -MAX_SAFE_INTEGER <= node <= MAX_SAFE_INTEGER):
+            return f"it holds the number {node!r}, which AT records cannot hold"
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return None
 
 

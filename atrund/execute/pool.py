@@ -13,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import signal
 import statistics
 import time
 from abc import ABC, abstractmethod
 
 import structlog
-from pydantic import ValidationError
 
+from atrund.bounds import Malformed
 from atrund.execute.base import Executor, ExecutorError, PoolStats
-from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_ready
+from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_answer, parse_ready
+from atrund.records import data_problem
 
 NO_PERMISSIONS = ExecPermissions()
 from atrund.execute.runtimes import Runtime, load_runtimes
@@ -33,6 +33,7 @@ log = structlog.get_logger("atrund.execute")
 READY_TIMEOUT = 15.0  # seconds a new worker may take to announce it is ready
 STDERR_TAIL = 4096  # bytes of the bundle's own output kept for error messages
 EXIT_GRACE = 0.5  # seconds a worker that closed its output gets to exit before it is killed
+METRIC_SLACK_MS = 1000  # a metric may exceed the request's timeout by this much (clock granularity, a VM's clock)
 
 
 class Worker(ABC):
@@ -261,10 +262,30 @@ class WorkerPool(Executor):
         stderr_tail.cancel()
         if len(line) > self.settings.max_output_bytes:
             return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge")
-        try:
-            return ExecResponse.model_validate(json.loads(line))
-        except (ValueError, ValidationError) as e:
-            return _fail(f"at-run-exec answered with something that is not an ExecResponse: {str(e)[:300]}", "ProtocolError")
+        return _checked(line, request.timeout)
+
+
+def _checked(line: bytes, timeout: int) -> ExecResponse:
+    """The worker's answer line, checked as the untrusted data it is (bundle code shares the
+    worker with the wrapper that writes it): it must match the protocol schema, strictly (see
+    protocol.parse_answer); its metrics cannot exceed the time the runner allowed the run;
+    a return value no record could hold (a lone surrogate, see records.data_problem) is refused
+    here, once, for every consumer (results, XRPC, the gateway, ``atrund exec``). Text meant for
+    people (error, HTTP headers and body) arrives with lone surrogates replaced (parse_answer)."""
+    try:
+        response = parse_answer(line)
+    except Malformed as e:
+        return _fail(f"at-run-exec answered with something that is not an ExecResponse: {e}", "ProtocolError")
+    limit = timeout * 1000 + METRIC_SLACK_MS
+    for name, value in response.metrics.model_dump(by_alias=True, exclude_none=True).items():
+        if value > limit:
+            return _fail(f"at-run-exec answered with something that is not an ExecResponse: metrics.{name}: must be an "
+                         f"integer between 0 and {limit} (the request's timeout plus {METRIC_SLACK_MS} ms)", "ProtocolError")
+    if response.success and (problem := data_problem(response.data)):
+        refused = _fail(f"the return value {problem}", "InvalidReturnValue")
+        refused.metrics = response.metrics
+        return refused
+    return response
 
 
 def _exit_description(code: int | None) -> str:

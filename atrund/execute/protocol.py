@@ -4,15 +4,66 @@ Framing: the worker writes ``{"ready": true}`` + newline on stdout when started,
 ExecRequest JSON line on stdin, writes one ExecResponse JSON line on stdout, and exits.
 ``nix/runtimes/exec-protocol.schema.json`` is exported from these models (``atrund schema``);
 a test keeps it current.
+
+An answer is untrusted data: bundle code shares the worker with the wrapper that writes it (in
+Python it can always write on the protocol descriptor). So ``parse_answer`` checks every answer
+against the schema with strict types and ranges (no ``"5"`` for 5, no NaN, metrics whole
+milliseconds between 0 and MAX_METRIC_MS) and turns one that breaks a rule into a
+``ProtocolError`` failure naming the field and the rule.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+from typing_extensions import Annotated
+
+from atrund import bounds
+from atrund.records import valid_unicode
+
+MAX_METRIC_MS = 86_400_000  # 24 h: longer than any run a runner allows; a metric past it is a lie
+MAX_METRICS = 16  # named metrics in one answer
+MAX_METRIC_NAME = 64
+MAX_ERROR_CHARS = 65_536  # the wrappers cut their messages at 16384; results keep 4000 bytes
+MAX_ERROR_TYPE_CHARS = 256  # the wrappers cut at 128
+ANSWER = {"answer": True}  # validation context of parse_answer: the value came from a worker
+
+
+def _rule(kind: str, message: str, ok: Callable[[Any], bool], repair: Callable[[Any], Any] = lambda v: v,
+          answers_only: Callable[[Any], bool] = lambda v: True) -> BeforeValidator:
+    """A strict check with a message that says the rule (pydantic's would coerce, or say less).
+    It runs before pydantic's own validation, which keeps the type and bounds in the schema.
+    ``answers_only`` is a further check applied only to what a worker sent (parse_answer): the
+    runner's own messages (a crash with its output, a VM's console) are not cut by it."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if not ok(value) or (info.context == ANSWER and not answers_only(value)):
+            raise PydanticCustomError(kind, message)
+        return repair(value)
+
+    return BeforeValidator(check)
+
+
+def _int_between(lo: int, hi: int) -> Any:
+    return Annotated[int, Field(ge=lo, le=hi),
+                     _rule("int_range", f"must be an integer between {lo} and {hi}", lambda v: type(v) is int and lo <= v <= hi)]
+
+
+# Text meant for people (error messages, HTTP headers and bodies) has each lone surrogate
+# replaced: it has no UTF-8 form, so no record, log line or HTTP answer could carry it (and
+# pydantic refuses such a str). The return value is not text: see records.data_problem.
+def _text(max_chars: int) -> Any:
+    return Annotated[str, Field(json_schema_extra={"maxLength": max_chars}),  # enforced on answers only
+                     _rule("text", f"must be a string of at most {max_chars} characters",
+                           lambda v: type(v) is str, valid_unicode, answers_only=lambda v: len(v) <= max_chars)]
+
+
+StrictBool = Annotated[bool, _rule("bool", "must be true or false", lambda v: type(v) is bool)]
+Text = Annotated[str, _rule("str", "must be a string", lambda v: type(v) is str, valid_unicode)]
+Millis = _int_between(0, MAX_METRIC_MS)
 
 
 class _Msg(BaseModel):
@@ -39,25 +90,43 @@ class ExecRequest(_Msg):
 
 
 class ExecHttpResponse(_Msg):
-    status: int = Field(ge=100, le=599)
-    headers: dict[str, str] = {}
-    body: str = ""
-    is_base64: bool = False
+    status: _int_between(100, 599)  # type: ignore[valid-type]
+    headers: dict[Text, Text] = {}
+    body: Text = ""
+    is_base64: StrictBool = False
 
 
 class ExecMetrics(_Msg):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
-    execution_time_ms: int | None = None
+    """Whole milliseconds. Runtimes may add metrics of their own (node and deno: loadTimeMs);
+    every one is an integer from 0 to 86400000 (24 h), at most 16 of them, names of at most 64
+    characters. The runner also refuses one above the request's timeout plus 1000 ms."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow",
+                              json_schema_extra={"additionalProperties": {"type": "integer", "minimum": 0, "maximum": MAX_METRIC_MS},
+                                                 "maxProperties": MAX_METRICS})
+    __pydantic_extra__: dict[str, Millis] = Field(init=False)  # type: ignore[valid-type]
+    execution_time_ms: Millis | None = None  # type: ignore[valid-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_short_names(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if len(value) > MAX_METRICS:
+                raise PydanticCustomError("metrics", f"must hold at most {MAX_METRICS} metrics")
+            if any(len(name) > MAX_METRIC_NAME for name in value):
+                raise PydanticCustomError("metrics", f"metric names must be at most {MAX_METRIC_NAME} characters")
+        return value
 
 
 class ExecResponse(_Msg):
-    success: bool
+    success: StrictBool
     data: Any = None
     response: ExecHttpResponse | None = None
-    error: str | None = None
+    error: _text(MAX_ERROR_CHARS) | None = None  # type: ignore[valid-type]
     # Extensions of the seed's ExecResponse, all optional:
-    error_type: str | None = Field(default=None, description="exception or failure class, e.g. ZeroDivisionError, Timeout")
-    timed_out: bool | None = Field(default=None, description="set by the runner when the deadline killed the worker")
+    error_type: _text(MAX_ERROR_TYPE_CHARS) | None = Field(  # type: ignore[valid-type]
+        default=None, description="exception or failure class, e.g. ZeroDivisionError, Timeout")
+    timed_out: StrictBool | None = Field(default=None, description="set by the runner when the deadline killed the worker")
     metrics: ExecMetrics = ExecMetrics()
 
 
@@ -66,9 +135,34 @@ READY = {"ready": True}
 
 def parse_ready(line: bytes) -> bool:
     try:
-        return json.loads(line) == READY
-    except ValueError:
+        return bounds.loads(line, "the ready line") == READY
+    except bounds.Malformed:
         return False
+
+
+def _where(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        path = bounds._step(path, part)
+    return path or "(top level)"
+
+
+def answer_problem(e: ValidationError) -> str:
+    """A validation failure of an answer as ``field: rule`` items (at most three)."""
+    items = [f"{_where(err['loc'])}: {err['msg']}" for err in e.errors(include_url=False)]
+    more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
+    return "; ".join(items[:3]) + more
+
+
+def parse_answer(line: bytes) -> ExecResponse:
+    """The ExecResponse in a worker's answer line. Raises ``bounds.Malformed`` naming the field
+    and the rule broken if the line is not strict JSON, nests deeper than bounds.MAX_DEPTH, or
+    does not match the schema."""
+    value = bounds.loads(line, "the answer")
+    try:
+        return ExecResponse.model_validate(value, context=ANSWER)
+    except ValidationError as e:
+        raise bounds.Malformed(answer_problem(e)) from None
 
 
 def schema() -> dict[str, Any]:

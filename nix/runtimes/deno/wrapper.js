@@ -4,10 +4,38 @@
 // against --allow-read, unlike a static import), calls the endpoint and writes one answer
 // line, prefixed with the job's token, on the FIFO. See at-run-exec for the whole picture.
 
+// -- the answer channel ----------------------------------------------------------------------
+// Bundle code runs in this realm and may rewrite any global or prototype before the wrapper
+// writes its answer: a replaced TextEncoder.prototype.encode, Deno.FsFile.prototype.writeSync
+// or Uint8Array.prototype.subarray, a getter on %TypedArray%.prototype or a setter on
+// Object.prototype would see the answer line, and so the job's token (and writeSync even the
+// open answer file), and could then write answer lines of its own. So everything the answer
+// path uses is captured here, before the bundle is loaded, and the token and the answer bytes
+// are only ever handed to these captured functions (never stored in a property, never passed
+// to a method looked up later). The envelope (success, metrics) is assembled as text from
+// trusted pieces: only the bundle's own value goes through JSON.stringify, so an
+// Object.prototype.toJSON can change that value but not the envelope around it. The runner
+// checks every answer anyway (atrund.execute.protocol.parse_answer): this keeps the answer the
+// wrapper's, with real metrics.
+
+const MAX_ERROR = 16384; // characters of an error message sent (results keep 4000 bytes)
+const MAX_ERROR_TYPE = 128;
+const apply = Reflect.apply;
+const TypedArrayPrototype = Object.getPrototypeOf(Uint8Array.prototype);
+const typedGetter = (name) => Object.getOwnPropertyDescriptor(TypedArrayPrototype, name).get;
+const byteLengthOf = typedGetter("byteLength");
+const byteOffsetOf = typedGetter("byteOffset");
+const bufferOf = typedGetter("buffer");
+const Bytes = Uint8Array;
+const sliceString = String.prototype.slice;
+const toText = String;
+const round = Math.round;
+const isFinite = Number.isFinite;
 const realExit = Deno.exit;
 const stringify = JSON.stringify;
 const encoder = new TextEncoder();
-const now = () => performance.now();
+const encode = encoder.encode.bind(encoder); // deno's encode: a brand check and a native op
+const now = performance.now.bind(performance);
 
 // Read synchronously: `new Response(Deno.stdin.readable)` would load the web streams code
 // first, about 20 ms here.
@@ -31,7 +59,9 @@ function readStdin() {
 }
 
 const job = JSON.parse(readStdin());
+const token = toText(job.token);
 const answerFile = Deno.openSync(job.answerPath, { write: true });
+const write = answerFile.writeSync.bind(answerFile);
 Deno.permissions.revokeSync({ name: "write", path: job.answerPath });
 
 const bundleUrl = (() => {
@@ -44,29 +74,56 @@ let answered = false;
 let callStarted = null;
 let loadTimeMs;
 
+function ms(x) {
+  const n = round(x);
+  return n > 0 ? n : 0;
+}
+
+// JSON text of the metrics: numbers into a template, no object the bundle could reach.
 function metrics(started) {
-  const out = {};
-  if (started != null) out.executionTimeMs = Math.round(now() - started);
-  if (loadTimeMs != null) out.loadTimeMs = loadTimeMs;
-  return out;
+  let text = "";
+  if (started != null) text = `"executionTimeMs":${ms(now() - started)}`;
+  if (loadTimeMs != null) text = `${text}${text ? "," : ""}"loadTimeMs":${loadTimeMs}`;
+  return `{${text}}`;
 }
 
+function cut(text, max) {
+  if (typeof text !== "string") return "(not a string)";
+  return text.length > max ? `${apply(sliceString, text, [0, max])} … (truncated)` : text;
+}
+
+// The answer line of a failure. JSON.stringify of a primitive string calls no code of the bundle.
 function failure(error, errorType, started = callStarted) {
-  return { success: false, error, errorType, metrics: metrics(started) };
+  return `{"success":false,"error":${stringify(cut(error, MAX_ERROR))},` +
+    `"errorType":${stringify(cut(errorType, MAX_ERROR_TYPE))},"metrics":${metrics(started)}}`;
 }
 
-function answer(obj) {
+// The answer line of a success: the bundle's value (as `field`) inside a trusted envelope.
+function success(field, value, started = callStarted) {
+  const measured = metrics(started);
+  let text;
+  try {
+    text = stringify(value, strictJson);
+  } catch (e) {
+    return failure(`return value is not JSON: ${message(e)}`, "TypeError", started);
+  }
+  // JSON.stringify gives one JSON value without a newline, or undefined (nothing to send).
+  const body = typeof text === "string" ? `,"${field}":${text}` : "";
+  return `{"success":true${body},"metrics":${measured}}`;
+}
+
+function answer(line) {
   if (answered) return;
   answered = true;
-  let line;
-  try {
-    line = stringify(obj, strictJson);
-  } catch (e) {
-    line = stringify(failure(`return value is not JSON: ${message(e)}`, "TypeError"));
-  }
-  const bytes = encoder.encode(`\n${job.token}${line}\n`);
+  const bytes = encode(`\n${token}${line}\n`);
+  const length = apply(byteLengthOf, bytes, []);
   let off = 0;
-  while (off < bytes.length) off += answerFile.writeSync(bytes.subarray(off));
+  while (off < length) {
+    // A partial write goes on from a new view made with the captured constructor, not with
+    // subarray (which would consult bytes.constructor and Symbol.species, both the bundle's).
+    const rest = off === 0 ? bytes : new Bytes(apply(bufferOf, bytes, []), apply(byteOffsetOf, bytes, []) + off, length - off);
+    off += write(rest);
+  }
   realExit(0);
 }
 
@@ -75,7 +132,7 @@ function answer(obj) {
 function strictJson(_key, value) {
   switch (typeof value) {
     case "number":
-      if (!Number.isFinite(value)) throw new TypeError(`${value} is not JSON`);
+      if (!isFinite(value)) throw new TypeError(`${value} is not JSON`);
       return value;
     case "bigint":
     case "function":
@@ -103,9 +160,9 @@ function errorName(e) {
 
 function message(e) {
   try {
-    if (e instanceof Error) return String(e.message);
+    if (e instanceof Error) return toText(e.message);
     if (typeof e === "string") return e;
-    return stringify(e) ?? String(e);
+    return stringify(e) ?? toText(e);
   } catch {
     return "(an unprintable value)";
   }
@@ -123,11 +180,15 @@ function lineOf(e) {
 }
 
 function describe(e) {
-  let code = "";
   try {
-    if (typeof e?.code === "string") code = ` [${e.code}]`;
-  } catch { /* ignore */ }
-  return `${errorName(e)}${code}: ${message(e)}${lineOf(e)}`;
+    let code = "";
+    try {
+      if (typeof e?.code === "string") code = ` [${e.code}]`;
+    } catch { /* ignore */ }
+    return `${errorName(e)}${code}: ${message(e)}${lineOf(e)}`;
+  } catch { // the bundle may have broken what this uses (String.prototype.slice, RegExp.prototype.exec, ...)
+    return "(an error that cannot be described)";
+  }
 }
 
 class SystemExit extends Error {
@@ -256,9 +317,9 @@ try {
   const what = name === "SyntaxError" ? "bundle does not compile" : "bundle failed while loading";
   answer(failure(`${what}: ${describe(e)}`, name, loadStarted));
 }
-loadTimeMs = Math.round(now() - loadStarted);
+loadTimeMs = ms(now() - loadStarted);
 
-const endpoint = String(job.endpoint);
+const endpoint = toText(job.endpoint);
 const names = Object.keys(mod).filter((k) => !k.startsWith("_") && k !== "default" && isEndpoint(mod[k])).sort();
 if (!names.includes(endpoint)) {
   answer(failure(`unknown endpoint '${endpoint}': the bundle defines ${names.join(", ") || "none"}`, "UnknownEndpoint", null));
@@ -292,4 +353,4 @@ if (endpoint === "handleRequest") {
     answer(failure(`handleRequest: the response cannot be read: ${describe(e)}`, errorName(e)));
   }
 }
-answer(response ? { success: true, response, metrics: metrics(callStarted) } : { success: true, data: value, metrics: metrics(callStarted) });
+answer(response ? success("response", response) : success("data", value));
