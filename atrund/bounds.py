@@ -32,7 +32,8 @@ class Malformed(AtrundError):
     where and which limit."""
 
 
-def _step(path: str, key: Any) -> str:
+def step(path: str, key: Any) -> str:
+    """``path`` one level down: ``a.b`` for a key, ``a[3]`` for an index (how messages name a place)."""
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else str(key)
@@ -55,7 +56,7 @@ def too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
             return path or "(top level)"
         for key, child in items:
             if isinstance(child, (dict, list, tuple)):
-                stack.append((child, depth + 1, _step(path, key)))
+                stack.append((child, depth + 1, step(path, key)))
     return None
 
 

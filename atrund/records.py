@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from typing_extensions import Annotated
 
-from atrund.bounds import _step, check_depth
+from atrund.bounds import check_depth, step
 from atrund.bounds import loads as bounds_loads
 from atrund.errors import AtrundError
 
@@ -251,14 +251,14 @@ def data_problem(value: Any, where: str = "data") -> str | None:
             for key, child in node.items():
                 if not isinstance(key, str):
                     return f"holds a key that is not a string (at {valid_unicode(_short(path))})"
-                step = _step(path, key)
+                below = step(path, key)
                 try:
                     key.encode("utf-8")
                 except UnicodeEncodeError:
-                    return f"holds a key that is not valid Unicode (a lone surrogate at {valid_unicode(_short(step))})"
-                stack.append((child, step))
+                    return f"holds a key that is not valid Unicode (a lone surrogate at {valid_unicode(_short(below))})"
+                stack.append((child, below))
         elif isinstance(node, (list, tuple)):
-            stack.extend((child, _step(path, i)) for i, child in enumerate(node))
+            stack.extend((child, step(path, i)) for i, child in enumerate(node))
         elif not (node is None or isinstance(node, (bool, int))):
             return f"holds a {type(node).__name__}, which is not a JSON value (at {valid_unicode(_short(path))})"
     return None

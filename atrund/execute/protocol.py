@@ -143,7 +143,7 @@ def parse_ready(line: bytes) -> bool:
 def _where(loc: tuple) -> str:
     path = ""
     for part in loc:
-        path = bounds._step(path, part)
+        path = bounds.step(path, part)
     return path or "(top level)"
 
 
