@@ -337,11 +337,8 @@ async def test_an_unwritable_state_store_degrades_then_recovers_without_losing_o
     for uri in during:
         assert Result.model_validate(await wait_result(reader, runner.did, uri, timeout=40)).status == "success"
     await until(lambda: _problems_gone(runner, "state", "held-outcomes"), "the store problem to clear", timeout=20)
-    await runner.stop()
-    again = await make_runner(account=runner.account, state_name="runner", access={"allowlist": [author.account.did]},
-                              ingest=ingest)
-    uri = await author.invoke(slow, again.did, args={"s": 0})
-    assert Result.model_validate(await wait_result(reader, again.did, uri)).status == "success"
+    await still_serves(runner, [author, other], make_runner, reader,
+                       access={"allowlist": [author.account.did, other.account.did]}, ingest=ingest)
 
 
 async def _status(runner, uri: str, state: str) -> bool:
@@ -354,22 +351,43 @@ async def _problems_gone(runner, *names: str) -> bool:
     return not any(n in report["problems"] for n in names)
 
 
-async def test_a_frozen_pds_degrades_health_and_results_are_written_when_it_thaws(author, make_runner, reader, stack):
+@pytest.mark.parametrize("mode", ["poll", "firehose"])
+async def test_a_frozen_pds_degrades_health_and_results_are_written_when_it_thaws(mode, author, login_author, make_runner,
+                                                                                  reader, stack):
     """The PDS stops answering (SIGSTOP) while a bundle runs: its result cannot be written, and
     /healthz (served by the runner itself) says degraded and why. When the PDS answers again the
-    result is written and the problem clears: nothing was lost or needed a restart."""
-    runner = await make_runner(access={"allowlist": [author.account.did]})
+    result is written and the problem clears; the next invocations of this author and of another
+    are answered, and a restart on the same state serves: nothing was lost or needed a restart."""
+    other = await login_author("other")
+    ingest = {"mode": mode, "reconcile_interval": 3600} if mode == "firehose" else {}
+    allow = {"allowlist": [author.account.did, other.account.did]}
+    runner = await make_runner(access=allow, ingest=ingest)
     slow = await author.publish(SLOW)
     uri = await author.invoke(slow, runner.did, args={"s": 2})
     await until(lambda: _status(runner, uri, "running"), "the invocation to start")
     os.kill(stack.pid, signal.SIGSTOP)
     try:
         report = await until(lambda: _degraded_with(runner, "results"), "/healthz to name the result writes", timeout=40)
+        assert report["ok"] is True
         assert "does not take result writes" in report["problems"]["results"]["reason"]
     finally:
         os.kill(stack.pid, signal.SIGCONT)
     assert Result.model_validate(await wait_result(reader, runner.did, uri, timeout=60)).status == "success"
     await until(lambda: _problems_gone(runner, "results"), "the results problem to clear", timeout=60)
+    await still_serves(runner, [author, other], make_runner, reader, access=allow, ingest=ingest)
+
+
+async def still_serves(runner, authors, make_runner, reader, **sections) -> None:
+    """After a fault: each author's next invocation is answered; then a restart on the same state
+    comes up and serves too."""
+    for round_ in (1, 2):
+        for i, who in enumerate(authors):
+            bundle = await who.publish(HELLO)
+            uri = await who.invoke(bundle, runner.did, args={"n": i})
+            assert Result.model_validate(await wait_result(reader, runner.did, uri, timeout=60)).value() == {"n": i}
+        if round_ == 1:
+            await runner.stop()
+            runner = await make_runner(account=runner.account, state_name="runner", **sections)
 
 
 # -- edges: access before resolution -----------------------------------------------------------
