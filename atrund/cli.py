@@ -285,34 +285,29 @@ def quarantine_list(config_path: Path, kind: str | None, full: bool) -> None:
         q.close()
 
 
-@quarantine.command("retry")
-@click.argument("ids", type=int, nargs=-1)
-@click.option("--all", "every", is_flag=True, help="Every quarantined item.")
-@config_option
-@plain_errors
-def quarantine_retry(ids: tuple[int, ...], every: bool, config_path: Path) -> None:
-    """Put items back where they came from: a result onto the outbox, a frame or record into ingest."""
-    q = _quarantine(config_path)
-    try:
-        n = q.ask_retry(_ids(ids, every))
-    finally:
-        q.close()
-    err.print(f"{n} item(s) marked for retry; a running runner takes them within a few seconds (else at its next start)")
+def _quarantine_action(name: str, doc: str, act: str, done: str):
+    """`atrund quarantine retry|drop IDS... | --all`: the same command, acting differently."""
+
+    @quarantine.command(name, help=doc)
+    @click.argument("ids", type=int, nargs=-1)
+    @click.option("--all", "every", is_flag=True, help="Every quarantined item.")
+    @config_option
+    @plain_errors
+    def command(ids: tuple[int, ...], every: bool, config_path: Path) -> None:
+        q = _quarantine(config_path)
+        try:
+            n = getattr(q, act)(_ids(ids, every))
+        finally:
+            q.close()
+        err.print(done.format(n=n))
+
+    return command
 
 
-@quarantine.command("drop")
-@click.argument("ids", type=int, nargs=-1)
-@click.option("--all", "every", is_flag=True, help="Every quarantined item.")
-@config_option
-@plain_errors
-def quarantine_drop(ids: tuple[int, ...], every: bool, config_path: Path) -> None:
-    """Forget items for good."""
-    q = _quarantine(config_path)
-    try:
-        n = q.drop(_ids(ids, every))
-    finally:
-        q.close()
-    err.print(f"dropped {n} item(s)")
+quarantine_retry = _quarantine_action(
+    "retry", "Put items back where they came from: a result onto the outbox, a frame or record into ingest.", "ask_retry",
+    "{n} item(s) marked for retry; a running runner takes them within a few seconds (else at its next start)")
+quarantine_drop = _quarantine_action("drop", "Forget items for good.", "drop", "dropped {n} item(s)")
 
 
 # -- authors -----------------------------------------------------------------------------
