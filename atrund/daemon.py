@@ -566,15 +566,20 @@ class Daemon:
             await asyncio.sleep(RETRY_POLL)
             for held in self.quarantine.take_retries():
                 log.info("retrying a quarantined item", kind=held.kind, key=held.key, id=held.id)
-                if held.kind == "result":
-                    self.state.requeue_result(held.key, held.item["rkey"], held.item["record"])
-                    self.writer.wake()
-                elif held.kind == "frame" and self.firehose is not None:
-                    await self.firehose.reprocess(held.item)
-                elif held.kind == "record" and self.intake is not None:
-                    self.intake.retake(held.item)
-                else:
-                    self.quarantine.add(held.kind, held.key, held.item, f"cannot be retried here ({held.reason})", held.attempts)
+                try:
+                    if held.kind == "result":
+                        self.state.requeue_result(held.key, held.item["rkey"], held.item["record"])
+                        self.writer.wake()
+                    elif held.kind == "frame" and self.firehose is not None:
+                        await self.firehose.reprocess(held.item)
+                    elif held.kind == "record" and self.intake is not None:
+                        self.intake.retake(held.item)
+                    else:
+                        raise ValueError(f"a {held.kind} cannot be retried by this runner (ingest mode {self.cfg.ingest.mode})")
+                except Exception as e:  # noqa: BLE001 - taken out of quarantine: it must not be lost on the way back
+                    log.warning("retry of a quarantined item failed; it stays in quarantine", id=held.id, error=str(e))
+                    self.quarantine.add(held.kind, held.key, held.item, f"retry failed ({type(e).__name__}: {e}); "
+                                        f"before: {held.reason}", held.attempts + 1)
 
 
 def _load_keyring(cfg: Config) -> Keyring | None:

@@ -155,17 +155,20 @@ class ResultWriter:
         self._wake = asyncio.Event()
         self._last_success = 0.0
         self._failing_since: dict[str, float] = {}
+        self._settled = 0  # results written or refused (replaced, or quarantined): flush() goes on while this moves
 
     def wake(self) -> None:
         self._wake.set()
 
     async def flush(self) -> int:
-        """Write every due result, batch after batch; returns how many were written."""
+        """Write every due result, batch after batch, while that gets anywhere (results written,
+        or refused ones replaced by their error results); returns how many were written."""
         total = 0
         while True:
+            before = self._settled
             written, due = await self._flush_batch()
             total += written
-            if due < BATCH or written == 0:
+            if due == 0 or self._settled == before:
                 return total
 
     async def _flush_batch(self) -> tuple[int, int]:
@@ -220,6 +223,7 @@ class ResultWriter:
         self.health.clear("results")
 
     def _written(self, invocation_uri: str) -> None:
+        self._settled += 1
         self._failing_since.pop(invocation_uri, None)
         try:
             self.state.written(invocation_uri)
@@ -228,6 +232,7 @@ class ResultWriter:
                         error=str(e))
 
     def _refused(self, item: Outgoing, reason: str) -> None:
+        self._settled += 1
         self._failing_since.pop(item.invocation_uri, None)
         if str(item.record.get("error", "")).startswith(FALLBACK_MARK):
             log.error("result refused by the PDS, even as an error result; quarantined", invocation=item.invocation_uri,

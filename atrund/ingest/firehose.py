@@ -169,6 +169,15 @@ class Firehose:
         return url + (f"?cursor={cursor}" if cursor is not None else "")
 
     async def run(self) -> None:
+        # (Re)started: go on from what is stored, not from what a previous run processed in memory
+        # (its last batch may not have been stored), and drop frames it left unprocessed: the
+        # stream sends them again from the stored cursor, and replays are recognised.
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
+            self.inbox.task_done()
+        self._inbox_bytes = 0
+        self._inbox_room.set()
+        self._seq, self._undecoded, self._suspect, self._stuck_since = None, None, None, None
         self._stored = _int(self.intake.state.cursor(self.source))
         async with asyncio.TaskGroup() as tasks:  # if either loop fails, both end, and the supervisor restarts both
             tasks.create_task(self._process(), name="firehose-processor")
