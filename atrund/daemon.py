@@ -95,8 +95,8 @@ class Daemon:
         self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
         self.state = State(cfg.state.dir / "atrund.sqlite3")
         self.quarantine = Quarantine(cfg.state.dir / "quarantine.sqlite3")
-        self.health = Health()
-        self.supervisor = Supervisor(self.health)
+        self.problems = Health()
+        self.supervisor = Supervisor(self.problems)
         self._held: list[tuple[str, str, dict[str, Any]]] = []  # outcomes the state store could not take yet
         self._held_wake = asyncio.Event()
         self.executor: Executor = create_executor(cfg.executor, cfg.executor.isolation)
@@ -108,7 +108,7 @@ class Daemon:
                                    lim.per_author_backlog, check=self._still_posted)
         self.meters = Meters()
         self.meters.watch(self._live_figures)
-        self.health.watch(self._conditions)
+        self.problems.watch(self._conditions)
         self.gateway: Gateway | None = Gateway(self) if cfg.gateway.enabled else None
         self.session: Session | None = None
         self.writer: ResultWriter | None = None
@@ -121,7 +121,7 @@ class Daemon:
     async def start(self) -> None:
         r = self.cfg.runner
         self.session = await Session.login(r.pds, r.identifier, r.password())
-        self.writer = ResultWriter(self.session, self.state, self.quarantine, self.health)
+        self.writer = ResultWriter(self.session, self.state, self.quarantine, self.problems)
         await self.policy.start(self.session.did)
         self.policy.on_change = self._access_changed
         gateway_url = await self.gateway.start(self.session.did) if self.gateway is not None else None
@@ -135,10 +135,10 @@ class Daemon:
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
         interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
         self.intake = Intake(self.state, self.session.did, self.policy, self.submit, self.quarantine, self._refuse_reused)
-        self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval, self.health)
+        self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval, self.problems)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
-            self.firehose = Firehose(url, self.repos, self.intake, self.health)
+            self.firehose = Firehose(url, self.repos, self.intake, self.problems)
 
     def declaration(self, gateway_url: str | None = None) -> Runner:
         e, g = self.cfg.executor, self.cfg.gateway
@@ -225,11 +225,11 @@ class Daemon:
 
     # -- operations (/healthz, /metrics) -------------------------------------------------
 
-    def report(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         """What /healthz says: serving or not, degraded and why, for how long, how far behind, how busy."""
         pool = self.executor.stats()
         lag = self.meters.lag_seconds
-        problems = self.health.problems()
+        problems = self.problems.problems()
         return {
             "ok": self.session is not None and not self.scheduler.stopped,
             "status": "degraded" if problems else "ok",

@@ -257,7 +257,7 @@ class Gateway:
     # -- operations ---------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return _json(200, self.d.report())
+        return _json(200, self.d.health())
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.meters.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -646,8 +646,8 @@ async def test_a_jump_the_next_frame_agrees_with_is_followed(rig):
 
 async def test_a_stream_that_only_replays_is_a_stall_and_is_reconnected(rig):
     """Frames keep arriving but none moves forward (a relay resending seq 119 over and over): after
-    the stall time the firehose reports `stalled` (for /healthz) and connects again; on the new
-    connection a genuine frame is processed."""
+    the stall time the firehose says so (a warning, and `stalled` for /healthz while it lasts) and
+    connects again; on the new connection a genuine frame is processed and the report clears."""
     uri, cid = await rig.invocation(25)
     rig.firehose.stall_seconds = 1.2
 
@@ -658,12 +658,39 @@ async def test_a_stream_that_only_replays_is_a_stall_and_is_reconnected(rig):
             await asyncio.sleep(0.02)
         await ws.wait_closed()
 
-    rig.start(replaying, send(commit(rig.did, 121, [create_op(uri, cid)])))
-    await rig.until(lambda: "firehose" in rig.firehose.conditions(), "the stall to be reported", timeout=WAIT)
-    assert "stalled" in rig.firehose.conditions()["firehose"]
-    await rig.until(lambda: rig.seen, "the genuine frame on the new connection", timeout=WAIT)
-    assert len(rig.relay.paths) >= 2 and rig.firehose.counters.stalls >= 1
+    reported: list[dict] = []
+
+    def stalled_or_seen() -> bool:
+        if "firehose" in (found := rig.firehose.conditions()):
+            reported.append(found)
+        return bool(rig.seen)
+
+    with capture_logs() as logs:
+        rig.start(replaying, send(commit(rig.did, 121, [create_op(uri, cid)])))
+        await rig.until(stalled_or_seen, "the genuine frame on the new connection")
+    assert any(e["event"].startswith("firehose stalled") for e in logs)
+    assert rig.firehose.counters.stalls >= 1 and len(rig.relay.paths) >= 2
+    assert all("stalled" in r["firehose"] for r in reported)
     assert rig.firehose.conditions() == {}
+
+
+async def test_a_stall_is_reported_while_it_lasts(rig):
+    """While frames arrive without moving forward and the connection is not yet made again,
+    /healthz's firehose condition says `stalled`, naming the last seq."""
+    rig.firehose.stall_seconds = 3600  # the watchdog does not reconnect within this test
+
+    async def replaying(ws) -> None:
+        await ws.send(commit(rig.did, 130, []))
+        for _ in range(100):
+            await ws.send(info(129))
+            await asyncio.sleep(0.02)
+        await ws.wait_closed()
+
+    rig.start(replaying)
+    await rig.until(lambda: rig.firehose._stuck_since is not None, "frames that do not move forward")
+    rig.firehose.stall_seconds = 0.1
+    await asyncio.sleep(0.2)
+    assert "stalled" in rig.firehose.conditions().get("firehose", "")
 
 
 async def test_a_disconnected_firehose_is_reported(rig, monkeypatch):

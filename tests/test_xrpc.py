@@ -89,7 +89,9 @@ async def test_bad_tokens_are_refused_with_401(login_author, author, make_runner
     """Missing, forged, tampered, wrong audience, wrong or no method, replayed: 401 naming why,
     and the bundle never runs."""
     other = await login_author("other")
-    runner = await make_runner(access={"allowlist": [author.account.did]})
+    # Both served: a token naming a DID the policy does not serve is refused before its signature
+    # is checked (403, tests/test_resilience.py); here every refusal is the token's own.
+    runner = await make_runner(access={"allowlist": [author.account.did, other.account.did]})
     base = runner.daemon.gateway.url
     bundle = await author.publish(BUNDLE)
     body = {"bundle": bundle, "endpoint": "main"}
