@@ -33,6 +33,7 @@ import libipld
 import structlog
 import websockets
 
+from atrund import bounds
 from atrund.errors import AtrundError, NotFound
 from atrund.ingest import Intake, Row
 from atrund.ingest.proof import Incomplete, ProofError, SigningKey, created_records
@@ -59,6 +60,7 @@ class Counters:
     proven: int = 0  # invocations proven from the frame itself
     fetched: int = 0  # invocations proven by asking the author's PDS (frame lacked blocks)
     forged: int = 0  # frames refused: signature, tree or hash did not check out
+    malformed: int = 0  # frames skipped: not DAG-CBOR, nested deeper than bounds.MAX_DEPTH, or of the wrong shape
 
 
 class Firehose:
@@ -170,6 +172,7 @@ class Firehose:
                 await self._frame(message, rows, withdrawn)
             except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
                 # One malformed frame from a relay must not end ingest for everyone.
+                self.counters.malformed += 1
                 log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
         now = time.monotonic()
         if not rows and not withdrawn and now - self._saved_at < IDLE_CURSOR_SAVE:
@@ -185,11 +188,13 @@ class Firehose:
             self._undecoded = message  # its seq is read only if the cursor is stored now
             return
         try:
-            header, body = libipld.decode_dag_cbor_multi(message)[:2]
-        except (ValueError, TypeError):
-            log.warning("firehose: undecodable frame skipped", size=len(message))
+            header, body = bounds.decode_dag_cbor(message, "firehose frame", multi=True)[:2]
+        except (bounds.Malformed, ValueError) as e:  # ValueError: fewer than two items
+            self.counters.malformed += 1
+            log.warning("firehose: undecodable frame skipped", size=len(message), error=str(e))
             return
         if not isinstance(header, dict) or not isinstance(body, dict):
+            self.counters.malformed += 1
             log.warning("firehose: frame of the wrong shape skipped")
             return
         if header.get("op") == -1:
@@ -309,7 +314,7 @@ def _int(text: str | None) -> int | None:
 
 def _seq_of(message: bytes) -> int | None:
     try:
-        seq = libipld.decode_dag_cbor_multi(message)[1].get("seq")
-    except (ValueError, TypeError, AttributeError, IndexError):
+        seq = bounds.decode_dag_cbor(message, "firehose frame", multi=True)[1].get("seq")
+    except (bounds.Malformed, AttributeError, IndexError):
         return None
     return seq if isinstance(seq, int) else None
