@@ -96,9 +96,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999: JSON text, but no number anything can hold
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
 def _json(data: bytes | str, what: str) -> Any:
     try:
-        return json.loads(data, parse_constant=_no_constant)
+        return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise Malformed(f"{what} is not JSON: {e}") from None
 

@@ -41,18 +41,18 @@ class Identities:
         if hit and not refresh and time.monotonic() - hit[0] < self._ttl:
             return hit[1]
         try:
-            value = await self._fetch(did)
-            doc = AsyncBaseResolver.validate_did_doc(did, value) if value is not None else None
+            body = await self._fetch(did)
         except (aiohttp.ClientError, TimeoutError, AtProtocolError, ValueError) as e:
             raise IdentityError(f"cannot resolve {did}: {type(e).__name__}: {e}") from e
-        if doc is None:
+        if body is None:
             raise IdentityError(f"cannot resolve {did}: no DID document")
+        doc = parse_document(did, body)
         self._cache[did] = (time.monotonic(), doc)
         return doc
 
-    async def _fetch(self, did: str) -> dict | None:
-        """The DID document as JSON (None: the directory does not know the DID), bounded in
-        size and depth; IdentityError naming the limit past either."""
+    async def _fetch(self, did: str) -> bytes | None:
+        """The DID document's bytes (None: the directory does not know the DID), at most
+        MAX_DOCUMENT_BYTES; IdentityError past that."""
         if did.startswith("did:plc:"):
             url = f"{self._plc_url}/{did}"
         elif did.startswith("did:web:"):
@@ -72,13 +72,7 @@ class Identities:
                 if len(body) > MAX_DOCUMENT_BYTES:
                     raise IdentityError(f"cannot resolve {did}: the DID document is larger than the limit of "
                                         f"{MAX_DOCUMENT_BYTES} bytes")
-        try:
-            value = bounds.loads(bytes(body), "the DID document")
-        except bounds.Malformed as e:
-            raise IdentityError(f"cannot resolve {did}: {e}") from None
-        if not isinstance(value, dict):
-            raise IdentityError(f"cannot resolve {did}: the DID document is not a JSON object")
-        return value
+        return bytes(body)
 
     async def pds(self, did: str) -> str:
         doc = await self.document(did)
@@ -125,6 +119,22 @@ class Identities:
 
     def forget(self, did: str) -> None:
         self._cache.pop(did, None)
+
+
+def parse_document(did: str, body: bytes) -> DidDocument:
+    """``did``'s DID document from the bytes its directory or host sent; IdentityError naming what
+    is wrong: not JSON, nested deeper than bounds.MAX_DEPTH (naming where), or not a DID
+    document of ``did`` (the SDK's validation)."""
+    try:
+        value = bounds.loads(body, "the DID document")
+    except bounds.Malformed as e:
+        raise IdentityError(f"cannot resolve {did}: {e}") from None
+    if not isinstance(value, dict):
+        raise IdentityError(f"cannot resolve {did}: the DID document is not a JSON object")
+    try:
+        return AsyncBaseResolver.validate_did_doc(did, value)
+    except (AtProtocolError, ValueError) as e:  # the SDK's own, and pydantic's ValidationError
+        raise IdentityError(f"cannot resolve {did}: {type(e).__name__}: {e}") from None
 
 
 async def resolve_handle(handle: str, pds: str, timeout: float = 10.0) -> str:

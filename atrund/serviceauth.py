@@ -149,6 +149,6 @@ def _check_bounds(token: str) -> None:
         except (binascii.Error, ValueError):
             continue  # the SDK's parser says what is wrong with it
         try:
-            bounds.loads(raw, f"token {name}")
+            bounds.loads(raw, f"its {name}")
         except bounds.Malformed as e:
-            raise ServiceAuthError("malformed", str(e)) from None
+            raise ServiceAuthError("malformed", f"token is not a JWT: {e}") from None
