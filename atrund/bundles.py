@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from atrund import bounds
 from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
 from atrund.records import BUNDLE, Bundle, StrongRef
 from atrund.repos import Repos
@@ -110,6 +111,8 @@ class BundleStore:
     @staticmethod
     def parse(value: dict) -> Bundle:
         try:
-            return Bundle.model_validate(value)
+            return Bundle.model_validate(bounds.check_fields(value))
+        except bounds.Malformed as e:
+            raise BundleRefused(f"bundle record is invalid: {e}") from None
         except ValidationError as e:
             raise BundleRefused(f"bundle record is invalid: {_field_errors(e)}") from None

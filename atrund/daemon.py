@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from atrund import __version__
+from atrund import __version__, bounds
 from atrund.access import AccessPolicy, PermissionPolicy, PolicyFile
 from atrund.bundles import BundleStore, VerifiedBundle, _field_errors
 from atrund.config import Config
@@ -325,9 +325,10 @@ class Daemon:
 
     async def handle(self, inv: Stored) -> None:
         try:
-            record = Invocation.model_validate(inv.value)
-        except ValidationError as e:
-            self._finish(inv, "rejected", error=f"invalid invocation record: {_field_errors(e)}")
+            record = Invocation.model_validate(bounds.check_fields(inv.value))
+        except (ValidationError, bounds.Malformed) as e:
+            detail = _field_errors(e) if isinstance(e, ValidationError) else str(e)
+            self._finish(inv, "rejected", error=f"invalid invocation record: {detail}")
             return
         if not self.state.mark_running(inv.uri):
             return

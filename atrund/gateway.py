@@ -37,6 +37,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from atrund import bounds
 from atrund.bundles import _field_errors
 from atrund.errors import (
     AtrundError,
@@ -116,12 +117,23 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 class InvokeInput(BaseModel):
     """The input of dev.atrun.invoke (lexicons/dev/atrun/invoke.json)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)  # types exactly as the lexicon says
     bundle: StrongRef
     endpoint: str = Field(min_length=1, max_length=128)
     args: dict[str, Any] | None = None
     timeout: int | None = Field(default=None, ge=1)
     write_result: bool = Field(default=False, alias="writeResult")
+
+
+def parse_invoke_input(body: bytes) -> InvokeInput:
+    """The XRPC input, or a 400 naming what is wrong: not JSON, nested deeper than
+    bounds.MAX_DEPTH (naming where), or a field that does not match the lexicon."""
+    try:
+        return InvokeInput.model_validate(bounds.loads(body, "input"))
+    except bounds.Malformed as e:
+        raise HttpError(400, "InvalidRequest", str(e)) from None
+    except ValidationError as e:
+        raise HttpError(400, "InvalidRequest", f"input: {_field_errors(e)}") from None
 
 
 @dataclass
@@ -400,12 +412,7 @@ class Gateway:
             self.meters.denied["xrpc"] += 1
             raise HttpError(403, "Forbidden", f"{e.did} is not served by this runner (access mode {self.d.policy.mode})") from None
         body = await self._body(request)
-        try:
-            data = json.loads(body)
-            inp = InvokeInput.model_validate(data)
-        except ValueError as e:
-            detail = _field_errors(e) if isinstance(e, ValidationError) else f"not JSON: {e}"
-            raise HttpError(400, "InvalidRequest", f"input: {detail}") from None
+        inp = parse_invoke_input(body)
         self._not_too_busy()
         seen = time.time()
         out = await self.d.run_bundle(inp.bundle, inp.endpoint, inp.args or {}, inp.timeout, queued_since=seen, attempts=1,

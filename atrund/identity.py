@@ -1,5 +1,10 @@
 """Who is who: DID documents (did:plc through a configurable PLC directory, did:web) and the
-PDS each DID lives on, cached for a while (an author who moves PDS is picked up after the TTL)."""
+PDS each DID lives on, cached for a while (an author who moves PDS is picked up after the TTL).
+
+Documents are fetched here rather than by the SDK's resolver so that what a directory or a
+did:web host sends is bounded: at most MAX_DOCUMENT_BYTES, nested at most bounds.MAX_DEPTH
+levels; past either, resolution fails with an IdentityError that names the limit. The SDK
+still validates the document."""
 
 from __future__ import annotations
 
@@ -9,39 +14,66 @@ from collections.abc import Callable
 
 import aiohttp
 from atproto_core.did_doc import DidDocument
-from atproto_identity.did.resolver import AsyncDidResolver
-from atproto_identity.exceptions import DidNotFoundError
+from atproto_identity.did.resolvers.base_resolver import AsyncBaseResolver
+from atproto_identity.did.resolvers.web_resolver import _DidWebResolverBase
+from atproto_identity.exceptions import AtProtocolError
 
+from atrund import bounds
 from atrund.errors import IdentityError, NotServed
 
 HANDLE = re.compile(r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 NEGATIVE_SECONDS = 30  # how long a handle that did not resolve stays unresolved
+MAX_DOCUMENT_BYTES = 64 * 1024  # a DID document is about a kilobyte; a hostile host could send forever
 
 
 class Identities:
     def __init__(self, plc_url: str, cache_seconds: int = 300, timeout: float = 10.0) -> None:
-        self._resolver = AsyncDidResolver(plc_url=plc_url.rstrip("/"), timeout=timeout)
+        self._plc_url = plc_url.rstrip("/")
         self._ttl = cache_seconds
         self._cache: dict[str, tuple[float, DidDocument]] = {}
         self._handles: dict[str, tuple[float, str | None, str | None]] = {}  # handle -> (when, DID, or why not)
         self._timeout = timeout
+        self._http: aiohttp.ClientSession | None = None
 
     async def document(self, did: str, refresh: bool = False) -> DidDocument:
         hit = self._cache.get(did)
         if hit and not refresh and time.monotonic() - hit[0] < self._ttl:
             return hit[1]
         try:
-            doc = await self._resolver.resolve(did)
-        except DidNotFoundError:
-            doc = None
-        except Exception as e:  # the SDK raises httpx and its own errors; translate them here, once
+            body = await self._fetch(did)
+        except (aiohttp.ClientError, TimeoutError, AtProtocolError, ValueError) as e:
             raise IdentityError(f"cannot resolve {did}: {type(e).__name__}: {e}") from e
-        if doc is None:
+        if body is None:
             raise IdentityError(f"cannot resolve {did}: no DID document")
+        doc = parse_document(did, body)
         self._cache[did] = (time.monotonic(), doc)
         return doc
+
+    async def _fetch(self, did: str) -> bytes | None:
+        """The DID document's bytes (None: the directory does not know the DID), at most
+        MAX_DOCUMENT_BYTES; IdentityError past that."""
+        if did.startswith("did:plc:"):
+            url = f"{self._plc_url}/{did}"
+        elif did.startswith("did:web:"):
+            url = _DidWebResolverBase._parse_web_did(did)
+        else:
+            raise IdentityError(f"cannot resolve {did}: only did:plc and did:web are supported")
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        async with self._http.get(url, allow_redirects=False) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise IdentityError(f"cannot resolve {did}: HTTP {resp.status} from {url}")
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > MAX_DOCUMENT_BYTES:
+                    raise IdentityError(f"cannot resolve {did}: the DID document is larger than the limit of "
+                                        f"{MAX_DOCUMENT_BYTES} bytes")
+        return bytes(body)
 
     async def pds(self, did: str) -> str:
         doc = await self.document(did)
@@ -51,11 +83,9 @@ class Identities:
         return endpoint.rstrip("/")
 
     async def close(self) -> None:
-        # The SDK's resolvers each open an httpx client and offer no way to close it.
-        for method in getattr(self._resolver, "_methods", {}).values():
-            client = getattr(method, "_client", None)
-            if client is not None:
-                await client.aclose()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     async def did_for_handle(self, handle: str, via_pds: str, admit: Callable[[str], bool] | None = None) -> str:
         """The DID ``handle`` names: asked of a PDS (com.atproto.identity.resolveHandle, which
@@ -97,6 +127,22 @@ class Identities:
 
     def forget(self, did: str) -> None:
         self._cache.pop(did, None)
+
+
+def parse_document(did: str, body: bytes) -> DidDocument:
+    """``did``'s DID document from the bytes its directory or host sent; IdentityError naming what
+    is wrong: not JSON, nested deeper than bounds.MAX_DEPTH (naming where), or not a DID
+    document of ``did`` (the SDK's validation)."""
+    try:
+        value = bounds.loads(body, "the DID document")
+    except bounds.Malformed as e:
+        raise IdentityError(f"cannot resolve {did}: {e}") from None
+    if not isinstance(value, dict):
+        raise IdentityError(f"cannot resolve {did}: the DID document is not a JSON object")
+    try:
+        return AsyncBaseResolver.validate_did_doc(did, value)
+    except (AtProtocolError, ValueError) as e:  # the SDK's own, and pydantic's ValidationError
+        raise IdentityError(f"cannot resolve {did}: {type(e).__name__}: {e}") from None
 
 
 async def resolve_handle(handle: str, pds: str, timeout: float = 10.0) -> str:

@@ -74,9 +74,10 @@ Cid = Annotated[str, AfterValidator(_cid)]
 
 
 class Record(BaseModel):
-    """Base: camelCase on the wire, unknown fields kept (records may grow compatibly)."""
+    """Base: camelCase on the wire, unknown fields kept (records may grow compatibly). Strict:
+    each field must have the type its lexicon says (``timeout: "5"`` is refused, not read as 5)."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow", strict=True)
 
     def to_record(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
@@ -85,19 +86,20 @@ class Record(BaseModel):
 class StrongRef(Record):
     """com.atproto.repo.strongRef"""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     uri: str = Field(pattern=r"^at://[^/]+/[^/]+/[^/]+$")
     cid: Cid
 
 
 class BlobLink(BaseModel):
+    model_config = ConfigDict(strict=True)
     link: Cid = Field(alias="$link")
 
 
 class BlobRef(BaseModel):
     """A blob reference as records carry it (``$type: blob``)."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, strict=True)
     type: Literal["blob"] = Field(default="blob", alias="$type")
     ref: BlobLink
     mime_type: str = Field(alias="mimeType")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from typing import Any
 
 import aiohttp
 import libipld
 
+from atrund import bounds
 from atrund.errors import ContentMismatch, NotFound, RemoteError, TooLarge, Unreachable
 from atrund.identity import Identities
 
@@ -38,17 +38,35 @@ def verify_cid(cid: str, data: bytes, codec: int) -> None:
 
 
 def to_json_model(value: Any) -> Any:
-    """DAG-CBOR as libipld decodes it (links and bytes as ``bytes``) to the JSON form of records."""
-    if isinstance(value, dict):
-        return {k: to_json_model(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_json_model(v) for v in value]
-    if isinstance(value, bytes):
-        try:
-            return {"$link": libipld.encode_cid(value)}
-        except ValueError:
-            return {"$bytes": base64.b64encode(value).decode().rstrip("=")}
-    return value
+    """DAG-CBOR as libipld decodes it (links and bytes as ``bytes``) to the JSON form of records.
+
+    Without recursion (an explicit stack), so no depth of record can make it fail."""
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, bytes):
+            try:
+                return {"$link": libipld.encode_cid(v)}
+            except ValueError:
+                return {"$bytes": base64.b64encode(v).decode().rstrip("=")}
+        return v
+
+    def copy(v: Any) -> Any:
+        if isinstance(v, dict):
+            out: Any = dict(v)
+        elif isinstance(v, list):
+            out = list(v)
+        else:
+            return convert(v)
+        stack.append(out)
+        return out
+
+    stack: list[Any] = []
+    root = copy(value)
+    while stack:
+        node = stack.pop()
+        for key in node.keys() if isinstance(node, dict) else range(len(node)):
+            node[key] = copy(node[key])
+    return root
 
 
 class Repos:
@@ -83,12 +101,19 @@ class Repos:
         except TimeoutError as e:
             raise Unreachable(f"{method} at {base}: timed out") from e
 
-    async def _get_json(self, did: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def _get_json(self, did: str, method: str, params: dict[str, Any], levels_above: int) -> dict[str, Any]:
+        """The JSON answer of ``method``. Its records sit ``levels_above`` levels down in it; a
+        record that nests deeper than bounds.MAX_DEPTH comes back cut one level past the limit
+        (bounds.loads ``cut``), so the answer's other records are read as usual and the deep one
+        is refused by whoever validates it, naming where."""
         body, _ = await self._get(did, method, params, max_bytes=8 * 1024 * 1024)
         try:
-            return json.loads(body)
-        except ValueError as e:
-            raise RemoteError(f"{method}: the PDS answered with invalid JSON") from e
+            out = bounds.loads(body, f"the answer of {method}", bounds.MAX_DEPTH + levels_above, cut=True)
+        except bounds.Malformed as e:
+            raise RemoteError(f"{method}: the PDS answered with invalid JSON: {e}") from None
+        if not isinstance(out, dict):
+            raise RemoteError(f"{method}: the PDS answered with JSON that is not an object")
+        return out
 
     async def list_records(
         self, did: str, collection: str, cursor: str | None = None, limit: int = 100
@@ -97,32 +122,53 @@ class Repos:
         out = await self._get_json(
             did, "com.atproto.repo.listRecords",
             {"repo": did, "collection": collection, "limit": limit, "reverse": True, "cursor": cursor},
+            levels_above=3,  # {"records": [{"value": RECORD}]}
         )
-        return out.get("records", []), out.get("cursor")
+        records, next_cursor = out.get("records", []), out.get("cursor")
+        if not isinstance(records, list):
+            raise RemoteError("com.atproto.repo.listRecords: the PDS answered without a list of records")
+        return records, next_cursor if isinstance(next_cursor, str) else None
 
     async def get_record(self, did: str, collection: str, rkey: str) -> tuple[str, dict[str, Any]]:
-        out = await self._get_json(did, "com.atproto.repo.getRecord", {"repo": did, "collection": collection, "rkey": rkey})
-        return out["cid"], out["value"]
+        out = await self._get_json(did, "com.atproto.repo.getRecord", {"repo": did, "collection": collection, "rkey": rkey},
+                                   levels_above=1)  # {"value": RECORD}
+        cid, value = out.get("cid"), out.get("value")
+        if not isinstance(cid, str) or not isinstance(value, dict):
+            raise RemoteError(f"com.atproto.repo.getRecord for at://{did}/{collection}/{rkey}: the PDS answered without "
+                              "a cid and a record")
+        return cid, value
 
     async def get_verified_record(self, did: str, collection: str, rkey: str, cid: str) -> dict[str, Any]:
         """The record at ``cid``, proven by hashing its block from com.atproto.sync.getRecord.
 
         Raises NotFound if the repo no longer holds that version (the record was updated or
-        deleted; a PDS keeps only the current one). The caller tells those apart.
+        deleted; a PDS keeps only the current one). The caller tells those apart. A record
+        nested deeper than bounds.MAX_DEPTH comes back cut one level past the limit.
         """
+        from atrund.ingest.proof import ProofError, read_car  # the one CAR reader; proof imports nothing of ours
+
         body, _ = await self._get(
             did, "com.atproto.sync.getRecord", {"did": did, "collection": collection, "rkey": rkey}, max_bytes=4 * 1024 * 1024
         )
+        where = f"sync.getRecord for at://{did}/{collection}/{rkey}"
         try:
-            _header, blocks = libipld.decode_car(body)
-        except ValueError as e:
-            raise RemoteError(f"sync.getRecord for at://{did}/{collection}/{rkey}: not a CAR file: {e}") from e
-        wanted = libipld.decode_multibase(cid)[1] if cid.startswith("b") else None
-        for key, block in blocks.items():
-            if key == wanted:
-                verify_cid(cid, libipld.encode_dag_cbor(block), DAG_CBOR)
-                return to_json_model(block)
-        raise NotFound(f"at://{did}/{collection}/{rkey} is no longer at CID {cid}")
+            # Blocks are read raw and only the record's is decoded: a CAR's other blocks (the
+            # proof) are not ours to decode, and its header says nothing we need.
+            blocks = read_car(body)
+            wanted = libipld.decode_multibase(cid)[1] if cid.startswith("b") else None
+        except (ProofError, ValueError) as e:
+            raise RemoteError(f"{where}: not a CAR file: {e}") from None
+        raw = blocks.get(wanted) if wanted is not None else None
+        if raw is None:
+            raise NotFound(f"at://{did}/{collection}/{rkey} is no longer at CID {cid}")
+        verify_cid(cid, raw, DAG_CBOR)
+        try:
+            block = bounds.decode_dag_cbor(raw, f"the record at {cid}", cut=True)
+        except bounds.Malformed as e:
+            raise RemoteError(f"{where}: {e}") from None
+        if not isinstance(block, dict):
+            raise RemoteError(f"{where}: the record at {cid} is not an object")
+        return to_json_model(block)
 
     async def get_blob(self, did: str, cid: str, max_bytes: int) -> bytes:
         """The blob's bytes, refused unless they hash to ``cid`` and fit in ``max_bytes``."""
@@ -144,9 +190,9 @@ async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int, what: str) 
 
 def _xrpc_error(method: str, base: str, status: int, body: bytes) -> RemoteError:
     try:
-        err = json.loads(body)
-        name, message = err.get("error", ""), err.get("message", "")
-    except (ValueError, AttributeError):
+        err = bounds.loads(body, "an error answer")
+        name, message = str(err.get("error", "")), str(err.get("message", ""))
+    except (bounds.Malformed, AttributeError):
         name, message = "", body[:200].decode("utf-8", "replace")
     text = f"{method} at {base}: {name or f'HTTP {status}'}" + (f": {message}" if message else "")
     if name in NOT_FOUND_ERRORS or status == 404:

@@ -21,6 +21,8 @@ Signature checks run the SDK's atproto_crypto (low-S enforced, as atproto requir
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from atproto_crypto.verify import verify_signature
 from atproto_server.auth.jwt import decode_jwt_payload, parse_jwt
 from atproto_server.exceptions import TokenDecodeError
 
+from atrund import bounds
 from atrund.errors import AtrundError, IdentityError, NotServed
 from atrund.identity import Identities
 
@@ -73,6 +76,7 @@ class ServiceAuth:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ServiceAuthError("malformed", "Authorization must be 'Bearer <JWT>'")
+        _check_bounds(token.strip())
         try:
             payload_bytes, signing_input, header, signature = parse_jwt(token.strip())
             payload = decode_jwt_payload(payload_bytes)
@@ -140,3 +144,18 @@ class ServiceAuth:
 
     def seen(self) -> int:
         return len(self._seen)
+
+
+def _check_bounds(token: str) -> None:
+    """Refuse a token whose header or payload is not strict JSON nested at most bounds.MAX_DEPTH
+    levels, naming the part and the limit (the SDK's own parser stops at 200 levels, with a
+    message that names neither)."""
+    for name, part in zip(("header", "payload"), token.split(".")[:2], strict=False):
+        try:
+            raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        except (binascii.Error, ValueError):
+            continue  # the SDK's parser says what is wrong with it
+        try:
+            bounds.loads(raw, f"its {name}")
+        except bounds.Malformed as e:
+            raise ServiceAuthError("malformed", f"token is not a JWT: {e}") from None

@@ -47,6 +47,7 @@ import libipld
 import structlog
 import websockets
 
+from atrund import bounds
 from atrund.errors import AtrundError, NotFound
 from atrund.health import Health
 from atrund.ingest import Intake, Row
@@ -80,7 +81,7 @@ class Counters:
     proven: int = 0  # invocations proven from the frame itself
     fetched: int = 0  # invocations proven by asking the author's PDS (frame lacked blocks)
     forged: int = 0  # frames refused: signature, tree or hash did not check out
-    malformed: int = 0  # frames skipped: undecodable, or of the wrong shape
+    malformed: int = 0  # frames skipped: not DAG-CBOR, nested deeper than bounds.MAX_DEPTH, or of the wrong shape
     failed: int = 0  # frames whose processing failed unexpectedly (quarantined)
     implausible: int = 0  # frames dropped for a seq that does not move forward plausibly
     stalls: int = 0  # reconnects because the stream stalled
@@ -290,6 +291,11 @@ class Firehose:
             await self._frame(message, rows, withdrawn, replay)
         except asyncio.CancelledError:
             raise
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+            # A frame of a shape the code did not expect (a relay can send anything): skipped.
+            del rows[taken[0]:], withdrawn[taken[1]:]  # nothing half-taken from it
+            self.counters.malformed += 1
+            log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
         except Exception as e:  # noqa: BLE001 - one frame must never end ingest for everyone
             del rows[taken[0]:], withdrawn[taken[1]:]  # nothing half-taken from it
             self.counters.failed += 1
@@ -325,10 +331,10 @@ class Firehose:
             self._progress()
             return
         try:
-            header, body = libipld.decode_dag_cbor_multi(message)[:2]
-        except (ValueError, TypeError, RecursionError):
+            header, body = bounds.decode_dag_cbor(message, "firehose frame", multi=True)[:2]
+        except (bounds.Malformed, ValueError) as e:  # ValueError: fewer than two items
             self.counters.malformed += 1
-            log.warning("firehose: undecodable frame skipped", size=len(message))
+            log.warning("firehose: undecodable frame skipped", size=len(message), error=str(e))
             return
         if not isinstance(header, dict) or not isinstance(body, dict):
             self.counters.malformed += 1
@@ -475,7 +481,7 @@ def _int(text: str | None) -> int | None:
 
 def _seq_of(message: bytes) -> int | None:
     try:
-        seq = libipld.decode_dag_cbor_multi(message)[1].get("seq")
-    except (ValueError, TypeError, AttributeError, IndexError):
+        seq = bounds.decode_dag_cbor(message, "firehose frame", multi=True)[1].get("seq")
+    except (bounds.Malformed, AttributeError, IndexError):
         return None
     return seq if isinstance(seq, int) else None

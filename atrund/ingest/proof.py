@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import ECDSA
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.hashes import SHA256
 
+from atrund import bounds
 from atrund.errors import AtrundError
 
 CBOR_SHA256_CID = b"\x01\x71\x12\x20"  # CIDv1, dag-cbor, sha2-256, 32-byte digest: all repo blocks
@@ -105,8 +106,12 @@ def read_car(data: bytes) -> dict[bytes, bytes]:
         raise ProofError("truncated CAR") from None
 
 
-def block(blocks: dict[bytes, bytes], cid: bytes) -> Any:
-    """The decoded block that ``cid`` names, after checking it hashes to it."""
+def block(blocks: dict[bytes, bytes], cid: bytes, *, record: bool = False) -> Any:
+    """The decoded block that ``cid`` names, after checking it hashes to it.
+
+    Nested deeper than bounds.MAX_DEPTH: a commit or tree node is refused (ProofError); a
+    ``record`` comes back cut one level past the limit (bounds.decode_dag_cbor), so the record
+    is still answered, with a refusal that names where it is too deep."""
     raw = blocks.get(cid)
     if raw is None:
         raise Incomplete(f"the frame lacks block {_cid_str(cid)}")
@@ -115,9 +120,9 @@ def block(blocks: dict[bytes, bytes], cid: bytes) -> Any:
     if hashlib.sha256(raw).digest() != cid[4:]:
         raise ProofError(f"block {_cid_str(cid)} does not hash to its CID")
     try:
-        return libipld.decode_dag_cbor(raw)
-    except ValueError as e:
-        raise ProofError(f"block {_cid_str(cid)} is not DAG-CBOR: {e}") from None
+        return bounds.decode_dag_cbor(raw, f"block {_cid_str(cid)}", cut=record)
+    except bounds.Malformed as e:
+        raise ProofError(str(e)) from None
 
 
 def verify_commit(blocks: dict[bytes, bytes], commit_cid: bytes, did: str, key: SigningKey) -> dict[str, Any]:
@@ -170,7 +175,7 @@ def created_records(body: dict[str, Any], paths: list[tuple[str, bytes]], key: S
         found = mst_lookup(blocks, commit["data"], path)
         if found != cid:
             raise ProofError(f"{path} is not at {_cid_str(cid)} in the signed repo tree")
-        records[path] = block(blocks, cid)
+        records[path] = block(blocks, cid, record=True)
     return records
 
 
