@@ -141,33 +141,47 @@ def loads(data: bytes | str, what: str, limit: int = MAX_DEPTH, *, cut: bool = F
     return value
 
 
-# A JSON string (escapes included), or one bracket: all cut_json needs to see of the text.
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]+|\\.)*"|[\[\]{}]', re.S)
+# The characters cut_json looks at: quotes and backslashes (to know what is inside a string)
+# and brackets. One pass, each character once: no backtracking, whatever the text.
+_JSON_MARK = re.compile(r'["\\\[\]{}]')
 _CLOSER = {"[": "]", "{": "}"}
 
 
 def cut_json(text: str, limit: int, what: str = "the value") -> str:
     """``text`` with the contents of every object and array at level ``limit + 1`` removed
     (``{"a":{"a":{...}}}`` becomes ``{"a":{"a":{}}}``), so ``json.loads`` can read the rest
-    whatever the depth. A scan over strings and brackets, without recursion; the removed
-    contents are checked only for matching brackets (they are never used). Malformed if the
-    brackets do not match."""
+    whatever the depth. A linear scan over quotes, escapes and brackets, without recursion; the
+    removed contents are checked only for matching brackets (they are never used). Malformed if
+    the brackets do not match or a string does not end."""
     out: list[str] = []
     copied = 0  # text[copied:] is not yet in out
     open_: list[str] = []
-    for m in _JSON_TOKEN.finditer(text):
-        token = m.group()
-        if token[0] == '"':
+    in_string = False
+    escaped = -1  # the position of a character escaped by a backslash
+    for m in _JSON_MARK.finditer(text):
+        at = m.start()
+        char = text[at]
+        if in_string:
+            if at == escaped:
+                continue
+            if char == "\\":
+                escaped = at + 1
+            elif char == '"':
+                in_string = False
             continue
-        if token in _CLOSER:
-            open_.append(token)
+        if char == '"':
+            in_string = True
+        elif char in _CLOSER:
+            open_.append(char)
             if len(open_) == limit + 1:  # keep the bracket, drop what it holds
-                out.append(text[copied:m.end()])
-        else:
-            if not open_ or _CLOSER[open_.pop()] != token:
-                raise Malformed(f"{what} is not JSON: unbalanced {token!r} at offset {m.start()}")
+                out.append(text[copied:at + 1])
+        elif char != "\\":  # a backslash outside a string: json.loads refuses it below
+            if not open_ or _CLOSER[open_.pop()] != char:
+                raise Malformed(f"{what} is not JSON: unbalanced {char!r} at offset {at}")
             if len(open_) == limit:
-                copied = m.start()
+                copied = at
+    if in_string:
+        raise Malformed(f"{what} is not JSON: a string does not end")
     if open_:
         raise Malformed(f"{what} is not JSON: {len(open_)} unclosed brackets")
     out.append(text[copied:])

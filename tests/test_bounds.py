@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 
 import aiohttp
@@ -108,6 +109,24 @@ def test_what_is_not_strict_json_is_refused(name):
         assert bounds.too_deep(bounds.loads(NOT_JSON[name], "input", cut=True)) is not None
     except bounds.Malformed as e:
         assert str(e).startswith("input is not JSON")
+
+
+@pytest.mark.parametrize("text", [
+    '["' + 'a\\"' * 100_000 + "x" * 100_000,  # one string that never ends, full of escaped quotes
+    '"' + "a" * 1_000_000,
+    ('"' + "\\") * 200_000,
+    "[" * 50_000 + '"\\\\"' + "]" * 50_000,
+], ids=["escaped-quotes", "long-open-string", "quote-backslash", "deep-escaped-backslash"])
+def test_cutting_is_linear_in_the_text(text):
+    """The fuzzer found that cut_json's first string pattern backtracked exponentially on an
+    unterminated string of escaped quotes: a hostile PDS could hang a poll. Each of these takes
+    well under a second now."""
+    import time
+
+    started = time.monotonic()
+    with contextlib.suppress(bounds.Malformed):
+        assert bounds.too_deep(bounds.loads(text, "input", cut=True)) is not None
+    assert time.monotonic() - started < 2.0
 
 
 def test_json_within_the_limit_is_read_unchanged():
