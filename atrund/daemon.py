@@ -35,6 +35,7 @@ from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
 from atrund.metrics import Meters
+from atrund.quarantine import Quarantine, QuarantineError
 from atrund.records import (
     INVOCATION,
     RUNNER,
@@ -51,7 +52,6 @@ from atrund.records import (
     result_rkey,
     unix_time,
 )
-from atrund.quarantine import Quarantine, QuarantineError
 from atrund.repos import Repos
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler

@@ -24,7 +24,7 @@ import pytest
 from conftest import no_result, wait_result
 
 from atrund.health import Health
-from atrund.records import RESULT, Result, result_rkey
+from atrund.records import Result, result_rkey
 from atrund.results import FALLBACK_MARK, ResultWriter
 from atrund.schedule import Scheduler
 from atrund.session import Session

@@ -12,15 +12,17 @@ from fuzzing import CID, deep_json, json_texts, json_values, nest_json
 from hypothesis import example, given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, MultiDict
-from pydantic import ValidationError
 
 from atrund import bounds
-from atrund.execute.protocol import ExecResponse
+from atrund.execute.protocol import parse_answer
 from atrund.gateway import HttpError, parse_invoke_input, to_bundle_request
 from atrund.identity import Identities
+from atrund.records import StrongRef
+from atrund.results import build
 from atrund.serviceauth import ServiceAuth, ServiceAuthError
 
 REF = {"uri": "at://did:plc:a/dev.atrun.bundle/x", "cid": CID}
+REF_MODEL = StrongRef.model_validate(REF)
 
 
 @st.composite
@@ -105,9 +107,12 @@ def answer_lines(draw) -> bytes:
 @given(line=answer_lines())
 @example(line=('{"success":true,"data":' + nest_json(100_000) + "}").encode())
 def test_answer_parsing_raises_only_documented_errors(line):
-    """The answer parser as atrund.execute.pool applies it (the answers branch hardens it
-    further): bounded JSON, then the ExecResponse model."""
+    """The answer parser atrund.execute.pool applies (protocol.parse_answer): an ExecResponse or
+    bounds.Malformed naming the field and rule; and what it accepts can be stored as a result."""
     try:
-        ExecResponse.model_validate(bounds.loads(line, "the answer"))
-    except (bounds.Malformed, ValidationError):
-        pass
+        answer = parse_answer(line)
+    except bounds.Malformed as e:
+        assert str(e)
+        return
+    build(None, REF_MODEL, "success" if answer.success else "error", data=answer.data, error=answer.error,
+          response=answer.response.model_dump(by_alias=True) if answer.response else None).to_record()
