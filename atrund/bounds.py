@@ -42,12 +42,28 @@ def step(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+_NESTED = {dict, list, tuple}
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` levels: one level of containers at a time,
+    in comprehensions (this runs on every answer, record and frame, so it is the fast path)."""
+    level, depth = [value], 1
+    while level:
+        if depth > limit:
+            return True
+        level = [c for node in level for c in (node.values() if type(node) is dict else node) if type(c) in _NESTED]
+        depth += 1
+    return False
+
+
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
     """The path of the first container nested deeper than ``limit`` levels, else None.
 
-    Iterative (an explicit stack), so any depth is measured without recursing. Paths are built
-    only for the answer: this runs on every block of every firehose frame decoded."""
-    if not isinstance(value, (dict, list, tuple)):
+    Iterative, so any depth is measured without recursing. The path is looked for only when the
+    fast measure (_deeper_than) says there is one. Containers are JSON's own types (dict, list;
+    tuple): what json, libipld and pydantic produce."""
+    if type(value) not in _NESTED or not _deeper_than(value, limit):
         return None
     stack: list[tuple[Any, int, Any]] = [(value, 1, None)]  # (container, level, (parent entry, key))
     while stack:

@@ -237,33 +237,59 @@ def valid_unicode(text: str) -> str:
 
 def data_problem(value: Any, where: str = "data") -> str | None:
     """Why ``value`` cannot be stored in any form (see UnstorableValue), naming where; None if
-    it can. Iterative: measures values of any depth without recursing."""
-    stack: list[tuple[Any, str]] = [(value, where)]
+    it can. Iterative: measures values of any depth without recursing. It runs on every answer,
+    so it is written for speed: a place's path is spelled out only for the answer, and plain
+    scalars (ASCII text, integers, booleans, null) are passed over without a stack entry."""
+    stack: list[tuple[Any, Any]] = [(value, None)]  # (node, (parent link, key) or None)
     while stack:
-        node, path = stack.pop()
-        if isinstance(node, str):
-            try:
-                node.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"holds a string that is not valid Unicode (a lone surrogate at {valid_unicode(_short(path))})"
-        elif isinstance(node, float):
-            if node != node or node in (float("inf"), float("-inf")):
-                return f"holds {node!r}, which is not a JSON number (at {valid_unicode(_short(path))})"
-        elif isinstance(node, dict):
-            for key, child in node.items():
-                if not isinstance(key, str):
-                    return f"holds a key that is not a string (at {valid_unicode(_short(path))})"
-                below = step(path, key)
-                try:
-                    key.encode("utf-8")
-                except UnicodeEncodeError:
-                    return f"holds a key that is not valid Unicode (a lone surrogate at {valid_unicode(_short(below))})"
-                stack.append((child, below))
-        elif isinstance(node, (list, tuple)):
-            stack.extend((child, step(path, i)) for i, child in enumerate(node))
-        elif not (node is None or isinstance(node, (bool, int))):
-            return f"holds a {type(node).__name__}, which is not a JSON value (at {valid_unicode(_short(path))})"
+        node, link = stack.pop()
+        kind = type(node)
+        if kind is dict:
+            items = node.items()
+        elif kind is list or kind is tuple:
+            items = enumerate(node)
+        else:
+            problem = _scalar_problem(node)
+            if problem:
+                return problem.replace("{at}", _where(where, link))
+            continue
+        for key, child in items:
+            if kind is dict:
+                if type(key) is not str:
+                    return f"holds a key that is not a string (at {_where(where, link)})"
+                if not key.isascii() and _scalar_problem(key):
+                    return f"holds a key that is not valid Unicode (a lone surrogate at {_where(where, (link, key))})"
+            ck = type(child)
+            if ck is int or ck is bool or child is None or (ck is str and child.isascii()):
+                continue
+            stack.append((child, (link, key)))
     return None
+
+
+def _scalar_problem(node: Any) -> str | None:
+    """What is wrong with a value that holds no others, with ``{at}`` where the place goes."""
+    if isinstance(node, str):
+        try:
+            node.encode("utf-8")
+        except UnicodeEncodeError:
+            return "holds a string that is not valid Unicode (a lone surrogate at {at})"
+    elif isinstance(node, float):
+        if node != node or node in (float("inf"), float("-inf")):
+            return f"holds {node!r}, which is not a JSON number (at {{at}})"
+    elif not (node is None or isinstance(node, (bool, int))):
+        return f"holds a {type(node).__name__}, which is not a JSON value (at {{at}})"
+    return None
+
+
+def _where(where: str, link: Any) -> str:
+    keys = []
+    while link is not None:
+        link, key = link
+        keys.append(key)
+    path = where
+    for key in reversed(keys):
+        path = step(path, key)
+    return valid_unicode(_short(path))
 
 
 def _fits_data_model(value: Any) -> bool:
