@@ -278,6 +278,8 @@ class Daemon:
                 "record_denials": self.intake.denied if self.intake else 0,
                 "outbox_depth": depth, "outbox_oldest": oldest,
                 "write_failures": self.writer.write_failures if self.writer else 0,
+                "results_written": self.writer.written if self.writer else 0,
+                "accepted": self.intake.accepted if self.intake else 0,
                 "poll_failures": dict(self.poller.failures) if self.poller else {},
                 "firehose": self.firehose.figures() if self.firehose else None,
                 "quarantined": quarantined, "loop_restarts": dict(self.supervisor.restarts),

@@ -111,6 +111,10 @@ class _Live:
                                     value=live["outbox_oldest"] or 0.0)
         yield CounterMetricFamily("atrund_result_write_failures", "Result writes that failed and will be retried",
                                   value=live.get("write_failures", 0))
+        yield CounterMetricFamily("atrund_results_written", "Result records the runner's PDS took",
+                                  value=live.get("results_written", 0))
+        yield CounterMetricFamily("atrund_invocations_accepted", "Invocation records stored to run (allowed, addressed here)",
+                                  value=live.get("accepted", 0))
         polls = CounterMetricFamily("atrund_poll_failures", "Polls of an author's repo that failed, by author", labels=["author"])
         for author, n in sorted(live.get("poll_failures", {}).items()):
             polls.add_metric([author], n)

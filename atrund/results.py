@@ -151,6 +151,7 @@ class ResultWriter:
         self.quarantine = quarantine or Quarantine(state.path.parent / "quarantine.sqlite3")
         self.health = health or Health()
         self.write_failures = 0  # for /metrics
+        self.written = 0
         self.quarantined = 0
         self._wake = asyncio.Event()
         self._last_success = 0.0
@@ -224,6 +225,7 @@ class ResultWriter:
 
     def _written(self, invocation_uri: str) -> None:
         self._settled += 1
+        self.written += 1
         self._failing_since.pop(invocation_uri, None)
         try:
             self.state.written(invocation_uri)

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sqlite3
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 from latency import RunnerProcess  # the same subprocess handling as the latency bench
 
 from atrund.devstack import LocalStack
@@ -50,6 +52,28 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def metrics(port: int) -> dict[str, float]:
+    """The runner's unlabelled /metrics figures; {} until it answers."""
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            out[name] = float(value)
+    return out
+
+
 def query(db: Path, sql: str, *args):
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
@@ -63,6 +87,7 @@ async def main(opts) -> int:
         tmp = Path(tmp_name)
         with LocalStack(data_dir=tmp / "stack") as stack:  # noqa: SIM117 (the stack lives in tmp)
             runner = stack.create_account("runner")
+            port = free_port()
             flooder, bystander = stack.create_account("flooder"), stack.create_account("bystander")
             (tmp / "app-password").write_text(runner.app_password)
             executor = f'warm = 2\nconcurrency = {opts.concurrency}\n' + (f'isolation = "{opts.isolation}"\n' if opts.isolation else "")
@@ -73,6 +98,7 @@ async def main(opts) -> int:
                 '[ingest]\nmode = "firehose"\n\n'
                 f"[limits]\nper_author_per_minute = 1000000\nper_author_burst = 100000\nper_author_backlog = {opts.n + 10}\n\n"
                 f"[executor]\n{executor}\n"
+                f'[gateway]\nlisten = "127.0.0.1:{port}"\n\n'
                 '[state]\ndir = "state"\n'
             )
             flood = await Session.login(stack.pds_url, flooder.handle, flooder.app_password)
@@ -107,11 +133,10 @@ async def main(opts) -> int:
                         raise RuntimeError(f"the runner exited with {proc.exited()}:\n{proc.log_tail()}")
                     rss, hwm = memory_kib(proc.proc.pid)
                     samples.append((time.monotonic() - started, rss))
-                    try:
-                        stored = query(db, "SELECT count(*) FROM invocations")[0][0]
-                        written = query(db, "SELECT count(*) FROM outbox WHERE written_at IS NOT NULL")[0][0]
-                    except sqlite3.Error:
-                        stored = written = 0
+                    # The state database is the runner's own while it runs (atrund.state): ask /metrics.
+                    figures = await metrics(port)
+                    stored = figures.get("atrund_invocations_accepted_total", 0)
+                    written = figures.get("atrund_results_written_total", 0)
                     if stored and not first_rss:
                         first_rss = rss  # serving: connected, first frames in
                     if lone_uri is None and stored >= min(1000, opts.n):

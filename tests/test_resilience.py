@@ -287,7 +287,8 @@ async def test_an_author_whose_polls_fail_is_named_and_the_others_are_served(aut
             text = await resp.text()
     assert f'atrund_poll_failures_total{{author="{ghost}"}}' in text
     for name in ("atrund_outbox_depth", "atrund_outbox_oldest_seconds", "atrund_result_write_failures_total",
-                 "atrund_quarantined", "atrund_loop_restarts_total", "atrund_state_store_failing"):
+                 "atrund_quarantined", "atrund_loop_restarts_total", "atrund_state_store_failing",
+                 "atrund_results_written_total 2.0", "atrund_invocations_accepted_total 2.0"):
         assert name in text, name
 
 

@@ -43,6 +43,7 @@ class Intake:
         self.policy = policy
         self.on_new = on_new
         self.denied = 0
+        self.accepted = 0  # new invocations stored to run (/metrics)
         # Authors whose accounts the network reports inactive (taken down, suspended,
         # deactivated): their invocations are not taken, by the stream or the poll rescan.
         self.inactive: set[str] = set()
@@ -68,6 +69,7 @@ class Intake:
                 log.warning("invocation denied by access policy", uri=uri, mode=self.policy.mode)
             else:
                 found += 1
+                self.accepted += 1
                 self.on_new(uri)
         return found
 
