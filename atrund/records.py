@@ -73,6 +73,21 @@ def _cid(value: str) -> str:
 Cid = Annotated[str, AfterValidator(_cid)]
 
 
+def _utf8_at_most(limit: int):
+    def check(value: str) -> str:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise ValueError(f"at most {limit} bytes of UTF-8 (the lexicon's maxLength), not {size}")
+        return value
+
+    return AfterValidator(check)
+
+
+def Text(limit: int) -> Any:  # noqa: N802 - a type, used as one
+    """A lexicon string with ``maxLength`` ``limit``: the AT Protocol counts UTF-8 bytes, not characters."""
+    return Annotated[str, _utf8_at_most(limit)]
+
+
 class Record(BaseModel):
     """Base: camelCase on the wire, unknown fields kept (records may grow compatibly). Strict:
     each field must have the type its lexicon says (``timeout: "5"`` is refused, not read as 5)."""
@@ -159,13 +174,13 @@ class SecretsKey(Record):
 
 
 class Bundle(Record):
-    runtime: str = Field(min_length=1, max_length=64)
+    runtime: Text(64) = Field(min_length=1)
     code: BlobRef
     created_at: str
-    name: str | None = None
-    description: str | None = None
-    entrypoint: str | None = None
-    endpoints: list[str] | None = None
+    name: Text(256) | None = None
+    description: Text(3000) | None = None
+    entrypoint: Text(1024) | None = None
+    endpoints: list[Text(128)] | None = None
     permissions: Permissions | None = None
     secrets: list[SealedSecret] | None = Field(default=None, max_length=32)
 
@@ -173,7 +188,7 @@ class Bundle(Record):
 class Invocation(Record):
     runner: str = Field(pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]+$")
     bundle: StrongRef
-    endpoint: str = Field(min_length=1, max_length=128)
+    endpoint: Text(128) = Field(min_length=1)
     created_at: str
     args: dict[str, Any] | None = None
     timeout: int | None = Field(default=None, ge=1)

@@ -47,6 +47,8 @@ def object_def(docs: dict, name: str) -> dict:
 
 
 def lexicon_type(annotation) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:  # a type with a validator (records.Text): its base type
+        return lexicon_type(typing.get_args(annotation)[0])
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         assert len(args) == 1, annotation
@@ -107,3 +109,27 @@ def test_model_matches_lexicon(name):
         spec = obj["properties"][alias]
         want = spec["type"] + (":" + spec["ref"].replace("#main", "") if spec["type"] == "ref" else "")
         assert lexicon_type(field.annotation) == want, f"{name}.{alias}"
+
+
+MINIMAL = {
+    "dev.atrun.bundle": {"runtime": "python", "createdAt": "2026-12-06T00:00:00.000Z",
+                         "code": {"$type": "blob", "mimeType": "text/x-python", "size": 3,
+                                  "ref": {"$link": "bafkreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}}},
+    "dev.atrun.invocation": {"runner": "did:plc:r", "endpoint": "main", "createdAt": "2026-12-06T00:00:00.000Z",
+                             "bundle": {"uri": "at://did:plc:a/dev.atrun.bundle/b",
+                                        "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MINIMAL))
+def test_every_string_max_length_of_the_lexicon_is_enforced(name):
+    """Each string property with a maxLength in the lexicon is taken at the limit and refused one
+    byte over, by the model the runner validates records with."""
+    props = object_def(load_all(), name)["properties"]
+    model = MODELS[name]
+    limited = {k: v["maxLength"] for k, v in props.items() if v["type"] == "string" and "maxLength" in v}
+    assert limited, name
+    for field, limit in limited.items():
+        model.model_validate({**MINIMAL[name], field: "x" * limit})
+        with pytest.raises(ValueError):
+            model.model_validate({**MINIMAL[name], field: "x" * (limit + 1)})

@@ -48,3 +48,37 @@ def test_blob_and_record_references_must_be_cids(link):
                                "code": {"$type": "blob", "ref": {"$link": link}, "mimeType": "text/x-python", "size": 1}})
     with pytest.raises(ValueError):
         StrongRef(uri="at://did:plc:a/dev.atrun.bundle/b", cid=link)
+
+
+BLOB = {"$type": "blob", "ref": {"$link": "bafkreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"},
+        "mimeType": "text/x-python", "size": 3}
+
+
+@pytest.mark.parametrize(("field", "limit"), [("runtime", 64), ("name", 256), ("description", 3000), ("entrypoint", 1024)])
+def test_bundle_strings_are_held_to_the_lexicons_max_length_in_utf8_bytes(field, limit):
+    """The lexicon's maxLength counts UTF-8 bytes (the AT Protocol's rule), not characters: at the
+    limit a field is taken; one byte over, or fewer characters that take more bytes, is refused
+    naming the field and the limit."""
+    from pydantic import ValidationError
+
+    from atrund.records import Bundle
+
+    base = {"runtime": "python", "code": BLOB, "createdAt": "2026-12-06T00:00:00.000Z"}
+    assert getattr(Bundle.model_validate({**base, field: "x" * limit}), field) == "x" * limit
+    for too_long in ("x" * (limit + 1), "é" * (limit // 2 + 1)):
+        with pytest.raises(ValidationError) as caught:
+            Bundle.model_validate({**base, field: too_long})
+        err = caught.value.errors()[0]
+        assert err["loc"] == (field,) and f"at most {limit} bytes of UTF-8" in err["msg"]
+
+
+def test_endpoint_names_are_held_to_128_bytes():
+    from pydantic import ValidationError
+
+    from atrund.records import Bundle, Invocation
+
+    with pytest.raises(ValidationError, match="at most 128 bytes"):
+        Bundle.model_validate({"runtime": "python", "code": BLOB, "createdAt": "x", "endpoints": ["ok", "e" * 129]})
+    ref = {"uri": "at://did:plc:a/dev.atrun.bundle/b", "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}
+    with pytest.raises(ValidationError, match="at most 128 bytes"):
+        Invocation.model_validate({"runner": "did:plc:r", "bundle": ref, "endpoint": "é" * 65, "createdAt": "x"})
