@@ -206,12 +206,11 @@ class Daemon:
         if self._held:
             log.error("outcomes not recorded: the state store still fails; these invocations will read as interrupted",
                       count=len(self._held), uris=[uri for uri, _, _ in self._held][:20])
+        await self.supervisor.stop()  # the writer loop too: the last flush below must not run beside it
         try:
             await self.writer.flush()
-        except StoreError as e:
-            log.error("results not flushed at shutdown: the state store fails; they are written at the next start",
-                      error=str(e))
-        await self.supervisor.stop()  # the writer, last
+        except Exception as e:  # noqa: BLE001 - whatever is left is written at the next start
+            log.error("results not flushed at shutdown; they are written at the next start", error=f"{type(e).__name__}: {e}")
 
     async def close(self) -> None:
         if self.gateway is not None:
@@ -254,14 +253,14 @@ class Daemon:
             out["held-outcomes"] = f"{len(self._held)} finished invocations wait for the state store to record them"
         if self.policy.failing is not None:
             out["access"] = self.policy.failing
+        if self.firehose is not None:
+            out.update(self.firehose.conditions())
         try:
             depth, oldest = self.state.outbox_figures()
         except StoreError:
             return out  # said above
         if oldest is not None and oldest > OUTBOX_STALE:
             out["outbox"] = f"{depth} results are not written yet; the oldest has waited {oldest:.0f} s"
-        if self.firehose is not None:
-            out.update(self.firehose.conditions())
         return out
 
     def _live_figures(self) -> dict[str, Any]:
@@ -292,7 +291,11 @@ class Daemon:
         self.scheduler.submit(uri.removeprefix("at://").split("/", 1)[0], uri)
 
     def _reject_backlog(self, uri: str, why: str) -> None:
-        stored = self.state.pending(uri)
+        try:
+            stored = self.state.pending(uri)
+        except StoreError as e:
+            self._store_later(uri, e)
+            return
         if stored is not None:
             self._finish(stored, "rejected", error=why)
 
@@ -564,25 +567,33 @@ class Daemon:
                 delay = min(delay * 2, 30.0) if self._held else 1.0
 
     async def _take_retries(self) -> None:
-        """Apply operators' `atrund quarantine retry`: the item goes back where it came from."""
+        """Apply operators' `atrund quarantine retry`: the item goes back where it came from. One
+        at a time, and put back if its retry fails or is interrupted: none is lost on the way."""
         while True:
             await asyncio.sleep(RETRY_POLL)
-            for held in self.quarantine.take_retries():
+            while taken := self.quarantine.take_retries(limit=1):
+                held = taken[0]
                 log.info("retrying a quarantined item", kind=held.kind, key=held.key, id=held.id)
                 try:
-                    if held.kind == "result":
-                        self.state.requeue_result(held.key, held.item["rkey"], held.item["record"])
-                        self.writer.wake()
-                    elif held.kind == "frame" and self.firehose is not None:
-                        await self.firehose.reprocess(held.item)
-                    elif held.kind == "record" and self.intake is not None:
-                        self.intake.retake(held.item)
-                    else:
-                        raise ValueError(f"a {held.kind} cannot be retried by this runner (ingest mode {self.cfg.ingest.mode})")
-                except Exception as e:  # noqa: BLE001 - taken out of quarantine: it must not be lost on the way back
-                    log.warning("retry of a quarantined item failed; it stays in quarantine", id=held.id, error=str(e))
-                    self.quarantine.add(held.kind, held.key, held.item, f"retry failed ({type(e).__name__}: {e}); "
-                                        f"before: {held.reason}", held.attempts + 1)
+                    await self._retry(held)
+                except BaseException as e:  # noqa: BLE001 - a failure, or cancellation at shutdown: back in quarantine
+                    why = "the runner stopped during the retry" if isinstance(e, asyncio.CancelledError) else f"{type(e).__name__}: {e}"
+                    log.warning("retry of a quarantined item failed; it stays in quarantine", id=held.id, error=why)
+                    self.quarantine.add(held.kind, held.key, held.item, f"retry failed ({why}); before: {held.reason}",
+                                        held.attempts + 1)
+                    if not isinstance(e, Exception):
+                        raise
+
+    async def _retry(self, held) -> None:
+        if held.kind == "result":
+            self.state.requeue_result(held.key, held.item["rkey"], held.item["record"])
+            self.writer.wake()
+        elif held.kind == "frame" and self.firehose is not None:
+            await self.firehose.reprocess(held.item)
+        elif held.kind == "record" and self.intake is not None:
+            self.intake.retake(held.item)
+        else:
+            raise ValueError(f"a {held.kind} cannot be retried by this runner (ingest mode {self.cfg.ingest.mode})")
 
 
 def _load_keyring(cfg: Config) -> Keyring | None:

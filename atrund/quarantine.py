@@ -114,13 +114,14 @@ class Quarantine:
             return self._run("DELETE FROM quarantine").rowcount
         return sum(self._run("DELETE FROM quarantine WHERE id = ?", (i,)).rowcount for i in ids)
 
-    def take_retries(self) -> list[Held]:
-        """The items an operator asked to retry, removed from the quarantine (the caller retries them;
-        one that fails again comes back with a new reason)."""
+    def take_retries(self, limit: int = 1000) -> list[Held]:
+        """Items an operator asked to retry (at most ``limit``), removed from the quarantine: the
+        caller retries them, and puts back (``add``) one that fails again or that it could not try."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            rows = self.db.execute("SELECT id, kind, key, item, reason, attempts, at FROM quarantine WHERE retry = 1").fetchall()
-            self.db.execute("DELETE FROM quarantine WHERE retry = 1")
+            rows = self.db.execute("SELECT id, kind, key, item, reason, attempts, at FROM quarantine WHERE retry = 1 "
+                                   "ORDER BY id LIMIT ?", (limit,)).fetchall()
+            self.db.executemany("DELETE FROM quarantine WHERE id = ?", [(row[0],) for row in rows])
             self.db.execute("COMMIT")
         except sqlite3.Error as e:
             if self.db.in_transaction:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from atrund import bounds
 from atrund.errors import AtrundError, RemoteError
 from atrund.health import Health
-from atrund.quarantine import Quarantine
+from atrund.quarantine import Quarantine, QuarantineError
 from atrund.records import (
     MAX_SAFE_INTEGER,
     RESULT,
@@ -211,8 +211,11 @@ class ResultWriter:
             except RemoteError as e:
                 self._transient(item, str(e))
                 continue
-            except Exception as e:  # noqa: BLE001 - cannot be serialized or sent (not valid Unicode, ...): never will be
+            except (UnicodeError, ValueError, TypeError) as e:  # cannot be serialized or sent: never will be
                 self._refused(item, f"it cannot be sent: {type(e).__name__}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - anything else may pass: retried, never a verdict on the record
+                self._transient(item, f"{type(e).__name__}: {e}")
                 continue
             self._succeeded()
             self._written(item.invocation_uri)
@@ -224,14 +227,13 @@ class ResultWriter:
         self.health.clear("results")
 
     def _written(self, invocation_uri: str) -> None:
+        """Record a write. A store that cannot take it raises StoreError to the loop, which backs
+        off: the result is on the PDS and is written again (same key, same content) once the store
+        answers; going on at once would resend it in a tight loop."""
+        self._failing_since.pop(invocation_uri, None)
+        self.state.written(invocation_uri)
         self._settled += 1
         self.written += 1
-        self._failing_since.pop(invocation_uri, None)
-        try:
-            self.state.written(invocation_uri)
-        except StoreError as e:  # it is on the PDS; written again (same key, same content) once the store answers
-            log.warning("result written but not recorded as written; it will be written again", invocation=invocation_uri,
-                        error=str(e))
 
     def _refused(self, item: Outgoing, reason: str) -> None:
         self._settled += 1
@@ -239,8 +241,13 @@ class ResultWriter:
         if str(item.record.get("error", "")).startswith(FALLBACK_MARK):
             log.error("result refused by the PDS, even as an error result; quarantined", invocation=item.invocation_uri,
                       error=reason)
-            self.quarantine.add("result", item.invocation_uri, {"rkey": item.rkey, "record": item.record},
-                                f"refused even as an error result: {reason}", attempts=item.attempts + 1)
+            try:
+                self.quarantine.add("result", item.invocation_uri, {"rkey": item.rkey, "record": item.record},
+                                    f"refused even as an error result: {reason}", attempts=item.attempts + 1)
+            except QuarantineError as e:  # it stays on the outbox, tried again later
+                log.error("cannot quarantine a result; it stays on the outbox", invocation=item.invocation_uri, error=str(e))
+                self.state.retry_later(item.invocation_uri, reason, delay=60)
+                return
             self.quarantined += 1
             self.state.unqueue_result(item.invocation_uri)
         else:

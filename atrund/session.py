@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import httpx
 from atproto import AsyncClient
 from atproto_client.exceptions import AtProtocolError, RequestErrorBase, UnauthorizedError
 
@@ -43,8 +44,11 @@ async def _sdk(what: str):
         yield
     except AtProtocolError as e:
         raise _translate(what, e) from e
-    except OSError as e:
-        raise Unreachable(f"{what}: {e}") from e
+    except (OSError, httpx.HTTPError) as e:
+        # The SDK wraps only some of httpx's errors (timeouts, NetworkError): a dropped keep-alive
+        # connection (RemoteProtocolError) and the like come through as they are, and are network
+        # failures all the same, worth retrying, never a verdict on what was sent.
+        raise Unreachable(f"{what}: {type(e).__name__}: {e}") from e
 
 
 class Session:

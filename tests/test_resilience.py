@@ -24,7 +24,7 @@ import pytest
 from conftest import no_result, wait_result
 
 from atrund.health import Health
-from atrund.records import Result, result_rkey
+from atrund.records import RESULT, Result, result_rkey
 from atrund.results import FALLBACK_MARK, ResultWriter
 from atrund.schedule import Scheduler
 from atrund.session import Session
@@ -513,3 +513,28 @@ async def test_a_record_key_used_again_before_it_ran_gets_an_explained_rejection
     assert result.invocation.cid == second_cid
     fresh = await author.invoke(hello, runner.did, args={"n": 3})
     assert Result.model_validate(await wait_result(reader, runner.did, fresh)).value() == {"n": 3}
+
+
+async def test_a_pds_that_drops_the_connection_is_a_network_failure_not_a_refusal():
+    """A server that closes the connection without answering (a PDS restarting, a dropped
+    keep-alive) surfaces in httpx as RemoteProtocolError, which the SDK passes through as it is.
+    It must reach the result writer as Unreachable (retried), never as a refusal that would
+    replace a good result with an error. A real socket on loopback that accepts and closes."""
+    from atproto import AsyncClient
+
+    from atrund.errors import Unreachable
+
+    async def hang_up(reader, writer):
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    session = Session(AsyncClient(base_url=f"http://127.0.0.1:{port}/xrpc"), "did:plc:x", "x.test", f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(Unreachable, match="RemoteProtocolError"):
+            await session.put_record(RESULT, "k", {"status": "success"})
+    finally:
+        await session.close()
+        server.close()
+        await server.wait_closed()

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from atrund.access import AccessPolicy
+from atrund.errors import AtrundError
 from atrund.quarantine import Quarantine
 from atrund.state import State
 
@@ -61,8 +62,6 @@ class Intake:
         found = 0
         reused: list[tuple[str, str, str, Any]] = []
         new = self.state.accept_page(source, cursor, rows, withdrawn, reused if self.on_reused else None)
-        for uri, author, cid, value in reused:
-            self.on_reused(uri, author, cid, value)
         for uri in new:
             if verdicts[uri] == "denied":
                 self.denied += 1
@@ -71,13 +70,21 @@ class Intake:
                 found += 1
                 self.accepted += 1
                 self.on_new(uri)
+        for uri, author, cid, value in reused:  # after the new ones: a failure here must not keep them off the queue
+            try:
+                self.on_reused(uri, author, cid, value)
+            except Exception as e:  # noqa: BLE001 - the still-posted check refuses the old version later anyway
+                log.warning("could not refuse a reused record key now; it is refused when it comes up", uri=uri, error=str(e))
         return found
 
     def hold(self, kind: str, key: str, item: Any, reason: str) -> None:
         """Quarantine one item a source could not process (atrund.quarantine); the source moves on."""
         log.error("ingest: item quarantined", kind=kind, key=key, reason=reason)
         if self.quarantine is not None:
-            self.quarantine.add(kind, key, item, reason)
+            try:
+                self.quarantine.add(kind, key, item, reason)
+            except AtrundError as e:  # the quarantine file fails: the item is in the log line above, and skipped
+                log.error("cannot quarantine an item; skipped", kind=kind, key=key, error=str(e))
 
     def retake(self, item: dict[str, Any]) -> int:
         """Take a quarantined listed record again (``atrund quarantine retry``), as a poll would."""

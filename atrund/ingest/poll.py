@@ -37,7 +37,10 @@ def _fields(rec: object) -> tuple[str | None, str | None, object]:
     if not isinstance(rec, dict):
         return None, None, None
     uri, cid = rec.get("uri"), rec.get("cid")
-    return (uri if isinstance(uri, str) else None), (cid if isinstance(cid, str) else None), rec.get("value")
+    # AT URIs and CIDs are ASCII: anything else (a lone surrogate a PDS sent as JSON) could not
+    # even be stored, and would fail this author's polls at the same page for good.
+    return ((uri if isinstance(uri, str) and uri.isascii() else None), (cid if isinstance(cid, str) and cid.isascii() else None),
+            rec.get("value"))
 
 
 def _own_rkey(uri: str | None, author: str) -> str | None:
