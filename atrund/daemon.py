@@ -138,7 +138,7 @@ class Daemon:
         self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval, self.problems)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or self.cfg.runner.pds.replace("https://", "wss://").replace("http://", "ws://")
-            self.firehose = Firehose(url, self.repos, self.intake, self.problems)
+            self.firehose = Firehose(url, self.repos, self.intake)  # its health is read: conditions()
 
     def declaration(self, gateway_url: str | None = None) -> Runner:
         e, g = self.cfg.executor, self.cfg.gateway
@@ -505,21 +505,16 @@ class Daemon:
         metrics = metrics or Metrics()
         metrics.total_ms = max(0, int((time.time() - inv.seen_at) * 1000))
         inv_ref = StrongRef(uri=inv.uri, cid=inv.cid)
-        bundle_ref = bundle or _bundle_ref(inv.value, inv_ref)
-        try:
-            record = build(inv_ref, bundle_ref, status, metrics=metrics, **fields).to_record()
-        except Exception as e:  # noqa: BLE001 - an answer a result cannot hold is an explained error, never a lost outcome
-            log.warning("answer cannot be stored as a result; storing an error instead", uri=inv.uri, error=f"{type(e).__name__}: {e}")
-            status, error_type = "error", "InvalidResult"
-            fields = {"error": f"the bundle's answer cannot be stored as a result record: {type(e).__name__}: {str(e)[:500]}"}
-            record = build(inv_ref, bundle_ref, status, metrics=metrics, **fields).to_record()
+        # build() turns an answer no record can hold into an error result that says why: the log,
+        # the meters and the state record the status the result has, not the one asked for.
+        result = build(inv_ref, bundle or _bundle_ref(inv.value, inv_ref), status, metrics=metrics, **fields)
         # The canonical line before the commit: a kill just after the commit must not lose it.
-        log.info("invocation", uri=inv.uri, author=inv.author, status=status, bundle=(bundle.cid if bundle else None),
+        log.info("invocation", uri=inv.uri, author=inv.author, status=result.status, bundle=(bundle.cid if bundle else None),
                  runtime=metrics.runtime, isolation=metrics.isolation, queued_ms=metrics.queued_ms,
                  exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms, error_type=error_type,
-                 error=fields.get("error"))
-        self.meters.finished("record", status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
-        self._held.append((inv.uri, status, record))
+                 error=result.error)
+        self.meters.finished("record", result.status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
+        self._held.append((inv.uri, result.status, result.to_record()))
         self._store_held()
 
     def _refuse_reused(self, uri: str, author: str, cid: str, value: Any) -> None:

@@ -26,7 +26,6 @@ log = structlog.get_logger("atrund.health")
 class Problem:
     reason: str
     since: float  # time.time() of the first report
-    count: int = 1
 
 
 class Health:
@@ -41,7 +40,7 @@ class Health:
             self._problems[name] = Problem(reason, time.time())
             log.warning("degraded", component=name, reason=reason)
         else:
-            p.reason, p.count = reason, p.count + 1
+            p.reason = reason
 
     def clear(self, name: str) -> None:
         p = self._problems.pop(name, None)
@@ -67,6 +66,3 @@ class Health:
             for name, reason in found.items():
                 out.setdefault(name, {"reason": reason})
         return dict(sorted(out.items()))
-
-    def failing(self, name: str) -> bool:
-        return name in self._problems

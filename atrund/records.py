@@ -250,11 +250,14 @@ def valid_unicode(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def data_problem(value: Any, where: str = "data") -> str | None:
+def data_problem(value: Any, where: str = "data", *, record: bool = False) -> str | None:
     """Why ``value`` cannot be stored in any form (see UnstorableValue), naming where; None if
     it can. Iterative: measures values of any depth without recursing. It runs on every answer,
     so it is written for speed: a place's path is spelled out only for the answer, and plain
-    scalars (ASCII text, integers, booleans, null) are passed over without a stack entry."""
+    scalars (ASCII text, integers, booleans, null) are passed over without a stack entry.
+
+    ``record``: ``value`` goes into a record as it is, not as jsonValue text, so the AT data
+    model's numbers apply too: no floats, no integers past MAX_SAFE_INTEGER."""
     stack: list[tuple[Any, Any]] = [(value, None)]  # (node, (parent link, key) or None)
     while stack:
         node, link = stack.pop()
@@ -264,7 +267,7 @@ def data_problem(value: Any, where: str = "data") -> str | None:
         elif kind is list or kind is tuple:
             items = enumerate(node)
         else:
-            problem = _scalar_problem(node)
+            problem = _scalar_problem(node, record)
             if problem:
                 return problem.replace("{at}", _where(where, link))
             continue
@@ -275,19 +278,23 @@ def data_problem(value: Any, where: str = "data") -> str | None:
                 if not key.isascii() and _scalar_problem(key):
                     return f"holds a key that is not valid Unicode (a lone surrogate at {_where(where, (link, key))})"
             ck = type(child)
-            if ck is int or ck is bool or child is None or (ck is str and child.isascii()):
+            if ((ck is int and (not record or -MAX_SAFE_INTEGER <= child <= MAX_SAFE_INTEGER)) or ck is bool
+                    or child is None or (ck is str and child.isascii())):
                 continue
             stack.append((child, (link, key)))
     return None
 
 
-def _scalar_problem(node: Any) -> str | None:
+def _scalar_problem(node: Any, record: bool = False) -> str | None:
     """What is wrong with a value that holds no others, with ``{at}`` where the place goes."""
     if isinstance(node, str):
         try:
             node.encode("utf-8")
         except UnicodeEncodeError:
             return "holds a string that is not valid Unicode (a lone surrogate at {at})"
+    elif record and (isinstance(node, float) or (isinstance(node, int) and not isinstance(node, bool)
+                                                 and not -MAX_SAFE_INTEGER <= node <= MAX_SAFE_INTEGER)):
+        return f"holds the number {node!r}, which AT records cannot hold (at {{at}})"
     elif isinstance(node, float):
         if node != node or node in (float("inf"), float("-inf")):
             return f"holds {node!r}, which is not a JSON number (at {{at}})"

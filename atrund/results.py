@@ -22,7 +22,6 @@ from atrund.errors import AtrundError, RemoteError
 from atrund.health import Health
 from atrund.quarantine import Quarantine, QuarantineError
 from atrund.records import (
-    MAX_SAFE_INTEGER,
     RESULT,
     HttpResponse,
     Metrics,
@@ -115,20 +114,8 @@ def unsendable(record: Any) -> str | None:
     where = bounds.too_deep(record)
     if where is not None:
         return f"{where} is nested deeper than {bounds.MAX_DEPTH} levels"
-    problem = data_problem(record, "record")
-    if problem is not None:
-        return f"it {problem}"
-    stack = [record]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, float) or (isinstance(node, int) and not isinstance(node, bool)
-                                       and not -MAX_SAFE_INTEGER <= node <= MAX_SAFE_INTEGER):
-            return f"it holds the number {node!r}, which AT records cannot hold"
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return None
+    problem = data_problem(record, "record", record=True)
+    return None if problem is None else f"it {problem}"
 
 
 class ResultWriter:
@@ -189,10 +176,9 @@ class ResultWriter:
         if len(due) > 1:
             try:
                 await self.session.apply_creates(RESULT, [(item.rkey, item.record) for item in due])
-            except RemoteError as e:
-                log.info("batched result write failed; writing one by one", results=len(due), error=str(e))
-            except Exception as e:  # noqa: BLE001 - a record that cannot be sent at all: found one by one below
-                log.info("batched result write failed; writing one by one", results=len(due), error=f"{type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - whatever it was, writing one by one below sorts it out per result
+                log.info("batched result write failed; writing one by one", results=len(due),
+                         error=str(e) if isinstance(e, RemoteError) else f"{type(e).__name__}: {e}")
             else:
                 self._succeeded()
                 for item in due:

@@ -28,9 +28,8 @@ MAX_DELAY = 60.0
 
 
 class Supervisor:
-    def __init__(self, health: Health, on_restart: Callable[[str], None] | None = None) -> None:
+    def __init__(self, health: Health) -> None:
         self.health = health
-        self.on_restart = on_restart
         self.tasks: dict[str, asyncio.Task] = {}
         self.restarts: dict[str, int] = {}
         self.stopping = False  # set when the runner stops: a loop that ends now is done, not failed
@@ -64,8 +63,6 @@ class Supervisor:
                 delay = 1.0
             wait = delay * random.uniform(0.5, 1.0)
             self.restarts[name] = self.restarts.get(name, 0) + 1
-            if self.on_restart is not None:
-                self.on_restart(name)
             self.health.problem(key, f"the {name} loop failed ({why[:300]}); restarted {self.restarts[name]} time(s)")
             await asyncio.sleep(wait)
             delay = min(delay * 2, MAX_DELAY)

@@ -644,20 +644,26 @@ async def test_a_jump_the_next_frame_agrees_with_is_followed(rig):
     assert rig.firehose.counters.implausible == 0
 
 
+def replaying(did: str, seq: int, times: int) -> Script:
+    """A script: one commit at ``seq``, then ``times`` frames at ``seq - 1`` (none moves forward),
+    50 a second, then the connection held open."""
+
+    async def script(ws: websockets.ServerConnection) -> None:
+        await ws.send(commit(did, seq, []))
+        for _ in range(times):
+            await ws.send(info(seq - 1))
+            await asyncio.sleep(0.02)
+        await ws.wait_closed()
+
+    return script
+
+
 async def test_a_stream_that_only_replays_is_a_stall_and_is_reconnected(rig):
     """Frames keep arriving but none moves forward (a relay resending seq 119 over and over): after
     the stall time the firehose says so (a warning, and `stalled` for /healthz while it lasts) and
     connects again; on the new connection a genuine frame is processed and the report clears."""
     uri, cid = await rig.invocation(25)
     rig.firehose.stall_seconds = 1.2
-
-    async def replaying(ws) -> None:
-        await ws.send(commit(rig.did, 120, []))
-        for _ in range(200):
-            await ws.send(info(119))
-            await asyncio.sleep(0.02)
-        await ws.wait_closed()
-
     reported: list[dict] = []
 
     def stalled_or_seen() -> bool:
@@ -666,7 +672,7 @@ async def test_a_stream_that_only_replays_is_a_stall_and_is_reconnected(rig):
         return bool(rig.seen)
 
     with capture_logs() as logs:
-        rig.start(replaying, send(commit(rig.did, 121, [create_op(uri, cid)])))
+        rig.start(replaying(rig.did, 120, times=200), send(commit(rig.did, 121, [create_op(uri, cid)])))
         await rig.until(stalled_or_seen, "the genuine frame on the new connection")
     assert any(e["event"].startswith("firehose stalled") for e in logs)
     assert rig.firehose.counters.stalls >= 1 and len(rig.relay.paths) >= 2
@@ -678,15 +684,7 @@ async def test_a_stall_is_reported_while_it_lasts(rig):
     """While frames arrive without moving forward and the connection is not yet made again,
     /healthz's firehose condition says `stalled`, naming the last seq."""
     rig.firehose.stall_seconds = 3600  # the watchdog does not reconnect within this test
-
-    async def replaying(ws) -> None:
-        await ws.send(commit(rig.did, 130, []))
-        for _ in range(100):
-            await ws.send(info(129))
-            await asyncio.sleep(0.02)
-        await ws.wait_closed()
-
-    rig.start(replaying)
+    rig.start(replaying(rig.did, 130, times=100))
     await rig.until(lambda: rig.firehose._stuck_since is not None, "frames that do not move forward")
     rig.firehose.stall_seconds = 0.1
     await asyncio.sleep(0.2)

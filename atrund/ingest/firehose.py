@@ -49,7 +49,6 @@ import websockets
 
 from atrund import bounds
 from atrund.errors import AtrundError, NotFound
-from atrund.health import Health
 from atrund.ingest import Intake, Row
 from atrund.ingest.proof import Incomplete, ProofError, SigningKey, created_records
 from atrund.records import INVOCATION
@@ -88,7 +87,7 @@ class Counters:
 
 
 class Firehose:
-    def __init__(self, url: str, repos: Repos, intake: Intake, health: Health | None = None) -> None:
+    def __init__(self, url: str, repos: Repos, intake: Intake) -> None:
         self.url = url.rstrip("/")
         self.source = f"firehose:{self.url}"
         self.repos = repos
@@ -103,7 +102,6 @@ class Firehose:
         self._undecoded: bytes | None = None  # the last frame skipped undecoded: its seq, if asked
         self._skip = 0  # seqs to step over on reconnect, past a frame too big to receive
         self._oversized_at: int | None = None
-        self.health = health or Health()
         self._stored: int | None = None  # the stored cursor when the stream (re)started: the base of plausibility
         self._suspect: tuple[int, bytes] | None = None  # a frame whose seq jumped far ahead, until the next agrees
         self._ws = None
@@ -125,6 +123,12 @@ class Firehose:
             if seq is not None and self._moves_forward(seq) and not self._jumps(seq):
                 self._seq = seq
         return self._seq
+
+    def _from_live_end(self) -> None:
+        """Forget where we are, in memory and stored: the next connection starts from the live end
+        (the poll rescan covers whatever was posted in between)."""
+        self._seq, self._undecoded, self._skip, self._stored = None, None, 0, None
+        self.intake.state.forget_cursor(self.source)
 
     def _moves_forward(self, seq: int) -> bool:
         return 0 <= seq < MAX_SEQ and (self._seq is None or seq > self._seq)
@@ -197,8 +201,7 @@ class Firehose:
                 # The same place twice: our position means nothing to this stream. Start from its
                 # live end; the poll rescan covers whatever was posted in between.
                 log.warning("firehose stalled again at the same place; starting from the live end", url=self.url, seq=position)
-                self._seq, self._undecoded, self._stored = None, None, None
-                self.intake.state.forget_cursor(self.source)
+                self._from_live_end()
             else:
                 log.warning("firehose stalled: frames arrive but none moves forward; reconnecting", url=self.url,
                             seq=position, stuck_s=round(time.monotonic() - self._stuck_since, 1))
@@ -291,13 +294,13 @@ class Firehose:
             await self._frame(message, rows, withdrawn, replay)
         except asyncio.CancelledError:
             raise
-        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
-            # A frame of a shape the code did not expect (a relay can send anything): skipped.
-            del rows[taken[0]:], withdrawn[taken[1]:]  # nothing half-taken from it
-            self.counters.malformed += 1
-            log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
         except Exception as e:  # noqa: BLE001 - one frame must never end ingest for everyone
             del rows[taken[0]:], withdrawn[taken[1]:]  # nothing half-taken from it
+            if isinstance(e, (AttributeError, TypeError, ValueError, KeyError, IndexError)):
+                # A frame of a shape the code did not expect (a relay can send anything): skipped.
+                self.counters.malformed += 1
+                log.warning("firehose: malformed frame skipped", error=f"{type(e).__name__}: {e}")
+                return
             self.counters.failed += 1
             log.exception("firehose: processing a frame failed; skipped and quarantined", url=self.url, after_seq=self._seq)
             if self.counters.failed <= MAX_QUARANTINED_FRAMES:
@@ -347,8 +350,7 @@ class Firehose:
                 # another one): its seqs mean nothing here. Start again from the live end; the
                 # poll rescan covers whatever was posted in between.
                 log.warning("firehose: our cursor is ahead of the stream; starting from its live end", url=self.url)
-                self._seq, self._undecoded, self._skip, self._stored = None, None, 0, None
-                self.intake.state.forget_cursor(self.source)
+                self._from_live_end()
             return
         kind, seq = header.get("t"), body.get("seq")
         if kind == "#info" and body.get("name") == "OutdatedCursor":
