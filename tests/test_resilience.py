@@ -538,3 +538,38 @@ async def test_a_pds_that_drops_the_connection_is_a_network_failure_not_a_refusa
         await session.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_store_that_cannot_record_a_write_stops_the_writer_instead_of_resending(writer_rig, immutable_ok, reader):
+    """The PDS takes a result but the state store cannot record that it did (its files are
+    immutable): the writer stops with StoreError, so its loop backs off, rather than sending the
+    same result again and again at once (before: thousands of putRecord calls a second, and a
+    flush that never returned). The result is on the PDS; once the store answers it is recorded."""
+    from atrund.state import StoreError
+
+    session, state, writer, bundle, acct = writer_rig
+    uri = queue(state, bundle, 6)
+    files = [p for p in state.path.parent.iterdir() if p.name.startswith("atrund.sqlite3")]
+    chattr("+i", *files)
+    try:
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(writer.flush(), 20)
+        assert writer.written == 0
+    finally:
+        chattr("-i", *files)
+    assert (await read_result(reader, acct.did, uri))["status"] == "success"
+    await writer.flush()
+    assert state.outbox_figures()[0] == 0
+
+
+def test_a_listed_uri_or_cid_that_is_not_ascii_is_not_taken():
+    """AT URIs and CIDs are ASCII. One with a lone surrogate (JSON can carry it) could not even be
+    stored: the poller treats it as not this author's invocation, so the page, and the author's
+    later invocations, go on (before: every poll of the author failed at that page)."""
+    from atrund.ingest.poll import _fields
+
+    cid = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
+    assert _fields({"uri": "at://did:plc:a/dev.atrun.invocation/3k\ud800", "cid": cid, "value": {}})[0] is None
+    assert _fields({"uri": "at://did:plc:a/dev.atrun.invocation/3kabc", "cid": cid + "\ud800", "value": {}})[1] is None
+    assert _fields({"uri": "at://did:plc:a/dev.atrun.invocation/3kabc", "cid": cid, "value": {}})[:2] == (
+        "at://did:plc:a/dev.atrun.invocation/3kabc", cid)
