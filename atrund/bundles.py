@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from atrund import bounds
 from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
 from atrund.records import BUNDLE, Bundle, StrongRef
-from atrund.repos import Repos
+from atrund.atproto.repos import Repos
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def access() -> None:
 async def _did_of(who: str, cfg: config_mod.Config) -> str:
     if who.startswith("did:"):
         return who
-    from atrund.identity import resolve_handle
+    from atrund.atproto.identity import resolve_handle
 
     return await resolve_handle(who, cfg.runner.pds)
 
@@ -228,8 +228,8 @@ async def access_list(config_path: Path, members: bool) -> None:
         out["trusted"] = {"of": source, "refreshSeconds": a.refresh_interval}
         if members:
             from atrund import trust
-            from atrund.identity import Identities
-            from atrund.repos import Repos
+            from atrund.atproto.identity import Identities
+            from atrund.atproto.repos import Repos
 
             repos = Repos(Identities(cfg.identity.plc_url, timeout=cfg.identity.timeout_seconds))
             try:
@@ -371,8 +371,8 @@ def author_options(fn):
 
 
 async def _login(pds: str | None, identifier: str, password: str, plc_url: str):
-    from atrund.identity import Identities
-    from atrund.session import Session
+    from atrund.atproto.identity import Identities
+    from atrund.atproto.session import Session
 
     if pds is None:
         if not identifier.startswith("did:"):
@@ -465,8 +465,8 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
     With --secret, the values are sealed to the runner named by --runner, bound to you and to
     this bundle, and every invocation of the bundle on that runner gets them.
     """
-    from atrund.identity import Identities
-    from atrund.repos import Repos
+    from atrund.atproto.identity import Identities
+    from atrund.atproto.repos import Repos
 
     opened = parse_secrets(secrets)
     if opened and runner_did is None:
@@ -517,8 +517,8 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
     --secret values are sealed to the runner's key (read from its dev.atrun.runner record),
     bound to you, the runner and this bundle; the bundle's permissions.env must list each name.
     """
-    from atrund.identity import Identities
-    from atrund.repos import Repos
+    from atrund.atproto.identity import Identities
+    from atrund.atproto.repos import Repos
 
     args = parse_args_json(args_json)
     opened = parse_secrets(secrets)
@@ -594,8 +594,8 @@ async def secret_seal(pairs: tuple[str, ...], runner_did: str, bundle_uri: str, 
 
     NAME alone takes the value of your environment variable NAME.
     """
-    from atrund.identity import Identities
-    from atrund.repos import Repos
+    from atrund.atproto.identity import Identities
+    from atrund.atproto.repos import Repos
 
     b_did, _, _ = parse_uri(bundle_uri, "--bundle")
     if author is not None and not author.startswith("did:"):
@@ -645,8 +645,8 @@ def result() -> None:
 @run_async
 async def result_get(at_uri: str, plc_url: str) -> None:
     """Print the result record at AT_URI (anyone can; no login)."""
-    from atrund.identity import Identities
-    from atrund.repos import Repos
+    from atrund.atproto.identity import Identities
+    from atrund.atproto.repos import Repos
 
     did, coll, rkey = parse_uri(at_uri, "AT_URI")
     repos = Repos(Identities(plc_url))
@@ -690,12 +690,12 @@ def doctor(config_path: Path | None) -> None:
 
     seccomp = ctypes.util.find_library("seccomp")
     out.print(f"libseccomp: {seccomp or 'missing (the process backend then runs without its syscall filter)'}")
-    from atrund.execute.process import Cgroups
+    from atrund.execute.process.backend import Cgroups
 
     out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
                                                else "not writable (the process backend then limits each process only)"))
     out.print("Docker engine: " + _engine_summary(settings))
-    from atrund.execute.microvm import host_support
+    from atrund.execute.microvm.backend import host_support
 
     vm = host_support(settings)
     out.print(f"microVM monitor: {vm.monitor or 'none'}; accelerator: {vm.accelerator or 'none'} ({vm.detail})")
@@ -748,12 +748,12 @@ def image_build(config_path: Path | None, cache_dir: Path | None, container: boo
     at-run-exec programs, imported into the Docker engine and tagged with a hash of its inputs;
     and from the same rootfs the microVM guest (rootfs.ext4, with the guest kernel and initramfs).
     Reruns with the same inputs take seconds. Prints the image's tags and the guest's paths as JSON."""
-    from atrund import image as image_mod
+    from atrund.execute.container import image as image_mod
 
     settings = _load_config(config_path).executor if config_path else config_mod.ExecutorSection()
     out: dict = {}
     if vm:
-        from atrund import vmimage
+        from atrund.execute.microvm import guest as vmimage
 
         try:
             out["vm"] = vmimage.build(settings.runtimes_dir, vm_dir or vmimage.DEFAULT_DIR, cache_dir or image_mod.DEFAULT_CACHE,
@@ -785,7 +785,7 @@ def image_build(config_path: Path | None, cache_dir: Path | None, container: boo
 
 def _engine_summary(settings) -> str:
     """One line for doctor: the engine, its OCI runtimes, and whether the runtime image is there."""
-    from atrund import image as image_mod
+    from atrund.execute.container import image as image_mod
 
     try:
         client = image_mod.connect(settings.docker_host)
@@ -835,9 +835,9 @@ async def call(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, 
     """
     import aiohttp
 
-    from atrund.identity import Identities
+    from atrund.atproto.identity import Identities
     from atrund.records import RUNNER
-    from atrund.repos import Repos
+    from atrund.atproto.repos import Repos
 
     args = parse_args_json(args_json)
     b_did, b_coll, b_rkey = parse_uri(bundle_uri, "BUNDLE_URI")

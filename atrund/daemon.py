@@ -30,7 +30,7 @@ from atrund.execute import ExecRequest, Executor, ExecutorError, create_executor
 from atrund.execute.protocol import ExecPermissions, ExecResponse
 from atrund.gateway import Gateway
 from atrund.health import Health
-from atrund.identity import Identities
+from atrund.atproto.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
@@ -52,11 +52,11 @@ from atrund.records import (
     result_rkey,
     unix_time,
 )
-from atrund.repos import Repos
+from atrund.atproto.repos import Repos
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
 from atrund.sealed import KeyFileError, Keyring, SecretError, redact_response
-from atrund.session import Session
+from atrund.atproto.session import Session
 from atrund.state import State, Stored, StoreError
 from atrund.supervise import Supervisor
 from atrund.trust import LiveAccess

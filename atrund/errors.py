@@ -14,10 +14,10 @@
         ├── EndpointUndeclared           the endpoint is not one the bundle record declares
         └── PermissionsRefused           the bundle asks for permissions this runner does not grant
 
-ExecutorError (atrund.execute) is the executor's; ServiceAuthError (atrund.serviceauth) is a
+ExecutorError (atrund.execute) is the executor's; ServiceAuthError (atrund.atproto.serviceauth) is a
 refused XRPC token. atrund.gateway maps all of these to HTTP statuses, in one function. Third-party exceptions (aiohttp, the atproto
-SDK) are translated into these where they are raised: atrund.repos for reads, atrund.session
-for the runner's own writes, atrund.identity for DID resolution.
+SDK) are translated into these where they are raised: atrund.atproto.repos for reads, atrund.atproto.session
+for the runner's own writes, atrund.atproto.identity for DID resolution.
 """
 
 

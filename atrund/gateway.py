@@ -54,7 +54,7 @@ from atrund.metrics import CONTENT_TYPE
 from atrund.records import BUNDLE, RESULT, StrongRef, _cid, result_rkey
 from atrund.results import build
 from atrund.sealed import SecretError
-from atrund.serviceauth import ServiceAuth, ServiceAuthError
+from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 
 if TYPE_CHECKING:
     from atrund.daemon import Daemon
@@ -290,7 +290,7 @@ class Gateway:
         if actor.startswith("did:") and not DID.fullmatch(actor):
             raise HttpError(400, "InvalidRequest", f"{actor[:100]!r} is not a DID")
         try:
-            # The policy is asked before any DID document is fetched (see atrund.serviceauth).
+            # The policy is asked before any DID document is fetched (see atrund.atproto.serviceauth).
             did = actor if actor.startswith("did:") else await self.d.identities.did_for_handle(
                 actor, self.d.cfg.runner.pds, admit=self.d.policy.allows)
             if not self.d.policy.allows(did):

@@ -32,7 +32,7 @@ from atrund.records import (
     now_iso,
     valid_unicode,
 )
-from atrund.session import Rejected, Session
+from atrund.atproto.session import Rejected, Session
 from atrund.state import Outgoing, State, StoreError
 
 log = structlog.get_logger("atrund.results")

@@ -22,7 +22,7 @@ import structlog
 
 from atrund.access import AccessPolicy, PolicyEntries, PolicyFile, effective
 from atrund.errors import AtrundError
-from atrund.repos import Repos
+from atrund.atproto.repos import Repos
 
 log = structlog.get_logger("atrund.trust")
 

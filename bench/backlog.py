@@ -35,9 +35,9 @@ from pathlib import Path
 import aiohttp
 from latency import RunnerProcess  # the same subprocess handling as the latency bench
 
-from atrund.devstack import LocalStack
+from atrund.dev.stack import LocalStack
 from atrund.records import BUNDLE, INVOCATION, now_iso
-from atrund.session import Session
+from atrund.atproto.session import Session
 
 BUNDLE_SOURCE = "def echo(args):\n    return args\n"
 

@@ -44,13 +44,13 @@ from atproto_firehose import AsyncFirehoseSubscribeReposClient, parse_subscribe_
 from atproto_subscription.frames import MessageFrame
 
 from atrund.access import AccessPolicy
-from atrund.devstack import LocalStack
-from atrund.identity import Identities
+from atrund.dev.stack import LocalStack
+from atrund.atproto.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import BATCH, NEEDLE, Firehose
 from atrund.records import INVOCATION, now_iso
-from atrund.repos import Repos
-from atrund.session import Session
+from atrund.atproto.repos import Repos
+from atrund.atproto.session import Session
 from atrund.state import State
 
 COLLECTIONS = ["app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.graph.follow"]

@@ -71,12 +71,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from atrund.devstack import Account, LocalStack
+from atrund.dev.stack import Account, LocalStack
 from atrund.errors import NotFound
-from atrund.identity import Identities
+from atrund.atproto.identity import Identities
 from atrund.records import BUNDLE, INVOCATION, RESULT, now_iso, result_rkey
-from atrund.repos import Repos
-from atrund.session import Session
+from atrund.atproto.repos import Repos
+from atrund.atproto.session import Session
 
 BUNDLE_SOURCE = '''\
 def echo(args):

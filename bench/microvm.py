@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from atrund.config import ExecutorSection  # noqa: E402
 from atrund.execute import ExecRequest, create_executor  # noqa: E402
-from atrund.execute.microvm import TCG_KERNEL_ARGS, MicroVmBackend, accelerator  # noqa: E402
+from atrund.execute.microvm.backend import TCG_KERNEL_ARGS, MicroVmBackend, accelerator  # noqa: E402
 from atrund.execute.protocol import ExecPermissions  # noqa: E402
 from atrund.execute.runtimes import load_runtimes  # noqa: E402
 

@@ -77,4 +77,4 @@ if [ "$status" != 0 ] || ! sqlite_loads; then
     exit 1
 fi
 lock_hash >"$stamp"
-say "done (compiled in $((SECONDS - start)) s); try: python -m atrund.devstack"
+say "done (compiled in $((SECONDS - start)) s); try: python -m atrund.dev.stack"

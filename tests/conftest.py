@@ -18,12 +18,12 @@ import pytest
 
 from atrund import config
 from atrund.daemon import Daemon
-from atrund.devstack import Account, LocalStack
+from atrund.dev.stack import Account, LocalStack
 from atrund.errors import NotFound
-from atrund.identity import Identities
+from atrund.atproto.identity import Identities
 from atrund.records import BUNDLE, INVOCATION, RESULT, now_iso, result_rkey
-from atrund.repos import Repos
-from atrund.session import Session
+from atrund.atproto.repos import Repos
+from atrund.atproto.session import Session
 
 _names = itertools.count()
 
@@ -84,7 +84,7 @@ def container_engine() -> dict[str, Any]:
     """A Docker engine that answers, with the runtime image built from this checkout."""
     import docker
 
-    from atrund import image
+    from atrund.execute.container import image
 
     try:
         client = docker.from_env(timeout=10)
@@ -112,8 +112,8 @@ def vm_guest() -> dict[str, str]:
     """The microVM guest (kernel, initramfs, rootfs.ext4) built from this checkout, and QEMU."""
     import shutil
 
-    from atrund import vmimage
-    from atrund.image import ImageError
+    from atrund.execute.microvm import guest as vmimage
+    from atrund.execute.container.image import ImageError
 
     if not shutil.which("qemu-system-x86_64"):
         pytest.skip("qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")

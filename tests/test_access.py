@@ -58,6 +58,6 @@ def test_a_symlink_inside_a_granted_directory_does_not_widen_the_grant(tmp_path)
     (["2001:db8::1"], [80, 443]), (["127.0.0.1:5432", "x.org"], [80, 443, 5432]),
 ])
 def test_network_grants_become_landlock_ports(net, ports):
-    from atrund.execute.process import ports_for
+    from atrund.execute.process.backend import ports_for
 
     assert ports_for(net) == ports

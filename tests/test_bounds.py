@@ -28,10 +28,10 @@ from atrund import bounds
 from atrund.bundles import _field_errors
 from atrund.errors import IdentityError
 from atrund.gateway import HttpError, parse_invoke_input
-from atrund.identity import MAX_DOCUMENT_BYTES, Identities
+from atrund.atproto.identity import MAX_DOCUMENT_BYTES, Identities
 from atrund.records import BUNDLE, INVOCATION, Bundle, Invocation, now_iso
-from atrund.repos import to_json_model
-from atrund.serviceauth import ServiceAuth, ServiceAuthError
+from atrund.atproto.repos import to_json_model
+from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 
 LIMIT = bounds.MAX_DEPTH
 HELLO = "def main(args):\n    return {'n': args.get('n')}\n"

@@ -20,7 +20,7 @@ import pytest
 from conftest import executor_settings, require_isolation, wait_result
 
 from atrund.execute import ExecRequest, ExecutorError, create_executor
-from atrund.execute.container import LABEL_OWNER, LABEL_WORKER, OWNER, RUNSC_PIDS_OVERHEAD
+from atrund.execute.container.backend import LABEL_OWNER, LABEL_WORKER, OWNER, RUNSC_PIDS_OVERHEAD
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -286,7 +286,7 @@ def test_the_image_hash_covers_the_runtime_programs(tmp_path):
     and another image tag."""
     import shutil
 
-    from atrund import image
+    from atrund.execute.container import image
 
     runtimes = tmp_path / "runtimes"
     shutil.copytree(ROOT / "nix/runtimes", runtimes)

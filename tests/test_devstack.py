@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from atproto import Client, models
 
-from atrund.devstack import LocalStack
+from atrund.dev.stack import LocalStack
 
 
 def _get_json(url: str) -> Any:

@@ -235,7 +235,7 @@ async def test_batched_result_writes_fall_back_one_by_one(new_account, stack, re
     already holds a record, so #create fails) each is written on its own, and all land."""
     from atrund.records import RESULT
     from atrund.results import ResultWriter
-    from atrund.session import Session
+    from atrund.atproto.session import Session
     from atrund.state import State
 
     acct = new_account("writer")

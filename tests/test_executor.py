@@ -223,7 +223,7 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
     else:
         assert all(gone(p) for p in handles)
     if isolation == "firecracker":  # no VM directory (channel socket, pid file) is left either
-        from atrund.execute.container import OWNER
+        from atrund.execute.container.backend import OWNER
 
         assert list(executor.backend.work_root.glob(f"vm-{OWNER.replace(':', '_')}-*")) == []
     with pytest.raises(ExecutorError):

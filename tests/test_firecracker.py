@@ -19,8 +19,8 @@ import yaml
 from conftest import execute_once
 
 from atrund.execute import ExecutorError
-from atrund.execute.firecracker import requests
-from atrund.execute.microvm import VmSpec
+from atrund.execute.microvm.firecracker import requests
+from atrund.execute.microvm.backend import VmSpec
 
 API_YAML = Path(os.environ.get("FIRECRACKER_API_YAML", Path(__file__).resolve().parent / "firecracker" / "firecracker-api.yaml"))
 STANDIN = Path(__file__).resolve().parent / "standins" / "firecracker"

@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from structlog.testing import capture_logs
 
 from atrund.access import AccessPolicy
-from atrund.identity import Identities
+from atrund.atproto.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import MAX_FRAME, Firehose
-from atrund.ingest.proof import CBOR_SHA256_CID, read_car
+from atrund.atproto.proof import CBOR_SHA256_CID, read_car
 from atrund.records import INVOCATION, now_iso
-from atrund.repos import Repos
+from atrund.atproto.repos import Repos
 from atrund.state import State
 
 HELLO = "def main(args):\n    return {'n': args.get('n')}\n"

@@ -312,7 +312,7 @@ async def test_filling_the_disk(isolation):
 async def test_a_crashed_runners_worker_mounts_are_cleaned(tmp_path):
     """A runner that died leaves tmpfs mounts under work_dir; the next one removes them, and
     leaves alone those whose uid another live runner holds."""
-    from atrund.execute.process import ProcessBackend, mount_tmpfs, worker_mounts
+    from atrund.execute.process.backend import ProcessBackend, mount_tmpfs, worker_mounts
 
     settings = ExecutorSection(work_dir=tmp_path / "work", sandbox_uid_base=950_000, sandbox_uids=4)
     live = ProcessBackend(settings)
@@ -324,7 +324,7 @@ async def test_a_crashed_runners_worker_mounts_are_cleaned(tmp_path):
     ProcessBackend(settings)  # a second runner starting on the same host
     left = [m.name for m in worker_mounts(tmp_path / "work")]
     assert left == [f"w{held}-left"]
-    from atrund.execute.process import unmount
+    from atrund.execute.process.backend import unmount
 
     unmount(tmp_path / "work" / f"w{held}-left")
 
@@ -359,7 +359,7 @@ async def test_creating_a_user_namespace(isolation):
 
 @pytest.mark.vm
 async def test_many_processes_each_under_the_limit(isolation):
-    from atrund.execute.process import Cgroups
+    from atrund.execute.process.backend import Cgroups
 
     if isolation == "process" and not Cgroups().available:
         pytest.skip("cgroup v1 memory/pids are not writable on this host; per-process limits only")

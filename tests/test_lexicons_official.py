@@ -21,7 +21,7 @@ BUNDLE = StrongRef(uri="at://did:plc:abc/dev.atrun.bundle/3kabcdefghi2b", cid=CI
 
 
 def validate(records: list[tuple[str, dict]]) -> list[dict]:
-    """Validate as written: atrund.session adds the $type of the collection to every record.
+    """Validate as written: atrund.atproto.session adds the $type of the collection to every record.
     "nsid#input" and "nsid#output" validate an XRPC procedure's input or output body instead."""
     if not NODE.exists():
         pytest.fail("localstack is not installed: run bash scripts/setup")

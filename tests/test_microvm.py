@@ -119,7 +119,7 @@ async def test_a_crashed_runners_vms_are_swept_on_start(vm_guest, request):
     script = textwrap.dedent(f"""
         import asyncio, sys
         from atrund.config import ExecutorSection
-        from atrund.execute.microvm import MicroVmBackend
+        from atrund.execute.microvm.backend import MicroVmBackend
         from atrund.execute.protocol import ExecPermissions
         from atrund.execute.runtimes import load_runtimes
         async def main():
@@ -142,7 +142,7 @@ async def test_a_crashed_runners_vms_are_swept_on_start(vm_guest, request):
         runner.stdout.close()
     pid = int(pid)
     assert not gone(pid) and Path(vm_dir).exists(), "the crashed runner's VM should still be there"
-    from atrund.execute.microvm import MicroVmBackend
+    from atrund.execute.microvm.backend import MicroVmBackend
 
     backend = MicroVmBackend(ExecutorSection(isolation="firecracker", vm_accelerator="tcg", work_dir=work))
     await backend.ready()
@@ -180,8 +180,8 @@ def test_initramfs_loads_each_module_after_what_it_needs(vm_guest):
 def test_vmlinux_comes_out_of_the_bzimage_as_elf(vm_guest):
     with open(vm_guest["kernel"], "rb") as f:
         assert f.read(4) == b"\x7fELF"
-    from atrund.image import ImageError
-    from atrund.vmimage import vmlinux_from_bzimage
+    from atrund.execute.container.image import ImageError
+    from atrund.execute.microvm.guest import vmlinux_from_bzimage
 
     with pytest.raises(ImageError, match="not a bzImage"):
         vmlinux_from_bzimage(b"\0" * 4096)
@@ -189,7 +189,8 @@ def test_vmlinux_comes_out_of_the_bzimage_as_elf(vm_guest):
 
 def test_rootfs_is_refused_when_built_from_other_runtimes(vm_guest):
     """The backend compares the runtime directories the rootfs was built with to the runner's."""
-    from atrund import image, vmimage
+    from atrund.execute.container import image
+        from atrund.execute.microvm import guest as vmimage
 
     assert vmimage.runtimes_of(Path(vm_guest["rootfs"])) == image.runtimes_hash(ROOT / "nix" / "runtimes")
     assert os.path.realpath(vm_guest["rootfs"]).endswith(".ext4")

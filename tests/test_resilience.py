@@ -27,7 +27,7 @@ from atrund.health import Health
 from atrund.records import RESULT, Result, result_rkey
 from atrund.results import FALLBACK_MARK, ResultWriter
 from atrund.schedule import Scheduler
-from atrund.session import Session
+from atrund.atproto.session import Session
 from atrund.state import State
 from atrund.supervise import Supervisor
 

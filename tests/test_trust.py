@@ -9,7 +9,7 @@ from conftest import no_result, wait_result
 from atrund.access import AccessPolicy, PolicyFile, PolicyFileError, effective
 from atrund.config import AccessSection
 from atrund.records import RUNNER, now_iso
-from atrund.session import Session
+from atrund.atproto.session import Session
 
 HELLO = "def main(args):\n    return {'ok': True}\n"
 FOLLOW, LIST, LISTITEM = "app.bsky.graph.follow", "app.bsky.graph.list", "app.bsky.graph.listitem"

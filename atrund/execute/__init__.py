@@ -11,18 +11,18 @@ BACKENDS = ("firecracker", "process", "container", "none")  # built here; the or
 
 def create_backend(isolation: str, settings):
     from atrund.execute.direct import DirectBackend
-    from atrund.execute.process import ProcessBackend
+    from atrund.execute.process.backend import ProcessBackend
 
     if isolation == "none":
         return DirectBackend()
     if isolation == "process":
         return ProcessBackend(settings)
     if isolation == "container":
-        from atrund.execute.container import ContainerBackend
+        from atrund.execute.container.backend import ContainerBackend
 
         return ContainerBackend(settings)
     if isolation == "firecracker":
-        from atrund.execute.microvm import MicroVmBackend
+        from atrund.execute.microvm.backend import MicroVmBackend
 
         return MicroVmBackend(settings)
     raise ExecutorError(f"unknown isolation {isolation!r} (available: {', '.join(BACKENDS)}, auto)")

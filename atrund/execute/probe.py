@@ -84,7 +84,7 @@ async def probe_all(settings, first_only: bool = False) -> list[Probe]:
         if first_only and any(p.ok for p in results):
             break
         if backend == "firecracker":
-            from atrund.execute.microvm import host_support
+            from atrund.execute.microvm.backend import host_support
 
             vm = host_support(settings)
             if vm.accelerator is None:

@@ -12,7 +12,7 @@ only its position matters. The rest is decoded (header and body; the CAR slice i
 unless an op creates an invocation of an author the policy serves).
 
 Authenticity: a relay can say anything, so an invocation is only believed once
-:mod:`atrund.ingest.proof` ties it to the author's signing key (commit signature, MST path, block
+:mod:`atrund.atproto.proof` ties it to the author's signing key (commit signature, MST path, block
 hashes), locally. A frame without the needed blocks falls back to fetching the record from the
 author's own PDS and hashing it against the commit's CID. A forged frame is dropped and logged.
 
@@ -50,9 +50,9 @@ import websockets
 from atrund import bounds
 from atrund.errors import AtrundError, NotFound
 from atrund.ingest import Intake, Row
-from atrund.ingest.proof import Incomplete, ProofError, SigningKey, created_records
+from atrund.atproto.proof import Incomplete, ProofError, SigningKey, created_records
 from atrund.records import INVOCATION
-from atrund.repos import Repos, to_json_model
+from atrund.atproto.repos import Repos, to_json_model
 from atrund.state import StoreError
 
 log = structlog.get_logger("atrund.ingest")

@@ -23,7 +23,7 @@ from atrund.errors import AtrundError
 from atrund.health import Health
 from atrund.ingest import Intake
 from atrund.records import INVOCATION
-from atrund.repos import Repos
+from atrund.atproto.repos import Repos
 
 log = structlog.get_logger("atrund.ingest")
 

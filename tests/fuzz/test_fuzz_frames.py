@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 
 from atrund import bounds
 from atrund.access import AccessPolicy
-from atrund.identity import Identities
+from atrund.atproto.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
-from atrund.ingest.proof import CBOR_SHA256_CID, Incomplete, ProofError, SigningKey, created_records, read_car
+from atrund.atproto.proof import CBOR_SHA256_CID, Incomplete, ProofError, SigningKey, created_records, read_car
 from atrund.records import INVOCATION
-from atrund.repos import Repos, to_json_model
+from atrund.atproto.repos import Repos, to_json_model
 from atrund.state import State
 
 DID = "did:plc:fuzzauthor"

@@ -19,9 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from atrund.devstack import LocalStack
+from atrund.dev.stack import LocalStack
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 console = Console(highlight=False, width=max(Console().width, 120))
 
 INVOCATIONS = [

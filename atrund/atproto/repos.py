@@ -17,7 +17,7 @@ import libipld
 
 from atrund import bounds
 from atrund.errors import ContentMismatch, NotFound, RemoteError, TooLarge, Unreachable
-from atrund.identity import Identities
+from atrund.atproto.identity import Identities
 
 SHA2_256 = 0x12
 DAG_CBOR = 0x71
@@ -145,7 +145,7 @@ class Repos:
         deleted; a PDS keeps only the current one). The caller tells those apart. A record
         nested deeper than bounds.MAX_DEPTH comes back cut one level past the limit.
         """
-        from atrund.ingest.proof import ProofError, read_car  # the one CAR reader; proof imports nothing of ours
+        from atrund.atproto.proof import ProofError, read_car  # the one CAR reader; proof imports nothing of ours
 
         body, _ = await self._get(
             did, "com.atproto.sync.getRecord", {"did": did, "collection": collection, "rkey": rkey}, max_bytes=4 * 1024 * 1024

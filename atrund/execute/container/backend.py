@@ -294,7 +294,7 @@ class ContainerBackend(Backend):
 
     async def _prepare(self) -> None:
         """Once per backend: the engine answers, has the image, knows the runtime; leftovers go."""
-        from atrund import image
+        from atrund.execute.container import image
 
         client = await self.engine.connect()
         labels = await self.engine.call(f"find image {self.settings.image}", image.describe, client, self.settings.image)
@@ -343,7 +343,7 @@ class ContainerBackend(Backend):
     def _create_args(self, runtime: Runtime, permissions: ExecPermissions, name: str, bundle_dir: Path) -> dict:
         from docker.types import Mount, Ulimit
 
-        from atrund import image
+        from atrund.execute.container import image
 
         s = self.settings
         command = expand(runtime.template, {

@@ -9,7 +9,7 @@ in interoperating with real PDSes.
     with LocalStack() as stack:
         alice = stack.create_account("alice")   # handle alice.test
 
-``python -m atrund.devstack`` starts one and waits for Ctrl-C.
+``python -m atrund.dev.stack`` starts one and waits for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def _free_ports(count: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     """Start a stack for trying things by hand and keep it until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m atrund.devstack", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m atrund.dev.stack", description=main.__doc__)
     parser.add_argument("--data-dir", type=Path, help="keep state here (default: temporary)")
     parser.add_argument("--account", action="append", default=[], metavar="NAME",
                         help="create NAME.test and print its credentials (repeatable)")

@@ -1,6 +1,6 @@
 """The microVM backend's guest: kernel, initramfs and rootfs.ext4, built locally.
 
-``atrund image build --vm`` (part of ``atrund image build``; see atrund/image.py for the rootfs):
+``atrund image build --vm`` (part of ``atrund image build``; see atrund/execute/container/image.py for the rootfs):
 
 1. the kernel: Debian's ``linux-image-amd64`` package (``apt-get download``, not installed),
    its bzImage unpacked to the uncompressed ELF ``vmlinux`` that QEMU ``-M microvm`` and
@@ -8,7 +8,7 @@
 2. the initramfs: static busybox and the few modules Debian builds as modules but the guest
    needs before its root exists (virtio-mmio, virtio-blk, virtio-console, virtio-rng, ext4 and
    the vsock transport for Firecracker). Its /init loads them, mounts the root read-only and
-   switch_roots to /sbin/atrun-init (atrund/vminit.py);
+   switch_roots to /sbin/atrun-init (atrund/execute/microvm/guest_init.py);
 3. rootfs.ext4: the container image's root filesystem, exactly (the same debootstrap rootfs
    with deno, node and the runtime directories: ``image.image_tar``), plus /sbin/atrun-init,
    made with ``mkfs.ext4 -d``, no journal. Every VM opens it read-only (no per-VM disk copy,
@@ -37,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from atrund import image
-from atrund.image import ImageError, Progress
+from atrund.execute.container import image
+from atrund.execute.container.image import ImageError, Progress
 
 DEFAULT_DIR = Path("/var/cache/atrund/vm")
 KERNEL_PACKAGE = "linux-image-amd64"
@@ -209,7 +209,7 @@ def kernel_and_initramfs(out_dir: Path, progress: Progress) -> tuple[Path, Path]
 
 def rootfs(out_dir: Path, runtimes_dir: Path, image_cache: Path, progress: Progress) -> Path:
     adds = image.additions(runtimes_dir)
-    init_source = Path(__file__).with_name("vminit.py").read_bytes()
+    init_source = Path(__file__).with_name("guest_init.py").read_bytes()
     key = _sha(f"{VM_LAYOUT}\0{image.content_hash(adds)}\0".encode() + init_source)[:16]
     path = out_dir / f"rootfs-{key}.ext4"
     if path.exists():

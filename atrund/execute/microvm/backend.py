@@ -1,10 +1,10 @@
 """The ``firecracker`` backend: one microVM per worker, under QEMU ``-M microvm`` or Firecracker.
 
 A worker's life: the runner listens on a Unix socket in the VM's own directory, starts the
-monitor (see ``Qemu`` here and atrund/execute/firecracker.py), which connects that socket to
+monitor (see ``Qemu`` here and atrund/execute/microvm/firecracker.py), which connects that socket to
 the guest's protocol channel (a virtio-serial port under QEMU; vsock under Firecracker, which
 forwards the guest's connection to ``<uds>_<port>``). The guest kernel boots, atrun-init
-(atrund/vminit.py) starts the runtime's at-run-exec and relays its stdin, stdout and stderr in
+(atrund/execute/microvm/guest_init.py) starts the runtime's at-run-exec and relays its stdin, stdout and stderr in
 frames; the worker turns those frames back into the three streams the pool reads. Warm means
 booted and waiting: at-run-exec has said it is ready. The pool then sends the bundle (a frame
 the guest writes to /bundle) and the request; the answer ends the VM's use, and the VM is
@@ -44,14 +44,14 @@ from pathlib import Path
 import structlog
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.container import OWNER, _alive
+from atrund.execute.container.backend import OWNER, _alive
 from atrund.execute.pool import STDERR_TAIL, Backend, Worker
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
 
 log = structlog.get_logger("atrund.execute")
 
-HEADER = struct.Struct(">cI")  # the frame header of atrund/vminit.py
+HEADER = struct.Struct(">cI")  # the frame header of atrund/execute/microvm/guest_init.py
 DEFAULT_WORK_DIR = "/run/atrund-work"
 CHANNEL = "channel.sock"
 PID_FILE = "monitor.pid"
@@ -419,7 +419,8 @@ class MicroVmBackend(Backend):
     async def _prepare(self) -> None:
         """Once per backend: the guest files exist and match our runtimes, a monitor is chosen,
         and what a crashed runner left behind is gone."""
-        from atrund import image, vmimage
+        from atrund.execute.container import image
+        from atrund.execute.microvm import guest as vmimage
 
         s = self.settings
         if missing := guest_missing(s):
@@ -430,7 +431,7 @@ class MicroVmBackend(Backend):
                                 "rebuild it with `atrund image build --vm`")
         name = monitor_name(s)
         if name == "firecracker":
-            from atrund.execute.firecracker import Firecracker
+            from atrund.execute.microvm.firecracker import Firecracker
 
             self.monitor = Firecracker(s)
         else:

@@ -34,7 +34,7 @@ from atproto_server.exceptions import TokenDecodeError
 
 from atrund import bounds
 from atrund.errors import AtrundError, IdentityError, NotServed
-from atrund.identity import Identities
+from atrund.atproto.identity import Identities
 
 ALGORITHMS = {"ES256K", "ES256"}
 MAX_LIFETIME = 3600  # seconds; a PDS issues method-bound tokens for at most an hour

@@ -4,7 +4,7 @@ Each worker is started as
 ``setpriv --pdeathsig KILL -- unshare --mount --pid --fork --kill-child --mount-proc --ipc --uts [--net] -- python3 fence.py SPEC``
 so it has its own PID namespace (killing the worker kills everything it started, setsid or
 not), its own mount namespace with a private /tmp, no network device unless the request grants
-network, and then the fence (atrund/execute/fence.py): hard rlimits, an unprivileged uid of its
+network, and then the fence (atrund/execute/process/fence.py): hard rlimits, an unprivileged uid of its
 own, Landlock over files, TCP ports and signals. The runtime's own permission flags (Deno,
 Node) apply on top, inside.
 

@@ -93,7 +93,7 @@ class Identities:
         document naming the handle back; a handle only one side claims resolves to nothing.
 
         ``admit``: the access policy; a DID it refuses raises NotServed before its document is
-        fetched (see atrund.serviceauth)."""
+        fetched (see atrund.atproto.serviceauth)."""
         handle = handle.lower()
         if not HANDLE.fullmatch(handle):
             raise IdentityError(f"{handle!r} is not a handle or a DID")

@@ -1,0 +1,1 @@
+"""Development tools: the local PDS + PLC stack and the narrated demo."""

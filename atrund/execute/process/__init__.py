@@ -1,0 +1,1 @@
+"""The `process` backend: a fenced process per worker (namespaces, Landlock, seccomp, cgroups)."""
