@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from atrund.errors import AtrundError
+from atrund.errors import PolicyFileError
 
 LISTED_MODES = ("allowlist", "follows", "list")  # modes that serve only whom they name
 
@@ -48,10 +48,6 @@ class AccessPolicy:
         if self.mode not in LISTED_MODES:
             return []
         return sorted((self.allowlist | self.trusted) - self.blocklist)
-
-
-class PolicyFileError(AtrundError):
-    """The access policy file cannot be read or written; the message names the file."""
 
 
 @dataclass(frozen=True)

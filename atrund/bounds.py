@@ -25,14 +25,9 @@ from typing import Any
 
 import libipld
 
-from atrund.errors import AtrundError
+from atrund.errors import Malformed
 
 MAX_DEPTH = 128
-
-
-class Malformed(AtrundError):
-    """Input that breaks a documented limit or is not the shape it claims; the message names
-    where and which limit."""
 
 
 def step(path: str, key: Any) -> str:

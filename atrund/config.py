@@ -15,14 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from atrund.errors import AtrundError
+from atrund.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES_DIR = REPO_ROOT / "nix" / "runtimes"
-
-
-class ConfigError(AtrundError):
-    """The configuration is unusable; the message names the key."""
 
 
 class Section(BaseModel):

@@ -1,57 +1,193 @@
-"""The runner's own exceptions.
+"""Every failure atrund expects, in one tree: what it means, the exit code the CLI ends with, and
+the fix it names.
 
-    AtrundError
-    ├── ConfigError (atrund.config)      the configuration is unusable; names the TOML key
-    ├── IdentityError                    a DID does not resolve, or names no PDS
-    ├── RemoteError                      a PDS answered with an error or not at all
-    │   ├── NotFound                     the record or blob does not exist
-    │   ├── ContentMismatch              bytes that do not hash to the CID they were fetched by
-    │   ├── TooLarge                     more bytes than the configured limit
-    │   └── Unreachable                  network failure or 5xx: worth retrying
-    ├── NotServed                        the access policy does not serve this DID (checked before resolving it)
-    └── BundleRefused                    the bundle cannot be run as pinned (CID mismatch, too large)
-        ├── VersionGone                  the pinned CID is no longer in the repo, nor cached here
-        ├── EndpointUndeclared           the endpoint is not one the bundle record declares
-        └── PermissionsRefused           the bundle asks for permissions this runner does not grant
+    AtrundError                          10  (never raised itself)
+    ├── ConfigError                      11  the configuration is unusable; names the TOML key
+    ├── PolicyFileError                  12  the access policy file cannot be read or written
+    ├── KeyFileError                     13  the runner's secrets key file is missing, unreadable or too open
+    ├── StateLocked                      14  another atrund process uses this state directory
+    ├── StoreError                       15  the state store failed (disk full, read-only, I/O error)
+    ├── QuarantineError                  16  the quarantine file cannot be read or written
+    ├── RemoteError                      20  a server answered with an error or not at all
+    │   ├── NotFound                     21  the record or blob does not exist
+    │   │   └── NotARunner               22  the DID publishes no dev.atrun.runner record
+    │   ├── Unreachable                  23  network failure or 5xx: worth retrying
+    │   ├── ContentMismatch              24  bytes that do not hash to the CID they were fetched by
+    │   ├── TooLarge                     25  more bytes than the configured limit
+    │   ├── Rejected                     26  the PDS refused a write (4xx): the same write fails again
+    │   ├── LoginFailed                  27  the PDS refused the identifier and password
+    │   └── CallFailed                   28  a runner's gateway answered an XRPC call with an error
+    ├── IdentityError                    30  a DID or handle does not resolve, or names no PDS
+    ├── InvalidUrl                       31  a URL without http:// or https://
+    ├── Malformed                        32  input that breaks a documented limit or is not the shape it claims
+    ├── ProofError                       33  a firehose frame does not prove what it claims
+    ├── Incomplete                       34  a firehose frame lacks a block the proof needs
+    ├── ServiceAuthError                 35  a service-auth token is missing or not acceptable
+    ├── TrustUnavailable                 36  the follows or the list could not be read
+    ├── NotServed                        40  the access policy does not serve this DID (checked before resolving it)
+    ├── BundleRefused                    41  the bundle cannot be run as pinned (CID mismatch, too large)
+    │   ├── VersionGone                  42  the pinned CID is no longer in the repo, nor cached here
+    │   ├── EndpointUndeclared           43  the endpoint is not one the bundle record declares
+    │   └── PermissionsRefused           44  the bundle asks for permissions this runner does not grant
+    ├── SecretError                      45  a sealed secret cannot be used (names the secret, never its value)
+    ├── UnstorableValue                  46  a value no record can hold, not even as a jsonValue
+    ├── ExecutorError                    50  the executor itself failed (no backend, no worker, engine gone)
+    │   └── UnknownRuntime               51  no runtime directory of that name
+    ├── ImageError                       52  the runtime image or the microVM guest could not be built
+    └── LocalStackError                  53  the local PDS and PLC (atrund.dev.stack) could not be started
 
-ExecutorError (atrund.execute) is the executor's; ServiceAuthError (atrund.atproto.serviceauth) is a
-refused XRPC token. atrund.gateway maps all of these to HTTP statuses, in one function. Third-party exceptions (aiohttp, the atproto
-SDK) are translated into these where they are raised: atrund.atproto.repos for reads, atrund.atproto.session
-for the runner's own writes, atrund.atproto.identity for DID resolution.
+Exit codes 0-4 mean something else (see the README): 0 done, 1 an unexpected error (a bug: it
+prints a traceback), 2 a usage error (click), 3 a bundle's status is not success, 4 no result in
+time. ``describe`` is how the CLI prints one of these: one line, the message and the fix.
+
+The modules that raise these import them from here (and re-export the names they always had:
+``atrund.config.ConfigError``, ``atrund.execute.ExecutorError``, ...). atrund.gateway maps them
+to HTTP statuses, in one function. Third-party exceptions (aiohttp, the atproto SDK, docker) are
+translated into these where they are raised: atrund.atproto.repos for reads, atrund.atproto.session
+for writes, atrund.atproto.identity for DID resolution, the backends for their engines.
 """
+
+from __future__ import annotations
 
 
 class AtrundError(Exception):
-    pass
+    exit_code = 10
+    fix = ""  # what to do about it, in a few words; "" when the message itself says
 
 
-class IdentityError(AtrundError):
-    pass
+class ConfigError(AtrundError):
+    """The configuration is unusable; the message names the key."""
+
+    exit_code = 11
+    fix = "fix that key in the configuration file (config.toml.example lists every key)"
+
+
+class PolicyFileError(AtrundError):
+    """The access policy file cannot be read or written; the message names the file."""
+
+    exit_code = 12
+    fix = "repair or remove that file (`atrund access allow|deny` rewrites it)"
+
+
+class KeyFileError(AtrundError):
+    """The runner's key file is missing, unreadable, too open or not an X25519 key."""
+
+    exit_code = 13
+
+
+class StateLocked(AtrundError):
+    exit_code = 14
+    fix = "stop the other runner, or give this one its own state.dir"
+
+
+class StoreError(AtrundError):
+    """The state store failed (disk full, read-only or immutable file, I/O error): worth retrying."""
+
+    exit_code = 15
+    fix = "check the disk and the permissions of state.dir"
+
+
+class QuarantineError(AtrundError):
+    """The quarantine file cannot be read or written."""
+
+    exit_code = 16
+    fix = "check the file and the permissions of state.dir"
 
 
 class RemoteError(AtrundError):
-    pass
+    exit_code = 20
 
 
 class NotFound(RemoteError):
-    pass
+    exit_code = 21
+    fix = "check the AT URI or DID"
+
+
+class NotARunner(NotFound):
+    """The DID has no dev.atrun.runner record, so it has no key to seal to and no gateway."""
+
+    exit_code = 22
+    fix = "check the --runner DID (a runner publishes its record when it starts)"
 
 
 class Unreachable(RemoteError):
-    pass
+    exit_code = 23
+    fix = "check the URL, and that the server is up and reachable from here"
 
 
 class ContentMismatch(RemoteError):
-    pass
+    exit_code = 24
 
 
 class TooLarge(RemoteError):
-    pass
+    exit_code = 25
+
+
+class Rejected(RemoteError):
+    """The PDS answered 4xx: the same request will fail again."""
+
+    exit_code = 26
+
+
+class LoginFailed(RemoteError):
+    exit_code = 27
+    fix = "check --identifier and --password (an app password), or ATRUND_IDENTIFIER and ATRUND_PASSWORD"
+
+
+class CallFailed(RemoteError):
+    """A runner's gateway answered an XRPC call with an error (the message has its status and why)."""
+
+    exit_code = 28
+
+
+class IdentityError(AtrundError):
+    exit_code = 30
+    fix = "check the handle or DID, and --plc-url"
+
+
+class InvalidUrl(AtrundError):
+    exit_code = 31
+
+
+class Malformed(AtrundError):
+    """Input that breaks a documented limit or is not the shape it claims; the message names
+    where and which limit."""
+
+    exit_code = 32
+
+
+class ProofError(AtrundError):
+    """The frame does not prove what it claims (forged, tampered or malformed): never run it."""
+
+    exit_code = 33
+
+
+class Incomplete(AtrundError):
+    """The frame lacks a block needed for the proof; ask the author's PDS instead."""
+
+    exit_code = 34
+
+
+class ServiceAuthError(AtrundError):
+    """The token is missing or not acceptable; ``reason`` is a short label for metrics."""
+
+    exit_code = 35
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TrustUnavailable(AtrundError):
+    exit_code = 36
+    fix = "check access.operator or access.list_uri, and that its PDS answers"
 
 
 class NotServed(AtrundError):
     """The access policy does not serve ``did``: raised before the runner resolves it, so a caller
     cannot make the runner connect to a host of their choosing (a did:web) by naming it."""
+
+    exit_code = 40
 
     def __init__(self, did: str, message: str | None = None) -> None:
         super().__init__(message or f"{did} is not served by this runner")
@@ -59,16 +195,70 @@ class NotServed(AtrundError):
 
 
 class BundleRefused(AtrundError):
-    pass
+    exit_code = 41
 
 
 class VersionGone(BundleRefused):
-    pass
+    exit_code = 42
 
 
 class EndpointUndeclared(BundleRefused):
-    pass
+    exit_code = 43
 
 
 class PermissionsRefused(BundleRefused):
-    pass
+    exit_code = 44
+
+
+class SecretError(AtrundError):
+    """A sealed secret cannot be used; the message names the secret, never its value."""
+
+    exit_code = 45
+
+
+class UnstorableValue(AtrundError):
+    """A value no record can hold, not even as a jsonValue: a string that is not valid Unicode
+    (a lone surrogate), NaN or an infinity, or a type JSON does not have. Says what and where."""
+
+    exit_code = 46
+
+
+class ExecutorError(AtrundError):
+    """The executor itself failed (could not start a worker, backend gone)."""
+
+    exit_code = 50
+    fix = "`atrund doctor` shows which isolation works on this host and why the others do not"
+
+
+class UnknownRuntime(ExecutorError):
+    exit_code = 51
+    fix = "use one of the runtimes named, or add its directory (see nix/runtimes/)"
+
+
+class ImageError(AtrundError):
+    """The runtime image could not be built; the message says which step and why."""
+
+    exit_code = 52
+
+
+class LocalStackError(AtrundError):
+    """The stack could not be started or used; the message carries its log tail."""
+
+    exit_code = 53
+
+
+def tree() -> list[type[AtrundError]]:
+    """AtrundError and every subclass, depth first: the table above, as classes."""
+    out: list[type[AtrundError]] = []
+    stack: list[type[AtrundError]] = [AtrundError]
+    while stack:
+        cls = stack.pop()
+        out.append(cls)
+        stack.extend(reversed(cls.__subclasses__()))
+    return out
+
+
+def describe(e: AtrundError) -> str:
+    """One line for a person: the message, then the fix when the message does not say it."""
+    message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return f"{message} ({e.fix})" if e.fix else message

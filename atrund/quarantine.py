@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atrund.errors import AtrundError
+from atrund.errors import QuarantineError
 
 KINDS = ("result", "frame", "record")
 MAX_ITEM_BYTES = 4 * 1024 * 1024  # what is kept of one item (a frame is at most 8 MiB; the rest is said, not kept)
@@ -45,10 +45,6 @@ CREATE TABLE IF NOT EXISTS quarantine (
     retry     INTEGER NOT NULL DEFAULT 0   -- an operator asked for a retry; the daemon takes it
 );
 """
-
-
-class QuarantineError(AtrundError):
-    """The quarantine file cannot be read or written."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing_extensions import Annotated
 
 from atrund.bounds import check_depth, step
 from atrund.bounds import loads as bounds_loads
-from atrund.errors import AtrundError
+from atrund.errors import UnstorableValue
 
 BUNDLE = "dev.atrun.bundle"
 INVOCATION = "dev.atrun.invocation"
@@ -228,11 +228,6 @@ class Runner(Record):
 # and the reference PDS parses record JSON into JavaScript numbers (an integer past this range
 # would be stored rounded, or as a float it then refuses). Larger integers go into a jsonValue.
 MAX_SAFE_INTEGER = 2**53 - 1
-
-
-class UnstorableValue(AtrundError):
-    """A value no record can hold, not even as a jsonValue: a string that is not valid Unicode
-    (a lone surrogate), NaN or an infinity, or a type JSON does not have. Says what and where."""
 
 
 def _short(path: str) -> str:

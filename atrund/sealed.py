@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
-from atrund.errors import AtrundError
+from atrund.errors import KeyFileError, SecretError
 
 ALG = "hpke-x25519-sha256-chacha20poly1305"
 SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.CHACHA20_POLY1305)
@@ -43,14 +43,6 @@ MAX_VALUE_BYTES = 8192
 MAX_SECRETS = 32  # per record (the lexicons say the same)
 ENC_BYTES = 32  # X25519 encapsulated key
 TAG_BYTES = 16
-
-
-class SecretError(AtrundError):
-    """A sealed secret cannot be used; the message names the secret, never its value."""
-
-
-class KeyFileError(AtrundError):
-    """The runner's key file is missing, unreadable, too open or not an X25519 key."""
 
 
 def key_id(public: x25519.X25519PublicKey) -> str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atrund.errors import AtrundError
+from atrund.errors import StateLocked, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS invocations (
@@ -63,14 +63,6 @@ CREATE TABLE IF NOT EXISTS cursors (
     cursor TEXT NOT NULL
 );
 """
-
-
-class StateLocked(AtrundError):
-    pass
-
-
-class StoreError(AtrundError):
-    """The state store failed (disk full, read-only or immutable file, I/O error): worth retrying."""
 
 
 def _translated(method):

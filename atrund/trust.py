@@ -21,7 +21,7 @@ from collections.abc import Callable
 import structlog
 
 from atrund.access import AccessPolicy, PolicyEntries, PolicyFile, effective
-from atrund.errors import AtrundError
+from atrund.errors import AtrundError, TrustUnavailable
 from atrund.atproto.repos import Repos
 
 log = structlog.get_logger("atrund.trust")
@@ -32,10 +32,6 @@ PAGE = 100
 MAX_PAGES = 1000  # 100,000 follows or list items
 FILE_CHECK_SECONDS = 1.0
 RETRY_SECONDS = 30.0  # after a failed read of the follows or the list (or sooner, if the interval is shorter)
-
-
-class TrustUnavailable(AtrundError):
-    pass
 
 
 async def _subjects(repos: Repos, did: str, collection: str, keep: Callable[[dict], bool]) -> frozenset[str]:

@@ -31,17 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from atrund import bounds
-from atrund.errors import AtrundError
+from atrund.errors import Incomplete, ProofError
 
 CBOR_SHA256_CID = b"\x01\x71\x12\x20"  # CIDv1, dag-cbor, sha2-256, 32-byte digest: all repo blocks
-
-
-class ProofError(AtrundError):
-    """The frame does not prove what it claims (forged, tampered or malformed): never run it."""
-
-
-class Incomplete(AtrundError):
-    """The frame lacks a block needed for the proof; ask the author's PDS instead."""
 
 
 class SigningKey:

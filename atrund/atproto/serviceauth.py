@@ -33,19 +33,11 @@ from atproto_server.auth.jwt import decode_jwt_payload, parse_jwt
 from atproto_server.exceptions import TokenDecodeError
 
 from atrund import bounds
-from atrund.errors import AtrundError, IdentityError, NotServed
+from atrund.errors import IdentityError, NotServed, ServiceAuthError
 from atrund.atproto.identity import Identities
 
 ALGORITHMS = {"ES256K", "ES256"}
 MAX_LIFETIME = 3600  # seconds; a PDS issues method-bound tokens for at most an hour
-
-
-class ServiceAuthError(AtrundError):
-    """The token is missing or not acceptable; ``reason`` is a short label for metrics."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,7 @@ import httpx
 from atproto import AsyncClient
 from atproto_client.exceptions import AtProtocolError, RequestErrorBase, UnauthorizedError
 
-from atrund.errors import RemoteError, Unreachable
-
-
-class Rejected(RemoteError):
-    """The PDS answered 4xx: the same request will fail again."""
-
-
-class LoginFailed(RemoteError):
-    pass
+from atrund.errors import LoginFailed, Rejected, RemoteError, Unreachable
 
 
 RETRYABLE_STATUS = {408, 425, 429}

@@ -32,6 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from atrund.errors import LocalStackError
+
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,10 +50,6 @@ class Account:
     password: str
     app_password: str
     pds_url: str
-
-
-class LocalStackError(RuntimeError):
-    """The stack could not be started or used; the message carries its log tail."""
 
 
 class LocalStack:

@@ -9,11 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from atrund.errors import ExecutorError  # noqa: F401 - defined with every other error; imported from here too
 from atrund.execute.protocol import ExecRequest, ExecResponse
-
-
-class ExecutorError(Exception):
-    """The executor itself failed (could not start a worker, backend gone)."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from atrund.errors import AtrundError
+from atrund.errors import ImageError
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -52,10 +52,6 @@ SLIM = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", 
         "var/lib/apt/lists", "var/log", "usr/share/lintian", "usr/share/common-licenses"]
 
 Progress = Callable[[str], None]
-
-
-class ImageError(AtrundError):
-    """The runtime image could not be built; the message says which step and why."""
 
 
 @dataclass(frozen=True)

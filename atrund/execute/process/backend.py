@@ -235,8 +235,11 @@ class ProcessBackend(Backend):
 
     def __init__(self, settings) -> None:
         self.work_root = Path(settings.work_dir or DEFAULT_WORK_DIR)
-        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        st = os.lstat(self.work_root)
+        try:
+            self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+            st = os.lstat(self.work_root)
+        except OSError as e:
+            raise ExecutorError(f"cannot use {self.work_root} as the work directory (executor.work_dir): {e.strerror}") from e
         # Root works in here (mounts, chown, locks): it must not be a place another user controls.
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
             raise ExecutorError(f"{self.work_root} must be a directory owned by root and not writable by others")
