@@ -59,7 +59,7 @@ class ConfigError(AtrundError):
     """The configuration is unusable; the message names the key."""
 
     exit_code = 11
-    fix = "fix that key in the configuration file (config.toml.example lists every key)"
+    fix = "fix that key in the configuration file; config.toml.example lists every key"
 
 
 class PolicyFileError(AtrundError):
@@ -107,7 +107,7 @@ class NotARunner(NotFound):
     """The DID has no dev.atrun.runner record, so it has no key to seal to and no gateway."""
 
     exit_code = 22
-    fix = "check the --runner DID (a runner publishes its record when it starts)"
+    fix = "check the --runner DID; a runner publishes its record when it starts"
 
 
 class Unreachable(RemoteError):
@@ -232,7 +232,7 @@ class ExecutorError(AtrundError):
 
 class UnknownRuntime(ExecutorError):
     exit_code = 51
-    fix = "use one of the runtimes named, or add its directory (see nix/runtimes/)"
+    fix = "use one of those, or add a runtime directory under nix/runtimes/"
 
 
 class ImageError(AtrundError):

@@ -1,0 +1,5 @@
+"""`python -m atrund.cli`: the same as the `atrund` command."""
+
+from atrund.cli import main
+
+main()

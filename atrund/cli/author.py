@@ -1,0 +1,237 @@
+"""Commands for a bundle's author: bundle publish, invoke, call, result get|uri, secret seal.
+
+Each is a thin shell over atrund.client (which builds the records): options in, JSON out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from atrund import client
+from atrund.cli.main import EXIT_NO_RESULT, EXIT_NOT_SUCCESS, emit, err, main, parse_args_json, parse_uri, run_async, split
+from atrund.records import result_uri
+
+
+def author_options(fn):
+    """Login options shared by the commands that write to the author's repo."""
+    fn = click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True,
+                      help="PLC directory used to resolve DIDs [env ATRUND_PLC_URL].")(fn)
+    fn = click.option("--password", envvar="ATRUND_PASSWORD", required=True,
+                      help="App password [env ATRUND_PASSWORD].")(fn)
+    fn = click.option("--identifier", envvar="ATRUND_IDENTIFIER", required=True,
+                      help="Your handle or DID [env ATRUND_IDENTIFIER].")(fn)
+    fn = click.option("--pds", envvar="ATRUND_PDS", default=None,
+                      help="Your PDS URL [env ATRUND_PDS]; found from your DID document when omitted.")(fn)
+    return fn
+
+
+async def _login(repos, pds: str | None, identifier: str, password: str):
+    if pds is None and not identifier.startswith("did:"):
+        raise click.UsageError("give --pds (or ATRUND_PDS), or log in with your DID so the PDS can be looked up")
+    return await client.login(repos, identifier, password, pds)
+
+
+secret_option = click.option(
+    "--secret", "secrets", multiple=True, metavar="NAME=VALUE",
+    help="Seal a secret to the runner's key (repeatable). NAME alone takes the value of your environment variable "
+         "NAME, which keeps it out of your shell history.")
+
+
+def parse_secrets(pairs: tuple[str, ...]) -> dict[str, str]:
+    from atrund.sealed import SecretError, check_name
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        try:
+            check_name(name)
+        except SecretError as e:
+            raise click.BadParameter(str(e), param_hint="--secret") from None
+        if not eq:
+            if name not in os.environ:
+                raise click.BadParameter(f"{name}: no '=VALUE' and no environment variable {name}", param_hint="--secret")
+            value = os.environ[name]
+        if name in out:
+            raise click.BadParameter(f"{name} is given twice", param_hint="--secret")
+        out[name] = value
+    return out
+
+
+@main.group()
+def bundle() -> None:
+    """Publish code bundles."""
+
+
+@bundle.command("publish")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--runtime", required=True, type=click.Choice(["python", "deno", "node"]))
+@click.option("--name", default=None, help="A short name (defaults to the file name).")
+@click.option("--description", default=None)
+@click.option("--endpoints", default=None, help="Comma-separated endpoint names the bundle offers.")
+@click.option("--allow-env", default="", help="Comma-separated environment variable names the bundle asks for "
+              "(every --secret name is added).")
+@click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle asks to reach.")
+@secret_option
+@click.option("--runner", "runner_did", default=None, help="DID of the runner the --secret values are sealed to.")
+@author_options
+@run_async
+async def bundle_publish(file: Path, runtime: str, name: str | None, description: str | None, endpoints: str | None,
+                         allow_env: str, allow_net: str, secrets: tuple[str, ...], runner_did: str | None,
+                         pds: str | None, identifier: str, password: str, plc_url: str) -> None:
+    """Upload FILE as a blob and create a dev.atrun.bundle record; prints its AT URI and CID.
+
+    With --secret, the values are sealed to the runner named by --runner, bound to you and to
+    this bundle, and every invocation of the bundle on that runner gets them.
+    """
+    opened = parse_secrets(secrets)
+    if opened and runner_did is None:
+        raise click.UsageError("--secret needs --runner: a secret is sealed to one runner's key")
+    fields: dict[str, Any] = {"name": name or file.name, "description": description or None,
+                              "endpoints": split(endpoints) if endpoints else None}
+    env_names = list(dict.fromkeys(split(allow_env) + list(opened)))
+    permissions = {k: v for k, v in (("env", env_names), ("net", split(allow_net))) if v}
+    if permissions:
+        fields["permissions"] = permissions
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            published = await client.publish(session, repos, file.read_bytes(), runtime, mime=client.code_mime(file),
+                                             secrets=opened, runner=runner_did, **fields)
+        finally:
+            await session.close()
+    err.print(f"published [bold]{published.record['name']}[/bold] ({published.record['code']['size']} bytes)")
+    emit({"uri": published.uri, "cid": published.cid})
+
+
+@main.command()
+@click.argument("bundle_uri")
+@click.option("--runner", "runner_did", required=True, help="DID of the runner to ask.")
+@click.option("--endpoint", required=True)
+@click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
+@click.option("--cid", default=None, help="Pin this bundle version; the current one when omitted.")
+@click.option("--timeout", type=int, default=None, help="Seconds the run may take (capped by the runner).")
+@click.option("--wait/--no-wait", default=False, help="Wait for the result record and print it.")
+@click.option("--wait-seconds", type=float, default=120, show_default=True)
+@secret_option
+@author_options
+@run_async
+async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
+                 wait: bool, wait_seconds: float, secrets: tuple[str, ...], pds: str | None, identifier: str, password: str,
+                 plc_url: str) -> None:
+    """Create a dev.atrun.invocation of BUNDLE_URI; prints its URI and where the result will be.
+
+    --secret values are sealed to the runner's key (read from its dev.atrun.runner record),
+    bound to you, the runner and this bundle; the bundle's permissions.env must list each name.
+    """
+    args = parse_args_json(args_json)
+    opened = parse_secrets(secrets)
+    parse_uri(bundle_uri, "BUNDLE_URI")
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            uri, inv_cid = await client.invoke(session, repos, bundle_uri, runner_did, endpoint, args, cid=cid,
+                                               secrets=opened, timeout=timeout)
+        finally:
+            await session.close()
+        out: dict[str, Any] = {"invocation": {"uri": uri, "cid": inv_cid}, "result": result_uri(runner_did, uri)}
+        if not wait:
+            emit(out)
+            return
+        err.print(f"invoked {endpoint} → waiting for [bold]{out['result']}[/bold]")
+        found = await client.wait_result(repos, runner_did, uri, wait_seconds)
+    if found is None:
+        emit(out)
+        err.print(f"[yellow]no result after {wait_seconds:g} s[/yellow]")
+        sys.exit(EXIT_NO_RESULT)
+    out.update(found)
+    emit(out)
+    if found["status"] != "success":
+        sys.exit(EXIT_NOT_SUCCESS)
+
+
+@main.command()
+@click.argument("bundle_uri")
+@click.option("--runner", "runner_did", required=True, help="DID of the runner to call.")
+@click.option("--endpoint", required=True)
+@click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
+@click.option("--cid", default=None, help="Pin this bundle version; the current one when omitted.")
+@click.option("--timeout", type=int, default=None, help="Seconds the run may take (capped by the runner).")
+@click.option("--write-result", is_flag=True, help="Also have the runner keep the answer as a result record.")
+@click.option("--gateway", "gateway_url", default=None, help="The runner's gateway URL; read from its runner record when omitted.")
+@author_options
+@run_async
+async def call(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
+               write_result: bool, gateway_url: str | None, pds: str | None, identifier: str, password: str,
+               plc_url: str) -> None:
+    """Run BUNDLE_URI's endpoint on a runner now (XRPC dev.atrun.invoke) and print the answer.
+
+    Authenticates with a single-use service-auth token from your own PDS; no record is written
+    in your repo. Exits 3 when the status is not success.
+    """
+    args = parse_args_json(args_json)
+    parse_uri(bundle_uri, "BUNDLE_URI")
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            out = await client.call(session, repos, bundle_uri, runner_did, endpoint, args, cid=cid, timeout=timeout,
+                                    write_result=write_result, gateway_url=gateway_url)
+        finally:
+            await session.close()
+    emit(out)
+    if out.get("status") != "success":
+        sys.exit(EXIT_NOT_SUCCESS)
+
+
+@main.group()
+def result() -> None:
+    """Read result records."""
+
+
+@result.command("get")
+@click.argument("at_uri")
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True)
+@run_async
+async def result_get(at_uri: str, plc_url: str) -> None:
+    """Print the result record at AT_URI (anyone can; no login)."""
+    parse_uri(at_uri, "AT_URI")
+    async with client.reader(plc_url) as repos:
+        emit(await client.get_result(repos, at_uri))
+
+
+@result.command("uri")
+@click.argument("invocation_uri")
+@click.option("--runner", "runner_did", required=True)
+def result_uri_cmd(invocation_uri: str, runner_did: str) -> None:
+    """Print where the result of INVOCATION_URI will appear (computable before it exists)."""
+    click.echo(result_uri(runner_did, invocation_uri))
+
+
+@main.group()
+def secret() -> None:
+    """Seal secrets to a runner's key."""
+
+
+@secret.command("seal")
+@click.argument("pairs", nargs=-1, required=True, metavar="NAME=VALUE...")
+@click.option("--runner", "runner_did", required=True, help="DID of the runner whose key seals them.")
+@click.option("--bundle", "bundle_uri", required=True, help="AT URI of the bundle the secrets are for.")
+@click.option("--author", default=None, help="DID of whoever writes the record that will carry them "
+              "(default: the bundle's author, right for the bundle's own record and for invoking your own bundle).")
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True)
+@run_async
+async def secret_seal(pairs: tuple[str, ...], runner_did: str, bundle_uri: str, author: str | None, plc_url: str) -> None:
+    """Print the sealed objects (a JSON list) for a record's "secrets" field. No login needed.
+
+    NAME alone takes the value of your environment variable NAME.
+    """
+    b_did, _, _ = parse_uri(bundle_uri, "--bundle")
+    if author is not None and not author.startswith("did:"):
+        raise click.BadParameter(f"{author!r} is not a DID", param_hint="--author")
+    opened = parse_secrets(pairs)
+    async with client.reader(plc_url) as repos:
+        emit(await client.seal(repos, opened, runner_did, author or b_did, bundle_uri))

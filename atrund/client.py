@@ -1,0 +1,212 @@
+"""An author's side of atrund, as a library: publish a bundle, invoke it, wait for its result,
+read a result, call a runner over XRPC, seal secrets to a runner.
+
+The CLI, the demo, the tests' fixtures and the bench scripts all go through here, so every
+dev.atrun.* record an author writes is built from the models in ``atrund.records`` (and
+validated by them) in one place. Reads need no login (``reader``); writes need a ``Session``
+(``login``). Failures are AtrundErrors (atrund.errors), never a click exception: the CLI turns
+them into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from atrund.atproto.identity import Identities
+from atrund.atproto.repos import Repos
+from atrund.atproto.session import Session
+from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFound, Unreachable
+from atrund.records import BUNDLE, INVOCATION, RESULT, RUNNER, Bundle, Invocation, Result, decode_data, now_iso, result_rkey
+from atrund.sealed import RunnerKey
+from atrund.sealed import seal as seal_one
+
+DEFAULT_PLC = "https://plc.directory"
+CODE_MIME = {".py": "text/x-python", ".ts": "application/typescript", ".js": "text/javascript",
+             ".mjs": "text/javascript"}  # mimetypes calls .ts an MPEG stream
+XRPC_INVOKE = "dev.atrun.invoke"
+
+
+def code_mime(path: Path) -> str:
+    import mimetypes
+
+    return CODE_MIME.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def new_tid() -> str:
+    """A fresh record key (TID): microseconds since the epoch and a random clock id, base32-sortable."""
+    n = (int(time.time() * 1_000_000) << 10) | random.getrandbits(10)
+    alphabet = "234567abcdefghijklmnopqrstuvwxyz"
+    return "".join(alphabet[(n >> (5 * i)) & 31] for i in reversed(range(13)))
+
+
+def check_url(url: str, what: str) -> str:
+    """``url`` if it is an http(s) URL with a host; else InvalidUrl naming ``what`` and the fix."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidUrl(f"{what} {url!r} is not an http:// or https:// URL (did you mean https://{url.split('://')[-1]}?)")
+    return url
+
+
+@contextlib.asynccontextmanager
+async def reader(plc_url: str = DEFAULT_PLC, timeout: float | None = None) -> AsyncIterator[Repos]:
+    """Read anyone's repo (no login): the one place the CLI builds a Repos, closed on the way out."""
+    repos = Repos(Identities(plc_url) if timeout is None else Identities(plc_url, timeout=timeout))
+    try:
+        yield repos
+    finally:
+        await repos.close()
+
+
+async def login(repos: Repos, identifier: str, password: str, pds: str | None = None) -> Session:
+    """Log in to ``pds``, or to the PDS ``identifier`` (a DID) names in its DID document."""
+    if pds is None:
+        pds = await repos.identities.pds(identifier)
+    return await Session.login(check_url(pds, "the PDS URL"), identifier, password)
+
+
+async def seal(repos: Repos, secrets: dict[str, str], runner: str, author: str, bundle_uri: str) -> list[dict[str, str]]:
+    """Seal ``secrets`` (name -> value) to the key ``runner``'s dev.atrun.runner record publishes,
+    bound to ``author``, the runner and ``bundle_uri``: the objects a record's ``secrets`` holds."""
+    try:
+        _, runner_record = await repos.get_record(runner, RUNNER, "self")
+    except NotFound:
+        raise NotARunner(f"{runner} has no dev.atrun.runner record: is it a runner?") from None
+    key = RunnerKey.from_record(runner_record, runner)
+    return [seal_one(n, v, key, author=author, runner=runner, bundle_uri=bundle_uri) for n, v in secrets.items()]
+
+
+@dataclass(frozen=True)
+class Published:
+    uri: str
+    cid: str
+    record: dict[str, Any]
+
+    @property
+    def ref(self) -> dict[str, str]:
+        """The strong reference an invocation pins."""
+        return {"uri": self.uri, "cid": self.cid}
+
+
+async def publish(session: Session, repos: Repos, code: bytes, runtime: str, *, mime: str = "text/x-python",
+                  secrets: dict[str, str] | None = None, runner: str | None = None, **fields: Any) -> Published:
+    """Upload ``code`` as a blob and write a dev.atrun.bundle record for it. ``fields`` are the
+    record's other fields (snake_case or as on the wire). ``secrets`` (name -> value) are sealed
+    to ``runner`` and bound to this bundle, so its record key is chosen before it exists."""
+    blob = await session.upload_blob(code, mime)
+    rkey = new_tid()
+    if secrets:
+        fields["secrets"] = await seal(repos, secrets, runner, session.did, f"at://{session.did}/{BUNDLE}/{rkey}")
+    record = Bundle.model_validate({"runtime": runtime, "code": blob, "created_at": now_iso(), **fields}).to_record()
+    uri, cid = await session.put_record(BUNDLE, rkey, record)
+    return Published(uri, cid, record)
+
+
+async def invoke(session: Session, repos: Repos, bundle_uri: str, runner: str, endpoint: str, args: dict[str, Any] | None = None,
+                 *, cid: str | None = None, secrets: dict[str, str] | None = None, **fields: Any) -> tuple[str, str]:
+    """Write a dev.atrun.invocation of ``bundle_uri`` (pinned to ``cid``, else its current CID)
+    on ``runner``; returns its URI and CID. ``secrets`` (name -> value) are sealed to the
+    runner, bound to this author and bundle; ``fields`` are the record's others (``timeout``,
+    or ``secrets`` already sealed, under that name in ``fields``)."""
+    if cid is None:
+        from atrund.bundles import split_uri
+
+        cid, _ = await repos.get_record(*split_uri(bundle_uri))
+    if args is not None:
+        fields["args"] = args
+    if secrets:
+        fields["secrets"] = await seal(repos, secrets, runner, session.did, bundle_uri)
+    record = Invocation.model_validate({"runner": runner, "bundle": {"uri": bundle_uri, "cid": cid}, "endpoint": endpoint,
+                                        "created_at": now_iso(), **fields}).to_record()
+    return await session.create_record(INVOCATION, record)
+
+
+def describe_result(cid: str, value: dict[str, Any]) -> dict[str, Any]:
+    """A result record as the CLI prints it: its CID, status, the record, and the value unwrapped."""
+    out: dict[str, Any] = {"cid": cid, "status": value.get("status"), "record": value}
+    if "data" in value:
+        out["value"] = decode_data(value["data"])
+    return out
+
+
+async def wait_result(repos: Repos, runner: str, invocation_uri: str, wait_seconds: float,
+                      max_delay: float = 1.0) -> dict[str, Any] | None:
+    """Poll the computed result URI (as any AT client would) until the record exists: it as
+    ``describe_result`` gives it, or None after ``wait_seconds``."""
+    deadline = time.monotonic() + wait_seconds
+    delay = min(0.1, max_delay)
+    while time.monotonic() < deadline:
+        try:
+            cid, value = await repos.get_record(runner, RESULT, result_rkey(invocation_uri))
+            return describe_result(cid, value)
+        except NotFound:
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, max_delay)
+    return None
+
+
+async def get_result(repos: Repos, uri: str) -> dict[str, Any]:
+    """The result record at ``uri`` (anyone can read it); Malformed, naming the field, if it is not one."""
+    from atrund.bundles import split_uri
+
+    from pydantic import ValidationError
+
+    cid, value = await repos.get_record(*split_uri(uri))
+    try:
+        Result.model_validate(value)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(map(str, first["loc"])) or "the record"
+        raise Malformed(f"{uri} is not a result record: {where}: {first['msg']}") from None
+    return {"uri": uri, **describe_result(cid, value)}
+
+
+async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, endpoint: str, args: dict[str, Any], *,
+               cid: str | None = None, timeout: int | None = None, write_result: bool = False,
+               gateway_url: str | None = None) -> dict[str, Any]:
+    """Run ``endpoint`` of ``bundle_uri`` on ``runner`` now (XRPC dev.atrun.invoke, with a
+    single-use service-auth token from the author's PDS) and return its answer, the value
+    unwrapped. The runner's gateway is read from its record unless ``gateway_url`` is given."""
+    import aiohttp
+
+    from atrund.bundles import split_uri
+
+    if cid is None:
+        cid, _ = await repos.get_record(*split_uri(bundle_uri))
+    if gateway_url is None:
+        _, declared = await repos.get_record(runner, RUNNER, "self")
+        gateway_url = declared.get("gatewayUrl")
+        if not gateway_url:
+            raise CallFailed(f"runner {runner} publishes no gatewayUrl: it does not serve XRPC invoke")
+    token = await session.service_token(runner, XRPC_INVOKE)
+    body: dict[str, Any] = {"bundle": {"uri": bundle_uri, "cid": cid}, "endpoint": endpoint, "args": args}  # the lexicon's input
+    if timeout is not None:
+        body["timeout"] = timeout
+    if write_result:
+        body["writeResult"] = True
+    url = gateway_url.rstrip("/") + "/xrpc/" + XRPC_INVOKE
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
+                status, text = resp.status, await resp.text()
+    except aiohttp.ClientError as e:
+        raise Unreachable(f"{url}: {type(e).__name__}: {e}") from None
+    try:
+        out = json.loads(text)
+    except ValueError:
+        out = None
+    if not isinstance(out, dict):
+        raise CallFailed(f"{url} answered HTTP {status} with something that is not a JSON object: {text[:200]!r}")
+    if status != 200:
+        raise CallFailed(f"{url}: HTTP {status} {out.get('error')}: {out.get('message')}")
+    if "data" in out:
+        out["value"] = decode_data(out["data"])
+    return out
