@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 
-from atrund import config
+from atrund import client, config
+from atrund.atproto.repos import Repos
+from atrund.atproto.session import Session
 from atrund.daemon import Daemon
 from atrund.dev.stack import Account, LocalStack
 from atrund.errors import NotFound
-from atrund.atproto.identity import Identities
-from atrund.records import BUNDLE, INVOCATION, RESULT, now_iso, result_rkey
-from atrund.atproto.repos import Repos
-from atrund.atproto.session import Session
+from atrund.records import INVOCATION, RESULT, result_rkey
 
 _names = itertools.count()
 
@@ -152,39 +151,35 @@ def new_account(stack):
 
 @dataclass
 class Author:
-    """An author using the SDK session directly (the CLI is tested on its own)."""
+    """An author using atrund.client in-process (the CLI on top of it is tested on its own)."""
 
     account: Account
     session: Session
+    repos: Repos
 
     async def publish(self, source: str, runtime: str = "python", **fields: Any) -> dict[str, str]:
-        blob = await self.session.upload_blob(source.encode(), "text/x-python")
-        uri, cid = await self.session.create_record(
-            BUNDLE, {"runtime": runtime, "code": blob, "createdAt": now_iso(), **fields}
-        )
-        return {"uri": uri, "cid": cid}
+        return (await client.publish(self.session, self.repos, source.encode(), runtime, **fields)).ref
 
     async def invoke(self, bundle: dict[str, str], runner_did: str, endpoint: str = "main", args: Any = None,
                      **fields: Any) -> str:
-        record = {"runner": runner_did, "bundle": bundle, "endpoint": endpoint, "createdAt": now_iso(), **fields}
-        if args is not None:
-            record["args"] = args
-        uri, _ = await self.session.create_record(INVOCATION, record)
+        uri, _ = await client.invoke(self.session, self.repos, bundle["uri"], runner_did, endpoint, args, cid=bundle["cid"],
+                                     **fields)
         return uri
 
     async def raw_invocation(self, record: dict[str, Any]) -> str:
+        """An invocation record written as given: a malformed one, on purpose."""
         uri, _ = await self.session.create_record(INVOCATION, record)
         return uri
 
 
 @pytest.fixture
-async def login_author(new_account) -> AsyncIterator:
+async def login_author(new_account, reader) -> AsyncIterator:
     """Make a fresh account and log it in; sessions are closed at teardown."""
     made: list[Author] = []
 
     async def make(prefix: str = "author") -> Author:
         acct = new_account(prefix)
-        made.append(Author(acct, await Session.login(acct.pds_url, acct.handle, acct.app_password)))
+        made.append(Author(acct, await client.login(reader, acct.handle, acct.app_password, acct.pds_url), reader))
         return made[-1]
 
     yield make
@@ -199,9 +194,8 @@ async def author(login_author) -> Author:
 
 @pytest.fixture
 async def reader(stack) -> AsyncIterator[Repos]:
-    repos = Repos(Identities(stack.plc_url))
-    yield repos
-    await repos.close()
+    async with client.reader(stack.plc_url) as repos:
+        yield repos
 
 
 class RunnerHandle:
@@ -259,15 +253,10 @@ async def make_runner(stack, new_account, tmp_path) -> AsyncIterator:
 
 async def wait_result(reader: Repos, runner_did: str, invocation_uri: str, timeout: float = 30) -> dict[str, Any]:
     """Poll the computed result URI until the record exists (as any AT client would)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            _, value = await reader.get_record(runner_did, RESULT, result_rkey(invocation_uri))
-            return value
-        except NotFound:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"no result for {invocation_uri} after {timeout} s") from None
-            await asyncio.sleep(0.1)
+    found = await client.wait_result(reader, runner_did, invocation_uri, timeout, max_delay=0.1)
+    if found is None:
+        raise AssertionError(f"no result for {invocation_uri} after {timeout} s")
+    return found["record"]
 
 
 async def no_result(reader: Repos, runner_did: str, invocation_uri: str, settle: float = 2.0) -> bool:

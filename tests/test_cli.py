@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_result
 
+from atrund.errors import CallFailed, ConfigError, LoginFailed
 from atrund.records import result_uri
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def test_check_config_names_the_key(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[runner]\npds = "http://x"\nidentifier = "r.test"\n[executor]\nwarm = -1\n')
     p = atrund("check-config", "-c", str(cfg))
-    assert p.returncode == 1 and "executor.warm" in p.stderr
+    assert p.returncode == ConfigError.exit_code and "executor.warm" in p.stderr
     assert atrund("check-config", "-c", str(ROOT / "config.toml.example")).returncode == 0
 
 
@@ -105,14 +106,14 @@ async def test_call_runs_now_through_xrpc(stack, new_account, make_runner):
     assert p.returncode == 3 and json.loads(p.stdout)["status"] == "error"
     p = await asyncio.to_thread(atrund, "call", bundle["uri"], "--runner", runner.did, "--endpoint", "greet",
                                 env=_author_env(stack, mallory))
-    assert p.returncode == 1 and "HTTP 403 Forbidden" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == CallFailed.exit_code and "HTTP 403 Forbidden" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_login_failure_is_one_clear_line(stack, new_account):
     alice = new_account("cli")
     env = {**_author_env(stack, alice), "ATRUND_PASSWORD": "wrong-wrong-wrong"}
     p = atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", env=env)
-    assert p.returncode == 1 and "login to" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == LoginFailed.exit_code and "login to" in p.stderr and "Traceback" not in p.stderr
 
 
 def _worker_pid(marker: Path) -> int:

@@ -19,6 +19,7 @@ import docker
 import pytest
 from conftest import executor_settings, require_isolation, wait_result
 
+from atrund.errors import ImageError
 from atrund.execute import ExecRequest, ExecutorError, create_executor
 from atrund.execute.container.backend import LABEL_OWNER, LABEL_WORKER, OWNER, RUNSC_PIDS_OVERHEAD
 
@@ -278,7 +279,7 @@ def test_image_build_is_tagged_by_its_inputs_and_a_rerun_is_quick(container_engi
 
 def test_image_build_without_an_engine_says_where_it_looked(tmp_path):
     p = _atrund("image", "build", env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
-    assert p.returncode == 1 and f"no Docker engine answers at unix://{tmp_path}/no.sock" in p.stderr
+    assert p.returncode == ImageError.exit_code and f"no Docker engine answers at unix://{tmp_path}/no.sock" in p.stderr
 
 
 def test_the_image_hash_covers_the_runtime_programs(tmp_path):

@@ -296,7 +296,7 @@ async def test_cli_keys_init_publish_invoke_and_seal(stack, new_account, make_ru
     path = tmp_path / "keys/runner.key"
     assert key["keyFile"] == str(path) and stat.S_IMODE(path.stat().st_mode) == 0o600
     again = atrund("keys", "init", "-c", str(cfg))
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == KeyFileError.exit_code and "already exists" in again.stderr
 
     alice = new_account("cli")
     runner = await make_runner(access={"allowlist": [alice.did]}, secrets={"key_file": str(path)}, permissions={"env": ["API_KEY"]})

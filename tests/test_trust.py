@@ -8,6 +8,7 @@ from conftest import no_result, wait_result
 
 from atrund.access import AccessPolicy, PolicyFile, PolicyFileError, effective
 from atrund.config import AccessSection
+from atrund.errors import IdentityError
 from atrund.records import RUNNER, now_iso
 from atrund.atproto.session import Session
 
@@ -172,7 +173,7 @@ async def test_access_allow_and_deny_reach_a_running_daemon(stack, author, make_
     assert await no_result(reader, runner.did, after)
 
     bad = await asyncio.to_thread(atrund, "access", "allow", "nobody-at-all.test", "-c", str(cfg))
-    assert bad.returncode == 1 and "cannot resolve handle nobody-at-all.test" in bad.stderr
+    assert bad.returncode == IdentityError.exit_code and "cannot resolve handle nobody-at-all.test" in bad.stderr
 
 
 async def test_a_broken_policy_file_keeps_the_last_good_policy(author, make_runner):
