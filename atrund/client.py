@@ -96,36 +96,50 @@ class Published:
         return {"uri": self.uri, "cid": self.cid}
 
 
-async def publish(session: Session, repos: Repos, code: bytes, runtime: str, *, mime: str = "text/x-python",
-                  secrets: dict[str, str] | None = None, runner: str | None = None, **fields: Any) -> Published:
-    """Upload ``code`` as a blob and write a dev.atrun.bundle record for it. ``fields`` are the
-    record's other fields (snake_case or as on the wire). ``secrets`` (name -> value) are sealed
-    to ``runner`` and bound to this bundle, so its record key is chosen before it exists."""
+def bundle_record(runtime: str, code: dict[str, Any], *, created_at: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A dev.atrun.bundle record, validated: ``code`` is the uploaded blob, ``fields`` the
+    record's other fields (snake_case or as on the wire)."""
+    return Bundle.model_validate({"runtime": runtime, "code": code, "created_at": created_at or now_iso(), **fields}).to_record()
+
+
+def invocation_record(runner: str, bundle: dict[str, str], endpoint: str, args: dict[str, Any] | None = None, *,
+                      created_at: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A dev.atrun.invocation record, validated: ``bundle`` is the strong reference (uri, cid)
+    it pins; ``args`` is left out when None; ``fields`` are the others (timeout, secrets)."""
+    if args is not None:
+        fields["args"] = args
+    return Invocation.model_validate({"runner": runner, "bundle": bundle, "endpoint": endpoint,
+                                      "created_at": created_at or now_iso(), **fields}).to_record()
+
+
+async def publish(session: Session, repos: Repos | None, code: bytes, runtime: str, *, mime: str = "text/x-python",
+                  secret_values: dict[str, str] | None = None, runner: str | None = None, **fields: Any) -> Published:
+    """Upload ``code`` as a blob and write a dev.atrun.bundle record for it (``fields``: see
+    bundle_record). ``secret_values`` (name -> value) are sealed to ``runner`` (its key read
+    through ``repos``) and bound to this bundle, so its record key is chosen before it exists."""
     blob = await session.upload_blob(code, mime)
     rkey = new_tid()
-    if secrets:
-        fields["secrets"] = await seal(repos, secrets, runner, session.did, f"at://{session.did}/{BUNDLE}/{rkey}")
-    record = Bundle.model_validate({"runtime": runtime, "code": blob, "created_at": now_iso(), **fields}).to_record()
+    if secret_values:
+        fields["secrets"] = await seal(repos, secret_values, runner, session.did, f"at://{session.did}/{BUNDLE}/{rkey}")
+    record = bundle_record(runtime, blob, **fields)
     uri, cid = await session.put_record(BUNDLE, rkey, record)
     return Published(uri, cid, record)
 
 
-async def invoke(session: Session, repos: Repos, bundle_uri: str, runner: str, endpoint: str, args: dict[str, Any] | None = None,
-                 *, cid: str | None = None, secrets: dict[str, str] | None = None, **fields: Any) -> tuple[str, str]:
-    """Write a dev.atrun.invocation of ``bundle_uri`` (pinned to ``cid``, else its current CID)
-    on ``runner``; returns its URI and CID. ``secrets`` (name -> value) are sealed to the
-    runner, bound to this author and bundle; ``fields`` are the record's others (``timeout``,
-    or ``secrets`` already sealed, under that name in ``fields``)."""
+async def invoke(session: Session, repos: Repos | None, bundle_uri: str, runner: str, endpoint: str,
+                 args: dict[str, Any] | None = None, *, cid: str | None = None, secret_values: dict[str, str] | None = None,
+                 **fields: Any) -> tuple[str, str]:
+    """Write a dev.atrun.invocation of ``bundle_uri`` on ``runner``, pinned to ``cid`` (else to
+    the bundle's current CID, read through ``repos``); returns its URI and CID.
+    ``secret_values`` (name -> value) are sealed to the runner, bound to this author and
+    bundle; ``fields`` are the record's others (``timeout``, or ``secrets`` already sealed)."""
     if cid is None:
         from atrund.bundles import split_uri
 
         cid, _ = await repos.get_record(*split_uri(bundle_uri))
-    if args is not None:
-        fields["args"] = args
-    if secrets:
-        fields["secrets"] = await seal(repos, secrets, runner, session.did, bundle_uri)
-    record = Invocation.model_validate({"runner": runner, "bundle": {"uri": bundle_uri, "cid": cid}, "endpoint": endpoint,
-                                        "created_at": now_iso(), **fields}).to_record()
+    if secret_values:
+        fields["secrets"] = await seal(repos, secret_values, runner, session.did, bundle_uri)
+    record = invocation_record(runner, {"uri": bundle_uri, "cid": cid}, endpoint, args, **fields)
     return await session.create_record(INVOCATION, record)
 
 

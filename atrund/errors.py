@@ -142,7 +142,7 @@ class CallFailed(RemoteError):
 
 class IdentityError(AtrundError):
     exit_code = 30
-    fix = "check the handle or DID, and --plc-url"
+    fix = "check the handle or DID, and that the PLC directory or PDS that resolves it answers"
 
 
 class InvalidUrl(AtrundError):

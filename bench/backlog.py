@@ -35,9 +35,10 @@ from pathlib import Path
 import aiohttp
 from latency import RunnerProcess  # the same subprocess handling as the latency bench
 
-from atrund.dev.stack import LocalStack
-from atrund.records import BUNDLE, INVOCATION, now_iso
+from atrund import client
 from atrund.atproto.session import Session
+from atrund.dev.stack import LocalStack
+from atrund.records import INVOCATION
 
 BUNDLE_SOURCE = "def echo(args):\n    return args\n"
 
@@ -103,19 +104,17 @@ async def main(opts) -> int:
             )
             flood = await Session.login(stack.pds_url, flooder.handle, flooder.app_password)
             lone = await Session.login(stack.pds_url, bystander.handle, bystander.app_password)
-            blob = await flood.upload_blob(BUNDLE_SOURCE.encode(), "text/x-python")
-            uri, cid = await flood.create_record(BUNDLE, {"runtime": "python", "code": blob, "name": "echo.py",
-                                                          "endpoints": ["echo"], "createdAt": now_iso()})
-            bundle = {"uri": uri, "cid": cid}
+            bundle = (await client.publish(flood, None, BUNDLE_SOURCE.encode(), "python", name="echo.py",
+                                           endpoints=["echo"])).ref
 
             def invocation(i: int) -> dict:
-                return {"$type": INVOCATION, "runner": runner.did, "bundle": bundle, "endpoint": "echo",
-                        "args": {"i": i}, "createdAt": now_iso()}
+                return client.invocation_record(runner.did, bundle, "echo", {"i": i})
 
             t0 = time.monotonic()
             for first in range(0, opts.n, 200):
                 await flood.client.com.atproto.repo.apply_writes({"repo": flood.did, "writes": [
-                    {"$type": "com.atproto.repo.applyWrites#create", "collection": INVOCATION, "value": invocation(i)}
+                    {"$type": "com.atproto.repo.applyWrites#create", "collection": INVOCATION,
+                     "value": {"$type": INVOCATION, **invocation(i)}}
                     for i in range(first, min(opts.n, first + 200))]})
             print(f"posted {opts.n} invocations while no runner ran, in {time.monotonic() - t0:.1f} s", file=sys.stderr)
 

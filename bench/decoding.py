@@ -31,9 +31,9 @@ import libipld
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atrund import bounds  # noqa: E402
+from atrund import bounds, client  # noqa: E402
 from atrund.execute.protocol import ExecResponse, parse_answer  # noqa: E402
-from atrund.records import StrongRef  # noqa: E402
+from atrund.records import INVOCATION, StrongRef  # noqa: E402
 from atrund.results import build, unsendable  # noqa: E402
 
 CID = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
@@ -50,9 +50,8 @@ def large_answer() -> bytes:
 
 
 def invocation(i: int) -> dict:
-    return {"$type": "dev.atrun.invocation", "runner": "did:plc:runnerrunnerrunnerrunner",
-            "bundle": {"uri": REF.uri, "cid": CID}, "endpoint": "greet", "args": {"name": f"ada {i}", "n": i},
-            "createdAt": "2026-12-06T00:00:00.000Z"}
+    return {"$type": INVOCATION, **client.invocation_record("did:plc:runnerrunnerrunnerrunner", REF.to_record(), "greet",
+                                                            {"name": f"ada {i}", "n": i}, created_at="2026-12-06T00:00:00.000Z")}
 
 
 def page() -> bytes:

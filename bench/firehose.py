@@ -49,6 +49,7 @@ from atrund.atproto.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import BATCH, NEEDLE, Firehose
 from atrund.records import INVOCATION, now_iso
+from atrund.client import invoke
 from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
 from atrund.state import State
@@ -88,8 +89,7 @@ async def write_mix(stack: LocalStack, opts) -> tuple[str, str, list[bytes]]:
                 await random.choice(sessions).create_record(collection, noise_record(collection, i, dids))
             else:
                 target = runner.did if i % 10 else other_runner.did
-                await mine.create_record(INVOCATION, {"$type": INVOCATION, "runner": target, "bundle": bundle,
-                                                      "endpoint": "main", "args": {"i": i}, "createdAt": now_iso()})
+                await invoke(mine, None, bundle["uri"], target, "main", {"i": i}, cid=bundle["cid"])
 
     await asyncio.gather(*(writer() for _ in range(8)))
     print(f"  wrote {len(jobs)} records in {time.monotonic() - t0:.1f} s", file=sys.stderr)

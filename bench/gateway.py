@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from atrund.dev.stack import LocalStack  # noqa: E402
-from atrund.records import BUNDLE, now_iso  # noqa: E402
+from atrund import client  # noqa: E402
 from atrund.atproto.session import Session  # noqa: E402
 
 HANDLER = 'def handleRequest(req):\n    return {"status": 200, "headers": {"content-type": "text/plain"}, "body": "hi"}\n'
@@ -124,8 +124,7 @@ async def main() -> None:
         d = Path(tmp)
         author, runner = stack.create_account("author"), stack.create_account("runner")
         session = await Session.login(stack.pds_url, author.handle, author.app_password)
-        blob = await session.upload_blob(HANDLER.encode(), "text/x-python")
-        uri, cid = await session.create_record(BUNDLE, {"runtime": "python", "code": blob, "createdAt": now_iso()})
+        uri = (await client.publish(session, None, HANDLER.encode(), "python")).uri
         await session.close()
         rkey = uri.rsplit("/", 1)[1]
 

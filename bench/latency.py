@@ -74,7 +74,8 @@ from typing import Any
 from atrund.dev.stack import Account, LocalStack
 from atrund.errors import NotFound
 from atrund.atproto.identity import Identities
-from atrund.records import BUNDLE, INVOCATION, RESULT, now_iso, result_rkey
+from atrund.records import INVOCATION, RESULT, result_rkey
+from atrund import client
 from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
 
@@ -417,14 +418,11 @@ async def measure(opts: Options, stack: LocalStack, author: Account, runner: Acc
     session = await Session.login(stack.pds_url, author.handle, author.app_password)
     repos = Repos(Identities(stack.plc_url))
     try:
-        blob = await session.upload_blob(BUNDLE_SOURCE.encode(), "text/x-python")
-        uri, cid = await session.create_record(
-            BUNDLE, {"runtime": "python", "code": blob, "name": "echo.py", "endpoints": [ENDPOINT], "createdAt": now_iso()}
-        )
-        bundle = {"uri": uri, "cid": cid}
+        bundle = (await client.publish(session, repos, BUNDLE_SOURCE.encode(), "python", name="echo.py",
+                                       endpoints=[ENDPOINT])).ref
 
         def record_for(i: int) -> dict[str, Any]:
-            return {"runner": runner.did, "bundle": bundle, "endpoint": ENDPOINT, "args": {"i": i}, "createdAt": now_iso()}
+            return client.invocation_record(runner.did, bundle, ENDPOINT, {"i": i})
 
         warmup = await warm_up(session, repos, runner.did, record_for(-1), runner_proc)
         run = Run(warmup_latency=warmup, timeout=opts.timeout)

@@ -101,20 +101,34 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
         session = await _login(repos, pds, identifier, password)
         try:
             published = await client.publish(session, repos, file.read_bytes(), runtime, mime=client.code_mime(file),
-                                             secrets=opened, runner=runner_did, **fields)
+                                             secret_values=opened, runner=runner_did, **fields)
         finally:
             await session.close()
     err.print(f"published [bold]{published.record['name']}[/bold] ({published.record['code']['size']} bytes)")
     emit({"uri": published.uri, "cid": published.cid})
 
 
+def run_options(runner_help: str):
+    """What invoke and call share: which runner, which endpoint with which args, which version, how long."""
+    options = [
+        click.option("--runner", "runner_did", required=True, help=runner_help),
+        click.option("--endpoint", required=True),
+        click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint."),
+        click.option("--cid", default=None, help="Pin this bundle version; the current one when omitted."),
+        click.option("--timeout", type=int, default=None, help="Seconds the run may take (capped by the runner)."),
+    ]
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 @main.command()
 @click.argument("bundle_uri")
-@click.option("--runner", "runner_did", required=True, help="DID of the runner to ask.")
-@click.option("--endpoint", required=True)
-@click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
-@click.option("--cid", default=None, help="Pin this bundle version; the current one when omitted.")
-@click.option("--timeout", type=int, default=None, help="Seconds the run may take (capped by the runner).")
+@run_options("DID of the runner to ask.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the result record and print it.")
 @click.option("--wait-seconds", type=float, default=120, show_default=True)
 @secret_option
@@ -135,7 +149,7 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
         session = await _login(repos, pds, identifier, password)
         try:
             uri, inv_cid = await client.invoke(session, repos, bundle_uri, runner_did, endpoint, args, cid=cid,
-                                               secrets=opened, timeout=timeout)
+                                               secret_values=opened, timeout=timeout)
         finally:
             await session.close()
         out: dict[str, Any] = {"invocation": {"uri": uri, "cid": inv_cid}, "result": result_uri(runner_did, uri)}
@@ -156,11 +170,7 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
 
 @main.command()
 @click.argument("bundle_uri")
-@click.option("--runner", "runner_did", required=True, help="DID of the runner to call.")
-@click.option("--endpoint", required=True)
-@click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
-@click.option("--cid", default=None, help="Pin this bundle version; the current one when omitted.")
-@click.option("--timeout", type=int, default=None, help="Seconds the run may take (capped by the runner).")
+@run_options("DID of the runner to call.")
 @click.option("--write-result", is_flag=True, help="Also have the runner keep the answer as a result record.")
 @click.option("--gateway", "gateway_url", default=None, help="The runner's gateway URL; read from its runner record when omitted.")
 @author_options

@@ -107,16 +107,22 @@ def _policy_file(cfg: config_mod.Config):
     return PolicyFile(cfg.access_file)
 
 
+async def _edit_policy(who: str, config_path: Path, act: str, done: str) -> tuple[config_mod.Config, str]:
+    """`access allow|deny WHO`: resolve WHO, write it into the policy file, say so."""
+    cfg = load_config(config_path)
+    did = await _did_of(who, cfg)
+    getattr(_policy_file(cfg), act)(did)
+    err.print(f"{done} {did}" + (f" ({who})" if who != did else "") + f" in {cfg.access_file}")
+    return cfg, did
+
+
 @access.command("allow")
 @click.argument("who", metavar="DID|HANDLE")
 @config_option
 @run_async
 async def access_allow(who: str, config_path: Path) -> None:
     """Serve DID|HANDLE (in every mode; lifts an `access deny` of it)."""
-    cfg = load_config(config_path)
-    did = await _did_of(who, cfg)
-    _policy_file(cfg).allow(did)
-    err.print(f"allowed {did}" + (f" ({who})" if who != did else "") + f" in {cfg.access_file}")
+    cfg, did = await _edit_policy(who, config_path, "allow", "allowed")
     if did in cfg.access.blocklist:
         err.print(f"[yellow]but {did} is in access.blocklist of {config_path}, which still wins: remove it there[/yellow]")
     elif cfg.access.mode in ("blocklist", "open"):
@@ -129,10 +135,7 @@ async def access_allow(who: str, config_path: Path) -> None:
 @run_async
 async def access_deny(who: str, config_path: Path) -> None:
     """Never serve DID|HANDLE (wins over every allow, follow and list membership)."""
-    cfg = load_config(config_path)
-    did = await _did_of(who, cfg)
-    _policy_file(cfg).deny(did)
-    err.print(f"denied {did}" + (f" ({who})" if who != did else "") + f" in {cfg.access_file}")
+    await _edit_policy(who, config_path, "deny", "denied")
 
 
 @access.command("list")

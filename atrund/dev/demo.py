@@ -8,6 +8,7 @@ result lives and what it says. Run it with `bash scripts/demo`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,7 +20,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from atrund import client
 from atrund.dev.stack import LocalStack
+from atrund.errors import AtrundError
+from atrund.records import RUNNER
 
 ROOT = Path(__file__).resolve().parents[2]
 console = Console(highlight=False, width=max(Console().width, 120))
@@ -124,19 +128,21 @@ def run_author_side(stack: LocalStack, alice, runner) -> None:
 
 
 def _wait_for_runner_record(stack: LocalStack, runner, timeout: float = 60) -> None:
-    import urllib.error
-    import urllib.request
+    asyncio.run(_runner_record(stack, runner, timeout))
 
-    url = f"{stack.pds_url}/xrpc/com.atproto.repo.getRecord?repo={runner.did}&collection=dev.atrun.runner&rkey=self"
+
+async def _runner_record(stack: LocalStack, runner, timeout: float) -> None:
+    """Read the runner's dev.atrun.runner record as any AT client would, until it is there."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
+    async with client.reader(stack.plc_url) as repos:
+        while True:
+            try:
+                await repos.get_record(runner.did, RUNNER, "self")
                 return
-        except urllib.error.URLError:
-            if time.monotonic() > deadline:
-                raise SystemExit("the runner did not publish its record; see demo-state/runner.log") from None
-            time.sleep(0.3)
+            except AtrundError:  # not there yet (NotFound), or the PDS is still busy
+                if time.monotonic() > deadline:
+                    raise SystemExit("the runner did not publish its record; see demo-state/runner.log") from None
+                await asyncio.sleep(0.3)
 
 
 if __name__ == "__main__":
