@@ -124,7 +124,8 @@ async def main() -> None:
         d = Path(tmp)
         author, runner = stack.create_account("author"), stack.create_account("runner")
         session = await Session.login(stack.pds_url, author.handle, author.app_password)
-        uri = (await client.publish(session, None, HANDLER.encode(), "python")).uri
+        published = await client.publish(session, None, HANDLER.encode(), "python")
+        uri, cid = published.uri, published.cid
         await session.close()
         rkey = uri.rsplit("/", 1)[1]
 
