@@ -25,7 +25,7 @@ from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
 from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFound, Unreachable
-from atrund.records import BUNDLE, INVOCATION, RESULT, RUNNER, Bundle, Invocation, Result, decode_data, now_iso, result_rkey
+from atrund.records import BUNDLE, INVOCATION, RESULT, RUNNER, Bundle, Invocation, Record, Result, decode_data, now_iso, result_rkey
 from atrund.sealed import RunnerKey
 from atrund.sealed import seal as seal_one
 
@@ -99,7 +99,7 @@ class Published:
 def bundle_record(runtime: str, code: dict[str, Any], *, created_at: str | None = None, **fields: Any) -> dict[str, Any]:
     """A dev.atrun.bundle record, validated: ``code`` is the uploaded blob, ``fields`` the
     record's other fields (snake_case or as on the wire)."""
-    return Bundle.model_validate({"runtime": runtime, "code": code, "created_at": created_at or now_iso(), **fields}).to_record()
+    return _record(Bundle, "bundle", {"runtime": runtime, "code": code, "created_at": created_at or now_iso(), **fields})
 
 
 def invocation_record(runner: str, bundle: dict[str, str], endpoint: str, args: dict[str, Any] | None = None, *,
@@ -108,8 +108,25 @@ def invocation_record(runner: str, bundle: dict[str, str], endpoint: str, args: 
     it pins; ``args`` is left out when None; ``fields`` are the others (timeout, secrets)."""
     if args is not None:
         fields["args"] = args
-    return Invocation.model_validate({"runner": runner, "bundle": bundle, "endpoint": endpoint,
-                                      "created_at": created_at or now_iso(), **fields}).to_record()
+    return _record(Invocation, "invocation", {"runner": runner, "bundle": bundle, "endpoint": endpoint,
+                                              "created_at": created_at or now_iso(), **fields})
+
+
+def _record(model: type[Record], what: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as the record ``model`` says it must be; Malformed naming the first bad field if
+    not (a --runner that is not a DID, a --cid that is not a CID, a --timeout of 0)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(data).to_record()
+    except ValidationError as e:
+        raise Malformed(f"the {what} record would not be valid: {_first_problem(e)}") from None
+
+
+def _first_problem(e) -> str:
+    """A pydantic ValidationError's first complaint, naming the field: ``runner: String should match ...``."""
+    first = e.errors(include_url=False)[0]
+    return f"{'.'.join(map(str, first['loc'])) or 'the record'}: {first['msg']}"
 
 
 async def publish(session: Session, repos: Repos | None, code: bytes, runtime: str, *, mime: str = "text/x-python",
@@ -177,9 +194,7 @@ async def get_result(repos: Repos, uri: str) -> dict[str, Any]:
     try:
         Result.model_validate(value)
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        where = ".".join(map(str, first["loc"])) or "the record"
-        raise Malformed(f"{uri} is not a result record: {where}: {first['msg']}") from None
+        raise Malformed(f"{uri} is not a result record: {_first_problem(e)}") from None
     return {"uri": uri, **describe_result(cid, value)}
 
 

@@ -20,6 +20,7 @@ from atrund.errors import (
     ExecutorError,
     InvalidUrl,
     LoginFailed,
+    Malformed,
     UnknownRuntime,
     Unreachable,
 )
@@ -145,3 +146,14 @@ def test_serve_when_auto_finds_no_backend(tmp_path):
     cfg = _config(tmp_path, f'[executor]\nisolation = "auto"\nruntimes_dir = "{tmp_path}/no-runtimes"\n')
     p = atrund_cli("serve", "-c", str(cfg), "--log-level", "error", env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
     assert_one_line(p, ExecutorError, "no executor backend works on this host: ", "no python runtime directory")
+
+
+def test_a_record_that_would_not_be_valid_is_not_written(stack, new_account):
+    """What the author typed goes through the record's model before anything is written: a
+    --runner that is not a DID is named, in one line."""
+    alice = new_account("err")
+    env = {"ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": alice.handle, "ATRUND_PASSWORD": alice.app_password,
+           "ATRUND_PLC_URL": stack.plc_url}
+    p = atrund_cli("invoke", f"at://{alice.did}/dev.atrun.bundle/3l00000000000", "--runner", "nobody", "--endpoint", "main",
+                   "--cid", "bafkreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm", env=env)
+    assert_one_line(p, Malformed, "the invocation record would not be valid: runner: String should match pattern")
