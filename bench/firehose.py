@@ -48,7 +48,7 @@ from atrund.dev.stack import LocalStack
 from atrund.atproto.identity import Identities
 from atrund.ingest import Intake
 from atrund.ingest.firehose import BATCH, NEEDLE, Firehose
-from atrund.records import INVOCATION, now_iso
+from atrund.records import now_iso
 from atrund.client import invoke
 from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
