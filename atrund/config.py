@@ -56,6 +56,7 @@ class IdentitySection(Section):
     plc_url: str = "https://plc.directory"
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
+    cache_size: int = Field(default=10_000, ge=1)  # DID documents (and handles) cached at most: an LRU
 
 
 class AccessSection(Section):
