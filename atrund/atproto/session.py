@@ -94,9 +94,13 @@ class Session:
     @classmethod
     async def login(cls, pds: str, identifier: str, password: str) -> "Session":
         client = AsyncClient(base_url=pds.rstrip("/") + "/xrpc", request=_Request())
-        async with _sdk(f"login to {pds} as {identifier}"):
-            await client.login(identifier, password, fetch_bsky_profile=False)
-            me = await client.com.atproto.server.get_session()
+        try:
+            async with _sdk(f"login to {pds} as {identifier}"):
+                await client.login(identifier, password, fetch_bsky_profile=False)
+                me = await client.com.atproto.server.get_session()
+        except BaseException:
+            await client.request.close()  # its connection: nobody else holds the client
+            raise
         return cls(client, me.did, me.handle, pds.rstrip("/"))
 
     async def close(self) -> None:
