@@ -7,13 +7,13 @@ did:plc it is asked about, and counts what it is asked."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
 import libipld
 import pytest
 from aiohttp import web
+from loopback import serve
 
 from atrund import config
 from atrund.access import AccessPolicy
@@ -49,11 +49,7 @@ class Directory:
         app = web.Application()
         app.router.add_get("/xrpc/com.atproto.identity.resolveHandle", resolve)
         app.router.add_get("/{did}", doc)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self._runner, self.url = await serve(app)
         return self
 
 

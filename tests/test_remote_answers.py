@@ -18,6 +18,7 @@ import coincurve
 import libipld
 import pytest
 from aiohttp import web
+from loopback import serve
 from atproto_crypto.consts import P256_DID_PREFIX, SECP256K1_DID_PREFIX
 from atproto_crypto.did import format_did_key
 from atproto_crypto.multibase import bytes_to_multibase
@@ -63,11 +64,7 @@ class HostileServer:
         app = web.Application()
         app.router.add_route("*", "/xrpc/{method}", xrpc)
         app.router.add_get("/{did}", doc)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self._runner, self.url = await serve(app)
         self.serve_doc()
         return self
 

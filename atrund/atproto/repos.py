@@ -16,7 +16,7 @@ import aiohttp
 import libipld
 
 from atrund import bounds
-from atrund.errors import ContentMismatch, NotFound, RemoteError, TooLarge, Unreachable
+from atrund.errors import ContentMismatch, NotFound, RemoteError, Unreachable
 from atrund.atproto.http import read_capped
 from atrund.atproto.identity import Identities
 

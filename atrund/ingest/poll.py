@@ -31,7 +31,7 @@ log = structlog.get_logger("atrund.ingest")
 PAGE = 100  # listRecords' maximum page
 MAX_PAGES = 20  # per author per round
 RECONCILE_PAGES = 1000  # a full rescan of one author's invocations (100,000 records)
-CONCURRENCY = 16  # authors polled at once
+CONCURRENCY = 16  # authors polled at once (one listRecords each in flight); the others wait for a slot
 
 
 def _fields(rec: object) -> tuple[str | None, str | None, object]:
