@@ -104,8 +104,7 @@ def http_error(e: Exception | Outcome, timeout: int | None = None) -> HttpError:
             return HttpError(503, "RunnerUnavailable", "the runner could not start the bundle; try again")
         # The bundle's own message stays in the log: it may hold what its author would not publish.
         return HttpError(502, "BundleFailed", f"the bundle's {HANDLER} failed ({kind})")
-    if isinstance(e, BundleUnavailable) and isinstance(e.__cause__, Exception):
-        e = e.__cause__  # what failed decides the answer (the author's DID, their PDS), not the step
+    e = _what_failed(e)
     if isinstance(e, HttpError):
         return e
     if isinstance(e, ServiceAuthError):
@@ -127,6 +126,11 @@ def http_error(e: Exception | Outcome, timeout: int | None = None) -> HttpError:
     if isinstance(e, AtrundError):
         return HttpError(500, "InternalError", f"the runner failed: {type(e).__name__}")
     return HttpError(500, "InternalError", "internal error in the runner")
+
+
+def _what_failed(e: Exception) -> Exception:
+    """What failed decides the answer (the author's DID, their PDS, ...), not the pipeline's step."""
+    return e.__cause__ if isinstance(e, BundleUnavailable) and isinstance(e.__cause__, Exception) else e
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -291,7 +295,7 @@ class Gateway:
             resp = _json(e.status, {"error": e.reason.replace(" ", ""), "message": f"{e.reason}: {request.method} {request.path}"})
         except Exception as e:
             err = http_error(e)
-            if err.status >= 500 and not isinstance(e, (HttpError, AtrundError)):
+            if err.status >= 500 and not isinstance(_what_failed(e), (HttpError, AtrundError)):
                 log.exception("gateway: internal error", path=request.path)
             resp = _json(err.status, {"error": err.error, "message": err.message}, err.headers)
         self.meters.gateway_requests.labels(route, str(resp.status)).inc()

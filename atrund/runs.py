@@ -79,11 +79,11 @@ class Runs:
         interrupted, so that its result is written before the runner exits."""
         cancelled = await self.scheduler.stop(grace)
         self.store_held()
+        if cancelled:
+            self.interrupt_running()
         if self.held:
             log.error("outcomes not recorded: the state store still fails; these invocations will read as interrupted",
                       count=len(self.held), uris=[uri for uri, _, _ in self.held][:20])
-        if cancelled:
-            self.interrupt_running()
 
     def interrupt_running(self) -> None:
         """The shutdown deadline passed: every invocation still marked running (and not held,

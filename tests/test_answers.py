@@ -472,5 +472,5 @@ async def test_results_of_hostile_answers_are_written_and_the_runner_goes_on(log
     for uri in later:
         value = await wait_result(reader, runner.did, uri)
         assert value["status"] == "success" and value["data"] == {"ok": True}
-    assert runner.app.health()["ok"] is True
+    assert runner.app.status.health()["ok"] is True
     assert runner.app.state.next_due_in() is None  # the outbox is empty: nothing refused and retried forever
