@@ -56,7 +56,8 @@ class App:
         self.cfg = cfg
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = load_keyring(cfg)
-        self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds)
+        self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds,
+                                     cfg.identity.cache_size)
         self.repos = Repos(self.identities)
         # Who is served: the configuration, the policy file `atrund access` edits, and (follows,
         # list modes) the AT graph; kept current while the runner serves (atrund.trust).

@@ -44,6 +44,7 @@ from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos
 from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 from atrund.atproto.session import Session
+from atrund.atproto.uri import AtUri
 from atrund.bundles import _field_errors
 from atrund.config import GatewaySection
 from atrund.errors import (
@@ -340,7 +341,7 @@ class Gateway:
                             f"{self.cfg.rate_per_minute:g} requests per minute", {"Retry-After": str(max(1, math.ceil(wait)))})
         self._not_too_busy()
         body = await self._body(request)
-        uri = f"at://{did}/{BUNDLE}/{rkey}"
+        uri = str(AtUri(did, BUNDLE, rkey))
         ref = StrongRef(uri=uri, cid=cid or await self._latest_cid(did, rkey))
         args = to_bundle_request(request.method, "/" + request.match_info.get("path", ""), request.query, request.headers, body)
         out = await self.pipeline.run(ref, HANDLER, args, self.cfg.timeout, max_timeout=self.cfg.timeout, attempts=1,
@@ -463,7 +464,7 @@ class Gateway:
         """Also keep the answer as a result record, at a key the caller can compute:
         result_rkey("at://CALLER/dev.atrun.invoke/JTI") (their DID and their token's jti)."""
         record = result.to_record()
-        rkey = result_rkey(f"at://{caller.did}/{INVOKE}/{caller.jti}")
+        rkey = result_rkey(str(AtUri(caller.did, INVOKE, caller.jti)))
         try:
             uri, cid = await self.session.put_record(RESULT, rkey, record)
         except AtrundError as e:

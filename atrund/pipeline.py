@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from atrund import bounds
 from atrund.access import PermissionPolicy
+from atrund.atproto.uri import authority
 from atrund.bundles import BundleStore, VerifiedBundle, _field_errors
 from atrund.config import ExecutorSection
 from atrund.errors import AtrundError, BundleRefused, EndpointUndeclared, PermissionsRefused, Unreachable
@@ -191,7 +192,7 @@ class Pipeline:
         or the bundle would not run at all): a secret the bundle could never see is a mistake
         worth saying, not dropping silently. Raises SecretError naming the secret.
         """
-        sources = [("bundle record", bundle.secrets, bundle_uri.removeprefix("at://").split("/", 1)[0]),
+        sources = [("bundle record", bundle.secrets, authority(bundle_uri)),
                    ("invocation", invocation_secrets, author)]
         if not any(items for _, items, _ in sources):
             return {}

@@ -24,9 +24,10 @@ import structlog
 from pydantic import ValidationError
 
 from atrund.access import AccessPolicy
+from atrund.atproto.repos import Repos
+from atrund.atproto.uri import AtUri, authority
 from atrund.config import LimitsSection
 from atrund.errors import AtrundError, NotFound
-from atrund.atproto.repos import Repos
 from atrund.metrics import Meters
 from atrund.pipeline import Outcome, Pipeline, outcome_of
 from atrund.records import INVOCATION, Metrics, StrongRef, result_rkey, unix_time
@@ -61,7 +62,7 @@ class Runs:
 
     def submit(self, uri: str) -> None:
         """Queue a stored, pending invocation; the scheduler decides when it runs."""
-        self.scheduler.submit(uri.removeprefix("at://").split("/", 1)[0], uri)
+        self.scheduler.submit(authority(uri), uri)
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -168,11 +169,11 @@ class Runs:
             created = 0.0  # unreadable: treat as old
         if time.time() - inv.seen_at <= STALE_AFTER and inv.seen_at - created <= STALE_AFTER:
             return True
-        did, _collection, rkey = inv.uri.removeprefix("at://").split("/", 2)
+        at = AtUri.parse(inv.uri)
         try:
             # repo.getRecord, not the proof-carrying sync.getRecord: what we hold was proven to be
             # the author's already; this only asks whether it is still there at the same CID.
-            cid, value = await asyncio.wait_for(self.repos.get_record(did, INVOCATION, rkey), STILL_POSTED_TIMEOUT)
+            cid, value = await asyncio.wait_for(self.repos.get_record(at.did, INVOCATION, at.rkey), STILL_POSTED_TIMEOUT)
         except NotFound:
             cid, value = None, None
         except (AtrundError, TimeoutError) as e:
