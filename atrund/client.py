@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
+from atrund.atproto.uri import AtUri, new_tid
 from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFound, Unreachable
 from atrund.records import BUNDLE, INVOCATION, RESULT, RUNNER, Bundle, Invocation, Record, Result, decode_data, now_iso, result_rkey
 from atrund.sealed import RunnerKey
@@ -41,19 +41,18 @@ def code_mime(path: Path) -> str:
     return CODE_MIME.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
-def new_tid() -> str:
-    """A fresh record key (TID): microseconds since the epoch and a random clock id, base32-sortable."""
-    n = (int(time.time() * 1_000_000) << 10) | random.getrandbits(10)
-    alphabet = "234567abcdefghijklmnopqrstuvwxyz"
-    return "".join(alphabet[(n >> (5 * i)) & 31] for i in reversed(range(13)))
-
-
 def check_url(url: str, what: str) -> str:
     """``url`` if it is an http(s) URL with a host; else InvalidUrl naming ``what`` and the fix."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise InvalidUrl(f"{what} {url!r} is not an http:// or https:// URL (did you mean https://{url.split('://')[-1]}?)")
     return url
+
+
+async def _get(repos: Repos, uri: str) -> tuple[str, dict[str, Any]]:
+    """The record at ``uri`` (its CID and value); the CLI has checked the URI's form already."""
+    parsed = AtUri.parse(uri)
+    return await repos.get_record(parsed.authority, parsed.collection, parsed.rkey)
 
 
 @contextlib.asynccontextmanager
@@ -151,9 +150,7 @@ async def invoke(session: Session, repos: Repos | None, bundle_uri: str, runner:
     ``secret_values`` (name -> value) are sealed to the runner, bound to this author and
     bundle; ``fields`` are the record's others (``timeout``, or ``secrets`` already sealed)."""
     if cid is None:
-        from atrund.bundles import split_uri
-
-        cid, _ = await repos.get_record(*split_uri(bundle_uri))
+        cid, _ = await _get(repos, bundle_uri)
     if secret_values:
         fields["secrets"] = await seal(repos, secret_values, runner, session.did, bundle_uri)
     record = invocation_record(runner, {"uri": bundle_uri, "cid": cid}, endpoint, args, **fields)
@@ -186,11 +183,9 @@ async def wait_result(repos: Repos, runner: str, invocation_uri: str, wait_secon
 
 async def get_result(repos: Repos, uri: str) -> dict[str, Any]:
     """The result record at ``uri`` (anyone can read it); Malformed, naming the field, if it is not one."""
-    from atrund.bundles import split_uri
-
     from pydantic import ValidationError
 
-    cid, value = await repos.get_record(*split_uri(uri))
+    cid, value = await _get(repos, uri)
     try:
         Result.model_validate(value)
     except ValidationError as e:
@@ -206,10 +201,8 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
     unwrapped. The runner's gateway is read from its record unless ``gateway_url`` is given."""
     import aiohttp
 
-    from atrund.bundles import split_uri
-
     if cid is None:
-        cid, _ = await repos.get_record(*split_uri(bundle_uri))
+        cid, _ = await _get(repos, bundle_uri)
     if gateway_url is None:
         _, declared = await repos.get_record(runner, RUNNER, "self")
         gateway_url = declared.get("gatewayUrl")

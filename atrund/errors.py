@@ -31,6 +31,8 @@ the fix it names.
     │   └── PermissionsRefused           44  the bundle asks for permissions this runner does not grant
     ├── SecretError                      45  a sealed secret cannot be used (names the secret, never its value)
     ├── UnstorableValue                  46  a value no record can hold, not even as a jsonValue
+    ├── InvalidInvocation                47  an invocation record that does not match the lexicon (or nests too deep)
+    ├── BundleUnavailable                48  the pinned bundle could not be fetched (``__cause__`` says why)
     ├── ExecutorError                    50  the executor itself failed (no backend, no worker, engine gone)
     │   └── UnknownRuntime               51  no runtime directory of that name
     ├── ImageError                       52  the runtime image or the microVM guest could not be built
@@ -221,6 +223,19 @@ class UnstorableValue(AtrundError):
     (a lone surrogate), NaN or an infinity, or a type JSON does not have. Says what and where."""
 
     exit_code = 46
+
+
+class InvalidInvocation(AtrundError):
+    """The invocation record does not match the lexicon (or nests too deep); the message says where."""
+
+    exit_code = 47
+
+
+class BundleUnavailable(AtrundError):
+    """The pinned bundle could not be fetched (its author's DID or PDS, or the local cache failed).
+    ``__cause__`` is what failed: the gateway answers by it."""
+
+    exit_code = 48
 
 
 class ExecutorError(AtrundError):

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from typing_extensions import Annotated
 
+from atrund.atproto.uri import AtUri
 from atrund.bounds import check_depth, step
 from atrund.bounds import loads as bounds_loads
 from atrund.errors import UnstorableValue
@@ -55,7 +56,7 @@ def result_rkey(invocation_uri: str) -> str:
 
 
 def result_uri(runner_did: str, invocation_uri: str) -> str:
-    return f"at://{runner_did}/{RESULT}/{result_rkey(invocation_uri)}"
+    return str(AtUri(runner_did, RESULT, result_rkey(invocation_uri)))
 
 
 def _cid(value: str) -> str:

@@ -27,8 +27,9 @@ from atrund.errors import (
 
 ROOT = Path(__file__).resolve().parent.parent
 RESERVED = {0, 1, 2, 3, 4}  # done, a bug, usage, status not success, no result in time (README)
-# Exceptions that never leave their module: the gateway's internal HTTP answer.
-INTERNAL = {"atrund.gateway.HttpError"}
+# Exceptions that never leave their module: the gateway's HTTP answer, and the SDK answer the
+# session translates into a RemoteError where it is raised.
+INTERNAL = {"atrund.gateway.HttpError", "atrund.atproto.session._BadAnswer"}
 
 
 def _all_modules():

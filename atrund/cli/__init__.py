@@ -9,6 +9,6 @@ from atrund.cli import early  # noqa: F401, I001 - first: it installs serve's si
 
 from atrund.cli import author, host, operator  # noqa: F401, E402 - each registers its commands on main
 from atrund.cli.main import main  # noqa: E402
-from atrund.client import new_tid  # noqa: F401, E402 - importable from here, as it always was
+from atrund.atproto.uri import new_tid  # noqa: F401, E402 - importable from here, as it always was
 
 __all__ = ["main"]

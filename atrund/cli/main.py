@@ -61,12 +61,13 @@ def emit(obj: Any) -> None:
 
 
 def parse_uri(value: str, hint: str) -> tuple[str, str, str]:
-    from atrund.bundles import split_uri
+    from atrund.atproto.uri import AtUri
 
     try:
-        return split_uri(value)
+        parsed = AtUri.parse(value)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint=hint) from None
+    return parsed.authority, parsed.collection, parsed.rkey
 
 
 def parse_args_json(value: str) -> dict[str, Any]:
