@@ -53,213 +53,172 @@ from __future__ import annotations
 
 
 class AtrundError(Exception):
+    """The root: never raised itself. Each subclass states its exit code and, when its messages
+    do not say it themselves, the fix: ``class NotFound(RemoteError, code=21, fix=...)``."""
+
     exit_code = 10
-    fix = ""  # what to do about it, in a few words; "" when the message itself says
+    fix = ""
+
+    def __init_subclass__(cls, *, code: int, fix: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.exit_code = code
+        if fix is not None:  # else the parent's
+            cls.fix = fix
 
 
-class ConfigError(AtrundError):
+class ConfigError(AtrundError, code=11, fix="fix that key in the configuration file; config.toml.example lists every key"):
     """The configuration is unusable; the message names the key."""
 
-    exit_code = 11
-    fix = "fix that key in the configuration file; config.toml.example lists every key"
 
-
-class PolicyFileError(AtrundError):
+class PolicyFileError(AtrundError, code=12, fix="repair or remove that file (`atrund access allow|deny` rewrites it)"):
     """The access policy file cannot be read or written; the message names the file."""
 
-    exit_code = 12
-    fix = "repair or remove that file (`atrund access allow|deny` rewrites it)"
 
-
-class KeyFileError(AtrundError):
+class KeyFileError(AtrundError, code=13):
     """The runner's key file is missing, unreadable, too open or not an X25519 key."""
 
-    exit_code = 13
+
+class StateLocked(AtrundError, code=14, fix="stop the other runner, or give this one its own state.dir"):
+    """Another atrund process holds this state directory's lock."""
 
 
-class StateLocked(AtrundError):
-    exit_code = 14
-    fix = "stop the other runner, or give this one its own state.dir"
-
-
-class StoreError(AtrundError):
+class StoreError(AtrundError, code=15, fix="check the disk and the permissions of state.dir"):
     """The state store failed (disk full, read-only or immutable file, I/O error): worth retrying."""
 
-    exit_code = 15
-    fix = "check the disk and the permissions of state.dir"
 
-
-class QuarantineError(AtrundError):
+class QuarantineError(AtrundError, code=16, fix="check the file and the permissions of state.dir"):
     """The quarantine file cannot be read or written."""
 
-    exit_code = 16
-    fix = "check the file and the permissions of state.dir"
+
+class RemoteError(AtrundError, code=20):
+    """A server answered with an error, or not at all."""
 
 
-class RemoteError(AtrundError):
-    exit_code = 20
+class NotFound(RemoteError, code=21, fix="check the AT URI or DID"):
+    """The record or blob does not exist."""
 
 
-class NotFound(RemoteError):
-    exit_code = 21
-    fix = "check the AT URI or DID"
-
-
-class NotARunner(NotFound):
+class NotARunner(NotFound, code=22, fix="check the --runner DID; a runner publishes its record when it starts"):
     """The DID has no dev.atrun.runner record, so it has no key to seal to and no gateway."""
 
-    exit_code = 22
-    fix = "check the --runner DID; a runner publishes its record when it starts"
+
+class Unreachable(RemoteError, code=23, fix="check the URL, and that the server is up and reachable from here"):
+    """A network failure or a 5xx: worth retrying."""
 
 
-class Unreachable(RemoteError):
-    exit_code = 23
-    fix = "check the URL, and that the server is up and reachable from here"
+class ContentMismatch(RemoteError, code=24):
+    """Bytes that do not hash to the CID they were fetched by."""
 
 
-class ContentMismatch(RemoteError):
-    exit_code = 24
+class TooLarge(RemoteError, code=25):
+    """More bytes than the configured limit."""
 
 
-class TooLarge(RemoteError):
-    exit_code = 25
-
-
-class Rejected(RemoteError):
+class Rejected(RemoteError, code=26):
     """The PDS answered 4xx: the same request will fail again."""
 
-    exit_code = 26
+
+class LoginFailed(RemoteError, code=27,
+                  fix="check --identifier and --password (an app password), or ATRUND_IDENTIFIER and ATRUND_PASSWORD"):
+    """The PDS refused the identifier and password."""
 
 
-class LoginFailed(RemoteError):
-    exit_code = 27
-    fix = "check --identifier and --password (an app password), or ATRUND_IDENTIFIER and ATRUND_PASSWORD"
-
-
-class CallFailed(RemoteError):
+class CallFailed(RemoteError, code=28):
     """A runner's gateway answered an XRPC call with an error (the message has its status and why)."""
 
-    exit_code = 28
+
+class IdentityError(AtrundError, code=30,
+                    fix="check the handle or DID, and that the PLC directory or PDS that resolves it answers"):
+    """A DID or handle does not resolve, or its document names no PDS."""
 
 
-class IdentityError(AtrundError):
-    exit_code = 30
-    fix = "check the handle or DID, and that the PLC directory or PDS that resolves it answers"
+class InvalidUrl(AtrundError, code=31):
+    """A URL without http:// or https:// (a PDS given as host:port); the message suggests one."""
 
 
-class InvalidUrl(AtrundError):
-    exit_code = 31
-
-
-class Malformed(AtrundError):
+class Malformed(AtrundError, code=32):
     """Input that breaks a documented limit or is not the shape it claims; the message names
     where and which limit."""
 
-    exit_code = 32
 
-
-class ProofError(AtrundError):
+class ProofError(AtrundError, code=33):
     """The frame does not prove what it claims (forged, tampered or malformed): never run it."""
 
-    exit_code = 33
 
-
-class Incomplete(AtrundError):
+class Incomplete(AtrundError, code=34):
     """The frame lacks a block needed for the proof; ask the author's PDS instead."""
 
-    exit_code = 34
 
-
-class ServiceAuthError(AtrundError):
+class ServiceAuthError(AtrundError, code=35):
     """The token is missing or not acceptable; ``reason`` is a short label for metrics."""
-
-    exit_code = 35
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
-class TrustUnavailable(AtrundError):
-    exit_code = 36
-    fix = "check access.operator or access.list_uri, and that its PDS answers"
+class TrustUnavailable(AtrundError, code=36, fix="check access.operator or access.list_uri, and that its PDS answers"):
+    """The operator's follows or the access list could not be read."""
 
 
-class NotServed(AtrundError):
+class NotServed(AtrundError, code=40):
     """The access policy does not serve ``did``: raised before the runner resolves it, so a caller
     cannot make the runner connect to a host of their choosing (a did:web) by naming it."""
-
-    exit_code = 40
 
     def __init__(self, did: str, message: str | None = None) -> None:
         super().__init__(message or f"{did} is not served by this runner")
         self.did = did
 
 
-class BundleRefused(AtrundError):
-    exit_code = 41
+class BundleRefused(AtrundError, code=41):
+    """The bundle cannot be run as pinned (CID mismatch, too large)."""
 
 
-class VersionGone(BundleRefused):
-    exit_code = 42
+class VersionGone(BundleRefused, code=42):
+    """The pinned CID is no longer in the author's repo, nor cached here."""
 
 
-class EndpointUndeclared(BundleRefused):
-    exit_code = 43
+class EndpointUndeclared(BundleRefused, code=43):
+    """The endpoint is not one the bundle record declares."""
 
 
-class PermissionsRefused(BundleRefused):
-    exit_code = 44
+class PermissionsRefused(BundleRefused, code=44):
+    """The bundle asks for permissions this runner does not grant."""
 
 
-class SecretError(AtrundError):
+class SecretError(AtrundError, code=45):
     """A sealed secret cannot be used; the message names the secret, never its value."""
 
-    exit_code = 45
 
-
-class UnstorableValue(AtrundError):
+class UnstorableValue(AtrundError, code=46):
     """A value no record can hold, not even as a jsonValue: a string that is not valid Unicode
     (a lone surrogate), NaN or an infinity, or a type JSON does not have. Says what and where."""
 
-    exit_code = 46
 
-
-class InvalidInvocation(AtrundError):
+class InvalidInvocation(AtrundError, code=47):
     """The invocation record does not match the lexicon (or nests too deep); the message says where."""
 
-    exit_code = 47
 
-
-class BundleUnavailable(AtrundError):
+class BundleUnavailable(AtrundError, code=48):
     """The pinned bundle could not be fetched (its author's DID or PDS, or the local cache failed).
     ``__cause__`` is what failed: the gateway answers by it."""
 
-    exit_code = 48
 
-
-class ExecutorError(AtrundError):
+class ExecutorError(AtrundError, code=50,
+                    fix="`atrund doctor` shows which isolation works on this host and why the others do not"):
     """The executor itself failed (could not start a worker, backend gone)."""
 
-    exit_code = 50
-    fix = "`atrund doctor` shows which isolation works on this host and why the others do not"
+
+class UnknownRuntime(ExecutorError, code=51, fix="use one of those, or add a runtime directory under nix/runtimes/"):
+    """No runtime directory of that name (the message lists those there are)."""
 
 
-class UnknownRuntime(ExecutorError):
-    exit_code = 51
-    fix = "use one of those, or add a runtime directory under nix/runtimes/"
-
-
-class ImageError(AtrundError):
+class ImageError(AtrundError, code=52):
     """The runtime image could not be built; the message says which step and why."""
 
-    exit_code = 52
 
-
-class LocalStackError(AtrundError):
+class LocalStackError(AtrundError, code=53):
     """The stack could not be started or used; the message carries its log tail."""
-
-    exit_code = 53
 
 
 def tree() -> list[type[AtrundError]]:
