@@ -142,9 +142,6 @@ class ServiceAuth:
             for jti in [j for j, exp in self._seen.items() if exp < cutoff]:
                 del self._seen[jti]
 
-    def seen(self) -> int:
-        return len(self._seen)
-
 
 def _check_bounds(token: str) -> None:
     """Refuse a token whose header or payload is not strict JSON nested at most bounds.MAX_DEPTH

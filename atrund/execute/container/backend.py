@@ -28,41 +28,28 @@ import contextlib
 import os
 import secrets
 import shutil
-import stat
 import struct
 from pathlib import Path
 
 import structlog
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.pool import STDERR_TAIL, Backend, Worker
+from atrund.execute.pool import Backend, Worker, feed_stderr
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime, expand
+from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
 
 log = structlog.get_logger("atrund.execute")
 
 LABEL_WORKER = "dev.atrun.worker"  # value: the runtime's name
 LABEL_OWNER = "dev.atrun.owner"  # value: "<pid>:<start time>" of the runner process
 BUNDLE_DIR_IN_CONTAINER = "/bundle"
-DEFAULT_WORK_DIR = "/run/atrund-work"
 # Under gVisor the container's pids limit also counts the sandbox's own threads (its kernel,
 # and on the ptrace platform one host thread per bundle thread): node and deno do not start
 # under gVisor below about 96. Measured here; the bundle's share stays max_processes.
 RUNSC_PIDS_OVERHEAD = 128
 STATUS_TIMEOUT = 5  # seconds to learn how a container ended (exit code, OOM) after its stream closed
 REMOVE_TIMEOUT = 30  # seconds a remove may take before we give up on it (the sweep retries later)
-
-
-def _owner_of(pid: int) -> str | None:
-    """``pid:start-time`` of a live process (the start time guards against a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f"{pid}:{f.read().rsplit(')', 1)[1].split()[19]}"
-    except (OSError, IndexError):
-        return None
-
-
-OWNER = _owner_of(os.getpid())
 
 
 def _close_socket_on_failed_connect() -> None:
@@ -199,8 +186,8 @@ class ContainerWorker(Worker):
                 payload = await reader.readexactly(size)
                 if kind == 1:
                     self.stdout.feed_data(payload)
-                elif kind == 2 and len(self.stderr._buffer) < 4 * STDERR_TAIL + (1 << 16):  # noqa: SLF001
-                    self.stderr.feed_data(payload)
+                elif kind == 2:
+                    feed_stderr(self.stderr, payload)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
@@ -284,11 +271,7 @@ class ContainerBackend(Backend):
     def __init__(self, settings) -> None:
         self.settings = settings
         self.engine = Engine(settings.docker_host)
-        self.work_root = Path(settings.work_dir or DEFAULT_WORK_DIR) / "containers"
-        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        st = os.lstat(self.work_root)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise ExecutorError(f"{self.work_root} must be a directory owned by the runner and not writable by others")
+        self.work_root = owned_dir(work_root(settings.work_dir) / "containers", os.geteuid(), "the runner")
         self.unremoved: set[str] = set()
         self._ready: asyncio.Task | None = None
 
@@ -328,7 +311,7 @@ class ContainerBackend(Backend):
         """Remove containers of runner processes that are gone (crashed, killed), and their directories."""
         client = self.engine.client
         found = await self.engine.call("list containers", client.api.containers, all=True, filters={"label": LABEL_OWNER})
-        left = [c["Id"] for c in found if not _alive(c["Labels"].get(LABEL_OWNER, ""))]
+        left = [c["Id"] for c in found if not alive(c["Labels"].get(LABEL_OWNER, ""))]
         left += [cid for cid in self.unremoved if cid not in left]
         for cid in left:
             await self.engine.remove(cid)
@@ -337,7 +320,7 @@ class ContainerBackend(Backend):
             log.info("removed container workers a stopped runner left behind", count=len(left))
         for d in self.work_root.iterdir():
             owner = d.name.split("-", 2)
-            if len(owner) == 3 and not _alive(owner[1].replace("_", ":")):
+            if len(owner) == 3 and not alive(owner[1].replace("_", ":")):
                 shutil.rmtree(d, ignore_errors=True)
 
     def _create_args(self, runtime: Runtime, permissions: ExecPermissions, name: str, bundle_dir: Path) -> dict:
@@ -435,12 +418,6 @@ class ContainerBackend(Backend):
                 await self.sweep()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.engine.close)
-
-
-def _alive(owner: str) -> bool:
-    """Whether the runner process an owner label names still runs (on this host)."""
-    pid, _, _ = owner.partition(":")
-    return pid.isdigit() and _owner_of(int(pid)) == owner
 
 
 __all__ = ["ContainerBackend", "Engine"]

@@ -27,114 +27,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import re
 import secrets
 import shutil
 import signal
 import socket
-import stat
 import struct
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.container.backend import OWNER, _alive
-from atrund.execute.pool import STDERR_TAIL, Backend, Worker
+from atrund.execute.microvm.firecracker import Firecracker
+from atrund.execute.microvm.qemu import TCG_KERNEL_ARGS, Qemu, accelerator, qemu_version
+from atrund.execute.microvm.vm import Monitor, VmSpec
+from atrund.execute.pool import Backend, Worker, feed_stderr
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
+from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
 
 log = structlog.get_logger("atrund.execute")
 
 HEADER = struct.Struct(">cI")  # the frame header of atrund/execute/microvm/guest_init.py
-DEFAULT_WORK_DIR = "/run/atrund-work"
-CHANNEL = "channel.sock"
 PID_FILE = "monitor.pid"
 CONSOLE_TAIL = 8192  # bytes of the guest console kept for error messages
 CONNECT_TIMEOUT = 10.0  # seconds the monitor may take to connect the channel socket
-# Under TCG the guest's TSC calibration hangs about half the boots without these (measured here);
-# with them, every boot. Harmless under KVM, where the values are not used for calibration.
-TCG_KERNEL_ARGS = "tsc_early_khz=2000000 lpj=4000000"
 KERNEL_ARGS = "console=ttyS0 quiet panic=-1"
-KVM_PROBE_SILENCE = 3.0  # a KVM guest that has printed nothing by now will not boot
-KVM_PROBE_TIMEOUT = 15.0
-
-
-@dataclass(frozen=True)
-class VmSpec:
-    """One VM, as every monitor needs it."""
-
-    dir: Path
-    kernel: Path
-    initramfs: Path | None
-    rootfs: Path
-    memory_mb: int
-    vcpus: int
-    cmdline: str
-
-
-class Monitor:
-    """How one kind of virtual machine monitor starts a VM (the rest is the same for all)."""
-
-    name: str
-    accelerator: str
-    vsock_port: int | None = None  # the guest dials the host over vsock on this port (else virtio-serial)
-
-    def channel_path(self, vm_dir: Path) -> Path:
-        return vm_dir / CHANNEL
-
-    async def launch(self, spec: VmSpec) -> asyncio.subprocess.Process:
-        raise NotImplementedError
-
-
-class Qemu(Monitor):
-    """QEMU ``-M microvm``: no PCI, no firmware, virtio-mmio devices, the kernel entered directly
-    (PVH). The monitor runs under its own seccomp filter (``-sandbox``) and, started as root,
-    drops to nobody once the VM is set up (``-runas``)."""
-
-    name = "qemu"
-
-    def __init__(self, binary: str, accelerator: str) -> None:
-        self.binary = binary
-        self.accelerator = accelerator
-
-    def command(self, spec: VmSpec) -> list[str]:
-        cmd = [
-            self.binary, "-M", "microvm,rtc=on", "-accel", self.accelerator,
-            "-m", str(spec.memory_mb), "-smp", str(spec.vcpus),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(spec.kernel),
-            "-append", spec.cmdline,
-            "-serial", "stdio",
-            "-drive", f"id=root,file={spec.rootfs},format=raw,if=none,readonly=on",
-            "-device", "virtio-blk-device,drive=root",
-            "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=channel,path={self.channel_path(spec.dir)}",
-            "-device", "virtserialport,chardev=channel,name=atrun",
-            "-device", "virtio-rng-device",
-        ]
-        if spec.initramfs is not None:
-            cmd += ["-initrd", str(spec.initramfs)]
-        # -runas drops root with setuid() after set-up, so the filter must let that one through;
-        # as nobody there is nothing left to elevate to.
-        root = os.geteuid() == 0
-        cmd += ["-sandbox", f"on,obsolete=deny,elevateprivileges={'allow' if root else 'deny'},spawn=deny,resourcecontrol=deny"]
-        if root:
-            cmd += ["-runas", "nobody"]
-        return cmd
-
-    async def launch(self, spec: VmSpec) -> asyncio.subprocess.Process:
-        try:
-            return await asyncio.create_subprocess_exec(
-                *self.command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        except OSError as e:
-            raise ExecutorError(f"cannot start {self.binary}: {e.strerror or e}") from e
 
 
 class VmStdin:
@@ -206,8 +125,8 @@ class VmWorker(Worker):
                 payload = await reader.readexactly(size)
                 if kind == b"O":
                     self.stdout.feed_data(payload)
-                elif kind == b"E" and len(self.stderr._buffer) < 4 * STDERR_TAIL + (1 << 16):  # noqa: SLF001
-                    self.stderr.feed_data(payload)
+                elif kind == b"E":
+                    feed_stderr(self.stderr, payload)
                 elif kind == b"M":
                     self._oom = int(payload or b"0")
                 elif kind == b"X":
@@ -278,94 +197,6 @@ class HostSupport:
     detail: str
 
 
-_accelerators: dict[str, tuple[str, str]] = {}  # per process: _probe_key -> (accelerator, why)
-
-
-def kvm_boots(binary: str, kernel: Path, initramfs: Path | None) -> tuple[bool, str]:
-    """Whether a guest really boots under KVM here: /dev/kvm can exist and still run no stock
-    guest kernel (e.g. a paravirtual nested KVM); such a guest prints nothing at all."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR)
-        os.close(fd)
-    except OSError as e:
-        return False, f"/dev/kvm: {e.strerror}"
-    cmd = [binary, "-M", "microvm", "-accel", "kvm", "-m", "256", "-nodefaults", "-no-user-config", "-display", "none",
-           "-no-reboot", "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 rdinit=/nonexistent", "-serial", "stdio"]
-    if initramfs is not None:
-        cmd += ["-initrd", str(initramfs)]
-    started = time.monotonic()
-    seen = b""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        os.set_blocking(proc.stdout.fileno(), False)
-        while True:
-            elapsed = time.monotonic() - started
-            if b"Run /nonexistent" in seen or b"Kernel panic" in seen or b"No working init" in seen:
-                return True, f"a KVM guest reached its init in {elapsed:.1f} s"
-            if proc.poll() is not None:
-                return False, f"qemu with KVM exited with code {proc.returncode}: {seen.decode(errors='replace').strip()[-200:]}"
-            # The kernel's first line comes within milliseconds under KVM; a guest that has not
-            # printed it by now never will (QEMU's own warnings do not count).
-            printed = b"Linux version" in seen
-            if (not printed and elapsed > KVM_PROBE_SILENCE) or elapsed > KVM_PROBE_TIMEOUT:
-                why = "printed nothing" if not printed else "did not reach its init"
-                return False, f"/dev/kvm is there but a KVM guest {why} within {elapsed:.0f} s"
-            time.sleep(0.05)
-            with contextlib.suppress(BlockingIOError, TypeError):
-                seen += proc.stdout.read() or b""
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-
-
-def _probe_key(binary: str, kernel: Path, initramfs: Path | None) -> str:
-    """What a KVM verdict depends on: this boot of the host, the QEMU binary and the guest files."""
-    parts = [os.uname().release]
-    with contextlib.suppress(OSError):
-        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-    for path in (shutil.which(binary) or binary, kernel, initramfs):
-        if path is not None:
-            with contextlib.suppress(OSError):
-                st = os.stat(path)
-                parts.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
-
-
-def accelerator(settings) -> tuple[str, str]:
-    """The QEMU accelerator to use and why: KVM when it really boots a guest, else TCG.
-
-    The verdict of the trial boot is kept per process and, beside the kernel, per host boot
-    (``kvm-probe.json``), so that a command-line run with ``auto`` does not pay it every time."""
-    if settings.vm_accelerator != "auto":
-        return settings.vm_accelerator, "set in the configuration"
-    key = _probe_key(settings.qemu_binary, settings.vm_kernel, settings.vm_initramfs)
-    if key in _accelerators:
-        return _accelerators[key]
-    record = Path(os.path.realpath(settings.vm_kernel)).parent / "kvm-probe.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        saved = json.loads(record.read_text())
-        if saved["key"] == key:
-            _accelerators[key] = (saved["accelerator"], saved["why"] + " (probed earlier since the host booted)")
-            return _accelerators[key]
-    ok, why = kvm_boots(settings.qemu_binary, settings.vm_kernel, settings.vm_initramfs)
-    _accelerators[key] = ("kvm", why) if ok else ("tcg", why)
-    with contextlib.suppress(OSError):
-        partial = record.with_name(f".kvm-probe.{os.getpid()}")
-        partial.write_text(json.dumps({"key": key, "accelerator": _accelerators[key][0], "why": why}))
-        partial.rename(record)
-    return _accelerators[key]
-
-
-def _qemu_version(binary: str) -> str | None:
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"version (\S+)", out)
-    return m.group(1) if m else "unknown version"
-
-
 def guest_missing(settings) -> str | None:
     for key in ("vm_kernel", "vm_initramfs", "vm_rootfs"):
         path = getattr(settings, key)
@@ -391,7 +222,7 @@ def host_support(settings) -> HostSupport:
     found = shutil.which(settings.qemu_binary)
     if not found:
         return HostSupport(None, None, f"{settings.qemu_binary} is not installed (Debian: apt-get install qemu-system-x86)")
-    version = _qemu_version(found)
+    version = qemu_version(found)
     if missing := guest_missing(settings):
         return HostSupport("qemu", None, f"QEMU {version}; {missing}")
     accel, why = accelerator(settings)
@@ -403,11 +234,7 @@ class MicroVmBackend(Backend):
 
     def __init__(self, settings) -> None:
         self.settings = settings
-        self.work_root = Path(settings.work_dir or DEFAULT_WORK_DIR) / "vms"
-        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        st = os.lstat(self.work_root)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise ExecutorError(f"{self.work_root} must be a directory owned by the runner and not writable by others")
+        self.work_root = owned_dir(work_root(settings.work_dir) / "vms", os.geteuid(), "the runner")
         self.ready_timeout = settings.vm_boot_timeout
         self.monitor: Monitor | None = None
         self._ready: asyncio.Task | None = None
@@ -431,8 +258,6 @@ class MicroVmBackend(Backend):
                                 "rebuild it with `atrund image build --vm`")
         name = monitor_name(s)
         if name == "firecracker":
-            from atrund.execute.microvm.firecracker import Firecracker
-
             self.monitor = Firecracker(s)
         else:
             if not shutil.which(s.qemu_binary):
@@ -456,7 +281,7 @@ class MicroVmBackend(Backend):
         removed = 0
         for d in self.work_root.iterdir():
             parts = d.name.split("-", 3)
-            if len(parts) < 3 or parts[0] != "vm" or _alive(parts[1].replace("_", ":")):
+            if len(parts) < 3 or parts[0] != "vm" or alive(parts[1].replace("_", ":")):
                 continue
             kill_monitor(d)
             shutil.rmtree(d, ignore_errors=True)
@@ -556,4 +381,4 @@ def kill_monitor(vm_dir: Path) -> None:
         return
 
 
-__all__ = ["MicroVmBackend", "Qemu", "host_support", "kvm_boots"]
+__all__ = ["MicroVmBackend", "host_support"]

@@ -27,7 +27,7 @@ import subprocess
 from pathlib import Path
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.microvm.backend import Monitor, VmSpec
+from atrund.execute.microvm.vm import Monitor, VmSpec
 
 API_SOCKET = "api.sock"
 VSOCK_SOCKET = "vsock.sock"
