@@ -154,6 +154,7 @@ class Daemon:
         return Runner(
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
+            monitor=self.executor.monitor,
             access_mode=self.policy.mode,
             access_source=self.policy.source,
             secrets_key=SecretsKey.model_validate(self.keyring.current.to_record()) if self.keyring else None,

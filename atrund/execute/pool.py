@@ -74,7 +74,12 @@ class Worker(ABC):
 
 class Backend(ABC):
     isolation: str
+    monitor_name: str | None = None  # the virtual machine monitor, for a backend that runs VMs
     ready_timeout: float = READY_TIMEOUT  # a backend that boots something slow (a VM) may allow more
+
+    def __init__(self, settings) -> None:
+        """Built from the executor settings (registry.backend_class names the class)."""
+        self.settings = settings
 
     @abstractmethod
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
@@ -91,6 +96,7 @@ class WorkerPool:
     def __init__(self, backend: Backend, settings) -> None:
         self.backend = backend
         self.isolation = backend.isolation
+        self.monitor = backend.monitor_name  # what the runner record states beside the isolation
         self.settings = settings
         self.runtimes = load_runtimes(settings.runtimes_dir)
         self._warm: dict[str, collections.deque[Worker]] = {name: collections.deque() for name in self.runtimes}

@@ -1,5 +1,5 @@
 """The ``container`` backend: each worker is an OCI container on a Docker Engine (or Podman's
-Docker-compatible API), optionally under gVisor (``executor.runtime = "runsc"``).
+Docker-compatible API), optionally under gVisor (``executor.container.runtime = "runsc"``).
 
 A worker's life: create the container (hardened, see ``_create_args``), attach to its stdin,
 stdout and stderr, start it. at-run-exec is the container's program (under the engine's tiny
@@ -269,8 +269,8 @@ class ContainerBackend(Backend):
     isolation = "container"
 
     def __init__(self, settings) -> None:
-        self.settings = settings
-        self.engine = Engine(settings.docker_host)
+        super().__init__(settings)
+        self.engine = Engine(settings.container.docker_host)
         self.work_root = owned_dir(work_root(settings.work_dir) / "containers", os.geteuid(), "the runner")
         self.unremoved: set[str] = set()
         self._ready: asyncio.Task | None = None
@@ -280,20 +280,20 @@ class ContainerBackend(Backend):
         from atrund.execute.container import image
 
         client = await self.engine.connect()
-        labels = await self.engine.call(f"find image {self.settings.image}", image.describe, client, self.settings.image)
+        labels = await self.engine.call(f"find image {self.settings.container.image}", image.describe, client, self.settings.container.image)
         if labels is None:
-            raise ExecutorError(f"the container engine has no image {self.settings.image}: build it with `atrund image build`")
+            raise ExecutorError(f"the container engine has no image {self.settings.container.image}: build it with `atrund image build`")
         want = image.runtimes_hash(self.settings.runtimes_dir)
         if labels.get(image.LABEL_RUNTIMES) != want:
             raise ExecutorError(
-                f"image {self.settings.image} holds other at-run-exec programs than {self.settings.runtimes_dir}: "
+                f"image {self.settings.container.image} holds other at-run-exec programs than {self.settings.runtimes_dir}: "
                 "rebuild it with `atrund image build`"
             )
-        if self.settings.runtime != "runc":
+        if self.settings.container.runtime != "runc":
             info = await self.engine.call("describe itself", client.api.info)
-            if self.settings.runtime not in (info.get("Runtimes") or {}):
+            if self.settings.container.runtime not in (info.get("Runtimes") or {}):
                 raise ExecutorError(
-                    f"the container engine has no runtime {self.settings.runtime!r} (it has: {', '.join(info.get('Runtimes') or {})}); "
+                    f"the container engine has no runtime {self.settings.container.runtime!r} (it has: {', '.join(info.get('Runtimes') or {})}); "
                     "register it in /etc/docker/daemon.json, see README"
                 )
         await self.sweep()
@@ -329,12 +329,10 @@ class ContainerBackend(Backend):
         from atrund.execute.container import image
 
         s = self.settings
-        command = expand(runtime.template, {
-            "{python}": image.PYTHON_IN_IMAGE,
-            "{deno}": image.DENO_IN_IMAGE,
-            "{node}": image.NODE_IN_IMAGE,
-            "{dir}": f"{image.RUNTIMES_IN_IMAGE}/{runtime.dir.name}",
-        })
+        in_image = {"{python}": image.PYTHON_IN_IMAGE, "{dir}": f"{image.RUNTIMES_IN_IMAGE}/{runtime.dir.name}"}
+        if runtime.program is not None:
+            in_image[runtime.program.placeholder] = runtime.program.in_image
+        command = expand(runtime.template, in_image)
         memory = (s.memory_mb + runtime.data_overhead_mb + s.tmp_mb) << 20
         data = (s.memory_mb + runtime.data_overhead_mb) << 20
         mounts = [Mount(BUNDLE_DIR_IN_CONTAINER, str(bundle_dir), type="bind", read_only=True)]
@@ -351,8 +349,8 @@ class ContainerBackend(Backend):
             security_opt=["no-new-privileges"],
             mem_limit=memory,
             memswap_limit=memory,  # no escape into swap
-            nano_cpus=int(s.cpus * 1e9),
-            pids_limit=s.max_processes + (RUNSC_PIDS_OVERHEAD if s.runtime == "runsc" else 0),
+            nano_cpus=int(s.container.cpus * 1e9),
+            pids_limit=s.max_processes + (RUNSC_PIDS_OVERHEAD if s.container.runtime == "runsc" else 0),
             ulimits=[
                 # As for the other backends: a runaway allocation is a MemoryError, not an OOM kill.
                 Ulimit(name="data", soft=data, hard=data),
@@ -362,15 +360,15 @@ class ContainerBackend(Backend):
                 Ulimit(name="core", soft=0, hard=0),
             ],
             init=True,  # a bundle's SIGKILL to itself is reported as such; orphans are reaped
-            runtime=s.runtime,
+            runtime=s.container.runtime,
             log_config={"type": "none"},  # the attached stream is the only copy of the output
             ipc_mode="private",
         )
         return dict(
-            image=s.image,
+            image=s.container.image,
             command=list(command),
             name=name,
-            user=f"{s.container_uid}:{s.container_uid}",
+            user=f"{s.container.uid}:{s.container.uid}",
             environment={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
             working_dir="/tmp",
             labels={LABEL_WORKER: runtime.name, LABEL_OWNER: OWNER or ""},
@@ -384,7 +382,7 @@ class ContainerBackend(Backend):
         await self.ready()
         if self.unremoved:
             await self.sweep()
-        if permissions.net and settings.runtime == "runsc":
+        if permissions.net and settings.container.runtime == "runsc":
             raise ExecutorError("network grants are not available with runtime runsc here (gVisor runs with --network=none)")
         name = f"atrund-{(OWNER or '0').replace(':', '_')}-{runtime.name}-{secrets.token_hex(4)}"
         bundle_dir = self.work_root / name

@@ -1,7 +1,8 @@
-"""The ``firecracker`` backend: one microVM per worker, under QEMU ``-M microvm`` or Firecracker.
+"""The ``microvm`` backend (formerly ``firecracker``, still accepted as an alias): one microVM
+per worker, under QEMU ``-M microvm`` or Firecracker.
 
 A worker's life: the runner listens on a Unix socket in the VM's own directory, starts the
-monitor (see ``Qemu`` here and atrund/execute/microvm/firecracker.py), which connects that socket to
+monitor (qemu.py or firecracker.py, behind vm.Monitor), which connects that socket to
 the guest's protocol channel (a virtio-serial port under QEMU; vsock under Firecracker, which
 forwards the guest's connection to ``<uds>_<port>``). The guest kernel boots, atrun-init
 (atrund/execute/microvm/guest_init.py) starts the runtime's at-run-exec and relays its stdin, stdout and stderr in
@@ -198,30 +199,30 @@ class HostSupport:
 
 
 def guest_missing(settings) -> str | None:
-    for key in ("vm_kernel", "vm_initramfs", "vm_rootfs"):
-        path = getattr(settings, key)
+    for key in ("kernel", "initramfs", "rootfs"):
+        path = getattr(settings.microvm, key)
         if path is not None and not os.path.exists(path):
-            return f"executor.{key} {path} does not exist (build it: atrund image build --vm)"
+            return f"executor.microvm.{key} {path} does not exist (build it: atrund image build --vm)"
     return None
 
 
 def monitor_name(settings) -> str:
-    if settings.vm_monitor != "auto":
-        return settings.vm_monitor
-    return "firecracker" if shutil.which(settings.firecracker_binary) and os.path.exists("/dev/kvm") else "qemu"
+    if settings.microvm.monitor != "auto":
+        return settings.microvm.monitor
+    return "firecracker" if shutil.which(settings.microvm.firecracker_binary) and os.path.exists("/dev/kvm") else "qemu"
 
 
 def host_support(settings) -> HostSupport:
     """Which monitor and accelerator this host offers (booting a KVM guest to find out)."""
     name = monitor_name(settings)
     if name == "firecracker":
-        found = shutil.which(settings.firecracker_binary)
+        found = shutil.which(settings.microvm.firecracker_binary)
         if not found:
-            return HostSupport(None, None, f"no firecracker binary ({settings.firecracker_binary})")
+            return HostSupport(None, None, f"no firecracker binary ({settings.microvm.firecracker_binary})")
         return HostSupport("firecracker", "kvm", f"firecracker at {found}")
-    found = shutil.which(settings.qemu_binary)
+    found = shutil.which(settings.microvm.qemu_binary)
     if not found:
-        return HostSupport(None, None, f"{settings.qemu_binary} is not installed (Debian: apt-get install qemu-system-x86)")
+        return HostSupport(None, None, f"{settings.microvm.qemu_binary} is not installed (Debian: apt-get install qemu-system-x86)")
     version = qemu_version(found)
     if missing := guest_missing(settings):
         return HostSupport("qemu", None, f"QEMU {version}; {missing}")
@@ -230,12 +231,13 @@ def host_support(settings) -> HostSupport:
 
 
 class MicroVmBackend(Backend):
-    isolation = "firecracker"
+    isolation = "microvm"
 
     def __init__(self, settings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.work_root = owned_dir(work_root(settings.work_dir) / "vms", os.geteuid(), "the runner")
-        self.ready_timeout = settings.vm_boot_timeout
+        self.ready_timeout = settings.microvm.boot_timeout
+        self.monitor_name = monitor_name(settings)  # chosen now (cheap), so the runner record can state it
         self.monitor: Monitor | None = None
         self._ready: asyncio.Task | None = None
         # Every VM this backend started and has not killed yet, booting ones included: close()
@@ -252,19 +254,18 @@ class MicroVmBackend(Backend):
         s = self.settings
         if missing := guest_missing(s):
             raise ExecutorError(missing)
-        built_with = vmimage.runtimes_of(s.vm_rootfs)
+        built_with = vmimage.runtimes_of(s.microvm.rootfs)
         if built_with is not None and built_with != image.runtimes_hash(s.runtimes_dir):
-            raise ExecutorError(f"{s.vm_rootfs} holds other at-run-exec programs than {s.runtimes_dir}: "
+            raise ExecutorError(f"{s.microvm.rootfs} holds other at-run-exec programs than {s.runtimes_dir}: "
                                 "rebuild it with `atrund image build --vm`")
-        name = monitor_name(s)
-        if name == "firecracker":
+        if self.monitor_name == "firecracker":
             self.monitor = Firecracker(s)
         else:
-            if not shutil.which(s.qemu_binary):
-                raise ExecutorError(f"{s.qemu_binary} is not installed (Debian: apt-get install qemu-system-x86)")
+            if not shutil.which(s.microvm.qemu_binary):
+                raise ExecutorError(f"{s.microvm.qemu_binary} is not installed (Debian: apt-get install qemu-system-x86)")
             accel, why = await asyncio.to_thread(accelerator, s)
             log.info("microVM monitor", monitor="qemu", accelerator=accel, why=why)
-            self.monitor = Qemu(s.qemu_binary, accel)
+            self.monitor = Qemu(s.microvm.qemu_binary, accel)
         await asyncio.to_thread(self.sweep)
 
     async def ready(self) -> None:
@@ -291,11 +292,11 @@ class MicroVmBackend(Backend):
 
     def _memory_mb(self, runtime: Runtime) -> int:
         s = self.settings
-        return s.memory_mb + runtime.data_overhead_mb + s.tmp_mb + s.vm_overhead_mb
+        return s.memory_mb + runtime.data_overhead_mb + s.tmp_mb + s.microvm.overhead_mb
 
     def _cmdline(self, runtime: Runtime) -> str:
         s = self.settings
-        args = [KERNEL_ARGS, s.vm_kernel_args]
+        args = [KERNEL_ARGS, s.microvm.kernel_args]
         if getattr(self.monitor, "accelerator", "kvm") == "tcg":
             args.append(TCG_KERNEL_ARGS)
         args += [f"atrun.runtime={runtime.dir.name}", f"atrun.data_mb={s.memory_mb + runtime.data_overhead_mb}",
@@ -306,7 +307,7 @@ class MicroVmBackend(Backend):
 
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
         if permissions.net:
-            raise ExecutorError("network grants are not available with isolation firecracker: its VMs have no network "
+            raise ExecutorError("network grants are not available with isolation microvm: its VMs have no network "
                                 "device (run bundles that need the network on another backend)")
         await self.ready()
         if self.closed:
@@ -324,8 +325,8 @@ class MicroVmBackend(Backend):
                                     "choose a shorter executor.work_dir)") from e
             listener.listen(1)
             listener.setblocking(False)
-            spec = VmSpec(vm_dir, settings.vm_kernel, settings.vm_initramfs, settings.vm_rootfs,
-                          self._memory_mb(runtime), settings.vm_vcpus, self._cmdline(runtime))
+            spec = VmSpec(vm_dir, settings.microvm.kernel, settings.microvm.initramfs, settings.microvm.rootfs,
+                          self._memory_mb(runtime), settings.microvm.vcpus, self._cmdline(runtime))
             process = await self.monitor.launch(spec)
             (vm_dir / PID_FILE).write_text(str(process.pid))
             worker = VmWorker(self, vm_dir, process, settings.max_output_bytes + 4096)
@@ -334,7 +335,7 @@ class MicroVmBackend(Backend):
             accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(listener))
             exited = asyncio.ensure_future(process.wait())
             done, _ = await asyncio.wait({accept, exited}, timeout=CONNECT_TIMEOUT if self.monitor.vsock_port is None
-                                         else settings.vm_boot_timeout, return_when=asyncio.FIRST_COMPLETED)
+                                         else settings.microvm.boot_timeout, return_when=asyncio.FIRST_COMPLETED)
             exited.cancel()
             if accept not in done:
                 accept.cancel()

@@ -130,18 +130,18 @@ def accelerator(settings) -> tuple[str, str]:
 
     The verdict of the trial boot is kept per process and, beside the kernel, per host boot
     (``kvm-probe.json``), so that a command-line run with ``auto`` does not pay it every time."""
-    if settings.vm_accelerator != "auto":
-        return settings.vm_accelerator, "set in the configuration"
-    key = _probe_key(settings.qemu_binary, settings.vm_kernel, settings.vm_initramfs)
+    if settings.microvm.accelerator != "auto":
+        return settings.microvm.accelerator, "set in the configuration"
+    key = _probe_key(settings.microvm.qemu_binary, settings.microvm.kernel, settings.microvm.initramfs)
     if key in _accelerators:
         return _accelerators[key]
-    record = Path(os.path.realpath(settings.vm_kernel)).parent / "kvm-probe.json"
+    record = Path(os.path.realpath(settings.microvm.kernel)).parent / "kvm-probe.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         saved = json.loads(record.read_text())
         if saved["key"] == key:
             _accelerators[key] = (saved["accelerator"], saved["why"] + " (probed earlier since the host booted)")
             return _accelerators[key]
-    ok, why = kvm_boots(settings.qemu_binary, settings.vm_kernel, settings.vm_initramfs)
+    ok, why = kvm_boots(settings.microvm.qemu_binary, settings.microvm.kernel, settings.microvm.initramfs)
     _accelerators[key] = ("kvm", why) if ok else ("tcg", why)
     with contextlib.suppress(OSError):
         partial = record.with_name(f".kvm-probe.{os.getpid()}")

@@ -77,7 +77,7 @@ class UidPool:
         for uid in list(self.free):
             if self.hold(uid):
                 return uid
-        raise ExecutorError("no sandbox uid free: raise executor.sandbox_uids")
+        raise ExecutorError("no sandbox uid free: raise executor.process.uids")
 
     def hold(self, uid: int) -> bool:
         """Take ``uid`` if no one (in any process) holds it."""
@@ -233,9 +233,10 @@ class ProcessBackend(Backend):
     isolation = "process"
 
     def __init__(self, settings) -> None:
+        super().__init__(settings)
         # Root works in here (mounts, chown, locks): it must not be a place another user controls.
         self.work_root = owned_dir(work_root(settings.work_dir), 0, "root")
-        self.uids = UidPool(settings.sandbox_uid_base, settings.sandbox_uids, self.work_root)
+        self.uids = UidPool(settings.process.uid_base, settings.process.uids, self.work_root)
         self.tmp_mb = settings.tmp_mb
         self.cgroups = Cgroups()
         self.remove_leftovers()
