@@ -20,6 +20,7 @@ from atrund import config
 from atrund.daemon import Daemon
 from atrund.dev.stack import Account, LocalStack
 from atrund.errors import NotFound
+from atrund.execute import BACKENDS
 from atrund.atproto.identity import Identities
 from atrund.records import BUNDLE, INVOCATION, RESULT, now_iso, result_rkey
 from atrund.atproto.repos import Repos
@@ -54,15 +55,16 @@ def executor_settings(isolation: str = "none", **settings: Any):
 
     backend, _, runtime = isolation.partition("+")
     if runtime:
-        settings["runtime"] = runtime
+        settings["container"] = {**settings.get("container", {}), "runtime": runtime}
     return ExecutorSection(isolation=backend, **settings)
 
 
-ISOLATIONS = ["none", "process", "container", "container+runsc", "firecracker"]
-# Each firecracker test boots a VM, about 10-20 s under software emulation (TCG) on these
+# Every backend of the registry, weakest first, and the container backend under gVisor too.
+ISOLATIONS = [variant for name in reversed(BACKENDS) for variant in ([name, f"{name}+runsc"] if name == "container" else [name])]
+# Each microvm test boots a VM, about 10-20 s under software emulation (TCG) on these
 # machines: only tests marked ``vm`` (a subset that means something inside a VM) run on it;
 # pytest_collection_modifyitems below deselects the others. The README lists what is left out.
-VM_ISOLATION = "firecracker"
+VM_ISOLATION = "microvm"
 
 
 def require_isolation(request) -> str:
@@ -97,7 +99,7 @@ def container_engine() -> dict[str, Any]:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Deselect firecracker variants of tests not marked ``vm`` (see VM_ISOLATION)."""
+    """Deselect microvm variants of tests not marked ``vm`` (see VM_ISOLATION)."""
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})

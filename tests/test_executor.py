@@ -211,7 +211,7 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
     assert executor.stats().warm["python"] == 2
     r = await executor.execute(ExecRequest(code_path=bundle(tmp_path, "def main(a): return 1"), endpoint="main"), "python")
     assert r.success and r.data == 1
-    deadline = time.monotonic() + (120 if isolation == "firecracker" else 2.5)  # the replacement VM boots first
+    deadline = time.monotonic() + (120 if isolation == "microvm" else 2.5)  # the replacement VM boots first
     while executor.stats().warm["python"] != 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     stats = executor.stats()
@@ -222,8 +222,8 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
         assert await _containers(handles) == [], "containers outlived shutdown()"
     else:
         assert all(gone(p) for p in handles)
-    if isolation == "firecracker":  # no VM directory (channel socket, pid file) is left either
-        from atrund.execute.container.backend import OWNER
+    if isolation == "microvm":  # no VM directory (channel socket, pid file) is left either
+        from atrund.execute.workdir import OWNER
 
         assert list(executor.backend.work_root.glob(f"vm-{OWNER.replace(':', '_')}-*")) == []
     with pytest.raises(ExecutorError):
@@ -253,7 +253,7 @@ async def test_missing_runtime_program_raises(isolation, tmp_path):
     (rdir / "runtime.json").write_text('{"name": "python", "command": ["/nonexistent/at-run-exec"]}')
     executor = create_executor(executor_settings(isolation, warm=0, runtimes_dir=tmp_path / "runtimes"))
     # The container and microVM backends check their image holds these runtimes' programs, which it does not.
-    match = "other at-run-exec programs" if isolation.startswith("container") or isolation == "firecracker" else "cannot start python worker"
+    match = "other at-run-exec programs" if isolation.startswith("container") or isolation == "microvm" else "cannot start python worker"
     with pytest.raises(ExecutorError, match=match):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
     await executor.shutdown()
@@ -317,7 +317,7 @@ async def test_warm_counts_per_runtime(tmp_path):
 
 
 async def test_unknown_isolation_names_the_choices():
-    with pytest.raises(ExecutorError, match="unknown isolation 'vmware'.*firecracker, process, container, none, auto"):
+    with pytest.raises(ExecutorError, match="unknown isolation 'vmware'.*microvm, process, container, none, auto"):
         create_executor(ExecutorSection.model_construct(**{**ExecutorSection().model_dump(), "isolation": "vmware"}))
 
 
