@@ -230,6 +230,16 @@ class ExecutorSection(Section):
         """What loaded but should be written differently (moved keys)."""
         return list(self._moved)
 
+    # TEMPORARY, read-only: atrund/cli.py (`image build`, doctor) still reads these two flat; it is
+    # being split into a package in parallel. Remove both once it reads executor.container.
+    @property
+    def docker_host(self) -> str | None:
+        return self.container.docker_host
+
+    @property
+    def image(self) -> str:
+        return self.container.image
+
 
 class PermissionsSection(Section):
     """What the runner grants when a bundle's record asks for it; nothing by default."""

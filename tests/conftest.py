@@ -54,9 +54,15 @@ def executor_settings(isolation: str = "none", **settings: Any):
     from atrund.config import ExecutorSection
 
     backend, _, runtime = isolation.partition("+")
-    if runtime:
-        settings["container"] = {**settings.get("container", {}), "runtime": runtime}
+    if backend == "container":
+        # The image built from this checkout, by its content tag: another checkout's build moving
+        # :latest on a shared engine does not change what these tests run.
+        container = {**({"image": _built_image[0]} if _built_image else {}), **settings.get("container", {})}
+        settings["container"] = {**container, **({"runtime": runtime} if runtime else {})}
     return ExecutorSection(isolation=backend, **settings)
+
+
+_built_image: list[str] = []  # set by the container_engine fixture
 
 
 # Every backend of the registry, weakest first, and the container backend under gVisor too.
@@ -93,7 +99,7 @@ def container_engine() -> dict[str, Any]:
         info = client.info()
     except docker.errors.DockerException as e:
         pytest.skip(f"no Docker engine answers ({e}); start one with: bash scripts/dockerd")
-    image.build(client, config.RUNTIMES_DIR, progress=lambda line: None)
+    _built_image[:] = [image.build(client, config.RUNTIMES_DIR, progress=lambda line: None)]
     client.close()
     return info
 
