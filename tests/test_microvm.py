@@ -190,7 +190,7 @@ def test_vmlinux_comes_out_of_the_bzimage_as_elf(vm_guest):
 def test_rootfs_is_refused_when_built_from_other_runtimes(vm_guest):
     """The backend compares the runtime directories the rootfs was built with to the runner's."""
     from atrund.execute.container import image
-        from atrund.execute.microvm import guest as vmimage
+    from atrund.execute.microvm import guest as vmimage
 
     assert vmimage.runtimes_of(Path(vm_guest["rootfs"])) == image.runtimes_hash(ROOT / "nix" / "runtimes")
     assert os.path.realpath(vm_guest["rootfs"]).endswith(".ext4")
