@@ -321,6 +321,36 @@ async def test_unknown_isolation_names_the_choices():
         create_executor(ExecutorSection.model_construct(**{**ExecutorSection().model_dump(), "isolation": "vmware"}))
 
 
+async def test_firecracker_is_the_old_name_of_microvm_and_the_executor_states_its_monitor(tmp_path):
+    """The registry's alias builds the microvm backend (nothing boots until a worker starts);
+    only a microvm executor names a monitor, which the runner record then states."""
+    from atrund.execute import create_backend
+
+    settings = ExecutorSection(work_dir=tmp_path / "work")
+    backend = create_backend("firecracker", settings)
+    assert backend.isolation == "microvm" and backend.monitor_name in ("qemu", "firecracker")
+    executor = create_executor(executor_settings("none"))
+    assert executor.monitor is None
+    await executor.shutdown()
+
+
+def test_auto_tries_the_registrys_backends_in_its_order():
+    from atrund.execute import BACKENDS
+    from atrund.execute.probe import order
+
+    assert order(ExecutorSection()) == BACKENDS == ("microvm", "process", "container", "none")
+
+
+def test_a_work_dir_others_may_write_is_refused(tmp_path):
+    """Root mounts, chowns and locks in the process backend's work directory: one that another
+    user could change under it is refused, naming the directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    with pytest.raises(ExecutorError, match=f"{work} must be a directory owned by root and not writable by others"):
+        create_executor(executor_settings("process", work_dir=work))
+
+
 async def test_a_second_runner_starting_up_does_not_break_this_ones_worker_starts(tmp_path):
     """Two runners on one host share the process backend's cgroup parent. A runner starting up
     sweeps the cgroups a crashed runner left; a live runner's worker cgroup is empty for a

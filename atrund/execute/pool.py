@@ -80,6 +80,27 @@ class Backend(ABC):
     def __init__(self, settings) -> None:
         """Built from the executor settings (registry.backend_class names the class)."""
         self.settings = settings
+        self._ready: asyncio.Future | None = None
+
+    async def prepare(self) -> None:
+        """What a backend checks and sets up once, before its first worker (an engine that
+        answers, a guest image that matches): nothing by default."""
+
+    async def ready(self) -> None:
+        """``prepare()``, once for every caller; after a failure the next call tries again (the
+        engine may be back)."""
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self.prepare())
+        try:
+            await asyncio.shield(self._ready)
+        except ExecutorError:
+            self._ready = None
+            raise
+
+    def stop_preparing(self) -> None:
+        """At close: a ``prepare()`` still running is cancelled."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
 
     @abstractmethod
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:

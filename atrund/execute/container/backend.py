@@ -273,9 +273,8 @@ class ContainerBackend(Backend):
         self.engine = Engine(settings.container.docker_host)
         self.work_root = owned_dir(work_root(settings.work_dir) / "containers", os.geteuid(), "the runner")
         self.unremoved: set[str] = set()
-        self._ready: asyncio.Task | None = None
 
-    async def _prepare(self) -> None:
+    async def prepare(self) -> None:
         """Once per backend: the engine answers, has the image, knows the runtime; leftovers go."""
         from atrund.execute.container import image
 
@@ -297,15 +296,6 @@ class ContainerBackend(Backend):
                     "register it in /etc/docker/daemon.json, see README"
                 )
         await self.sweep()
-
-    async def ready(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.ensure_future(self._prepare())
-        try:
-            await asyncio.shield(self._ready)
-        except ExecutorError:
-            self._ready = None  # try again next time (the engine may be back)
-            raise
 
     async def sweep(self) -> None:
         """Remove containers of runner processes that are gone (crashed, killed), and their directories."""
@@ -409,8 +399,7 @@ class ContainerBackend(Backend):
             raise
 
     async def close(self) -> None:
-        if self._ready is not None and not self._ready.done():
-            self._ready.cancel()
+        self.stop_preparing()
         if self.unremoved and self.engine.client is not None:
             with contextlib.suppress(ExecutorError):
                 await self.sweep()

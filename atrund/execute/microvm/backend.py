@@ -239,13 +239,12 @@ class MicroVmBackend(Backend):
         self.ready_timeout = settings.microvm.boot_timeout
         self.monitor_name = monitor_name(settings)  # chosen now (cheap), so the runner record can state it
         self.monitor: Monitor | None = None
-        self._ready: asyncio.Task | None = None
         # Every VM this backend started and has not killed yet, booting ones included: close()
         # kills them, so a shutdown during a warm-up leaves no monitor running.
         self.live: set[VmWorker] = set()
         self.closed = False
 
-    async def _prepare(self) -> None:
+    async def prepare(self) -> None:
         """Once per backend: the guest files exist and match our runtimes, a monitor is chosen,
         and what a crashed runner left behind is gone."""
         from atrund.execute.container import image
@@ -267,15 +266,6 @@ class MicroVmBackend(Backend):
             log.info("microVM monitor", monitor="qemu", accelerator=accel, why=why)
             self.monitor = Qemu(s.microvm.qemu_binary, accel)
         await asyncio.to_thread(self.sweep)
-
-    async def ready(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.ensure_future(self._prepare())
-        try:
-            await asyncio.shield(self._ready)
-        except ExecutorError:
-            self._ready = None
-            raise
 
     def sweep(self) -> None:
         """Kill the monitors of runner processes that are gone and remove their VM directories."""
@@ -364,8 +354,7 @@ class MicroVmBackend(Backend):
 
     async def close(self) -> None:
         self.closed = True
-        if self._ready is not None and not self._ready.done():
-            self._ready.cancel()
+        self.stop_preparing()
         await asyncio.gather(*(w.kill() for w in list(self.live)), return_exceptions=True)
 
 
