@@ -177,9 +177,13 @@ class State:
             return self._withdraw(uri)
 
     def _withdraw(self, uri: str) -> bool:
-        cur = self.db.execute(
-            "UPDATE invocations SET state = 'withdrawn', finished_at = ? WHERE uri = ? AND state = 'pending'", (time.time(), uri)
-        )
+        return self._leave_pending(uri, "withdrawn", "finished_at")
+
+    def _leave_pending(self, uri: str, state: str, stamp: str | None = None) -> bool:
+        """Move a pending invocation to ``state`` (and set the ``stamp`` column to now); False if
+        it is not pending. Every claim on a pending invocation goes through this one guarded UPDATE."""
+        sets, values = ("state = ?", [state]) if stamp is None else (f"state = ?, {stamp} = ?", [state, time.time()])
+        cur = self.db.execute(f"UPDATE invocations SET {sets} WHERE uri = ? AND state = 'pending'", (*values, uri))
         return cur.rowcount == 1
 
     @_translated
@@ -208,16 +212,12 @@ class State:
     @_translated
     def mark_running(self, uri: str) -> bool:
         """Claim a pending invocation for execution; False if it is not pending (never run twice)."""
-        cur = self.db.execute(
-            "UPDATE invocations SET state = 'running', started_at = ? WHERE uri = ? AND state = 'pending'", (time.time(), uri)
-        )
-        return cur.rowcount == 1
+        return self._leave_pending(uri, "running", "started_at")
 
     @_translated
     def deny(self, uri: str) -> bool:
         """A pending invocation whose author lost access before it started: never run, no result."""
-        cur = self.db.execute("UPDATE invocations SET state = 'denied' WHERE uri = ? AND state = 'pending'", (uri,))
-        return cur.rowcount == 1
+        return self._leave_pending(uri, "denied")
 
     @_translated
     def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any]) -> bool:

@@ -2,7 +2,8 @@
 
 ``atrund image build``:
 
-1. a Debian rootfs: ``debootstrap --variant=minbase`` of bookworm from Debian's mirror with
+1. a Debian rootfs: ``debootstrap --variant=minbase`` of bookworm from the Debian mirror this
+   machine's apt sources name (or ``ATRUND_DEBIAN_MIRROR``), with
    python3 and ca-certificates, slimmed (docs, man pages, locales, apt caches) and tarred.
    This is the slow step (about a minute); its tar is cached under the cache directory, keyed
    by suite, mirror and package list, so it is made once per machine;
@@ -36,7 +37,8 @@ from atrund.execute.base import ExecutorError
 from atrund.execute.runtimes import Program, load_runtimes
 
 SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
+MIRROR_ENV = "ATRUND_DEBIAN_MIRROR"  # overrides the apt sources, e.g. on a host that is not Debian bookworm
+APT_SOURCES = Path("/etc/apt")
 PACKAGES = ("python3", "ca-certificates")
 LAYOUT = 1  # bump when what goes into the image, or where, changes
 REPOSITORY = "atrund-runtime"
@@ -108,8 +110,58 @@ def additions(runtimes_dir: Path) -> list[Addition]:
     return out
 
 
+def mirror(apt_dir: Path = APT_SOURCES) -> str:
+    """The Debian mirror to debootstrap from: ``ATRUND_DEBIAN_MIRROR``, else the first ``deb``
+    source for SUITE in this machine's apt configuration (sources.list, and sources.list.d in
+    both the one-line ``.list`` and the deb822 ``.sources`` format). Read from the machine, never
+    written into the code: operators' mirrors and proxies apply as they do to apt itself."""
+    if os.environ.get(MIRROR_ENV):
+        return os.environ[MIRROR_ENV].rstrip("/")
+    files = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list")),
+             *sorted((apt_dir / "sources.list.d").glob("*.sources"))]
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for types, uris, suites in _apt_entries(text, deb822=path.suffix == ".sources"):
+            if "deb" in types and SUITE in suites and uris:
+                return uris[0].rstrip("/")
+    raise ImageError(f"no Debian {SUITE} mirror in {apt_dir}/sources.list or sources.list.d: add one "
+                     f"(deb http://<mirror>/debian {SUITE} main), or set {MIRROR_ENV}=http://<mirror>/debian")
+
+
+def _apt_entries(text: str, deb822: bool) -> list[tuple[list[str], list[str], list[str]]]:
+    """(types, URIs, suites) of each enabled entry of an apt sources file."""
+    # A comment line is dropped, not blanked: in deb822 a blank line would end the stanza.
+    lines = [line.split("#", 1)[0].rstrip() for line in text.splitlines() if not line.lstrip().startswith("#")]
+    if not deb822:  # deb [options] URI suite component...
+        entries = []
+        for line in lines:
+            words = line.split()
+            if words and words[0] in ("deb", "deb-src"):
+                rest = words[1:]
+                if rest and rest[0].startswith("["):  # [arch=amd64 signed-by=...]
+                    while rest and not rest[0].endswith("]"):
+                        rest = rest[1:]
+                    rest = rest[1:]
+                if len(rest) >= 2:
+                    entries.append(([words[0]], [rest[0]], [rest[1]]))
+        return entries
+    entries, fields = [], {}
+    for line in [*lines, ""]:
+        if not line.strip():  # a blank line ends a stanza
+            if fields and fields.get("enabled", "yes").lower() != "no":
+                entries.append((fields.get("types", "").split(), fields.get("uris", "").split(), fields.get("suites", "").split()))
+            fields = {}
+        elif ":" in line and not line[0].isspace():
+            key, value = line.split(":", 1)
+            fields[key.strip().lower()] = value.strip()
+    return entries
+
+
 def base_key() -> str:
-    return _sha(f"{LAYOUT}\0{SUITE}\0{MIRROR}\0{','.join(PACKAGES)}".encode())[:16]
+    return _sha(f"{LAYOUT}\0{SUITE}\0{mirror()}\0{','.join(PACKAGES)}".encode())[:16]
 
 
 def content_hash(adds: list[Addition]) -> str:
@@ -147,8 +199,8 @@ def base_tar(cache_dir: Path, progress: Progress) -> Path:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="rootfs-") as tmp:
         root = Path(tmp) / "rootfs"
-        progress(f"Debian {SUITE} rootfs: debootstrap --variant=minbase from {MIRROR} (about a minute)")
-        command = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR]
+        progress(f"Debian {SUITE} rootfs: debootstrap --variant=minbase from {mirror()} (about a minute)")
+        command = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), mirror()]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
         assert proc.stdout
