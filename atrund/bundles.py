@@ -21,6 +21,7 @@ from atrund import bounds
 from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
 from atrund.records import BUNDLE, Bundle, StrongRef
 from atrund.atproto.repos import Repos
+from atrund.atproto.uri import AtUri
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,10 @@ class VerifiedBundle:
 
 
 def split_uri(uri: str) -> tuple[str, str, str]:
-    """at://did/collection/rkey -> (did, collection, rkey)."""
-    parts = uri.removeprefix("at://").split("/")
-    if not uri.startswith("at://") or len(parts) != 3 or not all(parts):
-        raise ValueError(f"{uri!r} is not an AT URI of a record (at://DID/COLLECTION/RKEY)")
-    return parts[0], parts[1], parts[2]
+    """at://did/collection/rkey -> (did, collection, rkey); ValueError naming what is wrong.
+    (Kept for callers that take the parts apart; atrund.atproto.uri.AtUri is the parser.)"""
+    parsed = AtUri.parse(uri)
+    return parsed.authority, parsed.collection, parsed.rkey
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -61,30 +61,30 @@ class BundleStore:
         self.max_bytes = max_bytes
 
     async def get(self, ref: StrongRef) -> VerifiedBundle:
-        did, collection, rkey = split_uri(ref.uri)
-        if collection != BUNDLE:
-            raise BundleRefused(f"bundle.uri names a {collection} record, not a {BUNDLE}")
-        record = self.parse(await self._record(did, rkey, ref.cid))
-        code_path = await self._blob(did, record)
+        uri = AtUri.parse(ref.uri)
+        if uri.collection != BUNDLE:
+            raise BundleRefused(f"bundle.uri names a {uri.collection} record, not a {BUNDLE}")
+        record = self.parse(await self._record(uri, ref.cid))
+        code_path = await self._blob(uri.did, record)
         return VerifiedBundle(ref=ref, record=record, code_path=code_path)
 
-    async def _record(self, did: str, rkey: str, cid: str) -> dict:
+    async def _record(self, uri: AtUri, cid: str) -> dict:
         # Keyed by URI and CID: a cached record proves what one repo held, not what another holds.
-        uri_hash = hashlib.sha256(f"at://{did}/{BUNDLE}/{rkey}".encode()).hexdigest()[:32]
+        uri_hash = hashlib.sha256(str(uri).encode()).hexdigest()[:32]
         cached = self.records_dir / f"{uri_hash}-{cid}.json"
         if cached.exists():
             return json.loads(cached.read_text())
         try:
-            value = await self.repos.get_verified_record(did, BUNDLE, rkey, cid)
+            value = await self.repos.get_verified_record(uri.did, BUNDLE, uri.rkey, cid)
         except ContentMismatch as e:
             raise BundleRefused(f"bundle record: {e}") from None
         except NotFound:
             try:
-                current, _ = await self.repos.get_record(did, BUNDLE, rkey)
+                current, _ = await self.repos.get_record(uri.did, BUNDLE, uri.rkey)
             except NotFound:
-                raise NotFound(f"bundle at://{did}/{BUNDLE}/{rkey} does not exist (deleted, or never published)") from None
+                raise NotFound(f"bundle {uri} does not exist (deleted, or never published)") from None
             raise VersionGone(
-                f"bundle CID mismatch: the invocation pins {cid}, but at://{did}/{BUNDLE}/{rkey} is now {current} "
+                f"bundle CID mismatch: the invocation pins {cid}, but {uri} is now {current} "
                 "(the bundle was changed after the invocation was made; invoke the new version by its CID)"
             ) from None
         _write_atomic(cached, json.dumps(value).encode())

@@ -128,7 +128,7 @@ def check_config(config_path: Path) -> None:
 def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
     """Run the runner: publish its record, poll for invocations, write results, serve the HTTP gateway."""
     from atrund import log
-    from atrund.daemon import Daemon
+    from atrund.app import App
 
     cfg = _load_config(config_path)
     log.setup(log_level, json_logs)
@@ -148,7 +148,7 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
             loop.add_signal_handler(sig, signalled, sig)
         for sig in _early_signals:
             signalled(sig)
-        daemon = Daemon(cfg)
+        daemon = App(cfg)
         try:
             starting = asyncio.create_task(daemon.start())
             stopped = asyncio.create_task(stop.wait())

@@ -39,6 +39,9 @@ class RunnerSection(Section):
     password_env: str = "ATRUND_APP_PASSWORD"
     password_file: Path | None = None
     description: str = "An atrund runner."
+    shutdown_grace: float = Field(
+        default=10.0, ge=0, description="seconds running invocations and requests may take to finish when the runner stops; "
+        "past it they are stopped, and each invocation gets an interrupted result")
 
     def password(self) -> str:
         """The app password: from password_file if set, else from the environment variable."""
@@ -60,6 +63,7 @@ class IdentitySection(Section):
     plc_url: str = "https://plc.directory"
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
+    cache_size: int = Field(default=10_000, ge=1)  # DID documents (and handles) cached at most: an LRU
 
 
 class AccessSection(Section):

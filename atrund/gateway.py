@@ -8,9 +8,10 @@
 
 Gateway callers are anonymous web clients; the *author* must pass the access policy. Each
 bundle has a token bucket (rate_per_minute, burst). A request takes one of the executor's
-slots like any invocation. Every error is JSON naming what went wrong (``{"error", "message"}``)
-and never carries a trace of the runner; ``http_error`` is the one place our exceptions
-become HTTP statuses.
+slots like any invocation. Both bundle routes run through the pipeline (atrund.pipeline), which
+the gateway is handed with the few components it needs. Every error is JSON naming what went
+wrong (``{"error", "message"}``) and never carries a trace of the runner; ``http_error`` is the
+one place our exceptions and failed runs become HTTP statuses.
 
 Headers: hop-by-hop headers and ``Cookie`` are not passed to the bundle. From the bundle's
 answer, hop-by-hop and framing headers are dropped (aiohttp frames the body itself), and so
@@ -29,8 +30,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -38,7 +40,12 @@ from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atrund import bounds
+from atrund.atproto.identity import Identities
+from atrund.atproto.repos import Repos
+from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
+from atrund.atproto.session import Session
 from atrund.bundles import _field_errors
+from atrund.config import GatewaySection
 from atrund.errors import (
     AtrundError,
     BundleRefused,
@@ -50,14 +57,13 @@ from atrund.errors import (
     RemoteError,
     VersionGone,
 )
-from atrund.metrics import CONTENT_TYPE
+from atrund.metrics import CONTENT_TYPE, Meters
+from atrund.pipeline import BundleUnavailable, Outcome, Pipeline
 from atrund.records import BUNDLE, RESULT, StrongRef, _cid, result_rkey
 from atrund.results import build
+from atrund.schedule import Scheduler
 from atrund.sealed import SecretError
-from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
-
-if TYPE_CHECKING:
-    from atrund.daemon import Daemon
+from atrund.trust import LiveAccess
 
 log = structlog.get_logger("atrund.gateway")
 
@@ -85,8 +91,20 @@ class HttpError(Exception):
         self.status, self.error, self.message, self.headers = status, error, message, headers or {}
 
 
-def http_error(e: Exception) -> HttpError:
-    """Our exceptions as HTTP answers: the one place that decides which status each gets."""
+def http_error(e: Exception | Outcome, timeout: int | None = None) -> HttpError:
+    """Our exceptions, and a run of handleRequest that ended without an answer (its Outcome; it
+    had ``timeout`` seconds), as HTTP answers: the one place that decides which status each gets."""
+    if isinstance(e, Outcome):
+        kind = e.error_type or "Error"
+        if e.status == "timeout":
+            return HttpError(504, "Timeout", f"the bundle did not answer within {timeout} s")
+        if kind == "UnknownEndpoint":
+            return HttpError(404, "NoHandler", f"the bundle defines no {HANDLER} endpoint")
+        if kind == "ExecutorError":
+            return HttpError(503, "RunnerUnavailable", "the runner could not start the bundle; try again")
+        # The bundle's own message stays in the log: it may hold what its author would not publish.
+        return HttpError(502, "BundleFailed", f"the bundle's {HANDLER} failed ({kind})")
+    e = _what_failed(e)
     if isinstance(e, HttpError):
         return e
     if isinstance(e, ServiceAuthError):
@@ -108,6 +126,11 @@ def http_error(e: Exception) -> HttpError:
     if isinstance(e, AtrundError):
         return HttpError(500, "InternalError", f"the runner failed: {type(e).__name__}")
     return HttpError(500, "InternalError", "internal error in the runner")
+
+
+def _what_failed(e: Exception) -> Exception:
+    """What failed decides the answer (the author's DID, their PDS, ...), not the pipeline's step."""
+    return e.__cause__ if isinstance(e, BundleUnavailable) and isinstance(e.__cause__, Exception) else e
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -211,12 +234,24 @@ def response_headers(headers: dict[str, str]) -> tuple[CIMultiDict, list[str]]:
 
 
 class Gateway:
-    def __init__(self, daemon: "Daemon") -> None:
-        self.d = daemon
-        self.cfg = daemon.cfg.gateway
-        self.meters = daemon.meters
+    def __init__(self, cfg: GatewaySection, pipeline: Pipeline, scheduler: Scheduler, policy: LiveAccess,
+                 identities: Identities, repos: Repos, auth: ServiceAuth, session: Session, meters: Meters,
+                 health: Callable[[], dict[str, Any]], shutdown_grace: float) -> None:
+        """``session``: the runner's own, which writes XRPC results; handles resolve through its
+        PDS. ``health``: the /healthz body. ``shutdown_grace``: how long requests in flight may
+        take to finish when the gateway closes."""
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.scheduler = scheduler
+        self.policy = policy
+        self.identities = identities
+        self.repos = repos
+        self.auth = auth
+        self.session = session
+        self.meters = meters
+        self.health = health
+        self.shutdown_grace = shutdown_grace
         self.limiter = RateLimiter(self.cfg.rate_per_minute, self.cfg.burst)
-        self.auth: ServiceAuth | None = None
         self._latest: dict[tuple[str, str], tuple[float, str]] = {}
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -233,10 +268,9 @@ class Gateway:
         app.router.add_route("*", "/{actor}/{rkey}/{path:.*}", self.bundle)
         return app
 
-    async def start(self, runner_did: str) -> str:
+    async def start(self) -> str:
         """Bind the listen address; returns the public URL (public_url, else http://host:port)."""
-        self.auth = ServiceAuth(self.d.identities, runner_did, self.cfg.token_leeway_seconds)
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=self.shutdown_grace)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
         await site.start()
@@ -247,6 +281,7 @@ class Gateway:
         return self.url
 
     async def close(self) -> None:
+        """Stop taking requests; the ones in flight finish, for at most shutdown_grace seconds."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -260,7 +295,7 @@ class Gateway:
             resp = _json(e.status, {"error": e.reason.replace(" ", ""), "message": f"{e.reason}: {request.method} {request.path}"})
         except Exception as e:
             err = http_error(e)
-            if err.status >= 500 and not isinstance(e, (HttpError, AtrundError)):
+            if err.status >= 500 and not isinstance(_what_failed(e), (HttpError, AtrundError)):
                 log.exception("gateway: internal error", path=request.path)
             resp = _json(err.status, {"error": err.error, "message": err.message}, err.headers)
         self.meters.gateway_requests.labels(route, str(resp.status)).inc()
@@ -269,7 +304,7 @@ class Gateway:
     # -- operations ---------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return _json(200, self.d.health())
+        return _json(200, self.health())
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.meters.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -291,13 +326,13 @@ class Gateway:
             raise HttpError(400, "InvalidRequest", f"{actor[:100]!r} is not a DID")
         try:
             # The policy is asked before any DID document is fetched (see atrund.atproto.serviceauth).
-            did = actor if actor.startswith("did:") else await self.d.identities.did_for_handle(
-                actor, self.d.cfg.runner.pds, admit=self.d.policy.allows)
-            if not self.d.policy.allows(did):
+            did = actor if actor.startswith("did:") else await self.identities.did_for_handle(
+                actor, self.session.pds, admit=self.policy.allows)
+            if not self.policy.allows(did):
                 raise NotServed(did)
         except NotServed as e:
             self.meters.denied["gateway"] += 1
-            raise HttpError(403, "AuthorDenied", f"{e.did} is not served by this runner (access mode {self.d.policy.mode})") from None
+            raise HttpError(403, "AuthorDenied", f"{e.did} is not served by this runner (access mode {self.policy.mode})") from None
         wait = self.limiter.take((did, rkey))
         if wait:
             self.meters.rate_limited.inc()
@@ -307,23 +342,21 @@ class Gateway:
         body = await self._body(request)
         uri = f"at://{did}/{BUNDLE}/{rkey}"
         ref = StrongRef(uri=uri, cid=cid or await self._latest_cid(did, rkey))
-        bundle = await self.d.bundles.get(ref)
-        exec_request = self.d.prepare(bundle, HANDLER, to_bundle_request(request.method, "/" + request.match_info.get("path", ""),
-                                                                           request.query, request.headers, body),
-                                      self.cfg.timeout, max_timeout=self.cfg.timeout)
-        response = await self.d.execute(exec_request, bundle.record.runtime, take_slot=True)
-        status = "success" if response.success else ("timeout" if response.timed_out else "error")
+        args = to_bundle_request(request.method, "/" + request.match_info.get("path", ""), request.query, request.headers, body)
+        out = await self.pipeline.run(ref, HANDLER, args, self.cfg.timeout, max_timeout=self.cfg.timeout, attempts=1,
+                                      slot=self.scheduler.slot, queued_since=time.time())
+        metrics = out.metrics
+        assert metrics is not None  # a run that started has them
         total = time.monotonic() - started
-        self.meters.finished("gateway", status, bundle.record.runtime, response.metrics.execution_time_ms, total)
-        log.info("gateway request", author=did, bundle=ref.cid, rkey=rkey, method=request.method, status=status,
-                 runtime=bundle.record.runtime, isolation=self.d.executor.isolation,
-                 exec_ms=response.metrics.execution_time_ms, total_ms=int(total * 1000), error_type=response.error_type,
-                 error=response.error)
-        return self._answer(response, exec_request.timeout)
+        self.meters.finished("gateway", out.status, metrics.runtime, metrics.execution_time_ms, total)
+        log.info("gateway request", author=did, bundle=ref.cid, rkey=rkey, method=request.method, status=out.status,
+                 runtime=metrics.runtime, isolation=metrics.isolation, exec_ms=metrics.execution_time_ms,
+                 total_ms=int(total * 1000), error_type=out.error_type, error=out.error)
+        return self._answer(out, self.pipeline.timeout(self.cfg.timeout, self.cfg.timeout))
 
     def _not_too_busy(self) -> None:
         """Refuse rather than queue without bound: each waiting request holds a connection open."""
-        sched = self.d.scheduler
+        sched = self.scheduler
         waiting = sched.slot_waiters()
         if sched.running >= sched.concurrency and waiting >= self.cfg.max_waiting:
             raise HttpError(503, "Busy", f"{waiting} requests are already waiting for this runner; try again shortly",
@@ -350,7 +383,7 @@ class Gateway:
         if hit and time.monotonic() - hit[0] < self.cfg.latest_cache_seconds:
             return hit[1]
         try:
-            cid, _ = await self.d.repos.get_record(did, BUNDLE, rkey)
+            cid, _ = await self.repos.get_record(did, BUNDLE, rkey)
         except NotFound:
             self._latest.pop(key, None)
             raise NotFound(f"bundle at://{did}/{BUNDLE}/{rkey} does not exist") from None
@@ -359,38 +392,32 @@ class Gateway:
         self._latest[key] = (time.monotonic(), cid)
         return cid
 
-    def _answer(self, response, timeout: int) -> web.Response:
-        if response.timed_out:
-            return _json(504, {"error": "Timeout", "message": f"the bundle did not answer within {timeout} s"})
-        if not response.success:
-            kind = response.error_type or "Error"
-            if kind == "UnknownEndpoint":
-                return _json(404, {"error": "NoHandler", "message": f"the bundle defines no {HANDLER} endpoint"})
-            if kind == "ExecutorError":
-                return _json(503, {"error": "RunnerUnavailable", "message": "the runner could not start the bundle; try again"})
-            # The bundle's own message stays in the log: it may hold what its author would not publish.
-            return _json(502, {"error": "BundleFailed", "message": f"the bundle's {HANDLER} failed ({kind})"})
-        r = response.response
+    def _answer(self, out: Outcome, timeout: int) -> web.Response:
+        """The bundle's HTTP answer, checked; a run that gave none answers as http_error says."""
+        if out.status != "success":
+            raise http_error(out, timeout)
+        r = out.response
         if r is None:
             return _json(502, {"error": "InvalidResponse",
                                "message": f"{HANDLER} returned no HTTP response (an object with status, headers, body)"})
-        if r.status < 200:
+        status = r["status"]
+        if status < 200:
             # 1xx are interim answers: sent as the whole answer, the client would wait for a final one forever.
             return _json(502, {"error": "InvalidResponse",
-                               "message": f"the bundle answered with status {r.status}, which is not a final HTTP status"})
-        if r.is_base64:
+                               "message": f"the bundle answered with status {status}, which is not a final HTTP status"})
+        if r.get("isBase64"):
             try:
-                body = base64.b64decode(r.body, validate=True)
+                body = base64.b64decode(r["body"], validate=True)
             except ValueError:
                 return _json(502, {"error": "InvalidResponse", "message": "the bundle's body is marked isBase64 but is not base64"})
         else:
-            body = r.body.encode()
-        headers, dropped = response_headers(r.headers)
+            body = r["body"].encode()
+        headers, dropped = response_headers(r["headers"])
         if dropped:
             log.info("gateway: dropped headers the bundle set", headers=dropped)
-        if r.status in (204, 304):
+        if status in (204, 304):
             body = b""  # no body is allowed with these
-        return web.Response(status=r.status, body=body, headers=headers)
+        return web.Response(status=status, body=body, headers=headers)
 
     # -- XRPC ---------------------------------------------------------------------------
 
@@ -400,23 +427,22 @@ class Gateway:
             raise HttpError(501, "MethodNotImplemented", f"this runner implements only {INVOKE}")
         if request.method != "POST":
             raise HttpError(405, "InvalidRequest", f"{INVOKE} is a procedure: use POST")
-        assert self.auth is not None
         try:
-            caller = await self.auth.verify(request.headers.get("Authorization"), INVOKE, admit=self.d.policy.allows)
-            if not self.d.policy.allows(caller.did):  # the policy may have changed while the token was checked
+            caller = await self.auth.verify(request.headers.get("Authorization"), INVOKE, admit=self.policy.allows)
+            if not self.policy.allows(caller.did):  # the policy may have changed while the token was checked
                 raise NotServed(caller.did)
         except ServiceAuthError as e:
             self.meters.auth_failures.labels(e.reason).inc()
             raise
         except NotServed as e:
             self.meters.denied["xrpc"] += 1
-            raise HttpError(403, "Forbidden", f"{e.did} is not served by this runner (access mode {self.d.policy.mode})") from None
+            raise HttpError(403, "Forbidden", f"{e.did} is not served by this runner (access mode {self.policy.mode})") from None
         body = await self._body(request)
         inp = parse_invoke_input(body)
         self._not_too_busy()
         seen = time.time()
-        out = await self.d.run_bundle(inp.bundle, inp.endpoint, inp.args or {}, inp.timeout, queued_since=seen, attempts=1,
-                                      take_slot=True)
+        out = await self.pipeline.outcome(inp.bundle, inp.endpoint, inp.args or {}, inp.timeout, queued_since=seen, attempts=1,
+                                          slot=self.scheduler.slot)
         metrics = out.metrics
         if metrics is not None:
             metrics.total_ms = max(0, int((time.time() - seen) * 1000))
@@ -436,11 +462,10 @@ class Gateway:
     async def _write_result(self, caller, result) -> dict[str, str]:
         """Also keep the answer as a result record, at a key the caller can compute:
         result_rkey("at://CALLER/dev.atrun.invoke/JTI") (their DID and their token's jti)."""
-        assert self.d.session is not None
         record = result.to_record()
         rkey = result_rkey(f"at://{caller.did}/{INVOKE}/{caller.jti}")
         try:
-            uri, cid = await self.d.session.put_record(RESULT, rkey, record)
+            uri, cid = await self.session.put_record(RESULT, rkey, record)
         except AtrundError as e:
             raise HttpError(502, "ResultNotWritten", f"the bundle ran, but its result record could not be written: {e}") from None
         return {"uri": uri, "cid": cid}

@@ -226,10 +226,18 @@ class Scheduler:
 
         task.add_done_callback(done)
 
-    async def stop(self) -> None:
-        """Start nothing more (what waits stays pending for the next start); let running ones finish."""
+    async def stop(self, grace: float | None = None) -> int:
+        """Start nothing more (what waits stays pending for the next start); let running ones
+        finish, for at most ``grace`` seconds (None: however long they take), then cancel the
+        rest. Returns how many were cancelled."""
         self.stopped = True
         self._wake.set()
         for task in self.checks:
             task.cancel()
+        late: set[asyncio.Task] = set()
+        if self.tasks and grace is not None:
+            _, late = await asyncio.wait(set(self.tasks), timeout=grace)
+            for task in late:
+                task.cancel()
         await asyncio.gather(*self.tasks, *self.checks, return_exceptions=True)
+        return len(late)

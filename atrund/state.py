@@ -64,6 +64,15 @@ CREATE TABLE IF NOT EXISTS cursors (
 );
 """
 
+# Added after databases existed: run at every open (CREATE ... IF NOT EXISTS), which is how an
+# existing database gets it.
+INACTIVE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inactive_accounts (  -- authors the network reports taken down, suspended or deactivated
+    did    TEXT PRIMARY KEY,
+    since  REAL NOT NULL                        -- when it was last reported inactive (the oldest go first)
+);
+"""
+
 
 class StateLocked(AtrundError):
     pass
@@ -92,7 +101,8 @@ def _translated(method):
     return call
 
 
-_READS = {"cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures"}
+_READS = {"cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
+          "inactive_accounts"}
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ class State:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed "running" must survive a power cut
         self.db.executescript(SCHEMA)
+        self.db.executescript(INACTIVE_SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -265,6 +276,26 @@ class State:
         out = dict(self.db.execute("SELECT state, count(*) FROM invocations GROUP BY state").fetchall())
         out["unwritten"] = self.db.execute("SELECT count(*) FROM outbox WHERE written_at IS NULL").fetchone()[0]
         return out
+
+    # -- inactive accounts (atrund.ingest.inactive) ---------------------------------------
+
+    @_translated
+    def inactive_accounts(self) -> list[str]:
+        """The DIDs reported inactive, oldest report first."""
+        return [did for (did,) in self.db.execute("SELECT did FROM inactive_accounts ORDER BY since, did")]
+
+    @_translated
+    def set_inactive(self, did: str, evict: list[str] = ()) -> None:
+        """Remember ``did`` as inactive (now) and forget ``evict``, in one transaction."""
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO inactive_accounts(did, since) VALUES (?, ?)", (did, time.time()))
+            self.db.executemany("DELETE FROM inactive_accounts WHERE did = ?", [(d,) for d in evict])
+
+    @_translated
+    def forget_inactive(self, dids: list[str]) -> None:
+        """``dids`` are active again (or forgotten to stay under the limit)."""
+        with self._tx():
+            self.db.executemany("DELETE FROM inactive_accounts WHERE did = ?", [(d,) for d in dids])
 
     # -- outbox --------------------------------------------------------------------------
 

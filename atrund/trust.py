@@ -23,6 +23,7 @@ import structlog
 from atrund.access import AccessPolicy, PolicyEntries, PolicyFile, effective
 from atrund.errors import AtrundError
 from atrund.atproto.repos import Repos
+from atrund.atproto.uri import AtUri
 
 log = structlog.get_logger("atrund.trust")
 
@@ -64,7 +65,7 @@ async def follows(repos: Repos, operator: str) -> frozenset[str]:
 
 async def list_members(repos: Repos, list_uri: str) -> frozenset[str]:
     """The members of the app.bsky.graph.list at ``list_uri`` (read from its owner's repo)."""
-    owner = list_uri.removeprefix("at://").split("/", 1)[0]
+    owner = AtUri.parse(list_uri).did
     return await _subjects(repos, owner, LISTITEM, lambda v: v.get("list") == list_uri)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from atrund import config
-from atrund.daemon import Daemon
+from atrund.app import App
 from atrund.dev.stack import Account, LocalStack
 from atrund.errors import NotFound
 from atrund.execute import BACKENDS
@@ -213,7 +213,7 @@ async def reader(stack) -> AsyncIterator[Repos]:
 
 
 class RunnerHandle:
-    """A Daemon serving in this event loop, with its own account and state directory."""
+    """An App (the runner) serving in this event loop, with its own account and state directory."""
 
     def __init__(self, stack: LocalStack, account: Account, state_dir: Path, **sections: dict[str, Any]) -> None:
         pw = state_dir / "app-password"
@@ -232,22 +232,22 @@ class RunnerHandle:
         self.cfg = config.parse(data)
         self.account = account
         self.did = account.did
-        self.daemon: Daemon | None = None
+        self.app: App | None = None
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> "RunnerHandle":
-        self.daemon = Daemon(self.cfg)
-        await self.daemon.start()
+        self.app = App(self.cfg)
+        await self.app.start()
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self.daemon.run(self._stop))
+        self._task = asyncio.create_task(self.app.run(self._stop))
         return self
 
     async def stop(self) -> None:
         if self._task is not None:
             self._stop.set()
             await self._task
-            await self.daemon.close()
+            await self.app.close()
             self._task = None
 
 

@@ -393,7 +393,7 @@ async def get(url: str) -> tuple[int, dict, bytes]:
 async def test_gateway_answers_interim_and_odd_statuses_with_a_502_that_says_why(author, make_runner):
     runner = await make_runner(access={"allowlist": [author.account.did]})
     bundle = await author.publish(GATEWAY_BUNDLE)
-    base = f"{runner.daemon.gateway.url}/{author.account.did}/{bundle['uri'].rsplit('/', 1)[1]}"
+    base = f"{runner.app.gateway.url}/{author.account.did}/{bundle['uri'].rsplit('/', 1)[1]}"
     for status in (100, 101, 103, 199):
         code, _, body = await get(f"{base}/status/{status}")
         assert code == 502, (status, body)
@@ -472,5 +472,5 @@ async def test_results_of_hostile_answers_are_written_and_the_runner_goes_on(log
     for uri in later:
         value = await wait_result(reader, runner.did, uri)
         assert value["status"] == "success" and value["data"] == {"ok": True}
-    assert runner.daemon.health()["ok"] is True
-    assert runner.daemon.state.next_due_in() is None  # the outbox is empty: nothing refused and retried forever
+    assert runner.app.status.health()["ok"] is True
+    assert runner.app.state.next_due_in() is None  # the outbox is empty: nothing refused and retried forever

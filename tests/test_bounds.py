@@ -521,9 +521,9 @@ async def test_deep_invocations_are_rejected_naming_the_limit_and_the_authors_go
     assert await no_result(reader, runner.did, elsewhere, settle=0.5)
     assert not runner._task.done()  # still serving
     if mode == "poll":
-        assert runner.daemon.state.cursor(f"poll:{author.account.did}") == same.rsplit("/", 1)[1]  # moved past them all
+        assert runner.app.state.cursor(f"poll:{author.account.did}") == same.rsplit("/", 1)[1]  # moved past them all
     else:
-        assert runner.daemon.firehose.counters.proven >= len(deep) + 2  # proven from the frames, not polled
+        assert runner.app.firehose.counters.proven >= len(deep) + 2  # proven from the frames, not polled
     # and the runner still takes new work from both after it all
     later = await author.invoke(bundle, runner.did, args={"n": 4})
     assert (await wait_result(reader, runner.did, later))["data"] == {"n": 4}
@@ -568,7 +568,7 @@ async def test_xrpc_refuses_deep_and_mistyped_input_with_a_400_and_goes_on(autho
     """Args nested past the limit (they used to give a 500, or an internal error naming a
     pydantic serializer) and wrong types: a 400 naming the field; then a valid call runs."""
     runner = await make_runner(access={"allowlist": [author.account.did]})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     bundle = await author.publish(HELLO)
     for name in ["args-129", "args-300", "args-10000", "timeout-string", "timeout-true", "write-result-string"]:
         change, message = XRPC_BODIES[name]

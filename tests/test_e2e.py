@@ -33,7 +33,7 @@ async def test_success_lands_at_the_computed_uri_with_metrics(author, make_runne
     assert result.data == {"greeting": "hello ada"}
     assert result.invocation.uri == uri and result.bundle.cid == bundle["cid"]
     m = result.metrics
-    assert m.isolation == runner.daemon.executor.isolation == "process" and m.runtime == "python"  # auto picks it here
+    assert m.isolation == runner.app.executor.isolation == "process" and m.runtime == "python"  # auto picks it here
     assert m.execution_time_ms >= 0 and m.queued_ms >= 0 and m.total_ms >= m.execution_time_ms
 
 
@@ -123,8 +123,8 @@ async def test_allowlist_ignores_outsiders(login_author, author, make_runner, re
     ours = await author.invoke(bundle, runner.did)
     assert (await wait_result(reader, runner.did, ours))["status"] == "success"
     assert await no_result(reader, runner.did, theirs)
-    assert runner.daemon.intake.denied == 1
-    assert runner.daemon.state.status_of(theirs) == ("denied", None)
+    assert runner.app.intake.denied == 1
+    assert runner.app.state.status_of(theirs) == ("denied", None)
 
 
 async def test_blocklist_and_open_modes(login_author, author, make_runner, reader):
@@ -148,7 +148,7 @@ async def test_invocations_for_another_runner_are_left_alone(author, make_runner
     uri = await author.invoke(bundle, other.did)
     mine = await author.invoke(bundle, runner.did)
     await wait_result(reader, runner.did, mine)
-    assert runner.daemon.state.status_of(uri) is None
+    assert runner.app.state.status_of(uri) is None
     assert await no_result(reader, runner.did, uri, settle=0.5)
 
 
@@ -189,7 +189,7 @@ async def test_result_write_survives_an_unreachable_pds(stack, author, make_runn
     os.kill(stack.pid, signal.SIGSTOP)
     try:
         for _ in range(400):
-            row = runner.daemon.state.db.execute("SELECT attempts, last_error FROM outbox WHERE invocation_uri = ?", (uri,)).fetchone()
+            row = runner.app.state.db.execute("SELECT attempts, last_error FROM outbox WHERE invocation_uri = ?", (uri,)).fetchone()
             if row and row[0] >= 1:
                 break
             await asyncio.sleep(0.05)
@@ -278,7 +278,7 @@ async def test_reconciliation_finds_an_invocation_behind_the_cursor(author, make
         "createdAt": "2026-01-01T00:00:00.000Z"})
     value = await wait_result(reader, runner.did, behind, timeout=30)
     assert value["data"] == {"greeting": "hello late"}
-    assert runner.daemon.state.counts()["done"] == 2
+    assert runner.app.state.counts()["done"] == 2
 
 
 async def test_one_authors_flood_does_not_hold_up_another(login_author, make_runner, reader):
@@ -297,7 +297,7 @@ async def test_one_authors_flood_does_not_hold_up_another(login_author, make_run
     # Counted from the moment the runner stored the single one: flood invocations that ran while
     # the flood was still being posted (before the single one existed) are not ahead of it.
     times = {u: (seen, started) for u, seen, started in
-             runner.daemon.state.db.execute("SELECT uri, seen_at, started_at FROM invocations").fetchall()}
+             runner.app.state.db.execute("SELECT uri, seen_at, started_at FROM invocations").fetchall()}
     seen, started = times[single]
     ahead = [u for u in flood if u in times and times[u][1] is not None and seen < times[u][1] < started]
     assert len(ahead) <= 2, f"{len(ahead)} of the flood started between the other author's being stored and starting"
@@ -318,13 +318,13 @@ async def test_an_invocation_deleted_while_it_waits_is_withdrawn(author, make_ru
     slow = await author.invoke(bundle, runner.did, args={"s": 3})
     doomed = await author.invoke(bundle, runner.did, args={"s": 0})
     for _ in range(100):  # until the poller has stored both
-        if runner.daemon.state.status_of(doomed) is not None:
+        if runner.app.state.status_of(doomed) is not None:
             break
         await asyncio.sleep(0.05)
-    assert runner.daemon.state.status_of(doomed) == ("pending", None)
+    assert runner.app.state.status_of(doomed) == ("pending", None)
     await author.session.delete_record(INVOCATION, doomed.rsplit("/", 1)[1])
     assert (await wait_result(reader, runner.did, slow))["status"] == "success"
     after = await author.invoke(bundle, runner.did, args={"s": 0})
     assert (await wait_result(reader, runner.did, after))["status"] == "success"
-    assert runner.daemon.state.status_of(doomed) == ("withdrawn", None)
+    assert runner.app.state.status_of(doomed) == ("withdrawn", None)
     assert await no_result(reader, runner.did, doomed, settle=0.2)

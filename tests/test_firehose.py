@@ -20,7 +20,7 @@ async def test_firehose_runs_each_invocation_once_across_a_restart(author, make_
     second = await make_runner(account=account, state_name="fh", **sections)
     assert (await wait_result(reader, second.did, while_down))["data"] == {"n": 2}
     await asyncio.sleep(1.5)
-    assert second.daemon.state.counts()["done"] == 2  # nothing ran twice
+    assert second.app.state.counts()["done"] == 2  # nothing ran twice
 
 
 async def test_an_invocation_deleted_before_it_runs_is_not_run(author, make_runner, new_account, reader):
@@ -41,7 +41,7 @@ async def test_an_invocation_deleted_before_it_runs_is_not_run(author, make_runn
     kept = await author.invoke(bundle, account.did, args={"n": 4})
     second = await make_runner(account=account, state_name="fh2", **sections)
     assert (await wait_result(reader, second.did, kept))["data"] == {"n": 4}
-    assert second.daemon.state.status_of(doomed) == ("withdrawn", None)
+    assert second.app.state.status_of(doomed) == ("withdrawn", None)
     assert await no_result(reader, second.did, doomed, settle=0.5)
 
 
@@ -107,6 +107,6 @@ async def test_an_invocation_posted_while_the_socket_is_cut_runs_once_after_reco
     await pipe.open()
     assert (await wait_result(reader, runner.did, during))["data"] == {"n": 2}
     await asyncio.sleep(1.0)
-    assert runner.daemon.state.counts()["done"] == 2  # the replay after reconnect ran nothing twice
+    assert runner.app.state.counts()["done"] == 2  # the replay after reconnect ran nothing twice
     assert pipe.connections >= 2
     pipe.server.close()

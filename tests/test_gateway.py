@@ -52,7 +52,7 @@ async def test_request_reaches_handler_and_answer_comes_back(author, make_runner
     """Method, path, query (without cid), headers (without cookies) and body reach handleRequest;
     status, headers and a base64 body come back as the bundle set them."""
     runner = await make_runner(access={"allowlist": [author.account.did]})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     bundle = await author.publish(HANDLER)
     url = f"{base}/{author.account.did}/{rkey(bundle)}/some/path?a=1&a=2&b=x"
     status, headers, body = await call("POST", url, data=b'{"k": "v"}', headers={"X-Custom": "yes", "Cookie": "c=1"})
@@ -86,7 +86,7 @@ async def test_request_reaches_handler_and_answer_comes_back(author, make_runner
 async def test_gateway_can_be_disabled(author, make_runner, reader):
     """enabled = false: nothing listens, and the runner record names no gateway."""
     runner = await make_runner(access={"mode": "open"}, gateway={"enabled": False})
-    assert runner.daemon.gateway is None
+    assert runner.app.gateway is None
     _, value = await reader.get_record(runner.did, RUNNER, "self")
     assert "gatewayUrl" not in value and "gatewayRequestsPerMinute" not in value["limits"]
 
@@ -95,7 +95,7 @@ async def test_cid_pins_a_version_and_latest_follows_updates(author, make_runner
     """?cid= runs exactly that version (from the verified cache once the repo moved on); without
     it, the latest record runs. A CID the runner never saw and the repo no longer holds is 404."""
     runner = await make_runner(access={"allowlist": [author.account.did]}, gateway={"listen": "127.0.0.1:0", "latest_cache_seconds": 0})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     v1 = await author.publish(HANDLER)
     route = f"{base}/{author.account.did}/{rkey(v1)}/x"
     status, headers, _ = await call("GET", f"{route}?cid={v1['cid']}")
@@ -129,7 +129,7 @@ async def test_errors_are_json_with_the_documented_status(login_author, author, 
     outsider = await login_author("outsider")
     runner = await make_runner(access={"allowlist": [author.account.did]}, executor={"warm": 2},
                                gateway={"listen": "127.0.0.1:0", "timeout": 2, "max_body_bytes": 1000})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     bundle = await author.publish(HANDLER)
     no_handler = await author.publish("def main(args):\n    return 1\n")
     route = f"{base}/{author.account.did}/{rkey(bundle)}"
@@ -182,7 +182,7 @@ async def test_rate_limit_per_bundle(author, make_runner):
     """Past the burst, a bundle gets 429 with Retry-After; another bundle is not affected."""
     runner = await make_runner(access={"allowlist": [author.account.did]},
                                gateway={"listen": "127.0.0.1:0", "burst": 2, "rate_per_minute": 6})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     a, b = await author.publish(HANDLER), await author.publish(HANDLER)
     statuses = [(await call("GET", f"{base}/{author.account.did}/{rkey(a)}/x"))[0] for _ in range(3)]
     assert statuses == [200, 200, 429]
@@ -196,7 +196,7 @@ async def test_hostile_headers_are_dropped_not_passed_on(author, make_runner):
     headers past the 64th are dropped; the answer still goes out, sandboxed by CSP."""
     runner = await make_runner(access={"allowlist": [author.account.did]})
     bundle = await author.publish(HOSTILE)
-    status, headers, body = await call("GET", f"{runner.daemon.gateway.url}/{author.account.did}/{rkey(bundle)}/")
+    status, headers, body = await call("GET", f"{runner.app.gateway.url}/{author.account.did}/{rkey(bundle)}/")
     assert status == 200 and body == b"still answered"
     assert headers["x-ok"] == "fine"
     for name in ("Set-Cookie", "Strict-Transport-Security", "Clear-Site-Data", "x-huge", "bad name", "Transfer-Encoding"):
@@ -214,7 +214,7 @@ async def test_deno_bundle_answers_with_a_web_response(author, make_runner):
               '  return new Response(`deno ${req.method} ${u.pathname} ${u.searchParams.get("q")}`,'
               ' {status: 202, headers: {"x-rt": "deno"}});\n}\n')
     bundle = await author.publish(source, runtime="deno")
-    status, headers, body = await call("GET", f"{runner.daemon.gateway.url}/{author.account.did}/{rkey(bundle)}/p?q=1")
+    status, headers, body = await call("GET", f"{runner.app.gateway.url}/{author.account.did}/{rkey(bundle)}/p?q=1")
     assert status == 202 and headers["x-rt"] == "deno" and body == b"deno GET /p 1"
 
 
@@ -234,11 +234,11 @@ async def test_healthz_and_metrics_move_after_requests(login_author, author, mak
 
     outsider = await login_author("outsider")
     runner = await make_runner(access={"allowlist": [author.account.did]})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     status, _, body = await call("GET", f"{base}/healthz")
     health = json.loads(body)
     assert status == 200 and health["ok"] is True and health["uptimeSeconds"] > 0 and health["did"] == runner.did
-    assert health["pool"]["isolation"] == runner.daemon.executor.isolation and "python" in health["pool"]["warm"]
+    assert health["pool"]["isolation"] == runner.app.executor.isolation and "python" in health["pool"]["warm"]
 
     _, headers, before = await call("GET", f"{base}/metrics")
     assert headers["content-type"].startswith("text/plain")
@@ -274,7 +274,7 @@ async def test_gateway_requests_share_the_executor_slots(author, make_runner):
     runner = await make_runner(access={"allowlist": [author.account.did]}, executor={"concurrency": 1, "warm": 2})
     source = "import time\ndef handleRequest(req):\n    time.sleep(1)\n    return {'status': 200, 'body': 'ok'}\n"
     bundle = await author.publish(source)
-    url = f"{runner.daemon.gateway.url}/{author.account.did}/{rkey(bundle)}/"
+    url = f"{runner.app.gateway.url}/{author.account.did}/{rkey(bundle)}/"
     await call("GET", url)  # fetch and cache the bundle first
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -290,7 +290,7 @@ async def test_too_many_waiting_requests_get_503(author, make_runner):
                                gateway={"listen": "127.0.0.1:0", "max_waiting": 1})
     source = "import time\ndef handleRequest(req):\n    time.sleep(1.5)\n    return {'status': 200, 'body': 'ok'}\n"
     bundle = await author.publish(source)
-    url = f"{runner.daemon.gateway.url}/{author.account.did}/{rkey(bundle)}/"
+    url = f"{runner.app.gateway.url}/{author.account.did}/{rkey(bundle)}/"
     await call("GET", url)  # fetch and cache the bundle first
     running = asyncio.create_task(call("GET", url))
     await asyncio.sleep(0.5)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def healthz(runner) -> dict:
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{runner.daemon.gateway.url}/healthz") as resp:
+        async with http.get(f"{runner.app.gateway.url}/healthz") as resp:
             assert resp.status == 200
             return await resp.json()
 
@@ -283,7 +283,7 @@ async def test_an_author_whose_polls_fail_is_named_and_the_others_are_served(aut
         uri = await who.invoke(bundle, runner.did, args={"n": n})
         assert Result.model_validate(await wait_result(reader, runner.did, uri)).value() == {"n": n}
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{runner.daemon.gateway.url}/metrics") as resp:
+        async with http.get(f"{runner.app.gateway.url}/metrics") as resp:
             text = await resp.text()
     assert f'atrund_poll_failures_total{{author="{ghost}"}}' in text
     for name in ("atrund_outbox_depth", "atrund_outbox_oldest_seconds", "atrund_result_write_failures_total",
@@ -330,7 +330,7 @@ async def test_an_unwritable_state_store_degrades_then_recovers_without_losing_o
         report = await until(lambda: _degraded_with(runner, "state"), "/healthz to name the state store", timeout=20)
         assert report["ok"] is True
         await asyncio.sleep(4)  # the slow bundle finishes while the store refuses writes
-        assert runner.daemon._held, "the finished outcome should be held, not lost"
+        assert runner.app.runs.held, "the finished outcome should be held, not lost"
     finally:
         chattr("-i", *files)
     first = Result.model_validate(await wait_result(reader, runner.did, running, timeout=40))
@@ -343,7 +343,7 @@ async def test_an_unwritable_state_store_degrades_then_recovers_without_losing_o
 
 
 async def _status(runner, uri: str, state: str) -> bool:
-    found = runner.daemon.state.status_of(uri)
+    found = runner.app.state.status_of(uri)
     return found is not None and found[0] == state
 
 
@@ -416,7 +416,7 @@ async def test_an_unlisted_did_web_caller_makes_the_runner_connect_nowhere(autho
                            "jti": "x" * 16}), b64({"sig": 1})])
     try:
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{runner.daemon.gateway.url}/xrpc/dev.atrun.invoke", json={},
+            async with http.post(f"{runner.app.gateway.url}/xrpc/dev.atrun.invoke", json={},
                                  headers={"Authorization": f"Bearer {token}"}) as resp:
                 body = await resp.json()
                 assert resp.status == 403, body
@@ -433,10 +433,10 @@ async def test_an_unlisted_handle_on_the_gateway_is_refused_before_its_did_is_re
     stranger = await login_author("stranger")
     runner = await make_runner(access={"allowlist": [author.account.did]})
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{runner.daemon.gateway.url}/{stranger.account.handle}/3kaaaaaaaaaaa/") as resp:
+        async with http.get(f"{runner.app.gateway.url}/{stranger.account.handle}/3kaaaaaaaaaaa/") as resp:
             body = await resp.json()
             assert resp.status == 403 and body["error"] == "AuthorDenied", body
-    assert stranger.account.did not in runner.daemon.identities._cache
+    assert stranger.account.did not in runner.app.identities._cache
 
 
 # -- logs and signals --------------------------------------------------------------------------

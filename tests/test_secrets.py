@@ -172,7 +172,7 @@ async def _runner_key(reader, runner_did):
 
 async def test_runner_publishes_its_key(secret_runner, reader):
     key = await _runner_key(reader, secret_runner.did)
-    assert key.id == secret_runner.daemon.keyring.current.id
+    assert key.id == secret_runner.app.keyring.current.id
 
 
 @pytest.fixture
@@ -300,7 +300,7 @@ async def test_cli_keys_init_publish_invoke_and_seal(stack, new_account, make_ru
 
     alice = new_account("cli")
     runner = await make_runner(access={"allowlist": [alice.did]}, secrets={"key_file": str(path)}, permissions={"env": ["API_KEY"]})
-    assert runner.daemon.keyring.current.id == key["id"]
+    assert runner.app.keyring.current.id == key["id"]
     env = {**_author_env(stack, alice), "MY_KEY": "from-my-environment"}
     src = tmp_path / "proof.py"
     src.write_text(PROOF)
@@ -327,7 +327,7 @@ async def test_cli_keys_init_publish_invoke_and_seal(stack, new_account, make_ru
     assert sealed.returncode == 0, sealed.stderr
     items = json.loads(sealed.stdout)
     assert [i["name"] for i in items] == ["API_KEY", "MY_KEY"] and "abc123" not in sealed.stdout
-    opened = runner.daemon.keyring.open(items, author=alice.did, runner=runner.did, bundle_uri=bundle["uri"], where="test")
+    opened = runner.app.keyring.open(items, author=alice.did, runner=runner.did, bundle_uri=bundle["uri"], where="test")
     assert opened == {"API_KEY": "abc123", "MY_KEY": "from-my-environment"}
     bad = atrund("secret", "seal", "--runner", runner.did, "--bundle", bundle["uri"], "NOT_SET_ANYWHERE", env=env)
     assert bad.returncode == 2 and "no environment variable NOT_SET_ANYWHERE" in bad.stderr
@@ -359,16 +359,16 @@ def test_records_carrying_secrets_pass_the_official_validator(keyfile):
 def test_key_file_configuration(tmp_path):
     """No default key: secrets refused, not an error. A named key file that is missing: an error naming it."""
     from atrund import config
-    from atrund.daemon import _load_keyring
+    from atrund.app import load_keyring
 
     base = {"runner": {"pds": "http://x", "identifier": "r.test"}, "state": {"dir": str(tmp_path / "st")}}
-    assert _load_keyring(config.parse(base)) is None
+    assert load_keyring(config.parse(base)) is None
     with pytest.raises(KeyFileError, match="old_key_files is set but there is no current key"):
-        _load_keyring(config.parse({**base, "secrets": {"old_key_files": [str(tmp_path / "old")]}}))
+        load_keyring(config.parse({**base, "secrets": {"old_key_files": [str(tmp_path / "old")]}}))
     with pytest.raises(KeyFileError, match=f"{tmp_path / 'nope.key'}: cannot read"):
-        _load_keyring(config.parse({**base, "secrets": {"key_file": str(tmp_path / "nope.key")}}))
+        load_keyring(config.parse({**base, "secrets": {"key_file": str(tmp_path / "nope.key")}}))
     generate_key_file(tmp_path / "st" / "secrets.key")  # the default place
-    assert _load_keyring(config.parse(base)) is not None
+    assert load_keyring(config.parse(base)) is not None
 
 
 @pytest.mark.parametrize("runtime, source", [

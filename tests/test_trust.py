@@ -83,8 +83,8 @@ async def test_follows_mode_serves_whom_the_runner_follows_until_unfollowed(auth
         assert (await wait_result(reader, runner.did, served))["status"] == "success"
 
         await me.delete_record(FOLLOW, follow_uri.rsplit("/", 1)[1])
-        await _until(lambda: not runner.daemon.policy.allows(author.account.did))
-        assert author.account.did not in runner.daemon.poller.authors
+        await _until(lambda: not runner.app.policy.allows(author.account.did))
+        assert author.account.did not in runner.app.poller.authors
         dropped = await author.invoke(bundle, runner.did)
         assert await no_result(reader, runner.did, dropped)
     finally:
@@ -99,11 +99,11 @@ async def test_follows_of_a_named_operator_and_blocks_win(author, login_author, 
         for who in (author, blocked):
             await op.create_record(FOLLOW, {"subject": who.account.did, "createdAt": now_iso()})
         runner = await make_runner(access={"mode": "follows", "operator": operator.did, "blocklist": [blocked.account.did]})
-        assert runner.daemon.policy.source == operator.did
+        assert runner.app.policy.source == operator.did
         ok = await author.invoke(await author.publish(HELLO), runner.did)
         assert (await wait_result(reader, runner.did, ok))["status"] == "success"
-        assert not runner.daemon.policy.allows(blocked.account.did)
-        assert blocked.account.did not in runner.daemon.poller.authors
+        assert not runner.app.policy.allows(blocked.account.did)
+        assert blocked.account.did not in runner.app.poller.authors
     finally:
         await op.close()
 
@@ -122,7 +122,7 @@ async def test_list_mode_serves_members_until_removed(stack, author, login_autho
         runner = await make_runner(access={"mode": "list", "list_uri": list_uri, "refresh_interval": 1})
         _, declared = await reader.get_record(runner.did, RUNNER, "self")
         assert declared["accessMode"] == "list" and declared["accessSource"] == list_uri
-        assert runner.daemon.policy.served() == [author.account.did]
+        assert runner.app.policy.served() == [author.account.did]
         bundle = await author.publish(HELLO)
         ok = await author.invoke(bundle, runner.did)
         assert (await wait_result(reader, runner.did, ok))["status"] == "success"
@@ -136,7 +136,7 @@ async def test_list_mode_serves_members_until_removed(stack, author, login_autho
         assert json.loads(listed.stdout)["trusted"] == {"of": list_uri, "refreshSeconds": 300.0, "members": [author.account.did]}
 
         await s.delete_record(LISTITEM, item.rsplit("/", 1)[1])
-        await _until(lambda: not runner.daemon.policy.allows(author.account.did))
+        await _until(lambda: not runner.app.policy.allows(author.account.did))
         gone = await author.invoke(bundle, runner.did)
         assert await no_result(reader, runner.did, gone)
     finally:
@@ -158,7 +158,7 @@ async def test_access_allow_and_deny_reach_a_running_daemon(stack, author, make_
     p = await asyncio.to_thread(atrund, "access", "allow", author.account.handle, "-c", str(cfg))  # a handle, resolved
     assert p.returncode == 0, p.stderr
     assert author.account.did in p.stderr
-    await _until(lambda: runner.daemon.policy.allows(author.account.did), timeout=5)
+    await _until(lambda: runner.app.policy.allows(author.account.did), timeout=5)
     served = await author.invoke(bundle, runner.did)
     assert (await wait_result(reader, runner.did, served))["status"] == "success"
 
@@ -167,7 +167,7 @@ async def test_access_allow_and_deny_reach_a_running_daemon(stack, author, make_
 
     p = await asyncio.to_thread(atrund, "access", "deny", author.account.did, "-c", str(cfg))
     assert p.returncode == 0, p.stderr
-    await _until(lambda: not runner.daemon.policy.allows(author.account.did), timeout=5)
+    await _until(lambda: not runner.app.policy.allows(author.account.did), timeout=5)
     after = await author.invoke(bundle, runner.did)
     assert await no_result(reader, runner.did, after)
 
@@ -177,12 +177,12 @@ async def test_access_allow_and_deny_reach_a_running_daemon(stack, author, make_
 
 async def test_a_broken_policy_file_keeps_the_last_good_policy(author, make_runner):
     runner = await make_runner(access={"allowlist": []})
-    f = runner.daemon.policy.file
+    f = runner.app.policy.file
     f.allow(author.account.did)
-    await _until(lambda: runner.daemon.policy.allows(author.account.did), timeout=5)
+    await _until(lambda: runner.app.policy.allows(author.account.did), timeout=5)
     f.path.write_text("{not json")
     await asyncio.sleep(1.5)
-    assert runner.daemon.policy.allows(author.account.did)
+    assert runner.app.policy.allows(author.account.did)
 
 
 async def test_an_unreadable_trust_source_keeps_the_last_known_set(author, new_account, make_runner):
@@ -194,7 +194,7 @@ async def test_an_unreadable_trust_source_keeps_the_last_known_set(author, new_a
     try:
         await op.create_record(FOLLOW, {"subject": author.account.did, "createdAt": now_iso()})
         runner = await make_runner(access={"mode": "follows", "operator": operator.did})
-        live = runner.daemon.policy
+        live = runner.app.policy
         assert live.allows(author.account.did)
         live.source = "did:plc:nobodyhomexxxxxxxxxxxxx"  # resolves nowhere: every read fails
         with pytest.raises(TrustUnavailable, match="did:plc:nobodyhomexxxxxxxxxxxxx"):
@@ -206,4 +206,4 @@ async def test_an_unreadable_trust_source_keeps_the_last_known_set(author, new_a
 
 async def test_a_runner_whose_operator_does_not_resolve_still_starts(make_runner):
     runner = await make_runner(access={"mode": "follows", "operator": "did:plc:nobodyhomexxxxxxxxxxxxx"})
-    assert runner.daemon.policy.trusted == frozenset() and runner.daemon.poller.authors == []
+    assert runner.app.policy.trusted == frozenset() and runner.app.poller.authors == []

@@ -63,7 +63,7 @@ async def invoke(base: str, jwt: str | None, body: dict | bytes) -> tuple[int, d
 async def test_a_real_token_runs_the_bundle_synchronously(author, make_runner, reader):
     """The answer has the result record's shape; writeResult also stores it at the computable key."""
     runner = await make_runner(access={"allowlist": [author.account.did]})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     bundle = await author.publish(BUNDLE)
     status, out = await invoke(base, await token(author, runner.did), {"bundle": bundle, "endpoint": "main", "args": {"name": "ada"}})
     assert status == 200, out
@@ -92,7 +92,7 @@ async def test_bad_tokens_are_refused_with_401(login_author, author, make_runner
     # Both served: a token naming a DID the policy does not serve is refused before its signature
     # is checked (403, tests/test_resilience.py); here every refusal is the token's own.
     runner = await make_runner(access={"allowlist": [author.account.did, other.account.did]})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     bundle = await author.publish(BUNDLE)
     body = {"bundle": bundle, "endpoint": "main"}
 
@@ -120,7 +120,7 @@ async def test_bad_tokens_are_refused_with_401(login_author, author, make_runner
     assert status == 200 and out["status"] == "success"
     assert "already used" in await refused(genuine)
 
-    metrics = runner.daemon.meters.render().decode()
+    metrics = runner.app.meters.render().decode()
     assert 'atrund_xrpc_auth_failures_total{reason="replayed"} 1.0' in metrics
     assert 'atrund_xrpc_auth_failures_total{reason="signature"} 2.0' in metrics
 
@@ -133,7 +133,7 @@ async def test_expired_and_pre_start_tokens_are_refused(author, make_runner, sta
     early = await token(author, runner.did)
     await asyncio.sleep(1.1)  # iat has one-second resolution
     await runner.start()
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     bundle = await author.publish(BUNDLE)
     body = {"bundle": bundle, "endpoint": "main"}
     status, out = await invoke(base, early, body)
@@ -150,7 +150,7 @@ async def test_caller_policy_and_input_errors(login_author, author, make_runner)
     methods 501; GET 405."""
     outsider = await login_author("outsider")
     runner = await make_runner(access={"allowlist": [author.account.did]})
-    base = runner.daemon.gateway.url
+    base = runner.app.gateway.url
     bundle = await author.publish(BUNDLE)
     status, out = await invoke(base, await token(outsider, runner.did), {"bundle": bundle, "endpoint": "main"})
     assert status == 403 and out["error"] == "Forbidden" and outsider.account.did in out["message"]

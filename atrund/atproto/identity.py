@@ -1,5 +1,7 @@
 """Who is who: DID documents (did:plc through a configurable PLC directory, did:web) and the
 PDS each DID lives on, cached for a while (an author who moves PDS is picked up after the TTL).
+The caches are LRUs of ``cache_size`` entries (``[identity] cache_size``): callers choose the
+DIDs and handles, so the runner's memory must not grow with them.
 
 Documents are fetched here rather than by the SDK's resolver so that what a directory or a
 did:web host sends is bounded: at most MAX_DOCUMENT_BYTES, nested at most bounds.MAX_DEPTH
@@ -14,26 +16,32 @@ from collections.abc import Callable
 
 import aiohttp
 from atproto_core.did_doc import DidDocument
+from atproto_crypto.did import parse_did_key
 from atproto_identity.did.resolvers.base_resolver import AsyncBaseResolver
 from atproto_identity.did.resolvers.web_resolver import _DidWebResolverBase
 from atproto_identity.exceptions import AtProtocolError
 
 from atrund import bounds
-from atrund.errors import IdentityError, NotServed
+from atrund.atproto.http import read_capped
+from atrund.atproto.lru import LRU
+from atrund.errors import IdentityError, NotServed, TooLarge
 
 HANDLE = re.compile(r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 NEGATIVE_SECONDS = 30  # how long a handle that did not resolve stays unresolved
 MAX_DOCUMENT_BYTES = 64 * 1024  # a DID document is about a kilobyte; a hostile host could send forever
+MAX_ANSWER_BYTES = 64 * 1024  # a resolveHandle answer is a DID in a small object
+CACHE_SIZE = 10_000  # DID documents (and, separately, handles) kept: [identity] cache_size
 
 
 class Identities:
-    def __init__(self, plc_url: str, cache_seconds: int = 300, timeout: float = 10.0) -> None:
+    def __init__(self, plc_url: str, cache_seconds: int = 300, timeout: float = 10.0, cache_size: int = CACHE_SIZE) -> None:
         self._plc_url = plc_url.rstrip("/")
         self._ttl = cache_seconds
-        self._cache: dict[str, tuple[float, DidDocument]] = {}
-        self._handles: dict[str, tuple[float, str | None, str | None]] = {}  # handle -> (when, DID, or why not)
+        self.cache_size = cache_size
+        self._cache: LRU[str, tuple[float, DidDocument]] = LRU(cache_size)
+        self._handles: LRU[str, tuple[float, str | None, str | None]] = LRU(cache_size)  # handle -> (when, DID, or why not)
         self._timeout = timeout
         self._http: aiohttp.ClientSession | None = None
 
@@ -48,7 +56,7 @@ class Identities:
         if body is None:
             raise IdentityError(f"cannot resolve {did}: no DID document")
         doc = parse_document(did, body)
-        self._cache[did] = (time.monotonic(), doc)
+        self._cache.put(did, (time.monotonic(), doc))
         return doc
 
     async def _fetch(self, did: str) -> bytes | None:
@@ -67,20 +75,33 @@ class Identities:
                 return None
             if resp.status != 200:
                 raise IdentityError(f"cannot resolve {did}: HTTP {resp.status} from {url}")
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(65536):
-                body += chunk
-                if len(body) > MAX_DOCUMENT_BYTES:
-                    raise IdentityError(f"cannot resolve {did}: the DID document is larger than the limit of "
-                                        f"{MAX_DOCUMENT_BYTES} bytes")
-        return bytes(body)
+            try:
+                return await read_capped(resp, MAX_DOCUMENT_BYTES, "the DID document")
+            except TooLarge as e:
+                raise IdentityError(f"cannot resolve {did}: {e}") from None
 
     async def pds(self, did: str) -> str:
+        """The URL of ``did``'s PDS; IdentityError if its document names none, or one that is not
+        an http(s) URL (the SDK reads only a string with a scheme and a host as one)."""
         doc = await self.document(did)
         endpoint = doc.get_pds_endpoint()
         if not endpoint:
-            raise IdentityError(f"{did} names no PDS (#atproto_pds service) in its DID document")
+            raise IdentityError(f"{did} names no PDS (#atproto_pds service with an http(s) URL) in its DID document")
         return endpoint.rstrip("/")
+
+    async def signing_key(self, did: str, refresh: bool = False) -> str:
+        """The ``did:key`` of ``did``'s atproto signing key (its ``#atproto`` verification method),
+        checked to be one: IdentityError if the document names none, or one that does not parse."""
+        doc = await self.document(did, refresh=refresh)
+        try:
+            key = doc.get_did_key()  # None for a method of a type the SDK does not know
+            if key is not None:
+                parse_did_key(key)
+        except (AtProtocolError, ValueError) as e:
+            raise IdentityError(f"{did}'s DID document names a signing key that is not a valid did:key: {e}") from None
+        if key is None:
+            raise IdentityError(f"{did} publishes no atproto signing key (#atproto verification method) in its DID document")
+        return key
 
     async def close(self) -> None:
         if self._http is not None:
@@ -106,14 +127,12 @@ class Identities:
                 return did
             if error is not None and time.monotonic() - at < NEGATIVE_SECONDS:
                 raise IdentityError(error)
-        if len(self._handles) > 10_000:  # bounded: anonymous callers choose the handles
-            self._handles.clear()
         try:
             did = await self._resolve_handle(handle, via_pds, admit)
         except IdentityError as e:  # remembered for a while too: a web caller must not make us ask again and again
-            self._handles[handle] = (time.monotonic(), None, str(e))
+            self._handles.put(handle, (time.monotonic(), None, str(e)))
             raise
-        self._handles[handle] = (time.monotonic(), did, None)
+        self._handles.put(handle, (time.monotonic(), did, None))
         return did
 
     async def _resolve_handle(self, handle: str, via_pds: str, admit: Callable[[str], bool] | None) -> str:
@@ -126,7 +145,7 @@ class Identities:
         return did
 
     def forget(self, did: str) -> None:
-        self._cache.pop(did, None)
+        self._cache.pop(did)
 
 
 def parse_document(did: str, body: bytes) -> DidDocument:
@@ -152,9 +171,15 @@ async def resolve_handle(handle: str, pds: str, timeout: float = 10.0) -> str:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
             async with http.get(url, params={"handle": handle.removeprefix("@")}) as resp:
-                body = await resp.json(content_type=None)
+                raw = await read_capped(resp, MAX_ANSWER_BYTES, "the answer of resolveHandle")
     except (aiohttp.ClientError, TimeoutError, ValueError) as e:
         raise IdentityError(f"cannot resolve handle {handle} at {pds}: {type(e).__name__}: {e}") from e
+    except TooLarge as e:
+        raise IdentityError(f"cannot resolve handle {handle} at {pds}: {e}") from None
+    try:
+        body = bounds.loads(raw, "the answer of resolveHandle")
+    except bounds.Malformed as e:
+        raise IdentityError(f"cannot resolve handle {handle} at {pds}: HTTP {resp.status}, {e}") from None
     did = body.get("did") if isinstance(body, dict) else None
     if resp.status != 200 or not isinstance(did, str) or not did.startswith("did:"):
         why = body.get("message") if isinstance(body, dict) else None

@@ -23,6 +23,7 @@ from typing import Any
 
 import coincurve
 import libipld
+from atproto_core.exceptions import AtProtocolError
 from atproto_crypto.algs import ALGORITHM_TO_CLASS
 from atproto_crypto.did import parse_did_key
 from cryptography.exceptions import InvalidSignature
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from atrund import bounds
-from atrund.errors import AtrundError
+from atrund.errors import AtrundError, IdentityError
 
 CBOR_SHA256_CID = b"\x01\x71\x12\x20"  # CIDv1, dag-cbor, sha2-256, 32-byte digest: all repo blocks
 
@@ -53,16 +54,21 @@ class SigningKey:
     """
 
     def __init__(self, did_key: str) -> None:
-        parsed = parse_did_key(did_key)
-        if parsed.jwt_alg == "ES256K":
-            self._k256 = coincurve.PublicKey(parsed.key_bytes)
-            return
-        alg = ALGORITHM_TO_CLASS.get(parsed.jwt_alg)
-        if alg is None:
-            raise ProofError(f"unsupported signing key algorithm {parsed.jwt_alg}")
-        self._k256 = None
-        self._p256 = alg()
-        self._public = self._p256.get_elliptic_curve_public_key(parsed.key_bytes)
+        """IdentityError if ``did_key`` (from a DID document: remote input) is not a public key
+        of an algorithm atproto signs with."""
+        try:
+            parsed = parse_did_key(did_key)
+            if parsed.jwt_alg == "ES256K":
+                self._k256 = coincurve.PublicKey(parsed.key_bytes)
+                return
+            alg = ALGORITHM_TO_CLASS.get(parsed.jwt_alg)
+            if alg is None:
+                raise IdentityError(f"unsupported signing key algorithm {parsed.jwt_alg}")
+            self._k256 = None
+            self._p256 = alg()
+            self._public = self._p256.get_elliptic_curve_public_key(parsed.key_bytes)
+        except (AtProtocolError, ValueError, TypeError) as e:  # the SDK's, and the curve libraries' for a bad point
+            raise IdentityError(f"the signing key {did_key[:100]!r} is not a usable public key: {e}") from None
 
     def verify(self, data: bytes, sig: bytes) -> bool:
         if len(sig) != 64:
@@ -150,6 +156,8 @@ def mst_lookup(blocks: dict[bytes, bytes], root: bytes, path: str) -> bytes | No
             raise ProofError(f"MST node {_cid_str(node_cid)} is malformed")
         child, previous = node.get("l"), b""
         for entry in node["e"]:
+            if not _entry_ok(entry):
+                raise ProofError(f"MST node {_cid_str(node_cid)} has a malformed entry")
             full = previous[: entry["p"]] + entry["k"]
             previous = full
             if full == key:
@@ -157,8 +165,17 @@ def mst_lookup(blocks: dict[bytes, bytes], root: bytes, path: str) -> bytes | No
             if full > key:
                 break
             child = entry.get("t")
+        if child is not None and not isinstance(child, bytes):
+            raise ProofError(f"MST node {_cid_str(node_cid)} links a subtree by something that is not a CID")
         node_cid = child
     return None
+
+
+def _entry_ok(entry: Any) -> bool:
+    """An MST entry: ``p`` a prefix length, ``k`` key bytes, ``v`` a CID, ``t`` a CID or null."""
+    return (isinstance(entry, dict) and isinstance(entry.get("p"), int) and not isinstance(entry["p"], bool)
+            and entry["p"] >= 0 and isinstance(entry.get("k"), bytes) and isinstance(entry.get("v"), bytes)
+            and (entry.get("t") is None or isinstance(entry["t"], bytes)))
 
 
 def created_records(body: dict[str, Any], paths: list[tuple[str, bytes]], key: SigningKey) -> dict[str, Any]:
@@ -168,8 +185,13 @@ def created_records(body: dict[str, Any], paths: list[tuple[str, bytes]], key: S
     """
     if not body.get("blocks") or body.get("tooBig"):
         raise Incomplete("the frame carries no blocks (a tooBig commit)")
-    blocks = read_car(body["blocks"])
-    commit = verify_commit(blocks, body["commit"], body["repo"], key)
+    car, commit_cid, did = body["blocks"], body.get("commit"), body.get("repo")
+    if not isinstance(car, bytes) or not isinstance(commit_cid, bytes) or not isinstance(did, str):
+        raise ProofError("the frame's blocks, commit or repo is not of the type a commit frame has (bytes, a CID, a DID)")
+    blocks = read_car(car)
+    commit = verify_commit(blocks, commit_cid, did, key)
+    if not isinstance(commit.get("data"), bytes):
+        raise ProofError(f"the commit of {did} names no repo tree (data)")
     records = {}
     for path, cid in paths:
         found = mst_lookup(blocks, commit["data"], path)

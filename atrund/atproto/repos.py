@@ -16,7 +16,8 @@ import aiohttp
 import libipld
 
 from atrund import bounds
-from atrund.errors import ContentMismatch, NotFound, RemoteError, TooLarge, Unreachable
+from atrund.errors import ContentMismatch, NotFound, RemoteError, Unreachable
+from atrund.atproto.http import read_capped
 from atrund.atproto.identity import Identities
 
 SHA2_256 = 0x12
@@ -90,7 +91,7 @@ class Repos:
         query = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items() if v is not None}
         try:
             async with self._http.get(url, params=query) as resp:
-                body = await _read_capped(resp, max_bytes, f"{method} from {base}")
+                body = await read_capped(resp, max_bytes, f"{method} from {base}")
                 if resp.status >= 500:
                     raise Unreachable(f"{method} at {base}: HTTP {resp.status}")
                 if resp.status >= 400:
@@ -175,17 +176,6 @@ class Repos:
         body, _ = await self._get(did, "com.atproto.sync.getBlob", {"did": did, "cid": cid}, max_bytes=max_bytes)
         verify_cid(cid, body, RAW)
         return body
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:
-    if resp.content_length is not None and resp.content_length > max_bytes:
-        raise TooLarge(f"{what}: {resp.content_length} bytes is more than the limit of {max_bytes}")
-    buf = bytearray()
-    async for chunk in resp.content.iter_chunked(65536):
-        buf += chunk
-        if len(buf) > max_bytes:
-            raise TooLarge(f"{what}: more than the limit of {max_bytes} bytes")
-    return bytes(buf)
 
 
 def _xrpc_error(method: str, base: str, status: int, body: bytes) -> RemoteError:

@@ -119,12 +119,10 @@ class ServiceAuth:
     async def _check_signature(self, did: str, alg: str, signing_input: bytes, signature: bytes) -> None:
         for refresh in (False, True):
             try:
-                key = (await self.identities.document(did, refresh=refresh)).get_did_key()
+                key = await self.identities.signing_key(did, refresh=refresh)
             except IdentityError as e:
                 raise ServiceAuthError("identity", f"cannot verify the token: {e}") from None
-            if key is None:
-                raise ServiceAuthError("identity", f"{did} publishes no atproto signing key")
-            if parse_did_key(key).jwt_alg != alg:
+            if parse_did_key(key).jwt_alg != alg:  # parses: signing_key checked it
                 ok = False  # a token must use its key's own algorithm
             else:
                 try:

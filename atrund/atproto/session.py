@@ -3,6 +3,8 @@
 Writes go through the atproto SDK, which handles login, token refresh and blob upload. Its
 exceptions are translated here, once: a 4xx means the PDS refused this write for good
 (``Rejected``), anything else (network, 5xx, rate limit) is worth retrying (``Unreachable``).
+A 2xx answer of the wrong shape (not JSON, missing or mistyped fields) is a plain RemoteError:
+retried like any remote failure, and never taken for a fault of what was sent.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import Any
 
 import httpx
 from atproto import AsyncClient
-from atproto_client.exceptions import AtProtocolError, RequestErrorBase, UnauthorizedError
+from atproto_client.exceptions import AtProtocolError, ModelError, RequestErrorBase, UnauthorizedError
+from atproto_client.request import AsyncRequest, Response
 
+from atrund import bounds
 from atrund.errors import RemoteError, Unreachable
 
 
@@ -28,9 +32,38 @@ class LoginFailed(RemoteError):
 RETRYABLE_STATUS = {408, 425, 429}
 
 
+class _BadAnswer(AtProtocolError):
+    """The PDS answered 2xx with a body that is not what it says it is (translated below)."""
+
+
+class _Request(AsyncRequest):
+    """The SDK's HTTP transport, reading a successful answer itself: the SDK would let an answer
+    that says it is JSON and is not (or nests past bounds.MAX_DEPTH) out as a ValueError, which
+    callers cannot tell from a record of ours that cannot be serialized."""
+
+    async def get(self, *args: Any, **kwargs: Any) -> Response:
+        return _answer(await self._send_request("GET", *args, **kwargs))
+
+    async def post(self, *args: Any, **kwargs: Any) -> Response:
+        return _answer(await self._send_request("POST", *args, **kwargs))
+
+
+def _answer(response: httpx.Response) -> Response:
+    content: Any = response.content
+    if "application/json" in response.headers.get("content-type", "").lower():
+        try:
+            content = bounds.loads(content, "the answer")
+        except bounds.Malformed as e:
+            raise _BadAnswer(str(e)) from None
+    return Response(success=True, status_code=response.status_code, content=content,
+                    headers={k.lower(): v for k, v in response.headers.items()})
+
+
 def _translate(what: str, e: Exception) -> RemoteError:
     status = e.response.status_code if isinstance(e, RequestErrorBase) and e.response is not None else None
     detail = str(e) or type(e).__name__
+    if isinstance(e, (_BadAnswer, ModelError)):  # answered, but not with what the protocol says: maybe a proxy's page
+        return RemoteError(f"{what}: the PDS answered with something other than the protocol's answer: {detail[:500]}")
     if isinstance(e, UnauthorizedError):
         return LoginFailed(f"{what}: not authorized: {detail}")
     if status is not None and 400 <= status < 500 and status not in RETRYABLE_STATUS:
@@ -60,10 +93,14 @@ class Session:
 
     @classmethod
     async def login(cls, pds: str, identifier: str, password: str) -> "Session":
-        client = AsyncClient(base_url=pds.rstrip("/") + "/xrpc")
-        async with _sdk(f"login to {pds} as {identifier}"):
-            await client.login(identifier, password, fetch_bsky_profile=False)
-            me = await client.com.atproto.server.get_session()
+        client = AsyncClient(base_url=pds.rstrip("/") + "/xrpc", request=_Request())
+        try:
+            async with _sdk(f"login to {pds} as {identifier}"):
+                await client.login(identifier, password, fetch_bsky_profile=False)
+                me = await client.com.atproto.server.get_session()
+        except BaseException:
+            await client.request.close()  # its connection: nobody else holds the client
+            raise
         return cls(client, me.did, me.handle, pds.rstrip("/"))
 
     async def close(self) -> None:

@@ -13,7 +13,9 @@ from typing import Any
 import structlog
 
 from atrund.access import AccessPolicy
+from atrund.atproto.uri import authority
 from atrund.errors import AtrundError
+from atrund.ingest.inactive import InactiveAccounts
 from atrund.quarantine import Quarantine
 from atrund.state import State
 
@@ -22,7 +24,7 @@ log = structlog.get_logger("atrund.ingest")
 Row = tuple[str, str, str, Any, str]  # uri, author, cid, value, verdict
 
 
-def classify(uri: str, value: Any, runner_did: str, policy: AccessPolicy) -> str | None:
+def classify(author: str, value: Any, runner_did: str, policy: AccessPolicy) -> str | None:
     """``pending`` (run it), ``denied`` (the author may not use this runner) or None (not ours).
 
     An invocation is ours when its ``runner`` field is our DID; a record without a readable
@@ -30,7 +32,6 @@ def classify(uri: str, value: Any, runner_did: str, policy: AccessPolicy) -> str
     """
     if not isinstance(value, dict) or value.get("runner") != runner_did:
         return None
-    author = uri.removeprefix("at://").split("/", 1)[0]
     return "pending" if policy.allows(author) else "denied"
 
 
@@ -47,12 +48,15 @@ class Intake:
         self.accepted = 0  # new invocations stored to run (/metrics)
         # Authors whose accounts the network reports inactive (taken down, suspended,
         # deactivated): their invocations are not taken, by the stream or the poll rescan.
-        self.inactive: set[str] = set()
+        self.inactive = InactiveAccounts(state)
 
     def verdict(self, uri: str, value: Any) -> str | None:
-        if uri.removeprefix("at://").split("/", 1)[0] in self.inactive:
+        """classify(), and None for an author reported inactive. ``uri`` is a record's AT URI
+        (ValueError if it is not)."""
+        author = authority(uri)
+        if author in self.inactive:
             return None
-        return classify(uri, value, self.runner_did, self.policy)
+        return classify(author, value, self.runner_did, self.policy)
 
     def accept(self, source: str, cursor: str | None, rows: list[Row], withdrawn: list[str] = ()) -> int:
         """Store ``rows``, withdraw the pending invocations whose records were deleted, and move
@@ -89,7 +93,10 @@ class Intake:
     def retake(self, item: dict[str, Any]) -> int:
         """Take a quarantined listed record again (``atrund quarantine retry``), as a poll would."""
         uri, cid, value = item.get("uri"), item.get("cid"), item.get("value")
-        author = uri.removeprefix("at://").split("/", 1)[0] if isinstance(uri, str) else None
+        try:
+            author = authority(uri)
+        except ValueError:
+            author = None
         verdict = self.verdict(uri, value) if author else None
         if verdict is None or not isinstance(cid, str):
             log.info("quarantined record retried: not an invocation for this runner; nothing to do", uri=uri)

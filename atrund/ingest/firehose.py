@@ -53,6 +53,8 @@ from atrund.ingest import Intake, Row
 from atrund.atproto.proof import Incomplete, ProofError, SigningKey, created_records
 from atrund.records import INVOCATION
 from atrund.atproto.repos import Repos, to_json_model
+from atrund.atproto.lru import LRU
+from atrund.atproto.uri import AtUri
 from atrund.state import StoreError
 
 log = structlog.get_logger("atrund.ingest")
@@ -96,7 +98,7 @@ class Firehose:
         self._inbox_bytes = 0
         self._inbox_room = asyncio.Event()
         self.counters = Counters()
-        self._keys: dict[str, SigningKey] = {}
+        self._keys: LRU[str, SigningKey] = LRU(repos.identities.cache_size)  # parsed once per author
         self._saved_at = 0.0
         self._seq: int | None = None  # the last frame processed (stored or not)
         self._undecoded: bytes | None = None  # the last frame skipped undecoded: its seq, if asked
@@ -391,7 +393,7 @@ class Firehose:
             await self._commit(body, rows, withdrawn)
         elif kind == "#identity" and isinstance(did, str):
             self.repos.identities.forget(did)  # an author who moved PDS (or rotated keys) keeps working
-            self._keys.pop(did, None)
+            self._keys.pop(did)
         elif kind == "#account" and isinstance(did, str):
             # A taken-down, suspended or deactivated account is not served until it is active again.
             if body.get("active") is False:
@@ -409,15 +411,19 @@ class Firehose:
             path = op.get("path") if isinstance(op, dict) else None
             if not isinstance(path, str) or not path.startswith(PREFIX):
                 continue
+            try:
+                uri = str(AtUri.of(did, path))
+            except ValueError:
+                continue  # not a record path (collection/rkey): names nothing that could run
             if op.get("action") == "create" and isinstance(op.get("cid"), bytes):
                 creates.append((path, op["cid"]))
             elif op.get("action") == "delete":
-                withdrawn.append(f"at://{did}/{path}")  # deleted before it ran: it will not run
+                withdrawn.append(uri)  # deleted before it ran: it will not run
             # updates never run an invocation again
         if not creates or not self.intake.policy.allows(did) or did in self.intake.inactive:
             return  # not verified at all: someone we would not serve cannot cost us work
         for path, cid, value in await self._proven(did, body, creates):
-            uri = f"at://{did}/{path}"
+            uri = str(AtUri.of(did, path))
             verdict = self.intake.verdict(uri, value)
             if verdict is not None:
                 rows.append((uri, did, cid, value, verdict))
@@ -430,7 +436,7 @@ class Firehose:
             except ProofError:
                 # A key rotation not seen yet looks like a bad signature: check once with a fresh
                 # DID document before calling the frame forged.
-                self._keys.pop(did, None)
+                self._keys.pop(did)
                 self.repos.identities.forget(did)
                 records = created_records(body, creates, await self._key(did))
         except Incomplete:
@@ -451,7 +457,7 @@ class Firehose:
         for path, cid in creates:
             try:
                 cid_str = libipld.encode_cid(cid)
-                value = await self.repos.get_verified_record(did, INVOCATION, path[len(PREFIX):], cid_str)
+                value = await self.repos.get_verified_record(did, INVOCATION, AtUri.of(did, path).rkey, cid_str)
             except ValueError:
                 continue
             except NotFound:
@@ -466,11 +472,8 @@ class Firehose:
     async def _key(self, did: str) -> SigningKey:
         key = self._keys.get(did)
         if key is None:
-            doc = await self.repos.identities.document(did)
-            did_key = doc.get_did_key()
-            if not did_key:
-                raise ProofError(f"{did} publishes no atproto signing key")
-            key = self._keys[did] = SigningKey(did_key)
+            key = SigningKey(await self.repos.identities.signing_key(did))
+            self._keys.put(did, key)
         return key
 
 

@@ -24,13 +24,14 @@ from atrund.health import Health
 from atrund.ingest import Intake
 from atrund.records import INVOCATION
 from atrund.atproto.repos import Repos
+from atrund.atproto.uri import AtUri
 
 log = structlog.get_logger("atrund.ingest")
 
 PAGE = 100  # listRecords' maximum page
 MAX_PAGES = 20  # per author per round
 RECONCILE_PAGES = 1000  # a full rescan of one author's invocations (100,000 records)
-CONCURRENCY = 16  # authors polled at once
+CONCURRENCY = 16  # authors polled at once (one listRecords each in flight); the others wait for a slot
 
 
 def _fields(rec: object) -> tuple[str | None, str | None, object]:
@@ -45,11 +46,11 @@ def _fields(rec: object) -> tuple[str | None, str | None, object]:
 
 def _own_rkey(uri: str | None, author: str) -> str | None:
     """The record key if ``uri`` is an invocation in ``author``'s repo, else None."""
-    prefix = f"at://{author}/{INVOCATION}/"
-    if uri is None or not uri.startswith(prefix):
+    try:
+        parsed = AtUri.parse(uri)
+    except ValueError:
         return None
-    rkey = uri[len(prefix):]
-    return rkey if rkey and "/" not in rkey else None
+    return parsed.rkey if parsed.did == author and parsed.collection == INVOCATION else None
 
 
 class Poller:

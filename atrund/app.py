@@ -1,0 +1,212 @@
+"""The composition root: every component of a runner, built from the Config and wired here.
+
+Reading this file is reading the wiring diagram. Each component is handed exactly what it uses;
+none of them sees the App (nothing imports this module but the CLI and the tests).
+
+    ingest (poll | firehose) ─▶ Intake ─▶ Runs (scheduler) ─▶ Pipeline ─▶ executor
+                                             │                    ▲
+                                             └▶ state ─▶ ResultWriter ─▶ runner's PDS
+    Gateway (HTTP: handleRequest, XRPC invoke) ──────────────────┘
+
+Lifecycle: ``start`` logs in, builds what needs the runner's identity, publishes the runner
+record and recovers what a previous run left; ``run`` keeps every loop running under one
+supervisor until ``stop`` is set, then stops them in order under the shutdown deadline
+(``runner.shutdown_grace``); ``close`` releases what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from atrund import __version__
+from atrund.access import AccessPolicy, PermissionPolicy, PolicyFile
+from atrund.atproto.identity import Identities
+from atrund.atproto.repos import Repos
+from atrund.atproto.serviceauth import ServiceAuth
+from atrund.atproto.session import Session
+from atrund.bundles import BundleStore
+from atrund.config import Config
+from atrund.execute import create_executor
+from atrund.gateway import Gateway
+from atrund.health import Health
+from atrund.ingest import Intake
+from atrund.ingest.firehose import Firehose
+from atrund.ingest.poll import Poller
+from atrund.metrics import Meters
+from atrund.pipeline import Pipeline
+from atrund.quarantine import Quarantine
+from atrund.records import RUNNER, Limits, Runner, SecretsKey, now_iso
+from atrund.results import ResultWriter
+from atrund.retries import Retries
+from atrund.runs import Runs
+from atrund.schedule import Scheduler
+from atrund.sealed import KeyFileError, Keyring
+from atrund.state import State
+from atrund.status import Status
+from atrund.supervise import Supervisor
+from atrund.trust import LiveAccess
+
+log = structlog.get_logger("atrund.app")
+
+
+class App:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.grants = PermissionPolicy.from_config(cfg.permissions)
+        self.keyring = load_keyring(cfg)
+        self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds)
+        self.repos = Repos(self.identities)
+        # Who is served: the configuration, the policy file `atrund access` edits, and (follows,
+        # list modes) the AT graph; kept current while the runner serves (atrund.trust).
+        self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
+        self.state = State(cfg.state.dir / "atrund.sqlite3")
+        self.quarantine = Quarantine(cfg.state.dir / "quarantine.sqlite3")
+        self.problems = Health()
+        self.supervisor = Supervisor(self.problems)
+        self.meters = Meters()
+        self.executor = create_executor(cfg.executor, cfg.executor.isolation)
+        extensions = {name: rt.extension for name, rt in self.executor.runtimes.items()}
+        self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes, extensions)
+        # Built by start(), once the runner is logged in: they write as it, or need its DID.
+        self.session: Session | None = None
+        self.writer: ResultWriter | None = None
+        self.pipeline: Pipeline | None = None
+        self.runs: Runs | None = None
+        self.scheduler: Scheduler | None = None
+        self.intake: Intake | None = None
+        self.poller: Poller | None = None
+        self.firehose: Firehose | None = None
+        self.retries: Retries | None = None
+        self.status: Status | None = None
+        self.gateway: Gateway | None = None
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        r, e, ingest = cfg.runner, cfg.executor, cfg.ingest
+        self.session = session = await Session.login(r.pds, r.identifier, r.password())
+        self.writer = ResultWriter(session, self.state, self.quarantine, self.problems)
+        await self.policy.start(session.did)
+        self.policy.on_change = self._access_changed
+        self.pipeline = Pipeline(self.executor, self.bundles, self.grants, self.keyring, e, session.did)
+        self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits)
+        self.scheduler = self.runs.scheduler
+        self.intake = Intake(self.state, session.did, self.policy, self.runs.submit, self.quarantine, self.runs.refuse_reused)
+        # With a firehose, polling is only the periodic rescan that catches what the stream missed.
+        interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
+        self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval, self.problems)
+        if ingest.mode == "firehose":
+            url = ingest.firehose_url or r.pds.replace("https://", "wss://").replace("http://", "ws://")
+            self.firehose = Firehose(url, self.repos, self.intake)
+        self.retries = Retries(self.quarantine, self.state, self.writer, self.intake, self.firehose)
+        self.status = Status(session.did, self.executor, self.meters, self.problems, self.supervisor, self.state,
+                             self.quarantine, self.policy, self.runs, self.writer, self.intake, self.poller, self.firehose)
+        gateway_url = None
+        if cfg.gateway.enabled:
+            auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
+            self.gateway = Gateway(cfg.gateway, self.pipeline, self.scheduler, self.policy, self.identities, self.repos, auth,
+                                   session, self.meters, self.status.health, r.shutdown_grace)
+            gateway_url = await self.gateway.start()
+        await session.put_record(RUNNER, "self", self.declaration(gateway_url).to_record())
+        log.info("runner published", did=session.did, handle=session.handle, isolation=self.executor.isolation,
+                 access=self.policy.mode, access_source=self.policy.source, authors=len(self._poll_authors()),
+                 secrets_key=self.keyring.current.id if self.keyring else None, gateway=gateway_url)
+        await self.executor.warm(e.warm)
+        self.runs.recover()
+
+    def declaration(self, gateway_url: str | None = None) -> Runner:
+        e, g = self.cfg.executor, self.cfg.gateway
+        limits = Limits(
+            timeout_seconds=e.max_timeout, default_timeout_seconds=e.default_timeout,
+            max_bundle_bytes=self.cfg.bundles.max_bytes, max_output_bytes=e.max_output_bytes,
+            memory_mb=e.memory_mb, concurrency=e.concurrency,
+        )
+        if gateway_url is not None:  # only limits of what this runner really serves
+            limits.gateway_requests_per_minute = int(g.rate_per_minute)
+            limits.gateway_timeout_seconds = min(g.timeout, e.max_timeout)
+            limits.max_request_bytes = g.max_body_bytes
+        return Runner(
+            runtimes=sorted(self.executor.runtimes),
+            isolation=self.executor.isolation,
+            monitor=self.executor.monitor,
+            access_mode=self.policy.mode,
+            access_source=self.policy.source,
+            secrets_key=SecretsKey.model_validate(self.keyring.current.to_record()) if self.keyring else None,
+            created_at=now_iso(),
+            description=self.cfg.runner.description,
+            version=__version__,
+            limits=limits,
+            gateway_url=gateway_url,
+        )
+
+    def _poll_authors(self) -> list[str]:
+        """The configured ingest.authors, else everyone the access policy names as served."""
+        return self.cfg.ingest.authors if self.cfg.ingest.authors is not None else self.policy.served()
+
+    def _access_changed(self, policy: AccessPolicy) -> None:
+        if self.poller is not None:
+            self.poller.authors = self._poll_authors()
+        log.info("access policy changed", mode=policy.mode, allowed=len(policy.allowlist), blocked=len(policy.blocklist),
+                 trusted=len(policy.trusted), polled=len(self.poller.authors) if self.poller else None)
+
+    # -- run and stop --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; then stop (``shutdown``).
+
+        Every loop runs under the supervisor: one that fails is restarted with backoff and
+        reported on /healthz, never a reason to stop serving."""
+        assert self.poller and self.writer and self.runs and self.retries and self.scheduler
+        loops = {"poller": self.poller.run, "writer": self.writer.run, "scheduler": self.scheduler.run,
+                 "access": self.policy.run, "held-outcomes": self.runs.record_held, "quarantine-retries": self.retries.run}
+        if self.firehose is not None:
+            loops["firehose"] = self.firehose.run
+        for name, loop in loops.items():
+            self.supervisor.start(name, loop)
+        await stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop taking work; let running invocations and requests finish for at most
+        runner.shutdown_grace seconds; past it, stop them, each invocation recorded as
+        interrupted; then write every result that is due. (A second signal exits at once: cli.)"""
+        assert self.runs and self.writer
+        grace = self.cfg.runner.shutdown_grace
+        log.info("stopping: running work may finish", grace_s=grace, running=self.runs.scheduler.running)
+        self.supervisor.stopping = True
+        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries"])  # nothing new comes in
+        draining = [self.runs.drain(grace)]  # queued invocations wait for the next start
+        if self.gateway is not None:
+            draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace
+        await asyncio.gather(*draining)
+        await self.supervisor.stop(["scheduler", "held-outcomes"])
+        await self.supervisor.stop()  # the writer loop too: the last flush below must not run beside it
+        try:
+            await self.writer.flush()
+        except Exception as e:  # noqa: BLE001 - whatever is left is written at the next start
+            log.error("results not flushed at shutdown; they are written at the next start", error=f"{type(e).__name__}: {e}")
+
+    async def close(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.close()
+        await self.executor.shutdown()
+        await self.repos.close()
+        if self.session is not None:
+            await self.session.close()
+        self.state.close()
+        self.quarantine.close()
+
+
+def load_keyring(cfg: Config) -> Keyring | None:
+    """The runner's secrets keys; None (sealed secrets refused) when the default key file does
+    not exist. A key file the configuration names explicitly must load."""
+    path = cfg.key_file
+    if cfg.secrets.key_file is None and not path.exists():
+        if cfg.secrets.old_key_files:
+            raise KeyFileError(f"secrets.old_key_files is set but there is no current key at {path} (atrund keys init)")
+        log.info("no secrets key: sealed secrets are refused; create one with `atrund keys init`", key_file=str(path))
+        return None
+    return Keyring.load(path, cfg.secrets.old_key_files)

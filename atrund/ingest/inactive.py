@@ -1,0 +1,70 @@
+"""Authors whose accounts the network reports inactive (taken down, suspended, deactivated).
+
+A firehose ``#account`` frame with ``active: false`` adds the DID here, one with ``active: true``
+removes it; while it is here, neither the stream nor the poll rescan takes the author's
+invocations. The set is kept in the state store, so a restart still knows who was reported
+(the stream does not say it again), and in memory for the lookups.
+
+Bounded: a relay reports accounts of the whole network, so at most ``LIMIT`` DIDs are kept, and
+past that the one reported longest ago is forgotten first (it is served again if it posts, which
+is what a runner that never saw the report would do too).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import structlog
+
+from atrund.state import State, StoreError
+
+log = structlog.get_logger("atrund.ingest")
+
+LIMIT = 100_000  # DIDs; about 10 MB in memory and in the state file
+
+
+class InactiveAccounts:
+    """A set of DIDs (``in``, ``add``, ``discard``, ``len``) kept in the state store, at most ``limit``."""
+
+    def __init__(self, state: State, limit: int = LIMIT) -> None:
+        self.state = state
+        self.limit = limit
+        self.evicted = 0  # forgotten to stay under the limit (/metrics, logs)
+        self._dids: OrderedDict[str, None] = OrderedDict((did, None) for did in state.inactive_accounts())
+        if len(self._dids) > limit:  # a smaller limit than the store was filled with
+            self._evict(len(self._dids) - limit)
+
+    def __contains__(self, did: object) -> bool:
+        return did in self._dids
+
+    def __len__(self) -> int:
+        return len(self._dids)
+
+    def add(self, did: str) -> None:
+        """``did`` is reported inactive (again: it becomes the newest report)."""
+        self._dids.pop(did, None)
+        evict = [self._dids.popitem(last=False)[0] for _ in range(len(self._dids) + 1 - self.limit)]
+        self._dids[did] = None
+        if evict:
+            self.evicted += len(evict)
+            log.warning("inactive accounts at their limit: forgetting the oldest reports", limit=self.limit, forgotten=evict)
+        self._store(lambda: self.state.set_inactive(did, evict), did)
+
+    def discard(self, did: str) -> None:
+        """``did`` is reported active again."""
+        if did in self._dids:
+            del self._dids[did]
+            self._store(lambda: self.state.forget_inactive([did]), did)
+
+    def _evict(self, count: int) -> None:
+        evict = [self._dids.popitem(last=False)[0] for _ in range(count)]
+        self.evicted += count
+        self._store(lambda: self.state.forget_inactive(evict), evict[0])
+
+    def _store(self, write, did: str) -> None:
+        # The set in memory is what counts while this process runs; a store that fails now only
+        # means a restart may not know this report (logged, so an operator can tell).
+        try:
+            write()
+        except StoreError as e:
+            log.error("cannot store an account's inactive status; it holds until a restart", did=did, error=str(e))

@@ -1,0 +1,260 @@
+"""The invocations a runner records: queued, run at most once, and answered with a result record.
+
+``Runs`` owns their bookkeeping around the pipeline (atrund.pipeline):
+- the queue: the scheduler's fairness and limits, and the check, just before one starts, that
+  its author has not deleted or replaced it meanwhile (``still_posted``);
+- the claim (pending -> running, in the state store) that makes a run happen at most once;
+- the record: the outcome becomes a result record queued on the outbox, in one transaction with
+  "done"; an outcome the store cannot take yet is held and recorded once it answers;
+- what a stop leaves: at the next start (``recover``), or at the shutdown deadline
+  (``interrupt_running``), an invocation that was running gets an "interrupted" result; it is
+  never started again.
+
+Everything that can go wrong here ends in a result record that says what happened, except a
+denied author (no record, by design).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from atrund.access import AccessPolicy
+from atrund.config import LimitsSection
+from atrund.errors import AtrundError, NotFound
+from atrund.atproto.repos import Repos
+from atrund.metrics import Meters
+from atrund.pipeline import Outcome, Pipeline, outcome_of
+from atrund.records import INVOCATION, Metrics, StrongRef, result_rkey, unix_time
+from atrund.results import ResultWriter, build
+from atrund.schedule import Scheduler
+from atrund.state import State, Stored, StoreError
+
+log = structlog.get_logger("atrund.runs")
+
+STILL_POSTED_TIMEOUT = 3.0  # seconds
+STALE_AFTER = 2.0  # seconds: older invocations are checked for deletion just before they start
+STORE_RETRY = 2.0  # seconds before an invocation the state store could not claim is tried again
+INTERRUPTED = ("interrupted: the runner stopped while this invocation was running; it was not started again "
+               "(invocations run at most once)")
+
+
+class Runs:
+    def __init__(self, pipeline: Pipeline, state: State, writer: ResultWriter, policy: AccessPolicy, repos: Repos,
+                 meters: Meters, concurrency: int, limits: LimitsSection) -> None:
+        self.pipeline = pipeline
+        self.state = state
+        self.writer = writer
+        self.policy = policy
+        self.repos = repos
+        self.meters = meters
+        self.scheduler = Scheduler(self._guarded, self._reject_backlog, concurrency, limits.per_author_concurrency,
+                                   limits.per_author_per_minute, limits.per_author_burst, limits.per_author_backlog,
+                                   check=self.still_posted)
+        self.held: list[tuple[str, str, dict[str, Any]]] = []  # outcomes the state store could not take yet
+        self._held_wake = asyncio.Event()
+        self.denied = 0  # access withdrawn while they waited (ingest counts the ones denied on arrival)
+
+    def submit(self, uri: str) -> None:
+        """Queue a stored, pending invocation; the scheduler decides when it runs."""
+        self.scheduler.submit(uri.removeprefix("at://").split("/", 1)[0], uri)
+
+    # -- start and stop ------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish what a previous run of the runner left: never start anything twice."""
+        for inv in self.state.with_state("running"):
+            log.warning("invocation was running when the runner stopped; not running it again", uri=inv.uri)
+            self._interrupt(inv)
+        for inv in self.state.with_state("pending"):
+            self.submit(inv.uri)
+
+    async def drain(self, grace: float) -> None:
+        """Start nothing more (what waits stays pending for the next start); let running
+        invocations finish for ``grace`` seconds; then cancel the rest and record each as
+        interrupted, so that its result is written before the runner exits."""
+        cancelled = await self.scheduler.stop(grace)
+        self.store_held()
+        if cancelled:
+            self.interrupt_running()
+        if self.held:
+            log.error("outcomes not recorded: the state store still fails; these invocations will read as interrupted",
+                      count=len(self.held), uris=[uri for uri, _, _ in self.held][:20])
+
+    def interrupt_running(self) -> None:
+        """The shutdown deadline passed: every invocation still marked running (and not held,
+        finished) gets its interrupted result now rather than at the next start."""
+        held = {uri for uri, _, _ in self.held}
+        try:
+            running = [inv for inv in self.state.with_state("running") if inv.uri not in held]
+        except StoreError as e:
+            log.error("cannot read the invocations still running; they are recorded as interrupted at the next start",
+                      error=str(e))
+            return
+        for inv in running:
+            log.warning("invocation still running at the shutdown deadline; stopped, not run again", uri=inv.uri)
+            self._interrupt(inv)
+
+    def _interrupt(self, inv: Stored) -> None:
+        self._finish(inv, Outcome("error", error=INTERRUPTED))
+
+    # -- one invocation ------------------------------------------------------------------
+
+    def _reject_backlog(self, uri: str, why: str) -> None:
+        try:
+            stored = self.state.pending(uri)
+        except StoreError as e:
+            self._store_later(uri, e)
+            return
+        if stored is not None:
+            self._finish(stored, Outcome("rejected", error=why))
+
+    async def _guarded(self, uri: str) -> None:
+        try:
+            stored = self.state.pending(uri)
+            if stored is None:
+                return
+            if not self.policy.allows(stored.author):  # access was withdrawn while it waited: as if it came now
+                if self.state.deny(uri):
+                    self.denied += 1
+                    log.warning("invocation denied by access policy (withdrawn while it waited)", uri=uri, mode=self.policy.mode)
+                return
+        except StoreError as e:
+            self._store_later(uri, e)
+            return
+        self.meters.ingested(stored.value.get("createdAt") if isinstance(stored.value, dict) else None, stored.seen_at)
+        try:
+            out = await self.pipeline.invocation(stored.value, author=stored.author, queued_since=stored.seen_at,
+                                                 claim=lambda: self.state.mark_running(uri))
+            if out is not None:  # None: not claimed (it is not pending any more)
+                self._finish(stored, out)
+        except StoreError as e:  # it could not be claimed: nothing started; it stays pending
+            self._store_later(uri, e)
+        except Exception as e:  # a bug of ours must still end in a result, not a silent loss
+            log.exception("internal error while handling an invocation", uri=uri)
+            self._finish(stored, outcome_of(e))
+
+    def _store_later(self, uri: str, e: StoreError) -> None:
+        """The store failed before the invocation started: it stays pending (in the store, if the
+        store took it at all) and is queued again shortly, never dropped from the live queue."""
+        log.warning("state store failed before an invocation started; queued again", uri=uri, error=str(e),
+                    retry_in_s=STORE_RETRY)
+        asyncio.get_running_loop().call_later(STORE_RETRY, self.submit, uri)
+
+    async def still_posted(self, uri: str) -> bool:
+        """Is a stale invocation still in its author's repo, unchanged? One repo.getRecord, when
+        it is next in line for its author (the scheduler's check, outside the execution slots):
+        an invocation its author deleted (or edited) while it waited is withdrawn (no run, no
+        result), whichever way it came in.
+
+        Stale: it waited in our queue, or was already old when we first saw it (a replay after
+        a restart, a poll backlog), by more than STALE_AFTER. A fresh one is not checked: the
+        check costs a PDS round trip per invocation, and in firehose mode a delete that follows
+        at once arrives on the stream and withdraws it there. If the author's PDS does not
+        answer in time it runs anyway: what was accepted was proven to be the author's, and a
+        PDS that is down must not hold up the queue."""
+        try:
+            inv = self.state.pending(uri)
+        except StoreError:
+            return True  # the claim (mark_running) decides, and requeues if the store still fails
+        if inv is None:
+            return False
+        created = unix_time(inv.value.get("createdAt")) if isinstance(inv.value, dict) else None
+        if created is None:
+            created = 0.0  # unreadable: treat as old
+        if time.time() - inv.seen_at <= STALE_AFTER and inv.seen_at - created <= STALE_AFTER:
+            return True
+        did, _collection, rkey = inv.uri.removeprefix("at://").split("/", 2)
+        try:
+            # repo.getRecord, not the proof-carrying sync.getRecord: what we hold was proven to be
+            # the author's already; this only asks whether it is still there at the same CID.
+            cid, value = await asyncio.wait_for(self.repos.get_record(did, INVOCATION, rkey), STILL_POSTED_TIMEOUT)
+        except NotFound:
+            cid, value = None, None
+        except (AtrundError, TimeoutError) as e:
+            log.info("could not check that the invocation is still posted; running it", uri=inv.uri, error=str(e) or "timeout")
+            return True
+        if cid == inv.cid:
+            return True
+        try:
+            if cid is not None:  # changed in place, or deleted and created again: one key, one run
+                self.refuse_reused(inv.uri, inv.author, cid, value)
+            elif self.state.withdraw(inv.uri):
+                log.info("invocation withdrawn by its author before it ran (deleted); not run", uri=inv.uri)
+        except StoreError:
+            return True  # still pending in the store: the claim decides, and requeues
+        return False
+
+    def refuse_reused(self, uri: str, author: str, cid: str, value: Any) -> None:
+        """A record key seen again at a new CID before its invocation ran (edited, or deleted and
+        created again). A record key is one invocation, run at most once, so neither version runs:
+        the key gets a ``rejected`` result about the new version that says why, instead of silence
+        or a result about a version the author replaced (docs/protocol.md, "one key, one run")."""
+        inv_ref = StrongRef(uri=uri, cid=cid)
+        error = ("this record key held another invocation before (it was changed, or deleted and created again, before "
+                 "it ran); a record key is one invocation and runs at most once, so neither version runs: post the "
+                 "invocation as a new record (atrund invoke always does)")
+        record = build(inv_ref, _bundle_ref(value if isinstance(value, dict) else {}, inv_ref), "rejected", error=error,
+                       metrics=Metrics()).to_record()
+        if self.state.refuse_reused(uri, cid, value, "rejected", result_rkey(uri), record):
+            log.info("invocation", uri=uri, author=author, status="rejected", error_type="KeyReused", error=error)
+            self.meters.finished("record", "rejected", None, None, None)
+            self.writer.wake()
+
+    # -- the record ----------------------------------------------------------------------
+
+    def _finish(self, inv: Stored, out: Outcome) -> None:
+        metrics = out.metrics or Metrics()
+        metrics.total_ms = max(0, int((time.time() - inv.seen_at) * 1000))
+        inv_ref = StrongRef(uri=inv.uri, cid=inv.cid)
+        # build() turns an answer no record can hold into an error result that says why: the log,
+        # the meters and the state record the status the result has, not the one asked for.
+        result = build(inv_ref, out.bundle or _bundle_ref(inv.value, inv_ref), out.status, metrics=metrics, data=out.data,
+                       error=out.error, response=out.response)
+        # The canonical line before the commit: a kill just after the commit must not lose it.
+        log.info("invocation", uri=inv.uri, author=inv.author, status=result.status,
+                 bundle=(out.bundle.cid if out.bundle else None), runtime=metrics.runtime, isolation=metrics.isolation,
+                 queued_ms=metrics.queued_ms, exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms,
+                 error_type=out.error_type, error=result.error)
+        self.meters.finished("record", result.status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
+        self.held.append((inv.uri, result.status, result.to_record()))
+        self.store_held()
+
+    def store_held(self) -> None:
+        """Record held outcomes (done + result queued, in one transaction each), oldest first. One
+        the store cannot take stays held, and the held-outcomes loop tries again: a finished run is
+        never relabelled "interrupted" because the store failed for a while."""
+        while self.held:
+            uri, status, record = self.held[0]
+            try:
+                self.state.finish(uri, status, result_rkey(uri), record)
+            except StoreError as e:
+                log.warning("outcome held: the state store failed; it is recorded once the store answers", uri=uri,
+                            error=str(e), held=len(self.held))
+                self._held_wake.set()
+                return
+            self.held.pop(0)
+            self.writer.wake()
+
+    async def record_held(self) -> None:
+        """The held-outcomes loop: try the store again, with backoff, while outcomes are held."""
+        delay = 1.0
+        while True:
+            await self._held_wake.wait()
+            self._held_wake.clear()
+            while self.held:
+                await asyncio.sleep(delay)
+                self.store_held()
+                delay = min(delay * 2, 30.0) if self.held else 1.0
+
+
+def _bundle_ref(value: dict, fallback: StrongRef) -> StrongRef:
+    """The invocation's bundle reference if it is readable, else the invocation's own (documented)."""
+    try:
+        return StrongRef.model_validate(value.get("bundle"))
+    except ValidationError:
+        return fallback
