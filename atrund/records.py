@@ -215,6 +215,7 @@ class Result(Record):
 class Runner(Record):
     runtimes: list[str]
     isolation: str
+    monitor: str | None = None  # isolation microvm only: qemu or firecracker
     access_mode: str
     created_at: str
     access_source: str | None = None

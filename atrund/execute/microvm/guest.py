@@ -83,7 +83,7 @@ def kernel_deb(cache_dir: Path, progress: Progress) -> Path:
     """Debian's current kernel package, downloaded (not installed) into the cache."""
     if not shutil.which("apt-get"):
         raise ImageError("the guest kernel comes from Debian's linux-image-amd64 package: apt-get is needed "
-                         "(or set executor.vm_kernel and executor.vm_initramfs to a kernel of your own)")
+                         "(or set executor.microvm.kernel and executor.microvm.initramfs to a kernel of your own)")
     try:
         deps = subprocess.run(["apt-cache", "depends", KERNEL_PACKAGE], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
