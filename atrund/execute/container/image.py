@@ -185,14 +185,26 @@ def _file_sha(path: Path) -> str:
 
 # -- step 1: the Debian rootfs ---------------------------------------------------------------
 
+def reuse(path: Path, what: str, progress: Progress) -> bool:
+    """Whether an artifact built from the same inputs (its name carries their hash) is there."""
+    if path.exists():
+        progress(f"{what}: already built ({path.name})")
+        return True
+    return False
+
+
+def require(tool: str, package: str) -> None:
+    """A build step's tool, or an ImageError naming the Debian package that has it."""
+    if not shutil.which(tool):
+        raise ImageError(f"{tool} is not installed (Debian/Ubuntu: apt-get install {package})")
+
+
 def base_tar(cache_dir: Path, progress: Progress) -> Path:
     """The slimmed debootstrap rootfs as a tar, made once and cached."""
     tar_path = cache_dir / f"base-{SUITE}-{base_key()}.tar"
-    if tar_path.exists():
-        progress(f"Debian {SUITE} rootfs: cached ({tar_path})")
+    if reuse(tar_path, f"Debian {SUITE} rootfs", progress):
         return tar_path
-    if not shutil.which("debootstrap"):
-        raise ImageError("debootstrap is not installed (Debian/Ubuntu: apt-get install debootstrap)")
+    require("debootstrap", "debootstrap")
     if os.geteuid() != 0:
         raise ImageError("building the rootfs needs root (debootstrap creates device nodes and chroots)")
     cache_dir.mkdir(parents=True, exist_ok=True)

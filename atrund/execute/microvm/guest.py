@@ -212,11 +212,9 @@ def rootfs(out_dir: Path, runtimes_dir: Path, image_cache: Path, progress: Progr
     init_source = Path(__file__).with_name("guest_init.py").read_bytes()
     key = _sha(f"{VM_LAYOUT}\0{image.content_hash(adds)}\0".encode() + init_source)[:16]
     path = out_dir / f"rootfs-{key}.ext4"
-    if path.exists():
-        progress(f"rootfs: already built ({path.name})")
+    if image.reuse(path, "rootfs", progress):
         return path
-    if not shutil.which("mkfs.ext4"):
-        raise ImageError("mkfs.ext4 is not installed (Debian: apt-get install e2fsprogs)")
+    image.require("mkfs.ext4", "e2fsprogs")
     base = image.base_tar(image_cache, progress)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix="rootfs-") as tmp:
         tar = Path(tmp) / "image.tar"
