@@ -132,6 +132,7 @@ class App:
         return Runner(
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
+            monitor=self.executor.monitor,
             access_mode=self.policy.mode,
             access_source=self.policy.source,
             secrets_key=SecretsKey.model_validate(self.keyring.current.to_record()) if self.keyring else None,

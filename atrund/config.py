@@ -11,14 +11,18 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from atrund.errors import ConfigError
+from atrund.execute.registry import AUTO, NAMES, UnknownBackend, canonical, describe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES_DIR = REPO_ROOT / "nix" / "runtimes"
+
+log = structlog.get_logger("atrund.config")
 
 
 class Section(BaseModel):
@@ -106,8 +110,74 @@ class BundlesSection(Section):
     max_bytes: int = Field(default=1_048_576, gt=0)
 
 
+class ProcessSection(Section):
+    """The ``process`` backend: workers as unprivileged uids in a kernel sandbox."""
+
+    uid_base: int = Field(default=910_000, ge=1000, description="first uid of the workers")
+    uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
+
+
+class ContainerSection(Section):
+    """The ``container`` backend: a container per worker on a Docker engine."""
+
+    docker_host: str | None = Field(
+        default=None, description="the engine's API socket; default $DOCKER_HOST, else unix:///var/run/docker.sock")
+    image: str = Field(default="atrund-runtime:latest", description="the runtime image (`atrund image build`)")
+    runtime: Literal["runc", "runsc"] = Field(default="runc", description="OCI runtime; runsc is gVisor")
+    cpus: float = Field(default=1.0, gt=0, description="CPUs a worker may use")
+    uid: int = Field(default=900_000, ge=1, description="the unprivileged uid bundles run as")
+
+
+class MicroVmSection(Section):
+    """The ``microvm`` backend: a virtual machine per worker, under QEMU or Firecracker."""
+
+    monitor: Literal["auto", "qemu", "firecracker"] = Field(
+        default="auto", description="the monitor; auto takes firecracker if its binary and /dev/kvm exist, else qemu")
+    accelerator: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto", description="under qemu: kvm if a KVM guest really boots here, else tcg (software)")
+    qemu_binary: str = Field(default="qemu-system-x86_64", description="the QEMU binary (-M microvm)")
+    firecracker_binary: str = Field(default="firecracker", description="the Firecracker binary")
+    jailer_binary: str | None = Field(default=None, description="start Firecracker under this jailer")
+    jailer_uid: int = Field(default=65534, ge=1, description="the uid (and gid) the jailer drops to")
+    kernel: Path = Field(default=Path("/var/cache/atrund/vm/vmlinux"), description="uncompressed guest kernel (ELF)")
+    initramfs: Path | None = Field(default=Path("/var/cache/atrund/vm/initramfs.img"), description="the guest's initramfs")
+    rootfs: Path = Field(default=Path("/var/cache/atrund/vm/rootfs.ext4"), description="the guest root (opened read-only)")
+    vcpus: int = Field(default=1, ge=1, le=32, description="vCPUs per VM")
+    overhead_mb: int = Field(default=128, ge=32, description="guest memory for its kernel and init, beyond the bundle's")
+    boot_timeout: float = Field(default=90.0, gt=0, description="seconds a VM may take to boot and say it is ready")
+    kernel_args: str = Field(default="", description="extra guest kernel command line")
+
+
+# Keys that lived flat in [executor] until the per-backend sections: old key -> (section, key).
+# They still load, with a warning naming where each lives now (Config.warnings).
+MOVED = {
+    "sandbox_uid_base": ("process", "uid_base"),
+    "sandbox_uids": ("process", "uids"),
+    "docker_host": ("container", "docker_host"),
+    "image": ("container", "image"),
+    "runtime": ("container", "runtime"),
+    "cpus": ("container", "cpus"),
+    "container_uid": ("container", "uid"),
+    "vm_monitor": ("microvm", "monitor"),
+    "vm_accelerator": ("microvm", "accelerator"),
+    "qemu_binary": ("microvm", "qemu_binary"),
+    "firecracker_binary": ("microvm", "firecracker_binary"),
+    "jailer_binary": ("microvm", "jailer_binary"),
+    "jailer_uid": ("microvm", "jailer_uid"),
+    "vm_kernel": ("microvm", "kernel"),
+    "vm_initramfs": ("microvm", "initramfs"),
+    "vm_rootfs": ("microvm", "rootfs"),
+    "vm_vcpus": ("microvm", "vcpus"),
+    "vm_overhead_mb": ("microvm", "overhead_mb"),
+    "vm_boot_timeout": ("microvm", "boot_timeout"),
+    "vm_kernel_args": ("microvm", "kernel_args"),
+}
+
+
 class ExecutorSection(Section):
-    isolation: Literal["auto", "none", "process", "container", "firecracker"] = "auto"
+    """What every backend shares; each backend's own settings are in its subsection."""
+
+    isolation: str = Field(default=AUTO, description=f"one of {', '.join(NAMES)}")
     warm: int = Field(default=2, ge=0, description="warm workers kept per runtime")
     warm_by_runtime: dict[str, int] = Field(default={}, description="per-runtime override of warm, e.g. {deno = 0}")
     concurrency: int = Field(default=4, ge=1)
@@ -115,34 +185,50 @@ class ExecutorSection(Section):
     max_timeout: int = Field(default=300, ge=1)
     max_output_bytes: int = Field(default=65_536, ge=1024)
     memory_mb: int = Field(default=512, ge=16)
-    max_processes: int = Field(default=64, ge=8, description="RLIMIT_NPROC of a process-backend worker (threads count)")
-    sandbox_uid_base: int = Field(default=910_000, ge=1000, description="first uid of the process backend's workers")
-    sandbox_uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
-    work_dir: Path | None = Field(default=None, description="process backend: where workers' private /tmp live")
-    tmp_mb: int = Field(default=64, ge=1, description="process and container backends: size of a worker's private /tmp (a tmpfs)")
-    docker_host: str | None = Field(
-        default=None, description="container backend: the engine's API socket; default $DOCKER_HOST, else unix:///var/run/docker.sock"
-    )
-    image: str = Field(default="atrund-runtime:latest", description="container backend: the runtime image (`atrund image build`)")
-    runtime: Literal["runc", "runsc"] = Field(default="runc", description="container backend: OCI runtime; runsc is gVisor")
-    cpus: float = Field(default=1.0, gt=0, description="container backend: CPUs a worker may use")
-    container_uid: int = Field(default=900_000, ge=1, description="container backend: the unprivileged uid bundles run as")
-    vm_monitor: Literal["auto", "qemu", "firecracker"] = Field(
-        default="auto", description="firecracker backend: the monitor; auto takes firecracker if its binary and /dev/kvm exist, else qemu")
-    vm_accelerator: Literal["auto", "kvm", "tcg"] = Field(
-        default="auto", description="firecracker backend under qemu: kvm if a KVM guest really boots here, else tcg (software)")
-    qemu_binary: str = Field(default="qemu-system-x86_64", description="firecracker backend: the QEMU binary (-M microvm)")
-    firecracker_binary: str = Field(default="firecracker", description="firecracker backend: the Firecracker binary")
-    jailer_binary: str | None = Field(default=None, description="firecracker backend: start Firecracker under this jailer")
-    jailer_uid: int = Field(default=65534, ge=1, description="firecracker backend: the uid (and gid) the jailer drops to")
-    vm_kernel: Path = Field(default=Path("/var/cache/atrund/vm/vmlinux"), description="firecracker backend: uncompressed guest kernel (ELF)")
-    vm_initramfs: Path | None = Field(default=Path("/var/cache/atrund/vm/initramfs.img"), description="firecracker backend: the guest's initramfs")
-    vm_rootfs: Path = Field(default=Path("/var/cache/atrund/vm/rootfs.ext4"), description="firecracker backend: the guest root (opened read-only)")
-    vm_vcpus: int = Field(default=1, ge=1, le=32, description="firecracker backend: vCPUs per VM")
-    vm_overhead_mb: int = Field(default=128, ge=32, description="firecracker backend: guest memory for its kernel and init, beyond the bundle's")
-    vm_boot_timeout: float = Field(default=90.0, gt=0, description="firecracker backend: seconds a VM may take to boot and say it is ready")
-    vm_kernel_args: str = Field(default="", description="firecracker backend: extra guest kernel command line")
+    max_processes: int = Field(default=64, ge=8, description="processes (threads count) a worker may run")
+    work_dir: Path | None = Field(default=None, description="where workers' private directories live; default /run/atrund-work")
+    tmp_mb: int = Field(default=64, ge=1, description="size of a worker's private /tmp (a tmpfs)")
     runtimes_dir: Path = RUNTIMES_DIR
+    process: ProcessSection = ProcessSection()
+    container: ContainerSection = ContainerSection()
+    microvm: MicroVmSection = MicroVmSection()
+    _moved: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _old_keys(cls, data: Any, handler: Any) -> "ExecutorSection":
+        """Flat keys of before the per-backend sections load into their section, noted for a warning."""
+        moved = []
+        if isinstance(data, dict) and any(key in data for key in MOVED):
+            data = dict(data)
+            for old, (section, key) in MOVED.items():
+                if old not in data:
+                    continue
+                value = data.pop(old)
+                sub = data.get(section, {})
+                sub = dict(sub) if isinstance(sub, dict) else sub.model_dump(exclude_unset=True)
+                if key in sub:
+                    raise ValueError(f"{old} and {section}.{key} are both set: keep only {section}.{key}")
+                sub[key] = value
+                data[section] = sub
+                moved.append(f"executor.{old}: moved to executor.{section}.{key} ([executor.{section}] {key} = ...); "
+                             "the old key still works")
+        model = handler(data)
+        model._moved = moved
+        return model
+
+    @field_validator("isolation")
+    @classmethod
+    def _isolation(cls, value: str) -> str:
+        try:
+            return canonical(value)
+        except UnknownBackend:
+            raise ValueError(f"{value!r} is not a backend (available: {describe()})") from None
+
+    @property
+    def warnings(self) -> list[str]:
+        """What loaded but should be written differently (moved keys)."""
+        return list(self._moved)
 
 
 class PermissionsSection(Section):
@@ -210,6 +296,11 @@ class Config(Section):
     state: StateSection = StateSection()
 
     @property
+    def warnings(self) -> list[str]:
+        """One line per thing that loaded but should be written differently (a moved key)."""
+        return self.executor.warnings
+
+    @property
     def key_file(self) -> Path:
         return self.secrets.key_file if self.secrets.key_file is not None else self.state.dir / "secrets.key"
 
@@ -242,10 +333,12 @@ def parse(data: dict, base_dir: Path | None = None) -> Config:
         pw = cfg.runner.password_file
         if pw is not None and not pw.expanduser().is_absolute():
             cfg.runner.password_file = base_dir / pw
-        for key in ("work_dir", "runtimes_dir", "vm_kernel", "vm_initramfs", "vm_rootfs"):
-            value = getattr(cfg.executor, key)
+        for section, key in (("", "work_dir"), ("", "runtimes_dir"), ("microvm", "kernel"), ("microvm", "initramfs"),
+                             ("microvm", "rootfs")):
+            holder = getattr(cfg.executor, section) if section else cfg.executor
+            value = getattr(holder, key)
             if value is not None and not value.is_absolute():
-                setattr(cfg.executor, key, base_dir / value)
+                setattr(holder, key, base_dir / value)
         rel = lambda p: None if p is None else (p.expanduser() if p.expanduser().is_absolute() else base_dir / p)  # noqa: E731
         cfg.secrets.key_file = rel(cfg.secrets.key_file)
         cfg.secrets.old_key_files = [rel(p) for p in cfg.secrets.old_key_files]
@@ -254,11 +347,15 @@ def parse(data: dict, base_dir: Path | None = None) -> Config:
 
 
 def load(path: Path) -> Config:
-    """Read and validate a config file; relative state paths are relative to the file."""
+    """Read and validate a config file; relative state paths are relative to the file. What
+    loads but should be written differently (``Config.warnings``) is logged, one line each."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return parse(data, base_dir=path.resolve().parent)
+    cfg = parse(data, base_dir=path.resolve().parent)
+    for line in cfg.warnings:
+        log.warning(line, config=str(path))
+    return cfg

@@ -36,7 +36,8 @@ the fix it names.
     ├── ExecutorError                    50  the executor itself failed (no backend, no worker, engine gone)
     │   └── UnknownRuntime               51  no runtime directory of that name
     ├── ImageError                       52  the runtime image or the microVM guest could not be built
-    └── LocalStackError                  53  the local PDS and PLC (atrund.dev.stack) could not be started
+    ├── LocalStackError                  53  the local PDS and PLC (atrund.dev.stack) could not be started
+    └── UnknownBackend                   54  an isolation name that is no backend, alias or auto (also a ValueError)
 
 Exit codes 0-4 mean something else (see the README): 0 done, 1 an unexpected error (a bug: it
 prints a traceback), 2 a usage error (click), 3 a bundle's status is not success, 4 no result in
@@ -219,6 +220,12 @@ class ImageError(AtrundError, code=52):
 
 class LocalStackError(AtrundError, code=53):
     """The stack could not be started or used; the message carries its log tail."""
+
+
+
+class UnknownBackend(AtrundError, ValueError, code=54):
+    """A name that is neither a backend, ``auto``, nor an alias of a backend (the message lists
+    them). Also a ValueError: the configuration's validators raise it as pydantic expects."""
 
 
 def tree() -> list[type[AtrundError]]:

@@ -127,6 +127,8 @@ class BlobRef(BaseModel):
 
 
 class Permissions(Record):
+    """dev.atrun.defs#permissions: what a bundle asks for (the runner grants it or refuses to run)."""
+
     net: list[str] | None = None
     read: list[str] | None = None
     write: list[str] | None = None
@@ -134,6 +136,8 @@ class Permissions(Record):
 
 
 class Metrics(Record):
+    """dev.atrun.defs#metrics: where a run's time went, and what ran it."""
+
     execution_time_ms: int | None = None
     queued_ms: int | None = None
     total_ms: int | None = None
@@ -142,6 +146,8 @@ class Metrics(Record):
 
 
 class HttpResponse(Record):
+    """dev.atrun.defs#httpResponse: what a handleRequest endpoint answered."""
+
     status: int = Field(ge=100, le=599)
     headers: dict[str, str] | None = None
     body: str | None = None
@@ -149,15 +155,18 @@ class HttpResponse(Record):
 
 
 class Limits(Record):
-    timeout_seconds: int | None = None
-    default_timeout_seconds: int | None = None
-    max_bundle_bytes: int | None = None
-    max_output_bytes: int | None = None
-    memory_mb: int | None = None
-    concurrency: int | None = None
-    gateway_requests_per_minute: int | None = None
-    gateway_timeout_seconds: int | None = None
-    max_request_bytes: int | None = None
+    """dev.atrun.defs#limits: what a runner publishes about the limits it enforces (with the
+    lexicon's minimums, so the runner never publishes a record its own lexicon refuses)."""
+
+    timeout_seconds: int | None = Field(default=None, ge=1)
+    default_timeout_seconds: int | None = Field(default=None, ge=1)
+    max_bundle_bytes: int | None = Field(default=None, ge=0)
+    max_output_bytes: int | None = Field(default=None, ge=0)
+    memory_mb: int | None = Field(default=None, ge=0)
+    concurrency: int | None = Field(default=None, ge=1)
+    gateway_requests_per_minute: int | None = Field(default=None, ge=0)
+    gateway_timeout_seconds: int | None = Field(default=None, ge=1)
+    max_request_bytes: int | None = Field(default=None, ge=0)
 
 
 class SealedSecret(Record):
@@ -215,6 +224,7 @@ class Result(Record):
 class Runner(Record):
     runtimes: list[str]
     isolation: str
+    monitor: str | None = None  # isolation microvm only: qemu or firecracker
     access_mode: str
     created_at: str
     access_source: str | None = None

@@ -148,10 +148,6 @@ class Keyring:
     def load(cls, key_file: Path, old_key_files: list[Path]) -> "Keyring":
         return cls(load_key_file(key_file), [load_key_file(p) for p in old_key_files])
 
-    @property
-    def ids(self) -> list[str]:
-        return sorted(self._keys)
-
     def open(self, sealed: list[Any], *, author: str, runner: str, bundle_uri: str, where: str) -> dict[str, str]:
         """Open every sealed secret of one record (``where`` says which, for messages)."""
         out: dict[str, str] = {}

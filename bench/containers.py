@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--runtime", default="runc", choices=["runc", "runsc"])
     parser.add_argument("--image", default="atrund-runtime:latest")
     args = parser.parse_args()
-    settings = dict(isolation="container", image=args.image, runtime=args.runtime)
+    settings = dict(isolation="container", container={"image": args.image, "runtime": args.runtime})
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "bundle.py"
         code.write_text("def main(args):\n    return {'ok': True}\n")

@@ -1,4 +1,4 @@
-"""microVM benchmark: how long the firecracker backend's VMs take, here (QEMU, TCG) or on a KVM host.
+"""microVM benchmark: how long the microvm backend's VMs take, here (QEMU, TCG) or on a KVM host.
 
 Method (one run, one machine, the real guest that `atrund image build` makes):
 - to guest init: QEMU started with the kernel and initramfs only (no disk, no channel); time
@@ -48,8 +48,8 @@ FIRECRACKER_PUBLISHED_MS = 125  # "boot to guest init in <= 125 ms", Firecracker
 
 
 def to_guest_init(settings: ExecutorSection, accel: str) -> float:
-    cmd = [settings.qemu_binary, "-M", "microvm", "-accel", accel, "-m", "256", "-nodefaults", "-no-user-config",
-           "-display", "none", "-no-reboot", "-kernel", str(settings.vm_kernel), "-initrd", str(settings.vm_initramfs),
+    cmd = [settings.microvm.qemu_binary, "-M", "microvm", "-accel", accel, "-m", "256", "-nodefaults", "-no-user-config",
+           "-display", "none", "-no-reboot", "-kernel", str(settings.microvm.kernel), "-initrd", str(settings.microvm.initramfs),
            "-append", f"console=ttyS0 panic=-1 {TCG_KERNEL_ARGS if accel == 'tcg' else ''}",
            "-serial", "stdio"]
     started = time.monotonic()
@@ -75,7 +75,7 @@ async def boot_to_ready(settings: ExecutorSection) -> float:
     started = time.monotonic()
     worker = await backend.spawn(runtime, settings, ExecPermissions())
     try:
-        line = await asyncio.wait_for(worker.stdout.readline(), settings.vm_boot_timeout)
+        line = await asyncio.wait_for(worker.stdout.readline(), settings.microvm.boot_timeout)
         assert line.strip() == b'{"ready":true}', line
         return (time.monotonic() - started) * 1000
     finally:
@@ -110,9 +110,9 @@ async def main() -> None:
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     args = ap.parse_args()
-    settings = ExecutorSection(isolation="firecracker", vm_accelerator=args.accel, warm_by_runtime={"deno": 0, "node": 0})
+    settings = ExecutorSection(isolation="microvm", microvm={"accelerator": args.accel}, warm_by_runtime={"deno": 0, "node": 0})
     accel, why = accelerator(settings)
-    settings = settings.model_copy(update={"vm_accelerator": accel})
+    settings = settings.model_copy(update={"microvm": settings.microvm.model_copy(update={"accelerator": accel})})
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "b.py"
         bundle.write_text("def main(args):\n    return {'ok': True}\n")

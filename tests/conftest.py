@@ -18,6 +18,7 @@ import pytest
 
 from atrund import client, config
 from atrund.app import App
+from atrund.execute import BACKENDS
 from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
 from atrund.dev.stack import Account, LocalStack
@@ -52,16 +53,23 @@ def executor_settings(isolation: str = "none", **settings: Any):
     from atrund.config import ExecutorSection
 
     backend, _, runtime = isolation.partition("+")
-    if runtime:
-        settings["runtime"] = runtime
+    if backend == "container":
+        # The image built from this checkout, by its content tag: another checkout's build moving
+        # :latest on a shared engine does not change what these tests run.
+        container = {**({"image": _built_image[0]} if _built_image else {}), **settings.get("container", {})}
+        settings["container"] = {**container, **({"runtime": runtime} if runtime else {})}
     return ExecutorSection(isolation=backend, **settings)
 
 
-ISOLATIONS = ["none", "process", "container", "container+runsc", "firecracker"]
-# Each firecracker test boots a VM, about 10-20 s under software emulation (TCG) on these
+_built_image: list[str] = []  # set by the container_engine fixture
+
+
+# Every backend of the registry, weakest first, and the container backend under gVisor too.
+ISOLATIONS = [variant for name in reversed(BACKENDS) for variant in ([name, f"{name}+runsc"] if name == "container" else [name])]
+# Each microvm test boots a VM, about 10-20 s under software emulation (TCG) on these
 # machines: only tests marked ``vm`` (a subset that means something inside a VM) run on it;
 # pytest_collection_modifyitems below deselects the others. The README lists what is left out.
-VM_ISOLATION = "firecracker"
+VM_ISOLATION = "microvm"
 
 
 def require_isolation(request) -> str:
@@ -90,13 +98,13 @@ def container_engine() -> dict[str, Any]:
         info = client.info()
     except docker.errors.DockerException as e:
         pytest.skip(f"no Docker engine answers ({e}); start one with: bash scripts/dockerd")
-    image.build(client, config.RUNTIMES_DIR, progress=lambda line: None)
+    _built_image[:] = [image.build(client, config.RUNTIMES_DIR, progress=lambda line: None)]
     client.close()
     return info
 
 
 def pytest_collection_modifyitems(config, items):
-    """Deselect firecracker variants of tests not marked ``vm`` (see VM_ISOLATION)."""
+    """Deselect microvm variants of tests not marked ``vm`` (see VM_ISOLATION)."""
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})

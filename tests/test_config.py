@@ -82,3 +82,50 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     cfg = config.load(write(tmp_path, MINIMAL + 'password_file = "pw"\n[state]\ndir = "st"\n'))
     assert cfg.runner.password() == "secret" and cfg.state.dir == tmp_path / "st"
+
+
+def test_per_backend_settings_live_in_their_sections(tmp_path):
+    """[executor.process], [executor.container] and [executor.microvm] hold each backend's own
+    settings; relative guest paths are relative to the config file, as every path is."""
+    cfg = config.load(write(tmp_path, MINIMAL + '[executor]\nisolation = "container"\n'
+                            '[executor.process]\nuids = 8\n'
+                            '[executor.container]\nimage = "mine:1"\nruntime = "runsc"\n'
+                            '[executor.microvm]\nkernel = "vm/vmlinux"\nmonitor = "qemu"\n'))
+    e = cfg.executor
+    assert (e.isolation, e.process.uids, e.container.image, e.container.runtime) == ("container", 8, "mine:1", "runsc")
+    assert e.microvm.kernel == tmp_path / "vm" / "vmlinux" and e.microvm.monitor == "qemu" and cfg.warnings == []
+    with pytest.raises(config.ConfigError, match=r"^executor\.container\.imag: unknown key"):
+        config.load(write(tmp_path, MINIMAL + '[executor.container]\nimag = "x"\n'))
+
+
+def test_a_moved_key_still_loads_and_check_config_says_where_it_lives_now(tmp_path):
+    """An old flat [executor] key loads into its section; `atrund check-config` names it and its
+    new place on stderr, one line each, and still says ok."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, MINIMAL + '[executor]\nimage = "mine:1"\nvm_kernel = "vm/vmlinux"\nsandbox_uids = 8\n')
+    cfg = config.load(path)
+    assert cfg.executor.container.image == "mine:1" and cfg.executor.microvm.kernel == tmp_path / "vm" / "vmlinux"
+    assert cfg.executor.process.uids == 8
+    assert [w.split(":")[0] for w in cfg.warnings] == ["executor.sandbox_uids", "executor.image", "executor.vm_kernel"]
+    p = subprocess.run([sys.executable, "-m", "atrund.cli", "check-config", "-c", str(path)], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == 0 and "ok" in p.stderr, p.stderr
+    for old, new in [("image", "container.image"), ("vm_kernel", "microvm.kernel"), ("sandbox_uids", "process.uids")]:
+        assert f"executor.{old}: moved to executor.{new}" in p.stderr, p.stderr
+    with pytest.raises(config.ConfigError, match=r"^executor: image and container\.image are both set: keep only container\.image"):
+        config.load(write(tmp_path, MINIMAL + '[executor]\nimage = "a"\n[executor.container]\nimage = "b"\n'))
+
+
+def test_isolation_names_come_from_the_registry_and_firecracker_is_microvm(tmp_path):
+    """Every backend of the registry is a valid isolation; the old name firecracker loads as
+    microvm; anything else names the choices."""
+    from atrund.execute import BACKENDS
+
+    for name in ("auto", *BACKENDS):
+        assert config.load(write(tmp_path, MINIMAL + f'[executor]\nisolation = "{name}"\n')).executor.isolation == name
+    assert config.load(write(tmp_path, MINIMAL + '[executor]\nisolation = "firecracker"\n')).executor.isolation == "microvm"
+    with pytest.raises(config.ConfigError, match=r"^executor\.isolation: 'vmware' is not a backend \(available: microvm, "
+                                                 r"process, container, none, auto; firecracker is the old name of microvm\)"):
+        config.load(write(tmp_path, MINIMAL + '[executor]\nisolation = "vmware"\n'))

@@ -52,7 +52,7 @@ def ours(client) -> list:
 async def test_a_worker_container_is_hardened(isolation, client):
     """Every hardening option reaches the engine: caps, read-only root, no-new-privileges, no
     network, limits from the configuration, unprivileged user, read-only bundle mount, labels."""
-    executor = create_executor(executor_settings(isolation, warm=1, memory_mb=200, tmp_mb=8, max_processes=32, cpus=0.5))
+    executor = create_executor(executor_settings(isolation, warm=1, memory_mb=200, tmp_mb=8, max_processes=32, container={"cpus": 0.5}))
     await executor.warm(1)
     try:
         worker = executor._warm["python"][0]
@@ -147,7 +147,7 @@ async def test_drain_lets_the_running_request_finish_and_leaves_no_containers(is
 async def test_leftovers_of_a_dead_runner_are_removed_and_a_live_ones_kept(isolation, client, tmp_path):
     """A runner that crashed leaves labelled containers; the next one removes them on start-up,
     and leaves alone those of a runner that still runs (two runners may share an engine)."""
-    image = executor_settings(isolation).image
+    image = executor_settings(isolation).container.image
     dead = client.containers.create(image, ["sleep", "60"], labels={LABEL_OWNER: "1:0", LABEL_WORKER: "python"})
     live = client.containers.create(image, ["sleep", "60"], labels={LABEL_OWNER: OWNER, LABEL_WORKER: "python"})
     try:
@@ -228,7 +228,7 @@ async def test_a_runner_with_container_isolation_serves_invocations(author, make
 
 
 async def test_missing_image_is_a_clear_error(container_engine):
-    executor = create_executor(executor_settings("container", warm=0, image="atrund-no-such-image:nope"))
+    executor = create_executor(executor_settings("container", warm=0, container={"image": "atrund-no-such-image:nope"}))
     try:
         with pytest.raises(ExecutorError, match="has no image atrund-no-such-image:nope: build it with `atrund image build`"):
             await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
@@ -245,11 +245,11 @@ async def test_auto_takes_a_gvisor_container_first_and_process_before_a_runc_one
     from atrund.config import ExecutorSection
     from atrund.execute.probe import order
 
-    assert order(ExecutorSection(runtime="runc")) == ("firecracker", "process", "container", "none")
-    assert order(ExecutorSection(runtime="runsc")) == ("firecracker", "container", "process", "none")
+    assert order(ExecutorSection(container={"runtime": "runc"})) == ("microvm", "process", "container", "none")
+    assert order(ExecutorSection(container={"runtime": "runsc"})) == ("microvm", "container", "process", "none")
     if "runsc" not in container_engine["Runtimes"]:
         pytest.skip("the Docker engine has no runsc runtime (bash scripts/dockerd registers it)")
-    executor = create_executor(ExecutorSection(isolation="auto", runtime="runsc", warm=0))
+    executor = create_executor(ExecutorSection(isolation="auto", container={"runtime": "runsc"}, warm=0))
     try:
         assert executor.isolation == "container"
     finally:

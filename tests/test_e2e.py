@@ -41,6 +41,7 @@ async def test_runner_publishes_its_declaration(make_runner, reader):
     runner = await make_runner(access={"mode": "open"}, executor={"max_timeout": 60})
     _, value = await reader.get_record(runner.did, RUNNER, "self")
     assert "python" in value["runtimes"] and value["isolation"] == "process" and value["accessMode"] == "open"
+    assert "monitor" not in value  # only a microvm runner names one
     assert value["limits"]["timeoutSeconds"] == 60
 
 

@@ -211,7 +211,7 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
     assert executor.stats().warm["python"] == 2
     r = await executor.execute(ExecRequest(code_path=bundle(tmp_path, "def main(a): return 1"), endpoint="main"), "python")
     assert r.success and r.data == 1
-    deadline = time.monotonic() + (120 if isolation == "firecracker" else 2.5)  # the replacement VM boots first
+    deadline = time.monotonic() + (120 if isolation == "microvm" else 2.5)  # the replacement VM boots first
     while executor.stats().warm["python"] != 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     stats = executor.stats()
@@ -222,8 +222,8 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
         assert await _containers(handles) == [], "containers outlived shutdown()"
     else:
         assert all(gone(p) for p in handles)
-    if isolation == "firecracker":  # no VM directory (channel socket, pid file) is left either
-        from atrund.execute.container.backend import OWNER
+    if isolation == "microvm":  # no VM directory (channel socket, pid file) is left either
+        from atrund.execute.workdir import OWNER
 
         assert list(executor.backend.work_root.glob(f"vm-{OWNER.replace(':', '_')}-*")) == []
     with pytest.raises(ExecutorError):
@@ -253,7 +253,7 @@ async def test_missing_runtime_program_raises(isolation, tmp_path):
     (rdir / "runtime.json").write_text('{"name": "python", "command": ["/nonexistent/at-run-exec"]}')
     executor = create_executor(executor_settings(isolation, warm=0, runtimes_dir=tmp_path / "runtimes"))
     # The container and microVM backends check their image holds these runtimes' programs, which it does not.
-    match = "other at-run-exec programs" if isolation.startswith("container") or isolation == "firecracker" else "cannot start python worker"
+    match = "other at-run-exec programs" if isolation.startswith("container") or isolation == "microvm" else "cannot start python worker"
     with pytest.raises(ExecutorError, match=match):
         await executor.execute(ExecRequest(code_path="/x", endpoint="main"), "python")
     await executor.shutdown()
@@ -317,8 +317,38 @@ async def test_warm_counts_per_runtime(tmp_path):
 
 
 async def test_unknown_isolation_names_the_choices():
-    with pytest.raises(ExecutorError, match="unknown isolation 'vmware'.*firecracker, process, container, none, auto"):
+    with pytest.raises(ExecutorError, match="unknown isolation 'vmware'.*microvm, process, container, none, auto"):
         create_executor(ExecutorSection.model_construct(**{**ExecutorSection().model_dump(), "isolation": "vmware"}))
+
+
+async def test_firecracker_is_the_old_name_of_microvm_and_the_executor_states_its_monitor(tmp_path):
+    """The registry's alias builds the microvm backend (nothing boots until a worker starts);
+    only a microvm executor names a monitor, which the runner record then states."""
+    from atrund.execute import create_backend
+
+    settings = ExecutorSection(work_dir=tmp_path / "work")
+    backend = create_backend("firecracker", settings)
+    assert backend.isolation == "microvm" and backend.monitor_name in ("qemu", "firecracker")
+    executor = create_executor(executor_settings("none"))
+    assert executor.monitor is None
+    await executor.shutdown()
+
+
+def test_auto_tries_the_registrys_backends_in_its_order():
+    from atrund.execute import BACKENDS
+    from atrund.execute.probe import order
+
+    assert order(ExecutorSection()) == BACKENDS == ("microvm", "process", "container", "none")
+
+
+def test_a_work_dir_others_may_write_is_refused(tmp_path):
+    """Root mounts, chowns and locks in the process backend's work directory: one that another
+    user could change under it is refused, naming the directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    with pytest.raises(ExecutorError, match=f"{work} must be a directory owned by root and not writable by others"):
+        create_executor(executor_settings("process", work_dir=work))
 
 
 async def test_a_second_runner_starting_up_does_not_break_this_ones_worker_starts(tmp_path):

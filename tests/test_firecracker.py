@@ -20,7 +20,7 @@ from conftest import execute_once
 
 from atrund.execute import ExecutorError
 from atrund.execute.microvm.firecracker import requests
-from atrund.execute.microvm.backend import VmSpec
+from atrund.execute.microvm.vm import VmSpec
 
 API_YAML = Path(os.environ.get("FIRECRACKER_API_YAML", Path(__file__).resolve().parent / "firecracker" / "firecracker-api.yaml"))
 STANDIN = Path(__file__).resolve().parent / "standins" / "firecracker"
@@ -95,8 +95,9 @@ def standin(tmp_path, api, monkeypatch, request) -> dict:
         files[name] = tmp_path / name
     monkeypatch.setenv("FIRECRACKER_API_YAML", str(API_YAML))
     monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "calls.jsonl"))
-    return dict(isolation="firecracker", vm_monitor="firecracker", firecracker_binary=str(binary), vm_kernel=files["vmlinux"],
-                vm_initramfs=files["initramfs.img"], vm_rootfs=files["rootfs.ext4"], work_dir=work)
+    return dict(isolation="microvm", work_dir=work, microvm=dict(
+        monitor="firecracker", firecracker_binary=str(binary), kernel=files["vmlinux"], initramfs=files["initramfs.img"],
+        rootfs=files["rootfs.ext4"]))
 
 
 async def test_a_request_travels_through_the_api_and_vsock(standin, tmp_path):

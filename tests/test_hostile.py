@@ -44,15 +44,15 @@ def isolation(request) -> str:
 def out_of_reach(isolation: str) -> dict:
     """How a sandboxed bundle fails to open a host file: the process backend's Landlock denies
     it; a container or a microVM has its own root, in which the host's file does not exist."""
-    return {"denied": "FileNotFoundError" if isolation.startswith("container") or isolation == "firecracker" else "PermissionError"}
+    return {"denied": "FileNotFoundError" if isolation.startswith("container") or isolation == "microvm" else "PermissionError"}
 
 
 UID_BASE = 960_000  # this suite's own sandbox uids (containers run as the first), so process counts see only its workers
 
 
 async def attack(isolation: str, name: str, args=None, timeout=5, permissions=None, warm=0, **settings):
-    settings.setdefault("sandbox_uid_base", UID_BASE)
-    settings.setdefault("container_uid", UID_BASE)
+    settings.setdefault("process", {"uid_base": UID_BASE})
+    settings.setdefault("container", {"uid": UID_BASE})
     return await execute_once("python", str(HOSTILE / f"{name}.py"), args=args, timeout=timeout, warm=warm,
                               permissions=permissions.model_dump() if permissions else None, isolation=isolation, **settings)
 
@@ -96,7 +96,7 @@ async def test_past_the_deadline(isolation, name):
     started = time.monotonic()
     r = await attack(isolation, name, timeout=2)
     # The wall time includes starting the worker: a VM's boot under TCG is seconds on its own.
-    assert r.timed_out and time.monotonic() - started < (60 if isolation == "firecracker" else 8)
+    assert r.timed_out and time.monotonic() - started < (60 if isolation == "microvm" else 8)
     assert r.metrics.execution_time_ms == 2000
 
 
@@ -239,7 +239,7 @@ JS = {"deno": ".ts", "node": ".mjs"}
 
 async def js_attack(runtime: str, isolation: str, name: str, args=None, timeout=10):
     return await execute_once(runtime, str(HOSTILE.parent / runtime / f"{name}{JS[runtime]}"), args=args, timeout=timeout,
-                              isolation=isolation, sandbox_uid_base=UID_BASE, container_uid=UID_BASE)
+                              isolation=isolation, process={"uid_base": UID_BASE}, container={"uid": UID_BASE})
 
 
 @pytest.fixture(params=["deno", "node"])
@@ -314,7 +314,7 @@ async def test_a_crashed_runners_worker_mounts_are_cleaned(tmp_path):
     leaves alone those whose uid another live runner holds."""
     from atrund.execute.process.backend import ProcessBackend, mount_tmpfs, worker_mounts
 
-    settings = ExecutorSection(work_dir=tmp_path / "work", sandbox_uid_base=950_000, sandbox_uids=4)
+    settings = ExecutorSection(work_dir=tmp_path / "work", process={"uid_base": 950_000, "uids": 4})
     live = ProcessBackend(settings)
     held = live.uids.take()
     for uid in (950_003, held):

@@ -42,6 +42,8 @@ def test_records_we_write_are_valid():
         ("dev.atrun.runner", Runner(runtimes=["python"], isolation="none", access_mode="allowlist", created_at=now_iso()).to_record()),
         ("dev.atrun.runner", Runner(runtimes=["python"], isolation="none", access_mode="open", created_at=now_iso(),
                                     gateway_url="http://127.0.0.1:8080").to_record()),
+        ("dev.atrun.runner", Runner(runtimes=["python"], isolation="microvm", monitor="qemu", access_mode="open",
+                                    created_at=now_iso()).to_record()),
         ("dev.atrun.result", results.build(None, BUNDLE, "success", data={"a": 1}, caller="did:plc:xyz", metrics=m).to_record()),
         ("dev.atrun.invoke#input", {"bundle": BUNDLE.to_record(), "endpoint": "main", "args": {"k": 1}, "writeResult": True}),
         ("dev.atrun.invoke#output", {**results.build(None, BUNDLE, "timeout", error="timed out", caller="did:plc:xyz").to_record(),

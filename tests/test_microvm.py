@@ -33,10 +33,10 @@ def bundle(tmp_path: Path, source: str, name: str = "bundle.py") -> str:
 
 async def test_network_grants_are_refused_and_say_why(tmp_path):
     """No VM gets a network device; a request granted network is refused, not run without it."""
-    executor = create_executor(ExecutorSection(isolation="firecracker", warm=0))
+    executor = create_executor(ExecutorSection(isolation="microvm", warm=0))
     request = ExecRequest(code_path=bundle(tmp_path, "def main(a): return 1\n"), endpoint="main",
                           permissions=ExecPermissions(net=["example.com"]))
-    with pytest.raises(ExecutorError, match="network grants are not available with isolation firecracker: its VMs have no network"):
+    with pytest.raises(ExecutorError, match="network grants are not available with isolation microvm: its VMs have no network"):
         await executor.execute(request, "python")
     await executor.shutdown()
 
@@ -61,9 +61,9 @@ async def test_nothing_carries_over_and_the_root_is_read_only(vm_guest, tmp_path
             return {"tmp": os.path.exists("/tmp/left-behind"), "etc": os.path.exists("/etc/left-behind"),
                     "interfaces": sorted(os.listdir("/sys/class/net"))}
     """, "reader.py")
-    first = await execute_once("python", writer, isolation="firecracker", timeout=30)
+    first = await execute_once("python", writer, isolation="microvm", timeout=30)
     assert first.success and first.data["root"] in ("PermissionError", "OSError"), first  # EACCES or EROFS: not written
-    second = await execute_once("python", reader, isolation="firecracker", timeout=30)
+    second = await execute_once("python", reader, isolation="microvm", timeout=30)
     # No network device at all: not even loopback is configured (lo exists but is down).
     assert second.success and second.data == {"tmp": False, "etc": False, "interfaces": ["lo"]}, second
 
@@ -87,7 +87,7 @@ async def test_the_bundle_is_nobody_and_reaches_no_device(vm_guest, tmp_path):
                     "disk": attempt("/dev/vda", os.O_RDONLY), "channel": [attempt("/dev/" + p, os.O_RDWR) for p in ports],
                     "setuid": os.stat("/usr/bin/passwd").st_mode & 0o4000 != 0}
     """)
-    r = await execute_once("python", probe, isolation="firecracker", timeout=30)
+    r = await execute_once("python", probe, isolation="microvm", timeout=30)
     assert r.success, r.error
     assert r.data == {"uid": 65534, "nnp": "1", "root": ["nodev", "nosuid", "ro"], "disk": "PermissionError",
                       "channel": ["PermissionError"], "setuid": True}, r.data
@@ -96,7 +96,7 @@ async def test_the_bundle_is_nobody_and_reaches_no_device(vm_guest, tmp_path):
 async def test_shutdown_during_a_warm_up_leaves_no_vm(vm_guest, tmp_path):
     """shutdown() while a warm VM is still booting: its monitor is killed and its directory goes,
     at once, not when the boot would have finished."""
-    executor = create_executor(ExecutorSection(isolation="firecracker", warm=1, warm_by_runtime={"deno": 0, "node": 0}))
+    executor = create_executor(ExecutorSection(isolation="microvm", warm=1, warm_by_runtime={"deno": 0, "node": 0}))
     warming = asyncio.ensure_future(executor.warm(1))
     backend = executor.backend
     for _ in range(200):
@@ -123,7 +123,7 @@ async def test_a_crashed_runners_vms_are_swept_on_start(vm_guest, request):
         from atrund.execute.protocol import ExecPermissions
         from atrund.execute.runtimes import load_runtimes
         async def main():
-            s = ExecutorSection(isolation="firecracker", vm_accelerator="tcg", work_dir={str(work)!r})
+            s = ExecutorSection(isolation="microvm", microvm={{"accelerator": "tcg"}}, work_dir={str(work)!r})
             w = await MicroVmBackend(s).spawn(load_runtimes(s.runtimes_dir)["python"], s, ExecPermissions())
             print("VM", w.process.pid, w.dir, flush=True)
             await asyncio.sleep(600)
@@ -144,7 +144,7 @@ async def test_a_crashed_runners_vms_are_swept_on_start(vm_guest, request):
     assert not gone(pid) and Path(vm_dir).exists(), "the crashed runner's VM should still be there"
     from atrund.execute.microvm.backend import MicroVmBackend
 
-    backend = MicroVmBackend(ExecutorSection(isolation="firecracker", vm_accelerator="tcg", work_dir=work))
+    backend = MicroVmBackend(ExecutorSection(isolation="microvm", microvm={"accelerator": "tcg"}, work_dir=work))
     await backend.ready()
     for _ in range(50):
         if gone(pid):
@@ -190,7 +190,7 @@ def test_vmlinux_comes_out_of_the_bzimage_as_elf(vm_guest):
 def test_rootfs_is_refused_when_built_from_other_runtimes(vm_guest):
     """The backend compares the runtime directories the rootfs was built with to the runner's."""
     from atrund.execute.container import image
-        from atrund.execute.microvm import guest as vmimage
+    from atrund.execute.microvm import guest as vmimage
 
     assert vmimage.runtimes_of(Path(vm_guest["rootfs"])) == image.runtimes_hash(ROOT / "nix" / "runtimes")
     assert os.path.realpath(vm_guest["rootfs"]).endswith(".ext4")
@@ -200,13 +200,15 @@ async def test_a_runner_serves_an_invocation_from_a_vm_end_to_end(vm_guest, auth
     """On the local PDS: an invocation record in, a result record out, the bundle run in a VM."""
     from conftest import wait_result
 
-    from atrund.records import Result
+    from atrund.records import RUNNER, Result
 
     runner = await make_runner(access={"allowlist": [author.account.did]},
-                               executor={"isolation": "firecracker", "warm_by_runtime": {"python": 1, "deno": 0, "node": 0}})
+                               executor={"isolation": "microvm", "warm_by_runtime": {"python": 1, "deno": 0, "node": 0}})
+    _, declared = await reader.get_record(runner.did, RUNNER, "self")  # the record states the monitor too
+    assert declared["isolation"] == "microvm" and declared["monitor"] == "qemu"
     bundle_ref = await author.publish("import platform\ndef main(args):\n    return {'hi': args['name'], 'kernel': platform.release()}\n")
     uri = await author.invoke(bundle_ref, runner.did, "main", {"name": "ada"})
     result = Result.model_validate(await wait_result(reader, runner.did, uri, timeout=120))
     assert result.status == "success", result.error
-    assert result.data["hi"] == "ada" and result.metrics.isolation == "firecracker"
+    assert result.data["hi"] == "ada" and result.metrics.isolation == "microvm"
     assert result.data["kernel"] != os.uname().release  # it ran on the guest's kernel, not the host's

@@ -75,20 +75,20 @@ def _engine_summary(settings) -> str:
     from atrund.execute.container import image as image_mod
 
     try:
-        client = image_mod.connect(settings.docker_host)
+        client = image_mod.connect(settings.container.docker_host)
         try:
             info = client.info()
-            labels = image_mod.describe(client, settings.image)
+            labels = image_mod.describe(client, settings.container.image)
         finally:
             client.close()
     except Exception as e:  # noqa: BLE001 - doctor reports every failure, whatever it is
         return f"not available ({str(e)[:200]})"
     if labels is None:
-        img = f"image {settings.image} missing (atrund image build)"
+        img = f"image {settings.container.image} missing (atrund image build)"
     elif labels.get(image_mod.LABEL_RUNTIMES) != image_mod.runtimes_hash(settings.runtimes_dir):
-        img = f"image {settings.image} is stale (atrund image build)"
+        img = f"image {settings.container.image} is stale (atrund image build)"
     else:
-        img = f"image {settings.image} current"
+        img = f"image {settings.container.image} current"
     return f"{info.get('ServerVersion')}, runtimes {', '.join(info.get('Runtimes') or {})}; {img}"
 
 
@@ -99,7 +99,8 @@ def image() -> None:
 
 @image.command("build")
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Take executor.docker_host, executor.image and executor.runtimes_dir from this configuration.")
+              help="Take executor.container.docker_host, executor.container.image and executor.runtimes_dir from this "
+                   "configuration.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the Debian rootfs tar is cached between builds  [default: /var/cache/atrund/image]")
 @click.option("--container/--no-container", default=True, show_default=True,
@@ -126,16 +127,16 @@ def image_build(config_path: Path | None, cache_dir: Path | None, container: boo
     if not container:
         emit(out)
         return
-    client = image_mod.connect(settings.docker_host)
+    client = image_mod.connect(settings.container.docker_host)
     try:
         tag = image_mod.build(client, settings.runtimes_dir, cache_dir or image_mod.DEFAULT_CACHE, progress=progress)
         tags = [tag, image_mod.DEFAULT_IMAGE]
-        if settings.image not in tags:  # the configuration names its own tag: point it here too
+        if settings.container.image not in tags:  # the configuration names its own tag: point it here too
             from docker.utils import parse_repository_tag
 
-            repository, version = parse_repository_tag(settings.image)
+            repository, version = parse_repository_tag(settings.container.image)
             client.images.get(tag).tag(repository, version or "latest")
-            tags.append(settings.image)
+            tags.append(settings.container.image)
     finally:
         client.close()
     emit({"image": tag, "tags": tags, **out})

@@ -27,9 +27,7 @@ from atrund.cli.main import (
     split,
 )
 from atrund.errors import QuarantineError, UnknownRuntime
-from atrund.execute import BACKENDS
-
-ISOLATIONS = ["auto", *BACKENDS]
+from atrund.execute import NAMES
 
 
 @main.command("check-config")
@@ -262,7 +260,7 @@ def keys_init(config_path: Path, force: bool) -> None:
 @click.option("--timeout", type=int, default=30, show_default=True, help="Seconds before the run is killed.")
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Use this runner configuration's executor settings.")
-@click.option("--isolation", type=click.Choice(ISOLATIONS), default=None,
+@click.option("--isolation", type=click.Choice(NAMES), default=None,
               help="Executor backend (default: the config's, else auto).")
 @click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle may reach.")
 @click.option("--allow-read", default="", help="Comma-separated paths the bundle may read.")

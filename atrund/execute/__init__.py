@@ -1,39 +1,36 @@
-"""Execution: the at-run-exec protocol, the worker pool, and one module per backend."""
+"""Execution: the at-run-exec protocol, the worker pool, and one subpackage per backend.
 
-from atrund.execute.base import Executor, ExecutorError, PoolStats
+The backends and their names are listed once, in registry.py (``BACKENDS``, ``ALIASES``,
+``canonical``); ``create_executor`` builds the pool over the one a setting names.
+"""
+
+from atrund.execute.base import ExecutorError, PoolStats
+from atrund.execute.pool import WorkerPool
 from atrund.execute.protocol import ExecRequest, ExecResponse
+from atrund.execute.registry import ALIASES, AUTO, BACKENDS, NAMES, UnknownBackend, backend_class, canonical
 
-__all__ = ["Executor", "ExecutorError", "PoolStats", "ExecRequest", "ExecResponse", "create_executor"]
+# The executor type: one implementation, the pool of workers over a backend.
+Executor = WorkerPool
 
-
-BACKENDS = ("firecracker", "process", "container", "none")  # built here; the order auto tries them in is probe.order()
+__all__ = ["ALIASES", "AUTO", "BACKENDS", "NAMES", "Executor", "ExecutorError", "PoolStats", "ExecRequest",
+           "ExecResponse", "WorkerPool", "canonical", "create_backend", "create_executor"]
 
 
 def create_backend(isolation: str, settings):
-    from atrund.execute.direct import DirectBackend
-    from atrund.execute.process.backend import ProcessBackend
-
-    if isolation == "none":
-        return DirectBackend()
-    if isolation == "process":
-        return ProcessBackend(settings)
-    if isolation == "container":
-        from atrund.execute.container.backend import ContainerBackend
-
-        return ContainerBackend(settings)
-    if isolation == "firecracker":
-        from atrund.execute.microvm.backend import MicroVmBackend
-
-        return MicroVmBackend(settings)
-    raise ExecutorError(f"unknown isolation {isolation!r} (available: {', '.join(BACKENDS)}, auto)")
+    """The backend an isolation name (or alias) means, built from the executor settings."""
+    try:
+        name = canonical(isolation)
+    except UnknownBackend as e:
+        raise ExecutorError(str(e)) from None
+    if name == AUTO:
+        raise ExecutorError("auto is not a backend: probe for one with create_executor")
+    return backend_class(name)(settings)
 
 
 def create_executor(settings, isolation: str | None = None) -> Executor:
     """The executor for an isolation level; ``auto`` probes for the strongest that works here."""
-    from atrund.execute.pool import WorkerPool
-
     isolation = isolation or settings.isolation
-    if isolation == "auto":
+    if isolation == AUTO:
         from atrund.execute.probe import choose
 
         isolation = choose(settings)

@@ -46,14 +46,15 @@ class DirectWorker(Worker):
         except asyncio.TimeoutError:
             pass
 
-    def _kill_all(self) -> None:
+    def kill_processes(self) -> None:
+        """SIGKILL the worker's whole process group (a sandboxing backend kills more first)."""
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
     async def kill(self) -> None:
-        self._kill_all()
+        self.kill_processes()
         try:
             await asyncio.wait_for(asyncio.shield(self.process.wait()), PIPE_GRACE)
         except asyncio.TimeoutError:

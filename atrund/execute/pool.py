@@ -21,12 +21,10 @@ from abc import ABC, abstractmethod
 import structlog
 
 from atrund.bounds import Malformed
-from atrund.execute.base import Executor, ExecutorError, PoolStats
+from atrund.execute.base import ExecutorError, PoolStats
 from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_answer, parse_ready
-from atrund.records import data_problem
-
-NO_PERMISSIONS = ExecPermissions()
 from atrund.execute.runtimes import Runtime, load_runtimes
+from atrund.records import data_problem
 
 log = structlog.get_logger("atrund.execute")
 
@@ -34,6 +32,7 @@ READY_TIMEOUT = 15.0  # seconds a new worker may take to announce it is ready
 STDERR_TAIL = 4096  # bytes of the bundle's own output kept for error messages
 EXIT_GRACE = 0.5  # seconds a worker that closed its output gets to exit before it is killed
 METRIC_SLACK_MS = 1000  # a metric may exceed the request's timeout by this much (clock granularity, a VM's clock)
+NO_PERMISSIONS = ExecPermissions()
 
 
 class Worker(ABC):
@@ -75,7 +74,33 @@ class Worker(ABC):
 
 class Backend(ABC):
     isolation: str
+    monitor_name: str | None = None  # the virtual machine monitor, for a backend that runs VMs
     ready_timeout: float = READY_TIMEOUT  # a backend that boots something slow (a VM) may allow more
+
+    def __init__(self, settings) -> None:
+        """Built from the executor settings (registry.backend_class names the class)."""
+        self.settings = settings
+        self._ready: asyncio.Future | None = None
+
+    async def prepare(self) -> None:
+        """What a backend checks and sets up once, before its first worker (an engine that
+        answers, a guest image that matches): nothing by default."""
+
+    async def ready(self) -> None:
+        """``prepare()``, once for every caller; after a failure the next call tries again (the
+        engine may be back)."""
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self.prepare())
+        try:
+            await asyncio.shield(self._ready)
+        except ExecutorError:
+            self._ready = None
+            raise
+
+    def stop_preparing(self) -> None:
+        """At close: a ``prepare()`` still running is cancelled."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
 
     @abstractmethod
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
@@ -85,10 +110,14 @@ class Backend(ABC):
         return None
 
 
-class WorkerPool(Executor):
+class WorkerPool:
+    """The executor of the seed's interface: ``execute``, ``stats``, ``warm``, ``drain`` and
+    ``shutdown``, over one backend. ``runtimes`` is what it can run (name -> Runtime)."""
+
     def __init__(self, backend: Backend, settings) -> None:
         self.backend = backend
         self.isolation = backend.isolation
+        self.monitor = backend.monitor_name  # what the runner record states beside the isolation
         self.settings = settings
         self.runtimes = load_runtimes(settings.runtimes_dir)
         self._warm: dict[str, collections.deque[Worker]] = {name: collections.deque() for name in self.runtimes}
@@ -106,6 +135,7 @@ class WorkerPool(Executor):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def warm(self, count: int) -> None:
+        """Keep ``count`` started workers waiting, per runtime (``warm_by_runtime`` overrides)."""
         self._warm_target = count
         self._warming = True
         await asyncio.gather(*(self._refill(name) for name in self.runtimes))
@@ -138,11 +168,13 @@ class WorkerPool(Executor):
         task.add_done_callback(self._refills.discard)
 
     async def drain(self) -> None:
+        """Stop handing out work and wait for running requests to finish."""
         self._closed = True
         await self._idle.wait()
         await self._release_warm()  # nothing is handed out any more: warm workers would only wait
 
     async def shutdown(self) -> None:
+        """Kill every warm worker and close the backend (which kills what it still runs)."""
         self._closed = True
         await self._release_warm()
         await self.backend.close()
@@ -200,6 +232,10 @@ class WorkerPool(Executor):
         return await self._start(runtime)
 
     async def execute(self, request: ExecRequest, runtime: str) -> ExecResponse:
+        """Run one request in a fresh worker of ``runtime``.
+
+        The seed passes a MIME type to pick the runtime; a bundle record names its runtime
+        explicitly, so that name is what selects the worker here."""
         if self._closed:
             raise ExecutorError("executor is shut down")
         rt = self.runtimes.get(runtime)
@@ -311,6 +347,13 @@ def _fail(message: str, error_type: str, timed_out: bool | None = None, elapsed_
     if elapsed_s is not None:
         resp.metrics.execution_time_ms = elapsed_s * 1000
     return resp
+
+
+def feed_stderr(stream: asyncio.StreamReader, data: bytes) -> None:
+    """Pass a worker's stderr on to the pool, which keeps only its tail: a backend that
+    demultiplexes its own channel drops what lies well past that tail instead of buffering it."""
+    if len(stream._buffer) < 4 * STDERR_TAIL + (1 << 16):  # noqa: SLF001 - asyncio offers no public size
+        stream.feed_data(data)
 
 
 async def _tail(stream: asyncio.StreamReader) -> str:

@@ -2,11 +2,12 @@
 bundle through it, not by checking that some file exists. ``auto`` takes the strongest backend
 that passes; falling back to ``none`` is logged as a warning (it is not a sandbox).
 
-Which is strongest: a microVM (``firecracker``: a guest kernel of its own behind a hardware
-virtualisation boundary) comes first, but auto takes it only with KVM: under software
-emulation (TCG) it works, slowly (seconds per cold invocation), so only an explicit
-``isolation = "firecracker"`` selects it there. Then a container under gVisor (``executor.runtime = "runsc"``) puts a kernel of
-its own between the bundle and the host, so it comes first. Otherwise ``process`` and a runc
+Which is strongest (registry.BACKENDS lists them in this order): a microVM (``microvm``: a
+guest kernel of its own behind a hardware virtualisation boundary) comes first, but auto takes
+it only with KVM: under software emulation (TCG) it works, slowly (seconds per cold
+invocation), so only an explicit ``isolation = "microvm"`` selects it there. Then a container
+under gVisor (``executor.container.runtime = "runsc"``) puts a kernel of its own between the
+bundle and the host, so it comes before ``process``. Otherwise ``process`` and a runc
 container are walls of the same kind (namespaces, seccomp and limits on the shared host kernel;
 ours filters more syscalls and adds Landlock), and ``process`` needs no engine and starts
 faster, so it comes first and ``container`` is what auto takes where it does not work."""
@@ -24,6 +25,7 @@ import structlog
 
 from atrund.execute.base import ExecutorError
 from atrund.execute.protocol import ExecRequest
+from atrund.execute.registry import BACKENDS
 
 log = structlog.get_logger("atrund.execute")
 
@@ -72,9 +74,11 @@ async def _try(backend: str, settings) -> Probe:
 
 def order(settings) -> tuple[str, ...]:
     """The backends auto tries, strongest first (see the module docstring)."""
-    if getattr(settings, "runtime", "runc") == "runsc":
-        return ("firecracker", "container", "process", "none")
-    return ("firecracker", "process", "container", "none")
+    names = list(BACKENDS)
+    if settings.container.runtime == "runsc":  # gVisor's own kernel: a wall of another kind than process
+        names.remove("container")
+        names.insert(names.index("process"), "container")
+    return tuple(names)
 
 
 async def probe_all(settings, first_only: bool = False) -> list[Probe]:
@@ -83,7 +87,7 @@ async def probe_all(settings, first_only: bool = False) -> list[Probe]:
     for backend in order(settings):
         if first_only and any(p.ok for p in results):
             break
-        if backend == "firecracker":
+        if backend == "microvm":
             from atrund.execute.microvm.backend import host_support
 
             vm = host_support(settings)
@@ -92,7 +96,7 @@ async def probe_all(settings, first_only: bool = False) -> list[Probe]:
                 continue
             if vm.accelerator == "tcg":
                 # Software emulation works, but a cold invocation then takes many seconds: auto does
-                # not choose it; isolation = "firecracker" does. Doctor still boots one to show it works.
+                # not choose it; isolation = "microvm" does. Doctor still boots one to show it works.
                 if first_only:
                     results.append(Probe(backend, False, "software emulation (TCG) only: auto does not choose it", auto=False))
                 else:

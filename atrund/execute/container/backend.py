@@ -1,5 +1,5 @@
 """The ``container`` backend: each worker is an OCI container on a Docker Engine (or Podman's
-Docker-compatible API), optionally under gVisor (``executor.runtime = "runsc"``).
+Docker-compatible API), optionally under gVisor (``executor.container.runtime = "runsc"``).
 
 A worker's life: create the container (hardened, see ``_create_args``), attach to its stdin,
 stdout and stderr, start it. at-run-exec is the container's program (under the engine's tiny
@@ -28,41 +28,28 @@ import contextlib
 import os
 import secrets
 import shutil
-import stat
 import struct
 from pathlib import Path
 
 import structlog
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.pool import STDERR_TAIL, Backend, Worker
+from atrund.execute.pool import Backend, Worker, feed_stderr
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime, expand
+from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
 
 log = structlog.get_logger("atrund.execute")
 
 LABEL_WORKER = "dev.atrun.worker"  # value: the runtime's name
 LABEL_OWNER = "dev.atrun.owner"  # value: "<pid>:<start time>" of the runner process
 BUNDLE_DIR_IN_CONTAINER = "/bundle"
-DEFAULT_WORK_DIR = "/run/atrund-work"
 # Under gVisor the container's pids limit also counts the sandbox's own threads (its kernel,
 # and on the ptrace platform one host thread per bundle thread): node and deno do not start
 # under gVisor below about 96. Measured here; the bundle's share stays max_processes.
 RUNSC_PIDS_OVERHEAD = 128
 STATUS_TIMEOUT = 5  # seconds to learn how a container ended (exit code, OOM) after its stream closed
 REMOVE_TIMEOUT = 30  # seconds a remove may take before we give up on it (the sweep retries later)
-
-
-def _owner_of(pid: int) -> str | None:
-    """``pid:start-time`` of a live process (the start time guards against a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f"{pid}:{f.read().rsplit(')', 1)[1].split()[19]}"
-    except (OSError, IndexError):
-        return None
-
-
-OWNER = _owner_of(os.getpid())
 
 
 def _close_socket_on_failed_connect() -> None:
@@ -199,8 +186,8 @@ class ContainerWorker(Worker):
                 payload = await reader.readexactly(size)
                 if kind == 1:
                     self.stdout.feed_data(payload)
-                elif kind == 2 and len(self.stderr._buffer) < 4 * STDERR_TAIL + (1 << 16):  # noqa: SLF001
-                    self.stderr.feed_data(payload)
+                elif kind == 2:
+                    feed_stderr(self.stderr, payload)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
@@ -282,53 +269,39 @@ class ContainerBackend(Backend):
     isolation = "container"
 
     def __init__(self, settings) -> None:
-        self.settings = settings
-        self.engine = Engine(settings.docker_host)
-        self.work_root = Path(settings.work_dir or DEFAULT_WORK_DIR) / "containers"
-        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        st = os.lstat(self.work_root)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise ExecutorError(f"{self.work_root} must be a directory owned by the runner and not writable by others")
+        super().__init__(settings)
+        self.engine = Engine(settings.container.docker_host)
+        self.work_root = owned_dir(work_root(settings.work_dir) / "containers", os.geteuid(), "the runner")
         self.unremoved: set[str] = set()
-        self._ready: asyncio.Task | None = None
 
-    async def _prepare(self) -> None:
+    async def prepare(self) -> None:
         """Once per backend: the engine answers, has the image, knows the runtime; leftovers go."""
         from atrund.execute.container import image
 
         client = await self.engine.connect()
-        labels = await self.engine.call(f"find image {self.settings.image}", image.describe, client, self.settings.image)
+        labels = await self.engine.call(f"find image {self.settings.container.image}", image.describe, client, self.settings.container.image)
         if labels is None:
-            raise ExecutorError(f"the container engine has no image {self.settings.image}: build it with `atrund image build`")
+            raise ExecutorError(f"the container engine has no image {self.settings.container.image}: build it with `atrund image build`")
         want = image.runtimes_hash(self.settings.runtimes_dir)
         if labels.get(image.LABEL_RUNTIMES) != want:
             raise ExecutorError(
-                f"image {self.settings.image} holds other at-run-exec programs than {self.settings.runtimes_dir}: "
+                f"image {self.settings.container.image} holds other at-run-exec programs than {self.settings.runtimes_dir}: "
                 "rebuild it with `atrund image build`"
             )
-        if self.settings.runtime != "runc":
+        if self.settings.container.runtime != "runc":
             info = await self.engine.call("describe itself", client.api.info)
-            if self.settings.runtime not in (info.get("Runtimes") or {}):
+            if self.settings.container.runtime not in (info.get("Runtimes") or {}):
                 raise ExecutorError(
-                    f"the container engine has no runtime {self.settings.runtime!r} (it has: {', '.join(info.get('Runtimes') or {})}); "
+                    f"the container engine has no runtime {self.settings.container.runtime!r} (it has: {', '.join(info.get('Runtimes') or {})}); "
                     "register it in /etc/docker/daemon.json, see README"
                 )
         await self.sweep()
-
-    async def ready(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.ensure_future(self._prepare())
-        try:
-            await asyncio.shield(self._ready)
-        except ExecutorError:
-            self._ready = None  # try again next time (the engine may be back)
-            raise
 
     async def sweep(self) -> None:
         """Remove containers of runner processes that are gone (crashed, killed), and their directories."""
         client = self.engine.client
         found = await self.engine.call("list containers", client.api.containers, all=True, filters={"label": LABEL_OWNER})
-        left = [c["Id"] for c in found if not _alive(c["Labels"].get(LABEL_OWNER, ""))]
+        left = [c["Id"] for c in found if not alive(c["Labels"].get(LABEL_OWNER, ""))]
         left += [cid for cid in self.unremoved if cid not in left]
         for cid in left:
             await self.engine.remove(cid)
@@ -337,7 +310,7 @@ class ContainerBackend(Backend):
             log.info("removed container workers a stopped runner left behind", count=len(left))
         for d in self.work_root.iterdir():
             owner = d.name.split("-", 2)
-            if len(owner) == 3 and not _alive(owner[1].replace("_", ":")):
+            if len(owner) == 3 and not alive(owner[1].replace("_", ":")):
                 shutil.rmtree(d, ignore_errors=True)
 
     def _create_args(self, runtime: Runtime, permissions: ExecPermissions, name: str, bundle_dir: Path) -> dict:
@@ -346,12 +319,10 @@ class ContainerBackend(Backend):
         from atrund.execute.container import image
 
         s = self.settings
-        command = expand(runtime.template, {
-            "{python}": image.PYTHON_IN_IMAGE,
-            "{deno}": image.DENO_IN_IMAGE,
-            "{node}": image.NODE_IN_IMAGE,
-            "{dir}": f"{image.RUNTIMES_IN_IMAGE}/{runtime.dir.name}",
-        })
+        in_image = {"{python}": image.PYTHON_IN_IMAGE, "{dir}": f"{image.RUNTIMES_IN_IMAGE}/{runtime.dir.name}"}
+        if runtime.program is not None:
+            in_image[runtime.program.placeholder] = runtime.program.in_image
+        command = expand(runtime.template, in_image)
         memory = (s.memory_mb + runtime.data_overhead_mb + s.tmp_mb) << 20
         data = (s.memory_mb + runtime.data_overhead_mb) << 20
         mounts = [Mount(BUNDLE_DIR_IN_CONTAINER, str(bundle_dir), type="bind", read_only=True)]
@@ -368,8 +339,8 @@ class ContainerBackend(Backend):
             security_opt=["no-new-privileges"],
             mem_limit=memory,
             memswap_limit=memory,  # no escape into swap
-            nano_cpus=int(s.cpus * 1e9),
-            pids_limit=s.max_processes + (RUNSC_PIDS_OVERHEAD if s.runtime == "runsc" else 0),
+            nano_cpus=int(s.container.cpus * 1e9),
+            pids_limit=s.max_processes + (RUNSC_PIDS_OVERHEAD if s.container.runtime == "runsc" else 0),
             ulimits=[
                 # As for the other backends: a runaway allocation is a MemoryError, not an OOM kill.
                 Ulimit(name="data", soft=data, hard=data),
@@ -379,15 +350,15 @@ class ContainerBackend(Backend):
                 Ulimit(name="core", soft=0, hard=0),
             ],
             init=True,  # a bundle's SIGKILL to itself is reported as such; orphans are reaped
-            runtime=s.runtime,
+            runtime=s.container.runtime,
             log_config={"type": "none"},  # the attached stream is the only copy of the output
             ipc_mode="private",
         )
         return dict(
-            image=s.image,
+            image=s.container.image,
             command=list(command),
             name=name,
-            user=f"{s.container_uid}:{s.container_uid}",
+            user=f"{s.container.uid}:{s.container.uid}",
             environment={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
             working_dir="/tmp",
             labels={LABEL_WORKER: runtime.name, LABEL_OWNER: OWNER or ""},
@@ -401,7 +372,7 @@ class ContainerBackend(Backend):
         await self.ready()
         if self.unremoved:
             await self.sweep()
-        if permissions.net and settings.runtime == "runsc":
+        if permissions.net and settings.container.runtime == "runsc":
             raise ExecutorError("network grants are not available with runtime runsc here (gVisor runs with --network=none)")
         name = f"atrund-{(OWNER or '0').replace(':', '_')}-{runtime.name}-{secrets.token_hex(4)}"
         bundle_dir = self.work_root / name
@@ -428,19 +399,12 @@ class ContainerBackend(Backend):
             raise
 
     async def close(self) -> None:
-        if self._ready is not None and not self._ready.done():
-            self._ready.cancel()
+        self.stop_preparing()
         if self.unremoved and self.engine.client is not None:
             with contextlib.suppress(ExecutorError):
                 await self.sweep()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.engine.close)
-
-
-def _alive(owner: str) -> bool:
-    """Whether the runner process an owner label names still runs (on this host)."""
-    pid, _, _ = owner.partition(":")
-    return pid.isdigit() and _owner_of(int(pid)) == owner
 
 
 __all__ = ["ContainerBackend", "Engine"]

@@ -7,8 +7,9 @@
    python3 and ca-certificates, slimmed (docs, man pages, locales, apt caches) and tarred.
    This is the slow step (about a minute); its tar is cached under the cache directory, keyed
    by suite, mirror and package list, so it is made once per machine;
-2. the image tar: that rootfs plus the deno and node binaries the host runs (the same
-   versions as the other backends) and every runtime directory (at-run-exec programs) under
+2. the image tar: that rootfs plus each runtime's own program as the host runs it (deno, node:
+   the same versions as the other backends; each runtime.json's ``program`` says which and
+   where it goes) and every runtime directory (at-run-exec programs) under
    /opt/atrund/runtimes;
 3. ``docker import`` of that tar, tagged ``atrund-runtime:<content hash>`` and ``:latest``.
    The content hash covers everything that went in, so a rerun with the same inputs finds the
@@ -31,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from atrund.errors import ImageError
+from atrund.errors import ExecutorError, ImageError
+from atrund.execute.runtimes import Program, load_runtimes
 
 SUITE = "bookworm"
 MIRROR_ENV = "ATRUND_DEBIAN_MIRROR"  # overrides the apt sources, e.g. on a host that is not Debian bookworm
@@ -43,9 +45,7 @@ DEFAULT_IMAGE = f"{REPOSITORY}:latest"
 DEFAULT_CACHE = Path("/var/cache/atrund/image")
 
 RUNTIMES_IN_IMAGE = "/opt/atrund/runtimes"
-PYTHON_IN_IMAGE = "/usr/bin/python3"
-DENO_IN_IMAGE = "/usr/local/bin/deno"
-NODE_IN_IMAGE = "/usr/local/bin/node"
+PYTHON_IN_IMAGE = "/usr/bin/python3"  # {python}: Debian's; a runtime's own program is where its runtime.json says
 LABEL_IMAGE = "dev.atrun.image"
 LABEL_RUNTIMES = "dev.atrun.runtimes"
 
@@ -77,15 +77,28 @@ def _runtime_files(runtimes_dir: Path) -> list[Path]:
     return sorted(f for meta in runtimes_dir.glob("*/runtime.json") for f in meta.parent.rglob("*") if f.is_file())
 
 
-def additions(runtimes_dir: Path) -> list[Addition]:
-    from atrund.execute.runtimes import _deno, _node
+def programs(runtimes_dir: Path) -> list[Program]:
+    """The runtimes' own programs (deno, node: each runtime.json's ``program``), each once."""
+    try:
+        runtimes = load_runtimes(runtimes_dir)
+    except ExecutorError as e:
+        raise ImageError(str(e)) from e
+    found: dict[str, Program] = {}
+    for rt in runtimes.values():
+        if rt.program is not None:
+            found.setdefault(rt.program.in_image, rt.program)
+    return list(found.values())
 
+
+def additions(runtimes_dir: Path) -> list[Addition]:
+    """What goes into the image besides the Debian rootfs: the host's copy of each runtime's
+    program (the same versions as the other backends run), then every runtime directory."""
     out = []
-    for name, target in (("deno", DENO_IN_IMAGE), ("node", NODE_IN_IMAGE)):
-        found = shutil.which({"deno": _deno, "node": _node}[name]())
+    for program in programs(runtimes_dir):
+        found = shutil.which(program.find())
         if not found:
-            raise ImageError(f"no {name} binary on this host to put into the image (install it; see README)")
-        out.append(Addition(target, Path(os.path.realpath(found)), 0o755))
+            raise ImageError(f"no {program.name} binary on this host to put into the image (install it; see README)")
+        out.append(Addition(program.in_image, Path(os.path.realpath(found)), 0o755))
     for f in _runtime_files(runtimes_dir):
         mode = 0o755 if os.access(f, os.X_OK) else 0o644
         out.append(Addition(f"{RUNTIMES_IN_IMAGE}/{f.relative_to(runtimes_dir)}", f, mode))
@@ -167,14 +180,26 @@ def _file_sha(path: Path) -> str:
 
 # -- step 1: the Debian rootfs ---------------------------------------------------------------
 
+def reuse(path: Path, what: str, progress: Progress) -> bool:
+    """Whether an artifact built from the same inputs (its name carries their hash) is there."""
+    if path.exists():
+        progress(f"{what}: already built ({path.name})")
+        return True
+    return False
+
+
+def require(tool: str, package: str) -> None:
+    """A build step's tool, or an ImageError naming the Debian package that has it."""
+    if not shutil.which(tool):
+        raise ImageError(f"{tool} is not installed (Debian/Ubuntu: apt-get install {package})")
+
+
 def base_tar(cache_dir: Path, progress: Progress) -> Path:
     """The slimmed debootstrap rootfs as a tar, made once and cached."""
     tar_path = cache_dir / f"base-{SUITE}-{base_key()}.tar"
-    if tar_path.exists():
-        progress(f"Debian {SUITE} rootfs: cached ({tar_path})")
+    if reuse(tar_path, f"Debian {SUITE} rootfs", progress):
         return tar_path
-    if not shutil.which("debootstrap"):
-        raise ImageError("debootstrap is not installed (Debian/Ubuntu: apt-get install debootstrap)")
+    require("debootstrap", "debootstrap")
     if os.geteuid() != 0:
         raise ImageError("building the rootfs needs root (debootstrap creates device nodes and chroots)")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +284,8 @@ def build(client, runtimes_dir: Path, cache_dir: Path = DEFAULT_CACHE, progress:
         base = base_tar(cache_dir, progress)
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix="image-") as tmp:
             out = Path(tmp) / "image.tar"
-            progress(f"image: adding deno, node and {len(adds) - 2} runtime files")
+            names = [p.name for p in programs(runtimes_dir)]
+            progress(f"image: adding {', '.join(names + [f'{len(adds) - len(names)} runtime files'])}")
             image_tar(base, adds, out)
             progress(f"image: docker import ({out.stat().st_size >> 20} MiB)")
             changes = [

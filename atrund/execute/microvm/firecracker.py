@@ -12,7 +12,7 @@ mounts it), vsock (guest CID 3; the guest dials the host's port 1024, which Fire
 forwards to ``<uds_path>_1024`` where the runner listens), entropy, then actions InstanceStart.
 No network interface is ever configured.
 
-With ``executor.jailer_binary`` set, Firecracker starts under the jailer (its own chroot, uid,
+With ``executor.microvm.jailer_binary`` set, Firecracker starts under the jailer (its own chroot, uid,
 cgroups, namespaces). The jailer's chroot is ``<vm dir>/jail/firecracker/<id>/root``; the
 kernel, initramfs and rootfs are hard-linked into it (so they must live on the same file system
 as work_dir: a link, never a copy of the disk), and API paths are then relative to that chroot.
@@ -27,7 +27,7 @@ import subprocess
 from pathlib import Path
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.microvm.backend import Monitor, VmSpec
+from atrund.execute.microvm.vm import Monitor, VmSpec
 
 API_SOCKET = "api.sock"
 VSOCK_SOCKET = "vsock.sock"
@@ -87,9 +87,9 @@ class Firecracker(Monitor):
     vsock_port = VSOCK_PORT
 
     def __init__(self, settings) -> None:
-        self.binary = settings.firecracker_binary
-        self.jailer = settings.jailer_binary
-        self.uid = settings.jailer_uid
+        self.binary = settings.microvm.firecracker_binary
+        self.jailer = settings.microvm.jailer_binary
+        self.uid = settings.microvm.jailer_uid
 
     def chroot(self, vm_dir: Path) -> Path:
         return vm_dir / "jail" / "firecracker" / vm_dir.name[-64:] / "root"

@@ -83,7 +83,7 @@ def kernel_deb(cache_dir: Path, progress: Progress) -> Path:
     """Debian's current kernel package, downloaded (not installed) into the cache."""
     if not shutil.which("apt-get"):
         raise ImageError("the guest kernel comes from Debian's linux-image-amd64 package: apt-get is needed "
-                         "(or set executor.vm_kernel and executor.vm_initramfs to a kernel of your own)")
+                         "(or set executor.microvm.kernel and executor.microvm.initramfs to a kernel of your own)")
     try:
         deps = subprocess.run(["apt-cache", "depends", KERNEL_PACKAGE], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
@@ -212,11 +212,9 @@ def rootfs(out_dir: Path, runtimes_dir: Path, image_cache: Path, progress: Progr
     init_source = Path(__file__).with_name("guest_init.py").read_bytes()
     key = _sha(f"{VM_LAYOUT}\0{image.content_hash(adds)}\0".encode() + init_source)[:16]
     path = out_dir / f"rootfs-{key}.ext4"
-    if path.exists():
-        progress(f"rootfs: already built ({path.name})")
+    if image.reuse(path, "rootfs", progress):
         return path
-    if not shutil.which("mkfs.ext4"):
-        raise ImageError("mkfs.ext4 is not installed (Debian: apt-get install e2fsprogs)")
+    image.require("mkfs.ext4", "e2fsprogs")
     base = image.base_tar(image_cache, progress)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix="rootfs-") as tmp:
         tar = Path(tmp) / "image.tar"

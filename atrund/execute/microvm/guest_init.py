@@ -1,4 +1,4 @@
-"""PID 1 inside an atrund microVM (the ``firecracker`` backend): copied into rootfs.ext4 as
+"""PID 1 inside an atrund microVM (the ``microvm`` backend): copied into rootfs.ext4 as
 /sbin/atrun-init by ``atrund image build``. Stdlib only, run as ``python3 -I -S``.
 
 One VM serves one invocation. This program mounts what a runtime needs (the root filesystem
@@ -35,7 +35,7 @@ import struct
 import sys
 
 RUNTIMES = "/opt/atrund/runtimes"
-PATHS = {"{python}": "/usr/bin/python3", "{deno}": "/usr/local/bin/deno", "{node}": "/usr/local/bin/node"}
+PYTHON = "/usr/bin/python3"  # {python}, as in the container image
 PORT_NAME = "atrun"
 HEADER = struct.Struct(">cI")
 MAX_FRAME = 8 << 20  # a bundle is at most a few MiB; anything larger is a broken host
@@ -104,9 +104,12 @@ def oom_kills():
 def runtime_command(name):
     with open(f"{RUNTIMES}/{name}/runtime.json") as f:
         spec = json.load(f)
+    paths = {"{python}": PYTHON}
+    if "program" in spec:  # the runtime's own program, where the image has it (as on the host: runtimes.Program)
+        paths["{" + spec["program"]["name"] + "}"] = spec["program"]["inImage"]
     out = []
     for word in spec["command"]:
-        for key, value in PATHS.items():
+        for key, value in paths.items():
             word = word.replace(key, value)
         out.append(word.replace("{dir}", f"{RUNTIMES}/{name}"))
     return out

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 import tempfile
 from pathlib import Path
 
@@ -30,10 +29,10 @@ from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_progra
 from atrund.execute.pool import Backend, Worker
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
+from atrund.execute.workdir import owned_dir, work_root
 
 FENCE = Path(__file__).with_name("fence.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
-DEFAULT_WORK_DIR = "/run/atrund-work"  # root-only parent; never world-writable /tmp
 # What every runtime may read besides its own directory: system libraries and a few files.
 SYSTEM_READ = [
     "/usr", "/lib", "/lib64", "/bin", "/sbin", "/proc", "/dev/urandom", "/dev/random",
@@ -78,7 +77,7 @@ class UidPool:
         for uid in list(self.free):
             if self.hold(uid):
                 return uid
-        raise ExecutorError("no sandbox uid free: raise executor.sandbox_uids")
+        raise ExecutorError("no sandbox uid free: raise executor.process.uids")
 
     def hold(self, uid: int) -> bool:
         """Take ``uid`` if no one (in any process) holds it."""
@@ -205,7 +204,7 @@ class FencedWorker(DirectWorker):
         os.chmod(self.workdir / name, 0o444)
         return f"/tmp/{name}"
 
-    def _kill_all(self) -> None:
+    def kill_processes(self) -> None:
         # Kill unshare's child, the init of the worker's PID namespace, first: the kernel then
         # kills everything in the namespace, and unshare (our child) reaps it, so nothing is
         # left for the host's init to reap. Then the process group, as for any worker.
@@ -219,7 +218,7 @@ class FencedWorker(DirectWorker):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        super()._kill_all()
+        super().kill_processes()
 
     async def kill(self) -> None:
         unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
@@ -234,16 +233,10 @@ class ProcessBackend(Backend):
     isolation = "process"
 
     def __init__(self, settings) -> None:
-        self.work_root = Path(settings.work_dir or DEFAULT_WORK_DIR)
-        try:
-            self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
-            st = os.lstat(self.work_root)
-        except OSError as e:
-            raise ExecutorError(f"cannot use {self.work_root} as the work directory (executor.work_dir): {e.strerror}") from e
+        super().__init__(settings)
         # Root works in here (mounts, chown, locks): it must not be a place another user controls.
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-            raise ExecutorError(f"{self.work_root} must be a directory owned by root and not writable by others")
-        self.uids = UidPool(settings.sandbox_uid_base, settings.sandbox_uids, self.work_root)
+        self.work_root = owned_dir(work_root(settings.work_dir), 0, "root")
+        self.uids = UidPool(settings.process.uid_base, settings.process.uids, self.work_root)
         self.tmp_mb = settings.tmp_mb
         self.cgroups = Cgroups()
         self.remove_leftovers()
