@@ -14,7 +14,11 @@ import click
 
 from atrund import client
 from atrund.cli.main import EXIT_NO_RESULT, EXIT_NOT_SUCCESS, emit, err, main, parse_args_json, parse_uri, run_async, split
+from atrund.config import RUNTIMES_DIR
+from atrund.execute.runtimes import declared
 from atrund.records import result_uri
+
+RUNTIMES = list(declared(RUNTIMES_DIR))  # the choices: the runtime directories this install has
 
 
 def author_options(fn):
@@ -69,7 +73,8 @@ def bundle() -> None:
 
 @bundle.command("publish")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--runtime", required=True, type=click.Choice(["python", "deno", "node"]))
+@click.option("--runtime", required=True, type=click.Choice(RUNTIMES) if RUNTIMES else str,
+              help="The runtime that runs it: one the runner lists in its dev.atrun.runner record.")
 @click.option("--name", default=None, help="A short name (defaults to the file name).")
 @click.option("--description", default=None)
 @click.option("--endpoints", default=None, help="Comma-separated endpoint names the bundle offers.")

@@ -28,6 +28,7 @@ from atrund.cli.main import (
 )
 from atrund.errors import QuarantineError, UnknownRuntime
 from atrund.execute import NAMES
+from atrund.execute.runtimes import declared
 
 
 @main.command("check-config")
@@ -254,7 +255,8 @@ def keys_init(config_path: Path, force: bool) -> None:
 
 @main.command("exec")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--runtime", required=True, help="python, deno or node (any directory under nix/runtimes/)")
+@click.option("--runtime", required=True,
+              help=f"One of {', '.join(declared(config_mod.RUNTIMES_DIR))} (a directory under executor.runtimes_dir).")
 @click.option("--endpoint", required=True, help="The function to call.")
 @click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
 @click.option("--timeout", type=int, default=30, show_default=True, help="Seconds before the run is killed.")

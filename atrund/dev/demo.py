@@ -21,8 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from atrund import client
+from atrund.config import RUNTIMES_DIR
 from atrund.dev.stack import LocalStack
 from atrund.errors import AtrundError
+from atrund.execute.runtimes import declared
 from atrund.records import RUNNER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +40,7 @@ INVOCATIONS = [
     ("signed.py", "sign", {"message": "hello"}),  # its key arrives as a sealed secret
 ]
 SIGNING_KEY = "demo-signing-key-0123456789"  # sealed to the runner by `bundle publish --secret`
-RUNTIME = {".py": "python", ".ts": "deno", ".mjs": "node"}
+RUNTIME = {extension: name for name, extension in declared(RUNTIMES_DIR).items()}  # by file extension
 
 
 def atrund(args: list[str], env: dict[str, str]) -> tuple[int, dict]:

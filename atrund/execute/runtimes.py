@@ -104,6 +104,20 @@ def _program(spec: dict) -> Program | None:
     return Program(name=p["name"], search=tuple(p["search"]), in_image=p["inImage"])
 
 
+def declared(runtimes_dir: Path) -> dict[str, str]:
+    """Each runtime the directories declare, by name, with its bundle file extension, without
+    resolving programs: the CLI's choices and the demo's (adding a runtime directory adds a
+    choice; no runtime is named in Python)."""
+    found = {}
+    for meta in sorted(runtimes_dir.glob("*/runtime.json")):
+        try:
+            spec = json.loads(meta.read_text())
+            found[spec["name"]] = spec["extension"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # load_runtimes says what is wrong with it, where it matters
+    return dict(sorted(found.items()))
+
+
 def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
     found: dict[str, Runtime] = {}
     for meta in sorted(runtimes_dir.glob("*/runtime.json")):
