@@ -18,10 +18,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from atrund import bounds
-from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
-from atrund.records import BUNDLE, Bundle, StrongRef
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
+from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
+from atrund.records import BUNDLE, Bundle, StrongRef
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,19 @@ from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
 from atrund.atproto.uri import AtUri, new_tid
 from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFound, Unreachable
-from atrund.records import BUNDLE, INVOCATION, RESULT, RUNNER, Bundle, Invocation, Record, Result, decode_data, now_iso, result_rkey
+from atrund.records import (
+    BUNDLE,
+    INVOCATION,
+    RESULT,
+    RUNNER,
+    Bundle,
+    Invocation,
+    Record,
+    Result,
+    decode_data,
+    now_iso,
+    result_rkey,
+)
 from atrund.sealed import RunnerKey
 from atrund.sealed import seal as seal_one
 

@@ -18,6 +18,7 @@ import structlog
 from pydantic import ValidationError
 
 from atrund import bounds
+from atrund.atproto.session import Rejected, Session
 from atrund.errors import AtrundError, RemoteError
 from atrund.health import Health
 from atrund.quarantine import Quarantine, QuarantineError
@@ -32,7 +33,6 @@ from atrund.records import (
     now_iso,
     valid_unicode,
 )
-from atrund.atproto.session import Rejected, Session
 from atrund.state import Outgoing, State, StoreError
 
 log = structlog.get_logger("atrund.results")

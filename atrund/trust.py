@@ -21,9 +21,9 @@ from collections.abc import Callable
 import structlog
 
 from atrund.access import AccessPolicy, PolicyEntries, PolicyFile, effective
-from atrund.errors import AtrundError, TrustUnavailable
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
+from atrund.errors import AtrundError, TrustUnavailable
 
 log = structlog.get_logger("atrund.trust")
 

@@ -44,14 +44,14 @@ from atproto_firehose import AsyncFirehoseSubscribeReposClient, parse_subscribe_
 from atproto_subscription.frames import MessageFrame
 
 from atrund.access import AccessPolicy
-from atrund.dev.stack import LocalStack
 from atrund.atproto.identity import Identities
+from atrund.atproto.repos import Repos
+from atrund.atproto.session import Session
+from atrund.client import invoke
+from atrund.dev.stack import LocalStack
 from atrund.ingest import Intake
 from atrund.ingest.firehose import BATCH, NEEDLE, Firehose
 from atrund.records import now_iso
-from atrund.client import invoke
-from atrund.atproto.repos import Repos
-from atrund.atproto.session import Session
 from atrund.state import State
 
 COLLECTIONS = ["app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.graph.follow"]

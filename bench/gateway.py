@@ -46,9 +46,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from atrund.dev.stack import LocalStack  # noqa: E402
 from atrund import client  # noqa: E402
 from atrund.atproto.session import Session  # noqa: E402
+from atrund.dev.stack import LocalStack  # noqa: E402
 
 HANDLER = 'def handleRequest(req):\n    return {"status": 200, "headers": {"content-type": "text/plain"}, "body": "hi"}\n'
 HELLO_SERVER = '''

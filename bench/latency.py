@@ -71,13 +71,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from atrund.dev.stack import Account, LocalStack
-from atrund.errors import NotFound
-from atrund.atproto.identity import Identities
-from atrund.records import INVOCATION, RESULT, result_rkey
 from atrund import client
+from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
+from atrund.dev.stack import Account, LocalStack
+from atrund.errors import NotFound
+from atrund.records import INVOCATION, RESULT, result_rkey
 
 BUNDLE_SOURCE = '''\
 def echo(args):

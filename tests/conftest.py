@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,29 @@ import pytest
 
 from atrund import client, config
 from atrund.app import App
-from atrund.execute import BACKENDS
 from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
 from atrund.dev.stack import Account, LocalStack
 from atrund.errors import NotFound
+from atrund.execute import BACKENDS
 from atrund.records import INVOCATION, RESULT, result_rkey
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def atrund(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The atrund command line as a user runs it: a real subprocess, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "atrund.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
+
+
+def _author_env(stack, account) -> dict:
+    """The environment `atrund bundle publish` and `invoke` read an author's login from."""
+    return {"ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": account.handle, "ATRUND_PASSWORD": account.app_password,
+            "ATRUND_PLC_URL": stack.plc_url}
+
+# Shared fixtures that live beside the code they drive: `rig` (a scripted firehose relay, tests/relay.py).
+pytest_plugins = ["relay"]
 
 _names = itertools.count()
 
@@ -119,8 +138,8 @@ def vm_guest() -> dict[str, str]:
     """The microVM guest (kernel, initramfs, rootfs.ext4) built from this checkout, and QEMU."""
     import shutil
 
-    from atrund.execute.microvm import guest as vmimage
     from atrund.execute.container.image import ImageError
+    from atrund.execute.microvm import guest as vmimage
 
     if not shutil.which("qemu-system-x86_64"):
         pytest.skip("qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")

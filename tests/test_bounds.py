@@ -21,17 +21,17 @@ import pytest
 from aiohttp import web
 from conftest import no_result, wait_result
 from pydantic import ValidationError
-from test_firehose_scenarios import commit, create_op, rig, send, subscribe  # noqa: F401 (rig: a fixture)
+from relay import commit, create_op, send, subscribe
 from test_xrpc import invoke, token
 
 from atrund import bounds
+from atrund.atproto.identity import MAX_DOCUMENT_BYTES, Identities
+from atrund.atproto.repos import to_json_model
+from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 from atrund.bundles import _field_errors
 from atrund.errors import IdentityError
 from atrund.gateway import HttpError, parse_invoke_input
-from atrund.atproto.identity import MAX_DOCUMENT_BYTES, Identities
 from atrund.records import BUNDLE, INVOCATION, Bundle, Invocation, now_iso
-from atrund.atproto.repos import to_json_model
-from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 
 LIMIT = bounds.MAX_DEPTH
 HELLO = "def main(args):\n    return {'n': args.get('n')}\n"

@@ -234,9 +234,9 @@ async def test_permissions_are_granted_or_the_bundle_is_refused(author, make_run
 async def test_batched_result_writes_fall_back_one_by_one(new_account, stack, reader, tmp_path):
     """Results go out in one applyWrites; when the PDS refuses the batch (here: one result key
     already holds a record, so #create fails) each is written on its own, and all land."""
+    from atrund.atproto.session import Session
     from atrund.records import RESULT
     from atrund.results import ResultWriter
-    from atrund.atproto.session import Session
     from atrund.state import State
 
     acct = new_account("writer")

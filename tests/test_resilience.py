@@ -23,11 +23,11 @@ import aiohttp
 import pytest
 from conftest import no_result, wait_result
 
+from atrund.atproto.session import Session
 from atrund.health import Health
 from atrund.records import RESULT, Result, result_rkey
 from atrund.results import FALLBACK_MARK, ResultWriter
 from atrund.schedule import Scheduler
-from atrund.atproto.session import Session
 from atrund.state import State
 from atrund.supervise import Supervisor
 

@@ -7,10 +7,10 @@ import pytest
 from conftest import no_result, wait_result
 
 from atrund.access import AccessPolicy, PolicyFile, PolicyFileError, effective
+from atrund.atproto.session import Session
 from atrund.config import AccessSection
 from atrund.errors import IdentityError
 from atrund.records import RUNNER, now_iso
-from atrund.atproto.session import Session
 
 HELLO = "def main(args):\n    return {'ok': True}\n"
 FOLLOW, LIST, LISTITEM = "app.bsky.graph.follow", "app.bsky.graph.list", "app.bsky.graph.listitem"
@@ -110,7 +110,7 @@ async def test_follows_of_a_named_operator_and_blocks_win(author, login_author, 
 
 
 async def test_list_mode_serves_members_until_removed(stack, author, login_author, new_account, make_runner, reader, tmp_path):
-    from test_cli import atrund
+    from conftest import atrund
 
     owner = new_account("curator")
     other = await login_author("other")
@@ -146,7 +146,7 @@ async def test_list_mode_serves_members_until_removed(stack, author, login_autho
 
 async def test_access_allow_and_deny_reach_a_running_daemon(stack, author, make_runner, reader, tmp_path):
     """The CLI edits the policy file; the daemon serving in this loop picks it up without a restart."""
-    from test_cli import atrund
+    from conftest import atrund
 
     runner = await make_runner(access={"allowlist": []})
     cfg = tmp_path / "runner.toml"

@@ -16,9 +16,9 @@ import aiohttp
 import libipld
 
 from atrund import bounds
-from atrund.errors import ContentMismatch, NotFound, RemoteError, Unreachable
 from atrund.atproto.http import read_capped
 from atrund.atproto.identity import Identities
+from atrund.errors import ContentMismatch, NotFound, RemoteError, Unreachable
 
 SHA2_256 = 0x12
 DAG_CBOR = 0x71

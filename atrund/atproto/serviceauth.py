@@ -33,8 +33,8 @@ from atproto_server.auth.jwt import decode_jwt_payload, parse_jwt
 from atproto_server.exceptions import TokenDecodeError
 
 from atrund import bounds
-from atrund.errors import IdentityError, NotServed, ServiceAuthError
 from atrund.atproto.identity import Identities
+from atrund.errors import IdentityError, NotServed, ServiceAuthError
 
 ALGORITHMS = {"ES256K", "ES256"}
 MAX_LIFETIME = 3600  # seconds; a PDS issues method-bound tokens for at most an hour

@@ -20,7 +20,6 @@ from atproto_client.request import AsyncRequest, Response
 from atrund import bounds
 from atrund.errors import LoginFailed, Rejected, RemoteError, Unreachable
 
-
 RETRYABLE_STATUS = {408, 425, 429}
 
 

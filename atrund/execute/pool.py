@@ -82,7 +82,7 @@ class Backend(ABC):
         self.settings = settings
         self._ready: asyncio.Future | None = None
 
-    async def prepare(self) -> None:
+    async def prepare(self) -> None:  # noqa: B027 - a hook: most backends have nothing to set up
         """What a backend checks and sets up once, before its first worker (an engine that
         answers, a guest image that matches): nothing by default."""
 

@@ -48,13 +48,13 @@ import structlog
 import websockets
 
 from atrund import bounds
+from atrund.atproto.lru import LRU
+from atrund.atproto.proof import Incomplete, ProofError, SigningKey, created_records
+from atrund.atproto.repos import Repos, to_json_model
+from atrund.atproto.uri import AtUri
 from atrund.errors import AtrundError, NotFound
 from atrund.ingest import Intake, Row
-from atrund.atproto.proof import Incomplete, ProofError, SigningKey, created_records
 from atrund.records import INVOCATION
-from atrund.atproto.repos import Repos, to_json_model
-from atrund.atproto.lru import LRU
-from atrund.atproto.uri import AtUri
 from atrund.state import StoreError
 
 log = structlog.get_logger("atrund.ingest")

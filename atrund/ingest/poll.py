@@ -19,12 +19,12 @@ import time
 
 import structlog
 
+from atrund.atproto.repos import Repos
+from atrund.atproto.uri import AtUri
 from atrund.errors import AtrundError
 from atrund.health import Health
 from atrund.ingest import Intake
 from atrund.records import INVOCATION
-from atrund.atproto.repos import Repos
-from atrund.atproto.uri import AtUri
 
 log = structlog.get_logger("atrund.ingest")
 

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from atrund import bounds
 from atrund.access import AccessPolicy
 from atrund.atproto.identity import Identities
+from atrund.atproto.proof import CBOR_SHA256_CID, Incomplete, ProofError, SigningKey, created_records, read_car
+from atrund.atproto.repos import Repos, to_json_model
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
-from atrund.atproto.proof import CBOR_SHA256_CID, Incomplete, ProofError, SigningKey, created_records, read_car
 from atrund.records import INVOCATION
-from atrund.atproto.repos import Repos, to_json_model
 from atrund.state import State
 
 DID = "did:plc:fuzzauthor"

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from atrund import bounds
+from atrund.atproto.identity import parse_document
 from atrund.bundles import BundleStore
 from atrund.errors import BundleRefused, IdentityError
-from atrund.atproto.identity import parse_document
 from atrund.records import Bundle, Invocation, Result, Runner
 
 REF = {"uri": "at://did:plc:a/dev.atrun.bundle/x", "cid": CID}

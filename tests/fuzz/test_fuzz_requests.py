@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, MultiDict
 
 from atrund import bounds
+from atrund.atproto.identity import Identities
+from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 from atrund.execute.protocol import parse_answer
 from atrund.gateway import HttpError, parse_invoke_input, to_bundle_request
-from atrund.atproto.identity import Identities
 from atrund.records import StrongRef
 from atrund.results import build
-from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 
 REF = {"uri": "at://did:plc:a/dev.atrun.bundle/x", "cid": CID}
 REF_MODEL = StrongRef.model_validate(REF)

@@ -2,7 +2,7 @@
 
 NOT EXERCISED HERE: no firecracker binary can be installed on the machines this was built on.
 Every request body this driver sends is validated in tests against Firecracker's own OpenAPI
-description (tests/test_firecracker.py with tests/firecracker/firecracker-api.yaml, a copy of Firecracker's own), and the
+description (tests/execute/microvm/test_firecracker.py with tests/firecracker/firecracker-api.yaml, a copy of Firecracker's own), and the
 host side of the channel (vsock forwarded to ``<uds>_<port>``) is the one the QEMU path uses.
 
 A VM is configured in this order, each a PUT that must answer 2xx (else the fault message is

@@ -286,7 +286,7 @@ async def test_cli_keys_init_publish_invoke_and_seal(stack, new_account, make_ru
     import asyncio
     import json
 
-    from test_cli import _author_env, atrund
+    from conftest import _author_env, atrund
 
     cfg = tmp_path / "runner.toml"
     cfg.write_text('[runner]\npds = "http://x"\nidentifier = "r.test"\n[secrets]\nkey_file = "keys/runner.key"\n')

@@ -23,7 +23,7 @@ from atrund.errors import ImageError
 from atrund.execute import ExecRequest, ExecutorError, create_executor
 from atrund.execute.container.backend import LABEL_OWNER, LABEL_WORKER, OWNER, RUNSC_PIDS_OVERHEAD
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(params=["container", "container+runsc"])

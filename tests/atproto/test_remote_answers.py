@@ -18,10 +18,10 @@ import coincurve
 import libipld
 import pytest
 from aiohttp import web
-from loopback import serve
 from atproto_crypto.consts import P256_DID_PREFIX, SECP256K1_DID_PREFIX
 from atproto_crypto.did import format_did_key
 from atproto_crypto.multibase import bytes_to_multibase
+from loopback import serve
 
 from atrund.access import AccessPolicy
 from atrund.atproto.identity import MAX_ANSWER_BYTES, Identities, resolve_handle

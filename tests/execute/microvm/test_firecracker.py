@@ -22,8 +22,8 @@ from atrund.execute import ExecutorError
 from atrund.execute.microvm.firecracker import requests
 from atrund.execute.microvm.vm import VmSpec
 
-API_YAML = Path(os.environ.get("FIRECRACKER_API_YAML", Path(__file__).resolve().parent / "firecracker" / "firecracker-api.yaml"))
-STANDIN = Path(__file__).resolve().parent / "standins" / "firecracker"
+API_YAML = Path(os.environ.get("FIRECRACKER_API_YAML", Path(__file__).resolve().parents[2] / "firecracker" / "firecracker-api.yaml"))
+STANDIN = Path(__file__).resolve().parents[2] / "standins" / "firecracker"
 
 
 @pytest.fixture(scope="module")

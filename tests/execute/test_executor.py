@@ -265,7 +265,7 @@ def test_committed_protocol_schema_is_current():
 
     from atrund.execute.protocol import schema
 
-    committed = Path(__file__).resolve().parent.parent / "nix/runtimes/exec-protocol.schema.json"
+    committed = Path(__file__).resolve().parents[2] / "nix/runtimes/exec-protocol.schema.json"
     assert json.loads(committed.read_text()) == schema(), "regenerate: atrund schema > nix/runtimes/exec-protocol.schema.json"
 
 

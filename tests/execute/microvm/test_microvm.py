@@ -22,7 +22,7 @@ from atrund.config import ExecutorSection
 from atrund.execute import ExecRequest, ExecutorError, create_executor
 from atrund.execute.protocol import ExecPermissions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def bundle(tmp_path: Path, source: str, name: str = "bundle.py") -> str:

@@ -19,8 +19,8 @@ from conftest import ISOLATIONS, execute_once, require_isolation
 from atrund.config import ExecutorSection
 from atrund.execute.protocol import ExecPermissions
 
-HOSTILE = Path(__file__).resolve().parent / "hostile" / "python"
-ROOT = Path(__file__).resolve().parent.parent
+HOSTILE = Path(__file__).resolve().parents[1] / "hostile" / "python"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -25,15 +25,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ISOLATIONS, executor_settings, require_isolation, wait_result
-from test_cli import atrund
+from conftest import ISOLATIONS, atrund, executor_settings, require_isolation, wait_result
 
 from atrund.bounds import MAX_DEPTH
 from atrund.execute import ExecRequest, create_executor
 from atrund.records import JSON_VALUE, MAX_SAFE_INTEGER, Result, StrongRef, UnstorableValue, decode_data, encode_data
 from atrund.results import build
 
-HOSTILE = Path(__file__).resolve().parent / "hostile"
+HOSTILE = Path(__file__).resolve().parents[1] / "hostile"
 FORGE = str(HOSTILE / "python" / "forge_answer.py")
 EXTENSION = {"python": ".py", "deno": ".ts", "node": ".mjs"}
 NOT_AN_ANSWER = "at-run-exec answered with something that is not an ExecResponse: "

@@ -1,7 +1,6 @@
 """The atrund command line, run as a user runs it: a real subprocess against the local stack."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -10,17 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_result
+from conftest import _author_env, atrund, wait_result
 
 from atrund.errors import CallFailed, ConfigError, LoginFailed
 from atrund.records import result_uri
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def atrund(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "atrund.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_exec_prints_the_exec_response():
@@ -54,11 +48,6 @@ def test_schema_exports_both_messages():
     out = json.loads(atrund("schema").stdout)
     assert {"ExecRequest", "ExecResponse"} <= set(out["$defs"])
     assert "codePath" in out["$defs"]["ExecRequest"]["properties"]
-
-
-def _author_env(stack, account) -> dict:
-    return {"ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": account.handle, "ATRUND_PASSWORD": account.app_password,
-            "ATRUND_PLC_URL": stack.plc_url}
 
 
 async def test_publish_invoke_wait_and_get(stack, new_account, make_runner):
