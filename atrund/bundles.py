@@ -21,7 +21,7 @@ from atrund import bounds
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
 from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
-from atrund.records import BUNDLE, Bundle, StrongRef
+from atrund.records import BUNDLE, Bundle, StrongRef, field_errors
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.write(data)
     os.chmod(tmp, 0o444)
     os.replace(tmp, path)
-
-
-def _field_errors(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in err.errors())
 
 
 class BundleStore:
@@ -115,4 +111,4 @@ class BundleStore:
         except bounds.Malformed as e:
             raise BundleRefused(f"bundle record is invalid: {e}") from None
         except ValidationError as e:
-            raise BundleRefused(f"bundle record is invalid: {_field_errors(e)}") from None
+            raise BundleRefused(f"bundle record is invalid: {field_errors(e)}") from None

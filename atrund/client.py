@@ -28,6 +28,7 @@ from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFoun
 from atrund.records import (
     BUNDLE,
     INVOCATION,
+    INVOKE,
     RESULT,
     RUNNER,
     Bundle,
@@ -44,7 +45,6 @@ from atrund.sealed import seal as seal_one
 DEFAULT_PLC = "https://plc.directory"
 CODE_MIME = {".py": "text/x-python", ".ts": "application/typescript", ".js": "text/javascript",
              ".mjs": "text/javascript"}  # mimetypes calls .ts an MPEG stream
-XRPC_INVOKE = "dev.atrun.invoke"
 
 
 def code_mime(path: Path) -> str:
@@ -220,13 +220,13 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
         gateway_url = declared.get("gatewayUrl")
         if not gateway_url:
             raise CallFailed(f"runner {runner} publishes no gatewayUrl: it does not serve XRPC invoke")
-    token = await session.service_token(runner, XRPC_INVOKE)
+    token = await session.service_token(runner, INVOKE)
     body: dict[str, Any] = {"bundle": {"uri": bundle_uri, "cid": cid}, "endpoint": endpoint, "args": args}  # the lexicon's input
     if timeout is not None:
         body["timeout"] = timeout
     if write_result:
         body["writeResult"] = True
-    url = gateway_url.rstrip("/") + "/xrpc/" + XRPC_INVOKE
+    url = gateway_url.rstrip("/") + "/xrpc/" + INVOKE
     try:
         async with aiohttp.ClientSession() as http:
             async with http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:

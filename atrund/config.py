@@ -13,16 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from atrund.errors import ConfigError
-from atrund.execute.registry import AUTO, NAMES, UnknownBackend, canonical, describe
+from atrund.execute.registry import ALIASES, AUTO, NAMES, UnknownBackend, canonical, describe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES_DIR = REPO_ROOT / "nix" / "runtimes"
 
-log = structlog.get_logger("atrund.config")
 
 
 class Section(BaseModel):
@@ -199,6 +197,9 @@ class ExecutorSection(Section):
     def _old_keys(cls, data: Any, handler: Any) -> "ExecutorSection":
         """Flat keys of before the per-backend sections load into their section, noted for a warning."""
         moved = []
+        if isinstance(data, dict) and data.get("isolation") in ALIASES:
+            moved.append(f"executor.isolation: {data['isolation']!r} is the old name of {ALIASES[data['isolation']]!r}; "
+                         "it still works")
         if isinstance(data, dict) and any(key in data for key in MOVED):
             data = dict(data)
             for old, (section, key) in MOVED.items():
@@ -227,7 +228,7 @@ class ExecutorSection(Section):
 
     @property
     def warnings(self) -> list[str]:
-        """What loaded but should be written differently (moved keys)."""
+        """What loaded but should be written differently (moved keys, an old isolation name)."""
         return list(self._moved)
 
 
@@ -348,14 +349,11 @@ def parse(data: dict, base_dir: Path | None = None) -> Config:
 
 def load(path: Path) -> Config:
     """Read and validate a config file; relative state paths are relative to the file. What
-    loads but should be written differently (``Config.warnings``) is logged, one line each."""
+    loads but should be written differently is in ``Config.warnings`` (the CLI prints them)."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    cfg = parse(data, base_dir=path.resolve().parent)
-    for line in cfg.warnings:
-        log.warning(line, config=str(path))
-    return cfg
+    return parse(data, base_dir=path.resolve().parent)

@@ -45,7 +45,6 @@ from atrund.atproto.repos import Repos
 from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 from atrund.atproto.session import Session
 from atrund.atproto.uri import AtUri
-from atrund.bundles import _field_errors
 from atrund.config import GatewaySection
 from atrund.errors import (
     AtrundError,
@@ -60,7 +59,7 @@ from atrund.errors import (
 )
 from atrund.metrics import CONTENT_TYPE, Meters
 from atrund.pipeline import BundleUnavailable, Outcome, Pipeline
-from atrund.records import BUNDLE, RESULT, StrongRef, _cid, result_rkey
+from atrund.records import BUNDLE, INVOKE, RESULT, StrongRef, check_cid, field_errors, result_rkey
 from atrund.results import build
 from atrund.schedule import Scheduler
 from atrund.sealed import SecretError
@@ -68,7 +67,6 @@ from atrund.trust import LiveAccess
 
 log = structlog.get_logger("atrund.gateway")
 
-INVOKE = "dev.atrun.invoke"
 HANDLER = "handleRequest"
 RKEY = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
 DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]{1,2000}")
@@ -157,7 +155,7 @@ def parse_invoke_input(body: bytes) -> InvokeInput:
     except bounds.Malformed as e:
         raise HttpError(400, "InvalidRequest", str(e)) from None
     except ValidationError as e:
-        raise HttpError(400, "InvalidRequest", f"input: {_field_errors(e)}") from None
+        raise HttpError(400, "InvalidRequest", f"input: {field_errors(e)}") from None
 
 
 @dataclass
@@ -320,7 +318,7 @@ class Gateway:
         cid = request.query.get("cid")
         if cid is not None:
             try:
-                _cid(cid)
+                check_cid(cid)
             except ValueError as e:
                 raise HttpError(400, "InvalidRequest", f"cid: {e}") from None
         if actor.startswith("did:") and not DID.fullmatch(actor):

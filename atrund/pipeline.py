@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from atrund import bounds
 from atrund.access import PermissionPolicy
 from atrund.atproto.uri import authority
-from atrund.bundles import BundleStore, VerifiedBundle, _field_errors
+from atrund.bundles import BundleStore, VerifiedBundle
 from atrund.config import ExecutorSection
 from atrund.errors import (
     AtrundError,
@@ -41,7 +41,7 @@ from atrund.errors import (
 )
 from atrund.execute import ExecRequest, Executor, ExecutorError
 from atrund.execute.protocol import ExecPermissions
-from atrund.records import Bundle, Invocation, Metrics, Permissions, SealedSecret, StrongRef
+from atrund.records import Bundle, Invocation, Metrics, Permissions, SealedSecret, StrongRef, field_errors
 from atrund.sealed import Keyring, SecretError, redact, redact_response
 
 log = structlog.get_logger("atrund.pipeline")
@@ -244,6 +244,6 @@ def check(value: Any) -> Invocation:
     try:
         return Invocation.model_validate(bounds.check_fields(value))
     except ValidationError as e:
-        raise InvalidInvocation(f"invalid invocation record: {_field_errors(e)}") from None
+        raise InvalidInvocation(f"invalid invocation record: {field_errors(e)}") from None
     except bounds.Malformed as e:
         raise InvalidInvocation(f"invalid invocation record: {e}") from None

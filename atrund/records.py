@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import libipld
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 from typing_extensions import Annotated
 
@@ -27,6 +27,7 @@ BUNDLE = "dev.atrun.bundle"
 INVOCATION = "dev.atrun.invocation"
 RESULT = "dev.atrun.result"
 RUNNER = "dev.atrun.runner"
+INVOKE = "dev.atrun.invoke"  # the XRPC procedure (lexicons/dev/atrun/invoke.json)
 JSON_VALUE = "dev.atrun.defs#jsonValue"
 
 Status = Literal["success", "error", "timeout", "rejected"]
@@ -59,7 +60,12 @@ def result_uri(runner_did: str, invocation_uri: str) -> str:
     return str(AtUri(runner_did, RESULT, result_rkey(invocation_uri)))
 
 
-def _cid(value: str) -> str:
+def field_errors(err: ValidationError) -> str:
+    """A model's validation errors as one line: each field's dotted path and what is wrong with it."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in err.errors())
+
+
+def check_cid(value: str) -> str:
     """A CID in its canonical string form (it names files in the bundle cache: never a path)."""
     try:
         parsed = libipld.decode_cid(value)
@@ -71,7 +77,7 @@ def _cid(value: str) -> str:
     return value
 
 
-Cid = Annotated[str, AfterValidator(_cid)]
+Cid = Annotated[str, AfterValidator(check_cid)]
 
 
 def _utf8_at_most(limit: int):

@@ -28,10 +28,9 @@ from atrund import bounds
 from atrund.atproto.identity import MAX_DOCUMENT_BYTES, Identities
 from atrund.atproto.repos import to_json_model
 from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
-from atrund.bundles import _field_errors
 from atrund.errors import IdentityError
 from atrund.gateway import HttpError, parse_invoke_input
-from atrund.records import BUNDLE, INVOCATION, Bundle, Invocation, now_iso
+from atrund.records import BUNDLE, INVOCATION, Bundle, Invocation, field_errors, now_iso
 
 LIMIT = bounds.MAX_DEPTH
 HELLO = "def main(args):\n    return {'n': args.get('n')}\n"
@@ -231,7 +230,7 @@ def test_an_invocation_with_a_type_the_lexicon_does_not_say_is_refused_naming_th
     assert Invocation.model_validate(GOOD_INVOCATION).timeout is None
     with pytest.raises(ValidationError) as e:
         Invocation.model_validate({**GOOD_INVOCATION, **change})
-    assert _field_errors(e.value) == message
+    assert field_errors(e.value) == message
 
 
 GOOD_BUNDLE = {"runtime": "python", "createdAt": "2026-01-01T00:00:00.000Z",
@@ -248,7 +247,7 @@ def test_a_bundle_with_a_wrong_type_is_refused_naming_the_field(change, message)
     Bundle.model_validate(GOOD_BUNDLE)
     with pytest.raises(ValidationError) as e:
         Bundle.model_validate({**GOOD_BUNDLE, **change})
-    assert _field_errors(e.value) == message
+    assert field_errors(e.value) == message
 
 
 XRPC_BODIES = {

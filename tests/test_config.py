@@ -125,7 +125,9 @@ def test_isolation_names_come_from_the_registry_and_firecracker_is_microvm(tmp_p
 
     for name in ("auto", *BACKENDS):
         assert config.load(write(tmp_path, MINIMAL + f'[executor]\nisolation = "{name}"\n')).executor.isolation == name
-    assert config.load(write(tmp_path, MINIMAL + '[executor]\nisolation = "firecracker"\n')).executor.isolation == "microvm"
+    old = config.load(write(tmp_path, MINIMAL + '[executor]\nisolation = "firecracker"\n'))
+    assert old.executor.isolation == "microvm"
+    assert old.warnings == ["executor.isolation: 'firecracker' is the old name of 'microvm'; it still works"]
     with pytest.raises(config.ConfigError, match=r"^executor\.isolation: 'vmware' is not a backend \(available: microvm, "
                                                  r"process, container, none, auto; firecracker is the old name of microvm\)"):
         config.load(write(tmp_path, MINIMAL + '[executor]\nisolation = "vmware"\n'))

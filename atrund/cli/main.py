@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from atrund import __version__
 from atrund import config as config_mod
@@ -91,9 +92,12 @@ config_option = click.option("-c", "--config", "config_path", type=click.Path(pa
 
 def load_config(path: Path) -> config_mod.Config:
     try:
-        return config_mod.load(path)
+        cfg = config_mod.load(path)
     except ConfigError as e:
         raise ConfigError(f"{path}: invalid configuration: " + "; ".join(str(e).splitlines())) from None
+    for line in cfg.warnings:  # loads, but should be written differently: one plain line each
+        err.print(f"[yellow]warning[/yellow]: {escape(f'{path}: {line}')}", soft_wrap=True)
+    return cfg
 
 
 def executor_settings(config_path: Path | None, **defaults: Any) -> config_mod.ExecutorSection:

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-import structlog
-
 from atrund.errors import UnknownBackend
-
-log = structlog.get_logger("atrund.execute")
 
 # Canonical name -> "module:class", strongest isolation first: the order ``auto`` tries them in
 # (probe.order; with gVisor configured, container comes before process).
@@ -38,9 +34,9 @@ def describe() -> str:
 
 
 def canonical(name: str) -> str:
-    """The backend (or ``auto``) a name means; an alias is accepted, with a log line saying so."""
+    """The backend (or ``auto``) a name means; an alias is accepted (the configuration says so
+    among its warnings)."""
     if name in ALIASES:
-        log.warning("old isolation name: it still works, under its new name", given=name, now=ALIASES[name])
         return ALIASES[name]
     if name == AUTO or name in BACKENDS:
         return name
