@@ -31,13 +31,6 @@ class VerifiedBundle:
     code_path: Path
 
 
-def split_uri(uri: str) -> tuple[str, str, str]:
-    """at://did/collection/rkey -> (did, collection, rkey); ValueError naming what is wrong.
-    (Kept for callers that take the parts apart; atrund.atproto.uri.AtUri is the parser.)"""
-    parsed = AtUri.parse(uri)
-    return parsed.authority, parsed.collection, parsed.rkey
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")

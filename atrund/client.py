@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from atrund.atproto.identity import Identities
-from atrund.atproto.repos import Repos
+from atrund.atproto.repos import Repos, cid_of
 from atrund.atproto.session import Session
 from atrund.atproto.uri import AtUri, new_tid
+from atrund.config import url_problem
 from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFound, Unreachable
 from atrund.records import (
     BUNDLE,
@@ -36,6 +36,7 @@ from atrund.records import (
     Record,
     Result,
     decode_data,
+    field_errors,
     now_iso,
     result_rkey,
 )
@@ -55,9 +56,8 @@ def code_mime(path: Path) -> str:
 
 def check_url(url: str, what: str) -> str:
     """``url`` if it is an http(s) URL with a host; else InvalidUrl naming ``what`` and the fix."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidUrl(f"{what} {url!r} is not an http:// or https:// URL (did you mean https://{url.split('://')[-1]}?)")
+    if problem := url_problem(url, ("http", "https")):
+        raise InvalidUrl(f"{what} {problem}")
     return url
 
 
@@ -131,13 +131,7 @@ def _record(model: type[Record], what: str, data: dict[str, Any]) -> dict[str, A
     try:
         return model.model_validate(data).to_record()
     except ValidationError as e:
-        raise Malformed(f"the {what} record would not be valid: {_first_problem(e)}") from None
-
-
-def _first_problem(e) -> str:
-    """A pydantic ValidationError's first complaint, naming the field: ``runner: String should match ...``."""
-    first = e.errors(include_url=False)[0]
-    return f"{'.'.join(map(str, first['loc'])) or 'the record'}: {first['msg']}"
+        raise Malformed(f"the {what} record would not be valid: {field_errors(e)}") from None
 
 
 async def publish(session: Session, repos: Repos | None, code: bytes, runtime: str, *, mime: str = "text/x-python",
@@ -145,6 +139,8 @@ async def publish(session: Session, repos: Repos | None, code: bytes, runtime: s
     """Upload ``code`` as a blob and write a dev.atrun.bundle record for it (``fields``: see
     bundle_record). ``secret_values`` (name -> value) are sealed to ``runner`` (its key read
     through ``repos``) and bound to this bundle, so its record key is chosen before it exists."""
+    # The record is checked before anything is written: a refused publish leaves no orphan blob.
+    bundle_record(runtime, {"$type": "blob", "ref": {"$link": cid_of(code)}, "mimeType": mime, "size": len(code)}, **fields)
     blob = await session.upload_blob(code, mime)
     rkey = new_tid()
     if secret_values:
@@ -201,7 +197,7 @@ async def get_result(repos: Repos, uri: str) -> dict[str, Any]:
     try:
         Result.model_validate(value)
     except ValidationError as e:
-        raise Malformed(f"{uri} is not a result record: {_first_problem(e)}") from None
+        raise Malformed(f"{uri} is not a result record: {field_errors(e)}") from None
     return {"uri": uri, **describe_result(cid, value)}
 
 

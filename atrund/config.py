@@ -11,12 +11,13 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from atrund.errors import ConfigError
-from atrund.execute.registry import ALIASES, AUTO, NAMES, UnknownBackend, canonical, describe
+from atrund.errors import ConfigError, UnknownBackend
+from atrund.execute.registry import ALIASES, AUTO, NAMES, canonical, describe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES_DIR = REPO_ROOT / "nix" / "runtimes"
@@ -27,8 +28,30 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def url_problem(value: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with ``value`` as a URL of one of ``schemes`` (None: nothing), naming the fix:
+    a PDS URL without its scheme is the common slip, and would otherwise surface as unreachable."""
+    parts = urlsplit(value)
+    if parts.scheme in schemes and parts.netloc:
+        return None
+    return (f"{value!r} is not a {' or '.join(s + '://' for s in schemes)} URL "
+            f"(did you mean {schemes[-1]}://{value.split('://')[-1]}?)")
+
+
+def _url(*schemes: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if problem := url_problem(value, schemes):
+            raise ValueError(problem)
+        return value
+    return AfterValidator(check)
+
+
+HttpUrl = Annotated[str, _url("http", "https")]
+WsUrl = Annotated[str, _url("ws", "wss")]
+
+
 class RunnerSection(Section):
-    pds: str = Field(description="URL of the runner account's PDS")
+    pds: HttpUrl = Field(description="URL of the runner account's PDS")
     identifier: str = Field(description="handle or DID of the runner account")
     password_env: str = "ATRUND_APP_PASSWORD"
     password_file: Path | None = None
@@ -54,7 +77,7 @@ class RunnerSection(Section):
 
 
 class IdentitySection(Section):
-    plc_url: str = "https://plc.directory"
+    plc_url: HttpUrl = "https://plc.directory"
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
     cache_size: int = Field(default=10_000, ge=1)  # DID documents (and handles) cached at most: an LRU
@@ -87,7 +110,7 @@ class AccessSection(Section):
 
 class IngestSection(Section):
     mode: Literal["poll", "firehose"] = "poll"
-    firehose_url: str | None = Field(default=None, description="ws(s):// of a relay or PDS; default: the runner's PDS")
+    firehose_url: WsUrl | None = Field(default=None, description="ws(s):// of a relay or PDS; default: the runner's PDS")
     poll_interval: float = Field(default=2.0, gt=0)
     reconcile_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans of each author's invocations")
     authors: list[str] | None = Field(
@@ -246,7 +269,7 @@ class GatewaySection(Section):
 
     enabled: bool = True
     listen: str = Field(default="127.0.0.1:8080", description="host:port; loopback by default (put a reverse proxy in front)")
-    public_url: str | None = Field(default=None, description="URL published in the runner record; default http://LISTEN")
+    public_url: HttpUrl | None = Field(default=None, description="URL published in the runner record; default http://LISTEN")
     rate_per_minute: float = Field(default=600.0, gt=0, description="requests per minute per bundle (token bucket)")
     burst: int = Field(default=60, ge=1, description="requests a bundle may take at once before the rate applies")
     max_body_bytes: int = Field(default=1_048_576, ge=0, description="largest request body; more is answered 413")

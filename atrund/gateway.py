@@ -49,6 +49,7 @@ from atrund.config import GatewaySection
 from atrund.errors import (
     AtrundError,
     BundleRefused,
+    BundleUnavailable,
     EndpointUndeclared,
     IdentityError,
     NotFound,
@@ -58,7 +59,7 @@ from atrund.errors import (
     VersionGone,
 )
 from atrund.metrics import CONTENT_TYPE, Meters
-from atrund.pipeline import BundleUnavailable, Outcome, Pipeline
+from atrund.pipeline import Outcome, Pipeline
 from atrund.records import BUNDLE, INVOKE, RESULT, StrongRef, check_cid, field_errors, result_rkey
 from atrund.results import build
 from atrund.schedule import Scheduler

@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from atrund.config import ExecutorSection  # noqa: E402
 from atrund.execute import ExecRequest, create_executor  # noqa: E402
-from atrund.execute.microvm.backend import TCG_KERNEL_ARGS, MicroVmBackend, accelerator  # noqa: E402
+from atrund.execute.microvm.backend import MicroVmBackend  # noqa: E402
+from atrund.execute.microvm.qemu import TCG_KERNEL_ARGS, accelerator  # noqa: E402
 from atrund.execute.protocol import ExecPermissions  # noqa: E402
 from atrund.execute.runtimes import load_runtimes  # noqa: E402
 

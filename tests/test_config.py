@@ -131,3 +131,17 @@ def test_isolation_names_come_from_the_registry_and_firecracker_is_microvm(tmp_p
     with pytest.raises(config.ConfigError, match=r"^executor\.isolation: 'vmware' is not a backend \(available: microvm, "
                                                  r"process, container, none, auto; firecracker is the old name of microvm\)"):
         config.load(write(tmp_path, MINIMAL + '[executor]\nisolation = "vmware"\n'))
+
+
+def test_a_url_without_its_scheme_is_refused_by_name(tmp_path):
+    """A PDS, PLC, firehose or public URL without its scheme (the common slip) is a configuration
+    error naming the key and the likely fix, not an 'unreachable' at start."""
+    cases = [(MINIMAL.replace("http://localhost:2583", "localhost:2583"), r"runner\.pds: .*'localhost:2583' is not a http:// or "
+              r"https:// URL \(did you mean https://localhost:2583\?\)"),
+             (MINIMAL + '[identity]\nplc_url = "plc.example"\n', r"identity\.plc_url: .*did you mean https://plc\.example"),
+             (MINIMAL + '[ingest]\nfirehose_url = "https://relay.example"\n', r"ingest\.firehose_url: .*not a ws:// or wss:// URL"),
+             (MINIMAL + '[gateway]\npublic_url = "runner.example"\n', r"gateway\.public_url: .*did you mean https://runner\.example")]
+    for text, message in cases:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(write(tmp_path, text))
+    assert config.load(write(tmp_path, MINIMAL + '[ingest]\nfirehose_url = "wss://relay.example"\n')).ingest.firehose_url

@@ -497,7 +497,7 @@ async def test_a_record_key_used_again_before_it_ran_gets_an_explained_rejection
     slow, hello = await author.publish(SLOW), await author.publish(HELLO)
     blocker = await author.invoke(slow, runner.did, args={"s": 4})
     await until(lambda: _status(runner, blocker, "running"), "the slow invocation to start")
-    from atrund.cli import new_tid
+    from atrund.atproto.uri import new_tid
 
     rkey = new_tid()  # after every key the author used so far: a poll's cursor has not passed it
     record = {"runner": runner.did, "bundle": hello, "endpoint": "main", "args": {"n": 1}, "createdAt": now_iso()}

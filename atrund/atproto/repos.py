@@ -26,6 +26,11 @@ RAW = 0x55
 NOT_FOUND_ERRORS = {"RecordNotFound", "RepoNotFound", "BlobNotFound", "NotFound", "RepoDeactivated", "RepoTakendown"}
 
 
+def cid_of(data: bytes, codec: int = RAW) -> str:
+    """The CIDv1 (sha2-256, base32) of ``data``: what a PDS names a blob of these bytes."""
+    return libipld.encode_cid(bytes([1, codec, SHA2_256, 32]) + hashlib.sha256(data).digest())
+
+
 def verify_cid(cid: str, data: bytes, codec: int) -> None:
     """Raise RemoteError unless ``data`` hashes to ``cid`` (sha2-256, given codec)."""
     try:

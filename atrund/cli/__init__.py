@@ -8,7 +8,6 @@ JSON results go to stdout (pipe them to jq); progress and errors go to stderr.
 from atrund.cli import early  # noqa: F401, I001 - first: it installs serve's signal handlers before the imports below
 
 from atrund.cli import author, host, operator  # noqa: F401, E402 - each registers its commands on main
-from atrund.cli.main import main  # noqa: E402
-from atrund.atproto.uri import new_tid  # noqa: F401, E402 - importable from here, as it always was
+from atrund.cli.group import main  # noqa: E402
 
 __all__ = ["main"]

@@ -12,8 +12,7 @@ from typing import Any
 
 import click
 
-from atrund import client
-from atrund.cli.main import EXIT_NO_RESULT, EXIT_NOT_SUCCESS, emit, err, main, parse_args_json, parse_uri, run_async, split
+from atrund.cli.group import EXIT_NO_RESULT, EXIT_NOT_SUCCESS, emit, err, main, parse_args_json, parse_uri, run_async, split
 from atrund.config import RUNTIMES_DIR
 from atrund.execute.runtimes import declared
 from atrund.records import result_uri
@@ -35,6 +34,7 @@ def author_options(fn):
 
 
 async def _login(repos, pds: str | None, identifier: str, password: str):
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     if pds is None and not identifier.startswith("did:"):
         raise click.UsageError("give --pds (or ATRUND_PDS), or log in with your DID so the PDS can be looked up")
     return await client.login(repos, identifier, password, pds)
@@ -93,6 +93,7 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
     With --secret, the values are sealed to the runner named by --runner, bound to you and to
     this bundle, and every invocation of the bundle on that runner gets them.
     """
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     opened = parse_secrets(secrets)
     if opened and runner_did is None:
         raise click.UsageError("--secret needs --runner: a secret is sealed to one runner's key")
@@ -147,6 +148,7 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
     --secret values are sealed to the runner's key (read from its dev.atrun.runner record),
     bound to you, the runner and this bundle; the bundle's permissions.env must list each name.
     """
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     args = parse_args_json(args_json)
     opened = parse_secrets(secrets)
     parse_uri(bundle_uri, "BUNDLE_URI")
@@ -188,6 +190,7 @@ async def call(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, 
     Authenticates with a single-use service-auth token from your own PDS; no record is written
     in your repo. Exits 3 when the status is not success.
     """
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     args = parse_args_json(args_json)
     parse_uri(bundle_uri, "BUNDLE_URI")
     async with client.reader(plc_url) as repos:
@@ -213,6 +216,7 @@ def result() -> None:
 @run_async
 async def result_get(at_uri: str, plc_url: str) -> None:
     """Print the result record at AT_URI (anyone can; no login)."""
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     parse_uri(at_uri, "AT_URI")
     async with client.reader(plc_url) as repos:
         emit(await client.get_result(repos, at_uri))
@@ -244,6 +248,7 @@ async def secret_seal(pairs: tuple[str, ...], runner_did: str, bundle_uri: str, 
 
     NAME alone takes the value of your environment variable NAME.
     """
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     b_did, _, _ = parse_uri(bundle_uri, "--bundle")
     if author is not None and not author.startswith("did:"):
         raise click.BadParameter(f"{author!r} is not a DID", param_hint="--author")

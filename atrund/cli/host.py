@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from atrund.cli.main import emit, err, executor_settings, main
+from atrund.cli.group import emit, err, executor_settings, main
 from atrund.errors import ExecutorError
 
 

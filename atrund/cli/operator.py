@@ -14,7 +14,7 @@ import click
 
 from atrund import config as config_mod
 from atrund.cli import early
-from atrund.cli.main import (
+from atrund.cli.group import (
     EXIT_NOT_SUCCESS,
     config_option,
     emit,
@@ -27,7 +27,7 @@ from atrund.cli.main import (
     split,
 )
 from atrund.errors import QuarantineError, UnknownRuntime
-from atrund.execute import NAMES
+from atrund.execute import ALIASES, NAMES
 from atrund.execute.runtimes import declared
 
 
@@ -259,11 +259,11 @@ def keys_init(config_path: Path, force: bool) -> None:
               help=f"One of {', '.join(declared(config_mod.RUNTIMES_DIR))} (a directory under executor.runtimes_dir).")
 @click.option("--endpoint", required=True, help="The function to call.")
 @click.option("--args", "args_json", default="{}", show_default=True, help="JSON object passed to the endpoint.")
-@click.option("--timeout", type=int, default=30, show_default=True, help="Seconds before the run is killed.")
+@click.option("--timeout", type=click.IntRange(min=1), default=30, show_default=True, help="Seconds before the run is killed.")
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Use this runner configuration's executor settings.")
 @click.option("--isolation", type=click.Choice(NAMES), default=None,
-              help="Executor backend (default: the config's, else auto).")
+              help="Executor backend (default: the config's, else auto); firecracker is the old name of microvm.")
 @click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle may reach.")
 @click.option("--allow-read", default="", help="Comma-separated paths the bundle may read.")
 @click.option("--allow-write", default="", help="Comma-separated paths the bundle may write.")
@@ -275,6 +275,9 @@ def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: i
     from atrund.execute.protocol import ExecPermissions
 
     args = parse_args_json(args_json)
+    if isolation in ALIASES:
+        err.print(f"[yellow]warning[/yellow]: --isolation {isolation} is the old name of {ALIASES[isolation]}; it still works",
+                  soft_wrap=True)
     settings = executor_settings(config_path, warm=0)
     permissions = ExecPermissions(net=split(allow_net), read=[str(Path(p).resolve()) for p in split(allow_read)],
                                   write=[str(Path(p).resolve()) for p in split(allow_write)], env=split(allow_env))

@@ -2,18 +2,38 @@
 
 The backends and their names are listed once, in registry.py (``BACKENDS``, ``ALIASES``,
 ``canonical``); ``create_executor`` builds the pool over the one a setting names.
+
+Importing this package is cheap: the pool, the protocol models and every backend load when
+first used, so the configuration (which validates names against the registry) and the CLI's
+``--help`` do not pay for them.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from atrund.execute.base import ExecutorError, PoolStats
-from atrund.execute.pool import WorkerPool
-from atrund.execute.protocol import ExecRequest, ExecResponse
 from atrund.execute.registry import ALIASES, AUTO, BACKENDS, NAMES, UnknownBackend, backend_class, canonical
 
-# The executor type: one implementation, the pool of workers over a backend.
-Executor = WorkerPool
+if TYPE_CHECKING:
+    from atrund.execute.pool import WorkerPool
+    from atrund.execute.protocol import ExecRequest, ExecResponse
+
+    Executor = WorkerPool  # the executor type: one implementation, the pool of workers over a backend
 
 __all__ = ["ALIASES", "AUTO", "BACKENDS", "NAMES", "Executor", "ExecutorError", "PoolStats", "ExecRequest",
            "ExecResponse", "WorkerPool", "canonical", "create_backend", "create_executor"]
+
+_LAZY = {"WorkerPool": "atrund.execute.pool:WorkerPool", "Executor": "atrund.execute.pool:WorkerPool",
+         "ExecRequest": "atrund.execute.protocol:ExecRequest", "ExecResponse": "atrund.execute.protocol:ExecResponse"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = _LAZY[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def create_backend(isolation: str, settings):
@@ -29,6 +49,8 @@ def create_backend(isolation: str, settings):
 
 def create_executor(settings, isolation: str | None = None) -> Executor:
     """The executor for an isolation level; ``auto`` probes for the strongest that works here."""
+    from atrund.execute.pool import WorkerPool
+
     isolation = isolation or settings.isolation
     if isolation == AUTO:
         from atrund.execute.probe import choose

@@ -29,7 +29,7 @@ class InactiveAccounts:
     def __init__(self, state: State, limit: int = LIMIT) -> None:
         self.state = state
         self.limit = limit
-        self.evicted = 0  # forgotten to stay under the limit (/metrics, logs)
+        self.evicted = 0  # forgotten to stay under the limit (logged when it happens)
         self._dids: OrderedDict[str, None] = OrderedDict((did, None) for did in state.inactive_accounts())
         if len(self._dids) > limit:  # a smaller limit than the store was filled with
             self._evict(len(self._dids) - limit)

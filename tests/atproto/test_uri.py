@@ -3,7 +3,6 @@
 import pytest
 
 from atrund.atproto.uri import AtUri, authority, is_tid, new_tid
-from atrund.bundles import split_uri
 
 URI = "at://did:plc:abc/dev.atrun.invocation/3lfoo"
 
@@ -15,7 +14,6 @@ def test_a_record_uri_parses_into_its_parts_and_prints_back():
     assert str(uri) == URI
     assert AtUri.of("did:plc:abc", "dev.atrun.invocation/3lfoo") == uri
     assert authority(URI) == "did:plc:abc"
-    assert split_uri(URI) == ("did:plc:abc", "dev.atrun.invocation", "3lfoo")  # the old name still works
 
 
 @pytest.mark.parametrize(("text", "why"), [

@@ -179,3 +179,9 @@ def test_doctor_reports_the_probe():
 
     if shutil.which("qemu-system-x86_64"):
         assert re.search(r"microVM monitor: qemu; accelerator: (kvm|tcg|none) ", p.stdout), p.stdout
+
+
+def test_exec_refuses_a_timeout_below_one_second_as_usage():
+    """--timeout 0 is a usage error naming the option (exit 2), not a validation traceback."""
+    p = atrund("exec", "examples/hello.py", "--runtime", "python", "--endpoint", "greet", "--timeout", "0")
+    assert p.returncode == 2 and "--timeout" in p.stderr and "Traceback" not in p.stderr, p.stderr
