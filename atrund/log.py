@@ -27,7 +27,9 @@ def setup(level: str = "info", json_logs: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr as it is when a line is written, not when logging was set up: whoever swaps
+        # stderr later (a test's capture, a daemon's redirect) never leaves us a closed file.
+        logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
 
