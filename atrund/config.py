@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from atrund.errors import ConfigError, UnknownBackend
-from atrund.execute.registry import ALIASES, AUTO, NAMES, canonical, describe
+from atrund.execute.registry import ALIASES, AUTO, NAMES, accepted, canonical
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES_DIR = REPO_ROOT / "nix" / "runtimes"
@@ -247,7 +247,7 @@ class ExecutorSection(Section):
         try:
             return canonical(value)
         except UnknownBackend:
-            raise ValueError(f"{value!r} is not a backend (available: {describe()})") from None
+            raise ValueError(f"{value!r} is not a backend (available: {accepted()})") from None
 
     @property
     def warnings(self) -> list[str]:

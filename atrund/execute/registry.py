@@ -27,7 +27,7 @@ ALIASES = {"firecracker": "microvm"}
 NAMES = (AUTO, *BACKENDS, *ALIASES)
 
 
-def describe() -> str:
+def accepted() -> str:
     """The accepted names, for messages."""
     aliases = "; ".join(f"{old} is the old name of {new}" for old, new in ALIASES.items())
     return f"{', '.join(BACKENDS)}, {AUTO}" + (f"; {aliases}" if aliases else "")
@@ -40,7 +40,7 @@ def canonical(name: str) -> str:
         return ALIASES[name]
     if name == AUTO or name in BACKENDS:
         return name
-    raise UnknownBackend(f"unknown isolation {name!r} (available: {describe()})")
+    raise UnknownBackend(f"unknown isolation {name!r} (available: {accepted()})")
 
 
 def backend_class(name: str) -> type:
