@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos, cid_of
 from atrund.atproto.session import Session
 from atrund.atproto.uri import AtUri, new_tid
-from atrund.config import url_problem
+from atrund.config import PLC_DIRECTORY, url_problem
 from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFound, Unreachable
 from atrund.records import (
     BUNDLE,
@@ -43,7 +45,6 @@ from atrund.records import (
 from atrund.sealed import RunnerKey
 from atrund.sealed import seal as seal_one
 
-DEFAULT_PLC = "https://plc.directory"
 CODE_MIME = {".py": "text/x-python", ".ts": "application/typescript", ".js": "text/javascript",
              ".mjs": "text/javascript"}  # mimetypes calls .ts an MPEG stream
 
@@ -68,7 +69,7 @@ async def _get(repos: Repos, uri: str) -> tuple[str, dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def reader(plc_url: str = DEFAULT_PLC, timeout: float | None = None) -> AsyncIterator[Repos]:
+async def reader(plc_url: str = PLC_DIRECTORY, timeout: float | None = None) -> AsyncIterator[Repos]:
     """Read anyone's repo (no login): the one place the CLI builds a Repos, closed on the way out."""
     repos = Repos(Identities(plc_url) if timeout is None else Identities(plc_url, timeout=timeout))
     try:
@@ -126,8 +127,6 @@ def invocation_record(runner: str, bundle: dict[str, str], endpoint: str, args: 
 def _record(model: type[Record], what: str, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` as the record ``model`` says it must be; Malformed naming the first bad field if
     not (a --runner that is not a DID, a --cid that is not a CID, a --timeout of 0)."""
-    from pydantic import ValidationError
-
     try:
         return model.model_validate(data).to_record()
     except ValidationError as e:
@@ -144,7 +143,7 @@ async def publish(session: Session, repos: Repos | None, code: bytes, runtime: s
     blob = await session.upload_blob(code, mime)
     rkey = new_tid()
     if secret_values:
-        fields["secrets"] = await seal(repos, secret_values, runner, session.did, f"at://{session.did}/{BUNDLE}/{rkey}")
+        fields["secrets"] = await seal(repos, secret_values, runner, session.did, str(AtUri(session.did, BUNDLE, rkey)))
     record = bundle_record(runtime, blob, **fields)
     uri, cid = await session.put_record(BUNDLE, rkey, record)
     return Published(uri, cid, record)
@@ -191,8 +190,6 @@ async def wait_result(repos: Repos, runner: str, invocation_uri: str, wait_secon
 
 async def get_result(repos: Repos, uri: str) -> dict[str, Any]:
     """The result record at ``uri`` (anyone can read it); Malformed, naming the field, if it is not one."""
-    from pydantic import ValidationError
-
     cid, value = await _get(repos, uri)
     try:
         Result.model_validate(value)

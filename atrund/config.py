@@ -76,8 +76,11 @@ class RunnerSection(Section):
         return value
 
 
+PLC_DIRECTORY = "https://plc.directory"  # the public DID directory: the default wherever one is read
+
+
 class IdentitySection(Section):
-    plc_url: HttpUrl = "https://plc.directory"
+    plc_url: HttpUrl = PLC_DIRECTORY
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
     cache_size: int = Field(default=10_000, ge=1)  # DID documents (and handles) cached at most: an LRU

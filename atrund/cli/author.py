@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from atrund.cli.group import EXIT_NO_RESULT, EXIT_NOT_SUCCESS, emit, err, main, parse_args_json, parse_uri, run_async, split
-from atrund.config import RUNTIMES_DIR
+from atrund.config import PLC_DIRECTORY, RUNTIMES_DIR
 from atrund.execute.runtimes import declared
 from atrund.records import result_uri
 
@@ -22,7 +22,7 @@ RUNTIMES = list(declared(RUNTIMES_DIR))  # the choices: the runtime directories 
 
 def author_options(fn):
     """Login options shared by the commands that write to the author's repo."""
-    fn = click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True,
+    fn = click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True,
                       help="PLC directory used to resolve DIDs [env ATRUND_PLC_URL].")(fn)
     fn = click.option("--password", envvar="ATRUND_PASSWORD", required=True,
                       help="App password [env ATRUND_PASSWORD].")(fn)
@@ -212,7 +212,7 @@ def result() -> None:
 
 @result.command("get")
 @click.argument("at_uri")
-@click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True)
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True)
 @run_async
 async def result_get(at_uri: str, plc_url: str) -> None:
     """Print the result record at AT_URI (anyone can; no login)."""
@@ -241,7 +241,7 @@ def secret() -> None:
 @click.option("--bundle", "bundle_uri", required=True, help="AT URI of the bundle the secrets are for.")
 @click.option("--author", default=None, help="DID of whoever writes the record that will carry them "
               "(default: the bundle's author, right for the bundle's own record and for invoking your own bundle).")
-@click.option("--plc-url", envvar="ATRUND_PLC_URL", default="https://plc.directory", show_default=True)
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True)
 @run_async
 async def secret_seal(pairs: tuple[str, ...], runner_did: str, bundle_uri: str, author: str | None, plc_url: str) -> None:
     """Print the sealed objects (a JSON list) for a record's "secrets" field. No login needed.
