@@ -24,11 +24,13 @@ class LRU(Generic[K, V]):
             self._items.move_to_end(key)
         return value
 
-    def put(self, key: K, value: V) -> None:
+    def put(self, key: K, value: V) -> K | None:
+        """Store ``value`` as the most recently used; the key this pushed out, if the cache was full."""
         self._items[key] = value
         self._items.move_to_end(key)
         if len(self._items) > self.size:
-            self._items.popitem(last=False)
+            return self._items.popitem(last=False)[0]
+        return None
 
     def pop(self, key: K) -> V | None:
         return self._items.pop(key, None)

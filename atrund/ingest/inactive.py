@@ -12,10 +12,9 @@ is what a runner that never saw the report would do too).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import structlog
 
+from atrund.atproto.lru import LRU
 from atrund.state import State, StoreError
 
 log = structlog.get_logger("atrund.ingest")
@@ -30,9 +29,12 @@ class InactiveAccounts:
         self.state = state
         self.limit = limit
         self.evicted = 0  # forgotten to stay under the limit (logged when it happens)
-        self._dids: OrderedDict[str, None] = OrderedDict((did, None) for did in state.inactive_accounts())
-        if len(self._dids) > limit:  # a smaller limit than the store was filled with
-            self._evict(len(self._dids) - limit)
+        # Ordered by report, oldest first: an LRU that lookups (``in``) never refresh.
+        self._dids: LRU[str, None] = LRU(limit)
+        forgotten = [gone for did in state.inactive_accounts() if (gone := self._dids.put(did, None)) is not None]
+        if forgotten:  # a smaller limit than the store was filled with
+            self.evicted += len(forgotten)
+            self._store(lambda: self.state.forget_inactive(forgotten), forgotten[0])
 
     def __contains__(self, did: object) -> bool:
         return did in self._dids
@@ -42,9 +44,8 @@ class InactiveAccounts:
 
     def add(self, did: str) -> None:
         """``did`` is reported inactive (again: it becomes the newest report)."""
-        self._dids.pop(did, None)
-        evict = [self._dids.popitem(last=False)[0] for _ in range(len(self._dids) + 1 - self.limit)]
-        self._dids[did] = None
+        gone = self._dids.put(did, None)
+        evict = [gone] if gone is not None else []
         if evict:
             self.evicted += len(evict)
             log.warning("inactive accounts at their limit: forgetting the oldest reports", limit=self.limit, forgotten=evict)
@@ -53,13 +54,8 @@ class InactiveAccounts:
     def discard(self, did: str) -> None:
         """``did`` is reported active again."""
         if did in self._dids:
-            del self._dids[did]
+            self._dids.pop(did)
             self._store(lambda: self.state.forget_inactive([did]), did)
-
-    def _evict(self, count: int) -> None:
-        evict = [self._dids.popitem(last=False)[0] for _ in range(count)]
-        self.evicted += count
-        self._store(lambda: self.state.forget_inactive(evict), evict[0])
 
     def _store(self, write, did: str) -> None:
         # The set in memory is what counts while this process runs; a store that fails now only
