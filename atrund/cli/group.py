@@ -90,13 +90,18 @@ config_option = click.option("-c", "--config", "config_path", type=click.Path(pa
                              required=True, help="The runner's TOML configuration.")
 
 
+def warn(text: str) -> None:
+    """One plain line on stderr: what works, but should be written differently."""
+    err.print(f"[yellow]warning[/yellow]: {escape(text)}", soft_wrap=True)
+
+
 def load_config(path: Path) -> config_mod.Config:
     try:
         cfg = config_mod.load(path)
     except ConfigError as e:
         raise ConfigError(f"{path}: invalid configuration: " + "; ".join(str(e).splitlines())) from None
-    for line in cfg.warnings:  # loads, but should be written differently: one plain line each
-        err.print(f"[yellow]warning[/yellow]: {escape(f'{path}: {line}')}", soft_wrap=True)
+    for line in cfg.warnings:  # loads, but should be written differently: one line each
+        warn(f"{path}: {line}")
     return cfg
 
 

@@ -25,6 +25,7 @@ from atrund.cli.group import (
     parse_args_json,
     run_async,
     split,
+    warn,
 )
 from atrund.errors import QuarantineError, UnknownRuntime
 from atrund.execute import ALIASES, NAMES
@@ -276,8 +277,7 @@ def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: i
 
     args = parse_args_json(args_json)
     if isolation in ALIASES:
-        err.print(f"[yellow]warning[/yellow]: --isolation {isolation} is the old name of {ALIASES[isolation]}; it still works",
-                  soft_wrap=True)
+        warn(f"--isolation {isolation} is the old name of {ALIASES[isolation]}; it still works")
     settings = executor_settings(config_path, warm=0)
     permissions = ExecPermissions(net=split(allow_net), read=[str(Path(p).resolve()) for p in split(allow_read)],
                                   write=[str(Path(p).resolve()) for p in split(allow_write)], env=split(allow_env))
