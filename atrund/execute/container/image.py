@@ -155,8 +155,9 @@ def _apt_entries(text: str, deb822: bool) -> list[tuple[list[str], list[str], li
     return entries
 
 
-def base_key() -> str:
-    return _sha(f"{LAYOUT}\0{SUITE}\0{mirror()}\0{','.join(PACKAGES)}".encode())[:16]
+def base_key(source: str | None = None) -> str:
+    """The rootfs tar's cache key: layout, suite, mirror (``source``, else read now) and packages."""
+    return _sha(f"{LAYOUT}\0{SUITE}\0{source or mirror()}\0{','.join(PACKAGES)}".encode())[:16]
 
 
 def content_hash(adds: list[Addition]) -> str:
@@ -196,7 +197,8 @@ def require(tool: str, package: str) -> None:
 
 def base_tar(cache_dir: Path, progress: Progress) -> Path:
     """The slimmed debootstrap rootfs as a tar, made once and cached."""
-    tar_path = cache_dir / f"base-{SUITE}-{base_key()}.tar"
+    source = mirror()  # the apt sources, read once for this build
+    tar_path = cache_dir / f"base-{SUITE}-{base_key(source)}.tar"
     if reuse(tar_path, f"Debian {SUITE} rootfs", progress):
         return tar_path
     require("debootstrap", "debootstrap")
@@ -206,8 +208,8 @@ def base_tar(cache_dir: Path, progress: Progress) -> Path:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="rootfs-") as tmp:
         root = Path(tmp) / "rootfs"
-        progress(f"Debian {SUITE} rootfs: debootstrap --variant=minbase from {mirror()} (about a minute)")
-        command = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), mirror()]
+        progress(f"Debian {SUITE} rootfs: debootstrap --variant=minbase from {source} (about a minute)")
+        command = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), source]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
         assert proc.stdout
