@@ -36,6 +36,27 @@ def atrund(*args: str, env: dict | None = None, cwd: Path | None = None, timeout
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
 
 
+def serve_config(tmp_path: Path, stack, runner, author, runner_extra: str = "", executor_extra: str = "") -> Path:
+    """A config for `atrund serve` as ``runner``, serving ``author``, polling fast, under isolation
+    none (the bundles these tests run mark host files), the gateway on a free loopback port."""
+    (tmp_path / "pw").write_text(runner.app_password)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n{runner_extra}'
+        f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.account.did}"]\n'
+        f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"\n{executor_extra}'
+        '[gateway]\nlisten = "127.0.0.1:0"\n'
+    )
+    return config
+
+
+def serve_subprocess(config: Path, log: Path) -> subprocess.Popen:
+    """`atrund serve` as a real subprocess, its JSON logs appended to ``log``."""
+    with open(log, "a") as out:
+        return subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
 def _author_env(stack, account) -> dict:
     """The environment `atrund bundle publish` and `invoke` read an author's login from."""
     return {"ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": account.handle, "ATRUND_PASSWORD": account.app_password,

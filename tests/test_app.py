@@ -11,35 +11,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_result
+from conftest import serve_config, serve_subprocess, wait_result
 
 from atrund import config
 from atrund.records import RESULT, result_rkey
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _config(tmp_path: Path, stack, runner, author, grace: float) -> Path:
-    (tmp_path / "pw").write_text(runner.app_password)
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\nshutdown_grace = {grace}\n'
-        f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.account.did}"]\n'
-        f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"  # the bundle marks a host file\nwarm = 1\n'
-        '[gateway]\nlisten = "127.0.0.1:0"\n'
-    )
-    return config
-
-
-def _serve(config: Path, log: Path) -> subprocess.Popen:
-    with open(log, "a") as out:
-        return subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def _sleeper(marker: Path, seconds: int) -> str:
@@ -51,10 +32,10 @@ async def _serving_a_long_run(stack, new_account, author, tmp_path: Path, grace:
     """`atrund serve` (shutdown_grace = ``grace``) running a bundle that sleeps for a minute:
     (runner account, process, invocation URI, the bundle's start marker, the log)."""
     runner = new_account("stopping")
-    config = _config(tmp_path, stack, runner, author, grace)
+    config = serve_config(tmp_path, stack, runner, author, runner_extra=f"shutdown_grace = {grace}\n", executor_extra="warm = 1\n")
     marker, log = tmp_path / "started.txt", tmp_path / "serve.log"
     bundle = await author.publish(_sleeper(marker, 60))
-    proc = _serve(config, log)
+    proc = serve_subprocess(config, log)
     try:
         uri = await author.invoke(bundle, runner.did)
         for _ in range(300):
@@ -133,7 +114,7 @@ async def test_a_second_signal_exits_at_once_and_the_next_start_records_the_inte
     finally:
         if proc.poll() is None:
             proc.kill()
-    again = _serve(config, log)
+    again = serve_subprocess(config, log)
     try:
         value = await wait_result(reader, runner.did, uri)
         assert value["status"] == "error" and value["error"].startswith("interrupted:"), value

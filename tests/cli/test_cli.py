@@ -3,13 +3,11 @@
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import _author_env, atrund, wait_result
+from conftest import _author_env, atrund, serve_config, serve_subprocess, wait_result
 
 from atrund.errors import CallFailed, ConfigError, LoginFailed
 from atrund.records import result_uri
@@ -121,32 +119,19 @@ def _dead(pid: int) -> bool:
     return False
 
 
-def _serve(config: Path, log: Path) -> subprocess.Popen:
-    with open(log, "a") as out:
-        return subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
 async def test_runner_killed_mid_run_never_runs_it_twice(stack, new_account, author, reader, tmp_path):
     """SIGKILL `atrund serve` while a bundle runs: after restart the invocation gets an
     "interrupted" error result and the bundle has started exactly once."""
     import asyncio
 
     runner = new_account("crash")
-    (tmp_path / "pw").write_text(runner.app_password)
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n'
-        f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.account.did}"]\n'
-        f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"  # the bundle marks a host file\n'
-        '[gateway]\nlisten = "127.0.0.1:0"\n'
-    )
+    config = serve_config(tmp_path, stack, runner, author)
     marker = tmp_path / "started.txt"
     bundle = await author.publish(
         f"import os, time\ndef main(args):\n    open({str(marker)!r}, 'a').write(f'started {{os.getpid()}}\\n')\n    time.sleep(30)\n"
     )
     log = tmp_path / "serve.log"
-    first = _serve(config, log)
+    first = serve_subprocess(config, log)
     try:
         uri = await author.invoke(bundle, runner.did)
         for _ in range(200):
@@ -158,7 +143,7 @@ async def test_runner_killed_mid_run_never_runs_it_twice(stack, new_account, aut
     finally:
         first.kill()  # SIGKILL: no chance to clean up
         first.wait()
-    second = _serve(config, log)
+    second = serve_subprocess(config, log)
     try:
         assert _dead(worker), "the worker outlived the runner"
         value = await wait_result(reader, runner.did, uri)
