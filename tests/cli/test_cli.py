@@ -170,3 +170,11 @@ def test_exec_refuses_a_timeout_below_one_second_as_usage():
     """--timeout 0 is a usage error naming the option (exit 2), not a validation traceback."""
     p = atrund("exec", "examples/hello.py", "--runtime", "python", "--endpoint", "greet", "--timeout", "0")
     assert p.returncode == 2 and "--timeout" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_exec_says_firecracker_is_the_old_name_of_microvm():
+    """--isolation firecracker still works, as microvm, and says so on stderr (here it stops at the
+    unknown runtime, before any VM is built)."""
+    p = atrund("exec", "examples/hello.py", "--runtime", "nosuch", "--endpoint", "greet", "--isolation", "firecracker")
+    assert "warning: --isolation firecracker is the old name of microvm; it still works" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
