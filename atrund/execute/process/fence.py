@@ -144,9 +144,8 @@ def relocate(sources, fds, argv, read):
     the host's /run (sockets such as docker.sock) from the worker.
     """
     check(libc.mount(b"tmpfs", b"/run", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=0755"), "mount a tmpfs on /run")
-    moves = []
-    for i, (src, fd) in enumerate(zip(sources, fds, strict=True)):
-        dst = f"/run/atrund/{i}"
+    moves = relocation(sources)
+    for (src, dst), fd in zip(moves, fds, strict=True):
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.makedirs(dst)
         else:
@@ -154,16 +153,20 @@ def relocate(sources, fds, argv, read):
             open(dst, "w").close()
         check(libc.mount(f"/proc/self/fd/{fd}".encode(), dst.encode(), None, MS_BIND | MS_REC, None), f"bind {src}")
         check(libc.mount(None, dst.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"make {src} read-only")
-        moves.append((src, dst))
-    moves.sort(key=lambda m: len(m[0]), reverse=True)  # the longest source wins
+    return [moved(word, moves) for word in argv], [moved(p, moves) for p in read] + [dst for _, dst in moves]
 
-    def moved(path):
-        for src, dst in moves:
-            if path == src or path.startswith(src + "/"):
-                return dst + path[len(src):]
-        return path
 
-    return [moved(word) for word in argv], [moved(p) for p in read] + [dst for _, dst in moves]
+def relocation(sources):
+    """Where relocate() shows each source: (source, /run/atrund/N), in the order given."""
+    return [(src, f"/run/atrund/{i}") for i, src in enumerate(sources)]
+
+
+def moved(path, moves):
+    """``path`` as the worker sees it once ``moves`` are mounted (the longest source wins)."""
+    for src, dst in sorted(moves, key=lambda m: len(m[0]), reverse=True):
+        if path == src or path.startswith(src + "/"):
+            return dst + path[len(src):]
+    return path
 
 
 # seccomp: what a bundle never needs and an escape often does. Landlock cannot see pathname
@@ -188,17 +191,33 @@ class ArgCmp(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
+_seccomp = None  # (libseccomp, filter context) once built: the fork server builds it once for all its workers
+
+
 def seccomp_filter():
     """Load the filter (no_new_privs is already set). Without libseccomp it is skipped: the
     namespaces, uid and Landlock still stand, and `atrund doctor` says so."""
+    built = seccomp_rules()
+    if built is None:
+        return False
+    lib, ctx = built
+    if lib.seccomp_load(ctypes.c_void_p(ctx)) != 0:
+        fail("seccomp_load failed")
+    return True
+
+
+def seccomp_rules():
+    """The filter, built once per process (None without libseccomp); loading it is per worker."""
+    global _seccomp
+    if _seccomp is not None:
+        return _seccomp
     try:
         lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
-        return False
+        return None
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(ArgCmp)]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
-    lib.seccomp_release.argtypes = [ctypes.c_void_p]
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
     if not ctx:
         fail("seccomp_init failed")
@@ -219,14 +238,25 @@ def seccomp_filter():
     rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))
     for name in ("unshare", "clone"):
         rule(errno(EPERM), name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
-    if lib.seccomp_load(ctypes.c_void_p(ctx)) != 0:
-        fail("seccomp_load failed")
-    lib.seccomp_release(ctypes.c_void_p(ctx))
-    return True
+    _seccomp = (lib, ctx)
+    return _seccomp
 
 
 def main():
+    """The exec path: ``unshare`` made the namespaces and this process is their init."""
     spec = json.loads(sys.argv[1])
+    argv = enter(spec)
+    child = os.fork()
+    if child == 0:
+        seccomp_filter()  # in the runtime's process only: the init needs none of this either way
+        os.execve(argv[0], argv, spec["env"])
+    serve_as_init(child)
+
+
+def enter(spec):
+    """Steps 1 to 4 of the fence, in this process (the namespace's future init), in this order.
+    Returns the runtime's command with its directories relocated. Shared by the exec path
+    (main) and the fork server (forkserver.py): one fence."""
     uid, gid, workdir = spec["uid"], spec["gid"], spec["workdir"]
     for procs in spec.get("cgroups", []):  # join first: everything started from here on is counted
         with open(procs, "w") as f:
@@ -242,6 +272,8 @@ def main():
     os.close(work)
     argv, read = relocate(spec["relocate"], fds, spec["argv"], spec["read"])
     keep(spec["keep"], kept)
+    for fd in fds + kept:
+        os.close(fd)
     for name, value in spec["rlimits"].items():
         resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, value))
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
@@ -250,11 +282,7 @@ def main():
     os.setresuid(uid, uid, uid)
     landlock(read, ["/tmp", *spec["write"]], spec["grant_read"], spec["grant_write"], spec["ports"])
     os.chdir("/tmp")
-    child = os.fork()
-    if child == 0:
-        seccomp_filter()  # in the runtime's process only: the init needs none of this either way
-        os.execve(argv[0], argv, spec["env"])
-    serve_as_init(child)
+    return argv
 
 
 def serve_as_init(child):
