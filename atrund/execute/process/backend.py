@@ -310,6 +310,10 @@ class ProcessBackend(Backend):
 
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
         check_program(runtime)
+        if self.fork_server is not None and self.fork_server.gone:  # one restart at this ready()
+            log.warning("the fork server is gone; starting it again", why=self.fork_server.gone)
+            self.fork_server = None
+            self._ready = None
         await self.ready()
         uid = self.uids.take()
         workdir = Path(tempfile.mkdtemp(prefix=f"w{uid}-", dir=self.work_root))
@@ -331,13 +335,7 @@ class ProcessBackend(Backend):
             raise
 
     def _forks(self, runtime: Runtime) -> bool:
-        """Whether this worker comes from the fork server; if it died, one restart is tried at
-        the next ready() (a fork server that cannot start leaves the exec path)."""
         server = self.fork_server
-        if server is not None and server.gone:
-            log.warning("the fork server is gone; the next worker starts it again", why=server.gone)
-            self.fork_server = None
-            self._ready = None  # the next ready() runs prepare() again
         return server is not None and not server.gone and servable(runtime.command, SYSTEM_PYTHON)
 
     def spec(self, runtime: Runtime, settings, permissions: ExecPermissions, sandbox: Sandbox) -> dict:

@@ -39,7 +39,8 @@ SYS_landlock_restrict_self = 446
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_RULE_NET_PORT = 2
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+SIGKILL = 9
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
@@ -253,10 +254,11 @@ def main():
     serve_as_init(child)
 
 
-def enter(spec):
+def enter(spec, parent_alive=lambda: True):
     """Steps 1 to 4 of the fence, in this process (the namespace's future init), in this order.
     Returns the runtime's command with its directories relocated. Shared by the exec path
-    (main) and the fork server (forkserver.py): one fence."""
+    (main) and the fork server (forkserver.py): one fence. ``parent_alive`` says whether the
+    process that would kill this one is still there (see the parent-death signal below)."""
     uid, gid, workdir = spec["uid"], spec["gid"], spec["workdir"]
     for procs in spec.get("cgroups", []):  # join first: everything started from here on is counted
         with open(procs, "w") as f:
@@ -280,6 +282,11 @@ def enter(spec):
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    # The kernel clears the parent-death signal when the uid changes, so it is set (again) here:
+    # the worker dies with whatever started it (unshare, or the fork server), hence with the runner.
+    check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "parent-death signal")
+    if not parent_alive():
+        os._exit(1)  # it died before the line above: nothing would kill this worker
     landlock(read, ["/tmp", *spec["write"]], spec["grant_read"], spec["grant_write"], spec["ports"])
     os.chdir("/tmp")
     return argv

@@ -46,6 +46,7 @@ class ForkServer:
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future] = {}
         self._exits: dict[int, asyncio.Future] = {}
+        self.live: dict[int, int] = {}  # pid -> pidfd of every worker not killed yet
         self._ready: asyncio.Future | None = None
 
     @property
@@ -132,6 +133,7 @@ class ForkServer:
             return
         exited = asyncio.get_running_loop().create_future()
         self._exits[msg["pid"]] = exited  # registered now: its exit may be the very next message
+        self.live[msg["pid"]] = fds[0]
         reply.set_result((msg["pid"], fds[0], exited))
 
     def _exit_reason(self) -> str:
@@ -155,6 +157,8 @@ class ForkServer:
             if not future.done():
                 future.set_result(None)
         self._exits.clear()
+        for pidfd in self.live.values():  # they die with it anyway (parent-death signal): make sure
+            _kill_pidfd(pidfd)
 
     async def close(self) -> None:
         if self.sock is not None:
@@ -174,13 +178,29 @@ def _kill_pidfd(pidfd: int) -> None:
         pass
 
 
+class ForkedProcess:
+    """The worker's init as a process handle (``pid``, ``returncode``), as callers know a worker's."""
+
+    def __init__(self, pid: int, exited: asyncio.Future) -> None:
+        self.pid = pid
+        self._exited = exited
+
+    @property
+    def returncode(self) -> int | None:
+        if not self._exited.done():
+            return None
+        code = self._exited.result()
+        return -signal.SIGKILL if code is None else code  # None: killed with the fork server
+
+
 class ForkedWorker(Worker):
     """A worker made by the fork server, to the pool exactly what FencedWorker is: the process
     is reached through a pidfd and its exit status through the fork server. ``sandbox`` is what
     it holds on the host (backend.Sandbox: its /tmp, cgroup and uid)."""
 
     def __init__(self, pid: int, pidfd: int, exited: asyncio.Future, pipes, server: ForkServer, sandbox) -> None:
-        self.pid, self._pidfd, self._exited, self._server = pid, pidfd, exited, server
+        self.process = ForkedProcess(pid, exited)
+        self._pidfd, self._exited, self._server = pidfd, exited, server
         self.stdin, self.stdout, self.stderr, self._transports = pipes
         self.sandbox = sandbox
         self._killed = False
@@ -189,10 +209,7 @@ class ForkedWorker(Worker):
         return self.sandbox.stage(code_path)
 
     def exited(self) -> int | None:
-        if not self._exited.done():
-            return None
-        code = self._exited.result()
-        return -signal.SIGKILL if code is None else code  # None: killed with the fork server
+        return self.process.returncode
 
     def lost(self) -> str | None:
         if self._exited.done() and self._exited.result() is None:
@@ -212,6 +229,7 @@ class ForkedWorker(Worker):
         self.sandbox.unmount()  # detached: the tmpfs goes once the namespace's last user is gone
         _kill_pidfd(self._pidfd)  # the namespace's init: the kernel kills everything in the namespace
         await self.wait_exit(PIPE_GRACE * 4)
+        self._server.live.pop(self.process.pid, None)
         os.close(self._pidfd)
         for transport in self._transports:  # a reader still waiting gets its EOF
             transport.close()

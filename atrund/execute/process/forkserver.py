@@ -197,19 +197,21 @@ def worker_init(server, spec, network, fds, code):
     """In the forked child, PID 1 of its new namespace: become the worker's fenced init, fork
     its runtime process (which raises Become), and serve as init. Never returns otherwise."""
     try:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if select.select([server.self_fd], [], [], 0)[0]:
-            os._exit(1)  # the server died before the line above: nobody would report or kill us
         os.setsid()  # a process group of our own, not the server's (which the pool never kills)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)  # inheritable
-        os.closerange(3, 1 << 20)  # the server's socket, pidfds and everything else it holds
+        # Close the server's socket, its pidfds and everything else it holds; keep only a pidfd on
+        # the server itself until the parent-death signal is set for good (fence.enter).
+        alive = server.self_fd
+        os.closerange(3, alive)
+        os.closerange(alive + 1, 1 << 20)
         fresh_stdio()
         flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if network else CLONE_NEWNET)
         fence.check(libc.unshare(flags), "unshare namespaces")
         fence.check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
         fence.check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, None), "mount /proc")
-        argv = fence.enter(spec)
+        argv = fence.enter(spec, lambda: not select.select([alive], [], [], 0)[0])
+        os.close(alive)
         child = os.fork()
     except BaseException as e:  # noqa: BLE001 - said on the worker's stdout, as the fence says its errors
         fence.fail(f"{type(e).__name__}: {e}")
