@@ -88,6 +88,7 @@ INSPECT = textwrap.dedent('''
             "frames": _frames_globals(),
             "fence_loaded": "fence" in sys.modules,
             "pgrp_is_sid": os.getpgrp() == os.getsid(0),
+            "cmdline": open("/proc/self/cmdline", "rb").read().decode().split(chr(0))[:-1],
         }
 ''')
 
@@ -137,6 +138,8 @@ async def test_a_forked_worker_is_fenced_exactly_as_an_execed_one(tmp_path):
     assert not forked["fence_loaded"]
     assert not {"Server", "Become", "fence", "worker_init"} & set(forked["frames"]), forked["frames"]
     assert forked["pgrp_is_sid"]
+    # The fork server's command line, which the worker inherits, names no file of the runner's.
+    assert forked["cmdline"][:4] == ["/usr/bin/python3", "-I", "-S", "-"] and forked["cmdline"][4].isdigit()
     # And the same as the exec path, item by item (the group ids and uid differ per worker).
     for key in ("limits", "fds", "fd_kinds", "pid", "ppid", "pids", "shadow", "runner_file", "unix_socket",
                 "tcp", "netdevs", "cwd", "environ", "argv0", "file", "list_run", "pgrp_is_sid"):
@@ -197,7 +200,7 @@ async def test_a_fork_server_that_cannot_start_leaves_the_exec_path(tmp_path, mo
     try:
         r = await executor.execute(ExecRequest(code_path=str(bundle), endpoint="main", args={"s": 0}), "python")
         assert r.success and r.data == "woke"
-        assert executor.backend.fork_server is None and "did not start" in executor.backend.fork_server_problem
+        assert executor.backend.fork_server is None and "fork server" in executor.backend.fork_server_problem
     finally:
         await executor.shutdown()
 

@@ -25,6 +25,7 @@ from atrund.execute.direct import PIPE_GRACE, SAFE_PATH
 from atrund.execute.pool import Worker
 
 FORKSERVER = Path(__file__).with_name("forkserver.py")
+FENCE = Path(__file__).with_name("fence.py")
 START_TIMEOUT = 10.0  # seconds the fork server may take to import and compile what it preloads
 REPLY_TIMEOUT = 10.0  # seconds it may take to fork one worker
 MAX_MESSAGE = 1 << 16
@@ -57,14 +58,23 @@ class ForkServer:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # A clean environment: every worker's /proc/PID/environ shows the one this starts with.
+            # Its program on stdin and its settings on the socket: a worker's /proc/self/cmdline
+            # (the fork server's) says nothing more than "python3 -I -S - 3". A clean environment:
+            # every worker's /proc/self/environ shows the one this starts with.
             self.process = subprocess.Popen(
-                [self.python, "-I", "-S", str(FORKSERVER), str(theirs.fileno()), str(os.getpid()), *self.programs],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                [self.python, "-I", "-S", "-", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                 env={"PATH": SAFE_PATH, "LANG": "C.UTF-8"}, cwd="/", start_new_session=True,
             )
+            assert self.process.stdin is not None
+            with self.process.stdin:
+                self.process.stdin.write(FORKSERVER.read_bytes())
+            ours.send(json.dumps({"runner": os.getpid(), "fence": str(FENCE), "programs": self.programs}).encode())
         except OSError as e:
             ours.close()
+            if self.process is not None:
+                self.process.kill()
+                self.process.wait()
             raise ExecutorError(f"cannot start the fork server: {e.strerror}") from e
         finally:
             theirs.close()

@@ -30,9 +30,11 @@ Messages (SOCK_SEQPACKET, one JSON object each):
   runner -> server  {"id": N, "spec": SPEC, "network": bool} with fds stdin, stdout, stderr
   server -> runner  {"id": N, "pid": PID} with a pidfd of the worker's init, or {"id": N, "error": TEXT}
   server -> runner  {"exit": PID, "code": CODE}  (CODE: exit status, or -signal)
+  runner -> server  {"runner": PID, "fence": PATH, "programs": [PATH, ...]}  first, once
   server -> runner  {"ready": true}  once, after start-up
 
-Usage: forkserver.py SOCKET_FD RUNNER_PID AT_RUN_EXEC...
+Usage: ``python3 -I -S - SOCKET_FD`` with this program on stdin; the first message on the
+socket says the rest (see start()).
 """
 
 import ast
@@ -47,7 +49,6 @@ import socket
 import sys
 import types
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 PR_SET_PDEATHSIG = 1
@@ -56,16 +57,15 @@ MAX_MESSAGE = 1 << 20
 sys.dont_write_bytecode = True  # no __pycache__ written as root into the checkout (restored for the runtime)
 
 
-def load_fence():
-    """fence.py, beside this file, as a module (not on sys.path, so a bundle cannot import it)."""
-    spec = importlib.util.spec_from_file_location("fence", os.path.join(HERE, "fence.py"))
+def load_fence(path):
+    """fence.py as a module (not on sys.path, so a bundle cannot import it)."""
+    spec = importlib.util.spec_from_file_location("fence", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-fence = load_fence()
-libc = fence.libc
+fence = libc = None  # set by start()
 
 
 class Become(Exception):
@@ -114,9 +114,8 @@ def servable(argv):
 
 
 class Server:
-    def __init__(self, sock, runner):
+    def __init__(self, sock):
         self.sock = sock
-        self.runner = runner
         self.programs = Programs()
         self.children = {}  # pid -> pidfd (the server's own copy, for reaping)
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -252,13 +251,21 @@ def become(job):
 
 
 def start(argv):
+    """Set up from the runner's first message: {"runner": PID, "fence": PATH, "programs": [PATH...]}.
+    Nothing of it is on the command line, which every worker's /proc/self/cmdline shows."""
+    global fence, libc
     sock = socket.socket(fileno=int(argv[1]))
-    runner = int(argv[2])
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != runner:
+    config = json.loads(sock.recv(MAX_MESSAGE) or b"null")
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if not config or os.getppid() != config["runner"]:
         os._exit(1)  # the runner died before the line above
-    server = Server(sock, runner)
-    for path in argv[3:]:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)  # this program's source came on stdin
+    os.close(devnull)
+    fence = load_fence(config["fence"])
+    libc = fence.libc
+    server = Server(sock)
+    for path in config["programs"]:
         server.programs.code(path, path)  # imports what it imports; recompiled with the worker's path on first use
     fence.seccomp_rules()
     server.send({"ready": True})
