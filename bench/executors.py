@@ -11,7 +11,12 @@ Method (all on this machine, in one run, so the figures are comparable):
   "runner overhead" = warm round trip - in-process call.
 - throughput: M trivial invocations through a pool at concurrency 2 and 8 (warm = concurrency).
 
-    .venv/bin/python bench/executors.py [-n 30] [--runtimes python,deno,node] [--backends none,process]
+Backends: a backend name, or ``process-exec``: the process backend with its fork server off
+(executor.process.fork_server = false), each worker a fresh setpriv + unshare + fence.py +
+interpreter, as before the fork server. A backend is prepared (the fork server started) before
+the timed calls: that is paid once per runner, not per cold start.
+
+    .venv/bin/python bench/executors.py [-n 30] [--runtimes python,deno,node] [--backends none,process,process-exec]
 """
 
 from __future__ import annotations
@@ -57,8 +62,16 @@ def bare_start(runtime: str, program: str, tmp: Path, n: int) -> float:
     return statistics.median(times)
 
 
+VARIANTS = {"process-exec": {"isolation": "process", "process": {"fork_server": False}}}
+
+
+def section(backend: str, **settings) -> ExecutorSection:
+    return ExecutorSection(**{"isolation": backend, **VARIANTS.get(backend, {}), **settings})
+
+
 async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int) -> list[float]:
-    executor = create_executor(ExecutorSection(warm=warm, isolation=backend, concurrency=max(warm, 1)))
+    executor = create_executor(section(backend, warm=warm, concurrency=max(warm, 1)))
+    await executor.backend.ready()
     if warm:
         await executor.warm(warm)
     times = []
@@ -81,7 +94,7 @@ async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int)
 
 
 async def throughput(runtime: str, backend: str, code: Path, total: int, concurrency: int) -> float:
-    executor = create_executor(ExecutorSection(warm=concurrency, isolation=backend, concurrency=concurrency))
+    executor = create_executor(section(backend, warm=concurrency, concurrency=concurrency))
     await executor.warm(concurrency)
     sem = asyncio.Semaphore(concurrency)
 
@@ -112,14 +125,14 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=30, help="round trips per measurement")
     ap.add_argument("--runtimes", default="python,deno,node")
-    ap.add_argument("--backends", default="none,process")
+    ap.add_argument("--backends", default="none,process,process-exec")
     ap.add_argument("--throughput", type=int, default=100, help="invocations per throughput run (0: skip)")
     opts = ap.parse_args()
     runtimes = load_runtimes(ExecutorSection().runtimes_dir)
     tmp = Path(tempfile.mkdtemp(prefix="atrund-bench-"))
     baseline = in_process_call_ms()
     print(f"in-process call of the Python endpoint: {baseline * 1000:.2f} µs")
-    header = f"{'runtime':8} {'backend':8} {'bare p50':>9} {'cold p50':>9} {'cold p95':>9} {'warm p50':>9} {'warm p95':>9} {'warm/bare':>9} {'overhead':>9} {'c=2 /s':>8} {'c=8 /s':>8}"
+    header = f"{'runtime':8} {'backend':12} {'bare p50':>9} {'cold p50':>9} {'cold p95':>9} {'warm p50':>9} {'warm p95':>9} {'warm/bare':>9} {'overhead':>9} {'c=2 /s':>8} {'c=8 /s':>8}"
     print(header)
     print("-" * len(header))
     for rt_name in opts.runtimes.split(","):
@@ -138,7 +151,7 @@ async def main() -> None:
             tp8 = await throughput(rt_name, backend, code, opts.throughput, 8) if opts.throughput else 0
             w50 = statistics.median(warm)
             overhead = f"{w50 - baseline:.2f}" if rt_name == "python" else "-"
-            print(f"{rt_name:8} {backend:8} {bare:9.1f} {statistics.median(cold):9.1f} {pct(cold, .95):9.1f} "
+            print(f"{rt_name:8} {backend:12} {bare:9.1f} {statistics.median(cold):9.1f} {pct(cold, .95):9.1f} "
                   f"{w50:9.2f} {pct(warm, .95):9.2f} {w50 / bare:9.2f} {overhead:>9} {tp2:8.1f} {tp8:8.1f}")
     print("ms unless noted; warm/bare: warm round trip over the runtime's bare process start; "
           "overhead: warm round trip minus the in-process call (target <= 3 ms for Python).")

@@ -86,8 +86,11 @@ class ForkServer:
             await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
         except (asyncio.TimeoutError, ExecutorError) as e:
             why = self.gone or f"no answer in {START_TIMEOUT:.0f} s"
-            await self.close()
+            self.stop()
             raise ExecutorError(f"the fork server did not start: {why}") from e
+        except asyncio.CancelledError:  # the backend was closed while this started
+            self.stop()
+            raise
 
     async def spawn(self, spec: dict, network: bool, fds: list[int]) -> tuple[int, int, asyncio.Future]:
         """A fenced worker on ``fds`` (stdin, stdout, stderr): its init's pid, a pidfd on it, and
@@ -177,8 +180,15 @@ class ForkServer:
             try:  # it exits when its socket closes; its workers die with it
                 await asyncio.get_running_loop().run_in_executor(None, self.process.wait, PIPE_GRACE * 4)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.stop()
+
+    def stop(self) -> None:
+        """Stop it now (SIGKILL): its workers die with it."""
+        if self.sock is not None:
+            self._lost("it was stopped")
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
 
 
 def _kill_pidfd(pidfd: int) -> None:
