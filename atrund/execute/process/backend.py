@@ -29,14 +29,21 @@ import structlog
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
 from atrund.execute.pool import Backend, Worker
-from atrund.execute.process.forked import FENCE, ForkedWorker, ForkServer, connect_pipes, servable
+from atrund.execute.process.forked import (
+    FENCE,
+    SYSTEM_PYTHON,
+    ForkedWorker,
+    ForkServer,
+    connect_pipes,
+    programs,
+    servable,
+)
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime, load_runtimes
 from atrund.execute.workdir import owned_dir, work_root
 
 log = structlog.get_logger("atrund.execute")
 
-SYSTEM_PYTHON = "/usr/bin/python3"
 # What every runtime may read besides its own directory: system libraries and a few files.
 SYSTEM_READ = [
     "/usr", "/lib", "/lib64", "/bin", "/sbin", "/proc", "/dev/urandom", "/dev/random",
@@ -295,9 +302,7 @@ class ProcessBackend(Backend):
         the exec path, slower but fenced the same: said in the log and by `atrund doctor`."""
         if not self.settings.process.fork_server or self.fork_server is not None:
             return
-        programs = sorted({rt.command[3] for rt in load_runtimes(self.settings.runtimes_dir).values()
-                           if servable(rt.command, SYSTEM_PYTHON)})
-        server = ForkServer(SYSTEM_PYTHON, programs)
+        server = ForkServer(SYSTEM_PYTHON, programs(load_runtimes(self.settings.runtimes_dir).values(), SYSTEM_PYTHON))
         try:
             await server.start()
         except ExecutorError as e:

@@ -23,9 +23,11 @@ from pathlib import Path
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import PIPE_GRACE, SAFE_PATH
 from atrund.execute.pool import Worker
+from atrund.execute.runtimes import load_runtimes
 
 FORKSERVER = Path(__file__).with_name("forkserver.py")
 FENCE = Path(__file__).with_name("fence.py")
+SYSTEM_PYTHON = "/usr/bin/python3"  # the fence's and the fork server's interpreter (and every at-run-exec's)
 START_TIMEOUT = 10.0  # seconds the fork server may take to import and compile what it preloads
 REPLY_TIMEOUT = 10.0  # seconds it may take to fork one worker
 MAX_MESSAGE = 1 << 16
@@ -189,6 +191,22 @@ class ForkServer:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
+
+
+async def start_check(settings) -> str | None:
+    """Start a fork server and stop it: None if it started, else why not (for `atrund doctor`)."""
+    server = ForkServer(SYSTEM_PYTHON, programs(load_runtimes(settings.runtimes_dir).values(), SYSTEM_PYTHON))
+    try:
+        await server.start()
+    except ExecutorError as e:
+        return str(e)
+    await server.close()
+    return None
+
+
+def programs(runtimes, python: str) -> list[str]:
+    """The at-run-exec programs a fork server preloads: those of the runtimes it can serve."""
+    return sorted({rt.command[3] for rt in runtimes if servable(rt.command, python)})
 
 
 def _kill_pidfd(pidfd: int) -> None:
