@@ -117,7 +117,7 @@ class ForkServer:
         assert self.sock is not None
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+                data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)  # never inherited by what the runner starts
             except BlockingIOError:
                 return
             except OSError as e:

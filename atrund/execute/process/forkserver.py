@@ -117,7 +117,7 @@ class Server:
     def __init__(self, sock):
         self.sock = sock
         self.programs = Programs()
-        self.children = {}  # pid -> pidfd (the server's own copy, for reaping)
+        self.children = {}  # pidfd (the server's own copy, for reaping) -> pid
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.self_fd = os.pidfd_open(os.getpid())  # a worker's init checks the server is alive through it
         self.poll = select.poll()
@@ -133,7 +133,7 @@ class Server:
 
     def receive(self):
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 3)
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 3, socket.MSG_CMSG_CLOEXEC)
         except OSError:
             data, fds = b"", []
         if not data:
