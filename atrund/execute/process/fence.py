@@ -192,23 +192,28 @@ class ArgCmp(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
-_seccomp = None  # (libseccomp, filter context) once built: the fork server builds it once for all its workers
+_seccomp = None  # the filter as BPF, once built: the fork server builds it once for all its workers
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
 
 def seccomp_filter():
     """Load the filter (no_new_privs is already set). Without libseccomp it is skipped: the
     namespaces, uid and Landlock still stand, and `atrund doctor` says so."""
-    built = seccomp_rules()
-    if built is None:
+    program = seccomp_rules()
+    if program is None:
         return False
-    lib, ctx = built
-    if lib.seccomp_load(ctypes.c_void_p(ctx)) != 0:
-        fail("seccomp_load failed")
+    prog = SockFprog(len(program) // 8, program)  # struct sock_filter is 8 bytes
+    check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "load the seccomp filter")
     return True
 
 
 def seccomp_rules():
-    """The filter, built once per process (None without libseccomp); loading it is per worker."""
+    """The filter compiled to BPF by libseccomp, once per process (None without libseccomp);
+    loading it is per worker."""
     global _seccomp
     if _seccomp is not None:
         return _seccomp
@@ -218,7 +223,8 @@ def seccomp_rules():
         return None
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(ArgCmp)]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
     if not ctx:
         fail("seccomp_init failed")
@@ -239,7 +245,21 @@ def seccomp_rules():
     rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))
     for name in ("unshare", "clone"):
         rule(errno(EPERM), name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
-    _seccomp = (lib, ctx)
+    read, write = os.pipe()  # the program is a few hundred bytes: a pipe holds it whole
+    try:
+        if lib.seccomp_export_bpf(ctypes.c_void_p(ctx), write) != 0:
+            fail("seccomp_export_bpf failed")
+        os.close(write)
+        write = -1
+        program = b""
+        while chunk := os.read(read, 65536):
+            program += chunk
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+    lib.seccomp_release(ctypes.c_void_p(ctx))
+    _seccomp = program
     return _seccomp
 
 
