@@ -28,7 +28,7 @@ import structlog
 
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
-from atrund.execute.pool import Backend, Worker
+from atrund.execute.pool import Backend, Worker, cpu_limit
 from atrund.execute.process.forked import (
     FENCE,
     SYSTEM_PYTHON,
@@ -169,6 +169,13 @@ class Cgroups:
         (pid / "pids.max").write_text(str(pids))
         return [str(mem / "tasks"), str(pid / "tasks")]
 
+    def usage(self, name: str) -> int | None:
+        """Memory the worker's whole tree holds now (its /tmp pages included)."""
+        try:
+            return int((self.parents["memory"] / name / "memory.usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+
     async def remove(self, name: str) -> None:
         if not self.available:
             return
@@ -222,6 +229,10 @@ class Sandbox:
         os.chmod(self.workdir / name, 0o444)
         return f"/tmp/{name}"
 
+    def memory_bytes(self) -> int | None:
+        """Memory the worker's whole tree holds now (its /tmp included), if cgroups tell."""
+        return self._cgroups.usage(self.workdir.name)
+
     def unmount(self) -> None:
         unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
 
@@ -237,6 +248,8 @@ class Sandbox:
 class FencedWorker(DirectWorker):
     """A worker started by the exec path (setpriv, unshare, fence.py): our child."""
 
+    overhead = 2  # unshare (our child) and the fence, PID 1 of the worker's namespace
+
     def __init__(self, process, sandbox: Sandbox) -> None:
         super().__init__(process, sandbox.workdir)
         self.sandbox = sandbox
@@ -244,6 +257,10 @@ class FencedWorker(DirectWorker):
 
     def stage(self, code_path: str) -> str:
         return self.sandbox.stage(code_path)
+
+    def memory_bytes(self) -> int | None:
+        usage = self.sandbox.memory_bytes()
+        return usage if usage is not None else super().memory_bytes()
 
     def kill_processes(self) -> None:
         # Kill unshare's child, the init of the worker's PID namespace, first: the kernel then
@@ -361,7 +378,7 @@ class ProcessBackend(Backend):
             "ports": ports_for(permissions.net),
             "rlimits": {
                 "DATA": data_limit(settings, runtime),
-                "CPU": settings.max_timeout + 1,
+                "CPU": cpu_limit(settings),
                 "FSIZE": 64 * 1024 * 1024,
                 "NOFILE": 256,
                 "NPROC": settings.max_processes,

@@ -243,11 +243,20 @@ class ForkedWorker(Worker):
         self.sandbox = sandbox
         self._killed = False
 
+    overhead = 1  # the init, PID 1 of the worker's namespace (the fork server's child)
+
     def stage(self, code_path: str) -> str:
         return self.sandbox.stage(code_path)
 
     def exited(self) -> int | None:
         return self.process.returncode
+
+    def root_pid(self) -> int | None:
+        return self.process.pid
+
+    def memory_bytes(self) -> int | None:
+        usage = self.sandbox.memory_bytes()
+        return usage if usage is not None else super().memory_bytes()
 
     def lost(self) -> str | None:
         if self._exited.done() and self._exited.result() is None:
