@@ -70,7 +70,8 @@ def section(backend: str, **settings) -> ExecutorSection:
 
 
 async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int) -> list[float]:
-    executor = create_executor(section(backend, warm=warm, concurrency=max(warm, 1)))
+    # reuse = never: every call gets a new worker (a hot worker of the same bundle would answer otherwise).
+    executor = create_executor(section(backend, warm=warm, concurrency=max(warm, 1), reuse="never"))
     await executor.backend.ready()
     if warm:
         await executor.warm(warm)
@@ -127,6 +128,7 @@ async def main() -> None:
     ap.add_argument("--runtimes", default="python,deno,node")
     ap.add_argument("--backends", default="none,process,process-exec")
     ap.add_argument("--throughput", type=int, default=100, help="invocations per throughput run (0: skip)")
+    ap.add_argument("--cold-only", action="store_true", help="measure bare and cold starts only")
     opts = ap.parse_args()
     runtimes = load_runtimes(ExecutorSection().runtimes_dir)
     tmp = Path(tempfile.mkdtemp(prefix="atrund-bench-"))
@@ -146,7 +148,7 @@ async def main() -> None:
         bare = bare_start(rt_name, program, tmp, opts.n)
         for backend in opts.backends.split(","):
             cold = await round_trips(rt_name, backend, code, opts.n, warm=0)
-            warm = await round_trips(rt_name, backend, code, opts.n, warm=2)
+            warm = await round_trips(rt_name, backend, code, opts.n, warm=2) if not opts.cold_only else [0.0]
             tp2 = await throughput(rt_name, backend, code, opts.throughput, 2) if opts.throughput else 0
             tp8 = await throughput(rt_name, backend, code, opts.throughput, 8) if opts.throughput else 0
             w50 = statistics.median(warm)
