@@ -1,8 +1,10 @@
 """Executor benchmark: cold start, warm round trip and throughput, per runtime and backend.
 
 Method (all on this machine, in one run, so the figures are comparable):
-- cold: a pool with no warm workers; time from execute() to the answer (spawn, runtime start,
-  ready line, request, answer).
+- cold: a pool with no warm workers and reuse = never; time from execute() to the answer
+  (spawn, runtime start, ready line, request, answer). "cold CPU": the CPU time all processes
+  (runner, fork server, workers) used per cold call, which other load on the machine does not
+  inflate the way it inflates wall time; "bare CPU" likewise for the bare start.
 - warm: a pool kept warm; time from execute() to the answer with a worker already waiting.
   Calls are spaced so the refill of the pool does not compete with the measured call.
 - bare start: the runtime's own start of an empty program (`python3 -I -S -c pass`,
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,17 +53,18 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
 
 
-def bare_start(runtime: str, program: str, tmp: Path, n: int) -> float:
+def bare_start(runtime: str, program: str, tmp: Path, n: int) -> tuple[float, float]:
     empty = tmp / f"empty{BUNDLES[runtime][1]}"
     empty.write_text("")
     cmd = {"python": [program, "-I", "-S", "-c", "pass"], "deno": [program, "run", "--no-config", "-q", str(empty)],
            "node": [program, str(empty)]}[runtime]
     times = []
+    cpu = CPU.ms()
     for _ in range(n):
         t = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+    return statistics.median(times), (CPU.ms() - cpu) / n
 
 
 VARIANTS = {"process-exec": {"isolation": "process", "process": {"fork_server": False}}}
@@ -69,13 +74,51 @@ def section(backend: str, **settings) -> ExecutorSection:
     return ExecutorSection(**{"isolation": backend, **VARIANTS.get(backend, {}), **settings})
 
 
-async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int) -> list[float]:
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+
+
+class CpuMeter:
+    """CPU time of this process and everything it starts: a cpuacct cgroup of its own (cgroup v1,
+    as root), which counts killed workers too; without one, this process and its reaped
+    descendants (getrusage), which misses workers killed before their parents reaped them."""
+
+    def __init__(self) -> None:
+        self.group: Path | None = CPUACCT / f"atrund-bench-{os.getpid()}"
+        try:
+            self.group.mkdir()
+            (self.group / "cgroup.procs").write_text(str(os.getpid()))
+        except OSError:
+            self.group = None
+
+    def ms(self) -> float:
+        if self.group is not None:
+            return int((self.group / "cpuacct.usage").read_text()) / 1e6
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime) * 1000
+
+    def close(self) -> None:
+        if self.group is not None:
+            (CPUACCT / "cgroup.procs").write_text(str(os.getpid()))
+            try:
+                self.group.rmdir()
+            except OSError:
+                pass  # a process of ours still in it; the next boot clears it
+
+
+CPU = CpuMeter()
+
+
+async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int) -> tuple[list[float], float]:
+    """Round-trip times, and the CPU-ms per call that the runner, the fork server (not its own
+    start-up: measured from after ready()) and the workers used: a figure that other load on
+    the machine does not inflate."""
     # reuse = never: every call gets a new worker (a hot worker of the same bundle would answer otherwise).
     executor = create_executor(section(backend, warm=warm, concurrency=max(warm, 1), reuse="never"))
     await executor.backend.ready()
     if warm:
         await executor.warm(warm)
     times = []
+    cpu = CPU.ms()
     try:
         for _ in range(n):
             req = ExecRequest(code_path=str(code), endpoint="main", timeout=30)
@@ -91,7 +134,7 @@ async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int)
                 await asyncio.sleep(0.02)
     finally:
         await executor.shutdown()
-    return times
+    return times, (CPU.ms() - cpu) / n
 
 
 async def throughput(runtime: str, backend: str, code: Path, total: int, concurrency: int) -> float:
@@ -134,7 +177,7 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="atrund-bench-"))
     baseline = in_process_call_ms()
     print(f"in-process call of the Python endpoint: {baseline * 1000:.2f} µs")
-    header = f"{'runtime':8} {'backend':12} {'bare p50':>9} {'cold p50':>9} {'cold p95':>9} {'warm p50':>9} {'warm p95':>9} {'warm/bare':>9} {'overhead':>9} {'c=2 /s':>8} {'c=8 /s':>8}"
+    header = f"{'runtime':8} {'backend':12} {'bare p50':>9} {'bare CPU':>9} {'cold p50':>9} {'cold p95':>9} {'cold CPU':>9} {'warm p50':>9} {'warm p95':>9} {'warm/bare':>9} {'overhead':>9} {'c=2 /s':>8} {'c=8 /s':>8}"
     print(header)
     print("-" * len(header))
     for rt_name in opts.runtimes.split(","):
@@ -145,19 +188,24 @@ async def main() -> None:
         code = tmp / f"bundle{ext}"
         code.write_text(source)
         program = next(w for w in reversed(runtimes[rt_name].command) if w.startswith("/") and not w.startswith(str(runtimes[rt_name].dir)))
-        bare = bare_start(rt_name, program, tmp, opts.n)
+        bare, bare_cpu = bare_start(rt_name, program, tmp, opts.n)
         for backend in opts.backends.split(","):
-            cold = await round_trips(rt_name, backend, code, opts.n, warm=0)
-            warm = await round_trips(rt_name, backend, code, opts.n, warm=2) if not opts.cold_only else [0.0]
+            cold, cold_cpu = await round_trips(rt_name, backend, code, opts.n, warm=0)
+            warm = (await round_trips(rt_name, backend, code, opts.n, warm=2))[0] if not opts.cold_only else [0.0]
             tp2 = await throughput(rt_name, backend, code, opts.throughput, 2) if opts.throughput else 0
             tp8 = await throughput(rt_name, backend, code, opts.throughput, 8) if opts.throughput else 0
             w50 = statistics.median(warm)
             overhead = f"{w50 - baseline:.2f}" if rt_name == "python" else "-"
-            print(f"{rt_name:8} {backend:12} {bare:9.1f} {statistics.median(cold):9.1f} {pct(cold, .95):9.1f} "
+            print(f"{rt_name:8} {backend:12} {bare:9.1f} {bare_cpu:9.1f} {statistics.median(cold):9.1f} {pct(cold, .95):9.1f} {cold_cpu:9.1f} "
                   f"{w50:9.2f} {pct(warm, .95):9.2f} {w50 / bare:9.2f} {overhead:>9} {tp2:8.1f} {tp8:8.1f}")
-    print("ms unless noted; warm/bare: warm round trip over the runtime's bare process start; "
+    print("ms unless noted; CPU: CPU-ms per start or cold call, every process counted (the runner's included), which "
+          "other load on the machine does not inflate as it does wall time; "
+          "warm/bare: warm round trip over the runtime's bare process start; "
           "overhead: warm round trip minus the in-process call (target <= 3 ms for Python).")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        CPU.close()
