@@ -335,10 +335,10 @@ class ProcessBackend(Backend):
 
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
         check_program(runtime)
-        if self.fork_server is not None and self.fork_server.gone:  # one restart at this ready()
-            log.warning("the fork server is gone; starting it again", why=self.fork_server.gone)
-            self.fork_server = None
-            self._ready = None
+        if (dead := self.fork_server) is not None and dead.gone:  # one restart, at the ready() below
+            log.warning("the fork server is gone; starting it again", why=dead.gone)
+            self.fork_server, self._ready = None, None
+            await dead.close()  # reaps it
         await self.ready()
         uid = self.uids.take()
         workdir = Path(tempfile.mkdtemp(prefix=f"w{uid}-", dir=self.work_root))
