@@ -39,6 +39,7 @@ socket says the rest (see start()).
 
 import ast
 import ctypes
+import gc
 import importlib.util
 import io
 import json
@@ -268,6 +269,7 @@ def start(argv):
     for path in config["programs"]:
         server.programs.code(path, path)  # imports what it imports; recompiled with the worker's path on first use
     fence.seccomp_rules()
+    gc.freeze()  # what is loaded now stays out of every collection: forked workers do not copy its pages for the GC
     server.send({"ready": True})
     return server
 
