@@ -1,8 +1,9 @@
-"""The fence of the ``process`` backend: applied to a worker before the runtime is exec'd.
+"""The fence of the ``process`` backend: applied to a worker before its runtime runs.
 
 Runs as root inside fresh mount, PID, IPC, UTS (and, when no network is granted, network)
-namespaces made by ``unshare``, and then, in this order, before any bundle code exists in the
-process:
+namespaces, made by ``unshare`` on the exec path (``main``) or by the fork server's child
+(forkserver.py, which imports this file and calls the same ``enter``), and then, in this
+order, before any bundle code exists in the process:
 
 1. makes every mount private, shows the runtime's own directories read-only under
    /run/atrund (wherever they live on the host), and binds the worker's own directory on
@@ -11,13 +12,14 @@ process:
    resource limits per process (memory, CPU, file size, open files, processes, no core dumps);
 3. sets no_new_privs, drops every group and switches to the worker's own unprivileged uid
    (one uid per worker: workers cannot signal or ptrace each other, and RLIMIT_NPROC counts
-   one worker's processes only);
+   one worker's processes only), then sets the parent-death signal (the uid change clears it);
 4. restricts itself with Landlock: read/execute only the runtime and system library paths,
    read the granted paths, write /tmp and the granted paths, TCP connect only to granted
    ports and never bind, no signals or abstract unix sockets beyond its own domain;
 5. forks: the child loads a seccomp filter (no UNIX-socket connects, no user namespaces, no
-   ptrace/bpf/keyctl/mount/...) and execs the runtime with a clean environment, and this process stays as the
-   namespace's init (reaping orphans, passing on the runtime's exit status).
+   ptrace/bpf/keyctl/mount/...) and execs the runtime with a clean environment (the fork
+   server's child runs the runtime's pre-compiled at-run-exec instead), and this process
+   stays as the namespace's init (reaping orphans, passing on the runtime's exit status).
 
 None of this can be undone by the bundle: hard limits cannot be raised without privilege,
 the uid change is permanent, and Landlock domains only ever get stricter.
