@@ -18,6 +18,7 @@ from conftest import execute_once, gone
 from atrund.config import ExecutorSection
 from atrund.execute import ExecRequest, ExecutorError, create_executor
 from atrund.execute.probe import landlock_abi
+from atrund.execute.protocol import ExecPermissions
 
 ROOT = Path(__file__).resolve().parents[2]
 UID_BASE = 962_000  # this file's own sandbox uids
@@ -156,8 +157,7 @@ async def test_the_worker_comes_from_the_fork_server(tmp_path):
         executor = create_executor(ExecutorSection(**_settings(tmp_path, on)))
         try:
             await executor.backend.ready()
-            worker = await executor.backend.spawn(executor.runtimes["python"], executor.settings,
-                                                  __import__("atrund.execute.protocol", fromlist=["_"]).ExecPermissions())
+            worker = await executor.backend.spawn(executor.runtimes["python"], executor.settings, ExecPermissions())
             assert isinstance(worker, ForkedWorker) is on
             await worker.kill()
             assert worker.exited() is not None and gone(worker.process.pid)
