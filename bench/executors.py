@@ -1,17 +1,21 @@
-"""Executor benchmark: cold start, warm round trip and throughput, per runtime and backend.
+"""Executor benchmark: cold start, warm and hot round trips and throughput, per runtime and backend.
 
 Method (all on this machine, in one run, so the figures are comparable):
-- cold: a pool with no warm workers and reuse = never; time from execute() to the answer
-  (spawn, runtime start, ready line, request, answer). "cold CPU": the CPU time all processes
+- cold: a pool with no warm workers and reuse off; time from execute() to the answer (spawn,
+  runtime start, ready line, request, answer). "cold CPU": the CPU time every process involved
   (runner, fork server, workers) used per cold call, which other load on the machine does not
   inflate the way it inflates wall time; "bare CPU" likewise for the bare start.
-- warm: a pool kept warm; time from execute() to the answer with a worker already waiting.
-  Calls are spaced so the refill of the pool does not compete with the measured call.
+- warm: a pool kept warm, reuse off; time from execute() to the answer with a worker already
+  waiting (it still loads the bundle). Calls are spaced so the refill of the pool does not
+  compete with the measured call.
+- hot: reuse on (the default); the same bundle again and again, so every request after the
+  first goes to the worker that served the one before, bundle loaded (the first is not counted).
 - bare start: the runtime's own start of an empty program (`python3 -I -S -c pass`,
   `deno run` of an empty file, `node` of an empty file), the floor any fresh process pays.
 - in-process: the endpoint called in an already-running interpreter (Python only), so that
   "runner overhead" = warm round trip - in-process call.
-- throughput: M trivial invocations through a pool at concurrency 2 and 8 (warm = concurrency).
+- throughput: M trivial invocations through a pool at concurrency 2 and 8 (warm = concurrency),
+  reuse on.
 
 Backends: a backend name, or ``process-exec``: the process backend with its fork server off
 (executor.process.fork_server = false), each worker a fresh setpriv + unshare + fence.py +
@@ -19,6 +23,7 @@ interpreter, as before the fork server. A backend is prepared (the fork server s
 the timed calls: that is paid once per runner, not per cold start.
 
     .venv/bin/python bench/executors.py [-n 30] [--runtimes python,deno,node] [--backends none,process,process-exec]
+        [--cold-only]
 """
 
 from __future__ import annotations
@@ -53,27 +58,6 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
 
 
-def bare_start(runtime: str, program: str, tmp: Path, n: int) -> tuple[float, float]:
-    empty = tmp / f"empty{BUNDLES[runtime][1]}"
-    empty.write_text("")
-    cmd = {"python": [program, "-I", "-S", "-c", "pass"], "deno": [program, "run", "--no-config", "-q", str(empty)],
-           "node": [program, str(empty)]}[runtime]
-    times = []
-    cpu = CPU.ms()
-    for _ in range(n):
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times), (CPU.ms() - cpu) / n
-
-
-VARIANTS = {"process-exec": {"isolation": "process", "process": {"fork_server": False}}}
-
-
-def section(backend: str, **settings) -> ExecutorSection:
-    return ExecutorSection(**{"isolation": backend, **VARIANTS.get(backend, {}), **settings})
-
-
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 
 
@@ -106,14 +90,32 @@ class CpuMeter:
 
 
 CPU = CpuMeter()
+VARIANTS = {"process-exec": {"isolation": "process", "process": {"fork_server": False}}}
 
 
-async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int) -> tuple[list[float], float]:
+def section(backend: str, **settings) -> ExecutorSection:
+    return ExecutorSection(**{"isolation": backend, **VARIANTS.get(backend, {}), **settings})
+
+
+def bare_start(runtime: str, program: str, tmp: Path, n: int) -> tuple[float, float]:
+    empty = tmp / f"empty{BUNDLES[runtime][1]}"
+    empty.write_text("")
+    cmd = {"python": [program, "-I", "-S", "-c", "pass"], "deno": [program, "run", "--no-config", "-q", str(empty)],
+           "node": [program, str(empty)]}[runtime]
+    times = []
+    cpu = CPU.ms()
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times), (CPU.ms() - cpu) / n
+
+
+async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int,
+                      reuse: str = "never") -> tuple[list[float], float]:
     """Round-trip times, and the CPU-ms per call that the runner, the fork server (not its own
-    start-up: measured from after ready()) and the workers used: a figure that other load on
-    the machine does not inflate."""
-    # reuse = never: every call gets a new worker (a hot worker of the same bundle would answer otherwise).
-    executor = create_executor(section(backend, warm=warm, concurrency=max(warm, 1), reuse="never"))
+    start-up: measured from after ready()) and the workers used."""
+    executor = create_executor(section(backend, warm=warm, concurrency=max(warm, 1), reuse=reuse))
     await executor.backend.ready()
     if warm:
         await executor.warm(warm)
@@ -126,7 +128,7 @@ async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int)
             r = await executor.execute(req, runtime)
             times.append((time.perf_counter() - t) * 1000)
             assert r.success, r.error
-            if warm:
+            if warm and reuse == "never":
                 for _ in range(200):  # let the refill finish so it does not compete with the next call
                     if executor.stats().warm[runtime] >= warm:
                         break
@@ -177,7 +179,9 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="atrund-bench-"))
     baseline = in_process_call_ms()
     print(f"in-process call of the Python endpoint: {baseline * 1000:.2f} µs")
-    header = f"{'runtime':8} {'backend':12} {'bare p50':>9} {'bare CPU':>9} {'cold p50':>9} {'cold p95':>9} {'cold CPU':>9} {'warm p50':>9} {'warm p95':>9} {'warm/bare':>9} {'overhead':>9} {'c=2 /s':>8} {'c=8 /s':>8}"
+    header = (f"{'runtime':8} {'backend':12} {'bare p50':>9} {'bare CPU':>9} {'cold p50':>9} {'cold p95':>9} {'cold CPU':>9} "
+              f"{'warm p50':>9} {'warm p95':>9} "
+              f"{'hot p50':>9} {'hot p95':>9} {'overhead':>9} {'c=2 /s':>8} {'c=8 /s':>8}")
     print(header)
     print("-" * len(header))
     for rt_name in opts.runtimes.split(","):
@@ -191,17 +195,21 @@ async def main() -> None:
         bare, bare_cpu = bare_start(rt_name, program, tmp, opts.n)
         for backend in opts.backends.split(","):
             cold, cold_cpu = await round_trips(rt_name, backend, code, opts.n, warm=0)
-            warm = (await round_trips(rt_name, backend, code, opts.n, warm=2))[0] if not opts.cold_only else [0.0]
-            tp2 = await throughput(rt_name, backend, code, opts.throughput, 2) if opts.throughput else 0
-            tp8 = await throughput(rt_name, backend, code, opts.throughput, 8) if opts.throughput else 0
-            w50 = statistics.median(warm)
-            overhead = f"{w50 - baseline:.2f}" if rt_name == "python" else "-"
-            print(f"{rt_name:8} {backend:12} {bare:9.1f} {bare_cpu:9.1f} {statistics.median(cold):9.1f} {pct(cold, .95):9.1f} {cold_cpu:9.1f} "
-                  f"{w50:9.2f} {pct(warm, .95):9.2f} {w50 / bare:9.2f} {overhead:>9} {tp2:8.1f} {tp8:8.1f}")
-    print("ms unless noted; CPU: CPU-ms per start or cold call, every process counted (the runner's included), which "
-          "other load on the machine does not inflate as it does wall time; "
-          "warm/bare: warm round trip over the runtime's bare process start; "
-          "overhead: warm round trip minus the in-process call (target <= 3 ms for Python).")
+            warm = hot = [0.0]
+            tp2 = tp8 = 0.0
+            if not opts.cold_only:
+                warm = (await round_trips(rt_name, backend, code, opts.n, warm=2))[0]
+                hot = (await round_trips(rt_name, backend, code, opts.n + 1, warm=0, reuse="bundle"))[0][1:]
+                tp2 = await throughput(rt_name, backend, code, opts.throughput, 2) if opts.throughput else 0
+                tp8 = await throughput(rt_name, backend, code, opts.throughput, 8) if opts.throughput else 0
+            h50 = statistics.median(hot)
+            overhead = f"{h50 - baseline:.2f}" if rt_name == "python" else "-"
+            print(f"{rt_name:8} {backend:12} {bare:9.1f} {bare_cpu:9.1f} {statistics.median(cold):9.1f} {pct(cold, .95):9.1f} "
+                  f"{cold_cpu:9.1f} "
+                  f"{statistics.median(warm):9.2f} {pct(warm, .95):9.2f} {h50:9.2f} {pct(hot, .95):9.2f} {overhead:>9} "
+                  f"{tp2:8.1f} {tp8:8.1f}")
+    print("ms unless noted; CPU: CPU-ms per start or cold call, every process counted (the runner's included); "
+          "overhead: hot round trip minus the in-process call of the same endpoint.")
 
 
 if __name__ == "__main__":

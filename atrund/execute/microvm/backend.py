@@ -94,6 +94,7 @@ class VmWorker(Worker):
         self._tasks: list[asyncio.Task] = []
         self.console = bytearray()
         self._killed = False
+        self._left = ""  # what atrun-init found running after the last answer (an L frame)
         self._tasks.append(asyncio.ensure_future(self._read_console()))
 
     async def _read_console(self) -> None:
@@ -128,6 +129,8 @@ class VmWorker(Worker):
                     self.stdout.feed_data(payload)
                 elif kind == b"E":
                     feed_stderr(self.stderr, payload)
+                elif kind == b"L":
+                    self._left = payload.decode("utf-8", "replace")[:200]
                 elif kind == b"M":
                     self._oom = int(payload or b"0")
                 elif kind == b"X":
@@ -157,6 +160,17 @@ class VmWorker(Worker):
 
     def out_of_memory(self) -> bool:
         return self._oom > 0
+
+    def left_running(self, runtime) -> str | None:
+        """atrun-init, the guest's PID 1, looks when an answer line ends (the runner cannot see
+        into the VM)."""
+        return self._left or None
+
+    def cpu_spent(self) -> float | None:
+        return 0.0  # no per-process CPU limit in the guest: the VM's vCPUs and the deadline bound it
+
+    def memory_bytes(self) -> int | None:
+        return None  # the VM's memory is its own limit
 
     def lost(self) -> str | None:
         """The monitor failed (not the guest powering off after its program ended)."""
