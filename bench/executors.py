@@ -23,13 +23,14 @@ interpreter, as before the fork server. A backend is prepared (the fork server s
 the timed calls: that is paid once per runner, not per cold start.
 
     .venv/bin/python bench/executors.py [-n 30] [--runtimes python,deno,node] [--backends none,process,process-exec]
-        [--cold-only]
+        [--cold-only] [--stages]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import resource
 import statistics
@@ -157,6 +158,43 @@ async def throughput(runtime: str, backend: str, code: Path, total: int, concurr
     return total / (time.perf_counter() - t)
 
 
+STAGES = ("spawn", "ready", "answer", "kill")
+
+
+async def stages(runtime: str, backend: str, code: Path, n: int) -> list[tuple[float, float]]:
+    """Where a cold start goes: p50 wall and CPU ms of each stage, one worker at a time, straight
+    through the backend. spawn: until the backend returns the worker (sandbox set up, process
+    made); ready: until its ready line; answer: request to answer (the runtime's own program
+    starts here for deno and node); kill: the teardown, off the caller's path in the pool."""
+    from atrund.execute.protocol import ExecPermissions
+
+    executor = create_executor(section(backend, reuse="never"))
+    await executor.backend.ready()
+    rt = executor.runtimes[runtime]
+    rows = []
+    try:
+        for _ in range(n):
+            marks = [(time.perf_counter(), CPU.ms())]
+            worker = await executor.backend.spawn(rt, executor.settings, ExecPermissions())
+            marks.append((time.perf_counter(), CPU.ms()))
+            await worker.stdout.readline()
+            marks.append((time.perf_counter(), CPU.ms()))
+            req = ExecRequest(code_path=worker.stage(str(code)), endpoint="main", timeout=30)
+            worker.stdin.write(req.to_json().encode() + b"\n")
+            await worker.stdin.drain()
+            worker.stdin.close()
+            answer = await worker.stdout.readline()
+            marks.append((time.perf_counter(), CPU.ms()))
+            await worker.kill()
+            marks.append((time.perf_counter(), CPU.ms()))
+            assert b'"success":true' in answer, answer
+            rows.append([((b[0] - a[0]) * 1000, b[1] - a[1]) for a, b in itertools.pairwise(marks)])
+            await asyncio.sleep(0.05)
+    finally:
+        await executor.shutdown()
+    return [(statistics.median(r[i][0] for r in rows), statistics.median(r[i][1] for r in rows)) for i in range(len(STAGES))]
+
+
 def in_process_call_ms(n: int = 10000) -> float:
     ns: dict = {}
     exec(BUNDLES["python"][0], ns)  # noqa: S102 - our own constant benchmark bundle
@@ -174,7 +212,11 @@ async def main() -> None:
     ap.add_argument("--backends", default="none,process,process-exec")
     ap.add_argument("--throughput", type=int, default=100, help="invocations per throughput run (0: skip)")
     ap.add_argument("--cold-only", action="store_true", help="measure bare and cold starts only")
+    ap.add_argument("--stages", action="store_true", help="only where a cold start's time goes, stage by stage")
     opts = ap.parse_args()
+    if opts.stages:
+        await print_stages(opts)
+        return
     runtimes = load_runtimes(ExecutorSection().runtimes_dir)
     tmp = Path(tempfile.mkdtemp(prefix="atrund-bench-"))
     baseline = in_process_call_ms()
@@ -210,6 +252,19 @@ async def main() -> None:
                   f"{tp2:8.1f} {tp8:8.1f}")
     print("ms unless noted; CPU: CPU-ms per start or cold call, every process counted (the runner's included); "
           "overhead: hot round trip minus the in-process call of the same endpoint.")
+
+
+async def print_stages(opts) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="atrund-bench-"))
+    print("p50 wall ms / CPU ms (every process) per stage of a cold start")
+    for rt_name in opts.runtimes.split(","):
+        source, ext = BUNDLES[rt_name]
+        code = tmp / f"bundle{ext}"
+        code.write_text(source)
+        for backend in opts.backends.split(","):
+            found = await stages(rt_name, backend, code, opts.n)
+            print(f"{rt_name:8} {backend:12} " + "  ".join(f"{name} {w:6.1f}/{c:5.1f}" for name, (w, c) in zip(STAGES, found, strict=True))
+                  + f"  total to answer {sum(w for w, _ in found[:3]):6.1f}/{sum(c for _, c in found[:3]):5.1f}")
 
 
 if __name__ == "__main__":
