@@ -24,7 +24,6 @@ from atrund.atproto.uri import AtUri
 from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
 from atrund.records import BUNDLE, Bundle, StrongRef, field_errors
 
-
 MEMORY_ENTRIES = 256  # verified bundles kept in memory (each a parsed record and a path)
 
 

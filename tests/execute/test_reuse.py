@@ -198,3 +198,16 @@ async def test_max_requests_idle_time_and_the_hot_cap_replace_workers(isolation,
     assert (await run(executor, probe("whoami")))["token"] != tokens[3]
     await asyncio.sleep(2.5)  # past max_idle_seconds: the sweeper stops idle workers
     assert executor.stats().hot == 0
+
+
+async def test_a_worker_is_retired_before_less_than_one_cpu_budget_is_left(isolation, pool):
+    """RLIMIT_CPU counts a process's whole life: a reused worker starts with two budgets and is
+    replaced once it has spent more than one, so the next request never starts short."""
+    if isolation == "microvm" or not reuses(isolation):
+        pytest.skip("no per-process CPU limit inside a VM, and gVisor workers serve one request each")
+    executor = pool(max_timeout=1)  # one budget: 2 CPU-s (the pool itself does not cap a request's timeout)
+    first = await run(executor, probe("burn", ms=1200, timeout=30))
+    second = await run(executor, probe("burn", ms=1200, timeout=30))
+    third = await run(executor, probe("whoami"))
+    assert second["token"] == first["token"] and third["token"] != first["token"]
+    assert executor.stats().retired == 1

@@ -43,7 +43,7 @@ from atrund.execute.base import ExecutorError
 from atrund.execute.microvm.firecracker import Firecracker
 from atrund.execute.microvm.qemu import TCG_KERNEL_ARGS, Qemu, accelerator, qemu_version
 from atrund.execute.microvm.vm import Monitor, VmSpec
-from atrund.execute.pool import Backend, Worker, feed_stderr
+from atrund.execute.pool import Backend, Census, Worker, feed_stderr
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
 from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
@@ -161,16 +161,11 @@ class VmWorker(Worker):
     def out_of_memory(self) -> bool:
         return self._oom > 0
 
-    def left_running(self, runtime) -> str | None:
-        """atrun-init, the guest's PID 1, looks when an answer line ends (the runner cannot see
-        into the VM)."""
-        return self._left or None
-
-    def cpu_spent(self) -> float | None:
-        return 0.0  # no per-process CPU limit in the guest: the VM's vCPUs and the deadline bound it
-
-    def memory_bytes(self) -> int | None:
-        return None  # the VM's memory is its own limit
+    def census(self, runtime, cpu: bool) -> Census:
+        """atrun-init, the guest's PID 1, looks at what runs when an answer line ends (the runner
+        cannot see into the VM). No per-process CPU limit in the guest: the VM's vCPUs and the
+        deadline bound it; the VM's memory is its own limit."""
+        return Census(left=self._left or None, cpu=0.0, memory=None)
 
     def lost(self) -> str | None:
         """The monitor failed (not the guest powering off after its program ended)."""

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import structlog
 
+from atrund.execute import procs
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
-from atrund.execute.pool import Backend, Worker, cpu_limit
+from atrund.execute.pool import Backend, Census, Worker, cpu_limit, leftovers
 from atrund.execute.process.forked import (
     FENCE,
     SYSTEM_PYTHON,
@@ -169,12 +170,27 @@ class Cgroups:
         (pid / "pids.max").write_text(str(pids))
         return [str(mem / "tasks"), str(pid / "tasks")]
 
+    def tasks(self, name: str) -> int | None:
+        """How many threads the worker runs, all its processes together; None without cgroups."""
+        return int(text) if (text := self._read("pids", name, "pids.current")) else None
+
+    def processes(self, name: str) -> list[int] | None:
+        """The worker's processes; None without cgroups."""
+        text = self._read("pids", name, "cgroup.procs")
+        return [int(p) for p in text.split()] if text is not None else None
+
+    def _read(self, controller: str, name: str, file: str) -> str | None:
+        if not self.available:
+            return None
+        try:
+            with open(self.parents[controller] / name / file) as f:
+                return f.read()
+        except OSError:
+            return None
+
     def usage(self, name: str) -> int | None:
         """Memory the worker's whole tree holds now (its /tmp pages included)."""
-        try:
-            return int((self.parents["memory"] / name / "memory.usage_in_bytes").read_text())
-        except (OSError, ValueError):
-            return None
+        return int(text) if (text := self._read("memory", name, "memory.usage_in_bytes")) else None
 
     async def remove(self, name: str) -> None:
         if not self.available:
@@ -229,9 +245,27 @@ class Sandbox:
         os.chmod(self.workdir / name, 0o444)
         return f"/tmp/{name}"
 
-    def memory_bytes(self) -> int | None:
-        """Memory the worker's whole tree holds now (its /tmp included), if cgroups tell."""
-        return self._cgroups.usage(self.workdir.name)
+    def census(self, runtime: Runtime, cpu: bool) -> Census | None:
+        """From the worker's cgroups where there are some (None otherwise), in as few reads as
+        will do: the fence (PID 1 of the namespace, one single-threaded process) and at-run-exec,
+        also single-threaded for a runtime without a program of its own, are exactly two tasks; a
+        runtime with a program has threads of its own, so its processes are counted instead.
+        Both ways of starting a worker put the same two processes in its cgroups."""
+        name = self.workdir.name
+        pids = None
+        if runtime.program is None:
+            tasks = self._cgroups.tasks(name)
+            if tasks is None:
+                return None
+            left = None if tasks <= 2 else "a thread or process still running"
+        else:
+            pids = self._cgroups.processes(name)
+            if pids is None:
+                return None
+            left = leftovers(len(pids) - 1, 1, runtime)
+        if cpu:
+            pids = pids or self._cgroups.processes(name) or []
+        return Census(left=left, cpu=procs.cpu_spent(pids) if cpu else 0.0, memory=self._cgroups.usage(name))
 
     def unmount(self) -> None:
         unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
@@ -258,9 +292,8 @@ class FencedWorker(DirectWorker):
     def stage(self, code_path: str) -> str:
         return self.sandbox.stage(code_path)
 
-    def memory_bytes(self) -> int | None:
-        usage = self.sandbox.memory_bytes()
-        return usage if usage is not None else super().memory_bytes()
+    def census(self, runtime: Runtime, cpu: bool) -> Census:
+        return self.sandbox.census(runtime, cpu) or super().census(runtime, cpu)
 
     def kill_processes(self) -> None:
         # Kill unshare's child, the init of the worker's PID namespace, first: the kernel then

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import PIPE_GRACE, SAFE_PATH
-from atrund.execute.pool import Worker
-from atrund.execute.runtimes import load_runtimes
+from atrund.execute.pool import Census, Worker
+from atrund.execute.runtimes import Runtime, load_runtimes
 
 FORKSERVER = Path(__file__).with_name("forkserver.py")
 FENCE = Path(__file__).with_name("fence.py")
@@ -254,9 +254,8 @@ class ForkedWorker(Worker):
     def root_pid(self) -> int | None:
         return self.process.pid
 
-    def memory_bytes(self) -> int | None:
-        usage = self.sandbox.memory_bytes()
-        return usage if usage is not None else super().memory_bytes()
+    def census(self, runtime: Runtime, cpu: bool) -> Census:
+        return self.sandbox.census(runtime, cpu) or super().census(runtime, cpu)
 
     def lost(self) -> str | None:
         if self._exited.done() and self._exited.result() is None:
