@@ -139,6 +139,8 @@ class ProcessSection(Section):
 
     uid_base: int = Field(default=910_000, ge=1000, description="first uid of the workers")
     uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
+    fork_server: bool = Field(default=True, description="start workers from a fork server (fast cold starts); "
+                              "false: exec a fresh sandbox and interpreter for each")
 
 
 class ContainerSection(Section):

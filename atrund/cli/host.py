@@ -39,6 +39,7 @@ def doctor(config_path: Path | None) -> None:
     out.print(f"libseccomp: {seccomp or 'missing (the process backend then runs without its syscall filter)'}")
     out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
                                                else "not writable (the process backend then limits each process only)"))
+    out.print("process fork server: " + _fork_server_summary(settings))
     out.print("Docker engine: " + _engine_summary(settings))
     vm = host_support(settings)
     out.print(f"microVM monitor: {vm.monitor or 'none'}; accelerator: {vm.accelerator or 'none'} ({vm.detail})")
@@ -68,6 +69,18 @@ def doctor(config_path: Path | None) -> None:
         out.print("[yellow]auto would run bundles WITHOUT a sandbox (none)[/yellow]")
     elif chosen is None:
         raise ExecutorError("no executor backend works on this host")
+
+
+def _fork_server_summary(settings) -> str:
+    """One line for doctor: whether the process backend's workers come from its fork server."""
+    import asyncio
+
+    from atrund.execute.process.forked import start_check
+
+    if not settings.process.fork_server:
+        return "off (executor.process.fork_server = false): each worker execs a fresh sandbox and interpreter"
+    problem = asyncio.run(start_check(settings))
+    return "starts (fast cold starts)" if problem is None else f"[yellow]{problem}: workers start by the exec path (slower)[/yellow]"
 
 
 def _engine_summary(settings) -> str:
