@@ -211,3 +211,55 @@ async def test_a_worker_is_retired_before_less_than_one_cpu_budget_is_left(isola
     third = await run(executor, probe("whoami"))
     assert second["token"] == first["token"] and third["token"] != first["token"]
     assert executor.stats().retired == 1
+
+
+# -- Deno and Node: one runtime process serves every request of its key -----------------------
+
+JS_PROBE = """
+const token = crypto.randomUUID();
+let served = 0;
+let ticks = 0;
+const kept = [];
+const secret = () => (globalThis.Deno ? Deno.env.get("SECRET") : process.env.SECRET) ?? null;
+export function whoami() { served += 1; return { token, served, ticks }; }
+export function remember() { kept.push(secret()); return whoami(); }
+export function recall() { return { token, kept, env: secret() }; }
+export function leaveTimer() { setInterval(() => { ticks += 1; }, 5); setTimeout(() => { ticks += 1000; }, 20); return whoami(); }
+"""
+JS_EXTENSIONS = {"deno": ".ts", "node": ".mjs"}
+
+
+@pytest.fixture(params=sorted(JS_EXTENSIONS))
+def js(request, tmp_path) -> tuple[str, Path]:
+    code = tmp_path / f"probe{JS_EXTENSIONS[request.param]}"
+    code.write_text(JS_PROBE)
+    return request.param, code
+
+
+async def run_js(executor, js, endpoint: str, env: dict | None = None):
+    runtime, code = js
+    r = await executor.execute(probe(endpoint, code_path=code, env=env), runtime)
+    assert r.success, r.error
+    return r.data
+
+
+@pytest.mark.vm
+async def test_js_same_key_shares_one_runtime_process_other_secrets_do_not(isolation, pool, js):
+    executor = pool()
+    a = await run_js(executor, js, "remember", env={"SECRET": "alice-only"})
+    again = await run_js(executor, js, "recall", env={"SECRET": "alice-only"})
+    b = await run_js(executor, js, "recall", env={"SECRET": "bob"})
+    assert b["token"] != a["token"] and b["kept"] == [] and b["env"] == "bob"
+    if reuses(isolation):
+        assert again["token"] == a["token"] and again["kept"] == ["alice-only"]
+
+
+async def test_js_timers_end_with_the_request_that_started_them(isolation, pool, js):
+    """An interval and a timeout left behind by one request never run in the next one."""
+    executor = pool()
+    left = await run_js(executor, js, "leaveTimer")
+    await asyncio.sleep(0.3)
+    after = await run_js(executor, js, "whoami")
+    assert after["ticks"] == 0
+    if reuses(isolation):
+        assert after["token"] == left["token"]
