@@ -90,7 +90,7 @@ class App:
         r, e, ingest = cfg.runner, cfg.executor, cfg.ingest
         self.session = session = await Session.login(r.pds, r.identifier, r.password())
         self.writer = ResultWriter(session, self.state, self.quarantine, self.problems)
-        await self.policy.start(session.did)
+        await self.policy.start(session.did, r.pds)
         self.policy.on_change = self._access_changed
         self.pipeline = Pipeline(self.executor, self.bundles, self.grants, self.keyring, e, session.did)
         self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits)
@@ -124,6 +124,8 @@ class App:
             timeout_seconds=e.max_timeout, default_timeout_seconds=e.default_timeout,
             max_bundle_bytes=self.cfg.bundles.max_bytes, max_output_bytes=e.max_output_bytes,
             memory_mb=e.memory_mb, concurrency=e.concurrency,
+            # what an author's client reads to say "you are over the rate" while it waits
+            per_author_per_minute=int(self.cfg.limits.per_author_per_minute), per_author_burst=self.cfg.limits.per_author_burst,
         )
         if gateway_url is not None:  # only limits of what this runner really serves
             limits.gateway_requests_per_minute = int(g.rate_per_minute)

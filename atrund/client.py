@@ -26,7 +26,16 @@ from atrund.atproto.repos import Repos, cid_of
 from atrund.atproto.session import Session
 from atrund.atproto.uri import AtUri, new_tid
 from atrund.config import PLC_DIRECTORY, url_problem
-from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFound, Unreachable
+from atrund.errors import (
+    CallFailed,
+    EndpointUndeclared,
+    InvalidUrl,
+    Malformed,
+    NotARunner,
+    NotFound,
+    RunnerMismatch,
+    Unreachable,
+)
 from atrund.records import (
     BUNDLE,
     INVOCATION,
@@ -37,6 +46,7 @@ from atrund.records import (
     Invocation,
     Record,
     Result,
+    Runner,
     decode_data,
     field_errors,
     now_iso,
@@ -76,6 +86,95 @@ async def reader(plc_url: str = PLC_DIRECTORY, timeout: float | None = None) -> 
         yield repos
     finally:
         await repos.close()
+
+
+# Answers com.atproto.identity.resolveHandle for any handle: where a command that has no PDS of
+# the author's (a read, no login) resolves a handle.
+HANDLE_RESOLVER = "https://public.api.bsky.app"
+
+
+async def did_of(repos: Repos, who: str, pds: str | None = None) -> str:
+    """``who`` (a DID or a handle) as a DID, checked before anything is written: a DID must have
+    a DID document; a handle is resolved through ``pds`` and verified both ways (the DID
+    document claims the handle back). IdentityError naming ``who`` otherwise."""
+    if who.startswith("did:"):
+        await repos.identities.document(who)
+        return who
+    return await repos.identities.did_for_handle(who.lower().removeprefix("@"), pds or HANDLE_RESOLVER)
+
+
+async def runner_record(repos: Repos, runner: str) -> Runner:
+    """``runner``'s dev.atrun.runner record; NotARunner if it publishes none (or a broken one)."""
+    try:
+        _, value = await repos.get_record(runner, RUNNER, "self")
+    except NotFound:
+        raise NotARunner(f"{runner} has no dev.atrun.runner record: it runs no atrund runner (or has not started one)") \
+            from None
+    try:
+        return Runner.model_validate(value)
+    except ValidationError as e:
+        raise NotARunner(f"{runner}'s dev.atrun.runner record is not valid: {field_errors(e)}") from None
+
+
+async def check_invocable(repos: Repos, bundle_uri: str, runner: str, endpoint: str,
+                          cid: str | None = None) -> tuple[str, Runner]:
+    """Before an invocation is written: ``runner`` publishes a runner record listing the bundle's
+    runtime, and the bundle (at ``cid``, else its current version) declares ``endpoint`` when it
+    declares any. Returns the CID checked and the runner's record; raises what the runner would
+    only answer later (NotARunner, RunnerMismatch, EndpointUndeclared)."""
+    declared = await runner_record(repos, runner)
+    if cid is None:
+        cid, value = await _get(repos, bundle_uri)
+    else:
+        parsed = AtUri.parse(bundle_uri)
+        value = await repos.get_verified_record(parsed.authority, parsed.collection, parsed.rkey, cid)
+    try:
+        bundle = Bundle.model_validate(value)
+    except ValidationError as e:
+        raise Malformed(f"{bundle_uri} is not a bundle record: {field_errors(e)}") from None
+    if bundle.runtime not in declared.runtimes:
+        raise RunnerMismatch(f"runner {runner} runs {', '.join(declared.runtimes) or 'no runtime'}, not {bundle.runtime} "
+                             f"(the runtime of {bundle_uri})")
+    if bundle.endpoints is not None and endpoint not in bundle.endpoints:
+        raise EndpointUndeclared(f"endpoint {endpoint!r} is not one the bundle declares "
+                                 f"({', '.join(bundle.endpoints) or 'none'})")
+    return cid, declared
+
+
+async def rate_note(repos: Repos, author: str, runner: Runner, runner_did: str) -> str | None:
+    """What to tell an author who waits: that their recent invocations on ``runner_did`` are
+    past the per-author rate its record announces (a token bucket, as the runner keeps it), and
+    about how long this one waits for its turn; None when they are within it."""
+    limits = runner.limits
+    if limits is None or not limits.per_author_per_minute or not limits.per_author_burst:
+        return None
+    per_second = limits.per_author_per_minute / 60
+    horizon = time.time() - limits.per_author_burst / per_second - 60  # older starts no longer weigh
+    records, _ = await repos.list_records(author, INVOCATION, limit=100, newest_first=True)
+    starts = sorted(t for r in records
+                    if isinstance(v := r.get("value"), dict) and v.get("runner") == runner_did
+                    and (t := _epoch(v.get("createdAt"))) is not None and t >= horizon)
+    tokens, last = float(limits.per_author_burst), None
+    for t in starts:
+        if last is not None:
+            tokens = min(float(limits.per_author_burst), tokens + (t - last) * per_second)
+        tokens, last = tokens - 1, t
+    if tokens >= 0 or last is None:
+        return None
+    behind = -tokens / per_second - (time.time() - last)
+    if behind <= 0:
+        return None
+    return (f"you are over this runner's per-author rate ({limits.per_author_per_minute}/min, burst "
+            f"{limits.per_author_burst}): {len(starts)} recent invocations; this one waits about {behind:.0f} s for its turn")
+
+
+def _epoch(stamp: Any) -> float | None:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 async def login(repos: Repos, identifier: str, password: str, pds: str | None = None) -> Session:

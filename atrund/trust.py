@@ -23,7 +23,7 @@ import structlog
 from atrund.access import AccessPolicy, PolicyEntries, PolicyFile, effective
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
-from atrund.errors import AtrundError, TrustUnavailable
+from atrund.errors import AtrundError, ConfigError, IdentityError, TrustUnavailable
 
 log = structlog.get_logger("atrund.trust")
 
@@ -52,6 +52,27 @@ async def _subjects(repos: Repos, did: str, collection: str, keep: Callable[[dic
             return frozenset(out)
     log.warning("trust source truncated: too many records", repo=did, collection=collection, read=MAX_PAGES * PAGE)
     return frozenset(out)
+
+
+async def resolve_section(section, repos: Repos, pds: str | None):
+    """``section`` (the [access] configuration) with each handle in allowlist, blocklist and
+    operator replaced by its DID, resolved through ``pds`` and verified both ways (the DID
+    document claims the handle back); ConfigError naming the key if one does not resolve."""
+
+    async def did(key: str, who: str) -> str:
+        if who.startswith("did:"):
+            return who
+        if pds is None:
+            raise ConfigError(f"access.{key}: {who!r} is a handle, and there is no PDS to resolve it through")
+        try:
+            return await repos.identities.did_for_handle(who.lower().removeprefix("@"), pds)
+        except IdentityError as e:
+            raise ConfigError(f"access.{key}: {e}") from None
+
+    update: dict = {key: [await did(key, who) for who in getattr(section, key)] for key in ("allowlist", "blocklist")}
+    if section.operator is not None:
+        update["operator"] = await did("operator", section.operator)
+    return section.model_copy(update=update)
 
 
 async def follows(repos: Repos, operator: str) -> frozenset[str]:
@@ -92,8 +113,10 @@ class LiveAccess:
     def served(self) -> list[str]:
         return self.current.served()
 
-    async def start(self, runner_did: str) -> None:
-        """Read the policy file and the trust source once, before serving."""
+    async def start(self, runner_did: str, pds: str | None = None) -> None:
+        """Resolve the handles the configuration names (through ``pds``), then read the policy
+        file and the trust source once, before serving."""
+        self.section = await resolve_section(self.section, self.repos, pds)
         if self.mode == "follows":
             self.source = self.section.operator or runner_did
         elif self.mode == "list":

@@ -12,7 +12,21 @@ from typing import Any
 
 import click
 
-from atrund.cli.group import EXIT_NO_RESULT, EXIT_NOT_SUCCESS, emit, err, main, parse_args_json, parse_uri, run_async, split
+from atrund.cli.group import (
+    EXIT_NO_RESULT,
+    EXIT_NOT_SUCCESS,
+    emit,
+    err,
+    fail_line,
+    main,
+    parse_args_json,
+    parse_uri,
+    print_json,
+    run_async,
+    show,
+    split,
+    warn,
+)
 from atrund.config import PLC_DIRECTORY, RUNTIMES_DIR
 from atrund.execute.runtimes import declared
 from atrund.records import result_uri
@@ -82,7 +96,7 @@ def bundle() -> None:
               "(every --secret name is added).")
 @click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle asks to reach.")
 @secret_option
-@click.option("--runner", "runner_did", default=None, help="DID of the runner the --secret values are sealed to.")
+@click.option("--runner", "runner_did", default=None, help="DID or handle of the runner the --secret values are sealed to.")
 @author_options
 @run_async
 async def bundle_publish(file: Path, runtime: str, name: str | None, description: str | None, endpoints: str | None,
@@ -106,12 +120,30 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
     async with client.reader(plc_url) as repos:
         session = await _login(repos, pds, identifier, password)
         try:
+            if runner_did is not None:
+                runner_did = await client.did_of(repos, runner_did, session.pds)
             published = await client.publish(session, repos, file.read_bytes(), runtime, mime=client.code_mime(file),
                                              secret_values=opened, runner=runner_did, **fields)
         finally:
             await session.close()
     err.print(f"published [bold]{published.record['name']}[/bold] ({published.record['code']['size']} bytes)")
     emit({"uri": published.uri, "cid": published.cid})
+
+
+def show_run(out: dict[str, Any]) -> None:
+    """An invocation or a call for people: its status and value (or error) first, then where it is."""
+    record = out.get("record") or out
+    lines = {"status": out.get("status")}
+    if "value" in out:
+        lines["value"] = out["value"]
+    if record.get("error"):
+        lines["error"] = record["error"]
+    if isinstance(record.get("metrics"), dict) and "durationMs" in record["metrics"]:
+        lines["took"] = f"{record['metrics']['durationMs']} ms"
+    lines.update({k: out[k] for k in ("result", "caller") if k in out})
+    if "invocation" in out:
+        lines["invocation"] = out["invocation"]["uri"]
+    show({k: v for k, v in lines.items() if v is not None})
 
 
 def run_options(runner_help: str):
@@ -134,7 +166,7 @@ def run_options(runner_help: str):
 
 @main.command()
 @click.argument("bundle_uri")
-@run_options("DID of the runner to ask.")
+@run_options("DID or handle of the runner to ask.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the result record and print it.")
 @click.option("--wait-seconds", type=float, default=120, show_default=True)
 @secret_option
@@ -155,29 +187,35 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
     async with client.reader(plc_url) as repos:
         session = await _login(repos, pds, identifier, password)
         try:
+            # Everything the runner would refuse is checked first: nothing is written for nothing.
+            runner_did = await client.did_of(repos, runner_did, session.pds)
+            cid, runner = await client.check_invocable(repos, bundle_uri, runner_did, endpoint, cid)
             uri, inv_cid = await client.invoke(session, repos, bundle_uri, runner_did, endpoint, args, cid=cid,
                                                secret_values=opened, timeout=timeout)
         finally:
             await session.close()
         out: dict[str, Any] = {"invocation": {"uri": uri, "cid": inv_cid}, "result": result_uri(runner_did, uri)}
         if not wait:
-            emit(out)
+            emit(out, lambda o: show({"invocation": o["invocation"]["uri"], "result": o["result"]}))
             return
         err.print(f"invoked {endpoint} → waiting for [bold]{out['result']}[/bold]")
+        if note := await client.rate_note(repos, session.did, runner, runner_did):
+            warn(note)
         found = await client.wait_result(repos, runner_did, uri, wait_seconds)
     if found is None:
-        emit(out)
+        emit(out, lambda o: show({"invocation": o["invocation"]["uri"], "result": o["result"]}))
         err.print(f"[yellow]no result after {wait_seconds:g} s[/yellow]")
         sys.exit(EXIT_NO_RESULT)
     out.update(found)
-    emit(out)
+    emit(out, show_run)
     if found["status"] != "success":
+        fail_line(f"{found['status']}: {found['record'].get('error') or 'no error text'}")
         sys.exit(EXIT_NOT_SUCCESS)
 
 
 @main.command()
 @click.argument("bundle_uri")
-@run_options("DID of the runner to call.")
+@run_options("DID or handle of the runner to call.")
 @click.option("--write-result", is_flag=True, help="Also have the runner keep the answer as a result record.")
 @click.option("--gateway", "gateway_url", default=None, help="The runner's gateway URL; read from its runner record when omitted.")
 @author_options
@@ -196,12 +234,14 @@ async def call(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, 
     async with client.reader(plc_url) as repos:
         session = await _login(repos, pds, identifier, password)
         try:
+            runner_did = await client.did_of(repos, runner_did, session.pds)
             out = await client.call(session, repos, bundle_uri, runner_did, endpoint, args, cid=cid, timeout=timeout,
                                     write_result=write_result, gateway_url=gateway_url)
         finally:
             await session.close()
-    emit(out)
+    emit(out, show_run)
     if out.get("status") != "success":
+        fail_line(f"{out.get('status')}: {out.get('error') or 'no error text'}")
         sys.exit(EXIT_NOT_SUCCESS)
 
 
@@ -219,7 +259,7 @@ async def result_get(at_uri: str, plc_url: str) -> None:
     from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     parse_uri(at_uri, "AT_URI")
     async with client.reader(plc_url) as repos:
-        emit(await client.get_result(repos, at_uri))
+        emit(await client.get_result(repos, at_uri), show_run)
 
 
 @result.command("uri")
@@ -237,7 +277,7 @@ def secret() -> None:
 
 @secret.command("seal")
 @click.argument("pairs", nargs=-1, required=True, metavar="NAME=VALUE...")
-@click.option("--runner", "runner_did", required=True, help="DID of the runner whose key seals them.")
+@click.option("--runner", "runner_did", required=True, help="DID or handle of the runner whose key seals them.")
 @click.option("--bundle", "bundle_uri", required=True, help="AT URI of the bundle the secrets are for.")
 @click.option("--author", default=None, help="DID of whoever writes the record that will carry them "
               "(default: the bundle's author, right for the bundle's own record and for invoking your own bundle).")
@@ -254,4 +294,5 @@ async def secret_seal(pairs: tuple[str, ...], runner_did: str, bundle_uri: str, 
         raise click.BadParameter(f"{author!r} is not a DID", param_hint="--author")
     opened = parse_secrets(pairs)
     async with client.reader(plc_url) as repos:
-        emit(await client.seal(repos, opened, runner_did, author or b_did, bundle_uri))
+        runner_did = await client.did_of(repos, runner_did, os.environ.get("ATRUND_PDS"))
+        print_json(await client.seal(repos, opened, runner_did, author or b_did, bundle_uri))

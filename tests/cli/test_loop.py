@@ -1,0 +1,116 @@
+"""The author's everyday loop (issue 17), as a user runs it: handles where DIDs are taken, checks
+before anything is written, output, publish checks, lifecycle commands. Real local stack."""
+
+import asyncio
+import json
+
+from conftest import _author_env, atrund
+
+from atrund.errors import EndpointUndeclared, NotARunner, RunnerMismatch
+from atrund.records import INVOCATION
+
+
+async def _invocations(reader, did: str) -> list:
+    records, _ = await reader.list_records(did, INVOCATION)
+    return records
+
+
+async def test_invoke_takes_the_runner_by_handle_and_the_allowlist_takes_handles(stack, author, make_runner, reader):
+    """`invoke --runner HANDLE` writes the runner's DID (resolved both ways), and a runner whose
+    TOML allowlist names the author by handle serves them."""
+    runner = await make_runner(access={"allowlist": [author.account.handle]})
+    env = _author_env(stack, author.account)
+    bundle = await author.publish("def main(args):\n    return {'ok': args}\n")
+    p = await asyncio.to_thread(atrund, "invoke", bundle["uri"], "--runner", runner.account.handle, "--endpoint", "main",
+                                "--args", '{"n": 1}', "--wait", "--wait-seconds", "60", "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["status"] == "success" and out["value"] == {"ok": {"n": 1}}
+    assert out["result"].startswith(f"at://{runner.did}/")
+    [record] = await _invocations(reader, author.account.did)
+    assert record["value"]["runner"] == runner.did
+
+
+async def test_invoke_refuses_before_writing(stack, author, new_account, make_runner, reader):
+    """No runner record, a runtime the runner does not run, an endpoint the bundle does not
+    declare: one line each, its own exit code, and no invocation record is written."""
+    env = _author_env(stack, author.account)
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    nobody = new_account("idle")
+    declared = await author.publish("def main(args):\n    return 1\n", endpoints=["main"])
+    cobol = await author.publish("whatever", runtime="cobol")
+    cases = [(declared, nobody.did, "main", NotARunner, "has no dev.atrun.runner record"),
+             (cobol, runner.did, "main", RunnerMismatch, "not cobol"),
+             (declared, runner.did, "other", EndpointUndeclared, "'other' is not one the bundle declares (main)")]
+    for bundle, runner_did, endpoint, error, says in cases:
+        p = await asyncio.to_thread(atrund, "invoke", bundle["uri"], "--runner", runner_did, "--endpoint", endpoint,
+                                    "--wait", env=env)
+        assert p.returncode == error.exit_code, p.stderr
+        assert says in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert await _invocations(reader, author.account.did) == []
+
+
+async def test_invoke_says_when_the_author_is_over_the_runners_rate(stack, author, make_runner):
+    """The runner's record announces its per-author rate; a waiting invoke past it says so."""
+    runner = await make_runner(access={"allowlist": [author.account.did]},
+                               limits={"per_author_per_minute": 1, "per_author_burst": 1})
+    record = (await author.repos.get_record(runner.did, "dev.atrun.runner", "self"))[1]
+    assert record["limits"]["perAuthorPerMinute"] == 1 and record["limits"]["perAuthorBurst"] == 1
+    bundle = await author.publish("def main(args):\n    return 1\n")
+    for _ in range(3):
+        await author.invoke(bundle, runner.did)
+    p = await asyncio.to_thread(atrund, "invoke", bundle["uri"], "--runner", runner.did, "--endpoint", "main", "--wait",
+                                "--wait-seconds", "1", env=_author_env(stack, author.account))
+    assert "over this runner's per-author rate (1/min, burst 1)" in p.stderr, p.stderr
+
+
+def _on_a_terminal(*args: str, env: dict) -> str:
+    """What `atrund ARGS` prints on stdout when stdout is a terminal (a pseudo-terminal here)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    main, child = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "atrund.cli", *args], stdout=child, stderr=subprocess.DEVNULL,
+                         env={**os.environ, **env, "COLUMNS": "40"}, cwd=ROOT)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    p.wait(60)
+    os.close(main)
+    return out.decode().replace("\r\n", "\n")
+
+
+async def test_output_is_for_people_on_a_terminal_and_json_otherwise(stack, author, make_runner):
+    """On a terminal: status and value first, URIs whole even at 40 columns; --json (or a pipe):
+    JSON. A failed run says its error on stderr in one line. -h and completion work."""
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    env = _author_env(stack, author.account)
+    bundle = await author.publish("def main(args):\n    return {'x': 1}\ndef bad(args):\n    raise ValueError('no\\nway')\n")
+    human = await asyncio.to_thread(_on_a_terminal, "invoke", bundle["uri"], "--runner", runner.did, "--endpoint", "main",
+                                    "--wait", env=env)
+    lines = dict(line.split(":", 1) for line in human.splitlines())
+    assert lines["status"].strip() == "success" and json.loads(lines["value"]) == {"x": 1}, human
+    assert lines["result"].strip().startswith(f"at://{runner.did}/dev.atrun.result/"), human
+    as_json = await asyncio.to_thread(_on_a_terminal, "invoke", bundle["uri"], "--runner", runner.did, "--endpoint",
+                                      "main", "--wait", "--json", env=env)
+    assert json.loads(as_json)["value"] == {"x": 1}
+    p = await asyncio.to_thread(atrund, "invoke", bundle["uri"], "--runner", runner.did, "--endpoint", "bad", "--wait",
+                                env=env)
+    assert p.returncode == 3 and json.loads(p.stdout)["status"] == "error"
+    [line] = [x for x in p.stderr.splitlines() if x.startswith("error")]
+    assert "ValueError: no way" in line, p.stderr
+    assert atrund("invoke", "-h").returncode == 0 and "--runner" in atrund("bundle", "publish", "-h").stdout
+    for shell in ("bash", "zsh", "fish"):
+        p = atrund("completion", shell)
+        assert p.returncode == 0 and "_ATRUND_COMPLETE" in p.stdout, p.stderr
