@@ -51,6 +51,7 @@ from atrund.records import (
     field_errors,
     now_iso,
     result_rkey,
+    result_uri,
 )
 from atrund.sealed import RunnerKey
 from atrund.sealed import seal as seal_one
@@ -70,6 +71,16 @@ def check_url(url: str, what: str) -> str:
     if problem := url_problem(url, ("http", "https")):
         raise InvalidUrl(f"{what} {problem}")
     return url
+
+
+async def get_bundle(repos: Repos, uri: str) -> tuple[str, dict[str, Any]]:
+    """The bundle record at ``uri`` (its CID and value); Malformed if it is not one."""
+    cid, value = await _get(repos, uri)
+    try:
+        Bundle.model_validate(value)
+    except ValidationError as e:
+        raise Malformed(f"{uri} is not a bundle record: {field_errors(e)}") from None
+    return cid, value
 
 
 async def _get(repos: Repos, uri: str) -> tuple[str, dict[str, Any]]:
@@ -195,6 +206,17 @@ async def seal(repos: Repos, secrets: dict[str, str], runner: str, author: str, 
     return [seal_one(n, v, key, author=author, runner=runner, bundle_uri=bundle_uri) for n, v in secrets.items()]
 
 
+def check_file(path: Path, runtime: str, endpoints: list[str] | None) -> list[str] | None:
+    """What `bundle publish` checks before uploading (atrund.execute.check): the file's extension
+    fits ``runtime``, the runtime's own checker parses it, and ``endpoints`` are defined in it.
+    Returns the endpoints to declare: those given, else the ones the file defines."""
+    from atrund.config import RUNTIMES_DIR
+    from atrund.execute.check import check_bundle
+    from atrund.execute.runtimes import load_runtimes
+
+    return check_bundle(path, runtime, load_runtimes(RUNTIMES_DIR), endpoints)
+
+
 @dataclass(frozen=True)
 class Published:
     uri: str
@@ -233,19 +255,75 @@ def _record(model: type[Record], what: str, data: dict[str, Any]) -> dict[str, A
 
 
 async def publish(session: Session, repos: Repos | None, code: bytes, runtime: str, *, mime: str = "text/x-python",
-                  secret_values: dict[str, str] | None = None, runner: str | None = None, **fields: Any) -> Published:
+                  secret_values: dict[str, str] | None = None, runner: str | None = None, rkey: str | None = None,
+                  **fields: Any) -> Published:
     """Upload ``code`` as a blob and write a dev.atrun.bundle record for it (``fields``: see
-    bundle_record). ``secret_values`` (name -> value) are sealed to ``runner`` (its key read
-    through ``repos``) and bound to this bundle, so its record key is chosen before it exists."""
+    bundle_record), at ``rkey`` (a new one when None). ``secret_values`` (name -> value) are
+    sealed to ``runner`` (its key read through ``repos``) and bound to this bundle, so its record
+    key is chosen before it exists."""
     # The record is checked before anything is written: a refused publish leaves no orphan blob.
     bundle_record(runtime, {"$type": "blob", "ref": {"$link": cid_of(code)}, "mimeType": mime, "size": len(code)}, **fields)
     blob = await session.upload_blob(code, mime)
-    rkey = new_tid()
+    rkey = rkey or new_tid()
     if secret_values:
         fields["secrets"] = await seal(repos, secret_values, runner, session.did, str(AtUri(session.did, BUNDLE, rkey)))
     record = bundle_record(runtime, blob, **fields)
     uri, cid = await session.put_record(BUNDLE, rkey, record)
     return Published(uri, cid, record)
+
+
+def _own(session: Session, uri: str, collection: str) -> AtUri:
+    """``uri`` parsed, if it is a record of ``collection`` in the author's own repo."""
+    parsed = AtUri.parse(uri)
+    if parsed.collection != collection:
+        raise Malformed(f"{uri} is not a {collection} record")
+    if parsed.authority not in (session.did, session.handle):
+        raise Malformed(f"{uri} is not in your repo ({session.did}): only its author can change it")
+    return parsed
+
+
+async def update(session: Session, repos: Repos, bundle_uri: str, code: bytes, *, mime: str,
+                 endpoints: list[str] | None = None) -> Published:
+    """New code for the author's bundle at ``bundle_uri``: the same record key (so the same AT URI
+    and gateway URL, and its sealed secrets still open), a new CID. Its other fields are kept;
+    ``endpoints``, when given, replace the declared ones."""
+    parsed = _own(session, bundle_uri, BUNDLE)
+    _, old = await _get(repos, bundle_uri)
+    fields = {k: v for k, v in old.items() if k not in ("$type", "code", "createdAt", "runtime")}
+    if endpoints is not None:
+        fields["endpoints"] = endpoints
+    return await publish(session, repos, code, old.get("runtime", ""), mime=mime, rkey=parsed.rkey, **fields)
+
+
+async def delete(session: Session, uri: str, collection: str = BUNDLE) -> None:
+    """Delete the author's own record at ``uri`` (a bundle, or an invocation)."""
+    parsed = _own(session, uri, collection)
+    await session.delete_record(collection, parsed.rkey)
+
+
+async def list_bundles(repos: Repos, did: str) -> list[dict[str, Any]]:
+    """``did``'s bundles, newest first: URI, CID, name, runtime, endpoints, when."""
+    out = []
+    async for record in _records(repos, did, BUNDLE):
+        v = record["value"]
+        out.append({"uri": record.get("uri"), "cid": record.get("cid"), "name": v.get("name"), "runtime": v.get("runtime"),
+                    "endpoints": v.get("endpoints"), "createdAt": v.get("createdAt")})
+    return out
+
+
+async def _records(repos: Repos, did: str, collection: str, limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Every record of ``collection`` in ``did``'s repo, newest first (at most ``limit``)."""
+    cursor, seen = None, 0
+    while True:
+        page, cursor = await repos.list_records(did, collection, cursor, newest_first=True)
+        for record in page:
+            if isinstance(record, dict) and isinstance(record.get("value"), dict):
+                yield record
+                seen += 1
+                if limit is not None and seen >= limit:
+                    return
+        if not cursor or not page:
+            return
 
 
 async def invoke(session: Session, repos: Repos | None, bundle_uri: str, runner: str, endpoint: str,
@@ -295,6 +373,84 @@ async def get_result(repos: Repos, uri: str) -> dict[str, Any]:
     except ValidationError as e:
         raise Malformed(f"{uri} is not a result record: {field_errors(e)}") from None
     return {"uri": uri, **describe_result(cid, value)}
+
+
+def _result_line(uri: str, value: dict[str, Any]) -> dict[str, Any]:
+    """A result record as `result list` and `result watch` print it: one short entry."""
+    out: dict[str, Any] = {"uri": uri, "status": value.get("status"), "createdAt": value.get("createdAt"),
+                           "bundle": (value.get("bundle") or {}).get("uri")}
+    if isinstance(value.get("invocation"), dict):
+        out["invocation"] = value["invocation"].get("uri")
+    if value.get("caller"):
+        out["caller"] = value["caller"]
+    if "data" in value:
+        out["value"] = decode_data(value["data"])
+    if value.get("error"):
+        out["error"] = value["error"]
+    return out
+
+
+def _result_matches(value: dict[str, Any], author: str | None, bundle: str | None) -> bool:
+    """Is this result one of ``author``'s (an invocation of theirs, or their XRPC call), of ``bundle``?"""
+    if bundle is not None and (value.get("bundle") or {}).get("uri") != bundle:
+        return False
+    if author is None:
+        return True
+    invocation = (value.get("invocation") or {}).get("uri") or ""
+    return invocation.startswith(f"at://{author}/") or value.get("caller") == author
+
+
+async def list_results(repos: Repos, *, runner: str | None = None, author: str | None = None, bundle: str | None = None,
+                       limit: int = 50) -> list[dict[str, Any]]:
+    """Results, newest first, at most ``limit``: with ``runner``, the ones in its repo (only
+    ``author``'s, only of ``bundle``, when given); without, ``author``'s invocations (needed
+    then), each with its result on the runner it named, or ``pending`` if none yet."""
+    out: list[dict[str, Any]] = []
+    if runner is not None:
+        async for record in _records(repos, runner, RESULT):
+            if _result_matches(record["value"], author, bundle):
+                out.append(_result_line(record.get("uri", ""), record["value"]))
+                if len(out) >= limit:
+                    break
+        return out
+    if author is None:
+        raise Malformed("result list needs a runner or an author (--runner, or --mine with your identifier)")
+    async for record in _records(repos, author, INVOCATION):
+        inv = record["value"]
+        if bundle is not None and (inv.get("bundle") or {}).get("uri") != bundle:
+            continue
+        runner_did, uri = inv.get("runner"), record.get("uri", "")
+        if not isinstance(runner_did, str) or not runner_did.startswith("did:"):
+            continue
+        where = result_uri(runner_did, uri)
+        try:
+            _, value = await repos.get_record(runner_did, RESULT, result_rkey(uri))
+            out.append(_result_line(where, value))
+        except NotFound:
+            out.append({"uri": where, "status": "pending", "createdAt": inv.get("createdAt"),
+                        "bundle": (inv.get("bundle") or {}).get("uri"), "invocation": uri})
+        if len(out) >= limit:
+            break
+    return out
+
+
+async def watch_results(repos: Repos, runner: str, *, author: str | None = None, bundle: str | None = None,
+                        interval: float = 1.0) -> AsyncIterator[dict[str, Any]]:
+    """New results in ``runner``'s repo as they land (only ``author``'s, of ``bundle``, when
+    given), by polling its newest records every ``interval`` seconds; those there already are
+    not repeated."""
+    seen: set[str] = set()
+    first = True
+    while True:
+        page, _ = await repos.list_records(runner, RESULT, limit=100, newest_first=True)
+        fresh = [r for r in page if isinstance(r, dict) and isinstance(r.get("value"), dict) and r.get("uri") not in seen]
+        seen.update(r.get("uri") for r in fresh)
+        if not first:
+            for record in reversed(fresh):  # oldest of the new first
+                if _result_matches(record["value"], author, bundle):
+                    yield _result_line(record["uri"], record["value"])
+        first = False
+        await asyncio.sleep(interval)
 
 
 async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, endpoint: str, args: dict[str, Any], *,

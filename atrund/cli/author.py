@@ -15,6 +15,7 @@ import click
 from atrund.cli.group import (
     EXIT_NO_RESULT,
     EXIT_NOT_SUCCESS,
+    Output,
     emit,
     err,
     fail_line,
@@ -29,7 +30,7 @@ from atrund.cli.group import (
 )
 from atrund.config import PLC_DIRECTORY, RUNTIMES_DIR
 from atrund.execute.runtimes import declared
-from atrund.records import result_uri
+from atrund.records import INVOCATION, result_uri
 
 RUNTIMES = list(declared(RUNTIMES_DIR))  # the choices: the runtime directories this install has
 
@@ -91,7 +92,10 @@ def bundle() -> None:
               help="The runtime that runs it: one the runner lists in its dev.atrun.runner record.")
 @click.option("--name", default=None, help="A short name (defaults to the file name).")
 @click.option("--description", default=None)
-@click.option("--endpoints", default=None, help="Comma-separated endpoint names the bundle offers.")
+@click.option("--endpoints", default=None, help="Comma-separated endpoint names the bundle offers; default: the "
+              "functions the file defines (top-level, or exported).")
+@click.option("--no-check", is_flag=True, help="Skip the checks before upload (extension, syntax by the runtime's own "
+              "checker, endpoints defined); the endpoints are then only those given.")
 @click.option("--allow-env", default="", help="Comma-separated environment variable names the bundle asks for "
               "(every --secret name is added).")
 @click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle asks to reach.")
@@ -100,8 +104,8 @@ def bundle() -> None:
 @author_options
 @run_async
 async def bundle_publish(file: Path, runtime: str, name: str | None, description: str | None, endpoints: str | None,
-                         allow_env: str, allow_net: str, secrets: tuple[str, ...], runner_did: str | None,
-                         pds: str | None, identifier: str, password: str, plc_url: str) -> None:
+                         no_check: bool, allow_env: str, allow_net: str, secrets: tuple[str, ...],
+                         runner_did: str | None, pds: str | None, identifier: str, password: str, plc_url: str) -> None:
     """Upload FILE as a blob and create a dev.atrun.bundle record; prints its AT URI and CID.
 
     With --secret, the values are sealed to the runner named by --runner, bound to you and to
@@ -111,8 +115,10 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
     opened = parse_secrets(secrets)
     if opened and runner_did is None:
         raise click.UsageError("--secret needs --runner: a secret is sealed to one runner's key")
-    fields: dict[str, Any] = {"name": name or file.name, "description": description or None,
-                              "endpoints": split(endpoints) if endpoints else None}
+    declared = split(endpoints) if endpoints else None
+    if not no_check:  # before logging in: a file that cannot run is refused at once
+        declared = client.check_file(file, runtime, declared)
+    fields: dict[str, Any] = {"name": name or file.name, "description": description or None, "endpoints": declared}
     env_names = list(dict.fromkeys(split(allow_env) + list(opened)))
     permissions = {k: v for k, v in (("env", env_names), ("net", split(allow_net))) if v}
     if permissions:
@@ -128,6 +134,82 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
             await session.close()
     err.print(f"published [bold]{published.record['name']}[/bold] ({published.record['code']['size']} bytes)")
     emit({"uri": published.uri, "cid": published.cid})
+
+
+@bundle.command("update")
+@click.argument("bundle_uri")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--endpoints", default=None, help="Comma-separated endpoint names; default: the ones declared now if the "
+              "file still defines them, else those it defines.")
+@click.option("--no-check", is_flag=True, help="Skip the checks before upload, as for publish.")
+@author_options
+@run_async
+async def bundle_update(bundle_uri: str, file: Path, endpoints: str | None, no_check: bool, pds: str | None,
+                        identifier: str, password: str, plc_url: str) -> None:
+    """Replace the code of your bundle BUNDLE_URI with FILE: same AT URI and gateway URL, new CID.
+
+    Its other fields (name, permissions, sealed secrets) are kept. Invocations pinned to the old
+    CID are refused by runners that no longer have it: invoke again to run the new code.
+    """
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    parse_uri(bundle_uri, "BUNDLE_URI")
+    async with client.reader(plc_url) as repos:
+        _, old = await client.get_bundle(repos, bundle_uri)
+        declared = split(endpoints) if endpoints else None
+        if not no_check:
+            keep = old.get("endpoints") if declared is None else None
+            declared = client.check_file(file, old.get("runtime", ""), declared or keep)
+        session = await _login(repos, pds, identifier, password)
+        try:
+            published = await client.update(session, repos, bundle_uri, file.read_bytes(), mime=client.code_mime(file),
+                                            endpoints=declared)
+        finally:
+            await session.close()
+    err.print(f"updated [bold]{published.record.get('name')}[/bold] ({published.record['code']['size']} bytes)")
+    emit({"uri": published.uri, "cid": published.cid})
+
+
+@bundle.command("list")
+@click.argument("who", metavar="[DID|HANDLE]", required=False)
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True)
+@run_async
+async def bundle_list(who: str | None, plc_url: str) -> None:
+    """List the bundles of DID|HANDLE (default: you, ATRUND_IDENTIFIER), newest first. No login."""
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    async with client.reader(plc_url) as repos:
+        did = await client.did_of(repos, _me(who), os.environ.get("ATRUND_PDS"))
+        found = await client.list_bundles(repos, did)
+    emit(found, _show_bundles)
+
+
+def _show_bundles(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        click.echo(f"{r['runtime'] or '?':<7} {r['name'] or '':<24} {r['createdAt'] or '':<25} {r['uri']}")
+
+
+@bundle.command("delete")
+@click.argument("bundle_uri")
+@author_options
+@run_async
+async def bundle_delete(bundle_uri: str, pds: str | None, identifier: str, password: str, plc_url: str) -> None:
+    """Delete your bundle BUNDLE_URI (runners keep no copy they will run again: its invocations are refused)."""
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    parse_uri(bundle_uri, "BUNDLE_URI")
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            await client.delete(session, bundle_uri)
+        finally:
+            await session.close()
+    err.print(f"deleted {bundle_uri}")
+
+
+def _me(who: str | None) -> str:
+    """WHO, else the author's own identifier (ATRUND_IDENTIFIER)."""
+    who = who or os.environ.get("ATRUND_IDENTIFIER")
+    if not who:
+        raise click.UsageError("name the account (DID or handle), or set ATRUND_IDENTIFIER")
+    return who
 
 
 def show_run(out: dict[str, Any]) -> None:
@@ -169,12 +251,14 @@ def run_options(runner_help: str):
 @run_options("DID or handle of the runner to ask.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the result record and print it.")
 @click.option("--wait-seconds", type=float, default=120, show_default=True)
+@click.option("--cleanup", is_flag=True, help="With --wait: delete the invocation record once its result is in "
+              "(the result stays readable in the runner's repo).")
 @secret_option
 @author_options
 @run_async
 async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
-                 wait: bool, wait_seconds: float, secrets: tuple[str, ...], pds: str | None, identifier: str, password: str,
-                 plc_url: str) -> None:
+                 wait: bool, wait_seconds: float, cleanup: bool, secrets: tuple[str, ...], pds: str | None, identifier: str,
+                 password: str, plc_url: str) -> None:
     """Create a dev.atrun.invocation of BUNDLE_URI; prints its URI and where the result will be.
 
     --secret values are sealed to the runner's key (read from its dev.atrun.runner record),
@@ -184,6 +268,8 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
     args = parse_args_json(args_json)
     opened = parse_secrets(secrets)
     parse_uri(bundle_uri, "BUNDLE_URI")
+    if cleanup and not wait:
+        raise click.UsageError("--cleanup needs --wait: the record is deleted once its result is in")
     async with client.reader(plc_url) as repos:
         session = await _login(repos, pds, identifier, password)
         try:
@@ -192,16 +278,19 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
             cid, runner = await client.check_invocable(repos, bundle_uri, runner_did, endpoint, cid)
             uri, inv_cid = await client.invoke(session, repos, bundle_uri, runner_did, endpoint, args, cid=cid,
                                                secret_values=opened, timeout=timeout)
+            out: dict[str, Any] = {"invocation": {"uri": uri, "cid": inv_cid}, "result": result_uri(runner_did, uri)}
+            if not wait:
+                emit(out, lambda o: show({"invocation": o["invocation"]["uri"], "result": o["result"]}))
+                return
+            err.print(f"invoked {endpoint} → waiting for [bold]{out['result']}[/bold]")
+            if note := await client.rate_note(repos, session.did, runner, runner_did):
+                warn(note)
+            found = await client.wait_result(repos, runner_did, uri, wait_seconds)
+            if found is not None and cleanup:
+                await client.delete(session, uri, INVOCATION)
+                out["invocation"]["deleted"] = True
         finally:
             await session.close()
-        out: dict[str, Any] = {"invocation": {"uri": uri, "cid": inv_cid}, "result": result_uri(runner_did, uri)}
-        if not wait:
-            emit(out, lambda o: show({"invocation": o["invocation"]["uri"], "result": o["result"]}))
-            return
-        err.print(f"invoked {endpoint} → waiting for [bold]{out['result']}[/bold]")
-        if note := await client.rate_note(repos, session.did, runner, runner_did):
-            warn(note)
-        found = await client.wait_result(repos, runner_did, uri, wait_seconds)
     if found is None:
         emit(out, lambda o: show({"invocation": o["invocation"]["uri"], "result": o["result"]}))
         err.print(f"[yellow]no result after {wait_seconds:g} s[/yellow]")
@@ -260,6 +349,85 @@ async def result_get(at_uri: str, plc_url: str) -> None:
     parse_uri(at_uri, "AT_URI")
     async with client.reader(plc_url) as repos:
         emit(await client.get_result(repos, at_uri), show_run)
+
+
+def _show_results(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        _show_result(r)
+
+
+def _show_result(r: dict[str, Any]) -> None:
+    """One result as one line: status, what it says, where it is (the URI whole)."""
+    import json
+
+    said = r.get("error") or (json.dumps(r["value"], ensure_ascii=False) if "value" in r else "")
+    said = said if len(said) <= 60 else said[:59] + "…"
+    click.echo(f"{r.get('status') or '?':<9} {r.get('createdAt') or '':<25} {' '.join(said.split()):<60} {r['uri']}")
+
+
+result_filters = [
+    click.option("--runner", "runner", default=None, help="Results in this runner's repo (DID or handle)."),
+    click.option("--bundle", "bundle_uri", default=None, help="Only results of this bundle (AT URI)."),
+    click.option("--mine", is_flag=True, help="Only results of your invocations and calls (ATRUND_IDENTIFIER); "
+                 "the default without --runner."),
+    click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True),
+]
+
+
+def _result_filters(fn):
+    for option in reversed(result_filters):
+        fn = option(fn)
+    return fn
+
+
+async def _filters(client, repos, runner: str | None, mine: bool) -> tuple[str | None, str | None]:
+    """The runner's DID and the author's (for --mine, or no --runner), handles resolved."""
+    pds = os.environ.get("ATRUND_PDS")
+    runner_did = await client.did_of(repos, runner, pds) if runner else None
+    author = await client.did_of(repos, _me(None), pds) if mine or runner is None else None
+    return runner_did, author
+
+
+@result.command("list")
+@_result_filters
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@run_async
+async def result_list(runner: str | None, bundle_uri: str | None, mine: bool, plc_url: str, limit: int) -> None:
+    """List results, newest first: yours (each of your invocations, `pending` until its result is
+    in), or those in one runner's repo (--runner; with --mine only yours). No login."""
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    async with client.reader(plc_url) as repos:
+        runner_did, author = await _filters(client, repos, runner, mine)
+        emit(await client.list_results(repos, runner=runner_did, author=author, bundle=bundle_uri, limit=limit),
+             _show_results)
+
+
+@result.command("watch")
+@_result_filters
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True, help="Seconds between looks.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many results.")
+@run_async
+async def result_watch(runner: str | None, bundle_uri: str | None, mine: bool, plc_url: str, interval: float,
+                       count: int | None) -> None:
+    """Print results as they land in a runner's repo (--runner needed), one line each (JSON lines
+    with --json), until Ctrl-C or --count."""
+    import json
+
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    if runner is None:
+        raise click.UsageError("give --runner: results land in the runner's repo")
+    async with client.reader(plc_url) as repos:
+        runner_did, author = await _filters(client, repos, runner, mine)
+        err.print(f"watching {runner_did} for new results (Ctrl-C stops)")
+        seen = 0
+        async for found in client.watch_results(repos, runner_did, author=author, bundle=bundle_uri, interval=interval):
+            if Output.as_json():
+                click.echo(json.dumps(found, ensure_ascii=False), nl=True)
+            else:
+                _show_result(found)
+            seen += 1
+            if count is not None and seen >= count:
+                return
 
 
 @result.command("uri")

@@ -114,3 +114,93 @@ async def test_output_is_for_people_on_a_terminal_and_json_otherwise(stack, auth
     for shell in ("bash", "zsh", "fish"):
         p = atrund("completion", shell)
         assert p.returncode == 0 and "_ATRUND_COMPLETE" in p.stdout, p.stderr
+
+
+async def test_publish_checks_the_file_for_its_runtime(stack, new_account, reader, tmp_path):
+    """Another runtime's extension, a syntax error (each runtime's own checker), an endpoint the
+    file does not define: refused before anything is uploaded. Endpoints not given are derived;
+    --no-check publishes as given."""
+    from atrund.errors import CheckFailed
+
+    alice = new_account("pub")
+    env = _author_env(stack, alice)
+    (tmp_path / "bad.py").write_text("def main(args)\n    return 1\n")
+    (tmp_path / "bad.ts").write_text("export function main(args) {\n  return args +;\n}\n")
+    (tmp_path / "bad.mjs").write_text("export function main(args) {\n  return args +;\n}\n")
+    refusals = [(("examples/hello.py", "--runtime", "deno"), "hello.py is a python file, not deno"),
+                ((str(tmp_path / "bad.py"), "--runtime", "python"), "bad.py does not parse as python: "),
+                ((str(tmp_path / "bad.ts"), "--runtime", "deno"), "bad.ts does not parse as deno: "),
+                ((str(tmp_path / "bad.mjs"), "--runtime", "node"), "bad.mjs does not parse as node: "),
+                (("examples/hello.py", "--runtime", "python", "--endpoints", "greet,nosuch"), "does not define nosuch")]
+    for args, says in refusals:
+        p = atrund("bundle", "publish", *args, env=env)
+        assert p.returncode == CheckFailed.exit_code and says in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert (await reader.list_records(alice.did, "dev.atrun.bundle"))[0] == []
+    p = atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    _, record = await reader.get_record(alice.did, "dev.atrun.bundle", json.loads(p.stdout)["uri"].rsplit("/", 1)[1])
+    assert record["endpoints"] == ["divide", "greet"], record
+    p = atrund("bundle", "publish", "examples/hello.ts", "--runtime", "deno", env=env)
+    assert p.returncode == 0, p.stderr
+    p = atrund("bundle", "publish", str(tmp_path / "bad.py"), "--runtime", "python", "--no-check", env=env)
+    assert p.returncode == 0, p.stderr
+
+
+async def test_bundle_update_list_delete_and_results(stack, author, make_runner, reader, tmp_path):
+    """update keeps the AT URI (so the gateway URL) with a new CID and the gateway runs the new
+    code; list shows it; invoke --cleanup leaves no invocation record; result list finds the
+    results by author, by runner, by bundle; result watch prints one as it lands; delete removes it."""
+    import aiohttp
+
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    env = _author_env(stack, author.account)
+    first, second = tmp_path / "v1.py", tmp_path / "v2.py"
+    first.write_text("def main(args):\n    return 'v1'\ndef handleRequest(req):\n    return {'status': 200, 'body': 'v1'}\n")
+    second.write_text("def main(args):\n    return 'v2'\ndef handleRequest(req):\n    return {'status': 200, 'body': 'v2'}\n")
+    pub = json.loads(atrund("bundle", "publish", str(first), "--runtime", "python", env=env).stdout)
+    rkey = pub["uri"].rsplit("/", 1)[1]
+    gateway = (await reader.get_record(runner.did, "dev.atrun.runner", "self"))[1]["gatewayUrl"]
+    url = f"{gateway}/{author.account.did}/{rkey}/"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            assert await resp.text() == "v1"
+        p = atrund("bundle", "update", pub["uri"], str(second), env=env)
+        assert p.returncode == 0, p.stderr
+        upd = json.loads(p.stdout)
+        assert upd["uri"] == pub["uri"] and upd["cid"] != pub["cid"]
+        for _ in range(50):  # the gateway trusts "latest" for gateway.latest_cache_seconds
+            async with http.get(url) as resp:
+                if await resp.text() == "v2":
+                    break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the gateway URL did not serve the updated code")
+    listed = json.loads(atrund("bundle", "list", env=env).stdout)
+    assert [b["uri"] for b in listed] == [pub["uri"]] and listed[0]["endpoints"] == ["handleRequest", "main"]
+
+    watch = asyncio.create_task(asyncio.to_thread(atrund, "result", "watch", "--runner", runner.did, "--count", "1",
+                                                  "--interval", "0.2", env=env, timeout=60))
+    await asyncio.sleep(3)  # the watcher's first look: what is there already is not repeated
+    p = await asyncio.to_thread(atrund, "invoke", pub["uri"], "--runner", runner.did, "--endpoint", "main", "--wait",
+                                "--cleanup", env=env)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["value"] == "v2" and out["invocation"]["deleted"] is True
+    assert await _invocations(reader, author.account.did) == []
+    watched = await watch
+    assert watched.returncode == 0, watched.stderr
+    assert json.loads(watched.stdout)["uri"] == out["result"]
+
+    still = await author.invoke({"uri": pub["uri"], "cid": upd["cid"]}, runner.did)
+    await asyncio.sleep(0)  # its result may or may not be in yet: either is listed
+    mine = json.loads(atrund("result", "list", env=env).stdout)
+    assert [r["invocation"] for r in mine] == [still] and mine[0]["status"] in ("pending", "success")
+    on_runner = json.loads(atrund("result", "list", "--runner", runner.account.handle, "--bundle", pub["uri"], env=env).stdout)
+    assert out["result"] in [r["uri"] for r in on_runner]
+    assert json.loads(atrund("result", "list", "--runner", runner.did, "--bundle", "at://did:plc:x/dev.atrun.bundle/x",
+                             env=env).stdout) == []
+
+    p = atrund("bundle", "delete", pub["uri"], env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(atrund("bundle", "list", author.account.did, env=env).stdout) == []
