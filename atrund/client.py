@@ -30,7 +30,9 @@ from atrund.errors import (
     CallFailed,
     EndpointUndeclared,
     InvalidUrl,
+    LoginFailed,
     Malformed,
+    NoSession,
     NotARunner,
     NotFound,
     RunnerMismatch,
@@ -193,6 +195,68 @@ async def login(repos: Repos, identifier: str, password: str, pds: str | None = 
     if pds is None:
         pds = await repos.identities.pds(identifier)
     return await Session.login(check_url(pds, "the PDS URL"), identifier, password)
+
+
+# -- a kept session (`atrund login`): passwords stay out of commands ------------------------
+
+def session_file() -> Path:
+    """Where `atrund login` keeps the author's session: $ATRUND_SESSION_FILE, else
+    $XDG_CONFIG_HOME/atrund/session.json (~/.config/atrund/session.json)."""
+    import os
+
+    if os.environ.get("ATRUND_SESSION_FILE"):
+        return Path(os.environ["ATRUND_SESSION_FILE"]).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "atrund" / "session.json"
+
+
+def keep_session(session: Session, path: Path | None = None) -> Path:
+    """Write ``session`` (its tokens, refresh token included) to ``path``, mode 0600 from the
+    start (never readable by others, not even for a moment), replacing what was there."""
+    import os
+
+    path = path or session_file()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"did": session.did, "handle": session.handle, "pds": session.pds, "session": session.export()}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def kept_session(path: Path | None = None) -> dict[str, str] | None:
+    """What `atrund login` kept (did, handle, pds, session), or None when nothing is kept."""
+    path = path or session_file()
+    try:
+        kept = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise NoSession(f"{path}: cannot read the kept session: {e}") from None
+    if not isinstance(kept, dict) or not all(isinstance(kept.get(k), str) for k in ("did", "pds", "session")):
+        raise NoSession(f"{path}: not a session kept by `atrund login`")
+    return kept
+
+
+async def resume(identifier: str | None = None, path: Path | None = None) -> Session:
+    """The session `atrund login` kept (for ``identifier``, when given), its tokens refreshed as
+    needed and the refreshed ones kept again; NoSession when there is none (for them)."""
+    path = path or session_file()
+    kept = kept_session(path)
+    if kept is None:
+        raise NoSession(f"no login given and no session kept in {path}")
+    if identifier and identifier.lower().removeprefix("@") not in (kept["did"], kept.get("handle", "").lower()):
+        raise NoSession(f"the session kept in {path} is {kept.get('handle') or kept['did']}'s, not {identifier}'s")
+    try:
+        session = await Session.resume(kept["pds"], kept["session"])
+    except LoginFailed:
+        raise NoSession(f"the session kept in {path} has expired or was revoked") from None
+    session.client.on_session_change(lambda event, _: keep_session(session, path))
+    keep_session(session, path)  # the tokens may have been refreshed while resuming
+    return session
 
 
 async def seal(repos: Repos, secrets: dict[str, str], runner: str, author: str, bundle_uri: str) -> list[dict[str, str]]:

@@ -329,6 +329,11 @@ class Config(Section):
     gateway: GatewaySection = GatewaySection()
     secrets: SecretsSection = SecretsSection()
     state: StateSection = StateSection()
+    _source: Path | None = PrivateAttr(default=None)  # the file it was loaded from (a running runner re-reads it)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @property
     def warnings(self) -> list[str]:
@@ -390,4 +395,6 @@ def load(path: Path) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return parse(data, base_dir=path.resolve().parent)
+    cfg = parse(data, base_dir=path.resolve().parent)
+    cfg._source = path.resolve()
+    return cfg

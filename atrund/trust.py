@@ -102,6 +102,8 @@ class LiveAccess:
         self.current: AccessPolicy = effective(section, self._entries)
         self.on_change: Callable[[AccessPolicy], None] | None = None
         self._next_trust = 0.0
+        self._runner_did: str | None = None
+        self._pds: str | None = None
 
     @property
     def mode(self) -> str:
@@ -116,14 +118,32 @@ class LiveAccess:
     async def start(self, runner_did: str, pds: str | None = None) -> None:
         """Resolve the handles the configuration names (through ``pds``), then read the policy
         file and the trust source once, before serving."""
-        self.section = await resolve_section(self.section, self.repos, pds)
-        if self.mode == "follows":
-            self.source = self.section.operator or runner_did
-        elif self.mode == "list":
-            self.source = self.section.list_uri
+        self._runner_did, self._pds = runner_did, pds
+        await self._configure(self.section)
         self.reload_file()
         await self._refresh_when_due()
         self._rebuild()
+
+    async def reconfigure(self, section) -> None:
+        """Apply a changed [access] section while serving (the configuration file was edited):
+        its handles resolved, the trust source re-read now if it is another one. A section whose
+        handles do not resolve raises ConfigError and changes nothing."""
+        before = (self.mode, self.source)
+        await self._configure(section)
+        if (self.mode, self.source) != before:
+            self.trusted = frozenset()
+            if self.source is not None:
+                await self._refresh_when_due()
+        self._rebuild()
+
+    async def _configure(self, section) -> None:
+        self.section = await resolve_section(section, self.repos, self._pds)
+        if self.mode == "follows":
+            self.source = self.section.operator or self._runner_did
+        elif self.mode == "list":
+            self.source = self.section.list_uri
+        else:
+            self.source = None
 
     async def _refresh_when_due(self) -> bool:
         """Read the trust source and schedule the next read: after the interval, or sooner if

@@ -36,23 +36,66 @@ RUNTIMES = list(declared(RUNTIMES_DIR))  # the choices: the runtime directories 
 
 
 def author_options(fn):
-    """Login options shared by the commands that write to the author's repo."""
+    """Login options shared by the commands that write to the author's repo. Without a password,
+    the session `atrund login` kept is used."""
     fn = click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True,
                       help="PLC directory used to resolve DIDs [env ATRUND_PLC_URL].")(fn)
-    fn = click.option("--password", envvar="ATRUND_PASSWORD", required=True,
-                      help="App password [env ATRUND_PASSWORD].")(fn)
-    fn = click.option("--identifier", envvar="ATRUND_IDENTIFIER", required=True,
-                      help="Your handle or DID [env ATRUND_IDENTIFIER].")(fn)
+    fn = click.option("--password", envvar="ATRUND_PASSWORD", default=None,
+                      help="App password [env ATRUND_PASSWORD]; default: the session `atrund login` kept.")(fn)
+    fn = click.option("--identifier", envvar="ATRUND_IDENTIFIER", default=None,
+                      help="Your handle or DID [env ATRUND_IDENTIFIER]; default: the session `atrund login` kept.")(fn)
     fn = click.option("--pds", envvar="ATRUND_PDS", default=None,
                       help="Your PDS URL [env ATRUND_PDS]; found from your DID document when omitted.")(fn)
     return fn
 
 
-async def _login(repos, pds: str | None, identifier: str, password: str):
+async def _login(repos, pds: str | None, identifier: str | None, password: str | None):
+    """A session: with a password, a fresh login; without, the one `atrund login` kept."""
     from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    if password is None:
+        return await client.resume(identifier)
+    if identifier is None:
+        raise click.UsageError("--password needs --identifier (or ATRUND_IDENTIFIER)")
     if pds is None and not identifier.startswith("did:"):
-        raise click.UsageError("give --pds (or ATRUND_PDS), or log in with your DID so the PDS can be looked up")
+        identifier = await client.did_of(repos, identifier)  # the PDS is then read from the DID document
     return await client.login(repos, identifier, password, pds)
+
+
+@main.command()
+@click.option("--identifier", envvar="ATRUND_IDENTIFIER", prompt="Handle or DID", help="Your handle or DID.")
+@click.option("--password", envvar="ATRUND_PASSWORD", prompt="App password", hide_input=True,
+              help="An app password (asked for when not given; better not typed on the command line).")
+@click.option("--pds", envvar="ATRUND_PDS", default=None, help="Your PDS URL; found from your DID document when omitted.")
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True)
+@run_async
+async def login(identifier: str, password: str, pds: str | None, plc_url: str) -> None:
+    """Log in once and keep the session (mode 0600), so later commands need no password.
+
+    Kept in $ATRUND_SESSION_FILE, else ~/.config/atrund/session.json; its tokens are refreshed
+    as they expire. `atrund logout` forgets it.
+    """
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            path = client.keep_session(session)
+        finally:
+            await session.close()
+    err.print(f"logged in as [bold]{session.handle}[/bold] ({session.did}) on {session.pds}; session kept in {path}")
+    emit({"did": session.did, "handle": session.handle, "pds": session.pds, "sessionFile": str(path)})
+
+
+@main.command()
+def logout() -> None:
+    """Forget the session `atrund login` kept."""
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    path = client.session_file()
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        err.print(f"no session kept in {path}")
+        return
+    err.print(f"forgot the session kept in {path}")
 
 
 secret_option = click.option(
@@ -105,7 +148,7 @@ def bundle() -> None:
 @run_async
 async def bundle_publish(file: Path, runtime: str, name: str | None, description: str | None, endpoints: str | None,
                          no_check: bool, allow_env: str, allow_net: str, secrets: tuple[str, ...],
-                         runner_did: str | None, pds: str | None, identifier: str, password: str, plc_url: str) -> None:
+                         runner_did: str | None, pds: str | None, identifier: str | None, password: str | None, plc_url: str) -> None:
     """Upload FILE as a blob and create a dev.atrun.bundle record; prints its AT URI and CID.
 
     With --secret, the values are sealed to the runner named by --runner, bound to you and to
@@ -145,7 +188,7 @@ async def bundle_publish(file: Path, runtime: str, name: str | None, description
 @author_options
 @run_async
 async def bundle_update(bundle_uri: str, file: Path, endpoints: str | None, no_check: bool, pds: str | None,
-                        identifier: str, password: str, plc_url: str) -> None:
+                        identifier: str | None, password: str | None, plc_url: str) -> None:
     """Replace the code of your bundle BUNDLE_URI with FILE: same AT URI and gateway URL, new CID.
 
     Its other fields (name, permissions, sealed secrets) are kept. Invocations pinned to the old
@@ -191,7 +234,7 @@ def _show_bundles(rows: list[dict[str, Any]]) -> None:
 @click.argument("bundle_uri")
 @author_options
 @run_async
-async def bundle_delete(bundle_uri: str, pds: str | None, identifier: str, password: str, plc_url: str) -> None:
+async def bundle_delete(bundle_uri: str, pds: str | None, identifier: str | None, password: str | None, plc_url: str) -> None:
     """Delete your bundle BUNDLE_URI (runners keep no copy they will run again: its invocations are refused)."""
     from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     parse_uri(bundle_uri, "BUNDLE_URI")
@@ -205,10 +248,11 @@ async def bundle_delete(bundle_uri: str, pds: str | None, identifier: str, passw
 
 
 def _me(who: str | None) -> str:
-    """WHO, else the author's own identifier (ATRUND_IDENTIFIER)."""
-    who = who or os.environ.get("ATRUND_IDENTIFIER")
+    """WHO, else the author's own identifier (ATRUND_IDENTIFIER, else the `atrund login` session's DID)."""
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    who = who or os.environ.get("ATRUND_IDENTIFIER") or (client.kept_session() or {}).get("did")
     if not who:
-        raise click.UsageError("name the account (DID or handle), or set ATRUND_IDENTIFIER")
+        raise click.UsageError("name the account (DID or handle), set ATRUND_IDENTIFIER, or `atrund login`")
     return who
 
 
@@ -257,8 +301,8 @@ def run_options(runner_help: str):
 @author_options
 @run_async
 async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
-                 wait: bool, wait_seconds: float, cleanup: bool, secrets: tuple[str, ...], pds: str | None, identifier: str,
-                 password: str, plc_url: str) -> None:
+                 wait: bool, wait_seconds: float, cleanup: bool, secrets: tuple[str, ...], pds: str | None, identifier: str | None,
+                 password: str | None, plc_url: str) -> None:
     """Create a dev.atrun.invocation of BUNDLE_URI; prints its URI and where the result will be.
 
     --secret values are sealed to the runner's key (read from its dev.atrun.runner record),
@@ -310,7 +354,7 @@ async def invoke(bundle_uri: str, runner_did: str, endpoint: str, args_json: str
 @author_options
 @run_async
 async def call(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, cid: str | None, timeout: int | None,
-               write_result: bool, gateway_url: str | None, pds: str | None, identifier: str, password: str,
+               write_result: bool, gateway_url: str | None, pds: str | None, identifier: str | None, password: str | None,
                plc_url: str) -> None:
     """Run BUNDLE_URI's endpoint on a runner now (XRPC dev.atrun.invoke) and print the answer.
 

@@ -204,3 +204,29 @@ async def test_bundle_update_list_delete_and_results(stack, author, make_runner,
     p = atrund("bundle", "delete", pub["uri"], env=env)
     assert p.returncode == 0, p.stderr
     assert json.loads(atrund("bundle", "list", author.account.did, env=env).stdout) == []
+
+
+async def test_login_keeps_a_session_so_commands_need_no_password(stack, new_account, tmp_path):
+    """`atrund login` keeps the session mode 0600; publish and invoke then take no password;
+    without a session, one line says to log in; logout forgets it."""
+    import stat
+
+    from atrund.errors import NoSession
+
+    alice = new_account("login")
+    kept = tmp_path / "cfg" / "session.json"
+    env = {"ATRUND_SESSION_FILE": str(kept), "ATRUND_PLC_URL": stack.plc_url, "ATRUND_PDS": stack.pds_url}
+    p = atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", env=env)
+    assert p.returncode == NoSession.exit_code and "atrund login" in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    p = atrund("login", "--identifier", alice.handle, env={**env, "ATRUND_PASSWORD": alice.app_password})
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["did"] == alice.did
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and alice.app_password not in kept.read_text()
+    assert len(json.loads(kept.read_text())["session"].split(":::")) >= 4  # handle, DID, access and refresh tokens
+    p = atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["uri"].startswith(f"at://{alice.did}/")
+    assert json.loads(atrund("bundle", "list", env=env).stdout)[0]["uri"] == json.loads(p.stdout)["uri"]
+    p = atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", "--identifier", "someone.else.test", env=env)
+    assert p.returncode == NoSession.exit_code and "not someone.else.test's" in p.stderr, p.stderr
+    assert atrund("logout", env=env).returncode == 0 and not kept.exists()
