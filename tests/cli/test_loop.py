@@ -230,3 +230,57 @@ async def test_login_keeps_a_session_so_commands_need_no_password(stack, new_acc
     p = atrund("bundle", "publish", "examples/hello.py", "--runtime", "python", "--identifier", "someone.else.test", env=env)
     assert p.returncode == NoSession.exit_code and "not someone.else.test's" in p.stderr, p.stderr
     assert atrund("logout", env=env).returncode == 0 and not kept.exists()
+
+
+async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
+    """`atrund dev FILE`: ready within seconds with a gateway URL; a save re-publishes under the
+    same URI, and the gateway and `invoke` run the new code; a result is printed as it lands;
+    Ctrl-C stops it cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    import aiohttp
+    from conftest import ROOT
+
+    file = tmp_path / "app.py"
+    file.write_text("def main(args):\n    return 'one'\ndef handleRequest(req):\n    return {'status': 200, 'body': 'one'}\n")
+    errlog = tmp_path / "dev.err"
+    with open(errlog, "w") as errs:
+        dev = subprocess.Popen([sys.executable, "-m", "atrund.cli", "dev", str(file), "--port", "0", "--isolation",
+                                "process", "--json"], stdout=subprocess.PIPE, stderr=errs, text=True, cwd=ROOT)
+    try:
+        lines = []
+        while not lines or lines[-1] != "}":
+            line = await asyncio.to_thread(dev.stdout.readline)
+            assert line, errlog.read_text()
+            lines.append(line.rstrip("\n"))
+        info = json.loads("\n".join(lines))
+        assert info["readySeconds"] < 30 and info["endpoints"] == ["handleRequest", "main"], info
+        async with aiohttp.ClientSession() as http:
+            async with http.get(info["gateway"]) as resp:
+                assert await resp.text() == "one"
+            file.write_text("def main(args):\n    return 'two'\n"
+                            "def handleRequest(req):\n    return {'status': 200, 'body': 'two'}\n")
+            for _ in range(100):
+                if "re-published app.py" in errlog.read_text():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(errlog.read_text())
+            async with http.get(info["gateway"]) as resp:
+                assert await resp.text() == "two"
+        p = await asyncio.to_thread(atrund, "invoke", info["bundle"], "--runner", info["runner"], "--endpoint", "main",
+                                    "--wait", env=info["env"])
+        assert p.returncode == 0 and json.loads(p.stdout)["value"] == "two", p.stderr
+        for _ in range(50):
+            if "result success: \"two\"" in errlog.read_text():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(errlog.read_text())
+    finally:
+        dev.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(dev.wait, 60)
+        dev.stdout.close()
+    assert code == 0, errlog.read_text()
