@@ -34,7 +34,7 @@ from pathlib import Path
 import structlog
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.pool import Backend, Worker, feed_stderr
+from atrund.execute.pool import Backend, Worker, cpu_limit, feed_stderr
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime, expand
 from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
@@ -344,7 +344,7 @@ class ContainerBackend(Backend):
             ulimits=[
                 # As for the other backends: a runaway allocation is a MemoryError, not an OOM kill.
                 Ulimit(name="data", soft=data, hard=data),
-                Ulimit(name="cpu", soft=s.max_timeout + 1, hard=s.max_timeout + 1),
+                Ulimit(name="cpu", soft=cpu_limit(s), hard=cpu_limit(s)),
                 Ulimit(name="fsize", soft=64 << 20, hard=64 << 20),
                 Ulimit(name="nofile", soft=256, hard=256),
                 Ulimit(name="core", soft=0, hard=0),

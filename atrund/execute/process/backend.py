@@ -26,7 +26,7 @@ from pathlib import Path
 
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
-from atrund.execute.pool import Backend, Worker
+from atrund.execute.pool import Backend, Worker, cpu_limit
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
 from atrund.execute.workdir import owned_dir, work_root
@@ -154,6 +154,13 @@ class Cgroups:
         (pid / "pids.max").write_text(str(pids))
         return [str(mem / "cgroup.procs"), str(pid / "cgroup.procs")]
 
+    def usage(self, name: str) -> int | None:
+        """Memory the worker's whole tree holds now (its /tmp pages included)."""
+        try:
+            return int((self.parents["memory"] / name / "memory.usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+
     async def remove(self, name: str) -> None:
         if not self.available:
             return
@@ -191,6 +198,8 @@ def _worker_uid(name: str) -> int | None:
 
 
 class FencedWorker(DirectWorker):
+    overhead = 2  # unshare (our child) and the fence, PID 1 of the worker's namespace
+
     def __init__(self, process, workdir: Path, uid: int, uids: UidPool, cgroups: Cgroups) -> None:
         super().__init__(process, workdir)
         self.uid = uid
@@ -203,6 +212,10 @@ class FencedWorker(DirectWorker):
         shutil.copyfile(code_path, self.workdir / name)
         os.chmod(self.workdir / name, 0o444)
         return f"/tmp/{name}"
+
+    def memory_bytes(self) -> int | None:
+        usage = self._cgroups.usage(self.workdir.name)
+        return usage if usage is not None else super().memory_bytes()
 
     def kill_processes(self) -> None:
         # Kill unshare's child, the init of the worker's PID namespace, first: the kernel then
@@ -280,7 +293,7 @@ class ProcessBackend(Backend):
             "ports": ports_for(permissions.net),
             "rlimits": {
                 "DATA": data_limit(settings, runtime),
-                "CPU": settings.max_timeout + 1,
+                "CPU": cpu_limit(settings),
                 "FSIZE": 64 * 1024 * 1024,
                 "NOFILE": 256,
                 "NPROC": settings.max_processes,
