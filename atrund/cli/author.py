@@ -300,7 +300,7 @@ def show_run(out: dict[str, Any]) -> None:
         lines["error"] = record["error"]
     if isinstance(record.get("metrics"), dict) and "durationMs" in record["metrics"]:
         lines["took"] = f"{record['metrics']['durationMs']} ms"
-    lines.update({k: out[k] for k in ("result", "caller") if k in out})
+    lines.update({k: out[k] for k in ("uri", "result", "caller") if k in out})
     if "invocation" in out:
         lines["invocation"] = out["invocation"]["uri"]
     show({k: v for k, v in lines.items() if v is not None})
