@@ -60,8 +60,8 @@ class Command(click.Command):
 
 
 class Group(click.Group):
-    """Every atrund group: its commands are Commands, its subgroups Groups; at the top, an
-    AtrundError from any command becomes one line and its exit code."""
+    """Every atrund group: its commands are Commands, its subgroups Groups; an AtrundError from
+    any command becomes one line and its exit code, and so does a usage error (exit 2)."""
 
     command_class = Command
     group_class = type  # subgroups are of this class too
@@ -72,6 +72,10 @@ class Group(click.Group):
         except AtrundError as e:
             click.echo(f"error: {describe(e)}", err=True)
             ctx.exit(e.exit_code)
+        except click.UsageError as e:  # exit 2 as ever, but one line: click's own show() adds the usage text
+            line = f"error: {e.format_message()} (see `{(e.ctx or ctx).command_path} --help`)"
+            e.show = lambda file=None: click.echo(line, err=True)
+            raise
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

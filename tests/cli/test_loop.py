@@ -60,7 +60,7 @@ async def test_invoke_says_when_the_author_is_over_the_runners_rate(stack, autho
     for _ in range(3):
         await author.invoke(bundle, runner.did)
     p = await asyncio.to_thread(atrund, "invoke", bundle["uri"], "--runner", runner.did, "--endpoint", "main", "--wait",
-                                "--wait-seconds", "1", env=_author_env(stack, author.account))
+                                "--wait-seconds", "4", env=_author_env(stack, author.account))
     assert "over this runner's per-author rate (1/min, burst 1)" in p.stderr, p.stderr
 
 
@@ -111,6 +111,9 @@ async def test_output_is_for_people_on_a_terminal_and_json_otherwise(stack, auth
     [line] = [x for x in p.stderr.splitlines() if x.startswith("error")]
     assert "ValueError: no way" in line, p.stderr
     assert atrund("invoke", "-h").returncode == 0 and "--runner" in atrund("bundle", "publish", "-h").stdout
+    p = atrund("invoke", "at://did:plc:x/dev.atrun.bundle/x")  # a usage error is one line too
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        "error: Missing option '--runner'. (see `python -m atrund.cli invoke --help`)"], p.stderr
     for shell in ("bash", "zsh", "fish"):
         p = atrund("completion", shell)
         assert p.returncode == 0 and "_ATRUND_COMPLETE" in p.stdout, p.stderr
