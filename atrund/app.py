@@ -49,7 +49,7 @@ from atrund.sealed import KeyFileError, Keyring
 from atrund.state import State
 from atrund.status import Status
 from atrund.supervise import Supervisor
-from atrund.trust import LiveAccess
+from atrund.trust import LiveAccess, resolve_dids
 
 log = structlog.get_logger("atrund.app")
 
@@ -89,6 +89,7 @@ class App:
         self.gateway: Gateway | None = None
         self._reload = asyncio.Event()  # set by reload_soon (SIGHUP): re-read the configuration now
         self._gateway_url: str | None = None
+        self._authors: list[str] | None = None  # ingest.authors, handles resolved (start)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -98,6 +99,8 @@ class App:
         self.session = session = await Session.login(r.pds, r.identifier, r.password())
         self.writer = ResultWriter(session, self.state, self.quarantine, self.problems)
         await self.policy.start(session.did, r.pds)
+        if cfg.ingest.authors is not None:  # handles there too, resolved like the access lists
+            self._authors = await resolve_dids(self.repos, r.pds, "ingest.authors", cfg.ingest.authors)
         self.policy.on_change = self._access_changed
         self.pipeline = Pipeline(self.executor, self.bundles, self.grants, self.keyring, e, session.did)
         self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits)
@@ -159,7 +162,7 @@ class App:
 
     def _poll_authors(self) -> list[str]:
         """The configured ingest.authors, else everyone the access policy names as served."""
-        return self.cfg.ingest.authors if self.cfg.ingest.authors is not None else self.policy.served()
+        return self._authors if self._authors is not None else self.policy.served()
 
     def _access_changed(self, policy: AccessPolicy) -> None:
         if self.poller is not None:

@@ -125,7 +125,7 @@ class IngestSection(Section):
     poll_interval: float = Field(default=2.0, gt=0)
     reconcile_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans of each author's invocations")
     authors: list[str] | None = Field(
-        default=None, description="DIDs whose repos are polled; default: everyone the access policy names (allowlist, follows, list)"
+        default=None, description="DIDs (or handles) whose repos are polled; default: everyone the access policy names (allowlist, follows, list)"
     )
 
 

@@ -54,24 +54,31 @@ async def _subjects(repos: Repos, did: str, collection: str, keep: Callable[[dic
     return frozenset(out)
 
 
-async def resolve_section(section, repos: Repos, pds: str | None):
-    """``section`` (the [access] configuration) with each handle in allowlist, blocklist and
-    operator replaced by its DID, resolved through ``pds`` and verified both ways (the DID
-    document claims the handle back); ConfigError naming the key if one does not resolve."""
-
-    async def did(key: str, who: str) -> str:
+async def resolve_dids(repos: Repos, pds: str | None, key: str, values: list[str]) -> list[str]:
+    """``values`` (the configuration's ``key``) with each handle replaced by its DID, resolved
+    through ``pds`` and verified both ways (the DID document claims the handle back); ConfigError
+    naming the key if one does not resolve."""
+    out = []
+    for who in values:
         if who.startswith("did:"):
-            return who
+            out.append(who)
+            continue
         if pds is None:
-            raise ConfigError(f"access.{key}: {who!r} is a handle, and there is no PDS to resolve it through")
+            raise ConfigError(f"{key}: {who!r} is a handle, and there is no PDS to resolve it through")
         try:
-            return await repos.identities.did_for_handle(who.lower().removeprefix("@"), pds)
+            out.append(await repos.identities.did_for_handle(who.lower().removeprefix("@"), pds))
         except IdentityError as e:
-            raise ConfigError(f"access.{key}: {e}") from None
+            raise ConfigError(f"{key}: {e}") from None
+    return out
 
-    update: dict = {key: [await did(key, who) for who in getattr(section, key)] for key in ("allowlist", "blocklist")}
+
+async def resolve_section(section, repos: Repos, pds: str | None):
+    """``section`` (the [access] configuration) with the handles in allowlist, blocklist and
+    operator resolved (resolve_dids)."""
+    update: dict = {key: await resolve_dids(repos, pds, f"access.{key}", getattr(section, key))
+                    for key in ("allowlist", "blocklist")}
     if section.operator is not None:
-        update["operator"] = await did("operator", section.operator)
+        [update["operator"]] = await resolve_dids(repos, pds, "access.operator", [section.operator])
     return section.model_copy(update=update)
 
 

@@ -514,9 +514,15 @@ async def result_watch(runner: str | None, bundle_uri: str | None, mine: bool, p
 
 @result.command("uri")
 @click.argument("invocation_uri")
-@click.option("--runner", "runner_did", required=True)
-def result_uri_cmd(invocation_uri: str, runner_did: str) -> None:
+@click.option("--runner", "runner_did", required=True, help="DID or handle of the runner (a handle is resolved).")
+@click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True)
+@run_async
+async def result_uri_cmd(invocation_uri: str, runner_did: str, plc_url: str) -> None:
     """Print where the result of INVOCATION_URI will appear (computable before it exists)."""
+    if not runner_did.startswith("did:"):  # a DID needs no network: the URI is computed
+        from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+        async with client.reader(plc_url) as repos:
+            runner_did = await client.did_of(repos, runner_did, os.environ.get("ATRUND_PDS"))
     click.echo(result_uri(runner_did, invocation_uri))
 
 

@@ -4,7 +4,7 @@ before anything is written, output, publish checks, lifecycle commands. Real loc
 import asyncio
 import json
 
-from conftest import _author_env, atrund
+from conftest import _author_env, atrund, wait_result
 
 from atrund.errors import EndpointUndeclared, NotARunner, RunnerMismatch
 from atrund.records import INVOCATION
@@ -287,3 +287,26 @@ async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
         code = await asyncio.to_thread(dev.wait, 60)
         dev.stdout.close()
     assert code == 0, errlog.read_text()
+
+
+async def test_handles_in_the_configuration_resolve_or_stop_the_start(stack, author, make_runner, reader):
+    """ingest.authors takes handles like the access lists; a handle that does not resolve stops
+    the runner's start with one error naming the key, before it serves anyone."""
+    from atrund.errors import ConfigError
+
+    runner = await make_runner(access={"mode": "open"}, ingest={"authors": [f"@{author.account.handle}"]})
+    bundle = await author.publish("def main(args):\n    return 'polled'\n")
+    assert (await wait_result(reader, runner.did, await author.invoke(bundle, runner.did)))["data"] is not None
+    broken = await make_runner(state_name="broken", start=False, access={"allowlist": ["nobody-here.test"]})
+    try:
+        await broken.start()
+        raise AssertionError("a runner started with an allowlist handle that does not resolve")
+    except ConfigError as e:
+        assert str(e).startswith("access.allowlist: ") and "nobody-here.test" in str(e), e
+    finally:
+        broken._task = None  # never started: nothing to stop
+        if broken.app is not None:
+            await broken.app.close()
+    p = atrund("result", "uri", "at://did:plc:x/dev.atrun.invocation/3l00000000000", "--runner", runner.account.handle,
+               env={"ATRUND_PDS": stack.pds_url, "ATRUND_PLC_URL": stack.plc_url})
+    assert p.returncode == 0 and p.stdout.startswith(f"at://{runner.did}/dev.atrun.result/"), p.stderr
