@@ -52,8 +52,9 @@ class Status:
             "ingestLagSeconds": round(lag, 3) if lag is not None else None,
             "queue": {"invocations": self.scheduler.queued(), "requests": self.scheduler.slot_waiters(),
                       "running": self.scheduler.running, "concurrency": self.scheduler.concurrency},
-            "pool": {"isolation": pool.isolation, "warm": pool.warm, "busy": pool.busy, "completed": pool.completed,
-                     "failed": pool.failed, "timeouts": pool.timeouts, "coldStarts": pool.cold_starts,
+            "pool": {"isolation": pool.isolation, "warm": pool.warm, "hot": pool.hot, "busy": pool.busy,
+                     "completed": pool.completed, "failed": pool.failed, "timeouts": pool.timeouts,
+                     "coldStarts": pool.cold_starts, "hotHits": pool.hot_hits, "retired": pool.retired,
                      "latencyP50Ms": pool.latency_p50_ms, "latencyP95Ms": pool.latency_p95_ms},
         }
 

@@ -24,9 +24,10 @@ import signal
 import tempfile
 from pathlib import Path
 
+from atrund.execute import procs
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
-from atrund.execute.pool import Backend, Worker, cpu_limit
+from atrund.execute.pool import Backend, Census, Worker, cpu_limit, leftovers
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
 from atrund.execute.workdir import owned_dir, work_root
@@ -154,12 +155,27 @@ class Cgroups:
         (pid / "pids.max").write_text(str(pids))
         return [str(mem / "cgroup.procs"), str(pid / "cgroup.procs")]
 
+    def tasks(self, name: str) -> int | None:
+        """How many threads the worker runs, all its processes together; None without cgroups."""
+        return int(text) if (text := self._read("pids", name, "pids.current")) else None
+
+    def processes(self, name: str) -> list[int] | None:
+        """The worker's processes; None without cgroups."""
+        text = self._read("pids", name, "cgroup.procs")
+        return [int(p) for p in text.split()] if text is not None else None
+
+    def _read(self, controller: str, name: str, file: str) -> str | None:
+        if not self.available:
+            return None
+        try:
+            with open(self.parents[controller] / name / file) as f:
+                return f.read()
+        except OSError:
+            return None
+
     def usage(self, name: str) -> int | None:
         """Memory the worker's whole tree holds now (its /tmp pages included)."""
-        try:
-            return int((self.parents["memory"] / name / "memory.usage_in_bytes").read_text())
-        except (OSError, ValueError):
-            return None
+        return int(text) if (text := self._read("memory", name, "memory.usage_in_bytes")) else None
 
     async def remove(self, name: str) -> None:
         if not self.available:
@@ -213,9 +229,26 @@ class FencedWorker(DirectWorker):
         os.chmod(self.workdir / name, 0o444)
         return f"/tmp/{name}"
 
-    def memory_bytes(self) -> int | None:
-        usage = self._cgroups.usage(self.workdir.name)
-        return usage if usage is not None else super().memory_bytes()
+    def census(self, runtime: Runtime, cpu: bool) -> Census:
+        """From the worker's cgroups where there are some, in as few reads as will do: the fence
+        (PID 1 of the namespace, one single-threaded process) and at-run-exec, also
+        single-threaded for a runtime without a program of its own, are exactly two tasks; a
+        runtime with a program has threads of its own, so its processes are counted instead."""
+        name = self.workdir.name
+        pids = None
+        if runtime.program is None:
+            tasks = self._cgroups.tasks(name)
+            if tasks is None:
+                return super().census(runtime, cpu)
+            left = None if tasks <= 2 else "a thread or process still running"
+        else:
+            pids = self._cgroups.processes(name)
+            if pids is None:
+                return super().census(runtime, cpu)
+            left = leftovers(len(pids) - 1, 1, runtime)
+        if cpu:
+            pids = pids or self._cgroups.processes(name) or []
+        return Census(left=left, cpu=procs.cpu_spent(pids) if cpu else 0.0, memory=self._cgroups.usage(name))
 
     def kill_processes(self) -> None:
         # Kill unshare's child, the init of the worker's PID namespace, first: the kernel then
