@@ -173,6 +173,8 @@ class Limits(Record):
     gateway_requests_per_minute: int | None = Field(default=None, ge=0)
     gateway_timeout_seconds: int | None = Field(default=None, ge=1)
     max_request_bytes: int | None = Field(default=None, ge=0)
+    per_author_per_minute: int | None = Field(default=None, ge=0)
+    per_author_burst: int | None = Field(default=None, ge=1)
 
 
 class SealedSecret(Record):

@@ -1,5 +1,6 @@
 """Commands about the host a runner runs on: doctor (what works here), image build (the
-container image and the microVM guest), schema (the at-run-exec protocol)."""
+container image and the microVM guest), schema (the at-run-exec protocol), and completion (the
+shell's, for every command)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from atrund.cli.group import emit, err, executor_settings, main
+from atrund.cli.group import emit, err, executor_settings, main, print_json
 from atrund.errors import ExecutorError
 
 
@@ -160,4 +161,14 @@ def schema() -> None:
     """Print the JSON Schema of the at-run-exec protocol (ExecRequest, ExecResponse)."""
     from atrund.execute.protocol import schema as exec_schema
 
-    emit(exec_schema())
+    print_json(exec_schema())
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the completion script for SHELL; e.g. `eval "$(atrund completion bash)"` in ~/.bashrc,
+    or `atrund completion fish > ~/.config/fish/completions/atrund.fish`."""
+    from click.shell_completion import get_completion_class
+
+    click.echo(get_completion_class(shell)(main, {}, "atrund", "_ATRUND_COMPLETE").source())
