@@ -177,14 +177,16 @@ def cpu_limit(settings) -> int:
     return cpu_budget(settings) * (2 if settings.reuse == "bundle" else 1)
 
 
-def reuse_key(runtime: str, request: ExecRequest) -> str:
+def reuse_key(runtime: str, request: ExecRequest) -> tuple:
     """The key a hot worker serves: the runtime, the bundle (its code path names the blob's CID),
     the grants and a fingerprint of the secrets. Not the invoker or the args: results are public
     records, and a bundle's globals are its own (docs/threat-model.md, reuse). Secrets are in it,
-    so one invoker's sealed secrets never reach a process that serves another's."""
-    grants = request.permissions.model_dump()
-    secrets = hashlib.sha256(json.dumps(sorted(request.env.items())).encode()).hexdigest()
-    return hashlib.sha256(json.dumps([runtime, request.code_path, grants, secrets]).encode()).hexdigest()
+    so one invoker's sealed secrets never reach a process that serves another's. Compared whole
+    (no hash of it stands in for it); the secrets' values as a SHA-256, so the pool holds no
+    copy of them."""
+    p = request.permissions
+    secrets = hashlib.sha256(json.dumps(sorted(request.env.items())).encode()).hexdigest() if request.env else ""
+    return runtime, request.code_path, tuple(p.net), tuple(p.read), tuple(p.write), tuple(p.env), secrets
 
 
 class _Output:
@@ -219,7 +221,7 @@ class _Lease:
         self.runtime = runtime
         self.reuse = reuse  # the ready line said it serves several requests
         self.output = _Output(worker.stderr)
-        self.key: str | None = None
+        self.key: tuple | None = None
         self.served = 0
         self.staged: tuple[str, str] | None = None  # (code path, the path the worker sees)
         self.idle_since = 0.0
@@ -243,7 +245,7 @@ class WorkerPool:
         self.runtimes = load_runtimes(settings.runtimes_dir)
         self._warm: dict[str, collections.deque[_Lease]] = {name: collections.deque() for name in self.runtimes}
         # Hot workers by reuse key, least recently used key first; each key's idle workers.
-        self._hot: collections.OrderedDict[str, collections.deque[_Lease]] = collections.OrderedDict()
+        self._hot: collections.OrderedDict[tuple, collections.deque[_Lease]] = collections.OrderedDict()
         self._warm_target = 0
         self._warming = False  # warm() was called: keep the pool topped up
         self._starting: collections.Counter[str] = collections.Counter()
@@ -356,7 +358,7 @@ class WorkerPool:
         lease.active = time.monotonic() - started
         return lease
 
-    async def _take(self, runtime: Runtime, request: ExecRequest, key: str | None) -> _Lease:
+    async def _take(self, runtime: Runtime, request: ExecRequest, key: tuple | None) -> _Lease:
         """A hot worker of the key, else a warm one if the request needs no more than the
         default fence, else a new one."""
         if key is not None and (lease := self._hot_one(key)) is not None:
@@ -374,7 +376,7 @@ class WorkerPool:
         self._counts["cold"] += 1
         return await self._start(runtime, fenced)
 
-    def _hot_one(self, key: str) -> _Lease | None:
+    def _hot_one(self, key: tuple) -> _Lease | None:
         queue = self._hot.get(key)
         while queue:
             lease = queue.pop()  # the most recently used: the others may idle out
@@ -388,7 +390,7 @@ class WorkerPool:
 
     # -- giving it back ------------------------------------------------------------------
 
-    def _keep(self, lease: _Lease, key: str | None, response: ExecResponse, clean: bool) -> bool:
+    def _keep(self, lease: _Lease, key: tuple | None, response: ExecResponse, clean: bool) -> bool:
         """Shelve the worker for the next request of its key, or say why it goes."""
         retire = response.retire
         response.retire = None  # the worker's word to the pool, not part of the answer

@@ -150,6 +150,7 @@ class Cgroups:
             self.available = True
         except OSError:
             self.available = False
+        self._open: dict[tuple[str, str, str], int] = {}  # (worker, controller, file) -> descriptor
 
     def create(self, name: str, memory_bytes: int, pids: int) -> list[str]:
         """The files the worker's fence joins by writing "0"; empty if cgroups are not available.
@@ -180,19 +181,30 @@ class Cgroups:
         return [int(p) for p in text.split()] if text is not None else None
 
     def _read(self, controller: str, name: str, file: str) -> str | None:
+        """The file's content now. Each is opened once per worker and read again with pread (a
+        cgroup file is generated afresh at offset 0): one system call per read, between every
+        two requests of a hot worker."""
         if not self.available:
             return None
+        key = (name, controller, file)
         try:
-            with open(self.parents[controller] / name / file) as f:
-                return f.read()
+            fd = self._open.get(key)
+            if fd is None:
+                fd = self._open[key] = os.open(self.parents[controller] / name / file, os.O_RDONLY | os.O_CLOEXEC)
+            return os.pread(fd, 65536, 0).decode()
         except OSError:
             return None
+
+    def _forget(self, name: str) -> None:
+        for key in [k for k in self._open if k[0] == name]:
+            os.close(self._open.pop(key))
 
     def usage(self, name: str) -> int | None:
         """Memory the worker's whole tree holds now (its /tmp pages included)."""
         return int(text) if (text := self._read("memory", name, "memory.usage_in_bytes")) else None
 
     async def remove(self, name: str) -> None:
+        self._forget(name)
         if not self.available:
             return
         for parent in self.parents.values():
