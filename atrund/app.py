@@ -46,6 +46,7 @@ from atrund.sealed import KeyFileError, Keyring
 from atrund.state import State
 from atrund.status import Status
 from atrund.supervise import Supervisor
+from atrund.ticks import Ticks
 from atrund.trust import LiveAccess
 
 log = structlog.get_logger("atrund.app")
@@ -82,6 +83,7 @@ class App:
         self.retries: Retries | None = None
         self.status: Status | None = None
         self.gateway: Gateway | None = None
+        self.ticks: Ticks | None = None
 
     # -- start ---------------------------------------------------------------------------
 
@@ -102,9 +104,12 @@ class App:
         if ingest.mode == "firehose":
             url = ingest.firehose_url or r.pds.replace("https://", "wss://").replace("http://", "ws://")
             self.firehose = Firehose(url, self.repos, self.intake)
+        if cfg.schedules.enabled:
+            self.ticks = Ticks(self.state, self.repos, self.policy, session.did, self.runs.submit, cfg.schedules)
         self.retries = Retries(self.quarantine, self.state, self.writer, self.intake, self.firehose)
         self.status = Status(session.did, self.executor, self.meters, self.problems, self.supervisor, self.state,
-                             self.quarantine, self.policy, self.runs, self.writer, self.intake, self.poller, self.firehose)
+                             self.quarantine, self.policy, self.runs, self.writer, self.intake, self.poller, self.firehose,
+                             self.ticks)
         gateway_url = None
         if cfg.gateway.enabled:
             auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
@@ -117,6 +122,8 @@ class App:
                  secrets_key=self.keyring.current.id if self.keyring else None, gateway=gateway_url)
         await self.executor.warm(e.warm)
         self.runs.recover()
+        if self.ticks is not None:
+            self.ticks.recover()
 
     def declaration(self, gateway_url: str | None = None) -> Runner:
         e, g = self.cfg.executor, self.cfg.gateway
@@ -129,6 +136,12 @@ class App:
             limits.gateway_requests_per_minute = int(g.rate_per_minute)
             limits.gateway_timeout_seconds = min(g.timeout, e.max_timeout)
             limits.max_request_bytes = g.max_body_bytes
+        if self.cfg.schedules.enabled:
+            s = self.cfg.schedules
+            limits.schedules = True
+            limits.schedule_min_interval_seconds = s.min_interval_seconds
+            limits.schedule_jitter_seconds = s.jitter_seconds
+            limits.max_schedules_per_author = s.max_per_author
         return Runner(
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
@@ -165,6 +178,9 @@ class App:
                  "access": self.policy.run, "held-outcomes": self.runs.record_held, "quarantine-retries": self.retries.run}
         if self.firehose is not None:
             loops["firehose"] = self.firehose.run
+        if self.ticks is not None:
+            loops["ticks"] = self.ticks.run
+            loops["schedule-sync"] = lambda: self.ticks.follow(self._poll_authors, self.cfg.ingest.poll_interval)
         for name, loop in loops.items():
             self.supervisor.start(name, loop)
         await stop.wait()
@@ -178,7 +194,7 @@ class App:
         grace = self.cfg.runner.shutdown_grace
         log.info("stopping: running work may finish", grace_s=grace, running=self.runs.scheduler.running)
         self.supervisor.stopping = True
-        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries"])  # nothing new comes in
+        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "ticks", "schedule-sync"])  # nothing new comes in
         draining = [self.runs.drain(grace)]  # queued invocations wait for the next start
         if self.gateway is not None:
             draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace

@@ -33,10 +33,14 @@ from atrund.records import (
     INVOKE,
     RESULT,
     RUNNER,
+    SCHEDULE,
+    TRIGGER,
     Bundle,
     Invocation,
     Record,
     Result,
+    Schedule,
+    Trigger,
     decode_data,
     field_errors,
     now_iso,
@@ -44,6 +48,7 @@ from atrund.records import (
 )
 from atrund.sealed import RunnerKey
 from atrund.sealed import seal as seal_one
+from atrund.timetable import Timetable
 
 CODE_MIME = {".py": "text/x-python", ".ts": "application/typescript", ".js": "text/javascript",
              ".mjs": "text/javascript"}  # mimetypes calls .ts an MPEG stream
@@ -237,3 +242,95 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
     if "data" in out:
         out["value"] = decode_data(out["data"])
     return out
+
+
+# -- schedules and triggers ---------------------------------------------------------------------
+# (dev.atrun.schedule and dev.atrun.trigger: an author's standing requests, and their results)
+
+
+def schedule_record(runner: str, bundle: dict[str, str], endpoint: str, *, created_at: str | None = None,
+                    **fields: Any) -> dict[str, Any]:
+    """A dev.atrun.schedule record, validated as the runner reads it (cron or intervalSeconds,
+    a known time zone); ``fields``: cron, timezone, interval_seconds, args, start_at, end_at, catch_up."""
+    record = _record(Schedule, "schedule", {"runner": runner, "bundle": bundle, "endpoint": endpoint,
+                                            "created_at": created_at or now_iso(), **{k: v for k, v in fields.items() if v is not None}})
+    Timetable.of(record)  # InvalidSchedule, naming what is wrong
+    return record
+
+
+def trigger_record(runner: str, bundle: dict[str, str], endpoint: str, collections: list[str], *,
+                   created_at: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A dev.atrun.trigger record, validated; ``fields``: actions, authors, subject, results, args."""
+    return _record(Trigger, "trigger", {"runner": runner, "bundle": bundle, "endpoint": endpoint, "collections": collections,
+                                        "created_at": created_at or now_iso(), **{k: v for k, v in fields.items() if v is not None}})
+
+
+async def create_schedule(session: Session, repos: Repos | None, bundle_uri: str, runner: str, endpoint: str, *,
+                          cid: str | None = None, **fields: Any) -> tuple[str, str]:
+    """Write a dev.atrun.schedule of ``bundle_uri`` (pinned to ``cid``, else its current CID); its URI and CID."""
+    if cid is None:
+        cid, _ = await _get(repos, bundle_uri)
+    return await session.create_record(SCHEDULE, schedule_record(runner, {"uri": bundle_uri, "cid": cid}, endpoint, **fields))
+
+
+async def create_trigger(session: Session, repos: Repos | None, bundle_uri: str, runner: str, endpoint: str,
+                         collections: list[str], *, cid: str | None = None, **fields: Any) -> tuple[str, str]:
+    """Write a dev.atrun.trigger of ``bundle_uri`` (pinned to ``cid``, else its current CID); its URI and CID."""
+    if cid is None:
+        cid, _ = await _get(repos, bundle_uri)
+    record = trigger_record(runner, {"uri": bundle_uri, "cid": cid}, endpoint, collections, **fields)
+    return await session.create_record(TRIGGER, record)
+
+
+async def list_standing(repos: Repos, author: str, collection: str, limit: int = 1000) -> list[dict[str, Any]]:
+    """An author's schedules or triggers ({uri, cid, value}), oldest first."""
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while len(out) < limit:
+        records, cursor = await repos.list_records(author, collection, cursor=cursor, limit=100)
+        out += [r for r in records if isinstance(r, dict)]
+        if not records or cursor is None:
+            break
+    return out[:limit]
+
+
+async def delete_standing(session: Session, uri: str, collection: str) -> None:
+    """Delete one of the author's own schedules or triggers; the runner stops it at its next ingest."""
+    try:
+        at = AtUri.parse(uri)
+    except ValueError as e:
+        raise Malformed(str(e)) from None
+    if at.collection != collection or at.did != session.did:
+        raise Malformed(f"{uri} is not a {collection} record of yours ({session.did})")
+    await session.delete_record(collection, at.rkey)
+
+
+def next_tick(value: dict[str, Any], now: float | None = None) -> float | None:
+    """When a schedule record next ticks (its scheduled time; the runner may add its jitter)."""
+    return Timetable.of(value).next_after(time.time() if now is None else now)
+
+
+async def results_of(repos: Repos, runner: str, uri: str, limit: int = 20, max_pages: int = 20) -> list[dict[str, Any]]:
+    """The latest results (newest first) of a schedule's ticks or a trigger's firings on ``runner``:
+    the result records whose ``schedule`` or ``trigger`` names ``uri``, read from the runner's
+    repo (at most ``max_pages`` pages of 100 results are looked through)."""
+    try:
+        collection = AtUri.parse(uri).collection
+    except ValueError as e:
+        raise Malformed(str(e)) from None
+    if collection not in (SCHEDULE, TRIGGER):
+        raise Malformed(f"{uri} is neither a {SCHEDULE} nor a {TRIGGER} record")
+    field = "schedule" if collection == SCHEDULE else "trigger"
+    found: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(max_pages):
+        records, cursor = await repos.list_records(runner, RESULT, cursor=cursor, limit=100, oldest_first=False)
+        for rec in records:
+            value = rec.get("value") if isinstance(rec, dict) else None
+            ref = value.get(field) if isinstance(value, dict) else None
+            if isinstance(ref, dict) and ref.get("uri") == uri:
+                found.append({"uri": rec.get("uri"), **describe_result(rec.get("cid"), value)})
+        if len(found) >= limit or cursor is None or not records:
+            break
+    found.sort(key=lambda r: r["record"].get("scheduledAt") or r["record"].get("createdAt") or "", reverse=True)
+    return found[:limit]

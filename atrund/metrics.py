@@ -141,3 +141,12 @@ class _Live:
             for outcome in ("frames", "skipped_fast", "proven", "fetched", "forged", "malformed", "failed", "implausible", "stalls"):
                 frames.add_metric([outcome], getattr(c, outcome, 0))
             yield frames
+        schedules = live.get("schedules")
+        if schedules is not None:
+            yield GaugeMetricFamily("atrund_schedules", "Schedules this runner runs", value=schedules["active"])
+            yield GaugeMetricFamily("atrund_schedules_refused", "Schedules refused (invalid, too frequent, past the author's limit)",
+                                    value=schedules["refused"])
+            yield CounterMetricFamily("atrund_schedule_ticks", "Schedule ticks queued to run", value=schedules["ticks"])
+            yield CounterMetricFamily("atrund_schedule_ticks_skipped",
+                                      "Schedule ticks not run (missed while down, fallen behind, author not served)",
+                                      value=schedules["skipped"])

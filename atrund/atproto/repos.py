@@ -122,12 +122,12 @@ class Repos:
         return out
 
     async def list_records(
-        self, did: str, collection: str, cursor: str | None = None, limit: int = 100
+        self, did: str, collection: str, cursor: str | None = None, limit: int = 100, oldest_first: bool = True
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """A page of records, oldest first, after ``cursor`` (a record key)."""
+        """A page of records, oldest first (else newest first), after ``cursor`` (a record key)."""
         out = await self._get_json(
             did, "com.atproto.repo.listRecords",
-            {"repo": did, "collection": collection, "limit": limit, "reverse": True, "cursor": cursor},
+            {"repo": did, "collection": collection, "limit": limit, "reverse": oldest_first, "cursor": cursor},
             levels_above=3,  # {"records": [{"value": RECORD}]}
         )
         records, next_cursor = out.get("records", []), out.get("cursor")
