@@ -43,10 +43,12 @@ from atrund.retries import Retries
 from atrund.runs import Runs
 from atrund.schedule import Scheduler
 from atrund.sealed import KeyFileError, Keyring
+from atrund.standing import Follow
 from atrund.state import State
 from atrund.status import Status
 from atrund.supervise import Supervisor
 from atrund.ticks import Ticks
+from atrund.triggers import Triggers
 from atrund.trust import LiveAccess
 
 log = structlog.get_logger("atrund.app")
@@ -84,6 +86,8 @@ class App:
         self.status: Status | None = None
         self.gateway: Gateway | None = None
         self.ticks: Ticks | None = None
+        self.triggers: Triggers | None = None
+        self.follow: Follow | None = None
 
     # -- start ---------------------------------------------------------------------------
 
@@ -101,15 +105,24 @@ class App:
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
         interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
         self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval, self.problems)
-        if ingest.mode == "firehose":
-            url = ingest.firehose_url or r.pds.replace("https://", "wss://").replace("http://", "ws://")
-            self.firehose = Firehose(url, self.repos, self.intake)
+        # Schedules and triggers: standing records, followed by one ingest round loop (atrund.standing).
+        syncs = []
         if cfg.schedules.enabled:
             self.ticks = Ticks(self.state, self.repos, self.policy, session.did, self.runs.submit, cfg.schedules)
+            syncs.append((self.ticks.sync, self.ticks.standings.authors))
+        if cfg.triggers.enabled and ingest.mode == "firehose":  # triggers match what the firehose carries
+            self.triggers = Triggers(self.state, self.repos, self.policy, session.did, self.runs.submit, cfg.triggers)
+            syncs.append((self.triggers.sync, self.triggers.standings.authors))
+        if syncs:
+            self.follow = Follow(syncs, self._poll_authors, ingest.poll_interval)
+        if ingest.mode == "firehose":
+            url = ingest.firehose_url or r.pds.replace("https://", "wss://").replace("http://", "ws://")
+            self.firehose = Firehose(url, self.repos, self.intake, self.triggers,
+                                     self.follow.touched if self.follow is not None else None)
         self.retries = Retries(self.quarantine, self.state, self.writer, self.intake, self.firehose)
         self.status = Status(session.did, self.executor, self.meters, self.problems, self.supervisor, self.state,
                              self.quarantine, self.policy, self.runs, self.writer, self.intake, self.poller, self.firehose,
-                             self.ticks)
+                             self.ticks, self.triggers)
         gateway_url = None
         if cfg.gateway.enabled:
             auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
@@ -142,6 +155,12 @@ class App:
             limits.schedule_min_interval_seconds = s.min_interval_seconds
             limits.schedule_jitter_seconds = s.jitter_seconds
             limits.max_schedules_per_author = s.max_per_author
+        if self.cfg.triggers.enabled and self.cfg.ingest.mode == "firehose":
+            t = self.cfg.triggers
+            limits.triggers = True
+            limits.max_triggers_per_author = t.max_per_author
+            limits.trigger_firings_per_minute = int(t.per_minute)
+            limits.trigger_backlog = t.backlog
         return Runner(
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
@@ -180,7 +199,10 @@ class App:
             loops["firehose"] = self.firehose.run
         if self.ticks is not None:
             loops["ticks"] = self.ticks.run
-            loops["schedule-sync"] = lambda: self.ticks.follow(self._poll_authors, self.cfg.ingest.poll_interval)
+        if self.triggers is not None:
+            loops["triggers"] = self.triggers.run
+        if self.follow is not None:
+            loops["standing"] = self.follow.run
         for name, loop in loops.items():
             self.supervisor.start(name, loop)
         await stop.wait()
@@ -194,7 +216,8 @@ class App:
         grace = self.cfg.runner.shutdown_grace
         log.info("stopping: running work may finish", grace_s=grace, running=self.runs.scheduler.running)
         self.supervisor.stopping = True
-        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "ticks", "schedule-sync"])  # nothing new comes in
+        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "ticks", "triggers",
+                                      "standing"])  # nothing new comes in
         draining = [self.runs.drain(grace)]  # queued invocations wait for the next start
         if self.gateway is not None:
             draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace

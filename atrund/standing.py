@@ -16,7 +16,7 @@ counted (``refused``: /metrics and ``atrund status``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -45,6 +45,9 @@ class Standings:
         self.refused: dict[str, tuple[str, str]] = {}  # uri -> (cid, why), logged once per version
         self.list_failures = 0
         self._slots = asyncio.Semaphore(CONCURRENCY)
+
+    def authors(self) -> set[str]:
+        return {item.author for item in self.items.values()}
 
     def of(self, author: str) -> list[Standing]:
         return [item for item in self.items.values() if item.author == author]
@@ -143,3 +146,36 @@ class Standings:
 
     def figures(self) -> dict[str, int]:
         return {"active": len(self.items), "refused": len(self.refused), "list_failures": self.list_failures}
+
+
+class Follow:
+    """The ingest rounds of standing records: every ``interval`` seconds, and at once (well,
+    within a tenth of a second) when the firehose sees one of an author's schedule or trigger
+    records change (``touched``). The authors listed: those ingest polls, those the firehose
+    saw touch a standing record, and those whose records are kept already (so a delete is seen
+    in open mode too, where nobody is polled)."""
+
+    def __init__(self, syncs: list[tuple[Callable[[list[str]], Awaitable[None]], Callable[[], set[str]]]],
+                 authors: Callable[[], list[str]], interval: float) -> None:
+        self.syncs, self.authors, self.interval = syncs, authors, interval
+        self._touched: set[str] = set()
+        self._wake = asyncio.Event()
+
+    def touched(self, did: str) -> None:
+        self._touched.add(did)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            authors = set(self.authors()) | self._touched
+            for _, known in self.syncs:
+                authors |= known()
+            self._touched = set()
+            self._wake.clear()
+            for sync, _ in self.syncs:
+                await sync(sorted(authors))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+                await asyncio.sleep(0.1)  # let a burst of changes gather
+            except asyncio.TimeoutError:
+                pass

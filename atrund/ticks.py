@@ -98,9 +98,9 @@ class Ticks:
 
     async def sync(self, authors: list[str]) -> None:
         """One ingest round: take new, edited and deleted schedules of ``authors`` (and stop the
-        schedules of authors no longer among them)."""
+        schedules of authors no longer served)."""
         changed, gone = await self.standings.sync(authors)
-        for author in {item.author for item in self.standings.items.values()} - set(authors):
+        for author in {a for a in self.standings.authors() if not self.policy.allows(a)}:  # no longer served
             gone += self.standings.forget_author(author)
         now = self.clock()
         for item in changed:
@@ -178,12 +178,6 @@ class Ticks:
                 await asyncio.wait_for(self._wake.wait(), timeout=min(wait if wait is not None else MAX_SLEEP, MAX_SLEEP))
             except asyncio.TimeoutError:
                 pass
-
-    async def follow(self, authors: Callable[[], list[str]], interval: float) -> None:
-        """The sync loop: every ``interval`` seconds, an ingest round of schedule records."""
-        while True:
-            await self.sync(authors())
-            await asyncio.sleep(interval)
 
     def figures(self) -> dict[str, Any]:
         return {**self.standings.figures(), "ticks": self.ticks, "skipped": self.skipped}

@@ -193,6 +193,24 @@ def created_records(body: dict[str, Any], paths: list[tuple[str, bytes]], key: S
     return records
 
 
+def deleted_paths(body: dict[str, Any], paths: list[str], key: SigningKey) -> None:
+    """Prove that each of ``paths`` is absent from the tree of the signed commit (a delete the
+    commit claims). Raises ProofError when a path is still there or the commit does not verify,
+    Incomplete when a block is missing."""
+    if not body.get("blocks") or body.get("tooBig"):
+        raise Incomplete("the frame carries no blocks (a tooBig commit)")
+    car, commit_cid, did = body["blocks"], body.get("commit"), body.get("repo")
+    if not isinstance(car, bytes) or not isinstance(commit_cid, bytes) or not isinstance(did, str):
+        raise ProofError("the frame's blocks, commit or repo is not of the type a commit frame has (bytes, a CID, a DID)")
+    blocks = read_car(car)
+    commit = verify_commit(blocks, commit_cid, did, key)
+    if not isinstance(commit.get("data"), bytes):
+        raise ProofError(f"the commit of {did} names no repo tree (data)")
+    for path in paths:
+        if mst_lookup(blocks, commit["data"], path) is not None:
+            raise ProofError(f"{path} is still in the signed repo tree: not deleted")
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
