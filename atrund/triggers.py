@@ -1,6 +1,6 @@
 """Triggers: dev.atrun.trigger records, fired by matching records on the firehose.
 
-    firehose frame ─ bytes hold a followed collection? ─ no ─▶ skipped undecoded (as before)
+    firehose frame ─ an op path's collection followed? ─ no ─▶ skipped undecoded (as before)
                                      │ yes
          ops of a followed collection and action, by an author the trigger names (``wants``)
                                      │
@@ -9,9 +9,10 @@
          per-trigger gate: backlog (full: dropped, counted) ─▶ stored pending ─▶ released at
          the trigger's rate ─▶ atrund.runs (fairness, per-author limits, at most once)
 
-The runner follows only the collections some live trigger names (``needles``: the bytes
-``collection/`` every op path of that collection holds), so frames of every other collection
-stay on the firehose's undecoded fast path. ``[triggers] max_collections`` bounds the needles.
+The runner follows only the collections some live trigger names (``followed``): the firehose
+reads the collection of each op path straight from a frame's bytes and looks it up in that set
+(atrund.ingest.firehose ``op_collections``), so frames of every other collection stay on its
+undecoded fast path, at a cost that does not grow with the number of triggers.
 
 A firing is a row of ``invocations`` keyed by records.firing_key(trigger URI, event URI, event
 CID): stored before it is queued, it runs at most once, and a replayed frame (a reconnect, a
@@ -104,7 +105,7 @@ class Triggers:
         self.standings = Standings("trigger", TRIGGER, state, repos, runner_did, settings.max_per_author, self._problem)
         self.live: dict[str, _Live] = {}
         self.by_collection: dict[str, list[_Live]] = {}
-        self.needles: tuple[bytes, ...] = ()
+        self.followed: frozenset[bytes] = frozenset()  # the collections triggers name, as the frames' bytes spell them
         self.fired = 0
         self.dropped = 0
         self._wake = asyncio.Event()
@@ -159,7 +160,7 @@ class Triggers:
             for c in live.record.collections:
                 by.setdefault(c, []).append(live)
         self.by_collection = by
-        self.needles = tuple(f"{c}/".encode() for c in sorted(by))
+        self.followed = frozenset(c.encode() for c in by)
 
     def _burst(self) -> float:
         return max(1.0, self.settings.per_minute)
@@ -169,6 +170,10 @@ class Triggers:
         changed, gone = await self.standings.sync(authors)
         for author in {a for a in self.standings.authors() if not self.policy.allows(a)}:  # no longer served
             gone += self.standings.forget_author(author)
+        self.apply(changed, gone)
+
+    def apply(self, changed: list[Standing], gone: list[Standing]) -> None:
+        """Follow new and edited triggers (kept in the store), and stop the gone ones."""
         for item in changed:
             self.state.keep_standing("trigger", item)
             self._take(item)

@@ -176,4 +176,4 @@ async def test_a_trigger_on_everything_is_refused(author, make_runner, reader):
     await until(lambda: fine in runner.app.triggers.live, "the valid trigger taken")
     assert star not in runner.app.triggers.live
     assert "no wildcards" in runner.app.triggers.standings.refused[star][1]
-    assert runner.app.triggers.needles == (b"app.bsky.feed.like/",)
+    assert runner.app.triggers.followed == {b"app.bsky.feed.like"}
