@@ -248,14 +248,19 @@ class Invocation(Record):
     secrets: list[SealedSecret] | None = Field(default=None, max_length=32)
 
 
-class Schedule(Record):
-    """dev.atrun.schedule: a bundle's endpoint on a timetable (atrund.timetable reads it)."""
+class _Standing(Record):
+    """What a schedule and a trigger ask for alike: a runner to call a bundle's endpoint."""
 
     runner: str = Field(pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]+$")
     bundle: StrongRef
     endpoint: Text(128) = Field(min_length=1)
     created_at: str
     args: dict[str, Any] | None = None
+
+
+class Schedule(_Standing):
+    """dev.atrun.schedule: a bundle's endpoint on a timetable (atrund.timetable reads it)."""
+
     cron: Text(256) | None = None
     timezone: Text(64) | None = None
     interval_seconds: int | None = Field(default=None, ge=1)
@@ -264,15 +269,10 @@ class Schedule(Record):
     catch_up: Text(64) | None = None
 
 
-class Trigger(Record):
+class Trigger(_Standing):
     """dev.atrun.trigger: a bundle's endpoint fired by matching records of the network (atrund.triggers)."""
 
-    runner: str = Field(pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]+$")
-    bundle: StrongRef
-    endpoint: Text(128) = Field(min_length=1)
     collections: list[Text(317)] = Field(min_length=1, max_length=16)
-    created_at: str
-    args: dict[str, Any] | None = None
     actions: list[Text(16)] | None = Field(default=None, max_length=3)
     authors: list[Text(2048)] | None = Field(default=None, max_length=100)
     subject: Text(64) | None = None

@@ -10,6 +10,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -35,6 +36,14 @@ def _author_did(author: str | None) -> str:
     if not did or not did.startswith("did:"):
         raise click.UsageError("give --author DID (or set ATRUND_IDENTIFIER to your DID)")
     return did
+
+
+async def _list(author: str | None, plc_url: str, collection: str, describe: Callable[..., dict[str, Any]]) -> None:
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    did = _author_did(author)
+    async with client.reader(plc_url) as repos:
+        records = await client.list_standing(repos, did, collection)
+    emit([describe(r.get("uri"), r.get("cid"), r.get("value") or {}) for r in records])
 
 
 async def _delete(uri: str, collection: str, pds: str | None, identifier: str, password: str, plc_url: str) -> None:
@@ -111,11 +120,7 @@ async def schedule_create(bundle_uri: str, runner_did: str, endpoint: str, args_
 @run_async
 async def schedule_list(author: str | None, plc_url: str) -> None:
     """List an author's schedules with their next run (no login)."""
-    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
-    did = _author_did(author)
-    async with client.reader(plc_url) as repos:
-        records = await client.list_standing(repos, did, SCHEDULE)
-    emit([_describe_schedule(r.get("uri"), r.get("cid"), r.get("value") or {}) for r in records])
+    await _list(author, plc_url, SCHEDULE, _describe_schedule)
 
 
 @schedule.command("delete")
@@ -185,11 +190,7 @@ async def trigger_create(bundle_uri: str, runner_did: str, endpoint: str, args_j
 @run_async
 async def trigger_list(author: str | None, plc_url: str) -> None:
     """List an author's triggers with their filters (no login)."""
-    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
-    did = _author_did(author)
-    async with client.reader(plc_url) as repos:
-        records = await client.list_standing(repos, did, TRIGGER)
-    emit([_describe_trigger(r.get("uri"), r.get("cid"), r.get("value") or {}) for r in records])
+    await _list(author, plc_url, TRIGGER, _describe_trigger)
 
 
 @trigger.command("delete")
