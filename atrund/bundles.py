@@ -18,10 +18,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from atrund import bounds
+from atrund.atproto.lru import LRU
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
 from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
 from atrund.records import BUNDLE, Bundle, StrongRef, field_errors
+
+MEMORY_ENTRIES = 256  # verified bundles kept in memory (each a parsed record and a path)
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,21 @@ class BundleStore:
         self.records_dir = cache_dir / "records"
         self.blobs_dir = cache_dir / "blobs"
         self.max_bytes = max_bytes
+        # What a (URI, CID) pair proves never changes: a hot bundle is parsed once, not per request.
+        self._verified: LRU[tuple[str, str], VerifiedBundle] = LRU(MEMORY_ENTRIES)
 
     async def get(self, ref: StrongRef) -> VerifiedBundle:
+        hit = self._verified.get((ref.uri, ref.cid))
+        if hit is not None and hit.code_path.exists():  # the disk cache may have been cleared under us
+            return hit
         uri = AtUri.parse(ref.uri)
         if uri.collection != BUNDLE:
             raise BundleRefused(f"bundle.uri names a {uri.collection} record, not a {BUNDLE}")
         record = self.parse(await self._record(uri, ref.cid))
         code_path = await self._blob(uri.did, record)
-        return VerifiedBundle(ref=ref, record=record, code_path=code_path)
+        verified = VerifiedBundle(ref=ref, record=record, code_path=code_path)
+        self._verified.put((ref.uri, ref.cid), verified)
+        return verified
 
     async def _record(self, uri: AtUri, cid: str) -> dict:
         # Keyed by URI and CID: a cached record proves what one repo held, not what another holds.

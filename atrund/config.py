@@ -223,6 +223,15 @@ class ExecutorSection(Section):
     isolation: str = Field(default=AUTO, description=f"one of {', '.join(NAMES)}")
     warm: int = Field(default=2, ge=0, description="warm workers kept per runtime")
     warm_by_runtime: dict[str, int] = Field(default={}, description="per-runtime override of warm, e.g. {deno = 0}")
+    reuse: Literal["bundle", "never"] = Field(
+        default="bundle", description="keep a worker for the next request of the same bundle, grants and secrets; "
+                                      "never: a new worker for every request")
+    max_requests: int = Field(default=1000, ge=1, description="requests one reused worker serves before it is replaced")
+    max_idle_seconds: float = Field(default=60, ge=0, description="a hot worker idle this long is stopped")
+    hot_max: int = Field(default=16, ge=0, description="hot workers kept in all; the least recently used go first")
+    hot_memory_mb: int = Field(default=2048, ge=0, description="memory of all hot workers together; least recently used go first")
+    memory_high_water_percent: int = Field(default=75, ge=1, le=100,
+                                           description="a worker holding more than this share of memory_mb is replaced")
     concurrency: int = Field(default=4, ge=1)
     default_timeout: int = Field(default=30, ge=1)
     max_timeout: int = Field(default=300, ge=1)

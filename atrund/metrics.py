@@ -93,11 +93,14 @@ class _Live:
         for runtime, n in sorted(pool.warm.items()):
             warm.add_metric([runtime], n)
         yield warm
+        yield GaugeMetricFamily("atrund_pool_hot_workers", "Workers kept for the next request of their bundle", value=pool.hot)
         yield GaugeMetricFamily("atrund_pool_busy_workers", "Workers running a request", value=pool.busy)
         for name, value, doc in (("completed", pool.completed, "Requests that ended in success"),
                                  ("failed", pool.failed, "Requests that ended in a failure of the bundle"),
                                  ("timeouts", pool.timeouts, "Requests killed at their deadline"),
-                                 ("cold_starts", pool.cold_starts, "Requests that found no warm worker")):
+                                 ("cold_starts", pool.cold_starts, "Requests that found no hot or warm worker"),
+                                 ("hot_hits", pool.hot_hits, "Requests served by a worker kept from an earlier request"),
+                                 ("retired", pool.retired, "Workers that answered cleanly but were not kept")):
             yield CounterMetricFamily(f"atrund_pool_{name}", doc, value=value)
         denied = CounterMetricFamily("atrund_denials", "Authors or callers the access policy refused, by where they came from",
                                      labels=["source"])

@@ -1,15 +1,19 @@
-"""Executor benchmark: cold start, warm round trip and throughput, per runtime and backend.
+"""Executor benchmark: cold start, warm and hot round trips and throughput, per runtime and backend.
 
 Method (all on this machine, in one run, so the figures are comparable):
-- cold: a pool with no warm workers; time from execute() to the answer (spawn, runtime start,
-  ready line, request, answer).
-- warm: a pool kept warm; time from execute() to the answer with a worker already waiting.
-  Calls are spaced so the refill of the pool does not compete with the measured call.
+- cold: a pool with no warm workers and reuse off; time from execute() to the answer (spawn,
+  runtime start, ready line, request, answer).
+- warm: a pool kept warm, reuse off; time from execute() to the answer with a worker already
+  waiting (it still loads the bundle). Calls are spaced so the refill of the pool does not
+  compete with the measured call.
+- hot: reuse on (the default); the same bundle again and again, so every request after the
+  first goes to the worker that served the one before, bundle loaded (the first is not counted).
 - bare start: the runtime's own start of an empty program (`python3 -I -S -c pass`,
   `deno run` of an empty file, `node` of an empty file), the floor any fresh process pays.
 - in-process: the endpoint called in an already-running interpreter (Python only), so that
   "runner overhead" = warm round trip - in-process call.
-- throughput: M trivial invocations through a pool at concurrency 2 and 8 (warm = concurrency).
+- throughput: M trivial invocations through a pool at concurrency 2 and 8 (warm = concurrency),
+  reuse on.
 
     .venv/bin/python bench/executors.py [-n 30] [--runtimes python,deno,node] [--backends none,process]
 """
@@ -57,8 +61,8 @@ def bare_start(runtime: str, program: str, tmp: Path, n: int) -> float:
     return statistics.median(times)
 
 
-async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int) -> list[float]:
-    executor = create_executor(ExecutorSection(warm=warm, isolation=backend, concurrency=max(warm, 1)))
+async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int, reuse: str = "never") -> list[float]:
+    executor = create_executor(ExecutorSection(warm=warm, isolation=backend, concurrency=max(warm, 1), reuse=reuse))
     if warm:
         await executor.warm(warm)
     times = []
@@ -69,7 +73,7 @@ async def round_trips(runtime: str, backend: str, code: Path, n: int, warm: int)
             r = await executor.execute(req, runtime)
             times.append((time.perf_counter() - t) * 1000)
             assert r.success, r.error
-            if warm:
+            if warm and reuse == "never":
                 for _ in range(200):  # let the refill finish so it does not compete with the next call
                     if executor.stats().warm[runtime] >= warm:
                         break
@@ -119,7 +123,8 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="atrund-bench-"))
     baseline = in_process_call_ms()
     print(f"in-process call of the Python endpoint: {baseline * 1000:.2f} µs")
-    header = f"{'runtime':8} {'backend':8} {'bare p50':>9} {'cold p50':>9} {'cold p95':>9} {'warm p50':>9} {'warm p95':>9} {'warm/bare':>9} {'overhead':>9} {'c=2 /s':>8} {'c=8 /s':>8}"
+    header = (f"{'runtime':8} {'backend':8} {'bare p50':>9} {'cold p50':>9} {'cold p95':>9} {'warm p50':>9} {'warm p95':>9} "
+              f"{'hot p50':>9} {'hot p95':>9} {'overhead':>9} {'c=2 /s':>8} {'c=8 /s':>8}")
     print(header)
     print("-" * len(header))
     for rt_name in opts.runtimes.split(","):
@@ -134,14 +139,15 @@ async def main() -> None:
         for backend in opts.backends.split(","):
             cold = await round_trips(rt_name, backend, code, opts.n, warm=0)
             warm = await round_trips(rt_name, backend, code, opts.n, warm=2)
+            hot = (await round_trips(rt_name, backend, code, opts.n + 1, warm=0, reuse="bundle"))[1:]
             tp2 = await throughput(rt_name, backend, code, opts.throughput, 2) if opts.throughput else 0
             tp8 = await throughput(rt_name, backend, code, opts.throughput, 8) if opts.throughput else 0
-            w50 = statistics.median(warm)
-            overhead = f"{w50 - baseline:.2f}" if rt_name == "python" else "-"
+            h50 = statistics.median(hot)
+            overhead = f"{h50 - baseline:.2f}" if rt_name == "python" else "-"
             print(f"{rt_name:8} {backend:8} {bare:9.1f} {statistics.median(cold):9.1f} {pct(cold, .95):9.1f} "
-                  f"{w50:9.2f} {pct(warm, .95):9.2f} {w50 / bare:9.2f} {overhead:>9} {tp2:8.1f} {tp8:8.1f}")
-    print("ms unless noted; warm/bare: warm round trip over the runtime's bare process start; "
-          "overhead: warm round trip minus the in-process call (target <= 3 ms for Python).")
+                  f"{statistics.median(warm):9.2f} {pct(warm, .95):9.2f} {h50:9.2f} {pct(hot, .95):9.2f} {overhead:>9} "
+                  f"{tp2:8.1f} {tp8:8.1f}")
+    print("ms unless noted; overhead: hot round trip minus the in-process call of the same endpoint.")
 
 
 if __name__ == "__main__":

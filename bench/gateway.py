@@ -1,4 +1,5 @@
-"""HTTP gateway benchmark: requests per second and latency of a trivial handleRequest, warm pool.
+"""HTTP gateway benchmark: requests per second and latency of a trivial handleRequest, with hot
+workers (reuse on) and without (reuse off), beside a bare aiohttp server, in one run.
 
     .venv/bin/python bench/gateway.py                 # 400 requests, 4 at a time
     .venv/bin/python bench/gateway.py -n 1000 -c 8 --warm 8 --concurrency 8
@@ -9,29 +10,33 @@ Method
    publish a Python bundle whose handleRequest returns a fixed 200 "hi".
 2. Start the runner as a real subprocess (``atrund serve``) with the gateway on a free loopback
    port, ``[executor] warm`` and ``concurrency`` from the flags, and a rate limit far above what
-   is measured. Wait for /healthz.
+   is measured. Wait for /healthz. This is done twice, one runner after the other: with
+   ``[executor] reuse = "bundle"`` (hot workers, the default) and with ``reuse = "never"``.
 3. Warm-up (not counted): 2 x concurrency requests, so the bundle is fetched, verified and
    cached and the pool is warm.
 4. Measure, closed loop: ``-c`` clients, each sending its next request when the previous answer
    arrived, until ``-n`` requests are answered. Latency = request sent -> whole body read, per
    request (aiohttp client, one keep-alive connection per client). Requests/s = n / wall time.
-   Three targets, in the same run:
-   - ``gateway latest``: /{did}/{rkey}/ - the latest bundle version (its CID is trusted for
-     ``latest_cache_seconds``, default 5 s, so most requests do not ask the PDS);
-   - ``gateway ?cid=``: pinned, no PDS lookups at all;
+   Targets, in the same run:
+   - ``hot latest``: /{did}/{rkey}/ - the latest bundle version (its CID is trusted for
+     ``latest_cache_seconds``, default 5 s, so most requests do not ask the PDS), reuse on;
+   - ``hot ?cid=``: pinned, no PDS lookups at all, reuse on;
+   - ``never ?cid=``: pinned, reuse off (a fresh worker per request, as before hot workers);
    - ``aiohttp hello``: a bare aiohttp server (subprocess) answering "hi" - the floor of this
      client and of aiohttp on this machine; the ratio says what running a bundle costs.
    Every answer should be 200 with body "hi"; others are counted and shown, and make the exit
    status 1 (the figures are printed all the same).
 
-Each gateway request runs in a fresh worker (one request per worker process, never reused), so
-the gateway figures are bounded by how fast the pool can start workers, not by HTTP.
+With reuse on, a request goes to a hot worker of the bundle, so the figure is the runner's own
+request path plus one round trip to a waiting process; with reuse off it is bounded by how fast
+the pool can start workers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import statistics
@@ -122,67 +127,82 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="atrund-gw-bench-") as tmp, LocalStack(data_dir=Path(tmp) / "stack") as stack:
         d = Path(tmp)
-        author, runner = stack.create_account("author"), stack.create_account("runner")
+        author, runner_account = stack.create_account("author"), stack.create_account("runner")
         session = await Session.login(stack.pds_url, author.handle, author.app_password)
         published = await client.publish(session, None, HANDLER.encode(), "python")
         uri, cid = published.uri, published.cid
         await session.close()
         rkey = uri.rsplit("/", 1)[1]
 
-        port, hello_port = free_port(), free_port()
-        (d / "pw").write_text(runner.app_password)
-        isolation = f'isolation = "{opts.isolation}"\n' if opts.isolation else ""
-        (d / "config.toml").write_text(
-            f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n'
-            f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.did}"]\n'
-            f"[executor]\nwarm = {opts.warm}\nconcurrency = {opts.concurrency}\n{isolation}"
-            f'[gateway]\nlisten = "127.0.0.1:{port}"\nrate_per_minute = 10000000.0\nburst = 1000000\n'
-            '[state]\ndir = "state"\n'
-        )
-        log = open(d / "runner.log", "wb")
-        serve = subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(d / "config.toml"), "--json-logs"],
-                                 stdout=log, stderr=log, cwd=ROOT)
+        hello_port = free_port()
         hello = subprocess.Popen([sys.executable, "-c", HELLO_SERVER, str(hello_port)], cwd=ROOT)
+        results, health = {}, {}
         try:
-            base = f"http://127.0.0.1:{port}"
-            await wait_up(f"{base}/healthz", serve)
             await wait_up(f"http://127.0.0.1:{hello_port}/", hello)
-            targets = {
-                "gateway latest": f"{base}/{author.did}/{rkey}/",
-                "gateway ?cid=": f"{base}/{author.did}/{rkey}/?cid={cid}",
-                "aiohttp hello": f"http://127.0.0.1:{hello_port}/",
-            }
-            await measure(targets["gateway latest"], 2 * opts.clients, opts.clients)  # warm-up, not counted
-            results = {name: await measure(url, opts.n, opts.clients) for name, url in targets.items()}
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"{base}/healthz") as r:
-                    health = await r.json()
+            for reuse in ("bundle", "never"):
+                name = "hot" if reuse == "bundle" else "never"
+                async with runner(d / reuse, stack, runner_account, author, opts, reuse) as base:
+                    pinned = f"{base}/{author.did}/{rkey}/?cid={cid}"
+                    await measure(pinned, 2 * opts.clients, opts.clients)  # warm-up, not counted
+                    if reuse == "bundle":
+                        results["hot latest"] = await measure(f"{base}/{author.did}/{rkey}/", opts.n, opts.clients)
+                    results[f"{name} ?cid="] = await measure(pinned, opts.n, opts.clients)
+                    async with aiohttp.ClientSession() as http:
+                        async with http.get(f"{base}/healthz") as r:
+                            health[name] = (await r.json())["pool"]
+            results["aiohttp hello"] = await measure(f"http://127.0.0.1:{hello_port}/", opts.n, opts.clients)
         finally:
-            for proc in (serve, hello):
-                proc.terminate()
-                proc.wait(30)
-            log.close()
-            problems = [line for line in (d / "runner.log").read_text(errors="replace").splitlines()
-                        if '"level": "error"' in line or '"level": "warning"' in line]
-            if problems:
-                print(f"runner log: {len(problems)} warnings/errors, e.g.:", *problems[:5], sep="\n  ", file=sys.stderr)
+            hello.terminate()
+            hello.wait(30)
 
     print(f"gateway bench: {opts.n} requests per target, {opts.clients} in flight; runner warm={opts.warm} "
-          f"concurrency={opts.concurrency} isolation={health['pool']['isolation']}")
+          f"concurrency={opts.concurrency} isolation={health['hot']['isolation']}")
     print(f"{'target':<16} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'not 200':>8}")
     for name, r in results.items():
         print(f"{name:<16} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['max_ms']:>8.1f} {r['bad']:>8}")
         if r["bad"]:
             print(f"  e.g. {r['bad_example']}")
     floor = results["aiohttp hello"]["rps"]
-    for name in ("gateway latest", "gateway ?cid="):
+    for name in ("hot latest", "hot ?cid=", "never ?cid="):
         print(f"{name}: {results[name]['rps'] / floor:.3f} x the bare aiohttp server's requests/s")
-    print(f"pool after the run: cold starts {health['pool']['coldStarts']}, completed {health['pool']['completed']}, "
-          f"p50 {health['pool']['latencyP50Ms']} ms, p95 {health['pool']['latencyP95Ms']} ms (worker round trip)")
+    for name, pool in health.items():
+        print(f"pool ({name}) after the run: cold starts {pool['coldStarts']}, hot hits {pool.get('hotHits')}, "
+              f"completed {pool['completed']}, p50 {pool['latencyP50Ms']} ms, p95 {pool['latencyP95Ms']} ms (worker round trip)")
     if opts.json:
-        print(json.dumps({"options": vars(opts), "results": results, "pool": health["pool"]}))
+        print(json.dumps({"options": vars(opts), "results": results, "pool": health}))
     if any(r["bad"] for r in results.values()):
         sys.exit(1)
+
+
+@contextlib.asynccontextmanager
+async def runner(d: Path, stack, account, author, opts, reuse: str):
+    """``atrund serve`` for ``account`` with its gateway on a free port; yields the gateway's URL."""
+    d.mkdir()
+    port = free_port()
+    (d / "pw").write_text(account.app_password)
+    isolation = f'isolation = "{opts.isolation}"\n' if opts.isolation else ""
+    (d / "config.toml").write_text(
+        f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{account.handle}"\npassword_file = "pw"\n'
+        f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.did}"]\n'
+        f'[executor]\nwarm = {opts.warm}\nconcurrency = {opts.concurrency}\nreuse = "{reuse}"\n{isolation}'
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\nrate_per_minute = 10000000.0\nburst = 1000000\n'
+        '[state]\ndir = "state"\n'
+    )
+    log = open(d / "runner.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(d / "config.toml"), "--json-logs"],
+                             stdout=log, stderr=log, cwd=d)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await wait_up(f"{base}/healthz", serve)
+        yield base
+    finally:
+        serve.terminate()
+        serve.wait(30)
+        log.close()
+        problems = [line for line in (d / "runner.log").read_text(errors="replace").splitlines()
+                    if '"level": "error"' in line or '"level": "warning"' in line]
+        if problems:
+            print(f"runner log ({reuse}): {len(problems)} warnings/errors, e.g.:", *problems[:5], sep="\n  ", file=sys.stderr)
 
 
 if __name__ == "__main__":

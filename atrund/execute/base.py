@@ -21,5 +21,8 @@ class PoolStats:
     failed: int = 0
     timeouts: int = 0
     cold_starts: int = 0
+    hot: int = 0  # workers kept for the next request of their reuse key
+    hot_hits: int = 0  # requests served by such a worker
+    retired: int = 0  # workers that answered cleanly but were not kept (why: the pool's debug log)
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.pool import Backend, Worker
+from atrund.execute.pool import Backend, Worker, cpu_limit
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
 
@@ -39,6 +39,9 @@ class DirectWorker(Worker):
 
     def exited(self) -> int | None:
         return self.process.returncode
+
+    def root_pid(self) -> int | None:
+        return self.process.pid  # setpriv execs the runtime: this is at-run-exec itself
 
     async def wait_exit(self, timeout: float) -> None:
         try:
@@ -69,7 +72,7 @@ class DirectWorker(Worker):
 
 def _limits(settings, runtime: Runtime) -> list[tuple[int, int]]:
     mem = data_limit(settings, runtime)
-    cpu = settings.max_timeout + 1
+    cpu = cpu_limit(settings)
     return [
         (resource.RLIMIT_DATA, mem),
         (resource.RLIMIT_CPU, cpu),

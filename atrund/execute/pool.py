@@ -1,11 +1,20 @@
 """The worker pool: everything about running a request that is the same for every backend.
 
 A backend only knows how to start an at-run-exec worker and how to kill it (``Backend``).
-Deadlines, the answer-size cap, warm workers, slot accounting, statistics and turning every
-way a worker can fail into an ExecResponse are written once, here.
+Deadlines, the answer-size cap, warm and hot workers, slot accounting, statistics and turning
+every way a worker can fail into an ExecResponse are written once, here.
 
-One worker serves exactly one request: untrusted code never shares a process with another
-invocation. "Warm" means started and waiting for its request.
+Reuse. A worker that has answered a request cleanly is kept ("hot") for the next request with
+the same reuse key (``reuse_key``: runtime, bundle, grants and secrets; the backend is the
+pool's own), never for another key: two requests that differ in any of those never share a
+process. A request goes to a hot worker of its key, else to a warm one (started ahead, with the
+default fence, and not yet given a bundle), else to a worker started for it (a cold start).
+A worker is discarded instead of kept when its answer was not clean (deadline, crash, output
+cap, protocol error), when the bundle left a thread or process running, when the runner cannot
+give it a fresh CPU budget, when it passed its memory high-water mark or served
+``max_requests``; idle hot workers are killed after ``max_idle_seconds`` and the least recently
+used beyond ``hot_max`` / ``hot_memory_mb``. ``reuse = "never"`` gives every request a worker of
+its own, as before reuse existed.
 """
 
 from __future__ import annotations
@@ -13,14 +22,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import json
 import signal
 import statistics
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import structlog
 
 from atrund.bounds import Malformed
+from atrund.execute import procs
 from atrund.execute.base import ExecutorError, PoolStats
 from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_answer, parse_ready
 from atrund.execute.runtimes import Runtime, load_runtimes
@@ -41,6 +54,7 @@ class Worker(ABC):
     stdin: asyncio.StreamWriter
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
+    overhead = 0  # processes the backend runs above the runtime's own (an init), counted from root_pid()
 
     def stage(self, code_path: str) -> str:
         """Make the bundle file reachable by the worker; returns the path the worker sees."""
@@ -70,6 +84,45 @@ class Worker(ABC):
     def diagnostics(self) -> str:
         """What the backend saw of a worker that did not start (e.g. a VM's console), if anything."""
         return ""
+
+    # -- what reuse needs to see from outside (procs.py); a backend that cannot see the worker's
+    # processes keeps the defaults, and its workers serve one request each.
+
+    def root_pid(self) -> int | None:
+        """The pid, in the runner's view, at the top of the worker's processes; None if the runner
+        cannot see them (a remote engine, a VM)."""
+        return None
+
+    def census(self, runtime: Runtime) -> Census:
+        """What the worker holds once it has answered, read from outside, in one pass over its
+        processes (this runs between every two requests of a hot worker)."""
+        root = self.root_pid()
+        if root is None:
+            return Census(left=None, cpu=None, memory=None)
+        pids = procs.tree(root)
+        runs_bundle = pids[self.overhead] if len(pids) > self.overhead else None
+        return Census(left=leftovers(len(pids) - self.overhead, procs.threads(runs_bundle) if runs_bundle else 1, runtime),
+                      cpu=procs.cpu_spent(pids), memory=procs.rss_bytes(pids))
+
+
+@dataclass
+class Census:
+    left: str | None  # what the bundle left running, or None
+    cpu: float | None  # the most CPU time one process of the worker has used; None: cannot tell
+    memory: int | None  # bytes the worker holds, if the backend can tell
+
+
+def leftovers(processes: int, threads: int, runtime: Runtime) -> str | None:
+    """What a worker runs beyond at-run-exec (and the runtime's own program, if it has one),
+    from its count of processes below the backend's own and of threads in the process that runs
+    the bundle (at-run-exec itself, for a runtime without a program: deno's and node's threads
+    are the runtime's business)."""
+    expected = 1 + (runtime.program is not None)
+    if processes > expected:
+        return f"{processes - expected} process(es) still running"
+    if runtime.program is None and threads > 1:
+        return "a thread still running"
+    return None
 
 
 class Backend(ABC):
@@ -110,6 +163,70 @@ class Backend(ABC):
         return None
 
 
+def cpu_budget(settings) -> int:
+    """CPU seconds one request may use in any one process: max_timeout + 1."""
+    return settings.max_timeout + 1
+
+
+def cpu_limit(settings) -> int:
+    """The hard RLIMIT_CPU a worker starts with: one budget, or two when it may be reused (the
+    pool retires it before less than one is left; no one can raise a hard limit later)."""
+    return cpu_budget(settings) * (2 if settings.reuse == "bundle" else 1)
+
+
+def reuse_key(runtime: str, request: ExecRequest) -> str:
+    """The key a hot worker serves: the runtime, the bundle (its code path names the blob's CID),
+    the grants and a fingerprint of the secrets. Not the invoker or the args: results are public
+    records, and a bundle's globals are its own (docs/threat-model.md, reuse). Secrets are in it,
+    so one invoker's sealed secrets never reach a process that serves another's."""
+    grants = request.permissions.model_dump()
+    secrets = hashlib.sha256(json.dumps(sorted(request.env.items())).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([runtime, request.code_path, grants, secrets]).encode()).hexdigest()
+
+
+class _Output:
+    """A worker's stderr, drained for as long as the worker lives (a full pipe would stall it),
+    keeping the last STDERR_TAIL bytes since the current request began: the bundle's last words
+    if it crashes."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.buf = bytearray()
+        self.task = asyncio.ensure_future(self._drain(stream))
+
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError, ValueError):
+            while chunk := await stream.read(65536):
+                self.buf += chunk
+                del self.buf[:-STDERR_TAIL]
+
+    async def ended(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the stream to end (a daemon the bundle started may hold it)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+
+    def text(self) -> str:
+        return self.buf.decode("utf-8", "replace").strip()
+
+
+class _Lease:
+    """The pool's bookkeeping of one worker: how it was started, whom it serves, how much."""
+
+    def __init__(self, worker: Worker, runtime: Runtime, reuse: bool) -> None:
+        self.worker = worker
+        self.runtime = runtime
+        self.reuse = reuse  # the ready line said it serves several requests
+        self.output = _Output(worker.stderr)
+        self.key: str | None = None
+        self.served = 0
+        self.staged: tuple[str, str] | None = None  # (code path, the path the worker sees)
+        self.idle_since = 0.0
+        self.memory = 0
+
+    async def kill(self) -> None:
+        self.output.task.cancel()
+        await self.worker.kill()
+
+
 class WorkerPool:
     """The executor of the seed's interface: ``execute``, ``stats``, ``warm``, ``drain`` and
     ``shutdown``, over one backend. ``runtimes`` is what it can run (name -> Runtime)."""
@@ -120,11 +237,14 @@ class WorkerPool:
         self.monitor = backend.monitor_name  # what the runner record states beside the isolation
         self.settings = settings
         self.runtimes = load_runtimes(settings.runtimes_dir)
-        self._warm: dict[str, collections.deque[Worker]] = {name: collections.deque() for name in self.runtimes}
+        self._warm: dict[str, collections.deque[_Lease]] = {name: collections.deque() for name in self.runtimes}
+        # Hot workers by reuse key, least recently used key first; each key's idle workers.
+        self._hot: collections.OrderedDict[str, collections.deque[_Lease]] = collections.OrderedDict()
         self._warm_target = 0
         self._warming = False  # warm() was called: keep the pool topped up
         self._starting: collections.Counter[str] = collections.Counter()
         self._refills: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
         self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -147,16 +267,16 @@ class WorkerPool:
         while not self._closed and len(self._warm[runtime]) + self._starting[runtime] < self._target(runtime):
             self._starting[runtime] += 1
             try:
-                worker = await self._start(self.runtimes[runtime])
+                lease = await self._start(self.runtimes[runtime])
             except ExecutorError as e:
                 log.warning("warm worker failed to start", runtime=runtime, error=str(e))
                 return
             finally:
                 self._starting[runtime] -= 1
             if self._closed:
-                await worker.kill()
+                await lease.kill()
                 return
-            self._warm[runtime].append(worker)
+            self._warm[runtime].append(lease)
 
     def _schedule_refill(self, runtime: str) -> None:
         if self._warming and not self._closed:
@@ -167,72 +287,166 @@ class WorkerPool:
         self._refills.add(task)
         task.add_done_callback(self._refills.discard)
 
+    def _discard(self, lease: _Lease) -> None:
+        """Kill a worker off the caller's path (killing, unmounting, removing take time)."""
+        self._track(asyncio.ensure_future(lease.kill()))
+
     async def drain(self) -> None:
         """Stop handing out work and wait for running requests to finish."""
         self._closed = True
         await self._idle.wait()
-        await self._release_warm()  # nothing is handed out any more: warm workers would only wait
+        await self._release_idle()  # nothing is handed out any more: waiting workers would only wait
 
     async def shutdown(self) -> None:
-        """Kill every warm worker and close the backend (which kills what it still runs)."""
+        """Kill every waiting worker and close the backend (which kills what it still runs)."""
         self._closed = True
-        await self._release_warm()
+        await self._release_idle()
         await self.backend.close()
 
-    async def _release_warm(self) -> None:
+    async def _release_idle(self) -> None:
         # Refills stop at _closed; teardowns are let finish (they kill processes, remove containers).
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await asyncio.gather(*self._refills, return_exceptions=True)
-        workers = [w for q in self._warm.values() for w in q]
+        leases = [lease for q in (*self._warm.values(), *self._hot.values()) for lease in q]
         for q in self._warm.values():
             q.clear()
-        await asyncio.gather(*(w.kill() for w in workers), return_exceptions=True)
+        self._hot.clear()
+        await asyncio.gather(*(lease.kill() for lease in leases), return_exceptions=True)
 
     def stats(self) -> PoolStats:
         lat = sorted(self._latencies)
         return PoolStats(
             isolation=self.isolation,
             warm={name: len(q) for name, q in self._warm.items()},
+            hot=sum(len(q) for q in self._hot.values()),
             busy=self._busy,
             completed=self._counts["completed"],
             failed=self._counts["failed"],
             timeouts=self._counts["timeouts"],
             cold_starts=self._counts["cold"],
+            hot_hits=self._counts["hot"],
+            retired=self._counts["retired"],
             latency_p50_ms=round(statistics.median(lat), 1) if lat else None,
             latency_p95_ms=round(lat[int(0.95 * (len(lat) - 1))], 1) if lat else None,
         )
 
-    # -- one request ---------------------------------------------------------------------
+    # -- taking a worker -----------------------------------------------------------------
 
-    async def _start(self, runtime: Runtime, permissions: ExecPermissions = NO_PERMISSIONS) -> Worker:
+    async def _start(self, runtime: Runtime, permissions: ExecPermissions = NO_PERMISSIONS) -> _Lease:
         worker = await self.backend.spawn(runtime, self.settings, permissions)
         try:
             line = await asyncio.wait_for(worker.stdout.readline(), self.backend.ready_timeout)
         except (asyncio.TimeoutError, ValueError):
             line = b""
-        if not parse_ready(line):
+        reuse = parse_ready(line)
+        if reuse is None:
             await worker.kill()  # first: a worker that hangs would never end its stderr
             err = await _tail(worker.stderr)
             extra = worker.diagnostics()
             raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}" + (f"; {extra}" if extra else ""))
-        return worker
+        return _Lease(worker, runtime, reuse)
 
-    async def _take(self, runtime: Runtime, permissions: ExecPermissions) -> Worker:
-        """A warm worker if the request needs no more than the default fence, else a new one."""
-        fenced = ExecPermissions(net=permissions.net, read=permissions.read, write=permissions.write)
-        if fenced != NO_PERMISSIONS:
-            self._counts["cold"] += 1
-            return await self._start(runtime, fenced)
-        queue = self._warm[runtime.name]
-        while queue:
-            worker = queue.popleft()
-            if worker.exited() is None:
-                return worker
-            await worker.kill()  # died while waiting (OOM killer, operator); not the bundle's fault
+    async def _take(self, runtime: Runtime, request: ExecRequest, key: str | None) -> _Lease:
+        """A hot worker of the key, else a warm one if the request needs no more than the
+        default fence, else a new one."""
+        if key is not None and (lease := self._hot_one(key)) is not None:
+            self._counts["hot"] += 1
+            return lease
+        fenced = ExecPermissions(net=request.permissions.net, read=request.permissions.read, write=request.permissions.write)
+        if fenced == NO_PERMISSIONS:
+            self._schedule_refill(runtime.name)  # off the caller's path: spawning forks in this thread
+            queue = self._warm[runtime.name]
+            while queue:
+                lease = queue.popleft()
+                if lease.worker.exited() is None:
+                    return lease
+                await lease.kill()  # died while waiting (OOM killer, operator); not the bundle's fault
         self._counts["cold"] += 1
-        return await self._start(runtime)
+        return await self._start(runtime, fenced)
+
+    def _hot_one(self, key: str) -> _Lease | None:
+        queue = self._hot.get(key)
+        while queue:
+            lease = queue.pop()  # the most recently used: the others may idle out
+            if not queue:
+                del self._hot[key]
+            if lease.worker.exited() is None and time.monotonic() - lease.idle_since <= self.settings.max_idle_seconds:
+                return lease
+            self._discard(lease)
+            queue = self._hot.get(key)
+        return None
+
+    # -- giving it back ------------------------------------------------------------------
+
+    def _keep(self, lease: _Lease, key: str | None, response: ExecResponse, clean: bool) -> bool:
+        """Shelve the worker for the next request of its key, or say why it goes."""
+        retire = response.retire
+        response.retire = None  # the worker's word to the pool, not part of the answer
+        if key is None or not lease.reuse or not clean or self._closed:
+            return False
+        why = None
+        if retire:
+            why = "the bundle left a thread or process running (the worker said so)"
+        elif lease.served >= self.settings.max_requests:
+            why = f"served max_requests ({self.settings.max_requests})"
+        elif lease.worker.exited() is not None:
+            why = "it exited after answering"
+        else:
+            census = lease.worker.census(lease.runtime)
+            high_water = self.settings.memory_high_water_percent * (self.settings.memory_mb << 20) // 100
+            lease.memory = census.memory or 0
+            if census.left:
+                why = f"the bundle left {census.left}"
+            elif census.cpu is None:
+                why = "the runner cannot see its CPU time on this backend"
+            elif census.cpu > cpu_budget(self.settings):
+                why = f"it has used {census.cpu:.0f} CPU-s: less than a request's budget is left of its limit"
+            elif lease.memory > high_water:
+                why = f"it holds {lease.memory >> 20} MiB, past the high-water mark of {high_water >> 20} MiB"
+        if why is not None:
+            self._counts["retired"] += 1
+            log.debug("worker retired", runtime=lease.runtime.name, served=lease.served, why=why)
+            return False
+        lease.key = key
+        lease.idle_since = time.monotonic()
+        self._hot.setdefault(key, collections.deque()).append(lease)
+        self._hot.move_to_end(key)
+        self._evict()
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep())
+        return True
+
+    def _evict(self) -> None:
+        """Least recently used keys' workers go first, until both caps hold."""
+        cap_memory = self.settings.hot_memory_mb << 20
+        while self._hot:
+            count = sum(len(q) for q in self._hot.values())
+            memory = sum(lease.memory for q in self._hot.values() for lease in q)
+            if count <= self.settings.hot_max and memory <= cap_memory:
+                return
+            key, queue = next(iter(self._hot.items()))
+            self._discard(queue.popleft())
+            if not queue:
+                del self._hot[key]
+
+    async def _sweep(self) -> None:
+        """Kill hot workers idle longer than max_idle_seconds, while there are any."""
+        idle = self.settings.max_idle_seconds
+        while self._hot and not self._closed:
+            await asyncio.sleep(max(0.5, min(idle / 2, 10.0)))
+            now = time.monotonic()
+            for key in list(self._hot):
+                queue = self._hot[key]
+                while queue and now - queue[0].idle_since > idle:
+                    self._discard(queue.popleft())
+                if not queue:
+                    del self._hot[key]
+
+    # -- one request ---------------------------------------------------------------------
 
     async def execute(self, request: ExecRequest, runtime: str) -> ExecResponse:
-        """Run one request in a fresh worker of ``runtime``.
+        """Run one request: in a hot worker of its reuse key, a warm one, or a new one.
 
         The seed passes a MIME type to pick the runtime; a bundle record names its runtime
         explicitly, so that name is what selects the worker here."""
@@ -241,18 +455,19 @@ class WorkerPool:
         rt = self.runtimes.get(runtime)
         if rt is None:
             return _fail(f"runtime {runtime!r} is not offered here (offered: {', '.join(self.runtimes)})", "UnknownRuntime")
+        key = reuse_key(rt.name, request) if self.settings.reuse == "bundle" else None
         self._busy += 1
         self._idle.clear()
         started = time.monotonic()
         try:
-            worker = await self._take(rt, request.permissions)
+            lease = await self._take(rt, request, key)
+            kept = False
             try:
-                response = await self._run(worker, request)
+                response, clean = await self._run(lease, request)
+                kept = self._keep(lease, key, response, clean)
             finally:
-                # The answer is in hand: tear the worker down and start its replacement, both off
-                # the caller's path (spawning forks in this thread, so it must not delay the answer).
-                self._track(asyncio.ensure_future(worker.kill()))
-                self._schedule_refill(rt.name)
+                if not kept:
+                    self._discard(lease)
         finally:
             self._busy -= 1
             if self._busy == 0:
@@ -263,65 +478,68 @@ class WorkerPool:
             self._counts["timeouts"] += 1
         return response
 
-    async def _run(self, worker: Worker, request: ExecRequest) -> ExecResponse:
-        stderr_tail = asyncio.create_task(_tail(worker.stderr))
-        request = request.model_copy(update={"code_path": worker.stage(request.code_path)})
+    async def _run(self, lease: _Lease, request: ExecRequest) -> tuple[ExecResponse, bool]:
+        """The worker's answer, and whether it was clean: an answer line that follows the
+        protocol (the bundle may still have failed), so the worker may serve again."""
+        worker = lease.worker
+        if lease.staged is None or lease.staged[0] != request.code_path:
+            lease.staged = (request.code_path, worker.stage(request.code_path))
+        request = request.model_copy(update={"code_path": lease.staged[1]})
+        lease.served += 1
+        lease.output.buf.clear()
         try:
             worker.stdin.write(request.to_json().encode() + b"\n")
             await worker.stdin.drain()
-            worker.stdin.close()
+            if not lease.reuse:
+                worker.stdin.close()
         except (ConnectionError, BrokenPipeError):
             pass  # the worker is gone; reading its answer below says how
         try:
             line = await asyncio.wait_for(worker.stdout.readline(), request.timeout)
         except asyncio.TimeoutError:
-            stderr_tail.cancel()
-            return _fail(f"timed out after {request.timeout} s", "Timeout", timed_out=True, elapsed_s=request.timeout)
+            return _fail(f"timed out after {request.timeout} s", "Timeout", timed_out=True, elapsed_s=request.timeout), False
         except ValueError:  # asyncio's StreamReader limit: the line is longer than allowed
-            stderr_tail.cancel()
-            return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge")
+            return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge"), False
         if not line:
             await worker.wait_exit(EXIT_GRACE)  # read its exit status before we kill it ourselves
-            with contextlib.suppress(asyncio.TimeoutError):  # its last words, unless a daemon holds stderr
-                await asyncio.wait_for(asyncio.shield(stderr_tail), EXIT_GRACE)
+            await lease.output.ended(EXIT_GRACE)  # its last words, unless a daemon holds stderr
             await worker.kill()
             if why := worker.lost():  # not the bundle's doing: an infrastructure failure
-                stderr_tail.cancel()
                 raise ExecutorError(f"the {self.isolation} worker was lost before it answered: {why}")
-            tail = stderr_tail.result() if stderr_tail.done() else ""
+            tail = lease.output.text()
             if worker.out_of_memory():
                 return _fail(f"the bundle ran out of memory (limit {self.settings.memory_mb} MiB) before answering"
-                             + (f"; its last output: {tail}" if tail else ""), "MemoryError")
-            code = worker.exited()
-            how = _exit_description(code)
-            return _fail(f"the bundle process {how} before answering" + (f"; its last output: {tail}" if tail else ""), "Crash")
-        stderr_tail.cancel()
+                             + (f"; its last output: {tail}" if tail else ""), "MemoryError"), False
+            how = _exit_description(worker.exited())
+            return _fail(f"the bundle process {how} before answering" + (f"; its last output: {tail}" if tail else ""), "Crash"), False
         if len(line) > self.settings.max_output_bytes:
-            return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge")
+            return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge"), False
         return _checked(line, request.timeout)
 
 
-def _checked(line: bytes, timeout: int) -> ExecResponse:
+def _checked(line: bytes, timeout: int) -> tuple[ExecResponse, bool]:
     """The worker's answer line, checked as the untrusted data it is (bundle code shares the
     worker with the wrapper that writes it): it must match the protocol schema, strictly (see
     protocol.parse_answer); its metrics cannot exceed the time the runner allowed the run;
     a return value no record could hold (a lone surrogate, see records.data_problem) is refused
     here, once, for every consumer (results, XRPC, the gateway, ``atrund exec``). Text meant for
-    people (error, HTTP headers and body) arrives with lone surrogates replaced (parse_answer)."""
+    people (error, HTTP headers and body) arrives with lone surrogates replaced (parse_answer).
+    An answer that breaks the protocol is not clean: its worker is not given another request."""
     try:
         response = parse_answer(line)
     except Malformed as e:
-        return _fail(f"at-run-exec answered with something that is not an ExecResponse: {e}", "ProtocolError")
+        return _fail(f"at-run-exec answered with something that is not an ExecResponse: {e}", "ProtocolError"), False
     limit = timeout * 1000 + METRIC_SLACK_MS
     for name, value in response.metrics.model_dump(by_alias=True, exclude_none=True).items():
         if value > limit:
             return _fail(f"at-run-exec answered with something that is not an ExecResponse: metrics.{name}: must be an "
-                         f"integer between 0 and {limit} (the request's timeout plus {METRIC_SLACK_MS} ms)", "ProtocolError")
+                         f"integer between 0 and {limit} (the request's timeout plus {METRIC_SLACK_MS} ms)", "ProtocolError"), False
     if response.success and (problem := data_problem(response.data)):
         refused = _fail(f"the return value {problem}", "InvalidReturnValue")
         refused.metrics = response.metrics
-        return refused
-    return response
+        refused.retire = response.retire
+        return refused, True
+    return response, True
 
 
 def _exit_description(code: int | None) -> str:

@@ -1,7 +1,10 @@
 """The at-run-exec protocol: the one definition of ExecRequest and ExecResponse.
 
 Framing: the worker writes ``{"ready": true}`` + newline on stdout when started, reads one
-ExecRequest JSON line on stdin, writes one ExecResponse JSON line on stdout, and exits.
+ExecRequest JSON line on stdin, writes one ExecResponse JSON line on stdout, and exits. A worker
+that can serve several requests of one reuse key says so in its ready line
+(``{"ready": true, "reuse": true}``): it then reads the next request line after each answer, and
+exits when stdin ends. The runner decides whether it gets another (docs/protocol.md §7.1).
 ``nix/runtimes/exec-protocol.schema.json`` is exported from these models (``atrund schema``);
 a test keeps it current.
 
@@ -127,17 +130,27 @@ class ExecResponse(_Msg):
     error_type: _text(MAX_ERROR_TYPE_CHARS) | None = Field(  # type: ignore[valid-type]
         default=None, description="exception or failure class, e.g. ZeroDivisionError, Timeout")
     timed_out: StrictBool | None = Field(default=None, description="set by the runner when the deadline killed the worker")
+    retire: StrictBool | None = Field(
+        default=None, description="set by a worker that serves several requests when it must not get another "
+                                  "(the bundle left a thread or child running); the runner discards it")
     metrics: ExecMetrics = ExecMetrics()
 
 
 READY = {"ready": True}
+READY_FOR_MANY = {"ready": True, "reuse": True}
 
 
-def parse_ready(line: bytes) -> bool:
+def parse_ready(line: bytes) -> bool | None:
+    """None if ``line`` is not a ready line: the JSON object ``{"ready": true}``, optionally with
+    ``"reuse"`` a boolean and nothing else. Else whether the worker serves several requests."""
     try:
-        return bounds.loads(line, "the ready line") == READY
+        value = bounds.loads(line, "the ready line")
     except bounds.Malformed:
-        return False
+        return None
+    if not isinstance(value, dict) or value.get("ready") is not True or not set(value) <= {"ready", "reuse"}:
+        return None
+    reuse = value.get("reuse", False)
+    return reuse if type(reuse) is bool else None
 
 
 def _where(loc: tuple) -> str:

@@ -232,7 +232,7 @@ async def test_warm_pool_refills_and_shutdown_leaves_no_process(isolation, tmp_p
 
 def _handles(executor) -> list:
     """What identifies the warm python workers: process ids, or container ids."""
-    return [getattr(w, "id", None) or w.process.pid for w in executor._warm["python"]]
+    return [getattr(lease.worker, "id", None) or lease.worker.process.pid for lease in executor._warm["python"]]
 
 
 async def _containers(ids: list[str]) -> list[str]:

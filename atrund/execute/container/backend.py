@@ -34,7 +34,7 @@ from pathlib import Path
 import structlog
 
 from atrund.execute.base import ExecutorError
-from atrund.execute.pool import Backend, Worker, feed_stderr
+from atrund.execute.pool import Backend, Worker, cpu_limit, feed_stderr
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime, expand
 from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
@@ -152,6 +152,8 @@ class _Stdin:
 
 
 class ContainerWorker(Worker):
+    overhead = 1  # the engine's init (init=True), PID 1 of the container
+
     def __init__(self, backend: "ContainerBackend", container_id: str, bundle_dir: Path, sock, limit: int) -> None:
         self.backend = backend
         self.id = container_id
@@ -167,6 +169,7 @@ class ContainerWorker(Worker):
         self._status: asyncio.Task | None = None
         self._pump: asyncio.Task | None = None
         self._killed = False
+        self._pid: int | None = None  # the container's init, as this host sees it (see root_pid)
 
     async def attach(self) -> None:
         raw = getattr(self._sock, "_sock", self._sock)  # the socket under the SDK's SocketIO
@@ -217,6 +220,24 @@ class ContainerWorker(Worker):
         shutil.copyfile(code_path, self.bundle_dir / name)
         os.chmod(self.bundle_dir / name, 0o444)
         return f"{BUNDLE_DIR_IN_CONTAINER}/{name}"
+
+    async def find_pid(self) -> None:
+        """Where the runner can see the container's processes (a local engine, not gVisor, whose
+        sandbox hides them): its init's pid here, so reuse can check what a request left behind
+        and what CPU it spent. Otherwise the worker serves one request only."""
+        if self.backend.settings.container.runtime == "runsc":
+            return
+        state = (await self.backend.engine.call("inspect a container", self.backend.engine.client.api.inspect_container, self.id))["State"]
+        pid = int(state.get("Pid") or 0)
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                if pid > 0 and self.id in f.read():
+                    self._pid = pid
+        except OSError:
+            pass  # an engine on another host, or in another PID namespace
+
+    def root_pid(self) -> int | None:
+        return self._pid
 
     def exited(self) -> int | None:
         if self._exit is not None:
@@ -344,7 +365,7 @@ class ContainerBackend(Backend):
             ulimits=[
                 # As for the other backends: a runaway allocation is a MemoryError, not an OOM kill.
                 Ulimit(name="data", soft=data, hard=data),
-                Ulimit(name="cpu", soft=s.max_timeout + 1, hard=s.max_timeout + 1),
+                Ulimit(name="cpu", soft=cpu_limit(s), hard=cpu_limit(s)),
                 Ulimit(name="fsize", soft=64 << 20, hard=64 << 20),
                 Ulimit(name="nofile", soft=256, hard=256),
                 Ulimit(name="core", soft=0, hard=0),
@@ -388,6 +409,8 @@ class ContainerBackend(Backend):
             worker = ContainerWorker(self, container_id, bundle_dir, sock, settings.max_output_bytes + 4096)
             await worker.attach()
             await self.engine.call("start a container", api.start, container_id)
+            if settings.reuse == "bundle":
+                await worker.find_pid()
             return worker
         except BaseException:
             if worker is not None:

@@ -43,7 +43,7 @@ from atrund.execute.base import ExecutorError
 from atrund.execute.microvm.firecracker import Firecracker
 from atrund.execute.microvm.qemu import TCG_KERNEL_ARGS, Qemu, accelerator, qemu_version
 from atrund.execute.microvm.vm import Monitor, VmSpec
-from atrund.execute.pool import Backend, Worker, feed_stderr
+from atrund.execute.pool import Backend, Census, Worker, feed_stderr
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
 from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
@@ -94,6 +94,7 @@ class VmWorker(Worker):
         self._tasks: list[asyncio.Task] = []
         self.console = bytearray()
         self._killed = False
+        self._left = ""  # what atrun-init found running after the last answer (an L frame)
         self._tasks.append(asyncio.ensure_future(self._read_console()))
 
     async def _read_console(self) -> None:
@@ -128,6 +129,8 @@ class VmWorker(Worker):
                     self.stdout.feed_data(payload)
                 elif kind == b"E":
                     feed_stderr(self.stderr, payload)
+                elif kind == b"L":
+                    self._left = payload.decode("utf-8", "replace")[:200]
                 elif kind == b"M":
                     self._oom = int(payload or b"0")
                 elif kind == b"X":
@@ -157,6 +160,12 @@ class VmWorker(Worker):
 
     def out_of_memory(self) -> bool:
         return self._oom > 0
+
+    def census(self, runtime) -> Census:
+        """atrun-init, the guest's PID 1, looks at what runs when an answer line ends (the runner
+        cannot see into the VM). No per-process CPU limit in the guest: the VM's vCPUs and the
+        deadline bound it; the VM's memory is its own limit."""
+        return Census(left=self._left or None, cpu=0.0, memory=None)
 
     def lost(self) -> str | None:
         """The monitor failed (not the guest powering off after its program ended)."""

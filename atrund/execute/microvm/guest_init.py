@@ -1,7 +1,7 @@
 """PID 1 inside an atrund microVM (the ``microvm`` backend): copied into rootfs.ext4 as
 /sbin/atrun-init by ``atrund image build``. Stdlib only, run as ``python3 -I -S``.
 
-One VM serves one invocation. This program mounts what a runtime needs (the root filesystem
+One VM serves one worker: one request, or (with reuse) the requests of one reuse key. This program mounts what a runtime needs (the root filesystem
 itself is read-only), starts the runtime's at-run-exec as an unprivileged user with limits,
 and relays between at-run-exec and the host over ONE channel, in frames, so that nothing the
 bundle prints can ever be mistaken for the protocol: the bundle never holds the channel, only
@@ -13,6 +13,8 @@ Frames (both directions): one byte kind, four bytes big-endian length, payload.
                   I  bytes for at-run-exec's stdin
                   C  at-run-exec's stdin ends
   guest -> host   O  at-run-exec's stdout      E  its stderr
+                  L  what the bundle left running, found when an answer line ended (sent
+                     before that line's O frame, so the host knows it before the answer)
                   X  it ended: its exit code as text (negative: killed by that signal)
                   M  the guest kernel's OOM-kill count as text (sent before X)
 
@@ -115,6 +117,39 @@ def runtime_command(name):
     return out
 
 
+def left_running(pid, program):
+    """What runs besides at-run-exec (and the runtime's own program, if it has one) once an
+    answer is out: a process below it, an orphan handed to this init, a thread of the process
+    that runs the bundle. Empty if nothing."""
+    below, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                below += len(kids)
+                todo.extend(kids)
+        except OSError:
+            continue
+    try:
+        with open("/proc/1/task/1/children") as f:
+            orphans = [k for k in f.read().split() if int(k) != pid]
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return ""
+    if below > (1 if program else 0) or orphans:
+        return "a process still running"
+    if not program and threads > 1:
+        return "a thread still running"
+    return ""
+
+
+def has_program(name):
+    with open(f"{RUNTIMES}/{name}/runtime.json") as f:
+        return "program" in json.load(f)
+
+
 def start_worker(opts):
     """at-run-exec as the unprivileged uid, with pipes for stdin, stdout and stderr."""
     uid = int(opts.get("atrun.uid", "65534"))
@@ -153,7 +188,7 @@ def start_worker(opts):
     return pid, pipes[0][1], pipes[1][0], pipes[2][0]
 
 
-def relay(chan, pid, stdin, stdout, stderr):
+def relay(chan, pid, stdin, stdout, stderr, program=False):
     """Frames from the host to at-run-exec's stdin and the bundle file; its output to frames.
     Returns at-run-exec's exit code once it has ended and its output is drained."""
     buf = b""
@@ -212,6 +247,8 @@ def relay(chan, pid, stdin, stdout, stderr):
                 if data and fd == stderr and passed >= STDERR_PASS:
                     tail = (tail + data)[-STDERR_TAIL:]
                 elif data:
+                    if fd == stdout and b"\n" in data and (left := left_running(pid, program)):
+                        send(chan, b"L", left.encode())
                     send(chan, outputs[fd], data)
                     passed += len(data) if fd == stderr else 0
                 else:
@@ -234,7 +271,7 @@ def main():
     chan = open_channel(opts)
     oom_before = oom_kills()
     pid, stdin, stdout, stderr = start_worker(opts)
-    status = relay(chan, pid, stdin, stdout, stderr)
+    status = relay(chan, pid, stdin, stdout, stderr, has_program(opts.get("atrun.runtime", "python")))
     send(chan, b"M", str(oom_kills() - oom_before).encode())
     send(chan, b"X", str(status).encode())
     log(f"at-run-exec ended ({status})")

@@ -24,9 +24,10 @@ import signal
 import tempfile
 from pathlib import Path
 
+from atrund.execute import procs
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
-from atrund.execute.pool import Backend, Worker
+from atrund.execute.pool import Backend, Census, Worker, cpu_limit, leftovers
 from atrund.execute.protocol import ExecPermissions
 from atrund.execute.runtimes import Runtime
 from atrund.execute.workdir import owned_dir, work_root
@@ -154,6 +155,24 @@ class Cgroups:
         (pid / "pids.max").write_text(str(pids))
         return [str(mem / "cgroup.procs"), str(pid / "cgroup.procs")]
 
+    def members(self, name: str) -> tuple[list[int], int] | None:
+        """The worker's processes and its number of threads, or None without cgroups."""
+        if not self.available:
+            return None
+        try:
+            pids = [int(p) for p in (self.parents["pids"] / name / "cgroup.procs").read_text().split()]
+            tasks = len((self.parents["pids"] / name / "tasks").read_text().split())
+        except (OSError, ValueError):
+            return None
+        return pids, tasks
+
+    def usage(self, name: str) -> int | None:
+        """Memory the worker's whole tree holds now (its /tmp pages included)."""
+        try:
+            return int((self.parents["memory"] / name / "memory.usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+
     async def remove(self, name: str) -> None:
         if not self.available:
             return
@@ -191,6 +210,8 @@ def _worker_uid(name: str) -> int | None:
 
 
 class FencedWorker(DirectWorker):
+    overhead = 2  # unshare (our child) and the fence, PID 1 of the worker's namespace
+
     def __init__(self, process, workdir: Path, uid: int, uids: UidPool, cgroups: Cgroups) -> None:
         super().__init__(process, workdir)
         self.uid = uid
@@ -203,6 +224,17 @@ class FencedWorker(DirectWorker):
         shutil.copyfile(code_path, self.workdir / name)
         os.chmod(self.workdir / name, 0o444)
         return f"/tmp/{name}"
+
+    def census(self, runtime: Runtime) -> Census:
+        """From the worker's cgroups where there are some: its processes and threads in two
+        reads (the fence, PID 1 of the namespace, is one single-threaded process of them)."""
+        seen = self._cgroups.members(self.workdir.name)
+        if seen is None:
+            return super().census(runtime)
+        pids, tasks = seen
+        below = len(pids) - 1
+        return Census(left=leftovers(below, tasks - below, runtime), cpu=procs.cpu_spent(pids),
+                      memory=self._cgroups.usage(self.workdir.name))
 
     def kill_processes(self) -> None:
         # Kill unshare's child, the init of the worker's PID namespace, first: the kernel then
@@ -280,7 +312,7 @@ class ProcessBackend(Backend):
             "ports": ports_for(permissions.net),
             "rlimits": {
                 "DATA": data_limit(settings, runtime),
-                "CPU": settings.max_timeout + 1,
+                "CPU": cpu_limit(settings),
                 "FSIZE": 64 * 1024 * 1024,
                 "NOFILE": 256,
                 "NPROC": settings.max_processes,

@@ -1,8 +1,10 @@
 // The trusted wrapper for Deno bundles: Deno's main module, started by at-run-exec with the
-// flags of one request. It reads the job on stdin, opens the answer FIFO and gives up its own
-// write permission to it, then loads the bundle with a runtime-built import() (checked
-// against --allow-read, unlike a static import), calls the endpoint and writes one answer
-// line, prefixed with the job's token, on the FIFO. See at-run-exec for the whole picture.
+// flags of one reuse key (one bundle, one set of grants and secrets). It reads the first job on
+// stdin, opens the answer FIFO and gives up its own write permission to it, then loads the
+// bundle with a runtime-built import() (checked against --allow-read, unlike a static import),
+// calls the endpoint and writes one answer line, prefixed with the first job's token, on the
+// FIFO; then it serves each further job line (same bundle, no token) the same way, until stdin
+// ends. See at-run-exec for the whole picture.
 
 // -- the answer channel ----------------------------------------------------------------------
 // Bundle code runs in this realm and may rewrite any global or prototype before the wrapper
@@ -37,28 +39,33 @@ const encoder = new TextEncoder();
 const encode = encoder.encode.bind(encoder); // deno's encode: a brand check and a native op
 const now = performance.now.bind(performance);
 
-// Read synchronously: `new Response(Deno.stdin.readable)` would load the web streams code
-// first, about 20 ms here.
-function readStdin() {
-  const chunks = [];
-  let total = 0;
-  const buf = new Uint8Array(1 << 16);
+// Job lines, read synchronously: `new Response(Deno.stdin.readable)` would load the web streams
+// code first, about 20 ms here, and between two jobs nothing of the bundle should run.
+const readInput = Deno.stdin.readSync.bind(Deno.stdin);
+const parse = JSON.parse;
+const decoder = new TextDecoder();
+const decode = decoder.decode.bind(decoder);
+let input = new Uint8Array(0);
+
+function nextJob() {
   for (;;) {
-    const n = Deno.stdin.readSync(buf);
-    if (n === null) break;
-    chunks.push(buf.slice(0, n));
-    total += n;
+    const nl = input.indexOf(10);
+    if (nl >= 0) {
+      const line = input.slice(0, nl);
+      input = input.slice(nl + 1);
+      return parse(decode(line));
+    }
+    const buf = new Uint8Array(1 << 16);
+    const n = readInput(buf);
+    if (n === null) return null; // at-run-exec closed our stdin: the worker is done
+    const joined = new Uint8Array(input.length + n);
+    joined.set(input);
+    joined.set(buf.subarray(0, n), input.length);
+    input = joined;
   }
-  const all = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    all.set(c, off);
-    off += c.length;
-  }
-  return new TextDecoder().decode(all);
 }
 
-const job = JSON.parse(readStdin());
+const job = nextJob();
 const token = toText(job.token);
 const answerFile = Deno.openSync(job.answerPath, { write: true });
 const write = answerFile.writeSync.bind(answerFile);
@@ -70,7 +77,7 @@ const bundleUrl = (() => {
   return url.href;
 })();
 
-let answered = false;
+let settle = null; // ends the current job with its answer line; null once it has one
 let callStarted = null;
 let loadTimeMs;
 
@@ -112,9 +119,16 @@ function success(field, value, started = callStarted) {
   return `{"success":true${body},"metrics":${measured}}`;
 }
 
+// The current job's answer (the first one given wins: a failure from an error event may race
+// the call's own end).
 function answer(line) {
-  if (answered) return;
-  answered = true;
+  if (settle === null) return;
+  const done = settle;
+  settle = null;
+  done(line);
+}
+
+function send(line) {
   const bytes = encode(`\n${token}${line}\n`);
   const length = apply(byteLengthOf, bytes, []);
   let off = 0;
@@ -124,7 +138,6 @@ function answer(line) {
     const rest = off === 0 ? bytes : new Bytes(apply(bufferOf, bytes, []), apply(byteOffsetOf, bytes, []) + off, length - off);
     off += write(rest);
   }
-  realExit(0);
 }
 
 // JSON.stringify quietly turns NaN into null and drops functions; a return value that is not
@@ -302,55 +315,106 @@ function isEndpoint(value) {
   }
 }
 
-const loadStarted = now();
+// Timers the bundle starts are ended with the job that started them: nothing of one request
+// runs on into the next (I/O already in flight cannot be recalled; docs/threat-model.md).
+const realSetTimeout = setTimeout;
+const realSetInterval = setInterval;
+const realClearTimeout = clearTimeout;
+const timers = new Set();
+const addTimer = Set.prototype.add;
+const deleteTimer = Set.prototype.delete;
+const timerIds = Set.prototype.values;
+const clearSet = Set.prototype.clear;
+globalThis.setTimeout = (fn, delay, ...rest) => {
+  const id = apply(realSetTimeout, globalThis, [(...a) => {
+    apply(deleteTimer, timers, [id]);
+    if (typeof fn === "function") apply(fn, globalThis, a);
+  }, delay, ...rest]);
+  apply(addTimer, timers, [id]);
+  return id;
+};
+globalThis.setInterval = (fn, delay, ...rest) => {
+  const id = apply(realSetInterval, globalThis, [fn, delay, ...rest]);
+  apply(addTimer, timers, [id]);
+  return id;
+};
+function endTimers() {
+  for (const id of apply(timerIds, timers, [])) realClearTimeout(id);
+  apply(clearSet, timers, []);
+}
+// A Worker is a thread that would outlive the job: bundles get none.
+delete globalThis.Worker;
+
 let mod;
-try {
-  mod = await import(bundleUrl);
-} catch (e) {
-  // Deno reports a module that does not parse as a TypeError whose message is the
-  // parser's "SyntaxError: ..." diagnostic.
-  const parse = /^SyntaxError: ([^]*)$/.exec(message(e));
-  if (parse) {
-    answer(failure(`bundle does not compile: SyntaxError: ${parse[1].split("\n")[0]}${lineOf(e)}`, "SyntaxError", loadStarted));
+
+async function call(job) {
+  callStarted = null;
+  if (mod === undefined) {
+    const loadStarted = now();
+    try {
+      mod = await import(bundleUrl);
+    } catch (e) {
+      // Deno reports a module that does not parse as a TypeError whose message is the
+      // parser's "SyntaxError: ..." diagnostic.
+      const parsed = /^SyntaxError: ([^]*)$/.exec(message(e));
+      if (parsed) {
+        return failure(`bundle does not compile: SyntaxError: ${parsed[1].split("\n")[0]}${lineOf(e)}`, "SyntaxError", loadStarted);
+      }
+      const name = errorName(e);
+      const what = name === "SyntaxError" ? "bundle does not compile" : "bundle failed while loading";
+      return failure(`${what}: ${describe(e)}`, name, loadStarted);
+    }
+    loadTimeMs = ms(now() - loadStarted);
+  } else {
+    loadTimeMs = undefined;
   }
-  const name = errorName(e);
-  const what = name === "SyntaxError" ? "bundle does not compile" : "bundle failed while loading";
-  answer(failure(`${what}: ${describe(e)}`, name, loadStarted));
-}
-loadTimeMs = ms(now() - loadStarted);
 
-const endpoint = toText(job.endpoint);
-const names = Object.keys(mod).filter((k) => !k.startsWith("_") && k !== "default" && isEndpoint(mod[k])).sort();
-if (!names.includes(endpoint)) {
-  answer(failure(`unknown endpoint '${endpoint}': the bundle defines ${names.join(", ") || "none"}`, "UnknownEndpoint", null));
-}
+  const endpoint = toText(job.endpoint);
+  const names = Object.keys(mod).filter((k) => !k.startsWith("_") && k !== "default" && isEndpoint(mod[k])).sort();
+  if (!names.includes(endpoint)) {
+    return failure(`unknown endpoint '${endpoint}': the bundle defines ${names.join(", ") || "none"}`, "UnknownEndpoint", null);
+  }
 
-let args = job.args;
-if (endpoint === "handleRequest") {
+  let args = job.args;
+  if (endpoint === "handleRequest") {
+    try {
+      args = toRequest(args);
+    } catch (e) {
+      return failure(`handleRequest: the request cannot be made into a Request: ${describe(e)}`, errorName(e), null);
+    }
+  }
+
+  callStarted = now();
+  let value;
   try {
-    args = toRequest(args);
+    value = mod[endpoint](args);
+    if (value !== null && (typeof value === "object" || typeof value === "function") && typeof value.then === "function") {
+      value = await value;
+    }
   } catch (e) {
-    answer(failure(`handleRequest: the request cannot be made into a Request: ${describe(e)}`, errorName(e), null));
+    return failure(describe(e), errorName(e));
   }
+
+  if (endpoint === "handleRequest") {
+    let response;
+    try {
+      response = await shapeResponse(value);
+    } catch (e) {
+      return failure(`handleRequest: the response cannot be read: ${describe(e)}`, errorName(e));
+    }
+    if (response) return success("response", response);
+  }
+  return success("data", value);
 }
 
-callStarted = now();
-let value;
-try {
-  value = mod[endpoint](args);
-  if (value !== null && (typeof value === "object" || typeof value === "function") && typeof value.then === "function") {
-    value = await value;
-  }
-} catch (e) {
-  answer(failure(describe(e), errorName(e)));
+// One job after another, each answered before the next is read. Jobs after the first carry the
+// same bundle (at-run-exec checks), and no token.
+for (let next = job; next !== null; next = nextJob()) {
+  const line = await new Promise((resolve) => {
+    settle = resolve;
+    call(next).then(answer, (e) => answer(failure(describe(e), errorName(e))));
+  });
+  endTimers();
+  send(line);
 }
-
-let response = null;
-if (endpoint === "handleRequest") {
-  try {
-    response = await shapeResponse(value);
-  } catch (e) {
-    answer(failure(`handleRequest: the response cannot be read: ${describe(e)}`, errorName(e)));
-  }
-}
-answer(response ? success("response", response) : success("data", value));
+realExit(0);

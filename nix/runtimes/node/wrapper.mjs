@@ -1,7 +1,8 @@
 // The trusted wrapper for Node bundles: node's entry point, started by at-run-exec with the
-// --permission flags of one request. It reads the job on stdin, imports the bundle (.mjs),
-// calls the endpoint and writes one answer line, prefixed with the job's token, on fd 3.
-// See at-run-exec for the whole picture.
+// --permission flags of one reuse key (one bundle, one set of grants and secrets). It reads the
+// first job on stdin, imports the bundle (.mjs), calls the endpoint and writes one answer line,
+// prefixed with the first job's token, on fd 3; then it serves each further job line (same
+// bundle, no token) the same way, until stdin ends. See at-run-exec for the whole picture.
 
 import { Buffer } from "node:buffer";
 import fs from "node:fs";
@@ -38,11 +39,39 @@ const stringify = JSON.stringify;
 const sleepCell = new Int32Array(new SharedArrayBuffer(4));
 const wait = Atomics.wait;
 
-const job = JSON.parse(fs.readFileSync(0, "utf8"));
+const readSync = fs.readSync;
+const parse = JSON.parse;
+let input = Buffer.alloc(0);
+
+// The next job line from at-run-exec, or null when it closed our stdin. Read synchronously:
+// between two jobs nothing of the bundle should run.
+function nextJob() {
+  for (;;) {
+    const nl = input.indexOf(10);
+    if (nl >= 0) {
+      const line = input.subarray(0, nl).toString("utf8");
+      input = input.subarray(nl + 1);
+      return parse(line);
+    }
+    const buf = Buffer.alloc(1 << 16);
+    let n;
+    try {
+      n = readSync(0, buf, 0, buf.length, null);
+    } catch (e) {
+      if (e?.code !== "EAGAIN") throw e;
+      wait(sleepCell, 0, 0, 5);
+      continue;
+    }
+    if (n === 0) return null;
+    input = Buffer.concat([input, buf.subarray(0, n)]);
+  }
+}
+
+const job = nextJob();
 const token = toText(job.token);
 const bundleUrl = pathToFileURL(job.codePath).href;
 
-let answered = false;
+let settle = null; // ends the current job with its answer line; null once it has one
 let callStarted = null;
 let loadTimeMs;
 
@@ -84,9 +113,16 @@ function success(field, value, started = callStarted) {
   return `{"success":true${body},"metrics":${measured}}`;
 }
 
+// The current job's answer (the first one given wins: a failure from an error event may race
+// the call's own end).
 function answer(line) {
-  if (answered) return;
-  answered = true;
+  if (settle === null) return;
+  const done = settle;
+  settle = null;
+  done(line);
+}
+
+function send(line) {
   const bytes = encode(`\n${token}${line}\n`);
   const length = apply(byteLengthOf, bytes, []);
   // fs.writeSync reads buffer.byteLength, a prototype getter the bundle could redefine to see
@@ -101,7 +137,6 @@ function answer(line) {
       wait(sleepCell, 0, 0, 5);
     }
   }
-  realExit(0);
 }
 
 // JSON.stringify quietly turns NaN into null and drops functions; a return value that is not
@@ -240,40 +275,98 @@ function isEndpoint(value) {
   }
 }
 
-const loadStarted = now();
+// Timers the bundle starts are ended with the job that started them: nothing of one request
+// runs on into the next (I/O already in flight cannot be recalled; docs/threat-model.md).
+const realSetTimeout = setTimeout;
+const realSetInterval = setInterval;
+const realSetImmediate = setImmediate;
+const realClearTimeout = clearTimeout;
+const realClearImmediate = clearImmediate;
+const timers = new Set();
+const immediates = new Set();
+const addTo = Set.prototype.add;
+const deleteFrom = Set.prototype.delete;
+const valuesOf = Set.prototype.values;
+const clearSet = Set.prototype.clear;
+function tracked(start, set) {
+  return (fn, ...rest) => {
+    const handle = apply(start, globalThis, [(...a) => {
+      apply(deleteFrom, set, [handle]);
+      if (typeof fn === "function") apply(fn, globalThis, a);
+    }, ...rest]);
+    apply(addTo, set, [handle]);
+    return handle;
+  };
+}
+globalThis.setTimeout = tracked(realSetTimeout, timers);
+globalThis.setImmediate = tracked(realSetImmediate, immediates);
+globalThis.setInterval = (fn, ...rest) => {
+  const handle = apply(realSetInterval, globalThis, [fn, ...rest]);
+  apply(addTo, timers, [handle]);
+  return handle;
+};
+function endTimers() {
+  for (const t of apply(valuesOf, timers, [])) realClearTimeout(t);
+  for (const t of apply(valuesOf, immediates, [])) realClearImmediate(t);
+  apply(clearSet, timers, []);
+  apply(clearSet, immediates, []);
+}
+
 let mod;
-try {
-  mod = await import(bundleUrl);
-} catch (e) {
-  const name = errorName(e);
-  const what = name === "SyntaxError" ? "bundle does not compile" : "bundle failed while loading";
-  answer(failure(`${what}: ${describe(e)}`, name, loadStarted));
-}
-loadTimeMs = ms(now() - loadStarted);
 
-const endpoint = toText(job.endpoint);
-const names = Object.keys(mod).filter((k) => !k.startsWith("_") && k !== "default" && isEndpoint(mod[k])).sort();
-if (!names.includes(endpoint)) {
-  answer(failure(`unknown endpoint '${endpoint}': the bundle defines ${names.join(", ") || "none"}`, "UnknownEndpoint", null));
-}
-
-callStarted = now();
-let value;
-try {
-  value = mod[endpoint](job.args);
-  if (value !== null && (typeof value === "object" || typeof value === "function") && typeof value.then === "function") {
-    value = await value;
+async function call(job) {
+  callStarted = null;
+  if (mod === undefined) {
+    const loadStarted = now();
+    try {
+      mod = await import(bundleUrl);
+    } catch (e) {
+      const name = errorName(e);
+      const what = name === "SyntaxError" ? "bundle does not compile" : "bundle failed while loading";
+      return failure(`${what}: ${describe(e)}`, name, loadStarted);
+    }
+    loadTimeMs = ms(now() - loadStarted);
+  } else {
+    loadTimeMs = undefined;
   }
-} catch (e) {
-  answer(failure(describe(e), errorName(e)));
-}
 
-let response = null;
-if (endpoint === "handleRequest") {
+  const endpoint = toText(job.endpoint);
+  const names = Object.keys(mod).filter((k) => !k.startsWith("_") && k !== "default" && isEndpoint(mod[k])).sort();
+  if (!names.includes(endpoint)) {
+    return failure(`unknown endpoint '${endpoint}': the bundle defines ${names.join(", ") || "none"}`, "UnknownEndpoint", null);
+  }
+
+  callStarted = now();
+  let value;
   try {
-    response = await shapeResponse(value);
+    value = mod[endpoint](job.args);
+    if (value !== null && (typeof value === "object" || typeof value === "function") && typeof value.then === "function") {
+      value = await value;
+    }
   } catch (e) {
-    answer(failure(`handleRequest: the response cannot be read: ${describe(e)}`, errorName(e)));
+    return failure(describe(e), errorName(e));
   }
+
+  if (endpoint === "handleRequest") {
+    let response;
+    try {
+      response = await shapeResponse(value);
+    } catch (e) {
+      return failure(`handleRequest: the response cannot be read: ${describe(e)}`, errorName(e));
+    }
+    if (response) return success("response", response);
+  }
+  return success("data", value);
 }
-answer(response ? success("response", response) : success("data", value));
+
+// One job after another, each answered before the next is read. Jobs after the first carry the
+// same bundle (at-run-exec checks), and no token.
+for (let next = job; next !== null; next = nextJob()) {
+  const line = await new Promise((resolve) => {
+    settle = resolve;
+    call(next).then(answer, (e) => answer(failure(describe(e), errorName(e))));
+  });
+  endTimers();
+  send(line);
+}
+realExit(0);

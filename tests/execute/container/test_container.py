@@ -55,7 +55,7 @@ async def test_a_worker_container_is_hardened(isolation, client):
     executor = create_executor(executor_settings(isolation, warm=1, memory_mb=200, tmp_mb=8, max_processes=32, container={"cpus": 0.5}))
     await executor.warm(1)
     try:
-        worker = executor._warm["python"][0]
+        worker = executor._warm["python"][0].worker
         attrs = client.api.inspect_container(worker.id)
     finally:
         await executor.shutdown()
@@ -170,7 +170,7 @@ async def test_a_container_killed_mid_run_is_explained_and_the_pool_recovers(iso
     await executor.warm(1)
     try:
         slow = ExecRequest(code_path=bundle(tmp_path, "import time\ndef main(a):\n    time.sleep(30)\n"), endpoint="main", timeout=60)
-        taken = executor._warm["python"][0].id  # ready and waiting: the request goes straight in
+        taken = executor._warm["python"][0].worker.id  # ready and waiting: the request goes straight in
         running = asyncio.ensure_future(executor.execute(slow, "python"))
         await asyncio.sleep(1.0)
         client.containers.get(taken).kill()
