@@ -113,8 +113,8 @@ class App:
         if cfg.triggers.enabled and ingest.mode == "firehose":  # triggers match what the firehose carries
             self.triggers = Triggers(self.state, self.repos, self.policy, session.did, self.runs.submit, cfg.triggers)
             syncs.append((self.triggers.sync, self.triggers.standings.authors))
-        if syncs:
-            self.follow = Follow(syncs, self._poll_authors, ingest.poll_interval)
+        if syncs:  # with a firehose, a change is ingested when the stream shows it: listing is only the rescan
+            self.follow = Follow(syncs, self._poll_authors, interval)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or r.pds.replace("https://", "wss://").replace("http://", "ws://")
             self.firehose = Firehose(url, self.repos, self.intake, self.triggers,

@@ -149,9 +149,9 @@ class Standings:
 
 
 class Follow:
-    """The ingest rounds of standing records: every ``interval`` seconds, and at once (well,
-    within a tenth of a second) when the firehose sees one of an author's schedule or trigger
-    records change (``touched``). The authors listed: those ingest polls, those the firehose
+    """The ingest rounds of standing records: every ``interval`` seconds (poll mode: the poll
+    interval; firehose mode: the rescan interval), and at once (within a tenth of a second) when
+    the firehose sees one of an author's schedule or trigger records change (``touched``). The authors listed: those ingest polls, those the firehose
     saw touch a standing record, and those whose records are kept already (so a delete is seen
     in open mode too, where nobody is polled)."""
 

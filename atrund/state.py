@@ -322,12 +322,18 @@ class State:
             return cur.rowcount
 
     @_translated
-    def add_tick(self, schedule: Standing, key: str, value: dict[str, Any], next_at: float | None) -> bool:
-        """Store one tick of ``schedule`` as a pending run (False if that tick was stored before:
-        a tick runs at most once) and move the schedule on to ``next_at``, in one transaction."""
+    def add_ticks(self, ticks: list[tuple[Standing, str, dict[str, Any], float | None]]) -> list[str]:
+        """Store ticks (schedule, key, value, the schedule's next tick) as pending runs and move
+        each schedule on, in one transaction (one fsync however many ticks fall due together).
+        Returns the keys that were new: a tick stored before is not stored again (it runs at
+        most once)."""
+        new = []
         with self._tx():
-            new = self.accept(key, schedule.author, schedule.cid, value)
-            self.db.execute("UPDATE standing SET next_at = ? WHERE uri = ? AND cid = ?", (next_at, schedule.uri, schedule.cid))
+            for schedule, key, value, next_at in ticks:
+                if self.accept(key, schedule.author, schedule.cid, value):
+                    new.append(key)
+                self.db.execute("UPDATE standing SET next_at = ? WHERE uri = ? AND cid = ?",
+                                (next_at, schedule.uri, schedule.cid))
         return new
 
     @_translated

@@ -2,14 +2,14 @@
 
     schedule records ─ sync (each ingest round) ─▶ Standings ─▶ timetable (atrund.timetable)
                                                                     │ due (+ jitter)
-    tick loop ─ access check ─ state.add_tick (pending run + next tick, one transaction) ─▶ submit
+    tick loop ─ access check ─ state.add_ticks (pending runs + next ticks, one transaction) ─▶ submit
 
 A tick is a row of the same ``invocations`` table an invocation record makes, keyed by
 records.tick_key(schedule URI, scheduled time), and ``submit`` queues it on atrund.runs: so it
 takes the same path (the fairness and per-author limits of atrund.schedule, the claim that runs
 it at most once, an ``interrupted`` result if the runner stops while it runs, its result at
-result_rkey(tick key)). ``add_tick`` inserts the tick only if it is new, in the same
-transaction that moves the schedule to its next tick: across restarts (and a crash between any
+result_rkey(tick key)). ``add_ticks`` inserts a tick only if it is new, in the same
+transaction that moves the schedule to its next tick (the ticks due together share it): across restarts (and a crash between any
 two steps) a tick is stored once, so it runs at most once.
 
 Missed ticks: at start-up, a schedule whose next tick passed while the runner was down follows
@@ -125,22 +125,32 @@ class Ticks:
     # -- the tick loop --------------------------------------------------------------------
 
     def due(self, now: float) -> float | None:
-        """Queue every tick due at ``now``; returns the seconds until the next one is due."""
+        """Queue every tick due at ``now`` (stored in one transaction); returns the seconds until
+        the next one is due."""
         wait = None
+        ticks = []
         for item in list(self.standings.items.values()):
             if item.next_at is None:
                 continue
             start = item.next_at + self.jitter(item.uri)
             if start <= now:
-                self._tick(item, now)
-                item = self.standings.items.get(item.uri, item)
+                tick = self._tick(item, now)
+                if tick is not None:
+                    ticks.append(tick)
+                item = self.standings.items[item.uri]
                 if item.next_at is None:
                     continue
                 start = item.next_at + self.jitter(item.uri)
             wait = start - now if wait is None else min(wait, start - now)
+        if ticks:
+            for key in self.state.add_ticks(ticks):
+                self.ticks += 1
+                self.submit(key)
         return None if wait is None else max(0.0, wait)
 
-    def _tick(self, item: Standing, now: float) -> None:
+    def _tick(self, item: Standing, now: float) -> tuple[Standing, str, dict[str, Any], float | None] | None:
+        """The tick of ``item`` due at ``now`` (to store), or None if it is skipped; moves the
+        schedule on to its next tick in memory (in the store with the tick)."""
         table = self.timetables.get(item.uri) or Timetable.of(item.value)
         scheduled = item.next_at
         latest = table.latest_until(now - self.jitter(item.uri))
@@ -152,13 +162,9 @@ class Ticks:
             self.skipped += 1
             self._move(item, next_at)
             log.info("schedule tick skipped: its author is not served", uri=item.uri, scheduled=utc_second(scheduled))
-            return
-        key = tick_key(item.uri, scheduled)
-        new = self.state.add_tick(item, key, self._run_value(item, table, scheduled), next_at)
+            return None
         self.standings.items[item.uri] = Standing(item.uri, item.author, item.cid, item.value, next_at)
-        if new:
-            self.ticks += 1
-            self.submit(key)
+        return item, tick_key(item.uri, scheduled), self._run_value(item, table, scheduled), next_at
 
     def _run_value(self, item: Standing, table: Timetable, scheduled: float) -> dict[str, Any]:
         """What the tick runs: the schedule's call as an invocation (atrund.pipeline checks it as
