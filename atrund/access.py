@@ -56,6 +56,16 @@ class PolicyEntries:
     deny: frozenset[str] = frozenset()
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file (inode, modification time, size); None when it is not there.
+    The policy file and the configuration file are both watched by it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class PolicyFile:
     """The operator's live edits: ``{"allow": [DID...], "deny": [DID...]}``.
 
@@ -68,11 +78,7 @@ class PolicyFile:
         self.path = path
 
     def stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        return file_stamp(self.path)
 
     def read(self) -> PolicyEntries:
         try:

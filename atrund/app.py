@@ -17,17 +17,20 @@ supervisor until ``stop`` is set, then stops them in order under the shutdown de
 from __future__ import annotations
 
 import asyncio
+import os
 
 import structlog
 
 from atrund import __version__
-from atrund.access import AccessPolicy, PermissionPolicy, PolicyFile
+from atrund import config as config_mod
+from atrund.access import AccessPolicy, PermissionPolicy, PolicyFile, file_stamp
 from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos
 from atrund.atproto.serviceauth import ServiceAuth
 from atrund.atproto.session import Session
 from atrund.bundles import BundleStore
 from atrund.config import Config
+from atrund.errors import ConfigError
 from atrund.execute import create_executor
 from atrund.gateway import Gateway
 from atrund.health import Health
@@ -49,9 +52,11 @@ from atrund.status import Status
 from atrund.supervise import Supervisor
 from atrund.ticks import Ticks
 from atrund.triggers import Triggers
-from atrund.trust import LiveAccess
+from atrund.trust import LiveAccess, resolve_dids
 
 log = structlog.get_logger("atrund.app")
+
+CONFIG_CHECK_SECONDS = 1.0
 
 
 class App:
@@ -88,6 +93,9 @@ class App:
         self.ticks: Ticks | None = None
         self.triggers: Triggers | None = None
         self.follow: Follow | None = None
+        self._reload = asyncio.Event()  # set by reload_soon (SIGHUP): re-read the configuration now
+        self._gateway_url: str | None = None
+        self._authors: list[str] | None = None  # ingest.authors, handles resolved (start)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -96,7 +104,9 @@ class App:
         r, e, ingest = cfg.runner, cfg.executor, cfg.ingest
         self.session = session = await Session.login(r.pds, r.identifier, r.password())
         self.writer = ResultWriter(session, self.state, self.quarantine, self.problems)
-        await self.policy.start(session.did)
+        await self.policy.start(session.did, r.pds)
+        if cfg.ingest.authors is not None:  # handles there too, resolved like the access lists
+            self._authors = await resolve_dids(self.repos, r.pds, "ingest.authors", cfg.ingest.authors)
         self.policy.on_change = self._access_changed
         self.pipeline = Pipeline(self.executor, self.bundles, self.grants, self.keyring, e, session.did)
         self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits)
@@ -128,7 +138,12 @@ class App:
             auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
             self.gateway = Gateway(cfg.gateway, self.pipeline, self.scheduler, self.policy, self.identities, self.repos, auth,
                                    session, self.meters, self.status.health, r.shutdown_grace)
-            gateway_url = await self.gateway.start()
+            try:
+                gateway_url = await self.gateway.start()
+            except OSError as e:  # the port is taken, or not ours to bind: one line, not a traceback
+                why = os.strerror(e.errno) if e.errno else str(e)
+                raise ConfigError(f"gateway.listen {cfg.gateway.listen}: cannot listen there: {why}") from None
+        self._gateway_url = gateway_url
         await session.put_record(RUNNER, "self", self.declaration(gateway_url).to_record())
         log.info("runner published", did=session.did, handle=session.handle, isolation=self.executor.isolation,
                  access=self.policy.mode, access_source=self.policy.source, authors=len(self._poll_authors()),
@@ -144,6 +159,8 @@ class App:
             timeout_seconds=e.max_timeout, default_timeout_seconds=e.default_timeout,
             max_bundle_bytes=self.cfg.bundles.max_bytes, max_output_bytes=e.max_output_bytes,
             memory_mb=e.memory_mb, concurrency=e.concurrency,
+            # what an author's client reads to say "you are over the rate" while it waits
+            per_author_per_minute=int(self.cfg.limits.per_author_per_minute), per_author_burst=self.cfg.limits.per_author_burst,
         )
         if gateway_url is not None:  # only limits of what this runner really serves
             limits.gateway_requests_per_minute = int(g.rate_per_minute)
@@ -177,13 +194,66 @@ class App:
 
     def _poll_authors(self) -> list[str]:
         """The configured ingest.authors, else everyone the access policy names as served."""
-        return self.cfg.ingest.authors if self.cfg.ingest.authors is not None else self.policy.served()
+        return self._authors if self._authors is not None else self.policy.served()
 
     def _access_changed(self, policy: AccessPolicy) -> None:
         if self.poller is not None:
             self.poller.authors = self._poll_authors()
         log.info("access policy changed", mode=policy.mode, allowed=len(policy.allowlist), blocked=len(policy.blocklist),
                  trusted=len(policy.trusted), polled=len(self.poller.authors) if self.poller else None)
+
+    # -- live configuration -------------------------------------------------------------
+
+    def reload_soon(self) -> None:
+        """Re-read the configuration file now (SIGHUP), not at the next check."""
+        self._reload.set()
+
+    async def watch_config(self) -> None:
+        """Apply [access] and [permissions] when the configuration file changes: checked every
+        second (as the access policy file is), or at once after reload_soon."""
+        path = self.cfg.source
+        if path is None:  # built from a dict (tests, the demo): nothing to watch
+            await asyncio.Event().wait()
+        stamp = file_stamp(path)
+        while True:
+            try:
+                await asyncio.wait_for(self._reload.wait(), CONFIG_CHECK_SECONDS)
+            except TimeoutError:
+                pass
+            forced, now = self._reload.is_set(), file_stamp(path)
+            self._reload.clear()
+            if forced or now != stamp:
+                stamp = now
+                await self.reload(path)
+
+    async def reload(self, path) -> None:
+        """Re-read ``path`` and apply what can change while serving ([access], [permissions]);
+        a change elsewhere is logged as needing a restart. A file that does not load, or an
+        access list whose handle does not resolve, leaves the running configuration in force."""
+        announced = (self.policy.mode, self.policy.source)
+        try:
+            new = config_mod.load(path)
+            if new.access != self.cfg.access:
+                await self.policy.reconfigure(new.access)
+        except ConfigError as e:
+            log.error("configuration not reloaded; the running one stays in force", file=str(path), error=str(e))
+            return
+        applied = []
+        if new.access != self.cfg.access:
+            self.cfg.access = new.access
+            applied.append("access")
+            if (self.policy.mode, self.policy.source) != announced and self.session is not None:
+                # the runner record announces the mode and its source
+                await self.session.put_record(RUNNER, "self", self.declaration(self._gateway_url).to_record())
+        if new.permissions != self.cfg.permissions:
+            self.grants = PermissionPolicy.from_config(new.permissions)
+            if self.pipeline is not None:
+                self.pipeline.grants = self.grants
+            self.cfg.permissions = new.permissions
+            applied.append("permissions")
+        restart = [name for name in Config.model_fields if name not in ("access", "permissions")
+                   and getattr(new, name) != getattr(self.cfg, name)]
+        log.info("configuration reloaded", file=str(path), applied=applied or None, needs_restart=restart or None)
 
     # -- run and stop --------------------------------------------------------------------
 
@@ -194,7 +264,8 @@ class App:
         reported on /healthz, never a reason to stop serving."""
         assert self.poller and self.writer and self.runs and self.retries and self.scheduler
         loops = {"poller": self.poller.run, "writer": self.writer.run, "scheduler": self.scheduler.run,
-                 "access": self.policy.run, "held-outcomes": self.runs.record_held, "quarantine-retries": self.retries.run}
+                 "access": self.policy.run, "held-outcomes": self.runs.record_held, "quarantine-retries": self.retries.run,
+                 "configuration": self.watch_config}
         if self.firehose is not None:
             loops["firehose"] = self.firehose.run
         if self.ticks is not None:
@@ -216,8 +287,8 @@ class App:
         grace = self.cfg.runner.shutdown_grace
         log.info("stopping: running work may finish", grace_s=grace, running=self.runs.scheduler.running)
         self.supervisor.stopping = True
-        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "ticks", "triggers",
-                                      "standing"])  # nothing new comes in
+        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "configuration", "ticks",
+                                      "triggers", "standing"])  # nothing new comes in
         draining = [self.runs.drain(grace)]  # queued invocations wait for the next start
         if self.gateway is not None:
             draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace

@@ -26,7 +26,18 @@ from atrund.atproto.repos import Repos, cid_of
 from atrund.atproto.session import Session
 from atrund.atproto.uri import AtUri, new_tid
 from atrund.config import PLC_DIRECTORY, url_problem
-from atrund.errors import CallFailed, InvalidUrl, Malformed, NotARunner, NotFound, Unreachable
+from atrund.errors import (
+    CallFailed,
+    EndpointUndeclared,
+    InvalidUrl,
+    LoginFailed,
+    Malformed,
+    NoSession,
+    NotARunner,
+    NotFound,
+    RunnerMismatch,
+    Unreachable,
+)
 from atrund.records import (
     BUNDLE,
     INVOCATION,
@@ -39,12 +50,14 @@ from atrund.records import (
     Invocation,
     Record,
     Result,
+    Runner,
     Schedule,
     Trigger,
     decode_data,
     field_errors,
     now_iso,
     result_rkey,
+    result_uri,
 )
 from atrund.sealed import RunnerKey
 from atrund.sealed import seal as seal_one
@@ -67,6 +80,16 @@ def check_url(url: str, what: str) -> str:
     return url
 
 
+async def get_bundle(repos: Repos, uri: str) -> tuple[str, dict[str, Any]]:
+    """The bundle record at ``uri`` (its CID and value); Malformed if it is not one."""
+    cid, value = await _get(repos, uri)
+    try:
+        Bundle.model_validate(value)
+    except ValidationError as e:
+        raise Malformed(f"{uri} is not a bundle record: {field_errors(e)}") from None
+    return cid, value
+
+
 async def _get(repos: Repos, uri: str) -> tuple[str, dict[str, Any]]:
     """The record at ``uri`` (its CID and value); the CLI has checked the URI's form already."""
     parsed = AtUri.parse(uri)
@@ -83,11 +106,162 @@ async def reader(plc_url: str = PLC_DIRECTORY, timeout: float | None = None) -> 
         await repos.close()
 
 
+# Answers com.atproto.identity.resolveHandle for any handle: where a command that has no PDS of
+# the author's (a read, no login) resolves a handle.
+HANDLE_RESOLVER = "https://public.api.bsky.app"
+
+
+async def did_of(repos: Repos, who: str, pds: str | None = None) -> str:
+    """``who`` (a DID or a handle) as a DID, checked before anything is written: a DID must have
+    a DID document; a handle is resolved through ``pds`` and verified both ways (the DID
+    document claims the handle back). IdentityError naming ``who`` otherwise."""
+    if who.startswith("did:"):
+        await repos.identities.document(who)
+        return who
+    return await repos.identities.did_for_handle(who.lower().removeprefix("@"), pds or HANDLE_RESOLVER)
+
+
+async def runner_record(repos: Repos, runner: str) -> Runner:
+    """``runner``'s dev.atrun.runner record; NotARunner if it publishes none (or a broken one)."""
+    try:
+        _, value = await repos.get_record(runner, RUNNER, "self")
+    except NotFound:
+        raise NotARunner(f"{runner} has no dev.atrun.runner record: it runs no atrund runner (or has not started one)") \
+            from None
+    try:
+        return Runner.model_validate(value)
+    except ValidationError as e:
+        raise NotARunner(f"{runner}'s dev.atrun.runner record is not valid: {field_errors(e)}") from None
+
+
+async def check_invocable(repos: Repos, bundle_uri: str, runner: str, endpoint: str,
+                          cid: str | None = None) -> tuple[str, Runner]:
+    """Before an invocation is written: ``runner`` publishes a runner record listing the bundle's
+    runtime, and the bundle (at ``cid``, else its current version) declares ``endpoint`` when it
+    declares any. Returns the CID checked and the runner's record; raises what the runner would
+    only answer later (NotARunner, RunnerMismatch, EndpointUndeclared)."""
+    declared = await runner_record(repos, runner)
+    if cid is None:
+        cid, value = await _get(repos, bundle_uri)
+    else:
+        parsed = AtUri.parse(bundle_uri)
+        value = await repos.get_verified_record(parsed.authority, parsed.collection, parsed.rkey, cid)
+    try:
+        bundle = Bundle.model_validate(value)
+    except ValidationError as e:
+        raise Malformed(f"{bundle_uri} is not a bundle record: {field_errors(e)}") from None
+    if bundle.runtime not in declared.runtimes:
+        raise RunnerMismatch(f"runner {runner} runs {', '.join(declared.runtimes) or 'no runtime'}, not {bundle.runtime} "
+                             f"(the runtime of {bundle_uri})")
+    if bundle.endpoints is not None and endpoint not in bundle.endpoints:
+        raise EndpointUndeclared(f"endpoint {endpoint!r} is not one the bundle declares "
+                                 f"({', '.join(bundle.endpoints) or 'none'})")
+    return cid, declared
+
+
+async def rate_note(repos: Repos, author: str, runner: Runner, runner_did: str) -> str | None:
+    """What to tell an author who waits: that their recent invocations on ``runner_did`` are
+    past the per-author rate its record announces (a token bucket, as the runner keeps it), and
+    about how long this one waits for its turn; None when they are within it."""
+    limits = runner.limits
+    if limits is None or not limits.per_author_per_minute or not limits.per_author_burst:
+        return None
+    per_second = limits.per_author_per_minute / 60
+    horizon = time.time() - limits.per_author_burst / per_second - 60  # older starts no longer weigh
+    records, _ = await repos.list_records(author, INVOCATION, limit=100, newest_first=True)
+    starts = sorted(t for r in records
+                    if isinstance(v := r.get("value"), dict) and v.get("runner") == runner_did
+                    and (t := _epoch(v.get("createdAt"))) is not None and t >= horizon)
+    tokens, last = float(limits.per_author_burst), None
+    for t in starts:
+        if last is not None:
+            tokens = min(float(limits.per_author_burst), tokens + (t - last) * per_second)
+        tokens, last = tokens - 1, t
+    if tokens >= 0 or last is None:
+        return None
+    behind = -tokens / per_second - (time.time() - last)
+    if behind <= 0:
+        return None
+    return (f"you are over this runner's per-author rate ({limits.per_author_per_minute}/min, burst "
+            f"{limits.per_author_burst}): {len(starts)} recent invocations; this one waits about {behind:.0f} s for its turn")
+
+
+def _epoch(stamp: Any) -> float | None:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 async def login(repos: Repos, identifier: str, password: str, pds: str | None = None) -> Session:
     """Log in to ``pds``, or to the PDS ``identifier`` (a DID) names in its DID document."""
     if pds is None:
         pds = await repos.identities.pds(identifier)
     return await Session.login(check_url(pds, "the PDS URL"), identifier, password)
+
+
+# -- a kept session (`atrund login`): passwords stay out of commands ------------------------
+
+def session_file() -> Path:
+    """Where `atrund login` keeps the author's session: $ATRUND_SESSION_FILE, else
+    $XDG_CONFIG_HOME/atrund/session.json (~/.config/atrund/session.json)."""
+    import os
+
+    if os.environ.get("ATRUND_SESSION_FILE"):
+        return Path(os.environ["ATRUND_SESSION_FILE"]).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "atrund" / "session.json"
+
+
+def keep_session(session: Session, path: Path | None = None) -> Path:
+    """Write ``session`` (its tokens, refresh token included) to ``path``, mode 0600 from the
+    start (never readable by others, not even for a moment), replacing what was there."""
+    import os
+
+    path = path or session_file()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"did": session.did, "handle": session.handle, "pds": session.pds, "session": session.export()}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def kept_session(path: Path | None = None) -> dict[str, str] | None:
+    """What `atrund login` kept (did, handle, pds, session), or None when nothing is kept."""
+    path = path or session_file()
+    try:
+        kept = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise NoSession(f"{path}: cannot read the kept session: {e}") from None
+    if not isinstance(kept, dict) or not all(isinstance(kept.get(k), str) for k in ("did", "pds", "session")):
+        raise NoSession(f"{path}: not a session kept by `atrund login`")
+    return kept
+
+
+async def resume(identifier: str | None = None, path: Path | None = None) -> Session:
+    """The session `atrund login` kept (for ``identifier``, when given), its tokens refreshed as
+    needed and the refreshed ones kept again; NoSession when there is none (for them)."""
+    path = path or session_file()
+    kept = kept_session(path)
+    if kept is None:
+        raise NoSession(f"no login given and no session kept in {path}")
+    if identifier and identifier.lower().removeprefix("@") not in (kept["did"], kept.get("handle", "").lower()):
+        raise NoSession(f"the session kept in {path} is {kept.get('handle') or kept['did']}'s, not {identifier}'s")
+    try:
+        session = await Session.resume(kept["pds"], kept["session"])
+    except LoginFailed:
+        raise NoSession(f"the session kept in {path} has expired or was revoked") from None
+    session.client.on_session_change(lambda event, _: keep_session(session, path))
+    keep_session(session, path)  # the tokens may have been refreshed while resuming
+    return session
 
 
 async def seal(repos: Repos, secrets: dict[str, str], runner: str, author: str, bundle_uri: str) -> list[dict[str, str]]:
@@ -99,6 +273,17 @@ async def seal(repos: Repos, secrets: dict[str, str], runner: str, author: str, 
         raise NotARunner(f"{runner} has no dev.atrun.runner record: is it a runner?") from None
     key = RunnerKey.from_record(runner_record, runner)
     return [seal_one(n, v, key, author=author, runner=runner, bundle_uri=bundle_uri) for n, v in secrets.items()]
+
+
+def check_file(path: Path, runtime: str, endpoints: list[str] | None) -> list[str] | None:
+    """What `bundle publish` checks before uploading (atrund.execute.check): the file's extension
+    fits ``runtime``, the runtime's own checker parses it, and ``endpoints`` are defined in it.
+    Returns the endpoints to declare: those given, else the ones the file defines."""
+    from atrund.config import RUNTIMES_DIR
+    from atrund.execute.check import check_bundle
+    from atrund.execute.runtimes import load_runtimes
+
+    return check_bundle(path, runtime, load_runtimes(RUNTIMES_DIR), endpoints)
 
 
 @dataclass(frozen=True)
@@ -139,19 +324,75 @@ def _record(model: type[Record], what: str, data: dict[str, Any]) -> dict[str, A
 
 
 async def publish(session: Session, repos: Repos | None, code: bytes, runtime: str, *, mime: str = "text/x-python",
-                  secret_values: dict[str, str] | None = None, runner: str | None = None, **fields: Any) -> Published:
+                  secret_values: dict[str, str] | None = None, runner: str | None = None, rkey: str | None = None,
+                  **fields: Any) -> Published:
     """Upload ``code`` as a blob and write a dev.atrun.bundle record for it (``fields``: see
-    bundle_record). ``secret_values`` (name -> value) are sealed to ``runner`` (its key read
-    through ``repos``) and bound to this bundle, so its record key is chosen before it exists."""
+    bundle_record), at ``rkey`` (a new one when None). ``secret_values`` (name -> value) are
+    sealed to ``runner`` (its key read through ``repos``) and bound to this bundle, so its record
+    key is chosen before it exists."""
     # The record is checked before anything is written: a refused publish leaves no orphan blob.
     bundle_record(runtime, {"$type": "blob", "ref": {"$link": cid_of(code)}, "mimeType": mime, "size": len(code)}, **fields)
     blob = await session.upload_blob(code, mime)
-    rkey = new_tid()
+    rkey = rkey or new_tid()
     if secret_values:
         fields["secrets"] = await seal(repos, secret_values, runner, session.did, str(AtUri(session.did, BUNDLE, rkey)))
     record = bundle_record(runtime, blob, **fields)
     uri, cid = await session.put_record(BUNDLE, rkey, record)
     return Published(uri, cid, record)
+
+
+def _own(session: Session, uri: str, collection: str) -> AtUri:
+    """``uri`` parsed, if it is a record of ``collection`` in the author's own repo."""
+    parsed = AtUri.parse(uri)
+    if parsed.collection != collection:
+        raise Malformed(f"{uri} is not a {collection} record")
+    if parsed.authority not in (session.did, session.handle):
+        raise Malformed(f"{uri} is not in your repo ({session.did}): only its author can change it")
+    return parsed
+
+
+async def update(session: Session, repos: Repos, bundle_uri: str, code: bytes, *, mime: str,
+                 endpoints: list[str] | None = None) -> Published:
+    """New code for the author's bundle at ``bundle_uri``: the same record key (so the same AT URI
+    and gateway URL, and its sealed secrets still open), a new CID. Its other fields are kept;
+    ``endpoints``, when given, replace the declared ones."""
+    parsed = _own(session, bundle_uri, BUNDLE)
+    _, old = await _get(repos, bundle_uri)
+    fields = {k: v for k, v in old.items() if k not in ("$type", "code", "createdAt", "runtime")}
+    if endpoints is not None:
+        fields["endpoints"] = endpoints
+    return await publish(session, repos, code, old.get("runtime", ""), mime=mime, rkey=parsed.rkey, **fields)
+
+
+async def delete(session: Session, uri: str, collection: str = BUNDLE) -> None:
+    """Delete the author's own record at ``uri`` (a bundle, or an invocation)."""
+    parsed = _own(session, uri, collection)
+    await session.delete_record(collection, parsed.rkey)
+
+
+async def list_bundles(repos: Repos, did: str) -> list[dict[str, Any]]:
+    """``did``'s bundles, newest first: URI, CID, name, runtime, endpoints, when."""
+    out = []
+    async for record in _records(repos, did, BUNDLE):
+        v = record["value"]
+        out.append({"uri": record.get("uri"), "cid": record.get("cid"), "name": v.get("name"), "runtime": v.get("runtime"),
+                    "endpoints": v.get("endpoints"), "createdAt": v.get("createdAt")})
+    return out
+
+
+async def _records(repos: Repos, did: str, collection: str, limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Every record of ``collection`` in ``did``'s repo, newest first (at most ``limit``)."""
+    cursor, seen = None, 0
+    while True:
+        page, cursor = await repos.list_records(did, collection, cursor, newest_first=True)
+        for record in page:
+            if isinstance(record, dict) and isinstance(record.get("value"), dict):
+                yield record
+                seen += 1
+                if limit is not None and seen >= limit:
+                    return
+        if not cursor or not page:
+            return
 
 
 async def invoke(session: Session, repos: Repos | None, bundle_uri: str, runner: str, endpoint: str,
@@ -201,6 +442,87 @@ async def get_result(repos: Repos, uri: str) -> dict[str, Any]:
     except ValidationError as e:
         raise Malformed(f"{uri} is not a result record: {field_errors(e)}") from None
     return {"uri": uri, **describe_result(cid, value)}
+
+
+def _result_line(uri: str, value: dict[str, Any]) -> dict[str, Any]:
+    """A result record as `result list` and `result watch` print it: one short entry."""
+    out: dict[str, Any] = {"uri": uri, "status": value.get("status"), "createdAt": value.get("createdAt"),
+                           "bundle": (value.get("bundle") or {}).get("uri")}
+    if isinstance(value.get("invocation"), dict):
+        out["invocation"] = value["invocation"].get("uri")
+    if value.get("caller"):
+        out["caller"] = value["caller"]
+    for origin, detail in (("schedule", "scheduledAt"), ("trigger", "event")):  # a tick's, a firing's
+        if isinstance(value.get(origin), dict):
+            out[origin], out[detail] = value[origin].get("uri"), value.get(detail)
+    if "data" in value:
+        out["value"] = decode_data(value["data"])
+    if value.get("error"):
+        out["error"] = value["error"]
+    return out
+
+
+def _result_matches(value: dict[str, Any], author: str | None, bundle: str | None) -> bool:
+    """Is this result one of ``author``'s (an invocation of theirs, or their XRPC call), of ``bundle``?"""
+    if bundle is not None and (value.get("bundle") or {}).get("uri") != bundle:
+        return False
+    if author is None:
+        return True
+    invocation = (value.get("invocation") or {}).get("uri") or ""
+    return invocation.startswith(f"at://{author}/") or value.get("caller") == author
+
+
+async def list_results(repos: Repos, *, runner: str | None = None, author: str | None = None, bundle: str | None = None,
+                       limit: int = 50) -> list[dict[str, Any]]:
+    """Results, newest first, at most ``limit``: with ``runner``, the ones in its repo (only
+    ``author``'s, only of ``bundle``, when given); without, ``author``'s invocations (needed
+    then), each with its result on the runner it named, or ``pending`` if none yet."""
+    out: list[dict[str, Any]] = []
+    if runner is not None:
+        async for record in _records(repos, runner, RESULT):
+            if _result_matches(record["value"], author, bundle):
+                out.append(_result_line(record.get("uri", ""), record["value"]))
+                if len(out) >= limit:
+                    break
+        return out
+    if author is None:
+        raise Malformed("result list needs a runner or an author (--runner, or --mine with your identifier)")
+    async for record in _records(repos, author, INVOCATION):
+        inv = record["value"]
+        if bundle is not None and (inv.get("bundle") or {}).get("uri") != bundle:
+            continue
+        runner_did, uri = inv.get("runner"), record.get("uri", "")
+        if not isinstance(runner_did, str) or not runner_did.startswith("did:"):
+            continue
+        where = result_uri(runner_did, uri)
+        try:
+            _, value = await repos.get_record(runner_did, RESULT, result_rkey(uri))
+            out.append(_result_line(where, value))
+        except NotFound:
+            out.append({"uri": where, "status": "pending", "createdAt": inv.get("createdAt"),
+                        "bundle": (inv.get("bundle") or {}).get("uri"), "invocation": uri})
+        if len(out) >= limit:
+            break
+    return out
+
+
+async def watch_results(repos: Repos, runner: str, *, author: str | None = None, bundle: str | None = None,
+                        interval: float = 1.0) -> AsyncIterator[dict[str, Any]]:
+    """New results in ``runner``'s repo as they land (only ``author``'s, of ``bundle``, when
+    given), by polling its newest records every ``interval`` seconds; those there already are
+    not repeated."""
+    seen: set[str] = set()
+    first = True
+    while True:
+        page, _ = await repos.list_records(runner, RESULT, limit=100, newest_first=True)
+        fresh = [r for r in page if isinstance(r, dict) and isinstance(r.get("value"), dict) and r.get("uri") not in seen]
+        seen.update(r.get("uri") for r in fresh)
+        if not first:
+            for record in reversed(fresh):  # oldest of the new first
+                if _result_matches(record["value"], author, bundle):
+                    yield _result_line(record["uri"], record["value"])
+        first = False
+        await asyncio.sleep(interval)
 
 
 async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, endpoint: str, args: dict[str, Any], *,
@@ -283,26 +605,8 @@ async def create_trigger(session: Session, repos: Repos | None, bundle_uri: str,
 
 
 async def list_standing(repos: Repos, author: str, collection: str, limit: int = 1000) -> list[dict[str, Any]]:
-    """An author's schedules or triggers ({uri, cid, value}), oldest first."""
-    out: list[dict[str, Any]] = []
-    cursor = None
-    while len(out) < limit:
-        records, cursor = await repos.list_records(author, collection, cursor=cursor, limit=100)
-        out += [r for r in records if isinstance(r, dict)]
-        if not records or cursor is None:
-            break
-    return out[:limit]
-
-
-async def delete_standing(session: Session, uri: str, collection: str) -> None:
-    """Delete one of the author's own schedules or triggers; the runner stops it at its next ingest."""
-    try:
-        at = AtUri.parse(uri)
-    except ValueError as e:
-        raise Malformed(str(e)) from None
-    if at.collection != collection or at.did != session.did:
-        raise Malformed(f"{uri} is not a {collection} record of yours ({session.did})")
-    await session.delete_record(collection, at.rkey)
+    """An author's schedules or triggers ({uri, cid, value}), newest first."""
+    return [record async for record in _records(repos, author, collection, limit)]
 
 
 def next_tick(value: dict[str, Any], now: float | None = None) -> float | None:
@@ -310,27 +614,33 @@ def next_tick(value: dict[str, Any], now: float | None = None) -> float | None:
     return Timetable.of(value).next_after(time.time() if now is None else now)
 
 
-async def results_of(repos: Repos, runner: str, uri: str, limit: int = 20, max_pages: int = 20) -> list[dict[str, Any]]:
-    """The latest results (newest first) of a schedule's ticks or a trigger's firings on ``runner``:
-    the result records whose ``schedule`` or ``trigger`` names ``uri``, read from the runner's
-    repo (at most ``max_pages`` pages of 100 results are looked through)."""
+async def results_of(repos: Repos, uri: str, runner: str | None = None, limit: int = 20,
+                     max_pages: int = 20) -> list[dict[str, Any]]:
+    """The latest results (newest first) of a schedule's ticks or a trigger's firings: the result
+    records in the runner's repo (``runner``, else the one the schedule or trigger names) whose
+    ``schedule`` or ``trigger`` is ``uri``; at most ``max_pages`` pages of 100 are looked through."""
     try:
-        collection = AtUri.parse(uri).collection
+        at = AtUri.parse(uri)
     except ValueError as e:
         raise Malformed(str(e)) from None
-    if collection not in (SCHEDULE, TRIGGER):
+    if at.collection not in (SCHEDULE, TRIGGER):
         raise Malformed(f"{uri} is neither a {SCHEDULE} nor a {TRIGGER} record")
-    field = "schedule" if collection == SCHEDULE else "trigger"
+    if runner is None:
+        _, value = await _get(repos, uri)
+        runner = value.get("runner")
+        if not isinstance(runner, str):
+            raise Malformed(f"{uri} names no runner; give --runner")
+    field = "schedule" if at.collection == SCHEDULE else "trigger"
     found: list[dict[str, Any]] = []
     cursor = None
     for _ in range(max_pages):
-        records, cursor = await repos.list_records(runner, RESULT, cursor=cursor, limit=100, oldest_first=False)
+        records, cursor = await repos.list_records(runner, RESULT, cursor=cursor, limit=100, newest_first=True)
         for rec in records:
             value = rec.get("value") if isinstance(rec, dict) else None
             ref = value.get(field) if isinstance(value, dict) else None
             if isinstance(ref, dict) and ref.get("uri") == uri:
-                found.append({"uri": rec.get("uri"), **describe_result(rec.get("cid"), value)})
+                found.append(_result_line(rec.get("uri"), value))
         if len(found) >= limit or cursor is None or not records:
             break
-    found.sort(key=lambda r: r["record"].get("scheduledAt") or r["record"].get("createdAt") or "", reverse=True)
+    found.sort(key=lambda r: r.get("scheduledAt") or r.get("createdAt") or "", reverse=True)
     return found[:limit]

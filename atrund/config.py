@@ -46,6 +46,12 @@ def _url(*schemes: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def is_did_or_handle(value: str) -> bool:
+    """A DID, or what may be a handle (dotted, of a handle's characters): the handle's full syntax
+    is checked when it is resolved (atrund.atproto.identity), and a bad one named then."""
+    return value.startswith("did:") or re.fullmatch(r"@?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", value) is not None
+
+
 HttpUrl = Annotated[str, _url("http", "https")]
 WsUrl = Annotated[str, _url("ws", "wss")]
 
@@ -97,12 +103,14 @@ class AccessSection(Section):
 
     @model_validator(mode="after")
     def _dids(self) -> "AccessSection":
+        # A handle is resolved (and verified both ways) when the runner starts: atrund.trust.
         for key in ("allowlist", "blocklist"):
-            for i, did in enumerate(getattr(self, key)):
-                if not did.startswith("did:"):
-                    raise ValueError(f"{key}[{i}]: {did!r} is not a DID (expected did:plc:... or did:web:...)")
-        if self.operator is not None and not self.operator.startswith("did:"):
-            raise ValueError(f"operator: {self.operator!r} is not a DID (expected did:plc:... or did:web:...)")
+            for i, who in enumerate(getattr(self, key)):
+                if not is_did_or_handle(who):
+                    raise ValueError(f"{key}[{i}]: {who!r} is not a DID or a handle (expected did:plc:..., did:web:... "
+                                     "or alice.example.com)")
+        if self.operator is not None and not is_did_or_handle(self.operator):
+            raise ValueError(f"operator: {self.operator!r} is not a DID or a handle (expected did:plc:... or did:web:...)")
         if self.mode == "list":
             if self.list_uri is None:
                 raise ValueError('list_uri: required when mode = "list" (at://DID/app.bsky.graph.list/RKEY)')
@@ -117,7 +125,7 @@ class IngestSection(Section):
     poll_interval: float = Field(default=2.0, gt=0)
     reconcile_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans of each author's invocations")
     authors: list[str] | None = Field(
-        default=None, description="DIDs whose repos are polled; default: everyone the access policy names (allowlist, follows, list)"
+        default=None, description="DIDs (or handles) whose repos are polled; default: everyone the access policy names (allowlist, follows, list)"
     )
 
 
@@ -158,6 +166,8 @@ class ProcessSection(Section):
 
     uid_base: int = Field(default=910_000, ge=1000, description="first uid of the workers")
     uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
+    fork_server: bool = Field(default=True, description="start workers from a fork server (fast cold starts); "
+                              "false: exec a fresh sandbox and interpreter for each")
 
 
 class ContainerSection(Section):
@@ -351,6 +361,11 @@ class Config(Section):
     gateway: GatewaySection = GatewaySection()
     secrets: SecretsSection = SecretsSection()
     state: StateSection = StateSection()
+    _source: Path | None = PrivateAttr(default=None)  # the file it was loaded from (a running runner re-reads it)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @property
     def warnings(self) -> list[str]:
@@ -412,4 +427,6 @@ def load(path: Path) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return parse(data, base_dir=path.resolve().parent)
+    cfg = parse(data, base_dir=path.resolve().parent)
+    cfg._source = path.resolve()
+    return cfg

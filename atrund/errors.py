@@ -24,6 +24,9 @@ the fix it names.
     ├── Incomplete                       34  a firehose frame lacks a block the proof needs
     ├── ServiceAuthError                 35  a service-auth token is missing or not acceptable
     ├── TrustUnavailable                 36  the follows or the list could not be read
+    ├── RunnerMismatch                   37  the runner does not run the bundle's runtime (checked before invoking)
+    ├── CheckFailed                      38  `bundle publish` found the file unfit for its runtime
+    ├── NoSession                        39  no login given and none kept by `atrund login`
     ├── NotServed                        40  the access policy does not serve this DID (checked before resolving it)
     ├── BundleRefused                    41  the bundle cannot be run as pinned (CID mismatch, too large)
     │   ├── VersionGone                  42  the pinned CID is no longer in the repo, nor cached here
@@ -161,6 +164,21 @@ class ServiceAuthError(AtrundError, code=35):
 
 class TrustUnavailable(AtrundError, code=36, fix="check access.operator or access.list_uri, and that its PDS answers"):
     """The operator's follows or the access list could not be read."""
+
+
+class RunnerMismatch(AtrundError, code=37,
+                     fix="invoke it on a runner whose dev.atrun.runner record lists that runtime"):
+    """The runner's record does not list the bundle's runtime: an invocation would only be refused."""
+
+
+class CheckFailed(AtrundError, code=38, fix="fix the file, or publish it unchecked with --no-check"):
+    """`bundle publish` found the file unfit for its runtime: another runtime's extension, a syntax
+    error (by the runtime's own checker), or a declared endpoint the file does not define."""
+
+
+class NoSession(AtrundError, code=39,
+                fix="run `atrund login`, or give --identifier and --password (or ATRUND_IDENTIFIER and ATRUND_PASSWORD)"):
+    """A command that writes as the author has neither a password nor a session kept by `atrund login`."""
 
 
 class NotServed(AtrundError, code=40):

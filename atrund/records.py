@@ -202,6 +202,8 @@ class Limits(Record):
     gateway_requests_per_minute: int | None = Field(default=None, ge=0)
     gateway_timeout_seconds: int | None = Field(default=None, ge=1)
     max_request_bytes: int | None = Field(default=None, ge=0)
+    per_author_per_minute: int | None = Field(default=None, ge=0)
+    per_author_burst: int | None = Field(default=None, ge=1)
     schedules: bool | None = None
     schedule_min_interval_seconds: int | None = Field(default=None, ge=1)
     schedule_jitter_seconds: int | None = Field(default=None, ge=0)

@@ -184,8 +184,7 @@ class ResultWriter:
                          error=str(e) if isinstance(e, RemoteError) else f"{type(e).__name__}: {e}")
             else:
                 self._succeeded()
-                for item in due:
-                    self._written(item.invocation_uri)
+                self._written(*(item.invocation_uri for item in due))
                 return len(due), len(due)
         return await self._one_by_one(due), len(due)
 
@@ -215,14 +214,15 @@ class ResultWriter:
         self._last_success = time.monotonic()
         self.health.clear("results")
 
-    def _written(self, invocation_uri: str) -> None:
-        """Record a write. A store that cannot take it raises StoreError to the loop, which backs
-        off: the result is on the PDS and is written again (same key, same content) once the store
-        answers; going on at once would resend it in a tight loop."""
-        self._failing_since.pop(invocation_uri, None)
-        self.state.written(invocation_uri)
-        self._settled += 1
-        self.written += 1
+    def _written(self, *invocation_uris: str) -> None:
+        """Record writes. A store that cannot take them raises StoreError to the loop, which backs
+        off: the results are on the PDS and are written again (same key, same content) once the
+        store answers; going on at once would resend them in a tight loop."""
+        for uri in invocation_uris:
+            self._failing_since.pop(uri, None)
+        self.state.written(*invocation_uris)
+        self._settled += len(invocation_uris)
+        self.written += len(invocation_uris)
 
     def _refused(self, item: Outgoing, reason: str) -> None:
         self._settled += 1

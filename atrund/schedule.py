@@ -8,11 +8,13 @@ runs more than ``concurrency`` bundles at once, whatever asked for them. Limits,
 bucket for how many start per minute, and how many may wait. An invocation over the rate waits;
 past the backlog it gets a ``rejected`` result saying why. Nothing is dropped silently.
 
-An optional ``check`` runs on the invocation at the head of each author's queue before it may
-take a slot (the daemon asks the author's PDS whether a stale invocation is still posted). It
-runs with its own bounded concurrency, outside the execution slots: a PDS that hangs delays only
-its own authors' checks, never the slots everyone else's work needs. A head the check refuses is
-dropped (the check has recorded why); one it accepts waits for a slot like any other.
+An optional ``check`` runs on each invocation before it may take a slot (the daemon asks the
+author's PDS whether a stale invocation is still posted). It runs on the first CHECK_AHEAD of
+each author's queue at once, so a backlog drains at the speed of runs, not of one PDS round trip
+per invocation; with its own bounded concurrency, outside the execution slots: a PDS that hangs
+delays only its own authors' checks, never the slots everyone else's work needs. One the check
+refuses is dropped (the check has recorded why); one it accepts waits for a slot like any other,
+and is checked again if it then waited longer than RECHECK_AFTER.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,6 +33,8 @@ log = structlog.get_logger("atrund.schedule")
 
 
 CHECK_CONCURRENCY = 8
+CHECK_AHEAD = 8  # invocations of one author checked ahead of their turn
+RECHECK_AFTER = 2.0  # seconds a passed check holds for; the daemon's "stale" is the same
 
 
 @dataclass
@@ -38,8 +43,8 @@ class _Author:
     running: int = 0
     tokens: float = 0.0
     refilled: float = 0.0
-    ready: bool = False  # the head of the queue passed the check
-    checking: bool = False
+    passed: dict[str, float] = field(default_factory=dict)  # queued invocations that passed the check, and when
+    checking: set[str] = field(default_factory=set)
 
 
 class Scheduler:
@@ -142,10 +147,8 @@ class Scheduler:
             a = self.authors[author]
             if a.running >= self.per_author_concurrency:
                 continue
-            if not a.ready:
-                self._check_head(author, a)  # ready at once without a check; else when it passes
-                if not a.ready:
-                    continue
+            if not self._head_ready(author, a, now):
+                continue
             self._refill(a, now)
             if a.tokens >= 1.0:
                 return author, None
@@ -171,15 +174,21 @@ class Scheduler:
             except asyncio.TimeoutError:
                 pass
 
-    def _check_head(self, author: str, a: _Author) -> None:
-        """Start the check of the author's head (once); the author may start when it passes."""
+    def _head_ready(self, author: str, a: _Author, now: float) -> bool:
+        """Whether the head of the queue passed its check recently enough; starts the checks of
+        the first CHECK_AHEAD that need one (the head's again if its pass is too old)."""
         if self._check is None:
-            a.ready = True
-            return
-        if a.checking:
-            return
-        a.checking = True
-        uri = a.queue[0]
+            return True
+        head = a.queue[0]
+        if now - a.passed.get(head, -RECHECK_AFTER) > RECHECK_AFTER:
+            a.passed.pop(head, None)
+        for uri in itertools.islice(a.queue, CHECK_AHEAD):
+            if uri not in a.passed and uri not in a.checking:
+                self._check_one(author, a, uri)
+        return head in a.passed
+
+    def _check_one(self, author: str, a: _Author, uri: str) -> None:
+        a.checking.add(uri)
 
         async def check() -> None:
             ok = True
@@ -189,14 +198,14 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - a failed check must not lose the invocation: run it
                 log.exception("invocation check failed; running it", uri=uri)
             finally:
-                a.checking = False
-            if a.queue and a.queue[0] == uri:
-                if ok:
-                    a.ready = True
-                else:
-                    a.queue.popleft()
-                    if not a.queue and author in self.ring:
-                        self.ring.remove(author)
+                a.checking.discard(uri)
+            if ok:
+                a.passed[uri] = time.monotonic()
+            else:
+                with contextlib.suppress(ValueError):
+                    a.queue.remove(uri)
+                if not a.queue and author in self.ring:
+                    self.ring.remove(author)
             self._wake.set()
 
         task = asyncio.create_task(check())
@@ -206,7 +215,7 @@ class Scheduler:
     def _start(self, author: str) -> None:
         a = self.authors[author]
         uri = a.queue.popleft()
-        a.ready = False  # the next head is checked before it starts
+        a.passed.pop(uri, None)
         if not a.queue:
             self.ring.remove(author)
         a.tokens -= 1.0

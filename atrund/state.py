@@ -378,8 +378,11 @@ class State:
         return None if row[0] is None else max(0.0, row[0] - time.time())
 
     @_translated
-    def written(self, invocation_uri: str) -> None:
-        self.db.execute("UPDATE outbox SET written_at = ? WHERE invocation_uri = ?", (time.time(), invocation_uri))
+    def written(self, *invocation_uris: str) -> None:
+        """These results are on the PDS: one transaction for a whole batch (one sync, not one each)."""
+        now = time.time()
+        with self._tx():
+            self.db.executemany("UPDATE outbox SET written_at = ? WHERE invocation_uri = ?", [(now, u) for u in invocation_uris])
 
     @_translated
     def outbox_figures(self) -> tuple[int, float | None]:

@@ -23,7 +23,7 @@ import structlog
 from atrund.access import AccessPolicy, PolicyEntries, PolicyFile, effective
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
-from atrund.errors import AtrundError, TrustUnavailable
+from atrund.errors import AtrundError, ConfigError, IdentityError, TrustUnavailable
 
 log = structlog.get_logger("atrund.trust")
 
@@ -54,6 +54,34 @@ async def _subjects(repos: Repos, did: str, collection: str, keep: Callable[[dic
     return frozenset(out)
 
 
+async def resolve_dids(repos: Repos, pds: str | None, key: str, values: list[str]) -> list[str]:
+    """``values`` (the configuration's ``key``) with each handle replaced by its DID, resolved
+    through ``pds`` and verified both ways (the DID document claims the handle back); ConfigError
+    naming the key if one does not resolve."""
+    out = []
+    for who in values:
+        if who.startswith("did:"):
+            out.append(who)
+            continue
+        if pds is None:
+            raise ConfigError(f"{key}: {who!r} is a handle, and there is no PDS to resolve it through")
+        try:
+            out.append(await repos.identities.did_for_handle(who.lower().removeprefix("@"), pds))
+        except IdentityError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    return out
+
+
+async def resolve_section(section, repos: Repos, pds: str | None):
+    """``section`` (the [access] configuration) with the handles in allowlist, blocklist and
+    operator resolved (resolve_dids)."""
+    update: dict = {key: await resolve_dids(repos, pds, f"access.{key}", getattr(section, key))
+                    for key in ("allowlist", "blocklist")}
+    if section.operator is not None:
+        [update["operator"]] = await resolve_dids(repos, pds, "access.operator", [section.operator])
+    return section.model_copy(update=update)
+
+
 async def follows(repos: Repos, operator: str) -> frozenset[str]:
     """The DIDs ``operator`` follows."""
     return await _subjects(repos, operator, FOLLOW, lambda v: True)
@@ -81,6 +109,8 @@ class LiveAccess:
         self.current: AccessPolicy = effective(section, self._entries)
         self.on_change: Callable[[AccessPolicy], None] | None = None
         self._next_trust = 0.0
+        self._runner_did: str | None = None
+        self._pds: str | None = None
 
     @property
     def mode(self) -> str:
@@ -92,15 +122,35 @@ class LiveAccess:
     def served(self) -> list[str]:
         return self.current.served()
 
-    async def start(self, runner_did: str) -> None:
-        """Read the policy file and the trust source once, before serving."""
-        if self.mode == "follows":
-            self.source = self.section.operator or runner_did
-        elif self.mode == "list":
-            self.source = self.section.list_uri
+    async def start(self, runner_did: str, pds: str | None = None) -> None:
+        """Resolve the handles the configuration names (through ``pds``), then read the policy
+        file and the trust source once, before serving."""
+        self._runner_did, self._pds = runner_did, pds
+        await self._configure(self.section)
         self.reload_file()
         await self._refresh_when_due()
         self._rebuild()
+
+    async def reconfigure(self, section) -> None:
+        """Apply a changed [access] section while serving (the configuration file was edited):
+        its handles resolved, the trust source re-read now if it is another one. A section whose
+        handles do not resolve raises ConfigError and changes nothing."""
+        before = (self.mode, self.source)
+        await self._configure(section)
+        if (self.mode, self.source) != before:
+            self.trusted = frozenset()
+            if self.source is not None:
+                await self._refresh_when_due()
+        self._rebuild()
+
+    async def _configure(self, section) -> None:
+        self.section = await resolve_section(section, self.repos, self._pds)
+        if self.mode == "follows":
+            self.source = self.section.operator or self._runner_did
+        elif self.mode == "list":
+            self.source = self.section.list_uri
+        else:
+            self.source = None
 
     async def _refresh_when_due(self) -> bool:
         """Read the trust source and schedule the next read: after the interval, or sooner if

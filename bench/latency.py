@@ -77,6 +77,7 @@ from atrund.atproto.repos import Repos
 from atrund.atproto.session import Session
 from atrund.dev.stack import Account, LocalStack
 from atrund.errors import NotFound
+from atrund.execute import procs
 from atrund.records import INVOCATION, RESULT, result_rkey
 
 BUNDLE_SOURCE = '''\
@@ -195,9 +196,13 @@ class CpuMeter:
         return (sum(values) - values[3] - values[4]) / self.tick  # all but idle and iowait
 
     def snapshot(self) -> dict[str, float]:
+        """``NAME children`` counts the children it reaped and those still alive (hot workers
+        live as long as the runner), with everything they reaped in turn."""
         out = {"machine": self._machine()}
         for name, pid in self.pids.items():
             out[name], out[f"{name} children"] = self._process(pid)
+            for child in procs.tree(pid)[1:]:
+                out[f"{name} children"] += sum(self._process(child))
         return out
 
 
@@ -622,6 +627,12 @@ def report(run: Run, opts: Options, runner_did: str, times: dict[str, RunnerTime
               f"bench {c['bench'] + c['bench children']:.1f}, everything else {max(0.0, c['machine'] - ours):.1f} "
               f"(other sessions; sandboxed workers that end up re-parented to init); "
               f"machine busy {c['machine'] / (run.window_seconds * (os.cpu_count() or 1)):.0%}")
+        parties = {"runner": c["runner"], "workers": c["runner children"], "PDS+PLC": c["stack"] + c["stack children"],
+                   "bench": c["bench"] + c["bench children"]}
+        total = sum(parties.values()) or 1.0
+        print(f"  CPU per invocation (ms): runner + workers {(c['runner'] + c['runner children']) * 1000 / opts.n:.2f} "
+              f"(runner {c['runner'] * 1000 / opts.n:.2f}, workers {c['runner children'] * 1000 / opts.n:.2f}); "
+              f"share of the parties' CPU: " + ", ".join(f"{k} {v / total:.0%}" for k, v in parties.items()))
     if missing:
         print(f"  NO RESULT within {opts.timeout:g} s for {len(missing)} invocations, e.g. {run.uris[missing[0]]}")
     print(f"  bench wall time: {elapsed:.1f} s")

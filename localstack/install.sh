@@ -66,8 +66,11 @@ export npm_config_build_from_source=true
 log="$here/node_modules/.atrund-rebuild.log"
 start=$SECONDS
 set +e
-npm rebuild --foreground-scripts 2>&1 | tee "$log" \
-    | grep --line-buffered -E '^ *(CC|CXX|SOLINK_MODULE|COPY)\b' >&2
+if [ "${ATRUND_VERBOSE:-}" = 1 ]; then  # the compiler's lines only when asked for (setup -v)
+    npm rebuild --foreground-scripts 2>&1 | tee "$log" | grep --line-buffered -E '^ *(CC|CXX|SOLINK_MODULE|COPY)\b' >&2
+else
+    npm rebuild --foreground-scripts >"$log" 2>&1
+fi
 status=${PIPESTATUS[0]}
 set -e
 

@@ -30,7 +30,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
     "extra, key",
     [
         ('[access]\nmode = "friends"\n', "access.mode"),
-        ('[access]\nallowlist = ["alice.test"]\n', "access"),
+        ('[access]\nallowlist = ["alice"]\n', "access"),
         ('[executor]\nconcurency = 3\n', "executor.concurency"),
         ('[executor]\nmax_timeout = 0\n', "executor.max_timeout"),
         ('[ingest]\npoll_interval = "soon"\n', "ingest.poll_interval"),

@@ -18,9 +18,9 @@ from atrund import errors
 from atrund.errors import (
     ConfigError,
     ExecutorError,
+    IdentityError,
     InvalidUrl,
     LoginFailed,
-    Malformed,
     UnknownRuntime,
     Unreachable,
 )
@@ -150,11 +150,11 @@ def test_serve_when_auto_finds_no_backend(tmp_path):
 
 
 def test_a_record_that_would_not_be_valid_is_not_written(stack, new_account):
-    """What the author typed goes through the record's model before anything is written: a
-    --runner that is not a DID is named, in one line."""
+    """What the author typed is checked before anything is written: a --runner that is neither a
+    DID nor a handle is named, in one line (a handle is resolved to its DID first)."""
     alice = new_account("err")
     env = {"ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": alice.handle, "ATRUND_PASSWORD": alice.app_password,
            "ATRUND_PLC_URL": stack.plc_url}
     p = atrund_cli("invoke", f"at://{alice.did}/dev.atrun.bundle/3l00000000000", "--runner", "nobody", "--endpoint", "main",
                    "--cid", "bafkreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm", env=env)
-    assert_one_line(p, Malformed, "the invocation record would not be valid: runner: String should match pattern")
+    assert_one_line(p, IdentityError, "'nobody' is not a handle or a DID")

@@ -69,3 +69,37 @@ async def test_stop_starts_nothing_more():
     await asyncio.sleep(0.2)
     task.cancel()
     assert len(started) <= 2 and s.queued() >= 3
+
+
+async def test_checks_run_ahead_of_the_queue_and_a_refused_one_is_dropped_in_place():
+    """A backlog drains at the speed of runs, not one check round trip per invocation: the
+    invocations next in line are checked at once (up to CHECK_AHEAD), one author's order holds,
+    and one the check refuses (deleted while it waited) never runs."""
+    from atrund.schedule import CHECK_AHEAD
+
+    in_flight, most = 0, 0
+
+    async def check(uri: str) -> bool:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        return uri != "a3"
+
+    started: list[str] = []
+
+    async def run(uri: str) -> None:
+        started.append(uri)
+
+    s = Scheduler(run, lambda uri, why: None, concurrency=4, per_author_concurrency=1, per_minute=60000, burst=1000,
+                  check=check)
+    for i in range(20):
+        s.submit("did:a", f"a{i}")
+    task = asyncio.create_task(s.run())
+    deadline = time.monotonic() + 10
+    while len(started) < 19 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert started == [f"a{i}" for i in range(20) if i != 3]
+    assert most == CHECK_AHEAD  # checked ahead, within the bound, not one at a time

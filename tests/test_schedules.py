@@ -58,8 +58,8 @@ async def test_an_interval_schedule_runs_on_time_at_the_computed_key(author, mak
     assert result.value() == {"scheduledAt": utc_second(start), "hello": "ada"}
     assert utc(result.created_at) - start < 5  # on time (the drift bench measures it closely)
     assert runner.app.ticks.next_run(uri) == start + 60
-    listed = await client.results_of(reader, runner.did, uri)
-    assert [r["uri"] for r in listed] == [f"at://{runner.did}/dev.atrun.result/{result_rkey(key)}"]
+    listed = await client.results_of(reader, uri)  # the runner read from the schedule
+    assert [(r["uri"], r["scheduledAt"]) for r in listed] == [(f"at://{runner.did}/dev.atrun.result/{result_rkey(key)}", utc_second(start))]
 
 
 async def test_a_cron_schedule_in_a_time_zone_across_the_spring_dst_change(author, make_runner, reader):
@@ -133,7 +133,7 @@ async def test_an_edit_changes_the_next_run_and_a_delete_stops_it(author, make_r
     record = client.schedule_record(runner.did, bundle, "main", interval_seconds=2, start_at=iso(soon))
     await author.session.put_record(SCHEDULE, rkey, record)
     await wait_result(reader, runner.did, tick_key(uri, soon), timeout=20)
-    await client.delete_standing(author.session, uri, SCHEDULE)
+    await client.delete(author.session, uri, SCHEDULE)
     deadline = time.monotonic() + 10
     while uri in runner.app.ticks.standings.items:
         assert time.monotonic() < deadline, "the delete was not taken"

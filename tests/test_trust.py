@@ -47,7 +47,7 @@ def test_policy_file_edits_are_atomic_and_validated(tmp_path):
 @pytest.mark.parametrize("access, message", [
     ({"mode": "list"}, 'access: list_uri: required when mode = "list"'),
     ({"mode": "list", "list_uri": "at://did:plc:a/app.bsky.feed.post/3k"}, "access: list_uri: 'at://did:plc:a/app.bsky.feed.post/3k' is not"),
-    ({"mode": "follows", "operator": "alice.test"}, "access: operator: 'alice.test' is not a DID"),
+    ({"mode": "follows", "operator": "alice"}, "access: operator: 'alice' is not a DID or a handle"),
     ({"mode": "follows", "refresh_interval": 0}, "access.refresh_interval: Input should be greater than or equal to 1"),
     ({"mode": "friends"}, "access.mode: Input should be 'allowlist', 'blocklist', 'open', 'follows' or 'list'"),
 ])

@@ -122,12 +122,12 @@ class Repos:
         return out
 
     async def list_records(
-        self, did: str, collection: str, cursor: str | None = None, limit: int = 100, oldest_first: bool = True
+        self, did: str, collection: str, cursor: str | None = None, limit: int = 100, newest_first: bool = False
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """A page of records, oldest first (else newest first), after ``cursor`` (a record key)."""
+        """A page of records, oldest first (or newest first), after ``cursor`` (a record key)."""
         out = await self._get_json(
             did, "com.atproto.repo.listRecords",
-            {"repo": did, "collection": collection, "limit": limit, "reverse": oldest_first, "cursor": cursor},
+            {"repo": did, "collection": collection, "limit": limit, "reverse": not newest_first, "cursor": cursor},
             levels_above=3,  # {"records": [{"value": RECORD}]}
         )
         records, next_cursor = out.get("records", []), out.get("cursor")

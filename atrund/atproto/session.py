@@ -94,6 +94,25 @@ class Session:
             raise
         return cls(client, me.did, me.handle, pds.rstrip("/"))
 
+    @classmethod
+    async def resume(cls, pds: str, kept: str) -> "Session":
+        """The session ``kept`` (``export``'s string) on ``pds``, checked with the PDS (its access
+        token refreshed if it expired). The refresh token rotates: whoever keeps the string must
+        keep the new one (``client.on_session_change``)."""
+        client = AsyncClient(base_url=pds.rstrip("/") + "/xrpc", request=_Request())
+        try:
+            async with _sdk(f"resume the session kept for {pds}"):
+                await client.login(session_string=kept, fetch_bsky_profile=False)
+                me = await client.com.atproto.server.get_session()
+        except BaseException:
+            await client.request.close()
+            raise
+        return cls(client, me.did, me.handle, pds.rstrip("/"))
+
+    def export(self) -> str:
+        """This session (its tokens) as a string ``resume`` takes: a secret, keep it mode 0600."""
+        return self.client.export_session_string()
+
     async def close(self) -> None:
         await self.client.request.close()
 

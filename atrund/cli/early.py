@@ -13,3 +13,4 @@ signals: list[int] = []
 if sys.argv[1:2] == ["serve"]:
     for _sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_sig, lambda signum, frame: signals.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked before the runner runs: it reads the file anyway

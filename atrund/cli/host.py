@@ -1,5 +1,6 @@
 """Commands about the host a runner runs on: doctor (what works here), image build (the
-container image and the microVM guest), schema (the at-run-exec protocol)."""
+container image and the microVM guest), schema (the at-run-exec protocol), and completion (the
+shell's, for every command)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from atrund.cli.group import emit, err, executor_settings, main
+from atrund.cli.group import emit, err, executor_settings, main, print_json
 from atrund.errors import ExecutorError
 
 
@@ -39,6 +40,7 @@ def doctor(config_path: Path | None) -> None:
     out.print(f"libseccomp: {seccomp or 'missing (the process backend then runs without its syscall filter)'}")
     out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
                                                else "not writable (the process backend then limits each process only)"))
+    out.print("process fork server: " + _fork_server_summary(settings))
     out.print("Docker engine: " + _engine_summary(settings))
     vm = host_support(settings)
     out.print(f"microVM monitor: {vm.monitor or 'none'}; accelerator: {vm.accelerator or 'none'} ({vm.detail})")
@@ -68,6 +70,18 @@ def doctor(config_path: Path | None) -> None:
         out.print("[yellow]auto would run bundles WITHOUT a sandbox (none)[/yellow]")
     elif chosen is None:
         raise ExecutorError("no executor backend works on this host")
+
+
+def _fork_server_summary(settings) -> str:
+    """One line for doctor: whether the process backend's workers come from its fork server."""
+    import asyncio
+
+    from atrund.execute.process.forked import start_check
+
+    if not settings.process.fork_server:
+        return "off (executor.process.fork_server = false): each worker execs a fresh sandbox and interpreter"
+    problem = asyncio.run(start_check(settings))
+    return "starts (fast cold starts)" if problem is None else f"[yellow]{problem}: workers start by the exec path (slower)[/yellow]"
 
 
 def _engine_summary(settings) -> str:
@@ -147,4 +161,14 @@ def schema() -> None:
     """Print the JSON Schema of the at-run-exec protocol (ExecRequest, ExecResponse)."""
     from atrund.execute.protocol import schema as exec_schema
 
-    emit(exec_schema())
+    print_json(exec_schema())
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the completion script for SHELL; e.g. `eval "$(atrund completion bash)"` in ~/.bashrc,
+    or `atrund completion fish > ~/.config/fish/completions/atrund.fish`."""
+    from click.shell_completion import get_completion_class
+
+    click.echo(get_completion_class(shell)(main, {}, "atrund", "_ATRUND_COMPLETE").source())

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from atrund import __version__
 from atrund import config as config_mod
 from atrund.cli import early
 from atrund.cli.group import (
@@ -35,8 +36,23 @@ from atrund.execute.runtimes import declared
 @main.command("check-config")
 @config_option
 def check_config(config_path: Path) -> None:
-    """Validate a configuration file; errors name the TOML key."""
+    """Validate a configuration file; errors name the TOML key. Also warns about what would stop
+    or idle a runner started from here: no password to log in with, nobody to serve."""
+    from atrund.errors import ConfigError, PolicyFileError
+
     cfg = load_config(config_path)
+    try:
+        cfg.runner.password()
+    except ConfigError as e:
+        warn(f"{e} (`atrund serve` would stop there)")
+    if cfg.access.mode == "allowlist" and not cfg.access.allowlist:
+        try:
+            allowed = _policy_file(cfg).read().allow
+        except PolicyFileError:
+            allowed = frozenset()
+        if not allowed:
+            warn(f"access.allowlist is empty and {cfg.access_file} allows no one: this runner serves nobody "
+                 "(add DIDs or handles there, or `atrund access allow WHO`)")
     err.print(f"[green]ok[/green]: {config_path} (runner {cfg.runner.identifier} on {cfg.runner.pds}, "
               f"access {cfg.access.mode}, isolation {cfg.executor.isolation})")
 
@@ -47,11 +63,15 @@ def check_config(config_path: Path) -> None:
 @click.option("--json-logs/--console-logs", default=None, help="Log format; JSON when stderr is not a terminal.")
 def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
     """Run the runner: publish its record, poll for invocations, write results, serve the HTTP gateway."""
+    import structlog
+
     from atrund import log
     from atrund.app import App
 
     cfg = load_config(config_path)
     log.setup(log_level, json_logs)
+    said = structlog.get_logger("atrund.serve")
+    said.info("starting", version=__version__, config=str(config_path), pid=os.getpid())
 
     async def serve_until_signalled() -> None:
         stop = asyncio.Event()
@@ -62,6 +82,7 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
             if stop.is_set():  # the second one: do not wait for running work to drain
                 err.print(f"{signal.Signals(signum).name} again: exiting now (running invocations will read as interrupted)")
                 os._exit(128 + signum)
+            said.info("signal received: stopping", signal=signal.Signals(signum).name)
             stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -69,6 +90,8 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
         for sig in early.signals:
             signalled(sig)
         daemon = App(cfg)
+        # SIGHUP: re-read the configuration now ([access] and [permissions] apply while serving)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload_soon)
         try:
             starting = asyncio.create_task(daemon.start())
             stopped = asyncio.create_task(stop.wait())
@@ -82,6 +105,7 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
             await daemon.run(stop)
         finally:
             await daemon.close()
+            said.info("stopped")
 
     run_async(serve_until_signalled)()
 

@@ -1,5 +1,6 @@
 """Commands for an author's standing requests: schedule create|list|delete, trigger
-create|list|delete, result list --schedule|--trigger; and status (a runner's /healthz).
+create|list|delete (their results: ``result list --schedule|--trigger``, in atrund.cli.author);
+and status (a runner's /healthz).
 
 Thin shells over atrund.client, like atrund.cli.author: options in, JSON out.
 """
@@ -52,7 +53,7 @@ async def _delete(uri: str, collection: str, pds: str | None, identifier: str, p
     async with client.reader(plc_url) as repos:
         session = await _login(repos, pds, identifier, password)
         try:
-            await client.delete_standing(session, uri, collection)
+            await client.delete(session, uri, collection)
         finally:
             await session.close()
     emit({"deleted": uri})
@@ -202,32 +203,7 @@ async def trigger_delete(uri: str, pds: str | None, identifier: str, password: s
     await _delete(uri, TRIGGER, pds, identifier, password, plc_url)
 
 
-# -- results of a schedule or trigger, and a runner's status ---------------------------------------
-
-result = main.commands["result"]
-
-
-@result.command("list")
-@click.option("--schedule", "schedule_uri", default=None, help="The latest results of this schedule's ticks.")
-@click.option("--trigger", "trigger_uri", default=None, help="The latest results of this trigger's firings.")
-@click.option("--runner", "runner_did", default=None, help="The runner's DID; read from the schedule or trigger when omitted.")
-@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
-@click.option("--plc-url", envvar="ATRUND_PLC_URL", default=PLC_DIRECTORY, show_default=True)
-@run_async
-async def result_list(schedule_uri: str | None, trigger_uri: str | None, runner_did: str | None, limit: int, plc_url: str) -> None:
-    """The latest results, newest first (no login)."""
-    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
-    if (schedule_uri is None) == (trigger_uri is None):
-        raise click.UsageError("give one of --schedule URI and --trigger URI")
-    uri = schedule_uri or trigger_uri
-    did, collection, rkey = parse_uri(uri, "--schedule" if schedule_uri else "--trigger")
-    async with client.reader(plc_url) as repos:
-        if runner_did is None:
-            _, value = await repos.get_record(did, collection, rkey)
-            runner_did = value.get("runner") if isinstance(value, dict) else None
-            if not isinstance(runner_did, str):
-                raise Malformed(f"{uri} names no runner; give --runner")
-        emit(await client.results_of(repos, runner_did, uri, limit))
+# -- a runner's status ----------------------------------------------------------------------------
 
 
 @main.command()

@@ -29,7 +29,7 @@ from atrund.execute.runtimes import declared
 from atrund.records import RUNNER, firing_key, now_iso, tick_key
 
 ROOT = Path(__file__).resolve().parents[2]
-console = Console(highlight=False, width=max(Console().width, 120))
+console = Console(highlight=False, width=max(Console().width, 120), soft_wrap=True)  # URIs stay whole
 
 INVOCATIONS = [
     ("hello.py", "greet", {"name": "Ada"}),
@@ -54,7 +54,12 @@ def atrund(args: list[str], env: dict[str, str]) -> tuple[int, dict]:
     return proc.returncode, json.loads(proc.stdout)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="setup shows pip's and the compiler's output")
+    parser.parse_args(argv)
     state = ROOT / "demo-state"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir()
@@ -76,7 +81,7 @@ def main() -> None:
             f'description = "The atrund demo runner."\n\n'
             f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
             f'[access]\nmode = "allowlist"\nallowlist = ["{alice.did}"]\n\n'
-            f'[ingest]\nmode = "firehose"  # triggers match what the firehose carries\npoll_interval = 0.5\n\n'
+            f'[ingest]\nmode = "firehose"  # each invocation arrives as its commit does: no poll interval to wait out\n\n'
             f'[schedules]\nmin_interval_seconds = 5  # the demo cannot wait the default minute\njitter_seconds = 0\n\n'
             f'[permissions]\nenv = ["SIGNING_KEY"]\n\n'
             '[gateway]\nlisten = "127.0.0.1:0"  # any free port: the demo must not fail because 8080 is taken\n'
@@ -95,12 +100,18 @@ def main() -> None:
             serve.wait(15)
         console.print(f"runner stopped; its log is in {log_path.relative_to(ROOT)}")
     console.rule(f"done in {time.monotonic() - t0:.1f} s")
+    # Only what works once the demo's stack is gone:
+    console.print("Next: [bold].venv/bin/atrund exec examples/hello.py --runtime python --endpoint greet "
+                  "--args '{\"name\": \"you\"}'[/bold] runs a bundle here, no PDS needed; "
+                  "README.md \"For bundle authors\" is the path to your own PDS and runner.")
 
 
 def run_author_side(stack: LocalStack, alice, runner) -> None:
-    env = {**os.environ, "ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": alice.handle,
-           "ATRUND_PASSWORD": alice.app_password, "ATRUND_PLC_URL": stack.plc_url, "SIGNING_KEY": SIGNING_KEY}
-    console.rule("alice publishes bundles", style="dim")
+    env = {**os.environ, "ATRUND_PDS": stack.pds_url, "ATRUND_PLC_URL": stack.plc_url, "SIGNING_KEY": SIGNING_KEY,
+           "ATRUND_SESSION_FILE": str(ROOT / "demo-state" / "session.json")}
+    env.pop("ATRUND_PASSWORD", None)
+    console.rule("alice logs in once, then publishes bundles", style="dim")
+    atrund(["login", "--identifier", alice.handle], {**env, "ATRUND_PASSWORD": alice.app_password})
     bundles = {}
     _wait_for_runner_record(stack, runner)  # publishing with --secret reads the runner's key from it
     for name in sorted({b for b, _, _ in INVOCATIONS}):
@@ -115,7 +126,7 @@ def run_author_side(stack: LocalStack, alice, runner) -> None:
     for name, endpoint, args in INVOCATIONS:
         t = time.monotonic()
         _, out = atrund(["invoke", bundles[name]["uri"], "--runner", runner.did, "--endpoint", endpoint,
-                         "--args", json.dumps(args), "--wait"], env)
+                         "--args", json.dumps(args), "--wait", "--json"], env)
         ms = int((time.monotonic() - t) * 1000)
         status = out.get("status", "?")
         shown = json.dumps(out["value"]) if "value" in out else out["record"].get("error", "")
@@ -128,8 +139,9 @@ def run_author_side(stack: LocalStack, alice, runner) -> None:
     leaked = SIGNING_KEY in json.dumps(out) or SIGNING_KEY in (ROOT / "demo-state" / "runner.log").read_text()
     console.print(f"signed.py's key was sealed to the runner's key in its bundle record; it appears in the result record "
                   f"or the runner's log: [bold]{'YES (a bug)' if leaked else 'no'}[/bold]")
-    console.print("Anyone can read a result by its URI, e.g.:")
-    console.print(f"[dim]$[/dim] [bold]atrund result get {out['result']} --plc-url {stack.plc_url}[/bold]")
+    console.print("Anyone can read a result by its URI (no login):")
+    _, got = atrund(["result", "get", out["result"], "--plc-url", stack.plc_url, "--json"], env)
+    console.print(f"  → {got['status']}: {json.dumps(got.get('value'))}")
 
 
 def schedule_and_trigger(stack: LocalStack, alice, runner) -> None:
@@ -148,7 +160,7 @@ def schedule_and_trigger(stack: LocalStack, alice, runner) -> None:
     asyncio.run(_like_and_wait(stack, alice, runner, sched, trig))
     _, ticks = atrund(["result", "list", "--schedule", sched["uri"]], env)
     for r in ticks[:3]:
-        console.print(f"  → tick {r['record']['scheduledAt']}: [green]{r['status']}[/green] {json.dumps(r.get('value'))}")
+        console.print(f"  → tick {r['scheduledAt']}: [green]{r['status']}[/green] {json.dumps(r.get('value'))}")
 
 
 async def _like_and_wait(stack: LocalStack, alice, runner, sched: dict, trig: dict) -> None:

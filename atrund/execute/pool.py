@@ -24,6 +24,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import statistics
 import time
@@ -46,6 +47,7 @@ STDERR_TAIL = 4096  # bytes of the bundle's own output kept for error messages
 EXIT_GRACE = 0.5  # seconds a worker that closed its output gets to exit before it is killed
 METRIC_SLACK_MS = 1000  # a metric may exceed the request's timeout by this much (clock granularity, a VM's clock)
 NO_PERMISSIONS = ExecPermissions()
+CORES = os.cpu_count() or 1
 
 
 class Worker(ABC):
@@ -93,22 +95,23 @@ class Worker(ABC):
         cannot see them (a remote engine, a VM)."""
         return None
 
-    def census(self, runtime: Runtime) -> Census:
+    def census(self, runtime: Runtime, cpu: bool) -> Census:
         """What the worker holds once it has answered, read from outside, in one pass over its
-        processes (this runs between every two requests of a hot worker)."""
+        processes (this runs between every two requests of a hot worker). ``cpu``: whether the
+        pool needs the CPU time too (it does only when the worker may have spent enough to matter)."""
         root = self.root_pid()
         if root is None:
             return Census(left=None, cpu=None, memory=None)
         pids = procs.tree(root)
         runs_bundle = pids[self.overhead] if len(pids) > self.overhead else None
         return Census(left=leftovers(len(pids) - self.overhead, procs.threads(runs_bundle) if runs_bundle else 1, runtime),
-                      cpu=procs.cpu_spent(pids), memory=procs.rss_bytes(pids))
+                      cpu=procs.cpu_spent(pids) if cpu else 0.0, memory=procs.rss_bytes(pids))
 
 
 @dataclass
 class Census:
     left: str | None  # what the bundle left running, or None
-    cpu: float | None  # the most CPU time one process of the worker has used; None: cannot tell
+    cpu: float | None  # the most CPU time one process of the worker has used (0.0: not asked); None: cannot tell
     memory: int | None  # bytes the worker holds, if the backend can tell
 
 
@@ -221,6 +224,7 @@ class _Lease:
         self.staged: tuple[str, str] | None = None  # (code path, the path the worker sees)
         self.idle_since = 0.0
         self.memory = 0
+        self.active = 0.0  # seconds it has been starting or running requests: all the CPU time it can have used, per core
 
     async def kill(self) -> None:
         self.output.task.cancel()
@@ -334,6 +338,7 @@ class WorkerPool:
     # -- taking a worker -----------------------------------------------------------------
 
     async def _start(self, runtime: Runtime, permissions: ExecPermissions = NO_PERMISSIONS) -> _Lease:
+        started = time.monotonic()
         worker = await self.backend.spawn(runtime, self.settings, permissions)
         try:
             line = await asyncio.wait_for(worker.stdout.readline(), self.backend.ready_timeout)
@@ -345,7 +350,9 @@ class WorkerPool:
             err = await _tail(worker.stderr)
             extra = worker.diagnostics()
             raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}" + (f"; {extra}" if extra else ""))
-        return _Lease(worker, runtime, reuse)
+        lease = _Lease(worker, runtime, reuse)
+        lease.active = time.monotonic() - started
+        return lease
 
     async def _take(self, runtime: Runtime, request: ExecRequest, key: str | None) -> _Lease:
         """A hot worker of the key, else a warm one if the request needs no more than the
@@ -393,7 +400,9 @@ class WorkerPool:
         elif lease.worker.exited() is not None:
             why = "it exited after answering"
         else:
-            census = lease.worker.census(lease.runtime)
+            # CPU time accrues only while starting or running a request (what runs in between is
+            # a leftover, and retires the worker): below one budget per core, no need to read it.
+            census = lease.worker.census(lease.runtime, cpu=lease.active * CORES > cpu_budget(self.settings))
             high_water = self.settings.memory_high_water_percent * (self.settings.memory_mb << 20) // 100
             lease.memory = census.memory or 0
             if census.left:
@@ -487,6 +496,14 @@ class WorkerPool:
         request = request.model_copy(update={"code_path": lease.staged[1]})
         lease.served += 1
         lease.output.buf.clear()
+        began = time.monotonic()
+        try:
+            return await self._exchange(lease, request)
+        finally:
+            lease.active += time.monotonic() - began
+
+    async def _exchange(self, lease: _Lease, request: ExecRequest) -> tuple[ExecResponse, bool]:
+        worker = lease.worker
         try:
             worker.stdin.write(request.to_json().encode() + b"\n")
             await worker.stdin.drain()
@@ -495,8 +512,9 @@ class WorkerPool:
         except (ConnectionError, BrokenPipeError):
             pass  # the worker is gone; reading its answer below says how
         try:
-            line = await asyncio.wait_for(worker.stdout.readline(), request.timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(request.timeout):
+                line = await worker.stdout.readline()
+        except TimeoutError:
             return _fail(f"timed out after {request.timeout} s", "Timeout", timed_out=True, elapsed_s=request.timeout), False
         except ValueError:  # asyncio's StreamReader limit: the line is longer than allowed
             return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge"), False

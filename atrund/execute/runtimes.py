@@ -64,6 +64,9 @@ class Runtime:
     data_overhead_mb: int = 0
     template: tuple[str, ...] = ()  # the command as runtime.json writes it, placeholders unexpanded
     program: Program | None = None  # the runtime's own program, if it has one besides Python
+    accepts: tuple[str, ...] = ()  # file extensions `bundle publish` takes for it (default: extension)
+    check: tuple[str, ...] = ()  # its syntax check ({file}, or the file on stdin), expanded
+    endpoints: str | None = None  # how a file's endpoints are found: "top-level functions" or "exported functions"
 
 
 def expand(template: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
@@ -135,6 +138,9 @@ def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
                 data_overhead_mb=int(spec.get("dataOverheadMb", 0)),
                 template=tuple(spec["command"]),
                 program=program,
+                accepts=tuple(spec.get("accepts") or ([spec["extension"]] if spec.get("extension") else [])),
+                check=tuple(_expand(w, rdir, program) for w in spec.get("check", ())),
+                endpoints=spec.get("endpoints"),
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExecutorError(f"{meta}: not a valid runtime description: {e}") from e

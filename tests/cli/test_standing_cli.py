@@ -40,7 +40,7 @@ async def test_schedule_and_trigger_commands(stack, author, make_runner, reader)
     uri = made["uri"]
     await wait_result(reader, runner.did, tick_key(uri, start), timeout=30)
     listed = await asyncio.to_thread(run, "result", "list", "--schedule", uri, env=env)
-    assert [r["record"]["scheduledAt"] for r in listed] == [utc_second(start)] and listed[0]["value"] == {"at": utc_second(start)}
+    assert [r["scheduledAt"] for r in listed] == [utc_second(start)] and listed[0]["value"] == {"at": utc_second(start)}
     mine = await asyncio.to_thread(run, "schedule", "list", "--author", author.account.did, env=env)
     assert [(s["uri"], s["next"]) for s in mine] == [(uri, utc_second(start + 3600))]
 
@@ -60,4 +60,4 @@ async def test_schedule_and_trigger_commands(stack, author, make_runner, reader)
     assert (await asyncio.to_thread(run, "trigger", "delete", trig, env=env)) == {"deleted": trig}
     await until(lambda: uri not in runner.app.ticks.standings.items and trig not in runner.app.triggers.live, "both stopped")
     wrong = await asyncio.to_thread(atrund, "schedule", "delete", trig, env=env)
-    assert wrong.returncode == 32 and "not a dev.atrun.schedule record" in wrong.stderr
+    assert wrong.returncode == 32 and "is not a dev.atrun.schedule record" in wrong.stderr

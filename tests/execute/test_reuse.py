@@ -198,3 +198,68 @@ async def test_max_requests_idle_time_and_the_hot_cap_replace_workers(isolation,
     assert (await run(executor, probe("whoami")))["token"] != tokens[3]
     await asyncio.sleep(2.5)  # past max_idle_seconds: the sweeper stops idle workers
     assert executor.stats().hot == 0
+
+
+async def test_a_worker_is_retired_before_less_than_one_cpu_budget_is_left(isolation, pool):
+    """RLIMIT_CPU counts a process's whole life: a reused worker starts with two budgets and is
+    replaced once it has spent more than one, so the next request never starts short."""
+    if isolation == "microvm" or not reuses(isolation):
+        pytest.skip("no per-process CPU limit inside a VM, and gVisor workers serve one request each")
+    executor = pool(max_timeout=1)  # one budget: 2 CPU-s (the pool itself does not cap a request's timeout)
+    first = await run(executor, probe("burn", ms=1200, timeout=30))
+    second = await run(executor, probe("burn", ms=1200, timeout=30))
+    third = await run(executor, probe("whoami"))
+    assert second["token"] == first["token"] and third["token"] != first["token"]
+    assert executor.stats().retired == 1
+
+
+# -- Deno and Node: one runtime process serves every request of its key -----------------------
+
+JS_PROBE = """
+const token = crypto.randomUUID();
+let served = 0;
+let ticks = 0;
+const kept = [];
+const secret = () => (globalThis.Deno ? Deno.env.get("SECRET") : process.env.SECRET) ?? null;
+export function whoami() { served += 1; return { token, served, ticks }; }
+export function remember() { kept.push(secret()); return whoami(); }
+export function recall() { return { token, kept, env: secret() }; }
+export function leaveTimer() { setInterval(() => { ticks += 1; }, 5); setTimeout(() => { ticks += 1000; }, 20); return whoami(); }
+"""
+JS_EXTENSIONS = {"deno": ".ts", "node": ".mjs"}
+
+
+@pytest.fixture(params=sorted(JS_EXTENSIONS))
+def js(request, tmp_path) -> tuple[str, Path]:
+    code = tmp_path / f"probe{JS_EXTENSIONS[request.param]}"
+    code.write_text(JS_PROBE)
+    return request.param, code
+
+
+async def run_js(executor, js, endpoint: str, env: dict | None = None):
+    runtime, code = js
+    r = await executor.execute(probe(endpoint, code_path=code, env=env), runtime)
+    assert r.success, r.error
+    return r.data
+
+
+@pytest.mark.vm
+async def test_js_same_key_shares_one_runtime_process_other_secrets_do_not(isolation, pool, js):
+    executor = pool()
+    a = await run_js(executor, js, "remember", env={"SECRET": "alice-only"})
+    again = await run_js(executor, js, "recall", env={"SECRET": "alice-only"})
+    b = await run_js(executor, js, "recall", env={"SECRET": "bob"})
+    assert b["token"] != a["token"] and b["kept"] == [] and b["env"] == "bob"
+    if reuses(isolation):
+        assert again["token"] == a["token"] and again["kept"] == ["alice-only"]
+
+
+async def test_js_timers_end_with_the_request_that_started_them(isolation, pool, js):
+    """An interval and a timeout left behind by one request never run in the next one."""
+    executor = pool()
+    left = await run_js(executor, js, "leaveTimer")
+    await asyncio.sleep(0.3)
+    after = await run_js(executor, js, "whoami")
+    assert after["ticks"] == 0
+    if reuses(isolation):
+        assert after["token"] == left["token"]

@@ -76,8 +76,8 @@ async def test_a_like_of_my_post_fires_once_with_the_event_in_args(author, login
     await asyncio.sleep(1)
     fired = [inv.uri for inv in runner.app.state.with_state("done") if inv.uri.startswith(uri + "#")]
     assert fired == [key]  # once, and only for the like of my post
-    listed = await client.results_of(reader, runner.did, uri)
-    assert [r["record"]["event"] for r in listed] == [liked]
+    listed = await client.results_of(reader, uri, runner.did)
+    assert [(r["trigger"], r["event"]) for r in listed] == [(uri, liked)]
 
 
 async def test_a_delete_fires_only_if_asked_and_results_none_writes_nothing(author, login_author, make_runner, reader):

@@ -161,7 +161,7 @@ class VmWorker(Worker):
     def out_of_memory(self) -> bool:
         return self._oom > 0
 
-    def census(self, runtime) -> Census:
+    def census(self, runtime, cpu: bool) -> Census:
         """atrun-init, the guest's PID 1, looks at what runs when an answer line ends (the runner
         cannot see into the VM). No per-process CPU limit in the guest: the VM's vCPUs and the
         deadline bound it; the VM's memory is its own limit."""

@@ -24,16 +24,27 @@ import signal
 import tempfile
 from pathlib import Path
 
+import structlog
+
 from atrund.execute import procs
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
 from atrund.execute.pool import Backend, Census, Worker, cpu_limit, leftovers
+from atrund.execute.process.forked import (
+    FENCE,
+    SYSTEM_PYTHON,
+    ForkedWorker,
+    ForkServer,
+    connect_pipes,
+    programs,
+    servable,
+)
 from atrund.execute.protocol import ExecPermissions
-from atrund.execute.runtimes import Runtime
+from atrund.execute.runtimes import Runtime, load_runtimes
 from atrund.execute.workdir import owned_dir, work_root
 
-FENCE = Path(__file__).with_name("fence.py")
-SYSTEM_PYTHON = "/usr/bin/python3"
+log = structlog.get_logger("atrund.execute")
+
 # What every runtime may read besides its own directory: system libraries and a few files.
 SYSTEM_READ = [
     "/usr", "/lib", "/lib64", "/bin", "/sbin", "/proc", "/dev/urandom", "/dev/random",
@@ -141,7 +152,11 @@ class Cgroups:
             self.available = False
 
     def create(self, name: str, memory_bytes: int, pids: int) -> list[str]:
-        """The cgroup.procs files the worker's fence joins; empty if cgroups are not available."""
+        """The files the worker's fence joins by writing "0"; empty if cgroups are not available.
+
+        ``tasks``, not ``cgroup.procs``: the fence is single-threaded, and a thread moving itself
+        spares the kernel the global write lock a whole-process move takes (an RCU grace
+        period: about 12 ms per worker on this kernel, the largest part of a cold start)."""
         if not self.available:
             return []
         mem, pid = self.parents["memory"] / name, self.parents["pids"] / name
@@ -153,25 +168,29 @@ class Cgroups:
         except OSError:
             pass  # swap accounting is off on this kernel
         (pid / "pids.max").write_text(str(pids))
-        return [str(mem / "cgroup.procs"), str(pid / "cgroup.procs")]
+        return [str(mem / "tasks"), str(pid / "tasks")]
 
-    def members(self, name: str) -> tuple[list[int], int] | None:
-        """The worker's processes and its number of threads, or None without cgroups."""
+    def tasks(self, name: str) -> int | None:
+        """How many threads the worker runs, all its processes together; None without cgroups."""
+        return int(text) if (text := self._read("pids", name, "pids.current")) else None
+
+    def processes(self, name: str) -> list[int] | None:
+        """The worker's processes; None without cgroups."""
+        text = self._read("pids", name, "cgroup.procs")
+        return [int(p) for p in text.split()] if text is not None else None
+
+    def _read(self, controller: str, name: str, file: str) -> str | None:
         if not self.available:
             return None
         try:
-            pids = [int(p) for p in (self.parents["pids"] / name / "cgroup.procs").read_text().split()]
-            tasks = len((self.parents["pids"] / name / "tasks").read_text().split())
-        except (OSError, ValueError):
+            with open(self.parents[controller] / name / file) as f:
+                return f.read()
+        except OSError:
             return None
-        return pids, tasks
 
     def usage(self, name: str) -> int | None:
         """Memory the worker's whole tree holds now (its /tmp pages included)."""
-        try:
-            return int((self.parents["memory"] / name / "memory.usage_in_bytes").read_text())
-        except (OSError, ValueError):
-            return None
+        return int(text) if (text := self._read("memory", name, "memory.usage_in_bytes")) else None
 
     async def remove(self, name: str) -> None:
         if not self.available:
@@ -209,11 +228,12 @@ def _worker_uid(name: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-class FencedWorker(DirectWorker):
-    overhead = 2  # unshare (our child) and the fence, PID 1 of the worker's namespace
+class Sandbox:
+    """What a fenced worker holds on the host besides its processes: its /tmp (a tmpfs), its
+    cgroup and its uid. Released only once no process of the worker can be left."""
 
-    def __init__(self, process, workdir: Path, uid: int, uids: UidPool, cgroups: Cgroups) -> None:
-        super().__init__(process, workdir)
+    def __init__(self, workdir: Path, uid: int, uids: UidPool, cgroups: Cgroups) -> None:
+        self.workdir = workdir
         self.uid = uid
         self._uids: UidPool | None = uids
         self._cgroups = cgroups
@@ -225,16 +245,55 @@ class FencedWorker(DirectWorker):
         os.chmod(self.workdir / name, 0o444)
         return f"/tmp/{name}"
 
-    def census(self, runtime: Runtime) -> Census:
-        """From the worker's cgroups where there are some: its processes and threads in two
-        reads (the fence, PID 1 of the namespace, is one single-threaded process of them)."""
-        seen = self._cgroups.members(self.workdir.name)
-        if seen is None:
-            return super().census(runtime)
-        pids, tasks = seen
-        below = len(pids) - 1
-        return Census(left=leftovers(below, tasks - below, runtime), cpu=procs.cpu_spent(pids),
-                      memory=self._cgroups.usage(self.workdir.name))
+    def census(self, runtime: Runtime, cpu: bool) -> Census | None:
+        """From the worker's cgroups where there are some (None otherwise), in as few reads as
+        will do: the fence (PID 1 of the namespace, one single-threaded process) and at-run-exec,
+        also single-threaded for a runtime without a program of its own, are exactly two tasks; a
+        runtime with a program has threads of its own, so its processes are counted instead.
+        Both ways of starting a worker put the same two processes in its cgroups."""
+        name = self.workdir.name
+        pids = None
+        if runtime.program is None:
+            tasks = self._cgroups.tasks(name)
+            if tasks is None:
+                return None
+            left = None if tasks <= 2 else "a thread or process still running"
+        else:
+            pids = self._cgroups.processes(name)
+            if pids is None:
+                return None
+            left = leftovers(len(pids) - 1, 1, runtime)
+        if cpu:
+            pids = pids or self._cgroups.processes(name) or []
+        return Census(left=left, cpu=procs.cpu_spent(pids) if cpu else 0.0, memory=self._cgroups.usage(name))
+
+    def unmount(self) -> None:
+        unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
+
+    async def release(self) -> None:
+        """After the worker's processes are dead."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        await self._cgroups.remove(self.workdir.name)
+        if self._uids is not None:  # the uid is free again only once no process of it can be left
+            self._uids.give(self.uid)
+            self._uids = None
+
+
+class FencedWorker(DirectWorker):
+    """A worker started by the exec path (setpriv, unshare, fence.py): our child."""
+
+    overhead = 2  # unshare (our child) and the fence, PID 1 of the worker's namespace
+
+    def __init__(self, process, sandbox: Sandbox) -> None:
+        super().__init__(process, sandbox.workdir)
+        self.sandbox = sandbox
+        self.uid = sandbox.uid
+
+    def stage(self, code_path: str) -> str:
+        return self.sandbox.stage(code_path)
+
+    def census(self, runtime: Runtime, cpu: bool) -> Census:
+        return self.sandbox.census(runtime, cpu) or super().census(runtime, cpu)
 
     def kill_processes(self) -> None:
         # Kill unshare's child, the init of the worker's PID namespace, first: the kernel then
@@ -253,12 +312,9 @@ class FencedWorker(DirectWorker):
         super().kill_processes()
 
     async def kill(self) -> None:
-        unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
+        self.sandbox.unmount()
         await super().kill()
-        await self._cgroups.remove(self.workdir.name)
-        if self._uids is not None:  # the uid is free again only once no process of it can be left
-            self._uids.give(self.uid)
-            self._uids = None
+        await self.sandbox.release()
 
 
 class ProcessBackend(Backend):
@@ -271,6 +327,8 @@ class ProcessBackend(Backend):
         self.uids = UidPool(settings.process.uid_base, settings.process.uids, self.work_root)
         self.tmp_mb = settings.tmp_mb
         self.cgroups = Cgroups()
+        self.fork_server: ForkServer | None = None
+        self.fork_server_problem: str | None = None  # why workers start by the exec path, if they do
         self.remove_leftovers()
         self.cgroups.remove_leftovers(self.uids)
 
@@ -289,8 +347,32 @@ class ProcessBackend(Backend):
             finally:
                 self.uids.give(uid)
 
+    async def prepare(self) -> None:
+        """Start the fork server (unless switched off). If it cannot start, workers start by
+        the exec path, slower but fenced the same: said in the log and by `atrund doctor`."""
+        if not self.settings.process.fork_server or self.fork_server is not None:
+            return
+        server = ForkServer(SYSTEM_PYTHON, programs(load_runtimes(self.settings.runtimes_dir).values(), SYSTEM_PYTHON))
+        try:
+            await server.start()
+        except ExecutorError as e:
+            self.fork_server_problem = str(e)
+            log.warning("the process backend starts workers by the exec path", why=str(e))
+            return
+        self.fork_server = server
+
+    async def close(self) -> None:
+        self.stop_preparing()
+        if self.fork_server is not None:
+            await self.fork_server.close()
+
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
         check_program(runtime)
+        if (dead := self.fork_server) is not None and dead.gone:  # one restart, at the ready() below
+            log.warning("the fork server is gone; starting it again", why=dead.gone)
+            self.fork_server, self._ready = None, None
+            await dead.close()  # reaps it
+        await self.ready()
         uid = self.uids.take()
         workdir = Path(tempfile.mkdtemp(prefix=f"w{uid}-", dir=self.work_root))
         try:
@@ -299,10 +381,27 @@ class ProcessBackend(Backend):
             self.uids.give(uid)
             os.rmdir(workdir)
             raise
-        spec = {
-            "uid": uid,
-            "gid": uid,
-            "workdir": str(workdir),
+        sandbox = Sandbox(workdir, uid, self.uids, self.cgroups)
+        try:
+            spec = self.spec(runtime, settings, permissions, sandbox)
+            if self._forks(runtime):
+                return await self.fork(spec, bool(permissions.net), sandbox, settings)
+            return await self.exec(spec, bool(permissions.net), runtime, sandbox, settings)
+        except BaseException:
+            sandbox.unmount()
+            await sandbox.release()
+            raise
+
+    def _forks(self, runtime: Runtime) -> bool:
+        server = self.fork_server
+        return server is not None and not server.gone and servable(runtime.command, SYSTEM_PYTHON)
+
+    def spec(self, runtime: Runtime, settings, permissions: ExecPermissions, sandbox: Sandbox) -> dict:
+        """What fence.py gets: the same on both paths."""
+        return {
+            "uid": sandbox.uid,
+            "gid": sandbox.uid,
+            "workdir": str(sandbox.workdir),
             "read": SYSTEM_READ,
             "grant_read": list(permissions.read),
             "relocate": runtime_paths(runtime),
@@ -321,25 +420,34 @@ class ProcessBackend(Backend):
             "env": {"PATH": SAFE_PATH, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
             "argv": list(runtime.command),
             "cgroups": self.cgroups.create(
-                workdir.name,
+                sandbox.workdir.name,
                 memory_bytes=(settings.memory_mb + runtime.data_overhead_mb + self.tmp_mb) * 1024 * 1024,
                 pids=settings.max_processes,
             ),
         }
+
+    async def fork(self, spec: dict, network: bool, sandbox: Sandbox, settings) -> Worker:
+        assert self.fork_server is not None
+        theirs, pipes = await connect_pipes(settings.max_output_bytes + 4096)
+        try:
+            pid, pidfd, exited = await self.fork_server.spawn(spec, network, theirs)
+        except BaseException:
+            for transport in pipes[3]:
+                transport.close()
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return ForkedWorker(pid, pidfd, exited, pipes, self.fork_server, sandbox)
+
+    async def exec(self, spec: dict, network: bool, runtime: Runtime, sandbox: Sandbox, settings) -> Worker:
         unshare = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
-        if not permissions.net:
+        if not network:
             unshare.append("--net")
         command = [*([SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []), *unshare, "--",
                    SYSTEM_PYTHON, "-I", "-S", str(FENCE), json.dumps(spec)]
-        try:
-            process = await spawn_process(command, runtime.name, workdir, settings)
-        except ExecutorError:
-            unmount(workdir)
-            shutil.rmtree(workdir, ignore_errors=True)
-            await self.cgroups.remove(workdir.name)
-            self.uids.give(uid)
-            raise
-        return FencedWorker(process, workdir, uid, self.uids, self.cgroups)
+        process = await spawn_process(command, runtime.name, sandbox.workdir, settings)
+        return FencedWorker(process, sandbox)
 
 
 def kept_in_run() -> list[str]:

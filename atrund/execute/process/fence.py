@@ -1,8 +1,9 @@
-"""The fence of the ``process`` backend: applied to a worker before the runtime is exec'd.
+"""The fence of the ``process`` backend: applied to a worker before its runtime runs.
 
 Runs as root inside fresh mount, PID, IPC, UTS (and, when no network is granted, network)
-namespaces made by ``unshare``, and then, in this order, before any bundle code exists in the
-process:
+namespaces, made by ``unshare`` on the exec path (``main``) or by the fork server's child
+(forkserver.py, which imports this file and calls the same ``enter``), and then, in this
+order, before any bundle code exists in the process:
 
 1. makes every mount private, shows the runtime's own directories read-only under
    /run/atrund (wherever they live on the host), and binds the worker's own directory on
@@ -11,13 +12,14 @@ process:
    resource limits per process (memory, CPU, file size, open files, processes, no core dumps);
 3. sets no_new_privs, drops every group and switches to the worker's own unprivileged uid
    (one uid per worker: workers cannot signal or ptrace each other, and RLIMIT_NPROC counts
-   one worker's processes only);
+   one worker's processes only), then sets the parent-death signal (the uid change clears it);
 4. restricts itself with Landlock: read/execute only the runtime and system library paths,
    read the granted paths, write /tmp and the granted paths, TCP connect only to granted
    ports and never bind, no signals or abstract unix sockets beyond its own domain;
 5. forks: the child loads a seccomp filter (no UNIX-socket connects, no user namespaces, no
-   ptrace/bpf/keyctl/mount/...) and execs the runtime with a clean environment, and this process stays as the
-   namespace's init (reaping orphans, passing on the runtime's exit status).
+   ptrace/bpf/keyctl/mount/...) and execs the runtime with a clean environment (the fork
+   server's child runs the runtime's pre-compiled at-run-exec instead), and this process
+   stays as the namespace's init (reaping orphans, passing on the runtime's exit status).
 
 None of this can be undone by the bundle: hard limits cannot be raised without privilege,
 the uid change is permanent, and Landlock domains only ever get stricter.
@@ -39,7 +41,8 @@ SYS_landlock_restrict_self = 446
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_RULE_NET_PORT = 2
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+SIGKILL = 9
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
@@ -144,9 +147,8 @@ def relocate(sources, fds, argv, read):
     the host's /run (sockets such as docker.sock) from the worker.
     """
     check(libc.mount(b"tmpfs", b"/run", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=0755"), "mount a tmpfs on /run")
-    moves = []
-    for i, (src, fd) in enumerate(zip(sources, fds, strict=True)):
-        dst = f"/run/atrund/{i}"
+    moves = relocation(sources)
+    for (src, dst), fd in zip(moves, fds, strict=True):
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.makedirs(dst)
         else:
@@ -154,16 +156,20 @@ def relocate(sources, fds, argv, read):
             open(dst, "w").close()
         check(libc.mount(f"/proc/self/fd/{fd}".encode(), dst.encode(), None, MS_BIND | MS_REC, None), f"bind {src}")
         check(libc.mount(None, dst.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"make {src} read-only")
-        moves.append((src, dst))
-    moves.sort(key=lambda m: len(m[0]), reverse=True)  # the longest source wins
+    return [moved(word, moves) for word in argv], [moved(p, moves) for p in read] + [dst for _, dst in moves]
 
-    def moved(path):
-        for src, dst in moves:
-            if path == src or path.startswith(src + "/"):
-                return dst + path[len(src):]
-        return path
 
-    return [moved(word) for word in argv], [moved(p) for p in read] + [dst for _, dst in moves]
+def relocation(sources):
+    """Where relocate() shows each source: (source, /run/atrund/N), in the order given."""
+    return [(src, f"/run/atrund/{i}") for i, src in enumerate(sources)]
+
+
+def moved(path, moves):
+    """``path`` as the worker sees it once ``moves`` are mounted (the longest source wins)."""
+    for src, dst in sorted(moves, key=lambda m: len(m[0]), reverse=True):
+        if path == src or path.startswith(src + "/"):
+            return dst + path[len(src):]
+    return path
 
 
 # seccomp: what a bundle never needs and an escape often does. Landlock cannot see pathname
@@ -188,16 +194,38 @@ class ArgCmp(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
+_seccomp = None  # the filter as BPF, once built: the fork server builds it once for all its workers
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
 def seccomp_filter():
     """Load the filter (no_new_privs is already set). Without libseccomp it is skipped: the
     namespaces, uid and Landlock still stand, and `atrund doctor` says so."""
+    program = seccomp_rules()
+    if program is None:
+        return False
+    prog = SockFprog(len(program) // 8, program)  # struct sock_filter is 8 bytes
+    check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "load the seccomp filter")
+    return True
+
+
+def seccomp_rules():
+    """The filter compiled to BPF by libseccomp, once per process (None without libseccomp);
+    loading it is per worker."""
+    global _seccomp
+    if _seccomp is not None:
+        return _seccomp
     try:
         lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
-        return False
+        return None
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(ArgCmp)]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
     if not ctx:
@@ -219,14 +247,40 @@ def seccomp_filter():
     rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))
     for name in ("unshare", "clone"):
         rule(errno(EPERM), name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
-    if lib.seccomp_load(ctypes.c_void_p(ctx)) != 0:
-        fail("seccomp_load failed")
+    read, write = os.pipe()  # the program is a few hundred bytes: a pipe holds it whole
+    try:
+        if lib.seccomp_export_bpf(ctypes.c_void_p(ctx), write) != 0:
+            fail("seccomp_export_bpf failed")
+        os.close(write)
+        write = -1
+        program = b""
+        while chunk := os.read(read, 65536):
+            program += chunk
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
     lib.seccomp_release(ctypes.c_void_p(ctx))
-    return True
+    _seccomp = program
+    return _seccomp
 
 
 def main():
+    """The exec path: ``unshare`` made the namespaces and this process is their init."""
     spec = json.loads(sys.argv[1])
+    argv = enter(spec)
+    child = os.fork()
+    if child == 0:
+        seccomp_filter()  # in the runtime's process only: the init needs none of this either way
+        os.execve(argv[0], argv, spec["env"])
+    serve_as_init(child)
+
+
+def enter(spec, parent_alive=lambda: True):
+    """Steps 1 to 4 of the fence, in this process (the namespace's future init), in this order.
+    Returns the runtime's command with its directories relocated. Shared by the exec path
+    (main) and the fork server (forkserver.py): one fence. ``parent_alive`` says whether the
+    process that would kill this one is still there (see the parent-death signal below)."""
     uid, gid, workdir = spec["uid"], spec["gid"], spec["workdir"]
     for procs in spec.get("cgroups", []):  # join first: everything started from here on is counted
         with open(procs, "w") as f:
@@ -242,19 +296,22 @@ def main():
     os.close(work)
     argv, read = relocate(spec["relocate"], fds, spec["argv"], spec["read"])
     keep(spec["keep"], kept)
+    for fd in fds + kept:
+        os.close(fd)
     for name, value in spec["rlimits"].items():
         resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, value))
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    # The kernel clears the parent-death signal when the uid changes, so it is set (again) here:
+    # the worker dies with whatever started it (unshare, or the fork server), hence with the runner.
+    check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "parent-death signal")
+    if not parent_alive():
+        os._exit(1)  # it died before the line above: nothing would kill this worker
     landlock(read, ["/tmp", *spec["write"]], spec["grant_read"], spec["grant_write"], spec["ports"])
     os.chdir("/tmp")
-    child = os.fork()
-    if child == 0:
-        seccomp_filter()  # in the runtime's process only: the init needs none of this either way
-        os.execve(argv[0], argv, spec["env"])
-    serve_as_init(child)
+    return argv
 
 
 def serve_as_init(child):

@@ -1,0 +1,282 @@
+"""The fork server (zygote) of the ``process`` backend: fenced workers without a fresh interpreter.
+
+The exec path starts every worker as ``setpriv ... unshare ... python3 fence.py SPEC``, and the
+runtime as a third interpreter after that: three program starts before any request is read.
+This program is started once per backend, as root, single-threaded, stdlib only (run with
+``python3 -I -S``, the same interpreter and flags as every at-run-exec; it never imports the
+runner's package). It has already imported what the fence and the runtimes' at-run-exec programs
+import, built the seccomp filter, and compiled each at-run-exec into a code object. Then, for
+each spawn request on its socket (a socketpair with the runner: no path on any file system):
+
+- the server unshares a PID namespace for its next child only, forks (the child is PID 1 of
+  the new namespace) and goes back to its own PID namespace for later children;
+- the child (the worker's init) sets PR_SET_PDEATHSIG, starts a session of its own, puts the
+  three pipe ends the runner sent (SCM_RIGHTS) on fds 0, 1 and 2 and closes every other
+  descriptor it inherited (the server's socket, its pidfds); then what ``unshare`` does on the
+  exec path: new mount, IPC, UTS and (unless the request grants network) network namespaces,
+  every mount private, a fresh /proc; then the fence (fence.enter: cgroups, /tmp, /run,
+  rlimits, no_new_privs, groups, gid, uid, Landlock), the same function the exec path runs;
+- it forks the runtime's process, which loads the seccomp filter and runs the at-run-exec code
+  object as ``__main__`` with the relocated argv and the spec's environment; the init stays,
+  reaping orphans and passing on the runtime's exit status (fence.serve_as_init).
+
+No secret ever passes through this process: a spec holds a uid, paths, limits and the
+runtime's command, and the request (with its secrets) goes from the runner to the worker's
+stdin. So the server's memory, which every forked worker inherits a copy of, tells a bundle
+nothing it may not know. The server reaps its children and reports their exit status on the
+socket; it dies with the runner (PR_SET_PDEATHSIG), and its workers die with it.
+
+Messages (SOCK_SEQPACKET, one JSON object each):
+  runner -> server  {"id": N, "spec": SPEC, "network": bool} with fds stdin, stdout, stderr
+  server -> runner  {"id": N, "pid": PID} with a pidfd of the worker's init, or {"id": N, "error": TEXT}
+  server -> runner  {"exit": PID, "code": CODE}  (CODE: exit status, or -signal)
+  runner -> server  {"runner": PID, "fence": PATH, "programs": [PATH, ...]}  first, once
+  server -> runner  {"ready": true}  once, after start-up
+
+Usage: ``python3 -I -S - SOCKET_FD`` with this program on stdin; the first message on the
+socket says the rest (see start()).
+"""
+
+import ast
+import ctypes
+import gc
+import importlib.util
+import io
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import types
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+PR_SET_PDEATHSIG = 1
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+MAX_MESSAGE = 1 << 20
+sys.dont_write_bytecode = True  # no __pycache__ written as root into the checkout (restored for the runtime)
+
+
+def load_fence(path):
+    """fence.py as a module (not on sys.path, so a bundle cannot import it)."""
+    spec = importlib.util.spec_from_file_location("fence", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fence = libc = None  # set by start()
+
+
+class Become(Exception):
+    """Raised in a worker's runtime process: unwinds out of the server to run the at-run-exec."""
+
+    def __init__(self, code, argv, env):
+        super().__init__()
+        self.code, self.argv, self.env = code, argv, env
+
+
+class Programs:
+    """Each at-run-exec compiled once (again if the file changes), and what it imports at its
+    top level imported here, so a worker pays neither."""
+
+    def __init__(self):
+        self.compiled = {}
+
+    def code(self, path, filename):
+        st = os.stat(path)
+        key = (path, filename)
+        found = self.compiled.get(key)
+        if found is None or found[0] != (st.st_mtime_ns, st.st_size):
+            with open(path, "rb") as f:
+                source = f.read()
+            tree = ast.parse(source, filename)
+            preload(tree)
+            found = ((st.st_mtime_ns, st.st_size), compile(tree, filename, "exec", dont_inherit=True))
+            self.compiled[key] = found
+        return found[1]
+
+
+def preload(tree):
+    for node in tree.body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        for name in names:
+            try:
+                __import__(name)
+            except ImportError:
+                pass  # the program itself will say so, in the worker
+
+
+def servable(argv):
+    """A command this server can run: this interpreter, with -I -S, on a program file."""
+    return len(argv) >= 4 and argv[0] == sys.executable and argv[1:3] == ["-I", "-S"]
+
+
+class Server:
+    def __init__(self, sock):
+        self.sock = sock
+        self.programs = Programs()
+        self.children = {}  # pidfd (the server's own copy, for reaping) -> pid
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.self_fd = os.pidfd_open(os.getpid())  # a worker's init checks the server is alive through it
+        self.poll = select.poll()
+        self.poll.register(sock.fileno(), select.POLLIN)
+
+    def serve(self):
+        while True:
+            for fd, _ in self.poll.poll():
+                if fd == self.sock.fileno():
+                    self.receive()
+                else:
+                    self.reap(fd)
+
+    def receive(self):
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 3, socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            os._exit(0)  # the runner closed its end: its backend is closed
+        msg = None
+        try:
+            msg = json.loads(data)
+            if len(fds) != 3:
+                raise ValueError(f"expected 3 descriptors, got {len(fds)}")
+            self.spawn(msg, fds)
+        except Become:
+            raise  # in the worker's runtime process, which holds none of these descriptors any more
+        except Exception as e:  # noqa: BLE001 - a bad request must not end the server
+            self.send({"id": msg.get("id") if isinstance(msg, dict) else None, "error": f"{type(e).__name__}: {e}"})
+        for fd in fds:  # the worker has its copies
+            os.close(fd)
+
+    def spawn(self, msg, fds):
+        spec = msg["spec"]
+        if not servable(spec["argv"]):
+            raise ValueError(f"not a command this fork server runs: {spec['argv'][:4]}")
+        code = self.programs.code(spec["argv"][3], fence.moved(spec["argv"][3], fence.relocation(spec["relocate"])))
+        sys.stderr.flush()
+        check(libc.unshare(CLONE_NEWPID), "unshare a PID namespace")  # for the next child only
+        try:
+            pid = os.fork()
+        except OSError:
+            check(libc.setns(self.own_pidns, CLONE_NEWPID), "return to the server's PID namespace")
+            raise
+        if pid == 0:
+            worker_init(self, spec, msg.get("network", False), fds, code)  # leaves only by Become
+        # Later children must not land in this worker's namespace: a failure here ends the server.
+        if libc.setns(self.own_pidns, CLONE_NEWPID) != 0:
+            os._exit(70)
+        pidfd = os.pidfd_open(pid)
+        self.children[pidfd] = pid
+        self.poll.register(pidfd, select.POLLIN)
+        self.send({"id": msg["id"], "pid": pid}, [pidfd])
+
+    def reap(self, pidfd):
+        pid = self.children.pop(pidfd)
+        self.poll.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        self.send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    def send(self, msg, fds=()):
+        try:
+            socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
+        except OSError:
+            os._exit(0)  # the runner is gone
+
+
+def check(result, what):
+    if result < 0:
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def worker_init(server, spec, network, fds, code):
+    """In the forked child, PID 1 of its new namespace: become the worker's fenced init, fork
+    its runtime process (which raises Become), and serve as init. Never returns otherwise."""
+    try:
+        os.setsid()  # a process group of our own, not the server's (which the pool never kills)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)  # inheritable
+        # Close the server's socket, its pidfds and everything else it holds; keep only a pidfd on
+        # the server itself until the parent-death signal is set for good (fence.enter).
+        alive = server.self_fd
+        os.closerange(3, alive)
+        os.closerange(alive + 1, 1 << 20)
+        fresh_stdio()
+        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if network else CLONE_NEWNET)
+        fence.check(libc.unshare(flags), "unshare namespaces")
+        fence.check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+        fence.check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, None), "mount /proc")
+        argv = fence.enter(spec, lambda: not select.select([alive], [], [], 0)[0])
+        os.close(alive)
+        child = os.fork()
+    except BaseException as e:  # noqa: BLE001 - said on the worker's stdout, as the fence says its errors
+        fence.fail(f"{type(e).__name__}: {e}")
+    if child == 0:
+        fence.seccomp_filter()  # in the runtime's process only, as on the exec path
+        raise Become(code, argv[3:], spec["env"])
+    fence.serve_as_init(child)
+
+
+def fresh_stdio():
+    """sys.stdin/stdout/stderr over the new fds 0-2, as a fresh interpreter would make them (the
+    server's were made for /dev/null, which is seekable: pipes are not)."""
+    for name, fd, mode in (("stdin", 0, "rb"), ("stdout", 1, "wb"), ("stderr", 2, "wb")):
+        old = getattr(sys, name)
+        buffered = io.open(fd, mode, closefd=False)
+        stream = io.TextIOWrapper(buffered, encoding=old.encoding, errors=old.errors, newline="\n",
+                                  line_buffering=old.line_buffering)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def become(job):
+    """Run the at-run-exec code object as ``__main__``, as ``python3 -I -S at-run-exec`` would."""
+    server_globals = globals()
+    os.environ.clear()
+    os.environ.update(job.env)
+    sys.argv = list(job.argv)
+    sys.dont_write_bytecode = False  # as in a fresh interpreter (the server writes none into the checkout)
+    main = types.ModuleType("__main__")
+    main.__file__ = job.argv[0]
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    for name in [n for n in sys.modules if n == "fence"]:
+        del sys.modules[name]
+    code = job.code
+    server_globals.clear()  # nothing of the server's state stays reachable from the bundle by name
+    exec(code, main.__dict__)  # noqa: S102 - the runtime's own at-run-exec, compiled at start-up
+
+
+def start(argv):
+    """Set up from the runner's first message: {"runner": PID, "fence": PATH, "programs": [PATH...]}.
+    Nothing of it is on the command line, which every worker's /proc/self/cmdline shows."""
+    global fence, libc
+    sock = socket.socket(fileno=int(argv[1]))
+    config = json.loads(sock.recv(MAX_MESSAGE) or b"null")
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if not config or os.getppid() != config["runner"]:
+        os._exit(1)  # the runner died before the line above
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)  # this program's source came on stdin
+    os.close(devnull)
+    fence = load_fence(config["fence"])
+    libc = fence.libc
+    server = Server(sock)
+    for path in config["programs"]:
+        server.programs.code(path, path)  # imports what it imports; recompiled with the worker's path on first use
+    fence.seccomp_rules()
+    gc.freeze()  # what is loaded now stays out of every collection: forked workers do not copy its pages for the GC
+    server.send({"ready": True})
+    return server
+
+
+if __name__ == "__main__":
+    try:
+        start(sys.argv).serve()
+    except Become as job:
+        pending = job
+    become(pending)
