@@ -52,11 +52,14 @@ class Standings:
     def of(self, author: str) -> list[Standing]:
         return [item for item in self.items.values() if item.author == author]
 
-    async def sync(self, authors: list[str]) -> tuple[list[Standing], list[Standing]]:
-        """List every author's records; returns (new or changed, gone)."""
+    async def sync(self, authors: list[str], allows: Callable[[str], bool]) -> tuple[list[Standing], list[Standing]]:
+        """One ingest round: stop the records of authors no longer served (``allows``), then list
+        the served ones among ``authors``; returns (new or changed, gone)."""
         changed: list[Standing] = []
         gone: list[Standing] = []
-        for c, g in await asyncio.gather(*(self._sync_one(a) for a in authors)):
+        for author in {a for a in self.authors() if not allows(a)}:
+            gone += self.forget_author(author)
+        for c, g in await asyncio.gather(*(self._sync_one(a) for a in authors if allows(a))):
             changed += c
             gone += g
         return changed, gone

@@ -99,9 +99,7 @@ class Ticks:
     async def sync(self, authors: list[str]) -> None:
         """One ingest round: take new, edited and deleted schedules of ``authors`` (and stop the
         schedules of authors no longer served)."""
-        changed, gone = await self.standings.sync(authors)
-        for author in {a for a in self.standings.authors() if not self.policy.allows(a)}:  # no longer served
-            gone += self.standings.forget_author(author)
+        changed, gone = await self.standings.sync(authors, self.policy.allows)
         now = self.clock()
         for item in changed:
             table = self.timetables[item.uri] = Timetable.of(item.value)

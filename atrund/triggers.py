@@ -167,9 +167,7 @@ class Triggers:
 
     async def sync(self, authors: list[str]) -> None:
         """One ingest round of trigger records (see atrund.standing)."""
-        changed, gone = await self.standings.sync(authors)
-        for author in {a for a in self.standings.authors() if not self.policy.allows(a)}:  # no longer served
-            gone += self.standings.forget_author(author)
+        changed, gone = await self.standings.sync(authors, self.policy.allows)
         self.apply(changed, gone)
 
     def apply(self, changed: list[Standing], gone: list[Standing]) -> None:
