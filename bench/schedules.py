@@ -18,9 +18,10 @@ Method
    when it was queued (stored) and when it started (claimed: ``started_at``, just before the
    bundle starts). Drift = start - scheduled. Printed as p50 / p99 / max, with the queueing
    part, and the jitter each schedule was given (drift minus jitter is what the runner adds).
-4. Trigger latency: one author sets a trigger on likes of their posts (subject self); another
-   account likes the post ``--likes`` times, one like at a time, each after the previous one
-   started. Latency = start of the firing (``started_at``) - the moment createRecord of the like
+4. Trigger latency: an author with no schedules sets a trigger on likes of their posts (subject
+   self); another account likes the post ``--likes`` times, one like every 1.1 s (under the
+   author's default rate of 60 starts a minute: faster, firings wait for the author's tokens, by
+   design). Latency = start of the firing (``started_at``) - the moment createRecord of the like
    returned (the record exists). p50 / p99 / max.
 
 All times are this machine's wall clock; one process runs the runner, the PDS and the writers.
@@ -37,6 +38,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+import websockets
 
 from atrund import client, config
 from atrund.app import App
@@ -81,8 +84,8 @@ async def main(opts) -> int:
     with tempfile.TemporaryDirectory(prefix="atrund-bench-") as tmp, LocalStack(Path(tmp) / "stack") as stack:
         runner = stack.create_account("runner")
         authors = [stack.create_account(f"author{i}") for i in range(opts.authors)]
-        fan = stack.create_account("fan")
-        app = App(runner_config(stack, runner, authors, Path(tmp), opts))
+        fan, owner_account = stack.create_account("fan"), stack.create_account("likedauthor")
+        app = App(runner_config(stack, runner, [*authors, owner_account], Path(tmp), opts))
         await app.start()
         stop = asyncio.Event()
         serving = asyncio.create_task(app.run(stop))
@@ -112,20 +115,45 @@ async def main(opts) -> int:
                 assert all(uri == tick_key(uri.split("#")[0], start) for uri, _, _ in rows)
 
                 # Trigger latency: likes of one author's post, one at a time.
-                owner, liker = sessions[0], await client.login(repos, fan.handle, fan.app_password, stack.pds_url)
-                trig, _ = await client.create_trigger(owner, repos, bundles[0]["uri"], runner.did, "liked", ["app.bsky.feed.like"],
-                                                      cid=bundles[0]["cid"], subject="self", results="none")
+                owner = await client.login(repos, owner_account.handle, owner_account.app_password, stack.pds_url)
+                liker = await client.login(repos, fan.handle, fan.app_password, stack.pds_url)
+                sessions.append(owner)
+                liked_bundle = (await client.publish(owner, repos, BUNDLE.encode(), "python")).ref
+                trig, _ = await client.create_trigger(owner, repos, liked_bundle["uri"], runner.did, "liked", ["app.bsky.feed.like"],
+                                                      cid=liked_bundle["cid"], subject="self", results="none")
                 await until(lambda: trig in app.triggers.live, "the trigger taken", 30)
                 post_uri, post_cid = await owner.create_record("app.bsky.feed.post", {"text": "like me", "createdAt": now_iso()})
-                latency = []
+                latency, stored, emitted = [], [], []
+                arrivals: dict[bytes, float] = {}  # like rkey -> when its frame came off the PDS's own firehose
+
+                async def watch_pds() -> None:
+                    url = stack.pds_url.replace("http", "ws", 1) + "/xrpc/com.atproto.sync.subscribeRepos"
+                    async with websockets.connect(url, max_size=None) as ws:
+                        async for frame in ws:
+                            for key in [k for k in list(pending) if k in frame]:
+                                arrivals[key] = time.time()
+                                pending.discard(key)
+
+                pending: set[bytes] = set()
+                watcher = asyncio.create_task(watch_pds())
+                await asyncio.sleep(0.5)
                 for _ in range(opts.likes):
-                    like_uri, like_cid = await liker.create_record(
-                        "app.bsky.feed.like", {"subject": {"uri": post_uri, "cid": post_cid}, "createdAt": now_iso()})
+                    rkey = new_tid()
+                    pending.add(rkey.encode())
+                    like_uri, like_cid = await liker.put_record(
+                        "app.bsky.feed.like", rkey, {"subject": {"uri": post_uri, "cid": post_cid}, "createdAt": now_iso()})
                     created = time.time()
                     key = firing_key(trig, like_uri, like_cid)
                     await until(lambda key=key: (app.state.status_of(key) or ("",))[0] in ("running", "done"), "the firing", 30)
-                    started = app.state.db.execute("SELECT started_at FROM invocations WHERE uri = ?", (key,)).fetchone()[0]
+                    seen, started = app.state.db.execute("SELECT seen_at, started_at FROM invocations WHERE uri = ?",
+                                                         (key,)).fetchone()
                     latency.append(started - created)
+                    stored.append(seen - created)
+                    if rkey.encode() in arrivals:
+                        emitted.append(arrivals[rkey.encode()] - created)
+                    await asyncio.sleep(1.1)
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
                 for s in [*sessions, liker]:
                     await s.close()
         finally:
@@ -144,6 +172,12 @@ async def main(opts) -> int:
     print(f"  mean start rate {len(drift) / max(1e-9, max(drift) - min(drift)):,.0f} ticks/s")
     print(f"atrund trigger latency: {len(latency)} likes, like created -> bundle started: p50 {ms(latency, 50)}  "
           f"p99 {ms(latency, 99)}  max {ms(latency, 100)}  (mean {statistics.mean(latency) * 1000:,.0f} ms)")
+    print(f"  of which like created -> firing stored (firehose, proof): p50 {ms(stored, 50)}  p99 {ms(stored, 99)}")
+    if emitted:
+        print(f"  of which like created -> frame on the PDS's own firehose (the PDS, not atrund): p50 {ms(emitted, 50)}  "
+              f"p99 {ms(emitted, 99)}  ({len(emitted)} seen)")
+        runner_part = [a - b for a, b in zip(latency, emitted, strict=False)]
+        print(f"  so frame on the PDS firehose -> bundle started (atrund): about p50 {ms(runner_part, 50)}  p99 {ms(runner_part, 99)}")
     return 0
 
 
