@@ -262,6 +262,8 @@ class WorkerPool:
         """Keep ``count`` started workers waiting, per runtime (``warm_by_runtime`` overrides)."""
         self._warm_target = count
         self._warming = True
+        with contextlib.suppress(ExecutorError):  # what a backend sets up once (a fork server), before the first request
+            await self.backend.ready()  # pays; a failure is reported by the spawns that need it
         await asyncio.gather(*(self._refill(name) for name in self.runtimes))
 
     def _target(self, runtime: str) -> int:
