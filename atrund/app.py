@@ -46,9 +46,12 @@ from atrund.retries import Retries
 from atrund.runs import Runs
 from atrund.schedule import Scheduler
 from atrund.sealed import KeyFileError, Keyring
+from atrund.standing import Follow
 from atrund.state import State
 from atrund.status import Status
 from atrund.supervise import Supervisor
+from atrund.ticks import Ticks
+from atrund.triggers import Triggers
 from atrund.trust import LiveAccess, resolve_dids
 
 log = structlog.get_logger("atrund.app")
@@ -87,6 +90,9 @@ class App:
         self.retries: Retries | None = None
         self.status: Status | None = None
         self.gateway: Gateway | None = None
+        self.ticks: Ticks | None = None
+        self.triggers: Triggers | None = None
+        self.follow: Follow | None = None
         self._reload = asyncio.Event()  # set by reload_soon (SIGHUP): re-read the configuration now
         self._gateway_url: str | None = None
         self._authors: list[str] | None = None  # ingest.authors, handles resolved (start)
@@ -109,12 +115,24 @@ class App:
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
         interval = ingest.poll_interval if ingest.mode == "poll" else ingest.reconcile_interval
         self.poller = Poller(self.repos, self.intake, self._poll_authors(), interval, ingest.reconcile_interval, self.problems)
+        # Schedules and triggers: standing records, followed by one ingest round loop (atrund.standing).
+        syncs = []
+        if cfg.schedules.enabled:
+            self.ticks = Ticks(self.state, self.repos, self.policy, session.did, self.runs.submit, cfg.schedules)
+            syncs.append((self.ticks.sync, self.ticks.standings.authors))
+        if cfg.triggers.enabled and ingest.mode == "firehose":  # triggers match what the firehose carries
+            self.triggers = Triggers(self.state, self.repos, self.policy, session.did, self.runs.submit, cfg.triggers)
+            syncs.append((self.triggers.sync, self.triggers.standings.authors))
+        if syncs:  # with a firehose, a change is ingested when the stream shows it: listing is only the rescan
+            self.follow = Follow(syncs, self._poll_authors, interval)
         if ingest.mode == "firehose":
             url = ingest.firehose_url or r.pds.replace("https://", "wss://").replace("http://", "ws://")
-            self.firehose = Firehose(url, self.repos, self.intake)
+            self.firehose = Firehose(url, self.repos, self.intake, self.triggers,
+                                     self.follow.touched if self.follow is not None else None)
         self.retries = Retries(self.quarantine, self.state, self.writer, self.intake, self.firehose)
         self.status = Status(session.did, self.executor, self.meters, self.problems, self.supervisor, self.state,
-                             self.quarantine, self.policy, self.runs, self.writer, self.intake, self.poller, self.firehose)
+                             self.quarantine, self.policy, self.runs, self.writer, self.intake, self.poller, self.firehose,
+                             self.ticks, self.triggers)
         gateway_url = None
         if cfg.gateway.enabled:
             auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
@@ -132,6 +150,8 @@ class App:
                  secrets_key=self.keyring.current.id if self.keyring else None, gateway=gateway_url)
         await self.executor.warm(e.warm)
         self.runs.recover()
+        if self.ticks is not None:
+            self.ticks.recover()
 
     def declaration(self, gateway_url: str | None = None) -> Runner:
         e, g = self.cfg.executor, self.cfg.gateway
@@ -146,6 +166,18 @@ class App:
             limits.gateway_requests_per_minute = int(g.rate_per_minute)
             limits.gateway_timeout_seconds = min(g.timeout, e.max_timeout)
             limits.max_request_bytes = g.max_body_bytes
+        if self.cfg.schedules.enabled:
+            s = self.cfg.schedules
+            limits.schedules = True
+            limits.schedule_min_interval_seconds = s.min_interval_seconds
+            limits.schedule_jitter_seconds = s.jitter_seconds
+            limits.max_schedules_per_author = s.max_per_author
+        if self.cfg.triggers.enabled and self.cfg.ingest.mode == "firehose":
+            t = self.cfg.triggers
+            limits.triggers = True
+            limits.max_triggers_per_author = t.max_per_author
+            limits.trigger_firings_per_minute = int(t.per_minute)
+            limits.trigger_backlog = t.backlog
         return Runner(
             runtimes=sorted(self.executor.runtimes),
             isolation=self.executor.isolation,
@@ -236,6 +268,12 @@ class App:
                  "configuration": self.watch_config}
         if self.firehose is not None:
             loops["firehose"] = self.firehose.run
+        if self.ticks is not None:
+            loops["ticks"] = self.ticks.run
+        if self.triggers is not None:
+            loops["triggers"] = self.triggers.run
+        if self.follow is not None:
+            loops["standing"] = self.follow.run
         for name, loop in loops.items():
             self.supervisor.start(name, loop)
         await stop.wait()
@@ -249,7 +287,8 @@ class App:
         grace = self.cfg.runner.shutdown_grace
         log.info("stopping: running work may finish", grace_s=grace, running=self.runs.scheduler.running)
         self.supervisor.stopping = True
-        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "configuration"])  # nothing new
+        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "configuration", "ticks",
+                                      "triggers", "standing"])  # nothing new comes in
         draining = [self.runs.drain(grace)]  # queued invocations wait for the next start
         if self.gateway is not None:
             draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace

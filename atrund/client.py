@@ -44,11 +44,15 @@ from atrund.records import (
     INVOKE,
     RESULT,
     RUNNER,
+    SCHEDULE,
+    TRIGGER,
     Bundle,
     Invocation,
     Record,
     Result,
     Runner,
+    Schedule,
+    Trigger,
     decode_data,
     field_errors,
     now_iso,
@@ -57,6 +61,7 @@ from atrund.records import (
 )
 from atrund.sealed import RunnerKey
 from atrund.sealed import seal as seal_one
+from atrund.timetable import Timetable
 
 CODE_MIME = {".py": "text/x-python", ".ts": "application/typescript", ".js": "text/javascript",
              ".mjs": "text/javascript"}  # mimetypes calls .ts an MPEG stream
@@ -447,6 +452,9 @@ def _result_line(uri: str, value: dict[str, Any]) -> dict[str, Any]:
         out["invocation"] = value["invocation"].get("uri")
     if value.get("caller"):
         out["caller"] = value["caller"]
+    for origin, detail in (("schedule", "scheduledAt"), ("trigger", "event")):  # a tick's, a firing's
+        if isinstance(value.get(origin), dict):
+            out[origin], out[detail] = value[origin].get("uri"), value.get(detail)
     if "data" in value:
         out["value"] = decode_data(value["data"])
     if value.get("error"):
@@ -556,3 +564,83 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
     if "data" in out:
         out["value"] = decode_data(out["data"])
     return out
+
+
+# -- schedules and triggers ---------------------------------------------------------------------
+# (dev.atrun.schedule and dev.atrun.trigger: an author's standing requests, and their results)
+
+
+def schedule_record(runner: str, bundle: dict[str, str], endpoint: str, *, created_at: str | None = None,
+                    **fields: Any) -> dict[str, Any]:
+    """A dev.atrun.schedule record, validated as the runner reads it (cron or intervalSeconds,
+    a known time zone); ``fields``: cron, timezone, interval_seconds, args, start_at, end_at, catch_up."""
+    record = _record(Schedule, "schedule", {"runner": runner, "bundle": bundle, "endpoint": endpoint,
+                                            "created_at": created_at or now_iso(), **{k: v for k, v in fields.items() if v is not None}})
+    Timetable.of(record)  # InvalidSchedule, naming what is wrong
+    return record
+
+
+def trigger_record(runner: str, bundle: dict[str, str], endpoint: str, collections: list[str], *,
+                   created_at: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A dev.atrun.trigger record, validated; ``fields``: actions, authors, subject, results, args."""
+    return _record(Trigger, "trigger", {"runner": runner, "bundle": bundle, "endpoint": endpoint, "collections": collections,
+                                        "created_at": created_at or now_iso(), **{k: v for k, v in fields.items() if v is not None}})
+
+
+async def create_schedule(session: Session, repos: Repos | None, bundle_uri: str, runner: str, endpoint: str, *,
+                          cid: str | None = None, **fields: Any) -> tuple[str, str]:
+    """Write a dev.atrun.schedule of ``bundle_uri`` (pinned to ``cid``, else its current CID); its URI and CID."""
+    if cid is None:
+        cid, _ = await _get(repos, bundle_uri)
+    return await session.create_record(SCHEDULE, schedule_record(runner, {"uri": bundle_uri, "cid": cid}, endpoint, **fields))
+
+
+async def create_trigger(session: Session, repos: Repos | None, bundle_uri: str, runner: str, endpoint: str,
+                         collections: list[str], *, cid: str | None = None, **fields: Any) -> tuple[str, str]:
+    """Write a dev.atrun.trigger of ``bundle_uri`` (pinned to ``cid``, else its current CID); its URI and CID."""
+    if cid is None:
+        cid, _ = await _get(repos, bundle_uri)
+    record = trigger_record(runner, {"uri": bundle_uri, "cid": cid}, endpoint, collections, **fields)
+    return await session.create_record(TRIGGER, record)
+
+
+async def list_standing(repos: Repos, author: str, collection: str, limit: int = 1000) -> list[dict[str, Any]]:
+    """An author's schedules or triggers ({uri, cid, value}), newest first."""
+    return [record async for record in _records(repos, author, collection, limit)]
+
+
+def next_tick(value: dict[str, Any], now: float | None = None) -> float | None:
+    """When a schedule record next ticks (its scheduled time; the runner may add its jitter)."""
+    return Timetable.of(value).next_after(time.time() if now is None else now)
+
+
+async def results_of(repos: Repos, uri: str, runner: str | None = None, limit: int = 20,
+                     max_pages: int = 20) -> list[dict[str, Any]]:
+    """The latest results (newest first) of a schedule's ticks or a trigger's firings: the result
+    records in the runner's repo (``runner``, else the one the schedule or trigger names) whose
+    ``schedule`` or ``trigger`` is ``uri``; at most ``max_pages`` pages of 100 are looked through."""
+    try:
+        at = AtUri.parse(uri)
+    except ValueError as e:
+        raise Malformed(str(e)) from None
+    if at.collection not in (SCHEDULE, TRIGGER):
+        raise Malformed(f"{uri} is neither a {SCHEDULE} nor a {TRIGGER} record")
+    if runner is None:
+        _, value = await _get(repos, uri)
+        runner = value.get("runner")
+        if not isinstance(runner, str):
+            raise Malformed(f"{uri} names no runner; give --runner")
+    field = "schedule" if at.collection == SCHEDULE else "trigger"
+    found: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(max_pages):
+        records, cursor = await repos.list_records(runner, RESULT, cursor=cursor, limit=100, newest_first=True)
+        for rec in records:
+            value = rec.get("value") if isinstance(rec, dict) else None
+            ref = value.get(field) if isinstance(value, dict) else None
+            if isinstance(ref, dict) and ref.get("uri") == uri:
+                found.append(_result_line(rec.get("uri"), value))
+        if len(found) >= limit or cursor is None or not records:
+            break
+    found.sort(key=lambda r: r.get("scheduledAt") or r.get("createdAt") or "", reverse=True)
+    return found[:limit]

@@ -138,6 +138,25 @@ class LimitsSection(Section):
     per_author_backlog: int = Field(default=1000, ge=1, description="invocations an author may have waiting; more get rejected")
 
 
+class SchedulesSection(Section):
+    """dev.atrun.schedule records (atrund.ticks)."""
+
+    enabled: bool = Field(default=True, description="run schedules addressed to this runner")
+    min_interval_seconds: int = Field(default=60, ge=1, description="a schedule that may tick more often is refused")
+    max_per_author: int = Field(default=50, ge=0, description="schedules of one author that run; the newest past it are refused")
+    jitter_seconds: int = Field(default=30, ge=0, description="a tick starts up to this long after its time (fixed per schedule)")
+
+
+class TriggersSection(Section):
+    """dev.atrun.trigger records (atrund.triggers): firehose ingest only."""
+
+    enabled: bool = Field(default=True, description="fire triggers addressed to this runner (with ingest.mode = firehose)")
+    max_per_author: int = Field(default=20, ge=0, description="triggers of one author followed; the newest past it are refused")
+    per_minute: float = Field(default=60.0, gt=0, description="firings one trigger may start per minute (burst: the same number)")
+    backlog: int = Field(default=100, ge=1, description="firings one trigger may have waiting; more are dropped and counted")
+    max_collections: int = Field(default=64, ge=1, description="distinct collections all triggers together may follow")
+
+
 class BundlesSection(Section):
     max_bytes: int = Field(default=1_048_576, gt=0)
 
@@ -336,6 +355,8 @@ class Config(Section):
     bundles: BundlesSection = BundlesSection()
     executor: ExecutorSection = ExecutorSection()
     limits: LimitsSection = LimitsSection()
+    schedules: SchedulesSection = SchedulesSection()
+    triggers: TriggersSection = TriggersSection()
     permissions: PermissionsSection = PermissionsSection()
     gateway: GatewaySection = GatewaySection()
     secrets: SecretsSection = SecretsSection()

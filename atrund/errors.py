@@ -36,6 +36,7 @@ the fix it names.
     ├── UnstorableValue                  46  a value no record can hold, not even as a jsonValue
     ├── InvalidInvocation                47  an invocation record that does not match the lexicon (or nests too deep)
     ├── BundleUnavailable                48  the pinned bundle could not be fetched (``__cause__`` says why)
+    ├── InvalidSchedule                  49  a schedule record that does not match the lexicon, or a timetable this runner refuses
     ├── ExecutorError                    50  the executor itself failed (no backend, no worker, engine gone)
     │   └── UnknownRuntime               51  no runtime directory of that name
     ├── ImageError                       52  the runtime image or the microVM guest could not be built
@@ -230,6 +231,11 @@ class ExecutorError(AtrundError, code=50,
 
 class UnknownRuntime(ExecutorError, code=51, fix="use one of those, or add a runtime directory under nix/runtimes/"):
     """No runtime directory of that name (the message lists those there are)."""
+
+
+class InvalidSchedule(AtrundError, code=49, fix="see dev.atrun.schedule in docs/protocol.md"):
+    """A dev.atrun.schedule record the runner does not run (its fields, its cron expression or
+    time zone); the message says which."""
 
 
 class ImageError(AtrundError, code=52):

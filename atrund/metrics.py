@@ -144,3 +144,24 @@ class _Live:
             for outcome in ("frames", "skipped_fast", "proven", "fetched", "forged", "malformed", "failed", "implausible", "stalls"):
                 frames.add_metric([outcome], getattr(c, outcome, 0))
             yield frames
+        schedules = live.get("schedules")
+        if schedules is not None:
+            yield GaugeMetricFamily("atrund_schedules", "Schedules this runner runs", value=schedules["active"])
+            yield GaugeMetricFamily("atrund_schedules_refused", "Schedules refused (invalid, too frequent, past the author's limit)",
+                                    value=schedules["refused"])
+            yield CounterMetricFamily("atrund_schedule_ticks", "Schedule ticks queued to run", value=schedules["ticks"])
+            yield CounterMetricFamily("atrund_schedule_ticks_skipped",
+                                      "Schedule ticks not run (missed while down, fallen behind, author not served)",
+                                      value=schedules["skipped"])
+        triggers = live.get("triggers")
+        if triggers is not None:
+            yield GaugeMetricFamily("atrund_triggers", "Triggers this runner follows", value=triggers["active"])
+            yield GaugeMetricFamily("atrund_triggers_refused", "Triggers refused (invalid, wildcards, past the limits)",
+                                    value=triggers["refused"])
+            yield GaugeMetricFamily("atrund_trigger_collections", "Collections the firehose decodes for triggers",
+                                    value=triggers["collections"])
+            yield CounterMetricFamily("atrund_trigger_firings", "Trigger firings stored to run", value=triggers["fired"])
+            yield CounterMetricFamily("atrund_trigger_drops", "Trigger firings dropped: the trigger's backlog was full",
+                                      value=triggers["dropped"])
+            yield GaugeMetricFamily("atrund_trigger_waiting", "Trigger firings waiting for their trigger's rate",
+                                    value=triggers["waiting"])

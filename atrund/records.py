@@ -27,6 +27,8 @@ BUNDLE = "dev.atrun.bundle"
 INVOCATION = "dev.atrun.invocation"
 RESULT = "dev.atrun.result"
 RUNNER = "dev.atrun.runner"
+SCHEDULE = "dev.atrun.schedule"
+TRIGGER = "dev.atrun.trigger"
 INVOKE = "dev.atrun.invoke"  # the XRPC procedure (lexicons/dev/atrun/invoke.json)
 JSON_VALUE = "dev.atrun.defs#jsonValue"
 
@@ -58,6 +60,33 @@ def result_rkey(invocation_uri: str) -> str:
 
 def result_uri(runner_did: str, invocation_uri: str) -> str:
     return str(AtUri(runner_did, RESULT, result_rkey(invocation_uri)))
+
+
+# A run that no invocation record asked for (a schedule's tick, a trigger's firing) is known by a
+# key made of its record's AT URI, '#', and what tells its runs apart: the string result_rkey
+# hashes (docs/protocol.md). '#' never occurs in a record's AT URI, so these keys never collide
+# with an invocation's, and the part before the first '#' is the record (its author's repo).
+ORIGIN_MARK = "#"
+
+
+def utc_second(t: float) -> str:
+    """A scheduled time as a tick key spells it: UTC, whole seconds, ``YYYY-MM-DDTHH:MM:SSZ``."""
+    return datetime.fromtimestamp(int(t), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def tick_key(schedule_uri: str, scheduled: float) -> str:
+    """The key of one tick of a schedule: its result is at result_rkey(tick_key(...))."""
+    return f"{schedule_uri}{ORIGIN_MARK}{utc_second(scheduled)}"
+
+
+def firing_key(trigger_uri: str, event_uri: str, event_cid: str | None) -> str:
+    """The key of one firing of a trigger by one version of a record (``delete``: its deletion)."""
+    return f"{trigger_uri}{ORIGIN_MARK}{event_uri}{ORIGIN_MARK}{event_cid or 'delete'}"
+
+
+def origin_record(key: str) -> str:
+    """The AT URI of the record a run's key names: the invocation's own, or the schedule's or trigger's."""
+    return key.split(ORIGIN_MARK, 1)[0]
 
 
 def field_errors(err: ValidationError) -> str:
@@ -175,6 +204,14 @@ class Limits(Record):
     max_request_bytes: int | None = Field(default=None, ge=0)
     per_author_per_minute: int | None = Field(default=None, ge=0)
     per_author_burst: int | None = Field(default=None, ge=1)
+    schedules: bool | None = None
+    schedule_min_interval_seconds: int | None = Field(default=None, ge=1)
+    schedule_jitter_seconds: int | None = Field(default=None, ge=0)
+    max_schedules_per_author: int | None = Field(default=None, ge=0)
+    triggers: bool | None = None
+    max_triggers_per_author: int | None = Field(default=None, ge=0)
+    trigger_firings_per_minute: int | None = Field(default=None, ge=0)
+    trigger_backlog: int | None = Field(default=None, ge=0)
 
 
 class SealedSecret(Record):
@@ -213,12 +250,48 @@ class Invocation(Record):
     secrets: list[SealedSecret] | None = Field(default=None, max_length=32)
 
 
+class _Standing(Record):
+    """What a schedule and a trigger ask for alike: a runner to call a bundle's endpoint."""
+
+    runner: str = Field(pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]+$")
+    bundle: StrongRef
+    endpoint: Text(128) = Field(min_length=1)
+    created_at: str
+    args: dict[str, Any] | None = None
+
+
+class Schedule(_Standing):
+    """dev.atrun.schedule: a bundle's endpoint on a timetable (atrund.timetable reads it)."""
+
+    cron: Text(256) | None = None
+    timezone: Text(64) | None = None
+    interval_seconds: int | None = Field(default=None, ge=1)
+    start_at: str | None = None
+    end_at: str | None = None
+    catch_up: Text(64) | None = None
+
+
+class Trigger(_Standing):
+    """dev.atrun.trigger: a bundle's endpoint fired by matching records of the network (atrund.triggers)."""
+
+    collections: list[Text(317)] = Field(min_length=1, max_length=16)
+    actions: list[Text(16)] | None = Field(default=None, max_length=3)
+    authors: list[Text(2048)] | None = Field(default=None, max_length=100)
+    subject: Text(64) | None = None
+    results: Text(64) | None = None
+
+
 class Result(Record):
     bundle: StrongRef
     status: Status
     created_at: str
     invocation: StrongRef | None = None  # absent for an XRPC invoke, which names its caller instead
     caller: str | None = Field(default=None, pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]+$")
+    schedule: StrongRef | None = None  # a schedule's tick: the schedule and the tick's time
+    scheduled_at: str | None = None
+    trigger: StrongRef | None = None  # a trigger's firing: the trigger and the record that fired it
+    event: str | None = None
+    event_cid: str | None = None
     data: dict[str, Any] | None = None
     error: str | None = None
     response: HttpResponse | None = None

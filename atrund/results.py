@@ -54,6 +54,7 @@ def build(
     response: dict[str, Any] | None = None,
     metrics: Metrics | None = None,
     caller: str | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Result:
     """The result record for an outcome. What the bundle answered is untrusted: a return value
     no record can hold (records.UnstorableValue, or nested too deep) or an HTTP response that is
@@ -84,6 +85,7 @@ def build(
         error=error,
         response=http,
         metrics=metrics,
+        **(origin or {}),  # a schedule's tick or a trigger's firing (atrund.runs): the record and what ran it
     )
 
 
@@ -100,7 +102,8 @@ def _fallback(record: dict[str, Any], reason: str) -> dict[str, Any]:
     """An error result in place of one that cannot be written: only fields the runner made itself
     (references, time), and the reason as text that is valid Unicode. The metrics are left out:
     they carry figures a bundle reported, which may be what the PDS refused."""
-    out = {k: v for k, v in record.items() if k in ("invocation", "bundle", "createdAt", "caller")}
+    out = {k: v for k, v in record.items()
+           if k in ("invocation", "bundle", "createdAt", "caller", "schedule", "scheduledAt", "trigger", "event", "eventCid")}
     out["status"] = "error"
     text = f"{FALLBACK_MARK}: {reason}".encode("utf-8", "replace")[:MAX_ERROR_BYTES]
     out["error"] = text.decode("utf-8", "ignore")

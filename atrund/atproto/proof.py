@@ -170,11 +170,9 @@ def _entry_ok(entry: Any) -> bool:
             and (entry.get("t") is None or isinstance(entry["t"], bytes)))
 
 
-def created_records(body: dict[str, Any], paths: list[tuple[str, bytes]], key: SigningKey) -> dict[str, Any]:
-    """``{path: record}`` for the created ``(path, cid)`` pairs, each proven against the signed commit.
-
-    Raises ProofError when anything fails to check out, Incomplete when a block is missing.
-    """
+def signed_tree(body: dict[str, Any], key: SigningKey) -> tuple[dict[bytes, bytes], bytes]:
+    """A commit frame's blocks and the root of its repo tree, once the commit's signature checks
+    out against ``key``. ProofError if it does not; Incomplete if the frame carries no blocks."""
     if not body.get("blocks") or body.get("tooBig"):
         raise Incomplete("the frame carries no blocks (a tooBig commit)")
     car, commit_cid, did = body["blocks"], body.get("commit"), body.get("repo")
@@ -184,13 +182,32 @@ def created_records(body: dict[str, Any], paths: list[tuple[str, bytes]], key: S
     commit = verify_commit(blocks, commit_cid, did, key)
     if not isinstance(commit.get("data"), bytes):
         raise ProofError(f"the commit of {did} names no repo tree (data)")
+    return blocks, commit["data"]
+
+
+def created_records(body: dict[str, Any], paths: list[tuple[str, bytes]], key: SigningKey) -> dict[str, Any]:
+    """``{path: record}`` for the created ``(path, cid)`` pairs, each proven against the signed commit.
+
+    Raises ProofError when anything fails to check out, Incomplete when a block is missing.
+    """
+    blocks, tree = signed_tree(body, key)
     records = {}
     for path, cid in paths:
-        found = mst_lookup(blocks, commit["data"], path)
+        found = mst_lookup(blocks, tree, path)
         if found != cid:
             raise ProofError(f"{path} is not at {_cid_str(cid)} in the signed repo tree")
         records[path] = block(blocks, cid, record=True)
     return records
+
+
+def deleted_paths(body: dict[str, Any], paths: list[str], key: SigningKey) -> None:
+    """Prove that each of ``paths`` is absent from the tree of the signed commit (a delete the
+    commit claims). Raises ProofError when a path is still there or the commit does not verify,
+    Incomplete when a block is missing."""
+    blocks, tree = signed_tree(body, key)
+    for path in paths:
+        if mst_lookup(blocks, tree, path) is not None:
+            raise ProofError(f"{path} is still in the signed repo tree: not deleted")
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

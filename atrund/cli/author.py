@@ -472,13 +472,23 @@ async def _filters(client, repos, runner: str | None, mine: bool) -> tuple[str |
 
 @result.command("list")
 @_result_filters
+@click.option("--schedule", "schedule_uri", default=None, help="Only the results of this schedule's ticks (AT URI).")
+@click.option("--trigger", "trigger_uri", default=None, help="Only the results of this trigger's firings (AT URI).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @run_async
-async def result_list(runner: str | None, bundle_uri: str | None, mine: bool, plc_url: str, limit: int) -> None:
+async def result_list(runner: str | None, bundle_uri: str | None, mine: bool, plc_url: str, schedule_uri: str | None,
+                      trigger_uri: str | None, limit: int) -> None:
     """List results, newest first: yours (each of your invocations, `pending` until its result is
-    in), or those in one runner's repo (--runner; with --mine only yours). No login."""
+    in), or those in one runner's repo (--runner; with --mine only yours), or a schedule's ticks or
+    a trigger's firings (--schedule, --trigger: on the runner they name). No login."""
     from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    if schedule_uri and trigger_uri:
+        raise click.UsageError("give --schedule or --trigger, not both")
     async with client.reader(plc_url) as repos:
+        if schedule_uri or trigger_uri:
+            runner_did = await client.did_of(repos, runner, os.environ.get("ATRUND_PDS")) if runner else None
+            emit(await client.results_of(repos, schedule_uri or trigger_uri, runner_did, limit), _show_results)
+            return
         runner_did, author = await _filters(client, repos, runner, mine)
         emit(await client.list_results(repos, runner=runner_did, author=author, bundle=bundle_uri, limit=limit),
              _show_results)

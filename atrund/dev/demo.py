@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
@@ -25,7 +26,7 @@ from atrund.config import RUNTIMES_DIR
 from atrund.dev.stack import LocalStack
 from atrund.errors import AtrundError
 from atrund.execute.runtimes import declared
-from atrund.records import RUNNER
+from atrund.records import RUNNER, firing_key, now_iso, tick_key
 
 ROOT = Path(__file__).resolve().parents[2]
 console = Console(highlight=False, width=max(Console().width, 120), soft_wrap=True)  # URIs stay whole
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
             f'[access]\nmode = "allowlist"\nallowlist = ["{alice.did}"]\n\n'
             f'[ingest]\nmode = "firehose"  # each invocation arrives as its commit does: no poll interval to wait out\n\n'
+            f'[schedules]\nmin_interval_seconds = 5  # the demo cannot wait the default minute\njitter_seconds = 0\n\n'
             f'[permissions]\nenv = ["SIGNING_KEY"]\n\n'
             '[gateway]\nlisten = "127.0.0.1:0"  # any free port: the demo must not fail because 8080 is taken\n'
         )
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                                      cwd=state, stdout=log, stderr=log)
         try:
             run_author_side(stack, alice, runner)
+            schedule_and_trigger(stack, alice, runner)
         finally:
             serve.terminate()
             serve.wait(15)
@@ -139,6 +142,51 @@ def run_author_side(stack: LocalStack, alice, runner) -> None:
     console.print("Anyone can read a result by its URI (no login):")
     _, got = atrund(["result", "get", out["result"], "--plc-url", stack.plc_url, "--json"], env)
     console.print(f"  → {got['status']}: {json.dumps(got.get('value'))}")
+
+
+def schedule_and_trigger(stack: LocalStack, alice, runner) -> None:
+    """Time and records as invokers: a schedule ticks, and a like of alice's post fires a trigger."""
+    env = {**os.environ, "ATRUND_PDS": stack.pds_url, "ATRUND_IDENTIFIER": alice.handle,
+           "ATRUND_PASSWORD": alice.app_password, "ATRUND_PLC_URL": stack.plc_url}
+    console.rule("alice schedules a bundle and sets a trigger on likes of her posts", style="dim")
+    _, bundle = atrund(["bundle", "publish", "examples/reactions.py", "--runtime", RUNTIME[".py"]], env)
+    start = datetime.fromtimestamp(time.time() + 3, timezone.utc).isoformat(timespec="seconds")
+    _, sched = atrund(["schedule", "create", bundle["uri"], "--runner", runner.did, "--endpoint", "tick",
+                       "--every", "5", "--start-at", start], env)
+    console.print(f"  → schedule {sched['uri']}, next run {sched['next']}")
+    _, trig = atrund(["trigger", "create", bundle["uri"], "--runner", runner.did, "--endpoint", "thanks",
+                      "--collection", "app.bsky.feed.like", "--about-me", "--results", "all"], env)
+    console.print(f"  → trigger {trig['uri']}, filter {json.dumps(trig['filter'])}")
+    asyncio.run(_like_and_wait(stack, alice, runner, sched, trig))
+    _, ticks = atrund(["result", "list", "--schedule", sched["uri"]], env)
+    for r in ticks[:3]:
+        console.print(f"  → tick {r['scheduledAt']}: [green]{r['status']}[/green] {json.dumps(r.get('value'))}")
+
+
+async def _like_and_wait(stack: LocalStack, alice, runner, sched: dict, trig: dict) -> None:
+    """bob likes alice's post; wait for the trigger's result at its computed key, and a tick's."""
+    bob = stack.create_account("bob")
+    async with client.reader(stack.plc_url) as repos:
+        sessions = [await client.login(repos, who.handle, who.app_password, stack.pds_url) for who in (alice, bob)]
+        try:
+            await asyncio.sleep(1.0)  # the runner takes the trigger at its next ingest round
+            post_uri, post_cid = await sessions[0].create_record(
+                "app.bsky.feed.post", {"text": "hello from the atrund demo", "createdAt": now_iso()})
+            like_uri, like_cid = await sessions[1].create_record(
+                "app.bsky.feed.like", {"subject": {"uri": post_uri, "cid": post_cid}, "createdAt": now_iso()})
+            console.print(f"  bob likes alice's post: {like_uri}")
+            t = time.monotonic()
+            found = await client.wait_result(repos, runner.did, firing_key(trig["uri"], like_uri, like_cid), 30)
+            if found is None:
+                raise SystemExit("the trigger did not fire; see demo-state/runner.log")
+            console.print(f"  → trigger fired in {time.monotonic() - t:.1f} s: [green]{found['status']}[/green] "
+                          f"{json.dumps(found.get('value'))}")
+            tick = datetime.fromisoformat(sched["next"].replace("Z", "+00:00")).timestamp()
+            if await client.wait_result(repos, runner.did, tick_key(sched["uri"], tick), 30) is None:
+                raise SystemExit("the schedule did not tick; see demo-state/runner.log")
+        finally:
+            for session in sessions:
+                await session.close()
 
 
 def _wait_for_runner_record(stack: LocalStack, runner, timeout: float = 60) -> None:

@@ -40,6 +40,7 @@ import asyncio
 import base64
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,18 +50,20 @@ import websockets
 
 from atrund import bounds
 from atrund.atproto.lru import LRU
-from atrund.atproto.proof import Incomplete, ProofError, SigningKey, created_records
+from atrund.atproto.proof import Incomplete, ProofError, SigningKey, created_records, deleted_paths
 from atrund.atproto.repos import Repos, to_json_model
 from atrund.atproto.uri import AtUri
 from atrund.errors import AtrundError, NotFound
 from atrund.ingest import Intake, Row
-from atrund.records import INVOCATION
+from atrund.records import INVOCATION, SCHEDULE, TRIGGER
 from atrund.state import StoreError
+from atrund.triggers import Triggers
 
 log = structlog.get_logger("atrund.ingest")
 
 PREFIX = INVOCATION + "/"
 NEEDLE = PREFIX.encode()
+STANDING = (SCHEDULE + "/", TRIGGER + "/")  # an author's schedules or triggers changed: ingest them now
 # The canonical DAG-CBOR header of a commit frame ({"t": "#commit", "op": 1}); anything else is
 # decoded in full, so a relay that orders its keys differently only loses the fast path.
 COMMIT_HEADER = libipld.encode_dag_cbor({"t": "#commit", "op": 1})
@@ -89,8 +92,14 @@ class Counters:
 
 
 class Firehose:
-    def __init__(self, url: str, repos: Repos, intake: Intake) -> None:
+    def __init__(self, url: str, repos: Repos, intake: Intake, triggers: Triggers | None = None,
+                 standing_touched: Callable[[str], None] | None = None) -> None:
         self.url = url.rstrip("/")
+        # Triggers: the collections they follow are decoded too (their needles), the rest stays
+        # on the fast path. Schedules and triggers: a change is ingested at once.
+        self.triggers = triggers
+        self.standing_touched = standing_touched
+        self._needles: tuple[bytes, ...] = (NEEDLE, *(p.encode() for p in STANDING)) if standing_touched else (NEEDLE,)
         self.source = f"firehose:{self.url}"
         self.repos = repos
         self.intake = intake
@@ -330,7 +339,7 @@ class Firehose:
 
     async def _frame(self, message: bytes, rows: list[Row], withdrawn: list[str], replay: bool = False) -> None:
         self.counters.frames += 1
-        if NEEDLE not in message and message.startswith(COMMIT_HEADER) and not replay:
+        if not self._wanted(message) and message.startswith(COMMIT_HEADER) and not replay:
             self.counters.skipped_fast += 1
             self._undecoded = message  # its seq is read only if the cursor is stored now
             self._progress()
@@ -402,14 +411,36 @@ class Firehose:
             else:
                 self.intake.inactive.discard(did)
 
+    def _wanted(self, message: bytes) -> bool:
+        """Whether a frame's bytes hold a path we read: an invocation, a schedule or trigger
+        (substring tests), or one of a collection some trigger follows (op_collections); no decoding."""
+        for needle in self._needles:
+            if needle in message:
+                return True
+        if self.triggers is not None and self.triggers.followed:
+            followed = self.triggers.followed
+            for collection in op_collections(message):
+                if collection in followed:
+                    return True
+        return False
+
     async def _commit(self, body: dict, rows: list[Row], withdrawn: list[str]) -> None:
         did, ops = body.get("repo"), body.get("ops")
         if not isinstance(did, str) or not isinstance(ops, list):
             return
         creates: list[tuple[str, bytes]] = []
+        watched: list[tuple[str, str, bytes | None]] = []  # (path, action, cid) a trigger may want
         for op in ops:
             path = op.get("path") if isinstance(op, dict) else None
-            if not isinstance(path, str) or not path.startswith(PREFIX):
+            if not isinstance(path, str):
+                continue
+            if not path.startswith(PREFIX):
+                collection, action = path.partition("/")[0], op.get("action")
+                if self.triggers is not None and isinstance(action, str) and self.triggers.wants(did, collection, action):
+                    cid = op.get("cid")
+                    watched.append((path, action, cid if isinstance(cid, bytes) else None))
+                elif self.standing_touched is not None and path.startswith(STANDING):
+                    self.standing_touched(did)
                 continue
             try:
                 uri = str(AtUri.of(did, path))
@@ -420,6 +451,8 @@ class Firehose:
             elif op.get("action") == "delete":
                 withdrawn.append(uri)  # deleted before it ran: it will not run
             # updates never run an invocation again
+        if watched and did not in self.intake.inactive:
+            await self._fire(did, body, watched)
         if not creates or not self.intake.policy.allows(did) or did in self.intake.inactive:
             return  # not verified at all: someone we would not serve cannot cost us work
         for path, cid, value in await self._proven(did, body, creates):
@@ -451,13 +484,55 @@ class Firehose:
         self.counters.proven += len(records)
         return [(path, libipld.encode_cid(cid), to_json_model(records[path])) for path, cid in creates]
 
+    async def _fire(self, did: str, body: dict, watched: list[tuple[str, str, bytes | None]]) -> None:
+        """Ops a trigger wants: each proven to be ``did``'s (a created or updated record by the
+        signed tree, a delete by its absence from it), then handed to the triggers."""
+        when = body.get("time")
+        written = [(path, cid) for path, action, cid in watched if action != "delete" and cid is not None]
+        actions = {path: action for path, action, _ in watched}
+        for path, cid, value in await self._proven(did, body, written) if written else []:
+            at = AtUri.of(did, path)
+            self.triggers.fire(did, str(at), at.collection, actions[path], cid, value, when)
+        deleted = [path for path, action, _ in watched if action == "delete"]
+        if deleted and await self._proven_deleted(did, body, deleted):
+            for path in deleted:
+                at = AtUri.of(did, path)
+                self.triggers.fire(did, str(at), at.collection, "delete", None, None, when)
+
+    async def _proven_deleted(self, did: str, body: dict, paths: list[str]) -> bool:
+        """Whether the signed commit proves ``paths`` gone (else, when the frame lacks blocks,
+        whether the author's PDS says so)."""
+        try:
+            deleted_paths(body, paths, await self._key(did))
+            return True
+        except Incomplete:
+            pass
+        except ProofError as e:
+            self.counters.forged += 1
+            log.warning("firehose: commit does not prove its deletes; dropped", did=did, seq=body.get("seq"), error=str(e))
+            return False
+        except AtrundError as e:
+            log.warning("firehose: cannot verify a commit now", did=did, error=str(e))
+            return False
+        for path in paths:
+            at = AtUri.of(did, path)
+            try:
+                await self.repos.get_record(did, at.collection, at.rkey)
+                return False  # still there: not what the frame claims
+            except NotFound:
+                continue
+            except AtrundError:
+                return False
+        return True
+
     async def _fetched(self, did: str, creates: list[tuple[str, bytes]]) -> list[tuple[str, str, dict]]:
         """The frame did not carry the blocks: fetch each record from the author's own PDS."""
         out = []
         for path, cid in creates:
             try:
                 cid_str = libipld.encode_cid(cid)
-                value = await self.repos.get_verified_record(did, INVOCATION, AtUri.of(did, path).rkey, cid_str)
+                at = AtUri.of(did, path)
+                value = await self.repos.get_verified_record(did, at.collection, at.rkey, cid_str)
             except ValueError:
                 continue
             except NotFound:
@@ -475,6 +550,33 @@ class Firehose:
             key = SigningKey(await self.repos.identities.signing_key(did))
             self._keys.put(did, key)
         return key
+
+
+PATH_KEY = b"dpath"  # the DAG-CBOR text "path": the key of every op's repo path in a #commit frame
+
+
+def op_collections(message: bytes):
+    """The collections of a commit frame's op paths, read from its bytes without decoding it:
+    after each ``path`` key, the CBOR text up to its first ``/``. The same bytes inside a record
+    only add a candidate that is then decoded and found to be nothing (never a missed op: every
+    op's path follows its ``path`` key). Cheap: a few ``find`` calls per frame, however many
+    collections triggers follow."""
+    at = message.find(PATH_KEY)
+    while at != -1:
+        head = at + len(PATH_KEY)
+        kind = message[head] if head < len(message) else 0
+        if 0x60 <= kind <= 0x77:  # text, length in the head byte
+            start, size = head + 1, kind - 0x60
+        elif kind == 0x78 and head + 1 < len(message):  # text, one length byte
+            start, size = head + 2, message[head + 1]
+        elif kind == 0x79:  # text, two length bytes
+            start, size = head + 3, int.from_bytes(message[head + 1:head + 3], "big")
+        else:
+            start, size = head, 0
+        slash = message.find(b"/", start, start + size)
+        if slash > start:
+            yield message[start:slash]
+        at = message.find(PATH_KEY, head)
 
 
 def _int(text: str | None) -> int | None:
