@@ -347,6 +347,10 @@ async def _status(runner, uri: str, state: str) -> bool:
     return found is not None and found[0] == state
 
 
+async def _executing(runner, uri: str) -> bool:
+    return await _status(runner, uri, "running") and runner.app.executor.stats().busy >= 1
+
+
 async def _problems_gone(runner, *names: str) -> bool:
     report = await healthz(runner)
     return not any(n in report["problems"] for n in names)
@@ -365,7 +369,9 @@ async def test_a_frozen_pds_degrades_health_and_results_are_written_when_it_thaw
     runner = await make_runner(access=allow, ingest=ingest)
     slow = await author.publish(SLOW)
     uri = await author.invoke(slow, runner.did, args={"s": 2})
-    await until(lambda: _status(runner, uri, "running"), "the invocation to start")
+    # Running in a worker, not only claimed: the claim comes before the bundle is fetched from
+    # the PDS, and a PDS frozen during that fetch is another scenario (retried fetches).
+    await until(lambda: _executing(runner, uri), "the bundle to run")
     os.kill(stack.pid, signal.SIGSTOP)
     try:
         report = await until(lambda: _degraded_with(runner, "results"), "/healthz to name the result writes", timeout=40)
