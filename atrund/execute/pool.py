@@ -214,14 +214,13 @@ class _Output:
 
 
 class _Lease:
-    """The pool's bookkeeping of one worker: how it was started, whom it serves, how much."""
+    """The pool's bookkeeping of one worker: how it was started, how much it has served."""
 
     def __init__(self, worker: Worker, runtime: Runtime, reuse: bool) -> None:
         self.worker = worker
         self.runtime = runtime
         self.reuse = reuse  # the ready line said it serves several requests
         self.output = _Output(worker.stderr)
-        self.key: tuple | None = None
         self.served = 0
         self.staged: tuple[str, str] | None = None  # (code path, the path the worker sees)
         self.idle_since = 0.0
@@ -421,7 +420,6 @@ class WorkerPool:
             self._counts["retired"] += 1
             log.debug("worker retired", runtime=lease.runtime.name, served=lease.served, why=why)
             return False
-        lease.key = key
         lease.idle_since = time.monotonic()
         self._hot.setdefault(key, collections.deque()).append(lease)
         self._hot.move_to_end(key)
