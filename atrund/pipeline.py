@@ -170,7 +170,8 @@ class Pipeline:
             code_path=str(bundle.code_path),
             endpoint=endpoint,
             args=args,
-            permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or []),
+            permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or [],
+                                        net_private=list(self.grants.net_private)),
             timeout=self.timeout(timeout, max_timeout),
             env=self.open_secrets(bundle.ref.uri, b, author, secrets),
         )

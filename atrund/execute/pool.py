@@ -186,7 +186,8 @@ def reuse_key(runtime: str, request: ExecRequest) -> tuple:
     copy of them."""
     p = request.permissions
     secrets = hashlib.sha256(json.dumps(sorted(request.env.items())).encode()).hexdigest() if request.env else ""
-    return runtime, request.code_path, tuple(p.net), tuple(p.read), tuple(p.write), tuple(p.env), secrets
+    return (runtime, request.code_path, tuple(p.net), tuple(p.net_private), tuple(p.read), tuple(p.write), tuple(p.env),
+            secrets)
 
 
 class _Output:
@@ -363,7 +364,8 @@ class WorkerPool:
         if key is not None and (lease := self._hot_one(key)) is not None:
             self._counts["hot"] += 1
             return lease
-        fenced = ExecPermissions(net=request.permissions.net, read=request.permissions.read, write=request.permissions.write)
+        p = request.permissions
+        fenced = ExecPermissions(net=p.net, read=p.read, write=p.write, net_private=p.net_private if p.net else [])
         if fenced == NO_PERMISSIONS:
             self._schedule_refill(runtime.name)  # off the caller's path: spawning forks in this thread
             queue = self._warm[runtime.name]

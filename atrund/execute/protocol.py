@@ -81,6 +81,9 @@ class ExecPermissions(_Msg):
     read: list[str] = []
     write: list[str] = []
     env: list[str] = []
+    # The operator's [permissions] net_private: private ranges the egress proxy may reach for a
+    # net grant. The runner's, not the bundle's: never sent to the worker.
+    net_private: list[str] = Field(default=[], exclude=True)
 
 
 class ExecRequest(_Msg):

@@ -1,0 +1,120 @@
+"""A worker's network namespace whose only way out is the runner's proxy.
+
+The runner makes it (in a thread of its own, which joins the new namespace and comes back),
+with nothing in it but the loopback device, and "AnyIP" routes: every IPv4 and IPv6 address is
+local to the namespace (``local 0.0.0.0/0 dev lo``). So a connection to any address ends inside
+the namespace, on a listening socket the runner made there before the worker joins: one per
+granted TCP port, bound to the wildcard address, whose accepted connections tell the proxy the
+address the worker asked for (``getsockname``). A port no grant opens has no listener (refused),
+UDP has one socket only, the DNS responder on the nameserver addresses the worker's
+/etc/resolv.conf names; every other datagram goes nowhere. Nothing outside can connect in: the
+namespace has no device but loopback. The sockets belong to the namespace they were made in,
+so the runner serves them from its own.
+
+The worker joins the namespace by its descriptor (fence.py's join_network); the namespace
+lives while the worker or the runner's descriptors hold it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+from atrund.execute.base import ExecutorError
+
+CLONE_NEWNET = 0x40000000
+IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
+ROUTES = b"link set lo up\nroute add local 0.0.0.0/0 dev lo\nroute add local ::/0 dev lo\n"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Namespace:
+    fd: int  # /proc/thread-self/ns/net of the namespace, for the worker's setns
+    listeners: list[socket.socket] = field(default_factory=list)  # TCP, one per granted port
+    dns: list[socket.socket] = field(default_factory=list)  # UDP, one per nameserver address
+
+    def close(self) -> None:
+        for s in self.listeners + self.dns:
+            s.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
+    """The addresses the worker's resolver will ask (glibc's default, 127.0.0.1, if none)."""
+    found = []
+    try:
+        with open(resolv_conf) as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] == "nameserver":
+                    found.append(words[1].split("%")[0])
+    except OSError:
+        pass
+    return found or ["127.0.0.1"]
+
+
+def create(ports: list[int], servers: list[str]) -> Namespace:
+    """A new namespace with listeners on ``ports`` and DNS sockets on ``servers``:53. Runs in a
+    thread made for it (a thread in another namespace must never serve anything else)."""
+    out: list = []
+
+    def build() -> None:
+        try:
+            out.append(_build(ports, servers))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out.append(e)
+
+    thread = threading.Thread(target=build, name="atrund-netns")
+    thread.start()
+    thread.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+def _build(ports: list[int], servers: list[str]) -> Namespace:
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    ns = Namespace(-1)
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise ExecutorError(f"cannot make a network namespace for a worker: {os.strerror(ctypes.get_errno())}")
+        try:
+            ns.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            done = subprocess.run([IP, "-batch", "-"], input=ROUTES, capture_output=True, timeout=10)
+            if done.returncode != 0:
+                raise ExecutorError(f"cannot set up a worker's network namespace: {done.stderr.decode().strip()}")
+            ns.listeners = [_listener(port) for port in ports]
+            ns.dns = [_datagram(address) for address in servers]
+        finally:
+            if _libc.setns(own, CLONE_NEWNET) != 0:  # never: this thread ends here anyway
+                os._exit(70)
+    except BaseException:
+        ns.close()
+        raise
+    finally:
+        os.close(own)
+    return ns
+
+
+def _listener(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as mapped addresses
+    s.bind(("::", port))
+    s.listen(128)
+    s.setblocking(False)
+    return s
+
+
+def _datagram(address: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((address, 53))
+    s.setblocking(False)
+    return s
