@@ -16,6 +16,7 @@ The pipeline is handed its collaborators; it knows nothing of how the runner is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -227,7 +228,7 @@ class Pipeline:
             log.error("executor failed", endpoint=request.endpoint, error=str(err))
             out = outcome_of(err, bundle.ref)
             out.error = redact(out.error, request.env)
-            exec_ms = None
+            exec_ms, egress = None, None
         else:
             response = redact_response(response, request.env)
             status = "success" if response.success else ("timeout" if response.timed_out else "error")
@@ -235,8 +236,10 @@ class Pipeline:
                           response=response.response.model_dump(by_alias=True) if response.response else None,
                           error_type=response.error_type, bundle=bundle.ref)
             exec_ms = response.metrics.execution_time_ms
+            egress = response.egress
+        carried = {} if egress is None else {f"egress_{k}": v for k, v in dataclasses.asdict(egress).items()}
         out.metrics = Metrics(execution_time_ms=exec_ms, queued_ms=max(0, int((started - queued_since) * 1000)),
-                              isolation=self.executor.isolation, runtime=runtime)
+                              isolation=self.executor.isolation, runtime=runtime, **carried)
         return out
 
 

@@ -226,6 +226,8 @@ async def test_permissions_are_granted_or_the_bundle_is_refused(author, make_run
         assert r1["status"] == "rejected" and f"net 127.0.0.1:{port}" in r1["error"]
         r2 = await wait_result(reader, generous.did, await author.invoke(asking, generous.did, args={"port": port}))
         assert r2["status"] == "success" and r2["data"] == {"connected": True}
+        if r2["metrics"]["isolation"] == "process":  # the egress proxy's count of this run, in the result
+            assert r2["metrics"]["egressConnections"] == 1 and r2["metrics"]["egressRefused"] == 0
         r3 = await wait_result(reader, generous.did, await author.invoke(silent, generous.did, args={"port": port}))
         assert r3["status"] == "success" and r3["data"]["connected"] is False  # not asked, not granted
     finally:

@@ -29,17 +29,18 @@ import signal
 import statistics
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import structlog
 
 from atrund.bounds import Malformed
 from atrund.execute import procs
 from atrund.execute.base import ExecutorError, PoolStats
-from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_answer, parse_ready
+from atrund.execute.protocol import ExecEgress, ExecPermissions, ExecRequest, ExecResponse, parse_answer, parse_ready
 from atrund.execute.runtimes import Runtime, load_runtimes
 from atrund.records import data_problem
 
+EGRESS_COUNTS = tuple(f"egress_{name}" for name in ExecEgress.__dataclass_fields__)  # PoolStats' names
 log = structlog.get_logger("atrund.execute")
 
 READY_TIMEOUT = 15.0  # seconds a new worker may take to announce it is ready
@@ -86,6 +87,10 @@ class Worker(ABC):
     def diagnostics(self) -> str:
         """What the backend saw of a worker that did not start (e.g. a VM's console), if anything."""
         return ""
+
+    def egress(self) -> ExecEgress | None:
+        """What the worker's egress proxy carried so far (running totals); None without one."""
+        return None
 
     # -- what reuse needs to see from outside (procs.py); a backend that cannot see the worker's
     # processes keeps the defaults, and its workers serve one request each.
@@ -335,6 +340,7 @@ class WorkerPool:
             cold_starts=self._counts["cold"],
             hot_hits=self._counts["hot"],
             retired=self._counts["retired"],
+            **{name: self._counts[name] for name in EGRESS_COUNTS},
             latency_p50_ms=round(statistics.median(lat), 1) if lat else None,
             latency_p95_ms=round(lat[int(0.95 * (len(lat) - 1))], 1) if lat else None,
         )
@@ -501,10 +507,17 @@ class WorkerPool:
         lease.served += 1
         lease.output.buf.clear()
         began = time.monotonic()
+        before = worker.egress()
         try:
-            return await self._exchange(lease, request)
+            response, clean = await self._exchange(lease, request)
         finally:
             lease.active += time.monotonic() - began
+        if before is not None and (after := worker.egress()) is not None:
+            used = ExecEgress(*(a - b for a, b in zip(astuple(after), astuple(before), strict=True)))
+            response.set_egress(used)
+            for name, value in zip(EGRESS_COUNTS, astuple(used), strict=True):
+                self._counts[name] += value
+        return response, clean
 
     async def _exchange(self, lease: _Lease, request: ExecRequest) -> tuple[ExecResponse, bool]:
         worker = lease.worker

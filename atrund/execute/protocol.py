@@ -17,10 +17,12 @@ milliseconds between 0 and MAX_METRIC_MS) and turns one that breaks a rule into 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
@@ -83,7 +85,7 @@ class ExecPermissions(_Msg):
     env: list[str] = []
     # The operator's [permissions] net_private: private ranges the egress proxy may reach for a
     # net grant. The runner's, not the bundle's: never sent to the worker.
-    net_private: list[str] = Field(default=[], exclude=True)
+    net_private: SkipJsonSchema[list[str]] = Field(default=[], exclude=True)
 
 
 class ExecRequest(_Msg):
@@ -124,6 +126,17 @@ class ExecMetrics(_Msg):
         return value
 
 
+@dataclass(frozen=True)
+class ExecEgress:
+    """One request's network through the egress proxy: connections let out and refused, bytes
+    sent and received."""
+
+    connections: int = 0
+    refused: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+
 class ExecResponse(_Msg):
     success: StrictBool
     data: Any = None
@@ -137,6 +150,16 @@ class ExecResponse(_Msg):
         default=None, description="set by a worker that serves several requests when it must not get another "
                                   "(the bundle left a thread or child running); the runner discards it")
     metrics: ExecMetrics = ExecMetrics()
+    # What the worker's egress proxy carried during this request: set by the runner, never read
+    # from the worker's answer (so neither in the schema nor parsed).
+    _egress: ExecEgress | None = PrivateAttr(default=None)
+
+    @property
+    def egress(self) -> ExecEgress | None:
+        return self._egress
+
+    def set_egress(self, egress: ExecEgress | None) -> None:
+        self._egress = egress
 
 
 READY = {"ready": True}

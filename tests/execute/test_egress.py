@@ -221,6 +221,8 @@ async def test_a_grant_of_one_host_reaches_that_host_only(world):
     assert d["other_name"] == "gaierror"
     assert d["mptcp_loopback"] == "ConnectionRefusedError"  # no listener on 8443 in its namespace
     assert d["api6_literal"] == "hello from fd09::2"
+    egress = r.egress  # the request's own figures, for the result's metrics and /metrics
+    assert egress.connections == 3 and egress.refused == 10 and egress.bytes_in == len("hello from ::ffff:10.9.0.2") + 2 * len("hello from fd09::2")
     assert world.reached == ["10.9.0.2", "fd09::2", "fd09::2"]
     assert world.datagrams == []  # no UDP, no DNS to another resolver, left the worker's namespace
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as control:

@@ -22,6 +22,7 @@ import structlog
 from atrund.execute.egress import netns
 from atrund.execute.egress.dns import Resolver, Responder
 from atrund.execute.egress.policy import Grants, IPAddress
+from atrund.execute.protocol import ExecEgress
 
 log = structlog.get_logger("atrund.egress")
 CONNECT_TIMEOUT = 10.0
@@ -37,22 +38,17 @@ class Counts:
     bytes_out: int = 0
     bytes_in: int = 0
 
-    def since(self, before: "Counts") -> "Counts":
-        return Counts(self.connections - before.connections, self.refused - before.refused,
-                      self.bytes_out - before.bytes_out, self.bytes_in - before.bytes_in)
-
-    def copy(self) -> "Counts":
-        return Counts(self.connections, self.refused, self.bytes_out, self.bytes_in)
+    def snapshot(self) -> ExecEgress:
+        return ExecEgress(self.connections, self.refused, self.bytes_out, self.bytes_in)
 
 
 class Egress:
     """One worker's network: its namespace, DNS responder and proxy, until closed."""
 
-    def __init__(self, grants: Grants, resolver: Resolver, totals: Counts | None = None) -> None:
+    def __init__(self, grants: Grants, resolver: Resolver) -> None:
         self.grants = grants
         self.resolver = resolver
-        self.counts = Counts()
-        self.totals = totals if totals is not None else Counts()  # the runner's, for /metrics
+        self.counts = Counts()  # the pool reads them around each request (result metrics, /metrics)
         self.handed: dict[IPAddress, str] = {}
         self.namespace: netns.Namespace | None = None
         self._servers: list[asyncio.AbstractServer] = []
@@ -116,7 +112,6 @@ class Egress:
                 _reset(writer)
                 return
             self.counts.connections += 1
-            self.totals.connections += 1
             _nodelay(writer)
             _nodelay(up_writer)
             try:
@@ -131,7 +126,6 @@ class Egress:
 
     def _count_refused(self, why: str) -> None:
         self.counts.refused += 1
-        self.totals.refused += 1
         log.info("egress refused", why=why)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, field: str) -> None:
@@ -139,7 +133,6 @@ class Egress:
             while data := await reader.read(CHUNK):
                 writer.write(data)
                 setattr(self.counts, field, getattr(self.counts, field) + len(data))
-                setattr(self.totals, field, getattr(self.totals, field) + len(data))
                 await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()

@@ -29,10 +29,10 @@ import structlog
 
 from atrund.execute import procs
 from atrund.execute.base import ExecutorError
+from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
 from atrund.execute.egress.dns import Resolver
 from atrund.execute.egress.policy import Grants
-from atrund.execute.egress.proxy import Counts, Egress
-from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
+from atrund.execute.egress.proxy import Egress
 from atrund.execute.pool import Backend, Census, Worker, cpu_limit, leftovers
 from atrund.execute.process.forked import (
     FENCE,
@@ -43,7 +43,7 @@ from atrund.execute.process.forked import (
     programs,
     servable,
 )
-from atrund.execute.protocol import ExecPermissions
+from atrund.execute.protocol import ExecEgress, ExecPermissions
 from atrund.execute.runtimes import Runtime, load_runtimes
 from atrund.execute.workdir import owned_dir, work_root
 
@@ -272,6 +272,9 @@ class Sandbox:
             pids = pids or self._cgroups.processes(name) or []
         return Census(left=left, cpu=procs.cpu_spent(pids) if cpu else 0.0, memory=self._cgroups.usage(name))
 
+    def egress_counts(self) -> ExecEgress | None:
+        return self.egress.counts.snapshot() if self.egress is not None else None
+
     def unmount(self) -> None:
         unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
 
@@ -299,6 +302,9 @@ class FencedWorker(DirectWorker):
 
     def stage(self, code_path: str) -> str:
         return self.sandbox.stage(code_path)
+
+    def egress(self) -> ExecEgress | None:
+        return self.sandbox.egress_counts()
 
     def census(self, runtime: Runtime, cpu: bool) -> Census:
         return self.sandbox.census(runtime, cpu) or super().census(runtime, cpu)
@@ -338,7 +344,6 @@ class ProcessBackend(Backend):
         self.fork_server: ForkServer | None = None
         self.fork_server_problem: str | None = None  # why workers start by the exec path, if they do
         self.resolver = Resolver(settings.egress_nameserver)
-        self.egress_totals = Counts()  # every worker's egress together, for /metrics
         self.remove_leftovers()
         self.cgroups.remove_leftovers(self.uids)
 
@@ -395,7 +400,7 @@ class ProcessBackend(Backend):
         try:
             spec = self.spec(runtime, settings, permissions, sandbox)
             if permissions.net:
-                sandbox.egress = Egress(Grants(permissions.net, permissions.net_private), self.resolver, self.egress_totals)
+                sandbox.egress = Egress(Grants(permissions.net, permissions.net_private), self.resolver)
                 await sandbox.egress.start()
             if self._forks(runtime):
                 return await self.fork(spec, sandbox, settings)
