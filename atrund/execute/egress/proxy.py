@@ -6,16 +6,23 @@ address: an address the worker's DNS responder handed out for a granted name (an
 name's grant opens), or an address a grant names literally. It then connects, from the runner's
 own namespace, to that same address (never to a name: the answer it checked is the address it
 uses, so a second lookup cannot rebind it), unless the address is private in any form and no
-``[permissions] net_private`` range holds it. Bytes and connections are counted.
+``[permissions] net_private`` range holds it. A refused connection is reset, as a closed port.
+
+Accepting, checking and connecting happen on the event loop; the bytes then move in the kernel
+(``splice`` through a pipe, one thread per direction), counted as they go: a copy through the
+event loop carried a fifth of a direct connection's throughput, this about all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
+import os
 import socket
 import struct
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -26,7 +33,9 @@ from atrund.execute.protocol import ExecEgress
 
 log = structlog.get_logger("atrund.egress")
 CONNECT_TIMEOUT = 10.0
-CHUNK = 256 * 1024
+MAX_LINKS = 64  # connections one worker may hold open at once (two runner threads each)
+CHUNK = 1 << 20
+F_SETPIPE_SZ = 1031
 
 
 @dataclass
@@ -37,9 +46,15 @@ class Counts:
     refused: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, n: int) -> None:
+        with self.lock:  # the splice threads of several connections add at once
+            setattr(self, name, getattr(self, name) + n)
 
     def snapshot(self) -> ExecEgress:
-        return ExecEgress(self.connections, self.refused, self.bytes_out, self.bytes_in)
+        with self.lock:
+            return ExecEgress(self.connections, self.refused, self.bytes_out, self.bytes_in)
 
 
 class Egress:
@@ -51,9 +66,9 @@ class Egress:
         self.counts = Counts()  # the pool reads them around each request (result metrics, /metrics)
         self.handed: dict[IPAddress, str] = {}
         self.namespace: netns.Namespace | None = None
-        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task] = set()
         self._transports: list[asyncio.BaseTransport] = []
-        self._links: set[asyncio.Task] = set()
+        self._links: set[socket.socket] = set()  # both ends of every open connection
 
     @property
     def netns_fd(self) -> int:
@@ -65,7 +80,7 @@ class Egress:
         loop = asyncio.get_running_loop()
         try:
             for listener in ns.listeners:
-                self._servers.append(await asyncio.start_server(self._serve, sock=listener))
+                self._spawn(self._accept(listener))
             for sock in ns.dns:
                 transport, _ = await loop.create_datagram_endpoint(
                     lambda: Responder(self.grants, self.resolver, self.handed), sock=sock)
@@ -75,16 +90,16 @@ class Egress:
             raise
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
         for transport in self._transports:
             transport.close()
-        for task in list(self._links):
+        for task in list(self._tasks):
             task.cancel()
-        if self._links:
-            await asyncio.gather(*self._links, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in list(self._links):
+            _shut(sock)  # ends the splice threads, which close their sockets
         if self.namespace is not None:
-            self.namespace.close()  # the listeners asyncio had are closed already; closing again is harmless
+            self.namespace.close()
             self.namespace = None
 
     def allowed(self, address: IPAddress, port: int) -> str | None:
@@ -94,60 +109,85 @@ class Egress:
             return f"{self.grants.target(address)} port {port} is not granted"
         return self.grants.refused(address)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._links.add(task)
-        try:
-            host, port = writer.get_extra_info("sockname")[:2]
-            address = ipaddress.ip_address(host.split("%")[0])
-            if (why := self.allowed(address, port)) is not None:
-                self._count_refused(why)
-                _reset(writer)
-                return
-            try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(str(self.grants.target(address)), port), CONNECT_TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as e:
-                self._count_refused(f"{address} port {port}: {e}")
-                _reset(writer)
-                return
-            self.counts.connections += 1
-            _nodelay(writer)
-            _nodelay(up_writer)
-            try:
-                await asyncio.gather(self._pipe(reader, up_writer, "bytes_out"), self._pipe(up_reader, writer, "bytes_in"))
-            finally:
-                up_writer.close()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            self._links.discard(task)
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _count_refused(self, why: str) -> None:
-        self.counts.refused += 1
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            self._spawn(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        host, port = conn.getsockname()[:2]
+        address = ipaddress.ip_address(host.split("%")[0])
+        why = self.allowed(address, port)
+        if why is None and len(self._links) >= 2 * MAX_LINKS:
+            why = f"more than {MAX_LINKS} connections open at once"
+        if why is not None:
+            return self._refuse(conn, why)
+        target = self.grants.target(address)
+        up = socket.socket(socket.AF_INET if target.version == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+        up.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(up, (str(target), port)), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as e:
+            up.close()
+            return self._refuse(conn, f"{target} port {port}: {e or 'timed out'}")
+        except asyncio.CancelledError:
+            up.close()
+            conn.close()
+            raise
+        self.counts.add("connections", 1)
+        for sock in (conn, up):
+            sock.setblocking(True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._links.add(sock)
+        ends = [2]  # the second pump to finish closes both sockets
+        lock = threading.Lock()
+        for src, dst, name in ((conn, up, "bytes_out"), (up, conn, "bytes_in")):
+            threading.Thread(target=self._pump, args=(src, dst, name, ends, lock), daemon=True,
+                             name="atrund-egress").start()
+
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        self.counts.add("refused", 1)
         log.info("egress refused", why=why)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, as a closed port
+        conn.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, field: str) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, name: str, ends: list[int], lock: threading.Lock) -> None:
+        """Move bytes from ``src`` to ``dst`` in the kernel until EOF, then pass the EOF on."""
+        r, w = os.pipe()
         try:
-            while data := await reader.read(CHUNK):
-                writer.write(data)
-                setattr(self.counts, field, getattr(self.counts, field) + len(data))
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
+            except OSError:
+                pass  # a smaller pipe only moves less per call
+            while n := os.splice(src.fileno(), w, CHUNK):
+                while n:
+                    moved = os.splice(r, dst.fileno(), n)
+                    n -= moved
+                    self.counts.add(name, moved)
+            dst.shutdown(socket.SHUT_WR)
         except OSError:
-            writer.close()
+            _shut(src)
+            _shut(dst)
+        finally:
+            os.close(r)
+            os.close(w)
+            with lock:
+                ends[0] -= 1
+                last = ends[0] == 0
+            if last:
+                for sock in (src, dst):
+                    self._links.discard(sock)
+                    sock.close()
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Refuse with a reset, as a closed port would, rather than a connection that ends at once."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def _nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
