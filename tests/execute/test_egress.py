@@ -20,7 +20,7 @@ import dns.message
 import dns.rdatatype
 import dns.rrset
 import pytest
-from conftest import execute_once
+from conftest import execute_once, require_isolation
 
 CLONE_NEWNET = 0x40000000
 UID_BASE = 964_000  # this file's own sandbox uids
@@ -118,15 +118,26 @@ async def world():
         os.close(own)
 
 
-async def run(world, runtime, source, net, net_private=(), args=None):
+@pytest.fixture(params=["process", "container"])
+def isolation(request) -> str:
+    """Both backends whose workers get a network of their own (the container engine, if there
+    is one here, is asked before the test joins its namespace)."""
+    return require_isolation(request)
+
+
+async def run(world, runtime, source, net, net_private=(), args=None, isolation="process"):
     ext = {"python": ".py", "node": ".mjs", "deno": ".ts"}[runtime]
-    path = f"/tmp/egress-test-{os.getpid()}{ext}"
+    # Under /var/tmp: the process backend copies the bundle into the worker's own /tmp, a
+    # container reaches it through a bind mount of its directory.
+    path = f"/var/tmp/egress-test-{os.getpid()}{ext}"
     with open(path, "w") as f:
         f.write(textwrap.dedent(source))
+    os.chmod(path, 0o644)
     try:
-        return await execute_once(runtime, path, args=args or {}, timeout=20, isolation="process", memory_mb=256,
+        return await execute_once(runtime, path, args=args or {}, timeout=20, isolation=isolation, memory_mb=256,
                                   permissions={"net": list(net), "net_private": list(net_private)},
-                                  egress_nameserver=f"127.0.0.1:{world.dns_port}", process={"uid_base": UID_BASE})
+                                  egress_nameserver=f"127.0.0.1:{world.dns_port}", process={"uid_base": UID_BASE},
+                                  container={"uid": UID_BASE})
     finally:
         os.unlink(path)
 
@@ -203,12 +214,12 @@ def main(args):
 """
 
 
-async def test_a_grant_of_one_host_reaches_that_host_only(world):
+async def test_a_grant_of_one_host_reaches_that_host_only(isolation, world):
     """Granted api.test:443 (and the operator's net_private for its address): it reaches exactly
     that, over IPv4 and IPv6, and nothing else: not another host on 443, not the LAN or the
     metadata host over IPv4, IPv6, IPv4-mapped or NAT64 forms, not the runner's loopback (plain
     or MPTCP), not UDP, not DNS to another resolver; it cannot be connected to."""
-    r = await run(world, "python", PYTHON_PROBE, ["api.test:443"], ["10.9.0.2/32", "fd09::2/128"])
+    r = await run(world, "python", PYTHON_PROBE, ["api.test:443"], ["10.9.0.2/32", "fd09::2/128"], isolation=isolation)
     assert r.success, r
     d = r.data
     assert d["api"] == "hello from ::ffff:10.9.0.2"
@@ -257,8 +268,8 @@ async def test_the_private_range_needs_the_operator(world):
     assert world.reached == []
 
 
-async def test_no_grant_reaches_nothing(world):
-    r = await run(world, "python", PYTHON_PROBE, [])
+async def test_no_grant_reaches_nothing(isolation, world):
+    r = await run(world, "python", PYTHON_PROBE, [], isolation=isolation)
     assert r.success, r
     assert all(not str(v).startswith("hello") for v in r.data.values())
     assert r.data["resolve_api"] == "gaierror"

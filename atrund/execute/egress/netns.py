@@ -28,7 +28,8 @@ from atrund.execute.base import ExecutorError
 
 CLONE_NEWNET = 0x40000000
 IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
-ROUTES = b"link set lo up\nroute add local 0.0.0.0/0 dev lo\nroute add local ::/0 dev lo\n"
+ROUTES = b"link set lo up\nroute add local 0.0.0.0/0 dev lo\n"
+ROUTES_V6 = b"route add local ::/0 dev lo\n"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -60,14 +61,16 @@ def nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
     return found or ["127.0.0.1"]
 
 
-def create(ports: list[int], servers: list[str]) -> Namespace:
-    """A new namespace with listeners on ``ports`` and DNS sockets on ``servers``:53. Runs in a
-    thread made for it (a thread in another namespace must never serve anything else)."""
+def create(ports: list[int], servers: list[str], existing: int | None = None) -> Namespace:
+    """A new namespace (or ``existing``, a descriptor of one with nothing in it but loopback,
+    e.g. a container's under ``--network none``) with listeners on ``ports`` and DNS sockets on
+    ``servers``:53. Runs in a thread made for it (a thread in another namespace must never
+    serve anything else)."""
     out: list = []
 
     def build() -> None:
         try:
-            out.append(_build(ports, servers))
+            out.append(_build(ports, servers, existing))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             out.append(e)
 
@@ -79,15 +82,17 @@ def create(ports: list[int], servers: list[str]) -> Namespace:
     return out[0]
 
 
-def _build(ports: list[int], servers: list[str]) -> Namespace:
+def _build(ports: list[int], servers: list[str], existing: int | None) -> Namespace:
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     ns = Namespace(-1)
     try:
-        if _libc.unshare(CLONE_NEWNET) != 0:
+        made = _libc.unshare(CLONE_NEWNET) if existing is None else _libc.setns(existing, CLONE_NEWNET)
+        if made != 0:
             raise ExecutorError(f"cannot make a network namespace for a worker: {os.strerror(ctypes.get_errno())}")
         try:
             ns.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            done = subprocess.run([IP, "-batch", "-"], input=ROUTES, capture_output=True, timeout=10)
+            done = subprocess.run([IP, "-batch", "-"], input=ROUTES + (ROUTES_V6 if _ipv6() else b""),
+                                  capture_output=True, timeout=10)
             if done.returncode != 0:
                 raise ExecutorError(f"cannot set up a worker's network namespace: {done.stderr.decode().strip()}")
             ns.listeners = [_listener(port) for port in ports]
@@ -101,6 +106,27 @@ def _build(ports: list[int], servers: list[str]) -> Namespace:
     finally:
         os.close(own)
     return ns
+
+
+def _ipv6() -> bool:
+    """IPv6 on in this thread's namespace (a container engine turns it off in its own): a
+    namespace without it simply has no IPv6 way out."""
+    for conf in ("all", "lo"):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:  # the namespace of this thread
+                f.write("0")
+        except OSError:
+            return False
+    return True
+
+
+def check() -> str | None:
+    """Why a worker's egress namespace cannot be made on this host, or None (for doctor)."""
+    try:
+        create([], []).close()
+    except (OSError, ExecutorError) as e:
+        return str(e)
+    return None
 
 
 def _listener(port: int) -> socket.socket:

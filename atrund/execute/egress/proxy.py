@@ -75,8 +75,10 @@ class Egress:
         assert self.namespace is not None
         return self.namespace.fd
 
-    async def start(self) -> None:
-        ns = self.namespace = await asyncio.to_thread(netns.create, self.grants.ports, netns.nameservers())
+    async def start(self, existing: int | None = None, resolv_conf: str = "/etc/resolv.conf") -> None:
+        """Make the worker's namespace (or set up ``existing``, a descriptor of a namespace with
+        nothing but loopback) and serve it. ``resolv_conf``: the file the worker's resolver reads."""
+        ns = self.namespace = await asyncio.to_thread(netns.create, self.grants.ports, netns.nameservers(resolv_conf), existing)
         loop = asyncio.get_running_loop()
         try:
             for listener in ns.listeners:
