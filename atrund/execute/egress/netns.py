@@ -20,16 +20,19 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
-import subprocess
+import struct
 import threading
 from dataclasses import dataclass, field
 
 from atrund.execute.base import ExecutorError
 
 CLONE_NEWNET = 0x40000000
-IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
-ROUTES = b"link set lo up\nroute add local 0.0.0.0/0 dev lo\n"
-ROUTES_V6 = b"route add local ::/0 dev lo\n"
+# rtnetlink, for what `ip link set lo up` and `ip route add local 0.0.0.0/0 dev lo` (and ::/0) do,
+# without starting a program per worker.
+RTM_NEWLINK, RTM_NEWROUTE, NLMSG_ERROR = 16, 24, 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 1, 4, 0x200, 0x400
+IFF_UP, RTA_OIF = 1, 4
+RT_TABLE_LOCAL, RTPROT_BOOT, RT_SCOPE_HOST, RTN_LOCAL = 255, 3, 254, 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -91,10 +94,10 @@ def _build(ports: list[int], servers: list[str], existing: int | None) -> Namesp
             raise ExecutorError(f"cannot make a network namespace for a worker: {os.strerror(ctypes.get_errno())}")
         try:
             ns.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            done = subprocess.run([IP, "-batch", "-"], input=ROUTES + (ROUTES_V6 if _ipv6() else b""),
-                                  capture_output=True, timeout=10)
-            if done.returncode != 0:
-                raise ExecutorError(f"cannot set up a worker's network namespace: {done.stderr.decode().strip()}")
+            try:
+                _route_everything_here(socket.AF_INET6 if _ipv6() else None)
+            except OSError as e:
+                raise ExecutorError(f"cannot set up a worker's network namespace: {e.strerror}") from e
             ns.listeners = [_listener(port) for port in ports]
             ns.dns = [_datagram(address) for address in servers]
         finally:
@@ -106,6 +109,25 @@ def _build(ports: list[int], servers: list[str], existing: int | None) -> Namesp
     finally:
         os.close(own)
     return ns
+
+
+def _route_everything_here(ipv6: int | None) -> None:
+    """Loopback up, and every IPv4 (and, if on, IPv6) address a local one ("AnyIP")."""
+    lo = socket.if_nametoindex("lo")
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as nl:
+        _ask(nl, RTM_NEWLINK, struct.pack("=BxHiII", socket.AF_UNSPEC, 0, lo, IFF_UP, IFF_UP))
+        for family in (socket.AF_INET, *([ipv6] if ipv6 else [])):
+            route = struct.pack("=BBBBBBBBI", family, 0, 0, 0, RT_TABLE_LOCAL, RTPROT_BOOT, RT_SCOPE_HOST, RTN_LOCAL, 0)
+            _ask(nl, RTM_NEWROUTE, route + struct.pack("=HHI", 8, RTA_OIF, lo), NLM_F_CREATE | NLM_F_EXCL)
+
+
+def _ask(nl: socket.socket, kind: int, body: bytes, flags: int = 0) -> None:
+    nl.send(struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags, 0, 0) + body)
+    reply = nl.recv(65536)
+    if struct.unpack_from("=H", reply, 4)[0] != NLMSG_ERROR:
+        raise OSError(0, "rtnetlink answered something other than an acknowledgement")
+    if (error := struct.unpack_from("=i", reply, 16)[0]) != 0:
+        raise OSError(-error, os.strerror(-error))
 
 
 def _ipv6() -> bool:
