@@ -330,3 +330,52 @@ async def test_deno_is_held_as_python_is(world):
     assert r.success, r
     assert all(not v.startswith("hello") for v in r.data.values()), r.data
     assert world.reached == []
+
+
+@pytest.mark.parametrize("address, private_ok", [
+    ("93.184.215.14", None), ("2606:4700::1111", None),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("100.64.0.1", False),
+    ("169.254.169.254", False), ("224.0.0.251", False), ("0.0.0.0", False), ("255.255.255.255", False),
+    ("::1", False), ("fd00::1", False), ("fe80::1", False), ("ff02::1", False), ("::", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:169.254.169.254", False), ("64:ff9b::a9fe:a9fe", False),
+    ("64:ff9b::7f00:1", False), ("2002:a9fe:a9fe::1", False), ("::ffff:93.184.215.14", None),
+])
+def test_every_form_of_a_private_address_is_refused(address, private_ok):
+    """The proxy's address rule (pure): a public address passes; a private one, in any form
+    (IPv4-mapped, NAT64, 6to4), is refused unless net_private holds it, in any of its forms."""
+    import ipaddress
+
+    from atrund.execute.egress.policy import Grants
+
+    ip = ipaddress.ip_address(address)
+    assert (Grants(["*"]).refused(ip) is None) is (private_ok is None)
+    if private_ok is False:
+        assert Grants(["*"], ["0.0.0.0/0", "::/0"]).refused(ip) is None  # the operator's ranges open it
+
+
+@pytest.mark.parametrize("grant, name, ports", [
+    ("api.example.com", "api.example.com", {80, 443}), ("api.example.com:8443", "api.example.com", {8443}),
+    ("api.example.com", "x.api.example.com", set()), ("*.example.com", "example.com", {80, 443}),
+    ("*.example.com", "a.b.example.com", {80, 443}), ("*.example.com", "badexample.com", set()),
+    ("*", "anything.test", {80, 443}), ("API.Example.com.", "api.example.com", {80, 443}),
+    ("10.0.0.1:5432", "10.0.0.1", set()),
+])
+def test_grants_mean_what_the_lexicon_says(grant, name, ports):
+    from atrund.execute.egress.policy import Grants
+
+    assert Grants([grant]).name_ports(name) == ports
+
+
+def test_literal_grants_name_addresses_in_every_form():
+    import ipaddress
+
+    from atrund.execute.egress.policy import Grants
+
+    g = Grants(["10.0.0.1:5432", "[2001:db8::1]:8443", "localhost:3000", "192.0.2.0/24"])
+    assert g.address_ports(ipaddress.ip_address("10.0.0.1")) == {5432}
+    assert g.address_ports(ipaddress.ip_address("::ffff:10.0.0.1")) == {5432}
+    assert g.address_ports(ipaddress.ip_address("2001:db8::1")) == {8443}
+    assert g.address_ports(ipaddress.ip_address("::1")) == {3000}
+    assert g.address_ports(ipaddress.ip_address("192.0.2.77")) == {80, 443}
+    assert g.address_ports(ipaddress.ip_address("10.0.0.2")) == frozenset()
+    assert g.ports == [80, 443, 3000, 5432, 8443]

@@ -126,8 +126,10 @@ class Grants:
 
     def refused(self, address: IPAddress) -> str | None:
         """Why the proxy will not connect to ``address``, or None: not public in some form it
-        takes, and not within an operator's ``net_private`` range."""
-        forms = [address, *(a for a in [embedded(address)] if a is not None)]
+        takes, and not within an operator's ``net_private`` range. An IPv4-mapped address is its
+        IPv4 address (the proxy connects to that); NAT64 and 6to4 addresses are judged both ways."""
+        target = self.target(address)
+        forms = [target, *(a for a in [embedded(target)] if a is not None)]
         if any(a in n for a in forms for n in self.private):
             return None
         if all(public(a) for a in forms):
