@@ -118,10 +118,13 @@ async def world():
         os.close(own)
 
 
-@pytest.fixture(params=["process", "container"])
+@pytest.fixture(params=["process", "process-exec", "container"])
 def isolation(request) -> str:
-    """Both backends whose workers get a network of their own (the container engine, if there
-    is one here, is asked before the test joins its namespace)."""
+    """Both backends whose workers get a network of their own, the process backend's both ways
+    of starting a worker (fork server, exec path); the container engine, if there is one here,
+    is asked before the test joins its namespace."""
+    if request.param == "process-exec":
+        return request.param
     return require_isolation(request)
 
 
@@ -134,10 +137,10 @@ async def run(world, runtime, source, net, net_private=(), args=None, isolation=
         f.write(textwrap.dedent(source))
     os.chmod(path, 0o644)
     try:
-        return await execute_once(runtime, path, args=args or {}, timeout=20, isolation=isolation, memory_mb=256,
-                                  permissions={"net": list(net), "net_private": list(net_private)},
-                                  egress_nameserver=f"127.0.0.1:{world.dns_port}", process={"uid_base": UID_BASE},
-                                  container={"uid": UID_BASE})
+        return await execute_once(runtime, path, args=args or {}, timeout=20, isolation=isolation.removesuffix("-exec"),
+                                  memory_mb=256, permissions={"net": list(net), "net_private": list(net_private)},
+                                  egress_nameserver=f"127.0.0.1:{world.dns_port}", container={"uid": UID_BASE},
+                                  process={"uid_base": UID_BASE, "fork_server": not isolation.endswith("-exec")})
     finally:
         os.unlink(path)
 
