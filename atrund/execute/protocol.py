@@ -149,6 +149,9 @@ class ExecResponse(_Msg):
     retire: StrictBool | None = Field(
         default=None, description="set by a worker that serves several requests when it must not get another "
                                   "(the bundle left a thread or child running); the runner discards it")
+    output: str | None = Field(
+        default=None, description="set by the runner, never taken from the worker: the last bytes the bundle printed "
+                                  "(its stdout and stderr) while it ran this request")
     metrics: ExecMetrics = ExecMetrics()
     # What the worker's egress proxy carried during this request: set by the runner, never read
     # from the worker's answer (so neither in the schema nor parsed).
