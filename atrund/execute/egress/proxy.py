@@ -40,21 +40,39 @@ F_SETPIPE_SZ = 1031
 
 @dataclass
 class Counts:
-    """What a worker's egress carried: connections let out and refused, bytes each way."""
+    """What a worker's egress carried: connections let out and refused, bytes each way. Each
+    splice thread counts in a cell of its own (one writer, no lock per chunk), folded in when it
+    ends; a snapshot adds the live cells."""
 
     connections: int = 0
     refused: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    live: dict[int, tuple[str, list[int]]] = field(default_factory=dict, repr=False)
 
     def add(self, name: str, n: int) -> None:
-        with self.lock:  # the splice threads of several connections add at once
+        with self.lock:
             setattr(self, name, getattr(self, name) + n)
+
+    def cell(self, name: str) -> list[int]:
+        cell = [0]
+        with self.lock:
+            self.live[id(cell)] = (name, cell)
+        return cell
+
+    def fold(self, cell: list[int]) -> None:
+        with self.lock:
+            name, _ = self.live.pop(id(cell))
+            setattr(self, name, getattr(self, name) + cell[0])
 
     def snapshot(self) -> ExecEgress:
         with self.lock:
-            return ExecEgress(self.connections, self.refused, self.bytes_out, self.bytes_in)
+            running = {"bytes_out": 0, "bytes_in": 0}
+            for name, cell in self.live.values():
+                running[name] += cell[0]
+            return ExecEgress(self.connections, self.refused, self.bytes_out + running["bytes_out"],
+                              self.bytes_in + running["bytes_in"])
 
 
 class Egress:
@@ -162,16 +180,18 @@ class Egress:
     def _pump(self, src: socket.socket, dst: socket.socket, name: str, ends: list[int], lock: threading.Lock) -> None:
         """Move bytes from ``src`` to ``dst`` in the kernel until EOF, then pass the EOF on."""
         r, w = os.pipe()
+        cell = self.counts.cell(name)
+        s, d = src.fileno(), dst.fileno()
         try:
             try:
                 fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
             except OSError:
                 pass  # a smaller pipe only moves less per call
-            while n := os.splice(src.fileno(), w, CHUNK):
+            while n := os.splice(s, w, CHUNK):
                 while n:
-                    moved = os.splice(r, dst.fileno(), n)
+                    moved = os.splice(r, d, n)
                     n -= moved
-                    self.counts.add(name, moved)
+                    cell[0] += moved
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             _shut(src)
@@ -179,6 +199,7 @@ class Egress:
         finally:
             os.close(r)
             os.close(w)
+            self.counts.fold(cell)
             with lock:
                 ends[0] -= 1
                 last = ends[0] == 0
