@@ -167,6 +167,11 @@ def test_doctor_reports_the_probe():
         assert re.search(r"microVM monitor: qemu; accelerator: (kvm|tcg|none) ", p.stdout), p.stdout
 
 
+def test_exec_refuses_a_private_range_that_is_not_one():
+    p = atrund("exec", "examples/hello.py", "--runtime", "python", "--endpoint", "greet", "--allow-private", "10.0.0.0/33")
+    assert p.returncode == 2 and "--allow-private" in p.stderr and "10.0.0.0/33" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_exec_refuses_a_timeout_below_one_second_as_usage():
     """--timeout 0 is a usage error naming the option (exit 2), not a validation traceback."""
     p = atrund("exec", "examples/hello.py", "--runtime", "python", "--endpoint", "greet", "--timeout", "0")
