@@ -140,9 +140,19 @@ class Egress:
                 conn, _ = listener.accept()
             except OSError:
                 return  # shut down by close()
-            threading.Thread(target=self._link, args=(conn,), daemon=True, name="atrund-egress").start()
+            try:
+                threading.Thread(target=self._link, args=(conn,), daemon=True, name="atrund-egress").start()
+            except RuntimeError:  # no thread to be had: refused, as a full backlog would be
+                self._refuse(conn, "the runner cannot start a thread for it")
 
     def _link(self, conn: socket.socket) -> None:
+        try:
+            self._carry(conn)
+        except (OSError, RuntimeError) as e:  # the worker reset it meanwhile; no thread or descriptor left
+            log.info("egress connection failed", why=str(e))
+            conn.close()
+
+    def _carry(self, conn: socket.socket) -> None:
         host, port = conn.getsockname()[:2]
         address = ipaddress.ip_address(host.split("%")[0])
         why = self.allowed(address, port)
@@ -169,8 +179,12 @@ class Egress:
             self._links.add(sock)
         ends = [2]  # the second pump to finish closes both sockets
         lock = threading.Lock()
-        threading.Thread(target=self._pump, args=(up, conn, "bytes_in", ends, lock), daemon=True,
-                         name="atrund-egress").start()
+        try:
+            threading.Thread(target=self._pump, args=(up, conn, "bytes_in", ends, lock), daemon=True,
+                             name="atrund-egress").start()
+        except RuntimeError:
+            ends[0] = 1  # no thread for the way back: this pump stops at once and closes both
+            _shut(conn)
         self._pump(conn, up, "bytes_out", ends, lock)
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
@@ -181,10 +195,11 @@ class Egress:
 
     def _pump(self, src: socket.socket, dst: socket.socket, name: str, ends: list[int], lock: threading.Lock) -> None:
         """Move bytes from ``src`` to ``dst`` in the kernel until EOF, then pass the EOF on."""
-        r, w = os.pipe()
         cell = self.counts.cell(name)
         s, d = src.fileno(), dst.fileno()
+        r = w = -1
         try:
+            r, w = os.pipe()
             try:
                 fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
             except OSError:
@@ -199,8 +214,9 @@ class Egress:
             _shut(src)
             _shut(dst)
         finally:
-            os.close(r)
-            os.close(w)
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
             self.counts.fold(cell)
             with lock:
                 ends[0] -= 1
