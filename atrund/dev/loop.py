@@ -7,8 +7,9 @@ bundle of a fresh local author, and then, until Ctrl-C:
 - re-publishes FILE each time it is saved, under the same record key (so the same AT URI and
   gateway URL), after the same checks `bundle publish` makes (a file that does not parse is
   reported and not published);
-- prints each result as it lands in the runner's repo (from `atrund invoke` against it, or the
-  gateway).
+- prints each result as it lands in the runner's repo (from `atrund invoke` against it), and
+  what each run printed (`atrund tail`'s view, read from the runner in-process), gateway
+  requests' failures included.
 
 Everything lives in a temporary directory and goes when it stops. What it prints includes the
 environment for `atrund invoke` and `atrund call` to reach it from another shell.
@@ -95,7 +96,8 @@ async def _loop(file, runtime, say, ready, stop, session, repos, app, stack, aut
     say(f"  watching {file} for saves; Ctrl-C stops")
     if ready is not None:
         ready(info)
-    watcher = asyncio.create_task(_print_results(repos, runner.did, say))
+    watchers = [asyncio.create_task(_print_results(repos, runner.did, say)),
+                asyncio.create_task(_print_output(app, author.did, published.uri, say))]
     try:
         stamp = _stamp(file)
         while not stop.is_set():
@@ -114,12 +116,26 @@ async def _loop(file, runtime, say, ready, stop, session, repos, app, stack, aut
                 continue
             say(f"re-published {file.name}: cid {again.cid} (same URI, same gateway URL)")
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for watcher in watchers:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 async def _print_results(repos, runner_did: str, say: Callable[[str], None]) -> None:
     async for found in client.watch_results(repos, runner_did, interval=0.3):
         said = found.get("error") or json.dumps(found.get("value"), ensure_ascii=False)
         say(f"result {found['status']}: {said}  ({found['uri']})")
+
+
+async def _print_output(app: App, author: str, bundle: str, say: Callable[[str], None]) -> None:
+    """What the bundle printed, run by run, as the runner keeps it (atrund.logbook)."""
+    after = 0
+    while True:
+        await asyncio.sleep(CHECK_SECONDS)
+        for entry in app.logbook.read(author, bundle=bundle, after=after, limit=100) if app.logbook else []:
+            after = entry.seq or after
+            if entry.kind in ("http", "xrpc") and entry.status != "success":
+                say(f"{entry.kind} request {entry.id} {entry.status}: {entry.error}")
+            for line in (entry.output or "").splitlines():
+                say(f"  | {line}")

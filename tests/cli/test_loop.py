@@ -237,8 +237,8 @@ async def test_login_keeps_a_session_so_commands_need_no_password(stack, new_acc
 
 async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
     """`atrund dev FILE`: ready within seconds with a gateway URL; a save re-publishes under the
-    same URI, and the gateway and `invoke` run the new code; a result is printed as it lands;
-    Ctrl-C stops it cleanly."""
+    same URI, and the gateway and `invoke` run the new code; a result is printed as it lands, and
+    what the run printed; Ctrl-C stops it cleanly."""
     import signal
     import subprocess
     import sys
@@ -263,7 +263,7 @@ async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
         async with aiohttp.ClientSession() as http:
             async with http.get(info["gateway"]) as resp:
                 assert await resp.text() == "one"
-            file.write_text("def main(args):\n    return 'two'\n"
+            file.write_text("def main(args):\n    print('main says two')\n    return 'two'\n"
                             "def handleRequest(req):\n    return {'status': 200, 'body': 'two'}\n")
             for _ in range(100):
                 if "re-published app.py" in errlog.read_text():
@@ -277,7 +277,7 @@ async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
                                     "--wait", env=info["env"])
         assert p.returncode == 0 and json.loads(p.stdout)["value"] == "two", p.stderr
         for _ in range(50):
-            if "result success: \"two\"" in errlog.read_text():
+            if "result success: \"two\"" in errlog.read_text() and "  | main says two" in errlog.read_text():
                 break
             await asyncio.sleep(0.1)
         else:
