@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
-from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
@@ -83,9 +82,9 @@ class ExecPermissions(_Msg):
     read: list[str] = []
     write: list[str] = []
     env: list[str] = []
-    # The operator's [permissions] net_private: private ranges the egress proxy may reach for a
-    # net grant. The runner's, not the bundle's: never sent to the worker.
-    net_private: SkipJsonSchema[list[str]] = Field(default=[], exclude=True)
+    net_private: list[str] = Field(default=[], description=(
+        "the operator's [permissions] net_private: private address ranges a net grant may reach (the runner's "
+        "egress proxy lets them through; a runtime with its own network permission should allow them too)"))
 
 
 class ExecRequest(_Msg):

@@ -327,12 +327,18 @@ async def test_node_is_held_as_python_is(world):
 
 
 async def test_deno_is_held_as_python_is(world):
-    """Deno's own --deny-net refuses the private test address before the proxy sees it; the
-    point here is that a granted "*" still reaches none of the private hosts."""
+    """Deno: granted api.test:443 and the operator's range for it, exactly api.test is reached
+    (Deno's own --deny-net is cut around netPrivate as the proxy is); granted "*" without it,
+    none of the private hosts."""
+    r = await run(world, "deno", DENO_PROBE, ["api.test:443", "rebind.test:443"], ["10.9.0.2/32"])
+    assert r.success, r
+    assert r.data["api"] == "hello from ::ffff:10.9.0.2"
+    assert all(not v.startswith("hello") for k, v in r.data.items() if k != "api"), r.data
+    assert world.reached == ["10.9.0.2"]
     r = await run(world, "deno", DENO_PROBE, ["*"])
     assert r.success, r
     assert all(not v.startswith("hello") for v in r.data.values()), r.data
-    assert world.reached == []
+    assert world.reached == ["10.9.0.2"]
 
 
 @pytest.mark.parametrize("address, private_ok", [
