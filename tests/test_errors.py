@@ -30,7 +30,7 @@ RESERVED = {0, 1, 2, 3, 4}  # done, a bug, usage, status not success, no result 
 # Exceptions that never leave their module: the gateway's HTTP answer, the SDK answer the
 # session translates into a RemoteError where it is raised, and the fork server's unwinding
 # into a worker's at-run-exec (a separate stdlib-only program, not the runner's code).
-INTERNAL = {"atrund.gateway.HttpError", "atrund.atproto.session._BadAnswer", "atrund.execute.process.forkserver.Become"}
+INTERNAL = {"atrund.gateway.HttpError", "atrund.logbook.NotYours", "atrund.atproto.session._BadAnswer", "atrund.execute.process.forkserver.Become"}
 
 
 def _all_modules():
