@@ -56,6 +56,7 @@ from atrund.errors import (
     NotServed,
     PermissionsRefused,
     RemoteError,
+    StoreError,
     VersionGone,
 )
 from atrund.metrics import CONTENT_TYPE, Meters
@@ -345,6 +346,7 @@ class Gateway:
         args = to_bundle_request(request.method, "/" + request.match_info.get("path", ""), request.query, request.headers, body)
         out = await self.pipeline.run(ref, HANDLER, args, self.cfg.timeout, max_timeout=self.cfg.timeout, attempts=1,
                                       slot=self.scheduler.slot, queued_since=time.time())
+        self._commit_state(out)
         metrics = out.metrics
         assert metrics is not None  # a run that started has them
         total = time.monotonic() - started
@@ -353,6 +355,18 @@ class Gateway:
                  runtime=metrics.runtime, isolation=metrics.isolation, exec_ms=metrics.execution_time_ms,
                  total_ms=int(total * 1000), error_type=out.error_type, error=out.error)
         return self._answer(out, self.pipeline.timeout(self.cfg.timeout, self.cfg.timeout))
+
+    def _commit_state(self, out: Outcome) -> None:
+        """A successful run's writes to its bundle's state, in a transaction of their own, before
+        it is answered: a caller that has the answer can read what the run wrote."""
+        session, out.state = out.state, None
+        if session is None:
+            return
+        try:
+            self.pipeline.kv.commit_alone(session)
+        except StoreError as e:
+            raise HttpError(503, "StateNotStored", f"the bundle ran, but what it wrote to its state could not be "
+                            f"stored, so its answer is withheld: {e}", {"Retry-After": "5"}) from None
 
     def _not_too_busy(self) -> None:
         """Refuse rather than queue without bound: each waiting request holds a connection open."""
@@ -443,6 +457,7 @@ class Gateway:
         seen = time.time()
         out = await self.pipeline.outcome(inp.bundle, inp.endpoint, inp.args or {}, inp.timeout, queued_since=seen, attempts=1,
                                           slot=self.scheduler.slot)
+        self._commit_state(out)
         metrics = out.metrics
         if metrics is not None:
             metrics.total_ms = max(0, int((time.time() - seen) * 1000))
