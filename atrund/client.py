@@ -40,6 +40,7 @@ from atrund.errors import (
 )
 from atrund.records import (
     BUNDLE,
+    GET_STATE,
     INVOCATION,
     INVOKE,
     RESULT,
@@ -531,25 +532,50 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
     """Run ``endpoint`` of ``bundle_uri`` on ``runner`` now (XRPC dev.atrun.invoke, with a
     single-use service-auth token from the author's PDS) and return its answer, the value
     unwrapped. The runner's gateway is read from its record unless ``gateway_url`` is given."""
-    import aiohttp
-
     if cid is None:
         cid, _ = await _get(repos, bundle_uri)
-    if gateway_url is None:
-        _, declared = await repos.get_record(runner, RUNNER, "self")
-        gateway_url = declared.get("gatewayUrl")
-        if not gateway_url:
-            raise CallFailed(f"runner {runner} publishes no gatewayUrl: it does not serve XRPC invoke")
-    token = await session.service_token(runner, INVOKE)
     body: dict[str, Any] = {"bundle": {"uri": bundle_uri, "cid": cid}, "endpoint": endpoint, "args": args}  # the lexicon's input
     if timeout is not None:
         body["timeout"] = timeout
     if write_result:
         body["writeResult"] = True
-    url = gateway_url.rstrip("/") + "/xrpc/" + INVOKE
+    out = await _xrpc(session, repos, runner, INVOKE, gateway_url, json=body)
+    if "data" in out:
+        out["value"] = decode_data(out["data"])
+    return out
+
+
+async def get_state(session: Session, repos: Repos, bundle_uri: str, runner: str, *, key: str | None = None,
+                    prefix: str | None = None, cursor: str | None = None, limit: int | None = None,
+                    gateway_url: str | None = None) -> dict[str, Any]:
+    """Read the state a runner keeps for one of the author's bundles (XRPC dev.atrun.getState,
+    with a single-use service-auth token): ``{"entries": [{"key", "value"}], "cursor"?}``, the
+    values decoded. With ``key``, that key only (no entry: absent); else a page of keys."""
+    params = {name: value for name, value in (("bundle", bundle_uri), ("key", key), ("prefix", prefix), ("cursor", cursor),
+                                              ("limit", None if limit is None else str(limit))) if value is not None}
+    out = await _xrpc(session, repos, runner, GET_STATE, gateway_url, params=params)
+    entries = out.get("entries") if isinstance(out.get("entries"), list) else []
+    out["entries"] = [{"key": e.get("key"), "value": decode_data(e.get("value"))} for e in entries if isinstance(e, dict)]
+    return out
+
+
+async def _xrpc(session: Session, repos: Repos, runner: str, method: str, gateway_url: str | None, **request: Any) -> dict[str, Any]:
+    """Call ``method`` on ``runner``'s gateway (read from its runner record unless given) with a
+    service-auth token from the author's PDS: POST with ``json=``, GET with ``params=``. The
+    answer as a JSON object; CallFailed (naming the runner's error) otherwise."""
+    import aiohttp
+
+    if gateway_url is None:
+        _, declared = await repos.get_record(runner, RUNNER, "self")
+        gateway_url = declared.get("gatewayUrl")
+        if not gateway_url:
+            raise CallFailed(f"runner {runner} publishes no gatewayUrl: it does not serve XRPC {method}")
+    token = await session.service_token(runner, method)
+    url = gateway_url.rstrip("/") + "/xrpc/" + method
     try:
         async with aiohttp.ClientSession() as http:
-            async with http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
+            async with http.request("POST" if "json" in request else "GET", url, headers={"Authorization": f"Bearer {token}"},
+                                    **request) as resp:
                 status, text = resp.status, await resp.text()
     except aiohttp.ClientError as e:
         raise Unreachable(f"{url}: {type(e).__name__}: {e}") from None
@@ -561,8 +587,6 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
         raise CallFailed(f"{url} answered HTTP {status} with something that is not a JSON object: {text[:200]!r}")
     if status != 200:
         raise CallFailed(f"{url}: HTTP {status} {out.get('error')}: {out.get('message')}")
-    if "data" in out:
-        out["value"] = decode_data(out["data"])
     return out
 
 

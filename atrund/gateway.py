@@ -61,7 +61,7 @@ from atrund.errors import (
 )
 from atrund.metrics import CONTENT_TYPE, Meters
 from atrund.pipeline import Outcome, Pipeline
-from atrund.records import BUNDLE, INVOKE, RESULT, StrongRef, check_cid, field_errors, result_rkey
+from atrund.records import BUNDLE, GET_STATE, INVOKE, JSON_VALUE, RESULT, StrongRef, check_cid, field_errors, result_rkey
 from atrund.results import build
 from atrund.schedule import Scheduler
 from atrund.sealed import SecretError
@@ -192,6 +192,36 @@ class RateLimiter:
             b.tokens -= 1.0
             return 0.0
         return (1.0 - b.tokens) / self.rate
+
+
+def parse_state_query(query: Any) -> dict[str, Any]:
+    """The parameters of dev.atrun.getState, checked; HttpError 400 naming the one that is wrong."""
+    known = {"bundle", "key", "prefix", "cursor", "limit"}
+    if unknown := sorted(set(query) - known):
+        raise HttpError(400, "InvalidRequest", f"unknown parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    out: dict[str, Any] = {}
+    for name in known:
+        values = query.getall(name, [])
+        if len(values) > 1:
+            raise HttpError(400, "InvalidRequest", f"{name}: given more than once")
+        if values:
+            out[name] = values[0]
+    if "bundle" not in out:
+        raise HttpError(400, "InvalidRequest", f"bundle: required (the AT URI of a {BUNDLE} record)")
+    try:
+        at = AtUri.parse(out["bundle"])
+    except ValueError as e:
+        raise HttpError(400, "InvalidRequest", f"bundle: {e}") from None
+    if at.collection != BUNDLE or not DID.fullmatch(at.authority):
+        raise HttpError(400, "InvalidRequest", f"bundle: must be the AT URI of a {BUNDLE} record, its author named by DID")
+    for name in ("key", "prefix", "cursor"):
+        if name in out and len(out[name].encode()) > 512:
+            raise HttpError(400, "InvalidRequest", f"{name}: at most 512 bytes")
+    if "limit" in out:
+        if not out["limit"].isdigit() or not 1 <= int(out["limit"]) <= 1000:
+            raise HttpError(400, "InvalidRequest", "limit: must be an integer from 1 to 1000")
+        out["limit"] = int(out["limit"])
+    return out
 
 
 def to_bundle_request(method: str, path: str, query: Any, headers: Any, body: bytes) -> dict[str, Any]:
@@ -437,20 +467,13 @@ class Gateway:
 
     async def xrpc(self, request: web.Request) -> web.Response:
         nsid = request.match_info["nsid"]
+        if nsid == GET_STATE:
+            return await self.get_state(request)
         if nsid != INVOKE:
-            raise HttpError(501, "MethodNotImplemented", f"this runner implements only {INVOKE}")
+            raise HttpError(501, "MethodNotImplemented", f"this runner implements only {INVOKE} and {GET_STATE}")
         if request.method != "POST":
             raise HttpError(405, "InvalidRequest", f"{INVOKE} is a procedure: use POST")
-        try:
-            caller = await self.auth.verify(request.headers.get("Authorization"), INVOKE, admit=self.policy.allows)
-            if not self.policy.allows(caller.did):  # the policy may have changed while the token was checked
-                raise NotServed(caller.did)
-        except ServiceAuthError as e:
-            self.meters.auth_failures.labels(e.reason).inc()
-            raise
-        except NotServed as e:
-            self.meters.denied["xrpc"] += 1
-            raise HttpError(403, "Forbidden", f"{e.did} is not served by this runner (access mode {self.policy.mode})") from None
+        caller = await self._caller(request, INVOKE)
         body = await self._body(request)
         inp = parse_invoke_input(body)
         self._not_too_busy()
@@ -473,6 +496,40 @@ class Gateway:
         if inp.write_result:
             answer["result"] = await self._write_result(caller, result)
         return _json(200, answer)
+
+    async def _caller(self, request: web.Request, method: str):
+        """The caller a service-auth token proves for ``method``, who must pass the access policy."""
+        try:
+            caller = await self.auth.verify(request.headers.get("Authorization"), method, admit=self.policy.allows)
+            if not self.policy.allows(caller.did):  # the policy may have changed while the token was checked
+                raise NotServed(caller.did)
+        except ServiceAuthError as e:
+            self.meters.auth_failures.labels(e.reason).inc()
+            raise
+        except NotServed as e:
+            self.meters.denied["xrpc"] += 1
+            raise HttpError(403, "Forbidden", f"{e.did} is not served by this runner (access mode {self.policy.mode})") from None
+        return caller
+
+    async def get_state(self, request: web.Request) -> web.Response:
+        """dev.atrun.getState: a bundle's committed state, for its author only (lexicons/dev/atrun/getState.json)."""
+        if request.method != "GET":
+            raise HttpError(405, "InvalidRequest", f"{GET_STATE} is a query: use GET")
+        q = parse_state_query(request.query)
+        caller = await self._caller(request, GET_STATE)
+        at = AtUri.parse(q["bundle"])
+        if caller.did != at.did:
+            raise HttpError(403, "Forbidden", f"only the bundle's author ({at.did}) may read its state; the token is {caller.did}'s")
+        if self.pipeline.kv is None:
+            raise HttpError(501, "MethodNotImplemented", "this runner keeps no bundle state")
+        entries, cursor = self.pipeline.kv.read(at.did, at.rkey, q.get("key"), q.get("prefix", ""), q.get("limit", 100),
+                                                q.get("cursor"))
+        out: dict[str, Any] = {"entries": [{"key": k, "value": {"$type": JSON_VALUE, "json": json.dumps(v, ensure_ascii=False)}}
+                                           for k, v in entries]}
+        if cursor is not None:
+            out["cursor"] = cursor
+        log.info("xrpc getState", caller=caller.did, bundle=q["bundle"], entries=len(entries))
+        return _json(200, out)
 
     async def _write_result(self, caller, result) -> dict[str, str]:
         """Also keep the answer as a result record, at a key the caller can compute:

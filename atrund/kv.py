@@ -63,6 +63,19 @@ class BundleState:
         finally:
             session.release()
 
+    def read(self, author: str, bundle: str, key: str | None = None, prefix: str = "", limit: int | None = DEFAULT_LIST,
+             cursor: str | None = None) -> tuple[list[tuple[str, Any]], str | None]:
+        """Committed entries of a namespace, for its author and its operator: the one ``key``, or
+        those that start with ``prefix`` after ``cursor`` (at most ``limit``; None: all), and the
+        cursor of the next page (None at the end). Values decoded from their JSON text."""
+        if key is not None:
+            text = self.store.state_value(author, bundle, key)
+            return ([] if text is None else [(key, json.loads(text))]), None
+        rows = self.store.state_keys(author, bundle, prefix, cursor, None if limit is None else limit + 1)
+        more = limit is not None and len(rows) > limit
+        rows = rows[:limit] if limit is not None else rows
+        return [(k, json.loads(v)) for k, v in rows], (rows[-1][0] if more else None)
+
     async def _acquire(self, ns: tuple[str, str]) -> None:
         lock = self._locks.get(ns)
         if lock is None:
