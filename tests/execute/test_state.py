@@ -291,3 +291,16 @@ def _writes(items: dict[str, str | None]):
     from atrund.state import BundleWrites
 
     return BundleWrites(A, "b", items)
+
+
+@pytest.mark.parametrize("runtime", ["python", "node", "deno"])
+async def test_the_counter_examples_count(executor, kv, tmp_path, runtime):
+    example = Path(__file__).resolve().parents[2] / "examples" / f"counter{EXT[runtime]}"
+    code = bundle_file(tmp_path, runtime, example.read_text())
+    for i, name in enumerate(["ada", "bob", "ada"], start=1):
+        response, _ = await run(executor, kv, code, runtime, "hit", args={"name": name})
+        assert response.data == {"hits": i}, response.error
+    response, _ = await run(executor, kv, code, runtime, "names")
+    assert response.data == {"names": ["ada", "bob"], "cursor": None}
+    response, _ = await run(executor, kv, code, runtime, "reset")
+    assert kv.store.state_value(A, "b", "hits") is None
