@@ -194,6 +194,7 @@ async def test_keys_and_values_are_checked_inside_the_bundle(executor, kv, tmp_p
     assert session.failure is None  # a refused call is not a quota: the run may go on
 
 
+@pytest.mark.vm
 async def test_namespaces_are_isolated(executor, kv, tmp_path):
     code = bundle_file(tmp_path, "python")
     for uri in (f"at://{A}/dev.atrun.bundle/b", f"at://{A}/dev.atrun.bundle/b", f"at://{A}/dev.atrun.bundle/other",
@@ -203,6 +204,7 @@ async def test_namespaces_are_isolated(executor, kv, tmp_path):
     assert kv.store.state_value(A, "other", "n") == "1" and kv.store.state_value(B, "b", "n") == "1"
 
 
+@pytest.mark.vm
 async def test_forged_state_lines_on_stdout_stderr_or_the_channel_are_refused(executor, kv, tmp_path):
     forged = '{"state":"set","run":"RUN","key":"n","value":99}'
     py = bundle_file(tmp_path, "python", f"""
