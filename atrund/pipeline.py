@@ -63,6 +63,7 @@ class Outcome:
     metrics: Metrics | None = None
     error_type: str | None = None
     bundle: StrongRef | None = None  # what the invocation pinned; None if its record names none readable
+    output: str | None = None  # what the bundle printed (its last executor.output_bytes), secrets redacted
     # A successful run's writes to its bundle's state, holding the namespace's lock: the caller
     # commits them with the outcome (State.finish) or alone (BundleState.commit_alone), then
     # releases them. None: nothing to commit.
@@ -252,7 +253,7 @@ class Pipeline:
             status = "success" if response.success else ("timeout" if response.timed_out else "error")
             out = Outcome(status, data=response.data if response.success else None, error=response.error,
                           response=response.response.model_dump(by_alias=True) if response.response else None,
-                          error_type=response.error_type, bundle=bundle.ref)
+                          error_type=response.error_type, bundle=bundle.ref, output=response.output)
             exec_ms = response.metrics.execution_time_ms
             if session is not None:
                 if status == "success" and session.writes() is not None:

@@ -416,6 +416,90 @@ async def call(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, 
         sys.exit(EXIT_NOT_SUCCESS)
 
 
+@main.command()
+@click.argument("run_id", metavar="ID")
+@click.option("--runner", "runner_did", default=None,
+              help="DID or handle of the runner; read from the invocation record when ID is an AT URI.")
+@author_options
+@run_async
+async def logs(run_id: str, runner_did: str | None, pds: str | None, identifier: str | None, password: str | None,
+               plc_url: str) -> None:
+    """Print what one run printed, and its error (XRPC dev.atrun.getLogs).
+
+    ID is an invocation's AT URI, or the request id a gateway or XRPC answer carried
+    (Atrun-Request-Id, requestId; give --runner then). Only the bundle's author and the invoker
+    may read them; the runner keeps them for its [logs] retention_hours.
+    """
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            runner = await (client.did_of(repos, runner_did, session.pds) if runner_did else client.runner_of(repos, run_id))
+            if runner is None:
+                raise click.UsageError(f"{run_id} is a request id: give --runner, the runner that answered it")
+            out = await client.get_logs(session, repos, runner, id=run_id)
+        finally:
+            await session.close()
+    emit(out, _show_logs)
+    if not out["logs"]:
+        err.print(f"nothing kept for {run_id}: the run succeeded and printed nothing, has not ended yet, "
+                  "or is older than the runner keeps logs")
+
+
+@main.command()
+@click.argument("bundle_uri")
+@click.option("--runner", "runner_did", required=True, help="DID or handle of the runner whose runs to follow.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True, help="Seconds between looks.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many entries.")
+@author_options
+@run_async
+async def tail(bundle_uri: str, runner_did: str, interval: float, count: int | None, pds: str | None,
+               identifier: str | None, password: str | None, plc_url: str) -> None:
+    """Follow your bundle's runs on a runner: the newest entries, then each run that prints or
+    fails as it ends (JSON lines with --json), until Ctrl-C or --count."""
+    import json
+
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    parse_uri(bundle_uri, "BUNDLE_URI")
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            runner = await client.did_of(repos, runner_did, session.pds)
+            err.print(f"following {bundle_uri} on {runner} (Ctrl-C stops)")
+            cursor, seen = None, 0
+            while True:
+                out = await client.get_logs(session, repos, runner, bundle=bundle_uri, cursor=cursor, limit=20 if cursor is None else 100)
+                for entry in out["logs"]:
+                    if Output.as_json():
+                        click.echo(json.dumps(entry, ensure_ascii=False))
+                    else:
+                        _show_entry(entry)
+                    seen += 1
+                    if count is not None and seen >= count:
+                        return
+                cursor = out["cursor"]
+                if len(out["logs"]) < 100:
+                    await asyncio.sleep(interval)
+        finally:
+            await session.close()
+
+
+def _show_logs(out: dict[str, Any]) -> None:
+    for entry in out["logs"]:
+        _show_entry(entry)
+
+
+def _show_entry(e: dict[str, Any]) -> None:
+    """One run's entry for people: a line saying which run and how it ended, then its error and
+    what it printed, as printed."""
+    who = e.get("invoker") or "anonymous"
+    click.echo(f"--- {e['createdAt']} {e['status']} {e['kind']} by {who}: {e['id']}")
+    if e.get("error"):
+        click.echo(f"error: {e['error']}")
+    if e.get("output"):
+        click.echo(e["output"])
+
+
 @main.group()
 def result() -> None:
     """Read result records."""
