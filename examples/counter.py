@@ -1,6 +1,6 @@
 """A counter with durable state: each call of `hit` adds one and answers the new count.
 
-An endpoint that takes a second argument gets `ctx`; `ctx.state` is this bundle's key-value
+An endpoint that declares a second parameter gets `ctx`; `ctx.state` is this bundle's key-value
 state on the runner (docs/protocol.md §7.6), shared by every run of the bundle, whoever invoked
 it. Writes commit with the run's result, and only if the run succeeds.
 

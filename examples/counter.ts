@@ -1,5 +1,5 @@
 // A counter with durable state, in Deno (TypeScript): each call of `hit` adds one and answers the new count.
-// Every endpoint gets `ctx` as its second argument; `ctx.state` is this bundle's key-value state
+// An endpoint that declares a second parameter gets `ctx` as its second argument; `ctx.state` is this bundle's key-value state
 // on the runner (docs/protocol.md §7.6): get, set, delete and list, each returning a promise.
 // Writes commit with the run's result, and only if the run succeeds.
 

@@ -51,6 +51,9 @@ COUNTER = {
 
         def no_args(args):
             return "one argument still works"
+
+        def optional_second(args, opts=None):  # written before ctx existed: called as before
+            return "opts is None" if opts is None else "got something"
     """,
     "node": """
         export async function count(args, ctx) {
@@ -77,6 +80,9 @@ COUNTER = {
         }
         export function no_args(args) {
           return "one argument still works";
+        }
+        export function optional_second(args, opts = null) { // written before ctx existed: called as before
+          return opts === null ? "opts is None" : "got something";
         }
     """,
 }
@@ -132,6 +138,8 @@ async def test_a_counter_counts_100_runs_exactly_in_every_runtime(executor, kv, 
     assert kv.store.state_value(A, "b", "n") == "100"
     response, _ = await run(executor, kv, code, runtime, "no_args")
     assert response.data == "one argument still works"
+    response, _ = await run(executor, kv, code, runtime, "optional_second")
+    assert response.data == "opts is None"
 
 
 @pytest.mark.parametrize("runtime", ["python", "node", "deno"])

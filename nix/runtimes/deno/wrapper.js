@@ -306,7 +306,8 @@ async function shapeResponse(value) {
 }
 
 // -- the bundle's state (docs/protocol.md §7.6) ----------------------------------------------
-// An endpoint's second argument, ctx, holds ctx.state: get(key), set(key, value), delete(key),
+// An endpoint that declares a second parameter (its length is 2 or more: one without a default)
+// gets ctx as its second argument; one written before ctx existed is called as before. ctx.state: get(key), set(key, value), delete(key),
 // list(prefix = "", limit = 100, cursor), each returning a promise. A call is a line on the
 // answer channel (with the token, like the answer: a line the bundle writes itself is dropped),
 // answered by the runner with one line on stdin before anything else runs. Each job's ctx
@@ -452,7 +453,8 @@ async function call(job) {
   callStarted = now();
   let value;
   try {
-    value = mod[endpoint](args, contextFor(job));
+    const fn = mod[endpoint];
+    value = fn.length >= 2 ? fn(args, contextFor(job)) : fn(args);
     if (value !== null && (typeof value === "object" || typeof value === "function") && typeof value.then === "function") {
       value = await value;
     }
