@@ -265,13 +265,18 @@ def _me(who: str | None) -> str:
               help="The runtime; default: the one whose extension FILE has.")
 @click.option("--port", type=int, default=8787, show_default=True, help="The local gateway's port (0: any free one).")
 @click.option("--isolation", default="auto", show_default=True, help="The local runner's executor backend.")
-def dev(file: Path, runtime: str | None, port: int, isolation: str) -> None:
+@click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Run on a real PDS: this runner configuration's account (one for development: its runner record "
+                   "gets the loopback gateway URL), with the author `atrund login` kept.")
+def dev(file: Path, runtime: str | None, port: int, isolation: str, config_path: Path | None) -> None:
     """Develop FILE locally: a PDS and a runner on loopback, FILE published, re-published on save.
 
     Starts the local AT Protocol stack (scripts/setup installs it) and a runner, publishes FILE
     as a bundle of a local author, prints the gateway URL and the environment for `atrund invoke`
     from another shell, re-publishes FILE under the same URI each time it is saved (after the
-    checks `bundle publish` makes), and prints each result as it lands. Ctrl-C stops it all.
+    checks `bundle publish` makes), and prints each result, and what each run printed, as they
+    land. With -c, the PDS is that configuration's and the author is you (`atrund login`); the
+    runner's state is temporary. Ctrl-C stops it all.
     """
     import signal
 
@@ -286,7 +291,7 @@ def dev(file: Path, runtime: str | None, port: int, isolation: str) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await loop.run(file.resolve(), runtime, lambda line: err.print(escape(line)), port=port, isolation=isolation,
-                       ready=lambda info: emit(info) if Output.json else None, stop=stop)
+                       ready=lambda info: emit(info) if Output.json else None, stop=stop, config_path=config_path)
 
     run_async(until_ctrl_c)()
 
