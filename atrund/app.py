@@ -65,7 +65,7 @@ class App:
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds,
-                                     cfg.identity.cache_size)
+                                     cfg.identity.cache_size, allow_private_addresses=cfg.identity.allow_private_addresses)
         self.repos = Repos(self.identities)
         # Who is served: the configuration, the policy file `atrund access` edits, and (follows,
         # list modes) the AT graph; kept current while the runner serves (atrund.trust).

@@ -90,6 +90,9 @@ class IdentitySection(Section):
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
     cache_size: int = Field(default=10_000, ge=1)  # DID documents (and handles) cached at most: an LRU
+    allow_private_addresses: bool = Field(
+        default=False, description="let the runner's reads (PLC, DID documents, PDSes, blobs, handles, the relay) connect to "
+        "loopback, private and link-local addresses; only for a local stack (atrund.atproto.addresses)")
 
 
 class AccessSection(Section):

@@ -43,7 +43,7 @@ def serve_config(tmp_path: Path, stack, runner, author, runner_extra: str = "", 
     config = tmp_path / "config.toml"
     config.write_text(
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n{runner_extra}'
-        f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.account.did}"]\n'
+        f'{stack.identity_toml()}[access]\nallowlist = ["{author.account.did}"]\n'
         f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"\n{executor_extra}'
         '[gateway]\nlisten = "127.0.0.1:0"\n'
     )
@@ -255,7 +255,7 @@ class RunnerHandle:
         pw.write_text(account.app_password)
         data = {
             "runner": {"pds": stack.pds_url, "identifier": account.handle, "password_file": str(pw)},
-            "identity": {"plc_url": stack.plc_url},
+            "identity": stack.identity,
             "ingest": {"poll_interval": 0.2},
             "executor": {"warm": 1},
             "gateway": {"listen": "127.0.0.1:0"},  # any free port: runners in one test run side by side

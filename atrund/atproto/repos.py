@@ -16,6 +16,7 @@ import aiohttp
 import libipld
 
 from atrund import bounds
+from atrund.atproto import addresses
 from atrund.atproto.http import read_capped
 from atrund.atproto.identity import Identities
 from atrund.errors import ContentMismatch, NotFound, RemoteError, Unreachable
@@ -90,7 +91,7 @@ class Repos:
     async def _get(self, did: str, method: str, params: dict[str, Any], max_bytes: int) -> tuple[bytes, str]:
         """One XRPC query against ``did``'s PDS; returns (body, content type)."""
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=self._timeout)
+            self._http = addresses.http_session(self.identities.allow_private_addresses, self._timeout)
         base = await self.identities.pds(did)
         url = f"{base}/xrpc/{method}"
         query = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items() if v is not None}
@@ -103,6 +104,8 @@ class Repos:
                     raise _xrpc_error(method, base, resp.status, body)
                 return body, resp.headers.get("Content-Type", "")
         except aiohttp.ClientError as e:
+            if refused := addresses.translate(e, f"{method} at {base}"):  # final: the DID document names a private address
+                raise refused from None
             raise Unreachable(f"{method} at {base}: {type(e).__name__}: {e}") from e
         except TimeoutError as e:
             raise Unreachable(f"{method} at {base}: timed out") from e

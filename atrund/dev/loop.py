@@ -53,7 +53,7 @@ async def run(file: Path, runtime: str, say: Callable[[str], None], port: int = 
         cfg = config.parse({
             "runner": {"pds": stack.pds_url, "identifier": runner.handle, "password_file": str(Path(tmp) / "pw"),
                        "description": "atrund dev"},
-            "identity": {"plc_url": stack.plc_url},
+            "identity": stack.identity,
             "access": {"allowlist": [author.did]},
             "ingest": {"mode": "firehose"},
             "executor": {"isolation": isolation, "warm": 1},

@@ -43,17 +43,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import libipld
 import structlog
 import websockets
 
 from atrund import bounds
+from atrund.atproto import addresses
 from atrund.atproto.lru import LRU
 from atrund.atproto.proof import Incomplete, ProofError, SigningKey, created_records, deleted_paths
 from atrund.atproto.repos import Repos, to_json_model
 from atrund.atproto.uri import AtUri
-from atrund.errors import AtrundError, NotFound
+from atrund.errors import AtrundError, NotFound, PrivateAddress
 from atrund.ingest import Intake, Row
 from atrund.records import INVOCATION, SCHEDULE, TRIGGER
 from atrund.state import StoreError
@@ -226,8 +228,8 @@ class Firehose:
             connected_at = time.monotonic()
             try:
                 endpoint = self._endpoint()
-                async with websockets.connect(endpoint, max_size=MAX_FRAME, open_timeout=10,
-                                              ping_interval=20, ping_timeout=20, compression=None) as ws:
+                async with websockets.connect(endpoint, max_size=MAX_FRAME, open_timeout=10, ping_interval=20, ping_timeout=20,
+                                              compression=None, **await self._guarded_socket(endpoint)) as ws:
                     log.info("firehose connected", url=self.url, cursor=endpoint.partition("?cursor=")[2] or None)
                     self._ws, self.connected, self._disconnected_since = ws, True, None
                     async for message in ws:
@@ -241,7 +243,7 @@ class Firehose:
             except websockets.ConnectionClosedError as e:
                 self._last_error = f"{type(e).__name__}: {e}"
                 self._closed(e)
-            except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as e:
+            except (OSError, websockets.WebSocketException, asyncio.TimeoutError, PrivateAddress) as e:
                 self._last_error = f"{type(e).__name__}: {e}"
                 log.warning("firehose connection lost; reconnecting", url=self.url, error=self._last_error)
             else:
@@ -255,6 +257,16 @@ class Firehose:
                 delay = 1.0  # only a healthy minute resets the backoff
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 60.0)
+
+    async def _guarded_socket(self, endpoint: str) -> dict[str, Any]:
+        """The relay's socket, connected only after its addresses are checked (unless
+        [identity] allow_private_addresses): websockets then uses it instead of connecting
+        itself, and follows no redirect (it cannot on a given socket)."""
+        if self.repos.identities.allow_private_addresses:
+            return {}
+        url = urlsplit(endpoint)
+        sock = await addresses.open_stream_socket(url.hostname or "", url.port or (443 if url.scheme == "wss" else 80), 10)
+        return {"sock": sock}
 
     def _closed(self, e: websockets.ConnectionClosedError) -> None:
         """A connection the relay (or our own size limit) ended abnormally."""

@@ -92,7 +92,7 @@ async def hostile():
 
 @pytest.fixture
 async def repos(hostile):
-    r = Repos(Identities(hostile.url, timeout=5))
+    r = Repos(Identities(hostile.url, timeout=5, allow_private_addresses=True))
     yield r
     await r.close()
 
@@ -168,7 +168,7 @@ BAD_KEYS = {
 async def test_a_did_document_with_an_unusable_signing_key_is_an_identity_error(hostile, case):
     """Identities.signing_key refuses what the firehose and service auth could not verify with."""
     hostile.serve_doc(verificationMethod=[{"id": f"{DID}#atproto", "controller": DID, **BAD_KEYS[case]}])
-    identities = Identities(hostile.url, timeout=5)
+    identities = Identities(hostile.url, timeout=5, allow_private_addresses=True)
     try:
         with pytest.raises(IdentityError, match="signing key"):
             await identities.signing_key(DID)
@@ -189,7 +189,7 @@ async def test_a_service_auth_token_whose_issuer_publishes_a_broken_key_is_refus
     key that does not parse: ServiceAuthError reason ``identity``, not an exception from the SDK."""
     hostile.serve_doc(verificationMethod=[{"id": f"{DID}#atproto", "type": "Multikey", "controller": DID,
                                            "publicKeyMultibase": "zzz"}])
-    identities = Identities(hostile.url, timeout=5)
+    identities = Identities(hostile.url, timeout=5, allow_private_addresses=True)
     auth = ServiceAuth(identities, "did:plc:runner")
     now = int(time.time())
 
@@ -226,7 +226,7 @@ async def test_a_resolve_handle_answer_of_the_wrong_shape_is_an_identity_error(h
     body, words = HANDLE_ANSWERS[case]
     hostile.answer(RESOLVE, body)
     with pytest.raises(IdentityError) as e:
-        await resolve_handle("alice.test", hostile.url, timeout=5)
+        await resolve_handle("alice.test", hostile.url, timeout=5, allow_private_addresses=True)
     assert words in str(e.value), str(e.value)
 
 
