@@ -171,6 +171,9 @@ class ProcessSection(Section):
     uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
     fork_server: bool = Field(default=True, description="start workers from a fork server (fast cold starts); "
                               "false: exec a fresh sandbox and interpreter for each")
+    seccomp: Literal["allowlist", "denylist"] = Field(
+        default="allowlist", description="allowlist: a worker may make only the system calls its runtime's syscalls file "
+        "lists (the rest answer EPERM); denylist: all but the dangerous few (a runtime without a syscalls file gets that)")
 
 
 class ContainerSection(Section):

@@ -93,6 +93,8 @@ def executor_settings(isolation: str = "none", **settings: Any):
     from atrund.config import ExecutorSection
 
     backend, _, runtime = isolation.partition("+")
+    if mode := os.environ.get("ATRUND_TEST_SECCOMP"):  # scripts/seccomp-trace watches under the denylist alone
+        settings["process"] = {**settings.get("process", {}), "seccomp": mode}
     if backend == "container":
         # The image built from this checkout, by its content tag: another checkout's build moving
         # :latest on a shared engine does not change what these tests run.

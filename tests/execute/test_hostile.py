@@ -369,3 +369,48 @@ async def test_many_processes_each_under_the_limit(isolation):
     else:
         # 10 x 100 MiB against a 128 + 16 MiB cgroup: the OOM killer takes most of them (or the bundle).
         assert not r.success or r.data["survivors"] <= 2, r
+
+
+async def test_a_system_call_outside_the_runtimes_allowlist(isolation):
+    """personality() is on no runtime's list: under process it answers EPERM (the allowlist),
+    where nothing filters it (none) it succeeds, so the refusal is the filter's."""
+    r = await attack(isolation, "unlisted_syscall")
+    assert r.success, r.error
+    if isolation == "process":
+        assert r.data == {"result": -1, "errno": 1}
+    elif isolation == "none":
+        assert r.data["result"] >= 0
+
+
+async def test_a_vsock_socket(isolation):
+    """AF_VSOCK (to a hypervisor or other guests, outside every Landlock rule): process refuses
+    the socket itself."""
+    r = await attack(isolation, "vsock")
+    assert r.success, r.error
+    if isolation == "process":
+        assert r.data == {"created": False, "why": "PermissionError", "errno": 1}
+
+
+async def test_a_datagram_pair_sending_to_a_host_unix_socket(isolation, host_dir):
+    """socketpair(AF_UNIX, SOCK_DGRAM) then sendto() a world-writable datagram socket on the host:
+    process makes no datagram pair (EPERM), so nothing reaches the host's socket."""
+    import socket
+
+    path = host_dir / "log.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    path.chmod(0o777)
+    server.setblocking(False)
+    try:
+        r = await attack(isolation, "unix_datagram", {"path": str(path)})
+        try:
+            received = server.recv(100)
+        except BlockingIOError:
+            received = None
+    finally:
+        server.close()
+    assert r.success, r.error
+    if isolation == "none":
+        assert r.data == {"paired": True, "sent": True} and received == b"hello from the bundle"  # NOT contained by none
+    elif isolation == "process":
+        assert r.data == {"paired": False, "why": "PermissionError", "errno": 1} and received is None
