@@ -39,11 +39,12 @@ class VerifiedBundle:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The runner's alone (workers get a copy: execute/ stages it): no other uid may read the cache.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(tmp, 0o444)
+    os.chmod(tmp, 0o400)
     os.replace(tmp, path)
 
 

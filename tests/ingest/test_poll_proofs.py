@@ -196,6 +196,11 @@ async def test_a_bundle_record_behind_a_doctored_proof_is_refused(doctor, author
             await store.get(StrongRef(uri=ref["uri"], cid=ref["cid"]))
         assert "bundle record refused" in capsys.readouterr().out
         del doctor.alter[SYNC]
-        assert (await store.get(StrongRef(uri=ref["uri"], cid=ref["cid"]))).record.runtime == "python"
+        verified = await store.get(StrongRef(uri=ref["uri"], cid=ref["cid"]))
+        assert verified.record.runtime == "python"
+        # The cache is the runner's alone (a worker gets a copy): no other uid may even stat in it.
+        cached = [verified.code_path, *(tmp_path / "bundles" / "records").iterdir()]
+        assert {oct(p.stat().st_mode & 0o777) for p in cached} == {"0o400"}
+        assert {oct(p.parent.stat().st_mode & 0o777) for p in cached} == {"0o700"}
     finally:
         await repos.close()

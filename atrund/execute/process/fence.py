@@ -5,7 +5,9 @@ namespaces, made by ``unshare`` on the exec path (``main``) or by the fork serve
 (forkserver.py, which imports this file and calls the same ``enter``), and then, in this
 order, before any bundle code exists in the process:
 
-1. makes every mount private, shows the runtime's own directories read-only under
+1. makes every mount private, hides the host (a hostname of its own, /proc with hidepid=2,
+   host-wide /proc files empty, no other worker's directory mounted), shows the runtime's own
+   directories read-only under
    /run/atrund (wherever they live on the host), and binds the worker's own directory on
    /tmp (the only place it may write unless more is granted);
 2. joins the worker's cgroups (memory and process count of the whole tree), and sets hard
@@ -43,7 +45,7 @@ LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_RULE_NET_PORT = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 SIGKILL = 9
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
 # Filesystem rights, with the ABI that introduced them.
@@ -137,6 +139,33 @@ def keep(paths, fds):
         open(path, "w").close()
         check(libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND, None), f"bind {path}")
         check(libc.mount(None, path.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"make {path} read-only")
+
+
+MNT_DETACH = 2
+HOSTNAME = b"atrund"
+# Host-wide figures and identifiers a worker has no use for, shown empty: the kernel's command
+# line, the boot's id (one per machine and boot: a tracking id) and the host's load.
+MASKED = ("/proc/cmdline", "/proc/loadavg", "/proc/sys/kernel/random/boot_id")
+
+
+def hide_host(workdir):
+    """What the host would tell a worker about itself, hidden (the namespaces are this worker's
+    own, so none of it touches the host): a hostname of its own in its UTS namespace; /proc with
+    hidepid=2, so PID 1 (the fence, root, whose command line on the exec path is the spec) and
+    every process but the worker's own are invisible; the host-wide files in MASKED empty; and no
+    other worker's directory (their tmpfs mounts, this runner's or another's under the same work
+    root) in its mount table."""
+    check(libc.sethostname(HOSTNAME, len(HOSTNAME)), "set the hostname")
+    check(libc.mount(b"proc", b"/proc", b"proc", MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=2"),
+          "hide other processes in /proc")
+    for path in MASKED:
+        if os.path.exists(path):
+            check(libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None), f"mask {path}")
+    root = os.path.dirname(os.path.normpath(workdir)) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    for point in sorted({p for p in points if p.startswith(root)}, key=len, reverse=True):  # the deepest first
+        libc.umount2(point.encode(), MNT_DETACH)  # a mount already gone is nothing to hide: no error
 
 
 def relocate(sources, fds, argv, read):
@@ -318,6 +347,7 @@ def enter(spec, parent_alive=lambda: True):
     os.fchmod(work, 0o700)
     check(libc.mount(f"/proc/self/fd/{work}".encode(), b"/tmp", None, MS_BIND, None), "bind the worker directory on /tmp")
     os.close(work)
+    hide_host(workdir)  # before relocate() covers /run, where the other workers' directories may be
     argv, read = relocate(spec["relocate"], fds, spec["argv"], spec["read"])
     keep(spec["keep"], kept)
     for fd in fds + kept:
