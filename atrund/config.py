@@ -252,6 +252,8 @@ class ExecutorSection(Section):
     default_timeout: int = Field(default=30, ge=1)
     max_timeout: int = Field(default=300, ge=1)
     max_output_bytes: int = Field(default=65_536, ge=1024)
+    output_bytes: int = Field(default=16_384, ge=0, le=1 << 20,
+                              description="the last bytes a bundle prints per request that are kept (atrund exec, atrund logs)")
     memory_mb: int = Field(default=512, ge=16)
     max_processes: int = Field(default=64, ge=8, description="processes (threads count) a worker may run")
     work_dir: Path | None = Field(default=None, description="where workers' private directories live; default /run/atrund-work")
@@ -349,8 +351,30 @@ class SecretsSection(Section):
     old_key_files: list[Path] = Field(default=[], description="earlier keys: what was sealed to them still opens")
 
 
+class LogsSection(Section):
+    """What runs printed (executor.output_bytes of each) and why they failed, kept for the
+    bundle's author and the invoker (atrund logs, atrund tail)."""
+
+    retention_hours: float = Field(default=72, gt=0, description="entries older than this are deleted")
+    max_entries: int = Field(default=20_000, ge=1, description="entries kept in all; the oldest go first")
+
+
 class StateSection(Section):
     dir: Path = Path("atrund-state")
+
+
+STATE_CALL_OVERHEAD = 2048  # bytes of a set call besides its value: the key (at most 512 bytes), the envelope
+
+
+class BundleStateSection(Section):
+    """Quotas of bundles' durable key-value state (docs/protocol.md §7.6), per namespace (one
+    per bundle author and record key). A call past one fails inside the bundle
+    (StateQuotaExceeded), and nothing of that run commits."""
+
+    max_keys: int = Field(default=10_000, ge=1, description="keys one namespace may hold")
+    max_value_bytes: int = Field(default=16_384, ge=16, description="bytes of one value (its JSON text, UTF-8)")
+    max_bytes: int = Field(default=10_485_760, ge=1024, description="bytes of one namespace: its keys and values together")
+    max_ops_per_run: int = Field(default=1_000, ge=1, description="state calls (get, set, delete, list) one run may make")
 
 
 class Config(Section):
@@ -366,8 +390,19 @@ class Config(Section):
     permissions: PermissionsSection = PermissionsSection()
     gateway: GatewaySection = GatewaySection()
     secrets: SecretsSection = SecretsSection()
+    logs: LogsSection = LogsSection()
     state: StateSection = StateSection()
+    bundle_state: BundleStateSection = BundleStateSection()
     _source: Path | None = PrivateAttr(default=None)  # the file it was loaded from (a running runner re-reads it)
+
+    @model_validator(mode="after")
+    def _values_fit_the_channel(self) -> Config:
+        # A set call travels as one line on the worker's answer channel, which takes max_output_bytes.
+        room = self.executor.max_output_bytes - STATE_CALL_OVERHEAD
+        if self.bundle_state.max_value_bytes > room:
+            raise ValueError(f"bundle_state.max_value_bytes ({self.bundle_state.max_value_bytes}) must leave room for the "
+                             f"call in executor.max_output_bytes: at most {room}")
+        return self
 
     @property
     def source(self) -> Path | None:

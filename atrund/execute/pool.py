@@ -36,7 +36,16 @@ import structlog
 from atrund.bounds import Malformed
 from atrund.execute import procs
 from atrund.execute.base import ExecutorError, PoolStats
-from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_answer, parse_ready
+from atrund.execute.protocol import (
+    STATE_PREFIX,
+    ExecPermissions,
+    ExecRequest,
+    ExecResponse,
+    StateHandler,
+    parse_answer,
+    parse_ready,
+    parse_state_call,
+)
 from atrund.execute.runtimes import Runtime, load_runtimes
 from atrund.records import data_problem
 
@@ -190,37 +199,48 @@ def reuse_key(runtime: str, request: ExecRequest) -> tuple:
 
 
 class _Output:
-    """A worker's stderr, drained for as long as the worker lives (a full pipe would stall it),
-    keeping the last STDERR_TAIL bytes since the current request began: the bundle's last words
-    if it crashes."""
+    """A worker's stderr (where the bundle's prints go: at-run-exec points its stdout there),
+    drained for as long as the worker lives (a full pipe would stall it), keeping the last
+    ``keep`` bytes since the current request began: what ``atrund exec`` and ``atrund logs``
+    show, and the bundle's last words if it crashes (the last STDERR_TAIL of them)."""
 
-    def __init__(self, stream: asyncio.StreamReader) -> None:
+    def __init__(self, stream: asyncio.StreamReader, keep: int) -> None:
         self.buf = bytearray()
+        self.keep = max(keep, STDERR_TAIL)
         self.task = asyncio.ensure_future(self._drain(stream))
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError, ValueError):
             while chunk := await stream.read(65536):
                 self.buf += chunk
-                del self.buf[:-STDERR_TAIL]
+                del self.buf[:-self.keep]
 
     async def ended(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the stream to end (a daemon the bundle started may hold it)."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.task), timeout)
 
-    def text(self) -> str:
-        return self.buf.decode("utf-8", "replace").strip()
+    async def caught_up(self) -> None:
+        """Let the drain read what is already in the pipe. The worker printed before it
+        answered, but the print and the answer travel in two pipes: the answer can be read
+        first. A few turns of the event loop are enough for the loop to see the stderr pipe
+        readable, feed the reader and run the drain."""
+        for _ in range(4):
+            await asyncio.sleep(0)
+
+    def text(self, last: int) -> str:
+        """The last ``last`` bytes kept, as text (a character cut in two is replaced)."""
+        return self.buf[-last:].decode("utf-8", "replace").strip()
 
 
 class _Lease:
     """The pool's bookkeeping of one worker: how it was started, how much it has served."""
 
-    def __init__(self, worker: Worker, runtime: Runtime, reuse: bool) -> None:
+    def __init__(self, worker: Worker, runtime: Runtime, reuse: bool, keep: int) -> None:
         self.worker = worker
         self.runtime = runtime
         self.reuse = reuse  # the ready line said it serves several requests
-        self.output = _Output(worker.stderr)
+        self.output = _Output(worker.stderr, keep)
         self.served = 0
         self.staged: tuple[str, str] | None = None  # (code path, the path the worker sees)
         self.idle_since = 0.0
@@ -353,7 +373,7 @@ class WorkerPool:
             err = await _tail(worker.stderr)
             extra = worker.diagnostics()
             raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}" + (f"; {extra}" if extra else ""))
-        lease = _Lease(worker, runtime, reuse)
+        lease = _Lease(worker, runtime, reuse, self.settings.output_bytes)
         lease.active = time.monotonic() - started
         return lease
 
@@ -456,8 +476,10 @@ class WorkerPool:
 
     # -- one request ---------------------------------------------------------------------
 
-    async def execute(self, request: ExecRequest, runtime: str) -> ExecResponse:
+    async def execute(self, request: ExecRequest, runtime: str, state: StateHandler | None = None) -> ExecResponse:
         """Run one request: in a hot worker of its reuse key, a warm one, or a new one.
+        ``state``: what answers the run's state calls (atrund.kv); without it the run is offered
+        no state, and a state call is refused.
 
         The seed passes a MIME type to pick the runtime; a bundle record names its runtime
         explicitly, so that name is what selects the worker here."""
@@ -474,7 +496,7 @@ class WorkerPool:
             lease = await self._take(rt, request, key)
             kept = False
             try:
-                response, clean = await self._run(lease, request)
+                response, clean = await self._run(lease, request, state)
                 kept = self._keep(lease, key, response, clean)
             finally:
                 if not kept:
@@ -489,33 +511,42 @@ class WorkerPool:
             self._counts["timeouts"] += 1
         return response
 
-    async def _run(self, lease: _Lease, request: ExecRequest) -> tuple[ExecResponse, bool]:
+    async def _run(self, lease: _Lease, request: ExecRequest, state: StateHandler | None) -> tuple[ExecResponse, bool]:
         """The worker's answer, and whether it was clean: an answer line that follows the
         protocol (the bundle may still have failed), so the worker may serve again."""
         worker = lease.worker
         if lease.staged is None or lease.staged[0] != request.code_path:
             lease.staged = (request.code_path, worker.stage(request.code_path))
-        request = request.model_copy(update={"code_path": lease.staged[1]})
+        # A fresh run id per request: a state call that carries another (left over from an
+        # earlier request of this worker, or made up) is out of turn.
+        run = os.urandom(12).hex() if state is not None else None
+        request = request.model_copy(update={"code_path": lease.staged[1], "run": run})
         lease.served += 1
         lease.output.buf.clear()
         began = time.monotonic()
         try:
-            return await self._exchange(lease, request)
+            response, clean = await self._exchange(lease, request, state)
         finally:
             lease.active += time.monotonic() - began
+        await lease.output.caught_up()
+        # Only the runner says what the bundle printed: whatever the worker put here is replaced.
+        keep = self.settings.output_bytes
+        response.output = (lease.output.text(keep) or None) if keep else None
+        return response, clean
 
-    async def _exchange(self, lease: _Lease, request: ExecRequest) -> tuple[ExecResponse, bool]:
+    async def _exchange(self, lease: _Lease, request: ExecRequest, state: StateHandler | None) -> tuple[ExecResponse, bool]:
         worker = lease.worker
+        # A one-request worker's stdin stays open while it may still make state calls.
+        # False: the worker is gone, and reading its answer below says how.
+        await _send(worker, request.to_json().encode() + b"\n", close=not lease.reuse and state is None)
         try:
-            worker.stdin.write(request.to_json().encode() + b"\n")
-            await worker.stdin.drain()
-            if not lease.reuse:
-                worker.stdin.close()
-        except (ConnectionError, BrokenPipeError):
-            pass  # the worker is gone; reading its answer below says how
-        try:
-            async with asyncio.timeout(request.timeout):
-                line = await worker.stdout.readline()
+            async with asyncio.timeout(request.timeout):  # state calls count against the deadline too
+                while (line := await worker.stdout.readline()).startswith(STATE_PREFIX):
+                    if len(line) > self.settings.max_output_bytes:
+                        return _fail(f"state call larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge"), False
+                    refused = await _answer_state(worker, line, request.run, state)
+                    if refused is not None:
+                        return refused, False
         except TimeoutError:
             return _fail(f"timed out after {request.timeout} s", "Timeout", timed_out=True, elapsed_s=request.timeout), False
         except ValueError:  # asyncio's StreamReader limit: the line is longer than allowed
@@ -526,7 +557,7 @@ class WorkerPool:
             await worker.kill()
             if why := worker.lost():  # not the bundle's doing: an infrastructure failure
                 raise ExecutorError(f"the {self.isolation} worker was lost before it answered: {why}")
-            tail = lease.output.text()
+            tail = lease.output.text(STDERR_TAIL)
             if worker.out_of_memory():
                 return _fail(f"the bundle ran out of memory (limit {self.settings.memory_mb} MiB) before answering"
                              + (f"; its last output: {tail}" if tail else ""), "MemoryError"), False
@@ -535,6 +566,34 @@ class WorkerPool:
         if len(line) > self.settings.max_output_bytes:
             return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge"), False
         return _checked(line, request.timeout)
+
+
+async def _send(worker: Worker, data: bytes, close: bool = False) -> bool:
+    """Write to the worker's stdin; False if it is gone (reading its output says how)."""
+    try:
+        worker.stdin.write(data)
+        await worker.stdin.drain()
+        if close:
+            worker.stdin.close()
+    except (ConnectionError, BrokenPipeError):
+        return False
+    return True
+
+
+async def _answer_state(worker: Worker, line: bytes, run: str | None, state: StateHandler | None) -> ExecResponse | None:
+    """Answer one state call on the worker's stdin; or the failure that ends the run (not clean)
+    when the line is not a StateCall, or is one out of turn: this run offers no state, or the
+    call names another run. The state itself (keys, values, quotas) answers in the reply."""
+    try:
+        call = parse_state_call(line)
+    except Malformed as e:
+        return _fail(f"at-run-exec sent a state call that is not a StateCall: {e}", "ProtocolError")
+    if state is None or call.run != run:
+        return _fail("at-run-exec sent a state call out of turn (not for the request being run"
+                     + (", which is offered no state)" if state is None else ")"), "ProtocolError")
+    reply = await state.call(call)
+    await _send(worker, reply.to_json().encode() + b"\n")
+    return None
 
 
 def _checked(line: bytes, timeout: int) -> tuple[ExecResponse, bool]:
