@@ -91,6 +91,9 @@ class IdentitySection(Section):
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
     cache_size: int = Field(default=10_000, ge=1)  # DID documents (and handles) cached at most: an LRU
+    allow_private_addresses: bool = Field(
+        default=False, description="let the runner's reads (PLC, DID documents, PDSes, blobs, handles, the relay) connect to "
+        "loopback, private and link-local addresses; only for a local stack (atrund.atproto.addresses)")
 
 
 class AccessSection(Section):
@@ -169,6 +172,9 @@ class ProcessSection(Section):
     uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
     fork_server: bool = Field(default=True, description="start workers from a fork server (fast cold starts); "
                               "false: exec a fresh sandbox and interpreter for each")
+    seccomp: Literal["allowlist", "denylist"] = Field(
+        default="allowlist", description="allowlist: a worker may make only the system calls its runtime's syscalls file "
+        "lists (the rest answer EPERM); denylist: all but the dangerous few (a runtime without a syscalls file gets that)")
 
 
 class ContainerSection(Section):

@@ -127,6 +127,8 @@ class _Live:
         for author, n in sorted(live.get("poll_failures", {}).items()):
             polls.add_metric([author], n)
         yield polls
+        yield CounterMetricFamily("atrund_poll_unproven", "Listed invocations the author's signed repo did not prove as listed "
+                                  "(refused, or replaced by the signed version)", value=live.get("poll_unproven", 0))
         quarantined = GaugeMetricFamily("atrund_quarantined", "Items in quarantine (atrund quarantine list), by kind",
                                         labels=["kind"])
         for kind in ("result", "frame", "record"):

@@ -123,7 +123,8 @@ async def _did_of(who: str, cfg: config_mod.Config) -> str:
         return who
     from atrund.atproto.identity import resolve_handle
 
-    return await resolve_handle(who, cfg.runner.pds)
+    # The operator's own command, naming a handle they typed: not a request anyone else can aim.
+    return await resolve_handle(who, cfg.runner.pds, allow_private_addresses=True)
 
 
 def _policy_file(cfg: config_mod.Config):

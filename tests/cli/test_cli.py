@@ -160,6 +160,7 @@ def test_doctor_reports_the_probe():
     assert p.returncode == 0, p.stderr
     assert "process ← auto" in p.stdout and "ran the python test bundle" in p.stdout and "Landlock ABI: " in p.stdout
     assert "network egress: proxy (" in p.stdout  # the runner's egress proxy can be set up here
+    assert "seccomp (process): allowlist" in p.stdout and "allowlist, " in p.stdout  # the mode, and each runtime's list
     # The microVM line names the monitor and the accelerator found (KVM only if a guest booted under it).
     import shutil
 

@@ -243,8 +243,10 @@ async def test_a_grant_of_one_host_reaches_that_host_only(isolation, world):
         control.sendto(b"control", ("10.9.0.4", 9999))
     await asyncio.sleep(0.05)
     assert world.datagrams == [("::ffff:10.9.0.4", 9999)]  # the sink does hear what reaches it
-    assert len(d["listening"]) == 2  # it may listen in its own namespace: nothing outside reaches it
-    for port in d["listening"]:
+    # A listener is refused by the process backend's seccomp allowlist; where one is made (a
+    # container), it is in the worker's own namespace, which nothing outside reaches.
+    assert all(d.get(f"listen {proto}") == "PermissionError" for proto in (0, 262)) or len(d["listening"]) == 2, d
+    for port in d.get("listening", []):
         for host in ("127.0.0.1", "10.9.0.2"):
             with pytest.raises(OSError):
                 socket.create_connection((host, port), timeout=1).close()

@@ -340,6 +340,7 @@ class ProcessBackend(Backend):
         self.work_root = owned_dir(work_root(settings.work_dir), 0, "root")
         self.uids = UidPool(settings.process.uid_base, settings.process.uids, self.work_root)
         self.tmp_mb = settings.tmp_mb
+        self.seccomp = settings.process.seccomp
         self.cgroups = Cgroups()
         self.fork_server: ForkServer | None = None
         self.fork_server_problem: str | None = None  # why workers start by the exec path, if they do
@@ -437,6 +438,7 @@ class ProcessBackend(Backend):
             },
             "env": {"PATH": SAFE_PATH, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
             "argv": list(runtime.command),
+            "syscalls": seccomp_allowlist(runtime, self.seccomp),
             "cgroups": self.cgroups.create(
                 sandbox.workdir.name,
                 memory_bytes=(settings.memory_mb + runtime.data_overhead_mb + self.tmp_mb) * 1024 * 1024,
@@ -477,6 +479,20 @@ def kept_in_run() -> list[str]:
     makes /etc/resolv.conf a link into /run)."""
     real = os.path.realpath("/etc/resolv.conf")
     return [real] if real.startswith("/run/") and os.path.isfile(real) else []
+
+
+def seccomp_allowlist(runtime: Runtime, mode: str) -> list[str] | None:
+    """The system calls a worker of ``runtime`` may make (fence.py refuses the rest with EPERM),
+    or None for the denylist alone: when ``executor.process.seccomp`` says so, or the runtime's
+    directory has no ``syscalls`` file."""
+    return list(runtime.syscalls) if mode == "allowlist" and runtime.syscalls is not None else None
+
+
+def seccomp_mode(runtime: Runtime, mode: str) -> str:
+    """What `atrund doctor` says of a runtime's filter."""
+    if seccomp_allowlist(runtime, mode) is not None:
+        return f"allowlist, {len(runtime.syscalls or ())} calls"
+    return "denylist" + (" (no syscalls file)" if mode == "allowlist" else "")
 
 
 def runtime_paths(runtime: Runtime) -> list[str]:

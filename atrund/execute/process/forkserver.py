@@ -219,7 +219,7 @@ def worker_init(server, spec, network, fds, code):
     except BaseException as e:  # noqa: BLE001 - said on the worker's stdout, as the fence says its errors
         fence.fail(f"{type(e).__name__}: {e}")
     if child == 0:
-        fence.seccomp_filter()  # in the runtime's process only, as on the exec path
+        fence.seccomp_filter(spec.get("syscalls"))  # in the runtime's process only, as on the exec path
         raise Become(code, argv[3:], spec["env"])
     fence.serve_as_init(child)
 
