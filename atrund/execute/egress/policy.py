@@ -5,9 +5,10 @@
 - ``*`` allows any name (80 and 443);
 - an IP address (``[v6]:port`` with a port), a CIDR range or ``localhost`` allows those addresses.
 
-Whatever a name resolves to, and whatever address a grant names, the proxy refuses loopback,
-private, link-local, CGNAT, multicast, unique-local, reserved and unspecified addresses, in
-every form (IPv4-mapped, NAT64, 6to4), unless the operator grants a range that holds them in
+Whatever a name resolves to, and whatever address a grant names, the proxy refuses what the
+runner's own fetches refuse (atrund/atproto/addresses.py: loopback, private, link-local, CGNAT,
+multicast, unique-local, reserved, documentation and unspecified addresses, in every form:
+IPv4-mapped, NAT64, 6to4), unless the operator grants a range that holds them in
 ``[permissions] net_private``. Pure functions: no sockets here.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+
+from atrund.atproto.addresses import refusal
 
 DEFAULT_PORTS = frozenset({80, 443})
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -90,10 +93,6 @@ def embedded(address: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
-def public(address: IPAddress) -> bool:
-    return address.is_global and not (address.is_multicast or address.is_reserved or address.is_unspecified)
-
-
 def parse_private(cidrs) -> tuple[IPNetwork, ...]:
     """The operator's ``net_private`` ranges (validated by the configuration already)."""
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
@@ -132,9 +131,7 @@ class Grants:
         forms = [target, *(a for a in [embedded(target)] if a is not None)]
         if any(a in n for a in forms for n in self.private):
             return None
-        if all(public(a) for a in forms):
-            return None
-        return f"{address} is a private, loopback, link-local or otherwise non-public address"
+        return refusal(str(target))  # the runner's own rule for its fetches: one list of what is not public
 
     def target(self, address: IPAddress) -> IPAddress:
         """Where the proxy connects for ``address``: an IPv4-mapped address is IPv4."""
