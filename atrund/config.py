@@ -7,6 +7,7 @@ this file: the runner's app password comes from an environment variable or a fil
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -259,6 +260,8 @@ class ExecutorSection(Section):
     work_dir: Path | None = Field(default=None, description="where workers' private directories live; default /run/atrund-work")
     tmp_mb: int = Field(default=64, ge=1, description="size of a worker's private /tmp (a tmpfs)")
     runtimes_dir: Path = RUNTIMES_DIR
+    egress_nameserver: str | None = Field(
+        default=None, description="host:port of the DNS server the egress proxy asks for granted names; default the system resolver")
     process: ProcessSection = ProcessSection()
     container: ContainerSection = ContainerSection()
     microvm: MicroVmSection = MicroVmSection()
@@ -311,6 +314,18 @@ class PermissionsSection(Section):
     read: list[str] = Field(default=[], description="absolute paths (and everything below them)")
     write: list[str] = Field(default=[], description="absolute paths (and everything below them)")
     env: list[str] = Field(default=[], description='variable names, or "*"')
+    net_private: list[str] = Field(default=[], description="CIDR ranges of loopback, private, link-local, ... addresses "
+                                   "a net grant may reach (the egress proxy refuses them otherwise)")
+
+    @field_validator("net_private")
+    @classmethod
+    def _net_private(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or CIDR range (e.g. 10.1.2.0/24)") from None
+        return value
 
 
 class GatewaySection(Section):

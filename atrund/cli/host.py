@@ -45,6 +45,7 @@ def doctor(config_path: Path | None) -> None:
     out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
                                                else "not writable (the process backend then limits each process only)"))
     out.print("process fork server: " + _fork_server_summary(settings))
+    out.print("network egress: " + _egress_summary())
     out.print("Docker engine: " + _engine_summary(settings))
     vm = host_support(settings)
     out.print(f"microVM monitor: {vm.monitor or 'none'}; accelerator: {vm.accelerator or 'none'} ({vm.detail})")
@@ -86,6 +87,17 @@ def _fork_server_summary(settings) -> str:
         return "off (executor.process.fork_server = false): each worker execs a fresh sandbox and interpreter"
     problem = asyncio.run(start_check(settings))
     return "starts (fast cold starts)" if problem is None else f"[yellow]{problem}: workers start by the exec path (slower)[/yellow]"
+
+
+def _egress_summary() -> str:
+    """One line for doctor: how each backend lets a worker granted network out."""
+    from atrund.execute.egress.netns import check
+
+    problem = check()
+    if problem is not None:
+        return f"[red]{problem}: a process or container worker granted network cannot start[/red]"
+    return ("proxy (process and container: a network namespace per worker granted network, whose only "
+            "way out is the runner's egress proxy); microvm: no network (a grant is refused)")
 
 
 def _engine_summary(settings) -> str:

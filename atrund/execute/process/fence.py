@@ -1,9 +1,10 @@
 """The fence of the ``process`` backend: applied to a worker before its runtime runs.
 
-Runs as root inside fresh mount, PID, IPC, UTS (and, when no network is granted, network)
-namespaces, made by ``unshare`` on the exec path (``main``) or by the fork server's child
-(forkserver.py, which imports this file and calls the same ``enter``), and then, in this
-order, before any bundle code exists in the process:
+Runs as root inside fresh mount, PID, IPC, UTS and network namespaces, made by ``unshare``
+on the exec path (``main``) or by the fork server's child (forkserver.py, which imports this
+file and calls the same ``enter``). A worker granted network joins instead the namespace the
+runner made for it (``join_network``: its only way out is the runner's egress proxy, see
+atrund/execute/egress/). Then, in this order, before any bundle code exists in the process:
 
 1. makes every mount private, hides the host (a hostname of its own, /proc with hidepid=2,
    host-wide /proc files empty, no other worker's directory mounted), shows the runtime's own
@@ -44,6 +45,7 @@ LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_RULE_NET_PORT = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+CLONE_NEWNET = 0x40000000
 SIGKILL = 9
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
@@ -318,9 +320,18 @@ def seccomp_rules(allowed=None):
     return program
 
 
+def join_network(fd):
+    """Leave the network namespace ``unshare`` left us in (the host's) for the one the runner
+    made for this worker, whose only way out is its egress proxy; first, as root."""
+    check(libc.setns(fd, CLONE_NEWNET), "join the worker's network namespace")
+    os.close(fd)
+
+
 def main():
     """The exec path: ``unshare`` made the namespaces and this process is their init."""
     spec = json.loads(sys.argv[1])
+    if spec.get("netns") is not None:
+        join_network(spec["netns"])
     argv = enter(spec)
     child = os.fork()
     if child == 0:
