@@ -132,8 +132,9 @@ async def test_a_forked_worker_is_fenced_exactly_as_an_execed_one(tmp_path):
     assert forked["shadow"] == forked["runner_file"] == "PermissionError"  # Landlock
     assert forked["unix_socket"] == "PermissionError"  # seccomp: no way to reach any unix socket
     assert forked["tcp"] != "allowed" and forked["netdevs"] == ["lo"]  # a network namespace of its own
-    # The runtime is PID 2 under its own init; nothing outside its namespace is visible.
-    assert forked["pid"] == 2 and forked["ppid"] == 1 and forked["pids"] == [1, 2]
+    # The runtime is PID 2 under its own init; nothing outside its namespace is visible, and its
+    # init (root's, whose command line is the fence's) is hidden too: /proc is mounted hidepid=2.
+    assert forked["pid"] == 2 and forked["ppid"] == 1 and forked["pids"] == [2]
     # Nothing of the fork server: no socket or pidfd, only the pipes and the at-run-exec's own dup.
     assert forked["fd_kinds"] == ["pipe"], forked["fds"]
     assert not forked["fence_loaded"]
