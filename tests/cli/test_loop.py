@@ -2,6 +2,7 @@
 before anything is written, output, publish checks, lifecycle commands. Real local stack."""
 
 import asyncio
+import contextlib
 import json
 import os
 import types
@@ -237,53 +238,26 @@ async def test_login_keeps_a_session_so_commands_need_no_password(stack, new_acc
     assert atrund("logout", env=env).returncode == 0 and not kept.exists()
 
 
-async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
-    """`atrund dev FILE`: ready within seconds with a gateway URL; a save re-publishes under the
-    same URI, and the gateway and `invoke` run the new code; a result is printed as it lands, and
-    what the run printed; Ctrl-C stops it cleanly."""
+@contextlib.asynccontextmanager
+async def running_dev(errlog, *args: str, env: dict | None = None):
+    """`atrund dev ... --json` as a real subprocess: yields what it printed once ready; then
+    Ctrl-C, and it must stop cleanly. What it says for people goes to ``errlog``."""
     import signal
     import subprocess
     import sys
 
-    import aiohttp
     from conftest import ROOT
 
-    file = tmp_path / "app.py"
-    file.write_text("def main(args):\n    return 'one'\ndef handleRequest(req):\n    return {'status': 200, 'body': 'one'}\n")
-    errlog = tmp_path / "dev.err"
     with open(errlog, "w") as errs:
-        dev = subprocess.Popen([sys.executable, "-m", "atrund.cli", "dev", str(file), "--port", "0", "--isolation",
-                                "process", "--json"], stdout=subprocess.PIPE, stderr=errs, text=True, cwd=ROOT)
+        dev = subprocess.Popen([sys.executable, "-m", "atrund.cli", "dev", *args, "--port", "0", "--json"],
+                               stdout=subprocess.PIPE, stderr=errs, text=True, cwd=ROOT, env=env)
     try:
         lines = []
         while not lines or lines[-1] != "}":
             line = await asyncio.to_thread(dev.stdout.readline)
             assert line, errlog.read_text()
             lines.append(line.rstrip("\n"))
-        info = json.loads("\n".join(lines))
-        assert info["readySeconds"] < 30 and info["endpoints"] == ["handleRequest", "main"], info
-        async with aiohttp.ClientSession() as http:
-            async with http.get(info["gateway"]) as resp:
-                assert await resp.text() == "one"
-            file.write_text("def main(args):\n    print('main says two')\n    return 'two'\n"
-                            "def handleRequest(req):\n    return {'status': 200, 'body': 'two'}\n")
-            for _ in range(100):
-                if "re-published app.py" in errlog.read_text():
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError(errlog.read_text())
-            async with http.get(info["gateway"]) as resp:
-                assert await resp.text() == "two"
-        p = await asyncio.to_thread(atrund, "invoke", info["bundle"], "--runner", info["runner"], "--endpoint", "main",
-                                    "--wait", env=info["env"])
-        assert p.returncode == 0 and json.loads(p.stdout)["value"] == "two", p.stderr
-        for _ in range(50):
-            if "result success: \"two\"" in errlog.read_text() and "  | main says two" in errlog.read_text():
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(errlog.read_text())
+        yield json.loads("\n".join(lines))
     finally:
         dev.send_signal(signal.SIGINT)
         code = await asyncio.to_thread(dev.wait, 60)
@@ -291,16 +265,46 @@ async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
     assert code == 0, errlog.read_text()
 
 
+async def said(errlog, *texts: str, within: float = 10) -> None:
+    """Wait until `atrund dev` has printed every one of ``texts``."""
+    for _ in range(int(within * 10)):
+        if all(text in errlog.read_text() for text in texts):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(errlog.read_text())
+
+
+async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
+    """`atrund dev FILE`: ready within seconds with a gateway URL; a save re-publishes under the
+    same URI, and the gateway and `invoke` run the new code; a result is printed as it lands, and
+    what the run printed; Ctrl-C stops it cleanly."""
+    import aiohttp
+
+    file = tmp_path / "app.py"
+    file.write_text("def main(args):\n    return 'one'\ndef handleRequest(req):\n    return {'status': 200, 'body': 'one'}\n")
+    errlog = tmp_path / "dev.err"
+    async with running_dev(errlog, str(file), "--isolation", "process") as info:
+        assert info["readySeconds"] < 30 and info["endpoints"] == ["handleRequest", "main"], info
+        async with aiohttp.ClientSession() as http:
+            async with http.get(info["gateway"]) as resp:
+                assert await resp.text() == "one"
+            file.write_text("def main(args):\n    print('main says two')\n    return 'two'\n"
+                            "def handleRequest(req):\n    return {'status': 200, 'body': 'two'}\n")
+            await said(errlog, "re-published app.py")
+            async with http.get(info["gateway"]) as resp:
+                assert await resp.text() == "two"
+        p = await asyncio.to_thread(atrund, "invoke", info["bundle"], "--runner", info["runner"], "--endpoint", "main",
+                                    "--wait", env=info["env"])
+        assert p.returncode == 0 and json.loads(p.stdout)["value"] == "two", p.stderr
+        await said(errlog, "result success: \"two\"", "  | main says two", within=5)
+
+
 async def test_dev_on_a_configured_pds(stack, new_account, tmp_path):
     """`atrund dev FILE -c CONFIG`: the runner account of that configuration on its PDS (here the
     local stack stands in for a real one), the author `atrund login` kept; the bundle is the
     author's, the gateway serves it, and the runner's state is temporary."""
-    import signal
-    import subprocess
-    import sys
-
     import aiohttp
-    from conftest import ROOT, serve_config
+    from conftest import serve_config
 
     from atrund.atproto.uri import authority
 
@@ -313,31 +317,12 @@ async def test_dev_on_a_configured_pds(stack, new_account, tmp_path):
     file = tmp_path / "app.py"
     file.write_text("def handleRequest(req):\n    print('served', req['path'])\n    return {'status': 200, 'body': 'mine'}\n")
     errlog = tmp_path / "dev.err"
-    with open(errlog, "w") as errs:
-        dev = subprocess.Popen([sys.executable, "-m", "atrund.cli", "dev", str(file), "-c", str(config), "--port", "0", "--json"],
-                               stdout=subprocess.PIPE, stderr=errs, text=True, cwd=ROOT, env=env)
-    try:
-        lines = []
-        while not lines or lines[-1] != "}":
-            line = await asyncio.to_thread(dev.stdout.readline)
-            assert line, errlog.read_text()
-            lines.append(line.rstrip("\n"))
-        info = json.loads("\n".join(lines))
+    async with running_dev(errlog, str(file), "-c", str(config), env=env) as info:
         assert info["runner"] == runner.did and authority(info["bundle"]) == alice.did, info
         async with aiohttp.ClientSession() as http:
             async with http.get(info["gateway"] + "hello") as resp:
                 assert await resp.text() == "mine"
-        for _ in range(50):
-            if "  | served /hello" in errlog.read_text():
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(errlog.read_text())
-    finally:
-        dev.send_signal(signal.SIGINT)
-        code = await asyncio.to_thread(dev.wait, 60)
-        dev.stdout.close()
-    assert code == 0, errlog.read_text()
+        await said(errlog, "  | served /hello", within=5)
     assert not (tmp_path / "atrund-state").exists()  # the configuration's state.dir was not used
 
 
