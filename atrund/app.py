@@ -47,7 +47,7 @@ from atrund.runs import Runs
 from atrund.schedule import Scheduler
 from atrund.sealed import KeyFileError, Keyring
 from atrund.standing import Follow
-from atrund.state import State
+from atrund.state import State, Store
 from atrund.status import Status
 from atrund.supervise import Supervisor
 from atrund.ticks import Ticks
@@ -57,6 +57,16 @@ from atrund.trust import LiveAccess, resolve_dids
 log = structlog.get_logger("atrund.app")
 
 CONFIG_CHECK_SECONDS = 1.0
+
+
+def open_state(cfg: Config) -> Store:
+    """The state store ``[state]`` names: Postgres at ``url``, else SQLite in ``dir`` (the default).
+    Either way ``dir`` keeps the runner's local files (quarantine, bundle cache, keys)."""
+    if cfg.state.url is not None:
+        from atrund.pgstate import PgState  # psycopg is loaded only by runners that use it
+
+        return PgState(cfg.state.url)
+    return State(cfg.state.dir / "atrund.sqlite3")
 
 
 class App:
@@ -70,7 +80,7 @@ class App:
         # Who is served: the configuration, the policy file `atrund access` edits, and (follows,
         # list modes) the AT graph; kept current while the runner serves (atrund.trust).
         self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
-        self.state = State(cfg.state.dir / "atrund.sqlite3")
+        self.state = open_state(cfg)
         self.quarantine = Quarantine(cfg.state.dir / "quarantine.sqlite3")
         self.problems = Health()
         self.supervisor = Supervisor(self.problems)

@@ -345,6 +345,23 @@ class SecretsSection(Section):
 
 class StateSection(Section):
     dir: Path = Path("atrund-state")
+    url: str | None = Field(default=None, description="postgresql:// URL of a Postgres database for the state "
+                                                       "(default: SQLite in dir; dir still holds the local files)")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        """A libpq URL without its password: secrets never live in this file (libpq reads it from
+        PGPASSWORD, PGPASSFILE or ~/.pgpass)."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"{value.split('@')[-1]!r} is not a postgresql:// URL")
+        if parts.password is not None or re.search(r"(^|&)password=", parts.query):
+            raise ValueError("holds a password; give it in PGPASSWORD, a PGPASSFILE or ~/.pgpass instead "
+                             "(secrets never live in the configuration file)")
+        return value
 
 
 class Config(Section):

@@ -33,7 +33,7 @@ from atrund.pipeline import Outcome, Pipeline, outcome_of
 from atrund.records import INVOCATION, ORIGIN_MARK, Metrics, StrongRef, origin_record, result_rkey, unix_time
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
-from atrund.state import State, Stored, StoreError
+from atrund.state import Store, Stored, StoreError
 
 log = structlog.get_logger("atrund.runs")
 
@@ -45,7 +45,7 @@ INTERRUPTED = ("interrupted: the runner stopped while this invocation was runnin
 
 
 class Runs:
-    def __init__(self, pipeline: Pipeline, state: State, writer: ResultWriter, policy: AccessPolicy, repos: Repos,
+    def __init__(self, pipeline: Pipeline, state: Store, writer: ResultWriter, policy: AccessPolicy, repos: Repos,
                  meters: Meters, concurrency: int, limits: LimitsSection) -> None:
         self.pipeline = pipeline
         self.state = state

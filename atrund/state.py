@@ -1,4 +1,7 @@
-"""The runner's memory: embedded SQLite, one file.
+"""The runner's memory: embedded SQLite, one file (the default), or Postgres (atrund.pgstate).
+
+``Store`` below is the one seam: every component takes a Store, and the composition root
+(atrund.app) picks the backend from ``[state]``. Both backends keep the same promises:
 
 What makes "nothing lost, nothing run twice" true:
 - an invocation is stored (state ``pending``) before the ingest cursor moves past it;
@@ -31,7 +34,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from atrund.errors import StateLocked, StoreError
 
@@ -89,26 +92,28 @@ CREATE TABLE IF NOT EXISTS standing (
 """
 
 
-def _translated(method):
-    """sqlite3's exceptions as StoreError, and ``failing`` kept current: the one place they are
-    translated. A successful call clears ``failing`` (reads too: a store that answers reads but
-    not writes reports again at the next write)."""
+def translated(method):
+    """The backend's exceptions (its class's ``ERRORS``) as StoreError, and ``failing`` kept
+    current: the one place they are translated, for both backends. A successful call clears
+    ``failing`` (reads too: a store that answers reads but not writes reports again at the next
+    write)."""
 
     @functools.wraps(method)
-    def call(self: "State", *args, **kwargs):
+    def call(self, *args, **kwargs):
         try:
             out = method(self, *args, **kwargs)
-        except sqlite3.Error as e:
+        except self.ERRORS as e:
             self.failing = f"{method.__name__}: {type(e).__name__}: {e}"
+            self.failed(e)
             raise StoreError(f"the state store failed ({self.failing})") from e
-        if self.failing is not None and method.__name__ not in _READS:
+        if self.failing is not None and method.__name__ not in READS:
             self.failing = None
         return out
 
     return call
 
 
-_READS = {"cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
+READS = {"cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
           "inactive_accounts", "standing"}
 
 
@@ -140,7 +145,51 @@ class Outgoing:
     attempts: int
 
 
+class Store(Protocol):
+    """What every component may ask of the state store: SQLite's ``State`` below and Postgres's
+    ``atrund.pgstate.PgState`` both implement exactly this (tests/test_state.py runs the same
+    checks on both). ``failing`` names the last fault until a write succeeds again."""
+
+    failing: str | None
+
+    def close(self) -> None: ...
+    def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool: ...
+    def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
+                    withdrawn: list[str] = (), reused: list[tuple[str, str, str, dict]] | None = None) -> list[str]: ...
+    def withdraw(self, uri: str) -> bool: ...
+    def forget_cursor(self, source: str) -> None: ...
+    def cursor(self, source: str) -> str | None: ...
+    def with_state(self, state: str) -> list[Stored]: ...
+    def pending(self, uri: str) -> Stored | None: ...
+    def mark_running(self, uri: str) -> bool: ...
+    def deny(self, uri: str) -> bool: ...
+    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None) -> bool: ...
+    def refuse_reused(self, uri: str, cid: str, value: dict[str, Any], status: str, rkey: str,
+                      record: dict[str, Any]) -> bool: ...
+    def status_of(self, uri: str) -> tuple[str, str | None] | None: ...
+    def counts(self) -> dict[str, int]: ...
+    def standing(self, kind: str) -> list[Standing]: ...
+    def keep_standing(self, kind: str, item: Standing) -> None: ...
+    def drop_standing(self, uri: str) -> int: ...
+    def add_ticks(self, ticks: list[tuple[Standing, str, dict[str, Any], float | None]]) -> list[str]: ...
+    def move_schedule(self, uri: str, cid: str, next_at: float | None) -> None: ...
+    def inactive_accounts(self) -> list[str]: ...
+    def set_inactive(self, did: str, evict: list[str] = ()) -> None: ...
+    def forget_inactive(self, dids: list[str]) -> None: ...
+    def due(self, limit: int = 50) -> list[Outgoing]: ...
+    def next_due_in(self) -> float | None: ...
+    def written(self, *invocation_uris: str) -> None: ...
+    def outbox_figures(self) -> tuple[int, float | None]: ...
+    def unqueue_result(self, invocation_uri: str) -> None: ...
+    def requeue_result(self, invocation_uri: str, rkey: str, record: dict[str, Any]) -> None: ...
+    def retry_later(self, invocation_uri: str, error: str, delay: float, record: dict[str, Any] | None = None) -> None: ...
+
+
 class State:
+    """The SQLite store (a ``Store``): one file in the state directory, one runner at a time."""
+
+    ERRORS = (sqlite3.Error,)
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # One runner per state directory: two would each believe the other's running rows were
@@ -165,9 +214,12 @@ class State:
         self.db.close()
         os.close(self._lock)
 
+    def failed(self, error: Exception) -> None:
+        """Nothing to repair after a fault: the file is opened once, and the next call tries again."""
+
     # -- invocations ---------------------------------------------------------------------
 
-    @_translated
+    @translated
     def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool:
         """Remember an invocation; False if it was seen before (whatever became of it)."""
         cur = self.db.execute(
@@ -176,7 +228,7 @@ class State:
         )
         return cur.rowcount == 1
 
-    @_translated
+    @translated
     def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
                     withdrawn: list[str] = (), reused: list[tuple[str, str, str, dict]] | None = None) -> list[str]:
         """Store a page of invocations, withdraw the deleted ones, and move the source's cursor
@@ -200,7 +252,7 @@ class State:
                 self.db.execute("INSERT OR REPLACE INTO cursors(source, cursor) VALUES (?, ?)", (source, cursor))
         return [uri for uri in new if uri not in gone]
 
-    @_translated
+    @translated
     def withdraw(self, uri: str) -> bool:
         """The author deleted (or changed) a pending invocation: it will not run, and gets no result."""
         with self._tx():
@@ -216,40 +268,40 @@ class State:
         cur = self.db.execute(f"UPDATE invocations SET {sets} WHERE uri = ? AND state = 'pending'", (*values, uri))
         return cur.rowcount == 1
 
-    @_translated
+    @translated
     def forget_cursor(self, source: str) -> None:
         self.db.execute("DELETE FROM cursors WHERE source = ?", (source,))
 
-    @_translated
+    @translated
     def cursor(self, source: str) -> str | None:
         row = self.db.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
         return row[0] if row else None
 
-    @_translated
+    @translated
     def with_state(self, state: str) -> list[Stored]:
         rows = self.db.execute(
             "SELECT uri, author, cid, value, seen_at FROM invocations WHERE state = ? ORDER BY seen_at", (state,)
         ).fetchall()
         return [Stored(uri, author, cid, json.loads(value), seen) for uri, author, cid, value, seen in rows]
 
-    @_translated
+    @translated
     def pending(self, uri: str) -> Stored | None:
         row = self.db.execute(
             "SELECT uri, author, cid, value, seen_at FROM invocations WHERE uri = ? AND state = 'pending'", (uri,)
         ).fetchone()
         return Stored(row[0], row[1], row[2], json.loads(row[3]), row[4]) if row else None
 
-    @_translated
+    @translated
     def mark_running(self, uri: str) -> bool:
         """Claim a pending invocation for execution; False if it is not pending (never run twice)."""
         return self._leave_pending(uri, "running", "started_at")
 
-    @_translated
+    @translated
     def deny(self, uri: str) -> bool:
         """A pending invocation whose author lost access before it started: never run, no result."""
         return self._leave_pending(uri, "denied")
 
-    @_translated
+    @translated
     def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None) -> bool:
         """Mark an invocation done and queue its result record (None: no result is written, as a
         trigger's ``results`` may ask), in one transaction.
@@ -271,7 +323,7 @@ class State:
                 )
         return True
 
-    @_translated
+    @translated
     def refuse_reused(self, uri: str, cid: str, value: dict[str, Any], status: str, rkey: str,
                       record: dict[str, Any]) -> bool:
         """A record key used again (a new CID) before its invocation ran: it becomes done with this
@@ -287,12 +339,12 @@ class State:
                             (uri, rkey, json.dumps(record), now))
         return True
 
-    @_translated
+    @translated
     def status_of(self, uri: str) -> tuple[str, str | None] | None:
         row = self.db.execute("SELECT state, status FROM invocations WHERE uri = ?", (uri,)).fetchone()
         return (row[0], row[1]) if row else None
 
-    @_translated
+    @translated
     def counts(self) -> dict[str, int]:
         out = dict(self.db.execute("SELECT state, count(*) FROM invocations GROUP BY state").fetchall())
         out["unwritten"] = self.db.execute("SELECT count(*) FROM outbox WHERE written_at IS NULL").fetchone()[0]
@@ -300,18 +352,18 @@ class State:
 
     # -- schedules and triggers (atrund.ticks, atrund.triggers) ----------------------------
 
-    @_translated
+    @translated
     def standing(self, kind: str) -> list[Standing]:
         rows = self.db.execute("SELECT uri, author, cid, value, next_at FROM standing WHERE kind = ? ORDER BY uri", (kind,))
         return [Standing(uri, author, cid, json.loads(value), next_at) for uri, author, cid, value, next_at in rows]
 
-    @_translated
+    @translated
     def keep_standing(self, kind: str, item: Standing) -> None:
         """Remember a schedule or trigger (a new one, or a new version of one)."""
         self.db.execute("INSERT OR REPLACE INTO standing(uri, kind, author, cid, value, next_at) VALUES (?,?,?,?,?,?)",
                         (item.uri, kind, item.author, item.cid, json.dumps(item.value), item.next_at))
 
-    @_translated
+    @translated
     def drop_standing(self, uri: str) -> int:
         """Forget a schedule or trigger (deleted, or no longer served), and withdraw its runs that
         have not started, in one transaction; returns how many were withdrawn."""
@@ -321,7 +373,7 @@ class State:
                                   "WHERE uri >= ? AND uri < ? AND state = 'pending'", (time.time(), uri + "#", uri + "$"))
             return cur.rowcount
 
-    @_translated
+    @translated
     def add_ticks(self, ticks: list[tuple[Standing, str, dict[str, Any], float | None]]) -> list[str]:
         """Store ticks (schedule, key, value, the schedule's next tick) as pending runs and move
         each schedule on, in one transaction (one fsync however many ticks fall due together).
@@ -336,26 +388,26 @@ class State:
                                 (next_at, schedule.uri, schedule.cid))
         return new
 
-    @_translated
+    @translated
     def move_schedule(self, uri: str, cid: str, next_at: float | None) -> None:
         """Skip a schedule's ticks up to ``next_at`` without running them (catchUp none, a refused schedule)."""
         self.db.execute("UPDATE standing SET next_at = ? WHERE uri = ? AND cid = ?", (next_at, uri, cid))
 
     # -- inactive accounts (atrund.ingest.inactive) ---------------------------------------
 
-    @_translated
+    @translated
     def inactive_accounts(self) -> list[str]:
         """The DIDs reported inactive, oldest report first."""
         return [did for (did,) in self.db.execute("SELECT did FROM inactive_accounts ORDER BY since, did")]
 
-    @_translated
+    @translated
     def set_inactive(self, did: str, evict: list[str] = ()) -> None:
         """Remember ``did`` as inactive (now) and forget ``evict``, in one transaction."""
         with self._tx():
             self.db.execute("INSERT OR REPLACE INTO inactive_accounts(did, since) VALUES (?, ?)", (did, time.time()))
             self.db.executemany("DELETE FROM inactive_accounts WHERE did = ?", [(d,) for d in evict])
 
-    @_translated
+    @translated
     def forget_inactive(self, dids: list[str]) -> None:
         """``dids`` are active again (or forgotten to stay under the limit)."""
         with self._tx():
@@ -363,7 +415,7 @@ class State:
 
     # -- outbox --------------------------------------------------------------------------
 
-    @_translated
+    @translated
     def due(self, limit: int = 50) -> list[Outgoing]:
         rows = self.db.execute(
             "SELECT invocation_uri, rkey, record, attempts FROM outbox WHERE written_at IS NULL AND next_try <= ? "
@@ -372,19 +424,19 @@ class State:
         ).fetchall()
         return [Outgoing(uri, rkey, json.loads(rec), attempts) for uri, rkey, rec, attempts in rows]
 
-    @_translated
+    @translated
     def next_due_in(self) -> float | None:
         row = self.db.execute("SELECT min(next_try) FROM outbox WHERE written_at IS NULL").fetchone()
         return None if row[0] is None else max(0.0, row[0] - time.time())
 
-    @_translated
+    @translated
     def written(self, *invocation_uris: str) -> None:
         """These results are on the PDS: one transaction for a whole batch (one sync, not one each)."""
         now = time.time()
         with self._tx():
             self.db.executemany("UPDATE outbox SET written_at = ? WHERE invocation_uri = ?", [(now, u) for u in invocation_uris])
 
-    @_translated
+    @translated
     def outbox_figures(self) -> tuple[int, float | None]:
         """How many results wait to be written, and how long the oldest has waited (seconds)."""
         count, oldest = self.db.execute(
@@ -393,12 +445,12 @@ class State:
         ).fetchone()
         return count, (None if oldest is None else max(0.0, time.time() - oldest))
 
-    @_translated
+    @translated
     def unqueue_result(self, invocation_uri: str) -> None:
         """Take a result off the outbox for good (it is in quarantine now: atrund.quarantine)."""
         self.db.execute("DELETE FROM outbox WHERE invocation_uri = ? AND written_at IS NULL", (invocation_uri,))
 
-    @_translated
+    @translated
     def requeue_result(self, invocation_uri: str, rkey: str, record: dict[str, Any]) -> None:
         """Put a result back on the outbox, due now (an operator's ``atrund quarantine retry``)."""
         self.db.execute(
@@ -406,7 +458,7 @@ class State:
             (invocation_uri, rkey, json.dumps(record), time.time()),
         )
 
-    @_translated
+    @translated
     def retry_later(self, invocation_uri: str, error: str, delay: float, record: dict[str, Any] | None = None) -> None:
         if record is None:
             self.db.execute(
