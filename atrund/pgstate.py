@@ -7,9 +7,12 @@ The promises are SQLite's (atrund.state), kept by Postgres transactions:
   longer pending, so it runs at most once;
 - its result goes into the outbox in the transaction that marks it ``done``.
 
-The driver is psycopg 3, used synchronously on one connection in autocommit mode with explicit
-transactions, like the SQLite store (calls are short and the callers expect them to return
-before the next one). Claims are plain SQL on the tables below: no queue library keeps our
+The statements are SQLite's own: ``PgState`` is atrund.state's ``State`` on another connection,
+whose statements are written in the SQL both speak (upserts with ON CONFLICT; ``?`` placeholders,
+which ``_Connection`` turns into psycopg's ``%s``). So a method added to State serves both, once
+its table is in ``MIGRATIONS`` here. The driver is psycopg 3, used synchronously on one
+connection in autocommit mode with explicit transactions, like the SQLite store (calls are short
+and the callers expect them to return before the next one). Claims are plain SQL on the tables below: no queue library keeps our
 per-author order, our fairness and our at-most-once claim together, and the scheduler
 (atrund.schedule) already owns order and fairness.
 
@@ -29,15 +32,13 @@ call: the caller holds what it could not store and tries again, as with SQLite.
 
 from __future__ import annotations
 
-import json
-import time
-from typing import Any
+import functools
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from atrund.errors import StateLocked, StoreError
-from atrund.state import Outgoing, Standing, Stored, translated
+from atrund.state import State
 
 # Advisory lock keys (pg_advisory_lock(int, int)): one class for atrund, one key per purpose.
 LOCK_CLASS = 0x61747275  # "atru"
@@ -134,36 +135,57 @@ def migrate_url(url: str) -> tuple[int, int]:
         raise StoreError(f"cannot migrate the {where(url)}: {type(e).__name__}: {e}") from e
 
 
-class PgState:
-    """The Postgres store (an atrund.state ``Store``)."""
+class _Connection:
+    """A psycopg connection that takes State's statements as written: ``?`` becomes ``%s`` (no
+    statement of State holds a literal ``?`` or ``%``)."""
+
+    def __init__(self, db: psycopg.Connection) -> None:
+        self.raw = db
+
+    def execute(self, sql: str, params: tuple | list = ()) -> psycopg.Cursor:
+        return self.raw.execute(_placeholders(sql), params)
+
+    def executemany(self, sql: str, rows) -> psycopg.Cursor:
+        cur = self.raw.cursor()
+        cur.executemany(_placeholders(sql), list(rows))
+        return cur
+
+
+@functools.lru_cache(maxsize=256)
+def _placeholders(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+class PgState(State):
+    """The Postgres store (an atrund.state ``Store``): State's methods on a Postgres connection."""
 
     ERRORS = (psycopg.Error,)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str) -> None:  # not State's: no file, no flock
         self.url = url
         self.failing: str | None = None
-        self._db: psycopg.Connection | None = None
+        self._db: _Connection | None = None
         try:
             self._open()
         except psycopg.Error as e:
             raise StoreError(f"cannot open the {where(url)}: {type(e).__name__}: {e}") from e
 
-    def _open(self) -> psycopg.Connection:
+    def _open(self) -> _Connection:
         """Connect, migrate and take the runner's lock; on any failure nothing stays open."""
-        db = self._db = connect(self.url)
+        self._db = _Connection(connect(self.url))
         try:
-            migrate(db)
-            if not db.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, RUNNER_LOCK)).fetchone()[0]:
+            migrate(self._db.raw)
+            if not self._db.execute("SELECT pg_try_advisory_lock(?, ?)", (LOCK_CLASS, RUNNER_LOCK)).fetchone()[0]:
                 raise StateLocked(f"the {where(self.url)} is in use by another atrund process")
         except BaseException:
             self._drop()
             raise
-        return db
+        return self._db
 
     @property
-    def db(self) -> psycopg.Connection:
+    def db(self) -> _Connection:
         """The connection, opened again (and the runner's lock taken again) after it broke."""
-        if self._db is None or self._db.closed:
+        if self._db is None or self._db.raw.closed:
             try:
                 return self._open()
             except StateLocked as e:  # another runner took the database while this one was cut off
@@ -173,13 +195,13 @@ class PgState:
     def failed(self, error: Exception) -> None:
         """A broken connection is closed, to be opened at the next call; a refused statement
         leaves it as it is (autocommit: no transaction stays open)."""
-        if self._db is not None and (self._db.broken or isinstance(error, psycopg.OperationalError)):
+        if self._db is not None and (self._db.raw.broken or isinstance(error, psycopg.OperationalError)):
             self._drop()
 
     def _drop(self) -> None:
         if self._db is not None:
             try:
-                self._db.close()
+                self._db.raw.close()
             except psycopg.Error:
                 pass  # already broken: closing is all that was asked
             self._db = None
@@ -187,223 +209,5 @@ class PgState:
     def close(self) -> None:
         self._drop()
 
-    # -- invocations ---------------------------------------------------------------------
-
-    @translated
-    def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool:
-        """Remember an invocation; False if it was seen before (whatever became of it)."""
-        cur = self.db.execute(
-            "INSERT INTO invocations(uri, author, cid, value, state, seen_at) VALUES (%s,%s,%s,%s,%s,%s) "
-            "ON CONFLICT (uri) DO NOTHING", (uri, author, cid, json.dumps(value), state, time.time()))
-        return cur.rowcount == 1
-
-    @translated
-    def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
-                    withdrawn: list[str] = (), reused: list[tuple[str, str, str, dict]] | None = None) -> list[str]:
-        """As atrund.state.State.accept_page: the page and the cursor past it, in one transaction."""
-        new = []
-        with self.db.transaction():
-            for uri, author, cid, value, state in rows:
-                if self.accept(uri, author, cid, value, state):
-                    new.append(uri)
-                elif reused is not None and state == "pending":
-                    known = self.db.execute("SELECT cid, state FROM invocations WHERE uri = %s", (uri,)).fetchone()
-                    if known is not None and known[0] != cid and known[1] in ("pending", "withdrawn"):
-                        reused.append((uri, author, cid, value))
-            gone = {uri for uri in withdrawn if self._withdraw(uri)}
-            if cursor is not None:
-                self.db.execute("INSERT INTO cursors(source, cursor) VALUES (%s, %s) "
-                                "ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor", (source, cursor))
-        return [uri for uri in new if uri not in gone]
-
-    @translated
-    def withdraw(self, uri: str) -> bool:
-        return self._withdraw(uri)
-
-    def _withdraw(self, uri: str) -> bool:
-        return self._leave_pending(uri, "withdrawn", "finished_at")
-
-    def _leave_pending(self, uri: str, state: str, stamp: str | None = None) -> bool:
-        """Every claim on a pending invocation goes through this one guarded UPDATE: a row another
-        transaction claimed meanwhile is re-read after its lock and is no longer pending."""
-        sets, values = ("state = %s", [state]) if stamp is None else (f"state = %s, {stamp} = %s", [state, time.time()])
-        cur = self.db.execute(f"UPDATE invocations SET {sets} WHERE uri = %s AND state = 'pending'", (*values, uri))
-        return cur.rowcount == 1
-
-    @translated
-    def forget_cursor(self, source: str) -> None:
-        self.db.execute("DELETE FROM cursors WHERE source = %s", (source,))
-
-    @translated
-    def cursor(self, source: str) -> str | None:
-        row = self.db.execute("SELECT cursor FROM cursors WHERE source = %s", (source,)).fetchone()
-        return row[0] if row else None
-
-    @translated
-    def with_state(self, state: str) -> list[Stored]:
-        rows = self.db.execute("SELECT uri, author, cid, value, seen_at FROM invocations WHERE state = %s "
-                               "ORDER BY seen_at", (state,)).fetchall()
-        return [Stored(uri, author, cid, json.loads(value), seen) for uri, author, cid, value, seen in rows]
-
-    @translated
-    def pending(self, uri: str) -> Stored | None:
-        row = self.db.execute("SELECT uri, author, cid, value, seen_at FROM invocations WHERE uri = %s AND state = 'pending'",
-                              (uri,)).fetchone()
-        return Stored(row[0], row[1], row[2], json.loads(row[3]), row[4]) if row else None
-
-    @translated
-    def mark_running(self, uri: str) -> bool:
-        return self._leave_pending(uri, "running", "started_at")
-
-    @translated
-    def deny(self, uri: str) -> bool:
-        return self._leave_pending(uri, "denied")
-
-    @translated
-    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None) -> bool:
-        """Done and its result queued, in one transaction; only once (False after the first)."""
-        now = time.time()
-        with self.db.transaction():
-            cur = self.db.execute("UPDATE invocations SET state = 'done', status = %s, finished_at = %s "
-                                  "WHERE uri = %s AND state IN ('pending', 'running')", (status, now, uri))
-            if cur.rowcount != 1:
-                return False
-            if record is not None:
-                self.db.execute("INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (%s,%s,%s,%s)",
-                                (uri, rkey, json.dumps(record), now))
-        return True
-
-    @translated
-    def refuse_reused(self, uri: str, cid: str, value: dict[str, Any], status: str, rkey: str,
-                      record: dict[str, Any]) -> bool:
-        now = time.time()
-        with self.db.transaction():
-            cur = self.db.execute(
-                "UPDATE invocations SET cid = %s, value = %s, state = 'done', status = %s, finished_at = %s "
-                "WHERE uri = %s AND state IN ('pending', 'withdrawn')", (cid, json.dumps(value), status, now, uri))
-            if cur.rowcount != 1:
-                return False
-            self._queue(uri, rkey, record, now)
-        return True
-
-    @translated
-    def status_of(self, uri: str) -> tuple[str, str | None] | None:
-        row = self.db.execute("SELECT state, status FROM invocations WHERE uri = %s", (uri,)).fetchone()
-        return (row[0], row[1]) if row else None
-
-    @translated
-    def counts(self) -> dict[str, int]:
-        out = dict(self.db.execute("SELECT state, count(*) FROM invocations GROUP BY state").fetchall())
-        out["unwritten"] = self.db.execute("SELECT count(*) FROM outbox WHERE written_at IS NULL").fetchone()[0]
-        return out
-
-    # -- schedules and triggers ----------------------------------------------------------
-
-    @translated
-    def standing(self, kind: str) -> list[Standing]:
-        rows = self.db.execute("SELECT uri, author, cid, value, next_at FROM standing WHERE kind = %s ORDER BY uri", (kind,))
-        return [Standing(uri, author, cid, json.loads(value), next_at) for uri, author, cid, value, next_at in rows]
-
-    @translated
-    def keep_standing(self, kind: str, item: Standing) -> None:
-        self.db.execute(
-            "INSERT INTO standing(uri, kind, author, cid, value, next_at) VALUES (%s,%s,%s,%s,%s,%s) "
-            "ON CONFLICT (uri) DO UPDATE SET kind = excluded.kind, author = excluded.author, cid = excluded.cid, "
-            "value = excluded.value, next_at = excluded.next_at",
-            (item.uri, kind, item.author, item.cid, json.dumps(item.value), item.next_at))
-
-    @translated
-    def drop_standing(self, uri: str) -> int:
-        with self.db.transaction():
-            self.db.execute("DELETE FROM standing WHERE uri = %s", (uri,))
-            cur = self.db.execute("UPDATE invocations SET state = 'withdrawn', finished_at = %s "
-                                  "WHERE uri >= %s AND uri < %s AND state = 'pending'", (time.time(), uri + "#", uri + "$"))
-            return cur.rowcount
-
-    @translated
-    def add_ticks(self, ticks: list[tuple[Standing, str, dict[str, Any], float | None]]) -> list[str]:
-        new = []
-        with self.db.transaction():
-            for schedule, key, value, next_at in ticks:
-                if self.accept(key, schedule.author, schedule.cid, value):
-                    new.append(key)
-                self.db.execute("UPDATE standing SET next_at = %s WHERE uri = %s AND cid = %s",
-                                (next_at, schedule.uri, schedule.cid))
-        return new
-
-    @translated
-    def move_schedule(self, uri: str, cid: str, next_at: float | None) -> None:
-        self.db.execute("UPDATE standing SET next_at = %s WHERE uri = %s AND cid = %s", (next_at, uri, cid))
-
-    # -- inactive accounts ---------------------------------------------------------------
-
-    @translated
-    def inactive_accounts(self) -> list[str]:
-        return [did for (did,) in self.db.execute("SELECT did FROM inactive_accounts ORDER BY since, did")]
-
-    @translated
-    def set_inactive(self, did: str, evict: list[str] = ()) -> None:
-        with self.db.transaction():
-            self.db.execute("INSERT INTO inactive_accounts(did, since) VALUES (%s, %s) "
-                            "ON CONFLICT (did) DO UPDATE SET since = excluded.since", (did, time.time()))
-            self._forget_inactive(evict)
-
-    @translated
-    def forget_inactive(self, dids: list[str]) -> None:
-        self._forget_inactive(dids)
-
-    def _forget_inactive(self, dids: list[str]) -> None:
-        if dids:
-            self.db.execute("DELETE FROM inactive_accounts WHERE did = ANY(%s)", (list(dids),))
-
-    # -- outbox --------------------------------------------------------------------------
-
-    @translated
-    def due(self, limit: int = 50) -> list[Outgoing]:
-        rows = self.db.execute("SELECT invocation_uri, rkey, record, attempts FROM outbox "
-                               "WHERE written_at IS NULL AND next_try <= %s ORDER BY next_try LIMIT %s",
-                               (time.time(), limit)).fetchall()
-        return [Outgoing(uri, rkey, json.loads(rec), attempts) for uri, rkey, rec, attempts in rows]
-
-    @translated
-    def next_due_in(self) -> float | None:
-        row = self.db.execute("SELECT min(next_try) FROM outbox WHERE written_at IS NULL").fetchone()
-        return None if row[0] is None else max(0.0, row[0] - time.time())
-
-    @translated
-    def written(self, *invocation_uris: str) -> None:
-        if invocation_uris:
-            self.db.execute("UPDATE outbox SET written_at = %s WHERE invocation_uri = ANY(%s)",
-                            (time.time(), list(invocation_uris)))
-
-    @translated
-    def outbox_figures(self) -> tuple[int, float | None]:
-        count, oldest = self.db.execute(
-            "SELECT count(*), min(i.finished_at) FROM outbox o JOIN invocations i ON i.uri = o.invocation_uri "
-            "WHERE o.written_at IS NULL").fetchone()
-        return count, (None if oldest is None else max(0.0, time.time() - oldest))
-
-    @translated
-    def unqueue_result(self, invocation_uri: str) -> None:
-        self.db.execute("DELETE FROM outbox WHERE invocation_uri = %s AND written_at IS NULL", (invocation_uri,))
-
-    @translated
-    def requeue_result(self, invocation_uri: str, rkey: str, record: dict[str, Any]) -> None:
-        self._queue(invocation_uri, rkey, record, time.time())
-
-    def _queue(self, invocation_uri: str, rkey: str, record: dict[str, Any], now: float) -> None:
-        """A result on the outbox, due now, replacing any earlier one (attempts and error reset),
-        as SQLite's INSERT OR REPLACE does."""
-        self.db.execute(
-            "INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (%s,%s,%s,%s) "
-            "ON CONFLICT (invocation_uri) DO UPDATE SET rkey = excluded.rkey, record = excluded.record, "
-            "next_try = excluded.next_try, attempts = 0, last_error = NULL, written_at = NULL",
-            (invocation_uri, rkey, json.dumps(record), now))
-
-    @translated
-    def retry_later(self, invocation_uri: str, error: str, delay: float, record: dict[str, Any] | None = None) -> None:
-        self.db.execute(
-            "UPDATE outbox SET attempts = attempts + 1, next_try = %s, last_error = %s, record = coalesce(%s, record) "
-            "WHERE invocation_uri = %s",
-            (time.time() + delay, error, None if record is None else json.dumps(record), invocation_uri))
-
+    def _tx(self):
+        return self.db.raw.transaction()

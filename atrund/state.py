@@ -186,7 +186,11 @@ class Store(Protocol):
 
 
 class State:
-    """The SQLite store (a ``Store``): one file in the state directory, one runner at a time."""
+    """The SQLite store (a ``Store``): one file in the state directory, one runner at a time.
+
+    Its statements are in the SQL SQLite and Postgres both speak (ON CONFLICT upserts, ``?``
+    placeholders): atrund.pgstate.PgState runs these same methods on a Postgres connection, so
+    the two backends cannot drift apart. Keep new statements to that common SQL."""
 
     ERRORS = (sqlite3.Error,)
 
@@ -223,7 +227,7 @@ class State:
     def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool:
         """Remember an invocation; False if it was seen before (whatever became of it)."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO invocations(uri, author, cid, value, state, seen_at) VALUES (?,?,?,?,?,?)",
+            "INSERT INTO invocations(uri, author, cid, value, state, seen_at) VALUES (?,?,?,?,?,?) ON CONFLICT (uri) DO NOTHING",
             (uri, author, cid, json.dumps(value), state, time.time()),
         )
         return cur.rowcount == 1
@@ -249,7 +253,8 @@ class State:
                         reused.append((uri, author, cid, value))
             gone = {uri for uri in withdrawn if self._withdraw(uri)}
             if cursor is not None:
-                self.db.execute("INSERT OR REPLACE INTO cursors(source, cursor) VALUES (?, ?)", (source, cursor))
+                self.db.execute("INSERT INTO cursors(source, cursor) VALUES (?, ?) "
+                                "ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor", (source, cursor))
         return [uri for uri in new if uri not in gone]
 
     @translated
@@ -335,8 +340,7 @@ class State:
                 "WHERE uri = ? AND state IN ('pending', 'withdrawn')", (cid, json.dumps(value), status, now, uri))
             if cur.rowcount != 1:
                 return False
-            self.db.execute("INSERT OR REPLACE INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
-                            (uri, rkey, json.dumps(record), now))
+            self._queue(uri, rkey, record, now)
         return True
 
     @translated
@@ -360,7 +364,9 @@ class State:
     @translated
     def keep_standing(self, kind: str, item: Standing) -> None:
         """Remember a schedule or trigger (a new one, or a new version of one)."""
-        self.db.execute("INSERT OR REPLACE INTO standing(uri, kind, author, cid, value, next_at) VALUES (?,?,?,?,?,?)",
+        self.db.execute("INSERT INTO standing(uri, kind, author, cid, value, next_at) VALUES (?,?,?,?,?,?) "
+                        "ON CONFLICT (uri) DO UPDATE SET kind = excluded.kind, author = excluded.author, cid = excluded.cid, "
+                        "value = excluded.value, next_at = excluded.next_at",
                         (item.uri, kind, item.author, item.cid, json.dumps(item.value), item.next_at))
 
     @translated
@@ -404,7 +410,8 @@ class State:
     def set_inactive(self, did: str, evict: list[str] = ()) -> None:
         """Remember ``did`` as inactive (now) and forget ``evict``, in one transaction."""
         with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO inactive_accounts(did, since) VALUES (?, ?)", (did, time.time()))
+            self.db.execute("INSERT INTO inactive_accounts(did, since) VALUES (?, ?) "
+                            "ON CONFLICT (did) DO UPDATE SET since = excluded.since", (did, time.time()))
             self.db.executemany("DELETE FROM inactive_accounts WHERE did = ?", [(d,) for d in evict])
 
     @translated
@@ -453,9 +460,16 @@ class State:
     @translated
     def requeue_result(self, invocation_uri: str, rkey: str, record: dict[str, Any]) -> None:
         """Put a result back on the outbox, due now (an operator's ``atrund quarantine retry``)."""
+        self._queue(invocation_uri, rkey, record, time.time())
+
+    def _queue(self, invocation_uri: str, rkey: str, record: dict[str, Any], now: float) -> None:
+        """A result on the outbox, due now, in place of any earlier one (attempts, error and
+        written time start again)."""
         self.db.execute(
-            "INSERT OR REPLACE INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
-            (invocation_uri, rkey, json.dumps(record), time.time()),
+            "INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?) "
+            "ON CONFLICT (invocation_uri) DO UPDATE SET rkey = excluded.rkey, record = excluded.record, "
+            "next_try = excluded.next_try, attempts = 0, last_error = NULL, written_at = NULL",
+            (invocation_uri, rkey, json.dumps(record), now),
         )
 
     @translated
