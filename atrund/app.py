@@ -17,6 +17,7 @@ supervisor until ``stop`` is set, then stops them in order under the shutdown de
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 
 import structlog
@@ -284,6 +285,10 @@ class App:
             loops["triggers"] = self.triggers.run
         if self.follow is not None:
             loops["standing"] = self.follow.run
+        if self.state.shared:  # replicas: heartbeats, and taking over what a dead one left
+            from atrund.pgstate import HEARTBEAT
+
+            loops["lease"] = functools.partial(self.runs.keep_lease, HEARTBEAT)
         for name, loop in loops.items():
             self.supervisor.start(name, loop)
         await stop.wait()
@@ -303,7 +308,7 @@ class App:
         if self.gateway is not None:
             draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace
         await asyncio.gather(*draining)
-        await self.supervisor.stop(["scheduler", "held-outcomes"])
+        await self.supervisor.stop(["scheduler", "held-outcomes", "lease"])
         await self.supervisor.stop()  # the writer loop too: the last flush below must not run beside it
         try:
             await self.writer.flush()

@@ -16,9 +16,12 @@ and the callers expect them to return before the next one). Claims are plain SQL
 per-author order, our fairness and our at-most-once claim together, and the scheduler
 (atrund.schedule) already owns order and fairness.
 
-Until replicas share a database, one runner holds it at a time: a session advisory lock plays
-the part of SQLite's ``flock`` on the state directory (two runners would each take the other's
-running rows for a crash's leftovers).
+Replicas: any number of runners may share one database. Each names itself (``replicas``, a
+heartbeat every HEARTBEAT seconds) and every invocation row says which replica queued or claimed
+it. A replica silent for LEASE seconds (killed, cut off) is presumed dead: another replica adopts
+its rows in one UPDATE (``take_over``), records each running one as interrupted (it is never run
+again) and queues the pending ones. Due results are claimed with ``FOR UPDATE SKIP LOCKED`` so
+that two writers never take the same one.
 
 The schema is versioned (``MIGRATIONS``, recorded in ``schema_migrations``): every open brings a
 database up to date, and so does ``atrund state migrate``; a database newer than this atrund is
@@ -33,12 +36,17 @@ call: the caller holds what it could not store and tries again, as with SQLite.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import secrets
+import socket
+import time
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from atrund.errors import StateLocked, StoreError
-from atrund.state import State
+from atrund.errors import StoreError
+from atrund.state import Outgoing, State, Stored, translated
 
 # Advisory lock keys (pg_advisory_lock(int, int)): one class for atrund, one key per purpose.
 LOCK_CLASS = 0x61747275  # "atru"
@@ -88,8 +96,24 @@ CREATE TABLE standing (
     next_at  DOUBLE PRECISION                   -- schedules: the next tick's scheduled time (NULL: none)
 );
 """),
+    (2, "replicas: heartbeats, and who queued or runs each invocation", """
+CREATE TABLE replicas (
+    id           TEXT PRIMARY KEY,              -- host-pid-random, new at every start
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    started_at   TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+-- The replica that stored a pending invocation (and queued it) or claimed it: each session
+-- names itself in the atrund.replica setting, so State's statements need not know.
+ALTER TABLE invocations ADD COLUMN replica TEXT DEFAULT current_setting('atrund.replica', true);
+CREATE INDEX invocations_open ON invocations(replica) WHERE state IN ('pending', 'running');
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
+LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over
+HEARTBEAT = 2.0  # seconds between heartbeats (and looks for what a dead replica left)
+OUTBOX_CLAIM = 30.0  # seconds a replica holds due results while it writes them
 
 
 def where(url: str) -> str:
@@ -157,12 +181,16 @@ def _placeholders(sql: str) -> str:
 
 
 class PgState(State):
-    """The Postgres store (an atrund.state ``Store``): State's methods on a Postgres connection."""
+    """The Postgres store (an atrund.state ``Store``): State's methods on a Postgres connection,
+    shared by replicas (see "Replicas" above)."""
 
     ERRORS = (psycopg.Error,)
+    shared = True
 
-    def __init__(self, url: str) -> None:  # not State's: no file, no flock
+    def __init__(self, url: str, lease: float = LEASE) -> None:  # not State's: no file, no flock
         self.url = url
+        self.lease = lease
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.failing: str | None = None
         self._db: _Connection | None = None
         try:
@@ -171,12 +199,13 @@ class PgState(State):
             raise StoreError(f"cannot open the {where(url)}: {type(e).__name__}: {e}") from e
 
     def _open(self) -> _Connection:
-        """Connect, migrate and take the runner's lock; on any failure nothing stays open."""
+        """Connect, migrate and name this replica (in the session and in ``replicas``); on any
+        failure nothing stays open."""
         self._db = _Connection(connect(self.url))
         try:
             migrate(self._db.raw)
-            if not self._db.execute("SELECT pg_try_advisory_lock(?, ?)", (LOCK_CLASS, RUNNER_LOCK)).fetchone()[0]:
-                raise StateLocked(f"the {where(self.url)} is in use by another atrund process")
+            self._db.execute("SELECT set_config('atrund.replica', ?, false)", (self.replica,))
+            self._beat()
         except BaseException:
             self._drop()
             raise
@@ -184,12 +213,9 @@ class PgState(State):
 
     @property
     def db(self) -> _Connection:
-        """The connection, opened again (and the runner's lock taken again) after it broke."""
+        """The connection, opened again after it broke."""
         if self._db is None or self._db.raw.closed:
-            try:
-                return self._open()
-            except StateLocked as e:  # another runner took the database while this one was cut off
-                raise StoreError(str(e)) from None
+            return self._open()
         return self._db
 
     def failed(self, error: Exception) -> None:
@@ -207,7 +233,77 @@ class PgState(State):
             self._db = None
 
     def close(self) -> None:
+        """A clean stop: this replica leaves the fleet, so what it leaves pending is taken over
+        at the other replicas' next look rather than after the lease."""
+        try:
+            if self._db is not None and not self._db.raw.closed:
+                self._db.execute("DELETE FROM replicas WHERE id = ?", (self.replica,))
+        except psycopg.Error:
+            pass  # then the lease runs out instead
         self._drop()
 
     def _tx(self):
         return self.db.raw.transaction()
+
+    # -- replicas ------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        self.db.execute("INSERT INTO replicas(id, host, pid) VALUES (?, ?, ?) "
+                         "ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
+                         (self.replica, socket.gethostname(), os.getpid()))
+
+    @translated
+    def heartbeat(self) -> None:
+        """This replica is alive (every HEARTBEAT seconds; Postgres's clock, not ours)."""
+        self._beat()
+
+    @translated
+    def take_over(self) -> tuple[list[Stored], list[Stored]]:
+        """Adopt what replicas without a heartbeat for ``lease`` seconds (or stopped) left: their
+        running invocations (to be recorded as interrupted: never run again) and their pending
+        ones (to be queued here). One UPDATE: a row another replica adopts first is re-read
+        after its lock, finds a live owner, and is not taken twice."""
+        with self._tx():
+            rows = self.db.execute(
+                "UPDATE invocations i SET replica = ? WHERE state IN ('pending', 'running') AND replica IS DISTINCT FROM ? "
+                "AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica "
+                "AND r.heartbeat_at > clock_timestamp() - make_interval(secs => ?)) "
+                "RETURNING uri, author, cid, value, seen_at, state",
+                (self.replica, self.replica, self.lease)).fetchall()
+            # the dead leave the fleet (atrund status) with nothing left to their name
+            self.db.execute("DELETE FROM replicas WHERE id <> ? AND heartbeat_at <= clock_timestamp() - make_interval(secs => ?)",
+                            (self.replica, self.lease))
+        rows.sort(key=lambda row: row[4])
+        running = [Stored(u, a, c, json.loads(v), t) for u, a, c, v, t, state in rows if state == "running"]
+        pending = [Stored(u, a, c, json.loads(v), t) for u, a, c, v, t, state in rows if state == "pending"]
+        return running, pending
+
+    @translated
+    def mark_running(self, uri: str) -> bool:
+        """Claim a pending invocation, as this replica (whoever queued it)."""
+        cur = self.db.execute("UPDATE invocations SET state = 'running', started_at = ?, replica = ? "
+                              "WHERE uri = ? AND state = 'pending'", (time.time(), self.replica, uri))
+        return cur.rowcount == 1
+
+    @translated
+    def due(self, limit: int = 50) -> list[Outgoing]:
+        """Claim due results for OUTBOX_CLAIM seconds (SKIP LOCKED: replicas writing at once take
+        different ones); ``written`` or ``retry_later`` settles each. A replica that dies holding
+        some leaves them due again after the claim, and putRecord of the same record is harmless."""
+        now = time.time()
+        rows = self.db.execute(
+            "UPDATE outbox SET next_try = ? WHERE invocation_uri IN (SELECT invocation_uri FROM outbox "
+            "WHERE written_at IS NULL AND next_try <= ? ORDER BY next_try LIMIT ? FOR UPDATE SKIP LOCKED) "
+            "RETURNING invocation_uri, rkey, record, attempts", (now + OUTBOX_CLAIM, now, limit)).fetchall()
+        return [Outgoing(uri, rkey, json.loads(rec), attempts) for uri, rkey, rec, attempts in rows]
+
+    @translated
+    def fleet(self) -> list[dict]:
+        """The replicas with their heartbeats' age, and what each holds (atrund status)."""
+        rows = self.db.execute(
+            "SELECT r.id, r.host, r.pid, extract(epoch FROM clock_timestamp() - r.heartbeat_at), "
+            "count(i.uri) FILTER (WHERE i.state = 'running'), count(i.uri) FILTER (WHERE i.state = 'pending') "
+            "FROM replicas r LEFT JOIN invocations i ON i.replica = r.id AND i.state IN ('pending', 'running') "
+            "GROUP BY r.id ORDER BY r.started_at").fetchall()
+        return [{"replica": rid, "host": host, "pid": pid, "heartbeat_age_s": round(float(age), 1), "running": running,
+                 "pending": pending, "self": rid == self.replica} for rid, host, pid, age, running, pending in rows]

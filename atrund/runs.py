@@ -68,12 +68,27 @@ class Runs:
     # -- start and stop ------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Finish what a previous run of the runner left: never start anything twice."""
-        for inv in self.state.with_state("running"):
+        """Finish what a previous run of the runner left (or, on a shared store, a replica that
+        stopped or died): never start anything twice."""
+        running, pending = self.state.take_over()
+        for inv in running:
             log.warning("invocation was running when the runner stopped; not running it again", uri=inv.uri)
             self._interrupt(inv)
-        for inv in self.state.with_state("pending"):
+        for inv in pending:
             self.submit(inv.uri)
+
+    async def keep_lease(self, interval: float) -> None:
+        """On a store replicas share (atrund.pgstate): say this replica is alive, and take over
+        what dead ones left, every ``interval`` seconds. A store that fails for a while only
+        delays both (past the lease, others take this replica's work: its results then lose
+        to their "interrupted" ones, and nothing runs twice)."""
+        while True:
+            try:
+                self.state.heartbeat()
+                self.recover()
+            except StoreError as e:
+                log.warning("state store failed; heartbeat and take-over tried again", error=str(e), retry_in_s=interval)
+            await asyncio.sleep(interval)
 
     async def drain(self, grace: float) -> None:
         """Start nothing more (what waits stays pending for the next start); let running

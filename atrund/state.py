@@ -113,7 +113,7 @@ def translated(method):
     return call
 
 
-READS = {"cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
+READS = {"take_over", "cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
           "inactive_accounts", "standing"}
 
 
@@ -151,8 +151,11 @@ class Store(Protocol):
     checks on both). ``failing`` names the last fault until a write succeeds again."""
 
     failing: str | None
+    shared: bool  # replicas share it: heartbeat and take_over run in a loop, not only at start
 
     def close(self) -> None: ...
+    def heartbeat(self) -> None: ...
+    def take_over(self) -> tuple[list[Stored], list[Stored]]: ...
     def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool: ...
     def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
                     withdrawn: list[str] = (), reused: list[tuple[str, str, str, dict]] | None = None) -> list[str]: ...
@@ -193,6 +196,7 @@ class State:
     the two backends cannot drift apart. Keep new statements to that common SQL."""
 
     ERRORS = (sqlite3.Error,)
+    shared = False  # one runner per file (the flock below)
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +224,16 @@ class State:
 
     def failed(self, error: Exception) -> None:
         """Nothing to repair after a fault: the file is opened once, and the next call tries again."""
+
+    def heartbeat(self) -> None:
+        """Nothing to say: no other runner shares this file."""
+
+    @translated
+    def take_over(self) -> tuple[list[Stored], list[Stored]]:
+        """What a previous run of this runner left: the invocations it was running (recorded as
+        interrupted, never run again) and those it had not started (queued again). With one
+        runner per file, that is every running and every pending one, read at start."""
+        return self.with_state("running"), self.with_state("pending")
 
     # -- invocations ---------------------------------------------------------------------
 

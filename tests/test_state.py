@@ -1,20 +1,22 @@
 """The state store's promises, on both backends (SQLite, and a real Postgres the tests start):
 an invocation is stored with the cursor that carried it, ``running`` is committed before a run
 starts (and survives the process being killed), a result enters the outbox once, in the
-transaction that marks it done. Postgres's own parts follow: versioned migrations, the one-runner
-lock, reconnecting after the server restarts, and ``atrund state migrate``."""
+transaction that marks it done. Postgres's own parts follow: versioned migrations, replicas
+taking over what a dead one left, result claims, reconnecting after the server
+restarts, and ``atrund state migrate``."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from atrund import config
 from atrund.app import open_state
-from atrund.errors import ConfigError, StateLocked, StoreError
+from atrund.errors import ConfigError, StoreError
 from atrund.state import Standing
 from tests.conftest import ROOT, atrund
 
@@ -151,16 +153,61 @@ def test_postgres_migrations_are_versioned_and_applied_once(pg_url):
         PgState(pg_url)
 
 
-def test_one_runner_holds_a_postgres_database(pg_url):
+def test_replicas_take_over_what_a_dead_replica_left_once(pg_url):
+    """A replica killed (SIGKILL) with one invocation running and one pending: once its lease
+    runs out, exactly one other replica adopts both (the running one to be recorded as
+    interrupted, the pending one to be queued); before that, nobody touches them."""
     from atrund.pgstate import PgState
 
-    first = PgState(pg_url)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from atrund.pgstate import PgState
+        store = PgState({pg_url!r})
+        store.accept({A!r}, "did:plc:a", "c", {{}})
+        store.accept({B!r}, "did:plc:a", "c", {{}})
+        assert store.mark_running({A!r})
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9, done.stderr
+    one, two = PgState(pg_url, lease=1.5), PgState(pg_url, lease=1.5)
     try:
-        with pytest.raises(StateLocked, match="in use by another atrund process"):
-            PgState(pg_url)
+        assert one.take_over() == ([], []), "the dead replica's lease has not run out yet"
+        time.sleep(1.6)
+        one.heartbeat()
+        two.heartbeat()  # (a running replica beats every HEARTBEAT seconds, well within its lease)
+        running, pending = one.take_over()
+        assert [s.uri for s in running] == [A] and [s.uri for s in pending] == [B]
+        assert two.take_over() == ([], []) and one.take_over() == ([], []), "adopted once"
+        assert one.finish(A, "error", "rk", {"status": "error"}) and not two.finish(A, "error", "rk", {"status": "error"})
+        assert two.mark_running(B) and not one.mark_running(B)
+        fleet = {r["replica"]: r for r in one.fleet()}
+        assert set(fleet) == {one.replica, two.replica} and fleet[two.replica]["running"] == 1
+        two.close()  # a clean stop leaves the fleet: what it held is taken at the next look, no lease to wait for
+        assert [s.uri for s in one.take_over()[0]] == [B]
     finally:
-        first.close()
-    PgState(pg_url).close()  # released with the connection
+        one.close()
+        two.close()
+
+
+def test_replicas_writing_results_never_take_the_same_one(pg_url):
+    from atrund.pgstate import PgState
+
+    one, two = PgState(pg_url), PgState(pg_url)
+    try:
+        for n in range(10):
+            uri = f"{A}{n}"
+            one.accept(uri, "did:plc:a", "c", {})
+            one.finish(uri, "success", f"rk{n}", {"n": n})
+        first, second = one.due(limit=6), two.due(limit=6)
+        assert len(first) == 6 and len(second) == 4
+        assert not {o.invocation_uri for o in first} & {o.invocation_uri for o in second}
+        assert one.due() == [] and two.due() == [], "claimed while their writers write them"
+        one.retry_later(first[0].invocation_uri, "PDS down", 0)
+        assert [o.invocation_uri for o in two.due()] == [first[0].invocation_uri], "a failed write is due again for anyone"
+    finally:
+        one.close()
+        two.close()
 
 
 def test_postgres_restarting_is_a_store_fault_that_heals(pg_url, postgres):
