@@ -58,6 +58,7 @@ from atrund.trust import LiveAccess, resolve_dids
 log = structlog.get_logger("atrund.app")
 
 CONFIG_CHECK_SECONDS = 1.0
+INGEST_LOOPS = ("poller", "firehose", "ticks", "triggers", "standing")  # with replicas, only the ingest leader runs them
 
 
 def open_state(cfg: Config) -> Store:
@@ -285,14 +286,32 @@ class App:
             loops["triggers"] = self.triggers.run
         if self.follow is not None:
             loops["standing"] = self.follow.run
-        if self.state.shared:  # replicas: heartbeats, and taking over what a dead one left
-            from atrund.pgstate import HEARTBEAT
+        if self.state.shared:  # replicas: heartbeats, taking over what a dead one left, one ingest leader
+            from atrund.pgstate import HEARTBEAT, LEAD_CHECK
 
             loops["lease"] = functools.partial(self.runs.keep_lease, HEARTBEAT)
+            ingest = {name: loops.pop(name) for name in INGEST_LOOPS if name in loops}
+            loops["leader"] = functools.partial(self.lead_ingest, ingest, LEAD_CHECK)
         for name, loop in loops.items():
             self.supervisor.start(name, loop)
         await stop.wait()
         await self.shutdown()
+
+    async def lead_ingest(self, loops: dict, interval: float) -> None:
+        """Replicas: run the ingest loops while this replica holds ingest leadership (the store's
+        ``lead``), stop them when it is lost; a standby tries again every ``interval`` seconds."""
+        leading = False
+        while True:
+            now = self.state.lead()
+            if now and not leading:
+                log.info("this replica leads ingest", loops=sorted(loops))
+                for name, loop in loops.items():
+                    self.supervisor.start(name, loop)
+            elif leading and not now:
+                log.warning("ingest leadership lost; ingest stops here (another replica takes it)")
+                await self.supervisor.stop(list(loops))
+            leading = now
+            await asyncio.sleep(interval)
 
     async def shutdown(self) -> None:
         """Stop taking work; let running invocations and requests finish for at most
@@ -302,8 +321,7 @@ class App:
         grace = self.cfg.runner.shutdown_grace
         log.info("stopping: running work may finish", grace_s=grace, running=self.runs.scheduler.running)
         self.supervisor.stopping = True
-        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "configuration", "ticks",
-                                      "triggers", "standing"])  # nothing new comes in
+        await self.supervisor.stop(["leader", *INGEST_LOOPS, "access", "quarantine-retries", "configuration"])  # nothing new comes in
         draining = [self.runs.drain(grace)]  # queued invocations wait for the next start
         if self.gateway is not None:
             draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace

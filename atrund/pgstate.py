@@ -20,7 +20,8 @@ Replicas: any number of runners may share one database. Each names itself (``rep
 heartbeat every HEARTBEAT seconds) and every invocation row says which replica queued or claimed
 it. A replica silent for LEASE seconds (killed, cut off) is presumed dead: another replica adopts
 its rows in one UPDATE (``take_over``), records each running one as interrupted (it is never run
-again) and queues the pending ones. Due results are claimed with ``FOR UPDATE SKIP LOCKED`` so
+again) and queues the pending ones. One replica at a time ingests (``lead``: an advisory lock).
+Due results are claimed with ``FOR UPDATE SKIP LOCKED`` so
 that two writers never take the same one.
 
 The schema is versioned (``MIGRATIONS``, recorded in ``schema_migrations``): every open brings a
@@ -51,7 +52,7 @@ from atrund.state import Outgoing, State, Stored, translated
 # Advisory lock keys (pg_advisory_lock(int, int)): one class for atrund, one key per purpose.
 LOCK_CLASS = 0x61747275  # "atru"
 MIGRATE_LOCK = 1
-RUNNER_LOCK = 2
+INGEST_LOCK = 2  # held by the one replica that ingests (``lead``)
 
 # (version, what it does, SQL). Append only: a version once released is never edited. Text keys
 # compare bytewise (COLLATE "C"), as in SQLite: drop_standing selects a schedule's runs by range.
@@ -111,6 +112,7 @@ CREATE INDEX invocations_open ON invocations(replica) WHERE state IN ('pending',
 """),
 ]
 LATEST = MIGRATIONS[-1][0]
+LEAD_CHECK = 1.0  # seconds between a standby's tries to take ingest leadership (failover within ~1 s)
 LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over
 HEARTBEAT = 2.0  # seconds between heartbeats (and looks for what a dead replica left)
 OUTBOX_CLAIM = 30.0  # seconds a replica holds due results while it writes them
@@ -193,6 +195,8 @@ class PgState(State):
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.failing: str | None = None
         self._db: _Connection | None = None
+        self._lead: psycopg.Connection | None = None  # the ingest lock's own connection (``lead``)
+        self._leading = False
         try:
             self._open()
         except psycopg.Error as e:
@@ -241,6 +245,7 @@ class PgState(State):
         except psycopg.Error:
             pass  # then the lease runs out instead
         self._drop()
+        self._resign()
 
     def _tx(self):
         return self.db.raw.transaction()
@@ -256,6 +261,36 @@ class PgState(State):
     def heartbeat(self) -> None:
         """This replica is alive (every HEARTBEAT seconds; Postgres's clock, not ours)."""
         self._beat()
+
+    def lead(self) -> bool:
+        """Hold, or try to take, ingest leadership: one replica at a time ingests (polls, follows
+        the firehose), elected by a session advisory lock on a connection of its own, so that
+        the lock lives exactly as long as that connection. A leader that dies (or is cut off)
+        loses its session and so the lock; a standby's next try (every LEAD_CHECK) takes it and
+        resumes from the stored cursors. False on any fault: not leading is the safe answer."""
+        try:
+            if self._lead is None or self._lead.closed:
+                self._lead = psycopg.connect(self.url, autocommit=True, connect_timeout=5,
+                                             application_name=f"atrund {self.replica}"[:63])
+                self._leading = False
+            if self._leading:
+                self._lead.execute("SELECT 1")  # still connected: still the holder
+            else:
+                self._leading = self._lead.execute("SELECT pg_try_advisory_lock(%s, %s)",
+                                                   (LOCK_CLASS, INGEST_LOCK)).fetchone()[0]
+            return self._leading
+        except psycopg.Error:
+            self._resign()
+            return False
+
+    def _resign(self) -> None:
+        if self._lead is not None:
+            try:
+                self._lead.close()  # the lock goes with the session
+            except psycopg.Error:
+                pass
+            self._lead = None
+        self._leading = False
 
     @translated
     def take_over(self) -> tuple[list[Stored], list[Stored]]:
@@ -300,10 +335,16 @@ class PgState(State):
     @translated
     def fleet(self) -> list[dict]:
         """The replicas with their heartbeats' age, and what each holds (atrund status)."""
+        leader = self.db.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.classid = ? AND l.objid = ? AND l.granted",
+            (LOCK_CLASS, INGEST_LOCK)).fetchone()
         rows = self.db.execute(
             "SELECT r.id, r.host, r.pid, extract(epoch FROM clock_timestamp() - r.heartbeat_at), "
             "count(i.uri) FILTER (WHERE i.state = 'running'), count(i.uri) FILTER (WHERE i.state = 'pending') "
             "FROM replicas r LEFT JOIN invocations i ON i.replica = r.id AND i.state IN ('pending', 'running') "
             "GROUP BY r.id ORDER BY r.started_at").fetchall()
-        return [{"replica": rid, "host": host, "pid": pid, "heartbeat_age_s": round(float(age), 1), "running": running,
-                 "pending": pending, "self": rid == self.replica} for rid, host, pid, age, running, pending in rows]
+        return [{"replica": rid, "host": host, "pid": pid, "heartbeat_age_s": round(float(age), 1),
+                 "ingest_leader": leader is not None and leader[0] == f"atrund {rid}"[:63],
+                 "running": running, "pending": pending, "self": rid == self.replica}
+                for rid, host, pid, age, running, pending in rows]

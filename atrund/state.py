@@ -155,6 +155,7 @@ class Store(Protocol):
 
     def close(self) -> None: ...
     def heartbeat(self) -> None: ...
+    def lead(self) -> bool: ...
     def take_over(self) -> tuple[list[Stored], list[Stored]]: ...
     def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool: ...
     def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
@@ -227,6 +228,10 @@ class State:
 
     def heartbeat(self) -> None:
         """Nothing to say: no other runner shares this file."""
+
+    def lead(self) -> bool:
+        """This runner is the only one: it always ingests."""
+        return True
 
     @translated
     def take_over(self) -> tuple[list[Stored], list[Stored]]:

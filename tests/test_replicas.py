@@ -27,17 +27,46 @@ async def _replicas_up(url: str, count: int, timeout: float = 60) -> None:
     raise AssertionError(f"{count} replicas did not register within {timeout} s")
 
 
+def _serve(count: int, stack, runner, author, tmp_path, pg_url) -> list:
+    procs = []
+    for n in range(count):
+        home = tmp_path / f"replica{n}"
+        home.mkdir()
+        procs.append(serve_subprocess(serve_config(home, stack, runner, author, state={"url": pg_url}), home / "serve.log"))
+    return procs
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except Exception:  # noqa: BLE001 - whatever it was, it must not outlive the test
+            p.kill()
+            p.wait()
+
+
+def _leader(url: str) -> int | None:
+    """The pid of the replica holding ingest leadership (None: nobody)."""
+    from atrund.pgstate import INGEST_LOCK, LOCK_CLASS
+
+    with psycopg.connect(url, autocommit=True) as db:
+        row = db.execute("SELECT r.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                         "JOIN replicas r ON a.application_name = left('atrund ' || r.id, 63) "
+                         "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted",
+                         (LOCK_CLASS, INGEST_LOCK)).fetchone()
+    return row[0] if row else None
+
+
 async def test_a_replica_killed_mid_run_is_taken_over_within_the_lease(stack, new_account, author, reader, tmp_path, pg_url):
     runner = new_account("fleet")
     marker = tmp_path / "started.txt"
     slow = await author.publish(f"import os, time\ndef main(args):\n    open({str(marker)!r}, 'a').write('started\\n')\n"
                                 "    time.sleep(60)\n")
     quick = await author.publish("def main(args):\n    return {'ok': True}\n")
-    procs = []
-    for n in range(2):
-        home = tmp_path / f"replica{n}"
-        home.mkdir()
-        procs.append(serve_subprocess(serve_config(home, stack, runner, author, state={"url": pg_url}), home / "serve.log"))
+    procs = _serve(2, stack, runner, author, tmp_path, pg_url)
     try:
         await _replicas_up(pg_url, 2)
         uri = await author.invoke(slow, runner.did)
@@ -64,12 +93,36 @@ async def test_a_replica_killed_mid_run_is_taken_over_within_the_lease(stack, ne
         await asyncio.sleep(1.0)
         assert marker.read_text().count("started") == 1, "the interrupted invocation never runs again"
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except Exception:  # noqa: BLE001 - whatever it was, it must not outlive the test
-                p.kill()
-                p.wait()
+        _stop(procs)
+
+
+async def test_the_ingest_leader_killed_a_standby_takes_over_within_seconds(stack, new_account, author, reader, tmp_path,
+                                                                         pg_url):
+    """One replica ingests at a time; SIGKILL it and the other leads within a few seconds,
+    resuming from the stored cursors: what is posted next runs, and once."""
+    runner = new_account("lead")
+    counter = tmp_path / "runs.txt"
+    bundle = await author.publish(f"def main(args):\n    open({str(counter)!r}, 'a').write(args['n'] + '\\n')\n"
+                                  "    return {'ok': True}\n")
+    procs = _serve(2, stack, runner, author, tmp_path, pg_url)
+    try:
+        await _replicas_up(pg_url, 2)
+        before = await author.invoke(bundle, runner.did, args={"n": "before"})
+        assert (await wait_result(reader, runner.did, before))["status"] == "success"
+        leader = _leader(pg_url)
+        (victim,) = [p for p in procs if p.pid == leader]
+        victim.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        victim.wait()
+        while _leader(pg_url) in (None, leader):
+            assert time.monotonic() - killed < 10, "no standby took ingest leadership"
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - killed
+        print(f"ingest failover: a standby leads {took:.1f} s after the leader's SIGKILL")
+        assert took <= 5
+        after = await author.invoke(bundle, runner.did, args={"n": "after"})
+        assert (await wait_result(reader, runner.did, after))["status"] == "success"
+        await asyncio.sleep(1.0)
+        assert sorted(counter.read_text().split()) == ["after", "before"], "nothing skipped, nothing repeated"
+    finally:
+        _stop(procs)
