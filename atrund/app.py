@@ -67,7 +67,7 @@ def open_state(cfg: Config) -> Store:
     if cfg.state.url is not None:
         from atrund.pgstate import PgState  # psycopg is loaded only by runners that use it
 
-        return PgState(cfg.state.url)
+        return PgState(cfg.state.url, roles=cfg.runner.roles)
     return State(cfg.state.dir / "atrund.sqlite3")
 
 
@@ -146,7 +146,7 @@ class App:
                              self.quarantine, self.policy, self.runs, self.writer, self.intake, self.poller, self.firehose,
                              self.ticks, self.triggers)
         gateway_url = None
-        if cfg.gateway.enabled:
+        if cfg.gateway.enabled and "gateway" in r.roles:
             auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
             self.gateway = Gateway(cfg.gateway, self.pipeline, self.scheduler, self.policy, self.identities, self.repos, auth,
                                    session, self.meters, self.status.health, r.shutdown_grace)
@@ -287,11 +287,15 @@ class App:
         if self.follow is not None:
             loops["standing"] = self.follow.run
         if self.state.shared:  # replicas: heartbeats, taking over what a dead one left, one ingest leader
-            from atrund.pgstate import HEARTBEAT, LEAD_CHECK
+            from atrund.pgstate import HEARTBEAT, LEAD_CHECK, WORK_POLL
 
+            roles = self.cfg.runner.roles
             loops["lease"] = functools.partial(self.runs.keep_lease, HEARTBEAT)
             ingest = {name: loops.pop(name) for name in INGEST_LOOPS if name in loops}
-            loops["leader"] = functools.partial(self.lead_ingest, ingest, LEAD_CHECK)
+            if "ingest" in roles:
+                loops["leader"] = functools.partial(self.lead_ingest, ingest, LEAD_CHECK)
+            if "execute" in roles:  # what the store assigns to this replica, woken by its NOTIFY
+                loops["claims"] = functools.partial(self.runs.take_assigned, self.state.wait_for_work, WORK_POLL)
         for name, loop in loops.items():
             self.supervisor.start(name, loop)
         await stop.wait()
@@ -321,7 +325,8 @@ class App:
         grace = self.cfg.runner.shutdown_grace
         log.info("stopping: running work may finish", grace_s=grace, running=self.runs.scheduler.running)
         self.supervisor.stopping = True
-        await self.supervisor.stop(["leader", *INGEST_LOOPS, "access", "quarantine-retries", "configuration"])  # nothing new comes in
+        await self.supervisor.stop(["leader", *INGEST_LOOPS, "claims", "access", "quarantine-retries",
+                                    "configuration"])  # nothing new comes in
         draining = [self.runs.drain(grace)]  # queued invocations wait for the next start
         if self.gateway is not None:
             draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace

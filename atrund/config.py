@@ -65,6 +65,16 @@ class RunnerSection(Section):
     shutdown_grace: float = Field(
         default=10.0, ge=0, description="seconds running invocations and requests may take to finish when the runner stops; "
         "past it they are stopped, and each invocation gets an interrupted result")
+    roles: list[Literal["ingest", "execute", "gateway"]] = Field(
+        default=["ingest", "execute", "gateway"], min_length=1,
+        description="what this replica does (replicas share state.url): ingest (when it leads), execute, gateway")
+
+    @field_validator("roles")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names a role twice")
+        return value
 
     def password(self) -> str:
         """The app password: from password_file if set, else from the environment variable."""
@@ -379,6 +389,14 @@ class Config(Section):
     secrets: SecretsSection = SecretsSection()
     state: StateSection = StateSection()
     _source: Path | None = PrivateAttr(default=None)  # the file it was loaded from (a running runner re-reads it)
+
+
+    @model_validator(mode="after")
+    def _roles_need_replicas(self) -> "Config":
+        if set(self.runner.roles) != {"ingest", "execute", "gateway"} and self.state.url is None:
+            raise ValueError("runner.roles: a replica of fewer roles needs a shared state.url (one SQLite runner does "
+                             "everything)")
+        return self
 
     @property
     def source(self) -> Path | None:

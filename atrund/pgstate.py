@@ -36,6 +36,7 @@ call: the caller holds what it could not store and tries again, as with SQLite.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -110,10 +111,39 @@ CREATE TABLE replicas (
 ALTER TABLE invocations ADD COLUMN replica TEXT DEFAULT current_setting('atrund.replica', true);
 CREATE INDEX invocations_open ON invocations(replica) WHERE state IN ('pending', 'running');
 """),
+    (3, "roles, and each new invocation assigned to one executing replica (by author) with a NOTIFY", """
+ALTER TABLE replicas ADD COLUMN roles TEXT NOT NULL DEFAULT 'ingest,execute,gateway';
+CREATE INDEX invocations_author_open ON invocations(author) WHERE state IN ('pending', 'running');
+-- An author's new invocation goes to the live executing replica that already holds one of its
+-- open invocations (so one replica's scheduler keeps that author's order, concurrency and rate),
+-- else to one picked by a hash of the author; with none alive, it stays with the replica that
+-- stored it until one takes it over. The NOTIFY (sent at commit) wakes the owner.
+CREATE FUNCTION atrund_assign() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    live TEXT[];
+    holder TEXT;
+BEGIN
+    IF NEW.state <> 'pending' THEN
+        RETURN NEW;
+    END IF;
+    SELECT array_agg(id ORDER BY id) INTO live FROM replicas
+     WHERE 'execute' = ANY(string_to_array(roles, ',')) AND heartbeat_at > clock_timestamp() - interval '10 seconds';
+    IF live IS NOT NULL THEN
+        SELECT replica INTO holder FROM invocations
+         WHERE author = NEW.author AND state IN ('pending', 'running') AND replica = ANY(live) LIMIT 1;
+        NEW.replica := coalesce(holder, live[1 + (hashtext(NEW.author) & 2147483647) % array_length(live, 1)]);
+    END IF;
+    PERFORM pg_notify('atrund_work', coalesce(NEW.replica, ''));
+    RETURN NEW;
+END $$;
+CREATE TRIGGER invocations_assign BEFORE INSERT ON invocations FOR EACH ROW EXECUTE FUNCTION atrund_assign();
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
+ROLES = ("ingest", "execute", "gateway")
+WORK_POLL = 2.0  # seconds an executing replica waits for a NOTIFY before it looks for work anyway
 LEAD_CHECK = 1.0  # seconds between a standby's tries to take ingest leadership (failover within ~1 s)
-LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over
+LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migration 3's)
 HEARTBEAT = 2.0  # seconds between heartbeats (and looks for what a dead replica left)
 OUTBOX_CLAIM = 30.0  # seconds a replica holds due results while it writes them
 
@@ -161,6 +191,36 @@ def migrate_url(url: str) -> tuple[int, int]:
         raise StoreError(f"cannot migrate the {where(url)}: {type(e).__name__}: {e}") from e
 
 
+def fleet(db: psycopg.Connection, me: str | None = None) -> dict:
+    """The replicas (roles, heartbeat age, who leads ingest, what each holds) and the queue depth
+    per author: ``atrund status -c`` and /healthz. Read-only: reading it joins no fleet."""
+    leader = db.execute(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted", (LOCK_CLASS, INGEST_LOCK)).fetchone()
+    rows = db.execute(
+        "SELECT r.id, r.host, r.pid, r.roles, extract(epoch FROM clock_timestamp() - r.heartbeat_at), "
+        "count(i.uri) FILTER (WHERE i.state = 'running'), count(i.uri) FILTER (WHERE i.state = 'pending') "
+        "FROM replicas r LEFT JOIN invocations i ON i.replica = r.id AND i.state IN ('pending', 'running') "
+        "GROUP BY r.id ORDER BY r.started_at").fetchall()
+    replicas = [{"replica": rid, "host": host, "pid": pid, "roles": roles.split(","), "heartbeat_age_s": round(float(age), 1),
+                 "alive": float(age) < LEASE, "ingest_leader": leader is not None and leader[0] == f"atrund {rid}"[:63],
+                 "running": running, "pending": pending, **({"self": True} if rid == me else {})}
+                for rid, host, pid, roles, age, running, pending in rows]
+    queues = [{"author": author, "pending": pending, "running": running} for author, pending, running in db.execute(
+        "SELECT author, count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'running') "
+        "FROM invocations WHERE state IN ('pending', 'running') GROUP BY author ORDER BY 2 DESC, author")]
+    return {"replicas": replicas, "queues": queues}
+
+
+def fleet_of(url: str) -> dict:
+    """``fleet`` of the database at ``url``, on a connection of its own."""
+    try:
+        with connect(url) as db:
+            return fleet(db)
+    except psycopg.Error as e:
+        raise StoreError(f"cannot read the fleet from the {where(url)}: {type(e).__name__}: {e}") from e
+
+
 class _Connection:
     """A psycopg connection that takes State's statements as written: ``?`` becomes ``%s`` (no
     statement of State holds a literal ``?`` or ``%``)."""
@@ -189,14 +249,18 @@ class PgState(State):
     ERRORS = (psycopg.Error,)
     shared = True
 
-    def __init__(self, url: str, lease: float = LEASE) -> None:  # not State's: no file, no flock
+    def __init__(self, url: str, lease: float = LEASE, roles: tuple[str, ...] | list[str] = ROLES) -> None:
+        # not State's __init__: no file, no flock
         self.url = url
         self.lease = lease
+        self.roles = tuple(roles)
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.failing: str | None = None
         self._db: _Connection | None = None
         self._lead: psycopg.Connection | None = None  # the ingest lock's own connection (``lead``)
         self._leading = False
+        self._beaten: float | None = None  # time.monotonic() of the last heartbeat
+        self._listen: psycopg.AsyncConnection | None = None  # LISTEN atrund_work (``wait_for_work``)
         try:
             self._open()
         except psycopg.Error as e:
@@ -246,6 +310,10 @@ class PgState(State):
             pass  # then the lease runs out instead
         self._drop()
         self._resign()
+        if self._listen is not None and not self._listen.closed:
+            # the async connection's socket, closed without its event loop (close() runs after it)
+            self._listen.pgconn.finish()
+        self._listen = None
 
     def _tx(self):
         return self.db.raw.transaction()
@@ -253,14 +321,28 @@ class PgState(State):
     # -- replicas ------------------------------------------------------------------------
 
     def _beat(self) -> None:
-        self.db.execute("INSERT INTO replicas(id, host, pid) VALUES (?, ?, ?) "
-                         "ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
-                         (self.replica, socket.gethostname(), os.getpid()))
+        self.db.execute("INSERT INTO replicas(id, host, pid, roles) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
+                        (self.replica, socket.gethostname(), os.getpid(), ",".join(self.roles)))
 
     @translated
     def heartbeat(self) -> None:
         """This replica is alive (every HEARTBEAT seconds; Postgres's clock, not ours)."""
         self._beat()
+        self._beaten = time.monotonic()
+
+    def figures(self) -> dict:
+        """/healthz's ``replica``: who this is, whether it leads ingest, how fresh its lease is,
+        and one round trip to Postgres (None: it did not answer)."""
+        try:
+            began = time.monotonic()
+            self.db.execute("SELECT 1")
+            rtt = round((time.monotonic() - began) * 1000, 2)
+        except psycopg.Error:
+            rtt = None
+        return {"id": self.replica, "roles": list(self.roles), "ingestLeader": self._leading,
+                "leaseAgeSeconds": None if self._beaten is None else round(time.monotonic() - self._beaten, 3),
+                "leaseSeconds": self.lease, "postgresRoundTripMs": rtt}
 
     def lead(self) -> bool:
         """Hold, or try to take, ingest leadership: one replica at a time ingests (polls, follows
@@ -295,16 +377,18 @@ class PgState(State):
     @translated
     def take_over(self) -> tuple[list[Stored], list[Stored]]:
         """Adopt what replicas without a heartbeat for ``lease`` seconds (or stopped) left: their
-        running invocations (to be recorded as interrupted: never run again) and their pending
-        ones (to be queued here). One UPDATE: a row another replica adopts first is re-read
+        running invocations (to be recorded as interrupted: never run again) and, if this
+        replica executes, their pending ones and those held by a live replica that does not
+        execute (to be queued here). One UPDATE: a row another replica adopts first is re-read
         after its lock, finds a live owner, and is not taken twice."""
         with self._tx():
             rows = self.db.execute(
                 "UPDATE invocations i SET replica = ? WHERE state IN ('pending', 'running') AND replica IS DISTINCT FROM ? "
-                "AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica "
-                "AND r.heartbeat_at > clock_timestamp() - make_interval(secs => ?)) "
+                "AND (state = 'running' OR ?) AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica "
+                "AND r.heartbeat_at > clock_timestamp() - make_interval(secs => ?) "
+                "AND (i.state = 'running' OR 'execute' = ANY(string_to_array(r.roles, ',')))) "
                 "RETURNING uri, author, cid, value, seen_at, state",
-                (self.replica, self.replica, self.lease)).fetchall()
+                (self.replica, self.replica, "execute" in self.roles, self.lease)).fetchall()
             # the dead leave the fleet (atrund status) with nothing left to their name
             self.db.execute("DELETE FROM replicas WHERE id <> ? AND heartbeat_at <= clock_timestamp() - make_interval(secs => ?)",
                             (self.replica, self.lease))
@@ -312,6 +396,29 @@ class PgState(State):
         running = [Stored(u, a, c, json.loads(v), t) for u, a, c, v, t, state in rows if state == "running"]
         pending = [Stored(u, a, c, json.loads(v), t) for u, a, c, v, t, state in rows if state == "pending"]
         return running, pending
+
+    @translated
+    def assigned(self) -> list[str]:
+        """The pending invocations assigned to this replica (by migration 3's trigger, or taken
+        over), oldest first: the executing replica queues those it has not queued yet."""
+        return [uri for (uri,) in self.db.execute(
+            "SELECT uri FROM invocations WHERE replica = ? AND state = 'pending' ORDER BY seen_at", (self.replica,))]
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return at the next NOTIFY of new work for anyone (or after ``timeout``): LISTEN on an
+        async connection of its own. A connection fault is a plain wait (the caller looks
+        anyway, every ``timeout``); the next call connects again."""
+        try:
+            if self._listen is None or self._listen.closed:
+                self._listen = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5)
+                await self._listen.execute("LISTEN atrund_work")
+            async for _ in self._listen.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error:
+            if self._listen is not None:
+                await self._listen.close()
+            self._listen = None
+            await asyncio.sleep(timeout)
 
     @translated
     def mark_running(self, uri: str) -> bool:
@@ -333,18 +440,6 @@ class PgState(State):
         return [Outgoing(uri, rkey, json.loads(rec), attempts) for uri, rkey, rec, attempts in rows]
 
     @translated
-    def fleet(self) -> list[dict]:
-        """The replicas with their heartbeats' age, and what each holds (atrund status)."""
-        leader = self.db.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.classid = ? AND l.objid = ? AND l.granted",
-            (LOCK_CLASS, INGEST_LOCK)).fetchone()
-        rows = self.db.execute(
-            "SELECT r.id, r.host, r.pid, extract(epoch FROM clock_timestamp() - r.heartbeat_at), "
-            "count(i.uri) FILTER (WHERE i.state = 'running'), count(i.uri) FILTER (WHERE i.state = 'pending') "
-            "FROM replicas r LEFT JOIN invocations i ON i.replica = r.id AND i.state IN ('pending', 'running') "
-            "GROUP BY r.id ORDER BY r.started_at").fetchall()
-        return [{"replica": rid, "host": host, "pid": pid, "heartbeat_age_s": round(float(age), 1),
-                 "ingest_leader": leader is not None and leader[0] == f"atrund {rid}"[:63],
-                 "running": running, "pending": pending, "self": rid == self.replica}
-                for rid, host, pid, age, running, pending in rows]
+    def fleet(self) -> dict:
+        """The fleet as ``fleet`` reads it, this replica marked."""
+        return fleet(self.db.raw, self.replica)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -59,11 +60,38 @@ class Runs:
         self.held: list[tuple[str, str, dict[str, Any] | None]] = []  # outcomes the state store could not take yet
         self._held_wake = asyncio.Event()
         self.denied = 0  # access withdrawn while they waited (ingest counts the ones denied on arrival)
+        self.queued: set[str] = set()  # a shared store: the assigned invocations this replica's scheduler holds
 
     def submit(self, uri: str) -> None:
         """Queue a stored, pending invocation (or a schedule's tick, a trigger's firing: their keys
-        start with their record's URI); the scheduler decides when it runs."""
+        start with their record's URI); the scheduler decides when it runs.
+
+        On a store replicas share, the replica the store assigned it to queues it instead
+        (``take_assigned``, woken by the store): nothing to do here."""
+        if not self.state.shared:
+            self._enqueue(uri)
+
+    def _enqueue(self, uri: str) -> None:
         self.scheduler.submit(authority(origin_record(uri)), uri)
+
+    def queue_assigned(self) -> None:
+        """Queue the pending invocations the shared store assigned to this replica and that its
+        scheduler does not hold yet (an author's are all assigned to one replica at a time, so
+        its scheduler keeps that author's order, concurrency and rate for the whole fleet)."""
+        for uri in self.state.assigned():
+            if uri not in self.queued:
+                self.queued.add(uri)
+                self._enqueue(uri)
+
+    async def take_assigned(self, wait: Callable[[float], Awaitable[None]], interval: float) -> None:
+        """The executing replica's loop: queue what is assigned to it, then ``wait`` for the
+        store's wake-up (a NOTIFY), or ``interval`` seconds at most."""
+        while True:
+            try:
+                self.queue_assigned()
+            except StoreError as e:
+                log.warning("state store failed; assigned invocations are looked for again", error=str(e), retry_in_s=interval)
+            await wait(interval)
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -107,7 +135,8 @@ class Runs:
         finished) gets its interrupted result now rather than at the next start."""
         held = {uri for uri, _, _ in self.held}
         try:
-            running = [inv for inv in self.state.with_state("running") if inv.uri not in held]
+            running = [inv for inv in self.state.with_state("running") if inv.uri not in held
+                       and (inv.uri in self.queued or not self.state.shared)]  # replicas: only this one's
         except StoreError as e:
             log.error("cannot read the invocations still running; they are recorded as interrupted at the next start",
                       error=str(e))
@@ -122,6 +151,7 @@ class Runs:
     # -- one invocation ------------------------------------------------------------------
 
     def _reject_backlog(self, uri: str, why: str) -> None:
+        self.queued.discard(uri)
         try:
             stored = self.state.pending(uri)
         except StoreError as e:
@@ -131,6 +161,12 @@ class Runs:
             self._finish(stored, Outcome("rejected", error=why))
 
     async def _guarded(self, uri: str) -> None:
+        try:
+            await self._run(uri)
+        finally:
+            self.queued.discard(uri)  # replicas: no longer held here (done, or pending again for the next look)
+
+    async def _run(self, uri: str) -> None:
         try:
             stored = self.state.pending(uri)
             if stored is None:

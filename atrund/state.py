@@ -26,6 +26,7 @@ commands that must work while the runner runs use their own file: atrund.quarant
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import functools
 import json
@@ -156,6 +157,9 @@ class Store(Protocol):
     def close(self) -> None: ...
     def heartbeat(self) -> None: ...
     def lead(self) -> bool: ...
+    def figures(self) -> dict: ...
+    def assigned(self) -> list[str]: ...
+    async def wait_for_work(self, timeout: float) -> None: ...
     def take_over(self) -> tuple[list[Stored], list[Stored]]: ...
     def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool: ...
     def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
@@ -232,6 +236,17 @@ class State:
     def lead(self) -> bool:
         """This runner is the only one: it always ingests."""
         return True
+
+    def figures(self) -> dict:
+        """No replica figures: /healthz says ``replica: null``."""
+        return {}
+
+    def assigned(self) -> list[str]:
+        """Nothing is assigned: ingest queues what it stores (Runs.submit)."""
+        return []
+
+    async def wait_for_work(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
 
     @translated
     def take_over(self) -> tuple[list[Stored], list[Stored]]:

@@ -62,6 +62,7 @@ class Status:
                      "latencyP50Ms": pool.latency_p50_ms, "latencyP95Ms": pool.latency_p95_ms},
             "schedules": self.ticks.figures() if self.ticks else None,
             "triggers": self.triggers.figures() if self.triggers else None,
+            "replica": self.state.figures() if self.state.shared else None,  # replicas sharing Postgres
         }
 
     def conditions(self) -> dict[str, str]:

@@ -181,8 +181,9 @@ def test_replicas_take_over_what_a_dead_replica_left_once(pg_url):
         assert two.take_over() == ([], []) and one.take_over() == ([], []), "adopted once"
         assert one.finish(A, "error", "rk", {"status": "error"}) and not two.finish(A, "error", "rk", {"status": "error"})
         assert two.mark_running(B) and not one.mark_running(B)
-        fleet = {r["replica"]: r for r in one.fleet()}
+        fleet = {r["replica"]: r for r in one.fleet()["replicas"]}
         assert set(fleet) == {one.replica, two.replica} and fleet[two.replica]["running"] == 1
+        assert fleet[one.replica]["self"] and fleet[one.replica]["alive"]
         two.close()  # a clean stop leaves the fleet: what it held is taken at the next look, no lease to wait for
         assert [s.uri for s in one.take_over()[0]] == [B]
     finally:
