@@ -31,13 +31,14 @@ from atrund.atproto.serviceauth import ServiceAuth
 from atrund.atproto.session import Session
 from atrund.bundles import BundleStore
 from atrund.config import Config
-from atrund.errors import ConfigError
+from atrund.errors import ConfigError, StoreError
 from atrund.execute import create_executor
 from atrund.gateway import Gateway
 from atrund.health import Health
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
+from atrund.logbook import LogBook
 from atrund.metrics import Meters
 from atrund.pipeline import Pipeline
 from atrund.quarantine import Quarantine
@@ -93,6 +94,7 @@ class App:
         # Built by start(), once the runner is logged in: they write as it, or need its DID.
         self.session: Session | None = None
         self.writer: ResultWriter | None = None
+        self.logbook: LogBook | None = None
         self.pipeline: Pipeline | None = None
         self.runs: Runs | None = None
         self.scheduler: Scheduler | None = None
@@ -121,7 +123,9 @@ class App:
             self._authors = await resolve_dids(self.repos, r.pds, "ingest.authors", cfg.ingest.authors)
         self.policy.on_change = self._access_changed
         self.pipeline = Pipeline(self.executor, self.bundles, self.grants, self.keyring, e, session.did)
-        self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits)
+        self.logbook = LogBook(self.state, cfg.logs)
+        self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits,
+                         self.logbook)
         self.scheduler = self.runs.scheduler
         self.intake = Intake(self.state, session.did, self.policy, self.runs.submit, self.quarantine, self.runs.refuse_reused)
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.
@@ -149,7 +153,7 @@ class App:
         if cfg.gateway.enabled and "gateway" in r.roles:
             auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
             self.gateway = Gateway(cfg.gateway, self.pipeline, self.scheduler, self.policy, self.identities, self.repos, auth,
-                                   session, self.meters, self.status.health, r.shutdown_grace)
+                                   session, self.meters, self.status.health, r.shutdown_grace, self.logbook)
             try:
                 gateway_url = await self.gateway.start()
             except OSError as e:  # the port is taken, or not ours to bind: one line, not a traceback
@@ -274,10 +278,10 @@ class App:
 
         Every loop runs under the supervisor: one that fails is restarted with backoff and
         reported on /healthz, never a reason to stop serving."""
-        assert self.poller and self.writer and self.runs and self.retries and self.scheduler
+        assert self.poller and self.writer and self.runs and self.retries and self.scheduler and self.logbook
         loops = {"poller": self.poller.run, "writer": self.writer.run, "scheduler": self.scheduler.run,
                  "access": self.policy.run, "held-outcomes": self.runs.record_held, "quarantine-retries": self.retries.run,
-                 "configuration": self.watch_config}
+                 "configuration": self.watch_config, "logbook": self.logbook.run}
         if self.firehose is not None:
             loops["firehose"] = self.firehose.run
         if self.ticks is not None:
@@ -337,6 +341,11 @@ class App:
             await self.writer.flush()
         except Exception as e:  # noqa: BLE001 - whatever is left is written at the next start
             log.error("results not flushed at shutdown; they are written at the next start", error=f"{type(e).__name__}: {e}")
+        if self.logbook is not None:
+            try:
+                self.logbook.flush()
+            except StoreError as e:
+                log.warning("the last log entries could not be kept", error=str(e))
 
     async def close(self) -> None:
         if self.gateway is not None:

@@ -40,6 +40,7 @@ from atrund.errors import (
 )
 from atrund.records import (
     BUNDLE,
+    GET_LOGS,
     INVOCATION,
     INVOKE,
     RESULT,
@@ -56,6 +57,7 @@ from atrund.records import (
     decode_data,
     field_errors,
     now_iso,
+    origin_record,
     result_rkey,
     result_uri,
 )
@@ -531,25 +533,59 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
     """Run ``endpoint`` of ``bundle_uri`` on ``runner`` now (XRPC dev.atrun.invoke, with a
     single-use service-auth token from the author's PDS) and return its answer, the value
     unwrapped. The runner's gateway is read from its record unless ``gateway_url`` is given."""
-    import aiohttp
 
     if cid is None:
         cid, _ = await _get(repos, bundle_uri)
-    if gateway_url is None:
-        _, declared = await repos.get_record(runner, RUNNER, "self")
-        gateway_url = declared.get("gatewayUrl")
-        if not gateway_url:
-            raise CallFailed(f"runner {runner} publishes no gatewayUrl: it does not serve XRPC invoke")
-    token = await session.service_token(runner, INVOKE)
     body: dict[str, Any] = {"bundle": {"uri": bundle_uri, "cid": cid}, "endpoint": endpoint, "args": args}  # the lexicon's input
     if timeout is not None:
         body["timeout"] = timeout
     if write_result:
         body["writeResult"] = True
-    url = gateway_url.rstrip("/") + "/xrpc/" + INVOKE
+    out = await _xrpc(session, repos, runner, INVOKE, gateway_url, body=body)
+    if "data" in out:
+        out["value"] = decode_data(out["data"])
+    return out
+
+
+async def get_logs(session: Session, repos: Repos, runner: str, *, id: str | None = None, bundle: str | None = None,
+                   cursor: str | None = None, limit: int = 50, gateway_url: str | None = None) -> dict[str, Any]:
+    """What runs printed and why they failed (XRPC dev.atrun.getLogs): one run's entries (``id``:
+    an invocation's AT URI, or a gateway or XRPC request id) or a bundle's (its author only)."""
+    params = {k: v for k, v in (("id", id), ("bundle", bundle), ("cursor", cursor)) if v is not None}
+    return await _xrpc(session, repos, runner, GET_LOGS, gateway_url, params={**params, "limit": str(limit)})
+
+
+async def runner_of(repos: Repos, uri: str) -> str | None:
+    """The runner an invocation (or a schedule or trigger: a tick's or firing's key) was addressed
+    to, as its record says; None if ``uri`` names no such record (a request id)."""
+    if not uri.startswith("at://"):
+        return None
+    _, value = await _get(repos, origin_record(uri))
+    runner = value.get("runner")
+    if not isinstance(runner, str):
+        raise Malformed(f"{uri} names no runner")
+    return runner
+
+
+async def _xrpc(session: Session, repos: Repos, runner: str, nsid: str, gateway_url: str | None, *,
+                body: dict[str, Any] | None = None, params: dict[str, str] | None = None) -> dict[str, Any]:
+    """Call ``nsid`` on the runner's gateway (read from its record unless ``gateway_url`` is
+    given) with a single-use service-auth token from the author's PDS: a procedure with
+    ``body``, else a query with ``params``. Its answer, a JSON object; CallFailed otherwise."""
+    import aiohttp
+
+    if gateway_url is None:
+        _, declared = await repos.get_record(runner, RUNNER, "self")
+        gateway_url = declared.get("gatewayUrl")
+        if not gateway_url:
+            raise CallFailed(f"runner {runner} publishes no gatewayUrl: it does not serve XRPC")
+    token = await session.service_token(runner, nsid)
+    url = gateway_url.rstrip("/") + "/xrpc/" + nsid
+    headers = {"Authorization": f"Bearer {token}"}
     try:
         async with aiohttp.ClientSession() as http:
-            async with http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
+            request = http.post(url, json=body, headers=headers) if body is not None else http.get(url, params=params, headers=headers)
+            async with request as resp:
                 status, text = resp.status, await resp.text()
     except aiohttp.ClientError as e:
         raise Unreachable(f"{url}: {type(e).__name__}: {e}") from None
@@ -561,8 +597,6 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
         raise CallFailed(f"{url} answered HTTP {status} with something that is not a JSON object: {text[:200]!r}")
     if status != 200:
         raise CallFailed(f"{url}: HTTP {status} {out.get('error')}: {out.get('message')}")
-    if "data" in out:
-        out["value"] = decode_data(out["data"])
     return out
 
 

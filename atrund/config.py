@@ -256,6 +256,8 @@ class ExecutorSection(Section):
     default_timeout: int = Field(default=30, ge=1)
     max_timeout: int = Field(default=300, ge=1)
     max_output_bytes: int = Field(default=65_536, ge=1024)
+    output_bytes: int = Field(default=16_384, ge=0, le=1 << 20,
+                              description="the last bytes a bundle prints per request that are kept (atrund exec, atrund logs)")
     memory_mb: int = Field(default=512, ge=16)
     max_processes: int = Field(default=64, ge=8, description="processes (threads count) a worker may run")
     work_dir: Path | None = Field(default=None, description="where workers' private directories live; default /run/atrund-work")
@@ -353,6 +355,14 @@ class SecretsSection(Section):
     old_key_files: list[Path] = Field(default=[], description="earlier keys: what was sealed to them still opens")
 
 
+class LogsSection(Section):
+    """What runs printed (executor.output_bytes of each) and why they failed, kept for the
+    bundle's author and the invoker (atrund logs, atrund tail)."""
+
+    retention_hours: float = Field(default=72, gt=0, description="entries older than this are deleted")
+    max_entries: int = Field(default=20_000, ge=1, description="entries kept in all; the oldest go first")
+
+
 class StateSection(Section):
     dir: Path = Path("atrund-state")
     url: str | None = Field(default=None, description="postgresql:// URL of a Postgres database for the state "
@@ -387,6 +397,7 @@ class Config(Section):
     permissions: PermissionsSection = PermissionsSection()
     gateway: GatewaySection = GatewaySection()
     secrets: SecretsSection = SecretsSection()
+    logs: LogsSection = LogsSection()
     state: StateSection = StateSection()
     _source: Path | None = PrivateAttr(default=None)  # the file it was loaded from (a running runner re-reads it)
 

@@ -3,11 +3,15 @@
     GET  /healthz                                  JSON: ok, uptime, ingest lag, queue, pool
     GET  /metrics                                  Prometheus text format
     POST /xrpc/dev.atrun.invoke                    service-auth JWT; answers like a result record
+    GET  /xrpc/dev.atrun.getLogs?id=|bundle=       service-auth JWT; what runs printed (atrund.logbook),
+                                                   for the bundle's author and the invoker
     *    /{author DID or handle}/{bundle rkey}/{path...}[?cid=CID]
                                                    the bundle's handleRequest endpoint
 
 Gateway callers are anonymous web clients; the *author* must pass the access policy. Each
-bundle has a token bucket (rate_per_minute, burst). A request takes one of the executor's
+bundle has a token bucket (rate_per_minute, burst). A run that printed something or failed gets
+a request id (``Atrun-Request-Id``; ``requestId`` in a failure's body) under which its author can
+read the output and the bundle's own error with ``atrund logs``, which anonymous callers never see. A request takes one of the executor's
 slots like any invocation. Both bundle routes run through the pipeline (atrund.pipeline), which
 the gateway is handed with the few components it needs. Every error is JSON naming what went
 wrong (``{"error", "message"}``) and never carries a trace of the runner; ``http_error`` is the
@@ -44,7 +48,7 @@ from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos
 from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 from atrund.atproto.session import Session
-from atrund.atproto.uri import AtUri
+from atrund.atproto.uri import AtUri, new_tid
 from atrund.config import GatewaySection
 from atrund.errors import (
     AtrundError,
@@ -58,12 +62,14 @@ from atrund.errors import (
     RemoteError,
     VersionGone,
 )
+from atrund.logbook import LogBook, NotYours
 from atrund.metrics import CONTENT_TYPE, Meters
 from atrund.pipeline import Outcome, Pipeline
-from atrund.records import BUNDLE, INVOKE, RESULT, StrongRef, check_cid, field_errors, result_rkey
+from atrund.records import BUNDLE, GET_LOGS, INVOKE, RESULT, StrongRef, check_cid, field_errors, now_iso, result_rkey
 from atrund.results import build
 from atrund.schedule import Scheduler
 from atrund.sealed import SecretError
+from atrund.state import LogEntry
 from atrund.trust import LiveAccess
 
 log = structlog.get_logger("atrund.gateway")
@@ -89,6 +95,13 @@ class HttpError(Exception):
     def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.error, self.message, self.headers = status, error, message, headers or {}
+        self.request_id: str | None = None  # the run's log entry (atrund.logbook), if it left one
+
+    def body(self) -> dict[str, str]:
+        out = {"error": self.error, "message": self.message}
+        if self.request_id:
+            out["requestId"] = self.request_id
+        return out
 
 
 def http_error(e: Exception | Outcome, timeout: int | None = None) -> HttpError:
@@ -107,6 +120,8 @@ def http_error(e: Exception | Outcome, timeout: int | None = None) -> HttpError:
     e = _what_failed(e)
     if isinstance(e, HttpError):
         return e
+    if isinstance(e, NotYours):
+        return HttpError(403, "Forbidden", str(e))
     if isinstance(e, ServiceAuthError):
         return HttpError(401, "AuthRequired" if e.reason == "missing" else "InvalidToken", str(e))
     if isinstance(e, IdentityError):
@@ -131,6 +146,15 @@ def http_error(e: Exception | Outcome, timeout: int | None = None) -> HttpError:
 def _what_failed(e: Exception) -> Exception:
     """What failed decides the answer (the author's DID, their PDS, ...), not the pipeline's step."""
     return e.__cause__ if isinstance(e, BundleUnavailable) and isinstance(e.__cause__, Exception) else e
+
+
+def _log_entry(e: LogEntry) -> dict[str, Any]:
+    """A log entry as dev.atrun.getLogs#entry (lexicons/dev/atrun/getLogs.json)."""
+    out = {"id": e.id, "bundle": e.bundle, "kind": e.kind, "status": e.status, "createdAt": now_iso(e.at)}
+    for name, value in (("invoker", e.invoker), ("error", e.error), ("output", e.output)):
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -236,7 +260,7 @@ def response_headers(headers: dict[str, str]) -> tuple[CIMultiDict, list[str]]:
 class Gateway:
     def __init__(self, cfg: GatewaySection, pipeline: Pipeline, scheduler: Scheduler, policy: LiveAccess,
                  identities: Identities, repos: Repos, auth: ServiceAuth, session: Session, meters: Meters,
-                 health: Callable[[], dict[str, Any]], shutdown_grace: float) -> None:
+                 health: Callable[[], dict[str, Any]], shutdown_grace: float, logbook: LogBook) -> None:
         """``session``: the runner's own, which writes XRPC results; handles resolve through its
         PDS. ``health``: the /healthz body. ``shutdown_grace``: how long requests in flight may
         take to finish when the gateway closes."""
@@ -251,6 +275,7 @@ class Gateway:
         self.meters = meters
         self.health = health
         self.shutdown_grace = shutdown_grace
+        self.logbook = logbook
         self.limiter = RateLimiter(self.cfg.rate_per_minute, self.cfg.burst)
         self._latest: dict[tuple[str, str], tuple[float, str]] = {}
         self._runner: web.AppRunner | None = None
@@ -297,7 +322,8 @@ class Gateway:
             err = http_error(e)
             if err.status >= 500 and not isinstance(_what_failed(e), (HttpError, AtrundError)):
                 log.exception("gateway: internal error", path=request.path)
-            resp = _json(err.status, {"error": err.error, "message": err.message}, err.headers)
+            headers = {**err.headers, "Atrun-Request-Id": err.request_id} if err.request_id else err.headers
+            resp = _json(err.status, err.body(), headers)
         self.meters.gateway_requests.labels(route, str(resp.status)).inc()
         return resp
 
@@ -349,10 +375,26 @@ class Gateway:
         assert metrics is not None  # a run that started has them
         total = time.monotonic() - started
         self.meters.finished("gateway", out.status, metrics.runtime, metrics.execution_time_ms, total)
+        request_id = self._logged(out, uri, None, "http")
         log.info("gateway request", author=did, bundle=ref.cid, rkey=rkey, method=request.method, status=out.status,
                  runtime=metrics.runtime, isolation=metrics.isolation, exec_ms=metrics.execution_time_ms,
-                 total_ms=int(total * 1000), error_type=out.error_type, error=out.error)
-        return self._answer(out, self.pipeline.timeout(self.cfg.timeout, self.cfg.timeout))
+                 total_ms=int(total * 1000), error_type=out.error_type, error=out.error, request_id=request_id)
+        try:
+            answer = self._answer(out, self.pipeline.timeout(self.cfg.timeout, self.cfg.timeout))
+        except HttpError as e:
+            e.request_id = request_id
+            raise
+        if request_id:
+            answer.headers["Atrun-Request-Id"] = request_id
+        return answer
+
+    def _logged(self, out: Outcome, bundle_uri: str, invoker: str | None, kind: str) -> str | None:
+        """Keep the run's output and error for its author (atrund.logbook): its request id, if
+        there was anything to keep."""
+        request_id = new_tid()
+        if out.output:
+            log.debug("bundle output", request_id=request_id, output=out.output)
+        return request_id if self.logbook.note(request_id, bundle_uri, invoker, kind, out.status, out.error, out.output) else None
 
     def _not_too_busy(self) -> None:
         """Refuse rather than queue without bound: each waiting request holds a connection open."""
@@ -423,12 +465,18 @@ class Gateway:
 
     async def xrpc(self, request: web.Request) -> web.Response:
         nsid = request.match_info["nsid"]
-        if nsid != INVOKE:
-            raise HttpError(501, "MethodNotImplemented", f"this runner implements only {INVOKE}")
-        if request.method != "POST":
-            raise HttpError(405, "InvalidRequest", f"{INVOKE} is a procedure: use POST")
+        method = {INVOKE: ("POST", "a procedure", self.invoke), GET_LOGS: ("GET", "a query", self.get_logs)}.get(nsid)
+        if method is None:
+            raise HttpError(501, "MethodNotImplemented", f"this runner implements only {INVOKE} and {GET_LOGS}")
+        verb, kind, handler = method
+        if request.method != verb:
+            raise HttpError(405, "InvalidRequest", f"{nsid} is {kind}: use {verb}")
+        return await handler(request, await self._caller(request, nsid))
+
+    async def _caller(self, request: web.Request, nsid: str):
+        """Who calls: a service-auth token for ``nsid``, from an author the policy serves."""
         try:
-            caller = await self.auth.verify(request.headers.get("Authorization"), INVOKE, admit=self.policy.allows)
+            caller = await self.auth.verify(request.headers.get("Authorization"), nsid, admit=self.policy.allows)
             if not self.policy.allows(caller.did):  # the policy may have changed while the token was checked
                 raise NotServed(caller.did)
         except ServiceAuthError as e:
@@ -437,6 +485,31 @@ class Gateway:
         except NotServed as e:
             self.meters.denied["xrpc"] += 1
             raise HttpError(403, "Forbidden", f"{e.did} is not served by this runner (access mode {self.policy.mode})") from None
+        return caller
+
+    async def get_logs(self, request: web.Request, caller) -> web.Response:
+        """dev.atrun.getLogs: one run's entries (``id``) or one bundle's (``bundle``), after ``cursor``."""
+        q = request.query
+        if ("id" in q) == ("bundle" in q):
+            raise HttpError(400, "InvalidRequest", "give exactly one of id (a run's AT URI or request id) and bundle (an AT URI)")
+        try:
+            after = int(q["cursor"]) if "cursor" in q else None
+            limit = int(q.get("limit", "50"))
+        except ValueError:
+            raise HttpError(400, "InvalidRequest", "cursor and limit must be integers") from None
+        if "bundle" in q:
+            try:
+                bundle = AtUri.parse(q["bundle"])
+            except ValueError as e:
+                raise HttpError(400, "InvalidRequest", f"bundle: {e}") from None
+            if bundle.collection != BUNDLE:
+                raise HttpError(400, "InvalidRequest", f"bundle: {q['bundle'][:200]!r} is not a {BUNDLE} record")
+        entries = self.logbook.read(caller.did, id=q.get("id"), bundle=q.get("bundle"), after=after, limit=limit)
+        body: dict[str, Any] = {"logs": [_log_entry(e) for e in entries]}
+        body["cursor"] = str(entries[-1].seq if entries else (after or 0))
+        return _json(200, body)
+
+    async def invoke(self, request: web.Request, caller) -> web.Response:
         body = await self._body(request)
         inp = parse_invoke_input(body)
         self._not_too_busy()
@@ -448,13 +521,16 @@ class Gateway:
             metrics.total_ms = max(0, int((time.time() - seen) * 1000))
         self.meters.finished("xrpc", out.status, metrics.runtime if metrics else None,
                              metrics.execution_time_ms if metrics else None, time.time() - seen)
+        request_id = self._logged(out, inp.bundle.uri, caller.did, "xrpc")
         log.info("xrpc invoke", caller=caller.did, bundle=inp.bundle.cid, endpoint=inp.endpoint, status=out.status,
                  runtime=metrics.runtime if metrics else None, exec_ms=metrics.execution_time_ms if metrics else None,
-                 error_type=out.error_type, error=out.error)
+                 error_type=out.error_type, error=out.error, request_id=request_id)
         # The answer is the result record's shape; there is no invocation record, so it names the caller.
         result = build(None, inp.bundle, out.status, data=out.data, error=out.error, response=out.response, metrics=metrics,
                        caller=caller.did)
         answer = result.to_record()
+        if request_id:
+            answer["requestId"] = request_id
         if inp.write_result:
             answer["result"] = await self._write_result(caller, result)
         return _json(200, answer)

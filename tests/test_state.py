@@ -137,6 +137,20 @@ def test_reused_keys_denials_schedules_and_inactive_accounts(open_store):
     assert store.cursor("nothing") is None
 
 
+def test_logs_are_kept_in_order_read_by_run_or_bundle_and_forgotten(open_store):
+    from atrund.state import LogEntry
+
+    store = open_store()
+    store.keep_logs([LogEntry(f"{A}{n}", "at://b/bundle/1", None, "record", 100.0 + n, "success", output=f"out {n}")
+                     for n in range(5)])
+    newest = store.logs(bundle="at://b/bundle/1", limit=2)
+    assert [e.output for e in newest] == ["out 3", "out 4"] and newest[0].seq < newest[1].seq
+    assert [e.output for e in store.logs(bundle="at://b/bundle/1", after=newest[0].seq)] == ["out 4"]
+    assert [e.id for e in store.logs(id=f"{A}2")] == [f"{A}2"]
+    assert store.forget_logs(before=101.0, keep=3) == 2  # the oldest by time, then all but the newest 3
+    assert [e.output for e in store.logs(bundle="at://b/bundle/1")] == ["out 2", "out 3", "out 4"]
+
+
 # -- Postgres's own ------------------------------------------------------------------------
 
 def test_postgres_migrations_are_versioned_and_applied_once(pg_url):

@@ -265,13 +265,18 @@ def _me(who: str | None) -> str:
               help="The runtime; default: the one whose extension FILE has.")
 @click.option("--port", type=int, default=8787, show_default=True, help="The local gateway's port (0: any free one).")
 @click.option("--isolation", default="auto", show_default=True, help="The local runner's executor backend.")
-def dev(file: Path, runtime: str | None, port: int, isolation: str) -> None:
+@click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Run on a real PDS: this runner configuration's account (one for development: its runner record "
+                   "gets the loopback gateway URL), with the author `atrund login` kept.")
+def dev(file: Path, runtime: str | None, port: int, isolation: str, config_path: Path | None) -> None:
     """Develop FILE locally: a PDS and a runner on loopback, FILE published, re-published on save.
 
     Starts the local AT Protocol stack (scripts/setup installs it) and a runner, publishes FILE
     as a bundle of a local author, prints the gateway URL and the environment for `atrund invoke`
     from another shell, re-publishes FILE under the same URI each time it is saved (after the
-    checks `bundle publish` makes), and prints each result as it lands. Ctrl-C stops it all.
+    checks `bundle publish` makes), and prints each result, and what each run printed, as they
+    land. With -c, the PDS is that configuration's and the author is you (`atrund login`); the
+    runner's state is temporary. Ctrl-C stops it all.
     """
     import signal
 
@@ -286,7 +291,7 @@ def dev(file: Path, runtime: str | None, port: int, isolation: str) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await loop.run(file.resolve(), runtime, lambda line: err.print(escape(line)), port=port, isolation=isolation,
-                       ready=lambda info: emit(info) if Output.json else None, stop=stop)
+                       ready=lambda info: emit(info) if Output.json else None, stop=stop, config_path=config_path)
 
     run_async(until_ctrl_c)()
 
@@ -414,6 +419,90 @@ async def call(bundle_uri: str, runner_did: str, endpoint: str, args_json: str, 
     if out.get("status") != "success":
         fail_line(f"{out.get('status')}: {out.get('error') or 'no error text'}")
         sys.exit(EXIT_NOT_SUCCESS)
+
+
+@main.command()
+@click.argument("run_id", metavar="ID")
+@click.option("--runner", "runner_did", default=None,
+              help="DID or handle of the runner; read from the invocation record when ID is an AT URI.")
+@author_options
+@run_async
+async def logs(run_id: str, runner_did: str | None, pds: str | None, identifier: str | None, password: str | None,
+               plc_url: str) -> None:
+    """Print what one run printed, and its error (XRPC dev.atrun.getLogs).
+
+    ID is an invocation's AT URI, or the request id a gateway or XRPC answer carried
+    (Atrun-Request-Id, requestId; give --runner then). Only the bundle's author and the invoker
+    may read them; the runner keeps them for its [logs] retention_hours.
+    """
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            runner = await (client.did_of(repos, runner_did, session.pds) if runner_did else client.runner_of(repos, run_id))
+            if runner is None:
+                raise click.UsageError(f"{run_id} is a request id: give --runner, the runner that answered it")
+            out = await client.get_logs(session, repos, runner, id=run_id)
+        finally:
+            await session.close()
+    emit(out, _show_logs)
+    if not out["logs"]:
+        err.print(f"nothing kept for {run_id}: the run succeeded and printed nothing, has not ended yet, "
+                  "or is older than the runner keeps logs")
+
+
+@main.command()
+@click.argument("bundle_uri")
+@click.option("--runner", "runner_did", required=True, help="DID or handle of the runner whose runs to follow.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True, help="Seconds between looks.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many entries.")
+@author_options
+@run_async
+async def tail(bundle_uri: str, runner_did: str, interval: float, count: int | None, pds: str | None,
+               identifier: str | None, password: str | None, plc_url: str) -> None:
+    """Follow your bundle's runs on a runner: the newest entries, then each run that prints or
+    fails as it ends (JSON lines with --json), until Ctrl-C or --count."""
+    import json
+
+    from atrund import client  # here, not at the top: the AT SDK takes half a second to import
+    parse_uri(bundle_uri, "BUNDLE_URI")
+    async with client.reader(plc_url) as repos:
+        session = await _login(repos, pds, identifier, password)
+        try:
+            runner = await client.did_of(repos, runner_did, session.pds)
+            err.print(f"following {bundle_uri} on {runner} (Ctrl-C stops)")
+            cursor, seen = None, 0
+            while True:
+                out = await client.get_logs(session, repos, runner, bundle=bundle_uri, cursor=cursor, limit=20 if cursor is None else 100)
+                for entry in out["logs"]:
+                    if Output.as_json():
+                        click.echo(json.dumps(entry, ensure_ascii=False))
+                    else:
+                        _show_entry(entry)
+                    seen += 1
+                    if count is not None and seen >= count:
+                        return
+                cursor = out["cursor"]
+                if len(out["logs"]) < 100:
+                    await asyncio.sleep(interval)
+        finally:
+            await session.close()
+
+
+def _show_logs(out: dict[str, Any]) -> None:
+    for entry in out["logs"]:
+        _show_entry(entry)
+
+
+def _show_entry(e: dict[str, Any]) -> None:
+    """One run's entry for people: a line saying which run and how it ended, then its error and
+    what it printed, as printed."""
+    who = e.get("invoker") or "anonymous"
+    click.echo(f"--- {e['createdAt']} {e['status']} {e['kind']} by {who}: {e['id']}")
+    if e.get("error"):
+        click.echo(f"error: {e['error']}")
+    if e.get("output"):
+        click.echo(e["output"])
 
 
 @main.group()

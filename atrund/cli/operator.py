@@ -319,7 +319,9 @@ def keys_init(config_path: Path, force: bool) -> None:
 @click.option("--allow-env", default="", help="Comma-separated NAMES of environment variables passed through from yours.")
 def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: int, config_path: Path | None,
              isolation: str | None, allow_net: str, allow_read: str, allow_write: str, allow_env: str) -> None:
-    """Run a bundle file locally, under the same fence a runner would use, and print the ExecResponse."""
+    """Run a bundle file locally, under the same fence a runner would use, and print the ExecResponse.
+
+    What the bundle printed (its last executor.output_bytes) is echoed on stderr first."""
     from atrund.execute import ExecRequest, create_executor
     from atrund.execute.protocol import ExecPermissions
 
@@ -344,6 +346,8 @@ def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: i
         return response.model_dump(by_alias=True, exclude_none=True)
 
     out = run_async(once)()
+    if printed := out.pop("output", None):  # what the bundle printed goes where a program's prints go
+        click.echo(printed, err=True)
     emit(out)
     if not out.get("success"):
         sys.exit(EXIT_NOT_SUCCESS)

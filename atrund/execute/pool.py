@@ -190,37 +190,48 @@ def reuse_key(runtime: str, request: ExecRequest) -> tuple:
 
 
 class _Output:
-    """A worker's stderr, drained for as long as the worker lives (a full pipe would stall it),
-    keeping the last STDERR_TAIL bytes since the current request began: the bundle's last words
-    if it crashes."""
+    """A worker's stderr (where the bundle's prints go: at-run-exec points its stdout there),
+    drained for as long as the worker lives (a full pipe would stall it), keeping the last
+    ``keep`` bytes since the current request began: what ``atrund exec`` and ``atrund logs``
+    show, and the bundle's last words if it crashes (the last STDERR_TAIL of them)."""
 
-    def __init__(self, stream: asyncio.StreamReader) -> None:
+    def __init__(self, stream: asyncio.StreamReader, keep: int) -> None:
         self.buf = bytearray()
+        self.keep = max(keep, STDERR_TAIL)
         self.task = asyncio.ensure_future(self._drain(stream))
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError, ValueError):
             while chunk := await stream.read(65536):
                 self.buf += chunk
-                del self.buf[:-STDERR_TAIL]
+                del self.buf[:-self.keep]
 
     async def ended(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the stream to end (a daemon the bundle started may hold it)."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.task), timeout)
 
-    def text(self) -> str:
-        return self.buf.decode("utf-8", "replace").strip()
+    async def caught_up(self) -> None:
+        """Let the drain read what is already in the pipe. The worker printed before it
+        answered, but the print and the answer travel in two pipes: the answer can be read
+        first. A few turns of the event loop are enough for the loop to see the stderr pipe
+        readable, feed the reader and run the drain."""
+        for _ in range(4):
+            await asyncio.sleep(0)
+
+    def text(self, last: int) -> str:
+        """The last ``last`` bytes kept, as text (a character cut in two is replaced)."""
+        return self.buf[-last:].decode("utf-8", "replace").strip()
 
 
 class _Lease:
     """The pool's bookkeeping of one worker: how it was started, how much it has served."""
 
-    def __init__(self, worker: Worker, runtime: Runtime, reuse: bool) -> None:
+    def __init__(self, worker: Worker, runtime: Runtime, reuse: bool, keep: int) -> None:
         self.worker = worker
         self.runtime = runtime
         self.reuse = reuse  # the ready line said it serves several requests
-        self.output = _Output(worker.stderr)
+        self.output = _Output(worker.stderr, keep)
         self.served = 0
         self.staged: tuple[str, str] | None = None  # (code path, the path the worker sees)
         self.idle_since = 0.0
@@ -353,7 +364,7 @@ class WorkerPool:
             err = await _tail(worker.stderr)
             extra = worker.diagnostics()
             raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}" + (f"; {extra}" if extra else ""))
-        lease = _Lease(worker, runtime, reuse)
+        lease = _Lease(worker, runtime, reuse, self.settings.output_bytes)
         lease.active = time.monotonic() - started
         return lease
 
@@ -500,9 +511,14 @@ class WorkerPool:
         lease.output.buf.clear()
         began = time.monotonic()
         try:
-            return await self._exchange(lease, request)
+            response, clean = await self._exchange(lease, request)
         finally:
             lease.active += time.monotonic() - began
+        await lease.output.caught_up()
+        # Only the runner says what the bundle printed: whatever the worker put here is replaced.
+        keep = self.settings.output_bytes
+        response.output = (lease.output.text(keep) or None) if keep else None
+        return response, clean
 
     async def _exchange(self, lease: _Lease, request: ExecRequest) -> tuple[ExecResponse, bool]:
         worker = lease.worker
@@ -526,7 +542,7 @@ class WorkerPool:
             await worker.kill()
             if why := worker.lost():  # not the bundle's doing: an infrastructure failure
                 raise ExecutorError(f"the {self.isolation} worker was lost before it answered: {why}")
-            tail = lease.output.text()
+            tail = lease.output.text(STDERR_TAIL)
             if worker.out_of_memory():
                 return _fail(f"the bundle ran out of memory (limit {self.settings.memory_mb} MiB) before answering"
                              + (f"; its last output: {tail}" if tail else ""), "MemoryError"), False

@@ -133,6 +133,9 @@ class ExecResponse(_Msg):
     retire: StrictBool | None = Field(
         default=None, description="set by a worker that serves several requests when it must not get another "
                                   "(the bundle left a thread or child running); the runner discards it")
+    output: str | None = Field(
+        default=None, description="set by the runner, never taken from the worker: the last bytes the bundle printed "
+                                  "(its stdout and stderr) while it ran this request")
     metrics: ExecMetrics = ExecMetrics()
 
 

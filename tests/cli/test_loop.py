@@ -3,6 +3,8 @@ before anything is written, output, publish checks, lifecycle commands. Real loc
 
 import asyncio
 import json
+import os
+import types
 
 from conftest import _author_env, atrund, wait_result
 
@@ -237,8 +239,8 @@ async def test_login_keeps_a_session_so_commands_need_no_password(stack, new_acc
 
 async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
     """`atrund dev FILE`: ready within seconds with a gateway URL; a save re-publishes under the
-    same URI, and the gateway and `invoke` run the new code; a result is printed as it lands;
-    Ctrl-C stops it cleanly."""
+    same URI, and the gateway and `invoke` run the new code; a result is printed as it lands, and
+    what the run printed; Ctrl-C stops it cleanly."""
     import signal
     import subprocess
     import sys
@@ -263,7 +265,7 @@ async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
         async with aiohttp.ClientSession() as http:
             async with http.get(info["gateway"]) as resp:
                 assert await resp.text() == "one"
-            file.write_text("def main(args):\n    return 'two'\n"
+            file.write_text("def main(args):\n    print('main says two')\n    return 'two'\n"
                             "def handleRequest(req):\n    return {'status': 200, 'body': 'two'}\n")
             for _ in range(100):
                 if "re-published app.py" in errlog.read_text():
@@ -277,7 +279,7 @@ async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
                                     "--wait", env=info["env"])
         assert p.returncode == 0 and json.loads(p.stdout)["value"] == "two", p.stderr
         for _ in range(50):
-            if "result success: \"two\"" in errlog.read_text():
+            if "result success: \"two\"" in errlog.read_text() and "  | main says two" in errlog.read_text():
                 break
             await asyncio.sleep(0.1)
         else:
@@ -287,6 +289,56 @@ async def test_dev_publishes_serves_and_republishes_on_save(tmp_path):
         code = await asyncio.to_thread(dev.wait, 60)
         dev.stdout.close()
     assert code == 0, errlog.read_text()
+
+
+async def test_dev_on_a_configured_pds(stack, new_account, tmp_path):
+    """`atrund dev FILE -c CONFIG`: the runner account of that configuration on its PDS (here the
+    local stack stands in for a real one), the author `atrund login` kept; the bundle is the
+    author's, the gateway serves it, and the runner's state is temporary."""
+    import signal
+    import subprocess
+    import sys
+
+    import aiohttp
+    from conftest import ROOT, serve_config
+
+    from atrund.atproto.uri import authority
+
+    alice, runner = new_account("devauthor"), new_account("devrunner")
+    env = {**os.environ, "ATRUND_SESSION_FILE": str(tmp_path / "session.json"), "ATRUND_PLC_URL": stack.plc_url,
+           "ATRUND_PDS": stack.pds_url}
+    p = await asyncio.to_thread(atrund, "login", "--identifier", alice.handle, env={**env, "ATRUND_PASSWORD": alice.app_password})
+    assert p.returncode == 0, p.stderr
+    config = serve_config(tmp_path, stack, runner, types.SimpleNamespace(account=alice))
+    file = tmp_path / "app.py"
+    file.write_text("def handleRequest(req):\n    print('served', req['path'])\n    return {'status': 200, 'body': 'mine'}\n")
+    errlog = tmp_path / "dev.err"
+    with open(errlog, "w") as errs:
+        dev = subprocess.Popen([sys.executable, "-m", "atrund.cli", "dev", str(file), "-c", str(config), "--port", "0", "--json"],
+                               stdout=subprocess.PIPE, stderr=errs, text=True, cwd=ROOT, env=env)
+    try:
+        lines = []
+        while not lines or lines[-1] != "}":
+            line = await asyncio.to_thread(dev.stdout.readline)
+            assert line, errlog.read_text()
+            lines.append(line.rstrip("\n"))
+        info = json.loads("\n".join(lines))
+        assert info["runner"] == runner.did and authority(info["bundle"]) == alice.did, info
+        async with aiohttp.ClientSession() as http:
+            async with http.get(info["gateway"] + "hello") as resp:
+                assert await resp.text() == "mine"
+        for _ in range(50):
+            if "  | served /hello" in errlog.read_text():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(errlog.read_text())
+    finally:
+        dev.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(dev.wait, 60)
+        dev.stdout.close()
+    assert code == 0, errlog.read_text()
+    assert not (tmp_path / "atrund-state").exists()  # the configuration's state.dir was not used
 
 
 async def test_handles_in_the_configuration_resolve_or_stop_the_start(stack, author, make_runner, reader):

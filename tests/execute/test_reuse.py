@@ -224,6 +224,7 @@ const secret = () => (globalThis.Deno ? Deno.env.get("SECRET") : process.env.SEC
 export function whoami() { served += 1; return { token, served, ticks }; }
 export function remember() { kept.push(secret()); return whoami(); }
 export function recall() { return { token, kept, env: secret() }; }
+export function say(args) { console.log(args.word); console.error(args.word + "!"); return whoami(); }
 export function leaveTimer() { setInterval(() => { ticks += 1; }, 5); setTimeout(() => { ticks += 1000; }, 20); return whoami(); }
 """
 JS_EXTENSIONS = {"deno": ".ts", "node": ".mjs"}
@@ -263,3 +264,21 @@ async def test_js_timers_end_with_the_request_that_started_them(isolation, pool,
     assert after["ticks"] == 0
     if reuses(isolation):
         assert after["token"] == left["token"]
+
+
+@pytest.mark.vm
+async def test_each_requests_output_is_its_own(isolation, pool, js):
+    """What a request printed (stdout and stderr, in order) comes back with its answer as
+    ``output``, set by the runner; the next request in the same worker starts with none of it.
+    Python, Deno and Node."""
+    executor = pool()
+    for runtime, code in [("python", PROBE), js]:
+        answers = []
+        for word in ("first", "second"):
+            request = ExecRequest(code_path=str(code), endpoint="say", args={"word": word}, timeout=10)
+            r = await executor.execute(request, runtime)
+            assert r.success, r.error
+            answers.append(r)
+        assert [a.output for a in answers] == ["first\nfirst!", "second\nsecond!"], runtime
+        if reuses(isolation):
+            assert answers[0].data["token"] == answers[1].data["token"], runtime  # one worker served both

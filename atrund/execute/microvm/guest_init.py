@@ -41,8 +41,9 @@ PYTHON = "/usr/bin/python3"  # {python}, as in the container image
 PORT_NAME = "atrun"
 HEADER = struct.Struct(">cI")
 MAX_FRAME = 8 << 20  # a bundle is at most a few MiB; anything larger is a broken host
-# The host keeps only a tail of stderr (for error messages): past this much, only the last
-# STDERR_TAIL bytes cross the channel, at the end, so a flood costs the guest, not the channel.
+# The host keeps only a tail of stderr per request (executor.output_bytes): past this much in one
+# request, only the last STDERR_TAIL bytes cross the channel, at the end, so a flood costs the
+# guest, not the channel.
 STDERR_PASS = 256 << 10
 STDERR_TAIL = 8192
 
@@ -247,8 +248,13 @@ def relay(chan, pid, stdin, stdout, stderr, program=False):
                 if data and fd == stderr and passed >= STDERR_PASS:
                     tail = (tail + data)[-STDERR_TAIL:]
                 elif data:
-                    if fd == stdout and b"\n" in data and (left := left_running(pid, program)):
-                        send(chan, b"L", left.encode())
+                    if fd == stdout and b"\n" in data:
+                        if left := left_running(pid, program):
+                            send(chan, b"L", left.encode())
+                        if tail:  # this request's last words go before its answer
+                            send(chan, b"E", b"\n[...]\n" + tail)
+                            tail = b""
+                        passed = 0  # an answer: the next request's output passes again
                     send(chan, outputs[fd], data)
                     passed += len(data) if fd == stderr else 0
                 else:

@@ -8,7 +8,8 @@ tests, tests/execute/test_reuse.py). Each endpoint is one probe or one attack:
   ``hide`` it first switches off at-run-exec's own check, so only the runner's check is left;
 - burn: spend CPU for ``ms`` milliseconds; spin: spend CPU forever;
 - allocate: hold ``mb`` MiB more in a global;
-- poison: break ``json.dumps``, which at-run-exec itself writes its answers with.
+- poison: break ``json.dumps``, which at-run-exec itself writes its answers with;
+- say: print ``word`` on stdout and stderr (each request's output is its own).
 """
 import os
 import sys
@@ -25,6 +26,12 @@ def whoami(args):
     global served
     served += 1
     return {"token": TOKEN, "served": served}
+
+
+def say(args):
+    print(args["word"])
+    print(args["word"] + "!", file=sys.stderr)
+    return whoami(args)
 
 
 def remember(args):
