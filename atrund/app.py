@@ -38,6 +38,7 @@ from atrund.health import Health
 from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.ingest.poll import Poller
+from atrund.kv import BundleState
 from atrund.logbook import LogBook
 from atrund.metrics import Meters
 from atrund.pipeline import Pipeline
@@ -122,7 +123,8 @@ class App:
         if cfg.ingest.authors is not None:  # handles there too, resolved like the access lists
             self._authors = await resolve_dids(self.repos, r.pds, "ingest.authors", cfg.ingest.authors)
         self.policy.on_change = self._access_changed
-        self.pipeline = Pipeline(self.executor, self.bundles, self.grants, self.keyring, e, session.did)
+        self.pipeline = Pipeline(self.executor, self.bundles, self.grants, self.keyring, e, session.did,
+                                 kv=BundleState(self.state, cfg.bundle_state))
         self.logbook = LogBook(self.state, cfg.logs)
         self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits,
                          self.logbook)

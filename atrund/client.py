@@ -41,6 +41,7 @@ from atrund.errors import (
 from atrund.records import (
     BUNDLE,
     GET_LOGS,
+    GET_STATE,
     INVOCATION,
     INVOKE,
     RESULT,
@@ -544,6 +545,20 @@ async def call(session: Session, repos: Repos, bundle_uri: str, runner: str, end
     out = await _xrpc(session, repos, runner, INVOKE, gateway_url, body=body)
     if "data" in out:
         out["value"] = decode_data(out["data"])
+    return out
+
+
+async def get_state(session: Session, repos: Repos, bundle_uri: str, runner: str, *, key: str | None = None,
+                    prefix: str | None = None, cursor: str | None = None, limit: int | None = None,
+                    gateway_url: str | None = None) -> dict[str, Any]:
+    """Read the state a runner keeps for one of the author's bundles (XRPC dev.atrun.getState,
+    with a single-use service-auth token): ``{"entries": [{"key", "value"}], "cursor"?}``, the
+    values decoded. With ``key``, that key only (no entry: absent); else a page of keys."""
+    params = {name: value for name, value in (("bundle", bundle_uri), ("key", key), ("prefix", prefix), ("cursor", cursor),
+                                              ("limit", None if limit is None else str(limit))) if value is not None}
+    out = await _xrpc(session, repos, runner, GET_STATE, gateway_url, params=params)
+    entries = out.get("entries") if isinstance(out.get("entries"), list) else []
+    out["entries"] = [{"key": e.get("key"), "value": decode_data(e.get("value"))} for e in entries if isinstance(e, dict)]
     return out
 
 

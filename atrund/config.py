@@ -384,6 +384,20 @@ class StateSection(Section):
         return value
 
 
+STATE_CALL_OVERHEAD = 2048  # bytes of a set call besides its value: the key (at most 512 bytes), the envelope
+
+
+class BundleStateSection(Section):
+    """Quotas of bundles' durable key-value state (docs/protocol.md §7.6), per namespace (one
+    per bundle author and record key). A call past one fails inside the bundle
+    (StateQuotaExceeded), and nothing of that run commits."""
+
+    max_keys: int = Field(default=10_000, ge=1, description="keys one namespace may hold")
+    max_value_bytes: int = Field(default=16_384, ge=16, description="bytes of one value (its JSON text, UTF-8)")
+    max_bytes: int = Field(default=10_485_760, ge=1024, description="bytes of one namespace: its keys and values together")
+    max_ops_per_run: int = Field(default=1_000, ge=1, description="state calls (get, set, delete, list) one run may make")
+
+
 class Config(Section):
     runner: RunnerSection
     identity: IdentitySection = IdentitySection()
@@ -399,14 +413,23 @@ class Config(Section):
     secrets: SecretsSection = SecretsSection()
     logs: LogsSection = LogsSection()
     state: StateSection = StateSection()
+    bundle_state: BundleStateSection = BundleStateSection()
     _source: Path | None = PrivateAttr(default=None)  # the file it was loaded from (a running runner re-reads it)
-
 
     @model_validator(mode="after")
     def _roles_need_replicas(self) -> "Config":
         if set(self.runner.roles) != {"ingest", "execute", "gateway"} and self.state.url is None:
             raise ValueError("runner.roles: a replica of fewer roles needs a shared state.url (one SQLite runner does "
                              "everything)")
+        return self
+
+    @model_validator(mode="after")
+    def _values_fit_the_channel(self) -> Config:
+        # A set call travels as one line on the worker's answer channel, which takes max_output_bytes.
+        room = self.executor.max_output_bytes - STATE_CALL_OVERHEAD
+        if self.bundle_state.max_value_bytes > room:
+            raise ValueError(f"bundle_state.max_value_bytes ({self.bundle_state.max_value_bytes}) must leave room for the "
+                             f"call in executor.max_output_bytes: at most {room}")
         return self
 
     @property

@@ -60,12 +60,25 @@ from atrund.errors import (
     NotServed,
     PermissionsRefused,
     RemoteError,
+    StoreError,
     VersionGone,
 )
 from atrund.logbook import LogBook, NotYours
 from atrund.metrics import CONTENT_TYPE, Meters
 from atrund.pipeline import Outcome, Pipeline
-from atrund.records import BUNDLE, GET_LOGS, INVOKE, RESULT, StrongRef, check_cid, field_errors, now_iso, result_rkey
+from atrund.records import (
+    BUNDLE,
+    GET_LOGS,
+    GET_STATE,
+    INVOKE,
+    JSON_VALUE,
+    RESULT,
+    StrongRef,
+    check_cid,
+    field_errors,
+    now_iso,
+    result_rkey,
+)
 from atrund.results import build
 from atrund.schedule import Scheduler
 from atrund.sealed import SecretError
@@ -215,6 +228,36 @@ class RateLimiter:
             b.tokens -= 1.0
             return 0.0
         return (1.0 - b.tokens) / self.rate
+
+
+def parse_state_query(query: Any) -> dict[str, Any]:
+    """The parameters of dev.atrun.getState, checked; HttpError 400 naming the one that is wrong."""
+    known = {"bundle", "key", "prefix", "cursor", "limit"}
+    if unknown := sorted(set(query) - known):
+        raise HttpError(400, "InvalidRequest", f"unknown parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    out: dict[str, Any] = {}
+    for name in known:
+        values = query.getall(name, [])
+        if len(values) > 1:
+            raise HttpError(400, "InvalidRequest", f"{name}: given more than once")
+        if values:
+            out[name] = values[0]
+    if "bundle" not in out:
+        raise HttpError(400, "InvalidRequest", f"bundle: required (the AT URI of a {BUNDLE} record)")
+    try:
+        at = AtUri.parse(out["bundle"])
+    except ValueError as e:
+        raise HttpError(400, "InvalidRequest", f"bundle: {e}") from None
+    if at.collection != BUNDLE or not DID.fullmatch(at.authority):
+        raise HttpError(400, "InvalidRequest", f"bundle: must be the AT URI of a {BUNDLE} record, its author named by DID")
+    for name in ("key", "prefix", "cursor"):
+        if name in out and len(out[name].encode()) > 512:
+            raise HttpError(400, "InvalidRequest", f"{name}: at most 512 bytes")
+    if "limit" in out:
+        if not out["limit"].isdigit() or not 1 <= int(out["limit"]) <= 1000:
+            raise HttpError(400, "InvalidRequest", "limit: must be an integer from 1 to 1000")
+        out["limit"] = int(out["limit"])
+    return out
 
 
 def to_bundle_request(method: str, path: str, query: Any, headers: Any, body: bytes) -> dict[str, Any]:
@@ -371,6 +414,7 @@ class Gateway:
         args = to_bundle_request(request.method, "/" + request.match_info.get("path", ""), request.query, request.headers, body)
         out = await self.pipeline.run(ref, HANDLER, args, self.cfg.timeout, max_timeout=self.cfg.timeout, attempts=1,
                                       slot=self.scheduler.slot, queued_since=time.time())
+        self._commit_state(out)
         metrics = out.metrics
         assert metrics is not None  # a run that started has them
         total = time.monotonic() - started
@@ -395,6 +439,18 @@ class Gateway:
         if out.output:
             log.debug("bundle output", request_id=request_id, output=out.output)
         return request_id if self.logbook.note(request_id, bundle_uri, invoker, kind, out.status, out.error, out.output) else None
+
+    def _commit_state(self, out: Outcome) -> None:
+        """A successful run's writes to its bundle's state, in a transaction of their own, before
+        it is answered: a caller that has the answer can read what the run wrote."""
+        session, out.state = out.state, None
+        if session is None:
+            return
+        try:
+            self.pipeline.kv.commit_alone(session)
+        except StoreError as e:
+            raise HttpError(503, "StateNotStored", f"the bundle ran, but what it wrote to its state could not be "
+                            f"stored, so its answer is withheld: {e}", {"Retry-After": "5"}) from None
 
     def _not_too_busy(self) -> None:
         """Refuse rather than queue without bound: each waiting request holds a connection open."""
@@ -465,9 +521,10 @@ class Gateway:
 
     async def xrpc(self, request: web.Request) -> web.Response:
         nsid = request.match_info["nsid"]
-        method = {INVOKE: ("POST", "a procedure", self.invoke), GET_LOGS: ("GET", "a query", self.get_logs)}.get(nsid)
+        method = {INVOKE: ("POST", "a procedure", self.invoke), GET_LOGS: ("GET", "a query", self.get_logs),
+                  GET_STATE: ("GET", "a query", self.get_state)}.get(nsid)
         if method is None:
-            raise HttpError(501, "MethodNotImplemented", f"this runner implements only {INVOKE} and {GET_LOGS}")
+            raise HttpError(501, "MethodNotImplemented", f"this runner implements only {INVOKE}, {GET_LOGS} and {GET_STATE}")
         verb, kind, handler = method
         if request.method != verb:
             raise HttpError(405, "InvalidRequest", f"{nsid} is {kind}: use {verb}")
@@ -516,6 +573,7 @@ class Gateway:
         seen = time.time()
         out = await self.pipeline.outcome(inp.bundle, inp.endpoint, inp.args or {}, inp.timeout, queued_since=seen, attempts=1,
                                           slot=self.scheduler.slot)
+        self._commit_state(out)
         metrics = out.metrics
         if metrics is not None:
             metrics.total_ms = max(0, int((time.time() - seen) * 1000))
@@ -534,6 +592,23 @@ class Gateway:
         if inp.write_result:
             answer["result"] = await self._write_result(caller, result)
         return _json(200, answer)
+
+    async def get_state(self, request: web.Request, caller) -> web.Response:
+        """dev.atrun.getState: a bundle's committed state, for its author only (lexicons/dev/atrun/getState.json)."""
+        q = parse_state_query(request.query)
+        at = AtUri.parse(q["bundle"])
+        if caller.did != at.did:
+            raise HttpError(403, "Forbidden", f"only the bundle's author ({at.did}) may read its state; the token is {caller.did}'s")
+        if self.pipeline.kv is None:
+            raise HttpError(501, "MethodNotImplemented", "this runner keeps no bundle state")
+        entries, cursor = self.pipeline.kv.read(at.did, at.rkey, q.get("key"), q.get("prefix", ""), q.get("limit", 100),
+                                                q.get("cursor"))
+        out: dict[str, Any] = {"entries": [{"key": k, "value": {"$type": JSON_VALUE, "json": json.dumps(v, ensure_ascii=False)}}
+                                           for k, v in entries]}
+        if cursor is not None:
+            out["cursor"] = cursor
+        log.info("xrpc getState", caller=caller.did, bundle=q["bundle"], entries=len(entries))
+        return _json(200, out)
 
     async def _write_result(self, caller, result) -> dict[str, str]:
         """Also keep the answer as a result record, at a key the caller can compute:

@@ -154,6 +154,15 @@ CREATE INDEX logs_id ON logs(id);
 CREATE INDEX logs_bundle ON logs(bundle, seq);
 CREATE INDEX logs_at ON logs(at);
 """),
+    (5, "bundles' key-value state (atrund.kv)", """
+CREATE TABLE bundle_state (
+    author TEXT NOT NULL,                       -- the bundle author's DID
+    bundle TEXT NOT NULL,                       -- the bundle record's rkey
+    key    TEXT COLLATE "C" NOT NULL,           -- code point order, as SQLite's bytewise compare
+    value  TEXT NOT NULL,                       -- JSON
+    PRIMARY KEY (author, bundle, key)
+);
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 ROLES = ("ingest", "execute", "gateway")
@@ -435,6 +444,14 @@ class PgState(State):
                 await self._listen.close()
             self._listen = None
             await asyncio.sleep(timeout)
+
+    @translated
+    def state_usage(self, author: str, bundle: str) -> tuple[int, int]:
+        """As State's, in Postgres's words (octet_length: UTF-8 bytes)."""
+        keys, size = self.db.execute(
+            "SELECT count(*), coalesce(sum(octet_length(key) + octet_length(value)), 0) FROM bundle_state "
+            "WHERE author = ? AND bundle = ?", (author, bundle)).fetchone()
+        return keys, int(size)
 
     @translated
     def mark_running(self, uri: str) -> bool:

@@ -41,6 +41,7 @@ from atrund.errors import (
 )
 from atrund.execute import ExecRequest, Executor, ExecutorError
 from atrund.execute.protocol import ExecPermissions
+from atrund.kv import QUOTA, BundleState, Session
 from atrund.records import Bundle, Invocation, Metrics, Permissions, SealedSecret, StrongRef, field_errors
 from atrund.sealed import Keyring, SecretError, redact, redact_response
 
@@ -63,6 +64,15 @@ class Outcome:
     error_type: str | None = None
     bundle: StrongRef | None = None  # what the invocation pinned; None if its record names none readable
     output: str | None = None  # what the bundle printed (its last executor.output_bytes), secrets redacted
+    # A successful run's writes to its bundle's state, holding the namespace's lock: the caller
+    # commits them with the outcome (State.finish) or alone (BundleState.commit_alone), then
+    # releases them. None: nothing to commit.
+    state: Session | None = None
+
+    def release_state(self) -> None:
+        if self.state is not None:
+            self.state.release()
+            self.state = None
 
 
 # Exception -> (status, error text, error_type): the one table, first match wins (subclasses first).
@@ -90,8 +100,10 @@ def outcome_of(e: Exception, bundle: StrongRef | None = None) -> Outcome:
 
 class Pipeline:
     def __init__(self, executor: Executor, bundles: BundleStore, grants: PermissionPolicy, keyring: Keyring | None,
-                 limits: ExecutorSection, runner_did: str) -> None:
+                 limits: ExecutorSection, runner_did: str, kv: BundleState | None = None) -> None:
+        """``kv``: bundles' state; without it a run is offered none (a state call is refused)."""
         self.executor = executor
+        self.kv = kv
         self.bundles = bundles
         self.grants = grants
         self.keyring = keyring
@@ -217,24 +229,37 @@ class Pipeline:
         value verbatim: the answer is redacted here, once, for every path (atrund.sealed.redact)."""
         runtime = bundle.record.runtime
         started = time.time()
+        session = self.kv.session(bundle.ref.uri) if self.kv is not None else None
         try:
             if slot is not None:
                 async with slot():
-                    response = await self.executor.execute(request, runtime)
+                    response = await self.executor.execute(request, runtime, session)
             else:
-                response = await self.executor.execute(request, runtime)
-        except ExecutorError as err:
+                response = await self.executor.execute(request, runtime, session)
+        except BaseException as err:
+            if session is not None:
+                session.release()
+            if not isinstance(err, ExecutorError):
+                raise
             log.error("executor failed", endpoint=request.endpoint, error=str(err))
             out = outcome_of(err, bundle.ref)
             out.error = redact(out.error, request.env)
             exec_ms = None
         else:
+            if session is not None and session.failure is not None:  # the bundle may have caught it: the run fails still
+                response = response.model_copy(update={"success": False, "data": None, "response": None,
+                                                       "error": session.failure, "error_type": QUOTA})
             response = redact_response(response, request.env)
             status = "success" if response.success else ("timeout" if response.timed_out else "error")
             out = Outcome(status, data=response.data if response.success else None, error=response.error,
                           response=response.response.model_dump(by_alias=True) if response.response else None,
                           error_type=response.error_type, bundle=bundle.ref, output=response.output)
             exec_ms = response.metrics.execution_time_ms
+            if session is not None:
+                if status == "success" and session.writes() is not None:
+                    out.state = session
+                else:
+                    session.release()
         out.metrics = Metrics(execution_time_ms=exec_ms, queued_ms=max(0, int((started - queued_since) * 1000)),
                               isolation=self.executor.isolation, runtime=runtime)
         return out

@@ -30,6 +30,7 @@ RUNNER = "dev.atrun.runner"
 SCHEDULE = "dev.atrun.schedule"
 TRIGGER = "dev.atrun.trigger"
 INVOKE = "dev.atrun.invoke"  # the XRPC procedure (lexicons/dev/atrun/invoke.json)
+GET_STATE = "dev.atrun.getState"  # the XRPC query for a bundle's state (lexicons/dev/atrun/getState.json)
 GET_LOGS = "dev.atrun.getLogs"  # the XRPC query of a run's output (lexicons/dev/atrun/getLogs.json)
 JSON_VALUE = "dev.atrun.defs#jsonValue"
 

@@ -5,7 +5,8 @@
   its author has not deleted or replaced it meanwhile (``still_posted``);
 - the claim (pending -> running, in the state store) that makes a run happen at most once;
 - the record: the outcome becomes a result record queued on the outbox, in one transaction with
-  "done"; an outcome the store cannot take yet is held and recorded once it answers;
+  "done" and with what the run wrote to its bundle's state (atrund.kv); an outcome the store
+  cannot take yet is held (its namespace stays locked) and recorded once it answers;
 - what a stop leaves: at the next start (``recover``), or at the shutdown deadline
   (``interrupt_running``), an invocation that was running gets an "interrupted" result; it is
   never started again.
@@ -29,6 +30,7 @@ from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri, authority
 from atrund.config import LimitsSection
 from atrund.errors import AtrundError, NotFound
+from atrund.kv import Session
 from atrund.logbook import LogBook
 from atrund.metrics import Meters
 from atrund.pipeline import Outcome, Pipeline, outcome_of
@@ -59,7 +61,8 @@ class Runs:
         self.scheduler = Scheduler(self._guarded, self._reject_backlog, concurrency, limits.per_author_concurrency,
                                    limits.per_author_per_minute, limits.per_author_burst, limits.per_author_backlog,
                                    check=self.still_posted)
-        self.held: list[tuple[str, str, dict[str, Any] | None]] = []  # outcomes the state store could not take yet
+        # Outcomes the state store could not take yet: (uri, status, result record, state writes).
+        self.held: list[tuple[str, str, dict[str, Any] | None, Session | None]] = []
         self._held_wake = asyncio.Event()
         self.denied = 0  # access withdrawn while they waited (ingest counts the ones denied on arrival)
         self.queued: set[str] = set()  # a shared store: the assigned invocations this replica's scheduler holds
@@ -130,12 +133,15 @@ class Runs:
             self.interrupt_running()
         if self.held:
             log.error("outcomes not recorded: the state store still fails; these invocations will read as interrupted",
-                      count=len(self.held), uris=[uri for uri, _, _ in self.held][:20])
+                      count=len(self.held), uris=[uri for uri, *_ in self.held][:20])
+            for *_, session in self.held:
+                if session is not None:
+                    session.release()
 
     def interrupt_running(self) -> None:
         """The shutdown deadline passed: every invocation still marked running (and not held,
         finished) gets its interrupted result now rather than at the next start."""
-        held = {uri for uri, _, _ in self.held}
+        held = {uri for uri, *_ in self.held}
         try:
             running = [inv for inv in self.state.with_state("running") if inv.uri not in held
                        and (inv.uri in self.queued or not self.state.shared)]  # replicas: only this one's
@@ -283,7 +289,10 @@ class Runs:
         self.logbook.note(inv.uri, result.bundle.uri, inv.author, kind, result.status, result.error, out.output)
         self.meters.finished(kind, result.status, metrics.runtime, metrics.execution_time_ms, metrics.total_ms / 1000)
         keep = wanted == "all" or (wanted == "errors" and result.status != "success")
-        self.held.append((inv.uri, result.status, result.to_record() if keep else None))
+        if result.status != "success":
+            out.release_state()  # build() refused the answer: nothing of the run commits
+        self.held.append((inv.uri, result.status, result.to_record() if keep else None, out.state))
+        out.state = None  # the held entry owns it now
         self.store_held()
 
     def store_held(self) -> None:
@@ -291,15 +300,17 @@ class Runs:
         the store cannot take stays held, and the held-outcomes loop tries again: a finished run is
         never relabelled "interrupted" because the store failed for a while."""
         while self.held:
-            uri, status, record = self.held[0]
+            uri, status, record, session = self.held[0]
             try:
-                self.state.finish(uri, status, result_rkey(uri), record)
+                self.state.finish(uri, status, result_rkey(uri), record, session.writes() if session else None)
             except StoreError as e:
                 log.warning("outcome held: the state store failed; it is recorded once the store answers", uri=uri,
                             error=str(e), held=len(self.held))
                 self._held_wake.set()
                 return
             self.held.pop(0)
+            if session is not None:
+                session.release()
             self.writer.wake()
 
     async def record_held(self) -> None:

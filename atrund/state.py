@@ -112,6 +112,20 @@ CREATE INDEX IF NOT EXISTS logs_at ON logs(at);
 """
 
 
+# Bundles' durable key-value state (atrund.kv): one namespace per (author DID, bundle rkey). A
+# run's writes are applied in the transaction that stores its outcome (``finish``), or in one of
+# their own (``commit_bundle_state``: gateway and XRPC runs, which store no outcome).
+BUNDLE_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bundle_state (
+    author TEXT NOT NULL,                   -- the bundle author's DID
+    bundle TEXT NOT NULL,                   -- the bundle record's rkey
+    key    TEXT NOT NULL,
+    value  TEXT NOT NULL,                   -- JSON
+    PRIMARY KEY (author, bundle, key)
+) WITHOUT ROWID;
+"""
+
+
 def translated(method):
     """The backend's exceptions (its class's ``ERRORS``) as StoreError, and ``failing`` kept
     current: the one place they are translated, for both backends. A successful call clears
@@ -134,7 +148,7 @@ def translated(method):
 
 
 READS = {"take_over", "cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
-          "inactive_accounts", "standing", "logs"}
+         "inactive_accounts", "standing", "logs", "state_value", "state_keys", "state_usage"}
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,15 @@ class Standing:
     cid: str
     value: dict[str, Any]
     next_at: float | None = None
+
+
+@dataclass(frozen=True)
+class BundleWrites:
+    """What one run wrote to its bundle's state: key -> JSON text, or None for a delete."""
+
+    author: str
+    bundle: str
+    items: dict[str, str | None]
 
 
 @dataclass(frozen=True)
@@ -205,7 +228,8 @@ class Store(Protocol):
     def pending(self, uri: str) -> Stored | None: ...
     def mark_running(self, uri: str) -> bool: ...
     def deny(self, uri: str) -> bool: ...
-    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None) -> bool: ...
+    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None,
+               writes: BundleWrites | None = None) -> bool: ...
     def refuse_reused(self, uri: str, cid: str, value: dict[str, Any], status: str, rkey: str,
                       record: dict[str, Any]) -> bool: ...
     def status_of(self, uri: str) -> tuple[str, str | None] | None: ...
@@ -229,6 +253,12 @@ class Store(Protocol):
     def logs(self, *, id: str | None = None, bundle: str | None = None, after: int | None = None,
              limit: int = 50) -> list[LogEntry]: ...
     def forget_logs(self, before: float, keep: int) -> int: ...
+    def state_value(self, author: str, bundle: str, key: str) -> str | None: ...
+    def state_keys(self, author: str, bundle: str, prefix: str = "", after: str | None = None,
+                   limit: int | None = None) -> list[tuple[str, str]]: ...
+    def state_usage(self, author: str, bundle: str) -> tuple[int, int]: ...
+    def commit_bundle_state(self, writes: BundleWrites) -> None: ...
+    def drop_bundle_state(self, author: str, bundle: str, keys: list[str] | None = None) -> int: ...
 
 
 class State:
@@ -260,6 +290,7 @@ class State:
         self.db.executescript(SCHEMA)
         self.db.executescript(INACTIVE_SCHEMA)
         self.db.executescript(STANDING_SCHEMA)
+        self.db.executescript(BUNDLE_STATE_SCHEMA)
         self.db.executescript(LOGS_SCHEMA)
 
     def close(self) -> None:
@@ -380,11 +411,14 @@ class State:
         return self._leave_pending(uri, "denied")
 
     @translated
-    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None) -> bool:
-        """Mark an invocation done and queue its result record (None: no result is written, as a
-        trigger's ``results`` may ask), in one transaction.
+    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None,
+               writes: BundleWrites | None = None) -> bool:
+        """Mark an invocation done, queue its result record (None: no result is written, as a
+        trigger's ``results`` may ask) and apply what the run wrote to its bundle's state, in
+        one transaction.
 
-        Only once: an invocation that is already done keeps its first result (False).
+        Only once: an invocation that is already done keeps its first result (False), and its
+        ``writes`` are not applied.
         """
         now = time.time()
         with self._tx():
@@ -399,6 +433,8 @@ class State:
                     "INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
                     (uri, rkey, json.dumps(record), now),
                 )
+            if writes is not None:
+                self._apply(writes)
         return True
 
     @translated
@@ -471,6 +507,65 @@ class State:
     def move_schedule(self, uri: str, cid: str, next_at: float | None) -> None:
         """Skip a schedule's ticks up to ``next_at`` without running them (catchUp none, a refused schedule)."""
         self.db.execute("UPDATE standing SET next_at = ? WHERE uri = ? AND cid = ?", (next_at, uri, cid))
+
+    # -- bundles' state (atrund.kv) -------------------------------------------------------
+
+    @translated
+    def state_value(self, author: str, bundle: str, key: str) -> str | None:
+        """The committed value of a key (JSON text), or None."""
+        row = self.db.execute("SELECT value FROM bundle_state WHERE author = ? AND bundle = ? AND key = ?",
+                              (author, bundle, key)).fetchone()
+        return row[0] if row else None
+
+    @translated
+    def state_keys(self, author: str, bundle: str, prefix: str = "", after: str | None = None,
+                   limit: int | None = None) -> list[tuple[str, str]]:
+        """Committed (key, value) pairs that start with ``prefix``, after ``after``, in key order
+        (code point order: SQLite compares the UTF-8 bytes); at most ``limit``."""
+        sql = "SELECT key, value FROM bundle_state WHERE author = ? AND bundle = ? AND key >= ?"
+        params: list[Any] = [author, bundle, max(prefix, after or "")]
+        if after is not None:
+            sql += " AND key > ?"
+            params.append(after)
+        if (end := _prefix_end(prefix)) is not None:
+            sql += " AND key < ?"
+            params.append(end)
+        sql += " ORDER BY key"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self.db.execute(sql, params).fetchall()
+
+    @translated
+    def state_usage(self, author: str, bundle: str) -> tuple[int, int]:
+        """Keys in a namespace and their bytes (keys and values, UTF-8)."""
+        keys, size = self.db.execute(
+            "SELECT count(*), total(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))) FROM bundle_state "
+            "WHERE author = ? AND bundle = ?", (author, bundle)).fetchone()
+        return keys, int(size)
+
+    @translated
+    def commit_bundle_state(self, writes: BundleWrites) -> None:
+        """Apply a run's writes in a transaction of their own (a gateway or XRPC run)."""
+        with self._tx():
+            self._apply(writes)
+
+    @translated
+    def drop_bundle_state(self, author: str, bundle: str, keys: list[str] | None = None) -> int:
+        """Delete ``keys`` of a namespace (None: all of it); returns how many were deleted."""
+        with self._tx():
+            if keys is None:
+                return self.db.execute("DELETE FROM bundle_state WHERE author = ? AND bundle = ?", (author, bundle)).rowcount
+            return sum(self.db.execute("DELETE FROM bundle_state WHERE author = ? AND bundle = ? AND key = ?",
+                                       (author, bundle, key)).rowcount for key in keys)
+
+    def _apply(self, writes: BundleWrites) -> None:
+        ns = (writes.author, writes.bundle)
+        self.db.executemany("INSERT INTO bundle_state(author, bundle, key, value) VALUES (?,?,?,?) "
+                            "ON CONFLICT (author, bundle, key) DO UPDATE SET value = excluded.value",
+                            [(*ns, k, v) for k, v in writes.items.items() if v is not None])
+        self.db.executemany("DELETE FROM bundle_state WHERE author = ? AND bundle = ? AND key = ?",
+                            [(*ns, k) for k, v in writes.items.items() if v is None])
 
     # -- inactive accounts (atrund.ingest.inactive) ---------------------------------------
 
@@ -595,6 +690,16 @@ class State:
 
     def _tx(self):
         return _Transaction(self.db)
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound)."""
+    while prefix and prefix[-1] == "\U0010ffff":
+        prefix = prefix[:-1]
+    if not prefix:
+        return None
+    following = ord(prefix[-1]) + 1
+    return prefix[:-1] + chr(0xE000 if 0xD800 <= following <= 0xDFFF else following)  # surrogates are no keys' code points
 
 
 class _Transaction:

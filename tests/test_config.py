@@ -145,3 +145,11 @@ def test_a_url_without_its_scheme_is_refused_by_name(tmp_path):
         with pytest.raises(config.ConfigError, match=message):
             config.load(write(tmp_path, text))
     assert config.load(write(tmp_path, MINIMAL + '[ingest]\nfirehose_url = "wss://relay.example"\n')).ingest.firehose_url
+
+
+def test_bundle_state_quotas_default_as_documented_and_values_fit_the_channel(tmp_path):
+    q = config.load(write(tmp_path, MINIMAL)).bundle_state
+    assert (q.max_keys, q.max_value_bytes, q.max_bytes, q.max_ops_per_run) == (10_000, 16_384, 10_485_760, 1_000)
+    with pytest.raises(config.ConfigError, match=r"bundle_state\.max_value_bytes \(70000\) must leave room for the call in "
+                                                 r"executor\.max_output_bytes: at most 63488"):
+        config.load(write(tmp_path, MINIMAL + "[bundle_state]\nmax_value_bytes = 70000\n"))

@@ -29,8 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESERVED = {0, 1, 2, 3, 4}  # done, a bug, usage, status not success, no result in time (README)
 # Exceptions that never leave their module: the gateway's HTTP answer, the SDK answer the
 # session translates into a RemoteError where it is raised, and the fork server's unwinding
-# into a worker's at-run-exec (a separate stdlib-only program, not the runner's code).
-INTERNAL = {"atrund.gateway.HttpError", "atrund.atproto.session._BadAnswer", "atrund.execute.process.forkserver.Become"}
+# into a worker's at-run-exec (a separate stdlib-only program, not the runner's code), a refused
+# state call, which atrund.kv answers inside the bundle, and logs that are not the caller's, which
+# the gateway answers with 403.
+INTERNAL = {"atrund.gateway.HttpError", "atrund.atproto.session._BadAnswer", "atrund.execute.process.forkserver.Become",
+            "atrund.kv._Refused", "atrund.logbook.NotYours"}
 
 
 def _all_modules():

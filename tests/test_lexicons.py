@@ -76,7 +76,8 @@ def lexicon_type(annotation) -> str:
 def test_every_lexicon_is_a_valid_v1_document():
     docs = load_all()
     assert set(docs) == {"dev.atrun.defs", "dev.atrun.bundle", "dev.atrun.invocation", "dev.atrun.result", "dev.atrun.runner",
-                         "dev.atrun.invoke", "dev.atrun.getLogs", "dev.atrun.schedule", "dev.atrun.trigger"}
+                         "dev.atrun.invoke", "dev.atrun.getLogs", "dev.atrun.getState", "dev.atrun.schedule",
+                         "dev.atrun.trigger"}
     for nsid, doc in docs.items():
         assert doc["lexicon"] == 1
         for name, d in doc["defs"].items():

@@ -47,6 +47,9 @@ def test_records_we_write_are_valid():
                                     created_at=now_iso()).to_record()),
         ("dev.atrun.result", results.build(None, BUNDLE, "success", data={"a": 1}, caller="did:plc:xyz", metrics=m).to_record()),
         ("dev.atrun.invoke#input", {"bundle": BUNDLE.to_record(), "endpoint": "main", "args": {"k": 1}, "writeResult": True}),
+        ("dev.atrun.getState#output", {"entries": [{"key": "n", "value": {"$type": "dev.atrun.defs#jsonValue", "json": "20"}}],
+                                       "cursor": "n"}),
+        ("dev.atrun.getState#output", {"entries": []}),
         ("dev.atrun.invoke#output", {**results.build(None, BUNDLE, "timeout", error="timed out", caller="did:plc:xyz").to_record(),
                                      "result": BUNDLE.to_record(), "requestId": "3kabcdefghi2c"}),
         ("dev.atrun.getLogs#params", {"bundle": BUNDLE.uri, "cursor": "12", "limit": 20}),
@@ -82,6 +85,7 @@ def test_the_validator_rejects_what_we_must_not_write():
         ("dev.atrun.result", {"invocation": INV.to_record(), "bundle": BUNDLE.to_record(), "status": "success",
                               "createdAt": now_iso(), "metrics": {"totalMs": 1.5}}),  # a float
         ("dev.atrun.invoke#input", {"bundle": BUNDLE.to_record()}),  # no endpoint
+        ("dev.atrun.getState#output", {"entries": [{"key": "n", "value": 20}]}),  # a value must be a jsonValue
         ("dev.atrun.result", {"bundle": BUNDLE.to_record(), "status": "success", "createdAt": now_iso(), "caller": "bob"}),  # not a DID
     ]
-    assert [r["ok"] for r in validate(bad)] == [False] * 5
+    assert [r["ok"] for r in validate(bad)] == [False] * 6

@@ -151,6 +151,23 @@ def test_logs_are_kept_in_order_read_by_run_or_bundle_and_forgotten(open_store):
     assert [e.output for e in store.logs(bundle="at://b/bundle/1")] == ["out 2", "out 3", "out 4"]
 
 
+def test_bundle_state_commits_with_the_outcome_in_code_point_order(open_store):
+    from atrund.state import BundleWrites
+
+    store = open_store()
+    store.accept(A, "did:plc:a", "c", {})
+    writes = BundleWrites("did:plc:a", "b1", {"b": '"2"', "a": '"1"', "\u00e9": '"3"', "z": None})
+    assert store.finish(A, "success", "rk", {"status": "success"}, writes)
+    assert not store.finish(A, "success", "rk", {}, BundleWrites("did:plc:a", "b1", {"a": '"no"'})), "only once"
+    assert store.state_value("did:plc:a", "b1", "a") == '"1"'
+    assert [k for k, _ in store.state_keys("did:plc:a", "b1")] == ["a", "b", "\u00e9"]
+    assert [k for k, _ in store.state_keys("did:plc:a", "b1", after="a", limit=1)] == ["b"]
+    assert store.state_usage("did:plc:a", "b1") == (3, 1 + 3 + 1 + 3 + 2 + 3)
+    store.commit_bundle_state(BundleWrites("did:plc:a", "b1", {"a": '"again"', "b": None}))
+    assert store.state_value("did:plc:a", "b1", "a") == '"again"' and store.state_value("did:plc:a", "b1", "b") is None
+    assert store.drop_bundle_state("did:plc:a", "b1", ["a"]) == 1 and store.drop_bundle_state("did:plc:a", "b1") == 1
+
+
 # -- Postgres's own ------------------------------------------------------------------------
 
 def test_postgres_migrations_are_versioned_and_applied_once(pg_url):

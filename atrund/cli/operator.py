@@ -1,4 +1,4 @@
-"""Commands for a runner's operator: serve, check-config, access, quarantine, state, keys, and exec (a
+"""Commands for a runner's operator: serve, check-config, access, quarantine, keys, and exec (a
 bundle file run locally under the fence a runner would use)."""
 
 from __future__ import annotations
@@ -249,30 +249,6 @@ quarantine_retry = _quarantine_action(
     "retry", "Put items back where they came from: a result onto the outbox, a frame or record into ingest.", "ask_retry",
     "{n} item(s) marked for retry; a running runner takes them within a few seconds (else at its next start)")
 quarantine_drop = _quarantine_action("drop", "Forget items for good.", "drop", "dropped {n} item(s)")
-
-
-# -- state ---------------------------------------------------------------------------------
-
-@main.group()
-def state() -> None:
-    """The runner's state store (SQLite in state.dir, or Postgres at state.url)."""
-
-
-@state.command("migrate")
-@config_option
-def state_migrate(config_path: Path) -> None:
-    """Bring the state database's schema up to date (`serve` does it too, at every start). Safe
-    while runners use the database: each migration is applied once, under a lock."""
-    cfg = load_config(config_path)
-    if cfg.state.url is None:
-        err.print(f"[green]ok[/green]: SQLite in {cfg.state.dir}: its schema is brought up to date whenever a runner "
-                  "opens it; nothing to migrate")
-        return
-    from atrund.pgstate import migrate_url, where
-
-    before, after = migrate_url(cfg.state.url)
-    did = f"migrated from version {before} to {after}" if after != before else f"already at version {after}"
-    err.print(f"[green]ok[/green]: {where(cfg.state.url)}: schema {did}")
 
 
 # -- keys ----------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ INVOCATIONS = [
     ("hello.ts", "greet", {"name": "Grace"}),
     ("hello.mjs", "greet", {"name": "Linus"}),
     ("signed.py", "sign", {"message": "hello"}),  # its key arrives as a sealed secret
+    ("counter.py", "hit", {"name": "ada"}),  # durable state (ctx.state): 1, 2, 3 across runs
+    ("counter.py", "hit", {"name": "grace"}),
+    ("counter.py", "hit", {"name": "ada"}),
 ]
 SIGNING_KEY = "demo-signing-key-0123456789"  # sealed to the runner by `bundle publish --secret`
 RUNTIME = {extension: name for name, extension in declared(RUNTIMES_DIR).items()}  # by file extension
@@ -139,6 +142,10 @@ def run_author_side(stack: LocalStack, alice, runner) -> None:
     leaked = SIGNING_KEY in json.dumps(out) or SIGNING_KEY in (ROOT / "demo-state" / "runner.log").read_text()
     console.print(f"signed.py's key was sealed to the runner's key in its bundle record; it appears in the result record "
                   f"or the runner's log: [bold]{'YES (a bug)' if leaked else 'no'}[/bold]")
+    rkey = bundles["counter.py"]["uri"].rsplit("/", 1)[1]
+    console.print("counter.py kept its count in its state on the runner, committed with each result; alice reads it:")
+    _, hits = atrund(["state", "get", "--runner", runner.did, "--bundle", rkey, "--json"], env)
+    console.print(f"  → {json.dumps(hits)}")
     console.print("Anyone can read a result by its URI (no login):")
     _, got = atrund(["result", "get", out["result"], "--plc-url", stack.plc_url, "--json"], env)
     console.print(f"  → {got['status']}: {json.dumps(got.get('value'))}")

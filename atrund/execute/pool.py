@@ -36,7 +36,16 @@ import structlog
 from atrund.bounds import Malformed
 from atrund.execute import procs
 from atrund.execute.base import ExecutorError, PoolStats
-from atrund.execute.protocol import ExecPermissions, ExecRequest, ExecResponse, parse_answer, parse_ready
+from atrund.execute.protocol import (
+    STATE_PREFIX,
+    ExecPermissions,
+    ExecRequest,
+    ExecResponse,
+    StateHandler,
+    parse_answer,
+    parse_ready,
+    parse_state_call,
+)
 from atrund.execute.runtimes import Runtime, load_runtimes
 from atrund.records import data_problem
 
@@ -467,8 +476,10 @@ class WorkerPool:
 
     # -- one request ---------------------------------------------------------------------
 
-    async def execute(self, request: ExecRequest, runtime: str) -> ExecResponse:
+    async def execute(self, request: ExecRequest, runtime: str, state: StateHandler | None = None) -> ExecResponse:
         """Run one request: in a hot worker of its reuse key, a warm one, or a new one.
+        ``state``: what answers the run's state calls (atrund.kv); without it the run is offered
+        no state, and a state call is refused.
 
         The seed passes a MIME type to pick the runtime; a bundle record names its runtime
         explicitly, so that name is what selects the worker here."""
@@ -485,7 +496,7 @@ class WorkerPool:
             lease = await self._take(rt, request, key)
             kept = False
             try:
-                response, clean = await self._run(lease, request)
+                response, clean = await self._run(lease, request, state)
                 kept = self._keep(lease, key, response, clean)
             finally:
                 if not kept:
@@ -500,18 +511,21 @@ class WorkerPool:
             self._counts["timeouts"] += 1
         return response
 
-    async def _run(self, lease: _Lease, request: ExecRequest) -> tuple[ExecResponse, bool]:
+    async def _run(self, lease: _Lease, request: ExecRequest, state: StateHandler | None) -> tuple[ExecResponse, bool]:
         """The worker's answer, and whether it was clean: an answer line that follows the
         protocol (the bundle may still have failed), so the worker may serve again."""
         worker = lease.worker
         if lease.staged is None or lease.staged[0] != request.code_path:
             lease.staged = (request.code_path, worker.stage(request.code_path))
-        request = request.model_copy(update={"code_path": lease.staged[1]})
+        # A fresh run id per request: a state call that carries another (left over from an
+        # earlier request of this worker, or made up) is out of turn.
+        run = os.urandom(12).hex() if state is not None else None
+        request = request.model_copy(update={"code_path": lease.staged[1], "run": run})
         lease.served += 1
         lease.output.buf.clear()
         began = time.monotonic()
         try:
-            response, clean = await self._exchange(lease, request)
+            response, clean = await self._exchange(lease, request, state)
         finally:
             lease.active += time.monotonic() - began
         await lease.output.caught_up()
@@ -520,18 +534,19 @@ class WorkerPool:
         response.output = (lease.output.text(keep) or None) if keep else None
         return response, clean
 
-    async def _exchange(self, lease: _Lease, request: ExecRequest) -> tuple[ExecResponse, bool]:
+    async def _exchange(self, lease: _Lease, request: ExecRequest, state: StateHandler | None) -> tuple[ExecResponse, bool]:
         worker = lease.worker
+        # A one-request worker's stdin stays open while it may still make state calls.
+        # False: the worker is gone, and reading its answer below says how.
+        await _send(worker, request.to_json().encode() + b"\n", close=not lease.reuse and state is None)
         try:
-            worker.stdin.write(request.to_json().encode() + b"\n")
-            await worker.stdin.drain()
-            if not lease.reuse:
-                worker.stdin.close()
-        except (ConnectionError, BrokenPipeError):
-            pass  # the worker is gone; reading its answer below says how
-        try:
-            async with asyncio.timeout(request.timeout):
-                line = await worker.stdout.readline()
+            async with asyncio.timeout(request.timeout):  # state calls count against the deadline too
+                while (line := await worker.stdout.readline()).startswith(STATE_PREFIX):
+                    if len(line) > self.settings.max_output_bytes:
+                        return _fail(f"state call larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge"), False
+                    refused = await _answer_state(worker, line, request.run, state)
+                    if refused is not None:
+                        return refused, False
         except TimeoutError:
             return _fail(f"timed out after {request.timeout} s", "Timeout", timed_out=True, elapsed_s=request.timeout), False
         except ValueError:  # asyncio's StreamReader limit: the line is longer than allowed
@@ -551,6 +566,34 @@ class WorkerPool:
         if len(line) > self.settings.max_output_bytes:
             return _fail(f"answer larger than {self.settings.max_output_bytes} bytes", "OutputTooLarge"), False
         return _checked(line, request.timeout)
+
+
+async def _send(worker: Worker, data: bytes, close: bool = False) -> bool:
+    """Write to the worker's stdin; False if it is gone (reading its output says how)."""
+    try:
+        worker.stdin.write(data)
+        await worker.stdin.drain()
+        if close:
+            worker.stdin.close()
+    except (ConnectionError, BrokenPipeError):
+        return False
+    return True
+
+
+async def _answer_state(worker: Worker, line: bytes, run: str | None, state: StateHandler | None) -> ExecResponse | None:
+    """Answer one state call on the worker's stdin; or the failure that ends the run (not clean)
+    when the line is not a StateCall, or is one out of turn: this run offers no state, or the
+    call names another run. The state itself (keys, values, quotas) answers in the reply."""
+    try:
+        call = parse_state_call(line)
+    except Malformed as e:
+        return _fail(f"at-run-exec sent a state call that is not a StateCall: {e}", "ProtocolError")
+    if state is None or call.run != run:
+        return _fail("at-run-exec sent a state call out of turn (not for the request being run"
+                     + (", which is offered no state)" if state is None else ")"), "ProtocolError")
+    reply = await state.call(call)
+    await _send(worker, reply.to_json().encode() + b"\n")
+    return None
 
 
 def _checked(line: bytes, timeout: int) -> tuple[ExecResponse, bool]:

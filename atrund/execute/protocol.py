@@ -5,6 +5,10 @@ ExecRequest JSON line on stdin, writes one ExecResponse JSON line on stdout, and
 that can serve several requests of one reuse key says so in its ready line
 (``{"ready": true, "reuse": true}``): it then reads the next request line after each answer, and
 exits when stdin ends. The runner decides whether it gets another (docs/protocol.md §7.1).
+During a run the worker may ask for the bundle's state (docs/protocol.md §7.6): a StateCall
+line on stdout, which the runner answers with one StateReply line on stdin before it reads on;
+the run's answer line still ends the request. A state call carries the request's ``run``, so
+one that does not belong to the request being run is refused.
 ``nix/runtimes/exec-protocol.schema.json`` is exported from these models (``atrund schema``);
 a test keeps it current.
 
@@ -17,7 +21,7 @@ milliseconds between 0 and MAX_METRIC_MS) and turns one that breaks a rule into 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
@@ -90,6 +94,8 @@ class ExecRequest(_Msg):
     permissions: ExecPermissions = ExecPermissions()
     env: dict[str, str] = {}
     timeout: int = Field(default=30, ge=1)
+    run: str | None = Field(default=None, description="set when the runner offers the bundle's state in this run: "
+                                                      "every StateCall of the run carries it (§7.6)")
 
 
 class ExecHttpResponse(_Msg):
@@ -139,6 +145,40 @@ class ExecResponse(_Msg):
     metrics: ExecMetrics = ExecMetrics()
 
 
+class StateCall(_Msg):
+    """A worker's request for the bundle's state during a run: a line on stdout that starts with
+    exactly ``{"state":``. ``get`` and ``delete`` take ``key``, ``set`` ``key`` and ``value``,
+    ``list`` ``prefix``, ``limit`` and ``cursor``. What a key or value may be (length, the AT
+    data model, quotas) is the runner's answer (StateReply), not a protocol error."""
+
+    state: Annotated[Literal["get", "set", "delete", "list"],
+                     _rule("state", "must be one of get, set, delete, list", lambda v: v in ("get", "set", "delete", "list"))]
+    run: Text
+    key: Text | None = None
+    value: Any = None
+    prefix: Text | None = None
+    limit: _int_between(1, 1000) | None = None  # type: ignore[valid-type]
+    cursor: Text | None = None
+
+
+class StateReply(_Msg):
+    """The runner's answer to one StateCall, one line on the worker's stdin. ``ok`` false: the
+    call fails inside the bundle with ``error`` (``errorType`` e.g. StateError, StateQuotaExceeded)."""
+
+    ok: bool
+    value: Any = None  # get: the value, null when the key is absent
+    keys: list[str] | None = None  # list: the keys, in order
+    cursor: str | None = None  # list: pass it back for the next page; absent at the end
+    error: str | None = None
+    error_type: str | None = None
+
+
+class StateHandler(Protocol):
+    """What answers a run's state calls (atrund.kv); the pool relays them."""
+
+    async def call(self, call: StateCall) -> StateReply: ...
+
+
 READY = {"ready": True}
 READY_FOR_MANY = {"ready": True, "reuse": True}
 
@@ -181,6 +221,19 @@ def parse_answer(line: bytes) -> ExecResponse:
         raise bounds.Malformed(answer_problem(e)) from None
 
 
+STATE_PREFIX = b'{"state":'  # how a state call line starts; anything else is the answer
+
+
+def parse_state_call(line: bytes) -> StateCall:
+    """The StateCall in a worker's line (one that starts with STATE_PREFIX). Raises
+    ``bounds.Malformed`` as ``parse_answer`` does."""
+    value = bounds.loads(line, "the state call")
+    try:
+        return StateCall.model_validate(value, context=ANSWER)
+    except ValidationError as e:
+        raise bounds.Malformed(answer_problem(e)) from None
+
+
 def schema() -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -188,5 +241,7 @@ def schema() -> dict[str, Any]:
         "$defs": {
             "ExecRequest": ExecRequest.model_json_schema(by_alias=True),
             "ExecResponse": ExecResponse.model_json_schema(by_alias=True),
+            "StateCall": StateCall.model_json_schema(by_alias=True),
+            "StateReply": StateReply.model_json_schema(by_alias=True),
         },
     }

@@ -125,6 +125,7 @@ function answer(line) {
   if (settle === null) return;
   const done = settle;
   settle = null;
+  currentRun = null; // the job's ctx.state ends with its answer
   done(line);
 }
 
@@ -304,6 +305,71 @@ async function shapeResponse(value) {
   return null;
 }
 
+// -- the bundle's state (docs/protocol.md §7.6) ----------------------------------------------
+// An endpoint that declares a second parameter (its length is 2 or more: one without a default)
+// gets ctx as its second argument; one written before ctx existed is called as before. ctx.state: get(key), set(key, value), delete(key),
+// list(prefix = "", limit = 100, cursor), each returning a promise. A call is a line on the
+// answer channel (with the token, like the answer: a line the bundle writes itself is dropped),
+// answered by the runner with one line on stdin before anything else runs. Each job's ctx
+// knows its job's run: a call made after the job answered (a continuation left behind) fails
+// instead of landing in another request.
+
+let currentRun = null; // the run id of the job being served; null between jobs
+const NO_STATE = "state is not available in this run (atrund exec offers none)";
+
+function stateError(text, name) {
+  const e = new Error(text);
+  e.name = name;
+  return e;
+}
+
+function stateCall(run, op, fields) {
+  if (run == null) throw stateError(NO_STATE, "StateError");
+  if (run !== currentRun) throw stateError("this ctx belongs to a request that has ended", "StateError");
+  send(`{"state":"${op}","run":${stringify(run)}${fields}}`);
+  const reply = nextJob();
+  if (reply === null || typeof reply !== "object") {
+    throw stateError("the runner did not answer the state call", "StateUnavailable");
+  }
+  if (reply.ok !== true) throw stateError(toText(reply.error ?? "the state call failed"), toText(reply.errorType ?? "StateError"));
+  return reply;
+}
+
+function stateText(value, what) {
+  if (typeof value !== "string") throw new TypeError(`a state ${what} must be a string, not ${typeof value}`);
+  return stringify(value);
+}
+
+function contextFor(job) {
+  const run = typeof job.run === "string" ? job.run : null;
+  const state = Object.freeze({
+    async get(key) {
+      return stateCall(run, "get", `,"key":${stateText(key, "key")}`).value ?? null;
+    },
+    async set(key, value) {
+      const keyText = stateText(key, "key");
+      let text;
+      try {
+        text = stringify(value, strictJson);
+      } catch (e) {
+        throw new TypeError(`the value is not JSON: ${message(e)}`);
+      }
+      if (typeof text !== "string") throw new TypeError("the value is not JSON");
+      stateCall(run, "set", `,"key":${keyText},"value":${text}`);
+    },
+    async delete(key) {
+      stateCall(run, "delete", `,"key":${stateText(key, "key")}`);
+    },
+    async list(prefix = "", limit = 100, cursor = undefined) {
+      if (!Number.isInteger(limit) || limit < 1 || limit > 1000) throw new RangeError("limit must be an integer from 1 to 1000");
+      const after = cursor == null ? "" : `,"cursor":${stateText(cursor, "cursor")}`;
+      const reply = stateCall(run, "list", `,"prefix":${stateText(prefix, "prefix")},"limit":${limit}${after}`);
+      return { keys: reply.keys ?? [], cursor: reply.cursor ?? null };
+    },
+  });
+  return Object.freeze({ state });
+}
+
 // -- the call --------------------------------------------------------------------------------
 
 function isEndpoint(value) {
@@ -387,7 +453,8 @@ async function call(job) {
   callStarted = now();
   let value;
   try {
-    value = mod[endpoint](args);
+    const fn = mod[endpoint];
+    value = fn.length >= 2 ? fn(args, contextFor(job)) : fn(args);
     if (value !== null && (typeof value === "object" || typeof value === "function") && typeof value.then === "function") {
       value = await value;
     }
@@ -412,6 +479,7 @@ async function call(job) {
 for (let next = job; next !== null; next = nextJob()) {
   const line = await new Promise((resolve) => {
     settle = resolve;
+    currentRun = typeof next.run === "string" ? next.run : null;
     call(next).then(answer, (e) => answer(failure(describe(e), errorName(e))));
   });
   endTimers();
