@@ -12,17 +12,19 @@ whose statements are written in the SQL both speak (upserts with ON CONFLICT; ``
 which ``_Connection`` turns into psycopg's ``%s``). So a method added to State serves both, once
 its table is in ``MIGRATIONS`` here. The driver is psycopg 3, used synchronously on one
 connection in autocommit mode with explicit transactions, like the SQLite store (calls are short
-and the callers expect them to return before the next one). Claims are plain SQL on the tables below: no queue library keeps our
-per-author order, our fairness and our at-most-once claim together, and the scheduler
-(atrund.schedule) already owns order and fairness.
+and the callers expect them to return before the next one). Claims are plain SQL on the tables
+below: no queue library keeps our per-author order, our fairness and our at-most-once claim
+together, and the scheduler (atrund.schedule) already owns order and fairness.
 
 Replicas: any number of runners may share one database. Each names itself (``replicas``, a
 heartbeat every HEARTBEAT seconds) and every invocation row says which replica queued or claimed
 it. A replica silent for LEASE seconds (killed, cut off) is presumed dead: another replica adopts
 its rows in one UPDATE (``take_over``), records each running one as interrupted (it is never run
 again) and queues the pending ones. One replica at a time ingests (``lead``: an advisory lock).
-Due results are claimed with ``FOR UPDATE SKIP LOCKED`` so
-that two writers never take the same one.
+A trigger assigns each new invocation to one executing replica, by author (migration 3), and
+its NOTIFY wakes that replica (``assigned``, ``wait_for_work``). Due results are claimed with
+``FOR UPDATE SKIP LOCKED`` so that two writers never take the same one. docs/scaling.md says
+what this gives an operator.
 
 The schema is versioned (``MIGRATIONS``, recorded in ``schema_migrations``): every open brings a
 database up to date, and so does ``atrund state migrate``; a database newer than this atrund is
