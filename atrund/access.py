@@ -180,10 +180,12 @@ class PermissionPolicy:
     read: tuple[str, ...] = ()
     write: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
+    net_private: tuple[str, ...] = ()  # private ranges a net grant may reach through the egress proxy
 
     @classmethod
     def from_config(cls, section) -> "PermissionPolicy":
-        return cls(tuple(section.net), tuple(section.read), tuple(section.write), tuple(section.env))
+        return cls(tuple(section.net), tuple(section.read), tuple(section.write), tuple(section.env),
+                   tuple(section.net_private))
 
     def refused(self, asked) -> list[str]:
         """Every requested item this runner does not grant, described; empty if all granted."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from pathlib import Path
 
 import structlog
 
@@ -73,17 +74,25 @@ def open_state(cfg: Config) -> Store:
     return State(cfg.state.dir / "atrund.sqlite3")
 
 
+def private_dir(path: Path) -> None:
+    """The state directory, the runner's alone: a worker's uid must not even stat what is in it
+    (stat, readlink and the like are outside Landlock), so 0700, whatever made it before."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
 class App:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds,
-                                     cfg.identity.cache_size)
+                                     cfg.identity.cache_size, allow_private_addresses=cfg.identity.allow_private_addresses)
         self.repos = Repos(self.identities)
         # Who is served: the configuration, the policy file `atrund access` edits, and (follows,
         # list modes) the AT graph; kept current while the runner serves (atrund.trust).
         self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
+        private_dir(cfg.state.dir)
         self.state = open_state(cfg)
         self.quarantine = Quarantine(cfg.state.dir / "quarantine.sqlite3")
         self.problems = Health()

@@ -1,8 +1,9 @@
 """Bundle fetch and verification, with an on-disk cache keyed by CID.
 
 What an invocation pins (a strongRef) is what runs, or nothing does: the bundle record must be
-at exactly the pinned CID (proven by hashing its block), and the code blob's bytes must hash to
-the blob CID the record names. Only verified content is written to the cache, so a cache hit
+at exactly the pinned CID (proven by sync.getRecord's inclusion proof: the author's signed commit,
+the MST path, the block's hash), and the code blob's bytes must hash to the blob CID the record
+names. Only verified content is written to the cache, so a cache hit
 needs no network and no re-check.
 """
 
@@ -15,14 +16,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from pydantic import ValidationError
 
 from atrund import bounds
 from atrund.atproto.lru import LRU
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
-from atrund.errors import BundleRefused, ContentMismatch, NotFound, TooLarge, VersionGone
+from atrund.errors import BundleRefused, ContentMismatch, NotFound, ProofError, TooLarge, VersionGone
 from atrund.records import BUNDLE, Bundle, StrongRef, field_errors
+
+log = structlog.get_logger("atrund.bundles")
 
 MEMORY_ENTRIES = 256  # verified bundles kept in memory (each a parsed record and a path)
 
@@ -35,11 +39,12 @@ class VerifiedBundle:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The runner's alone (workers get a copy: execute/ stages it): no other uid may read the cache.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(tmp, 0o444)
+    os.chmod(tmp, 0o400)
     os.replace(tmp, path)
 
 
@@ -77,6 +82,9 @@ class BundleStore:
             value = await self.repos.get_verified_record(uri.did, BUNDLE, uri.rkey, cid)
         except ContentMismatch as e:
             raise BundleRefused(f"bundle record: {e}") from None
+        except ProofError as e:  # the PDS's answer is not the author's signed repo: doctored, or broken
+            log.warning("bundle record refused: its PDS's answer does not prove it", bundle=str(uri), cid=cid, error=str(e))
+            raise BundleRefused(f"bundle record: the PDS's answer does not prove it is {uri.did}'s: {e}") from None
         except NotFound:
             try:
                 current, _ = await self.repos.get_record(uri.did, BUNDLE, uri.rkey)

@@ -101,8 +101,11 @@ async def _get(repos: Repos, uri: str) -> tuple[str, dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def reader(plc_url: str = PLC_DIRECTORY, timeout: float | None = None) -> AsyncIterator[Repos]:
-    """Read anyone's repo (no login): the one place the CLI builds a Repos, closed on the way out."""
-    repos = Repos(Identities(plc_url) if timeout is None else Identities(plc_url, timeout=timeout))
+    """Read anyone's repo (no login): the one place the CLI builds a Repos, closed on the way out.
+
+    Private addresses are allowed: an author's own tool reads what its user names, on their
+    machine (the runner's reads are the ones guarded, atrund.atproto.addresses)."""
+    repos = Repos(Identities(plc_url, **({} if timeout is None else {"timeout": timeout}), allow_private_addresses=True))
     try:
         yield repos
     finally:

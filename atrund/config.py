@@ -7,6 +7,7 @@ this file: the runner's app password comes from an environment variable or a fil
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -100,6 +101,9 @@ class IdentitySection(Section):
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0)
     cache_size: int = Field(default=10_000, ge=1)  # DID documents (and handles) cached at most: an LRU
+    allow_private_addresses: bool = Field(
+        default=False, description="let the runner's reads (PLC, DID documents, PDSes, blobs, handles, the relay) connect to "
+        "loopback, private and link-local addresses; only for a local stack (atrund.atproto.addresses)")
 
 
 class AccessSection(Section):
@@ -178,6 +182,9 @@ class ProcessSection(Section):
     uids: int = Field(default=256, ge=1, description="uids in that range (one per live worker)")
     fork_server: bool = Field(default=True, description="start workers from a fork server (fast cold starts); "
                               "false: exec a fresh sandbox and interpreter for each")
+    seccomp: Literal["allowlist", "denylist"] = Field(
+        default="allowlist", description="allowlist: a worker may make only the system calls its runtime's syscalls file "
+        "lists (the rest answer EPERM); denylist: all but the dangerous few (a runtime without a syscalls file gets that)")
 
 
 class ContainerSection(Section):
@@ -263,6 +270,8 @@ class ExecutorSection(Section):
     work_dir: Path | None = Field(default=None, description="where workers' private directories live; default /run/atrund-work")
     tmp_mb: int = Field(default=64, ge=1, description="size of a worker's private /tmp (a tmpfs)")
     runtimes_dir: Path = RUNTIMES_DIR
+    egress_nameserver: str | None = Field(
+        default=None, description="host:port of the DNS server the egress proxy asks for granted names; default the system resolver")
     process: ProcessSection = ProcessSection()
     container: ContainerSection = ContainerSection()
     microvm: MicroVmSection = MicroVmSection()
@@ -315,6 +324,18 @@ class PermissionsSection(Section):
     read: list[str] = Field(default=[], description="absolute paths (and everything below them)")
     write: list[str] = Field(default=[], description="absolute paths (and everything below them)")
     env: list[str] = Field(default=[], description='variable names, or "*"')
+    net_private: list[str] = Field(default=[], description="CIDR ranges of loopback, private, link-local, ... addresses "
+                                   "a net grant may reach (the egress proxy refuses them otherwise)")
+
+    @field_validator("net_private")
+    @classmethod
+    def _net_private(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or CIDR range (e.g. 10.1.2.0/24)") from None
+        return value
 
 
 class GatewaySection(Section):

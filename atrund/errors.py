@@ -16,7 +16,8 @@ the fix it names.
     │   ├── TooLarge                     25  more bytes than the configured limit
     │   ├── Rejected                     26  the PDS refused a write (4xx): the same write fails again
     │   ├── LoginFailed                  27  the PDS refused the identifier and password
-    │   └── CallFailed                   28  a runner's gateway answered an XRPC call with an error
+    │   ├── CallFailed                   28  a runner's gateway answered an XRPC call with an error
+    │   └── PrivateAddress               29  a private address the runner does not connect to
     ├── IdentityError                    30  a DID or handle does not resolve, or names no PDS
     ├── InvalidUrl                       31  a URL without http:// or https://
     ├── Malformed                        32  input that breaks a documented limit or is not the shape it claims
@@ -130,6 +131,13 @@ class LoginFailed(RemoteError, code=27,
 
 class CallFailed(RemoteError, code=28):
     """A runner's gateway answered an XRPC call with an error (the message has its status and why)."""
+
+
+class PrivateAddress(RemoteError, code=29,
+                     fix="if this runner is meant to reach private addresses (a local stack), set [identity] "
+                         "allow_private_addresses = true"):
+    """A DID document, a redirect or a configured URL leads the runner to a loopback, private or
+    link-local address, which it does not connect to (atrund.atproto.addresses). Not retried."""
 
 
 class IdentityError(AtrundError, code=30,

@@ -102,6 +102,11 @@ class _Live:
                                  ("hot_hits", pool.hot_hits, "Requests served by a worker kept from an earlier request"),
                                  ("retired", pool.retired, "Workers that answered cleanly but were not kept")):
             yield CounterMetricFamily(f"atrund_pool_{name}", doc, value=value)
+        for name, value, doc in (("connections", pool.egress_connections, "Connections the egress proxy let out"),
+                                 ("refused", pool.egress_refused, "Connections the egress proxy refused"),
+                                 ("bytes_out", pool.egress_bytes_out, "Bytes bundles sent through the egress proxy"),
+                                 ("bytes_in", pool.egress_bytes_in, "Bytes bundles received through the egress proxy")):
+            yield CounterMetricFamily(f"atrund_egress_{name}", doc, value=value)
         denied = CounterMetricFamily("atrund_denials", "Authors or callers the access policy refused, by where they came from",
                                      labels=["source"])
         for source, n in {"record": live["record_denials"], **self.denied}.items():
@@ -122,6 +127,8 @@ class _Live:
         for author, n in sorted(live.get("poll_failures", {}).items()):
             polls.add_metric([author], n)
         yield polls
+        yield CounterMetricFamily("atrund_poll_unproven", "Listed invocations the author's signed repo did not prove as listed "
+                                  "(refused, or replaced by the signed version)", value=live.get("poll_unproven", 0))
         quarantined = GaugeMetricFamily("atrund_quarantined", "Items in quarantine (atrund quarantine list), by kind",
                                         labels=["kind"])
         for kind in ("result", "frame", "record"):

@@ -16,6 +16,7 @@ The pipeline is handed its collaborators; it knows nothing of how the runner is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -183,7 +184,8 @@ class Pipeline:
             code_path=str(bundle.code_path),
             endpoint=endpoint,
             args=args,
-            permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or []),
+            permissions=ExecPermissions(net=asked.net or [], read=asked.read or [], write=asked.write or [], env=asked.env or [],
+                                        net_private=list(self.grants.net_private)),
             timeout=self.timeout(timeout, max_timeout),
             env=self.open_secrets(bundle.ref.uri, b, author, secrets),
         )
@@ -244,7 +246,7 @@ class Pipeline:
             log.error("executor failed", endpoint=request.endpoint, error=str(err))
             out = outcome_of(err, bundle.ref)
             out.error = redact(out.error, request.env)
-            exec_ms = None
+            exec_ms, egress = None, None
         else:
             if session is not None and session.failure is not None:  # the bundle may have caught it: the run fails still
                 response = response.model_copy(update={"success": False, "data": None, "response": None,
@@ -255,13 +257,15 @@ class Pipeline:
                           response=response.response.model_dump(by_alias=True) if response.response else None,
                           error_type=response.error_type, bundle=bundle.ref, output=response.output)
             exec_ms = response.metrics.execution_time_ms
+            egress = response.egress
             if session is not None:
                 if status == "success" and session.writes() is not None:
                     out.state = session
                 else:
                     session.release()
+        carried = {} if egress is None else {f"egress_{k}": v for k, v in dataclasses.asdict(egress).items()}
         out.metrics = Metrics(execution_time_ms=exec_ms, queued_ms=max(0, int((started - queued_since) * 1000)),
-                              isolation=self.executor.isolation, runtime=runtime)
+                              isolation=self.executor.isolation, runtime=runtime, **carried)
         return out
 
 

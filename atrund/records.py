@@ -181,6 +181,10 @@ class Metrics(Record):
     total_ms: int | None = None
     isolation: str | None = None
     runtime: str | None = None
+    egress_connections: int | None = None
+    egress_refused: int | None = None
+    egress_bytes_out: int | None = None
+    egress_bytes_in: int | None = None
 
 
 class HttpResponse(Record):

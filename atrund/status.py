@@ -100,6 +100,7 @@ class Status:
                 "results_written": self.writer.written,
                 "accepted": self.intake.accepted,
                 "poll_failures": dict(self.poller.failures),
+                "poll_unproven": self.poller.unproven,
                 "firehose": self.firehose.figures() if self.firehose else None,
                 "quarantined": quarantined, "loop_restarts": dict(self.supervisor.restarts),
                 "store_failing": self.state.failing is not None,

@@ -94,7 +94,7 @@ async def main(opts) -> int:
             executor = f'warm = 2\nconcurrency = {opts.concurrency}\n' + (f'isolation = "{opts.isolation}"\n' if opts.isolation else "")
             (tmp / "config.toml").write_text(
                 f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "app-password"\n\n'
-                f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
+                f'{stack.identity_toml()}\n'
                 f'[access]\nmode = "allowlist"\nallowlist = ["{flooder.did}", "{bystander.did}"]\n\n'
                 '[ingest]\nmode = "firehose"\n\n'
                 f"[limits]\nper_author_per_minute = 1000000\nper_author_burst = 100000\nper_author_backlog = {opts.n + 10}\n\n"

@@ -134,7 +134,7 @@ class Harness:
 
     def __init__(self, stack: LocalStack, runner_did: str, author_did: str, directory: Path, url: str = "ws://unused",
                  triggers: int = 0, collections: int = 1) -> None:
-        self.repos = Repos(Identities(stack.plc_url))
+        self.repos = Repos(Identities(stack.plc_url, allow_private_addresses=True))
         self.state = State(Path(tempfile.mkdtemp(dir=directory)) / "atrund.sqlite3")
         self.queued: list[str] = []
         policy = AccessPolicy("allowlist", frozenset({author_did}), frozenset())

@@ -193,7 +193,7 @@ async def runner(d: Path, stack, account, author, opts, reuse: str):
     isolation = f'isolation = "{opts.isolation}"\n' if opts.isolation else ""
     (d / "config.toml").write_text(
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{account.handle}"\npassword_file = "pw"\n'
-        f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.did}"]\n'
+        f'{stack.identity_toml()}[access]\nallowlist = ["{author.did}"]\n'
         f'[executor]\nwarm = {opts.warm}\nconcurrency = {opts.concurrency}\nreuse = "{reuse}"\n{isolation}'
         f'[gateway]\nlisten = "127.0.0.1:{port}"\nrate_per_minute = 10000000.0\nburst = 1000000\n'
         '[state]\ndir = "state"\n'

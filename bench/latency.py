@@ -284,7 +284,7 @@ def write_config(directory: Path, stack: LocalStack, runner: Account, author: Ac
     config.write_text(
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "app-password"\n'
         'description = "atrund latency bench"\n\n'
-        f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
+        f'{stack.identity_toml()}\n'
         f'[access]\nmode = "allowlist"\nallowlist = ["{author.did}"]\n\n'
         f'[ingest]\nmode = "{opts.ingest}"\npoll_interval = {opts.poll_interval}\n\n'
         # The per-author rate limit would pace a one-author bench: lift it, this measures latency.
@@ -421,7 +421,7 @@ async def measure(opts: Options, stack: LocalStack, author: Account, runner: Acc
     assert runner_proc.proc is not None and stack.pid is not None
     meter = CpuMeter({"runner": runner_proc.proc.pid, "stack": stack.pid, "bench": os.getpid()})
     session = await Session.login(stack.pds_url, author.handle, author.app_password)
-    repos = Repos(Identities(stack.plc_url))
+    repos = Repos(Identities(stack.plc_url, allow_private_addresses=True))
     try:
         bundle = (await client.publish(session, repos, BUNDLE_SOURCE.encode(), "python", name="echo.py",
                                        endpoints=[ENDPOINT])).ref

@@ -63,7 +63,7 @@ def runner_config(stack: LocalStack, runner, authors: list, state: Path, opts) -
     (state / "pw").write_text(runner.app_password)
     return config.parse({
         "runner": {"pds": stack.pds_url, "identifier": runner.handle, "password_file": str(state / "pw")},
-        "identity": {"plc_url": stack.plc_url},
+        "identity": stack.identity,
         "access": {"allowlist": [a.did for a in authors]},
         "ingest": {"mode": "firehose", "poll_interval": 2.0},
         "schedules": {"jitter_seconds": opts.jitter, "max_per_author": max(50, opts.schedules // opts.authors + 1)},

@@ -44,7 +44,7 @@ def serve_config(tmp_path: Path, stack, runner, author, runner_extra: str = "", 
     config = tmp_path / "config.toml"
     config.write_text(
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n{runner_extra}'
-        f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nallowlist = ["{author.account.did}"]\n'
+        f'{stack.identity_toml()}[access]\nallowlist = ["{author.account.did}"]\n'
         f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"\n{executor_extra}'
         '[gateway]\nlisten = "127.0.0.1:0"\n'
         + (f'[state]\ndir = "{tmp_path / "state"}"\n' + "".join(f'{k} = "{v}"\n' for k, v in state.items()) if state else "")
@@ -95,6 +95,8 @@ def executor_settings(isolation: str = "none", **settings: Any):
     from atrund.config import ExecutorSection
 
     backend, _, runtime = isolation.partition("+")
+    if mode := os.environ.get("ATRUND_TEST_SECCOMP"):  # scripts/seccomp-trace watches under the denylist alone
+        settings["process"] = {**settings.get("process", {}), "seccomp": mode}
     if backend == "container":
         # The image built from this checkout, by its content tag: another checkout's build moving
         # :latest on a shared engine does not change what these tests run.
@@ -280,7 +282,7 @@ class RunnerHandle:
         pw.write_text(account.app_password)
         data = {
             "runner": {"pds": stack.pds_url, "identifier": account.handle, "password_file": str(pw)},
-            "identity": {"plc_url": stack.plc_url},
+            "identity": stack.identity,
             "ingest": {"poll_interval": 0.2},
             "executor": {"warm": 1},
             "gateway": {"listen": "127.0.0.1:0"},  # any free port: runners in one test run side by side

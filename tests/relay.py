@@ -167,7 +167,7 @@ async def rig(stack, author, reader, new_account, tmp_path):
     runner = new_account("fhs")
     bundle = await author.publish(HELLO)
     relay = await Relay().start()
-    repos = Repos(Identities(stack.plc_url))
+    repos = Repos(Identities(stack.plc_url, allow_private_addresses=True))
     state = State(tmp_path / "state" / "atrund.db")
     policy = AccessPolicy("allowlist", frozenset({author.account.did}), frozenset())
     seen: list[str] = []

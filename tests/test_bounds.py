@@ -290,7 +290,7 @@ def b64(data: bytes) -> str:
 async def test_a_token_nested_too_deep_is_refused_before_anything_is_resolved(part, depth):
     """Refused as malformed, naming the part and the limit; the issuer's DID is never resolved
     (the directory here is a closed port: asking it would fail differently)."""
-    auth = ServiceAuth(Identities("http://127.0.0.1:9"), "did:plc:runner")
+    auth = ServiceAuth(Identities("http://127.0.0.1:9", allow_private_addresses=True), "did:plc:runner")
     header, payload = b'{"alg":"ES256K","typ":"JWT"}', b'{"iss":"did:plc:x","aud":"did:plc:runner"}'
     deep = ('{"x":' + nest_json(depth) + "}").encode()
     jwt = ".".join([b64(deep if part == "header" else header), b64(deep if part == "payload" else payload), b64(b"s" * 64)])
@@ -351,7 +351,7 @@ BAD_DOCS = {
 
 @pytest.mark.parametrize("name", BAD_DOCS)
 async def test_a_did_document_that_breaks_a_limit_is_an_identity_error_naming_it(directory, name):
-    identities = Identities(directory.url, timeout=5)
+    identities = Identities(directory.url, timeout=5, allow_private_addresses=True)
     try:
         directory.body = json.dumps(GOOD_DOC).encode()
         assert await identities.pds(DID) == "http://127.0.0.1:1"  # the directory works: only the document changes
@@ -365,7 +365,7 @@ async def test_a_did_document_that_breaks_a_limit_is_an_identity_error_naming_it
 
 @pytest.mark.parametrize("status", [302, 410, 500])
 async def test_a_did_directory_that_does_not_answer_200_is_an_identity_error(directory, status):
-    identities = Identities(directory.url, timeout=5)
+    identities = Identities(directory.url, timeout=5, allow_private_addresses=True)
     directory.status, directory.headers = status, ({"Location": "http://127.0.0.1:9/x"} if status == 302 else {})
     try:
         with pytest.raises(IdentityError, match=f"HTTP {status}"):

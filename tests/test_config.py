@@ -38,6 +38,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
         ('[gateway]\nlisten = "0.0.0.0:99999"\n', "gateway.listen"),
         ('[gateway]\nrate_per_minute = 0\n', "gateway.rate_per_minute"),
         ('[gateway]\nport = 80\n', "gateway.port"),
+        ('[permissions]\nnet_private = ["10.0.0.0/33"]\n', "permissions.net_private"),
     ],
 )
 def test_errors_name_the_key(tmp_path, extra, key):

@@ -206,7 +206,8 @@ async def test_result_write_survives_an_unreachable_pds(stack, author, make_runn
 
 async def test_permissions_are_granted_or_the_bundle_is_refused(author, make_runner, reader):
     """A bundle asking for network the runner does not grant is rejected, naming it; when the
-    runner grants it, the sandboxed bundle really can connect (and only there)."""
+    runner grants it (and, the address being loopback, the operator's net_private holds it),
+    the sandboxed bundle really can connect (and only there)."""
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     source = (
@@ -222,12 +223,14 @@ async def test_permissions_are_granted_or_the_bundle_is_refused(author, make_run
     silent = await author.publish(source)
     stingy = await make_runner(state_name="stingy", access={"allowlist": [author.account.did]})
     generous = await make_runner(state_name="generous", access={"allowlist": [author.account.did]},
-                                 permissions={"net": [f"127.0.0.1:{port}"]})
+                                 permissions={"net": [f"127.0.0.1:{port}"], "net_private": ["127.0.0.1/32"]})
     try:
         r1 = await wait_result(reader, stingy.did, await author.invoke(asking, stingy.did, args={"port": port}))
         assert r1["status"] == "rejected" and f"net 127.0.0.1:{port}" in r1["error"]
         r2 = await wait_result(reader, generous.did, await author.invoke(asking, generous.did, args={"port": port}))
         assert r2["status"] == "success" and r2["data"] == {"connected": True}
+        if r2["metrics"]["isolation"] == "process":  # the egress proxy's count of this run, in the result
+            assert r2["metrics"]["egressConnections"] == 1 and r2["metrics"]["egressRefused"] == 0
         r3 = await wait_result(reader, generous.did, await author.invoke(silent, generous.did, args={"port": port}))
         assert r3["status"] == "success" and r3["data"]["connected"] is False  # not asked, not granted
     finally:

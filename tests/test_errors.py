@@ -30,10 +30,11 @@ RESERVED = {0, 1, 2, 3, 4}  # done, a bug, usage, status not success, no result 
 # Exceptions that never leave their module: the gateway's HTTP answer, the SDK answer the
 # session translates into a RemoteError where it is raised, and the fork server's unwinding
 # into a worker's at-run-exec (a separate stdlib-only program, not the runner's code), a refused
-# state call, which atrund.kv answers inside the bundle, and logs that are not the caller's, which
-# the gateway answers with 403.
+# state call, which atrund.kv answers inside the bundle, logs that are not the caller's, which
+# the gateway answers with 403, and the OSError the address guard raises inside aiohttp's
+# connector, translated to PrivateAddress.
 INTERNAL = {"atrund.gateway.HttpError", "atrund.atproto.session._BadAnswer", "atrund.execute.process.forkserver.Become",
-            "atrund.kv._Refused", "atrund.logbook.NotYours"}
+            "atrund.kv._Refused", "atrund.logbook.NotYours", "atrund.atproto.addresses.RefusedAddress"}
 
 
 def _all_modules():

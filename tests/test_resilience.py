@@ -472,7 +472,7 @@ def test_sigterm_at_any_point_of_start_up_stops_serve_cleanly(after, author, sta
     pw.write_text(author.account.app_password)
     config = tmp_path / "config.toml"
     config.write_text(f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{author.account.handle}"\npassword_file = "{pw}"\n\n'
-                      f'[identity]\nplc_url = "{stack.plc_url}"\n\n[access]\nallowlist = ["{author.account.did}"]\n\n'
+                      f'{stack.identity_toml()}\n[access]\nallowlist = ["{author.account.did}"]\n\n'
                       f'[gateway]\nlisten = "127.0.0.1:0"\n\n[state]\ndir = "{tmp_path / "state"}"\n')
     proc = subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)

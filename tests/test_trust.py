@@ -130,7 +130,7 @@ async def test_list_mode_serves_members_until_removed(stack, author, login_autho
 
         cfg = tmp_path / "runner.toml"
         cfg.write_text(f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.account.handle}"\n'
-                       f'[identity]\nplc_url = "{stack.plc_url}"\n[access]\nmode = "list"\nlist_uri = "{list_uri}"\n'
+                       f'{stack.identity_toml()}[access]\nmode = "list"\nlist_uri = "{list_uri}"\n'
                        f'[state]\ndir = "{runner.cfg.state.dir}"\n')
         listed = await asyncio.to_thread(atrund, "access", "list", "--members", "-c", str(cfg))
         assert listed.returncode == 0, listed.stderr

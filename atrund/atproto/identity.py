@@ -6,7 +6,10 @@ DIDs and handles, so the runner's memory must not grow with them.
 Documents are fetched here rather than by the SDK's resolver so that what a directory or a
 did:web host sends is bounded: at most MAX_DOCUMENT_BYTES, nested at most bounds.MAX_DEPTH
 levels; past either, resolution fails with an IdentityError that names the limit. The SDK
-still validates the document."""
+still validates the document.
+
+Every connection is guarded (atrund.atproto.addresses) unless ``allow_private_addresses``: a
+DID document, a did:web host or a redirect cannot lead the runner to a private address."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from atproto_identity.did.resolvers.web_resolver import _DidWebResolverBase
 from atproto_identity.exceptions import AtProtocolError
 
 from atrund import bounds
+from atrund.atproto import addresses
 from atrund.atproto.http import read_capped
 from atrund.atproto.lru import LRU
 from atrund.errors import IdentityError, NotServed, TooLarge
@@ -36,8 +40,11 @@ CACHE_SIZE = 10_000  # DID documents (and, separately, handles) kept: [identity]
 
 
 class Identities:
-    def __init__(self, plc_url: str, cache_seconds: int = 300, timeout: float = 10.0, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(self, plc_url: str, cache_seconds: int = 300, timeout: float = 10.0, cache_size: int = CACHE_SIZE, *,
+                 allow_private_addresses: bool = False) -> None:
         self._plc_url = plc_url.rstrip("/")
+        # Read by Repos too: one switch for every read of the runner ([identity] allow_private_addresses).
+        self.allow_private_addresses = allow_private_addresses
         self._ttl = cache_seconds
         self.cache_size = cache_size
         self._cache: LRU[str, tuple[float, DidDocument]] = LRU(cache_size)
@@ -52,6 +59,8 @@ class Identities:
         try:
             body = await self._fetch(did)
         except (aiohttp.ClientError, TimeoutError, AtProtocolError, ValueError) as e:
+            if refused := addresses.translate(e, f"cannot resolve {did}"):
+                raise refused from None
             raise IdentityError(f"cannot resolve {did}: {type(e).__name__}: {e}") from e
         if body is None:
             raise IdentityError(f"cannot resolve {did}: no DID document")
@@ -69,7 +78,7 @@ class Identities:
         else:
             raise IdentityError(f"cannot resolve {did}: only did:plc and did:web are supported")
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+            self._http = addresses.http_session(self.allow_private_addresses, aiohttp.ClientTimeout(total=self._timeout))
         async with self._http.get(url, allow_redirects=False) as resp:
             if resp.status == 404:
                 return None
@@ -136,7 +145,7 @@ class Identities:
         return did
 
     async def _resolve_handle(self, handle: str, via_pds: str, admit: Callable[[str], bool] | None) -> str:
-        did = await resolve_handle(handle, via_pds, self._timeout)
+        did = await resolve_handle(handle, via_pds, self._timeout, allow_private_addresses=self.allow_private_addresses)
         if admit is not None and not admit(did):
             raise NotServed(did)
         doc = await self.document(did)
@@ -164,15 +173,17 @@ def parse_document(did: str, body: bytes) -> DidDocument:
         raise IdentityError(f"cannot resolve {did}: {type(e).__name__}: {e}") from None
 
 
-async def resolve_handle(handle: str, pds: str, timeout: float = 10.0) -> str:
+async def resolve_handle(handle: str, pds: str, timeout: float = 10.0, *, allow_private_addresses: bool = False) -> str:
     """The DID a handle names, as ``pds`` resolves it (com.atproto.identity.resolveHandle; any PDS
     answers for any handle, and a local one also for its own ``.test`` handles)."""
     url = f"{pds.rstrip('/')}/xrpc/com.atproto.identity.resolveHandle"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+        async with addresses.http_session(allow_private_addresses, aiohttp.ClientTimeout(total=timeout)) as http:
             async with http.get(url, params={"handle": handle.removeprefix("@")}) as resp:
                 raw = await read_capped(resp, MAX_ANSWER_BYTES, "the answer of resolveHandle")
     except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        if refused := addresses.translate(e, f"cannot resolve handle {handle} at {pds}"):
+            raise refused from None
         raise IdentityError(f"cannot resolve handle {handle} at {pds}: {type(e).__name__}: {e}") from e
     except TooLarge as e:
         raise IdentityError(f"cannot resolve handle {handle} at {pds}: {e}") from None

@@ -210,6 +210,36 @@ def deleted_paths(body: dict[str, Any], paths: list[str], key: SigningKey) -> No
             raise ProofError(f"{path} is still in the signed repo tree: not deleted")
 
 
+def car_root(data: bytes) -> bytes:
+    """The first root a CAR v1 file's header names (a ``sync.getRecord`` CAR: the signed commit)."""
+    try:
+        size, pos = _varint(data, 0)
+        header = bounds.decode_dag_cbor(data[pos:pos + size], "the CAR header")
+    except (IndexError, bounds.Malformed) as e:
+        raise ProofError(f"the CAR header does not parse: {e}") from None
+    roots = header.get("roots") if isinstance(header, dict) else None
+    if not isinstance(roots, list) or not roots or not isinstance(roots[0], bytes):
+        raise ProofError("the CAR header names no root")
+    return roots[0]
+
+
+def record_proof(blocks: dict[bytes, bytes], root: bytes, did: str, path: str, key: SigningKey) -> tuple[bytes, Any] | None:
+    """``(cid, record)`` at ``path`` in ``did``'s repo, proven by the blocks of a
+    ``com.atproto.sync.getRecord`` CAR and its ``root``: a commit of ``did`` signed by ``key``,
+    under which the MST leads ``path`` to ``cid``, whose block is the record. None when the signed
+    tree proves ``path`` absent. ProofError when anything fails to check out, a block the proof
+    needs included: unlike a firehose frame, this CAR is the PDS's whole answer, so a missing
+    block is no proof."""
+    try:
+        commit = verify_commit(blocks, root, did, key)
+        if not isinstance(commit.get("data"), bytes):
+            raise ProofError(f"the commit of {did} names no repo tree (data)")
+        cid = mst_lookup(blocks, commit["data"], path)
+        return None if cid is None else (cid, block(blocks, cid, record=True))
+    except Incomplete as e:
+        raise ProofError(f"the proof is incomplete: {e}") from None
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:

@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import libipld
 
 from atrund import bounds
+from atrund.atproto import addresses
 from atrund.atproto.http import read_capped
 from atrund.atproto.identity import Identities
+from atrund.atproto.lru import LRU
 from atrund.errors import ContentMismatch, NotFound, RemoteError, Unreachable
 
 SHA2_256 = 0x12
 DAG_CBOR = 0x71
 RAW = 0x55
+if TYPE_CHECKING:
+    from atrund.atproto.proof import SigningKey
+
+T = TypeVar("T")
 NOT_FOUND_ERRORS = {"RecordNotFound", "RepoNotFound", "BlobNotFound", "NotFound", "RepoDeactivated", "RepoTakendown"}
 
 
@@ -80,6 +87,7 @@ class Repos:
         self.identities = identities
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
         self._http: aiohttp.ClientSession | None = None
+        self._keys: LRU[str, SigningKey] = LRU(identities.cache_size)  # authors' signing keys, parsed once
 
     async def close(self) -> None:
         """Close the HTTP session and the identity resolver it uses."""
@@ -90,7 +98,7 @@ class Repos:
     async def _get(self, did: str, method: str, params: dict[str, Any], max_bytes: int) -> tuple[bytes, str]:
         """One XRPC query against ``did``'s PDS; returns (body, content type)."""
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=self._timeout)
+            self._http = addresses.http_session(self.identities.allow_private_addresses, self._timeout)
         base = await self.identities.pds(did)
         url = f"{base}/xrpc/{method}"
         query = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items() if v is not None}
@@ -103,6 +111,8 @@ class Repos:
                     raise _xrpc_error(method, base, resp.status, body)
                 return body, resp.headers.get("Content-Type", "")
         except aiohttp.ClientError as e:
+            if refused := addresses.translate(e, f"{method} at {base}"):  # final: the DID document names a private address
+                raise refused from None
             raise Unreachable(f"{method} at {base}: {type(e).__name__}: {e}") from e
         except TimeoutError as e:
             raise Unreachable(f"{method} at {base}: timed out") from e
@@ -144,37 +154,70 @@ class Repos:
                               "a cid and a record")
         return cid, value
 
-    async def get_verified_record(self, did: str, collection: str, rkey: str, cid: str) -> dict[str, Any]:
-        """The record at ``cid``, proven by hashing its block from com.atproto.sync.getRecord.
+    async def get_proven_record(self, did: str, collection: str, rkey: str) -> tuple[str, dict[str, Any]]:
+        """``(cid, record)`` as ``did``'s signed repo holds it now, proven from
+        com.atproto.sync.getRecord's CAR exactly as a firehose frame is (atrund.atproto.proof):
+        the commit's signature against ``did``'s signing key, the MST path, the block hashes.
 
-        Raises NotFound if the repo no longer holds that version (the record was updated or
-        deleted; a PDS keeps only the current one). The caller tells those apart. A record
-        nested deeper than bounds.MAX_DEPTH comes back cut one level past the limit.
+        NotFound if the signed tree proves the record absent; ProofError if the answer does not
+        prove what it claims (after one retry with a fresh DID document: a key rotation not seen
+        yet looks like a bad signature). A record nested deeper than bounds.MAX_DEPTH comes
+        back cut one level past the limit.
         """
-        from atrund.atproto.proof import ProofError, read_car  # the one CAR reader; proof imports nothing of ours
+        from atrund.atproto.proof import ProofError, car_root, read_car, record_proof  # the one CAR reader and prover
 
         body, _ = await self._get(
             did, "com.atproto.sync.getRecord", {"did": did, "collection": collection, "rkey": rkey}, max_bytes=4 * 1024 * 1024
         )
-        where = f"sync.getRecord for at://{did}/{collection}/{rkey}"
+        path = f"{collection}/{rkey}"
         try:
-            # Blocks are read raw and only the record's is decoded: a CAR's other blocks (the
-            # proof) are not ours to decode, and its header says nothing we need.
-            blocks = read_car(body)
-            wanted = libipld.decode_multibase(cid)[1] if cid.startswith("b") else None
-        except (ProofError, ValueError) as e:
-            raise RemoteError(f"{where}: not a CAR file: {e}") from None
-        raw = blocks.get(wanted) if wanted is not None else None
-        if raw is None:
+            blocks, root = read_car(body), car_root(body)
+        except ProofError as e:  # not even a CAR: a broken answer (a proxy's page), not a false proof
+            raise RemoteError(f"sync.getRecord for at://{did}/{path}: not a CAR file: {e}") from None
+        proven = await self.proving(did, lambda key: record_proof(blocks, root, did, path, key))
+        if proven is None:
+            raise NotFound(f"at://{did}/{path} is not in {did}'s signed repo")
+        cid, value = proven
+        if not isinstance(value, dict):
+            raise RemoteError(f"sync.getRecord for at://{did}/{path}: the record at {libipld.encode_cid(cid)} is not an object")
+        return libipld.encode_cid(cid), to_json_model(value)
+
+    async def get_verified_record(self, did: str, collection: str, rkey: str, cid: str) -> dict[str, Any]:
+        """The record at ``cid``, proven by get_proven_record to be what ``did``'s signed repo holds.
+
+        Raises NotFound if the repo no longer holds that version (the record was updated or
+        deleted; a PDS keeps only the current one). The caller tells those apart.
+        """
+        current, value = await self.get_proven_record(did, collection, rkey)
+        if current != cid:
             raise NotFound(f"at://{did}/{collection}/{rkey} is no longer at CID {cid}")
-        verify_cid(cid, raw, DAG_CBOR)
+        return value
+
+    async def signing_key(self, did: str) -> SigningKey:
+        """``did``'s signing key, parsed once and kept (an LRU as large as the identity caches)."""
+        from atrund.atproto.proof import SigningKey
+
+        key = self._keys.get(did)
+        if key is None:
+            key = SigningKey(await self.identities.signing_key(did))
+            self._keys.put(did, key)
+        return key
+
+    async def proving(self, did: str, check: Callable[[SigningKey], T]) -> T:
+        """``check(key)`` with ``did``'s signing key; on a ProofError, once more with a fresh DID
+        document before the proof is called false (the author may have rotated the key)."""
+        from atrund.atproto.proof import ProofError
+
         try:
-            block = bounds.decode_dag_cbor(raw, f"the record at {cid}", cut=True)
-        except bounds.Malformed as e:
-            raise RemoteError(f"{where}: {e}") from None
-        if not isinstance(block, dict):
-            raise RemoteError(f"{where}: the record at {cid} is not an object")
-        return to_json_model(block)
+            return check(await self.signing_key(did))
+        except ProofError:
+            self.forget(did)
+            return check(await self.signing_key(did))
+
+    def forget(self, did: str) -> None:
+        """Drop ``did``'s DID document and signing key: the next read fetches them again."""
+        self._keys.pop(did)
+        self.identities.forget(did)
 
     async def get_blob(self, did: str, cid: str, max_bytes: int) -> bytes:
         """The blob's bytes, refused unless they hash to ``cid`` and fit in ``max_bytes``."""

@@ -27,7 +27,7 @@ def doctor(config_path: Path | None) -> None:
 
     from atrund.execute.microvm.backend import host_support
     from atrund.execute.probe import landlock_abi, probe_sync
-    from atrund.execute.process.backend import Cgroups
+    from atrund.execute.process.backend import Cgroups, seccomp_mode
     from atrund.execute.runtimes import load_runtimes
 
     settings = executor_settings(config_path, warm=0)
@@ -38,14 +38,19 @@ def doctor(config_path: Path | None) -> None:
         out.print(f"{tool}: {shutil.which(tool) or 'missing'}")
     seccomp = ctypes.util.find_library("seccomp")
     out.print(f"libseccomp: {seccomp or 'missing (the process backend then runs without its syscall filter)'}")
+    if seccomp:
+        out.print(f"seccomp (process): {settings.process.seccomp} (executor.process.seccomp; "
+                  + ("each runtime's syscalls file, the rest EPERM)" if settings.process.seccomp == "allowlist"
+                     else "all but the dangerous few)"))
     out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
                                                else "not writable (the process backend then limits each process only)"))
     out.print("process fork server: " + _fork_server_summary(settings))
+    out.print("network egress: " + _egress_summary())
     out.print("Docker engine: " + _engine_summary(settings))
     vm = host_support(settings)
     out.print(f"microVM monitor: {vm.monitor or 'none'}; accelerator: {vm.accelerator or 'none'} ({vm.detail})")
     runtimes = Table(title="runtimes")
-    for col in ("runtime", "program", "version"):
+    for col in ("runtime", "program", "version", "seccomp (process)"):
         runtimes.add_column(col)
     for name, rt in load_runtimes(settings.runtimes_dir).items():
         # The runtime's own binary: the last executable the command names outside the runtime directory.
@@ -55,7 +60,7 @@ def doctor(config_path: Path | None) -> None:
             version = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired) as e:
             version = f"[red]not runnable: {e}[/red]"
-        runtimes.add_row(name, program, version)
+        runtimes.add_row(name, program, version, seccomp_mode(rt, settings.process.seccomp) if seccomp else "none (no libseccomp)")
     out.print(runtimes)
     probes = probe_sync(settings)
     chosen = next((p.backend for p in probes if p.ok and p.auto), None)
@@ -82,6 +87,17 @@ def _fork_server_summary(settings) -> str:
         return "off (executor.process.fork_server = false): each worker execs a fresh sandbox and interpreter"
     problem = asyncio.run(start_check(settings))
     return "starts (fast cold starts)" if problem is None else f"[yellow]{problem}: workers start by the exec path (slower)[/yellow]"
+
+
+def _egress_summary() -> str:
+    """One line for doctor: how each backend lets a worker granted network out."""
+    from atrund.execute.egress.netns import check
+
+    problem = check()
+    if problem is not None:
+        return f"[red]{problem}: a process or container worker granted network cannot start[/red]"
+    return ("proxy (process and container: a network namespace per worker granted network, whose only "
+            "way out is the runner's egress proxy); microvm: no network (a grant is refused)")
 
 
 def _engine_summary(settings) -> str:

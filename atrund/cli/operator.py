@@ -4,6 +4,7 @@ bundle file run locally under the fence a runner would use)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
 import sys
@@ -122,7 +123,8 @@ async def _did_of(who: str, cfg: config_mod.Config) -> str:
         return who
     from atrund.atproto.identity import resolve_handle
 
-    return await resolve_handle(who, cfg.runner.pds)
+    # The operator's own command, naming a handle they typed: not a request anyone else can aim.
+    return await resolve_handle(who, cfg.runner.pds, allow_private_addresses=True)
 
 
 def _policy_file(cfg: config_mod.Config):
@@ -290,11 +292,14 @@ def keys_init(config_path: Path, force: bool) -> None:
 @click.option("--isolation", type=click.Choice(NAMES), default=None,
               help="Executor backend (default: the config's, else auto); firecracker is the old name of microvm.")
 @click.option("--allow-net", default="", help="Comma-separated hosts (host or host:port) the bundle may reach.")
+@click.option("--allow-private", default="", help="Comma-separated CIDR ranges of private or loopback addresses "
+              "--allow-net may reach (as [permissions] net_private; process and container refuse them otherwise).")
 @click.option("--allow-read", default="", help="Comma-separated paths the bundle may read.")
 @click.option("--allow-write", default="", help="Comma-separated paths the bundle may write.")
 @click.option("--allow-env", default="", help="Comma-separated NAMES of environment variables passed through from yours.")
 def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: int, config_path: Path | None,
-             isolation: str | None, allow_net: str, allow_read: str, allow_write: str, allow_env: str) -> None:
+             isolation: str | None, allow_net: str, allow_private: str, allow_read: str, allow_write: str,
+             allow_env: str) -> None:
     """Run a bundle file locally, under the same fence a runner would use, and print the ExecResponse.
 
     What the bundle printed (its last executor.output_bytes) is echoed on stderr first."""
@@ -305,8 +310,15 @@ def exec_cmd(file: Path, runtime: str, endpoint: str, args_json: str, timeout: i
     if isolation in ALIASES:
         warn(f"--isolation {isolation} is the old name of {ALIASES[isolation]}; it still works")
     settings = executor_settings(config_path, warm=0)
+    for cidr in split(allow_private):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise click.BadParameter(f"{cidr!r} is not an address or CIDR range (e.g. 127.0.0.1/32)",
+                                     param_hint="--allow-private") from None
     permissions = ExecPermissions(net=split(allow_net), read=[str(Path(p).resolve()) for p in split(allow_read)],
-                                  write=[str(Path(p).resolve()) for p in split(allow_write)], env=split(allow_env))
+                                  write=[str(Path(p).resolve()) for p in split(allow_write)], env=split(allow_env),
+                                  net_private=split(allow_private))
     env = {name: os.environ[name] for name in permissions.env if name in os.environ}
 
     async def once() -> dict[str, Any]:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         config.write_text(
             f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "app-password"\n'
             f'description = "The atrund demo runner."\n\n'
-            f'[identity]\nplc_url = "{stack.plc_url}"\n\n'
+            f'{stack.identity_toml()}\n'
             f'[access]\nmode = "allowlist"\nallowlist = ["{alice.did}"]\n\n'
             f'[ingest]\nmode = "firehose"  # each invocation arrives as its commit does: no poll interval to wait out\n\n'
             f'[schedules]\nmin_interval_seconds = 5  # the demo cannot wait the default minute\njitter_seconds = 0\n\n'

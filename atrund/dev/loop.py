@@ -64,7 +64,7 @@ def _local(stack: LocalStack, tmp: Path, isolation: str, port: int) -> _Setup:
     cfg = config.parse({
         "runner": {"pds": stack.pds_url, "identifier": runner.handle, "password_file": str(tmp / "pw"),
                    "description": "atrund dev"},
-        "identity": {"plc_url": stack.plc_url},
+        "identity": stack.identity,
         "access": {"allowlist": [author.did]},
         "ingest": {"mode": "firehose"},
         "executor": {"isolation": isolation, "warm": 1},

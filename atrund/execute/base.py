@@ -24,5 +24,9 @@ class PoolStats:
     hot: int = 0  # workers kept for the next request of their reuse key
     hot_hits: int = 0  # requests served by such a worker
     retired: int = 0  # workers that answered cleanly but were not kept (why: the pool's debug log)
+    egress_connections: int = 0  # connections the egress proxy let out, all workers together
+    egress_refused: int = 0  # connections it refused
+    egress_bytes_out: int = 0
+    egress_bytes_in: int = 0
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None

@@ -94,8 +94,10 @@ def check_program(runtime: Runtime) -> None:
         raise ExecutorError(f"cannot start {runtime.name} worker: {program} is not an executable program")
 
 
-async def spawn_process(command: list[str], name: str, workdir: Path, settings) -> asyncio.subprocess.Process:
-    """Start a worker process in its own session (so its whole group can be killed), with pipes."""
+async def spawn_process(command: list[str], name: str, workdir: Path, settings,
+                        pass_fds: list[int] = ()) -> asyncio.subprocess.Process:
+    """Start a worker process in its own session (so its whole group can be killed), with pipes
+    (and ``pass_fds`` inherited)."""
     env = {"PATH": SAFE_PATH, "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
     try:
         return await asyncio.create_subprocess_exec(
@@ -106,6 +108,7 @@ async def spawn_process(command: list[str], name: str, workdir: Path, settings) 
             cwd=workdir,
             env=env,
             start_new_session=True,
+            pass_fds=pass_fds,
             limit=settings.max_output_bytes + 4096,
         )
     except OSError as e:

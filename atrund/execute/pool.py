@@ -29,7 +29,7 @@ import signal
 import statistics
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import structlog
 
@@ -38,6 +38,7 @@ from atrund.execute import procs
 from atrund.execute.base import ExecutorError, PoolStats
 from atrund.execute.protocol import (
     STATE_PREFIX,
+    ExecEgress,
     ExecPermissions,
     ExecRequest,
     ExecResponse,
@@ -49,6 +50,7 @@ from atrund.execute.protocol import (
 from atrund.execute.runtimes import Runtime, load_runtimes
 from atrund.records import data_problem
 
+EGRESS_COUNTS = tuple(f"egress_{name}" for name in ExecEgress.__dataclass_fields__)  # PoolStats' names
 log = structlog.get_logger("atrund.execute")
 
 READY_TIMEOUT = 15.0  # seconds a new worker may take to announce it is ready
@@ -95,6 +97,10 @@ class Worker(ABC):
     def diagnostics(self) -> str:
         """What the backend saw of a worker that did not start (e.g. a VM's console), if anything."""
         return ""
+
+    def egress(self) -> ExecEgress | None:
+        """What the worker's egress proxy carried so far (running totals); None without one."""
+        return None
 
     # -- what reuse needs to see from outside (procs.py); a backend that cannot see the worker's
     # processes keeps the defaults, and its workers serve one request each.
@@ -195,7 +201,8 @@ def reuse_key(runtime: str, request: ExecRequest) -> tuple:
     copy of them."""
     p = request.permissions
     secrets = hashlib.sha256(json.dumps(sorted(request.env.items())).encode()).hexdigest() if request.env else ""
-    return runtime, request.code_path, tuple(p.net), tuple(p.read), tuple(p.write), tuple(p.env), secrets
+    return (runtime, request.code_path, tuple(p.net), tuple(p.net_private), tuple(p.read), tuple(p.write), tuple(p.env),
+            secrets)
 
 
 class _Output:
@@ -354,6 +361,7 @@ class WorkerPool:
             cold_starts=self._counts["cold"],
             hot_hits=self._counts["hot"],
             retired=self._counts["retired"],
+            **{name: self._counts[name] for name in EGRESS_COUNTS},
             latency_p50_ms=round(statistics.median(lat), 1) if lat else None,
             latency_p95_ms=round(lat[int(0.95 * (len(lat) - 1))], 1) if lat else None,
         )
@@ -383,7 +391,8 @@ class WorkerPool:
         if key is not None and (lease := self._hot_one(key)) is not None:
             self._counts["hot"] += 1
             return lease
-        fenced = ExecPermissions(net=request.permissions.net, read=request.permissions.read, write=request.permissions.write)
+        p = request.permissions
+        fenced = ExecPermissions(net=p.net, read=p.read, write=p.write, net_private=p.net_private if p.net else [])
         if fenced == NO_PERMISSIONS:
             self._schedule_refill(runtime.name)  # off the caller's path: spawning forks in this thread
             queue = self._warm[runtime.name]
@@ -524,6 +533,7 @@ class WorkerPool:
         lease.served += 1
         lease.output.buf.clear()
         began = time.monotonic()
+        before = worker.egress()
         try:
             response, clean = await self._exchange(lease, request, state)
         finally:
@@ -532,6 +542,11 @@ class WorkerPool:
         # Only the runner says what the bundle printed: whatever the worker put here is replaced.
         keep = self.settings.output_bytes
         response.output = (lease.output.text(keep) or None) if keep else None
+        if before is not None and (after := worker.egress()) is not None:
+            used = ExecEgress(*(a - b for a, b in zip(astuple(after), astuple(before), strict=True)))
+            response.set_egress(used)
+            for name, value in zip(EGRESS_COUNTS, astuple(used), strict=True):
+                self._counts[name] += value
         return response, clean
 
     async def _exchange(self, lease: _Lease, request: ExecRequest, state: StateHandler | None) -> tuple[ExecResponse, bool]:

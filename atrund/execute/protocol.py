@@ -21,9 +21,10 @@ milliseconds between 0 and MAX_METRIC_MS) and turns one that breaks a rule into 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
@@ -85,6 +86,9 @@ class ExecPermissions(_Msg):
     read: list[str] = []
     write: list[str] = []
     env: list[str] = []
+    net_private: list[str] = Field(default=[], description=(
+        "the operator's [permissions] net_private: private address ranges a net grant may reach (the runner's "
+        "egress proxy lets them through; a runtime with its own network permission should allow them too)"))
 
 
 class ExecRequest(_Msg):
@@ -127,6 +131,17 @@ class ExecMetrics(_Msg):
         return value
 
 
+@dataclass(frozen=True)
+class ExecEgress:
+    """One request's network through the egress proxy: connections let out and refused, bytes
+    sent and received."""
+
+    connections: int = 0
+    refused: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+
 class ExecResponse(_Msg):
     success: StrictBool
     data: Any = None
@@ -143,6 +158,16 @@ class ExecResponse(_Msg):
         default=None, description="set by the runner, never taken from the worker: the last bytes the bundle printed "
                                   "(its stdout and stderr) while it ran this request")
     metrics: ExecMetrics = ExecMetrics()
+    # What the worker's egress proxy carried during this request: set by the runner, never read
+    # from the worker's answer (so neither in the schema nor parsed).
+    _egress: ExecEgress | None = PrivateAttr(default=None)
+
+    @property
+    def egress(self) -> ExecEgress | None:
+        return self._egress
+
+    def set_egress(self, egress: ExecEgress | None) -> None:
+        self._egress = egress
 
 
 class StateCall(_Msg):

@@ -67,6 +67,7 @@ class Runtime:
     accepts: tuple[str, ...] = ()  # file extensions `bundle publish` takes for it (default: extension)
     check: tuple[str, ...] = ()  # its syntax check ({file}, or the file on stdin), expanded
     endpoints: str | None = None  # how a file's endpoints are found: "top-level functions" or "exported functions"
+    syscalls: tuple[str, ...] | None = None  # the process backend's seccomp allowlist (the ``syscalls`` file), if any
 
 
 def expand(template: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
@@ -107,6 +108,18 @@ def _program(spec: dict) -> Program | None:
     return Program(name=p["name"], search=tuple(p["search"]), in_image=p["inImage"])
 
 
+def _syscalls(own: Path) -> tuple[str, ...] | None:
+    """The system calls the process backend allows a runtime's workers: its ``syscalls`` file
+    (what it was traced calling) and the shared ``syscalls.base`` beside the runtime directories
+    (one name a line, ``#`` comments). None without its own file: the backend then applies its
+    denylist alone (atrund doctor says so)."""
+    if not own.exists():
+        return None
+    base = own.parent.parent / "syscalls.base"
+    names = [line.split("#", 1)[0].strip() for path in (base, own) if path.exists() for line in path.read_text().splitlines()]
+    return tuple(sorted({name for name in names if name}))
+
+
 def declared(runtimes_dir: Path) -> dict[str, str]:
     """Each runtime the directories declare, by name, with its bundle file extension, without
     resolving programs: the CLI's choices and the demo's (adding a runtime directory adds a
@@ -141,6 +154,7 @@ def load_runtimes(runtimes_dir: Path) -> dict[str, Runtime]:
                 accepts=tuple(spec.get("accepts") or ([spec["extension"]] if spec.get("extension") else [])),
                 check=tuple(_expand(w, rdir, program) for w in spec.get("check", ())),
                 endpoints=spec.get("endpoints"),
+                syscalls=_syscalls(rdir / "syscalls"),
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExecutorError(f"{meta}: not a valid runtime description: {e}") from e

@@ -43,17 +43,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import libipld
 import structlog
 import websockets
 
 from atrund import bounds
-from atrund.atproto.lru import LRU
-from atrund.atproto.proof import Incomplete, ProofError, SigningKey, created_records, deleted_paths
+from atrund.atproto import addresses
+from atrund.atproto.proof import Incomplete, ProofError, created_records, deleted_paths
 from atrund.atproto.repos import Repos, to_json_model
 from atrund.atproto.uri import AtUri
-from atrund.errors import AtrundError, NotFound
+from atrund.errors import AtrundError, NotFound, PrivateAddress
 from atrund.ingest import Intake, Row
 from atrund.records import INVOCATION, SCHEDULE, TRIGGER
 from atrund.state import StoreError
@@ -107,7 +108,6 @@ class Firehose:
         self._inbox_bytes = 0
         self._inbox_room = asyncio.Event()
         self.counters = Counters()
-        self._keys: LRU[str, SigningKey] = LRU(repos.identities.cache_size)  # parsed once per author
         self._saved_at = 0.0
         self._seq: int | None = None  # the last frame processed (stored or not)
         self._undecoded: bytes | None = None  # the last frame skipped undecoded: its seq, if asked
@@ -226,8 +226,8 @@ class Firehose:
             connected_at = time.monotonic()
             try:
                 endpoint = self._endpoint()
-                async with websockets.connect(endpoint, max_size=MAX_FRAME, open_timeout=10,
-                                              ping_interval=20, ping_timeout=20, compression=None) as ws:
+                async with websockets.connect(endpoint, max_size=MAX_FRAME, open_timeout=10, ping_interval=20, ping_timeout=20,
+                                              compression=None, **await self._guarded_socket(endpoint)) as ws:
                     log.info("firehose connected", url=self.url, cursor=endpoint.partition("?cursor=")[2] or None)
                     self._ws, self.connected, self._disconnected_since = ws, True, None
                     async for message in ws:
@@ -241,7 +241,7 @@ class Firehose:
             except websockets.ConnectionClosedError as e:
                 self._last_error = f"{type(e).__name__}: {e}"
                 self._closed(e)
-            except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as e:
+            except (OSError, websockets.WebSocketException, asyncio.TimeoutError, PrivateAddress) as e:
                 self._last_error = f"{type(e).__name__}: {e}"
                 log.warning("firehose connection lost; reconnecting", url=self.url, error=self._last_error)
             else:
@@ -255,6 +255,16 @@ class Firehose:
                 delay = 1.0  # only a healthy minute resets the backoff
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 60.0)
+
+    async def _guarded_socket(self, endpoint: str) -> dict[str, Any]:
+        """The relay's socket, connected only after its addresses are checked (unless
+        [identity] allow_private_addresses): websockets then uses it instead of connecting
+        itself, and follows no redirect (it cannot on a given socket)."""
+        if self.repos.identities.allow_private_addresses:
+            return {}
+        url = urlsplit(endpoint)
+        sock = await addresses.open_stream_socket(url.hostname or "", url.port or (443 if url.scheme == "wss" else 80), 10)
+        return {"sock": sock}
 
     def _closed(self, e: websockets.ConnectionClosedError) -> None:
         """A connection the relay (or our own size limit) ended abnormally."""
@@ -401,8 +411,7 @@ class Firehose:
         if kind == "#commit":
             await self._commit(body, rows, withdrawn)
         elif kind == "#identity" and isinstance(did, str):
-            self.repos.identities.forget(did)  # an author who moved PDS (or rotated keys) keeps working
-            self._keys.pop(did)
+            self.repos.forget(did)  # an author who moved PDS (or rotated keys) keeps working
         elif kind == "#account" and isinstance(did, str):
             # A taken-down, suspended or deactivated account is not served until it is active again.
             if body.get("active") is False:
@@ -464,14 +473,9 @@ class Firehose:
     async def _proven(self, did: str, body: dict, creates: list[tuple[str, bytes]]) -> list[tuple[str, str, dict]]:
         """(path, cid, record) of the creates, each proven to be the author's; [] for a forgery."""
         try:
-            try:
-                records = created_records(body, creates, await self._key(did))
-            except ProofError:
-                # A key rotation not seen yet looks like a bad signature: check once with a fresh
-                # DID document before calling the frame forged.
-                self._keys.pop(did)
-                self.repos.identities.forget(did)
-                records = created_records(body, creates, await self._key(did))
+            # A key rotation not seen yet looks like a bad signature: proving checks once more
+            # with a fresh DID document before the frame is called forged.
+            records = await self.repos.proving(did, lambda key: created_records(body, creates, key))
         except Incomplete:
             return await self._fetched(did, creates)
         except ProofError as e:
@@ -503,7 +507,7 @@ class Firehose:
         """Whether the signed commit proves ``paths`` gone (else, when the frame lacks blocks,
         whether the author's PDS says so)."""
         try:
-            deleted_paths(body, paths, await self._key(did))
+            deleted_paths(body, paths, await self.repos.signing_key(did))
             return True
         except Incomplete:
             pass
@@ -543,13 +547,6 @@ class Firehose:
             self.counters.fetched += 1
             out.append((path, cid_str, value))
         return out
-
-    async def _key(self, did: str) -> SigningKey:
-        key = self._keys.get(did)
-        if key is None:
-            key = SigningKey(await self.repos.identities.signing_key(did))
-            self._keys.put(did, key)
-        return key
 
 
 PATH_KEY = b"dpath"  # the DAG-CBOR text "path": the key of every op's repo path in a #commit frame

@@ -4,6 +4,15 @@ The per-author cursor is the last record key seen (listRecords in ascending key 
 moves in the same SQLite transaction that stores the page's invocations, so a crash between
 the two can neither skip nor repeat one.
 
+A listing is not a proof: a PDS can list anything. Every listed invocation for this runner
+that the store does not hold yet (or holds pending, so at a CID that may change) is fetched
+again with com.atproto.sync.getRecord and proven against the author's signed commit, as a
+firehose frame is (atrund.atproto.repos.get_proven_record); the proven record and CID are what
+is stored, never the listed ones. A record the signed repo does not hold, or an answer that
+does not prove itself, is refused, logged and counted (``unproven``), and the poll moves on.
+Records stored before are recognised without a request, so a reconciliation costs no proofs;
+the proofs of one page are fetched side by side (``PROOFS`` at a time).
+
 Authors are polled side by side with bounded concurrency, and each one's failure is its own: an
 author whose PDS is down, or whose repo holds something the poller cannot take, is logged,
 counted (``failures``) and reported on /healthz by name, and the others are polled as usual. A
@@ -21,9 +30,9 @@ import structlog
 
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
-from atrund.errors import AtrundError
+from atrund.errors import AtrundError, NotFound, ProofError
 from atrund.health import Health
-from atrund.ingest import Intake
+from atrund.ingest import Intake, Row
 from atrund.records import INVOCATION
 
 log = structlog.get_logger("atrund.ingest")
@@ -32,6 +41,7 @@ PAGE = 100  # listRecords' maximum page
 MAX_PAGES = 20  # per author per round
 RECONCILE_PAGES = 1000  # a full rescan of one author's invocations (100,000 records)
 CONCURRENCY = 16  # authors polled at once (one listRecords each in flight); the others wait for a slot
+PROOFS = 16  # sync.getRecord proofs in flight at once, over all authors
 
 
 def _fields(rec: object) -> tuple[str | None, str | None, object]:
@@ -63,7 +73,9 @@ class Poller:
         self.reconcile_interval = reconcile_interval
         self.health = health or Health()
         self.failures: collections.Counter[str] = collections.Counter()  # failed polls per author (/metrics)
+        self.unproven = 0  # listed invocations refused or replaced by the signed version (/metrics)
         self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._proofs = asyncio.Semaphore(PROOFS)
 
     async def poll_author(self, author: str, reconcile: bool = False) -> int:
         """Take every new invocation from one author's repo; returns how many are to run.
@@ -79,7 +91,7 @@ class Poller:
         for _ in range(RECONCILE_PAGES if reconcile else MAX_PAGES):
             cursor = scan_cursor if reconcile else self.intake.state.cursor(source)
             records, _ = await self.repos.list_records(author, INVOCATION, cursor=cursor, limit=PAGE)
-            rows, last_rkey = [], cursor
+            candidates, last_rkey = [], cursor
             for rec in records:
                 uri, cid, value = _fields(rec)
                 rkey = _own_rkey(uri, author)
@@ -89,20 +101,77 @@ class Poller:
                     log.warning("ignoring a listed record that is not this author's invocation", author=author, uri=uri)
                     continue
                 last_rkey = max(last_rkey or rkey, rkey)
-                try:
-                    verdict = self.intake.verdict(uri, value)
-                except Exception as e:  # noqa: BLE001 - one record must not stop the author's polls for good
-                    self.intake.hold("record", uri, {"uri": uri, "cid": cid, "value": value}, f"{type(e).__name__}: {e}")
-                    continue
+                verdict = self._verdict(uri, cid, value)
                 if verdict is not None:
-                    rows.append((uri, author, cid, value, verdict))
+                    candidates.append((uri, rkey, cid, value, verdict))
             if last_rkey == cursor:
                 return found  # nothing new (also guards against a PDS that ignores the cursor)
+            rows = await self._proven_rows(author, candidates)
             scan_cursor = last_rkey
             found += self.intake.accept(source, None if reconcile else last_rkey, rows)
             if len(records) < PAGE:
                 return found
         return found  # more next round: one author cannot hold the poller for ever
+
+    def _verdict(self, uri: str, cid: str, value: object) -> str | None:
+        """The intake's verdict on a listed record; one that breaks it is quarantined (None), so it
+        cannot stop the author's polls for good."""
+        try:
+            return self.intake.verdict(uri, value)
+        except Exception as e:  # noqa: BLE001 - whatever the record holds
+            self.intake.hold("record", uri, {"uri": uri, "cid": cid, "value": value}, f"{type(e).__name__}: {e}")
+            return None
+
+    async def _proven_rows(self, author: str, candidates: list[tuple[str, str, str, object, str]]) -> list[Row]:
+        """The listed ``(uri, rkey, cid, value, verdict)`` as rows to store, each one the store has
+        not seen proven first (PROOFS at a time, over all authors), in the listing's order. Whatever
+        fails but a proof itself (the PDS, the DID document, the store) fails this author's poll:
+        the cursor stays, and the next round retries."""
+        async def row(uri: str, rkey: str, cid: str, value: object, verdict: str) -> Row | None:
+            if not self._unseen(uri, cid):
+                return uri, author, cid, value, verdict
+            async with self._proofs:
+                proven = await self._prove(author, uri, rkey, cid, value)
+            if proven is None:
+                return None
+            cid, value = proven
+            verdict = self._verdict(uri, cid, value)
+            return None if verdict is None else (uri, author, cid, value, verdict)
+
+        done = await asyncio.gather(*(row(*c) for c in candidates), return_exceptions=True)
+        if failed := next((r for r in done if isinstance(r, BaseException)), None):
+            raise failed
+        return [r for r in done if r is not None]
+
+    def _unseen(self, uri: str, cid: str) -> bool:
+        """Whether a listed invocation needs a proof: not stored yet, stored pending at another
+        CID (a changed record key), or withdrawn. A finished or denied invocation, or a pending
+        one at the CID listed, is recognised without a request: reconciliations prove nothing new."""
+        known = self.intake.state.status_of(uri)
+        if known is None or known[0] == "withdrawn":
+            return True
+        if known[0] != "pending":
+            return False
+        stored = self.intake.state.pending(uri)
+        return stored is None or stored.cid != cid
+
+    async def _prove(self, author: str, uri: str, rkey: str, cid: str, value: object) -> tuple[str, dict] | None:
+        """``(cid, record)`` as the author's signed repo holds the listed invocation; None (logged,
+        counted) when it holds none there or the PDS's answer does not prove itself."""
+        try:
+            proven_cid, proven = await self.repos.get_proven_record(author, INVOCATION, rkey)
+        except (ProofError, NotFound) as e:
+            self.unproven += 1
+            log.warning("listed invocation refused: the author's signed repo does not prove it", author=author, uri=uri,
+                        error=str(e))
+            return None
+        if (proven_cid, proven) != (cid, value):
+            # A PDS that doctors its listing (or a record changed since it was listed): what runs
+            # is what the author signed.
+            self.unproven += 1
+            log.warning("listed invocation differs from the author's signed repo; the signed version is taken",
+                        author=author, uri=uri, listed_cid=cid, proven_cid=proven_cid)
+        return proven_cid, proven
 
     async def poll_once(self, reconcile: bool = False) -> int:
         authors = list(self.authors)  # the daemon may replace the list while this round runs

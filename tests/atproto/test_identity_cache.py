@@ -52,7 +52,7 @@ async def directory():
 async def test_the_did_document_cache_holds_at_most_cache_size_and_drops_the_least_recently_used(directory):
     """With cache_size 3: five DIDs resolved leave three cached; the one used most recently
     before the overflow is still answered from the cache (no request), the oldest is asked again."""
-    identities = Identities(directory.url, cache_size=3)
+    identities = Identities(directory.url, cache_size=3, allow_private_addresses=True)
     try:
         dids = [f"did:plc:cache{i}" for i in range(5)]
         for did in dids[:3]:
@@ -74,7 +74,7 @@ async def test_the_did_document_cache_holds_at_most_cache_size_and_drops_the_lea
 async def test_the_handle_cache_is_bounded_too(directory):
     """Handles that do not resolve are remembered (so a caller cannot make us ask again at once),
     but at most cache_size of them."""
-    identities = Identities(directory.url, cache_size=2)
+    identities = Identities(directory.url, cache_size=2, allow_private_addresses=True)
     try:
         for i in range(5):
             with pytest.raises(IdentityError):

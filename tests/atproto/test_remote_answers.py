@@ -92,7 +92,7 @@ async def hostile():
 
 @pytest.fixture
 async def repos(hostile):
-    r = Repos(Identities(hostile.url, timeout=5))
+    r = Repos(Identities(hostile.url, timeout=5, allow_private_addresses=True))
     yield r
     await r.close()
 
@@ -168,7 +168,7 @@ BAD_KEYS = {
 async def test_a_did_document_with_an_unusable_signing_key_is_an_identity_error(hostile, case):
     """Identities.signing_key refuses what the firehose and service auth could not verify with."""
     hostile.serve_doc(verificationMethod=[{"id": f"{DID}#atproto", "controller": DID, **BAD_KEYS[case]}])
-    identities = Identities(hostile.url, timeout=5)
+    identities = Identities(hostile.url, timeout=5, allow_private_addresses=True)
     try:
         with pytest.raises(IdentityError, match="signing key"):
             await identities.signing_key(DID)
@@ -189,7 +189,7 @@ async def test_a_service_auth_token_whose_issuer_publishes_a_broken_key_is_refus
     key that does not parse: ServiceAuthError reason ``identity``, not an exception from the SDK."""
     hostile.serve_doc(verificationMethod=[{"id": f"{DID}#atproto", "type": "Multikey", "controller": DID,
                                            "publicKeyMultibase": "zzz"}])
-    identities = Identities(hostile.url, timeout=5)
+    identities = Identities(hostile.url, timeout=5, allow_private_addresses=True)
     auth = ServiceAuth(identities, "did:plc:runner")
     now = int(time.time())
 
@@ -226,7 +226,7 @@ async def test_a_resolve_handle_answer_of_the_wrong_shape_is_an_identity_error(h
     body, words = HANDLE_ANSWERS[case]
     hostile.answer(RESOLVE, body)
     with pytest.raises(IdentityError) as e:
-        await resolve_handle("alice.test", hostile.url, timeout=5)
+        await resolve_handle("alice.test", hostile.url, timeout=5, allow_private_addresses=True)
     assert words in str(e.value), str(e.value)
 
 
@@ -319,14 +319,16 @@ async def test_a_poll_of_a_pds_listing_garbage_takes_only_this_authors_invocatio
         health = Health()
         poller = Poller(repos, intake, [DID], interval=60, health=health)
         good = f"at://{DID}/{INVOCATION}/3lgood"
+        car, cid = proving_author(hostile, f"{INVOCATION}/3lgood", {"runner": runner})
+        hostile.answer(SYNC, car, content_type="application/vnd.ipld.car")
         hostile.answer(LIST, {"records": [
             5, [], {"uri": 5, "cid": "c", "value": {}}, {"uri": good, "cid": 7, "value": {}},
             {"uri": f"at://did:plc:other/{INVOCATION}/3lx", "cid": "c", "value": {"runner": runner}},
             {"uri": f"at://{DID}/{INVOCATION}/a/b", "cid": "c", "value": {"runner": runner}},
             {"uri": f"at://{DID}/{INVOCATION}/3lnot", "cid": "c", "value": "not an object"},
-            {"uri": good, "cid": "bafyreib2rxk3rh6kzwq", "value": {"runner": runner}}]})
+            {"uri": good, "cid": cid, "value": {"runner": runner}}]})
         assert await poller.poll_author(DID) == 1
-        assert state.status_of(good) == ("pending", None)
+        assert state.status_of(good) == ("pending", None) and poller.unproven == 0
         hostile.answer(LIST, {"records": 5})
         assert await poller.poll_once(reconcile=True) == 0
         assert poller.failures[DID] == 1
@@ -341,7 +343,20 @@ def _cid(block: bytes) -> bytes:
     return CBOR_SHA256_CID + hashlib.sha256(block).digest()
 
 
-def _car(blocks: list[bytes]) -> bytes:
+def proving_author(hostile: HostileServer, path: str, value: dict) -> tuple[bytes, str]:
+    """Give DID a signing key of the test's, and sign a one-record repo holding ``value`` at
+    ``path``: (the sync.getRecord CAR that proves it, the record's CID)."""
+    key = coincurve.PrivateKey()
+    public = format_did_key("ES256K", key.public_key.format(compressed=True)).removeprefix("did:key:")
+    hostile.serve_doc(verificationMethod=[{"id": f"{DID}#atproto", "type": "Multikey", "controller": DID,
+                                           "publicKeyMultibase": public}])
+    record = libipld.encode_dag_cbor(value)
+    node = libipld.encode_dag_cbor({"l": None, "e": [{"p": 0, "k": path.encode(), "v": _cid(record), "t": None}]})
+    commit = signed_commit(DID, _cid(node), key)
+    return _car([commit, node, record], root=_cid(commit)), libipld.encode_cid(_cid(record))
+
+
+def _car(blocks: list[bytes], root: bytes | None = None) -> bytes:
     def varint(n: int) -> bytes:
         out = bytearray()
         while True:
@@ -350,7 +365,7 @@ def _car(blocks: list[bytes]) -> bytes:
             if not n:
                 return bytes(out)
 
-    header = libipld.encode_dag_cbor({"version": 1, "roots": []})
+    header = libipld.encode_dag_cbor({"version": 1, "roots": [] if root is None else [root]})
     out = varint(len(header)) + header
     for block in blocks:
         cid = _cid(block)

@@ -159,11 +159,18 @@ def test_doctor_reports_the_probe():
     p = atrund("doctor")
     assert p.returncode == 0, p.stderr
     assert "process ← auto" in p.stdout and "ran the python test bundle" in p.stdout and "Landlock ABI: " in p.stdout
+    assert "network egress: proxy (" in p.stdout  # the runner's egress proxy can be set up here
+    assert "seccomp (process): allowlist" in p.stdout and "allowlist, " in p.stdout  # the mode, and each runtime's list
     # The microVM line names the monitor and the accelerator found (KVM only if a guest booted under it).
     import shutil
 
     if shutil.which("qemu-system-x86_64"):
         assert re.search(r"microVM monitor: qemu; accelerator: (kvm|tcg|none) ", p.stdout), p.stdout
+
+
+def test_exec_refuses_a_private_range_that_is_not_one():
+    p = atrund("exec", "examples/hello.py", "--runtime", "python", "--endpoint", "greet", "--allow-private", "10.0.0.0/33")
+    assert p.returncode == 2 and "--allow-private" in p.stderr and "10.0.0.0/33" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_exec_refuses_a_timeout_below_one_second_as_usage():

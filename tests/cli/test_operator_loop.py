@@ -80,7 +80,7 @@ def test_a_busy_gateway_port_is_one_line(stack, new_account, tmp_path):
         port = held.getsockname()[1]
         cfg = tmp_path / "c.toml"
         cfg.write_text(f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n'
-                       f'[identity]\nplc_url = "{stack.plc_url}"\n[executor]\nisolation = "none"\nwarm = 0\n'
+                       f'{stack.identity_toml()}[executor]\nisolation = "none"\nwarm = 0\n'
                        f'[gateway]\nlisten = "127.0.0.1:{port}"\n')
         p = atrund("serve", "-c", str(cfg), "--json-logs", timeout=60)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]

@@ -369,3 +369,106 @@ async def test_many_processes_each_under_the_limit(isolation):
     else:
         # 10 x 100 MiB against a 128 + 16 MiB cgroup: the OOM killer takes most of them (or the bundle).
         assert not r.success or r.data["survivors"] <= 2, r
+
+
+async def test_a_system_call_outside_the_runtimes_allowlist(isolation):
+    """personality() is on no runtime's list: under process it answers EPERM (the allowlist),
+    where nothing filters it (none) it succeeds, so the refusal is the filter's."""
+    r = await attack(isolation, "unlisted_syscall")
+    assert r.success, r.error
+    if isolation == "process":
+        assert r.data == {"result": -1, "errno": 1}
+    elif isolation == "none":
+        assert r.data["result"] >= 0
+
+
+async def test_a_vsock_socket(isolation):
+    """AF_VSOCK (to a hypervisor or other guests, outside every Landlock rule): process refuses
+    the socket itself."""
+    r = await attack(isolation, "vsock")
+    assert r.success, r.error
+    if isolation == "process":
+        assert r.data == {"created": False, "why": "PermissionError", "errno": 1}
+
+
+async def test_a_datagram_pair_sending_to_a_host_unix_socket(isolation, host_dir):
+    """socketpair(AF_UNIX, SOCK_DGRAM) then sendto() a world-writable datagram socket on the host:
+    process makes no datagram pair (EPERM), so nothing reaches the host's socket."""
+    import socket
+
+    path = host_dir / "log.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    path.chmod(0o777)
+    server.setblocking(False)
+    try:
+        r = await attack(isolation, "unix_datagram", {"path": str(path)})
+        try:
+            received = server.recv(100)
+        except BlockingIOError:
+            received = None
+    finally:
+        server.close()
+    assert r.success, r.error
+    if isolation == "none":
+        assert r.data == {"paired": True, "sent": True} and received == b"hello from the bundle"  # NOT contained by none
+    elif isolation == "process":
+        assert r.data == {"paired": False, "why": "PermissionError", "errno": 1} and received is None
+
+
+@pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "exec"])
+async def test_what_a_worker_sees_of_the_host(isolation, fork_server):
+    """The host's hostname, boot id, kernel command line, load, PID 1's command line (the fence's
+    spec, on the exec path), the other workers' directories in the mount table, and inotify: under
+    process all hidden, with another warm worker running beside; under none all there."""
+    from atrund.execute.workdir import work_root
+
+    if isolation != "process" and not fork_server:
+        pytest.skip("the fork server is the process backend's")
+    root = str(work_root(None))
+    r = await attack(isolation, "host_view", {"root": root}, warm=2,
+                     process={"uid_base": UID_BASE, "fork_server": fork_server})
+    assert r.success, r.error
+    seen = r.data
+    if isolation == "process":
+        assert seen["hostname"] == "atrund" and seen["hostname"] != socket_hostname()
+        assert (seen["boot_id"], seen["cmdline"], seen["loadavg"]) == ("", "", ""), seen
+        assert seen["init_cmdline"] == "FileNotFoundError" and 1 not in seen["pids"], seen
+        assert seen["worker_mounts"] == [], seen
+        assert seen["inotify"] == "EPERM", seen
+    elif isolation == "none":
+        assert seen["hostname"] == socket_hostname() and seen["boot_id"] and seen["loadavg"]
+        assert seen["inotify"] == "ok"
+
+
+def socket_hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+async def test_stat_into_the_runners_state_directory(isolation, tmp_path):
+    """stat() is outside Landlock, so a file's mode is the fence: a state directory the runner
+    made (app.private_dir: 0700) hides its files from a worker's uid under process, where one
+    left 0755 (the control) does not."""
+    from atrund.app import private_dir
+
+    state, control = Path("/var/tmp") / f"atrund-state-{os.getpid()}", Path("/var/tmp") / f"atrund-open-{os.getpid()}"
+    try:
+        state.mkdir(mode=0o755)
+        private_dir(state)
+        control.mkdir(mode=0o755)
+        control.chmod(0o755)
+        for d in (state, control):
+            (d / "atrund.sqlite3").write_bytes(b"")
+        r = await attack(isolation, "stat_host", {"paths": [str(state / "atrund.sqlite3"), str(control / "atrund.sqlite3")]})
+    finally:
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(control, ignore_errors=True)
+    assert r.success, r.error
+    if isolation == "process":
+        assert r.data == {str(state / "atrund.sqlite3"): "PermissionError", str(control / "atrund.sqlite3"): "seen"}, r.data
+    elif isolation == "none":
+        assert set(r.data.values()) == {"seen"}

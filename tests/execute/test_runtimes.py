@@ -456,7 +456,8 @@ async def test_node_network_is_fenced_by_the_process_backend_only(tmp_path):
 
 async def test_granted_network_works(runtime, isolation, tmp_path):
     """A literal grant of 127.0.0.1:PORT opens exactly that: the private-range deny list is cut
-    around the granted address."""
+    around the granted address (and, under process, the egress proxy reaches it because the
+    operator grants the range in net_private)."""
     if isolation.startswith("container"):
         pytest.skip("the test server listens on the host's loopback, which a container never reaches "
                     "(127.0.0.1 is its own); network in containers is asserted in test_container.py")
@@ -465,7 +466,7 @@ async def test_granted_network_works(runtime, isolation, tmp_path):
             export async function main(args) {
               return await (await fetch(`http://127.0.0.1:${args.port}/`)).text();
             }
-        """, args={"port": server.port}, permissions={"net": [f"127.0.0.1:{server.port}"]})
+        """, args={"port": server.port}, permissions={"net": [f"127.0.0.1:{server.port}"], "net_private": ["127.0.0.1/32"]})
         assert r.success and r.data == "hello", r
         assert server.connections == 1
 

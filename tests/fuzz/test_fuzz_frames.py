@@ -39,7 +39,7 @@ def firehose(tmp_path_factory):
     that needs the author's key fails to resolve it (as when the PLC is down) and is not taken."""
     loop = asyncio.new_event_loop()
     state = State(tmp_path_factory.mktemp("fuzz") / "atrund.sqlite3")
-    repos = Repos(Identities("http://127.0.0.1:9", timeout=2))
+    repos = Repos(Identities("http://127.0.0.1:9", timeout=2, allow_private_addresses=True))
     policy = AccessPolicy("allowlist", frozenset({DID}), frozenset())
     hose = Firehose("ws://127.0.0.1:9", repos, Intake(state, "did:plc:fuzzrunner", policy, lambda uri: None))
     yield hose, loop

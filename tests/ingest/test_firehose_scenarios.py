@@ -397,7 +397,7 @@ async def test_a_stuck_processor_stops_the_reader_instead_of_buffering(rig, stac
 
     monkeypatch.setattr(firehose_module, "INBOX_BYTES", 256 * 1024)
     silent = await asyncio.start_server(lambda r, w: asyncio.sleep(3600), "127.0.0.1", 0)
-    repos = Repos(Identities(f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}", timeout=60))
+    repos = Repos(Identities(f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}", timeout=60, allow_private_addresses=True))
     state = State(tmp_path / "stuck" / "atrund.db")
     policy = AccessPolicy("allowlist", frozenset({rig.did}), frozenset())
     stuck = Firehose(rig.relay.url, repos, Intake(state, rig.runner_did, policy, lambda uri: None))

@@ -53,7 +53,7 @@ async def test_an_account_reported_inactive_stays_inactive_across_a_restart(tmp_
 
     async def run(frames: list[bytes]) -> tuple[bool, str | None]:
         state = State(path)
-        repos = Repos(Identities("http://127.0.0.1:9", timeout=1))
+        repos = Repos(Identities("http://127.0.0.1:9", timeout=1, allow_private_addresses=True))
         try:
             intake = Intake(state, runner, policy, lambda uri: None)
             known = did in intake.inactive

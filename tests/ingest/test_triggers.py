@@ -106,7 +106,7 @@ async def test_a_doctored_frame_does_not_fire(stack, author, login_author, reade
     runner_did = new_account("trg").did
     bundle = await author.publish(ECHO)
     relay = await Relay().start()
-    repos = Repos(Identities(stack.plc_url))
+    repos = Repos(Identities(stack.plc_url, allow_private_addresses=True))
     state = State(tmp_path / "state" / "atrund.db")
     queued: list[str] = []
     from atrund.access import AccessPolicy

@@ -34,8 +34,11 @@ from pathlib import Path
 import structlog
 
 from atrund.execute.base import ExecutorError
+from atrund.execute.egress.dns import Resolver
+from atrund.execute.egress.policy import Grants
+from atrund.execute.egress.proxy import Egress
 from atrund.execute.pool import Backend, Worker, cpu_limit, feed_stderr
-from atrund.execute.protocol import ExecPermissions
+from atrund.execute.protocol import ExecEgress, ExecPermissions
 from atrund.execute.runtimes import Runtime, expand
 from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
 
@@ -170,6 +173,7 @@ class ContainerWorker(Worker):
         self._pump: asyncio.Task | None = None
         self._killed = False
         self._pid: int | None = None  # the container's init, as this host sees it (see root_pid)
+        self.proxy: Egress | None = None  # granted network: the runner's proxy is its only way out
 
     async def attach(self) -> None:
         raw = getattr(self._sock, "_sock", self._sock)  # the socket under the SDK's SocketIO
@@ -239,6 +243,25 @@ class ContainerWorker(Worker):
     def root_pid(self) -> int | None:
         return self._pid
 
+    async def open_egress(self, grants: Grants, resolver: Resolver) -> None:
+        """Give the container (started with ``--network none``: loopback only) the egress path a
+        process worker has: its network namespace, set up from here, whose only way out is the
+        runner's proxy. Needs the engine on this host, as the bind mounts do."""
+        state = (await self.backend.engine.call("inspect a container", self.backend.engine.client.api.inspect_container, self.id))["State"]
+        pid = int(state.get("Pid") or 0)
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ExecutorError(f"cannot reach the container's network namespace (is the engine on this host?): {e.strerror}") from e
+        try:
+            self.proxy = Egress(grants, resolver)
+            await self.proxy.start(existing=fd, resolv_conf=f"/proc/{pid}/root/etc/resolv.conf")
+        finally:
+            os.close(fd)
+
+    def egress(self) -> ExecEgress | None:
+        return self.proxy.counts.snapshot() if self.proxy is not None else None
+
     def exited(self) -> int | None:
         if self._exit is not None:
             return self._exit
@@ -275,6 +298,8 @@ class ContainerWorker(Worker):
                 self._pump.cancel()
             self._close_stream()
             shutil.rmtree(self.bundle_dir, ignore_errors=True)
+            if self.proxy is not None:
+                await self.proxy.close()
 
     def _close_stream(self) -> None:
         # Closed now, not when asyncio gets round to it: the loop may be gone by then.
@@ -294,6 +319,7 @@ class ContainerBackend(Backend):
         self.engine = Engine(settings.container.docker_host)
         self.work_root = owned_dir(work_root(settings.work_dir) / "containers", os.geteuid(), "the runner")
         self.unremoved: set[str] = set()
+        self.resolver = Resolver(settings.egress_nameserver)
 
     async def prepare(self) -> None:
         """Once per backend: the engine answers, has the image, knows the runtime; leftovers go."""
@@ -352,7 +378,7 @@ class ContainerBackend(Backend):
             if os.path.exists(path):  # a grant of a path the host does not have gives nothing
                 mounts.append(Mount(path, path, type="bind", read_only=read_only))
         host_config = self.engine.client.api.create_host_config(
-            network_mode="bridge" if permissions.net else "none",
+            network_mode="none",  # with a net grant, open_egress gives it a way out: the runner's proxy
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={s.tmp_mb}m,mode=1777"},
             mounts=mounts,
@@ -409,6 +435,8 @@ class ContainerBackend(Backend):
             worker = ContainerWorker(self, container_id, bundle_dir, sock, settings.max_output_bytes + 4096)
             await worker.attach()
             await self.engine.call("start a container", api.start, container_id)
+            if permissions.net:  # before the pool sends a request: no bundle code runs before this
+                await worker.open_egress(Grants(permissions.net, permissions.net_private), self.resolver)
             if settings.reuse == "bundle":
                 await worker.find_pid()
             return worker

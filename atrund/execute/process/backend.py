@@ -3,8 +3,9 @@
 Each worker is started as
 ``setpriv --pdeathsig KILL -- unshare --mount --pid --fork --kill-child --mount-proc --ipc --uts [--net] -- python3 fence.py SPEC``
 so it has its own PID namespace (killing the worker kills everything it started, setsid or
-not), its own mount namespace with a private /tmp, no network device unless the request grants
-network, and then the fence (atrund/execute/process/fence.py): hard rlimits, an unprivileged uid of its
+not), its own mount namespace with a private /tmp, its own network namespace (with no device
+but loopback; one whose only way out is the runner's egress proxy if the request grants
+network: atrund/execute/egress/), and then the fence (atrund/execute/process/fence.py): hard rlimits, an unprivileged uid of its
 own, Landlock over files, TCP ports and signals. The runtime's own permission flags (Deno,
 Node) apply on top, inside.
 
@@ -29,6 +30,9 @@ import structlog
 from atrund.execute import procs
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import SAFE_PATH, SETPRIV, DirectWorker, check_program, data_limit, spawn_process
+from atrund.execute.egress.dns import Resolver
+from atrund.execute.egress.policy import Grants
+from atrund.execute.egress.proxy import Egress
 from atrund.execute.pool import Backend, Census, Worker, cpu_limit, leftovers
 from atrund.execute.process.forked import (
     FENCE,
@@ -39,7 +43,7 @@ from atrund.execute.process.forked import (
     programs,
     servable,
 )
-from atrund.execute.protocol import ExecPermissions
+from atrund.execute.protocol import ExecEgress, ExecPermissions
 from atrund.execute.runtimes import Runtime, load_runtimes
 from atrund.execute.workdir import owned_dir, work_root
 
@@ -53,24 +57,12 @@ SYSTEM_READ = [
     "/etc/passwd", "/etc/group", "/etc/mime.types",
 ]
 SYSTEM_WRITE = ["/dev/null", "/dev/zero", "/dev/full"]
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def ports_for(net: list[str]) -> list[int]:
-    """TCP ports a network grant allows: host:port gives that port, a bare host 80 and 443.
-
-    Landlock filters ports, not addresses: which hosts are reachable is enforced by the
-    runtime (Deno's --allow-net), not here. Documented in docs/threat-model.md.
-    """
-    ports: set[int] = set()
-    for entry in net:
-        host, sep, port = entry.rpartition(":")
-        # host:port or [v6]:port names a port; a bare IPv6 address (several colons) does not.
-        if sep and port.isdigit() and (host.count(":") == 0 or host.endswith("]")):
-            ports.add(int(port))
-        else:
-            ports.update(DEFAULT_PORTS.values())
-    return sorted(ports)
+    """TCP ports a network grant allows (host:port that port, a bare host 80 and 443): Landlock's
+    connect rules, under the egress proxy, which enforces the hosts (atrund/execute/egress/)."""
+    return Grants(net).ports
 
 
 class UidPool:
@@ -249,6 +241,7 @@ class Sandbox:
         self.uid = uid
         self._uids: UidPool | None = uids
         self._cgroups = cgroups
+        self.egress: Egress | None = None  # a worker granted network: its namespace and proxy
 
     def stage(self, code_path: str) -> str:
         """Copy the verified bundle into the worker's /tmp; the sandbox sees nothing else of ours."""
@@ -279,11 +272,17 @@ class Sandbox:
             pids = pids or self._cgroups.processes(name) or []
         return Census(left=left, cpu=procs.cpu_spent(pids) if cpu else 0.0, memory=self._cgroups.usage(name))
 
+    def egress_counts(self) -> ExecEgress | None:
+        return self.egress.counts.snapshot() if self.egress is not None else None
+
     def unmount(self) -> None:
         unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
 
     async def release(self) -> None:
         """After the worker's processes are dead."""
+        if self.egress is not None:
+            await self.egress.close()
+            self.egress = None
         shutil.rmtree(self.workdir, ignore_errors=True)
         await self._cgroups.remove(self.workdir.name)
         if self._uids is not None:  # the uid is free again only once no process of it can be left
@@ -303,6 +302,9 @@ class FencedWorker(DirectWorker):
 
     def stage(self, code_path: str) -> str:
         return self.sandbox.stage(code_path)
+
+    def egress(self) -> ExecEgress | None:
+        return self.sandbox.egress_counts()
 
     def census(self, runtime: Runtime, cpu: bool) -> Census:
         return self.sandbox.census(runtime, cpu) or super().census(runtime, cpu)
@@ -338,9 +340,11 @@ class ProcessBackend(Backend):
         self.work_root = owned_dir(work_root(settings.work_dir), 0, "root")
         self.uids = UidPool(settings.process.uid_base, settings.process.uids, self.work_root)
         self.tmp_mb = settings.tmp_mb
+        self.seccomp = settings.process.seccomp
         self.cgroups = Cgroups()
         self.fork_server: ForkServer | None = None
         self.fork_server_problem: str | None = None  # why workers start by the exec path, if they do
+        self.resolver = Resolver(settings.egress_nameserver)
         self.remove_leftovers()
         self.cgroups.remove_leftovers(self.uids)
 
@@ -396,9 +400,12 @@ class ProcessBackend(Backend):
         sandbox = Sandbox(workdir, uid, self.uids, self.cgroups)
         try:
             spec = self.spec(runtime, settings, permissions, sandbox)
+            if permissions.net:
+                sandbox.egress = Egress(Grants(permissions.net, permissions.net_private), self.resolver)
+                await sandbox.egress.start()
             if self._forks(runtime):
-                return await self.fork(spec, bool(permissions.net), sandbox, settings)
-            return await self.exec(spec, bool(permissions.net), runtime, sandbox, settings)
+                return await self.fork(spec, sandbox, settings)
+            return await self.exec(spec, runtime, sandbox, settings)
         except BaseException:
             sandbox.unmount()
             await sandbox.release()
@@ -431,6 +438,7 @@ class ProcessBackend(Backend):
             },
             "env": {"PATH": SAFE_PATH, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
             "argv": list(runtime.command),
+            "syscalls": seccomp_allowlist(runtime, self.seccomp),
             "cgroups": self.cgroups.create(
                 sandbox.workdir.name,
                 memory_bytes=(settings.memory_mb + runtime.data_overhead_mb + self.tmp_mb) * 1024 * 1024,
@@ -438,11 +446,12 @@ class ProcessBackend(Backend):
             ),
         }
 
-    async def fork(self, spec: dict, network: bool, sandbox: Sandbox, settings) -> Worker:
+    async def fork(self, spec: dict, sandbox: Sandbox, settings) -> Worker:
         assert self.fork_server is not None
         theirs, pipes = await connect_pipes(settings.max_output_bytes + 4096)
+        netns = [sandbox.egress.netns_fd] if sandbox.egress is not None else []
         try:
-            pid, pidfd, exited = await self.fork_server.spawn(spec, network, theirs)
+            pid, pidfd, exited = await self.fork_server.spawn(spec, bool(netns), theirs + netns)
         except BaseException:
             for transport in pipes[3]:
                 transport.close()
@@ -452,13 +461,16 @@ class ProcessBackend(Backend):
                 os.close(fd)
         return ForkedWorker(pid, pidfd, exited, pipes, self.fork_server, sandbox)
 
-    async def exec(self, spec: dict, network: bool, runtime: Runtime, sandbox: Sandbox, settings) -> Worker:
+    async def exec(self, spec: dict, runtime: Runtime, sandbox: Sandbox, settings) -> Worker:
         unshare = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
-        if not network:
+        netns = [sandbox.egress.netns_fd] if sandbox.egress is not None else []
+        if not netns:
             unshare.append("--net")
+        else:  # the fence joins the egress namespace by this descriptor, inherited through unshare
+            spec = {**spec, "netns": netns[0]}
         command = [*([SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []), *unshare, "--",
                    SYSTEM_PYTHON, "-I", "-S", str(FENCE), json.dumps(spec)]
-        process = await spawn_process(command, runtime.name, sandbox.workdir, settings)
+        process = await spawn_process(command, runtime.name, sandbox.workdir, settings, pass_fds=netns)
         return FencedWorker(process, sandbox)
 
 
@@ -467,6 +479,20 @@ def kept_in_run() -> list[str]:
     makes /etc/resolv.conf a link into /run)."""
     real = os.path.realpath("/etc/resolv.conf")
     return [real] if real.startswith("/run/") and os.path.isfile(real) else []
+
+
+def seccomp_allowlist(runtime: Runtime, mode: str) -> list[str] | None:
+    """The system calls a worker of ``runtime`` may make (fence.py refuses the rest with EPERM),
+    or None for the denylist alone: when ``executor.process.seccomp`` says so, or the runtime's
+    directory has no ``syscalls`` file."""
+    return list(runtime.syscalls) if mode == "allowlist" and runtime.syscalls is not None else None
+
+
+def seccomp_mode(runtime: Runtime, mode: str) -> str:
+    """What `atrund doctor` says of a runtime's filter."""
+    if seccomp_allowlist(runtime, mode) is not None:
+        return f"allowlist, {len(runtime.syscalls or ())} calls"
+    return "denylist" + (" (no syscalls file)" if mode == "allowlist" else "")
 
 
 def runtime_paths(runtime: Runtime) -> list[str]:

@@ -1,11 +1,14 @@
 """The fence of the ``process`` backend: applied to a worker before its runtime runs.
 
-Runs as root inside fresh mount, PID, IPC, UTS (and, when no network is granted, network)
-namespaces, made by ``unshare`` on the exec path (``main``) or by the fork server's child
-(forkserver.py, which imports this file and calls the same ``enter``), and then, in this
-order, before any bundle code exists in the process:
+Runs as root inside fresh mount, PID, IPC, UTS and network namespaces, made by ``unshare``
+on the exec path (``main``) or by the fork server's child (forkserver.py, which imports this
+file and calls the same ``enter``). A worker granted network joins instead the namespace the
+runner made for it (``join_network``: its only way out is the runner's egress proxy, see
+atrund/execute/egress/). Then, in this order, before any bundle code exists in the process:
 
-1. makes every mount private, shows the runtime's own directories read-only under
+1. makes every mount private, hides the host (a hostname of its own, /proc with hidepid=2,
+   host-wide /proc files empty, no other worker's directory mounted), shows the runtime's own
+   directories read-only under
    /run/atrund (wherever they live on the host), and binds the worker's own directory on
    /tmp (the only place it may write unless more is granted);
 2. joins the worker's cgroups (memory and process count of the whole tree), and sets hard
@@ -16,8 +19,8 @@ order, before any bundle code exists in the process:
 4. restricts itself with Landlock: read/execute only the runtime and system library paths,
    read the granted paths, write /tmp and the granted paths, TCP connect only to granted
    ports and never bind, no signals or abstract unix sockets beyond its own domain;
-5. forks: the child loads a seccomp filter (no UNIX-socket connects, no user namespaces, no
-   ptrace/bpf/keyctl/mount/...) and execs the runtime with a clean environment (the fork
+5. forks: the child loads a seccomp filter (the runtime's allowlist of system calls; never
+   UNIX-socket connects, user namespaces, ptrace/bpf/keyctl/mount/...) and execs the runtime with a clean environment (the fork
    server's child runs the runtime's pre-compiled at-run-exec instead), and this process
    stays as the namespace's init (reaping orphans, passing on the runtime's exit status).
 
@@ -42,8 +45,9 @@ LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_RULE_NET_PORT = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+CLONE_NEWNET = 0x40000000
 SIGKILL = 9
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
 # Filesystem rights, with the ABI that introduced them.
@@ -139,6 +143,33 @@ def keep(paths, fds):
         check(libc.mount(None, path.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"make {path} read-only")
 
 
+MNT_DETACH = 2
+HOSTNAME = b"atrund"
+# Host-wide figures and identifiers a worker has no use for, shown empty: the kernel's command
+# line, the boot's id (one per machine and boot: a tracking id) and the host's load.
+MASKED = ("/proc/cmdline", "/proc/loadavg", "/proc/sys/kernel/random/boot_id")
+
+
+def hide_host(workdir):
+    """What the host would tell a worker about itself, hidden (the namespaces are this worker's
+    own, so none of it touches the host): a hostname of its own in its UTS namespace; /proc with
+    hidepid=2, so PID 1 (the fence, root, whose command line on the exec path is the spec) and
+    every process but the worker's own are invisible; the host-wide files in MASKED empty; and no
+    other worker's directory (their tmpfs mounts, this runner's or another's under the same work
+    root) in its mount table."""
+    check(libc.sethostname(HOSTNAME, len(HOSTNAME)), "set the hostname")
+    check(libc.mount(b"proc", b"/proc", b"proc", MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=2"),
+          "hide other processes in /proc")
+    for path in MASKED:
+        if os.path.exists(path):
+            check(libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None), f"mask {path}")
+    root = os.path.dirname(os.path.normpath(workdir)) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    for point in sorted({p for p in points if p.startswith(root)}, key=len, reverse=True):  # the deepest first
+        libc.umount2(point.encode(), MNT_DETACH)  # a mount already gone is nothing to hide: no error
+
+
 def relocate(sources, fds, argv, read):
     """Show the runtime's own directories at /run/atrund/N, read-only, and point argv there.
 
@@ -172,13 +203,22 @@ def moved(path, moves):
     return path
 
 
-# seccomp: what a bundle never needs and an escape often does. Landlock cannot see pathname
+# seccomp. With an allowlist (a runtime directory's ``syscalls`` file, the default since issue
+# 15), every system call outside it answers EPERM: the list is what the runtime (its at-run-exec,
+# the interpreter, and the bundles of its tests) was traced calling (scripts/seccomp-trace).
+# Whatever the list says, the calls below keep their own answers: DENIED_SYSCALLS and user
+# namespaces are what an escape often needs and no bundle does; Landlock cannot see pathname
 # UNIX sockets (outside /run and /tmp, e.g. a database's) or user namespaces (which hand out
-# capabilities inside them), so these are denied here. clone3 answers ENOSYS so libc falls back
-# to clone, whose flags (unlike clone3's) a filter can read.
+# capabilities inside them). clone3 answers ENOSYS so libc falls back to clone, whose flags
+# (unlike clone3's) a filter can read. socket() takes only the families in SOCKET_FAMILIES (no
+# AF_UNIX, AF_VSOCK, AF_PACKET...), socketpair() only stream pairs: a datagram pair's sendto()
+# names any pathname socket on the host. Without a list (a runtime without ``syscalls``), the
+# filter is the denylist alone: everything else is allowed.
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ = 4, 7
-AF_UNIX, CLONE_NEWUSER = 1, 0x10000000
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, CLONE_NEWUSER = 1, 2, 10, 16, 0x10000000
+SOCK_TYPE_MASK, SOCK_STREAM = 0xF, 1
+SOCKET_FAMILIES = (AF_INET, AF_INET6, AF_NETLINK)  # netlink: glibc's getaddrinfo asks the kernel for the host's addresses
 EPERM, EACCES, ENOSYS = 1, 13, 38
 DENIED_SYSCALLS = (
     "ptrace", "process_vm_readv", "process_vm_writev", "bpf", "perf_event_open", "userfaultfd",
@@ -188,13 +228,14 @@ DENIED_SYSCALLS = (
     "reboot", "syslog",
 )
 NOT_IMPLEMENTED = ("clone3", "io_uring_setup", "io_uring_enter", "io_uring_register")
+ARGUMENT_RULES = ("socket", "socketpair", "clone", "unshare")  # allowed only with the arguments above
 
 
 class ArgCmp(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
-_seccomp = None  # the filter as BPF, once built: the fork server builds it once for all its workers
+_seccomp = {}  # the filter as BPF per allowlist (None: the denylist), once built: the fork server builds each once
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 
@@ -202,10 +243,10 @@ class SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
 
-def seccomp_filter():
-    """Load the filter (no_new_privs is already set). Without libseccomp it is skipped: the
-    namespaces, uid and Landlock still stand, and `atrund doctor` says so."""
-    program = seccomp_rules()
+def seccomp_filter(allowed=None):
+    """Load the filter of ``allowed`` (no_new_privs is already set). Without libseccomp it is
+    skipped: the namespaces, uid and Landlock still stand, and `atrund doctor` says so."""
+    program = seccomp_rules(allowed)
     if program is None:
         return False
     prog = SockFprog(len(program) // 8, program)  # struct sock_filter is 8 bytes
@@ -213,12 +254,13 @@ def seccomp_filter():
     return True
 
 
-def seccomp_rules():
-    """The filter compiled to BPF by libseccomp, once per process (None without libseccomp);
-    loading it is per worker."""
-    global _seccomp
-    if _seccomp is not None:
-        return _seccomp
+def seccomp_rules(allowed=None):
+    """The filter compiled to BPF by libseccomp, once per process and allowlist (None without
+    libseccomp); loading it is per worker. ``allowed``: the system calls allowed (the rest
+    answer EPERM), or None for the denylist alone."""
+    key = None if allowed is None else tuple(sorted(set(allowed)))
+    if key in _seccomp:
+        return _seccomp[key]
     try:
         lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
@@ -227,7 +269,8 @@ def seccomp_rules():
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(ArgCmp)]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
-    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    errno = lambda e: 0x00050000 | e  # noqa: E731 - SCMP_ACT_ERRNO
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW if key is None else errno(EPERM))
     if not ctx:
         fail("seccomp_init failed")
 
@@ -239,15 +282,27 @@ def seccomp_rules():
         if lib.seccomp_rule_add_array(ctypes.c_void_p(ctx), ctypes.c_uint32(action), nr, len(cmps), arr) != 0:
             fail(f"seccomp rule for {name} failed")
 
-    errno = lambda e: 0x00050000 | e  # noqa: E731 - SCMP_ACT_ERRNO
-    for name in DENIED_SYSCALLS:
-        rule(errno(EPERM), name)
+    if key is None:
+        for name in DENIED_SYSCALLS:
+            rule(errno(EPERM), name)
+        rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))
+        for name in ("unshare", "clone"):
+            rule(errno(EPERM), name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
+    else:
+        for name in set(key) - set(DENIED_SYSCALLS) - set(NOT_IMPLEMENTED) - set(ARGUMENT_RULES):
+            rule(SCMP_ACT_ALLOW, name)
+        if "socket" in key:
+            rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))  # as without a list: EACCES, as before
+            for family in SOCKET_FAMILIES:
+                rule(SCMP_ACT_ALLOW, "socket", ArgCmp(0, SCMP_CMP_EQ, family, 0))
+        if "socketpair" in key:
+            rule(SCMP_ACT_ALLOW, "socketpair", ArgCmp(1, SCMP_CMP_MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
+        for name in ("clone", "unshare"):
+            if name in key:
+                rule(SCMP_ACT_ALLOW, name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, 0))
     for name in NOT_IMPLEMENTED:
         rule(errno(ENOSYS), name)
-    rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))
-    for name in ("unshare", "clone"):
-        rule(errno(EPERM), name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
-    read, write = os.pipe()  # the program is a few hundred bytes: a pipe holds it whole
+    read, write = os.pipe()  # the program is a few kilobytes: a pipe holds it whole
     try:
         if lib.seccomp_export_bpf(ctypes.c_void_p(ctx), write) != 0:
             fail("seccomp_export_bpf failed")
@@ -261,17 +316,26 @@ def seccomp_rules():
         if write >= 0:
             os.close(write)
     lib.seccomp_release(ctypes.c_void_p(ctx))
-    _seccomp = program
-    return _seccomp
+    _seccomp[key] = program
+    return program
+
+
+def join_network(fd):
+    """Leave the network namespace ``unshare`` left us in (the host's) for the one the runner
+    made for this worker, whose only way out is its egress proxy; first, as root."""
+    check(libc.setns(fd, CLONE_NEWNET), "join the worker's network namespace")
+    os.close(fd)
 
 
 def main():
     """The exec path: ``unshare`` made the namespaces and this process is their init."""
     spec = json.loads(sys.argv[1])
+    if spec.get("netns") is not None:
+        join_network(spec["netns"])
     argv = enter(spec)
     child = os.fork()
     if child == 0:
-        seccomp_filter()  # in the runtime's process only: the init needs none of this either way
+        seccomp_filter(spec.get("syscalls"))  # in the runtime's process only: the init needs none of this either way
         os.execve(argv[0], argv, spec["env"])
     serve_as_init(child)
 
@@ -294,6 +358,7 @@ def enter(spec, parent_alive=lambda: True):
     os.fchmod(work, 0o700)
     check(libc.mount(f"/proc/self/fd/{work}".encode(), b"/tmp", None, MS_BIND, None), "bind the worker directory on /tmp")
     os.close(work)
+    hide_host(workdir)  # before relocate() covers /run, where the other workers' directories may be
     argv, read = relocate(spec["relocate"], fds, spec["argv"], spec["read"])
     keep(spec["keep"], kept)
     for fd in fds + kept:

@@ -23,6 +23,7 @@ from pathlib import Path
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import PIPE_GRACE, SAFE_PATH
 from atrund.execute.pool import Census, Worker
+from atrund.execute.protocol import ExecEgress
 from atrund.execute.runtimes import Runtime, load_runtimes
 
 FORKSERVER = Path(__file__).with_name("forkserver.py")
@@ -247,6 +248,9 @@ class ForkedWorker(Worker):
 
     def stage(self, code_path: str) -> str:
         return self.sandbox.stage(code_path)
+
+    def egress(self) -> ExecEgress | None:
+        return self.sandbox.egress_counts()
 
     def exited(self) -> int | None:
         return self.process.returncode

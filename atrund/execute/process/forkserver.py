@@ -13,8 +13,8 @@ each spawn request on its socket (a socketpair with the runner: no path on any f
 - the child (the worker's init) sets PR_SET_PDEATHSIG, starts a session of its own, puts the
   three pipe ends the runner sent (SCM_RIGHTS) on fds 0, 1 and 2 and closes every other
   descriptor it inherited (the server's socket, its pidfds); then what ``unshare`` does on the
-  exec path: new mount, IPC, UTS and (unless the request grants network) network namespaces,
-  every mount private, a fresh /proc; then the fence (fence.enter: cgroups, /tmp, /run,
+  exec path: new mount, IPC, UTS and network namespaces (a worker granted network joins the
+  one the runner made for it, its fourth descriptor, instead: fence.join_network), every mount private, a fresh /proc; then the fence (fence.enter: cgroups, /tmp, /run,
   rlimits, no_new_privs, groups, gid, uid, Landlock), the same function the exec path runs;
 - it forks the runtime's process, which loads the seccomp filter and runs the at-run-exec code
   object as ``__main__`` with the relocated argv and the spec's environment; the init stays,
@@ -28,6 +28,7 @@ socket; it dies with the runner (PR_SET_PDEATHSIG), and its workers die with it.
 
 Messages (SOCK_SEQPACKET, one JSON object each):
   runner -> server  {"id": N, "spec": SPEC, "network": bool} with fds stdin, stdout, stderr
+                    (and, when network is granted, a fourth: the network namespace to join)
   server -> runner  {"id": N, "pid": PID} with a pidfd of the worker's init, or {"id": N, "error": TEXT}
   server -> runner  {"exit": PID, "code": CODE}  (CODE: exit status, or -signal)
   runner -> server  {"runner": PID, "fence": PATH, "programs": [PATH, ...]}  first, once
@@ -134,7 +135,7 @@ class Server:
 
     def receive(self):
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 3, socket.MSG_CMSG_CLOEXEC)
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4, socket.MSG_CMSG_CLOEXEC)
         except OSError:
             data, fds = b"", []
         if not data:
@@ -142,8 +143,8 @@ class Server:
         msg = None
         try:
             msg = json.loads(data)
-            if len(fds) != 3:
-                raise ValueError(f"expected 3 descriptors, got {len(fds)}")
+            if len(fds) != (4 if msg.get("network") else 3):
+                raise ValueError(f"expected {4 if msg.get('network') else 3} descriptors, got {len(fds)}")
             self.spawn(msg, fds)
         except Become:
             raise  # in the worker's runtime process, which holds none of these descriptors any more
@@ -197,8 +198,10 @@ def worker_init(server, spec, network, fds, code):
     """In the forked child, PID 1 of its new namespace: become the worker's fenced init, fork
     its runtime process (which raises Become), and serve as init. Never returns otherwise."""
     try:
+        if network:
+            fence.join_network(fds[3])  # first, while the descriptors are ours
         os.setsid()  # a process group of our own, not the server's (which the pool never kills)
-        for target, fd in enumerate(fds):
+        for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target)  # inheritable
         # Close the server's socket, its pidfds and everything else it holds; keep only a pidfd on
         # the server itself until the parent-death signal is set for good (fence.enter).
@@ -206,7 +209,7 @@ def worker_init(server, spec, network, fds, code):
         os.closerange(3, alive)
         os.closerange(alive + 1, 1 << 20)
         fresh_stdio()
-        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if network else CLONE_NEWNET)
+        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if network else CLONE_NEWNET)  # joined above if granted
         fence.check(libc.unshare(flags), "unshare namespaces")
         fence.check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
         fence.check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, None), "mount /proc")
@@ -216,7 +219,7 @@ def worker_init(server, spec, network, fds, code):
     except BaseException as e:  # noqa: BLE001 - said on the worker's stdout, as the fence says its errors
         fence.fail(f"{type(e).__name__}: {e}")
     if child == 0:
-        fence.seccomp_filter()  # in the runtime's process only, as on the exec path
+        fence.seccomp_filter(spec.get("syscalls"))  # in the runtime's process only, as on the exec path
         raise Become(code, argv[3:], spec["env"])
     fence.serve_as_init(child)
 
