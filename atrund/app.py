@@ -17,6 +17,7 @@ supervisor until ``stop`` is set, then stops them in order under the shutdown de
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from atrund.runs import Runs
 from atrund.schedule import Scheduler
 from atrund.sealed import KeyFileError, Keyring
 from atrund.standing import Follow
-from atrund.state import State
+from atrund.state import State, Store
 from atrund.status import Status
 from atrund.supervise import Supervisor
 from atrund.ticks import Ticks
@@ -60,6 +61,17 @@ from atrund.trust import LiveAccess, resolve_dids
 log = structlog.get_logger("atrund.app")
 
 CONFIG_CHECK_SECONDS = 1.0
+INGEST_LOOPS = ("poller", "firehose", "ticks", "triggers", "standing")  # with replicas, only the ingest leader runs them
+
+
+def open_state(cfg: Config) -> Store:
+    """The state store ``[state]`` names: Postgres at ``url``, else SQLite in ``dir`` (the default).
+    Either way ``dir`` keeps the runner's local files (quarantine, bundle cache, keys)."""
+    if cfg.state.url is not None:
+        from atrund.pgstate import PgState  # psycopg is loaded only by runners that use it
+
+        return PgState(cfg.state.url, roles=cfg.runner.roles)
+    return State(cfg.state.dir / "atrund.sqlite3")
 
 
 def private_dir(path: Path) -> None:
@@ -81,7 +93,7 @@ class App:
         # list modes) the AT graph; kept current while the runner serves (atrund.trust).
         self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
         private_dir(cfg.state.dir)
-        self.state = State(cfg.state.dir / "atrund.sqlite3")
+        self.state = open_state(cfg)
         self.quarantine = Quarantine(cfg.state.dir / "quarantine.sqlite3")
         self.problems = Health()
         self.supervisor = Supervisor(self.problems)
@@ -149,7 +161,7 @@ class App:
                              self.quarantine, self.policy, self.runs, self.writer, self.intake, self.poller, self.firehose,
                              self.ticks, self.triggers)
         gateway_url = None
-        if cfg.gateway.enabled:
+        if cfg.gateway.enabled and "gateway" in r.roles:
             auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
             self.gateway = Gateway(cfg.gateway, self.pipeline, self.scheduler, self.policy, self.identities, self.repos, auth,
                                    session, self.meters, self.status.health, r.shutdown_grace, self.logbook)
@@ -289,10 +301,36 @@ class App:
             loops["triggers"] = self.triggers.run
         if self.follow is not None:
             loops["standing"] = self.follow.run
+        if self.state.shared:  # replicas: heartbeats, taking over what a dead one left, one ingest leader
+            from atrund.pgstate import HEARTBEAT, LEAD_CHECK, WORK_POLL
+
+            roles = self.cfg.runner.roles
+            loops["lease"] = functools.partial(self.runs.keep_lease, HEARTBEAT)
+            ingest = {name: loops.pop(name) for name in INGEST_LOOPS if name in loops}
+            if "ingest" in roles:
+                loops["leader"] = functools.partial(self.lead_ingest, ingest, LEAD_CHECK)
+            if "execute" in roles:  # what the store assigns to this replica, woken by its NOTIFY
+                loops["claims"] = functools.partial(self.runs.take_assigned, self.state.wait_for_work, WORK_POLL)
         for name, loop in loops.items():
             self.supervisor.start(name, loop)
         await stop.wait()
         await self.shutdown()
+
+    async def lead_ingest(self, loops: dict, interval: float) -> None:
+        """Replicas: run the ingest loops while this replica holds ingest leadership (the store's
+        ``lead``), stop them when it is lost; a standby tries again every ``interval`` seconds."""
+        leading = False
+        while True:
+            now = self.state.lead()
+            if now and not leading:
+                log.info("this replica leads ingest", loops=sorted(loops))
+                for name, loop in loops.items():
+                    self.supervisor.start(name, loop)
+            elif leading and not now:
+                log.warning("ingest leadership lost; ingest stops here (another replica takes it)")
+                await self.supervisor.stop(list(loops))
+            leading = now
+            await asyncio.sleep(interval)
 
     async def shutdown(self) -> None:
         """Stop taking work; let running invocations and requests finish for at most
@@ -302,13 +340,13 @@ class App:
         grace = self.cfg.runner.shutdown_grace
         log.info("stopping: running work may finish", grace_s=grace, running=self.runs.scheduler.running)
         self.supervisor.stopping = True
-        await self.supervisor.stop(["poller", "firehose", "access", "quarantine-retries", "configuration", "ticks",
-                                      "triggers", "standing"])  # nothing new comes in
+        await self.supervisor.stop(["leader", *INGEST_LOOPS, "claims", "access", "quarantine-retries",
+                                    "configuration"])  # nothing new comes in
         draining = [self.runs.drain(grace)]  # queued invocations wait for the next start
         if self.gateway is not None:
             draining.append(self.gateway.close())  # takes no new request; those in flight have the same grace
         await asyncio.gather(*draining)
-        await self.supervisor.stop(["scheduler", "held-outcomes"])
+        await self.supervisor.stop(["scheduler", "held-outcomes", "lease"])
         await self.supervisor.stop()  # the writer loop too: the last flush below must not run beside it
         try:
             await self.writer.flush()

@@ -66,6 +66,16 @@ class RunnerSection(Section):
     shutdown_grace: float = Field(
         default=10.0, ge=0, description="seconds running invocations and requests may take to finish when the runner stops; "
         "past it they are stopped, and each invocation gets an interrupted result")
+    roles: list[Literal["ingest", "execute", "gateway"]] = Field(
+        default=["ingest", "execute", "gateway"], min_length=1,
+        description="what this replica does (replicas share state.url): ingest (when it leads), execute, gateway")
+
+    @field_validator("roles")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names a role twice")
+        return value
 
     def password(self) -> str:
         """The app password: from password_file if set, else from the environment variable."""
@@ -376,6 +386,23 @@ class LogsSection(Section):
 
 class StateSection(Section):
     dir: Path = Path("atrund-state")
+    url: str | None = Field(default=None, description="postgresql:// URL of a Postgres database for the state "
+                                                       "(default: SQLite in dir; dir still holds the local files)")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        """A libpq URL without its password: secrets never live in this file (libpq reads it from
+        PGPASSWORD, PGPASSFILE or ~/.pgpass)."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"{value.split('@')[-1]!r} is not a postgresql:// URL")
+        if parts.password is not None or re.search(r"(^|&)password=", parts.query):
+            raise ValueError("holds a password; give it in PGPASSWORD, a PGPASSFILE or ~/.pgpass instead "
+                             "(secrets never live in the configuration file)")
+        return value
 
 
 STATE_CALL_OVERHEAD = 2048  # bytes of a set call besides its value: the key (at most 512 bytes), the envelope
@@ -409,6 +436,13 @@ class Config(Section):
     state: StateSection = StateSection()
     bundle_state: BundleStateSection = BundleStateSection()
     _source: Path | None = PrivateAttr(default=None)  # the file it was loaded from (a running runner re-reads it)
+
+    @model_validator(mode="after")
+    def _roles_need_replicas(self) -> "Config":
+        if set(self.runner.roles) != {"ingest", "execute", "gateway"} and self.state.url is None:
+            raise ValueError("runner.roles: a replica of fewer roles needs a shared state.url (one SQLite runner does "
+                             "everything)")
+        return self
 
     @model_validator(mode="after")
     def _values_fit_the_channel(self) -> Config:

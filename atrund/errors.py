@@ -84,11 +84,11 @@ class KeyFileError(AtrundError, code=13):
     """The runner's key file is missing, unreadable, too open or not an X25519 key."""
 
 
-class StateLocked(AtrundError, code=14, fix="stop the other runner, or give this one its own state.dir"):
+class StateLocked(AtrundError, code=14, fix="stop the other runner, or give this one its own state.dir (or state.url database)"):
     """Another atrund process holds this state directory's lock."""
 
 
-class StoreError(AtrundError, code=15, fix="check the disk and the permissions of state.dir"):
+class StoreError(AtrundError, code=15, fix="check the disk and the permissions of state.dir, or the database state.url names"):
     """The state store failed (disk full, read-only or immutable file, I/O error): worth retrying."""
 
 

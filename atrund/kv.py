@@ -34,7 +34,7 @@ from atrund.config import BundleStateSection
 from atrund.errors import StoreError
 from atrund.execute.protocol import StateCall, StateReply
 from atrund.records import data_problem
-from atrund.state import BundleWrites, State
+from atrund.state import BundleWrites, Store
 
 MAX_KEY_BYTES = 512
 DEFAULT_LIST = 100
@@ -44,7 +44,7 @@ QUOTA = "StateQuotaExceeded"
 class BundleState:
     """The runner's side of every bundle's state: namespace locks, quotas, sessions."""
 
-    def __init__(self, store: State, quotas: BundleStateSection) -> None:
+    def __init__(self, store: Store, quotas: BundleStateSection) -> None:
         self.store = store
         self.quotas = quotas
         self._locks: dict[tuple[str, str], _Lock] = {}

@@ -29,7 +29,7 @@ import structlog
 from atrund.atproto.uri import authority
 from atrund.config import LogsSection
 from atrund.errors import StoreError
-from atrund.state import LogEntry, State
+from atrund.state import LogEntry, Store
 
 log = structlog.get_logger("atrund.logbook")
 
@@ -44,7 +44,7 @@ class NotYours(Exception):
 
 
 class LogBook:
-    def __init__(self, state: State, cfg: LogsSection) -> None:
+    def __init__(self, state: Store, cfg: LogsSection) -> None:
         self.state = state
         self.cfg = cfg
         self._held: list[LogEntry] = []

@@ -33,7 +33,7 @@ from atrund.records import (
     now_iso,
     valid_unicode,
 )
-from atrund.state import Outgoing, State, StoreError
+from atrund.state import Outgoing, Store, StoreError
 
 log = structlog.get_logger("atrund.results")
 
@@ -134,7 +134,7 @@ class ResultWriter:
     - A state store that fails is waited out (the loop retries; /healthz says so).
     """
 
-    def __init__(self, session: Session, state: State, quarantine: Quarantine | None = None,
+    def __init__(self, session: Session, state: Store, quarantine: Quarantine | None = None,
                  health: Health | None = None) -> None:
         self.session = session
         self.state = state

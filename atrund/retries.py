@@ -15,7 +15,7 @@ from atrund.ingest import Intake
 from atrund.ingest.firehose import Firehose
 from atrund.quarantine import Held, Quarantine
 from atrund.results import ResultWriter
-from atrund.state import State
+from atrund.state import Store
 
 log = structlog.get_logger("atrund.retries")
 
@@ -23,7 +23,7 @@ RETRY_POLL = 2.0  # seconds between looks for operators' retries
 
 
 class Retries:
-    def __init__(self, quarantine: Quarantine, state: State, writer: ResultWriter, intake: Intake,
+    def __init__(self, quarantine: Quarantine, state: Store, writer: ResultWriter, intake: Intake,
                  firehose: Firehose | None) -> None:
         self.quarantine = quarantine
         self.state = state

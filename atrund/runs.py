@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -36,7 +37,7 @@ from atrund.pipeline import Outcome, Pipeline, outcome_of
 from atrund.records import INVOCATION, ORIGIN_MARK, Metrics, StrongRef, origin_record, result_rkey, unix_time
 from atrund.results import ResultWriter, build
 from atrund.schedule import Scheduler
-from atrund.state import State, Stored, StoreError
+from atrund.state import Store, Stored, StoreError
 
 log = structlog.get_logger("atrund.runs")
 
@@ -48,7 +49,7 @@ INTERRUPTED = ("interrupted: the runner stopped while this invocation was runnin
 
 
 class Runs:
-    def __init__(self, pipeline: Pipeline, state: State, writer: ResultWriter, policy: AccessPolicy, repos: Repos,
+    def __init__(self, pipeline: Pipeline, state: Store, writer: ResultWriter, policy: AccessPolicy, repos: Repos,
                  meters: Meters, concurrency: int, limits: LimitsSection, logbook: LogBook) -> None:
         self.pipeline = pipeline
         self.logbook = logbook
@@ -64,21 +65,63 @@ class Runs:
         self.held: list[tuple[str, str, dict[str, Any] | None, Session | None]] = []
         self._held_wake = asyncio.Event()
         self.denied = 0  # access withdrawn while they waited (ingest counts the ones denied on arrival)
+        self.queued: set[str] = set()  # a shared store: the assigned invocations this replica's scheduler holds
 
     def submit(self, uri: str) -> None:
         """Queue a stored, pending invocation (or a schedule's tick, a trigger's firing: their keys
-        start with their record's URI); the scheduler decides when it runs."""
+        start with their record's URI); the scheduler decides when it runs.
+
+        On a store replicas share, the replica the store assigned it to queues it instead
+        (``take_assigned``, woken by the store): nothing to do here."""
+        if not self.state.shared:
+            self._enqueue(uri)
+
+    def _enqueue(self, uri: str) -> None:
         self.scheduler.submit(authority(origin_record(uri)), uri)
+
+    def queue_assigned(self) -> None:
+        """Queue the pending invocations the shared store assigned to this replica and that its
+        scheduler does not hold yet (an author's are all assigned to one replica at a time, so
+        its scheduler keeps that author's order, concurrency and rate for the whole fleet)."""
+        for uri in self.state.assigned():
+            if uri not in self.queued:
+                self.queued.add(uri)
+                self._enqueue(uri)
+
+    async def take_assigned(self, wait: Callable[[float], Awaitable[None]], interval: float) -> None:
+        """The executing replica's loop: queue what is assigned to it, then ``wait`` for the
+        store's wake-up (a NOTIFY), or ``interval`` seconds at most."""
+        while True:
+            try:
+                self.queue_assigned()
+            except StoreError as e:
+                log.warning("state store failed; assigned invocations are looked for again", error=str(e), retry_in_s=interval)
+            await wait(interval)
 
     # -- start and stop ------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Finish what a previous run of the runner left: never start anything twice."""
-        for inv in self.state.with_state("running"):
+        """Finish what a previous run of the runner left (or, on a shared store, a replica that
+        stopped or died): never start anything twice."""
+        running, pending = self.state.take_over()
+        for inv in running:
             log.warning("invocation was running when the runner stopped; not running it again", uri=inv.uri)
             self._interrupt(inv)
-        for inv in self.state.with_state("pending"):
+        for inv in pending:
             self.submit(inv.uri)
+
+    async def keep_lease(self, interval: float) -> None:
+        """On a store replicas share (atrund.pgstate): say this replica is alive, and take over
+        what dead ones left, every ``interval`` seconds. A store that fails for a while only
+        delays both (past the lease, others take this replica's work: its results then lose
+        to their "interrupted" ones, and nothing runs twice)."""
+        while True:
+            try:
+                self.state.heartbeat()
+                self.recover()
+            except StoreError as e:
+                log.warning("state store failed; heartbeat and take-over tried again", error=str(e), retry_in_s=interval)
+            await asyncio.sleep(interval)
 
     async def drain(self, grace: float) -> None:
         """Start nothing more (what waits stays pending for the next start); let running
@@ -100,7 +143,8 @@ class Runs:
         finished) gets its interrupted result now rather than at the next start."""
         held = {uri for uri, *_ in self.held}
         try:
-            running = [inv for inv in self.state.with_state("running") if inv.uri not in held]
+            running = [inv for inv in self.state.with_state("running") if inv.uri not in held
+                       and (inv.uri in self.queued or not self.state.shared)]  # replicas: only this one's
         except StoreError as e:
             log.error("cannot read the invocations still running; they are recorded as interrupted at the next start",
                       error=str(e))
@@ -115,6 +159,7 @@ class Runs:
     # -- one invocation ------------------------------------------------------------------
 
     def _reject_backlog(self, uri: str, why: str) -> None:
+        self.queued.discard(uri)
         try:
             stored = self.state.pending(uri)
         except StoreError as e:
@@ -124,6 +169,12 @@ class Runs:
             self._finish(stored, Outcome("rejected", error=why))
 
     async def _guarded(self, uri: str) -> None:
+        try:
+            await self._run(uri)
+        finally:
+            self.queued.discard(uri)  # replicas: no longer held here (done, or pending again for the next look)
+
+    async def _run(self, uri: str) -> None:
         try:
             stored = self.state.pending(uri)
             if stored is None:

@@ -24,7 +24,7 @@ import structlog
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
 from atrund.errors import AtrundError
-from atrund.state import Standing, State
+from atrund.state import Standing, Store
 
 log = structlog.get_logger("atrund.standing")
 
@@ -35,7 +35,7 @@ CONCURRENCY = 8  # authors listed at once
 class Standings:
     """The standing records of one kind (``schedule`` or ``trigger``) this runner keeps."""
 
-    def __init__(self, kind: str, collection: str, state: State, repos: Repos, runner_did: str, max_per_author: int,
+    def __init__(self, kind: str, collection: str, state: Store, repos: Repos, runner_did: str, max_per_author: int,
                  check: Callable[[Any], str | None]) -> None:
         self.kind, self.collection = kind, collection
         self.state, self.repos, self.runner_did = state, repos, runner_did

@@ -1,4 +1,7 @@
-"""The runner's memory: embedded SQLite, one file.
+"""The runner's memory: embedded SQLite, one file (the default), or Postgres (atrund.pgstate).
+
+``Store`` below is the one seam: every component takes a Store, and the composition root
+(atrund.app) picks the backend from ``[state]``. Both backends keep the same promises:
 
 What makes "nothing lost, nothing run twice" true:
 - an invocation is stored (state ``pending``) before the ingest cursor moves past it;
@@ -23,6 +26,7 @@ commands that must work while the runner runs use their own file: atrund.quarant
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import functools
 import json
@@ -31,7 +35,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from atrund.errors import StateLocked, StoreError
 
@@ -122,27 +126,29 @@ CREATE TABLE IF NOT EXISTS bundle_state (
 """
 
 
-def _translated(method):
-    """sqlite3's exceptions as StoreError, and ``failing`` kept current: the one place they are
-    translated. A successful call clears ``failing`` (reads too: a store that answers reads but
-    not writes reports again at the next write)."""
+def translated(method):
+    """The backend's exceptions (its class's ``ERRORS``) as StoreError, and ``failing`` kept
+    current: the one place they are translated, for both backends. A successful call clears
+    ``failing`` (reads too: a store that answers reads but not writes reports again at the next
+    write)."""
 
     @functools.wraps(method)
-    def call(self: "State", *args, **kwargs):
+    def call(self, *args, **kwargs):
         try:
             out = method(self, *args, **kwargs)
-        except sqlite3.Error as e:
+        except self.ERRORS as e:
             self.failing = f"{method.__name__}: {type(e).__name__}: {e}"
+            self.failed(e)
             raise StoreError(f"the state store failed ({self.failing})") from e
-        if self.failing is not None and method.__name__ not in _READS:
+        if self.failing is not None and method.__name__ not in READS:
             self.failing = None
         return out
 
     return call
 
 
-_READS = {"cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
-          "inactive_accounts", "standing", "logs", "state_value", "state_keys", "state_usage"}
+READS = {"take_over", "cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
+         "inactive_accounts", "standing", "logs", "state_value", "state_keys", "state_usage"}
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,74 @@ class Outgoing:
     attempts: int
 
 
+class Store(Protocol):
+    """What every component may ask of the state store: SQLite's ``State`` below and Postgres's
+    ``atrund.pgstate.PgState`` both implement exactly this (tests/test_state.py runs the same
+    checks on both). ``failing`` names the last fault until a write succeeds again."""
+
+    failing: str | None
+    shared: bool  # replicas share it: heartbeat and take_over run in a loop, not only at start
+
+    def close(self) -> None: ...
+    def heartbeat(self) -> None: ...
+    def lead(self) -> bool: ...
+    def figures(self) -> dict: ...
+    def assigned(self) -> list[str]: ...
+    async def wait_for_work(self, timeout: float) -> None: ...
+    def take_over(self) -> tuple[list[Stored], list[Stored]]: ...
+    def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool: ...
+    def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
+                    withdrawn: list[str] = (), reused: list[tuple[str, str, str, dict]] | None = None) -> list[str]: ...
+    def withdraw(self, uri: str) -> bool: ...
+    def forget_cursor(self, source: str) -> None: ...
+    def cursor(self, source: str) -> str | None: ...
+    def with_state(self, state: str) -> list[Stored]: ...
+    def pending(self, uri: str) -> Stored | None: ...
+    def mark_running(self, uri: str) -> bool: ...
+    def deny(self, uri: str) -> bool: ...
+    def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None,
+               writes: BundleWrites | None = None) -> bool: ...
+    def refuse_reused(self, uri: str, cid: str, value: dict[str, Any], status: str, rkey: str,
+                      record: dict[str, Any]) -> bool: ...
+    def status_of(self, uri: str) -> tuple[str, str | None] | None: ...
+    def counts(self) -> dict[str, int]: ...
+    def standing(self, kind: str) -> list[Standing]: ...
+    def keep_standing(self, kind: str, item: Standing) -> None: ...
+    def drop_standing(self, uri: str) -> int: ...
+    def add_ticks(self, ticks: list[tuple[Standing, str, dict[str, Any], float | None]]) -> list[str]: ...
+    def move_schedule(self, uri: str, cid: str, next_at: float | None) -> None: ...
+    def inactive_accounts(self) -> list[str]: ...
+    def set_inactive(self, did: str, evict: list[str] = ()) -> None: ...
+    def forget_inactive(self, dids: list[str]) -> None: ...
+    def due(self, limit: int = 50) -> list[Outgoing]: ...
+    def next_due_in(self) -> float | None: ...
+    def written(self, *invocation_uris: str) -> None: ...
+    def outbox_figures(self) -> tuple[int, float | None]: ...
+    def unqueue_result(self, invocation_uri: str) -> None: ...
+    def requeue_result(self, invocation_uri: str, rkey: str, record: dict[str, Any]) -> None: ...
+    def retry_later(self, invocation_uri: str, error: str, delay: float, record: dict[str, Any] | None = None) -> None: ...
+    def keep_logs(self, entries: list[LogEntry]) -> None: ...
+    def logs(self, *, id: str | None = None, bundle: str | None = None, after: int | None = None,
+             limit: int = 50) -> list[LogEntry]: ...
+    def forget_logs(self, before: float, keep: int) -> int: ...
+    def state_value(self, author: str, bundle: str, key: str) -> str | None: ...
+    def state_keys(self, author: str, bundle: str, prefix: str = "", after: str | None = None,
+                   limit: int | None = None) -> list[tuple[str, str]]: ...
+    def state_usage(self, author: str, bundle: str) -> tuple[int, int]: ...
+    def commit_bundle_state(self, writes: BundleWrites) -> None: ...
+    def drop_bundle_state(self, author: str, bundle: str, keys: list[str] | None = None) -> int: ...
+
+
 class State:
+    """The SQLite store (a ``Store``): one file in the state directory, one runner at a time.
+
+    Its statements are in the SQL SQLite and Postgres both speak (ON CONFLICT upserts, ``?``
+    placeholders): atrund.pgstate.PgState runs these same methods on a Postgres connection, so
+    the two backends cannot drift apart. Keep new statements to that common SQL."""
+
+    ERRORS = (sqlite3.Error,)
+    shared = False  # one runner per file (the flock below)
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # One runner per state directory: two would each believe the other's running rows were
@@ -224,18 +297,46 @@ class State:
         self.db.close()
         os.close(self._lock)
 
+    def failed(self, error: Exception) -> None:
+        """Nothing to repair after a fault: the file is opened once, and the next call tries again."""
+
+    def heartbeat(self) -> None:
+        """Nothing to say: no other runner shares this file."""
+
+    def lead(self) -> bool:
+        """This runner is the only one: it always ingests."""
+        return True
+
+    def figures(self) -> dict:
+        """No replica figures: /healthz says ``replica: null``."""
+        return {}
+
+    def assigned(self) -> list[str]:
+        """Nothing is assigned: ingest queues what it stores (Runs.submit)."""
+        return []
+
+    async def wait_for_work(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+
+    @translated
+    def take_over(self) -> tuple[list[Stored], list[Stored]]:
+        """What a previous run of this runner left: the invocations it was running (recorded as
+        interrupted, never run again) and those it had not started (queued again). With one
+        runner per file, that is every running and every pending one, read at start."""
+        return self.with_state("running"), self.with_state("pending")
+
     # -- invocations ---------------------------------------------------------------------
 
-    @_translated
+    @translated
     def accept(self, uri: str, author: str, cid: str, value: dict[str, Any], state: str = "pending") -> bool:
         """Remember an invocation; False if it was seen before (whatever became of it)."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO invocations(uri, author, cid, value, state, seen_at) VALUES (?,?,?,?,?,?)",
+            "INSERT INTO invocations(uri, author, cid, value, state, seen_at) VALUES (?,?,?,?,?,?) ON CONFLICT (uri) DO NOTHING",
             (uri, author, cid, json.dumps(value), state, time.time()),
         )
         return cur.rowcount == 1
 
-    @_translated
+    @translated
     def accept_page(self, source: str, cursor: str | None, rows: list[tuple[str, str, str, dict, str]],
                     withdrawn: list[str] = (), reused: list[tuple[str, str, str, dict]] | None = None) -> list[str]:
         """Store a page of invocations, withdraw the deleted ones, and move the source's cursor
@@ -256,10 +357,11 @@ class State:
                         reused.append((uri, author, cid, value))
             gone = {uri for uri in withdrawn if self._withdraw(uri)}
             if cursor is not None:
-                self.db.execute("INSERT OR REPLACE INTO cursors(source, cursor) VALUES (?, ?)", (source, cursor))
+                self.db.execute("INSERT INTO cursors(source, cursor) VALUES (?, ?) "
+                                "ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor", (source, cursor))
         return [uri for uri in new if uri not in gone]
 
-    @_translated
+    @translated
     def withdraw(self, uri: str) -> bool:
         """The author deleted (or changed) a pending invocation: it will not run, and gets no result."""
         with self._tx():
@@ -275,40 +377,40 @@ class State:
         cur = self.db.execute(f"UPDATE invocations SET {sets} WHERE uri = ? AND state = 'pending'", (*values, uri))
         return cur.rowcount == 1
 
-    @_translated
+    @translated
     def forget_cursor(self, source: str) -> None:
         self.db.execute("DELETE FROM cursors WHERE source = ?", (source,))
 
-    @_translated
+    @translated
     def cursor(self, source: str) -> str | None:
         row = self.db.execute("SELECT cursor FROM cursors WHERE source = ?", (source,)).fetchone()
         return row[0] if row else None
 
-    @_translated
+    @translated
     def with_state(self, state: str) -> list[Stored]:
         rows = self.db.execute(
             "SELECT uri, author, cid, value, seen_at FROM invocations WHERE state = ? ORDER BY seen_at", (state,)
         ).fetchall()
         return [Stored(uri, author, cid, json.loads(value), seen) for uri, author, cid, value, seen in rows]
 
-    @_translated
+    @translated
     def pending(self, uri: str) -> Stored | None:
         row = self.db.execute(
             "SELECT uri, author, cid, value, seen_at FROM invocations WHERE uri = ? AND state = 'pending'", (uri,)
         ).fetchone()
         return Stored(row[0], row[1], row[2], json.loads(row[3]), row[4]) if row else None
 
-    @_translated
+    @translated
     def mark_running(self, uri: str) -> bool:
         """Claim a pending invocation for execution; False if it is not pending (never run twice)."""
         return self._leave_pending(uri, "running", "started_at")
 
-    @_translated
+    @translated
     def deny(self, uri: str) -> bool:
         """A pending invocation whose author lost access before it started: never run, no result."""
         return self._leave_pending(uri, "denied")
 
-    @_translated
+    @translated
     def finish(self, uri: str, status: str, rkey: str, record: dict[str, Any] | None,
                writes: BundleWrites | None = None) -> bool:
         """Mark an invocation done, queue its result record (None: no result is written, as a
@@ -335,7 +437,7 @@ class State:
                 self._apply(writes)
         return True
 
-    @_translated
+    @translated
     def refuse_reused(self, uri: str, cid: str, value: dict[str, Any], status: str, rkey: str,
                       record: dict[str, Any]) -> bool:
         """A record key used again (a new CID) before its invocation ran: it becomes done with this
@@ -347,16 +449,15 @@ class State:
                 "WHERE uri = ? AND state IN ('pending', 'withdrawn')", (cid, json.dumps(value), status, now, uri))
             if cur.rowcount != 1:
                 return False
-            self.db.execute("INSERT OR REPLACE INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
-                            (uri, rkey, json.dumps(record), now))
+            self._queue(uri, rkey, record, now)
         return True
 
-    @_translated
+    @translated
     def status_of(self, uri: str) -> tuple[str, str | None] | None:
         row = self.db.execute("SELECT state, status FROM invocations WHERE uri = ?", (uri,)).fetchone()
         return (row[0], row[1]) if row else None
 
-    @_translated
+    @translated
     def counts(self) -> dict[str, int]:
         out = dict(self.db.execute("SELECT state, count(*) FROM invocations GROUP BY state").fetchall())
         out["unwritten"] = self.db.execute("SELECT count(*) FROM outbox WHERE written_at IS NULL").fetchone()[0]
@@ -364,18 +465,20 @@ class State:
 
     # -- schedules and triggers (atrund.ticks, atrund.triggers) ----------------------------
 
-    @_translated
+    @translated
     def standing(self, kind: str) -> list[Standing]:
         rows = self.db.execute("SELECT uri, author, cid, value, next_at FROM standing WHERE kind = ? ORDER BY uri", (kind,))
         return [Standing(uri, author, cid, json.loads(value), next_at) for uri, author, cid, value, next_at in rows]
 
-    @_translated
+    @translated
     def keep_standing(self, kind: str, item: Standing) -> None:
         """Remember a schedule or trigger (a new one, or a new version of one)."""
-        self.db.execute("INSERT OR REPLACE INTO standing(uri, kind, author, cid, value, next_at) VALUES (?,?,?,?,?,?)",
+        self.db.execute("INSERT INTO standing(uri, kind, author, cid, value, next_at) VALUES (?,?,?,?,?,?) "
+                        "ON CONFLICT (uri) DO UPDATE SET kind = excluded.kind, author = excluded.author, cid = excluded.cid, "
+                        "value = excluded.value, next_at = excluded.next_at",
                         (item.uri, kind, item.author, item.cid, json.dumps(item.value), item.next_at))
 
-    @_translated
+    @translated
     def drop_standing(self, uri: str) -> int:
         """Forget a schedule or trigger (deleted, or no longer served), and withdraw its runs that
         have not started, in one transaction; returns how many were withdrawn."""
@@ -385,7 +488,7 @@ class State:
                                   "WHERE uri >= ? AND uri < ? AND state = 'pending'", (time.time(), uri + "#", uri + "$"))
             return cur.rowcount
 
-    @_translated
+    @translated
     def add_ticks(self, ticks: list[tuple[Standing, str, dict[str, Any], float | None]]) -> list[str]:
         """Store ticks (schedule, key, value, the schedule's next tick) as pending runs and move
         each schedule on, in one transaction (one fsync however many ticks fall due together).
@@ -400,21 +503,21 @@ class State:
                                 (next_at, schedule.uri, schedule.cid))
         return new
 
-    @_translated
+    @translated
     def move_schedule(self, uri: str, cid: str, next_at: float | None) -> None:
         """Skip a schedule's ticks up to ``next_at`` without running them (catchUp none, a refused schedule)."""
         self.db.execute("UPDATE standing SET next_at = ? WHERE uri = ? AND cid = ?", (next_at, uri, cid))
 
     # -- bundles' state (atrund.kv) -------------------------------------------------------
 
-    @_translated
+    @translated
     def state_value(self, author: str, bundle: str, key: str) -> str | None:
         """The committed value of a key (JSON text), or None."""
         row = self.db.execute("SELECT value FROM bundle_state WHERE author = ? AND bundle = ? AND key = ?",
                               (author, bundle, key)).fetchone()
         return row[0] if row else None
 
-    @_translated
+    @translated
     def state_keys(self, author: str, bundle: str, prefix: str = "", after: str | None = None,
                    limit: int | None = None) -> list[tuple[str, str]]:
         """Committed (key, value) pairs that start with ``prefix``, after ``after``, in key order
@@ -433,7 +536,7 @@ class State:
             params.append(limit)
         return self.db.execute(sql, params).fetchall()
 
-    @_translated
+    @translated
     def state_usage(self, author: str, bundle: str) -> tuple[int, int]:
         """Keys in a namespace and their bytes (keys and values, UTF-8)."""
         keys, size = self.db.execute(
@@ -441,13 +544,13 @@ class State:
             "WHERE author = ? AND bundle = ?", (author, bundle)).fetchone()
         return keys, int(size)
 
-    @_translated
+    @translated
     def commit_bundle_state(self, writes: BundleWrites) -> None:
         """Apply a run's writes in a transaction of their own (a gateway or XRPC run)."""
         with self._tx():
             self._apply(writes)
 
-    @_translated
+    @translated
     def drop_bundle_state(self, author: str, bundle: str, keys: list[str] | None = None) -> int:
         """Delete ``keys`` of a namespace (None: all of it); returns how many were deleted."""
         with self._tx():
@@ -458,26 +561,28 @@ class State:
 
     def _apply(self, writes: BundleWrites) -> None:
         ns = (writes.author, writes.bundle)
-        self.db.executemany("INSERT OR REPLACE INTO bundle_state(author, bundle, key, value) VALUES (?,?,?,?)",
+        self.db.executemany("INSERT INTO bundle_state(author, bundle, key, value) VALUES (?,?,?,?) "
+                            "ON CONFLICT (author, bundle, key) DO UPDATE SET value = excluded.value",
                             [(*ns, k, v) for k, v in writes.items.items() if v is not None])
         self.db.executemany("DELETE FROM bundle_state WHERE author = ? AND bundle = ? AND key = ?",
                             [(*ns, k) for k, v in writes.items.items() if v is None])
 
     # -- inactive accounts (atrund.ingest.inactive) ---------------------------------------
 
-    @_translated
+    @translated
     def inactive_accounts(self) -> list[str]:
         """The DIDs reported inactive, oldest report first."""
         return [did for (did,) in self.db.execute("SELECT did FROM inactive_accounts ORDER BY since, did")]
 
-    @_translated
+    @translated
     def set_inactive(self, did: str, evict: list[str] = ()) -> None:
         """Remember ``did`` as inactive (now) and forget ``evict``, in one transaction."""
         with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO inactive_accounts(did, since) VALUES (?, ?)", (did, time.time()))
+            self.db.execute("INSERT INTO inactive_accounts(did, since) VALUES (?, ?) "
+                            "ON CONFLICT (did) DO UPDATE SET since = excluded.since", (did, time.time()))
             self.db.executemany("DELETE FROM inactive_accounts WHERE did = ?", [(d,) for d in evict])
 
-    @_translated
+    @translated
     def forget_inactive(self, dids: list[str]) -> None:
         """``dids`` are active again (or forgotten to stay under the limit)."""
         with self._tx():
@@ -485,7 +590,7 @@ class State:
 
     # -- outbox --------------------------------------------------------------------------
 
-    @_translated
+    @translated
     def due(self, limit: int = 50) -> list[Outgoing]:
         rows = self.db.execute(
             "SELECT invocation_uri, rkey, record, attempts FROM outbox WHERE written_at IS NULL AND next_try <= ? "
@@ -494,19 +599,19 @@ class State:
         ).fetchall()
         return [Outgoing(uri, rkey, json.loads(rec), attempts) for uri, rkey, rec, attempts in rows]
 
-    @_translated
+    @translated
     def next_due_in(self) -> float | None:
         row = self.db.execute("SELECT min(next_try) FROM outbox WHERE written_at IS NULL").fetchone()
         return None if row[0] is None else max(0.0, row[0] - time.time())
 
-    @_translated
+    @translated
     def written(self, *invocation_uris: str) -> None:
         """These results are on the PDS: one transaction for a whole batch (one sync, not one each)."""
         now = time.time()
         with self._tx():
             self.db.executemany("UPDATE outbox SET written_at = ? WHERE invocation_uri = ?", [(now, u) for u in invocation_uris])
 
-    @_translated
+    @translated
     def outbox_figures(self) -> tuple[int, float | None]:
         """How many results wait to be written, and how long the oldest has waited (seconds)."""
         count, oldest = self.db.execute(
@@ -515,20 +620,27 @@ class State:
         ).fetchone()
         return count, (None if oldest is None else max(0.0, time.time() - oldest))
 
-    @_translated
+    @translated
     def unqueue_result(self, invocation_uri: str) -> None:
         """Take a result off the outbox for good (it is in quarantine now: atrund.quarantine)."""
         self.db.execute("DELETE FROM outbox WHERE invocation_uri = ? AND written_at IS NULL", (invocation_uri,))
 
-    @_translated
+    @translated
     def requeue_result(self, invocation_uri: str, rkey: str, record: dict[str, Any]) -> None:
         """Put a result back on the outbox, due now (an operator's ``atrund quarantine retry``)."""
+        self._queue(invocation_uri, rkey, record, time.time())
+
+    def _queue(self, invocation_uri: str, rkey: str, record: dict[str, Any], now: float) -> None:
+        """A result on the outbox, due now, in place of any earlier one (attempts, error and
+        written time start again)."""
         self.db.execute(
-            "INSERT OR REPLACE INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?)",
-            (invocation_uri, rkey, json.dumps(record), time.time()),
+            "INSERT INTO outbox(invocation_uri, rkey, record, next_try) VALUES (?,?,?,?) "
+            "ON CONFLICT (invocation_uri) DO UPDATE SET rkey = excluded.rkey, record = excluded.record, "
+            "next_try = excluded.next_try, attempts = 0, last_error = NULL, written_at = NULL",
+            (invocation_uri, rkey, json.dumps(record), now),
         )
 
-    @_translated
+    @translated
     def retry_later(self, invocation_uri: str, error: str, delay: float, record: dict[str, Any] | None = None) -> None:
         if record is None:
             self.db.execute(
@@ -543,7 +655,7 @@ class State:
 
     # -- logs ----------------------------------------------------------------------------
 
-    @_translated
+    @translated
     def keep_logs(self, entries: list[LogEntry]) -> None:
         """A batch of entries, in one transaction."""
         with self._tx():
@@ -551,7 +663,7 @@ class State:
                 "INSERT INTO logs(id, bundle, invoker, kind, at, status, error, output) VALUES (?,?,?,?,?,?,?,?)",
                 [(e.id, e.bundle, e.invoker, e.kind, e.at, e.status, e.error, e.output) for e in entries])
 
-    @_translated
+    @translated
     def logs(self, *, id: str | None = None, bundle: str | None = None, after: int | None = None,
              limit: int = 50) -> list[LogEntry]:
         """The entries of one run (``id``) or of one bundle, oldest first: those kept after the
@@ -566,7 +678,7 @@ class State:
                                    (arg, after, limit)).fetchall()
         return [LogEntry(*row) for row in rows]
 
-    @_translated
+    @translated
     def forget_logs(self, before: float, keep: int) -> int:
         """Delete entries older than ``before``, and all but the newest ``keep``; how many went."""
         with self._tx():

@@ -19,7 +19,7 @@ from atrund.metrics import Meters
 from atrund.quarantine import Quarantine, QuarantineError
 from atrund.results import ResultWriter
 from atrund.runs import Runs
-from atrund.state import State, StoreError
+from atrund.state import Store, StoreError
 from atrund.supervise import Supervisor
 from atrund.ticks import Ticks
 from atrund.triggers import Triggers
@@ -29,7 +29,7 @@ OUTBOX_STALE = 60.0  # seconds: an unwritten result older than this makes /healt
 
 
 class Status:
-    def __init__(self, did: str, executor: Executor, meters: Meters, problems: Health, supervisor: Supervisor, state: State,
+    def __init__(self, did: str, executor: Executor, meters: Meters, problems: Health, supervisor: Supervisor, state: Store,
                  quarantine: Quarantine, policy: LiveAccess, runs: Runs, writer: ResultWriter, intake: Intake,
                  poller: Poller, firehose: Firehose | None, ticks: Ticks | None = None,
                  triggers: Triggers | None = None) -> None:
@@ -62,6 +62,7 @@ class Status:
                      "latencyP50Ms": pool.latency_p50_ms, "latencyP95Ms": pool.latency_p95_ms},
             "schedules": self.ticks.figures() if self.ticks else None,
             "triggers": self.triggers.figures() if self.triggers else None,
+            "replica": self.state.figures() if self.state.shared else None,  # replicas sharing Postgres
         }
 
     def conditions(self) -> dict[str, str]:

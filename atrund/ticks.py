@@ -42,7 +42,7 @@ from atrund.config import SchedulesSection
 from atrund.errors import InvalidSchedule
 from atrund.records import SCHEDULE, tick_key, utc_second
 from atrund.standing import Standings
-from atrund.state import Standing, State
+from atrund.state import Standing, Store
 from atrund.timetable import Timetable
 
 log = structlog.get_logger("atrund.ticks")
@@ -51,7 +51,7 @@ MAX_SLEEP = 5.0  # seconds: the tick loop looks again at least this often (a clo
 
 
 class Ticks:
-    def __init__(self, state: State, repos: Repos, policy: AccessPolicy, runner_did: str, submit: Callable[[str], None],
+    def __init__(self, state: Store, repos: Repos, policy: AccessPolicy, runner_did: str, submit: Callable[[str], None],
                  settings: SchedulesSection, clock: Callable[[], float] = time.time) -> None:
         self.state, self.policy, self.runner_did, self.submit = state, policy, runner_did, submit
         self.settings = settings

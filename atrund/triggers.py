@@ -43,7 +43,7 @@ from atrund.atproto.repos import Repos
 from atrund.config import TriggersSection
 from atrund.records import RESULT, TRIGGER, Trigger, field_errors, firing_key, now_iso
 from atrund.standing import Standings
-from atrund.state import Standing, State
+from atrund.state import Standing, Store
 
 log = structlog.get_logger("atrund.triggers")
 
@@ -98,7 +98,7 @@ def points_at(value: Any, did: str) -> bool:
 
 
 class Triggers:
-    def __init__(self, state: State, repos: Repos, policy: AccessPolicy, runner_did: str, submit: Callable[[str], None],
+    def __init__(self, state: Store, repos: Repos, policy: AccessPolicy, runner_did: str, submit: Callable[[str], None],
                  settings: TriggersSection) -> None:
         self.state, self.policy, self.runner_did, self.submit = state, policy, runner_did, submit
         self.settings = settings

@@ -36,7 +36,8 @@ def atrund(*args: str, env: dict | None = None, cwd: Path | None = None, timeout
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
 
 
-def serve_config(tmp_path: Path, stack, runner, author, runner_extra: str = "", executor_extra: str = "") -> Path:
+def serve_config(tmp_path: Path, stack, runner, author, runner_extra: str = "", executor_extra: str = "",
+                 state: dict[str, str] | None = None) -> Path:
     """A config for `atrund serve` as ``runner``, serving ``author``, polling fast, under isolation
     none (the bundles these tests run mark host files), the gateway on a free loopback port."""
     (tmp_path / "pw").write_text(runner.app_password)
@@ -46,6 +47,7 @@ def serve_config(tmp_path: Path, stack, runner, author, runner_extra: str = "", 
         f'{stack.identity_toml()}[access]\nallowlist = ["{author.account.did}"]\n'
         f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"\n{executor_extra}'
         '[gateway]\nlisten = "127.0.0.1:0"\n'
+        + (f'[state]\ndir = "{tmp_path / "state"}"\n' + "".join(f'{k} = "{v}"\n' for k, v in state.items()) if state else "")
     )
     return config
 
@@ -187,6 +189,29 @@ def gone(pid: int) -> bool:
 def stack(tmp_path_factory) -> LocalStack:
     with LocalStack(data_dir=tmp_path_factory.mktemp("stack")) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real Postgres for the session (atrund.dev.postgres: initdb + pg_ctl in a temporary directory)."""
+    from atrund.dev.postgres import LocalPostgres, server_bin
+
+    if server_bin() is None:
+        pytest.skip("Postgres is not installed (scripts/setup installs Debian's postgresql)")
+    with LocalPostgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """The URL of a new, empty database: tests never see each other's state."""
+    return postgres.create(f"t{os.getpid()}x{next(_names)}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_section(request) -> dict[str, str]:
+    """The ``[state]`` settings (beside ``dir``) of each backend: a test taking this runs on both."""
+    return {} if request.param == "sqlite" else {"url": request.getfixturevalue("pg_url")}
 
 
 @pytest.fixture

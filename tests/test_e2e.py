@@ -152,19 +152,22 @@ async def test_invocations_for_another_runner_are_left_alone(author, make_runner
     assert await no_result(reader, runner.did, uri, settle=0.5)
 
 
-async def test_restart_runs_nothing_twice(author, make_runner, new_account, reader, tmp_path):
-    """Each run of the bundle appends a line to a file: the count is the number of executions."""
+async def test_restart_runs_nothing_twice(author, make_runner, new_account, reader, tmp_path, state_section):
+    """Each run of the bundle appends a line to a file: the count is the number of executions
+    (on each state backend)."""
     counter = tmp_path / "runs.txt"
     source = f"def main(args):\n    open({str(counter)!r}, 'a').write('run\\n')\n    return {{'ok': True}}\n"
     account = new_account("runner")
     # isolation none: the bundle counts its runs in a host file, which the process fence forbids.
-    first = await make_runner(account=account, state_name="same", access={"allowlist": [author.account.did]}, executor={"isolation": "none"})
+    first = await make_runner(account=account, state_name="same", access={"allowlist": [author.account.did]}, executor={"isolation": "none"},
+                              state=state_section)
     bundle = await author.publish(source)
     before = await author.invoke(bundle, first.did)
     await wait_result(reader, first.did, before)
     await first.stop()
     during = await author.invoke(bundle, account.did)  # posted while the runner is down
-    second = await make_runner(account=account, state_name="same", access={"allowlist": [author.account.did]}, executor={"isolation": "none"})
+    second = await make_runner(account=account, state_name="same", access={"allowlist": [author.account.did]}, executor={"isolation": "none"},
+                               state=state_section)
     assert (await wait_result(reader, second.did, during))["status"] == "success"
     await asyncio.sleep(1.0)  # a few more polls: nothing more may run
     assert counter.read_text().count("run") == 2

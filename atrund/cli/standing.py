@@ -12,14 +12,15 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from atrund.cli.author import _login, author_options
-from atrund.cli.group import emit, main, parse_args_json, parse_uri, run_async
+from atrund.cli.group import emit, load_config, main, parse_args_json, parse_uri, run_async
 from atrund.config import PLC_DIRECTORY
-from atrund.errors import Malformed, Unreachable
+from atrund.errors import ConfigError, Malformed, Unreachable
 from atrund.records import SCHEDULE, TRIGGER, utc_second
 
 
@@ -208,8 +209,21 @@ async def trigger_delete(uri: str, pds: str | None, identifier: str, password: s
 
 @main.command()
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The runner's gateway (its [gateway] listen).")
-def status(url: str) -> None:
-    """Print a serving runner's status (its /healthz): queue, pool, schedules, triggers and their drops."""
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Replicas: list the fleet from the configuration's shared state.url instead (no gateway asked).")
+def status(url: str, config_path: Path | None) -> None:
+    """Print a serving runner's status (its /healthz): queue, pool, schedules, triggers and their drops.
+    With -c and a state.url: the fleet (replicas, roles, heartbeats, the ingest leader) and the
+    queue depth per author."""
+    if config_path is not None:
+        cfg = load_config(config_path)
+        if cfg.state.url is None:
+            raise ConfigError(f"state.url: not set in {config_path}; `atrund status -c` lists replicas sharing a Postgres "
+                              "state (a SQLite runner: `atrund status --url` its gateway)")
+        from atrund.pgstate import fleet_of
+
+        emit(fleet_of(cfg.state.url))
+        return
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=10) as answer:  # noqa: S310 - an operator's URL
             body = answer.read()

@@ -1,4 +1,5 @@
-"""`atrund state`: bundles' durable state (ctx.state, docs/protocol.md §7.6).
+"""`atrund state`: bundles' durable state (ctx.state, docs/protocol.md §7.6), and ``migrate``
+(the state database's schema, for a Postgres ``state.url``).
 
 Operators (``-c CONFIG``): list, get, export and delete one namespace (``--author DID --bundle
 RKEY``) in the runner's state store. The store is private to a running runner (its lock), so
@@ -17,7 +18,7 @@ from typing import Any
 import click
 
 from atrund.cli.author import _login, author_options
-from atrund.cli.group import config_option, fail_line, load_config, main, print_json, run_async
+from atrund.cli.group import config_option, err, fail_line, load_config, main, print_json, run_async
 from atrund.errors import StateLocked
 
 EXIT_NO_KEY = 3  # as for a status that is not success: what was asked for is not there
@@ -25,7 +26,8 @@ EXIT_NO_KEY = 3  # as for a status that is not success: what was asked for is no
 
 @main.group()
 def state() -> None:
-    """Bundles' durable state (ctx.state): operators read and delete it, authors read their own."""
+    """Bundles' durable state (ctx.state): operators read and delete it, authors read their own;
+    and the state database's schema (migrate)."""
 
 
 def namespace_options(fn):
@@ -39,6 +41,10 @@ def _store(config_path: Path):
     from atrund.state import State
 
     cfg = load_config(config_path)
+    if cfg.state.url is not None:  # shared by replicas: usable while they run; with no role, it is given no work
+        from atrund.pgstate import PgState
+
+        return BundleState(PgState(cfg.state.url, roles=()), cfg.bundle_state)
     try:
         store = State(cfg.state.dir / "atrund.sqlite3")
     except StateLocked:
@@ -138,3 +144,20 @@ def state_delete(config_path: Path, author: str, rkey: str, keys: tuple[str, ...
         raise click.UsageError("give the keys to delete, or --all")
     deleted = _store(config_path).store.drop_bundle_state(author, rkey, None if every else list(keys))
     click.echo(f"deleted {deleted} key(s)", err=True)
+
+
+@state.command("migrate")
+@config_option
+def state_migrate(config_path: Path) -> None:
+    """Bring the state database's schema up to date (`serve` does it too, at every start). Safe
+    while runners use the database: each migration is applied once, under a lock."""
+    cfg = load_config(config_path)
+    if cfg.state.url is None:
+        err.print(f"[green]ok[/green]: SQLite in {cfg.state.dir}: its schema is brought up to date whenever a runner "
+                  "opens it; nothing to migrate")
+        return
+    from atrund.pgstate import migrate_url, where
+
+    before, after = migrate_url(cfg.state.url)
+    did = f"migrated from version {before} to {after}" if after != before else f"already at version {after}"
+    err.print(f"[green]ok[/green]: {where(cfg.state.url)}: schema {did}")

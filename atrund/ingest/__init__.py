@@ -17,7 +17,7 @@ from atrund.atproto.uri import authority
 from atrund.errors import AtrundError
 from atrund.ingest.inactive import InactiveAccounts
 from atrund.quarantine import Quarantine
-from atrund.state import State
+from atrund.state import Store
 
 log = structlog.get_logger("atrund.ingest")
 
@@ -36,7 +36,7 @@ def classify(author: str, value: Any, runner_did: str, policy: AccessPolicy) -> 
 
 
 class Intake:
-    def __init__(self, state: State, runner_did: str, policy: AccessPolicy, on_new: Callable[[str], None],
+    def __init__(self, state: Store, runner_did: str, policy: AccessPolicy, on_new: Callable[[str], None],
                  quarantine: Quarantine | None = None, on_reused: Callable[[str, str, str, Any], None] | None = None) -> None:
         self.state = state
         self.on_reused = on_reused

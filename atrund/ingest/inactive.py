@@ -15,7 +15,7 @@ from __future__ import annotations
 import structlog
 
 from atrund.atproto.lru import LRU
-from atrund.state import State, StoreError
+from atrund.state import Store, StoreError
 
 log = structlog.get_logger("atrund.ingest")
 
@@ -25,7 +25,7 @@ LIMIT = 100_000  # DIDs; about 10 MB in memory and in the state file
 class InactiveAccounts:
     """A set of DIDs (``in``, ``add``, ``discard``, ``len``) kept in the state store, at most ``limit``."""
 
-    def __init__(self, state: State, limit: int = LIMIT) -> None:
+    def __init__(self, state: Store, limit: int = LIMIT) -> None:
         self.state = state
         self.limit = limit
         self.evicted = 0  # forgotten to stay under the limit (logged when it happens)

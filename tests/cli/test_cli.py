@@ -119,13 +119,13 @@ def _dead(pid: int) -> bool:
     return False
 
 
-async def test_runner_killed_mid_run_never_runs_it_twice(stack, new_account, author, reader, tmp_path):
+async def test_runner_killed_mid_run_never_runs_it_twice(stack, new_account, author, reader, tmp_path, state_section):
     """SIGKILL `atrund serve` while a bundle runs: after restart the invocation gets an
-    "interrupted" error result and the bundle has started exactly once."""
+    "interrupted" error result and the bundle has started exactly once (on each state backend)."""
     import asyncio
 
     runner = new_account("crash")
-    config = serve_config(tmp_path, stack, runner, author)
+    config = serve_config(tmp_path, stack, runner, author, state=state_section)
     marker = tmp_path / "started.txt"
     bundle = await author.publish(
         f"import os, time\ndef main(args):\n    open({str(marker)!r}, 'a').write(f'started {{os.getpid()}}\\n')\n    time.sleep(30)\n"

@@ -1,0 +1,127 @@
+"""A throwaway Postgres for tests and benchmarks: ``initdb`` and ``pg_ctl`` into a temporary
+directory, listening on a free loopback port, stopped and removed on exit.
+
+Debian's ``postgresql`` package puts the server in /usr/lib/postgresql/<version>/bin (not on
+PATH); ``scripts/setup`` installs it where it is missing. initdb refuses to run as root, so under
+root the cluster belongs to the ``postgres`` user the package creates (or ``nobody``), and its
+directory is made outside the caller's private temporary directories, which that user could not
+enter. ``fsync`` is off (the tests check transactions and crashes of processes, not power cuts:
+a commit is in the kernel's cache when it returns); ``synchronous_commit`` stays on, or a commit
+could be lost when the tests kill the server.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from atrund.dev.stack import _free_ports
+from atrund.errors import LocalStackError
+
+USER = "atrund"  # the cluster's superuser; trust authentication on loopback only
+
+
+def server_bin() -> Path | None:
+    """The newest installed server's bin directory, or None."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parent.parent.name))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _owner() -> pwd.struct_passwd | None:
+    """Whom the server runs as: None (this process) unless this is root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise LocalStackError("running as root and neither the postgres nor the nobody user exists to run Postgres as")
+
+
+class LocalPostgres:
+    """``with LocalPostgres() as pg: pg.url`` (the ``postgres`` database; ``pg.create(name)`` makes more)."""
+
+    def __init__(self) -> None:
+        self.bin = server_bin()
+        if self.bin is None:
+            raise LocalStackError("Postgres is not installed (Debian: apt-get install postgresql; scripts/setup does)")
+        self.owner = _owner()
+        self.dir: Path | None = None
+        self.port = 0
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def url(self) -> str:
+        return self.url_of("postgres")
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        owner = self.owner
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd="/",
+                              user=owner.pw_uid if owner else None, group=owner.pw_gid if owner else None,
+                              extra_groups=[] if owner else None)
+        if done.returncode != 0:
+            raise LocalStackError(f"{Path(args[0]).name} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}")
+
+    def start(self) -> "LocalPostgres":
+        self.dir = Path(tempfile.mkdtemp(prefix="atrund-pg-"))
+        if self.owner is not None:
+            os.chown(self.dir, self.owner.pw_uid, self.owner.pw_gid)
+        data = self.dir / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8",
+                  "--locale=C.UTF-8", "--no-sync")
+        (self.port,) = _free_ports(1)
+        self._pg_ctl("start")
+        return self
+
+    def _pg_ctl(self, action: str) -> None:
+        if action == "start":
+            options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                       "-c full_page_writes=off -c max_connections=200")
+            args = ("-l", str(self.dir / "log"), "-o", options, "-t", "60", "start")
+        else:  # stop at once, as a crash would: nothing here needs a clean shutdown
+            args = ("-m", "immediate", "stop")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-w", *args)
+
+    def stop(self) -> None:
+        if self.dir is None:
+            return
+        try:
+            self._pg_ctl("stop")
+        except LocalStackError:
+            pass  # not running (it never started, or it was killed): the directory goes anyway
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None
+
+    def restart(self) -> None:
+        """Stop the server at once (as a crash would) and start it again on the same port."""
+        self._pg_ctl("stop")
+        self._pg_ctl("start")
+
+    def create(self, database: str) -> str:
+        """A new, empty database; its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{database}"')
+        return self.url_of(database)
+
+    def __enter__(self) -> "LocalPostgres":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

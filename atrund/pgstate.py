@@ -1,0 +1,480 @@
+"""The runner's memory in Postgres: the ``Store`` of atrund.state, for ``[state] url``.
+
+The promises are SQLite's (atrund.state), kept by Postgres transactions:
+- an invocation is stored (``pending``) in the transaction that moves the ingest cursor past it;
+- it is marked ``running`` and committed before its bundle starts: the claim is one guarded
+  UPDATE (``state = 'pending'``), and Postgres's row lock makes a second claimant find it no
+  longer pending, so it runs at most once;
+- its result goes into the outbox in the transaction that marks it ``done``.
+
+The statements are SQLite's own: ``PgState`` is atrund.state's ``State`` on another connection,
+whose statements are written in the SQL both speak (upserts with ON CONFLICT; ``?`` placeholders,
+which ``_Connection`` turns into psycopg's ``%s``). So a method added to State serves both, once
+its table is in ``MIGRATIONS`` here. The driver is psycopg 3, used synchronously on one
+connection in autocommit mode with explicit transactions, like the SQLite store (calls are short
+and the callers expect them to return before the next one). Claims are plain SQL on the tables
+below: no queue library keeps our per-author order, our fairness and our at-most-once claim
+together, and the scheduler (atrund.schedule) already owns order and fairness.
+
+Replicas: any number of runners may share one database. Each names itself (``replicas``, a
+heartbeat every HEARTBEAT seconds) and every invocation row says which replica queued or claimed
+it. A replica silent for LEASE seconds (killed, cut off) is presumed dead: another replica adopts
+its rows in one UPDATE (``take_over``), records each running one as interrupted (it is never run
+again) and queues the pending ones. One replica at a time ingests (``lead``: an advisory lock).
+A trigger assigns each new invocation to one executing replica, by author (migration 3), and
+its NOTIFY wakes that replica (``assigned``, ``wait_for_work``). Due results are claimed with
+``FOR UPDATE SKIP LOCKED`` so that two writers never take the same one. docs/scaling.md says
+what this gives an operator.
+
+The schema is versioned (``MIGRATIONS``, recorded in ``schema_migrations``): every open brings a
+database up to date, and so does ``atrund state migrate``; a database newer than this atrund is
+refused rather than misread. Migrations take a transaction-scoped advisory lock, so runners
+starting together apply each one once.
+
+psycopg's exceptions become ``StoreError`` in atrund.state's one translator. A connection that
+broke (Postgres restarted, the network dropped) is closed there and opened again at the next
+call: the caller holds what it could not store and tries again, as with SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import secrets
+import socket
+import time
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from atrund.errors import StoreError
+from atrund.state import Outgoing, State, Stored, translated
+
+# Advisory lock keys (pg_advisory_lock(int, int)): one class for atrund, one key per purpose.
+LOCK_CLASS = 0x61747275  # "atru"
+MIGRATE_LOCK = 1
+INGEST_LOCK = 2  # held by the one replica that ingests (``lead``)
+
+# (version, what it does, SQL). Append only: a version once released is never edited. Text keys
+# compare bytewise (COLLATE "C"), as in SQLite: drop_standing selects a schedule's runs by range.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "invocations, outbox, cursors, inactive accounts, schedules and triggers", """
+CREATE TABLE invocations (
+    uri         TEXT COLLATE "C" PRIMARY KEY,
+    author      TEXT NOT NULL,
+    cid         TEXT NOT NULL,
+    value       TEXT NOT NULL,                  -- the invocation record as JSON
+    state       TEXT NOT NULL,                  -- pending | running | done | denied | withdrawn
+    status      TEXT,                           -- the result status once done
+    seen_at     DOUBLE PRECISION NOT NULL,
+    started_at  DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION
+);
+CREATE INDEX invocations_state ON invocations(state);
+CREATE TABLE outbox (
+    invocation_uri TEXT COLLATE "C" PRIMARY KEY,
+    rkey        TEXT NOT NULL,
+    record      TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_try    DOUBLE PRECISION NOT NULL,
+    last_error  TEXT,
+    written_at  DOUBLE PRECISION
+);
+CREATE INDEX outbox_due ON outbox(written_at, next_try);
+CREATE TABLE cursors (
+    source TEXT PRIMARY KEY,
+    cursor TEXT NOT NULL
+);
+CREATE TABLE inactive_accounts (
+    did    TEXT PRIMARY KEY,
+    since  DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE standing (
+    uri      TEXT COLLATE "C" PRIMARY KEY,
+    kind     TEXT NOT NULL,                     -- schedule | trigger
+    author   TEXT NOT NULL,
+    cid      TEXT NOT NULL,
+    value    TEXT NOT NULL,                     -- the record as JSON
+    next_at  DOUBLE PRECISION                   -- schedules: the next tick's scheduled time (NULL: none)
+);
+"""),
+    (2, "replicas: heartbeats, and who queued or runs each invocation", """
+CREATE TABLE replicas (
+    id           TEXT PRIMARY KEY,              -- host-pid-random, new at every start
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    started_at   TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+-- The replica that stored a pending invocation (and queued it) or claimed it: each session
+-- names itself in the atrund.replica setting, so State's statements need not know.
+ALTER TABLE invocations ADD COLUMN replica TEXT DEFAULT current_setting('atrund.replica', true);
+CREATE INDEX invocations_open ON invocations(replica) WHERE state IN ('pending', 'running');
+"""),
+    (3, "roles, and each new invocation assigned to one executing replica (by author) with a NOTIFY", """
+ALTER TABLE replicas ADD COLUMN roles TEXT NOT NULL DEFAULT 'ingest,execute,gateway';
+CREATE INDEX invocations_author_open ON invocations(author) WHERE state IN ('pending', 'running');
+-- An author's new invocation goes to the live executing replica that already holds one of its
+-- open invocations (so one replica's scheduler keeps that author's order, concurrency and rate),
+-- else to one picked by a hash of the author; with none alive, it stays with the replica that
+-- stored it until one takes it over. The NOTIFY (sent at commit) wakes the owner.
+CREATE FUNCTION atrund_assign() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    live TEXT[];
+    holder TEXT;
+BEGIN
+    IF NEW.state <> 'pending' THEN
+        RETURN NEW;
+    END IF;
+    SELECT array_agg(id ORDER BY id) INTO live FROM replicas
+     WHERE 'execute' = ANY(string_to_array(roles, ',')) AND heartbeat_at > clock_timestamp() - interval '10 seconds';
+    IF live IS NOT NULL THEN
+        SELECT replica INTO holder FROM invocations
+         WHERE author = NEW.author AND state IN ('pending', 'running') AND replica = ANY(live) LIMIT 1;
+        NEW.replica := coalesce(holder, live[1 + (hashtext(NEW.author) & 2147483647) % array_length(live, 1)]);
+    END IF;
+    PERFORM pg_notify('atrund_work', coalesce(NEW.replica, ''));
+    RETURN NEW;
+END $$;
+CREATE TRIGGER invocations_assign BEFORE INSERT ON invocations FOR EACH ROW EXECUTE FUNCTION atrund_assign();
+"""),
+    (4, "logs: what runs printed (atrund.logbook)", """
+CREATE TABLE logs (
+    seq      BIGSERIAL PRIMARY KEY,              -- the order entries were kept: a tail's cursor
+    id       TEXT NOT NULL,                      -- an invocation's URI (or tick/firing key), or a request id
+    bundle   TEXT NOT NULL,
+    invoker  TEXT,
+    kind     TEXT NOT NULL,                      -- record | schedule | trigger | xrpc | http
+    at       DOUBLE PRECISION NOT NULL,
+    status   TEXT NOT NULL,
+    error    TEXT,
+    output   TEXT
+);
+CREATE INDEX logs_id ON logs(id);
+CREATE INDEX logs_bundle ON logs(bundle, seq);
+CREATE INDEX logs_at ON logs(at);
+"""),
+    (5, "bundles' key-value state (atrund.kv)", """
+CREATE TABLE bundle_state (
+    author TEXT NOT NULL,                       -- the bundle author's DID
+    bundle TEXT NOT NULL,                       -- the bundle record's rkey
+    key    TEXT COLLATE "C" NOT NULL,           -- code point order, as SQLite's bytewise compare
+    value  TEXT NOT NULL,                       -- JSON
+    PRIMARY KEY (author, bundle, key)
+);
+"""),
+]
+LATEST = MIGRATIONS[-1][0]
+ROLES = ("ingest", "execute", "gateway")
+WORK_POLL = 2.0  # seconds an executing replica waits for a NOTIFY before it looks for work anyway
+LEAD_CHECK = 1.0  # seconds between a standby's tries to take ingest leadership (failover within ~1 s)
+LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migration 3's)
+HEARTBEAT = 2.0  # seconds between heartbeats (and looks for what a dead replica left)
+OUTBOX_CLAIM = 30.0  # seconds a replica holds due results while it writes them
+
+
+def where(url: str) -> str:
+    """The database a URL names, for messages: host, port and database, never credentials."""
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "the Postgres database of state.url"
+    host = parts.get("host") or "local socket"
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"Postgres database {parts.get('dbname') or '(default)'} on {host}{port}"
+
+
+def connect(url: str) -> psycopg.Connection:
+    """A connection in autocommit mode (transactions are explicit), failing within 10 s."""
+    return psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="atrund")
+
+
+def migrate(db: psycopg.Connection) -> tuple[int, int]:
+    """Apply the migrations this database lacks, each in its own transaction; returns the version
+    before and after. Runners starting together wait for each other on the advisory lock."""
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, MIGRATE_LOCK))
+        db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                   "description TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        before = db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+        if before > LATEST:
+            raise StoreError(f"the state database is at schema version {before}, newer than this atrund knows "
+                             f"({LATEST}); run the newer atrund, or restore a backup taken before it migrated")
+        for version, description, sql in MIGRATIONS:
+            if version > before:
+                db.execute(sql)
+                db.execute("INSERT INTO schema_migrations(version, description) VALUES (%s, %s)", (version, description))
+    return before, max(before, LATEST)
+
+
+def migrate_url(url: str) -> tuple[int, int]:
+    """``atrund state migrate``: bring the database at ``url`` up to date (it may be in use)."""
+    try:
+        with connect(url) as db:
+            return migrate(db)
+    except psycopg.Error as e:
+        raise StoreError(f"cannot migrate the {where(url)}: {type(e).__name__}: {e}") from e
+
+
+def fleet(db: psycopg.Connection, me: str | None = None) -> dict:
+    """The replicas (roles, heartbeat age, who leads ingest, what each holds) and the queue depth
+    per author: ``atrund status -c`` and /healthz. Read-only: reading it joins no fleet."""
+    leader = db.execute(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted", (LOCK_CLASS, INGEST_LOCK)).fetchone()
+    rows = db.execute(
+        "SELECT r.id, r.host, r.pid, r.roles, extract(epoch FROM clock_timestamp() - r.heartbeat_at), "
+        "count(i.uri) FILTER (WHERE i.state = 'running'), count(i.uri) FILTER (WHERE i.state = 'pending') "
+        "FROM replicas r LEFT JOIN invocations i ON i.replica = r.id AND i.state IN ('pending', 'running') "
+        "GROUP BY r.id ORDER BY r.started_at").fetchall()
+    replicas = [{"replica": rid, "host": host, "pid": pid, "roles": roles.split(","), "heartbeat_age_s": round(float(age), 1),
+                 "alive": float(age) < LEASE, "ingest_leader": leader is not None and leader[0] == f"atrund {rid}"[:63],
+                 "running": running, "pending": pending, **({"self": True} if rid == me else {})}
+                for rid, host, pid, roles, age, running, pending in rows]
+    queues = [{"author": author, "pending": pending, "running": running} for author, pending, running in db.execute(
+        "SELECT author, count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'running') "
+        "FROM invocations WHERE state IN ('pending', 'running') GROUP BY author ORDER BY 2 DESC, author")]
+    return {"replicas": replicas, "queues": queues}
+
+
+def fleet_of(url: str) -> dict:
+    """``fleet`` of the database at ``url``, on a connection of its own."""
+    try:
+        with connect(url) as db:
+            return fleet(db)
+    except psycopg.Error as e:
+        raise StoreError(f"cannot read the fleet from the {where(url)}: {type(e).__name__}: {e}") from e
+
+
+class _Connection:
+    """A psycopg connection that takes State's statements as written: ``?`` becomes ``%s`` (no
+    statement of State holds a literal ``?`` or ``%``)."""
+
+    def __init__(self, db: psycopg.Connection) -> None:
+        self.raw = db
+
+    def execute(self, sql: str, params: tuple | list = ()) -> psycopg.Cursor:
+        return self.raw.execute(_placeholders(sql), params)
+
+    def executemany(self, sql: str, rows) -> psycopg.Cursor:
+        cur = self.raw.cursor()
+        cur.executemany(_placeholders(sql), list(rows))
+        return cur
+
+
+@functools.lru_cache(maxsize=256)
+def _placeholders(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+class PgState(State):
+    """The Postgres store (an atrund.state ``Store``): State's methods on a Postgres connection,
+    shared by replicas (see "Replicas" above)."""
+
+    ERRORS = (psycopg.Error,)
+    shared = True
+
+    def __init__(self, url: str, lease: float = LEASE, roles: tuple[str, ...] | list[str] = ROLES) -> None:
+        # not State's __init__: no file, no flock
+        self.url = url
+        self.lease = lease
+        self.roles = tuple(roles)
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.failing: str | None = None
+        self._db: _Connection | None = None
+        self._lead: psycopg.Connection | None = None  # the ingest lock's own connection (``lead``)
+        self._leading = False
+        self._beaten: float | None = None  # time.monotonic() of the last heartbeat
+        self._listen: psycopg.AsyncConnection | None = None  # LISTEN atrund_work (``wait_for_work``)
+        try:
+            self._open()
+        except psycopg.Error as e:
+            raise StoreError(f"cannot open the {where(url)}: {type(e).__name__}: {e}") from e
+
+    def _open(self) -> _Connection:
+        """Connect, migrate and name this replica (in the session and in ``replicas``); on any
+        failure nothing stays open."""
+        self._db = _Connection(connect(self.url))
+        try:
+            migrate(self._db.raw)
+            self._db.execute("SELECT set_config('atrund.replica', ?, false)", (self.replica,))
+            self._beat()
+        except BaseException:
+            self._drop()
+            raise
+        return self._db
+
+    @property
+    def db(self) -> _Connection:
+        """The connection, opened again after it broke."""
+        if self._db is None or self._db.raw.closed:
+            return self._open()
+        return self._db
+
+    def failed(self, error: Exception) -> None:
+        """A broken connection is closed, to be opened at the next call; a refused statement
+        leaves it as it is (autocommit: no transaction stays open)."""
+        if self._db is not None and (self._db.raw.broken or isinstance(error, psycopg.OperationalError)):
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.raw.close()
+            except psycopg.Error:
+                pass  # already broken: closing is all that was asked
+            self._db = None
+
+    def close(self) -> None:
+        """A clean stop: this replica leaves the fleet, so what it leaves pending is taken over
+        at the other replicas' next look rather than after the lease."""
+        try:
+            if self._db is not None and not self._db.raw.closed:
+                self._db.execute("DELETE FROM replicas WHERE id = ?", (self.replica,))
+        except psycopg.Error:
+            pass  # then the lease runs out instead
+        self._drop()
+        self._resign()
+        if self._listen is not None and not self._listen.closed:
+            # the async connection's socket, closed without its event loop (close() runs after it)
+            self._listen.pgconn.finish()
+        self._listen = None
+
+    def _tx(self):
+        return self.db.raw.transaction()
+
+    # -- replicas ------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        self.db.execute("INSERT INTO replicas(id, host, pid, roles) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
+                        (self.replica, socket.gethostname(), os.getpid(), ",".join(self.roles)))
+
+    @translated
+    def heartbeat(self) -> None:
+        """This replica is alive (every HEARTBEAT seconds; Postgres's clock, not ours)."""
+        self._beat()
+        self._beaten = time.monotonic()
+
+    def figures(self) -> dict:
+        """/healthz's ``replica``: who this is, whether it leads ingest, how fresh its lease is,
+        and one round trip to Postgres (None: it did not answer)."""
+        try:
+            began = time.monotonic()
+            self.db.execute("SELECT 1")
+            rtt = round((time.monotonic() - began) * 1000, 2)
+        except psycopg.Error:
+            rtt = None
+        return {"id": self.replica, "roles": list(self.roles), "ingestLeader": self._leading,
+                "leaseAgeSeconds": None if self._beaten is None else round(time.monotonic() - self._beaten, 3),
+                "leaseSeconds": self.lease, "postgresRoundTripMs": rtt}
+
+    def lead(self) -> bool:
+        """Hold, or try to take, ingest leadership: one replica at a time ingests (polls, follows
+        the firehose), elected by a session advisory lock on a connection of its own, so that
+        the lock lives exactly as long as that connection. A leader that dies (or is cut off)
+        loses its session and so the lock; a standby's next try (every LEAD_CHECK) takes it and
+        resumes from the stored cursors. False on any fault: not leading is the safe answer."""
+        try:
+            if self._lead is None or self._lead.closed:
+                self._lead = psycopg.connect(self.url, autocommit=True, connect_timeout=5,
+                                             application_name=f"atrund {self.replica}"[:63])
+                self._leading = False
+            if self._leading:
+                self._lead.execute("SELECT 1")  # still connected: still the holder
+            else:
+                self._leading = self._lead.execute("SELECT pg_try_advisory_lock(%s, %s)",
+                                                   (LOCK_CLASS, INGEST_LOCK)).fetchone()[0]
+            return self._leading
+        except psycopg.Error:
+            self._resign()
+            return False
+
+    def _resign(self) -> None:
+        if self._lead is not None:
+            try:
+                self._lead.close()  # the lock goes with the session
+            except psycopg.Error:
+                pass
+            self._lead = None
+        self._leading = False
+
+    @translated
+    def take_over(self) -> tuple[list[Stored], list[Stored]]:
+        """Adopt what replicas without a heartbeat for ``lease`` seconds (or stopped) left: their
+        running invocations (to be recorded as interrupted: never run again) and, if this
+        replica executes, their pending ones and those held by a live replica that does not
+        execute (to be queued here). One UPDATE: a row another replica adopts first is re-read
+        after its lock, finds a live owner, and is not taken twice."""
+        with self._tx():
+            rows = self.db.execute(
+                "UPDATE invocations i SET replica = ? WHERE state IN ('pending', 'running') AND replica IS DISTINCT FROM ? "
+                "AND (state = 'running' OR ?) AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica "
+                "AND r.heartbeat_at > clock_timestamp() - make_interval(secs => ?) "
+                "AND (i.state = 'running' OR 'execute' = ANY(string_to_array(r.roles, ',')))) "
+                "RETURNING uri, author, cid, value, seen_at, state",
+                (self.replica, self.replica, "execute" in self.roles, self.lease)).fetchall()
+            # the dead leave the fleet (atrund status) with nothing left to their name
+            self.db.execute("DELETE FROM replicas WHERE id <> ? AND heartbeat_at <= clock_timestamp() - make_interval(secs => ?)",
+                            (self.replica, self.lease))
+        rows.sort(key=lambda row: row[4])
+        running = [Stored(u, a, c, json.loads(v), t) for u, a, c, v, t, state in rows if state == "running"]
+        pending = [Stored(u, a, c, json.loads(v), t) for u, a, c, v, t, state in rows if state == "pending"]
+        return running, pending
+
+    @translated
+    def assigned(self) -> list[str]:
+        """The pending invocations assigned to this replica (by migration 3's trigger, or taken
+        over), oldest first: the executing replica queues those it has not queued yet."""
+        return [uri for (uri,) in self.db.execute(
+            "SELECT uri FROM invocations WHERE replica = ? AND state = 'pending' ORDER BY seen_at", (self.replica,))]
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return at the next NOTIFY of new work for anyone (or after ``timeout``): LISTEN on an
+        async connection of its own. A connection fault is a plain wait (the caller looks
+        anyway, every ``timeout``); the next call connects again."""
+        try:
+            if self._listen is None or self._listen.closed:
+                self._listen = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5)
+                await self._listen.execute("LISTEN atrund_work")
+            async for _ in self._listen.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error:
+            if self._listen is not None:
+                await self._listen.close()
+            self._listen = None
+            await asyncio.sleep(timeout)
+
+    @translated
+    def state_usage(self, author: str, bundle: str) -> tuple[int, int]:
+        """As State's, in Postgres's words (octet_length: UTF-8 bytes)."""
+        keys, size = self.db.execute(
+            "SELECT count(*), coalesce(sum(octet_length(key) + octet_length(value)), 0) FROM bundle_state "
+            "WHERE author = ? AND bundle = ?", (author, bundle)).fetchone()
+        return keys, int(size)
+
+    @translated
+    def mark_running(self, uri: str) -> bool:
+        """Claim a pending invocation, as this replica (whoever queued it)."""
+        cur = self.db.execute("UPDATE invocations SET state = 'running', started_at = ?, replica = ? "
+                              "WHERE uri = ? AND state = 'pending'", (time.time(), self.replica, uri))
+        return cur.rowcount == 1
+
+    @translated
+    def due(self, limit: int = 50) -> list[Outgoing]:
+        """Claim due results for OUTBOX_CLAIM seconds (SKIP LOCKED: replicas writing at once take
+        different ones); ``written`` or ``retry_later`` settles each. A replica that dies holding
+        some leaves them due again after the claim, and putRecord of the same record is harmless."""
+        now = time.time()
+        rows = self.db.execute(
+            "UPDATE outbox SET next_try = ? WHERE invocation_uri IN (SELECT invocation_uri FROM outbox "
+            "WHERE written_at IS NULL AND next_try <= ? ORDER BY next_try LIMIT ? FOR UPDATE SKIP LOCKED) "
+            "RETURNING invocation_uri, rkey, record, attempts", (now + OUTBOX_CLAIM, now, limit)).fetchall()
+        return [Outgoing(uri, rkey, json.loads(rec), attempts) for uri, rkey, rec, attempts in rows]
+
+    @translated
+    def fleet(self) -> dict:
+        """The fleet as ``fleet`` reads it, this replica marked."""
+        return fleet(self.db.raw, self.replica)
