@@ -98,8 +98,9 @@ class Worker(ABC):
         """What the backend saw of a worker that did not start (e.g. a VM's console), if anything."""
         return ""
 
-    def egress(self) -> ExecEgress | None:
-        """What the worker's egress proxy carried so far (running totals); None without one."""
+    async def egress(self) -> ExecEgress | None:
+        """What the worker's egress proxy carried so far (running totals), every connection the
+        worker has made counted (Egress.settled); None without one."""
         return None
 
     # -- what reuse needs to see from outside (procs.py); a backend that cannot see the worker's
@@ -533,7 +534,7 @@ class WorkerPool:
         lease.served += 1
         lease.output.buf.clear()
         began = time.monotonic()
-        before = worker.egress()
+        before = await worker.egress()
         try:
             response, clean = await self._exchange(lease, request, state)
         finally:
@@ -542,7 +543,7 @@ class WorkerPool:
         # Only the runner says what the bundle printed: whatever the worker put here is replaced.
         keep = self.settings.output_bytes
         response.output = (lease.output.text(keep) or None) if keep else None
-        if before is not None and (after := worker.egress()) is not None:
+        if before is not None and (after := await worker.egress()) is not None:
             used = ExecEgress(*(a - b for a, b in zip(astuple(after), astuple(before), strict=True)))
             response.set_egress(used)
             for name, value in zip(EGRESS_COUNTS, astuple(used), strict=True):

@@ -259,8 +259,11 @@ class ContainerWorker(Worker):
         finally:
             os.close(fd)
 
-    def egress(self) -> ExecEgress | None:
-        return self.proxy.counts.snapshot() if self.proxy is not None else None
+    async def egress(self) -> ExecEgress | None:
+        if self.proxy is None:
+            return None
+        await self.proxy.settled()
+        return self.proxy.counts.snapshot()
 
     def exited(self) -> int | None:
         if self._exit is not None:

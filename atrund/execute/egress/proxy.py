@@ -34,6 +34,7 @@ from atrund.execute.protocol import ExecEgress
 
 log = structlog.get_logger("atrund.egress")
 CONNECT_TIMEOUT = 10.0
+SETTLE_SECONDS = 0.2  # how long a count waits for the connections a worker just made to be checked
 MAX_LINKS = 64  # connections one worker may hold open at once (two runner threads each)
 CHUNK = 1 << 20
 F_SETPIPE_SZ = 1031
@@ -88,6 +89,7 @@ class Egress:
         self._closed = False
         self._transports: list[asyncio.BaseTransport] = []
         self._links: set[socket.socket] = set()  # both ends of every open connection
+        self._unchecked: set[int] = set()  # connections accepted, not yet counted as let out or refused (ids)
 
     @property
     def netns_fd(self) -> int:
@@ -124,6 +126,18 @@ class Egress:
             self.namespace.close()
             self.namespace = None
 
+    async def settled(self, within: float = SETTLE_SECONDS) -> None:
+        """Wait, at most ``within`` seconds, until every connection the worker has made so far
+        is counted: none waits in a listener's accept queue or for its check. A worker's
+        connect() returns as soon as the kernel queued the connection, before a proxy thread
+        took it, so a count read right after a request could miss its last connections."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self._unchecked or any(_backlog(sock) for sock in (self.namespace.listeners if self.namespace else ())):
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(0.001)
+
     def allowed(self, address: IPAddress, port: int) -> str | None:
         """Why a connection to ``address:port`` is refused, or None."""
         name = self.handed.get(address) or self.handed.get(self.grants.target(address))
@@ -140,6 +154,7 @@ class Egress:
                 conn, _ = listener.accept()
             except OSError:
                 return  # shut down by close()
+            self._unchecked.add(id(conn))  # set.add and discard are atomic under the GIL
             try:
                 threading.Thread(target=self._link, args=(conn,), daemon=True, name="atrund-egress").start()
             except RuntimeError:  # no thread to be had: refused, as a full backlog would be
@@ -150,6 +165,7 @@ class Egress:
             self._carry(conn)
         except (OSError, RuntimeError) as e:  # the worker reset it meanwhile; no thread or descriptor left
             log.info("egress connection failed", why=str(e))
+            self._unchecked.discard(id(conn))
             conn.close()
 
     def _carry(self, conn: socket.socket) -> None:
@@ -170,10 +186,12 @@ class Egress:
             return self._refuse(conn, f"{target} port {port}: {e or 'timed out'}")
         up.settimeout(None)
         if self._closed:
+            self._unchecked.discard(id(conn))
             up.close()
             conn.close()
             return
         self.counts.add("connections", 1)
+        self._unchecked.discard(id(conn))
         for sock in (conn, up):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._links.add(sock)
@@ -189,6 +207,7 @@ class Egress:
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
         self.counts.add("refused", 1)
+        self._unchecked.discard(id(conn))
         log.info("egress refused", why=why)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, as a closed port
         conn.close()
@@ -225,6 +244,15 @@ class Egress:
                 for sock in (src, dst):
                     self._links.discard(sock)
                     sock.close()
+
+
+def _backlog(listener: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue: TCP_INFO's tcpi_unacked, which
+    Linux fills with the accept backlog for a listener."""
+    try:
+        return struct.unpack_from("I", listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0]
+    except OSError:
+        return 0
 
 
 def _shut(sock: socket.socket) -> None:

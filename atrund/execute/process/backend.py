@@ -272,8 +272,11 @@ class Sandbox:
             pids = pids or self._cgroups.processes(name) or []
         return Census(left=left, cpu=procs.cpu_spent(pids) if cpu else 0.0, memory=self._cgroups.usage(name))
 
-    def egress_counts(self) -> ExecEgress | None:
-        return self.egress.counts.snapshot() if self.egress is not None else None
+    async def egress_counts(self) -> ExecEgress | None:
+        if self.egress is None:
+            return None
+        await self.egress.settled()
+        return self.egress.counts.snapshot()
 
     def unmount(self) -> None:
         unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
@@ -303,8 +306,8 @@ class FencedWorker(DirectWorker):
     def stage(self, code_path: str) -> str:
         return self.sandbox.stage(code_path)
 
-    def egress(self) -> ExecEgress | None:
-        return self.sandbox.egress_counts()
+    async def egress(self) -> ExecEgress | None:
+        return await self.sandbox.egress_counts()
 
     def census(self, runtime: Runtime, cpu: bool) -> Census:
         return self.sandbox.census(runtime, cpu) or super().census(runtime, cpu)

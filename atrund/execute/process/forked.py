@@ -249,8 +249,8 @@ class ForkedWorker(Worker):
     def stage(self, code_path: str) -> str:
         return self.sandbox.stage(code_path)
 
-    def egress(self) -> ExecEgress | None:
-        return self.sandbox.egress_counts()
+    async def egress(self) -> ExecEgress | None:
+        return await self.sandbox.egress_counts()
 
     def exited(self) -> int | None:
         return self.process.returncode
