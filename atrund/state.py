@@ -205,7 +205,7 @@ class Outgoing:
 
 class Store(Protocol):
     """What every component may ask of the state store: SQLite's ``State`` below and Postgres's
-    ``atrund.pgstate.PgState`` both implement exactly this (tests/test_state.py runs the same
+    ``atrund.pgstate.PgState`` both implement exactly this (tests/test_store.py runs the same
     checks on both). ``failing`` names the last fault until a write succeeds again."""
 
     failing: str | None
