@@ -48,7 +48,7 @@ from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos
 from atrund.atproto.serviceauth import ServiceAuth, ServiceAuthError
 from atrund.atproto.session import Session
-from atrund.atproto.uri import AtUri, new_tid
+from atrund.atproto.uri import AtUri
 from atrund.config import GatewaySection
 from atrund.errors import (
     AtrundError,
@@ -435,10 +435,10 @@ class Gateway:
     def _logged(self, out: Outcome, bundle_uri: str, invoker: str | None, kind: str) -> str | None:
         """Keep the run's output and error for its author (atrund.logbook): its request id, if
         there was anything to keep."""
-        request_id = new_tid()
+        request_id = self.logbook.note(None, bundle_uri, invoker, kind, out.status, out.error, out.output)
         if out.output:
             log.debug("bundle output", request_id=request_id, output=out.output)
-        return request_id if self.logbook.note(request_id, bundle_uri, invoker, kind, out.status, out.error, out.output) else None
+        return request_id
 
     def _commit_state(self, out: Outcome) -> None:
         """A successful run's writes to its bundle's state, in a transaction of their own, before

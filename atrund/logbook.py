@@ -26,7 +26,7 @@ import time
 
 import structlog
 
-from atrund.atproto.uri import authority
+from atrund.atproto.uri import authority, new_tid
 from atrund.config import LogsSection
 from atrund.errors import StoreError
 from atrund.state import LogEntry, Store
@@ -48,19 +48,21 @@ class LogBook:
         self.state = state
         self.cfg = cfg
         self._held: list[LogEntry] = []
-        self.dropped = 0  # entries lost because the store failed for long (/metrics)
+        self.dropped = 0  # entries lost because the store failed for long (said in the warning below)
         self._swept = 0.0
 
-    def note(self, id: str, bundle: str, invoker: str | None, kind: str, status: str,
-             error: str | None = None, output: str | None = None) -> bool:
-        """Keep a run's entry, if there is anything to see: whether one was kept."""
+    def note(self, id: str | None, bundle: str, invoker: str | None, kind: str, status: str,
+             error: str | None = None, output: str | None = None) -> str | None:
+        """Keep a run's entry, if there is anything to see, under ``id`` (None: a new request id,
+        for a run no record names). The id kept, or None when nothing was."""
         if output is None and status == "success":
-            return False
+            return None
         if len(self._held) >= MAX_HELD:
             del self._held[0]
             self.dropped += 1
+        id = id or new_tid()
         self._held.append(LogEntry(id, bundle, invoker, kind, time.time(), status, error, output))
-        return True
+        return id
 
     def flush(self) -> None:
         """Write what is held, in one transaction; on a store failure it stays held for the next try."""
@@ -85,7 +87,8 @@ class LogBook:
             try:
                 self.flush()
             except StoreError as e:
-                log.warning("could not keep log entries; trying again", error=str(e), held=len(self._held))
+                log.warning("could not keep log entries; trying again", error=str(e), held=len(self._held),
+                            dropped=self.dropped)
 
     def read(self, caller: str, *, id: str | None = None, bundle: str | None = None, after: int | None = None,
              limit: int = 50) -> list[LogEntry]:

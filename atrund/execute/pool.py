@@ -539,9 +539,10 @@ class WorkerPool:
             response, clean = await self._exchange(lease, request, state)
         finally:
             lease.active += time.monotonic() - began
-        await lease.output.caught_up()
         # Only the runner says what the bundle printed: whatever the worker put here is replaced.
         keep = self.settings.output_bytes
+        if keep:
+            await lease.output.caught_up()
         response.output = (lease.output.text(keep) or None) if keep else None
         if before is not None and (after := await worker.egress()) is not None:
             used = ExecEgress(*(a - b for a, b in zip(astuple(after), astuple(before), strict=True)))
