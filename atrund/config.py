@@ -508,15 +508,19 @@ def parse(data: dict, base_dir: Path | None = None) -> Config:
     return cfg
 
 
-def load(path: Path) -> Config:
-    """Read and validate a config file; relative state paths are relative to the file. What
-    loads but should be written differently is in ``Config.warnings`` (the CLI prints them)."""
+def read(path: Path) -> dict:
+    """A config file's TOML as a dict, not yet validated; ConfigError if it cannot be read."""
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    cfg = parse(data, base_dir=path.resolve().parent)
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file; relative state paths are relative to the file. What
+    loads but should be written differently is in ``Config.warnings`` (the CLI prints them)."""
+    cfg = parse(read(path), base_dir=path.resolve().parent)
     cfg._source = path.resolve()
     return cfg

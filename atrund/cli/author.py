@@ -19,6 +19,7 @@ from atrund.cli.group import (
     EXIT_NOT_SUCCESS,
     Output,
     emit,
+    emit_line,
     err,
     fail_line,
     main,
@@ -462,7 +463,6 @@ async def tail(bundle_uri: str, runner_did: str, interval: float, count: int | N
                identifier: str | None, password: str | None, plc_url: str) -> None:
     """Follow your bundle's runs on a runner: the newest entries, then each run that prints or
     fails as it ends (JSON lines with --json), until Ctrl-C or --count."""
-    import json
 
     from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     parse_uri(bundle_uri, "BUNDLE_URI")
@@ -475,10 +475,7 @@ async def tail(bundle_uri: str, runner_did: str, interval: float, count: int | N
             while True:
                 out = await client.get_logs(session, repos, runner, bundle=bundle_uri, cursor=cursor, limit=20 if cursor is None else 100)
                 for entry in out["logs"]:
-                    if Output.as_json():
-                        click.echo(json.dumps(entry, ensure_ascii=False))
-                    else:
-                        _show_entry(entry)
+                    emit_line(entry, _show_entry)
                     seen += 1
                     if count is not None and seen >= count:
                         return
@@ -592,7 +589,6 @@ async def result_watch(runner: str | None, bundle_uri: str | None, mine: bool, p
                        count: int | None) -> None:
     """Print results as they land in a runner's repo (--runner needed), one line each (JSON lines
     with --json), until Ctrl-C or --count."""
-    import json
 
     from atrund import client  # here, not at the top: the AT SDK takes half a second to import
     if runner is None:
@@ -602,10 +598,7 @@ async def result_watch(runner: str | None, bundle_uri: str | None, mine: bool, p
         err.print(f"watching {runner_did} for new results (Ctrl-C stops)")
         seen = 0
         async for found in client.watch_results(repos, runner_did, author=author, bundle=bundle_uri, interval=interval):
-            if Output.as_json():
-                click.echo(json.dumps(found, ensure_ascii=False), nl=True)
-            else:
-                _show_result(found)
+            emit_line(found, _show_result)
             seen += 1
             if count is not None and seen >= count:
                 return

@@ -115,6 +115,14 @@ def emit(obj: Any, human: Callable[[Any], None] | None = None) -> None:
         show(obj)
 
 
+def emit_line(obj: Any, human: Callable[[Any], None]) -> None:
+    """One item of a stream (``watch``, ``tail``): a JSON line (see Output), else ``human(obj)``."""
+    if Output.as_json():
+        click.echo(json.dumps(obj, ensure_ascii=False))
+    else:
+        human(obj)
+
+
 def print_json(obj: Any) -> None:
     """JSON on stdout, always: for what is JSON by nature (a schema, sealed objects for a record)."""
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))

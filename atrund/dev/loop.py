@@ -24,7 +24,6 @@ import contextlib
 import json
 import tempfile
 import time
-import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 from atrund import client, config
 from atrund.app import App
 from atrund.dev.stack import LocalStack
-from atrund.errors import AtrundError, ConfigError, NoSession
+from atrund.errors import AtrundError, NoSession
 
 CHECK_SECONDS = 0.3  # how often FILE is looked at for a save
 
@@ -76,25 +75,21 @@ def _local(stack: LocalStack, tmp: Path, isolation: str, port: int) -> _Setup:
                    "ATRUND_PASSWORD": author.app_password})
 
 
-async def _configured(path: Path, tmp: Path, port: int) -> _Setup:
+def _configured(path: Path, tmp: Path, port: int) -> _Setup:
     """The runner account of the configuration at ``path`` (meant for development: its runner
     record is published with a loopback gateway URL), on its PDS, with state in ``tmp``, a
     loopback gateway and firehose ingest; the author is the one `atrund login` kept, added to
     the allowlist."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+    data = config.read(path)
     kept = client.kept_session()
     if kept is None:
         raise NoSession(f"atrund dev -c {path} runs as the author `atrund login` kept, and there is none")
     access = {**data.get("access", {}), "mode": "allowlist"}
     access["allowlist"] = [*access.get("allowlist", []), kept["did"]]
-    data.update(access=access, ingest={**data.get("ingest", {}), "mode": "firehose"},
-                gateway={**data.get("gateway", {}), "enabled": True, "listen": f"127.0.0.1:{port}", "public_url": None,
-                         "latest_cache_seconds": 0},
+    gateway = {**data.get("gateway", {}), "enabled": True, "listen": f"127.0.0.1:{port}", "latest_cache_seconds": 0}
+    gateway.pop("public_url", None)  # the loopback URL is the one to publish
+    data.update(access=access, ingest={**data.get("ingest", {}), "mode": "firehose"}, gateway=gateway,
                 state={"dir": str(tmp / "state")})
-    data["gateway"] = {k: v for k, v in data["gateway"].items() if v is not None}
     cfg = config.parse(data, base_dir=path.resolve().parent)
     return _Setup(cfg, str(cfg.identity.plc_url), lambda repos: client.resume(kept["did"]),
                   {"ATRUND_PLC_URL": str(cfg.identity.plc_url)})
@@ -112,7 +107,7 @@ async def run(file: Path, runtime: str, say: Callable[[str], None], port: int = 
         if config_path is None:
             setup = _local(held.enter_context(LocalStack(data_dir=Path(tmp) / "stack")), Path(tmp), isolation, port)
         else:
-            setup = await _configured(config_path, Path(tmp), port)
+            setup = _configured(config_path, Path(tmp), port)
         app = App(setup.cfg)
         await app.start()
         serving = asyncio.create_task(app.run(stop))
