@@ -10,10 +10,11 @@ import sys
 import aiohttp
 import pytest
 from conftest import _author_env, atrund, wait_result
+from test_resilience import chattr, immutable_ok  # noqa: F401 - a fixture, used by name
 
 from atrund import client
 from atrund.config import LogsSection
-from atrund.errors import CallFailed
+from atrund.errors import CallFailed, StoreError
 from atrund.logbook import LogBook
 from atrund.state import State
 
@@ -135,6 +136,30 @@ async def test_logs_and_tail_commands(stack, author, make_runner, reader):
     assert entries[1]["output"] == "counting 2\nto stderr too"
 
 
+@pytest.mark.usefixtures("immutable_ok")
+def test_entries_wait_while_the_store_fails_and_are_kept_once_it_answers(tmp_path):
+    """The state store's files made unwritable (chattr +i): a flush fails with StoreError and
+    keeps what it held; what comes meanwhile is held too; once writable, one flush keeps all."""
+    state = State(tmp_path / "state" / "atrund.sqlite3")
+    files = [p for p in (tmp_path / "state").iterdir() if p.name.startswith("atrund.sqlite3")]
+    bundle = "at://did:plc:a/dev.atrun.bundle/b"
+    try:
+        book = LogBook(state, LogsSection())
+        book.note("before", bundle, None, "http", "error", "boom", "out 1")
+        chattr("+i", *files)
+        try:
+            with pytest.raises(StoreError):
+                book.flush()
+            book.note("during", bundle, None, "http", "error", "boom", "out 2")
+        finally:
+            chattr("-i", *files)
+        book.flush()
+        assert [(e.id, e.output) for e in state.logs(bundle=bundle)] == [("before", "out 1"), ("during", "out 2")]
+        assert book.dropped == 0
+    finally:
+        state.close()
+
+
 def test_the_logbook_keeps_within_retention_and_max_entries(tmp_path):
     """Past max_entries the oldest go; past retention_hours every entry goes (a real SQLite store)."""
     state = State(tmp_path / "state.sqlite")
@@ -150,3 +175,32 @@ def test_the_logbook_keeps_within_retention_and_max_entries(tmp_path):
         assert state.forget_logs(before=float("inf"), keep=10) == 3 and state.logs(bundle=bundle) == []
     finally:
         state.close()
+
+
+async def test_get_logs_refuses_bad_queries_naming_what_is_wrong(author, make_runner):
+    """Each malformed dev.atrun.getLogs query is a 400 naming the parameter (a token is spent on
+    each: they are single-use); no token is a 401; the runner goes on answering good ones."""
+    runner = await make_runner(access={"allowlist": [author.account.did]})
+    bundle = await author.publish(BUNDLE)
+    url = f"{runner.app.gateway.url}/xrpc/dev.atrun.getLogs"
+
+    async def get(params: dict, token: bool = True) -> tuple[int, dict]:
+        headers = {}
+        if token:
+            jwt = (await author.session.client.com.atproto.server.get_service_auth(
+                {"aud": runner.did, "lxm": "dev.atrun.getLogs"})).token
+            headers["Authorization"] = f"Bearer {jwt}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, params=params, headers=headers) as r:
+                return r.status, await r.json()
+
+    for params, says in [({}, "exactly one of id"), ({"id": "x", "bundle": bundle["uri"]}, "exactly one of id"),
+                         ({"bundle": bundle["uri"], "cursor": "later"}, "cursor and limit must be integers"),
+                         ({"bundle": bundle["uri"].replace("dev.atrun.bundle", "app.bsky.feed.post")}, "is not a dev.atrun.bundle"),
+                         ({"bundle": "not-a-uri"}, "bundle: ")]:
+        status, body = await get(params)
+        assert (status, body["error"]) == (400, "InvalidRequest") and says in body["message"], (params, body)
+    status, body = await get({"bundle": bundle["uri"]}, token=False)
+    assert (status, body["error"]) == (401, "AuthRequired")
+    status, body = await get({"bundle": bundle["uri"]})
+    assert status == 200 and body == {"logs": [], "cursor": "0"}
