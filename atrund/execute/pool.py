@@ -37,11 +37,13 @@ from atrund.bounds import Malformed
 from atrund.execute import procs
 from atrund.execute.base import ExecutorError, PoolStats
 from atrund.execute.protocol import (
+    OUTPUT_MARK,
     STATE_PREFIX,
     ExecEgress,
     ExecPermissions,
     ExecRequest,
     ExecResponse,
+    Ready,
     StateHandler,
     parse_answer,
     parse_ready,
@@ -56,6 +58,7 @@ log = structlog.get_logger("atrund.execute")
 READY_TIMEOUT = 15.0  # seconds a new worker may take to announce it is ready
 STDERR_TAIL = 4096  # bytes of the bundle's own output kept for error messages
 EXIT_GRACE = 0.5  # seconds a worker that closed its output gets to exit before it is killed
+MARK_WAIT = 0.1  # seconds the pool waits after an answer for the end-of-output mark
 METRIC_SLACK_MS = 1000  # a metric may exceed the request's timeout by this much (clock granularity, a VM's clock)
 NO_PERMISSIONS = ExecPermissions()
 CORES = os.cpu_count() or 1
@@ -148,10 +151,6 @@ class Backend(ABC):
     isolation: str
     monitor_name: str | None = None  # the virtual machine monitor, for a backend that runs VMs
     ready_timeout: float = READY_TIMEOUT  # a backend that boots something slow (a VM) may allow more
-    # Seconds of quiet on stderr the pool waits for after an answer, for a backend whose stdout
-    # and stderr are copied separately on their way to the runner, so a print can trail the
-    # answer it preceded (0: they cannot; see _Output.caught_up).
-    output_settle: float = 0.0
 
     def __init__(self, settings) -> None:
         """Built from the executor settings (registry.backend_class names the class)."""
@@ -218,36 +217,42 @@ class _Output:
 
     def __init__(self, stream: asyncio.StreamReader, keep: int) -> None:
         self.buf = bytearray()
-        self.received = 0  # bytes, ever
         self.keep = max(keep, STDERR_TAIL)
+        self.marked = asyncio.Event()  # the current request's OUTPUT_MARK came
         self.task = asyncio.ensure_future(self._drain(stream))
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError, ValueError):
             while chunk := await stream.read(65536):
-                self.received += len(chunk)
                 self.buf += chunk
+                if OUTPUT_MARK in self.buf:  # also one that came in two chunks
+                    self.buf = self.buf.replace(OUTPUT_MARK, b"")
+                    self.marked.set()
                 del self.buf[:-self.keep]
+
+    def begin(self) -> None:
+        """A request starts: nothing printed before it is its output."""
+        self.buf.clear()
+        self.marked.clear()
 
     async def ended(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the stream to end (a daemon the bundle started may hold it)."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.task), timeout)
 
-    async def caught_up(self, settle: float) -> None:
-        """Let the drain read what is already on its way. The worker printed before it
-        answered, but the print and the answer travel apart: the answer can be read first. Two
-        pipes of one worker: a few turns of the event loop are enough for the loop to see the
-        stderr pipe readable, feed the reader and run the drain. A backend whose two streams are
-        copied separately on their way (``Backend.output_settle``) also waits until nothing has
-        come for ``settle`` seconds (at most ten such waits: a bundle's thread may print on)."""
+    async def caught_up(self, marks: bool) -> None:
+        """Wait until the drain has what the request printed before its answer. The print and
+        the answer travel apart (two pipes; the container engine copies each stream in its own
+        goroutine), so the answer can be read first. A worker that marks its output's end is
+        waited for until the mark comes (at most MARK_WAIT: the bundle may have closed its
+        stderr). Otherwise a few turns of the event loop: enough for two pipes of one process,
+        whose stderr the loop sees readable no later than the stdout that followed it."""
+        if marks:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.marked.wait(), MARK_WAIT)
+            return
         for _ in range(4):
             await asyncio.sleep(0)
-        for _ in range(10 if settle else 0):
-            seen = self.received
-            await asyncio.sleep(settle)
-            if self.received == seen:
-                break
 
     def text(self, last: int) -> str:
         """The last ``last`` bytes kept, as text (a character cut in two is replaced)."""
@@ -257,10 +262,11 @@ class _Output:
 class _Lease:
     """The pool's bookkeeping of one worker: how it was started, how much it has served."""
 
-    def __init__(self, worker: Worker, runtime: Runtime, reuse: bool, keep: int) -> None:
+    def __init__(self, worker: Worker, runtime: Runtime, ready: Ready, keep: int) -> None:
         self.worker = worker
         self.runtime = runtime
-        self.reuse = reuse  # the ready line said it serves several requests
+        self.reuse = ready.reuse  # the ready line said it serves several requests
+        self.marks = ready.marks  # ... and marks the end of each request's output
         self.output = _Output(worker.stderr, keep)
         self.served = 0
         self.staged: tuple[str, str] | None = None  # (code path, the path the worker sees)
@@ -389,13 +395,13 @@ class WorkerPool:
             line = await asyncio.wait_for(worker.stdout.readline(), self.backend.ready_timeout)
         except (asyncio.TimeoutError, ValueError):
             line = b""
-        reuse = parse_ready(line)
-        if reuse is None:
+        ready = parse_ready(line)
+        if ready is None:
             await worker.kill()  # first: a worker that hangs would never end its stderr
             err = await _tail(worker.stderr)
             extra = worker.diagnostics()
             raise ExecutorError(f"{runtime.name} worker did not start: {err or line[:200]!r}" + (f"; {extra}" if extra else ""))
-        lease = _Lease(worker, runtime, reuse, self.settings.output_bytes)
+        lease = _Lease(worker, runtime, ready, self.settings.output_bytes)
         lease.active = time.monotonic() - started
         return lease
 
@@ -545,7 +551,7 @@ class WorkerPool:
         run = os.urandom(12).hex() if state is not None else None
         request = request.model_copy(update={"code_path": lease.staged[1], "run": run})
         lease.served += 1
-        lease.output.buf.clear()
+        lease.output.begin()
         began = time.monotonic()
         before = await worker.egress()
         try:
@@ -555,7 +561,7 @@ class WorkerPool:
         # Only the runner says what the bundle printed: whatever the worker put here is replaced.
         keep = self.settings.output_bytes
         if keep:
-            await lease.output.caught_up(self.backend.output_settle)
+            await lease.output.caught_up(lease.marks)
         response.output = (lease.output.text(keep) or None) if keep else None
         if before is not None and (after := await worker.egress()) is not None:
             used = ExecEgress(*(a - b for a, b in zip(astuple(after), astuple(before), strict=True)))

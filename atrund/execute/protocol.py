@@ -4,7 +4,8 @@ Framing: the worker writes ``{"ready": true}`` + newline on stdout when started,
 ExecRequest JSON line on stdin, writes one ExecResponse JSON line on stdout, and exits. A worker
 that can serve several requests of one reuse key says so in its ready line
 (``{"ready": true, "reuse": true}``): it then reads the next request line after each answer, and
-exits when stdin ends. The runner decides whether it gets another (docs/protocol.md §7.1).
+exits when stdin ends. One that says ``"marks": true`` writes OUTPUT_MARK on stderr before each
+answer, so the runner knows when it has all the request printed. The runner decides whether it gets another (docs/protocol.md §7.1).
 During a run the worker may ask for the bundle's state (docs/protocol.md §7.6): a StateCall
 line on stdout, which the runner answers with one StateReply line on stdin before it reads on;
 the run's answer line still ends the request. A state call carries the request's ``run``, so
@@ -206,19 +207,33 @@ class StateHandler(Protocol):
 
 READY = {"ready": True}
 READY_FOR_MANY = {"ready": True, "reuse": True}
+# What a worker that says ``"marks": true`` writes on stderr before each answer, after the
+# request's prints: the runner keeps a request's output up to it (docs/protocol.md §7.1, item 4).
+# A bundle that prints it ends its own output early, nothing more; the runner strips it.
+OUTPUT_MARK = b"\x1eatrun:end-of-output\x1e"
 
 
-def parse_ready(line: bytes) -> bool | None:
+@dataclass(frozen=True)
+class Ready:
+    """What a ready line says: the worker serves several requests; it marks each one's output end."""
+
+    reuse: bool = False
+    marks: bool = False
+
+
+def parse_ready(line: bytes) -> Ready | None:
     """None if ``line`` is not a ready line: the JSON object ``{"ready": true}``, optionally with
-    ``"reuse"`` a boolean and nothing else. Else whether the worker serves several requests."""
+    ``"reuse"`` and ``"marks"`` booleans and nothing else."""
     try:
         value = bounds.loads(line, "the ready line")
     except bounds.Malformed:
         return None
-    if not isinstance(value, dict) or value.get("ready") is not True or not set(value) <= {"ready", "reuse"}:
+    if not isinstance(value, dict) or value.get("ready") is not True or not set(value) <= {"ready", "reuse", "marks"}:
         return None
-    reuse = value.get("reuse", False)
-    return reuse if type(reuse) is bool else None
+    flags = {name: value.get(name, False) for name in ("reuse", "marks")}
+    if any(type(flag) is not bool for flag in flags.values()):
+        return None
+    return Ready(**flags)
 
 
 def _where(loc: tuple) -> str:

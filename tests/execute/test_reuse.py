@@ -18,7 +18,7 @@ import pytest
 from conftest import ISOLATIONS, executor_settings, require_isolation
 
 from atrund.execute import ExecRequest, create_executor
-from atrund.execute.protocol import ExecPermissions
+from atrund.execute.protocol import OUTPUT_MARK, ExecPermissions, Ready, parse_ready
 
 PROBE = Path(__file__).resolve().parents[1] / "hostile" / "python" / "reuse.py"
 UID_BASE = 962_000  # this suite's own sandbox uids
@@ -266,6 +266,28 @@ async def test_js_timers_end_with_the_request_that_started_them(isolation, pool,
         assert after["token"] == left["token"]
 
 
+async def test_a_forged_end_of_output_mark_only_cuts_the_bundles_own_output(isolation, pool):
+    """A bundle that prints the end-of-output mark itself ends its own output early at most:
+    the mark never shows, the answer is its own, and the next request's output is its own."""
+    executor = pool()
+    forged = await executor.execute(probe("forge_mark"), "python")
+    assert forged.success, forged.error
+    assert forged.output is not None and forged.output.startswith("before") and "\x1e" not in forged.output
+    said = await executor.execute(probe("say", word="next"), "python")
+    assert said.output == "next\nnext!"
+
+
+async def test_a_bundle_that_closes_stderr_still_answers_at_once(isolation, pool):
+    """With fd 2 closed at-run-exec cannot write the mark: the runner waits for it a moment
+    (MARK_WAIT), then answers with what came, never the whole deadline."""
+    executor = pool()
+    began = time.monotonic()
+    r = await executor.execute(probe("mute", word="quiet"), "python")
+    assert r.success, r.error
+    assert time.monotonic() - began < 5
+    assert r.output == "quiet"
+
+
 @pytest.mark.vm
 async def test_each_requests_output_is_its_own(isolation, pool, js):
     """What a request printed (stdout and stderr, in order) comes back with its answer as
@@ -284,3 +306,20 @@ async def test_each_requests_output_is_its_own(isolation, pool, js):
         assert [a.output for a in answers] == [f"{w}\n{w}!" for w in words], runtime
         if reuses(isolation):
             assert len({a.data["token"] for a in answers}) == 1, runtime  # one worker served them all
+
+
+def test_a_ready_line_says_reuse_and_marks_as_booleans_and_nothing_else():
+    assert parse_ready(b'{"ready":true}\n') == Ready()
+    assert parse_ready(b'{"ready":true,"reuse":true,"marks":true}\n') == Ready(reuse=True, marks=True)
+    for line in (b'{"ready":true,"marks":1}', b'{"ready":true,"reuse":"yes"}', b'{"ready":true,"more":true}',
+                 b'{"ready":false}', b"ready"):
+        assert parse_ready(line) is None, line
+
+
+def test_every_runtime_writes_the_runners_end_of_output_mark():
+    """The mark is written by each at-run-exec (stdlib-only programs that cannot import atrund)."""
+    runtimes = Path(__file__).resolve().parents[2] / "nix" / "runtimes"
+    for program in sorted(runtimes.glob("*/at-run-exec")):
+        text = program.read_text()
+        assert f'OUTPUT_MARK = b"{repr(OUTPUT_MARK)[2:-1]}"' in text, program
+        assert '"marks"' in text or "marks" in text, program

@@ -9,7 +9,9 @@ tests, tests/execute/test_reuse.py). Each endpoint is one probe or one attack:
 - burn: spend CPU for ``ms`` milliseconds; spin: spend CPU forever;
 - allocate: hold ``mb`` MiB more in a global;
 - poison: break ``json.dumps``, which at-run-exec itself writes its answers with;
-- say: print ``word`` on stdout and stderr (each request's output is its own).
+- say: print ``word`` on stdout and stderr (each request's output is its own);
+- forge_mark: print the end-of-output mark itself, between two words;
+- mute: close fd 2 (so at-run-exec cannot write the mark), then print ``word`` on stdout.
 """
 import os
 import sys
@@ -31,6 +33,19 @@ def whoami(args):
 def say(args):
     print(args["word"])
     print(args["word"] + "!", file=sys.stderr)
+    return whoami(args)
+
+
+def forge_mark(args):
+    print("before", flush=True)
+    os.write(2, b"\x1eatrun:end-of-output\x1e")
+    print("after", flush=True)
+    return whoami(args)
+
+
+def mute(args):
+    os.close(2)
+    print(args["word"], flush=True)  # fd 1 still points at the stderr pipe
     return whoami(args)
 
 
