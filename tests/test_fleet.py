@@ -2,8 +2,9 @@
 it), each an App serving in this event loop with its own state.dir and gateway. An access edit
 made with one replica's configuration reaches both; a service-auth token used on one is refused
 by the other; the gateway's rate is shared out between the live gateways; concurrent runs of
-one bundle on both keep its state serialisable (50 increments end at 50); each replica's /metrics
-says who it is, whether it leads ingest, its lease, its claim lag and Postgres's round trip.
+one bundle on both keep its state serialisable (50 increments end at 50), and a run that lost its
+namespace's lock commits nothing; each replica's /metrics says who it is, whether it leads
+ingest, its lease, its claim lag and Postgres's round trip.
 
 (Killed replicas, leadership and roles, with real `atrund serve` processes: test_replicas.py.)
 """
@@ -15,6 +16,7 @@ import re
 import time
 
 import aiohttp
+import psycopg
 import pytest
 from conftest import atrund, serve_config, wait_result
 from test_bundle_state import COUNTER, state_of
@@ -73,7 +75,7 @@ async def test_an_access_edit_made_with_one_replicas_configuration_reaches_both(
                  "the deny on both replicas", timeout=3.0)
 
 
-async def test_a_token_used_on_one_replica_is_refused_by_the_other(two_replicas, author):
+async def test_a_token_used_on_one_replica_is_refused_by_the_other(two_replicas, author, pg_url):
     a, b = await two_replicas(access={"allowlist": [author.account.did]})
     bundle = await author.publish(BUNDLE)
     body = {"bundle": bundle, "endpoint": "main", "args": {"name": "ada"}}
@@ -86,6 +88,10 @@ async def test_a_token_used_on_one_replica_is_refused_by_the_other(two_replicas,
     assert status == 401 and "already used" in out["message"], "and on the first replica again"
     status, out = await invoke(b.app.gateway.url, await token(author, a.did), body)
     assert status == 200, "a new token is served by either"
+    with psycopg.connect(pg_url, autocommit=True) as db:  # the fleet's memory of tokens breaks
+        db.execute("ALTER TABLE used_tokens RENAME TO used_tokens_gone")
+    status, out = await invoke(a.app.gateway.url, await token(author, a.did), body)
+    assert status == 503 and out["error"] == "StoreUnavailable", "a token whose single use cannot be checked is refused"
 
 
 async def test_the_gateway_rate_is_shared_out_between_live_gateways(two_replicas, author):
@@ -180,3 +186,30 @@ async def test_each_replica_reports_itself_on_metrics_and_healthz(two_replicas, 
             ages.add(_metric((await scrape(a))[0], "atrund_replica_lease_age_seconds"))
             await asyncio.sleep(0.5)
         assert len(ages) > 2 and max(ages) <= 2 * HEARTBEAT
+
+
+SLOW_SET = '''
+import time
+
+def slow_set(args, ctx):
+    ctx.state.set("n", 7)
+    time.sleep(2)
+    return 7
+'''
+
+
+async def test_a_run_whose_namespace_lock_was_taken_commits_nothing(two_replicas, author, reader, pg_url):
+    """The commit's version check: the lock row of a running invocation is taken by another
+    holder (as when its replica is presumed dead, or it held the lock past its bound); the run
+    ends as an error that says so, and nothing it wrote is kept."""
+    a, b = await two_replicas(access={"allowlist": [author.account.did]})
+    bundle = await author.publish(SLOW_SET)
+    uri = await author.invoke(bundle, a.did, "slow_set")
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        def locked() -> bool:
+            return db.execute("UPDATE bundle_state_locks SET holder = 'another run'").rowcount == 1
+
+        await _until(locked, "the run holding its namespace's lock", timeout=30)
+    result = await wait_result(reader, a.did, uri)
+    assert result["status"] == "error" and "locked by another run" in result["error"], result
+    assert state_of(a, bundle) == {}
