@@ -10,8 +10,9 @@
 
 Gateway callers are anonymous web clients; the *author* must pass the access policy. Each
 bundle has a token bucket (rate_per_minute, burst; replicas each take a share: RateLimiter).
-A run that printed something or failed gets a request id (``Atrun-Request-Id``; ``requestId`` in a failure's body) under which its author can
-read the output and the bundle's own error with ``atrund logs``, which anonymous callers never see. A request takes one of the executor's
+A run that printed something or failed gets a request id (``Atrun-Request-Id``; ``requestId``
+in a failure's body) under which its author can read the output and the bundle's own error with
+``atrund logs``, which anonymous callers never see. A request takes one of the executor's
 slots like any invocation. Both bundle routes run through the pipeline (atrund.pipeline), which
 the gateway is handed with the few components it needs. Every error is JSON naming what went
 wrong (``{"error", "message"}``) and never carries a trace of the runner; ``http_error`` is the
