@@ -5,8 +5,11 @@ modes the listed DIDs plus the ``trusted`` set read from the AT graph (atrund.tr
 mode everyone not blocked, open mode everyone. A denied author gets no result record (the
 runner must not become an amplifier), only a log line and a count.
 
-The lists are the configuration's plus the policy file's (``PolicyFile``), which
-``atrund access allow|deny`` edits while the daemon runs.
+The lists are the configuration's plus the operator's live edits, which ``atrund access
+allow|deny`` makes while the daemon runs: in the policy file next to a SQLite state
+(``PolicyFile``), or, when replicas share a Postgres ``[state] url``, in that database
+(``StoredPolicy``), so that an edit made with any replica's configuration reaches them all.
+Both are read the same way (``stamp`` to see a change, ``read`` for the entries): atrund.trust.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from atrund.errors import PolicyFileError
 
@@ -76,6 +80,7 @@ class PolicyFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.where = str(path)
 
     def stamp(self) -> tuple[int, int, int] | None:
         return file_stamp(self.path)
@@ -136,6 +141,53 @@ class PolicyFile:
             new = PolicyEntries(old.allow - {did}, old.deny | {did})
             self._write(new)
         return new
+
+
+class PolicyRows(Protocol):
+    """Where a shared store keeps the policy's entries (atrund.pgstate: PgState, PolicyAt)."""
+
+    def policy_stamp(self) -> object: ...
+    def policy_entries(self) -> tuple[list[str], list[str]]: ...
+    def set_policy(self, did: str, verdict: str) -> None: ...
+
+
+class StoredPolicy:
+    """The operator's live edits in the database replicas share: the same entries as a
+    ``PolicyFile`` (``stamp``, ``read``, ``allow``, ``deny``), one verdict per DID, so every replica
+    sees an edit at its next check (atrund.trust: within a second). The store's faults are
+    StoreError."""
+
+    where = "the state database (state.url)"
+
+    def __init__(self, rows: PolicyRows) -> None:
+        self.rows = rows
+
+    def stamp(self) -> object:
+        return self.rows.policy_stamp()
+
+    def read(self) -> PolicyEntries:
+        allow, deny = self.rows.policy_entries()
+        return PolicyEntries(frozenset(allow), frozenset(deny))
+
+    def allow(self, did: str) -> PolicyEntries:
+        """Serve ``did`` (and lift a deny of it)."""
+        self.rows.set_policy(did, "allow")
+        return self.read()
+
+    def deny(self, did: str) -> PolicyEntries:
+        """Never serve ``did`` (and drop an allow of it)."""
+        self.rows.set_policy(did, "deny")
+        return self.read()
+
+
+def policy_at(path: Path, url: str | None) -> PolicyFile | StoredPolicy:
+    """Where operators' commands find the live edits: the policy file at ``path``, or with a
+    shared ``url`` that database (on a connection of the command's own)."""
+    if url is None:
+        return PolicyFile(path)
+    from atrund.pgstate import PolicyAt  # psycopg is loaded only where it is used
+
+    return StoredPolicy(PolicyAt(url))
 
 
 def effective(section, entries: PolicyEntries, trusted: frozenset[str] = frozenset()) -> AccessPolicy:

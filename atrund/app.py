@@ -25,7 +25,7 @@ import structlog
 
 from atrund import __version__
 from atrund import config as config_mod
-from atrund.access import AccessPolicy, PermissionPolicy, PolicyFile, file_stamp
+from atrund.access import AccessPolicy, PermissionPolicy, PolicyFile, StoredPolicy, file_stamp
 from atrund.atproto.identity import Identities
 from atrund.atproto.repos import Repos
 from atrund.atproto.serviceauth import ServiceAuth
@@ -61,6 +61,7 @@ from atrund.trust import LiveAccess, resolve_dids
 log = structlog.get_logger("atrund.app")
 
 CONFIG_CHECK_SECONDS = 1.0
+HOLD_MARGIN = 60  # seconds a bundle-state lock is held past the longest run at most (atrund.kv: a stalled commit)
 INGEST_LOOPS = ("poller", "firehose", "ticks", "triggers", "standing")  # with replicas, only the ingest leader runs them
 
 
@@ -70,7 +71,9 @@ def open_state(cfg: Config) -> Store:
     if cfg.state.url is not None:
         from atrund.pgstate import PgState  # psycopg is loaded only by runners that use it
 
-        return PgState(cfg.state.url, roles=cfg.runner.roles)
+        # the roles it really has: one with the gateway off does not take a share of its rate
+        roles = [role for role in cfg.runner.roles if role != "gateway" or cfg.gateway.enabled]
+        return PgState(cfg.state.url, roles=roles)
     return State(cfg.state.dir / "atrund.sqlite3")
 
 
@@ -89,11 +92,16 @@ class App:
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds,
                                      cfg.identity.cache_size, allow_private_addresses=cfg.identity.allow_private_addresses)
         self.repos = Repos(self.identities)
-        # Who is served: the configuration, the policy file `atrund access` edits, and (follows,
-        # list modes) the AT graph; kept current while the runner serves (atrund.trust).
-        self.policy = LiveAccess(cfg.access, PolicyFile(cfg.access_file), self.repos)
         private_dir(cfg.state.dir)
         self.state = open_state(cfg)
+        # Who is served: the configuration, the live edits `atrund access` makes (the policy file
+        # beside SQLite; with replicas, the database they share), and (follows, list modes) the AT
+        # graph; kept current while the runner serves (atrund.trust).
+        edits = StoredPolicy(self.state) if self.state.shared else PolicyFile(cfg.access_file)
+        if self.state.shared and cfg.access_file.exists():
+            log.warning("access policy file not read: with state.url the live edits are in the database, for every "
+                        "replica; apply its entries with `atrund access allow|deny`", file=str(cfg.access_file))
+        self.policy = LiveAccess(cfg.access, edits, self.repos)
         self.quarantine = Quarantine(cfg.state.dir / "quarantine.sqlite3")
         self.problems = Health()
         self.supervisor = Supervisor(self.problems)
@@ -133,7 +141,7 @@ class App:
             self._authors = await resolve_dids(self.repos, r.pds, "ingest.authors", cfg.ingest.authors)
         self.policy.on_change = self._access_changed
         self.pipeline = Pipeline(self.executor, self.bundles, self.grants, self.keyring, e, session.did,
-                                 kv=BundleState(self.state, cfg.bundle_state))
+                                 kv=BundleState(self.state, cfg.bundle_state, hold=e.max_timeout + HOLD_MARGIN))
         self.logbook = LogBook(self.state, cfg.logs)
         self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits,
                          self.logbook)
@@ -162,9 +170,12 @@ class App:
                              self.ticks, self.triggers)
         gateway_url = None
         if cfg.gateway.enabled and "gateway" in r.roles:
-            auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds)
+            # Single-use tokens: one runner remembers them in memory; replicas in the store they share.
+            auth = ServiceAuth(self.identities, session.did, cfg.gateway.token_leeway_seconds,
+                               tokens=self.state if self.state.shared else None)
             self.gateway = Gateway(cfg.gateway, self.pipeline, self.scheduler, self.policy, self.identities, self.repos, auth,
-                                   session, self.meters, self.status.health, r.shutdown_grace, self.logbook)
+                                   session, self.meters, self.status.health, r.shutdown_grace, self.logbook,
+                                   share=functools.partial(self.state.replicas_with, "gateway"))
             try:
                 gateway_url = await self.gateway.start()
             except OSError as e:  # the port is taken, or not ours to bind: one line, not a traceback

@@ -113,7 +113,8 @@ class AccessSection(Section):
     operator: str | None = Field(default=None, description="follows mode: DID whose follows are served; default: the runner account")
     list_uri: str | None = Field(default=None, description="list mode: AT URI of an app.bsky.graph.list whose members are served")
     refresh_interval: float = Field(default=300.0, ge=1, description="seconds between re-reads of the follows or the list")
-    policy_file: Path | None = Field(default=None, description="what `atrund access allow|deny` edits; default: state.dir/access.json")
+    policy_file: Path | None = Field(default=None, description="what `atrund access allow|deny` edits; default: state.dir/access.json "
+                                     "(with state.url: the database, for every replica)")
 
     @model_validator(mode="after")
     def _dids(self) -> "AccessSection":
@@ -442,6 +443,9 @@ class Config(Section):
         if set(self.runner.roles) != {"ingest", "execute", "gateway"} and self.state.url is None:
             raise ValueError("runner.roles: a replica of fewer roles needs a shared state.url (one SQLite runner does "
                              "everything)")
+        if self.access.policy_file is not None and self.state.url is not None:
+            raise ValueError("access.policy_file: with state.url, what `atrund access allow|deny` edits is kept in that "
+                             "database for every replica; remove access.policy_file")
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ the fix it names.
     ├── KeyFileError                     13  the runner's secrets key file is missing, unreadable or too open
     ├── StateLocked                      14  another atrund process uses this state directory
     ├── StoreError                       15  the state store failed (disk full, read-only, I/O error)
+    │   └── StateConflict                55  a run's bundle-state lock was taken from it: its writes are not kept
     ├── QuarantineError                  16  the quarantine file cannot be read or written
     ├── RemoteError                      20  a server answered with an error or not at all
     │   ├── NotFound                     21  the record or blob does not exist
@@ -90,6 +91,12 @@ class StateLocked(AtrundError, code=14, fix="stop the other runner, or give this
 
 class StoreError(AtrundError, code=15, fix="check the disk and the permissions of state.dir, or the database state.url names"):
     """The state store failed (disk full, read-only or immutable file, I/O error): worth retrying."""
+
+
+class StateConflict(StoreError, code=55, fix="run it again; nothing it wrote to its bundle's state was kept"):
+    """A run lost its bundle-state namespace lock before it committed (its replica was presumed
+    dead, or it held the lock past its bound): another run may have changed the namespace, so
+    this run's writes are refused. Not worth retrying as it is (atrund.kv)."""
 
 
 class QuarantineError(AtrundError, code=16, fix="check the file and the permissions of state.dir"):

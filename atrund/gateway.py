@@ -9,9 +9,10 @@
                                                    the bundle's handleRequest endpoint
 
 Gateway callers are anonymous web clients; the *author* must pass the access policy. Each
-bundle has a token bucket (rate_per_minute, burst). A run that printed something or failed gets
-a request id (``Atrun-Request-Id``; ``requestId`` in a failure's body) under which its author can
-read the output and the bundle's own error with ``atrund logs``, which anonymous callers never see. A request takes one of the executor's
+bundle has a token bucket (rate_per_minute, burst; replicas each take a share: RateLimiter).
+A run that printed something or failed gets a request id (``Atrun-Request-Id``; ``requestId``
+in a failure's body) under which its author can read the output and the bundle's own error with
+``atrund logs``, which anonymous callers never see. A request takes one of the executor's
 slots like any invocation. Both bundle routes run through the pipeline (atrund.pipeline), which
 the gateway is handed with the few components it needs. Every error is JSON naming what went
 wrong (``{"error", "message"}``) and never carries a trace of the runner; ``http_error`` is the
@@ -203,31 +204,40 @@ class _Bucket:
 
 
 class RateLimiter:
-    """A token bucket per key; ``take`` returns 0 if allowed, else seconds until it would be."""
+    """A token bucket per key; ``take`` returns 0 if allowed, else seconds until it would be.
 
-    def __init__(self, per_minute: float, burst: int) -> None:
-        self.rate = per_minute / 60.0
-        self.burst = float(burst)
+    ``share()``: how many gateways share the configured rate (replicas: the live ones with the
+    gateway role, from the heartbeats; one runner: 1). Each keeps its buckets in memory, with the
+    rate and the burst divided by it (a burst of at least 1), so the fleet as a whole serves a
+    bundle at most the configured rate when a balancer spreads requests evenly, without a round
+    trip to the database per request (docs/scaling.md)."""
+
+    def __init__(self, per_minute: float, burst: int, share: Callable[[], int] = lambda: 1) -> None:
+        self.per_second = per_minute / 60.0
+        self.full = float(burst)
+        self.share = share
         self.buckets: dict[Any, _Bucket] = {}
 
     def take(self, key: Any) -> float:
         now = time.monotonic()
+        n = self.share()
+        rate, burst = self.per_second / n, max(1.0, self.full / n)
         b = self.buckets.get(key)
         if b is None:
             if len(self.buckets) >= MAX_BUCKETS:  # keys come from the web: keep the table bounded
                 # Buckets that are full again carry no state; if that is not enough, keep the newest
                 # half (an evicted bundle starts again with a full burst; a scan every MAX/2 keys at most).
-                live = {k: v for k, v in self.buckets.items() if v.tokens + (now - v.at) * self.rate < self.burst}
+                live = {k: v for k, v in self.buckets.items() if v.tokens + (now - v.at) * rate < burst}
                 if len(live) >= MAX_BUCKETS // 2:
                     live = dict(sorted(live.items(), key=lambda kv: kv[1].at)[-(MAX_BUCKETS // 2):])
                 self.buckets = live
-            b = self.buckets[key] = _Bucket(self.burst, now)
-        b.tokens = min(self.burst, b.tokens + (now - b.at) * self.rate)
+            b = self.buckets[key] = _Bucket(burst, now)
+        b.tokens = min(burst, b.tokens + (now - b.at) * rate)
         b.at = now
         if b.tokens >= 1.0:
             b.tokens -= 1.0
             return 0.0
-        return (1.0 - b.tokens) / self.rate
+        return (1.0 - b.tokens) / rate
 
 
 def parse_state_query(query: Any) -> dict[str, Any]:
@@ -303,10 +313,12 @@ def response_headers(headers: dict[str, str]) -> tuple[CIMultiDict, list[str]]:
 class Gateway:
     def __init__(self, cfg: GatewaySection, pipeline: Pipeline, scheduler: Scheduler, policy: LiveAccess,
                  identities: Identities, repos: Repos, auth: ServiceAuth, session: Session, meters: Meters,
-                 health: Callable[[], dict[str, Any]], shutdown_grace: float, logbook: LogBook) -> None:
+                 health: Callable[[], dict[str, Any]], shutdown_grace: float, logbook: LogBook,
+                 share: Callable[[], int] = lambda: 1) -> None:
         """``session``: the runner's own, which writes XRPC results; handles resolve through its
         PDS. ``health``: the /healthz body. ``shutdown_grace``: how long requests in flight may
-        take to finish when the gateway closes."""
+        take to finish when the gateway closes. ``share``: how many gateways share the rate
+        (RateLimiter)."""
         self.cfg = cfg
         self.pipeline = pipeline
         self.scheduler = scheduler
@@ -319,7 +331,7 @@ class Gateway:
         self.health = health
         self.shutdown_grace = shutdown_grace
         self.logbook = logbook
-        self.limiter = RateLimiter(self.cfg.rate_per_minute, self.cfg.burst)
+        self.limiter = RateLimiter(self.cfg.rate_per_minute, self.cfg.burst, share)
         self._latest: dict[tuple[str, str], tuple[float, str]] = {}
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -542,6 +554,9 @@ class Gateway:
         except NotServed as e:
             self.meters.denied["xrpc"] += 1
             raise HttpError(403, "Forbidden", f"{e.did} is not served by this runner (access mode {self.policy.mode})") from None
+        except StoreError as e:  # replicas: the used tokens are in the shared store, which did not answer
+            raise HttpError(503, "StoreUnavailable", f"the runner cannot check the token's single use now: {e}",
+                            {"Retry-After": "5"}) from None
         return caller
 
     async def get_logs(self, request: web.Request, caller) -> web.Response:

@@ -16,6 +16,14 @@ are answered by its ``Session``:
   keeps it until its writes are committed (or dropped). Runs of one namespace that use state run
   their state-using parts one after another; runs that make no state call take no lock. With
   one lock per run there is no deadlock; a run waiting for the lock waits within its deadline;
+- across replicas (a Postgres state they share) the lock is the fleet's: after this runner's
+  own lock (which orders its runs without asking the store), a run takes the namespace's lock
+  row in the store (``Store.hold_namespace``; tried again every few milliseconds while another
+  replica's run holds it), and its commit checks that it still holds it and lets it go in the
+  same transaction: a run whose lock was taken meanwhile (its replica presumed dead, or held
+  past ``hold`` seconds) commits nothing (StateConflict). On SQLite the store has nothing to
+  take: one runner per file, and its own lock is the whole lock. The lock is not fair across
+  replicas: a run of another replica waits, within its deadline, for a free moment;
 - quotas (config ``[bundle_state]``): a call past one fails inside the bundle
   (StateQuotaExceeded), and the run then fails and commits nothing, whatever the bundle does
   with the error.
@@ -25,9 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
+
+import structlog
 
 from atrund.atproto.uri import AtUri
 from atrund.config import BundleStateSection
@@ -36,17 +47,23 @@ from atrund.execute.protocol import StateCall, StateReply
 from atrund.records import data_problem
 from atrund.state import BundleWrites, Store
 
+log = structlog.get_logger("atrund.kv")
+
 MAX_KEY_BYTES = 512
 DEFAULT_LIST = 100
 QUOTA = "StateQuotaExceeded"
+HOLD_RETRY = (0.002, 0.05)  # seconds between tries for a lock another replica holds: the first, the most
 
 
 class BundleState:
     """The runner's side of every bundle's state: namespace locks, quotas, sessions."""
 
-    def __init__(self, store: Store, quotas: BundleStateSection) -> None:
+    def __init__(self, store: Store, quotas: BundleStateSection, hold: float = 360.0) -> None:
+        """``hold``: seconds a run may hold a namespace's lock in a shared store at most (longer
+        than any run may last): past it, a lock left by a stalled run may be taken."""
         self.store = store
         self.quotas = quotas
+        self.hold = hold
         self._locks: dict[tuple[str, str], _Lock] = {}
 
     def session(self, bundle_uri: str) -> Session:
@@ -57,11 +74,13 @@ class BundleState:
     def commit_alone(self, session: Session) -> None:
         """Commit a gateway or XRPC run's writes in a transaction of their own, then release its
         lock (also when the store fails: StoreError passes through)."""
+        committed = False
         try:
             if (writes := session.writes()) is not None:
                 self.store.commit_bundle_state(writes)
+                committed = True
         finally:
-            session.release()
+            session.release(committed)
 
     def read(self, author: str, bundle: str, key: str | None = None, prefix: str = "", limit: int | None = DEFAULT_LIST,
              cursor: str | None = None) -> tuple[list[tuple[str, Any]], str | None]:
@@ -76,7 +95,9 @@ class BundleState:
         rows = rows[:limit] if limit is not None else rows
         return [(k, json.loads(v)) for k, v in rows], (rows[-1][0] if more else None)
 
-    async def _acquire(self, ns: tuple[str, str]) -> None:
+    async def _acquire(self, ns: tuple[str, str]) -> str:
+        """Take the namespace's lock: this runner's, then the store's; returns the run's token
+        (its ``holder`` in the store). Cancelled (its run's deadline), it holds neither."""
         lock = self._locks.get(ns)
         if lock is None:
             lock = self._locks[ns] = _Lock()
@@ -86,11 +107,30 @@ class BundleState:
         except BaseException:
             self._leave(ns, lock)
             raise
+        holder = secrets.token_hex(8)
+        try:
+            delay = HOLD_RETRY[0]
+            while not self.store.hold_namespace(*ns, holder, self.hold):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, HOLD_RETRY[1])
+        except BaseException:
+            self._release(ns, None)
+            raise
+        return holder
 
-    def _release(self, ns: tuple[str, str]) -> None:
-        lock = self._locks[ns]
-        lock.lock.release()
-        self._leave(ns, lock)
+    def _release(self, ns: tuple[str, str], holder: str | None) -> None:
+        """Let the namespace go: the store's lock (unless ``holder`` is None: a commit let it go
+        already, or it was never taken), then this runner's."""
+        try:
+            if holder is not None:
+                self.store.free_namespace(*ns, holder)
+        except StoreError as e:  # it is let go when its time is up, or its replica's lease
+            log.warning("a bundle-state lock could not be let go; it lapses by itself", author=ns[0], bundle=ns[1],
+                        error=str(e))
+        finally:
+            lock = self._locks[ns]
+            lock.lock.release()
+            self._leave(ns, lock)
 
     def _leave(self, ns: tuple[str, str], lock: _Lock) -> None:
         lock.users -= 1
@@ -123,19 +163,21 @@ class Session:
         self.failure: str | None = None  # a quota was passed: the run fails, nothing commits
         self.usage: tuple[int, int] | None = None  # (keys, bytes) as this run's writes leave them
         self.held = False  # holds the namespace's lock
+        self.holder: str | None = None  # this run's token in the store's lock
 
     def writes(self) -> BundleWrites | None:
         """What this run commits, if it wrote anything and passed no quota."""
         if not self.buffer or self.failure is not None:
             return None
-        return BundleWrites(self.author, self.bundle, dict(self.buffer))
+        return BundleWrites(self.author, self.bundle, dict(self.buffer), self.holder)
 
-    def release(self) -> None:
-        """Let the next run of this namespace go; the buffer is dropped. Idempotent."""
+    def release(self, committed: bool = False) -> None:
+        """Let the next run of this namespace go; the buffer is dropped. Idempotent.
+        ``committed``: the writes were committed, and the commit let the store's lock go."""
         self.buffer.clear()
         if self.held:
             self.held = False
-            self.owner._release((self.author, self.bundle))
+            self.owner._release((self.author, self.bundle), None if committed else self.holder)
 
     async def call(self, call: StateCall) -> StateReply:
         """Answer one state call of the run."""
@@ -146,7 +188,7 @@ class Session:
             if self.ops > self.owner.quotas.max_ops_per_run:
                 self._over(f"more than {self.owner.quotas.max_ops_per_run} state calls in one run (bundle_state.max_ops_per_run)")
             if not self.held:
-                await self.owner._acquire((self.author, self.bundle))
+                self.holder = await self.owner._acquire((self.author, self.bundle))
                 self.held = True
             return self._answer(call)
         except _Refused as e:

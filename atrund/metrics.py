@@ -8,7 +8,9 @@ scraped, through a collector, so there is one source of truth for each.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,8 @@ from atrund.records import unix_time
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CLAIM_WINDOW = 256  # the most recent claims the claim lag's median is taken over
+ROLES = ("ingest", "execute", "gateway")
 
 
 class Meters:
@@ -43,6 +47,10 @@ class Meters:
         self.auth_failures = Counter("atrund_xrpc_auth_failures", "XRPC calls refused for their service-auth token, by reason",
                                      ["reason"], registry=r)
         self.lag_seconds: float | None = None
+        self.claim_lag = Histogram("atrund_claim_lag_seconds", "From storing an invocation to claiming it to run (here)",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.last_claim_lag = Gauge("atrund_claim_lag_last_seconds", "Claim lag of the most recent claim", registry=r)
+        self._claim_lags: deque[float] = deque(maxlen=CLAIM_WINDOW)
 
     def watch(self, read: Callable[[], dict[str, Any]]) -> None:
         """Read live figures (queue, pool, record denials) from ``read`` at every scrape."""
@@ -65,6 +73,19 @@ class Meters:
             self.ingest_lag.observe(lag)
             self.last_ingest_lag.set(lag)
             self.lag_seconds = lag
+
+    def claimed(self, lag: float) -> None:
+        """An invocation stored ``lag`` seconds ago was claimed (pending -> running) here."""
+        lag = max(0.0, lag)
+        self.claim_lag.observe(lag)
+        self.last_claim_lag.set(lag)
+        self._claim_lags.append(lag)
+
+    def claim_lags(self) -> tuple[float | None, float | None]:
+        """The most recent claim lag and the median of the last CLAIM_WINDOW (None: no claim yet)."""
+        if not self._claim_lags:
+            return None, None
+        return self._claim_lags[-1], statistics.median(self._claim_lags)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -140,6 +161,9 @@ class _Live:
         yield restarts
         yield GaugeMetricFamily("atrund_state_store_failing", "1 while the state store answers with errors",
                                 value=1 if live.get("store_failing") else 0)
+        replica = live.get("replica")
+        if replica is not None:  # replicas sharing Postgres: the figures /healthz calls ``replica``
+            yield from _replica(replica)
         firehose = live.get("firehose")
         if firehose is not None:
             yield GaugeMetricFamily("atrund_firehose_connected", "1 while the firehose socket is open", value=int(firehose["connected"]))
@@ -172,3 +196,27 @@ class _Live:
                                       value=triggers["dropped"])
             yield GaugeMetricFamily("atrund_trigger_waiting", "Trigger firings waiting for their trigger's rate",
                                     value=triggers["waiting"])
+
+
+def _replica(r: dict[str, Any]):
+    """This replica's figures (atrund.pgstate.PgState.figures): who it is, its roles, whether it
+    leads ingest, its lease's age, one round trip to Postgres."""
+    info = GaugeMetricFamily("atrund_replica_info", "This replica of the runner (1), by its id", labels=["replica"])
+    info.add_metric([r["id"]], 1)
+    yield info
+    roles = GaugeMetricFamily("atrund_replica_role", "1 for each role this replica has", labels=["role"])
+    for role in ROLES:
+        roles.add_metric([role], int(role in r["roles"]))
+    yield roles
+    yield GaugeMetricFamily("atrund_replica_ingest_leader", "1 while this replica holds the fleet's ingest lock",
+                            value=int(bool(r["ingestLeader"])))
+    if r["leaseAgeSeconds"] is not None:
+        yield GaugeMetricFamily("atrund_replica_lease_age_seconds", "Seconds since this replica's last heartbeat "
+                                "(others take over its work past the lease)", value=r["leaseAgeSeconds"])
+    yield GaugeMetricFamily("atrund_replica_lease_seconds", "Heartbeat silence after which a replica is presumed dead",
+                            value=r["leaseSeconds"])
+    yield GaugeMetricFamily("atrund_replica_postgres_up", "1 if Postgres answered this scrape's round trip",
+                            value=int(r["postgresRoundTripMs"] is not None))
+    if r["postgresRoundTripMs"] is not None:
+        yield GaugeMetricFamily("atrund_replica_postgres_round_trip_seconds", "One SELECT 1 to Postgres, at this scrape",
+                                value=r["postgresRoundTripMs"] / 1000)

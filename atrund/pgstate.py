@@ -49,8 +49,8 @@ import time
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from atrund.errors import StoreError
-from atrund.state import Outgoing, State, Stored, translated
+from atrund.errors import StateConflict, StoreError
+from atrund.state import BundleWrites, Outgoing, State, Stored, translated
 
 # Advisory lock keys (pg_advisory_lock(int, int)): one class for atrund, one key per purpose.
 LOCK_CLASS = 0x61747275  # "atru"
@@ -165,6 +165,34 @@ CREATE TABLE bundle_state (
     PRIMARY KEY (author, bundle, key)
 );
 """),
+    (6, "what replicas share: the access policy, used XRPC tokens, bundle-state namespace locks", """
+-- `atrund access allow|deny` (atrund.access.StoredPolicy): one verdict per DID; ``seq`` moves at
+-- every edit, so a replica sees a change by reading max(seq) (its once-a-second check).
+CREATE SEQUENCE access_policy_seq;
+CREATE TABLE access_policy (
+    did     TEXT PRIMARY KEY,
+    verdict TEXT NOT NULL CHECK (verdict IN ('allow', 'deny')),
+    seq     BIGINT NOT NULL DEFAULT nextval('access_policy_seq')
+);
+-- Single-use service-auth tokens (atrund.atproto.serviceauth): a jti is refused once it is here,
+-- whichever replica it was used on; a row goes once its token has expired.
+CREATE TABLE used_tokens (
+    jti     TEXT PRIMARY KEY,
+    expires DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX used_tokens_expires ON used_tokens(expires);
+-- A bundle-state namespace's lock (atrund.kv), held by one run of the fleet: ``holder`` is that
+-- run's token, checked (and the row deleted) in the transaction that commits its writes. A lock
+-- whose replica is dead, or held past ``until``, may be taken by another run.
+CREATE TABLE bundle_state_locks (
+    author  TEXT NOT NULL,
+    bundle  TEXT NOT NULL,
+    holder  TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    until   TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (author, bundle)
+);
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 ROLES = ("ingest", "execute", "gateway")
@@ -173,6 +201,8 @@ LEAD_CHECK = 1.0  # seconds between a standby's tries to take ingest leadership 
 LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migration 3's)
 HEARTBEAT = 2.0  # seconds between heartbeats (and looks for what a dead replica left)
 OUTBOX_CLAIM = 30.0  # seconds a replica holds due results while it writes them
+TOKEN_PRUNE = 30.0  # seconds between deletions of expired used tokens (per replica)
+CLOCK_MARGIN = 60.0  # seconds a used token is kept past its last acceptable moment: replicas' clocks differ a little
 
 
 def where(url: str) -> str:
@@ -248,6 +278,60 @@ def fleet_of(url: str) -> dict:
         raise StoreError(f"cannot read the fleet from the {where(url)}: {type(e).__name__}: {e}") from e
 
 
+# -- the access policy (migration 6): what `atrund access` edits, one verdict per DID ----------
+
+def policy_stamp(db: psycopg.Connection) -> int:
+    """What changes at every edit of the policy (the largest ``seq``): a replica re-reads the
+    entries only when it moved."""
+    return db.execute("SELECT coalesce(max(seq), 0) FROM access_policy").fetchone()[0]
+
+
+def policy_entries(db: psycopg.Connection) -> tuple[list[str], list[str]]:
+    """The allowed DIDs and the denied DIDs."""
+    rows = db.execute("SELECT did, verdict FROM access_policy ORDER BY did").fetchall()
+    return [did for did, verdict in rows if verdict == "allow"], [did for did, verdict in rows if verdict == "deny"]
+
+
+def set_policy(db: psycopg.Connection, did: str, verdict: str) -> None:
+    """``did`` is allowed or denied from now on (in place of its earlier verdict)."""
+    db.execute("INSERT INTO access_policy(did, verdict) VALUES (%s, %s) "
+               "ON CONFLICT (did) DO UPDATE SET verdict = excluded.verdict, seq = excluded.seq", (did, verdict))
+
+
+class PolicyAt:
+    """The access policy in the database at ``url``, for operators' commands (`atrund access
+    allow|deny|list`, `check-config`): a connection of its own per call, which joins no fleet.
+    An edit first brings the database up to date, as ``serve`` does; a read of a database that
+    has no policy yet (not migrated) finds no entries. psycopg's errors become StoreError naming
+    the database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def policy_stamp(self) -> int:
+        return self._read(policy_stamp, 0)
+
+    def policy_entries(self) -> tuple[list[str], list[str]]:
+        return self._read(policy_entries, ([], []))
+
+    def _read(self, fn, empty):
+        try:
+            with connect(self.url) as db:
+                return fn(db)
+        except psycopg.errors.UndefinedTable:  # not migrated yet: no policy entries
+            return empty
+        except psycopg.Error as e:
+            raise StoreError(f"cannot read the access policy in the {where(self.url)}: {type(e).__name__}: {e}") from e
+
+    def set_policy(self, did: str, verdict: str) -> None:
+        try:
+            with connect(self.url) as db:
+                migrate(db)
+                set_policy(db, did, verdict)
+        except psycopg.Error as e:
+            raise StoreError(f"cannot change the access policy in the {where(self.url)}: {type(e).__name__}: {e}") from e
+
+
 class _Connection:
     """A psycopg connection that takes State's statements as written: ``?`` becomes ``%s`` (no
     statement of State holds a literal ``?`` or ``%``)."""
@@ -288,6 +372,9 @@ class PgState(State):
         self._leading = False
         self._beaten: float | None = None  # time.monotonic() of the last heartbeat
         self._listen: psycopg.AsyncConnection | None = None  # LISTEN atrund_work (``wait_for_work``)
+        self._live: dict[str, int] = {}  # live replicas per role, this one included, as of the last heartbeat
+        self._tokens_since = 0.0  # when the fleet began to remember used tokens (migration 6 applied)
+        self._tokens_pruned = 0.0
         try:
             self._open()
         except psycopg.Error as e:
@@ -299,6 +386,8 @@ class PgState(State):
         self._db = _Connection(connect(self.url))
         try:
             migrate(self._db.raw)
+            self._tokens_since = float(self._db.execute(
+                "SELECT extract(epoch FROM applied_at) FROM schema_migrations WHERE version = 6").fetchone()[0])
             self._db.execute("SELECT set_config('atrund.replica', ?, false)", (self.replica,))
             self._beat()
         except BaseException:
@@ -354,9 +443,21 @@ class PgState(State):
 
     @translated
     def heartbeat(self) -> None:
-        """This replica is alive (every HEARTBEAT seconds; Postgres's clock, not ours)."""
+        """This replica is alive (every HEARTBEAT seconds; Postgres's clock, not ours); and how
+        many replicas of each role are (``replicas_with``)."""
         self._beat()
         self._beaten = time.monotonic()
+        live: dict[str, int] = {}
+        for (roles,) in self.db.execute("SELECT roles FROM replicas WHERE heartbeat_at > clock_timestamp() - "
+                                        "make_interval(secs => ?)", (self.lease,)):
+            for role in roles.split(","):
+                live[role] = live.get(role, 0) + 1
+        self._live = live
+
+    def replicas_with(self, role: str) -> int:
+        """Live replicas with ``role``, as of the last heartbeat (at least 1: this one). No round
+        trip: the gateway asks at every request (its per-replica share of the rate)."""
+        return max(1, self._live.get(role, 0))
 
     def figures(self) -> dict:
         """/healthz's ``replica``: who this is, whether it leads ingest, how fresh its lease is,
@@ -446,6 +547,68 @@ class PgState(State):
                 await self._listen.close()
             self._listen = None
             await asyncio.sleep(timeout)
+
+    # -- what replicas share (migration 6) ------------------------------------------------
+
+    @translated
+    def policy_stamp(self) -> int:
+        return policy_stamp(self.db.raw)
+
+    @translated
+    def policy_entries(self) -> tuple[list[str], list[str]]:
+        return policy_entries(self.db.raw)
+
+    @translated
+    def set_policy(self, did: str, verdict: str) -> None:
+        set_policy(self.db.raw, did, verdict)
+
+    def tokens_since(self) -> float:
+        """Tokens issued before this may have been used where the fleet did not remember them
+        (before migration 6): they are refused."""
+        return self._tokens_since
+
+    @translated
+    def use_token(self, jti: str, until: float) -> bool:
+        """Use a single-use token's ``jti`` (acceptable until ``until``); False if any replica used
+        it before. Rows past their time (and CLOCK_MARGIN) are deleted every TOKEN_PRUNE seconds."""
+        now = time.time()
+        if now - self._tokens_pruned > TOKEN_PRUNE:
+            self._tokens_pruned = now
+            self.db.execute("DELETE FROM used_tokens WHERE expires < ?", (now - CLOCK_MARGIN,))
+        cur = self.db.execute("INSERT INTO used_tokens(jti, expires) VALUES (?, ?) ON CONFLICT (jti) DO NOTHING", (jti, until))
+        return cur.rowcount == 1
+
+    @translated
+    def hold_namespace(self, author: str, bundle: str, holder: str, seconds: float) -> bool:
+        """Take a bundle-state namespace's lock for the run ``holder`` names, for at most
+        ``seconds``; False if another run of the fleet holds it (its replica alive, its time not
+        up). The caller tries again while its run may wait (atrund.kv)."""
+        cur = self.db.execute(
+            "INSERT INTO bundle_state_locks(author, bundle, holder, replica, until) "
+            "VALUES (?, ?, ?, ?, clock_timestamp() + make_interval(secs => ?)) "
+            "ON CONFLICT (author, bundle) DO UPDATE SET holder = excluded.holder, replica = excluded.replica, "
+            "until = excluded.until WHERE bundle_state_locks.until < clock_timestamp() OR NOT EXISTS (SELECT 1 "
+            "FROM replicas r WHERE r.id = bundle_state_locks.replica AND r.heartbeat_at > clock_timestamp() - "
+            "make_interval(secs => ?))", (author, bundle, holder, self.replica, seconds, self.lease))
+        return cur.rowcount == 1
+
+    @translated
+    def free_namespace(self, author: str, bundle: str, holder: str) -> None:
+        """Let the lock go, if ``holder`` still holds it (a run that commits nothing)."""
+        self.db.execute("DELETE FROM bundle_state_locks WHERE author = ? AND bundle = ? AND holder = ?", (author, bundle, holder))
+
+    def _apply(self, writes: BundleWrites) -> None:
+        """The version check: writes commit only if their run still holds the namespace's lock,
+        which goes in the same transaction. A run whose lock was taken (its replica presumed dead,
+        or past its time) may have read what another run has changed since: StateConflict, and
+        nothing of the transaction commits."""
+        if writes.holder is not None:
+            cur = self.db.execute("DELETE FROM bundle_state_locks WHERE author = ? AND bundle = ? AND holder = ?",
+                                  (writes.author, writes.bundle, writes.holder))
+            if cur.rowcount != 1:
+                raise StateConflict(f"the state of bundle {writes.bundle} of {writes.author} was locked by another run "
+                                    "before this one committed; its writes are not kept")
+        super()._apply(writes)
 
     @translated
     def state_usage(self, author: str, bundle: str) -> tuple[int, int]:

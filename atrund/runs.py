@@ -29,7 +29,7 @@ from atrund.access import AccessPolicy
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri, authority
 from atrund.config import LimitsSection
-from atrund.errors import AtrundError, NotFound
+from atrund.errors import AtrundError, NotFound, StateConflict
 from atrund.kv import Session
 from atrund.logbook import LogBook
 from atrund.metrics import Meters
@@ -61,8 +61,8 @@ class Runs:
         self.scheduler = Scheduler(self._guarded, self._reject_backlog, concurrency, limits.per_author_concurrency,
                                    limits.per_author_per_minute, limits.per_author_burst, limits.per_author_backlog,
                                    check=self.still_posted)
-        # Outcomes the state store could not take yet: (uri, status, result record, state writes).
-        self.held: list[tuple[str, str, dict[str, Any] | None, Session | None]] = []
+        # Outcomes the state store could not take yet: (invocation, status, result record, state writes).
+        self.held: list[tuple[Stored, str, dict[str, Any] | None, Session | None]] = []
         self._held_wake = asyncio.Event()
         self.denied = 0  # access withdrawn while they waited (ingest counts the ones denied on arrival)
         self.queued: set[str] = set()  # a shared store: the assigned invocations this replica's scheduler holds
@@ -133,7 +133,7 @@ class Runs:
             self.interrupt_running()
         if self.held:
             log.error("outcomes not recorded: the state store still fails; these invocations will read as interrupted",
-                      count=len(self.held), uris=[uri for uri, *_ in self.held][:20])
+                      count=len(self.held), uris=[inv.uri for inv, *_ in self.held][:20])
             for *_, session in self.held:
                 if session is not None:
                     session.release()
@@ -141,7 +141,7 @@ class Runs:
     def interrupt_running(self) -> None:
         """The shutdown deadline passed: every invocation still marked running (and not held,
         finished) gets its interrupted result now rather than at the next start."""
-        held = {uri for uri, *_ in self.held}
+        held = {inv.uri for inv, *_ in self.held}
         try:
             running = [inv for inv in self.state.with_state("running") if inv.uri not in held
                        and (inv.uri in self.queued or not self.state.shared)]  # replicas: only this one's
@@ -190,7 +190,7 @@ class Runs:
         self.meters.ingested(stored.value.get("createdAt") if isinstance(stored.value, dict) else None, stored.seen_at)
         try:
             out = await self.pipeline.invocation(stored.value, author=stored.author, queued_since=stored.seen_at,
-                                                 claim=lambda: self.state.mark_running(uri))
+                                                 claim=lambda: self._claim(stored))
             if out is not None:  # None: not claimed (it is not pending any more)
                 self._finish(stored, out)
         except StoreError as e:  # it could not be claimed: nothing started; it stays pending
@@ -198,6 +198,14 @@ class Runs:
         except Exception as e:  # a bug of ours must still end in a result, not a silent loss
             log.exception("internal error while handling an invocation", uri=uri)
             self._finish(stored, outcome_of(e))
+
+    def _claim(self, stored: Stored) -> bool:
+        """Claim it to run (pending -> running, committed): False if it is not pending any more.
+        The time it waited since it was stored is the claim lag (/metrics, /healthz)."""
+        claimed = self.state.mark_running(stored.uri)
+        if claimed:
+            self.meters.claimed(time.time() - stored.seen_at)
+        return claimed
 
     def _store_later(self, uri: str, e: StoreError) -> None:
         """The store failed before the invocation started: it stays pending (in the store, if the
@@ -291,7 +299,7 @@ class Runs:
         keep = wanted == "all" or (wanted == "errors" and result.status != "success")
         if result.status != "success":
             out.release_state()  # build() refused the answer: nothing of the run commits
-        self.held.append((inv.uri, result.status, result.to_record() if keep else None, out.state))
+        self.held.append((inv, result.status, result.to_record() if keep else None, out.state))
         out.state = None  # the held entry owns it now
         self.store_held()
 
@@ -300,17 +308,27 @@ class Runs:
         the store cannot take stays held, and the held-outcomes loop tries again: a finished run is
         never relabelled "interrupted" because the store failed for a while."""
         while self.held:
-            uri, status, record, session = self.held[0]
+            inv, status, record, session = self.held[0]
             try:
-                self.state.finish(uri, status, result_rkey(uri), record, session.writes() if session else None)
+                done = self.state.finish(inv.uri, status, result_rkey(inv.uri), record, session.writes() if session else None)
+            except StateConflict as e:
+                # Replicas: its bundle-state lock was taken before it committed (atrund.kv), so its
+                # answer may rest on state another run has changed: it ends as an error instead.
+                self.held.pop(0)
+                if session is not None:
+                    session.release()
+                log.error("outcome not recorded: its bundle-state lock was lost; recorded as an error", uri=inv.uri,
+                          error=str(e))
+                self._finish(inv, Outcome("error", error=str(e), error_type="StateConflict"))
+                return
             except StoreError as e:
-                log.warning("outcome held: the state store failed; it is recorded once the store answers", uri=uri,
+                log.warning("outcome held: the state store failed; it is recorded once the store answers", uri=inv.uri,
                             error=str(e), held=len(self.held))
                 self._held_wake.set()
                 return
             self.held.pop(0)
             if session is not None:
-                session.release()
+                session.release(committed=done)
             self.writer.wake()
 
     async def record_held(self) -> None:

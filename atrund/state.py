@@ -148,7 +148,7 @@ def translated(method):
 
 
 READS = {"take_over", "cursor", "with_state", "pending", "status_of", "counts", "due", "next_due_in", "outbox_figures",
-         "inactive_accounts", "standing", "logs", "state_value", "state_keys", "state_usage"}
+         "inactive_accounts", "standing", "logs", "state_value", "state_keys", "state_usage", "policy_stamp", "policy_entries"}
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,7 @@ class BundleWrites:
     author: str
     bundle: str
     items: dict[str, str | None]
+    holder: str | None = None  # the run's hold on the namespace, checked at commit where replicas share it (pgstate)
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,9 @@ class Store(Protocol):
     def state_usage(self, author: str, bundle: str) -> tuple[int, int]: ...
     def commit_bundle_state(self, writes: BundleWrites) -> None: ...
     def drop_bundle_state(self, author: str, bundle: str, keys: list[str] | None = None) -> int: ...
+    def hold_namespace(self, author: str, bundle: str, holder: str, seconds: float) -> bool: ...
+    def free_namespace(self, author: str, bundle: str, holder: str) -> None: ...
+    def replicas_with(self, role: str) -> int: ...
 
 
 class State:
@@ -317,6 +321,18 @@ class State:
 
     async def wait_for_work(self, timeout: float) -> None:
         await asyncio.sleep(timeout)
+
+    def replicas_with(self, role: str) -> int:
+        """This runner is the only one with any role (the gateway's rate is all its own)."""
+        return 1
+
+    def hold_namespace(self, author: str, bundle: str, holder: str, seconds: float) -> bool:
+        """Nothing to hold in the store: one runner per file, and its own lock (atrund.kv) is the
+        whole of a namespace's lock."""
+        return True
+
+    def free_namespace(self, author: str, bundle: str, holder: str) -> None:
+        """Nothing was held in the store (``hold_namespace``)."""
 
     @translated
     def take_over(self) -> tuple[list[Stored], list[Stored]]:

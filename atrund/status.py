@@ -62,8 +62,18 @@ class Status:
                      "latencyP50Ms": pool.latency_p50_ms, "latencyP95Ms": pool.latency_p95_ms},
             "schedules": self.ticks.figures() if self.ticks else None,
             "triggers": self.triggers.figures() if self.triggers else None,
-            "replica": self.state.figures() if self.state.shared else None,  # replicas sharing Postgres
+            "replica": self.replica(),  # replicas sharing Postgres
         }
+
+    def replica(self) -> dict[str, Any] | None:
+        """/healthz's ``replica`` (and /metrics's atrund_replica_*): the store's figures of this
+        replica and its claim lag (stored -> claimed here: the most recent, the median of the
+        last claims); None on a store no replica shares (SQLite)."""
+        if not self.state.shared:
+            return None
+        last, p50 = self.meters.claim_lags()
+        return {**self.state.figures(), "claimLagLastSeconds": None if last is None else round(last, 3),
+                "claimLagP50Seconds": None if p50 is None else round(p50, 3)}
 
     def conditions(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -104,5 +114,6 @@ class Status:
                 "firehose": self.firehose.figures() if self.firehose else None,
                 "quarantined": quarantined, "loop_restarts": dict(self.supervisor.restarts),
                 "store_failing": self.state.failing is not None,
+                "replica": self.replica(),
                 "schedules": self.ticks.figures() if self.ticks else None,
                 "triggers": self.triggers.figures() if self.triggers else None}

@@ -8,8 +8,9 @@ owner's own PDS with com.atproto.repo.listRecords, so no AppView is needed, and 
 next refresh. A read that fails keeps the last set it had (a PDS outage must not lock everyone
 out, nor let anyone in), and is retried sooner.
 
-``LiveAccess`` is what the daemon consults: the configuration's lists, the policy file's
-(re-read within a second of ``atrund access allow|deny`` changing it) and the trusted set.
+``LiveAccess`` is what the daemon consults: the configuration's lists, the operator's live
+edits (the policy file, or the shared database's policy with ``[state] url``: re-read within a
+second of ``atrund access allow|deny`` changing it, on every replica) and the trusted set.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 
 import structlog
 
-from atrund.access import AccessPolicy, PolicyEntries, PolicyFile, effective
+from atrund.access import AccessPolicy, PolicyEntries, PolicyFile, StoredPolicy, effective
 from atrund.atproto.repos import Repos
 from atrund.atproto.uri import AtUri
 from atrund.errors import AtrundError, ConfigError, IdentityError, TrustUnavailable
@@ -96,9 +97,9 @@ async def list_members(repos: Repos, list_uri: str) -> frozenset[str]:
 class LiveAccess:
     """The access policy in force, with the same ``allows``/``mode`` as AccessPolicy."""
 
-    def __init__(self, section, policy_file: PolicyFile, repos: Repos) -> None:
+    def __init__(self, section, policy_file: PolicyFile | StoredPolicy, repos: Repos) -> None:
         self.section = section
-        self.file = policy_file
+        self.file = policy_file  # the live edits: a file, or the shared store's policy
         self.repos = repos
         self.source: str | None = None  # the operator DID (follows) or list AT URI (list)
         self.trusted: frozenset[str] = frozenset()
@@ -167,13 +168,14 @@ class LiveAccess:
         return changed
 
     def reload_file(self) -> bool:
-        """Re-read the policy file if it changed; True if its entries did. A file that does not
-        parse keeps the previous entries in force (and says why)."""
+        """Re-read the policy file (or the shared store's policy) if it changed; True if its
+        entries did. One that cannot be read or does not parse keeps the previous entries in
+        force (and says why)."""
         try:
             stamp = self.file.stamp()
-        except OSError as e:
-            log.error("access policy file cannot be checked; the previous entries stay in force", file=str(self.file.path),
-                      error=e.strerror)
+        except (OSError, AtrundError) as e:
+            log.error("access policy cannot be checked; the previous entries stay in force", file=self.file.where,
+                      error=e.strerror if isinstance(e, OSError) else str(e))
             return False
         if stamp == self._stamp:
             return False

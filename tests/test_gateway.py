@@ -264,6 +264,8 @@ async def test_healthz_and_metrics_move_after_requests(login_author, author, mak
     assert moved("atrund_execution_seconds_count", runtime="python") == 3
     assert moved("atrund_invocation_seconds_count", source="gateway") == 2
     assert moved("atrund_ingest_lag_seconds_count") == 1 and sample(after, "atrund_ingest_lag_last_seconds") >= 0
+    assert moved("atrund_claim_lag_seconds_count") == 1 and sample(after, "atrund_claim_lag_last_seconds") >= 0
+    assert "atrund_replica_" not in after and health["replica"] is None  # one SQLite runner: no replica figures
     assert moved("atrund_pool_completed_total") == 2 and moved("atrund_pool_failed_total") == 1
     assert sample(after, "atrund_queue_depth", kind="invocation") == 0
     assert "atrund_pool_warm_workers" in after and "atrund_running" in after

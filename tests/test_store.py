@@ -242,6 +242,58 @@ def test_replicas_writing_results_never_take_the_same_one(pg_url):
         two.close()
 
 
+def test_replicas_share_used_tokens_the_access_policy_and_bundle_state_locks(pg_url):
+    """Migration 6: a token's jti is used once across replicas (and forgotten after its time);
+    the access policy an operator's command edits is what every replica reads; a namespace's
+    lock is held by one run of the fleet, taken from a replica only when it is dead or past its
+    time, and a commit of a run that lost it keeps nothing (StateConflict)."""
+    import psycopg
+
+    from atrund.access import StoredPolicy, policy_at
+    from atrund.errors import StateConflict
+    from atrund.pgstate import CLOCK_MARGIN, PgState
+    from atrund.state import BundleWrites
+
+    edits = policy_at(None, pg_url)
+    assert edits.read().allow == frozenset() and edits.stamp() == 0, "a database not migrated yet has no entries"
+    one, two = PgState(pg_url, lease=1.5), PgState(pg_url, lease=1.5)
+    try:
+        now = time.time()
+        assert one.tokens_since() == two.tokens_since() <= now
+        assert one.use_token("jti-1", now + 60) and not two.use_token("jti-1", now + 60) and not one.use_token("jti-1", now + 60)
+        assert two.use_token("jti-old", now - CLOCK_MARGIN - 1)
+        one._tokens_pruned = 0.0  # as TOKEN_PRUNE seconds later
+        assert one.use_token("jti-2", now + 60)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            assert {j for (j,) in db.execute("SELECT jti FROM used_tokens")} == {"jti-1", "jti-2"}, "past its time: gone"
+
+        seen = [StoredPolicy(one), StoredPolicy(two)]
+        stamp = seen[0].stamp()
+        edits.allow("did:plc:x")
+        edits.deny("did:plc:y")
+        assert seen[0].stamp() != stamp and seen[0].stamp() == seen[1].stamp()
+        assert seen[1].read().allow == {"did:plc:x"} and seen[0].read().deny == {"did:plc:y"}
+        edits.deny("did:plc:x")
+        assert seen[1].read().allow == frozenset() and seen[1].read().deny == {"did:plc:x", "did:plc:y"}
+
+        assert one.hold_namespace("did:plc:a", "b", "run-1", 60) and not two.hold_namespace("did:plc:a", "b", "run-2", 60)
+        one.commit_bundle_state(BundleWrites("did:plc:a", "b", {"n": "1"}, "run-1"))  # the commit lets it go
+        assert two.hold_namespace("did:plc:a", "b", "run-2", 0.2)
+        assert not one.hold_namespace("did:plc:a", "b", "run-3", 60)
+        time.sleep(0.3)
+        assert one.hold_namespace("did:plc:a", "b", "run-3", 60), "held past its time: taken"
+        with pytest.raises(StateConflict):
+            two.commit_bundle_state(BundleWrites("did:plc:a", "b", {"n": "-1"}, "run-2"))
+        assert one.state_keys("did:plc:a", "b") == [("n", "1")], "the run that lost its lock committed nothing"
+        one.close()  # its replica gone: its lock is free for another
+        assert two.hold_namespace("did:plc:a", "b", "run-4", 60)
+        two.free_namespace("did:plc:a", "b", "run-4")
+        assert two.hold_namespace("did:plc:a", "b", "run-5", 60)
+    finally:
+        one.close()
+        two.close()
+
+
 def test_postgres_restarting_is_a_store_fault_that_heals(pg_url, postgres):
     from atrund.pgstate import PgState
 
@@ -268,6 +320,8 @@ def test_a_state_url_with_a_password_or_another_scheme_is_refused():
     with pytest.raises(ConfigError, match="state.url.*not a postgresql:// URL"):
         config.parse({**base, "state": {"url": "mysql://db/atrund"}})
     assert config.parse({**base, "state": {"url": "postgresql:///atrund?host=/run/postgresql"}}).state.url
+    with pytest.raises(ConfigError, match="access.policy_file: with state.url"):  # the policy is in the database then
+        config.parse({**base, "state": {"url": "postgresql:///atrund"}, "access": {"policy_file": "/etc/atrund/access.json"}})
 
 
 def test_state_migrate_command(pg_url, tmp_path):

@@ -13,9 +13,12 @@ the runner ever seeing a password. A token is accepted only if all of these hold
   once more, uncached, if it does not: keys rotate);
 - ``jti`` not seen before.
 
-Replay: seen ``jti`` values are kept in memory until their token expires. A restart forgets
-them, so tokens issued before this process started are refused as well: this process cannot
-have seen them, and the previous one may have. (A caller just asks its PDS for a new token.)
+Replay: a ``jti`` is used once (``UsedTokens``), and kept until its token expires. One runner
+keeps them in memory (``SeenTokens``); a restart forgets them, so tokens issued before this
+process started are refused as well: this process cannot have seen them, and the previous one
+may have. (A caller just asks its PDS for a new token.) Replicas sharing a Postgres state keep
+them in the database (atrund.pgstate, a unique key), so a token used on one replica is refused
+by every other; tokens issued before the fleet began to keep them are refused there.
 Signature checks run the SDK's atproto_crypto (low-S enforced, as atproto requires).
 """
 
@@ -26,6 +29,7 @@ import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from atproto_crypto.did import parse_did_key
 from atproto_crypto.verify import verify_signature
@@ -47,14 +51,48 @@ class Caller:
     expires: int
 
 
+class UsedTokens(Protocol):
+    """Where single-use tokens' ``jti`` values are remembered."""
+
+    def tokens_since(self) -> float:
+        """Tokens issued before this (Unix time) may have been used unseen: they are refused."""
+        ...
+
+    def use_token(self, jti: str, until: float) -> bool:
+        """Use ``jti``, acceptable until ``until``; False if it was used before."""
+        ...
+
+
+class SeenTokens:
+    """One runner's memory of used tokens: this process's, until each token expires."""
+
+    def __init__(self) -> None:
+        self.started = int(time.time())
+        self._seen: dict[str, float] = {}  # jti -> until
+        self._pruned = 0.0
+
+    def tokens_since(self) -> float:
+        return self.started
+
+    def use_token(self, jti: str, until: float) -> bool:
+        now = time.time()
+        if now - self._pruned > 30:  # at most every 30 s: a scan per call would be quadratic under load
+            self._pruned = now
+            for old in [j for j, t in self._seen.items() if t < now]:
+                del self._seen[old]
+        if jti in self._seen:
+            return False
+        self._seen[jti] = until
+        return True
+
+
 class ServiceAuth:
-    def __init__(self, identities: Identities, audience: str, leeway: int = 5) -> None:
+    def __init__(self, identities: Identities, audience: str, leeway: int = 5, tokens: UsedTokens | None = None) -> None:
+        """``tokens``: where used tokens are remembered (default: in this process, ``SeenTokens``)."""
         self.identities = identities
         self.audience = audience
         self.leeway = leeway
-        self.started = int(time.time())
-        self._seen: dict[str, int] = {}  # jti -> exp
-        self._pruned = 0.0
+        self.tokens = tokens if tokens is not None else SeenTokens()
 
     async def verify(self, authorization: str | None, method: str, admit: Callable[[str], bool] | None = None) -> Caller:
         """The caller a ``Bearer`` header proves, for ``method``; raises ServiceAuthError.
@@ -94,7 +132,7 @@ class ServiceAuth:
             raise ServiceAuthError("malformed", "token iat is in the future")
         if payload.exp - payload.iat > MAX_LIFETIME:
             raise ServiceAuthError("malformed", f"token lifetime {payload.exp - payload.iat} s is more than {MAX_LIFETIME} s")
-        if payload.iat < self.started:
+        if payload.iat < self.tokens.tokens_since():
             raise ServiceAuthError("replayed", "token was issued before this runner started (its jti may have been used "
                                                "already); ask your PDS for a new one")
         if not payload.jti:
@@ -102,10 +140,9 @@ class ServiceAuth:
         if admit is not None and not admit(iss):
             raise NotServed(iss)
         await self._check_signature(iss, alg, signing_input, signature)
-        self._forget_expired(now)
-        if payload.jti in self._seen:  # no await between this check and the insert: one winner
+        # One winner: the memory's check and insert are one step (no await; one INSERT in Postgres).
+        if not self.tokens.use_token(payload.jti, payload.exp + self.leeway):
             raise ServiceAuthError("replayed", "token was already used (jti seen before); tokens are single-use")
-        self._seen[payload.jti] = payload.exp
         return Caller(did=iss, jti=payload.jti, expires=payload.exp)
 
     async def _check_signature(self, did: str, alg: str, signing_input: bytes, signature: bytes) -> None:
@@ -124,13 +161,6 @@ class ServiceAuth:
             if ok:
                 return
         raise ServiceAuthError("signature", f"token signature does not verify against {did}'s signing key")
-
-    def _forget_expired(self, now: float) -> None:
-        if now - self._pruned > 30:  # at most every 30 s: a scan per call would be quadratic under load
-            self._pruned = now
-            cutoff = now - self.leeway
-            for jti in [j for j, exp in self._seen.items() if exp < cutoff]:
-                del self._seen[jti]
 
 
 def _check_bounds(token: str) -> None:

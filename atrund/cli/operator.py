@@ -39,7 +39,7 @@ from atrund.execute.runtimes import declared
 def check_config(config_path: Path) -> None:
     """Validate a configuration file; errors name the TOML key. Also warns about what would stop
     or idle a runner started from here: no password to log in with, nobody to serve."""
-    from atrund.errors import ConfigError, PolicyFileError
+    from atrund.errors import AtrundError, ConfigError
 
     cfg = load_config(config_path)
     try:
@@ -47,12 +47,13 @@ def check_config(config_path: Path) -> None:
     except ConfigError as e:
         warn(f"{e} (`atrund serve` would stop there)")
     if cfg.access.mode == "allowlist" and not cfg.access.allowlist:
+        edits = _policy(cfg)
         try:
-            allowed = _policy_file(cfg).read().allow
-        except PolicyFileError:
+            allowed = edits.read().allow
+        except AtrundError:  # unreadable: as good as empty for whom it serves
             allowed = frozenset()
         if not allowed:
-            warn(f"access.allowlist is empty and {cfg.access_file} allows no one: this runner serves nobody "
+            warn(f"access.allowlist is empty and {edits.where} allows no one: this runner serves nobody "
                  "(add DIDs or handles there, or `atrund access allow WHO`)")
     err.print(f"[green]ok[/green]: {config_path} (runner {cfg.runner.identifier} on {cfg.runner.pds}, "
               f"access {cfg.access.mode}, isolation {cfg.executor.isolation})")
@@ -127,18 +128,20 @@ async def _did_of(who: str, cfg: config_mod.Config) -> str:
     return await resolve_handle(who, cfg.runner.pds, allow_private_addresses=True)
 
 
-def _policy_file(cfg: config_mod.Config):
-    from atrund.access import PolicyFile
+def _policy(cfg: config_mod.Config):
+    """The live edits: the policy file, or with state.url the database every replica reads."""
+    from atrund.access import policy_at
 
-    return PolicyFile(cfg.access_file)
+    return policy_at(cfg.access_file, cfg.state.url)
 
 
 async def _edit_policy(who: str, config_path: Path, act: str, done: str) -> tuple[config_mod.Config, str]:
-    """`access allow|deny WHO`: resolve WHO, write it into the policy file, say so."""
+    """`access allow|deny WHO`: resolve WHO, write it into the policy file (or database), say so."""
     cfg = load_config(config_path)
     did = await _did_of(who, cfg)
-    getattr(_policy_file(cfg), act)(did)
-    err.print(f"{done} {did}" + (f" ({who})" if who != did else "") + f" in {cfg.access_file}")
+    edits = _policy(cfg)
+    getattr(edits, act)(did)
+    err.print(f"{done} {did}" + (f" ({who})" if who != did else "") + f" in {edits.where}")
     return cfg, did
 
 
@@ -171,9 +174,14 @@ async def access_deny(who: str, config_path: Path) -> None:
 async def access_list(config_path: Path, members: bool) -> None:
     """Print the access policy: mode, its source, and who is allowed and denied, and where it says so."""
     cfg = load_config(config_path)
-    entries = _policy_file(cfg).read()
+    entries = _policy(cfg).read()
     a = cfg.access
-    out: dict[str, Any] = {"mode": a.mode, "policyFile": str(cfg.access_file)}
+    # the live edits' home: the policy file, or (replicas) the database; "from" says which
+    out: dict[str, Any] = {"mode": a.mode}
+    if cfg.state.url is None:
+        out["policyFile"], edited = str(cfg.access_file), "policy file"
+    else:
+        out["policyDatabase"], edited = "state.url", "database"
     if a.mode in ("follows", "list"):
         source = a.list_uri if a.mode == "list" else a.operator or await _did_of(cfg.runner.identifier, cfg)
         out["trusted"] = {"of": source, "refreshSeconds": a.refresh_interval}
@@ -184,9 +192,9 @@ async def access_list(config_path: Path, members: bool) -> None:
                 found = await (trust.follows(repos, source) if a.mode == "follows" else trust.list_members(repos, source))
             out["trusted"]["members"] = sorted(found)
     out["allow"] = [{"did": d, "from": "config"} for d in a.allowlist] + \
-        [{"did": d, "from": "policy file"} for d in sorted(entries.allow) if d not in a.allowlist]
+        [{"did": d, "from": edited} for d in sorted(entries.allow) if d not in a.allowlist]
     out["deny"] = [{"did": d, "from": "config"} for d in a.blocklist] + \
-        [{"did": d, "from": "policy file"} for d in sorted(entries.deny) if d not in a.blocklist]
+        [{"did": d, "from": edited} for d in sorted(entries.deny) if d not in a.blocklist]
     emit(out)
 
 
