@@ -296,3 +296,36 @@ async def test_a_burst_of_1000_survives_kill_9_of_a_busy_replica_and_nothing_run
         assert took <= 15, f"taken over after {took:.1f} s (documented: within 15 s)"
     finally:
         _stop(procs)
+
+
+async def test_postgres_restarted_twice_mid_burst_the_replicas_heal_and_nothing_runs_twice(stack, new_account, login_author,
+                                                                                        reader, tmp_path, postgres, pg_url):
+    """1,000 invocations from 10 authors on 3 replicas, and Postgres stopped under them twice
+    (pg_ctl stop -m fast, then -m immediate, each down a second) and started again: the replicas
+    reconnect by themselves, none exits, every invocation succeeds exactly once."""
+    runner = new_account("pgdown")
+    authors = [await login_author(f"pgdown{n}x") for n in range(BURST_AUTHORS)]
+    runs = tmp_path / "runs.txt"
+    bundle = await authors[0].publish(_counting_bundle(runs))
+    procs = _serve(3, stack, runner, authors[0], tmp_path, pg_url, allow=[a.account.did for a in authors], limits=UNLIMITED)
+    try:
+        await _replicas_up(pg_url, 3)
+        began = time.monotonic()
+        uris = await _post(authors, bundle, runner.did, BURST_PER_AUTHOR, ms=50)
+        healed = []
+        for share, mode in ((5, "fast"), (2, "immediate")):
+            await _until(pg_url, DONE, len(uris) // share)
+            before = _count(pg_url, DONE)
+            await asyncio.to_thread(postgres.restart, mode, 1.0)
+            back = time.monotonic()
+            await _until(pg_url, DONE, before + 10, timeout=60)  # work goes on
+            healed.append(time.monotonic() - back)
+        results = await _all_results(reader, runner.did, set(uris.values()), tmp_path, timeout=300)
+        finished = time.monotonic() - began
+        statuses = _ran_once(uris, results, runs)
+        print(f"Postgres restarted twice mid-burst: {len(uris)} invocations on 3 replicas, every result in {finished:.1f} s; "
+              f"{dict(statuses)}; ten more done {healed[0]:.1f} s and {healed[1]:.1f} s after each start")
+        assert statuses == {"success": len(uris)}, "a restart of the database loses nothing and interrupts nothing"
+        assert [p.poll() for p in procs] == [None] * len(procs), "no replica exited"
+    finally:
+        _stop(procs)
