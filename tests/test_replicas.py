@@ -329,3 +329,61 @@ async def test_postgres_restarted_twice_mid_burst_the_replicas_heal_and_nothing_
         assert [p.poll() for p in procs] == [None] * len(procs), "no replica exited"
     finally:
         _stop(procs)
+
+
+def _slot_of(url: str, did: str, replicas: int) -> int:
+    """Which of ``replicas`` live executing replicas (in id order) an author with nothing open is
+    assigned to: migration 3's hash, known before the replicas start."""
+    with psycopg.connect(url, autocommit=True) as db:
+        return db.execute("SELECT (hashtext(%s) & 2147483647) %% %s", (did, replicas)).fetchone()[0]
+
+
+async def test_one_author_floods_500_and_the_others_still_start_within_a_few_executions(stack, new_account, login_author,
+                                                                                       reader, tmp_path, pg_url):
+    """Fairness across the fleet: one author posts 500 invocations, each allowed to take every
+    slot of its replica (per-author concurrency = concurrency = 4); once it is under way, three
+    others post three each, two of them assigned to the flooded replica. Round-robin between
+    authors (atrund.schedule) bounds each of theirs: few of the flood's executions start between
+    its arrival and its start, where first-come-first-served would put it behind hundreds."""
+    runner = new_account("flood")
+    flood = await login_author("flooder")
+    runs = tmp_path / "runs.txt"
+    others, wanted = [], {True: 2, False: 1}  # on the flooded replica or not: how many more are needed
+    while any(wanted.values()):
+        a = await login_author("other")
+        if wanted[on := _slot_of(pg_url, a.account.did, 2) == _slot_of(pg_url, flood.account.did, 2)]:
+            wanted[on] -= 1
+            others.append(a)
+    procs = _serve(2, stack, runner, flood, tmp_path, pg_url, allow=[a.account.did for a in [flood, *others]],
+                   limits=UNLIMITED + "per_author_concurrency = 4\n")
+    try:
+        await _replicas_up(pg_url, 2)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            flooded = db.execute("SELECT id FROM replicas ORDER BY id").fetchall()[_slot_of(pg_url, flood.account.did, 2)][0]
+        bundle = await flood.publish(_counting_bundle(runs))
+        await _post([flood], bundle, runner.did, 500, ms=100, tag="flood")
+        await _until(pg_url, DONE, 40)
+        mine = [await a.publish(_counting_bundle(runs)) for a in others]
+        posted = [await _post([a], b, runner.did, 3, ms=100, tag=f"other{n}") for n, (a, b) in enumerate(zip(others, mine,
+                                                                                                           strict=True))]
+        theirs = {k: u for part in posted for k, u in part.items()}
+        results = await _all_results(reader, runner.did, set(theirs.values()), tmp_path, timeout=120)
+        assert all(results[u]["status"] == "success" for u in theirs.values())
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            starts = sorted(t for (t,) in db.execute("SELECT started_at FROM invocations WHERE author = %s AND started_at "
+                                                     "IS NOT NULL", (flood.account.did,)))
+            rows = db.execute("SELECT uri, seen_at, started_at, replica FROM invocations WHERE uri = ANY(%s)",
+                              (list(theirs.values()),)).fetchall()
+        ahead = {uri: sum(seen < t < started for t in starts) for uri, seen, started, _ in rows}
+        backlog = {uri: 500 - sum(t < seen for t in starts) for uri, seen, _, _ in rows}  # FIFO: behind these
+        on_flooded = [uri for uri, _, _, replica in rows if replica == flooded]
+        print(f"fairness flood: the others' invocations started after {sorted(ahead.values())} of the flood's executions "
+              f"(first-come-first-served: behind {min(backlog.values())}-{max(backlog.values())}); "
+              f"{len(on_flooded)} of {len(rows)} ran on the flooded replica")
+        assert len(on_flooded) >= 6, "two of the other authors share the flooded replica"
+        assert min(backlog.values()) >= 100, "the others came while the flood was still waiting"
+        # Measured: at most 10 (the flood keeps starting while the store tells the replica of new
+        # work, and the ring gives the flood one turn in three). 4 per slot of the replica:
+        assert max(ahead.values()) <= 4 * 4, "each starts within a few of the flood's executions per slot"
+    finally:
+        _stop(procs)
