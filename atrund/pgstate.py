@@ -21,8 +21,9 @@ heartbeat every HEARTBEAT seconds) and every invocation row says which replica q
 it. A replica silent for LEASE seconds (killed, cut off) is presumed dead: another replica adopts
 its rows in one UPDATE (``take_over``), records each running one as interrupted (it is never run
 again) and queues the pending ones. One replica at a time ingests (``lead``: an advisory lock).
-A trigger assigns each new invocation to one executing replica, by author (migration 3), and
-its NOTIFY wakes that replica (``assigned``, ``wait_for_work``). Due results are claimed with
+A trigger assigns each new invocation to one executing replica, by author (migration 3; an
+author with nothing open goes to a replica hot for the bundle while it keeps up: migration 7,
+told by ``heartbeat``), and its NOTIFY wakes that replica (``assigned``, ``wait_for_work``). Due results are claimed with
 ``FOR UPDATE SKIP LOCKED`` so that two writers never take the same one. docs/scaling.md says
 what this gives an operator.
 
@@ -211,7 +212,7 @@ LATEST = MIGRATIONS[-1][0]
 ROLES = ("ingest", "execute", "gateway")
 WORK_POLL = 2.0  # seconds an executing replica waits for a NOTIFY before it looks for work anyway
 LEAD_CHECK = 1.0  # seconds between a standby's tries to take ingest leadership (failover within ~1 s)
-LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migration 3's)
+LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migrations 3 and 7's)
 AFFINITY_WAIT = 1.0  # seconds a hot replica's oldest waiting invocation may wait before new authors go elsewhere (migration 7's)
 HEARTBEAT = 2.0  # seconds between heartbeats (and looks for what a dead replica left)
 OUTBOX_CLAIM = 30.0  # seconds a replica holds due results while it writes them

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import signal
 import time
@@ -256,26 +257,38 @@ async def _until(url: str, sql: str, at_least: int, timeout: float = 120) -> Non
 DONE = "SELECT count(*) FROM invocations WHERE state = 'done'"
 
 
+@contextlib.asynccontextmanager
+async def _burst(name: str, stack, new_account, login_author, tmp_path: Path, pg_url: str):
+    """Three replicas of a new runner; 10 authors each post 100 invocations (50 ms each) of one
+    bundle that counts its executions in ``runs``. Yields (runner, replicas, key -> URI, runs)
+    once they are posted; the replicas are stopped after (those in the list then)."""
+    runner = new_account(name)
+    authors = [await login_author(f"{name}{n}x") for n in range(BURST_AUTHORS)]
+    runs = tmp_path / "runs.txt"
+    bundle = await authors[0].publish(_counting_bundle(runs))
+    procs = _serve(3, stack, runner, authors[0], tmp_path, pg_url, allow=[a.account.did for a in authors], limits=UNLIMITED)
+    try:
+        await _replicas_up(pg_url, 3)
+        yield runner, procs, await _post(authors, bundle, runner.did, BURST_PER_AUTHOR, ms=50), runs
+    finally:
+        _stop(procs)
+
+
 async def test_a_burst_of_1000_survives_kill_9_of_a_busy_replica_and_nothing_runs_twice(stack, new_account, login_author,
                                                                                      reader, tmp_path, pg_url):
     """1,000 invocations from 10 authors on 3 replicas; the replica running the most is killed
     with SIGKILL a fifth of the way in, and started again (a new replica: new id, same
     configuration). Every invocation gets exactly one result: success, or interrupted for what
     the dead replica was running; every execution is counted, and none ran twice."""
-    runner = new_account("burst")
-    authors = [await login_author(f"burst{n}x") for n in range(BURST_AUTHORS)]
-    runs = tmp_path / "runs.txt"
-    bundle = await authors[0].publish(_counting_bundle(runs))
-    procs = _serve(3, stack, runner, authors[0], tmp_path, pg_url, allow=[a.account.did for a in authors], limits=UNLIMITED)
-    try:
-        await _replicas_up(pg_url, 3)
+    async with _burst("burst", stack, new_account, login_author, tmp_path, pg_url) as (runner, procs, uris, runs):
         began = time.monotonic()
-        uris = await _post(authors, bundle, runner.did, BURST_PER_AUTHOR, ms=50)
         await _until(pg_url, DONE, len(uris) // 5)
         with psycopg.connect(pg_url, autocommit=True) as db:  # the replica running the most, now
-            victim_pid, victim_id = db.execute(
-                "SELECT r.pid, r.id FROM invocations i JOIN replicas r ON r.id = i.replica WHERE i.state = 'running' "
-                "GROUP BY r.pid, r.id ORDER BY count(*) DESC LIMIT 1").fetchone()
+            while (busiest := db.execute(
+                    "SELECT r.pid, r.id FROM invocations i JOIN replicas r ON r.id = i.replica WHERE i.state = 'running' "
+                    "GROUP BY r.pid, r.id ORDER BY count(*) DESC LIMIT 1").fetchone()) is None:
+                await asyncio.sleep(0.01)  # between two runs
+        victim_pid, victim_id = busiest
         n = next(n for n, p in enumerate(procs) if p.pid == victim_pid)
         procs[n].send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -290,12 +303,10 @@ async def test_a_burst_of_1000_survives_kill_9_of_a_busy_replica_and_nothing_run
         results = await _all_results(reader, runner.did, set(uris.values()), tmp_path, timeout=300)
         finished = time.monotonic() - began
         statuses = _ran_once(uris, results, runs, killed=victim_pid)
-        print(f"kill -9 burst: {len(uris)} invocations from {len(authors)} authors on 3 replicas, every result in "
+        print(f"kill -9 burst: {len(uris)} invocations from {BURST_AUTHORS} authors on 3 replicas, every result in "
               f"{finished:.1f} s; {dict(statuses)}; the dead replica's work taken over {took:.1f} s after SIGKILL")
         assert statuses["interrupted"] >= 1, "the replica was killed while it ran something"
         assert took <= 15, f"taken over after {took:.1f} s (documented: within 15 s)"
-    finally:
-        _stop(procs)
 
 
 async def test_postgres_restarted_twice_mid_burst_the_replicas_heal_and_nothing_runs_twice(stack, new_account, login_author,
@@ -303,15 +314,8 @@ async def test_postgres_restarted_twice_mid_burst_the_replicas_heal_and_nothing_
     """1,000 invocations from 10 authors on 3 replicas, and Postgres stopped under them twice
     (pg_ctl stop -m fast, then -m immediate, each down a second) and started again: the replicas
     reconnect by themselves, none exits, every invocation succeeds exactly once."""
-    runner = new_account("pgdown")
-    authors = [await login_author(f"pgdown{n}x") for n in range(BURST_AUTHORS)]
-    runs = tmp_path / "runs.txt"
-    bundle = await authors[0].publish(_counting_bundle(runs))
-    procs = _serve(3, stack, runner, authors[0], tmp_path, pg_url, allow=[a.account.did for a in authors], limits=UNLIMITED)
-    try:
-        await _replicas_up(pg_url, 3)
+    async with _burst("pgdown", stack, new_account, login_author, tmp_path, pg_url) as (runner, procs, uris, runs):
         began = time.monotonic()
-        uris = await _post(authors, bundle, runner.did, BURST_PER_AUTHOR, ms=50)
         healed = []
         for share, mode in ((5, "fast"), (2, "immediate")):
             await _until(pg_url, DONE, len(uris) // share)
@@ -327,8 +331,6 @@ async def test_postgres_restarted_twice_mid_burst_the_replicas_heal_and_nothing_
               f"{dict(statuses)}; ten more done {healed[0]:.1f} s and {healed[1]:.1f} s after each start")
         assert statuses == {"success": len(uris)}, "a restart of the database loses nothing and interrupts nothing"
         assert [p.poll() for p in procs] == [None] * len(procs), "no replica exited"
-    finally:
-        _stop(procs)
 
 
 def _slot_of(url: str, did: str, replicas: int) -> int:
