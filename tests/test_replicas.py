@@ -389,3 +389,34 @@ async def test_one_author_floods_500_and_the_others_still_start_within_a_few_exe
         assert max(ahead.values()) <= 4 * 4, "each starts within a few of the flood's executions per slot"
     finally:
         _stop(procs)
+
+
+async def test_new_authors_invocations_of_a_bundle_go_to_the_replica_hot_for_it(stack, new_account, login_author, reader,
+                                                                               tmp_path, pg_url):
+    """Hot routing with real replicas: once one replica has run a bundle (and keeps a worker hot
+    for it), new authors' invocations of it run there too, even those of authors the hash sends
+    to the other replica; they reuse its hot worker."""
+    runner = new_account("hot")
+    first = await login_author("hotfirst")
+    others = []  # authors the hash puts on the replica the first author's is not on
+    while len(others) < 3:
+        a = await login_author("hotother")
+        if _slot_of(pg_url, a.account.did, 2) != _slot_of(pg_url, first.account.did, 2):
+            others.append(a)
+    bundle = await first.publish("import os\ndef main(args):\n    return {'pid': os.getpid()}\n")
+    procs = _serve(2, stack, runner, first, tmp_path, pg_url, allow=[a.account.did for a in [first, *others]])
+    try:
+        await _replicas_up(pg_url, 2)
+        worker = (await wait_result(reader, runner.did, await first.invoke(bundle, runner.did)))["data"]["pid"]
+        told = "SELECT count(*) FROM replicas WHERE %s = ANY(hot)"
+        deadline = time.monotonic() + 2 * HEARTBEAT
+        while not _count(pg_url, told, bundle["cid"]):
+            assert time.monotonic() < deadline, "the replica that ran the bundle told the fleet it is hot for it"
+            await asyncio.sleep(0.05)
+        pids = [(await wait_result(reader, runner.did, await a.invoke(bundle, runner.did)))["data"]["pid"] for a in others]
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            ran_on = {r for (r,) in db.execute("SELECT DISTINCT replica FROM invocations WHERE state = 'done'")}
+        assert len(ran_on) == 1, "every one ran on the hot replica, not where the hash of its author points"
+        assert pids == [worker] * len(others), "in the worker kept hot from the first run"
+    finally:
+        _stop(procs)
