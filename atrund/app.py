@@ -144,7 +144,7 @@ class App:
                                  kv=BundleState(self.state, cfg.bundle_state, hold=e.max_timeout + HOLD_MARGIN))
         self.logbook = LogBook(self.state, cfg.logs)
         self.runs = Runs(self.pipeline, self.state, self.writer, self.policy, self.repos, self.meters, e.concurrency, cfg.limits,
-                         self.logbook)
+                         self.logbook, cfg.runner.hot_affinity)
         self.scheduler = self.runs.scheduler
         self.intake = Intake(self.state, session.did, self.policy, self.runs.submit, self.quarantine, self.runs.refuse_reused)
         # With a firehose, polling is only the periodic rescan that catches what the stream missed.

@@ -416,6 +416,20 @@ async def invoke(session: Session, repos: Repos | None, bundle_uri: str, runner:
     return await session.create_record(INVOCATION, record)
 
 
+WRITES_PER_COMMIT = 200  # the reference PDS's cap on one applyWrites
+
+
+async def invoke_many(session: Session, bundle: dict[str, str], runner: str, endpoint: str,
+                      many_args: list[dict[str, Any]]) -> list[str]:
+    """Write one invocation of ``bundle`` (a strong reference: uri, cid) on ``runner`` per
+    item of ``many_args``, WRITES_PER_COMMIT to an applyWrites commit (a burst costs a few
+    commits, not one per invocation); returns their URIs in the order given."""
+    records = [(new_tid(), invocation_record(runner, bundle, endpoint, args)) for args in many_args]
+    for start in range(0, len(records), WRITES_PER_COMMIT):
+        await session.apply_creates(INVOCATION, records[start:start + WRITES_PER_COMMIT])
+    return [str(AtUri(session.did, INVOCATION, rkey)) for rkey, _ in records]
+
+
 def describe_result(cid: str, value: dict[str, Any]) -> dict[str, Any]:
     """A result record as the CLI prints it: its CID, status, the record, and the value unwrapped."""
     out: dict[str, Any] = {"cid": cid, "status": value.get("status"), "record": value}

@@ -69,6 +69,9 @@ class RunnerSection(Section):
     roles: list[Literal["ingest", "execute", "gateway"]] = Field(
         default=["ingest", "execute", "gateway"], min_length=1,
         description="what this replica does (replicas share state.url): ingest (when it leads), execute, gateway")
+    hot_affinity: bool = Field(
+        default=True, description="replicas: tell the fleet which bundles this replica holds hot workers for, so that "
+        "new authors' work for them is assigned here while it keeps up (false: assigned as if it held none)")
 
     @field_validator("roles")
     @classmethod

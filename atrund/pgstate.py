@@ -21,8 +21,9 @@ heartbeat every HEARTBEAT seconds) and every invocation row says which replica q
 it. A replica silent for LEASE seconds (killed, cut off) is presumed dead: another replica adopts
 its rows in one UPDATE (``take_over``), records each running one as interrupted (it is never run
 again) and queues the pending ones. One replica at a time ingests (``lead``: an advisory lock).
-A trigger assigns each new invocation to one executing replica, by author (migration 3), and
-its NOTIFY wakes that replica (``assigned``, ``wait_for_work``). Due results are claimed with
+A trigger assigns each new invocation to one executing replica, by author (migration 3; an
+author with nothing open goes to a replica hot for the bundle while it keeps up: migration 7,
+told by ``heartbeat``), and its NOTIFY wakes that replica (``assigned``, ``wait_for_work``). Due results are claimed with
 ``FOR UPDATE SKIP LOCKED`` so that two writers never take the same one. docs/scaling.md says
 what this gives an operator.
 
@@ -45,6 +46,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -57,8 +59,10 @@ LOCK_CLASS = 0x61747275  # "atru"
 MIGRATE_LOCK = 1
 INGEST_LOCK = 2  # held by the one replica that ingests (``lead``)
 
-# (version, what it does, SQL). Append only: a version once released is never edited. Text keys
-# compare bytewise (COLLATE "C"), as in SQLite: drop_standing selects a schedule's runs by range.
+# (version, what it does, SQL), in order. Append only: a version once released is never edited.
+# Text keys compare bytewise (COLLATE "C"), as in SQLite: drop_standing selects a schedule's runs
+# by range. Versions may have gaps while work on them lands apart (``migrate`` applies each one a
+# database lacks, not only those above its newest).
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "invocations, outbox, cursors, inactive accounts, schedules and triggers", """
 CREATE TABLE invocations (
@@ -193,12 +197,51 @@ CREATE TABLE bundle_state_locks (
     PRIMARY KEY (author, bundle)
 );
 """),
+    (7, "hot routing: an author with nothing open goes to a replica hot for the bundle, unless it lags", """
+-- The bundle record CIDs a replica holds hot workers for (atrund.execute.pool), told with its
+-- heartbeats and whenever one becomes hot; empty when it keeps them to itself (runner.hot_affinity).
+ALTER TABLE replicas ADD COLUMN hot TEXT[] NOT NULL DEFAULT '{}';
+CREATE INDEX invocations_waiting ON invocations(replica, seen_at) WHERE state = 'pending';
+-- Migration 3's assignment, with one step between "the replica holding the author's open work"
+-- and "a hash of the author": a live executing replica hot for the invocation's bundle, if it
+-- keeps up (nothing of its has waited more than a second, by the clock that stored them). An
+-- author's invocations still go to one replica at a time, so order and limits hold; a hot
+-- replica that lags gets no more new authors, which go where the hash puts them.
+CREATE OR REPLACE FUNCTION atrund_assign() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    live TEXT[];
+    warm TEXT[];
+    holder TEXT;
+BEGIN
+    IF NEW.state <> 'pending' THEN
+        RETURN NEW;
+    END IF;
+    SELECT array_agg(id ORDER BY id) INTO live FROM replicas
+     WHERE 'execute' = ANY(string_to_array(roles, ',')) AND heartbeat_at > clock_timestamp() - interval '10 seconds';
+    IF live IS NOT NULL THEN
+        SELECT replica INTO holder FROM invocations
+         WHERE author = NEW.author AND state IN ('pending', 'running') AND replica = ANY(live) LIMIT 1;
+        IF holder IS NULL THEN
+            SELECT array_agg(r.id ORDER BY r.id) INTO warm FROM replicas r
+             WHERE r.id = ANY(live) AND (NEW.value::jsonb -> 'bundle' ->> 'cid') = ANY(r.hot)
+               AND NOT EXISTS (SELECT 1 FROM invocations w WHERE w.replica = r.id AND w.state = 'pending'
+                                AND w.seen_at < NEW.seen_at - 1.0);
+            holder := coalesce(warm[1 + (hashtext(NEW.author) & 2147483647) % array_length(warm, 1)],
+                               live[1 + (hashtext(NEW.author) & 2147483647) % array_length(live, 1)]);
+        END IF;
+        NEW.replica := holder;
+    END IF;
+    PERFORM pg_notify('atrund_work', coalesce(NEW.replica, ''));
+    RETURN NEW;
+END $$;
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 ROLES = ("ingest", "execute", "gateway")
 WORK_POLL = 2.0  # seconds an executing replica waits for a NOTIFY before it looks for work anyway
 LEAD_CHECK = 1.0  # seconds between a standby's tries to take ingest leadership (failover within ~1 s)
-LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migration 3's)
+LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migrations 3 and 7's)
+AFFINITY_WAIT = 1.0  # seconds a hot replica's oldest waiting invocation may wait before new authors go elsewhere (migration 7's)
 HEARTBEAT = 2.0  # seconds between heartbeats (and looks for what a dead replica left)
 OUTBOX_CLAIM = 30.0  # seconds a replica holds due results while it writes them
 TOKEN_PRUNE = 30.0  # seconds between deletions of expired used tokens (per replica)
@@ -228,12 +271,15 @@ def migrate(db: psycopg.Connection) -> tuple[int, int]:
         db.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, MIGRATE_LOCK))
         db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
                    "description TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-        before = db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
-        if before > LATEST:
-            raise StoreError(f"the state database is at schema version {before}, newer than this atrund knows "
-                             f"({LATEST}); run the newer atrund, or restore a backup taken before it migrated")
+        applied = {v for (v,) in db.execute("SELECT version FROM schema_migrations")}
+        before = max(applied, default=0)
+        unknown = applied - {version for version, _, _ in MIGRATIONS}
+        if unknown:
+            what = "newer than this atrund knows" if max(unknown) > LATEST else "which this atrund does not know"
+            raise StoreError(f"the state database has schema version {max(unknown)}, {what} (it knows up to {LATEST}); "
+                             "run the newer atrund, or restore a backup taken before it migrated")
         for version, description, sql in MIGRATIONS:
-            if version > before:
+            if version not in applied:
                 db.execute(sql)
                 db.execute("INSERT INTO schema_migrations(version, description) VALUES (%s, %s)", (version, description))
     return before, max(before, LATEST)
@@ -436,16 +482,18 @@ class PgState(State):
 
     # -- replicas ------------------------------------------------------------------------
 
-    def _beat(self) -> None:
-        self.db.execute("INSERT INTO replicas(id, host, pid, roles) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()",
-                        (self.replica, socket.gethostname(), os.getpid(), ",".join(self.roles)))
+    def _beat(self, hot: Sequence[str] = ()) -> None:
+        self.db.execute("INSERT INTO replicas(id, host, pid, roles, hot) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp(), hot = excluded.hot",
+                        (self.replica, socket.gethostname(), os.getpid(), ",".join(self.roles), list(hot)))
 
     @translated
-    def heartbeat(self) -> None:
-        """This replica is alive (every HEARTBEAT seconds; Postgres's clock, not ours); and how
-        many replicas of each role are (``replicas_with``)."""
-        self._beat()
+    def heartbeat(self, hot: Sequence[str] = ()) -> None:
+        """This replica is alive (every HEARTBEAT seconds; Postgres's clock, not ours), and holds
+        hot workers for the bundles (record CIDs) ``hot`` lists: migration 7 sends new authors'
+        work for them here while it keeps up. Also counts the live replicas of each role
+        (``replicas_with``)."""
+        self._beat(hot)
         self._beaten = time.monotonic()
         live: dict[str, int] = {}
         for (roles,) in self.db.execute("SELECT roles FROM replicas WHERE heartbeat_at > clock_timestamp() - "

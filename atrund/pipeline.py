@@ -16,6 +16,7 @@ The pipeline is handed its collaborators; it knows nothing of how the runner is 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from atrund.sealed import Keyring, SecretError, redact, redact_response
 log = structlog.get_logger("atrund.pipeline")
 
 FETCH_ATTEMPTS = 3
+HOT_REMEMBERED = 256  # bundles whose code path is remembered for hot_bundles (hot_max is 16 by default)
 
 Slot = Callable[[], AbstractAsyncContextManager[Any]]
 
@@ -110,6 +112,21 @@ class Pipeline:
         self.keyring = keyring
         self.limits = limits
         self.runner_did = runner_did
+        # bundle record CID -> its code path, most recently run last: which bundles the pool's hot
+        # workers serve (hot_bundles)
+        self._code_of: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def hot_bundles(self) -> list[str]:
+        """The bundle record CIDs whose code the executor holds a hot worker for, most recently
+        run first (replicas tell the fleet: atrund.runs, atrund.pgstate)."""
+        hot = self.executor.hot_code()
+        return [cid for cid, path in reversed(self._code_of.items()) if path in hot]
+
+    def _ran(self, bundle: StrongRef, code_path: str) -> None:
+        self._code_of[bundle.cid] = code_path
+        self._code_of.move_to_end(bundle.cid)
+        while len(self._code_of) > HOT_REMEMBERED:
+            self._code_of.popitem(last=False)
 
     # -- whole paths ---------------------------------------------------------------------
 
@@ -231,6 +248,7 @@ class Pipeline:
         value verbatim: the answer is redacted here, once, for every path (atrund.sealed.redact)."""
         runtime = bundle.record.runtime
         started = time.time()
+        self._ran(bundle.ref, request.code_path)
         session = self.kv.session(bundle.ref.uri) if self.kv is not None else None
         try:
             if slot is not None:

@@ -50,7 +50,9 @@ INTERRUPTED = ("interrupted: the runner stopped while this invocation was runnin
 
 class Runs:
     def __init__(self, pipeline: Pipeline, state: Store, writer: ResultWriter, policy: AccessPolicy, repos: Repos,
-                 meters: Meters, concurrency: int, limits: LimitsSection, logbook: LogBook) -> None:
+                 meters: Meters, concurrency: int, limits: LimitsSection, logbook: LogBook, hot_affinity: bool = True) -> None:
+        """``hot_affinity``: on a shared store, tell the fleet which bundles this replica holds hot
+        workers for, so that new work for them comes here (runner.hot_affinity)."""
         self.pipeline = pipeline
         self.logbook = logbook
         self.state = state
@@ -66,6 +68,8 @@ class Runs:
         self._held_wake = asyncio.Event()
         self.denied = 0  # access withdrawn while they waited (ingest counts the ones denied on arrival)
         self.queued: set[str] = set()  # a shared store: the assigned invocations this replica's scheduler holds
+        self.hot_affinity = hot_affinity
+        self.told_hot: set[str] = set()  # the bundle CIDs the fleet was last told this replica is hot for
 
     def submit(self, uri: str) -> None:
         """Queue a stored, pending invocation (or a schedule's tick, a trigger's firing: their keys
@@ -117,11 +121,26 @@ class Runs:
         to their "interrupted" ones, and nothing runs twice)."""
         while True:
             try:
-                self.state.heartbeat()
+                self._heartbeat()
                 self.recover()
             except StoreError as e:
                 log.warning("state store failed; heartbeat and take-over tried again", error=str(e), retry_in_s=interval)
             await asyncio.sleep(interval)
+
+    def _heartbeat(self) -> None:
+        hot = self.pipeline.hot_bundles() if self.hot_affinity else []
+        self.state.heartbeat(hot)
+        self.told_hot = set(hot)
+
+    def tell_hot(self) -> None:
+        """After a run: a bundle that became hot here is told at once, not at the next heartbeat,
+        so that the next new author's invocation of it can already come here."""
+        if not (self.state.shared and self.hot_affinity) or self.told_hot.issuperset(self.pipeline.hot_bundles()):
+            return
+        try:
+            self._heartbeat()
+        except StoreError:
+            pass  # the heartbeat loop tells it, and reports the store
 
     async def drain(self, grace: float) -> None:
         """Start nothing more (what waits stays pending for the next start); let running
@@ -173,6 +192,7 @@ class Runs:
             await self._run(uri)
         finally:
             self.queued.discard(uri)  # replicas: no longer held here (done, or pending again for the next look)
+            self.tell_hot()
 
     async def _run(self, uri: str) -> None:
         try:

@@ -33,6 +33,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -213,7 +214,7 @@ class Store(Protocol):
     shared: bool  # replicas share it: heartbeat and take_over run in a loop, not only at start
 
     def close(self) -> None: ...
-    def heartbeat(self) -> None: ...
+    def heartbeat(self, hot: Sequence[str] = ()) -> None: ...
     def lead(self) -> bool: ...
     def figures(self) -> dict: ...
     def assigned(self) -> list[str]: ...
@@ -304,7 +305,7 @@ class State:
     def failed(self, error: Exception) -> None:
         """Nothing to repair after a fault: the file is opened once, and the next call tries again."""
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, hot: Sequence[str] = ()) -> None:
         """Nothing to say: no other runner shares this file."""
 
     def lead(self) -> bool:

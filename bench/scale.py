@@ -1,7 +1,9 @@
-"""Replicas on one Postgres: throughput of 1, 2 and 3 replicas, and claim latency against SQLite.
+"""Replicas on one Postgres: throughput of 1, 2 and 3 replicas, claim latency against SQLite, and
+the hot-hit rate with and without hot routing.
 
     .venv/bin/python bench/scale.py                    # 240 invocations of a 50 ms sleep, 12 authors
     .venv/bin/python bench/scale.py -n 120 --replicas 1 2
+    .venv/bin/python bench/scale.py --hot-only         # only the hot-hit rate
 
 Method
 ------
@@ -17,6 +19,13 @@ Method
 3. Print the throughput per fleet size and its ratio to one replica, and claim latency (stored
    -> started, from the invocations table) p50 and p95, Postgres against SQLite.
 
+4. Hot hits (``--hot-replicas`` replicas, twice on the same workload: ``runner.hot_affinity``
+   false, then true): ``--bundles`` bundles of different code, invoked in ``--waves`` waves; in
+   each wave every author posts one invocation of a bundle drawn with a fixed seed (the same draw
+   in both runs) and the wave ends when all have their results, so every invocation comes from
+   an author with nothing open: the case hot routing decides. The figure is the pool's hot hits
+   over its completed requests, summed over the replicas' /healthz.
+
 Work is assigned to replicas by author, so with A authors over R replicas the shares are as
 even as the hash makes them; 2 cores run every replica, the PDS, the PLC and Postgres here, so
 the ratios say what this machine can show, not what separate hosts would.
@@ -26,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import random
 import sqlite3
 import statistics
 import sys
@@ -41,17 +52,19 @@ from atrund import client
 from atrund.atproto.session import Session
 from atrund.dev.postgres import LocalPostgres
 from atrund.dev.stack import LocalStack
-from atrund.records import INVOCATION, RESULT
+from atrund.records import RESULT
 
 
-def config(directory: Path, stack: LocalStack, runner, authors: list, opts, url: str | None) -> Path:
+def config(directory: Path, stack: LocalStack, runner, authors: list, opts, url: str | None,
+           hot_affinity: bool = True) -> Path:
     directory.mkdir(parents=True)
     (directory / "app-password").write_text(runner.app_password)
     allow = ", ".join(f'"{a.did}"' for a in authors)
     path = directory / "config.toml"
     path.write_text(
-        f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "app-password"\n\n'
-        f'[identity]\nplc_url = "{stack.plc_url}"\n\n[access]\nmode = "allowlist"\nallowlist = [{allow}]\n\n'
+        f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "app-password"\n'
+        f'hot_affinity = {str(hot_affinity).lower()}\n\n'
+        f'{stack.identity_toml()}\n[access]\nmode = "allowlist"\nallowlist = [{allow}]\n\n'
         '[ingest]\npoll_interval = 0.2\n\n'
         f"[limits]\nper_author_per_minute = 1000000\nper_author_burst = 100000\nper_author_backlog = {opts.n}\n\n"
         f'[executor]\nconcurrency = {opts.concurrency}\nwarm = 2\nisolation = "{opts.isolation}"\n\n'
@@ -83,22 +96,13 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
 
     try:
         if url is not None:
-            while True:  # every replica registered (it logged in and migrated)
-                try:
-                    if read("SELECT count(*) FROM replicas")[0][0] >= size:
-                        break
-                except psycopg.Error:
-                    pass
-                await asyncio.sleep(0.2)
+            await _registered(url, size)
         else:
             await asyncio.sleep(3)  # the SQLite runner's start: login, runner record
         per = opts.n // len(authors)
         t0 = time.monotonic()
         for session, bundle in zip(sessions, bundles, strict=True):
-            await session.client.com.atproto.repo.apply_writes({"repo": session.did, "writes": [
-                {"$type": "com.atproto.repo.applyWrites#create", "collection": INVOCATION,
-                 "value": {"$type": INVOCATION, **client.invocation_record(runner.did, bundle, "main", {"i": i})}}
-                for i in range(per)]})
+            await client.invoke_many(session, bundle, runner.did, "main", [{"i": i} for i in range(per)])
         total = per * len(authors)
         while (written := await results_of(stack, runner)) < total:  # on the PDS, as any reader sees them
             if time.monotonic() - t0 > opts.timeout:
@@ -112,6 +116,56 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
     waits = [started - seen for seen, started in read("SELECT seen_at, started_at FROM invocations WHERE started_at IS NOT NULL")]
     return {"label": label, "replicas": size, "invocations": total, "seconds": took, "per_second": total / took,
             "claim_p50_ms": _percentile(waits, 50) * 1000, "claim_p95_ms": _percentile(waits, 95) * 1000}
+
+
+async def run_hot(label: str, affinity: bool, stack, pg: LocalPostgres, authors, sessions, bundles, opts,
+                  tmp: Path) -> dict:
+    """The hot-hit rate of ``opts.hot_replicas`` replicas over the waves (step 4 above)."""
+    runner = stack.create_account(f"runner{label}")
+    url = pg.create(f"scale_{label}")
+    procs = [RunnerProcess(config(tmp / label / f"r{n}", stack, runner, authors, opts, url, affinity),
+                           tmp / label / f"r{n}.log") for n in range(opts.hot_replicas)]
+    for p in procs:
+        p.start()
+    draw = random.Random(14)  # the same bundles in the same order for both runs
+    try:
+        await _registered(url, len(procs))
+        t0 = time.monotonic()
+        for wave in range(opts.waves):
+            await asyncio.gather(*(client.invoke_many(s, draw.choice(bundles), runner.did, "main", [{"i": wave}])
+                                   for s in sessions))
+            while (written := await results_of(stack, runner)) < (wave + 1) * len(sessions):
+                if time.monotonic() - t0 > opts.timeout:
+                    raise SystemExit(f"{label}: {written} results after {opts.timeout} s\n{procs[0].log_tail()}")
+                await asyncio.sleep(0.2)
+        pools = [await _pool(p) for p in procs]
+    finally:
+        for p in procs:
+            p.stop()
+    hits, completed = sum(p["hotHits"] for p in pools), sum(p["completed"] for p in pools)
+    return {"label": label, "affinity": affinity, "hits": hits, "completed": completed, "cold": sum(p["coldStarts"] for p in pools)}
+
+
+async def _registered(url: str, count: int) -> None:
+    """Every replica registered (it logged in and migrated)."""
+    while True:
+        try:
+            with psycopg.connect(url, autocommit=True) as db:
+                if db.execute("SELECT count(*) FROM replicas").fetchone()[0] >= count:
+                    return
+        except psycopg.Error:
+            pass
+        await asyncio.sleep(0.2)
+
+
+async def _pool(proc: RunnerProcess) -> dict:
+    """The replica's pool figures, from its /healthz (its gateway's address is in its log)."""
+    for line in proc.log_path.read_text().splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("event") == "gateway listening":
+            async with aiohttp.ClientSession() as http, http.get(f"{entry['url']}/healthz") as answer:
+                return (await answer.json())["pool"]
+    raise SystemExit(f"{proc.log_path}: no gateway address\n{proc.log_tail()}")
 
 
 async def results_of(stack: LocalStack, runner) -> int:
@@ -136,13 +190,26 @@ async def main(opts) -> int:
             sessions = [await Session.login(stack.pds_url, a.handle, a.app_password) for a in authors]
             source = f"import time\ndef main(args):\n    time.sleep({opts.sleep})\n    return args\n"
             bundles = [(await client.publish(s, None, source.encode(), "python", name="sleep.py")).ref for s in sessions]
-            rows = []
-            if opts.sqlite:
-                rows.append(await run_fleet("sqlite", 1, stack, None, authors, sessions, bundles, opts, tmp))
-            for size in opts.replicas:
-                rows.append(await run_fleet(f"pg{size}", size, stack, pg, authors, sessions, bundles, opts, tmp))
+            rows, hot = [], []
+            if not opts.hot_only:
+                if opts.sqlite:
+                    rows.append(await run_fleet("sqlite", 1, stack, None, authors, sessions, bundles, opts, tmp))
+                for size in opts.replicas:
+                    rows.append(await run_fleet(f"pg{size}", size, stack, pg, authors, sessions, bundles, opts, tmp))
+            if opts.waves:
+                # --bundles bundles of different code (another blob each: another worker), spread over the authors
+                many = [(await client.publish(sessions[n % len(sessions)], None, f"# bundle {n}\n{source}".encode(), "python",
+                                              name=f"hot{n}.py")).ref for n in range(opts.bundles)]
+                for affinity in (False, True):
+                    hot.append(await run_hot(f"hot{int(affinity)}", affinity, stack, pg, authors, sessions, many, opts, tmp))
             for s in sessions:
                 await s.close()
+    for h in hot:
+        print(f"hot hits, {opts.hot_replicas} replicas, {opts.bundles} bundles, {len(authors)} authors x {opts.waves} waves, "
+              f"hot_affinity = {str(h['affinity']).lower()}: {h['hits']} of {h['completed']} runs "
+              f"({h['hits'] / max(1, h['completed']):.0%}), {h['cold']} cold starts")
+    if not rows:
+        return 0
     base = next((r["per_second"] for r in rows if r["label"] == "pg1"), None)
     print(f"{opts.n} invocations of a {opts.sleep * 1000:.0f} ms sleep from {opts.authors} authors, "
           f"concurrency {opts.concurrency} per replica, isolation {opts.isolation}")
@@ -165,4 +232,8 @@ if __name__ == "__main__":
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip the one SQLite runner")
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--hot-replicas", type=int, default=3, help="replicas of the hot-hit runs")
+    p.add_argument("--bundles", type=int, default=24, help="bundles of the hot-hit runs")
+    p.add_argument("--waves", type=int, default=6, help="waves of the hot-hit runs (0: none)")
+    p.add_argument("--hot-only", action="store_true", help="only the hot-hit runs")
     sys.exit(asyncio.run(main(p.parse_args())))

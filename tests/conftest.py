@@ -37,14 +37,16 @@ def atrund(*args: str, env: dict | None = None, cwd: Path | None = None, timeout
 
 
 def serve_config(tmp_path: Path, stack, runner, author, runner_extra: str = "", executor_extra: str = "",
-                 state: dict[str, str] | None = None) -> Path:
-    """A config for `atrund serve` as ``runner``, serving ``author``, polling fast, under isolation
-    none (the bundles these tests run mark host files), the gateway on a free loopback port."""
+                 state: dict[str, str] | None = None, allow: list[str] | None = None, limits: str = "") -> Path:
+    """A config for `atrund serve` as ``runner``, serving ``author`` (or the DIDs ``allow``
+    lists), polling fast, under isolation none (the bundles these tests run mark host files),
+    the gateway on a free loopback port; ``limits``: the ``[limits]`` section's lines."""
     (tmp_path / "pw").write_text(runner.app_password)
     config = tmp_path / "config.toml"
+    allowed = ", ".join(f'"{did}"' for did in (allow or [author.account.did]))
     config.write_text(
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n{runner_extra}'
-        f'{stack.identity_toml()}[access]\nallowlist = ["{author.account.did}"]\n'
+        f'{stack.identity_toml()}[access]\nallowlist = [{allowed}]\n[limits]\n{limits}'
         f'[ingest]\npoll_interval = 0.2\n[executor]\nisolation = "none"\n{executor_extra}'
         '[gateway]\nlisten = "127.0.0.1:0"\n'
         + (f'[state]\ndir = "{tmp_path / "state"}"\n' + "".join(f'{k} = "{v}"\n' for k, v in state.items()) if state else "")

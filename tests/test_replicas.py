@@ -7,14 +7,19 @@ executing one."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import signal
 import time
+from pathlib import Path
 
 import psycopg
 from conftest import atrund, serve_config, serve_subprocess, wait_result
 
+from atrund import client
 from atrund.pgstate import HEARTBEAT, LEASE
+from atrund.records import RESULT
 
 
 async def _replicas_up(url: str, count: int, timeout: float = 60) -> None:
@@ -30,16 +35,16 @@ async def _replicas_up(url: str, count: int, timeout: float = 60) -> None:
     raise AssertionError(f"{count} replicas did not register within {timeout} s")
 
 
-def _serve(count: int, stack, runner, author, tmp_path, pg_url, roles: list[str] | None = None) -> list:
+def _serve(count: int, stack, runner, author, tmp_path, pg_url, roles: list[str] | None = None, **settings) -> list:
     """``count`` replicas (`atrund serve` processes) of ``runner`` on one database; ``roles``: the
-    roles of each, in order (default: all)."""
+    roles of each, in order (default: all); ``settings``: serve_config's other settings."""
     procs = []
     for n in range(count):
         home = tmp_path / f"replica{n}"
         home.mkdir()
         extra = f"roles = {roles[n]}\n".replace("'", '"') if roles else ""
-        procs.append(serve_subprocess(serve_config(home, stack, runner, author, runner_extra=extra, state={"url": pg_url}),
-                                      home / "serve.log"))
+        config = serve_config(home, stack, runner, author, runner_extra=extra, state={"url": pg_url}, **settings)
+        procs.append(serve_subprocess(config, home / "serve.log"))
     return procs
 
 
@@ -157,5 +162,261 @@ async def test_work_goes_to_executing_replicas_and_each_author_stays_on_one(stac
         fleet = {r["pid"]: r for r in json.loads(listed.stdout)["replicas"]}
         assert fleet[procs[0].pid]["ingest_leader"] and fleet[procs[0].pid]["roles"] == ["ingest", "gateway"]
         assert not fleet[procs[1].pid]["ingest_leader"] and fleet[procs[1].pid]["alive"]
+    finally:
+        _stop(procs)
+
+
+# -- bursts: many invocations from many authors over a fleet, every execution counted --------------
+
+BURST_AUTHORS = 10
+BURST_PER_AUTHOR = 100
+# The per-author token bucket lifted: a burst measures the fleet, not the rate limit.
+UNLIMITED = "per_author_per_minute = 1000000\nper_author_burst = 100000\n"
+
+
+def _counting_bundle(runs: Path) -> str:
+    """A bundle whose first act is to append its key and the pid of the replica running it (its
+    worker's parent, under isolation none) to ``runs``: one line per execution, whatever happens
+    after (O_APPEND: lines from many processes never mix)."""
+    return (f"import os, time\ndef main(args):\n    with open({str(runs)!r}, 'a') as f:\n"
+            "        f.write(args['k'] + ' ' + str(os.getppid()) + '\\n')\n"
+            "    time.sleep(args['ms'] / 1000)\n    return {'k': args['k']}\n")
+
+
+async def _post(authors: list, bundle: dict, runner_did: str, per_author: int, ms: int, tag: str = "") -> dict[str, str]:
+    """Each author posts ``per_author`` invocations at once (applyWrites), each to run ``ms``
+    milliseconds (a record holds no floats); key -> invocation URI."""
+    async def post(n: int, a) -> dict[str, str]:
+        keys = [f"{tag}{n}-{i}" for i in range(per_author)]
+        uris = await client.invoke_many(a.session, bundle, runner_did, "main", [{"k": k, "ms": ms} for k in keys])
+        return dict(zip(keys, uris, strict=True))
+
+    return {k: u for part in await asyncio.gather(*(post(n, a) for n, a in enumerate(authors))) for k, u in part.items()}
+
+
+async def _results(reader, runner_did: str) -> dict[str, dict]:
+    """Every result record in the runner's repo: invocation URI -> result."""
+    out, cursor = {}, None
+    while True:
+        page, cursor = await reader.list_records(runner_did, RESULT, cursor)
+        for record in page:
+            out[record["value"]["invocation"]["uri"]] = record["value"]
+        if not cursor or not page:
+            return out
+
+
+async def _all_results(reader, runner_did: str, uris: set[str], tmp_path: Path, timeout: float) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await _results(reader, runner_did)
+        if uris <= found.keys():
+            return found
+        if time.monotonic() > deadline:
+            logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("replica*/serve.log")))
+            raise AssertionError(f"{len(uris - found.keys())} of {len(uris)} invocations have no result after {timeout} s\n{logs}")
+        await asyncio.sleep(1.0)
+
+
+def _ran_once(uris: dict[str, str], results: dict[str, dict], runs: Path, killed: int | None = None) -> collections.Counter:
+    """Every invocation has its one result, and the executions ``runs`` counted agree: a success
+    ran exactly once, an interrupted one at most once and only on the replica ``killed`` (pid).
+    Returns the statuses counted."""
+    ran: dict[str, list[int]] = collections.defaultdict(list)
+    for line in runs.read_text().splitlines() if runs.exists() else []:
+        key, pid = line.split()
+        ran[key].append(int(pid))
+    assert ran.keys() <= uris.keys(), f"executions of keys nobody posted: {sorted(ran.keys() - uris.keys())[:5]}"
+    statuses: collections.Counter = collections.Counter()
+    for key, uri in uris.items():
+        value = results[uri]
+        if value["status"] == "success":
+            assert len(ran[key]) == 1, f"{key} succeeded after {len(ran[key])} executions on {ran[key]}"
+            assert value["data"] == {"k": key}, value
+            statuses["success"] += 1
+        elif value["status"] == "error" and value["error"].startswith("interrupted:"):
+            assert len(ran[key]) <= 1, f"{key}, interrupted, ran {len(ran[key])} times on {ran[key]}"
+            assert set(ran[key]) <= {killed}, f"{key} was recorded as interrupted but ran on a live replica ({ran[key]})"
+            statuses["interrupted"] += 1
+        else:
+            raise AssertionError(f"{key}: unexpected result {value}")
+    return statuses
+
+
+def _count(url: str, sql: str, *params) -> int:
+    with psycopg.connect(url, autocommit=True) as db:
+        return db.execute(sql, params).fetchone()[0]
+
+
+async def _until(url: str, sql: str, at_least: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _count(url, sql) < at_least:
+        assert time.monotonic() < deadline, f"{sql!r} stayed below {at_least} for {timeout} s"
+        await asyncio.sleep(0.1)
+
+
+DONE = "SELECT count(*) FROM invocations WHERE state = 'done'"
+
+
+@contextlib.asynccontextmanager
+async def _burst(name: str, stack, new_account, login_author, tmp_path: Path, pg_url: str):
+    """Three replicas of a new runner; 10 authors each post 100 invocations (50 ms each) of one
+    bundle that counts its executions in ``runs``. Yields (runner, replicas, key -> URI, runs)
+    once they are posted; the replicas are stopped after (those in the list then)."""
+    runner = new_account(name)
+    authors = [await login_author(f"{name}{n}x") for n in range(BURST_AUTHORS)]
+    runs = tmp_path / "runs.txt"
+    bundle = await authors[0].publish(_counting_bundle(runs))
+    procs = _serve(3, stack, runner, authors[0], tmp_path, pg_url, allow=[a.account.did for a in authors], limits=UNLIMITED)
+    try:
+        await _replicas_up(pg_url, 3)
+        yield runner, procs, await _post(authors, bundle, runner.did, BURST_PER_AUTHOR, ms=50), runs
+    finally:
+        _stop(procs)
+
+
+async def test_a_burst_of_1000_survives_kill_9_of_a_busy_replica_and_nothing_runs_twice(stack, new_account, login_author,
+                                                                                     reader, tmp_path, pg_url):
+    """1,000 invocations from 10 authors on 3 replicas; the replica running the most is killed
+    with SIGKILL a fifth of the way in, and started again (a new replica: new id, same
+    configuration). Every invocation gets exactly one result: success, or interrupted for what
+    the dead replica was running; every execution is counted, and none ran twice."""
+    async with _burst("burst", stack, new_account, login_author, tmp_path, pg_url) as (runner, procs, uris, runs):
+        began = time.monotonic()
+        await _until(pg_url, DONE, len(uris) // 5)
+        with psycopg.connect(pg_url, autocommit=True) as db:  # the replica running the most, now
+            while (busiest := db.execute(
+                    "SELECT r.pid, r.id FROM invocations i JOIN replicas r ON r.id = i.replica WHERE i.state = 'running' "
+                    "GROUP BY r.pid, r.id ORDER BY count(*) DESC LIMIT 1").fetchone()) is None:
+                await asyncio.sleep(0.01)  # between two runs
+        victim_pid, victim_id = busiest
+        n = next(n for n, p in enumerate(procs) if p.pid == victim_pid)
+        procs[n].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        procs[n].wait()
+        home = tmp_path / f"replica{n}"
+        procs[n] = serve_subprocess(home / "config.toml", home / "serve.log")
+        held = "SELECT count(*) FROM invocations WHERE replica = %s AND state IN ('pending', 'running')"
+        while _count(pg_url, held, victim_id):
+            assert time.monotonic() - killed < LEASE + HEARTBEAT + 20, "nobody took over what the dead replica held"
+            await asyncio.sleep(0.2)
+        took = time.monotonic() - killed
+        results = await _all_results(reader, runner.did, set(uris.values()), tmp_path, timeout=300)
+        finished = time.monotonic() - began
+        statuses = _ran_once(uris, results, runs, killed=victim_pid)
+        print(f"kill -9 burst: {len(uris)} invocations from {BURST_AUTHORS} authors on 3 replicas, every result in "
+              f"{finished:.1f} s; {dict(statuses)}; the dead replica's work taken over {took:.1f} s after SIGKILL")
+        assert statuses["interrupted"] >= 1, "the replica was killed while it ran something"
+        assert took <= 15, f"taken over after {took:.1f} s (documented: within 15 s)"
+
+
+async def test_postgres_restarted_twice_mid_burst_the_replicas_heal_and_nothing_runs_twice(stack, new_account, login_author,
+                                                                                        reader, tmp_path, postgres, pg_url):
+    """1,000 invocations from 10 authors on 3 replicas, and Postgres stopped under them twice
+    (pg_ctl stop -m fast, then -m immediate, each down a second) and started again: the replicas
+    reconnect by themselves, none exits, every invocation succeeds exactly once."""
+    async with _burst("pgdown", stack, new_account, login_author, tmp_path, pg_url) as (runner, procs, uris, runs):
+        began = time.monotonic()
+        healed = []
+        for share, mode in ((5, "fast"), (2, "immediate")):
+            await _until(pg_url, DONE, len(uris) // share)
+            before = _count(pg_url, DONE)
+            await asyncio.to_thread(postgres.restart, mode, 1.0)
+            back = time.monotonic()
+            await _until(pg_url, DONE, before + 10, timeout=60)  # work goes on
+            healed.append(time.monotonic() - back)
+        results = await _all_results(reader, runner.did, set(uris.values()), tmp_path, timeout=300)
+        finished = time.monotonic() - began
+        statuses = _ran_once(uris, results, runs)
+        print(f"Postgres restarted twice mid-burst: {len(uris)} invocations on 3 replicas, every result in {finished:.1f} s; "
+              f"{dict(statuses)}; ten more done {healed[0]:.1f} s and {healed[1]:.1f} s after each start")
+        assert statuses == {"success": len(uris)}, "a restart of the database loses nothing and interrupts nothing"
+        assert [p.poll() for p in procs] == [None] * len(procs), "no replica exited"
+
+
+def _slot_of(url: str, did: str, replicas: int) -> int:
+    """Which of ``replicas`` live executing replicas (in id order) an author with nothing open is
+    assigned to: migration 3's hash, known before the replicas start."""
+    with psycopg.connect(url, autocommit=True) as db:
+        return db.execute("SELECT (hashtext(%s) & 2147483647) %% %s", (did, replicas)).fetchone()[0]
+
+
+async def test_one_author_floods_500_and_the_others_still_start_within_a_few_executions(stack, new_account, login_author,
+                                                                                       reader, tmp_path, pg_url):
+    """Fairness across the fleet: one author posts 500 invocations, each allowed to take every
+    slot of its replica (per-author concurrency = concurrency = 4); once it is under way, three
+    others post three each, two of them assigned to the flooded replica. Round-robin between
+    authors (atrund.schedule) bounds each of theirs: few of the flood's executions start between
+    its arrival and its start, where first-come-first-served would put it behind hundreds."""
+    runner = new_account("flood")
+    flood = await login_author("flooder")
+    runs = tmp_path / "runs.txt"
+    others, wanted = [], {True: 2, False: 1}  # on the flooded replica or not: how many more are needed
+    while any(wanted.values()):
+        a = await login_author("other")
+        if wanted[on := _slot_of(pg_url, a.account.did, 2) == _slot_of(pg_url, flood.account.did, 2)]:
+            wanted[on] -= 1
+            others.append(a)
+    procs = _serve(2, stack, runner, flood, tmp_path, pg_url, allow=[a.account.did for a in [flood, *others]],
+                   limits=UNLIMITED + "per_author_concurrency = 4\n")
+    try:
+        await _replicas_up(pg_url, 2)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            flooded = db.execute("SELECT id FROM replicas ORDER BY id").fetchall()[_slot_of(pg_url, flood.account.did, 2)][0]
+        bundle = await flood.publish(_counting_bundle(runs))
+        await _post([flood], bundle, runner.did, 500, ms=100, tag="flood")
+        await _until(pg_url, DONE, 40)
+        mine = [await a.publish(_counting_bundle(runs)) for a in others]
+        posted = [await _post([a], b, runner.did, 3, ms=100, tag=f"other{n}") for n, (a, b) in enumerate(zip(others, mine,
+                                                                                                           strict=True))]
+        theirs = {k: u for part in posted for k, u in part.items()}
+        results = await _all_results(reader, runner.did, set(theirs.values()), tmp_path, timeout=120)
+        assert all(results[u]["status"] == "success" for u in theirs.values())
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            starts = sorted(t for (t,) in db.execute("SELECT started_at FROM invocations WHERE author = %s AND started_at "
+                                                     "IS NOT NULL", (flood.account.did,)))
+            rows = db.execute("SELECT uri, seen_at, started_at, replica FROM invocations WHERE uri = ANY(%s)",
+                              (list(theirs.values()),)).fetchall()
+        ahead = {uri: sum(seen < t < started for t in starts) for uri, seen, started, _ in rows}
+        backlog = {uri: 500 - sum(t < seen for t in starts) for uri, seen, _, _ in rows}  # FIFO: behind these
+        on_flooded = [uri for uri, _, _, replica in rows if replica == flooded]
+        print(f"fairness flood: the others' invocations started after {sorted(ahead.values())} of the flood's executions "
+              f"(first-come-first-served: behind {min(backlog.values())}-{max(backlog.values())}); "
+              f"{len(on_flooded)} of {len(rows)} ran on the flooded replica")
+        assert len(on_flooded) >= 6, "two of the other authors share the flooded replica"
+        assert min(backlog.values()) >= 100, "the others came while the flood was still waiting"
+        # Measured: at most 10 (the flood keeps starting while the store tells the replica of new
+        # work, and the ring gives the flood one turn in three). 4 per slot of the replica:
+        assert max(ahead.values()) <= 4 * 4, "each starts within a few of the flood's executions per slot"
+    finally:
+        _stop(procs)
+
+
+async def test_new_authors_invocations_of_a_bundle_go_to_the_replica_hot_for_it(stack, new_account, login_author, reader,
+                                                                               tmp_path, pg_url):
+    """Hot routing with real replicas: once one replica has run a bundle (and keeps a worker hot
+    for it), new authors' invocations of it run there too, even those of authors the hash sends
+    to the other replica; they reuse its hot worker."""
+    runner = new_account("hot")
+    first = await login_author("hotfirst")
+    others = []  # authors the hash puts on the replica the first author's is not on
+    while len(others) < 3:
+        a = await login_author("hotother")
+        if _slot_of(pg_url, a.account.did, 2) != _slot_of(pg_url, first.account.did, 2):
+            others.append(a)
+    bundle = await first.publish("import os\ndef main(args):\n    return {'pid': os.getpid()}\n")
+    procs = _serve(2, stack, runner, first, tmp_path, pg_url, allow=[a.account.did for a in [first, *others]])
+    try:
+        await _replicas_up(pg_url, 2)
+        worker = (await wait_result(reader, runner.did, await first.invoke(bundle, runner.did)))["data"]["pid"]
+        told = "SELECT count(*) FROM replicas WHERE %s = ANY(hot)"
+        deadline = time.monotonic() + 2 * HEARTBEAT
+        while not _count(pg_url, told, bundle["cid"]):
+            assert time.monotonic() < deadline, "the replica that ran the bundle told the fleet it is hot for it"
+            await asyncio.sleep(0.05)
+        pids = [(await wait_result(reader, runner.did, await a.invoke(bundle, runner.did)))["data"]["pid"] for a in others]
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            ran_on = {r for (r,) in db.execute("SELECT DISTINCT replica FROM invocations WHERE state = 'done'")}
+        assert len(ran_on) == 1, "every one ran on the hot replica, not where the hash of its author points"
+        assert pids == [worker] * len(others), "in the worker kept hot from the first run"
     finally:
         _stop(procs)

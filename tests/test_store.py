@@ -173,12 +173,18 @@ def test_bundle_state_commits_with_the_outcome_in_code_point_order(open_store):
 def test_postgres_migrations_are_versioned_and_applied_once(pg_url):
     import psycopg
 
-    from atrund.pgstate import LATEST, PgState, migrate_url
+    from atrund.pgstate import LATEST, MIGRATIONS, PgState, migrate_url
 
     assert migrate_url(pg_url) == (0, LATEST)
     assert migrate_url(pg_url) == (LATEST, LATEST)
     with psycopg.connect(pg_url, autocommit=True) as db:
-        assert [v for (v,) in db.execute("SELECT version FROM schema_migrations ORDER BY version")] == list(range(1, LATEST + 1))
+        assert [v for (v,) in db.execute("SELECT version FROM schema_migrations ORDER BY version")] == [v for v, _, _ in MIGRATIONS]
+        # a version below the newest that this database lacks (they may land apart) is applied too
+        db.execute("DELETE FROM schema_migrations WHERE version = 5")
+        db.execute("DROP TABLE bundle_state")
+    assert migrate_url(pg_url) == (LATEST, LATEST)
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        assert db.execute("SELECT count(*) FROM bundle_state").fetchone() == (0,)
         db.execute("INSERT INTO schema_migrations(version, description) VALUES (%s, 'from the future')", (LATEST + 1,))
     with pytest.raises(StoreError, match="newer than this atrund knows"):
         PgState(pg_url)
@@ -292,6 +298,47 @@ def test_replicas_share_used_tokens_the_access_policy_and_bundle_state_locks(pg_
     finally:
         one.close()
         two.close()
+
+
+def test_a_new_author_goes_to_a_replica_hot_for_the_bundle_while_it_keeps_up(pg_url):
+    """Migration 7: an author with nothing open is assigned to a live replica that said it holds
+    hot workers for the invocation's bundle; an author with open work stays where it is; a hot
+    replica whose oldest waiting invocation waited past AFFINITY_WAIT gets no new authors (the
+    hash of the author decides, as for a bundle nobody is hot for)."""
+    import psycopg
+
+    from atrund.pgstate import AFFINITY_WAIT, PgState
+
+    cold, hot = PgState(pg_url), PgState(pg_url)
+    authors = [f"did:plc:author{n}" for n in range(16)]
+
+    def invoke(author: str, cid: str, n: int) -> str:
+        uri = f"at://{author}/dev.atrun.invocation/{cid}{n}"
+        cold.accept(uri, author, "c", {"bundle": {"uri": "at://did:plc:b/dev.atrun.bundle/b", "cid": cid}})
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            return db.execute("SELECT replica FROM invocations WHERE uri = %s", (uri,)).fetchone()[0]
+
+    try:
+        cold.heartbeat()
+        hot.heartbeat(["bafyhot"])
+        by_hash = {author: invoke(author, "bafycold", 0) for author in authors}
+        assert set(by_hash.values()) == {cold.replica, hot.replica}, "a bundle nobody is hot for: the hash spreads authors"
+        for author in authors:  # open work holds them where the hash put them, hot or not
+            assert invoke(author, "bafyhot", 1) == by_hash[author]
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute("UPDATE invocations SET state = 'done'")
+            assert [invoke(author, "bafyhot", 2) for author in authors] == [hot.replica] * 16, "nothing open: the hot one"
+            db.execute("UPDATE invocations SET state = 'done'")
+            db.execute("UPDATE invocations SET state = 'pending', seen_at = seen_at - %s WHERE uri = %s",
+                       (AFFINITY_WAIT + 1, f"at://{authors[0]}/dev.atrun.invocation/bafyhot2"))  # one waits: it lags
+        assert {author: invoke(author, "bafyhot", 3) for author in authors[1:]} == {a: by_hash[a] for a in authors[1:]}
+        hot.heartbeat([])  # told it holds none (runner.hot_affinity = false, or they idled out)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute("UPDATE invocations SET state = 'done'")
+        assert {author: invoke(author, "bafyhot", 4) for author in authors} == by_hash
+    finally:
+        cold.close()
+        hot.close()
 
 
 def test_postgres_restarting_is_a_store_fault_that_heals(pg_url, postgres):

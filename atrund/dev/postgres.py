@@ -18,6 +18,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from atrund.dev.stack import _free_ports
@@ -84,13 +85,13 @@ class LocalPostgres:
         self._pg_ctl("start")
         return self
 
-    def _pg_ctl(self, action: str) -> None:
+    def _pg_ctl(self, action: str, mode: str = "immediate") -> None:
         if action == "start":
             options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
                        "-c full_page_writes=off -c max_connections=200")
             args = ("-l", str(self.dir / "log"), "-o", options, "-t", "60", "start")
-        else:  # stop at once, as a crash would: nothing here needs a clean shutdown
-            args = ("-m", "immediate", "stop")
+        else:  # immediate by default, as a crash would: nothing here needs a clean shutdown
+            args = ("-m", mode, "stop")
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-w", *args)
 
     def stop(self) -> None:
@@ -103,9 +104,12 @@ class LocalPostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None
 
-    def restart(self) -> None:
-        """Stop the server at once (as a crash would) and start it again on the same port."""
-        self._pg_ctl("stop")
+    def restart(self, mode: str = "immediate", down: float = 0.0) -> None:
+        """Stop the server (``mode``: pg_ctl's immediate, as a crash would; fast: sessions are
+        ended and the server shuts down cleanly), leave it down ``down`` seconds, and start it
+        again on the same port."""
+        self._pg_ctl("stop", mode)
+        time.sleep(down)
         self._pg_ctl("start")
 
     def create(self, database: str) -> str:

@@ -298,6 +298,7 @@ class WorkerPool:
         self._refills: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._busy = 0
+        self._reusing: collections.Counter[str] = collections.Counter()  # code paths being run now by a reusable worker
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -367,6 +368,11 @@ class WorkerPool:
             q.clear()
         self._hot.clear()
         await asyncio.gather(*(lease.kill() for lease in leases), return_exceptions=True)
+
+    def hot_code(self) -> set[str]:
+        """The code paths (bundle blobs) this pool holds a hot worker for, idle or serving one of
+        their requests now (what replicas tell each other: atrund.pgstate, migration 7)."""
+        return {key[1] for key in self._hot} | {path for path, n in self._reusing.items() if n}
 
     def stats(self) -> PoolStats:
         lat = sorted(self._latencies)
@@ -519,6 +525,8 @@ class WorkerPool:
             return _fail(f"runtime {runtime!r} is not offered here (offered: {', '.join(self.runtimes)})", "UnknownRuntime")
         key = reuse_key(rt.name, request) if self.settings.reuse == "bundle" else None
         self._busy += 1
+        if key is not None:
+            self._reusing[request.code_path] += 1
         self._idle.clear()
         started = time.monotonic()
         try:
@@ -532,6 +540,10 @@ class WorkerPool:
                     self._discard(lease)
         finally:
             self._busy -= 1
+            if key is not None:
+                self._reusing[request.code_path] -= 1
+                if not self._reusing[request.code_path]:
+                    del self._reusing[request.code_path]
             if self._busy == 0:
                 self._idle.set()
         self._latencies.append((time.monotonic() - started) * 1000)

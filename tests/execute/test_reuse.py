@@ -182,7 +182,7 @@ async def test_a_bundle_that_poisons_its_process_hurts_only_its_key(isolation, p
 async def test_reuse_never_gives_every_request_its_own_worker(isolation, pool):
     executor = pool(reuse="never")
     tokens = {(await run(executor, probe("whoami")))["token"] for _ in range(3)}
-    assert len(tokens) == 3 and executor.stats().hot == 0
+    assert len(tokens) == 3 and executor.stats().hot == 0 and executor.hot_code() == set()
 
 
 async def test_max_requests_idle_time_and_the_hot_cap_replace_workers(isolation, pool, tmp_path):
@@ -194,10 +194,10 @@ async def test_max_requests_idle_time_and_the_hot_cap_replace_workers(isolation,
     other = tmp_path / "other.py"
     shutil.copyfile(PROBE, other)
     await run(executor, probe("whoami", code_path=other))  # hot_max=1: the first key's worker is evicted
-    assert executor.stats().hot == 1
+    assert executor.stats().hot == 1 and executor.hot_code() == {str(other)}, "what replicas tell the fleet is hot"
     assert (await run(executor, probe("whoami")))["token"] != tokens[3]
     await asyncio.sleep(2.5)  # past max_idle_seconds: the sweeper stops idle workers
-    assert executor.stats().hot == 0
+    assert executor.stats().hot == 0 and executor.hot_code() == set()
 
 
 async def test_a_worker_is_retired_before_less_than_one_cpu_budget_is_left(isolation, pool):
