@@ -82,8 +82,11 @@ def private_dir(path: Path) -> None:
 
 
 class App:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, helper=None, password: str | None = None) -> None:
+        """``helper`` and ``password``: what serve kept from before it dropped to ``[runner] user``
+        (privsep.py): the privileged helper the backend asks for root work, and the app password."""
         self.cfg = cfg
+        self._password = password
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds,
@@ -98,7 +101,7 @@ class App:
         self.problems = Health()
         self.supervisor = Supervisor(self.problems)
         self.meters = Meters()
-        self.executor = create_executor(cfg.executor, cfg.executor.isolation)
+        self.executor = create_executor(cfg.executor, cfg.executor.isolation, helper)
         extensions = {name: rt.extension for name, rt in self.executor.runtimes.items()}
         self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes, extensions)
         # Built by start(), once the runner is logged in: they write as it, or need its DID.
@@ -126,7 +129,7 @@ class App:
     async def start(self) -> None:
         cfg = self.cfg
         r, e, ingest = cfg.runner, cfg.executor, cfg.ingest
-        self.session = session = await Session.login(r.pds, r.identifier, r.password())
+        self.session = session = await Session.login(r.pds, r.identifier, self._password or r.password())
         self.writer = ResultWriter(session, self.state, self.quarantine, self.problems)
         await self.policy.start(session.did, r.pds)
         if cfg.ingest.authors is not None:  # handles there too, resolved like the access lists
