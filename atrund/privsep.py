@@ -35,10 +35,9 @@ import structlog
 
 from atrund.config import Config, ConfigError
 from atrund.errors import DropFailed, ExecutorError
-from atrund.execute.process.backend import CGROUP_CONTROLLERS, CGROUP_ROOT, cgroup_name, helper_policy
-from atrund.execute.process.forked import SYSTEM_PYTHON, ForkServer, programs
+from atrund.execute.process.backend import CGROUP_CONTROLLERS, CGROUP_ROOT, cgroup_name, privileged_helper
+from atrund.execute.process.forked import ForkServer
 from atrund.execute.registry import canonical
-from atrund.execute.runtimes import load_runtimes
 from atrund.execute.workdir import work_root
 
 log = structlog.get_logger("atrund.privsep")
@@ -122,10 +121,7 @@ def drop_privileges(cfg: Config) -> Dropped:
     hand_over(cfg, isolation, uid, gid)
     helper = None
     if isolation in HELPED:
-        policy = helper_policy(e, list(cfg.permissions.read), list(cfg.permissions.write), uid, gid)
-        policy["work_root"] = os.path.abspath(policy["work_root"])
-        preload = programs(load_runtimes(e.runtimes_dir).values(), SYSTEM_PYTHON) if isolation == "process" else []
-        helper = ForkServer(SYSTEM_PYTHON, preload, policy)
+        helper = privileged_helper(e, isolation == "process", list(cfg.permissions.read), list(cfg.permissions.write), uid, gid)
         try:
             helper.launch()
         except ExecutorError as err:

@@ -537,7 +537,7 @@ def helper_policy(settings, grant_read: list[str], grant_write: list[str], uid: 
     never by a request. Called by privsep.py before the drop."""
     runtimes = load_runtimes(settings.runtimes_dir).values()
     return {
-        "work_root": str(work_root(settings.work_dir)),
+        "work_root": os.path.abspath(work_root(settings.work_dir)),
         "uid_base": settings.process.uid_base, "uids": settings.process.uids,
         "share_gid": gid,
         "cgroups": [str(CGROUP_ROOT / c / cgroup_name(uid)) for c in CGROUP_CONTROLLERS],
@@ -546,6 +546,14 @@ def helper_policy(settings, grant_read: list[str], grant_write: list[str], uid: 
                                "syscalls": seccomp_allowlist(rt, settings.process.seccomp)} for rt in runtimes},
         "fixed": {"read": SYSTEM_READ, "write": SYSTEM_WRITE, "keep": kept_in_run(), "env": WORKER_ENV},
     }
+
+
+def privileged_helper(settings, forks: bool, grant_read: list[str], grant_write: list[str], uid: int, gid: int) -> ForkServer:
+    """The privileged helper of a runner running as ``uid``:``gid`` (not started yet): a fork
+    server with helper_policy's policy, which preloads the runtimes if it ``forks`` workers
+    (process) and not if it only makes network namespaces (container)."""
+    preload = programs(load_runtimes(settings.runtimes_dir).values(), SYSTEM_PYTHON) if forks else []
+    return ForkServer(SYSTEM_PYTHON, preload, helper_policy(settings, grant_read, grant_write, uid, gid))
 
 
 def kept_in_run() -> list[str]:
