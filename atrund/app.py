@@ -87,6 +87,7 @@ class App:
         (privsep.py): the privileged helper the backend asks for root work, and the app password."""
         self.cfg = cfg
         self._password = password
+        self._helped = helper is not None
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds,
@@ -276,6 +277,9 @@ class App:
                 # the runner record announces the mode and its source
                 await self.session.put_record(RUNNER, "self", self.declaration(self._gateway_url).to_record())
         if new.permissions != self.cfg.permissions:
+            if self._helped and (new.permissions.read, new.permissions.write) != (self.cfg.permissions.read, self.cfg.permissions.write):
+                log.warning("[permissions] read and write paths are checked again by the privileged helper, against "
+                            "the lists it started with: a path granted since is refused until the runner restarts")
             self.grants = PermissionPolicy.from_config(new.permissions)
             if self.pipeline is not None:
                 self.pipeline.grants = self.grants
