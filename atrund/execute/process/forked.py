@@ -120,37 +120,31 @@ class ForkServer:
     async def spawn(self, spec: dict, network: bool, fds: list[int]) -> tuple[int, int, asyncio.Future]:
         """A fenced worker on ``fds`` (stdin, stdout, stderr): its init's pid, a pidfd on it, and
         a future of its exit code (None if the fork server died first)."""
+        return await self._ask({"spec": spec, "network": network}, fds, "fork a worker")
+
+    async def call(self, request: dict) -> tuple[dict, list[int]]:
+        """One of the helper's requests (mount, unmount, netns): its answer and descriptors."""
+        return await self._ask(request, [], "answer", call=True)
+
+    async def _ask(self, request: dict, fds: list[int], doing: str, call: bool = False):
         if self.gone or self.sock is None:
             raise ExecutorError(f"the fork server is not running: {self.gone or 'not started'}")
         rid = next(self._ids)
         reply = asyncio.get_running_loop().create_future()
         self._replies[rid] = reply
-        message = json.dumps({"id": rid, "spec": spec, "network": network}).encode()
+        if call:
+            self._calls.add(rid)
+        message = json.dumps({"id": rid, **request}).encode()
         try:
-            socket.send_fds(self.sock, [message], fds)
+            if fds:
+                socket.send_fds(self.sock, [message], fds)
+            else:
+                self.sock.send(message)
             return await asyncio.wait_for(reply, REPLY_TIMEOUT)
         except asyncio.TimeoutError:
-            raise ExecutorError(f"the fork server did not fork a worker in {REPLY_TIMEOUT:.0f} s") from None
+            raise ExecutorError(f"the fork server did not {doing} in {REPLY_TIMEOUT:.0f} s") from None
         except OSError as e:
             raise ExecutorError(f"cannot reach the fork server: {e.strerror}") from e
-        finally:
-            self._replies.pop(rid, None)
-
-    async def call(self, request: dict) -> tuple[dict, list[int]]:
-        """One of the helper's requests (mount, unmount, netns): its answer and descriptors."""
-        if self.gone or self.sock is None:
-            raise ExecutorError(f"the privileged helper (the fork server) is not running: {self.gone or 'not started'}")
-        rid = next(self._ids)
-        reply = asyncio.get_running_loop().create_future()
-        self._replies[rid] = reply
-        self._calls.add(rid)
-        try:
-            self.sock.send(json.dumps({"id": rid, **request}).encode())
-            return await asyncio.wait_for(reply, REPLY_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise ExecutorError(f"the privileged helper did not answer in {REPLY_TIMEOUT:.0f} s") from None
-        except OSError as e:
-            raise ExecutorError(f"cannot reach the privileged helper: {e.strerror}") from e
         finally:
             self._replies.pop(rid, None)
             self._calls.discard(rid)
@@ -220,7 +214,7 @@ class ForkServer:
                 for fd in fds:
                     os.close(fd)
             elif "error" in msg:
-                reply.set_exception(ExecutorError(f"the privileged helper refused: {msg['error']}"))
+                reply.set_exception(ExecutorError(f"the fork server (the privileged helper) refused: {msg['error']}"))
             else:
                 reply.set_result((msg, fds))
             return
