@@ -59,8 +59,9 @@ def _status(pid: int) -> dict[str, str]:
 
 @pytest.fixture
 def home():
-    """A directory the daemon's uid can reach (0711; its contents are handed over by serve)."""
-    path = Path(tempfile.mkdtemp(prefix="atrund-privsep-"))
+    """A directory the daemon's uid can reach (0711; its contents are handed over by serve), outside
+    /tmp (which a process worker has its own of, so its files would be out of sight, not denied)."""
+    path = Path(tempfile.mkdtemp(prefix="atrund-privsep-", dir="/var/tmp"))
     path.chmod(0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -131,6 +132,14 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
                     break
                 await asyncio.sleep(0.1)
             assert not _running_workers(), "a spinning worker outlived its deadline"
+        if isolation == "process":  # hostile bundles against a dropped runner: its files and itself are out of reach
+            hostile = Path(__file__).parent / "hostile" / "python"
+            database = home / "state" / "atrund.sqlite3"  # the runner's, now the daemon user's
+            for path in (database, home / "pw", Path("/etc/shadow")):
+                read = await answer(await author.publish((hostile / "read_file.py").read_text()), args={"path": str(path)})
+                assert read["data"] == {"denied": "PermissionError"}, (path, read["data"])
+            await answer(await author.publish((hostile / "signal_parent.py").read_text()), args={"sentinel": proc.pid})
+            assert proc.poll() is None  # the runner (whose uid is not the worker's) survives kill(pid) and kill(-1)
         status = _status(proc.pid)
         uid, gid = user_ids(str(DAEMON_UID))
         assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [str(gid)] * 4, status
