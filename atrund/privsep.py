@@ -9,7 +9,8 @@ before the event loop and before any thread exists:
    work root, which granted roots. It stays root and does only what the policy allows
    (forkserver.py: fork a fenced worker, mount or detach a worker's /tmp, make an egress
    namespace, kill a worker it forked), told only names and numbers, each checked. Backends
-   without root work (none) need no helper; microvm and auto are refused for now;
+   without root work (none) need no helper; auto is probed first (as root, as it always is),
+   and microvm is refused for now;
 2. hand over what the runner writes: the state directory (its files), the key files, the work
    root, and a cgroup parent of its own (``atrund/u{uid}`` under memory and pids);
 3. read what only root may read and the runner needs once: the app password;
@@ -35,9 +36,10 @@ import structlog
 
 from atrund.config import Config, ConfigError
 from atrund.errors import DropFailed, ExecutorError
+from atrund.execute.probe import choose
 from atrund.execute.process.backend import CGROUP_CONTROLLERS, CGROUP_ROOT, cgroup_name, privileged_helper
 from atrund.execute.process.forked import ForkServer
-from atrund.execute.registry import canonical
+from atrund.execute.registry import AUTO, canonical
 from atrund.execute.workdir import work_root
 
 log = structlog.get_logger("atrund.privsep")
@@ -106,8 +108,10 @@ def drop_privileges(cfg: Config) -> Dropped:
     uid, gid = user_ids(cfg.runner.user)
     e = cfg.executor
     isolation = canonical(e.isolation)
+    if isolation == AUTO:  # probed now, as root, as auto always is: the runner could not probe process once dropped
+        isolation = e.isolation = choose(e)
     if isolation not in HELPED + WITHOUT_ROOT:
-        raise ConfigError(f"executor.isolation: {e.isolation} cannot run under runner.user yet; "
+        raise ConfigError(f"executor.isolation: {isolation} cannot run under runner.user yet; "
                           f"use one of {', '.join(HELPED + WITHOUT_ROOT)}")
     if isolation == "process" and not e.process.fork_server:
         raise ConfigError("executor.process.fork_server: an unprivileged runner (runner.user) starts every worker "

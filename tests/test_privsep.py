@@ -86,7 +86,7 @@ def _config(home: Path, stack, runner, author, isolation: str, port: int) -> Pat
     return config
 
 
-@pytest.fixture(params=["process", "container"])
+@pytest.fixture(params=["process", "container", "auto"])
 def isolation(request) -> str:
     if request.param == "container":
         request.getfixturevalue("container_engine")
@@ -99,7 +99,8 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
     network to a loopback server, which goes through a namespace the helper made) while the serve
     process itself has the daemon's uid and gid in every slot, no capability at all (effective,
     permitted, bounding), no_new_privs, and only the groups its backend needs (the Docker
-    socket's under container). Before: serve ran as root."""
+    socket's under container). Under auto, the backend probed as root before the drop. Before:
+    serve ran as root."""
     server = await asyncio.start_server(lambda r, w: (w.write(b"hello from the host"), w.close()), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     runner = new_account("unprivileged")
@@ -122,17 +123,19 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
 
     try:
         first = await answer(plain)
+        backend = first["metrics"]["isolation"]  # auto: what it chose, probed as root before the drop
+        assert backend == isolation or (isolation == "auto" and backend in ("process", "container")), backend
         second = await answer(networked, args={"port": port})
         assert second["data"]["heard"] == "hello from the host"
         assert first["data"]["uid"] not in (0, DAEMON_UID)  # the worker has a uid of its own, as before
-        if isolation == "process":  # killed past its deadline by the helper: the runner may not signal a worker's uid
+        if backend == "process":  # killed past its deadline by the helper: the runner may not signal a worker's uid
             await answer(spinning, status="timeout", timeout=2)
             for _ in range(100):
                 if not _running_workers():
                     break
                 await asyncio.sleep(0.1)
             assert not _running_workers(), "a spinning worker outlived its deadline"
-        if isolation == "process":  # hostile bundles against a dropped runner: its files and itself are out of reach
+        if backend == "process":  # hostile bundles against a dropped runner: its files and itself are out of reach
             hostile = Path(__file__).parent / "hostile" / "python"
             database = home / "state" / "atrund.sqlite3"  # the runner's, now the daemon user's
             for path in (database, home / "pw", Path("/etc/shadow")):
@@ -146,7 +149,7 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
         assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == status["CapAmb"] == "0" * 16, status
         assert status["NoNewPrivs"] == "1"
         groups = {int(g) for g in status["Groups"].split()}
-        expected = {gid} | ({os.stat("/var/run/docker.sock").st_gid} if isolation == "container" else set())
+        expected = {gid} | ({os.stat("/var/run/docker.sock").st_gid} if backend == "container" else set())
         assert groups == expected, status["Groups"]
         helper = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert any(_status(p)["Uid"].split()[0] == "0" for p in helper)  # the privileged helper stays root
