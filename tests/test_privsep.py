@@ -52,6 +52,16 @@ def _running_workers() -> list[int]:
     return found
 
 
+def as_the_unit_starts_it() -> list[str]:
+    """setpriv with what packaging/atrund.service gives serve before it starts: its capability
+    bounding set and no_new_privs. So the unit's capabilities are shown to be enough."""
+    unit = (ROOT / "packaging" / "atrund.service").read_text().splitlines()
+    caps = next(line.split("=", 1)[1].split() for line in unit if line.startswith("CapabilityBoundingSet="))
+    assert "NoNewPrivileges=yes" in unit
+    bounding = ",".join(["-all", *(f"+{cap.removeprefix('CAP_').lower()}" for cap in caps)])
+    return [shutil.which("setpriv") or "setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--"]
+
+
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
@@ -96,7 +106,8 @@ def isolation(request) -> str:
 async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_with_network(
         isolation, stack, new_account, author, reader, home):
     """`atrund serve` with `[runner] user` set answers invocations (a plain one, and one granted
-    network to a loopback server, which goes through a namespace the helper made) while the serve
+    network to a loopback server, which goes through a namespace the helper made), started as
+    packaging/atrund.service starts it (only its capabilities, and no_new_privs), while the serve
     process itself has the daemon's uid and gid in every slot, no capability at all (effective,
     permitted, bounding), no_new_privs, and only the groups its backend needs (the Docker
     socket's under container). Under auto, the backend probed as root before the drop. Before:
@@ -110,8 +121,8 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
     networked = await author.publish(SOURCE, permissions={"net": [f"127.0.0.1:{port}"]})
     log = home / "serve.log"
     with open(log, "a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen([*as_the_unit_starts_it(), sys.executable, "-m", "atrund.cli", "serve", "-c", str(config),
+                                 "--json-logs"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
     async def answer(bundle, status="success", **fields):
         try:
