@@ -176,7 +176,8 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
 
 
 def test_an_unknown_user_is_one_clear_line(tmp_path):
-    """`[runner] user` naming no user: serve stops at once with one line naming it, not a traceback."""
+    """`[runner] user` naming no user (or root): serve stops at once with one line naming it, not a
+    traceback; check-config warns of it first."""
     config = tmp_path / "config.toml"
     (tmp_path / "pw").write_text("x")
     config.write_text('[runner]\npds = "http://localhost:1"\nidentifier = "a.test"\npassword_file = "pw"\n'
@@ -186,3 +187,8 @@ def test_an_unknown_user_is_one_clear_line(tmp_path):
     assert result.returncode == 55, result.stderr
     assert "runner.user: no such user 'no-such-user-here'" in result.stderr
     assert "Traceback" not in result.stderr
+    checked = atrund("check-config", "-c", str(config))  # said before serve is ever started
+    assert checked.returncode == 0 and "runner.user: no such user 'no-such-user-here'" in checked.stderr, checked.stderr
+    config.write_text(config.read_text().replace('user = "no-such-user-here"', 'user = "0:0"'))
+    root = atrund("serve", "-c", str(config), timeout=60)
+    assert root.returncode == 55 and "runner.user: '0:0' is root" in root.stderr, root.stderr

@@ -46,6 +46,14 @@ def check_config(config_path: Path) -> None:
         cfg.runner.password()
     except ConfigError as e:
         warn(f"{e} (`atrund serve` would stop there)")
+    if cfg.runner.user is not None:
+        from atrund.errors import DropFailed
+        from atrund.privsep import user_ids
+
+        try:
+            user_ids(cfg.runner.user)
+        except DropFailed as e:
+            warn(f"{e} (`atrund serve` would stop there)")
     if cfg.access.mode == "allowlist" and not cfg.access.allowlist:
         try:
             allowed = _policy_file(cfg).read().allow

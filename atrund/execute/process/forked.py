@@ -270,7 +270,10 @@ class ForkServer:
         if self.sock is not None:
             self._lost("it was stopped")
         if self.process is not None:
-            self.process.kill()
+            try:
+                self.process.kill()
+            except PermissionError:
+                pass  # an unprivileged runner's helper is root's: it exits by itself, its socket just closed
             self.process.wait()
 
 
