@@ -148,6 +148,10 @@ class Backend(ABC):
     isolation: str
     monitor_name: str | None = None  # the virtual machine monitor, for a backend that runs VMs
     ready_timeout: float = READY_TIMEOUT  # a backend that boots something slow (a VM) may allow more
+    # Seconds of quiet on stderr the pool waits for after an answer, for a backend whose stdout
+    # and stderr are copied separately on their way to the runner, so a print can trail the
+    # answer it preceded (0: they cannot; see _Output.caught_up).
+    output_settle: float = 0.0
 
     def __init__(self, settings) -> None:
         """Built from the executor settings (registry.backend_class names the class)."""
@@ -214,12 +218,14 @@ class _Output:
 
     def __init__(self, stream: asyncio.StreamReader, keep: int) -> None:
         self.buf = bytearray()
+        self.received = 0  # bytes, ever
         self.keep = max(keep, STDERR_TAIL)
         self.task = asyncio.ensure_future(self._drain(stream))
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError, ValueError):
             while chunk := await stream.read(65536):
+                self.received += len(chunk)
                 self.buf += chunk
                 del self.buf[:-self.keep]
 
@@ -228,13 +234,20 @@ class _Output:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.task), timeout)
 
-    async def caught_up(self) -> None:
-        """Let the drain read what is already in the pipe. The worker printed before it
-        answered, but the print and the answer travel in two pipes: the answer can be read
-        first. A few turns of the event loop are enough for the loop to see the stderr pipe
-        readable, feed the reader and run the drain."""
+    async def caught_up(self, settle: float) -> None:
+        """Let the drain read what is already on its way. The worker printed before it
+        answered, but the print and the answer travel apart: the answer can be read first. Two
+        pipes of one worker: a few turns of the event loop are enough for the loop to see the
+        stderr pipe readable, feed the reader and run the drain. A backend whose two streams are
+        copied separately on their way (``Backend.output_settle``) also waits until nothing has
+        come for ``settle`` seconds (at most ten such waits: a bundle's thread may print on)."""
         for _ in range(4):
             await asyncio.sleep(0)
+        for _ in range(10 if settle else 0):
+            seen = self.received
+            await asyncio.sleep(settle)
+            if self.received == seen:
+                break
 
     def text(self, last: int) -> str:
         """The last ``last`` bytes kept, as text (a character cut in two is replaced)."""
@@ -542,7 +555,7 @@ class WorkerPool:
         # Only the runner says what the bundle printed: whatever the worker put here is replaced.
         keep = self.settings.output_bytes
         if keep:
-            await lease.output.caught_up()
+            await lease.output.caught_up(self.backend.output_settle)
         response.output = (lease.output.text(keep) or None) if keep else None
         if before is not None and (after := await worker.egress()) is not None:
             used = ExecEgress(*(a - b for a, b in zip(astuple(after), astuple(before), strict=True)))

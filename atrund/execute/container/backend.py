@@ -322,6 +322,9 @@ class ContainerWorker(Worker):
 
 class ContainerBackend(Backend):
     isolation = "container"
+    # The engine's shim copies the container's stdout and stderr in two goroutines into the one
+    # attached stream: a bundle's last print can arrive a moment after the answer it preceded.
+    output_settle = 0.003
 
     def __init__(self, settings, helper=None) -> None:
         super().__init__(settings)

@@ -193,11 +193,32 @@ def relay(chan, pid, stdin, stdout, stderr, program=False):
     """Frames from the host to at-run-exec's stdin and the bundle file; its output to frames.
     Returns at-run-exec's exit code once it has ended and its output is drained."""
     buf = b""
-    outputs = {stdout: b"O", stderr: b"E"}
+    outputs = {stdout: b"O", stderr: b"E"}  # the pipes still open
     status = None
     host_open = True
-    passed = 0  # stderr bytes forwarded as they came
+    passed = 0  # stderr bytes forwarded as they came, this request
     tail = b""  # stderr past STDERR_PASS, last bytes only
+
+    # Non-blocking: stderr is also read outside select()'s word (before an answer), so a read
+    # that select() promised may find the pipe emptied already.
+    os.set_blocking(stderr, False)
+
+    def read_now(fd):
+        """What the pipe holds now (b"" at its end), or None if nothing."""
+        try:
+            return os.read(fd, 65536)
+        except BlockingIOError:
+            return None
+
+    def forward_stderr(data):
+        """Send stderr on as it comes, until STDERR_PASS this request; past it keep only a tail."""
+        nonlocal passed, tail
+        if passed >= STDERR_PASS:
+            tail = (tail + data)[-STDERR_TAIL:]
+        else:
+            send(chan, b"E", data)
+            passed += len(data)
+
     while outputs or status is None:
         if status is None:
             done, st = os.waitpid(pid, os.WNOHANG)
@@ -243,23 +264,39 @@ def relay(chan, pid, stdin, stdout, stderr, program=False):
                     elif kind == b"C" and stdin is not None:
                         os.close(stdin)
                         stdin = None
+            elif fd == stderr:
+                data = read_now(fd)
+                if data is None:
+                    continue  # taken already, before an answer below
+                if data:
+                    forward_stderr(data)
+                else:
+                    if tail:
+                        send(chan, b"E", b"\n[...]\n" + tail)
+                        tail = b""
+                    os.close(fd)
+                    del outputs[fd]
             else:
                 data = os.read(fd, 65536)
-                if data and fd == stderr and passed >= STDERR_PASS:
-                    tail = (tail + data)[-STDERR_TAIL:]
-                elif data:
-                    if fd == stdout and b"\n" in data:
-                        if left := left_running(pid, program):
-                            send(chan, b"L", left.encode())
-                        if tail:  # this request's last words go before its answer
-                            send(chan, b"E", b"\n[...]\n" + tail)
-                            tail = b""
-                        passed = 0  # an answer: the next request's output passes again
-                    send(chan, outputs[fd], data)
-                    passed += len(data) if fd == stderr else 0
-                else:
-                    if fd == stderr and tail:
+                if data and b"\n" in data:  # an answer line ends here
+                    if left := left_running(pid, program):
+                        send(chan, b"L", left.encode())
+                    # This request's output goes before its answer. The bundle printed before it
+                    # answered, but select() may have seen only stdout ready (a preempted guest can
+                    # write both pipes between its two checks): what stderr holds now was written
+                    # first. A pipe holds 64 KiB, so a few reads take all of it; a thread that keeps
+                    # printing cannot hold the answer back.
+                    for _ in range(4):
+                        if stderr not in outputs or not (more := read_now(stderr)):
+                            break  # nothing more now, or its end (which the loop closes)
+                        forward_stderr(more)
+                    if tail:  # this request's last words, past STDERR_PASS
                         send(chan, b"E", b"\n[...]\n" + tail)
+                        tail = b""
+                    passed = 0  # an answer: the next request's output passes again
+                if data:
+                    send(chan, b"O", data)
+                else:
                     os.close(fd)
                     del outputs[fd]
     return status
