@@ -116,6 +116,9 @@ class PolicyFile:
         text = json.dumps({"allow": sorted(entries.allow), "deny": sorted(entries.deny)}, indent=2) + "\n"
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         try:
+            parent = os.stat(self.path.parent)
+            if os.geteuid() == 0 and parent.st_uid != 0:  # root's edit of a runner running as its own user: its file
+                os.fchown(fd, parent.st_uid, parent.st_gid)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
                 f.flush()

@@ -85,8 +85,12 @@ def private_dir(path: Path) -> None:
 
 
 class App:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, helper=None, password: str | None = None) -> None:
+        """``helper`` and ``password``: what serve kept from before it dropped to ``[runner] user``
+        (privsep.py): the privileged helper the backend asks for root work, and the app password."""
         self.cfg = cfg
+        self._password = password
+        self._helped = helper is not None
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds,
@@ -106,7 +110,7 @@ class App:
         self.problems = Health()
         self.supervisor = Supervisor(self.problems)
         self.meters = Meters()
-        self.executor = create_executor(cfg.executor, cfg.executor.isolation)
+        self.executor = create_executor(cfg.executor, cfg.executor.isolation, helper)
         extensions = {name: rt.extension for name, rt in self.executor.runtimes.items()}
         self.bundles = BundleStore(self.repos, cfg.state.dir / "bundles", cfg.bundles.max_bytes, extensions)
         # Built by start(), once the runner is logged in: they write as it, or need its DID.
@@ -134,7 +138,7 @@ class App:
     async def start(self) -> None:
         cfg = self.cfg
         r, e, ingest = cfg.runner, cfg.executor, cfg.ingest
-        self.session = session = await Session.login(r.pds, r.identifier, r.password())
+        self.session = session = await Session.login(r.pds, r.identifier, self._password or r.password())
         self.writer = ResultWriter(session, self.state, self.quarantine, self.problems)
         await self.policy.start(session.did, r.pds)
         if cfg.ingest.authors is not None:  # handles there too, resolved like the access lists
@@ -284,6 +288,9 @@ class App:
                 # the runner record announces the mode and its source
                 await self.session.put_record(RUNNER, "self", self.declaration(self._gateway_url).to_record())
         if new.permissions != self.cfg.permissions:
+            if self._helped and (new.permissions.read, new.permissions.write) != (self.cfg.permissions.read, self.cfg.permissions.write):
+                log.warning("[permissions] read and write paths are checked again by the privileged helper, against "
+                            "the lists it started with: a path granted since is refused until the runner restarts")
             self.grants = PermissionPolicy.from_config(new.permissions)
             if self.pipeline is not None:
                 self.pipeline.grants = self.grants

@@ -66,6 +66,9 @@ class RunnerSection(Section):
     shutdown_grace: float = Field(
         default=10.0, ge=0, description="seconds running invocations and requests may take to finish when the runner stops; "
         "past it they are stopped, and each invocation gets an interrupted result")
+    user: str | None = Field(
+        default=None, description="run as this user (name, or uid[:gid]): serve starts as root, starts the privileged "
+        "helper, hands over the state and work directories, and drops for good; unset: serve keeps the uid it started with")
     roles: list[Literal["ingest", "execute", "gateway"]] = Field(
         default=["ingest", "execute", "gateway"], min_length=1,
         description="what this replica does (replicas share state.url): ingest (when it leads), execute, gateway")

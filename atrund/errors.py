@@ -43,7 +43,8 @@ the fix it names.
     │   └── UnknownRuntime               51  no runtime directory of that name
     ├── ImageError                       52  the runtime image or the microVM guest could not be built
     ├── LocalStackError                  53  the local PDS and PLC (atrund.dev.stack) could not be started
-    └── UnknownBackend                   54  an isolation name that is no backend, alias or auto (also a ValueError)
+    ├── UnknownBackend                   54  an isolation name that is no backend, alias or auto (also a ValueError)
+    └── DropFailed                       56  `atrund serve` could not become runner.user (no such user, or the drop failed)
 
 Exit codes 0-4 mean something else (see the README): 0 done, 1 an unexpected error (a bug: it
 prints a traceback), 2 a usage error (click), 3 a bundle's status is not success, 4 no result in
@@ -265,6 +266,12 @@ class LocalStackError(AtrundError, code=53):
 class UnknownBackend(AtrundError, ValueError, code=54):
     """A name that is neither a backend, ``auto``, nor an alias of a backend (the message lists
     them). Also a ValueError: the configuration's validators raise it as pydantic expects."""
+
+
+class DropFailed(AtrundError, code=56, fix="set runner.user to an existing user (name, or uid[:gid]), and start serve as root"):
+    """`atrund serve` was told to run as ``[runner] user`` and could not: the user does not exist,
+    serve was not started as root, the privileged helper did not start, or the kernel refused a
+    step of the drop. The message names which."""
 
 
 def tree() -> list[type[AtrundError]]:

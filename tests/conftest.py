@@ -80,7 +80,8 @@ async def execute_once(runtime: str, code_path: str, *, endpoint: str = "main", 
     from atrund.execute import ExecRequest, create_executor
     from atrund.execute.protocol import ExecPermissions
 
-    executor = create_executor(executor_settings(warm=warm, **settings))
+    section = executor_settings(warm=warm, **settings)
+    executor = create_executor(section, helper=privileged_helper(section) if settings.get("isolation") == HELPED else None)
     if warm:
         await executor.warm(warm)
     try:
@@ -91,9 +92,22 @@ async def execute_once(runtime: str, code_path: str, *, endpoint: str = "main", 
         await executor.shutdown()
 
 
+HELPED = "process+helper"  # the process backend as an unprivileged runner has it: through its privileged helper
+
+
+def privileged_helper(settings):
+    """The helper of an unprivileged runner (privsep.py), for a test process that stays root: the
+    workers are made exactly as for a runner that dropped (the policy's spec, the helper's mounts
+    and namespaces), which the hostile suite then attacks. Every granted path is allowed: the
+    helper's own refusals are tests/execute/test_helper.py's."""
+    from atrund.execute.process.backend import privileged_helper
+
+    return privileged_helper(settings, True, ["*"], ["*"], os.geteuid(), os.getegid())
+
+
 def executor_settings(isolation: str = "none", **settings: Any):
-    """ExecutorSection for a test isolation name: a backend, or ``container+runsc`` (the container
-    backend under gVisor)."""
+    """ExecutorSection for a test isolation name: a backend, ``container+runsc`` (the container
+    backend under gVisor), or ``process+helper`` (HELPED)."""
     from atrund.config import ExecutorSection
 
     backend, _, runtime = isolation.partition("+")

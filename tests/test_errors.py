@@ -32,9 +32,12 @@ RESERVED = {0, 1, 2, 3, 4}  # done, a bug, usage, status not success, no result 
 # into a worker's at-run-exec (a separate stdlib-only program, not the runner's code), a refused
 # state call, which atrund.kv answers inside the bundle, logs that are not the caller's, which
 # the gateway answers with 403, and the OSError the address guard raises inside aiohttp's
-# connector, translated to PrivateAddress.
+# connector, translated to PrivateAddress. The privileged helper's refusal (forkserver.Refused) and
+# anyip's NamespaceError live in stdlib-only files the helper loads; they reach the runner as an
+# ExecutorError (forked.py, netns.create).
 INTERNAL = {"atrund.gateway.HttpError", "atrund.atproto.session._BadAnswer", "atrund.execute.process.forkserver.Become",
-            "atrund.kv._Refused", "atrund.logbook.NotYours", "atrund.atproto.addresses.RefusedAddress"}
+            "atrund.kv._Refused", "atrund.logbook.NotYours", "atrund.atproto.addresses.RefusedAddress",
+            "atrund.execute.process.forkserver.Refused", "atrund.execute.egress.anyip.NamespaceError"}
 
 
 def _all_modules():

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 
 import pytest
 from conftest import no_result, wait_result
@@ -42,6 +43,19 @@ def test_policy_file_edits_are_atomic_and_validated(tmp_path):
     with pytest.raises(PolicyFileError, match="'alice.test' is not a DID"):
         f.read()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".access.json.")] == []  # no temporary left behind
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="an edit as root is the point")
+def test_an_operators_edit_as_root_leaves_the_file_to_a_runner_running_as_its_own_user(tmp_path):
+    """`atrund access allow` run as root while the runner runs as `[runner] user` (which owns its
+    state directory): the new file is the directory owner's, so the runner can still read it.
+    Before: root's 0600 file, which the runner then could not read."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 64_731, 64_731)
+    f = PolicyFile(state / "access.json")
+    f.allow("did:plc:a")
+    assert (f.path.stat().st_uid, f.path.stat().st_gid) == (64_731, 64_731)
 
 
 @pytest.mark.parametrize("access, message", [

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from atrund.cli.group import emit, err, executor_settings, main, print_json
+from atrund.cli.group import emit, err, executor_settings, load_config, main, print_json
 from atrund.errors import ExecutorError
 
 
@@ -44,6 +44,7 @@ def doctor(config_path: Path | None) -> None:
                      else "all but the dangerous few)"))
     out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
                                                else "not writable (the process backend then limits each process only)"))
+    out.print("runner user: " + _user_summary(config_path))
     out.print("process fork server: " + _fork_server_summary(settings))
     out.print("network egress: " + _egress_summary())
     out.print("Docker engine: " + _engine_summary(settings))
@@ -75,6 +76,22 @@ def doctor(config_path: Path | None) -> None:
         out.print("[yellow]auto would run bundles WITHOUT a sandbox (none)[/yellow]")
     elif chosen is None:
         raise ExecutorError("no executor backend works on this host")
+
+
+def _user_summary(config_path: Path | None) -> str:
+    """One line for doctor: the uid `atrund serve` runs as ([runner] user, privsep.py)."""
+    import os
+
+    from atrund.privsep import user_ids
+
+    user = load_config(config_path).runner.user if config_path else None
+    if user is None:
+        return f"uid {os.geteuid()} (runner.user unset: serve keeps the uid it is started with)"
+    try:
+        uid, gid = user_ids(user)
+    except Exception as e:  # noqa: BLE001 - doctor reports every failure, whatever it is
+        return f"[red]{e}[/red]"
+    return f"{user} = {uid}:{gid} (serve starts as root, starts its privileged helper, and drops to it)"
 
 
 def _fork_server_summary(settings) -> str:

@@ -46,6 +46,14 @@ def check_config(config_path: Path) -> None:
         cfg.runner.password()
     except ConfigError as e:
         warn(f"{e} (`atrund serve` would stop there)")
+    if cfg.runner.user is not None:
+        from atrund.errors import DropFailed
+        from atrund.privsep import user_ids
+
+        try:
+            user_ids(cfg.runner.user)
+        except DropFailed as e:
+            warn(f"{e} (`atrund serve` would stop there)")
     if cfg.access.mode == "allowlist" and not cfg.access.allowlist:
         edits = _policy(cfg)
         try:
@@ -74,6 +82,11 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
     log.setup(log_level, json_logs)
     said = structlog.get_logger("atrund.serve")
     said.info("starting", version=__version__, config=str(config_path), pid=os.getpid())
+    dropped = None
+    if cfg.runner.user is not None:  # before the event loop: no thread exists yet
+        from atrund.privsep import drop_privileges
+
+        dropped = drop_privileges(cfg)
 
     async def serve_until_signalled() -> None:
         stop = asyncio.Event()
@@ -91,7 +104,7 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
             loop.add_signal_handler(sig, signalled, sig)
         for sig in early.signals:
             signalled(sig)
-        daemon = App(cfg)
+        daemon = App(cfg, dropped.helper, dropped.password) if dropped else App(cfg)
         # SIGHUP: re-read the configuration now ([access] and [permissions] apply while serving)
         loop.add_signal_handler(signal.SIGHUP, daemon.reload_soon)
         try:

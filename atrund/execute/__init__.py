@@ -36,18 +36,22 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def create_backend(isolation: str, settings):
-    """The backend an isolation name (or alias) means, built from the executor settings."""
+def create_backend(isolation: str, settings, helper=None):
+    """The backend an isolation name (or alias) means, built from the executor settings.
+    ``helper``: an unprivileged runner's privileged helper (privsep.py), for the backends that
+    need root (process, container)."""
     try:
         name = canonical(isolation)
     except UnknownBackend as e:
         raise ExecutorError(str(e)) from None
     if name == AUTO:
         raise ExecutorError("auto is not a backend: probe for one with create_executor")
-    return backend_class(name)(settings)
+    if helper is None:
+        return backend_class(name)(settings)
+    return backend_class(name)(settings, helper=helper)
 
 
-def create_executor(settings, isolation: str | None = None) -> Executor:
+def create_executor(settings, isolation: str | None = None, helper=None) -> Executor:
     """The executor for an isolation level; ``auto`` probes for the strongest that works here."""
     from atrund.execute.pool import WorkerPool
 
@@ -56,4 +60,4 @@ def create_executor(settings, isolation: str | None = None) -> Executor:
         from atrund.execute.probe import choose
 
         isolation = choose(settings)
-    return WorkerPool(create_backend(isolation, settings), settings)
+    return WorkerPool(create_backend(isolation, settings, helper), settings)

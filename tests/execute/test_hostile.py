@@ -1,7 +1,9 @@
 """Hostile bundles (tests/hostile/<runtime>/, one attack each, explained in its docstring),
 run against every backend this host offers.
 
-For ``process`` every attack must be contained. For ``none`` (no sandbox) the tests assert
+For ``process`` every attack must be contained, and so for ``process+helper``: the process
+backend as a runner running as its own user has it (``[runner] user``), every root step done by
+its privileged helper (conftest.HELPED). For ``none`` (no sandbox) the tests assert
 what really happens, so the README's list of what ``none`` does not contain stays true; the
 two attacks that would harm the machine running the tests under ``none`` (a fork bomb as root,
 kill(-1) as root) are skipped there, and say so.
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ISOLATIONS, execute_once, require_isolation
+from conftest import HELPED, ISOLATIONS, execute_once, require_isolation
 
 from atrund.config import ExecutorSection
 from atrund.execute.protocol import ExecPermissions
@@ -36,7 +38,10 @@ def host_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(params=ISOLATIONS)
+PROCESS = ("process", HELPED)
+
+
+@pytest.fixture(params=[*ISOLATIONS, HELPED])
 def isolation(request) -> str:
     return require_isolation(request)
 
@@ -344,7 +349,7 @@ async def test_connecting_to_a_world_writable_unix_socket(isolation, host_dir):
         server.close()
     if isolation == "none":
         assert r.success and r.data["connected"] is True  # NOT contained by none
-    elif isolation == "process":
+    elif isolation in PROCESS:
         assert r.error_type == "PermissionError"  # seccomp: socket(AF_UNIX) itself is refused
     else:
         assert r.success and r.data == {"connected": False, "why": "FileNotFoundError"}  # not in the container's world
@@ -353,7 +358,7 @@ async def test_connecting_to_a_world_writable_unix_socket(isolation, host_dir):
 async def test_creating_a_user_namespace(isolation):
     r = await attack(isolation, "user_namespace")
     assert r.success
-    if isolation in ("process", "container"):
+    if isolation in (*PROCESS, "container"):
         assert r.data == {"unshared": False, "errno": 1}  # EPERM from seccomp (ours; Docker's default profile)
 
 
@@ -361,7 +366,7 @@ async def test_creating_a_user_namespace(isolation):
 async def test_many_processes_each_under_the_limit(isolation):
     from atrund.execute.process.backend import Cgroups
 
-    if isolation == "process" and not Cgroups().available:
+    if isolation in PROCESS and not Cgroups().available:
         pytest.skip("cgroup v1 memory/pids are not writable on this host; per-process limits only")
     r = await attack(isolation, "many_small_hogs", timeout=30, memory_mb=128, tmp_mb=16)
     if isolation == "none":
@@ -376,7 +381,7 @@ async def test_a_system_call_outside_the_runtimes_allowlist(isolation):
     where nothing filters it (none) it succeeds, so the refusal is the filter's."""
     r = await attack(isolation, "unlisted_syscall")
     assert r.success, r.error
-    if isolation == "process":
+    if isolation in PROCESS:
         assert r.data == {"result": -1, "errno": 1}
     elif isolation == "none":
         assert r.data["result"] >= 0
@@ -387,7 +392,7 @@ async def test_a_vsock_socket(isolation):
     the socket itself."""
     r = await attack(isolation, "vsock")
     assert r.success, r.error
-    if isolation == "process":
+    if isolation in PROCESS:
         assert r.data == {"created": False, "why": "PermissionError", "errno": 1}
 
 
@@ -412,7 +417,7 @@ async def test_a_datagram_pair_sending_to_a_host_unix_socket(isolation, host_dir
     assert r.success, r.error
     if isolation == "none":
         assert r.data == {"paired": True, "sent": True} and received == b"hello from the bundle"  # NOT contained by none
-    elif isolation == "process":
+    elif isolation in PROCESS:
         assert r.data == {"paired": False, "why": "PermissionError", "errno": 1} and received is None
 
 
@@ -423,14 +428,16 @@ async def test_what_a_worker_sees_of_the_host(isolation, fork_server):
     process all hidden, with another warm worker running beside; under none all there."""
     from atrund.execute.workdir import work_root
 
-    if isolation != "process" and not fork_server:
+    if isolation not in PROCESS and not fork_server:
         pytest.skip("the fork server is the process backend's")
+    if isolation == HELPED and not fork_server:
+        pytest.skip("a runner running as its own user has no exec path: its helper is the fork server")
     root = str(work_root(None))
     r = await attack(isolation, "host_view", {"root": root}, warm=2,
                      process={"uid_base": UID_BASE, "fork_server": fork_server})
     assert r.success, r.error
     seen = r.data
-    if isolation == "process":
+    if isolation in PROCESS:
         assert seen["hostname"] == "atrund" and seen["hostname"] != socket_hostname()
         assert (seen["boot_id"], seen["cmdline"], seen["loadavg"]) == ("", "", ""), seen
         assert seen["init_cmdline"] == "FileNotFoundError" and 1 not in seen["pids"], seen
@@ -468,7 +475,7 @@ async def test_stat_into_the_runners_state_directory(isolation, tmp_path):
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(control, ignore_errors=True)
     assert r.success, r.error
-    if isolation == "process":
+    if isolation in PROCESS:
         assert r.data == {str(state / "atrund.sqlite3"): "PermissionError", str(control / "atrund.sqlite3"): "seen"}, r.data
     elif isolation == "none":
         assert set(r.data.values()) == {"seen"}

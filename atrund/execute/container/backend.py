@@ -246,9 +246,15 @@ class ContainerWorker(Worker):
     async def open_egress(self, grants: Grants, resolver: Resolver) -> None:
         """Give the container (started with ``--network none``: loopback only) the egress path a
         process worker has: its network namespace, set up from here, whose only way out is the
-        runner's proxy. Needs the engine on this host, as the bind mounts do."""
+        runner's proxy. Needs the engine on this host, as the bind mounts do. An unprivileged
+        runner cannot enter the container's namespace: its privileged helper sets it up, told
+        only the container's id and its init's pid, which it checks (forkserver.container_netns)."""
         state = (await self.backend.engine.call("inspect a container", self.backend.engine.client.api.inspect_container, self.id))["State"]
         pid = int(state.get("Pid") or 0)
+        if self.backend.helper is not None:
+            self.proxy = Egress(grants, resolver, self.backend.helper)
+            await self.proxy.start(container=(self.id, pid))
+            return
         try:
             fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -317,8 +323,11 @@ class ContainerWorker(Worker):
 class ContainerBackend(Backend):
     isolation = "container"
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, helper=None) -> None:
         super().__init__(settings)
+        # An unprivileged runner's privileged helper (process/forked.ForkServer, privsep.py): it
+        # sets up the network namespace of a container granted network. None: the runner is root.
+        self.helper = helper
         self.engine = Engine(settings.container.docker_host)
         self.work_root = owned_dir(work_root(settings.work_dir) / "containers", os.geteuid(), "the runner")
         self.unremoved: set[str] = set()
@@ -328,6 +337,8 @@ class ContainerBackend(Backend):
         """Once per backend: the engine answers, has the image, knows the runtime; leftovers go."""
         from atrund.execute.container import image
 
+        if self.helper is not None:
+            await self.helper.start()
         client = await self.engine.connect()
         labels = await self.engine.call(f"find image {self.settings.container.image}", image.describe, client, self.settings.container.image)
         if labels is None:
@@ -459,6 +470,8 @@ class ContainerBackend(Backend):
                 await self.sweep()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.engine.close)
+        if self.helper is not None:
+            await self.helper.close()
 
 
 __all__ = ["ContainerBackend", "Engine"]

@@ -80,9 +80,10 @@ class Counts:
 class Egress:
     """One worker's network: its namespace, DNS responder and proxy, until closed."""
 
-    def __init__(self, grants: Grants, resolver: Resolver) -> None:
+    def __init__(self, grants: Grants, resolver: Resolver, helper=None) -> None:
         self.grants = grants
         self.resolver = resolver
+        self.helper = helper  # an unprivileged runner's privileged helper (forked.ForkServer), which makes the namespace
         self.counts = Counts()  # the pool reads them around each request (result metrics, /metrics)
         self.handed: dict[IPAddress, str] = {}
         self.namespace: netns.Namespace | None = None
@@ -96,10 +97,17 @@ class Egress:
         assert self.namespace is not None
         return self.namespace.fd
 
-    async def start(self, existing: int | None = None, resolv_conf: str = "/etc/resolv.conf") -> None:
+    async def start(self, existing: int | None = None, resolv_conf: str = "/etc/resolv.conf",
+                    container: tuple[str, int] | None = None) -> None:
         """Make the worker's namespace (or set up ``existing``, a descriptor of a namespace with
-        nothing but loopback) and serve it. ``resolv_conf``: the file the worker's resolver reads."""
-        ns = self.namespace = await asyncio.to_thread(netns.create, self.grants.ports, netns.nameservers(resolv_conf), existing)
+        nothing but loopback) and serve it. ``resolv_conf``: the file the worker's resolver reads.
+        With a helper, the helper makes it; ``container`` (its id and its init's pid) then names
+        the namespace to set up instead of ``existing``."""
+        if self.helper is not None:
+            servers = None if container else netns.nameservers(resolv_conf)
+            ns = self.namespace = await self.helper.netns(self.grants.ports, servers, container)
+        else:
+            ns = self.namespace = await asyncio.to_thread(netns.create, self.grants.ports, netns.nameservers(resolv_conf), existing)
         loop = asyncio.get_running_loop()
         try:
             for sock in ns.dns:

@@ -57,6 +57,7 @@ SYSTEM_READ = [
     "/etc/passwd", "/etc/group", "/etc/mime.types",
 ]
 SYSTEM_WRITE = ["/dev/null", "/dev/zero", "/dev/full"]
+WORKER_ENV = {"PATH": SAFE_PATH, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 
 
 def ports_for(net: list[str]) -> list[int]:
@@ -236,11 +237,12 @@ class Sandbox:
     """What a fenced worker holds on the host besides its processes: its /tmp (a tmpfs), its
     cgroup and its uid. Released only once no process of the worker can be left."""
 
-    def __init__(self, workdir: Path, uid: int, uids: UidPool, cgroups: Cgroups) -> None:
+    def __init__(self, workdir: Path, uid: int, uids: UidPool, cgroups: Cgroups, helper: ForkServer | None = None) -> None:
         self.workdir = workdir
         self.uid = uid
         self._uids: UidPool | None = uids
         self._cgroups = cgroups
+        self._helper = helper  # an unprivileged runner's: it mounts and detaches the tmpfs
         self.egress: Egress | None = None  # a worker granted network: its namespace and proxy
 
     def stage(self, code_path: str) -> str:
@@ -278,8 +280,21 @@ class Sandbox:
         await self.egress.settled()
         return self.egress.counts.snapshot()
 
-    def unmount(self) -> None:
-        unmount(self.workdir)  # detached: the tmpfs goes once the namespace's last user is gone
+    async def mount(self, size_mb: int) -> None:
+        if self._helper is not None:
+            await self._helper.mount(self.workdir.name, size_mb)
+        else:
+            mount_tmpfs(self.workdir, size_mb)
+
+    async def unmount(self) -> None:
+        """Detached: the tmpfs goes once the namespace's last user is gone."""
+        if self._helper is not None:
+            try:
+                await self._helper.unmount(self.workdir.name)
+            except ExecutorError as e:  # the helper is gone: nothing is left to write into it either
+                log.warning("could not detach a worker directory", workdir=str(self.workdir), error=str(e))
+        else:
+            unmount(self.workdir)
 
     async def release(self) -> None:
         """After the worker's processes are dead."""
@@ -329,7 +344,7 @@ class FencedWorker(DirectWorker):
         super().kill_processes()
 
     async def kill(self) -> None:
-        self.sandbox.unmount()
+        await self.sandbox.unmount()
         await super().kill()
         await self.sandbox.release()
 
@@ -337,18 +352,24 @@ class FencedWorker(DirectWorker):
 class ProcessBackend(Backend):
     isolation = "process"
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, helper: ForkServer | None = None) -> None:
         super().__init__(settings)
+        # An unprivileged runner's privileged helper (privsep.py): the fork server, launched
+        # before the drop, which does the root part of a worker's life. None: the runner is root.
+        self.helper = helper
         # Root works in here (mounts, chown, locks): it must not be a place another user controls.
-        self.work_root = owned_dir(work_root(settings.work_dir), 0, "root")
+        # An unprivileged runner owns it (privsep.py hands it over); its helper works in it by name only.
+        self.work_root = (owned_dir(work_root(settings.work_dir), 0, "root") if helper is None
+                          else owned_dir(work_root(settings.work_dir), os.geteuid(), "the runner"))
         self.uids = UidPool(settings.process.uid_base, settings.process.uids, self.work_root)
         self.tmp_mb = settings.tmp_mb
         self.seccomp = settings.process.seccomp
-        self.cgroups = Cgroups()
+        self.cgroups = Cgroups(cgroup_name(os.geteuid() if helper is not None else None))
         self.fork_server: ForkServer | None = None
         self.fork_server_problem: str | None = None  # why workers start by the exec path, if they do
         self.resolver = Resolver(settings.egress_nameserver)
-        self.remove_leftovers()
+        if helper is None:  # else in prepare(): the helper unmounts
+            self.remove_leftovers()
         self.cgroups.remove_leftovers(self.uids)
 
     def remove_leftovers(self) -> None:
@@ -366,9 +387,29 @@ class ProcessBackend(Backend):
             finally:
                 self.uids.give(uid)
 
+    async def remove_leftovers_by_helper(self) -> None:
+        """remove_leftovers(), for an unprivileged runner: its helper detaches each tmpfs."""
+        assert self.helper is not None
+        for mountpoint in worker_mounts(self.work_root):
+            uid = _worker_uid(mountpoint.name)
+            if uid is None or not self.uids.hold(uid):
+                continue
+            try:
+                await self.helper.unmount(mountpoint.name)
+                shutil.rmtree(mountpoint, ignore_errors=True)
+            finally:
+                self.uids.give(uid)
+
     async def prepare(self) -> None:
         """Start the fork server (unless switched off). If it cannot start, workers start by
-        the exec path, slower but fenced the same: said in the log and by `atrund doctor`."""
+        the exec path, slower but fenced the same: said in the log and by `atrund doctor`.
+        An unprivileged runner has no exec path: its helper, the fork server, must be there."""
+        if self.helper is not None:
+            if self.fork_server is None:
+                await self.helper.start()
+                self.fork_server = self.helper
+                await self.remove_leftovers_by_helper()
+            return
         if not self.settings.process.fork_server or self.fork_server is not None:
             return
         server = ForkServer(SYSTEM_PYTHON, programs(load_runtimes(self.settings.runtimes_dir).values(), SYSTEM_PYTHON))
@@ -387,6 +428,8 @@ class ProcessBackend(Backend):
 
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
         check_program(runtime)
+        if self.helper is not None and self.helper.gone:  # started as root: an unprivileged runner cannot start another
+            raise ExecutorError(f"the privileged helper (the fork server) is gone ({self.helper.gone}): restart the runner")
         if (dead := self.fork_server) is not None and dead.gone:  # one restart, at the ready() below
             log.warning("the fork server is gone; starting it again", why=dead.gone)
             self.fork_server, self._ready = None, None
@@ -394,23 +437,26 @@ class ProcessBackend(Backend):
         await self.ready()
         uid = self.uids.take()
         workdir = Path(tempfile.mkdtemp(prefix=f"w{uid}-", dir=self.work_root))
+        sandbox = Sandbox(workdir, uid, self.uids, self.cgroups, self.helper)
         try:
-            mount_tmpfs(workdir, self.tmp_mb)
-        except ExecutorError:
+            await sandbox.mount(self.tmp_mb)
+        except BaseException:
             self.uids.give(uid)
             os.rmdir(workdir)
             raise
-        sandbox = Sandbox(workdir, uid, self.uids, self.cgroups)
         try:
             spec = self.spec(runtime, settings, permissions, sandbox)
             if permissions.net:
-                sandbox.egress = Egress(Grants(permissions.net, permissions.net_private), self.resolver)
+                sandbox.egress = Egress(Grants(permissions.net, permissions.net_private), self.resolver, self.helper)
                 await sandbox.egress.start()
             if self._forks(runtime):
                 return await self.fork(spec, sandbox, settings)
+            if self.helper is not None:
+                raise ExecutorError(f"the fork server cannot run runtime {runtime.name}'s command, and an unprivileged "
+                                    "runner has no exec path")
             return await self.exec(spec, runtime, sandbox, settings)
         except BaseException:
-            sandbox.unmount()
+            await sandbox.unmount()
             await sandbox.release()
             raise
 
@@ -421,6 +467,7 @@ class ProcessBackend(Backend):
     def spec(self, runtime: Runtime, settings, permissions: ExecPermissions, sandbox: Sandbox) -> dict:
         """What fence.py gets: the same on both paths."""
         return {
+            "runtime": runtime.name,  # what the privileged helper of an unprivileged runner builds the rest from
             "uid": sandbox.uid,
             "gid": sandbox.uid,
             "workdir": str(sandbox.workdir),
@@ -439,7 +486,7 @@ class ProcessBackend(Backend):
                 "NPROC": settings.max_processes,
                 "CORE": 0,
             },
-            "env": {"PATH": SAFE_PATH, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
+            "env": WORKER_ENV,
             "argv": list(runtime.command),
             "syscalls": seccomp_allowlist(runtime, self.seccomp),
             "cgroups": self.cgroups.create(
@@ -475,6 +522,38 @@ class ProcessBackend(Backend):
                    SYSTEM_PYTHON, "-I", "-S", str(FENCE), json.dumps(spec)]
         process = await spawn_process(command, runtime.name, sandbox.workdir, settings, pass_fds=netns)
         return FencedWorker(process, sandbox)
+
+
+def cgroup_name(uid: int | None) -> str:
+    """The parent of the workers' cgroups: ``atrund``, or for a runner that runs as its own user
+    ``uid``, ``atrund/u{uid}``, which privsep.py makes and hands over to it (the owner of a
+    cgroup v1 directory may make and remove children in it, and write their limits)."""
+    return "atrund" if uid is None else f"atrund/u{uid}"
+
+
+def helper_policy(settings, grant_read: list[str], grant_write: list[str], uid: int, gid: int) -> dict:
+    """What the privileged helper lets a runner running as ``uid``:``gid`` ask for
+    (forkserver.Policy), fixed while it is still root: the paths and commands are decided here,
+    never by a request. Called by privsep.py before the drop."""
+    runtimes = load_runtimes(settings.runtimes_dir).values()
+    return {
+        "work_root": os.path.abspath(work_root(settings.work_dir)),
+        "uid_base": settings.process.uid_base, "uids": settings.process.uids,
+        "share_gid": gid,
+        "cgroups": [str(CGROUP_ROOT / c / cgroup_name(uid)) for c in CGROUP_CONTROLLERS],
+        "grant_read": grant_read, "grant_write": grant_write,
+        "runtimes": {rt.name: {"argv": list(rt.command), "relocate": runtime_paths(rt),
+                               "syscalls": seccomp_allowlist(rt, settings.process.seccomp)} for rt in runtimes},
+        "fixed": {"read": SYSTEM_READ, "write": SYSTEM_WRITE, "keep": kept_in_run(), "env": WORKER_ENV},
+    }
+
+
+def privileged_helper(settings, forks: bool, grant_read: list[str], grant_write: list[str], uid: int, gid: int) -> ForkServer:
+    """The privileged helper of a runner running as ``uid``:``gid`` (not started yet): a fork
+    server with helper_policy's policy, which preloads the runtimes if it ``forks`` workers
+    (process) and not if it only makes network namespaces (container)."""
+    preload = programs(load_runtimes(settings.runtimes_dir).values(), SYSTEM_PYTHON) if forks else []
+    return ForkServer(SYSTEM_PYTHON, preload, helper_policy(settings, grant_read, grant_write, uid, gid))
 
 
 def kept_in_run() -> list[str]:

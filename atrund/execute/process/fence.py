@@ -354,8 +354,10 @@ def enter(spec, parent_alive=lambda: True):
     fds = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src in spec["relocate"]]
     kept = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path in spec["keep"]]
     work = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    os.fchown(work, uid, gid)
-    os.fchmod(work, 0o700)
+    # The worker's alone; under an unprivileged runner (``share_gid``: its group) also the
+    # runner's, which copies each request's bundle in and cannot pass a 0700 directory of another uid.
+    os.fchown(work, uid, spec.get("share_gid", gid))
+    os.fchmod(work, 0o770 if "share_gid" in spec else 0o700)
     check(libc.mount(f"/proc/self/fd/{work}".encode(), b"/tmp", None, MS_BIND, None), "bind the worker directory on /tmp")
     os.close(work)
     hide_host(workdir)  # before relocate() covers /run, where the other workers' directories may be

@@ -7,6 +7,11 @@ here; the answer is the pid of the worker's init (PID 1 of its namespace) with a
 Killing that init kills the whole namespace. Its exit status comes later on the same socket:
 the fork server reaps its children. If the fork server dies, its workers die with it
 (PR_SET_PDEATHSIG) and every worker still running reports itself lost.
+
+For a runner that runs as its own user (``[runner] user``), the fork server is also its
+privileged helper: started before the drop (``launch``) with a policy, it mounts and detaches
+worker directories, makes egress namespaces and kills workers for the runner (``mount``,
+``unmount``, ``netns``, ``kill``), which can no longer do any of that itself.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from atrund.execute.base import ExecutorError
 from atrund.execute.direct import PIPE_GRACE, SAFE_PATH
+from atrund.execute.egress import anyip
 from atrund.execute.pool import Census, Worker
 from atrund.execute.protocol import ExecEgress
 from atrund.execute.runtimes import Runtime, load_runtimes
@@ -32,6 +38,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # the fence's and the fork server's interpre
 START_TIMEOUT = 10.0  # seconds the fork server may take to import and compile what it preloads
 REPLY_TIMEOUT = 10.0  # seconds it may take to fork one worker
 MAX_MESSAGE = 1 << 16
+MAX_FDS = 80  # a namespace, a listener per port (at most 64) and a DNS socket per nameserver (at most 8)
 
 
 def servable(command: tuple[str, ...] | list[str], python: str) -> bool:
@@ -41,14 +48,16 @@ def servable(command: tuple[str, ...] | list[str], python: str) -> bool:
 
 
 class ForkServer:
-    def __init__(self, python: str, programs: list[str]) -> None:
+    def __init__(self, python: str, programs: list[str], policy: dict | None = None) -> None:
         self.python = python
         self.programs = programs
+        self.policy = policy  # what an unprivileged runner may ask for (forkserver.Policy); None: the runner is root
         self.process: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.gone: str | None = None  # why it is not serving any more
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future] = {}
+        self._calls: set[int] = set()  # request ids of mount, unmount and netns (the rest are spawns)
         self._exits: dict[int, asyncio.Future] = {}
         self.live: dict[int, int] = {}  # pid -> pidfd of every worker not killed yet
         self._ready: asyncio.Future | None = None
@@ -57,8 +66,9 @@ class ForkServer:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+    def launch(self) -> None:
+        """Start the process and send it its settings; ``start`` waits for it to be ready. Apart
+        so that an unprivileged runner can launch it while it is still root (privsep.py)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # Its program on stdin and its settings on the socket: a worker's /proc/self/cmdline
@@ -72,7 +82,8 @@ class ForkServer:
             assert self.process.stdin is not None
             with self.process.stdin:
                 self.process.stdin.write(FORKSERVER.read_bytes())
-            ours.send(json.dumps({"runner": os.getpid(), "fence": str(FENCE), "programs": self.programs}).encode())
+            ours.send(json.dumps({"runner": os.getpid(), "fence": str(FENCE), "anyip": anyip.__file__,
+                                  "programs": self.programs, "policy": self.policy}).encode())
         except OSError as e:
             ours.close()
             if self.process is not None:
@@ -83,6 +94,17 @@ class ForkServer:
             theirs.close()
         ours.setblocking(False)
         self.sock = ours
+
+    async def start(self) -> None:
+        """Launch it (unless launched already) and wait until it is ready."""
+        if self.sock is None and self.process is None:
+            self.launch()
+        if self._ready is not None:  # started already
+            return await asyncio.shield(self._ready)
+        if self.sock is None:
+            raise ExecutorError(f"the fork server is not running: {self.gone or 'not started'}")
+        loop = asyncio.get_running_loop()
+        ours = self.sock
         self._ready = loop.create_future()
         loop.add_reader(ours.fileno(), self._readable)
         try:
@@ -98,27 +120,74 @@ class ForkServer:
     async def spawn(self, spec: dict, network: bool, fds: list[int]) -> tuple[int, int, asyncio.Future]:
         """A fenced worker on ``fds`` (stdin, stdout, stderr): its init's pid, a pidfd on it, and
         a future of its exit code (None if the fork server died first)."""
+        return await self._ask({"spec": spec, "network": network}, fds, "fork a worker")
+
+    async def call(self, request: dict) -> tuple[dict, list[int]]:
+        """One of the helper's requests (mount, unmount, netns): its answer and descriptors."""
+        return await self._ask(request, [], "answer", call=True)
+
+    async def _ask(self, request: dict, fds: list[int], doing: str, call: bool = False):
         if self.gone or self.sock is None:
             raise ExecutorError(f"the fork server is not running: {self.gone or 'not started'}")
         rid = next(self._ids)
         reply = asyncio.get_running_loop().create_future()
         self._replies[rid] = reply
-        message = json.dumps({"id": rid, "spec": spec, "network": network}).encode()
+        if call:
+            self._calls.add(rid)
+        message = json.dumps({"id": rid, **request}).encode()
         try:
-            socket.send_fds(self.sock, [message], fds)
+            if fds:
+                socket.send_fds(self.sock, [message], fds)
+            else:
+                self.sock.send(message)
             return await asyncio.wait_for(reply, REPLY_TIMEOUT)
         except asyncio.TimeoutError:
-            raise ExecutorError(f"the fork server did not fork a worker in {REPLY_TIMEOUT:.0f} s") from None
+            raise ExecutorError(f"the fork server did not {doing} in {REPLY_TIMEOUT:.0f} s") from None
         except OSError as e:
             raise ExecutorError(f"cannot reach the fork server: {e.strerror}") from e
         finally:
             self._replies.pop(rid, None)
+            self._calls.discard(rid)
+
+    async def mount(self, name: str, size_mb: int) -> None:
+        """A tmpfs of ``size_mb`` on the worker directory ``name`` (in the policy's work root)."""
+        await self.call({"mount": name, "size_mb": size_mb})
+
+    async def unmount(self, name: str) -> None:
+        """Detach the worker directory ``name``'s tmpfs (nothing if it is not mounted)."""
+        await self.call({"unmount": name})
+
+    async def netns(self, ports: list[int], servers: list[str] | None, container: tuple[str, int] | None = None) -> anyip.Namespace:
+        """A worker's egress namespace made by the helper: a new one with DNS sockets on
+        ``servers``, or ``container``'s (its id and init's pid; the helper reads its nameservers)."""
+        ask: dict = {"ports": ports}
+        if container is not None:
+            ask.update(container=container[0], pid=container[1])
+        else:
+            ask["servers"] = servers
+        msg, fds = await self.call({"netns": ask})
+        listeners, dns = fds[1:1 + msg["listeners"]], fds[1 + msg["listeners"]:]
+        return anyip.Namespace(fds[0], [socket.socket(fileno=fd) for fd in listeners], [socket.socket(fileno=fd) for fd in dns])
+
+    def kill(self, pid: int, pidfd: int) -> None:
+        """SIGKILL to a worker's init: through its pidfd, or, for a runner that may not signal
+        the worker's uid (an unprivileged one), by asking the fork server, its parent."""
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            if self.sock is not None:
+                try:
+                    self.sock.send(json.dumps({"kill": pid}).encode())
+                except OSError:
+                    pass  # it is gone: so is the worker (its parent-death signal)
 
     def _readable(self) -> None:
         assert self.sock is not None
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)  # never inherited by what the runner starts
+                data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS, socket.MSG_CMSG_CLOEXEC)  # never inherited by what the runner starts
             except BlockingIOError:
                 return
             except OSError as e:
@@ -138,10 +207,21 @@ class ForkServer:
             if self._ready and not self._ready.done():
                 self._ready.set_result(None)
             return
-        reply = self._replies.get(msg.get("id"))
+        rid = msg.get("id")
+        reply = self._replies.get(rid)
+        if rid in self._calls:
+            if reply is None or reply.done():  # its caller gave up waiting
+                for fd in fds:
+                    os.close(fd)
+            elif "error" in msg:
+                reply.set_exception(ExecutorError(f"the fork server (the privileged helper) refused: {msg['error']}"))
+            else:
+                reply.set_result((msg, fds))
+            return
         if reply is None or reply.done():  # its spawn gave up waiting: do not leave the worker running
             for fd in fds:
-                _kill_pidfd(fd)
+                if "pid" in msg:
+                    self.kill(msg["pid"], fd)
                 os.close(fd)
             return
         if "error" in msg:
@@ -190,7 +270,10 @@ class ForkServer:
         if self.sock is not None:
             self._lost("it was stopped")
         if self.process is not None:
-            self.process.kill()
+            try:
+                self.process.kill()
+            except PermissionError:
+                pass  # an unprivileged runner's helper is root's: it exits by itself, its socket just closed
             self.process.wait()
 
 
@@ -213,8 +296,8 @@ def programs(runtimes, python: str) -> list[str]:
 def _kill_pidfd(pidfd: int) -> None:
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    except (ProcessLookupError, PermissionError):
+        pass  # PermissionError: an unprivileged runner's worker, which dies with the fork server anyway
 
 
 class ForkedProcess:
@@ -276,8 +359,8 @@ class ForkedWorker(Worker):
         if self._killed:
             return
         self._killed = True
-        self.sandbox.unmount()  # detached: the tmpfs goes once the namespace's last user is gone
-        _kill_pidfd(self._pidfd)  # the namespace's init: the kernel kills everything in the namespace
+        await self.sandbox.unmount()  # detached: the tmpfs goes once the namespace's last user is gone
+        self._server.kill(self.process.pid, self._pidfd)  # the namespace's init: the kernel kills everything in the namespace
         await self.wait_exit(PIPE_GRACE * 4)
         self._server.live.pop(self.process.pid, None)
         os.close(self._pidfd)

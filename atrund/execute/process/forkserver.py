@@ -26,13 +26,31 @@ stdin. So the server's memory, which every forked worker inherits a copy of, tel
 nothing it may not know. The server reaps its children and reports their exit status on the
 socket; it dies with the runner (PR_SET_PDEATHSIG), and its workers die with it.
 
+It is also the privileged helper of a runner that runs as its own user (``[runner] user``,
+atrund/privsep.py): the runner starts it as root, then drops every privilege, and asks it for
+the few things only root can do. Then the first message carries a ``policy`` (sent while the
+runner was still root, so trusted), and every later request is checked against it: the
+helper takes no path and no command from the runner, only names and numbers it checks (see
+``Policy``; docs/architecture.md "The privileged helper").
+
 Messages (SOCK_SEQPACKET, one JSON object each):
+  runner -> server  {"runner": PID, "fence": PATH, "anyip": PATH, "programs": [PATH, ...],
+                     "policy": POLICY (only for an unprivileged runner)}  first, once
+  server -> runner  {"ready": true}  once, after start-up
   runner -> server  {"id": N, "spec": SPEC, "network": bool} with fds stdin, stdout, stderr
-                    (and, when network is granted, a fourth: the network namespace to join)
+                    (and, when network is granted, a fourth: the network namespace to join);
+                    under a policy only the spec's runtime, uid, workdir's name, grants,
+                    ports, rlimits and whether cgroups are on are read, each checked
   server -> runner  {"id": N, "pid": PID} with a pidfd of the worker's init, or {"id": N, "error": TEXT}
   server -> runner  {"exit": PID, "code": CODE}  (CODE: exit status, or -signal)
-  runner -> server  {"runner": PID, "fence": PATH, "programs": [PATH, ...]}  first, once
-  server -> runner  {"ready": true}  once, after start-up
+  runner -> server  {"kill": PID}  SIGKILL to the init of a worker this server forked (no answer)
+  runner -> server  {"id": N, "netns": {"ports": [PORT...], "servers": [ADDRESS...]}} or
+                    {"id": N, "netns": {"ports": [...], "container": ID, "pid": PID}}
+  server -> runner  {"id": N, "listeners": L, "dns": D} with fds: the namespace, L TCP listeners,
+                    D DNS sockets (anyip.build), or {"id": N, "error": TEXT}
+  runner -> server  {"id": N, "mount": NAME, "size_mb": MB} / {"id": N, "unmount": NAME}
+                    (policy only: a worker directory, by name, in the policy's work root)
+  server -> runner  {"id": N, "ok": true} or {"id": N, "error": TEXT}
 
 Usage: ``python3 -I -S - SOCKET_FD`` with this program on stdin; the first message on the
 socket says the rest (see start()).
@@ -43,8 +61,10 @@ import ctypes
 import gc
 import importlib.util
 import io
+import ipaddress
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -55,19 +75,101 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 PR_SET_PDEATHSIG = 1
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
 MAX_MESSAGE = 1 << 20
+MAX_PORTS, MAX_SERVERS = 64, 8  # per namespace: the egress proxy's own caps are lower
 sys.dont_write_bytecode = True  # no __pycache__ written as root into the checkout (restored for the runtime)
 
 
-def load_fence(path):
-    """fence.py as a module (not on sys.path, so a bundle cannot import it)."""
-    spec = importlib.util.spec_from_file_location("fence", path)
+def load_module(name, path):
+    """fence.py or anyip.py as a module (not on sys.path, so a bundle cannot import it)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-fence = libc = None  # set by start()
+fence = libc = anyip = None  # set by start()
+WORKER_NAME = re.compile(r"w([0-9]+)-[a-z0-9_]+")  # backend.py: mkdtemp(prefix=f"w{uid}-")
+CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+RLIMITS = ("DATA", "CPU", "FSIZE", "NOFILE", "NPROC", "CORE")
+
+
+class Refused(Exception):
+    """A request the policy does not allow: answered as an error, the server goes on."""
+
+
+class Policy:
+    """What an unprivileged runner may ask for, fixed while it was root (the first message).
+
+    A spawn's spec is rebuilt from it: the runtime's command, relocated directories and system
+    calls, the system paths and the environment are the policy's, looked up by the runtime's
+    name; the uid must be in the runner's range (the runner's flock on it keeps two live workers
+    apart, and a uid outside the range is never a worker's); the worker directory is a name in the
+    work root; granted paths must lie within what the operator allowed; ports, limits are numbers.
+    """
+
+    def __init__(self, raw):
+        self.work_root = raw["work_root"]
+        self.work_fd = os.open(self.work_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.uids = range(int(raw["uid_base"]), int(raw["uid_base"]) + int(raw["uids"]))
+        self.share_gid = int(raw["share_gid"])
+        self.cgroups = list(raw["cgroups"])
+        self.grant_read, self.grant_write = list(raw["grant_read"]), list(raw["grant_write"])
+        self.runtimes = raw["runtimes"]
+        self.fixed = raw["fixed"]
+
+    def worker(self, name):
+        """A worker directory's name, checked: ``w{uid}-{random}`` with a uid of the range."""
+        match = WORKER_NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None or int(match.group(1)) not in self.uids:
+            raise Refused(f"not a worker directory name: {name!r}")
+        return name
+
+    def spec(self, asked):
+        """The spec a worker is fenced with, from what the runner asked for."""
+        runtime = self.runtimes.get(asked.get("runtime"))
+        if runtime is None:
+            raise Refused(f"not a runtime of this runner: {asked.get('runtime')!r}")
+        uid = asked.get("uid")
+        if type(uid) is not int or uid not in self.uids or asked.get("gid") != uid:
+            raise Refused(f"not a worker uid of this runner: {uid!r}")
+        workdir = asked.get("workdir")  # only its name is read: the work root is the policy's
+        name = self.worker(os.path.basename(workdir) if isinstance(workdir, str) else None)
+        if not name.startswith(f"w{uid}-"):
+            raise Refused(f"worker directory {name} is not uid {uid}'s")
+        ports = asked.get("ports")
+        if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
+            raise Refused("ports must be a list of TCP port numbers")
+        rlimits = asked.get("rlimits")
+        if not isinstance(rlimits, dict) or set(rlimits) != set(RLIMITS) or not all(type(v) is int and v >= 0 for v in rlimits.values()):
+            raise Refused(f"rlimits must set exactly {', '.join(RLIMITS)}")
+        return {
+            **self.fixed,
+            "uid": uid, "gid": uid, "share_gid": self.share_gid, "workdir": f"{self.work_root}/{name}",
+            "argv": runtime["argv"], "relocate": runtime["relocate"], "syscalls": runtime["syscalls"],
+            "grant_read": granted(asked.get("grant_read"), self.grant_read),
+            "grant_write": granted(asked.get("grant_write"), self.grant_write),
+            "ports": ports, "rlimits": rlimits,
+            "cgroups": [f"{parent}/{name}/tasks" for parent in self.cgroups] if asked.get("cgroups") else [],
+        }
+
+
+def granted(paths, roots):
+    """``paths``, each within one of ``roots`` as written and as resolved now (the runner's own
+    check, access._path_allowed, made again here: the runner may be the one lying)."""
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise Refused("granted paths must be a list of strings")
+    for path in paths:
+        normal, real = os.path.normpath(path), os.path.realpath(path)
+        if not os.path.isabs(path) or not any(
+                root == "*" or (within(normal, os.path.normpath(root)) and within(real, os.path.realpath(root))) for root in roots):
+            raise Refused(f"{path} is not within what the operator grants")
+    return paths
+
+
+def within(path, root):
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 class Become(Exception):
@@ -116,8 +218,9 @@ def servable(argv):
 
 
 class Server:
-    def __init__(self, sock):
+    def __init__(self, sock, policy=None):
         self.sock = sock
+        self.policy = policy  # set for an unprivileged runner: every request is checked against it
         self.programs = Programs()
         self.children = {}  # pidfd (the server's own copy, for reaping) -> pid
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -143,9 +246,22 @@ class Server:
         msg = None
         try:
             msg = json.loads(data)
-            if len(fds) != (4 if msg.get("network") else 3):
-                raise ValueError(f"expected {4 if msg.get('network') else 3} descriptors, got {len(fds)}")
-            self.spawn(msg, fds)
+            if not isinstance(msg, dict):
+                raise Refused("a request is a JSON object")
+            if "spec" in msg:
+                if len(fds) != (4 if msg.get("network") else 3):
+                    raise Refused(f"expected {4 if msg.get('network') else 3} descriptors, got {len(fds)}")
+                self.spawn(msg, fds)
+            elif fds:
+                raise Refused("only a spawn carries descriptors")
+            elif "kill" in msg:
+                self.kill(msg["kill"])
+            elif "netns" in msg:
+                self.netns(msg)
+            elif "mount" in msg or "unmount" in msg:
+                self.mount(msg)
+            else:
+                raise Refused("not a request this server knows")
         except Become:
             raise  # in the worker's runtime process, which holds none of these descriptors any more
         except Exception as e:  # noqa: BLE001 - a bad request must not end the server
@@ -154,7 +270,7 @@ class Server:
             os.close(fd)
 
     def spawn(self, msg, fds):
-        spec = msg["spec"]
+        spec = self.policy.spec(msg["spec"]) if self.policy else msg["spec"]
         if not servable(spec["argv"]):
             raise ValueError(f"not a command this fork server runs: {spec['argv'][:4]}")
         code = self.programs.code(spec["argv"][3], fence.moved(spec["argv"][3], fence.relocation(spec["relocate"])))
@@ -174,6 +290,84 @@ class Server:
         self.children[pidfd] = pid
         self.poll.register(pidfd, select.POLLIN)
         self.send({"id": msg["id"], "pid": pid}, [pidfd])
+
+    def kill(self, pid):
+        """SIGKILL to a worker's init, if this server forked it (an unprivileged runner may not
+        signal a worker's uid itself); the kernel then kills its whole PID namespace."""
+        for pidfd, child in self.children.items():
+            if child == pid:
+                try:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+
+    def netns(self, msg):
+        """A worker's egress namespace (anyip.build), made here for a runner that cannot: a new
+        one, or a container's (``--network none``: nothing in it but loopback, which build checks)."""
+        asked = msg["netns"]
+        ports = asked.get("ports") if isinstance(asked, dict) else None
+        if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
+            raise Refused("ports must be a list of TCP port numbers")
+        existing = None
+        if "container" in asked:
+            existing, servers = self.container_netns(asked.get("container"), asked.get("pid"))
+        else:
+            servers = asked.get("servers")
+            if not isinstance(servers, list) or len(servers) > MAX_SERVERS:
+                raise Refused("servers must be a list of addresses")
+        try:
+            servers = [str(ipaddress.ip_address(a)) for a in servers]
+        except (TypeError, ValueError) as e:
+            raise Refused(f"not a nameserver address: {e}") from None
+        try:
+            ns = anyip.build(ports, servers, existing)
+        finally:
+            if existing is not None:
+                os.close(existing)
+        try:
+            self.send({"id": msg["id"], "listeners": len(ns.listeners), "dns": len(ns.dns)},
+                      [ns.fd, *(s.fileno() for s in ns.listeners + ns.dns)])
+        finally:
+            ns.close()
+
+    def container_netns(self, cid, pid):
+        """The network namespace of container ``cid``'s init ``pid``, checked to be that
+        container's (its cgroup names it) and not the host's, and its nameservers."""
+        if not isinstance(cid, str) or not CONTAINER_ID.fullmatch(cid) or type(pid) is not int or pid <= 1:
+            raise Refused("a container is named by its 64-hex id and its init's pid")
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                if cid not in f.read():
+                    raise Refused(f"process {pid} is not in container {cid[:12]}")
+            if os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+                raise Refused("that is the host's network namespace")
+            servers = anyip.nameservers(f"/proc/{pid}/root/etc/resolv.conf")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, servers
+
+    def mount(self, msg):
+        """Mount a worker directory's tmpfs, or detach it: by name, in the policy's work root."""
+        if self.policy is None:
+            raise Refused("mounts are asked only under a policy")
+        if "mount" in msg:
+            name, size = self.policy.worker(msg["mount"]), msg.get("size_mb")
+            if type(size) is not int or not 0 < size <= 1 << 20:
+                raise Refused("size_mb must be a number of megabytes")
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.policy.work_fd)
+            try:
+                opts = f"size={size}m,nr_inodes=4096,mode=0700".encode()  # as backend.mount_tmpfs
+                check(libc.mount(b"tmpfs", f"/proc/self/fd/{fd}".encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts),
+                      f"mount a tmpfs on {name}")
+            finally:
+                os.close(fd)
+        else:
+            name = self.policy.worker(msg["unmount"])
+            libc.umount2(f"{self.policy.work_root}/{name}".encode(), MNT_DETACH | UMOUNT_NOFOLLOW)  # not mounted: nothing to do
+        self.send({"id": msg["id"], "ok": True})
 
     def reap(self, pidfd):
         pid = self.children.pop(pidfd)
@@ -257,7 +451,7 @@ def become(job):
 def start(argv):
     """Set up from the runner's first message: {"runner": PID, "fence": PATH, "programs": [PATH...]}.
     Nothing of it is on the command line, which every worker's /proc/self/cmdline shows."""
-    global fence, libc
+    global fence, libc, anyip
     sock = socket.socket(fileno=int(argv[1]))
     config = json.loads(sock.recv(MAX_MESSAGE) or b"null")
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -266,9 +460,10 @@ def start(argv):
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)  # this program's source came on stdin
     os.close(devnull)
-    fence = load_fence(config["fence"])
+    fence = load_module("fence", config["fence"])
+    anyip = load_module("anyip", config["anyip"])
     libc = fence.libc
-    server = Server(sock)
+    server = Server(sock, Policy(config["policy"]) if config.get("policy") else None)
     for path in config["programs"]:
         server.programs.code(path, path)  # imports what it imports; recompiled with the worker's path on first use
     fence.seccomp_rules()
