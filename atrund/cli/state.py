@@ -177,7 +177,7 @@ def state_copy(config_path: Path, url: str) -> None:
 
     from atrund.access import PolicyFile
     from atrund.config import StateSection
-    from atrund.errors import ConfigError, CopyRefused
+    from atrund.errors import CopyRefused
     from atrund.pgcopy import copy
     from atrund.pgstate import where
     from atrund.state import State
@@ -188,7 +188,7 @@ def state_copy(config_path: Path, url: str) -> None:
     try:
         StateSection(url=url)
     except ValidationError as e:
-        raise ConfigError(f"--to: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        raise click.BadParameter(e.errors()[0]["msg"].removeprefix("Value error, "), param_hint="--to") from None
     path = cfg.state.dir / "atrund.sqlite3"
     if not path.is_file():
         raise CopyRefused(f"no SQLite state at {path} (state.dir of {config_path}): nothing to copy")
@@ -204,4 +204,4 @@ def state_copy(config_path: Path, url: str) -> None:
         source.close()
     rows = ", ".join(f"{table} {n}" for table, n in copied.items())
     err.print(f"[green]ok[/green]: copied {cfg.state.dir} into the {where(url)} ({rows}); {cfg.state.dir} is marked "
-              "moved: start the replicas with [state] url")
+              "moved: start the replicas with state.url naming the database")
