@@ -49,12 +49,14 @@ def copy(source: State, url: str, allow: list[str], deny: list[str]) -> dict[str
                           "copy it with the atrund that made it")
     try:
         with connect(url) as db:
-            migrate(db)  # refuses a database newer than this atrund (a schema version mismatch)
+            try:
+                migrate(db)
+            except StoreError as e:  # a database newer than this atrund (a schema version mismatch)
+                raise StoreError(f"cannot copy into the {where(url)}: {e}") from None
             with db.transaction():
                 db.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, MIGRATE_LOCK))
                 if held := _holding(db):
-                    raise CopyRefused(f"the {where(url)} already holds atrund state (table {held} has rows); "
-                                      "copy into a new, empty database")
+                    raise CopyRefused(f"the {where(url)} already holds atrund state (table {held} has rows)")
                 copied = {table: _copy_table(source.db, db, table) for table in TABLES}
                 db.execute("SELECT setval(pg_get_serial_sequence('logs', 'seq'), coalesce(max(seq), 0) + 1, false) FROM logs")
                 for did in allow:
