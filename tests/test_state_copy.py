@@ -49,8 +49,11 @@ def test_every_table_of_the_sqlite_store_is_copied(tmp_path):
 
 
 def _rows(db_path: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(db_path) as db:
+    db = sqlite3.connect(db_path)
+    try:
         return db.execute(sql).fetchall()
+    finally:
+        db.close()  # not only the transaction: an open reader would keep the copy from locking the file
 
 
 async def _lines_until(path: Path, count: int, timeout: float = 60) -> list[str]:
