@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sqlite3
 import time
 from pathlib import Path
 
 import psycopg
 from conftest import atrund, serve_config, serve_subprocess, wait_result
+from test_replicas import _stop
 from test_schedules import iso
 
 from atrund import client
@@ -62,18 +62,6 @@ async def _lines_until(path: Path, count: int, timeout: float = 60) -> list[str]
         assert time.monotonic() < deadline, f"{path} has fewer than {count} lines after {timeout} s"
         await asyncio.sleep(0.05)
     return path.read_text().splitlines()
-
-
-def _stop(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(60)
-        except Exception:  # noqa: BLE001 - whatever it was, it must not outlive the test
-            p.kill()
-            p.wait()
 
 
 async def test_a_sqlite_runner_copied_into_postgres_runs_what_waited_once_and_nothing_again(
