@@ -44,7 +44,9 @@ the fix it names.
     ├── ImageError                       52  the runtime image or the microVM guest could not be built
     ├── LocalStackError                  53  the local PDS and PLC (atrund.dev.stack) could not be started
     ├── UnknownBackend                   54  an isolation name that is no backend, alias or auto (also a ValueError)
-    └── DropFailed                       56  `atrund serve` could not become runner.user (no such user, or the drop failed)
+    ├── DropFailed                       56  `atrund serve` could not become runner.user (no such user, or the drop failed)
+    ├── CopyRefused                      57  `atrund state copy` refused: the target database already holds state
+    └── StateMoved                       58  this SQLite state was copied into Postgres: it is not opened again
 
 Exit codes 0-4 mean something else (see the README): 0 done, 1 an unexpected error (a bug: it
 prints a traceback), 2 a usage error (click), 3 a bundle's status is not success, 4 no result in
@@ -272,6 +274,17 @@ class DropFailed(AtrundError, code=56, fix="set runner.user to an existing user 
     """`atrund serve` was told to run as ``[runner] user`` and could not: the user does not exist,
     serve was not started as root, the privileged helper did not start, or the kernel refused a
     step of the drop. The message names which."""
+
+
+class CopyRefused(AtrundError, code=57, fix="copy into a new, empty database (createdb), or drop and recreate the one named"):
+    """`atrund state copy` cannot copy: the target database already holds atrund state (or a
+    replica), or the SQLite state has a table this atrund does not know."""
+
+
+class StateMoved(AtrundError, code=58, fix="run the runner with [state] url = the database it was copied into; to use this "
+                                           "directory again anyway, delete its file `moved` (its pending work would run twice)"):
+    """This SQLite state directory was copied into Postgres by `atrund state copy`: opening it
+    again would run its pending invocations a second time."""
 
 
 def tree() -> list[type[AtrundError]]:

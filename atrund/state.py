@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from atrund.errors import StateLocked, StoreError
+from atrund.errors import StateLocked, StateMoved, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS invocations (
@@ -116,6 +116,8 @@ CREATE INDEX IF NOT EXISTS logs_at ON logs(at);
 # Bundles' durable key-value state (atrund.kv): one namespace per (author DID, bundle rkey). A
 # run's writes are applied in the transaction that stores its outcome (``finish``), or in one of
 # their own (``commit_bundle_state``: gateway and XRPC runs, which store no outcome).
+MOVED = "moved"  # in the state directory once `atrund state copy` has copied it into Postgres (atrund.pgcopy)
+
 BUNDLE_STATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS bundle_state (
     author TEXT NOT NULL,                   -- the bundle author's DID
@@ -286,6 +288,10 @@ class State:
         except BlockingIOError:
             os.close(self._lock)
             raise StateLocked(f"{path.parent} is in use by another atrund process") from None
+        if (path.parent / MOVED).exists():
+            # its pending work belongs to the Postgres database now: running it here would run it twice
+            os.close(self._lock)
+            raise StateMoved(f"{path.parent} was moved: {(path.parent / MOVED).read_text().strip()}")
         self.path = path
         self.failing: str | None = None
         self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below

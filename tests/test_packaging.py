@@ -43,3 +43,23 @@ def test_the_unit_parses_with_its_hardening(tmp_path):
     assert "CAP_SYS_ADMIN" in text and "CAP_SYS_MODULE" not in text
     bad = _installed(tmp_path, text.replace("ProtectHome=yes", "ProtectHome=yes\nProtectEverything=yes"))
     assert "Unknown key 'ProtectEverything'" in _verify(bad)
+
+
+def test_the_replica_template_parses(tmp_path):
+    """atrund@.service (the unit, copied) with its drop-in (packaging/atrund@.service.d/) as
+    docs/scaling.md installs it: verify has nothing to say of an instance; the control: an unknown
+    key in the drop-in is reported, so the drop-in was read."""
+    template = _installed(tmp_path, UNIT.read_text()).rename(tmp_path / "atrund@.service")
+    dropin = tmp_path / "atrund@.service.d"
+    dropin.mkdir()
+    text = (ROOT / "packaging" / "atrund@.service.d" / "replica.conf").read_text()
+    (dropin / "replica.conf").write_text(text.replace("/usr/local/bin/atrund", str(Path(sys.executable).with_name("atrund"))))
+
+    def verify() -> str:
+        done = subprocess.run([ANALYZE, "verify", "atrund@r1.service"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, env={"SYSTEMD_UNIT_PATH": f"{template.parent}:", "PATH": "/usr/bin:/bin"})
+        return (done.stdout + done.stderr).strip() + ("" if done.returncode == 0 else f"\n(exit {done.returncode})")
+
+    assert verify() == ""
+    (dropin / "replica.conf").write_text(text + "ProtectEverything=yes\n")
+    assert "Unknown key 'ProtectEverything'" in verify()

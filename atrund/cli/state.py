@@ -161,3 +161,47 @@ def state_migrate(config_path: Path) -> None:
     before, after = migrate_url(cfg.state.url)
     did = f"migrated from version {before} to {after}" if after != before else f"already at version {after}"
     err.print(f"[green]ok[/green]: {where(cfg.state.url)}: schema {did}")
+
+
+@state.command("copy")
+@config_option
+@click.option("--to", "url", required=True, metavar="POSTGRESQL_URL",
+              help="The Postgres database to copy into (postgresql://USER@HOST/DB; the password from PGPASSWORD, a "
+                   "PGPASSFILE or ~/.pgpass): new and empty, migrated by this command.")
+def state_copy(config_path: Path, url: str) -> None:
+    """Move a stopped SQLite runner (-c its configuration) into Postgres: copy its whole state
+    (invocations, cursors, outbox, schedules and triggers, inactive accounts, logs, bundles'
+    state, the access policy file) into an empty database in one transaction, then mark the
+    SQLite state directory moved so that it is not run again. docs/scaling.md."""
+    from pydantic import ValidationError
+
+    from atrund.access import PolicyFile
+    from atrund.config import StateSection
+    from atrund.errors import CopyRefused
+    from atrund.pgcopy import copy
+    from atrund.pgstate import where
+    from atrund.state import State
+
+    cfg = load_config(config_path)
+    if cfg.state.url is not None:
+        raise CopyRefused(f"{config_path}: its state is already in Postgres (state.url); give the SQLite runner's configuration")
+    try:
+        StateSection(url=url)
+    except ValidationError as e:
+        raise click.BadParameter(e.errors()[0]["msg"].removeprefix("Value error, "), param_hint="--to") from None
+    path = cfg.state.dir / "atrund.sqlite3"
+    if not path.is_file():
+        raise CopyRefused(f"no SQLite state at {path} (state.dir of {config_path}): nothing to copy")
+    try:
+        source = State(path)
+    except StateLocked:
+        raise StateLocked(f"{cfg.state.dir} is in use by a running runner: stop it (systemctl stop atrund) before copying "
+                          "its state, so that nothing it does after the copy is lost") from None
+    try:
+        entries = PolicyFile(cfg.access_file).read()
+        copied = copy(source, url, sorted(entries.allow), sorted(entries.deny))
+    finally:
+        source.close()
+    rows = ", ".join(f"{table} {n}" for table, n in copied.items())
+    err.print(f"[green]ok[/green]: copied {cfg.state.dir} into the {where(url)} ({rows}); {cfg.state.dir} is marked "
+              "moved: start the replicas with state.url naming the database")
