@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
+import os
 import signal
 import time
 from pathlib import Path
 
+import netns
 import psycopg
+import pytest
 from conftest import atrund, serve_config, serve_subprocess, wait_result
 
 from atrund import client
@@ -35,16 +39,26 @@ async def _replicas_up(url: str, count: int, timeout: float = 60) -> None:
     raise AssertionError(f"{count} replicas did not register within {timeout} s")
 
 
-def _serve(count: int, stack, runner, author, tmp_path, pg_url, roles: list[str] | None = None, **settings) -> list:
+def _serve(count: int, stack, runner, author, tmp_path, pg_url, roles: list[str] | None = None,
+           net: netns.Subnet | None = None, firehose: bool = False, **settings) -> list:
     """``count`` replicas (`atrund serve` processes) of ``runner`` on one database; ``roles``: the
-    roles of each, in order (default: all); ``settings``: serve_config's other settings."""
+    roles of each, in order (default: all); ``net``: each in its own network namespace on it,
+    reaching Postgres at the host's bridge address; ``firehose``: ingest from the PDS's
+    firehose, not by polling; ``settings``: serve_config's other settings."""
     procs = []
     for n in range(count):
         home = tmp_path / f"replica{n}"
         home.mkdir()
         extra = f"roles = {roles[n]}\n".replace("'", '"') if roles else ""
-        config = serve_config(home, stack, runner, author, runner_extra=extra, state={"url": pg_url}, **settings)
-        procs.append(serve_subprocess(config, home / "serve.log"))
+        url = pg_url.replace("@127.0.0.1:", f"@{net.host}:") if net else pg_url
+        config = serve_config(home, stack, runner, author, runner_extra=extra, state={"url": url}, **settings)
+        if firehose:
+            config.write_text(config.read_text().replace("[ingest]\n", '[ingest]\nmode = "firehose"\n'))
+        wrap = None
+        if net:
+            net.join(n)
+            wrap = functools.partial(net.command, n)
+        procs.append(serve_subprocess(config, home / "serve.log", wrap=wrap))
     return procs
 
 
@@ -258,18 +272,21 @@ DONE = "SELECT count(*) FROM invocations WHERE state = 'done'"
 
 
 @contextlib.asynccontextmanager
-async def _burst(name: str, stack, new_account, login_author, tmp_path: Path, pg_url: str):
-    """Three replicas of a new runner; 10 authors each post 100 invocations (50 ms each) of one
-    bundle that counts its executions in ``runs``. Yields (runner, replicas, key -> URI, runs)
-    once they are posted; the replicas are stopped after (those in the list then)."""
+async def _burst(name: str, stack, new_account, login_author, tmp_path: Path, pg_url: str, authors: int = BURST_AUTHORS,
+                 per_author: int = BURST_PER_AUTHOR, ms: int = 50, net: netns.Subnet | None = None):
+    """Three replicas of a new runner (each in a network namespace on ``net``, if given);
+    ``authors`` authors (10) each post ``per_author`` invocations (100) of ``ms`` milliseconds
+    (50) of one bundle that counts its executions in ``runs``. Yields (runner, replicas, key ->
+    URI, runs) once they are posted; the replicas are stopped after (those in the list then)."""
     runner = new_account(name)
-    authors = [await login_author(f"{name}{n}x") for n in range(BURST_AUTHORS)]
+    logins = [await login_author(f"{name}{n}x") for n in range(authors)]
     runs = tmp_path / "runs.txt"
-    bundle = await authors[0].publish(_counting_bundle(runs))
-    procs = _serve(3, stack, runner, authors[0], tmp_path, pg_url, allow=[a.account.did for a in authors], limits=UNLIMITED)
+    bundle = await logins[0].publish(_counting_bundle(runs))
+    procs = _serve(3, stack, runner, logins[0], tmp_path, pg_url, net=net, allow=[a.account.did for a in logins],
+                   limits=UNLIMITED)
     try:
         await _replicas_up(pg_url, 3)
-        yield runner, procs, await _post(authors, bundle, runner.did, BURST_PER_AUTHOR, ms=50), runs
+        yield runner, procs, await _post(logins, bundle, runner.did, per_author, ms=ms), runs
     finally:
         _stop(procs)
 
@@ -418,5 +435,84 @@ async def test_new_authors_invocations_of_a_bundle_go_to_the_replica_hot_for_it(
             ran_on = {r for (r,) in db.execute("SELECT DISTINCT replica FROM invocations WHERE state = 'done'")}
         assert len(ran_on) == 1, "every one ran on the hot replica, not where the hash of its author points"
         assert pids == [worker] * len(others), "in the worker kept hot from the first run"
+    finally:
+        _stop(procs)
+
+
+# -- replicas as separate hosts: each in its own network namespace, over veth (tests/netns.py) ----
+
+@pytest.fixture
+def hosts(stack, postgres):
+    """A bridge with the host's relay to the stack and Postgres; replicas join it each in a
+    network namespace of its own (removed after the test, failed or not)."""
+    from urllib.parse import urlsplit
+
+    if why := netns.available():
+        pytest.skip(why)
+    with netns.Subnet([urlsplit(stack.pds_url).port, urlsplit(stack.plc_url).port, postgres.port]) as net:
+        yield net
+
+
+def _in_namespaces(procs: list, net: netns.Subnet) -> None:
+    """Each replica runs in its own namespace, none in this host's."""
+    spaces = [os.stat(f"/proc/{p.pid}/ns/net").st_ino for p in procs]
+    assert len(set(spaces)) == len(procs) and os.stat("/proc/self/ns/net").st_ino not in spaces, spaces
+    assert spaces == [os.stat(f"/run/netns/{name}").st_ino for name in net.spaces]
+
+
+async def test_three_replicas_each_in_its_own_network_namespace_share_a_burst_and_nothing_runs_twice(
+        stack, new_account, login_author, reader, tmp_path, pg_url, hosts):
+    """Three replicas, each a host of its own (a network namespace, a veth to a bridge, an
+    address), reach Postgres, the PDS and the PLC over the bridge; 5 authors post 60 each: every
+    invocation gets exactly one result, each ran once, and the work was spread over them."""
+    async with _burst("nsburst", stack, new_account, login_author, tmp_path, pg_url, authors=5, per_author=60, ms=20,
+                      net=hosts) as (runner, procs, uris, runs):
+        began = time.monotonic()
+        _in_namespaces(procs, hosts)
+        results = await _all_results(reader, runner.did, set(uris.values()), tmp_path, timeout=240)
+        statuses = _ran_once(uris, results, runs)
+        ran_on = collections.Counter(int(line.split()[1]) for line in runs.read_text().splitlines())
+        print(f"namespaced burst: {len(uris)} invocations from 5 authors on 3 replicas over veth, every result in "
+              f"{time.monotonic() - began:.1f} s; executions per replica {sorted(ran_on.values())}")
+        assert statuses == {"success": len(uris)}
+        assert set(ran_on) <= {p.pid for p in procs} and len(ran_on) >= 2, f"ran on {ran_on}"
+
+
+async def test_the_firehose_ingest_leader_in_its_namespace_killed_the_standby_resumes_from_the_cursor(
+        stack, new_account, author, reader, tmp_path, pg_url, hosts):
+    """Two namespaced replicas ingesting from the PDS's firehose; the leader is killed with
+    SIGKILL and invocations are posted while nobody leads: the standby takes the lead, resumes
+    from the stored cursor, and runs each of them, with those from before, exactly once."""
+    runner = new_account("nsfire")
+    counter = tmp_path / "runs.txt"
+    bundle = await author.publish(f"def main(args):\n    open({str(counter)!r}, 'a').write(args['n'] + '\\n')\n"
+                                  "    return {'ok': True}\n")
+    procs = _serve(2, stack, runner, author, tmp_path, pg_url, net=hosts, firehose=True)
+    try:
+        await _replicas_up(pg_url, 2)
+        _in_namespaces(procs, hosts)
+        before = [await author.invoke(bundle, runner.did, args={"n": f"before{i}"}) for i in range(3)]
+        for uri in before:
+            assert (await wait_result(reader, runner.did, uri))["status"] == "success"
+        leader = _leader(pg_url)
+        (victim,) = [p for p in procs if p.pid == leader]
+        victim.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        victim.wait()
+        during = [await author.invoke(bundle, runner.did, args={"n": f"during{i}"}) for i in range(3)]
+        while _leader(pg_url) in (None, leader):
+            assert time.monotonic() - killed < 10, "no standby took ingest leadership"
+            await asyncio.sleep(0.05)
+        took = time.monotonic() - killed
+        after = [await author.invoke(bundle, runner.did, args={"n": f"after{i}"}) for i in range(3)]
+        for uri in during + after:
+            assert (await wait_result(reader, runner.did, uri))["status"] == "success"
+        ran = time.monotonic() - killed
+        print(f"firehose ingest failover over veth: a standby leads {took:.2f} s after the leader's SIGKILL; "
+              f"what was posted meanwhile ran within {ran:.1f} s")
+        assert took <= 5
+        await asyncio.sleep(1.0)
+        assert sorted(counter.read_text().split()) == sorted(f"{w}{i}" for w in ("before", "during", "after")
+                                                            for i in range(3)), "nothing skipped, nothing repeated"
     finally:
         _stop(procs)
