@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -40,11 +41,11 @@ async def _replicas_up(url: str, count: int, timeout: float = 60) -> None:
 
 
 def _serve(count: int, stack, runner, author, tmp_path, pg_url, roles: list[str] | None = None,
-           net: netns.Subnet | None = None, firehose: bool = False, **settings) -> list:
+           net: netns.Subnet | None = None, edit=None, **settings) -> list:
     """``count`` replicas (`atrund serve` processes) of ``runner`` on one database; ``roles``: the
     roles of each, in order (default: all); ``net``: each in its own network namespace on it,
-    reaching Postgres at the host's bridge address; ``firehose``: ingest from the PDS's
-    firehose, not by polling; ``settings``: serve_config's other settings."""
+    reaching Postgres at the host's bridge address; ``edit``: what rewrites each config's text
+    (``_firehose``, ``_open``); ``settings``: serve_config's other settings."""
     procs = []
     for n in range(count):
         home = tmp_path / f"replica{n}"
@@ -52,14 +53,24 @@ def _serve(count: int, stack, runner, author, tmp_path, pg_url, roles: list[str]
         extra = f"roles = {roles[n]}\n".replace("'", '"') if roles else ""
         url = pg_url.replace("@127.0.0.1:", f"@{net.host}:") if net else pg_url
         config = serve_config(home, stack, runner, author, runner_extra=extra, state={"url": url}, **settings)
-        if firehose:
-            config.write_text(config.read_text().replace("[ingest]\n", '[ingest]\nmode = "firehose"\n'))
+        if edit:
+            config.write_text(edit(config.read_text()))
         wrap = None
         if net:
             net.join(n)
             wrap = functools.partial(net.command, n)
         procs.append(serve_subprocess(config, home / "serve.log", wrap=wrap))
     return procs
+
+
+def _firehose(config: str) -> str:
+    """Ingest from the PDS's firehose, not by polling."""
+    return config.replace("[ingest]\n", '[ingest]\nmode = "firehose"\n')
+
+
+def _open(config: str) -> str:
+    """Firehose ingest, and every author served (authors made after the replicas start)."""
+    return re.sub(r"\[access\]\nallowlist = .*\n", '[access]\nmode = "open"\n', _firehose(config))
 
 
 def _stop(procs: list) -> None:
@@ -487,7 +498,7 @@ async def test_the_firehose_ingest_leader_in_its_namespace_killed_the_standby_re
     counter = tmp_path / "runs.txt"
     bundle = await author.publish(f"def main(args):\n    open({str(counter)!r}, 'a').write(args['n'] + '\\n')\n"
                                   "    return {'ok': True}\n")
-    procs = _serve(2, stack, runner, author, tmp_path, pg_url, net=hosts, firehose=True)
+    procs = _serve(2, stack, runner, author, tmp_path, pg_url, net=hosts, edit=_firehose)
     try:
         await _replicas_up(pg_url, 2)
         _in_namespaces(procs, hosts)
@@ -514,5 +525,81 @@ async def test_the_firehose_ingest_leader_in_its_namespace_killed_the_standby_re
         await asyncio.sleep(1.0)
         assert sorted(counter.read_text().split()) == sorted(f"{w}{i}" for w in ("before", "during", "after")
                                                             for i in range(3)), "nothing skipped, nothing repeated"
+    finally:
+        _stop(procs)
+
+
+def _ids(url: str) -> list[tuple[str, int]]:
+    """The live replicas, (id, pid), in id order: the order migration 3's hash indexes."""
+    with psycopg.connect(url, autocommit=True) as db:
+        return db.execute("SELECT id, pid FROM replicas WHERE heartbeat_at > clock_timestamp() - make_interval(secs => %s) "
+                          "ORDER BY id", (LEASE,)).fetchall()
+
+
+async def _author_on(url: str, login_author, slot: int, replicas: int):
+    """A new author whom the hash assigns to the ``slot``-th of ``replicas`` live replicas."""
+    while _slot_of(url, (a := await login_author("nscut")).account.did, replicas) != slot:
+        pass
+    return a
+
+
+async def test_a_replica_cut_off_by_its_veth_is_presumed_dead_and_rejoins_when_the_link_is_back(
+        stack, new_account, login_author, reader, tmp_path, pg_url, hosts):
+    """A network partition: the veth of a replica (not the ingest leader) running a 12 s
+    invocation goes down. Its lease lapses, another replica records the run as interrupted, and
+    the fleet goes on serving; when the link is back the cut-off replica heartbeats again under
+    its id, its run's late end writes no second result (nothing ran twice; its log says the
+    outcome was not kept), and it runs new work."""
+    runner = new_account("nscut")
+    runs, ends = tmp_path / "runs.txt", tmp_path / "ends.txt"
+    source = (f"import os, time\ndef main(args):\n    open({str(runs)!r}, 'a').write(args['k'] + ' ' + str(os.getppid()) + '\\n')\n"
+              f"    time.sleep(args['ms'] / 1000)\n    open({str(ends)!r}, 'a').write(args['k'] + '\\n')\n"
+              "    return {'k': args['k']}\n")
+    procs = _serve(3, stack, runner, None, tmp_path, pg_url, net=hosts, edit=_open, allow=["did:plc:none"])
+    try:
+        await _replicas_up(pg_url, 3)
+        deadline = time.monotonic() + 10
+        while (leader := _leader(pg_url)) is None:
+            assert time.monotonic() < deadline, "nobody leads ingest"
+            await asyncio.sleep(0.1)
+        fleet = _ids(pg_url)
+        slot, (victim_id, victim_pid) = next((n, r) for n, r in enumerate(fleet) if r[1] != leader)
+        n = next(n for n, p in enumerate(procs) if p.pid == victim_pid)
+        slow_author = await _author_on(pg_url, login_author, slot, 3)
+        slow = await slow_author.invoke(await slow_author.publish(source + "# slow\n"), runner.did, args={"k": "slow", "ms": 12000})
+        await _until(pg_url, f"SELECT count(*) FROM invocations WHERE state = 'running' AND replica = '{victim_id}'", 1, 30)
+        hosts.cut(n)
+        cut = time.monotonic()
+        value = await wait_result(reader, runner.did, slow, timeout=LEASE + HEARTBEAT + 20)
+        interrupted = time.monotonic() - cut
+        assert value["status"] == "error" and value["error"].startswith("interrupted:"), value
+        other = await login_author("nsother")  # the fleet serves on meanwhile
+        quick = await other.invoke(await other.publish(source + "# meanwhile\n"), runner.did, args={"k": "meanwhile", "ms": 0})
+        assert (await wait_result(reader, runner.did, quick))["status"] == "success"
+        hosts.mend(n)
+        mended = time.monotonic()
+        while victim_id not in dict(_ids(pg_url)):
+            assert time.monotonic() - mended < 60, "the cut-off replica did not heartbeat again after the link came back"
+            await asyncio.sleep(0.2)
+        rejoined = time.monotonic() - mended
+        assert procs[n].poll() is None, "the cut-off replica kept running"
+        late_author = await _author_on(pg_url, login_author, [i for i, _ in _ids(pg_url)].index(victim_id), 3)
+        late = await late_author.invoke(await late_author.publish(source + "# late\n"), runner.did, args={"k": "late", "ms": 0})
+        assert (await wait_result(reader, runner.did, late))["status"] == "success"
+        for _ in range(300):  # the slow run ends on the rejoined replica: its result is not written again
+            if ends.exists() and "slow" in ends.read_text().split():
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2 * HEARTBEAT)
+        print(f"partition over veth: the cut-off replica's run recorded as interrupted {interrupted:.1f} s after the cut "
+              f"(lease {LEASE} s); back {rejoined:.1f} s after the link came up")
+        records = [r for r in (await reader.list_records(runner.did, RESULT, None))[0]
+                   if r["value"]["invocation"]["uri"] == slow]
+        assert [r["value"]["status"] for r in records] == ["error"], "one result: the interrupted one"
+        ran = collections.Counter(line.split()[0] for line in runs.read_text().splitlines())
+        assert ran == {"slow": 1, "meanwhile": 1, "late": 1}, ran
+        assert f"late {victim_pid}" in runs.read_text().splitlines(), "the rejoined replica runs new work"
+        assert "outcome not kept" in (tmp_path / f"replica{n}" / "serve.log").read_text(), "the late end is logged as dropped"
+        assert interrupted <= 15, f"interrupted after {interrupted:.1f} s (documented: within 15 s)"
     finally:
         _stop(procs)
