@@ -3,9 +3,10 @@ to it by a veth pair, with its own address (10.A.B.2, .3, ...; the host is 10.A.
 one reaches Postgres, the PDS and the PLC over its veth, as it would across a network, and a test
 can cut that link (``cut``/``mend``) to partition it. Shared test code, not tests.
 
-The local stack and the test Postgres listen on 127.0.0.1 only, and the stack's DID documents name
-the PDS ``http://localhost:PORT``. So the host side runs a TCP relay on the bridge address (the
-same ports, forwarded to loopback), and each namespace gets an /etc/netns/NAME/hosts in which
+Postgres can listen on the host's bridge address itself (atrund.dev.postgres's ``also_listen``).
+The local stack listens on 127.0.0.1 only, and its DID documents name the PDS
+``http://localhost:PORT``. So the host side runs a TCP relay on the bridge address for the
+stack's ports (forwarded to loopback), and each namespace gets an /etc/netns/NAME/hosts in which
 ``localhost`` is the host's bridge address: ``ip netns exec`` mounts it over /etc/hosts, and a
 replica's every connection to the stack then leaves through its veth. Its own loopback stays its own.
 

@@ -453,33 +453,45 @@ async def test_new_authors_invocations_of_a_bundle_go_to_the_replica_hot_for_it(
 # -- replicas as separate hosts: each in its own network namespace, over veth (tests/netns.py) ----
 
 @pytest.fixture
-def hosts(stack, postgres):
-    """A bridge with the host's relay to the stack and Postgres; replicas join it each in a
-    network namespace of its own (removed after the test, failed or not)."""
+def hosts(stack):
+    """A bridge with the host's relay to the stack, and a Postgres of its own listening on the
+    bridge's host address too; replicas join it each in a network namespace of its own (all
+    removed after the test, failed or not). (the Subnet, the Postgres URL on loopback)"""
     from urllib.parse import urlsplit
+
+    from atrund.dev.postgres import LocalPostgres, server_bin
 
     if why := netns.available():
         pytest.skip(why)
-    with netns.Subnet([urlsplit(stack.pds_url).port, urlsplit(stack.plc_url).port, postgres.port]) as net:
-        yield net
+    if server_bin() is None:
+        pytest.skip("Postgres is not installed (scripts/setup installs Debian's postgresql)")
+    with netns.Subnet([urlsplit(stack.pds_url).port, urlsplit(stack.plc_url).port]) as net, \
+            LocalPostgres(also_listen=net.host, trusted=f"{net.prefix}.0/24") as pg:
+        yield net, pg.url
 
 
-def _in_namespaces(procs: list, net: netns.Subnet) -> None:
-    """Each replica runs in its own namespace, none in this host's."""
+def _in_namespaces(procs: list, net: netns.Subnet, pg_url: str) -> None:
+    """Each replica runs in its own namespace, none in this host's, and Postgres sees each
+    connect from its namespace's address."""
     spaces = [os.stat(f"/proc/{p.pid}/ns/net").st_ino for p in procs]
     assert len(set(spaces)) == len(procs) and os.stat("/proc/self/ns/net").st_ino not in spaces, spaces
     assert spaces == [os.stat(f"/run/netns/{name}").st_ino for name in net.spaces]
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        seen = {str(a) for (a,) in db.execute("SELECT DISTINCT client_addr FROM pg_stat_activity "
+                                               "WHERE application_name LIKE 'atrund%'")}
+    assert seen == {net.address(n) for n in range(len(procs))}, seen
 
 
 async def test_three_replicas_each_in_its_own_network_namespace_share_a_burst_and_nothing_runs_twice(
-        stack, new_account, login_author, reader, tmp_path, pg_url, hosts):
+        stack, new_account, login_author, reader, tmp_path, hosts):
+    hosts, pg_url = hosts
     """Three replicas, each a host of its own (a network namespace, a veth to a bridge, an
     address), reach Postgres, the PDS and the PLC over the bridge; 5 authors post 60 each: every
     invocation gets exactly one result, each ran once, and the work was spread over them."""
     async with _burst("nsburst", stack, new_account, login_author, tmp_path, pg_url, authors=5, per_author=60, ms=20,
                       net=hosts) as (runner, procs, uris, runs):
         began = time.monotonic()
-        _in_namespaces(procs, hosts)
+        _in_namespaces(procs, hosts, pg_url)
         results = await _all_results(reader, runner.did, set(uris.values()), tmp_path, timeout=240)
         statuses = _ran_once(uris, results, runs)
         ran_on = collections.Counter(int(line.split()[1]) for line in runs.read_text().splitlines())
@@ -490,7 +502,8 @@ async def test_three_replicas_each_in_its_own_network_namespace_share_a_burst_an
 
 
 async def test_the_firehose_ingest_leader_in_its_namespace_killed_the_standby_resumes_from_the_cursor(
-        stack, new_account, author, reader, tmp_path, pg_url, hosts):
+        stack, new_account, author, reader, tmp_path, hosts):
+    hosts, pg_url = hosts
     """Two namespaced replicas ingesting from the PDS's firehose; the leader is killed with
     SIGKILL and invocations are posted while nobody leads: the standby takes the lead, resumes
     from the stored cursor, and runs each of them, with those from before, exactly once."""
@@ -501,7 +514,7 @@ async def test_the_firehose_ingest_leader_in_its_namespace_killed_the_standby_re
     procs = _serve(2, stack, runner, author, tmp_path, pg_url, net=hosts, edit=_firehose)
     try:
         await _replicas_up(pg_url, 2)
-        _in_namespaces(procs, hosts)
+        _in_namespaces(procs, hosts, pg_url)
         before = [await author.invoke(bundle, runner.did, args={"n": f"before{i}"}) for i in range(3)]
         for uri in before:
             assert (await wait_result(reader, runner.did, uri))["status"] == "success"
@@ -544,7 +557,8 @@ async def _author_on(url: str, login_author, slot: int, replicas: int):
 
 
 async def test_a_replica_cut_off_by_its_veth_is_presumed_dead_and_rejoins_when_the_link_is_back(
-        stack, new_account, login_author, reader, tmp_path, pg_url, hosts):
+        stack, new_account, login_author, reader, tmp_path, hosts):
+    hosts, pg_url = hosts
     """A network partition: the veth of a replica (not the ingest leader) running a 12 s
     invocation goes down. Its lease lapses, another replica records the run as interrupted, and
     the fleet goes on serving; when the link is back the cut-off replica heartbeats again under
