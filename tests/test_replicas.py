@@ -2,7 +2,9 @@
 tests start both). A replica killed with SIGKILL mid-run: another records its invocation as
 interrupted within the lease, nothing runs twice, and the fleet keeps serving. The ingest leader
 killed: a standby leads within seconds. Roles: an ingest-only replica's work runs on the
-executing one."""
+executing one. Bursts count every execution. At the end, replicas as separate hosts, each in a
+network namespace over a veth (tests/netns.py; root and iproute2): a shared burst, the firehose
+leader killed, and a network partition of the leader."""
 
 from __future__ import annotations
 
@@ -484,10 +486,10 @@ def _in_namespaces(procs: list, net: netns.Subnet, pg_url: str) -> None:
 
 async def test_three_replicas_each_in_its_own_network_namespace_share_a_burst_and_nothing_runs_twice(
         stack, new_account, login_author, reader, tmp_path, hosts):
-    hosts, pg_url = hosts
     """Three replicas, each a host of its own (a network namespace, a veth to a bridge, an
     address), reach Postgres, the PDS and the PLC over the bridge; 5 authors post 60 each: every
     invocation gets exactly one result, each ran once, and the work was spread over them."""
+    hosts, pg_url = hosts
     async with _burst("nsburst", stack, new_account, login_author, tmp_path, pg_url, authors=5, per_author=60, ms=20,
                       net=hosts) as (runner, procs, uris, runs):
         began = time.monotonic()
@@ -503,10 +505,10 @@ async def test_three_replicas_each_in_its_own_network_namespace_share_a_burst_an
 
 async def test_the_firehose_ingest_leader_in_its_namespace_killed_the_standby_resumes_from_the_cursor(
         stack, new_account, author, reader, tmp_path, hosts):
-    hosts, pg_url = hosts
     """Two namespaced replicas ingesting from the PDS's firehose; the leader is killed with
     SIGKILL and invocations are posted while nobody leads: the standby takes the lead, resumes
     from the stored cursor, and runs each of them, with those from before, exactly once."""
+    hosts, pg_url = hosts
     runner = new_account("nsfire")
     counter = tmp_path / "runs.txt"
     bundle = await author.publish(f"def main(args):\n    open({str(counter)!r}, 'a').write(args['n'] + '\\n')\n"
@@ -556,14 +558,15 @@ async def _author_on(url: str, login_author, slot: int, replicas: int):
     return a
 
 
-async def test_a_replica_cut_off_by_its_veth_is_presumed_dead_and_rejoins_when_the_link_is_back(
+async def test_the_ingest_leader_cut_off_by_its_veth_is_presumed_dead_deposed_and_rejoins_when_the_link_is_back(
         stack, new_account, login_author, reader, tmp_path, hosts):
+    """A network partition: the veth of the ingest leader, running a 12 s invocation, goes
+    down. Postgres keeps its session (and so the ingest lock) until TCP gives up; once its lease
+    lapses another replica records the run as interrupted, ends that session and leads, and the
+    fleet goes on serving. When the link is back the cut-off replica heartbeats again under its
+    id, stands by, its run's late end writes no second result (nothing ran twice; its log says
+    the outcome was not kept), and it runs new work."""
     hosts, pg_url = hosts
-    """A network partition: the veth of a replica (not the ingest leader) running a 12 s
-    invocation goes down. Its lease lapses, another replica records the run as interrupted, and
-    the fleet goes on serving; when the link is back the cut-off replica heartbeats again under
-    its id, its run's late end writes no second result (nothing ran twice; its log says the
-    outcome was not kept), and it runs new work."""
     runner = new_account("nscut")
     runs, ends = tmp_path / "runs.txt", tmp_path / "ends.txt"
     source = (f"import os, time\ndef main(args):\n    open({str(runs)!r}, 'a').write(args['k'] + ' ' + str(os.getppid()) + '\\n')\n"
@@ -577,7 +580,7 @@ async def test_a_replica_cut_off_by_its_veth_is_presumed_dead_and_rejoins_when_t
             assert time.monotonic() < deadline, "nobody leads ingest"
             await asyncio.sleep(0.1)
         fleet = _ids(pg_url)
-        slot, (victim_id, victim_pid) = next((n, r) for n, r in enumerate(fleet) if r[1] != leader)
+        slot, (victim_id, victim_pid) = next((n, r) for n, r in enumerate(fleet) if r[1] == leader)
         n = next(n for n, p in enumerate(procs) if p.pid == victim_pid)
         slow_author = await _author_on(pg_url, login_author, slot, 3)
         slow = await slow_author.invoke(await slow_author.publish(source + "# slow\n"), runner.did, args={"k": "slow", "ms": 12000})
@@ -587,6 +590,10 @@ async def test_a_replica_cut_off_by_its_veth_is_presumed_dead_and_rejoins_when_t
         value = await wait_result(reader, runner.did, slow, timeout=LEASE + HEARTBEAT + 20)
         interrupted = time.monotonic() - cut
         assert value["status"] == "error" and value["error"].startswith("interrupted:"), value
+        while _leader(pg_url) in (None, leader):
+            assert time.monotonic() - cut < LEASE + HEARTBEAT + 10, "no standby took ingest leadership from the cut-off one"
+            await asyncio.sleep(0.1)
+        deposed = time.monotonic() - cut
         other = await login_author("nsother")  # the fleet serves on meanwhile
         quick = await other.invoke(await other.publish(source + "# meanwhile\n"), runner.did, args={"k": "meanwhile", "ms": 0})
         assert (await wait_result(reader, runner.did, quick))["status"] == "success"
@@ -605,15 +612,18 @@ async def test_a_replica_cut_off_by_its_veth_is_presumed_dead_and_rejoins_when_t
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(2 * HEARTBEAT)
-        print(f"partition over veth: the cut-off replica's run recorded as interrupted {interrupted:.1f} s after the cut "
-              f"(lease {LEASE} s); back {rejoined:.1f} s after the link came up")
+        print(f"partition over veth: the cut-off leader's run recorded as interrupted {interrupted:.1f} s after the cut "
+              f"(lease {LEASE} s), a standby leads ingest after {deposed:.1f} s; back {rejoined:.1f} s after the link came up")
+        assert _leader(pg_url) not in (None, leader), "the deposed leader stands by"
         records = [r for r in (await reader.list_records(runner.did, RESULT, None))[0]
                    if r["value"]["invocation"]["uri"] == slow]
         assert [r["value"]["status"] for r in records] == ["error"], "one result: the interrupted one"
         ran = collections.Counter(line.split()[0] for line in runs.read_text().splitlines())
         assert ran == {"slow": 1, "meanwhile": 1, "late": 1}, ran
         assert f"late {victim_pid}" in runs.read_text().splitlines(), "the rejoined replica runs new work"
-        assert "outcome not kept" in (tmp_path / f"replica{n}" / "serve.log").read_text(), "the late end is logged as dropped"
+        log = (tmp_path / f"replica{n}" / "serve.log").read_text()
+        assert "outcome not kept" in log, "the late end is logged as dropped"
+        assert "ingest leadership lost" in log
         assert interrupted <= 15, f"interrupted after {interrupted:.1f} s (documented: within 15 s)"
     finally:
         _stop(procs)
