@@ -99,6 +99,24 @@ def _leader(url: str) -> int | None:
     return row[0] if row else None
 
 
+def _kill_leader(procs: list, url: str) -> tuple[int, float]:
+    """SIGKILL the replica leading ingest: (its pid, when)."""
+    leader = _leader(url)
+    (victim,) = [p for p in procs if p.pid == leader]
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    victim.wait()
+    return leader, killed
+
+
+async def _new_leader(url: str, old: int, since: float, within: float) -> float:
+    """Wait until a replica other than ``old`` leads ingest; seconds since ``since``."""
+    while _leader(url) in (None, old):
+        assert time.monotonic() - since < within, "no standby took ingest leadership"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - since
+
+
 async def test_a_replica_killed_mid_run_is_taken_over_within_the_lease(stack, new_account, author, reader, tmp_path, pg_url):
     runner = new_account("fleet")
     marker = tmp_path / "started.txt"
@@ -148,15 +166,8 @@ async def test_the_ingest_leader_killed_a_standby_takes_over_within_seconds(stac
         await _replicas_up(pg_url, 2)
         before = await author.invoke(bundle, runner.did, args={"n": "before"})
         assert (await wait_result(reader, runner.did, before))["status"] == "success"
-        leader = _leader(pg_url)
-        (victim,) = [p for p in procs if p.pid == leader]
-        victim.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        victim.wait()
-        while _leader(pg_url) in (None, leader):
-            assert time.monotonic() - killed < 10, "no standby took ingest leadership"
-            await asyncio.sleep(0.1)
-        took = time.monotonic() - killed
+        leader, killed = _kill_leader(procs, pg_url)
+        took = await _new_leader(pg_url, leader, killed, 10)
         print(f"ingest failover: a standby leads {took:.1f} s after the leader's SIGKILL")
         assert took <= 5
         after = await author.invoke(bundle, runner.did, args={"n": "after"})
@@ -520,16 +531,9 @@ async def test_the_firehose_ingest_leader_in_its_namespace_killed_the_standby_re
         before = [await author.invoke(bundle, runner.did, args={"n": f"before{i}"}) for i in range(3)]
         for uri in before:
             assert (await wait_result(reader, runner.did, uri))["status"] == "success"
-        leader = _leader(pg_url)
-        (victim,) = [p for p in procs if p.pid == leader]
-        victim.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        victim.wait()
+        leader, killed = _kill_leader(procs, pg_url)
         during = [await author.invoke(bundle, runner.did, args={"n": f"during{i}"}) for i in range(3)]
-        while _leader(pg_url) in (None, leader):
-            assert time.monotonic() - killed < 10, "no standby took ingest leadership"
-            await asyncio.sleep(0.05)
-        took = time.monotonic() - killed
+        took = await _new_leader(pg_url, leader, killed, 10)
         after = [await author.invoke(bundle, runner.did, args={"n": f"after{i}"}) for i in range(3)]
         for uri in during + after:
             assert (await wait_result(reader, runner.did, uri))["status"] == "success"
@@ -590,10 +594,7 @@ async def test_the_ingest_leader_cut_off_by_its_veth_is_presumed_dead_deposed_an
         value = await wait_result(reader, runner.did, slow, timeout=LEASE + HEARTBEAT + 20)
         interrupted = time.monotonic() - cut
         assert value["status"] == "error" and value["error"].startswith("interrupted:"), value
-        while _leader(pg_url) in (None, leader):
-            assert time.monotonic() - cut < LEASE + HEARTBEAT + 10, "no standby took ingest leadership from the cut-off one"
-            await asyncio.sleep(0.1)
-        deposed = time.monotonic() - cut
+        deposed = await _new_leader(pg_url, leader, cut, LEASE + HEARTBEAT + 10)
         other = await login_author("nsother")  # the fleet serves on meanwhile
         quick = await other.invoke(await other.publish(source + "# meanwhile\n"), runner.did, args={"k": "meanwhile", "ms": 0})
         assert (await wait_result(reader, runner.did, quick))["status"] == "success"
