@@ -523,9 +523,12 @@ class PgState(State):
     def lead(self) -> bool:
         """Hold, or try to take, ingest leadership: one replica at a time ingests (polls, follows
         the firehose), elected by a session advisory lock on a connection of its own, so that
-        the lock lives exactly as long as that connection. A leader that dies (or is cut off)
-        loses its session and so the lock; a standby's next try (every LEAD_CHECK) takes it and
-        resumes from the stored cursors. False on any fault: not leading is the safe answer."""
+        the lock lives exactly as long as that connection. A leader that dies loses its session
+        and so the lock; a standby's next try (every LEAD_CHECK) takes it and resumes from the
+        stored cursors. A leader cut off by the network keeps its session, as Postgres sees it,
+        until TCP gives up (hours without keepalives): once its lease has lapsed (presumed dead,
+        its work taken over), a standby ends that session (``_depose``) and leads. False on any
+        fault: not leading is the safe answer."""
         try:
             if self._lead is None or self._lead.closed:
                 self._lead = psycopg.connect(self.url, autocommit=True, connect_timeout=5,
@@ -536,10 +539,22 @@ class PgState(State):
             else:
                 self._leading = self._lead.execute("SELECT pg_try_advisory_lock(%s, %s)",
                                                    (LOCK_CLASS, INGEST_LOCK)).fetchone()[0]
+                if not self._leading:
+                    self._depose()
             return self._leading
         except psycopg.Error:
             self._resign()
             return False
+
+    def _depose(self) -> None:
+        """End the session holding the ingest lock if no live replica owns it (its lease lapsed:
+        a leader cut off whose session Postgres still keeps); the next try takes the lock. A
+        deposed leader that comes back finds its lead connection closed and stands by."""
+        self._lead.execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted AND NOT EXISTS "
+            "(SELECT 1 FROM replicas r WHERE a.application_name = left('atrund ' || r.id, 63) "
+            "AND r.heartbeat_at > clock_timestamp() - make_interval(secs => %s))", (LOCK_CLASS, INGEST_LOCK, self.lease))
 
     def _resign(self) -> None:
         if self._lead is not None:

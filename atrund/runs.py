@@ -347,6 +347,9 @@ class Runs:
                 self._held_wake.set()
                 return
             self.held.pop(0)
+            if not done:  # replicas: another recorded it as interrupted while this one was cut off
+                log.warning("outcome not kept: the invocation already has its result (this replica was presumed dead)",
+                            uri=inv.uri, status=status)
             if session is not None:
                 session.release(committed=done)
             self.writer.wake()

@@ -54,11 +54,12 @@ def serve_config(tmp_path: Path, stack, runner, author, runner_extra: str = "", 
     return config
 
 
-def serve_subprocess(config: Path, log: Path) -> subprocess.Popen:
-    """`atrund serve` as a real subprocess, its JSON logs appended to ``log``."""
+def serve_subprocess(config: Path, log: Path, wrap=None) -> subprocess.Popen:
+    """`atrund serve` as a real subprocess, its JSON logs appended to ``log``; ``wrap``: what
+    makes the command line (one that execs it, keeping its pid: `ip netns exec`)."""
+    argv = [sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"]
     with open(log, "a") as out:
-        return subprocess.Popen([sys.executable, "-m", "atrund.cli", "serve", "-c", str(config), "--json-logs"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        return subprocess.Popen(wrap(argv) if wrap else argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def _author_env(stack, account) -> dict:

@@ -2,19 +2,26 @@
 tests start both). A replica killed with SIGKILL mid-run: another records its invocation as
 interrupted within the lease, nothing runs twice, and the fleet keeps serving. The ingest leader
 killed: a standby leads within seconds. Roles: an ingest-only replica's work runs on the
-executing one."""
+executing one. Bursts count every execution. At the end, replicas as separate hosts, each in a
+network namespace over a veth (tests/netns.py; root and iproute2): a shared burst, the firehose
+leader killed, and a network partition of the leader."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import functools
 import json
+import os
+import re
 import signal
 import time
 from pathlib import Path
 
+import netns
 import psycopg
+import pytest
 from conftest import atrund, serve_config, serve_subprocess, wait_result
 
 from atrund import client
@@ -35,17 +42,37 @@ async def _replicas_up(url: str, count: int, timeout: float = 60) -> None:
     raise AssertionError(f"{count} replicas did not register within {timeout} s")
 
 
-def _serve(count: int, stack, runner, author, tmp_path, pg_url, roles: list[str] | None = None, **settings) -> list:
+def _serve(count: int, stack, runner, author, tmp_path, pg_url, roles: list[str] | None = None,
+           net: netns.Subnet | None = None, edit=None, **settings) -> list:
     """``count`` replicas (`atrund serve` processes) of ``runner`` on one database; ``roles``: the
-    roles of each, in order (default: all); ``settings``: serve_config's other settings."""
+    roles of each, in order (default: all); ``net``: each in its own network namespace on it,
+    reaching Postgres at the host's bridge address; ``edit``: what rewrites each config's text
+    (``_firehose``, ``_open``); ``settings``: serve_config's other settings."""
     procs = []
     for n in range(count):
         home = tmp_path / f"replica{n}"
         home.mkdir()
         extra = f"roles = {roles[n]}\n".replace("'", '"') if roles else ""
-        config = serve_config(home, stack, runner, author, runner_extra=extra, state={"url": pg_url}, **settings)
-        procs.append(serve_subprocess(config, home / "serve.log"))
+        url = pg_url.replace("@127.0.0.1:", f"@{net.host}:") if net else pg_url
+        config = serve_config(home, stack, runner, author, runner_extra=extra, state={"url": url}, **settings)
+        if edit:
+            config.write_text(edit(config.read_text()))
+        wrap = None
+        if net:
+            net.join(n)
+            wrap = functools.partial(net.command, n)
+        procs.append(serve_subprocess(config, home / "serve.log", wrap=wrap))
     return procs
+
+
+def _firehose(config: str) -> str:
+    """Ingest from the PDS's firehose, not by polling."""
+    return config.replace("[ingest]\n", '[ingest]\nmode = "firehose"\n')
+
+
+def _open(config: str) -> str:
+    """Firehose ingest, and every author served (authors made after the replicas start)."""
+    return re.sub(r"\[access\]\nallowlist = .*\n", '[access]\nmode = "open"\n', _firehose(config))
 
 
 def _stop(procs: list) -> None:
@@ -70,6 +97,24 @@ def _leader(url: str) -> int | None:
                          "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.granted",
                          (LOCK_CLASS, INGEST_LOCK)).fetchone()
     return row[0] if row else None
+
+
+def _kill_leader(procs: list, url: str) -> tuple[int, float]:
+    """SIGKILL the replica leading ingest: (its pid, when)."""
+    leader = _leader(url)
+    (victim,) = [p for p in procs if p.pid == leader]
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    victim.wait()
+    return leader, killed
+
+
+async def _new_leader(url: str, old: int, since: float, within: float) -> float:
+    """Wait until a replica other than ``old`` leads ingest; seconds since ``since``."""
+    while _leader(url) in (None, old):
+        assert time.monotonic() - since < within, "no standby took ingest leadership"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - since
 
 
 async def test_a_replica_killed_mid_run_is_taken_over_within_the_lease(stack, new_account, author, reader, tmp_path, pg_url):
@@ -121,15 +166,8 @@ async def test_the_ingest_leader_killed_a_standby_takes_over_within_seconds(stac
         await _replicas_up(pg_url, 2)
         before = await author.invoke(bundle, runner.did, args={"n": "before"})
         assert (await wait_result(reader, runner.did, before))["status"] == "success"
-        leader = _leader(pg_url)
-        (victim,) = [p for p in procs if p.pid == leader]
-        victim.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        victim.wait()
-        while _leader(pg_url) in (None, leader):
-            assert time.monotonic() - killed < 10, "no standby took ingest leadership"
-            await asyncio.sleep(0.1)
-        took = time.monotonic() - killed
+        leader, killed = _kill_leader(procs, pg_url)
+        took = await _new_leader(pg_url, leader, killed, 10)
         print(f"ingest failover: a standby leads {took:.1f} s after the leader's SIGKILL")
         assert took <= 5
         after = await author.invoke(bundle, runner.did, args={"n": "after"})
@@ -258,18 +296,21 @@ DONE = "SELECT count(*) FROM invocations WHERE state = 'done'"
 
 
 @contextlib.asynccontextmanager
-async def _burst(name: str, stack, new_account, login_author, tmp_path: Path, pg_url: str):
-    """Three replicas of a new runner; 10 authors each post 100 invocations (50 ms each) of one
-    bundle that counts its executions in ``runs``. Yields (runner, replicas, key -> URI, runs)
-    once they are posted; the replicas are stopped after (those in the list then)."""
+async def _burst(name: str, stack, new_account, login_author, tmp_path: Path, pg_url: str, authors: int = BURST_AUTHORS,
+                 per_author: int = BURST_PER_AUTHOR, ms: int = 50, net: netns.Subnet | None = None):
+    """Three replicas of a new runner (each in a network namespace on ``net``, if given);
+    ``authors`` authors (10) each post ``per_author`` invocations (100) of ``ms`` milliseconds
+    (50) of one bundle that counts its executions in ``runs``. Yields (runner, replicas, key ->
+    URI, runs) once they are posted; the replicas are stopped after (those in the list then)."""
     runner = new_account(name)
-    authors = [await login_author(f"{name}{n}x") for n in range(BURST_AUTHORS)]
+    logins = [await login_author(f"{name}{n}x") for n in range(authors)]
     runs = tmp_path / "runs.txt"
-    bundle = await authors[0].publish(_counting_bundle(runs))
-    procs = _serve(3, stack, runner, authors[0], tmp_path, pg_url, allow=[a.account.did for a in authors], limits=UNLIMITED)
+    bundle = await logins[0].publish(_counting_bundle(runs))
+    procs = _serve(3, stack, runner, logins[0], tmp_path, pg_url, net=net, allow=[a.account.did for a in logins],
+                   limits=UNLIMITED)
     try:
         await _replicas_up(pg_url, 3)
-        yield runner, procs, await _post(authors, bundle, runner.did, BURST_PER_AUTHOR, ms=50), runs
+        yield runner, procs, await _post(logins, bundle, runner.did, per_author, ms=ms), runs
     finally:
         _stop(procs)
 
@@ -418,5 +459,172 @@ async def test_new_authors_invocations_of_a_bundle_go_to_the_replica_hot_for_it(
             ran_on = {r for (r,) in db.execute("SELECT DISTINCT replica FROM invocations WHERE state = 'done'")}
         assert len(ran_on) == 1, "every one ran on the hot replica, not where the hash of its author points"
         assert pids == [worker] * len(others), "in the worker kept hot from the first run"
+    finally:
+        _stop(procs)
+
+
+# -- replicas as separate hosts: each in its own network namespace, over veth (tests/netns.py) ----
+
+@pytest.fixture
+def hosts(stack):
+    """A bridge with the host's relay to the stack, and a Postgres of its own listening on the
+    bridge's host address too; replicas join it each in a network namespace of its own (all
+    removed after the test, failed or not). (the Subnet, the Postgres URL on loopback)"""
+    from urllib.parse import urlsplit
+
+    from atrund.dev.postgres import LocalPostgres, server_bin
+
+    if why := netns.available():
+        pytest.skip(why)
+    if server_bin() is None:
+        pytest.skip("Postgres is not installed (scripts/setup installs Debian's postgresql)")
+    with netns.Subnet([urlsplit(stack.pds_url).port, urlsplit(stack.plc_url).port]) as net, \
+            LocalPostgres(also_listen=net.host, trusted=f"{net.prefix}.0/24") as pg:
+        yield net, pg.url
+
+
+def _in_namespaces(procs: list, net: netns.Subnet, pg_url: str) -> None:
+    """Each replica runs in its own namespace, none in this host's, and Postgres sees each
+    connect from its namespace's address."""
+    spaces = [os.stat(f"/proc/{p.pid}/ns/net").st_ino for p in procs]
+    assert len(set(spaces)) == len(procs) and os.stat("/proc/self/ns/net").st_ino not in spaces, spaces
+    assert spaces == [os.stat(f"/run/netns/{name}").st_ino for name in net.spaces]
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        seen = {str(a) for (a,) in db.execute("SELECT DISTINCT client_addr FROM pg_stat_activity "
+                                               "WHERE application_name LIKE 'atrund%'")}
+    assert seen == {net.address(n) for n in range(len(procs))}, seen
+
+
+async def test_three_replicas_each_in_its_own_network_namespace_share_a_burst_and_nothing_runs_twice(
+        stack, new_account, login_author, reader, tmp_path, hosts):
+    """Three replicas, each a host of its own (a network namespace, a veth to a bridge, an
+    address), reach Postgres, the PDS and the PLC over the bridge; 5 authors post 60 each: every
+    invocation gets exactly one result, each ran once, and the work was spread over them."""
+    hosts, pg_url = hosts
+    async with _burst("nsburst", stack, new_account, login_author, tmp_path, pg_url, authors=5, per_author=60, ms=20,
+                      net=hosts) as (runner, procs, uris, runs):
+        began = time.monotonic()
+        _in_namespaces(procs, hosts, pg_url)
+        results = await _all_results(reader, runner.did, set(uris.values()), tmp_path, timeout=240)
+        statuses = _ran_once(uris, results, runs)
+        ran_on = collections.Counter(int(line.split()[1]) for line in runs.read_text().splitlines())
+        print(f"namespaced burst: {len(uris)} invocations from 5 authors on 3 replicas over veth, every result in "
+              f"{time.monotonic() - began:.1f} s; executions per replica {sorted(ran_on.values())}")
+        assert statuses == {"success": len(uris)}
+        assert set(ran_on) <= {p.pid for p in procs} and len(ran_on) >= 2, f"ran on {ran_on}"
+
+
+async def test_the_firehose_ingest_leader_in_its_namespace_killed_the_standby_resumes_from_the_cursor(
+        stack, new_account, author, reader, tmp_path, hosts):
+    """Two namespaced replicas ingesting from the PDS's firehose; the leader is killed with
+    SIGKILL and invocations are posted while nobody leads: the standby takes the lead, resumes
+    from the stored cursor, and runs each of them, with those from before, exactly once."""
+    hosts, pg_url = hosts
+    runner = new_account("nsfire")
+    counter = tmp_path / "runs.txt"
+    bundle = await author.publish(f"def main(args):\n    open({str(counter)!r}, 'a').write(args['n'] + '\\n')\n"
+                                  "    return {'ok': True}\n")
+    procs = _serve(2, stack, runner, author, tmp_path, pg_url, net=hosts, edit=_firehose)
+    try:
+        await _replicas_up(pg_url, 2)
+        _in_namespaces(procs, hosts, pg_url)
+        before = [await author.invoke(bundle, runner.did, args={"n": f"before{i}"}) for i in range(3)]
+        for uri in before:
+            assert (await wait_result(reader, runner.did, uri))["status"] == "success"
+        leader, killed = _kill_leader(procs, pg_url)
+        during = [await author.invoke(bundle, runner.did, args={"n": f"during{i}"}) for i in range(3)]
+        took = await _new_leader(pg_url, leader, killed, 10)
+        after = [await author.invoke(bundle, runner.did, args={"n": f"after{i}"}) for i in range(3)]
+        for uri in during + after:
+            assert (await wait_result(reader, runner.did, uri))["status"] == "success"
+        ran = time.monotonic() - killed
+        print(f"firehose ingest failover over veth: a standby leads {took:.2f} s after the leader's SIGKILL; "
+              f"what was posted meanwhile ran within {ran:.1f} s")
+        assert took <= 5
+        await asyncio.sleep(1.0)
+        assert sorted(counter.read_text().split()) == sorted(f"{w}{i}" for w in ("before", "during", "after")
+                                                            for i in range(3)), "nothing skipped, nothing repeated"
+    finally:
+        _stop(procs)
+
+
+def _ids(url: str) -> list[tuple[str, int]]:
+    """The live replicas, (id, pid), in id order: the order migration 3's hash indexes."""
+    with psycopg.connect(url, autocommit=True) as db:
+        return db.execute("SELECT id, pid FROM replicas WHERE heartbeat_at > clock_timestamp() - make_interval(secs => %s) "
+                          "ORDER BY id", (LEASE,)).fetchall()
+
+
+async def _author_on(url: str, login_author, slot: int, replicas: int):
+    """A new author whom the hash assigns to the ``slot``-th of ``replicas`` live replicas."""
+    while _slot_of(url, (a := await login_author("nscut")).account.did, replicas) != slot:
+        pass
+    return a
+
+
+async def test_the_ingest_leader_cut_off_by_its_veth_is_presumed_dead_deposed_and_rejoins_when_the_link_is_back(
+        stack, new_account, login_author, reader, tmp_path, hosts):
+    """A network partition: the veth of the ingest leader, running a 12 s invocation, goes
+    down. Postgres keeps its session (and so the ingest lock) until TCP gives up; once its lease
+    lapses another replica records the run as interrupted, ends that session and leads, and the
+    fleet goes on serving. When the link is back the cut-off replica heartbeats again under its
+    id, stands by, its run's late end writes no second result (nothing ran twice; its log says
+    the outcome was not kept), and it runs new work."""
+    hosts, pg_url = hosts
+    runner = new_account("nscut")
+    runs, ends = tmp_path / "runs.txt", tmp_path / "ends.txt"
+    source = (f"import os, time\ndef main(args):\n    open({str(runs)!r}, 'a').write(args['k'] + ' ' + str(os.getppid()) + '\\n')\n"
+              f"    time.sleep(args['ms'] / 1000)\n    open({str(ends)!r}, 'a').write(args['k'] + '\\n')\n"
+              "    return {'k': args['k']}\n")
+    procs = _serve(3, stack, runner, None, tmp_path, pg_url, net=hosts, edit=_open, allow=["did:plc:none"])
+    try:
+        await _replicas_up(pg_url, 3)
+        deadline = time.monotonic() + 10
+        while (leader := _leader(pg_url)) is None:
+            assert time.monotonic() < deadline, "nobody leads ingest"
+            await asyncio.sleep(0.1)
+        fleet = _ids(pg_url)
+        slot, (victim_id, victim_pid) = next((n, r) for n, r in enumerate(fleet) if r[1] == leader)
+        n = next(n for n, p in enumerate(procs) if p.pid == victim_pid)
+        slow_author = await _author_on(pg_url, login_author, slot, 3)
+        slow = await slow_author.invoke(await slow_author.publish(source + "# slow\n"), runner.did, args={"k": "slow", "ms": 12000})
+        await _until(pg_url, f"SELECT count(*) FROM invocations WHERE state = 'running' AND replica = '{victim_id}'", 1, 30)
+        hosts.cut(n)
+        cut = time.monotonic()
+        value = await wait_result(reader, runner.did, slow, timeout=LEASE + HEARTBEAT + 20)
+        interrupted = time.monotonic() - cut
+        assert value["status"] == "error" and value["error"].startswith("interrupted:"), value
+        deposed = await _new_leader(pg_url, leader, cut, LEASE + HEARTBEAT + 10)
+        other = await login_author("nsother")  # the fleet serves on meanwhile
+        quick = await other.invoke(await other.publish(source + "# meanwhile\n"), runner.did, args={"k": "meanwhile", "ms": 0})
+        assert (await wait_result(reader, runner.did, quick))["status"] == "success"
+        hosts.mend(n)
+        mended = time.monotonic()
+        while victim_id not in dict(_ids(pg_url)):
+            assert time.monotonic() - mended < 60, "the cut-off replica did not heartbeat again after the link came back"
+            await asyncio.sleep(0.2)
+        rejoined = time.monotonic() - mended
+        assert procs[n].poll() is None, "the cut-off replica kept running"
+        late_author = await _author_on(pg_url, login_author, [i for i, _ in _ids(pg_url)].index(victim_id), 3)
+        late = await late_author.invoke(await late_author.publish(source + "# late\n"), runner.did, args={"k": "late", "ms": 0})
+        assert (await wait_result(reader, runner.did, late))["status"] == "success"
+        for _ in range(300):  # the slow run ends on the rejoined replica: its result is not written again
+            if ends.exists() and "slow" in ends.read_text().split():
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2 * HEARTBEAT)
+        print(f"partition over veth: the cut-off leader's run recorded as interrupted {interrupted:.1f} s after the cut "
+              f"(lease {LEASE} s), a standby leads ingest after {deposed:.1f} s; back {rejoined:.1f} s after the link came up")
+        assert _leader(pg_url) not in (None, leader), "the deposed leader stands by"
+        records = [r for r in (await reader.list_records(runner.did, RESULT, None))[0]
+                   if r["value"]["invocation"]["uri"] == slow]
+        assert [r["value"]["status"] for r in records] == ["error"], "one result: the interrupted one"
+        ran = collections.Counter(line.split()[0] for line in runs.read_text().splitlines())
+        assert ran == {"slow": 1, "meanwhile": 1, "late": 1}, ran
+        assert f"late {victim_pid}" in runs.read_text().splitlines(), "the rejoined replica runs new work"
+        log = (tmp_path / f"replica{n}" / "serve.log").read_text()
+        assert "outcome not kept" in log, "the late end is logged as dropped"
+        assert "ingest leadership lost" in log
+        assert interrupted <= 15, f"interrupted after {interrupted:.1f} s (documented: within 15 s)"
     finally:
         _stop(procs)

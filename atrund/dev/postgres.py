@@ -1,5 +1,6 @@
 """A throwaway Postgres for tests and benchmarks: ``initdb`` and ``pg_ctl`` into a temporary
-directory, listening on a free loopback port, stopped and removed on exit.
+directory, listening on a free loopback port (and on one more address if asked), stopped and
+removed on exit.
 
 Debian's ``postgresql`` package puts the server in /usr/lib/postgresql/<version>/bin (not on
 PATH); ``scripts/setup`` installs it where it is missing. initdb refuses to run as root, so under
@@ -51,7 +52,11 @@ def _owner() -> pwd.struct_passwd | None:
 class LocalPostgres:
     """``with LocalPostgres() as pg: pg.url`` (the ``postgres`` database; ``pg.create(name)`` makes more)."""
 
-    def __init__(self) -> None:
+    def __init__(self, also_listen: str | None = None, trusted: str | None = None) -> None:
+        """``also_listen``: an address to listen on beside 127.0.0.1 (the tests' hosts reach it
+        over a bridge: tests/netns.py); ``trusted``: a network (CIDR) whose clients are let in
+        without a password, as loopback's are."""
+        self.also_listen, self.trusted = also_listen, trusted
         self.bin = server_bin()
         if self.bin is None:
             raise LocalStackError("Postgres is not installed (Debian: apt-get install postgresql; scripts/setup does)")
@@ -81,13 +86,17 @@ class LocalPostgres:
         data = self.dir / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8",
                   "--locale=C.UTF-8", "--no-sync")
+        if self.trusted:
+            with open(data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.trusted} trust\n")
         (self.port,) = _free_ports(1)
         self._pg_ctl("start")
         return self
 
     def _pg_ctl(self, action: str, mode: str = "immediate") -> None:
         if action == "start":
-            options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            listen = ",".join(["127.0.0.1", *([self.also_listen] if self.also_listen else [])])
+            options = (f"-p {self.port} -k {self.dir} -c listen_addresses={listen} -c fsync=off "
                        "-c full_page_writes=off -c max_connections=200")
             args = ("-l", str(self.dir / "log"), "-o", options, "-t", "60", "start")
         else:  # immediate by default, as a crash would: nothing here needs a clean shutdown
