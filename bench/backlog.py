@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from latency import RunnerProcess  # the same subprocess handling as the latency bench
+from latency import RunnerProcess, proc_cpu_seconds  # the same subprocess handling as the latency bench
 
 from atrund import client
 from atrund.atproto.session import Session
@@ -120,11 +120,14 @@ async def main(opts) -> int:
 
             proc = RunnerProcess(tmp / "config.toml", tmp / "runner.log")
             db = tmp / "state" / "atrund.sqlite3"
+            pds_pid = stack.pid
             proc.start()
             assert proc.proc is not None
             started = time.monotonic()
+            pds_cpu0 = proc_cpu_seconds(pds_pid)
             samples: list[tuple[float, int]] = []
             first_rss = hwm = 0
+            serving_cpu = 0.0
             lone_uri = None
             try:
                 while True:
@@ -138,6 +141,7 @@ async def main(opts) -> int:
                     written = figures.get("atrund_results_written_total", 0)
                     if stored and not first_rss:
                         first_rss = rss  # serving: connected, first frames in
+                        serving_cpu = proc.cpu_seconds()  # what starting up cost, left out of the figure
                     if lone_uri is None and stored >= min(1000, opts.n):
                         lone_uri, _ = await lone.create_record(INVOCATION, invocation(-1))
                     if written >= opts.n + (lone_uri is not None):
@@ -146,6 +150,7 @@ async def main(opts) -> int:
                         raise RuntimeError(f"not drained after {opts.timeout} s: {written} of {opts.n + 1} results written")
                     await asyncio.sleep(0.1)
                 drained = time.monotonic() - started
+                runner_cpu, pds_cpu = proc.cpu_seconds(), proc_cpu_seconds(pds_pid) - pds_cpu0
             finally:
                 proc.stop()
                 await flood.close()
@@ -162,6 +167,10 @@ async def main(opts) -> int:
             print(f"atrund backlog bench: {opts.n} invocations queued from one author, firehose ingest, "
                   f"concurrency {opts.concurrency}, isolation {opts.isolation or 'auto'}")
             print(f"  drained in {drained:.1f} s ({opts.n / drained:.1f} invocations/s); statuses: {statuses}")
+            done = opts.n + 1
+            print(f"  CPU per invocation: runner {(runner_cpu - serving_cpu) * 1000 / done:.2f} ms (its own process from the "
+                  f"first stored, workers not counted; {serving_cpu:.1f} s to start), PDS + PLC {pds_cpu * 1000 / done:.2f} ms; "
+                  f"{runner_cpu / drained * 100:.0f}% and {pds_cpu / drained * 100:.0f}% of one core over the drain")
             print(f"  runner RSS: {first_rss / 1024:.1f} MiB when the first invocation was stored, peak {peak / 1024:.1f} MiB sampled, "
                   f"high-water mark {hwm / 1024:.1f} MiB (kernel VmHWM), {samples[-1][1] / 1024:.1f} MiB at the end")
             print(f"  the bystander's single invocation, posted with {queued_then} of the flooder's not yet started: "

@@ -208,6 +208,12 @@ class CpuMeter:
 
 # -- the runner subprocess ---------------------------------------------------------------
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (its own threads; not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if this process dies without stopping it (Linux)."""
     try:
@@ -232,6 +238,19 @@ class RunnerProcess:
                 start_new_session=True,  # a terminal Ctrl-C reaches us only; we stop it in order
                 preexec_fn=_die_with_parent,
             )
+        # ATRUND_BENCH_PYSPY=/path/to/py-spy: sample the runner into a file of raw flamegraph
+        # lines while it runs (the path is printed); py-spy is not a project dependency.
+        pyspy = os.environ.get("ATRUND_BENCH_PYSPY")
+        if pyspy:
+            out = Path(tempfile.gettempdir()) / f"atrund-pyspy-{self.proc.pid}.txt"
+            print(f"py-spy samples of the runner -> {out}", file=sys.stderr)
+            subprocess.Popen([pyspy, "record", "--nonblocking", "-r", "100", "-f", "raw", "-p", str(self.proc.pid),
+                              "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=_die_with_parent)
+
+    def cpu_seconds(self) -> float:
+        """The runner's own CPU time so far (user + system, /proc/<pid>/stat), its workers not counted."""
+        return proc_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sqlite3
 import statistics
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import aiohttp
 import psycopg
-from latency import RunnerProcess  # the same subprocess handling as the latency bench
+from latency import RunnerProcess, proc_cpu_seconds  # the same subprocess handling as the latency bench
 
 from atrund import client
 from atrund.atproto.session import Session
@@ -77,6 +78,24 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else (values[0] if values else float("nan"))
 
 
+def postgres_cpu_seconds(pg: LocalPostgres | None) -> float:
+    """CPU seconds of the Postgres server: the postmaster, its live backends, and those it reaped."""
+    if pg is None or pg.dir is None:
+        return 0.0
+    master = int((pg.dir / "data" / "postmaster.pid").read_text().split()[0])
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        if pid == master or int(fields[1]) == master:
+            total += proc_cpu_seconds(pid) if pid != master else \
+                sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, authors, sessions, bundles, opts,
                     tmp: Path) -> dict:
     # a runner account of its own: the invocations posted for the fleets before are not its
@@ -100,22 +119,44 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
         else:
             await asyncio.sleep(3)  # the SQLite runner's start: login, runner record
         per = opts.n // len(authors)
-        t0 = time.monotonic()
+        cpu0 = [p.cpu_seconds() for p in procs], proc_cpu_seconds(stack.pid), postgres_cpu_seconds(pg)
+        t0, wall0 = time.monotonic(), time.time()
         for session, bundle in zip(sessions, bundles, strict=True):
             await client.invoke_many(session, bundle, runner.did, "main", [{"i": i} for i in range(per)])
+        posted = time.monotonic() - t0
         total = per * len(authors)
+        looks = 0
         while (written := await results_of(stack, runner)) < total:  # on the PDS, as any reader sees them
+            looks += 1
             if time.monotonic() - t0 > opts.timeout:
                 raise SystemExit(f"{label}: {written} of {total} results after {opts.timeout} s\n{procs[0].log_tail()}")
             await asyncio.sleep(0.2)
         took = time.monotonic() - t0
+        cpu = (sum(p.cpu_seconds() for p in procs) - sum(cpu0[0]), proc_cpu_seconds(stack.pid) - cpu0[1],
+               postgres_cpu_seconds(pg) - cpu0[2])
+        # The PDS's figure holds this bench's own listing of the results every 0.2 s: what one
+        # look at all of them costs (measured now, the runners idle), times the looks, is taken out
+        # (an upper bound: earlier looks found fewer).
+        mark = proc_cpu_seconds(stack.pid)
+        for _ in range(3):
+            await results_of(stack, runner)
+        reading = (proc_cpu_seconds(stack.pid) - mark) / 3 * (looks + 1)
     finally:
         for p in procs:
             p.stop()
     # read after the stop: a serving SQLite runner keeps its database to itself (locking_mode=EXCLUSIVE)
-    waits = [started - seen for seen, started in read("SELECT seen_at, started_at FROM invocations WHERE started_at IS NOT NULL")]
+    rows = read("SELECT seen_at, started_at, finished_at FROM invocations WHERE started_at IS NOT NULL")
+    waits = [started - seen for seen, started, _ in rows]
+    # Where the time went: the last invocation stored (ingest), each run's slot time (claim ->
+    # done, the sleep included) and how busy the fleet's slots were between the first start and
+    # the last finish.
+    held = [finished - started for _, started, finished in rows]
+    span = max(f for *_, f in rows) - min(s for _, s, _ in rows)
     return {"label": label, "replicas": size, "invocations": total, "seconds": took, "per_second": total / took,
-            "claim_p50_ms": _percentile(waits, 50) * 1000, "claim_p95_ms": _percentile(waits, 95) * 1000}
+            "claim_p50_ms": _percentile(waits, 50) * 1000, "claim_p95_ms": _percentile(waits, 95) * 1000,
+            "posted_s": posted, "ingested_s": max(seen for seen, *_ in rows) - wall0,
+            "slot_ms": statistics.mean(held) * 1000, "busy": sum(held) / (span * size * opts.concurrency),
+            "runner_ms": cpu[0] * 1000 / total, "pds_ms": (cpu[1] - reading) * 1000 / total, "pg_ms": cpu[2] * 1000 / total}
 
 
 async def run_hot(label: str, affinity: bool, stack, pg: LocalPostgres, authors, sessions, bundles, opts,
@@ -213,11 +254,15 @@ async def main(opts) -> int:
     base = next((r["per_second"] for r in rows if r["label"] == "pg1"), None)
     print(f"{opts.n} invocations of a {opts.sleep * 1000:.0f} ms sleep from {opts.authors} authors, "
           f"concurrency {opts.concurrency} per replica, isolation {opts.isolation}")
-    print(f"{'state':8} {'replicas':>8} {'seconds':>8} {'inv/s':>7} {'ratio':>6} {'claim p50':>10} {'claim p95':>10}")
+    print(f"{'state':8} {'replicas':>8} {'seconds':>8} {'inv/s':>7} {'ratio':>6} {'claim p50':>10} {'claim p95':>10}"
+          f"  CPU ms per invocation: {'runners':>7} {'PDS*':>5} {'pg':>5}   all posted  all stored  slot ms  slots busy")
     for r in rows:
         ratio = f"{r['per_second'] / base:.2f}" if base and r["label"] != "sqlite" else "-"
         print(f"{'sqlite' if r['label'] == 'sqlite' else 'postgres':8} {r['replicas']:>8} {r['seconds']:>8.1f} "
-              f"{r['per_second']:>7.1f} {ratio:>6} {r['claim_p50_ms']:>8.0f}ms {r['claim_p95_ms']:>8.0f}ms")
+              f"{r['per_second']:>7.1f} {ratio:>6} {r['claim_p50_ms']:>8.0f}ms {r['claim_p95_ms']:>8.0f}ms"
+              f"  {'':22} {r['runner_ms']:>7.2f} {r['pds_ms']:>5.2f} {r['pg_ms']:>5.2f}   {r['posted_s']:>8.1f}s {r['ingested_s']:>10.1f}s {r['slot_ms']:>8.0f} "
+              f"{r['busy']:>10.0%}")
+    print("PDS*: the PDS + PLC process, less this bench's own listing of the results (an upper bound of it)")
     return 0
 
 
