@@ -390,3 +390,66 @@ def test_literal_grants_name_addresses_in_every_form():
     assert g.address_ports(ipaddress.ip_address("192.0.2.77")) == {80, 443}
     assert g.address_ports(ipaddress.ip_address("10.0.0.2")) == frozenset()
     assert g.ports == [80, 443, 3000, 5432, 8443]
+
+
+async def test_a_relayed_connection_is_checked_as_an_accepted_one():
+    """The seam a microVM's relay uses (Egress.relay and Egress.answer: the guest names the
+    destination and sends its resolver's queries as bytes): only an address the answer handed
+    out for a granted name, on that name's port, gets through, counted; the rest are resets."""
+    import ipaddress
+
+    from atrund.execute.egress.dns import Resolver
+    from atrund.execute.egress.policy import Grants
+    from atrund.execute.egress.proxy import Egress
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+    port = server.getsockname()[1]
+    egress = Egress(Grants([f"*.localhost:{port}"], ["127.0.0.0/8", "::1/128"]), Resolver())
+    reached = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            reached.append(conn.recv(5))
+            conn.sendall(b"world")
+
+    loop = asyncio.get_running_loop()
+    served = loop.run_in_executor(None, serve)
+
+    async def attempt_relay(address, to_port):
+        mine, theirs = socket.socketpair()
+        egress.relay(theirs, ipaddress.ip_address(address), to_port)
+        mine.settimeout(5)
+        try:
+            await loop.run_in_executor(None, mine.sendall, b"hello")
+            return await loop.run_in_executor(None, mine.recv, 5)
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        finally:
+            mine.close()
+
+    def refused(answer):  # a Unix socket pair knows no reset: a refusal is its end, before any byte
+        return answer in (None, b"")
+
+    try:
+        assert refused(await attempt_relay("127.0.0.1", port))  # not handed out yet: refused
+        assert await egress.answer(b"not dns") is None
+        nx = dns.message.from_wire(await egress.answer(dns.message.make_query("other.test", "A").to_wire()))
+        assert nx.rcode() == 3 and not nx.answer  # NXDOMAIN: not granted
+        a = dns.message.from_wire(await egress.answer(dns.message.make_query("localhost", "A").to_wire()))
+        assert [r.address for rrset in a.answer for r in rrset] == ["127.0.0.1"]
+        assert refused(await attempt_relay("127.0.0.1", port + 1 if port < 65535 else port - 1))  # port not granted
+        assert refused(await attempt_relay("127.0.0.2", port))  # an address not handed out
+        assert await attempt_relay("127.0.0.1", port) == b"world"
+        await served
+        assert reached == [b"hello"]
+        await egress.settled()
+        for _ in range(100):  # the pump counts a chunk just after handing it on
+            if (counts := egress.counts.snapshot()).bytes_in == 5:
+                break
+            await asyncio.sleep(0.01)
+        assert (counts.connections, counts.refused, counts.bytes_out, counts.bytes_in) == (1, 3, 5, 5)
+    finally:
+        await egress.close()
+        server.close()
