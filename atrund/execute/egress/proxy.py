@@ -91,6 +91,7 @@ class Egress:
         self._transports: list[asyncio.BaseTransport] = []
         self._links: set[socket.socket] = set()  # both ends of every open connection
         self._unchecked: set[int] = set()  # connections accepted, not yet counted as let out or refused (ids)
+        self._on_refuse: dict[int, object] = {}  # relayed connections (ids): what to call if refused
         self._responder = Responder(grants, resolver, self.handed)  # for queries that come as bytes (answer())
 
     @property
@@ -171,11 +172,15 @@ class Egress:
             self._unchecked.add(id(conn))  # set.add and discard are atomic under the GIL
             self._start(conn, None)
 
-    def relay(self, conn: socket.socket, address: IPAddress, port: int) -> None:
+    def relay(self, conn: socket.socket, address: IPAddress, port: int, refused=None) -> None:
         """Carry ``conn`` (a connected stream socket) as a connection the worker made to
         ``address:port``, checked and counted as one accepted in its namespace. For a worker
         whose connections reach the runner another way than a listener (a microVM's guest names
-        the destination in its open frame); no namespace is made for those."""
+        the destination in its open frame); no namespace is made for those. ``refused``, if
+        given, is called (from a proxy thread) when the connection is refused: the end of a Unix
+        socket pair cannot say "reset" by itself."""
+        if refused is not None:
+            self._on_refuse[id(conn)] = refused
         self._unchecked.add(id(conn))
         self._start(conn, (address, port))
 
@@ -219,6 +224,7 @@ class Egress:
             conn.close()
             return
         self.counts.add("connections", 1)
+        self._on_refuse.pop(id(conn), None)
         self._unchecked.discard(id(conn))
         for sock in (conn, up):
             if sock.family != socket.AF_UNIX:  # a relayed connection's end is a Unix socket pair
@@ -235,6 +241,8 @@ class Egress:
         self._pump(conn, up, "bytes_out", ends, lock)
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
+        if (tell := self._on_refuse.pop(id(conn), None)) is not None:
+            tell()
         self.counts.add("refused", 1)
         self._unchecked.discard(id(conn))
         log.info("egress refused", why=why)
