@@ -306,6 +306,9 @@ async def test_a_microvm_stream_carries_megabytes_and_a_reader_that_stops_stops_
     a server flooding a bundle that reads nothing gets only what the path's buffers hold into
     its socket, not the runner's memory (without the windows the runner takes all of it), and
     the stream is whole when the bundle reads it after all."""
+    from atrund.execute.microvm import guest_init, relay
+
+    assert guest_init.WINDOW == relay.WINDOW  # the two ends' windows must agree
     r = await run(world, "python", BULK_PROBE, ["api.test:8080", "api.test:8081"], ["10.9.0.2/32"],
                   isolation="microvm")
     assert r.success, r
@@ -510,8 +513,8 @@ async def test_a_relayed_connection_is_checked_as_an_accepted_one():
         await served
         assert reached == [b"hello"]
         await egress.settled()
-        for _ in range(100):  # the pump counts a chunk just after handing it on
-            if (counts := egress.counts.snapshot()).bytes_in == 5:
+        for _ in range(100):  # a pump counts a chunk just after handing it on
+            if (counts := egress.counts.snapshot()).bytes_in == counts.bytes_out == 5:
                 break
             await asyncio.sleep(0.01)
         assert (counts.connections, counts.refused, counts.bytes_out, counts.bytes_in) == (1, 3, 5, 5)
