@@ -411,6 +411,17 @@ async def test_deno_is_held_as_python_is(world):
     assert world.reached == ["10.9.0.2"]
 
 
+@pytest.mark.vm
+@pytest.mark.parametrize("runtime, probe", [("node", NODE_PROBE), ("deno", DENO_PROBE)])
+async def test_node_and_deno_in_a_microvm_are_held_as_python_is(vm_guest, world, runtime, probe):
+    """The guest's relay is the same for every runtime: exactly the granted host is reached."""
+    r = await run(world, runtime, probe, ["api.test:443", "rebind.test:443"], ["10.9.0.2/32"], isolation="microvm")
+    assert r.success, r
+    assert r.data["api"] == "hello from ::ffff:10.9.0.2"
+    assert all(not v.startswith("hello") for k, v in r.data.items() if k != "api"), r.data
+    assert world.reached == ["10.9.0.2"]
+
+
 @pytest.mark.parametrize("address, private_ok", [
     ("93.184.215.14", None), ("2606:4700::1111", None),
     ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("100.64.0.1", False),
