@@ -114,7 +114,7 @@ def _egress_summary() -> str:
     if problem is not None:
         return f"[red]{problem}: a process or container worker granted network cannot start[/red]"
     return ("proxy (process and container: a network namespace per worker granted network, whose only "
-            "way out is the runner's egress proxy); microvm: no network (a grant is refused)")
+            "way out is the runner's egress proxy); microvm: the same proxy, through the guest's relay")
 
 
 def _engine_summary(settings) -> str:

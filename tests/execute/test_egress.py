@@ -34,6 +34,7 @@ addr add 169.254.169.254/32 dev lo
 addr add fd09::2/128 dev lo
 addr add fd09::4/128 dev lo
 """
+FLOOD = 128 << 20
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the process backend and network namespaces need root")
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -48,15 +49,16 @@ class World:
         self.servers = []
         self.transports = []
         self.dns_port = 0
+        self.flooded = 0  # bytes the flood server (8081) got into its socket
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for port in (443, 8443):
+        for port, serve in ((443, self._tcp), (8443, self._tcp), (8080, self._bulk), (8081, self._flood)):
             s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("::", port))
-            self.servers.append(await asyncio.start_server(self._tcp, sock=s))
+            self.servers.append(await asyncio.start_server(serve, sock=s))
         world = self
 
         class Sink(asyncio.DatagramProtocol):
@@ -95,6 +97,26 @@ class World:
         await writer.drain()
         writer.close()
 
+    async def _bulk(self, reader, writer):
+        """Counts what comes until EOF, answers the count and 4 MiB."""
+        count = 0
+        while chunk := await reader.read(1 << 16):
+            count += len(chunk)
+        writer.write(f"{count}\n".encode() + b"d" * (4 << 20))
+        await writer.drain()
+        writer.close()
+
+    async def _flood(self, reader, writer):
+        """Sends up to FLOOD bytes as fast as the other end takes them."""
+        try:
+            while self.flooded < FLOOD:
+                writer.write(b"f" * (1 << 16))
+                await writer.drain()
+                self.flooded += 1 << 16
+        except OSError:
+            pass
+        writer.close()
+
     def close(self) -> None:
         for s in self.servers:
             s.close()
@@ -118,11 +140,12 @@ async def world():
         os.close(own)
 
 
-@pytest.fixture(params=["process", "process-exec", "container"])
+@pytest.fixture(params=["process", "process-exec", "container", "microvm"])
 def isolation(request) -> str:
-    """Both backends whose workers get a network of their own, the process backend's both ways
+    """Every backend whose workers get a network of their own, the process backend's both ways
     of starting a worker (fork server, exec path); the container engine, if there is one here,
-    is asked before the test joins its namespace."""
+    is asked before the test joins its namespace. The microVM (its guest relays to the same
+    proxy) only in tests marked ``vm``: a VM under TCG is slow."""
     if request.param == "process-exec":
         return request.param
     return require_isolation(request)
@@ -217,6 +240,7 @@ def main(args):
 """
 
 
+@pytest.mark.vm
 async def test_a_grant_of_one_host_reaches_that_host_only(isolation, world):
     """Granted api.test:443 (and the operator's net_private for its address): it reaches exactly
     that, over IPv4 and IPv6, and nothing else: not another host on 443, not the LAN or the
@@ -252,6 +276,49 @@ async def test_a_grant_of_one_host_reaches_that_host_only(isolation, world):
                 socket.create_connection((host, port), timeout=1).close()
 
 
+BULK_PROBE = """
+import socket, time
+
+def main(args):
+    s = socket.create_connection(("api.test", 8080), timeout=30)
+    s.sendall(b"u" * (2 << 20))
+    s.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while chunk := s.recv(1 << 16):
+        got += chunk
+    head, _, body = bytes(got).partition(b"\\n")
+    f = socket.create_connection(("api.test", 8081), timeout=30)
+    time.sleep(2)  # reads nothing of the flood, then 1 MiB of it: the stream is still whole
+    flood = 0
+    try:
+        while flood < (1 << 20) and (chunk := f.recv(1 << 16)):
+            flood += len(chunk)
+    except OSError as e:
+        flood = type(e).__name__
+    f.close()
+    return {"counted": int(head), "body": len(body), "flood": flood}
+"""
+
+
+@pytest.mark.vm
+async def test_a_microvm_stream_carries_megabytes_and_a_reader_that_stops_stops_the_sender(vm_guest, world):
+    """Through the guest's relay (a window per direction): 2 MiB up and 4 MiB down arrive whole;
+    a server flooding a bundle that reads nothing gets only what the path's buffers hold into
+    its socket, not the runner's memory (without the windows the runner takes all of it), and
+    the stream is whole when the bundle reads it after all."""
+    from atrund.execute.microvm import guest_init, relay
+
+    assert guest_init.WINDOW == relay.WINDOW  # the two ends' windows must agree
+    r = await run(world, "python", BULK_PROBE, ["api.test:8080", "api.test:8081"], ["10.9.0.2/32"],
+                  isolation="microvm")
+    assert r.success, r
+    assert r.data["counted"] == 2 << 20 and r.data["body"] == 4 << 20, r.data
+    assert r.data["flood"] >= 1 << 20, r.data  # not reset: the runner kept to the guest's window
+    assert world.flooded < 32 << 20, world.flooded  # the rest waits in the server, not in the runner
+    assert r.egress.connections == 2 and r.egress.bytes_out == 2 << 20
+    assert r.egress.bytes_in >= (4 << 20) + len(f"{2 << 20}\n")
+
+
 async def test_granted_names_that_resolve_to_private_addresses_are_refused(world):
     """Rebinding: a granted name whose answer is loopback, link-local or a LAN address (also as
     an IPv4-mapped AAAA) is answered with no address, and its address is not reachable either."""
@@ -273,6 +340,7 @@ async def test_the_private_range_needs_the_operator(world):
     assert world.reached == []
 
 
+@pytest.mark.vm
 async def test_no_grant_reaches_nothing(isolation, world):
     r = await run(world, "python", PYTHON_PROBE, [], isolation=isolation)
     assert r.success, r
@@ -343,6 +411,17 @@ async def test_deno_is_held_as_python_is(world):
     assert world.reached == ["10.9.0.2"]
 
 
+@pytest.mark.vm
+@pytest.mark.parametrize("runtime, probe", [("node", NODE_PROBE), ("deno", DENO_PROBE)])
+async def test_node_and_deno_in_a_microvm_are_held_as_python_is(vm_guest, world, runtime, probe):
+    """The guest's relay is the same for every runtime: exactly the granted host is reached."""
+    r = await run(world, runtime, probe, ["api.test:443", "rebind.test:443"], ["10.9.0.2/32"], isolation="microvm")
+    assert r.success, r
+    assert r.data["api"] == "hello from ::ffff:10.9.0.2"
+    assert all(not v.startswith("hello") for k, v in r.data.items() if k != "api"), r.data
+    assert world.reached == ["10.9.0.2"]
+
+
 @pytest.mark.parametrize("address, private_ok", [
     ("93.184.215.14", None), ("2606:4700::1111", None),
     ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("100.64.0.1", False),
@@ -390,3 +469,66 @@ def test_literal_grants_name_addresses_in_every_form():
     assert g.address_ports(ipaddress.ip_address("192.0.2.77")) == {80, 443}
     assert g.address_ports(ipaddress.ip_address("10.0.0.2")) == frozenset()
     assert g.ports == [80, 443, 3000, 5432, 8443]
+
+
+async def test_a_relayed_connection_is_checked_as_an_accepted_one():
+    """The seam a microVM's relay uses (Egress.relay and Egress.answer: the guest names the
+    destination and sends its resolver's queries as bytes): only an address the answer handed
+    out for a granted name, on that name's port, gets through, counted; the rest are resets."""
+    import ipaddress
+
+    from atrund.execute.egress.dns import Resolver
+    from atrund.execute.egress.policy import Grants
+    from atrund.execute.egress.proxy import Egress
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+    port = server.getsockname()[1]
+    egress = Egress(Grants([f"*.localhost:{port}"], ["127.0.0.0/8", "::1/128"]), Resolver())
+    reached = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            reached.append(conn.recv(5))
+            conn.sendall(b"world")
+
+    loop = asyncio.get_running_loop()
+    served = loop.run_in_executor(None, serve)
+
+    async def attempt_relay(address, to_port):
+        mine, theirs = socket.socketpair()
+        egress.relay(theirs, ipaddress.ip_address(address), to_port)
+        mine.settimeout(5)
+        try:
+            await loop.run_in_executor(None, mine.sendall, b"hello")
+            return await loop.run_in_executor(None, mine.recv, 5)
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        finally:
+            mine.close()
+
+    def refused(answer):  # a Unix socket pair knows no reset: a refusal is its end, before any byte
+        return answer in (None, b"")
+
+    try:
+        assert refused(await attempt_relay("127.0.0.1", port))  # not handed out yet: refused
+        assert await egress.answer(b"not dns") is None
+        nx = dns.message.from_wire(await egress.answer(dns.message.make_query("other.test", "A").to_wire()))
+        assert nx.rcode() == 3 and not nx.answer  # NXDOMAIN: not granted
+        a = dns.message.from_wire(await egress.answer(dns.message.make_query("localhost", "A").to_wire()))
+        assert [r.address for rrset in a.answer for r in rrset] == ["127.0.0.1"]
+        assert refused(await attempt_relay("127.0.0.1", port + 1 if port < 65535 else port - 1))  # port not granted
+        assert refused(await attempt_relay("127.0.0.2", port))  # an address not handed out
+        assert await attempt_relay("127.0.0.1", port) == b"world"
+        await served
+        assert reached == [b"hello"]
+        await egress.settled()
+        for _ in range(100):  # a pump counts a chunk just after handing it on
+            if (counts := egress.counts.snapshot()).bytes_in == counts.bytes_out == 5:
+                break
+            await asyncio.sleep(0.01)
+        assert (counts.connections, counts.refused, counts.bytes_out, counts.bytes_in) == (1, 3, 5, 5)
+    finally:
+        await egress.close()
+        server.close()

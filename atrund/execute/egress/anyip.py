@@ -70,12 +70,7 @@ def build(ports, servers, existing=None):
             if existing is not None and [name for _, name in socket.if_nameindex()] != ["lo"]:
                 raise NamespaceError("the worker's network namespace has a device besides loopback (not --network none)")
             ns.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _route_everything_here(socket.AF_INET6 if _ipv6() else None)
-            except OSError as e:
-                raise NamespaceError(f"cannot set up a worker's network namespace: {e.strerror}") from e
-            ns.listeners = [_listener(port) for port in ports]
-            ns.dns = [_datagram(address) for address in servers]
+            ns.listeners, ns.dns = serve_here(ports, servers)
         finally:
             if _libc.setns(own, CLONE_NEWNET) != 0:  # never: this thread ends here anyway
                 os._exit(70)
@@ -85,6 +80,25 @@ def build(ports, servers, existing=None):
     finally:
         os.close(own)
     return ns
+
+
+def serve_here(ports, servers):
+    """Set up the calling thread's namespace (AnyIP routes, loopback up) and make in it a
+    listener per port and a DNS socket per server: (listeners, dns sockets). Also what a
+    microVM's atrun-init does to the guest's only namespace (it loads this file by path)."""
+    try:
+        _route_everything_here(socket.AF_INET6 if _ipv6() else None)
+    except OSError as e:
+        raise NamespaceError(f"cannot set up a worker's network namespace: {e.strerror}") from e
+    listeners, dns = [], []
+    try:
+        listeners += [_listener(port) for port in ports]
+        dns += [_datagram(address) for address in servers]
+    except BaseException:
+        for s in listeners + dns:
+            s.close()
+        raise
+    return listeners, dns
 
 
 def _route_everything_here(ipv6):

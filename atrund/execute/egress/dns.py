@@ -80,10 +80,17 @@ class Responder(asyncio.DatagramProtocol):
         task.add_done_callback(self.pending.discard)
 
     async def _answer(self, data: bytes, addr) -> None:
+        reply = await self.reply(data)
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+    async def reply(self, data: bytes) -> bytes | None:
+        """The answer to one query (None: not DNS, no answer). Also what a microVM's relay asks
+        for a query its guest's resolver sent (no datagram socket on the runner's side there)."""
         try:
             query = dns.message.from_wire(data)
         except Exception:  # noqa: BLE001 - not DNS: no answer
-            return
+            return None
         reply = dns.message.make_response(query)
         reply.flags |= dns.flags.RA
         if len(query.question) != 1:
@@ -103,5 +110,4 @@ class Responder(asyncio.DatagramProtocol):
                 if addresses:  # else no data: the name has no address the proxy would connect to
                     reply.answer.append(dns.rrset.from_text_list(question.name, TTL, dns.rdataclass.IN,
                                                                  question.rdtype, [str(a) for a in addresses]))
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply.to_wire(), addr)
+        return reply.to_wire()

@@ -91,6 +91,8 @@ class Egress:
         self._transports: list[asyncio.BaseTransport] = []
         self._links: set[socket.socket] = set()  # both ends of every open connection
         self._unchecked: set[int] = set()  # connections accepted, not yet counted as let out or refused (ids)
+        self._on_refuse: dict[int, object] = {}  # relayed connections (ids): what to call if refused
+        self._responder = Responder(grants, resolver, self.handed)  # for queries that come as bytes (answer())
 
     @property
     def netns_fd(self) -> int:
@@ -134,6 +136,11 @@ class Egress:
             self.namespace.close()
             self.namespace = None
 
+    async def answer(self, query: bytes) -> bytes | None:
+        """The DNS answer to a query a worker sent another way than to its namespace's DNS
+        socket (a microVM's guest relays its resolver's datagrams); None: not DNS."""
+        return await self._responder.reply(query)
+
     async def settled(self, within: float = SETTLE_SECONDS) -> None:
         """Wait, at most ``within`` seconds, until every connection the worker has made so far
         is counted: none waits in a listener's accept queue or for its check. A worker's
@@ -163,22 +170,40 @@ class Egress:
             except OSError:
                 return  # shut down by close()
             self._unchecked.add(id(conn))  # set.add and discard are atomic under the GIL
-            try:
-                threading.Thread(target=self._link, args=(conn,), daemon=True, name="atrund-egress").start()
-            except RuntimeError:  # no thread to be had: refused, as a full backlog would be
-                self._refuse(conn, "the runner cannot start a thread for it")
+            self._start(conn, None)
 
-    def _link(self, conn: socket.socket) -> None:
+    def relay(self, conn: socket.socket, address: IPAddress, port: int, refused=None) -> None:
+        """Carry ``conn`` (a connected stream socket) as a connection the worker made to
+        ``address:port``, checked and counted as one accepted in its namespace. For a worker
+        whose connections reach the runner another way than a listener (a microVM's guest names
+        the destination in its open frame); no namespace is made for those. ``refused``, if
+        given, is called (from a proxy thread) when the connection is refused: the end of a Unix
+        socket pair cannot say "reset" by itself."""
+        if refused is not None:
+            self._on_refuse[id(conn)] = refused
+        self._unchecked.add(id(conn))
+        self._start(conn, (address, port))
+
+    def _start(self, conn: socket.socket, destination: tuple[IPAddress, int] | None) -> None:
         try:
-            self._carry(conn)
+            threading.Thread(target=self._link, args=(conn, destination), daemon=True, name="atrund-egress").start()
+        except RuntimeError:  # no thread to be had: refused, as a full backlog would be
+            self._refuse(conn, "the runner cannot start a thread for it")
+
+    def _link(self, conn: socket.socket, destination: tuple[IPAddress, int] | None) -> None:
+        try:
+            self._carry(conn, destination)
         except (OSError, RuntimeError) as e:  # the worker reset it meanwhile; no thread or descriptor left
             log.info("egress connection failed", why=str(e))
             self._unchecked.discard(id(conn))
             conn.close()
 
-    def _carry(self, conn: socket.socket) -> None:
-        host, port = conn.getsockname()[:2]
-        address = ipaddress.ip_address(host.split("%")[0])
+    def _carry(self, conn: socket.socket, destination: tuple[IPAddress, int] | None) -> None:
+        if destination is None:  # accepted in the namespace: the address the worker asked for
+            host, port = conn.getsockname()[:2]
+            address = ipaddress.ip_address(host.split("%")[0])
+        else:
+            address, port = destination
         why = self.allowed(address, port)
         if why is None and len(self._links) >= 2 * MAX_LINKS:
             why = f"more than {MAX_LINKS} connections open at once"
@@ -199,9 +224,11 @@ class Egress:
             conn.close()
             return
         self.counts.add("connections", 1)
+        self._on_refuse.pop(id(conn), None)
         self._unchecked.discard(id(conn))
         for sock in (conn, up):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.family != socket.AF_UNIX:  # a relayed connection's end is a Unix socket pair
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._links.add(sock)
         ends = [2]  # the second pump to finish closes both sockets
         lock = threading.Lock()
@@ -214,6 +241,8 @@ class Egress:
         self._pump(conn, up, "bytes_out", ends, lock)
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
+        if (tell := self._on_refuse.pop(id(conn), None)) is not None:
+            tell()
         self.counts.add("refused", 1)
         self._unchecked.discard(id(conn))
         log.info("egress refused", why=why)

@@ -15,9 +15,9 @@ state into the next invocation).
 What the guest is given: the kernel and initramfs, rootfs.ext4 opened READ-ONLY (so no disk copy
 per VM and nothing persists between VMs; the guest writes only to its tmpfs), memory (the
 bundle's memory_mb plus the runtime's reserve, /tmp and the guest's own overhead), vCPUs, an
-entropy device, and NO network device. Invocations granted network are refused here: saying so
-is better than a grant that silently does nothing. Read and write grants of host paths give
-nothing either: the host's files are not in the VM at all.
+entropy device, and NO network device. A network grant is served through the VM's channel:
+atrun-init relays the connections the bundle makes to the runner's egress proxy (relay.py).
+Read and write grants of host paths give nothing: the host's files are not in the VM at all.
 
 Each VM lives in ``<work_dir>/vms/vm-<runner pid>_<start time>-<runtime>-<random>/`` (channel
 socket, the monitor's pid, Firecracker's API socket). On start-up the backend kills the
@@ -40,11 +40,15 @@ from pathlib import Path
 import structlog
 
 from atrund.execute.base import ExecutorError
+from atrund.execute.egress.dns import Resolver
+from atrund.execute.egress.policy import Grants
+from atrund.execute.egress.proxy import Egress
 from atrund.execute.microvm.firecracker import Firecracker
 from atrund.execute.microvm.qemu import TCG_KERNEL_ARGS, Qemu, accelerator, qemu_version
+from atrund.execute.microvm.relay import KINDS, Relay
 from atrund.execute.microvm.vm import Monitor, VmSpec
 from atrund.execute.pool import Backend, Census, Worker, feed_stderr
-from atrund.execute.protocol import ExecPermissions
+from atrund.execute.protocol import ExecEgress, ExecPermissions
 from atrund.execute.runtimes import Runtime
 from atrund.execute.workdir import OWNER, alive, owned_dir, work_root
 
@@ -80,8 +84,11 @@ class VmStdin:
 
 
 class VmWorker(Worker):
-    def __init__(self, backend: "MicroVmBackend", vm_dir: Path, process: asyncio.subprocess.Process, limit: int) -> None:
+    def __init__(self, backend: "MicroVmBackend", vm_dir: Path, process: asyncio.subprocess.Process, limit: int,
+                 egress: Egress | None = None) -> None:
         self.backend = backend
+        self.egress_proxy = egress  # a worker granted network: the proxy its guest's streams go to
+        self.relay: Relay | None = None
         self.dir = vm_dir
         self.process = process
         self.stdout = asyncio.StreamReader(limit=limit)
@@ -116,6 +123,8 @@ class VmWorker(Worker):
     def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self.stdin = VmStdin(writer)
+        if self.egress_proxy is not None:
+            self.relay = Relay(self.egress_proxy, writer)
         self._tasks.append(asyncio.ensure_future(self._demux(reader)))
 
     async def _demux(self, reader: asyncio.StreamReader) -> None:
@@ -135,6 +144,8 @@ class VmWorker(Worker):
                     self._oom = int(payload or b"0")
                 elif kind == b"X":
                     self._exit = int(payload)
+                elif kind in KINDS and self.relay is not None:
+                    self.relay.frame(kind, payload)
         except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
             pass
         finally:
@@ -160,6 +171,12 @@ class VmWorker(Worker):
 
     def out_of_memory(self) -> bool:
         return self._oom > 0
+
+    async def egress(self) -> ExecEgress | None:
+        if self.egress_proxy is None:
+            return None
+        await self.egress_proxy.settled()
+        return self.egress_proxy.counts.snapshot()
 
     def census(self, runtime, cpu: bool) -> Census:
         """atrun-init, the guest's PID 1, looks at what runs when an answer line ends (the runner
@@ -194,6 +211,10 @@ class VmWorker(Worker):
         self._ended.set()
         if self._writer is not None:
             self._writer.close()
+        if self.relay is not None:
+            await self.relay.close()
+        elif self.egress_proxy is not None:
+            await self.egress_proxy.close()
         await self.backend.monitor_gone(self.dir)
         self.backend.live.discard(self)
 
@@ -252,6 +273,7 @@ class MicroVmBackend(Backend):
         # kills them, so a shutdown during a warm-up leaves no monitor running.
         self.live: set[VmWorker] = set()
         self.closed = False
+        self.resolver = Resolver(settings.egress_nameserver)
 
     async def prepare(self) -> None:
         """Once per backend: the guest files exist and match our runtimes, a monitor is chosen,
@@ -293,7 +315,7 @@ class MicroVmBackend(Backend):
         s = self.settings
         return s.memory_mb + runtime.data_overhead_mb + s.tmp_mb + s.microvm.overhead_mb
 
-    def _cmdline(self, runtime: Runtime) -> str:
+    def _cmdline(self, runtime: Runtime, ports: list[int] = ()) -> str:
         s = self.settings
         args = [KERNEL_ARGS, s.microvm.kernel_args]
         if getattr(self.monitor, "accelerator", "kvm") == "tcg":
@@ -302,12 +324,11 @@ class MicroVmBackend(Backend):
                  f"atrun.nproc={s.max_processes}", f"atrun.tmp_mb={s.tmp_mb}"]
         if self.monitor.vsock_port is not None:
             args.append(f"atrun.vsock={self.monitor.vsock_port}")
+        if ports:  # a network grant: the guest listens on these ports and relays to the proxy
+            args.append("atrun.net=" + ",".join(map(str, ports)))
         return " ".join(a for a in args if a)
 
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
-        if permissions.net:
-            raise ExecutorError("network grants are not available with isolation microvm: its VMs have no network "
-                                "device (run bundles that need the network on another backend)")
         await self.ready()
         if self.closed:
             raise ExecutorError("the microVM backend is shut down")
@@ -324,11 +345,14 @@ class MicroVmBackend(Backend):
                                     "choose a shorter executor.work_dir)") from e
             listener.listen(1)
             listener.setblocking(False)
+            grants = Grants(permissions.net, permissions.net_private) if permissions.net else None
             spec = VmSpec(vm_dir, settings.microvm.kernel, settings.microvm.initramfs, settings.microvm.rootfs,
-                          self._memory_mb(runtime), settings.microvm.vcpus, self._cmdline(runtime))
+                          self._memory_mb(runtime), settings.microvm.vcpus,
+                          self._cmdline(runtime, grants.ports if grants else []))
             process = await self.monitor.launch(spec)
             (vm_dir / PID_FILE).write_text(str(process.pid))
-            worker = VmWorker(self, vm_dir, process, settings.max_output_bytes + 4096)
+            worker = VmWorker(self, vm_dir, process, settings.max_output_bytes + 4096,
+                              Egress(grants, self.resolver) if grants else None)
             self.live.add(worker)
             # The monitor connects the channel as it starts (QEMU) or when the guest dials (Firecracker).
             accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(listener))

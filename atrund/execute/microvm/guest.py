@@ -10,7 +10,8 @@
    the vsock transport for Firecracker). Its /init loads them, mounts the root read-only and
    switch_roots to /sbin/atrun-init (atrund/execute/microvm/guest_init.py);
 3. rootfs.ext4: the container image's root filesystem, exactly (the same debootstrap rootfs
-   with deno, node and the runtime directories: ``image.image_tar``), plus /sbin/atrun-init,
+   with deno, node and the runtime directories: ``image.image_tar``), plus /sbin/atrun-init
+   and the egress namespace's set-up it loads (/usr/lib/atrun/anyip.py),
    made with ``mkfs.ext4 -d``, no journal. Every VM opens it read-only (no per-VM disk copy,
    nothing to leak between invocations); the guest writes only to its tmpfs /tmp.
 
@@ -42,8 +43,9 @@ from atrund.execute.container.image import ImageError, Progress
 
 DEFAULT_DIR = Path("/var/cache/atrund/vm")
 KERNEL_PACKAGE = "linux-image-amd64"
-VM_LAYOUT = 2  # bump when what goes into the initramfs or rootfs, or where, changes
+VM_LAYOUT = 3  # bump when what goes into the initramfs or rootfs, or where, changes
 INIT_IN_ROOTFS = "/sbin/atrun-init"
+ANYIP_IN_ROOTFS = "/usr/lib/atrun/anyip.py"  # what atrun-init loads to set up the guest's network (egress/anyip.py)
 # What the guest needs before its root exists; their dependencies come along (read from each
 # module's depends= field) and load first. The vsock ones only where the command line asks.
 # crc32c_generic: ext4 asks the crypto API for crc32c at mount time, and there is no modprobe yet.
@@ -210,7 +212,8 @@ def kernel_and_initramfs(out_dir: Path, progress: Progress) -> tuple[Path, Path]
 def rootfs(out_dir: Path, runtimes_dir: Path, image_cache: Path, progress: Progress) -> Path:
     adds = image.additions(runtimes_dir)
     init_source = Path(__file__).with_name("guest_init.py").read_bytes()
-    key = _sha(f"{VM_LAYOUT}\0{image.content_hash(adds)}\0".encode() + init_source)[:16]
+    anyip_source = (Path(__file__).parents[1] / "egress" / "anyip.py").read_bytes()
+    key = _sha(f"{VM_LAYOUT}\0{image.content_hash(adds)}\0".encode() + init_source + b"\0" + anyip_source)[:16]
     path = out_dir / f"rootfs-{key}.ext4"
     if image.reuse(path, "rootfs", progress):
         return path
@@ -225,6 +228,8 @@ def rootfs(out_dir: Path, runtimes_dir: Path, image_cache: Path, progress: Progr
         tar.unlink()
         (tree / INIT_IN_ROOTFS.lstrip("/")).write_bytes(init_source)
         os.chmod(tree / INIT_IN_ROOTFS.lstrip("/"), 0o755)
+        (tree / ANYIP_IN_ROOTFS.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (tree / ANYIP_IN_ROOTFS.lstrip("/")).write_bytes(anyip_source)
         for d in ("bundle", "tmp", "run", "proc", "sys", "dev"):
             (tree / d).mkdir(exist_ok=True)
         used = int(subprocess.run(["du", "-sxm", str(tree)], capture_output=True, text=True, check=True).stdout.split()[0])

@@ -18,15 +18,32 @@ Frames (both directions): one byte kind, four bytes big-endian length, payload.
                   X  it ended: its exit code as text (negative: killed by that signal)
                   M  the guest kernel's OOM-kill count as text (sent before X)
 
+With a network grant (atrun.net=PORTS) the guest's only namespace is set up as a worker's
+egress namespace on the host is (anyip.py, copied beside this file: AnyIP routes, a listener per
+granted port, a DNS socket on the resolv.conf nameservers), and what reaches those sockets
+crosses the same channel as streams, to the runner's egress proxy (atrund/execute/egress/proxy.py
+``Egress.relay``), which checks and counts each connection. ID is four bytes big-endian.
+  guest -> host   T  a connection the bundle made: ID, port (two bytes), the address it asked for (text)
+                  D  ID, bytes it sent            F  ID: it sent no more (EOF)
+                  R  ID: the stream ends at once (reset)
+                  W  ID, four bytes n: n more bytes of D may come from the host (written to the bundle)
+                  Q  query ID, a DNS query datagram
+  host -> guest   D, F, R and W for a stream, the same way round
+                  A  query ID, the DNS answer datagram
+Each direction of a stream has a window of WINDOW bytes: neither side sends D past what the
+other has acknowledged with W, so neither side ever holds more than that per stream for the
+other, and a bundle that never reads cannot make the runner buffer.
+
 The channel: a virtio-serial port named ``atrun`` (QEMU), or vsock to the host (CID 2) on
 the port given as ``atrun.vsock=PORT`` (Firecracker forwards it to ``<uds>_PORT`` on the host).
 
 Kernel command line: atrun.runtime=NAME (directory under /opt/atrund/runtimes), atrun.uid,
 atrun.data_mb (RLIMIT_DATA), atrun.nproc (RLIMIT_NPROC), atrun.tmp_mb (size of /tmp),
-atrun.vsock. The command of each runtime comes from its runtime.json, as on the host.
+atrun.vsock, atrun.net. The command of each runtime comes from its runtime.json, as on the host.
 """
 
 import ctypes
+import importlib.util
 import json
 import os
 import resource
@@ -46,6 +63,12 @@ MAX_FRAME = 8 << 20  # a bundle is at most a few MiB; anything larger is a broke
 # guest, not the channel.
 STDERR_PASS = 256 << 10
 STDERR_TAIL = 8192
+ANYIP = "/usr/lib/atrun/anyip.py"  # atrund/execute/egress/anyip.py, copied by the image build
+ID = struct.Struct(">I")
+CREDIT = struct.Struct(">II")
+WINDOW = 256 << 10  # bytes of a stream one side may send before the other acknowledges them
+MAX_STREAMS = 64  # connections open at once (the runner's proxy holds as many)
+MAX_QUERIES = 32  # DNS queries waiting for their answer
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -189,7 +212,177 @@ def start_worker(opts):
     return pid, pipes[0][1], pipes[1][0], pipes[2][0]
 
 
-def relay(chan, pid, stdin, stdout, stderr, program=False):
+class Stream:
+    """One connection the bundle made, as the guest sees it."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.credit = WINDOW  # bytes the host will still take
+        self.pending = bytearray()  # bytes from the host, not yet taken by the bundle
+        self.eof_in = False  # the host sent F
+        self.eof_out = False  # the bundle's side ended; F sent
+
+
+class Net:
+    """The guest's side of the egress relay: listeners and DNS sockets in, streams over the channel."""
+
+    def __init__(self, chan, listeners, dns):
+        self.chan = chan
+        self.listeners = {s.fileno(): s for s in listeners}
+        self.dns = {s.fileno(): s for s in dns}
+        self.streams = {}  # ID -> Stream
+        self.by_fd = {}  # descriptor -> ID
+        self.queries = {}  # query ID -> (socket, the asker's address)
+        self.next_id = 1
+
+    def readers(self):
+        out = list(self.listeners) + list(self.dns)
+        return out + [s.sock.fileno() for s in self.streams.values() if s.credit > 0 and not s.eof_out]
+
+    def writers(self):
+        return [s.sock.fileno() for s in self.streams.values() if s.pending]
+
+    def owns(self, fd):
+        return fd in self.listeners or fd in self.dns or fd in self.by_fd
+
+    def readable(self, fd):
+        if fd in self.listeners:
+            return self._accept(self.listeners[fd])
+        if fd in self.dns:
+            return self._query(self.dns[fd])
+        sid = self.by_fd.get(fd)
+        stream = self.streams.get(sid)
+        if stream is None:
+            return
+        try:
+            data = stream.sock.recv(min(stream.credit, 65536))
+        except BlockingIOError:
+            return
+        except OSError:
+            return self._reset(sid, tell=True)
+        if not data:
+            stream.eof_out = True
+            send(self.chan, b"F", ID.pack(sid))
+            return self._maybe_done(sid)
+        stream.credit -= len(data)
+        send(self.chan, b"D", ID.pack(sid) + data)
+
+    def writable(self, fd):
+        sid = self.by_fd.get(fd)
+        stream = self.streams.get(sid)
+        if stream is None:
+            return
+        try:
+            n = stream.sock.send(stream.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            return self._reset(sid, tell=True)
+        del stream.pending[:n]
+        send(self.chan, b"W", CREDIT.pack(sid, n))
+        self._flushed(sid)
+
+    def frame(self, kind, payload):
+        """A frame from the host for the network (False: not one of its kinds)."""
+        if kind not in (b"D", b"F", b"R", b"W", b"A") or len(payload) < ID.size:
+            return False
+        sid = ID.unpack_from(payload)[0]
+        if kind == b"A":
+            asked = self.queries.pop(sid, None)
+            if asked is not None:
+                try:
+                    asked[0].sendto(payload[ID.size:], asked[1])
+                except OSError:
+                    pass
+            return True
+        stream = self.streams.get(sid)
+        if stream is None:
+            return True  # ended here already
+        if kind == b"D":
+            stream.pending += payload[ID.size:]
+            if len(stream.pending) > WINDOW:  # past the window: a broken host; the stream goes
+                self._reset(sid, tell=True)
+        elif kind == b"W" and len(payload) >= CREDIT.size:
+            stream.credit += CREDIT.unpack_from(payload)[1]
+        elif kind == b"F":
+            stream.eof_in = True
+            self._flushed(sid)
+        elif kind == b"R":
+            self._reset(sid, tell=False)
+        return True
+
+    def _accept(self, listener):
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        if len(self.streams) >= MAX_STREAMS:
+            return _abort(conn)
+        host, port = conn.getsockname()[:2]
+        conn.setblocking(False)
+        sid, self.next_id = self.next_id, self.next_id + 1
+        self.streams[sid] = Stream(conn)
+        self.by_fd[conn.fileno()] = sid
+        send(self.chan, b"T", ID.pack(sid) + struct.pack(">H", port) + host.split("%")[0].encode())
+
+    def _query(self, sock):
+        try:
+            data, addr = sock.recvfrom(4096)
+        except OSError:
+            return
+        if len(self.queries) >= MAX_QUERIES:
+            return  # a flood of queries is dropped, as a busy server would
+        qid, self.next_id = self.next_id, self.next_id + 1
+        self.queries[qid] = (sock, addr)
+        send(self.chan, b"Q", ID.pack(qid) + data)
+
+    def _flushed(self, sid):
+        stream = self.streams[sid]
+        if stream.eof_in and not stream.pending:
+            try:
+                stream.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self._maybe_done(sid)
+
+    def _maybe_done(self, sid):
+        stream = self.streams[sid]
+        if stream.eof_in and stream.eof_out and not stream.pending:
+            self._drop(sid).close()
+
+    def _reset(self, sid, tell):
+        if tell:
+            send(self.chan, b"R", ID.pack(sid))
+        _abort(self._drop(sid))
+
+    def _drop(self, sid):
+        stream = self.streams.pop(sid)
+        del self.by_fd[stream.sock.fileno()]
+        return stream.sock
+
+
+def _abort(sock):
+    """Close with a reset, as a refused connection is under the other backends."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def start_network(chan, opts):
+    """The guest's namespace as a worker's egress namespace, if the request grants network."""
+    if not opts.get("atrun.net"):
+        return None
+    spec = importlib.util.spec_from_file_location("anyip", ANYIP)
+    anyip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(anyip)
+    ports = [int(p) for p in opts["atrun.net"].split(",") if p]
+    listeners, dns = anyip.serve_here(ports, anyip.nameservers())
+    return Net(chan, listeners, dns)
+
+
+def relay(chan, pid, stdin, stdout, stderr, program=False, net=None):
     """Frames from the host to at-run-exec's stdin and the bundle file; its output to frames.
     Returns at-run-exec's exit code once it has ended and its output is drained."""
     buf = b""
@@ -233,10 +426,17 @@ def relay(chan, pid, stdin, stdout, stderr, program=False):
                     break
             except ChildProcessError:
                 break
-        watch = list(outputs) + ([chan] if host_open else [])
-        ready, _, _ = select.select(watch, [], [], 0.2)
+        watch = list(outputs) + ([chan] if host_open else []) + (net.readers() if net else [])
+        ready, writable, _ = select.select(watch, net.writers() if net and host_open else [], [], 0.2)
+        for fd in writable:
+            net.writable(fd)
         for fd in ready:
-            if fd == chan:
+            if net is not None and net.owns(fd):
+                if host_open:
+                    net.readable(fd)
+            elif fd != chan and fd not in outputs:
+                continue  # a stream that ended while this round ran (its number may come back)
+            elif fd == chan:
                 data = os.read(chan, 65536)
                 if not data:
                     host_open = False  # the host went away: nobody to answer; end the worker
@@ -250,7 +450,9 @@ def relay(chan, pid, stdin, stdout, stderr, program=False):
                     if len(buf) < HEADER.size + size:
                         break
                     payload, buf = buf[HEADER.size:HEADER.size + size], buf[HEADER.size + size:]
-                    if kind == b"B":
+                    if net is not None and net.frame(kind, payload):
+                        pass
+                    elif kind == b"B":
                         name, _, content = payload.partition(b"\0")
                         path = "/bundle/" + os.path.basename(name.decode())
                         with open(path, "wb") as f:
@@ -312,9 +514,10 @@ def main():
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=1m")
     mount("tmpfs", "/bundle", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m")
     chan = open_channel(opts)
+    net = start_network(chan, opts)
     oom_before = oom_kills()
     pid, stdin, stdout, stderr = start_worker(opts)
-    status = relay(chan, pid, stdin, stdout, stderr, has_program(opts.get("atrun.runtime", "python")))
+    status = relay(chan, pid, stdin, stdout, stderr, has_program(opts.get("atrun.runtime", "python")), net)
     send(chan, b"M", str(oom_kills() - oom_before).encode())
     send(chan, b"X", str(status).encode())
     log(f"at-run-exec ended ({status})")

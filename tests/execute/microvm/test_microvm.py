@@ -1,6 +1,7 @@
 """What only the microVM backend promises, on real QEMU with the real guest (TCG here): one VM per
-invocation with nothing carried over, a read-only root, no network, and nothing left behind by
-a runner that crashed. The shared contract is in test_executor.py and test_hostile.py."""
+invocation with nothing carried over, a read-only root, no network device (a grant's connections
+are relayed over the VM's channel: tests/execute/test_egress.py), and nothing left behind by a
+runner that crashed. The shared contract is in test_executor.py and test_hostile.py."""
 
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ import pytest
 from conftest import execute_once, gone
 
 from atrund.config import ExecutorSection
-from atrund.execute import ExecRequest, ExecutorError, create_executor
-from atrund.execute.protocol import ExecPermissions
+from atrund.execute import create_executor
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -29,16 +29,6 @@ def bundle(tmp_path: Path, source: str, name: str = "bundle.py") -> str:
     path = tmp_path / name
     path.write_text(textwrap.dedent(source))
     return str(path)
-
-
-async def test_network_grants_are_refused_and_say_why(tmp_path):
-    """No VM gets a network device; a request granted network is refused, not run without it."""
-    executor = create_executor(ExecutorSection(isolation="microvm", warm=0))
-    request = ExecRequest(code_path=bundle(tmp_path, "def main(a): return 1\n"), endpoint="main",
-                          permissions=ExecPermissions(net=["example.com"]))
-    with pytest.raises(ExecutorError, match="network grants are not available with isolation microvm: its VMs have no network"):
-        await executor.execute(request, "python")
-    await executor.shutdown()
 
 
 async def test_nothing_carries_over_and_the_root_is_read_only(vm_guest, tmp_path):
