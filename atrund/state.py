@@ -294,15 +294,20 @@ class State:
             raise StateMoved(f"{path.parent} was moved: {(path.parent / MOVED).read_text().strip()}")
         self.path = path
         self.failing: str | None = None
-        self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
-        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before WAL: no memory-mapped -shm (see above)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed "running" must survive a power cut
-        self.db.executescript(SCHEMA)
-        self.db.executescript(INACTIVE_SCHEMA)
-        self.db.executescript(STANDING_SCHEMA)
-        self.db.executescript(BUNDLE_STATE_SCHEMA)
-        self.db.executescript(LOGS_SCHEMA)
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
+            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before WAL: no memory-mapped -shm (see above)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # a committed "running" must survive a power cut
+            for schema in (SCHEMA, INACTIVE_SCHEMA, STANDING_SCHEMA, BUNDLE_STATE_SCHEMA, LOGS_SCHEMA):
+                self.db.executescript(schema)
+        except sqlite3.Error as e:  # another program holds the file (a sqlite3 shell, a backup), or it is no database
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            os.close(self._lock)
+            locked = "locked" in str(e)
+            raise StoreError(f"cannot open the state database {path}: {e}"
+                             + (" (another program, such as a sqlite3 shell or a backup, holds it)" if locked else "")) from None
 
     def close(self) -> None:
         self.db.close()

@@ -87,3 +87,29 @@ def test_a_busy_gateway_port_is_one_line(stack, new_account, tmp_path):
     assert p.returncode == ConfigError.exit_code and "Traceback" not in p.stderr, p.stderr
     assert errors == [f"error: gateway.listen 127.0.0.1:{port}: cannot listen there: Address already in use "
                       f"({ConfigError.fix})"], p.stderr
+
+
+def test_a_state_database_another_program_holds_is_one_line(tmp_path):
+    """A sqlite3 shell (or a backup) holding the state file's lock: an operator command says so
+    in one line (StoreError, exit 15), no traceback; once it lets go, the command works."""
+    import sqlite3
+
+    from atrund.errors import StoreError
+    from atrund.state import State
+
+    state = tmp_path / "state"
+    State(state / "atrund.sqlite3").close()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[runner]\npds = "https://pds.example.com"\nidentifier = "r.test"\n'
+                   f'[state]\ndir = "{state}"\n')
+    shell = sqlite3.connect(state / "atrund.sqlite3", isolation_level=None)
+    shell.execute("BEGIN EXCLUSIVE")
+    try:
+        p = atrund("state", "list", "-c", str(cfg), "--author", "did:plc:abc", "--bundle", "b")
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    assert p.returncode == StoreError.exit_code and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "holds it" in p.stderr, p.stderr
+    again = atrund("state", "list", "-c", str(cfg), "--author", "did:plc:abc", "--bundle", "b")
+    assert again.returncode == 0, again.stderr
