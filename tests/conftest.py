@@ -231,12 +231,16 @@ def state_section(request) -> dict[str, str]:
     return {} if request.param == "sqlite" else {"url": request.getfixturevalue("pg_url")}
 
 
+HANDLE_LABEL = 18  # characters the reference PDS allows in a handle's first label
+
+
 @pytest.fixture
 def new_account(stack):
     """Make a fresh account: tests never see each other's invocations or runners."""
 
     def make(prefix: str) -> Account:
-        return stack.create_account(f"{prefix}{os.getpid() % 1000}x{next(_names)}")
+        suffix = f"{os.getpid() % 1000}x{next(_names)}"
+        return stack.create_account(prefix[:HANDLE_LABEL - len(suffix)] + suffix)  # the PDS refuses longer
 
     return make
 

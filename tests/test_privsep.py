@@ -113,9 +113,9 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
     permitted, bounding), no_new_privs, and only the groups its backend needs (the Docker
     socket's under container). Under auto, the backend probed as root before the drop. Before:
     serve ran as root."""
+    runner = new_account("unpriv")
     server = await asyncio.start_server(lambda r, w: (w.write(b"hello from the host"), w.close()), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    runner = new_account("unprivileged")
     config = _config(home, stack, runner, author, isolation, port)
     plain = await author.publish(SOURCE)
     spinning = await author.publish(SPIN)
