@@ -372,7 +372,7 @@ class WorkerPool:
     def hot_code(self) -> set[str]:
         """The code paths (bundle blobs) this pool holds a hot worker for, idle or serving one of
         their requests now (what replicas tell each other: atrund.pgstate, migration 7)."""
-        return {key[1] for key in self._hot} | {path for path, n in self._reusing.items() if n}
+        return {key[1] for key in self._hot} | set(self._reusing)  # a path leaves _reusing at 0
 
     def stats(self) -> PoolStats:
         lat = sorted(self._latencies)
