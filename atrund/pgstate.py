@@ -21,9 +21,10 @@ heartbeat every HEARTBEAT seconds) and every invocation row says which replica q
 it. A replica silent for LEASE seconds (killed, cut off) is presumed dead: another replica adopts
 its rows in one UPDATE (``take_over``), records each running one as interrupted (it is never run
 again) and queues the pending ones. One replica at a time ingests (``lead``: an advisory lock).
-A trigger assigns each new invocation to one executing replica, by author (migration 3; an
-author with nothing open goes to a replica hot for the bundle while it keeps up: migration 7,
-told by ``heartbeat``), and its NOTIFY wakes that replica (``assigned``, ``wait_for_work``). Due results are claimed with
+A trigger assigns each new invocation to one executing replica, by author (migration 3: to the
+replica holding the author's open work; an author with nothing open goes to a replica hot for
+the bundle while it keeps up, migration 7, told by ``heartbeat``, else to the one with the least
+open work, migration 8), and its NOTIFY wakes that replica (``assigned``, ``wait_for_work``). Due results are claimed with
 ``FOR UPDATE SKIP LOCKED`` so that two writers never take the same one. docs/scaling.md says
 what this gives an operator.
 
@@ -235,12 +236,56 @@ BEGIN
     RETURN NEW;
 END $$;
 """),
+    (8, "even assignment: an author with nothing open goes to the replica with the least open work", """
+-- Migration 7's assignment with its last step changed: an author with nothing open, whose bundle
+-- no keeping-up replica is hot for, goes to the live executing replica holding the fewest open
+-- (pending or running) invocations, ties broken by the hash of the author (the replica the hash
+-- picks, then the next ones in id order). The bare hash left shares uneven (12 authors over 3
+-- replicas: 6/4/2, and a replica with 2 authors of per-author concurrency 1 fills 2 of its
+-- slots); a replica already given a flood gets no new authors while another has less.
+CREATE OR REPLACE FUNCTION atrund_assign() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    live TEXT[];
+    warm TEXT[];
+    holder TEXT;
+    size INTEGER;
+    slot INTEGER;
+BEGIN
+    IF NEW.state <> 'pending' THEN
+        RETURN NEW;
+    END IF;
+    SELECT array_agg(id ORDER BY id) INTO live FROM replicas
+     WHERE 'execute' = ANY(string_to_array(roles, ',')) AND heartbeat_at > clock_timestamp() - interval '10 seconds';
+    IF live IS NOT NULL THEN
+        size := array_length(live, 1);
+        slot := (hashtext(NEW.author) & 2147483647) % size;
+        SELECT replica INTO holder FROM invocations
+         WHERE author = NEW.author AND state IN ('pending', 'running') AND replica = ANY(live) LIMIT 1;
+        IF holder IS NULL THEN
+            SELECT array_agg(r.id ORDER BY r.id) INTO warm FROM replicas r
+             WHERE r.id = ANY(live) AND (NEW.value::jsonb -> 'bundle' ->> 'cid') = ANY(r.hot)
+               AND NOT EXISTS (SELECT 1 FROM invocations w WHERE w.replica = r.id AND w.state = 'pending'
+                                AND w.seen_at < NEW.seen_at - 1.0);
+            holder := warm[1 + (hashtext(NEW.author) & 2147483647) % array_length(warm, 1)];
+        END IF;
+        IF holder IS NULL THEN
+            SELECT l.id INTO holder FROM unnest(live) WITH ORDINALITY AS l(id, n)
+             ORDER BY (SELECT count(*) FROM invocations i WHERE i.replica = l.id AND i.state IN ('pending', 'running')),
+                      (l.n - 1 - slot + size) % size
+             LIMIT 1;
+        END IF;
+        NEW.replica := holder;
+    END IF;
+    PERFORM pg_notify('atrund_work', coalesce(NEW.replica, ''));
+    RETURN NEW;
+END $$;
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 ROLES = ("ingest", "execute", "gateway")
 WORK_POLL = 2.0  # seconds an executing replica waits for a NOTIFY before it looks for work anyway
 LEAD_CHECK = 1.0  # seconds between a standby's tries to take ingest leadership (failover within ~1 s)
-LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migrations 3 and 7's)
+LEASE = 10.0  # seconds without a heartbeat after which a replica's invocations are taken over (and migrations 3, 7 and 8's)
 AFFINITY_WAIT = 1.0  # seconds a hot replica's oldest waiting invocation may wait before new authors go elsewhere (migration 7's)
 HEARTBEAT = 2.0  # seconds between heartbeats (and looks for what a dead replica left)
 OUTBOX_CLAIM = 30.0  # seconds a replica holds due results while it writes them

@@ -66,7 +66,7 @@ def config(directory: Path, stack: LocalStack, runner, authors: list, opts, url:
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "app-password"\n'
         f'hot_affinity = {str(hot_affinity).lower()}\n\n'
         f'{stack.identity_toml()}\n[access]\nmode = "allowlist"\nallowlist = [{allow}]\n\n'
-        '[ingest]\npoll_interval = 0.2\n\n'
+        f'[ingest]\nmode = "{opts.ingest}"\npoll_interval = 0.2\n\n'
         f"[limits]\nper_author_per_minute = 1000000\nper_author_burst = 100000\nper_author_backlog = {opts.n}\n\n"
         f'[executor]\nconcurrency = {opts.concurrency}\nwarm = 2\nisolation = "{opts.isolation}"\n\n'
         '[gateway]\nlisten = "127.0.0.1:0"\n\n'
@@ -253,7 +253,7 @@ async def main(opts) -> int:
         return 0
     base = next((r["per_second"] for r in rows if r["label"] == "pg1"), None)
     print(f"{opts.n} invocations of a {opts.sleep * 1000:.0f} ms sleep from {opts.authors} authors, "
-          f"concurrency {opts.concurrency} per replica, isolation {opts.isolation}")
+          f"concurrency {opts.concurrency} per replica, isolation {opts.isolation}, {opts.ingest} ingest")
     print(f"{'state':8} {'replicas':>8} {'seconds':>8} {'inv/s':>7} {'ratio':>6} {'claim p50':>10} {'claim p95':>10}"
           f"  CPU ms per invocation: {'runners':>7} {'PDS*':>5} {'pg':>5}   all posted  all stored  slot ms  slots busy")
     for r in rows:
@@ -275,6 +275,8 @@ if __name__ == "__main__":
     p.add_argument("--concurrency", type=int, default=4, help="[executor] concurrency of each replica")
     p.add_argument("--isolation", default="none", help="none: the bench measures the fleet, not the sandbox")
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--ingest", choices=["poll", "firehose"], default="firehose",
+                   help="[ingest] mode: firehose proves each record from its frame; poll fetches a proof per record")
     p.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip the one SQLite runner")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--hot-replicas", type=int, default=3, help="replicas of the hot-hit runs")

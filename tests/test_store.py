@@ -7,6 +7,8 @@ restarts, and ``atrund state migrate``."""
 
 from __future__ import annotations
 
+import collections
+
 import subprocess
 import sys
 import textwrap
@@ -303,8 +305,8 @@ def test_replicas_share_used_tokens_the_access_policy_and_bundle_state_locks(pg_
 def test_a_new_author_goes_to_a_replica_hot_for_the_bundle_while_it_keeps_up(pg_url):
     """Migration 7: an author with nothing open is assigned to a live replica that said it holds
     hot workers for the invocation's bundle; an author with open work stays where it is; a hot
-    replica whose oldest waiting invocation waited past AFFINITY_WAIT gets no new authors (the
-    hash of the author decides, as for a bundle nobody is hot for)."""
+    replica whose oldest waiting invocation waited past AFFINITY_WAIT gets no preference (the
+    least open work decides, as for a bundle nobody is hot for: migration 8)."""
     import psycopg
 
     from atrund.pgstate import AFFINITY_WAIT, PgState
@@ -322,8 +324,9 @@ def test_a_new_author_goes_to_a_replica_hot_for_the_bundle_while_it_keeps_up(pg_
         cold.heartbeat()
         hot.heartbeat(["bafyhot"])
         by_hash = {author: invoke(author, "bafycold", 0) for author in authors}
-        assert set(by_hash.values()) == {cold.replica, hot.replica}, "a bundle nobody is hot for: the hash spreads authors"
-        for author in authors:  # open work holds them where the hash put them, hot or not
+        assert collections.Counter(by_hash.values()) == {cold.replica: 8, hot.replica: 8}, \
+            "a bundle nobody is hot for: the least open work spreads authors evenly"
+        for author in authors:  # open work holds them where they were put, hot or not
             assert invoke(author, "bafyhot", 1) == by_hash[author]
         with psycopg.connect(pg_url, autocommit=True) as db:
             db.execute("UPDATE invocations SET state = 'done'")
@@ -331,7 +334,8 @@ def test_a_new_author_goes_to_a_replica_hot_for_the_bundle_while_it_keeps_up(pg_
             db.execute("UPDATE invocations SET state = 'done'")
             db.execute("UPDATE invocations SET state = 'pending', seen_at = seen_at - %s WHERE uri = %s",
                        (AFFINITY_WAIT + 1, f"at://{authors[0]}/dev.atrun.invocation/bafyhot2"))  # one waits: it lags
-        assert {author: invoke(author, "bafyhot", 3) for author in authors[1:]} == {a: by_hash[a] for a in authors[1:]}
+        lagging = collections.Counter(invoke(author, "bafyhot", 3) for author in authors[1:])
+        assert lagging == {cold.replica: 8, hot.replica: 7}, "the lagging hot replica is one like any other"
         hot.heartbeat([])  # told it holds none (runner.hot_affinity = false, or they idled out)
         with psycopg.connect(pg_url, autocommit=True) as db:
             db.execute("UPDATE invocations SET state = 'done'")
@@ -339,6 +343,54 @@ def test_a_new_author_goes_to_a_replica_hot_for_the_bundle_while_it_keeps_up(pg_
     finally:
         cold.close()
         hot.close()
+
+
+def test_an_author_with_nothing_open_goes_to_the_replica_with_the_least_open_work(pg_url):
+    """Migration 8: with nothing hot, a new author goes to the live executing replica holding the
+    fewest open invocations, ties broken by the hash of the author: 12 authors over 3 replicas
+    split 4/4/4 (the bare hash of migration 3 gives uneven shares), a replica given a flood gets no
+    new authors while the others hold less, and with nothing open anywhere the hash decides."""
+    import psycopg
+
+    from atrund.pgstate import PgState
+
+    replicas = [PgState(pg_url) for _ in range(3)]
+    feed = replicas[0]
+
+    def invoke(author: str, n: int) -> str:
+        uri = f"at://{author}/dev.atrun.invocation/k{n}"
+        feed.accept(uri, author, "c", {"bundle": {"uri": "at://did:plc:b/dev.atrun.bundle/b", "cid": "bafycold"}})
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            return db.execute("SELECT replica FROM invocations WHERE uri = %s", (uri,)).fetchone()[0]
+
+    def finish_all() -> None:
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute("UPDATE invocations SET state = 'done'")
+
+    try:
+        for r in replicas:
+            r.heartbeat()
+        ids = sorted(r.replica for r in replicas)
+        authors = [f"did:plc:even{n}" for n in range(12)]
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            hashed = {a: ids[db.execute("SELECT (hashtext(%s) & 2147483647) %% 3", (a,)).fetchone()[0]] for a in authors}
+        assert len(set(collections.Counter(hashed.values()).values())) > 1, "these authors' bare hash is uneven"
+        shares = collections.Counter(invoke(a, 0) for a in authors)
+        assert sorted(shares.values()) == [4, 4, 4], shares
+        finish_all()
+        assert {a: invoke(a, 1) for a in authors[:1]} == {authors[0]: hashed[authors[0]]}, "nothing open: the hash"
+        flooded = hashed[authors[0]]
+        assert {invoke(authors[0], n) for n in range(2, 12)} == {flooded}, "an author's work stays where it is open"
+        newcomers = collections.Counter(invoke(f"did:plc:new{n}", 0) for n in range(6))
+        assert flooded not in newcomers and sorted(newcomers.values()) == [3, 3], newcomers
+        alone = {}
+        for a in authors:
+            finish_all()
+            alone[a] = invoke(a, 20)
+        assert alone == hashed, "nothing open anywhere: the hash"
+    finally:
+        for r in replicas:
+            r.close()
 
 
 def test_postgres_restarting_is_a_store_fault_that_heals(pg_url, postgres):
