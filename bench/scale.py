@@ -1,23 +1,25 @@
 """Replicas on one Postgres: throughput of 1, 2 and 3 replicas, claim latency against SQLite, and
 the hot-hit rate with and without hot routing.
 
-    .venv/bin/python bench/scale.py                    # 240 invocations of a 50 ms sleep, 12 authors
-    .venv/bin/python bench/scale.py -n 120 --replicas 1 2
+    .venv/bin/python bench/scale.py                    # 240 invocations of 50 ms, I/O- then CPU-bound
+    .venv/bin/python bench/scale.py -n 720 --work sleep --ingest poll --replicas 1 3
     .venv/bin/python bench/scale.py --hot-only         # only the hot-hit rate
 
 Method
 ------
 1. Start a LocalStack and a throwaway Postgres (atrund.dev.postgres); create the runner account
-   and A authors, each publishing a bundle that sleeps ``--sleep`` seconds (I/O-bound: it holds a
-   slot, not a CPU).
-2. For each fleet size R (and once for one SQLite runner): a runner account and a database of
-   its own; start R `atrund
-   serve` replicas (poll ingest, ``[executor] concurrency`` 4 each, the per-author rate lifted,
-   per-author concurrency 1: an author's invocations run in order), wait until they have
-   registered, then post N invocations (N/A per author, applyWrites) and time until every one has
-   its result record on the PDS.
-3. Print the throughput per fleet size and its ratio to one replica, and claim latency (stored
-   -> started, from the invocations table) p50 and p95, Postgres against SQLite.
+   and A authors, each publishing a bundle per ``--work``: ``sleep`` sleeps ``--sleep`` seconds
+   (I/O-bound: it holds a slot, not a CPU; the issue's figure), ``cpu`` spins that long.
+2. For each kind of work and each fleet size R (and once for one SQLite runner): a runner
+   account and a database of its own; start R `atrund serve` replicas (``--ingest``: firehose,
+   each record proven from its frame, or poll, one proof fetched per record;
+   ``[executor] concurrency`` 4 each, the per-author rate lifted, per-author concurrency 1: an
+   author's invocations run in order), wait until they have registered, then post N invocations
+   (N/A per author, applyWrites) and time until every one has its result record on the PDS
+   (with Postgres the PDS is listed once the outbox says all are written).
+3. Print the throughput per fleet size and its ratio to one replica, claim latency (stored ->
+   started, from the invocations table) p50 and p95, Postgres against SQLite, and where the CPU
+   went (runners, PDS + PLC, Postgres; from /proc) per invocation.
 
 4. Hot hits (``--hot-replicas`` replicas, twice on the same workload: ``runner.hot_affinity``
    false, then true): ``--bundles`` bundles of different code, invoked in ``--waves`` waves; in
@@ -26,15 +28,17 @@ Method
    an author with nothing open: the case hot routing decides. The figure is the pool's hot hits
    over its completed requests, summed over the replicas' /healthz.
 
-Work is assigned to replicas by author, so with A authors over R replicas the shares are as
-even as the hash makes them; 2 cores run every replica, the PDS, the PLC and Postgres here, so
-the ratios say what this machine can show, not what separate hosts would.
+Work is assigned to replicas by author (an author with nothing open goes to the replica with the
+least open work: migration 8), so A authors over R replicas split as evenly as A/R allows; 2
+cores run every replica, the PDS, the PLC and Postgres here, so the ratios say what this machine
+can show, not what separate hosts would.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -54,6 +58,14 @@ from atrund.atproto.session import Session
 from atrund.dev.postgres import LocalPostgres
 from atrund.dev.stack import LocalStack
 from atrund.records import RESULT
+
+# What each run does for ``--sleep`` seconds: "sleep" holds a slot and no CPU (the issue's
+# I/O-bound bundle); "cpu" spins, so on this machine's 2 cores more replicas cannot add throughput.
+SOURCES = {
+    "sleep": "import time\ndef main(args):\n    time.sleep({seconds})\n    return args\n",
+    "cpu": "import time\ndef main(args):\n    end = time.process_time() + {seconds}\n"
+           "    while time.process_time() < end:\n        pass\n    return args\n",
+}
 
 
 def config(directory: Path, stack: LocalStack, runner, authors: list, opts, url: str | None,
@@ -126,17 +138,25 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
         posted = time.monotonic() - t0
         total = per * len(authors)
         looks = 0
-        while (written := await results_of(stack, runner)) < total:  # on the PDS, as any reader sees them
-            looks += 1
-            if time.monotonic() - t0 > opts.timeout:
-                raise SystemExit(f"{label}: {written} of {total} results after {opts.timeout} s\n{procs[0].log_tail()}")
-            await asyncio.sleep(0.2)
+        with contextlib.ExitStack() as closing:
+            # With Postgres the fleet's own count of results written is read first (one indexed
+            # count, nearly free), and the PDS is listed only once it says all are: listing
+            # hundreds of results every 0.2 s would cost the PDS as much as a replica's work.
+            db = closing.enter_context(psycopg.connect(url, autocommit=True)) if url is not None else None
+            while True:
+                if db is None or db.execute("SELECT count(*) FROM outbox WHERE written_at IS NOT NULL").fetchone()[0] >= total:
+                    looks += 1
+                    if await results_of(stack, runner) >= total:  # on the PDS, as any reader sees them
+                        break
+                if time.monotonic() - t0 > opts.timeout:
+                    raise SystemExit(f"{label}: not all {total} results after {opts.timeout} s\n{procs[0].log_tail()}")
+                await asyncio.sleep(0.05 if db is not None else 0.2)
         took = time.monotonic() - t0
         cpu = (sum(p.cpu_seconds() for p in procs) - sum(cpu0[0]), proc_cpu_seconds(stack.pid) - cpu0[1],
                postgres_cpu_seconds(pg) - cpu0[2])
-        # The PDS's figure holds this bench's own listing of the results every 0.2 s: what one
-        # look at all of them costs (measured now, the runners idle), times the looks, is taken out
-        # (an upper bound: earlier looks found fewer).
+        # The PDS's figure holds this bench's own listing of the results: what one look at all of
+        # them costs (measured now, the runners idle), times the looks, is taken out (an upper
+        # bound: earlier looks found fewer).
         mark = proc_cpu_seconds(stack.pid)
         for _ in range(3):
             await results_of(stack, runner)
@@ -229,14 +249,17 @@ async def main(opts) -> int:
         with LocalStack(data_dir=tmp / "stack") as stack, LocalPostgres() as pg:
             authors = [stack.create_account(f"author{n}") for n in range(opts.authors)]
             sessions = [await Session.login(stack.pds_url, a.handle, a.app_password) for a in authors]
-            source = f"import time\ndef main(args):\n    time.sleep({opts.sleep})\n    return args\n"
-            bundles = [(await client.publish(s, None, source.encode(), "python", name="sleep.py")).ref for s in sessions]
+            source = SOURCES["sleep"].format(seconds=opts.sleep)
             rows, hot = [], []
-            if not opts.hot_only:
+            for work in [] if opts.hot_only else opts.work:
+                code = SOURCES[work].format(seconds=opts.sleep).encode()
+                bundles = [(await client.publish(s, None, code, "python", name=f"{work}.py")).ref for s in sessions]
                 if opts.sqlite:
-                    rows.append(await run_fleet("sqlite", 1, stack, None, authors, sessions, bundles, opts, tmp))
+                    rows.append({"work": work, **await run_fleet(f"{work}sqlite", 1, stack, None, authors, sessions,
+                                                                 bundles, opts, tmp)})
                 for size in opts.replicas:
-                    rows.append(await run_fleet(f"pg{size}", size, stack, pg, authors, sessions, bundles, opts, tmp))
+                    rows.append({"work": work, **await run_fleet(f"{work}pg{size}", size, stack, pg, authors, sessions,
+                                                                 bundles, opts, tmp)})
             if opts.waves:
                 # --bundles bundles of different code (another blob each: another worker), spread over the authors
                 many = [(await client.publish(sessions[n % len(sessions)], None, f"# bundle {n}\n{source}".encode(), "python",
@@ -251,19 +274,26 @@ async def main(opts) -> int:
               f"({h['hits'] / max(1, h['completed']):.0%}), {h['cold']} cold starts")
     if not rows:
         return 0
-    base = next((r["per_second"] for r in rows if r["label"] == "pg1"), None)
-    print(f"{opts.n} invocations of a {opts.sleep * 1000:.0f} ms sleep from {opts.authors} authors, "
+    for work in opts.work:
+        table([r for r in rows if r["work"] == work], work, opts)
+    print("PDS*: the PDS + PLC process, less this bench's own listing of the results (an upper bound of it)")
+    return 0
+
+
+def table(rows: list[dict], work: str, opts) -> None:
+    base = next((r["per_second"] for r in rows if r["label"].endswith("pg1")), None)
+    what = "sleep (I/O-bound)" if work == "sleep" else "of CPU (CPU-bound)"
+    print(f"{opts.n} invocations of {opts.sleep * 1000:.0f} ms {what} from {opts.authors} authors, "
           f"concurrency {opts.concurrency} per replica, isolation {opts.isolation}, {opts.ingest} ingest")
     print(f"{'state':8} {'replicas':>8} {'seconds':>8} {'inv/s':>7} {'ratio':>6} {'claim p50':>10} {'claim p95':>10}"
           f"  CPU ms per invocation: {'runners':>7} {'PDS*':>5} {'pg':>5}   all posted  all stored  slot ms  slots busy")
     for r in rows:
-        ratio = f"{r['per_second'] / base:.2f}" if base and r["label"] != "sqlite" else "-"
-        print(f"{'sqlite' if r['label'] == 'sqlite' else 'postgres':8} {r['replicas']:>8} {r['seconds']:>8.1f} "
+        sqlite = r["label"].endswith("sqlite")
+        ratio = f"{r['per_second'] / base:.2f}" if base and not sqlite else "-"
+        print(f"{'sqlite' if sqlite else 'postgres':8} {r['replicas']:>8} {r['seconds']:>8.1f} "
               f"{r['per_second']:>7.1f} {ratio:>6} {r['claim_p50_ms']:>8.0f}ms {r['claim_p95_ms']:>8.0f}ms"
               f"  {'':22} {r['runner_ms']:>7.2f} {r['pds_ms']:>5.2f} {r['pg_ms']:>5.2f}   {r['posted_s']:>8.1f}s {r['ingested_s']:>10.1f}s {r['slot_ms']:>8.0f} "
               f"{r['busy']:>10.0%}")
-    print("PDS*: the PDS + PLC process, less this bench's own listing of the results (an upper bound of it)")
-    return 0
 
 
 if __name__ == "__main__":
@@ -271,7 +301,9 @@ if __name__ == "__main__":
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-n", type=int, default=240, help="invocations per fleet size")
     p.add_argument("--authors", type=int, default=12)
-    p.add_argument("--sleep", type=float, default=0.05, help="seconds each run sleeps")
+    p.add_argument("--sleep", type=float, default=0.05, help="seconds each run sleeps (or spins, for --work cpu)")
+    p.add_argument("--work", nargs="+", choices=sorted(SOURCES), default=["sleep", "cpu"],
+                   help="sleep: I/O-bound (the issue's figure); cpu: CPU-bound")
     p.add_argument("--concurrency", type=int, default=4, help="[executor] concurrency of each replica")
     p.add_argument("--isolation", default="none", help="none: the bench measures the fleet, not the sandbox")
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])

@@ -76,7 +76,7 @@ def _open(config: str) -> str:
 
 
 def _no_hot_affinity(config: str) -> str:
-    """Work assigned by the hash of its author alone (runner.hot_affinity = false)."""
+    """Work assigned by open work alone, not by hot workers (runner.hot_affinity = false)."""
     return config.replace("[runner]\n", "[runner]\nhot_affinity = false\n", 1)
 
 
@@ -381,37 +381,39 @@ async def test_postgres_restarted_twice_mid_burst_the_replicas_heal_and_nothing_
 
 
 def _slot_of(url: str, did: str, replicas: int) -> int:
-    """Which of ``replicas`` live executing replicas (in id order) an author with nothing open is
-    assigned to: migration 3's hash, known before the replicas start."""
+    """Which of ``replicas`` live executing replicas (in id order) an author is assigned to when
+    nothing is open anywhere (migration 8's tie between replicas of equally little open work is
+    broken by migration 3's hash): known before the replicas start."""
     with psycopg.connect(url, autocommit=True) as db:
         return db.execute("SELECT (hashtext(%s) & 2147483647) %% %s", (did, replicas)).fetchone()[0]
 
 
-async def test_one_author_floods_500_and_the_others_still_start_within_a_few_executions(stack, new_account, login_author,
-                                                                                       reader, tmp_path, pg_url):
-    """Fairness across the fleet: one author posts 500 invocations, each allowed to take every
-    slot of its replica (per-author concurrency = concurrency = 4); once it is under way, three
-    others post three each, two of them assigned to the flooded replica. Round-robin between
-    authors (atrund.schedule) bounds each of theirs: few of the flood's executions start between
-    its arrival and its start, where first-come-first-served would put it behind hundreds."""
+async def test_two_authors_flood_500_each_and_the_others_still_start_within_a_few_executions(stack, new_account, login_author,
+                                                                                           reader, tmp_path, pg_url):
+    """Fairness across the fleet: two authors post 500 invocations each, each allowed to take
+    every slot of its replica (per-author concurrency = concurrency = 4); the second flood goes
+    to the other replica (the least open work: migration 8), so both are flooded (firehose
+    ingest: both floods are stored within seconds, before they have run down). Once they are
+    under way, three others post three each, necessarily onto a flooded replica. Round-robin
+    between authors (atrund.schedule) bounds each of theirs: few of its replica's flood's
+    executions start between its arrival and its start, where first-come-first-served would put
+    it behind hundreds."""
     runner = new_account("flood")
-    flood = await login_author("flooder")
+    floods = [await login_author(f"flooder{n}") for n in range(2)]
+    others = [await login_author("other") for _ in range(3)]
     runs = tmp_path / "runs.txt"
-    others, wanted = [], {True: 2, False: 1}  # on the flooded replica or not: how many more are needed
-    while any(wanted.values()):
-        a = await login_author("other")
-        if wanted[on := _slot_of(pg_url, a.account.did, 2) == _slot_of(pg_url, flood.account.did, 2)]:
-            wanted[on] -= 1
-            others.append(a)
-    procs = _serve(2, stack, runner, flood, tmp_path, pg_url, allow=[a.account.did for a in [flood, *others]],
-                   limits=UNLIMITED + "per_author_concurrency = 4\n")
+    procs = _serve(2, stack, runner, floods[0], tmp_path, pg_url, allow=[a.account.did for a in [*floods, *others]],
+                   limits=UNLIMITED + "per_author_concurrency = 4\n", edit=_firehose)
     try:
         await _replicas_up(pg_url, 2)
-        with psycopg.connect(pg_url, autocommit=True) as db:
-            flooded = db.execute("SELECT id FROM replicas ORDER BY id").fetchall()[_slot_of(pg_url, flood.account.did, 2)][0]
-        bundle = await flood.publish(_counting_bundle(runs))
-        await _post([flood], bundle, runner.did, 500, ms=100, tag="flood")
+        bundles = [await flood.publish(_counting_bundle(runs)) for flood in floods]
+        await asyncio.gather(*(_post([flood], bundle, runner.did, 500, ms=100, tag=f"flood{n}")
+                               for n, (flood, bundle) in enumerate(zip(floods, bundles, strict=True))))
+        await _until(pg_url, "SELECT count(*) FROM invocations", 1000, 60)
         await _until(pg_url, DONE, 40)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            flooded = dict(db.execute("SELECT DISTINCT replica, author FROM invocations").fetchall())  # replica -> flooder
+        assert sorted(flooded.values()) == sorted(f.account.did for f in floods), "one flood on each replica"
         mine = [await a.publish(_counting_bundle(runs)) for a in others]
         posted = [await _post([a], b, runner.did, 3, ms=100, tag=f"other{n}") for n, (a, b) in enumerate(zip(others, mine,
                                                                                                            strict=True))]
@@ -419,18 +421,17 @@ async def test_one_author_floods_500_and_the_others_still_start_within_a_few_exe
         results = await _all_results(reader, runner.did, set(theirs.values()), tmp_path, timeout=120)
         assert all(results[u]["status"] == "success" for u in theirs.values())
         with psycopg.connect(pg_url, autocommit=True) as db:
-            starts = sorted(t for (t,) in db.execute("SELECT started_at FROM invocations WHERE author = %s AND started_at "
-                                                     "IS NOT NULL", (flood.account.did,)))
+            starts = {did: sorted(t for (t,) in db.execute("SELECT started_at FROM invocations WHERE author = %s AND "
+                                                           "started_at IS NOT NULL", (did,))) for did in flooded.values()}
             rows = db.execute("SELECT uri, seen_at, started_at, replica FROM invocations WHERE uri = ANY(%s)",
                               (list(theirs.values()),)).fetchall()
-        ahead = {uri: sum(seen < t < started for t in starts) for uri, seen, started, _ in rows}
-        backlog = {uri: 500 - sum(t < seen for t in starts) for uri, seen, _, _ in rows}  # FIFO: behind these
-        on_flooded = [uri for uri, _, _, replica in rows if replica == flooded]
-        print(f"fairness flood: the others' invocations started after {sorted(ahead.values())} of the flood's executions "
-              f"(first-come-first-served: behind {min(backlog.values())}-{max(backlog.values())}); "
-              f"{len(on_flooded)} of {len(rows)} ran on the flooded replica")
-        assert len(on_flooded) >= 6, "two of the other authors share the flooded replica"
-        assert min(backlog.values()) >= 100, "the others came while the flood was still waiting"
+        assert {replica for *_, replica in rows} <= set(flooded), "every other ran on a flooded replica"
+        ahead = {uri: sum(seen < t < started for t in starts[flooded[replica]]) for uri, seen, started, replica in rows}
+        backlog = {uri: 500 - sum(t < seen for t in starts[flooded[replica]]) for uri, seen, _, replica in rows}  # FIFO
+        print(f"fairness flood: the others' invocations started after {sorted(ahead.values())} of their replica's flood's "
+              f"executions (first-come-first-served: behind {min(backlog.values())}-{max(backlog.values())}); "
+              f"{len(rows)} on the 2 flooded replicas")
+        assert min(backlog.values()) >= 100, "the others came while the floods were still waiting"
         # Measured: at most 10 (the flood keeps starting while the store tells the replica of new
         # work, and the ring gives the flood one turn in three). 4 per slot of the replica:
         assert max(ahead.values()) <= 4 * 4, "each starts within a few of the flood's executions per slot"
@@ -509,8 +510,8 @@ async def test_three_replicas_each_in_its_own_network_namespace_share_a_burst_an
 
     Hot affinity is off here: with it, all of one bundle's work goes to the replica hot for it
     while that replica keeps up (which a 20 ms bundle lets it do: CI once saw 300 of 300 there),
-    and spreading is what the hash of each author gives (ten authors all on one of three
-    replicas: 3 × 3⁻¹⁰, once in 20,000 runs)."""
+    and spreading is what the least open work gives (migration 8: an author with nothing open
+    goes to the replica holding the fewest open invocations; the hash only breaks ties)."""
     hosts, pg_url = hosts
     async with _burst("nsburst", stack, new_account, login_author, tmp_path, pg_url, authors=10, per_author=30, ms=20,
                       net=hosts, edit=_no_hot_affinity) as (runner, procs, uris, runs):
@@ -567,7 +568,8 @@ def _ids(url: str) -> list[tuple[str, int]]:
 
 
 async def _author_on(url: str, login_author, slot: int, replicas: int):
-    """A new author whom the hash assigns to the ``slot``-th of ``replicas`` live replicas."""
+    """A new author whom the hash assigns to the ``slot``-th of ``replicas`` live replicas (when
+    nothing is open anywhere: ``_slot_of``)."""
     while _slot_of(url, (a := await login_author("nscut")).account.did, replicas) != slot:
         pass
     return a

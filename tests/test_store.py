@@ -8,7 +8,6 @@ restarts, and ``atrund state migrate``."""
 from __future__ import annotations
 
 import collections
-
 import subprocess
 import sys
 import textwrap
