@@ -1,7 +1,7 @@
 """Replicas on one Postgres: throughput of 1, 2 and 3 replicas, claim latency against SQLite, and
 the hot-hit rate with and without hot routing.
 
-    .venv/bin/python bench/scale.py                    # 240 invocations of 50 ms, I/O- then CPU-bound
+    .venv/bin/python bench/scale.py                    # 960 invocations of 50 ms from 48 authors, I/O- then CPU-bound
     .venv/bin/python bench/scale.py -n 720 --work sleep --ingest poll --replicas 1 3
     .venv/bin/python bench/scale.py --hot-only         # only the hot-hit rate
 
@@ -15,7 +15,7 @@ Method
    each record proven from its frame, or poll, one proof fetched per record;
    ``[executor] concurrency`` 4 each, the per-author rate lifted, per-author concurrency 1: an
    author's invocations run in order), wait until they have registered, then post N invocations
-   (N/A per author, applyWrites) and time until every one has its result record on the PDS
+   (N/A per author, applyWrites, every author at once) and time until every one has its result record on the PDS
    (with Postgres the PDS is listed once the outbox says all are written).
 3. Print the throughput per fleet size and its ratio to one replica, claim latency (stored ->
    started, from the invocations table) p50 and p95, Postgres against SQLite, and where the CPU
@@ -90,6 +90,14 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else (values[0] if values else float("nan"))
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, all) jiffies of every CPU so far (/proc/stat): how much of the machine was in use,
+    by anything (the fleet, its workers, this bench, other work on the machine)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def postgres_cpu_seconds(pg: LocalPostgres | None) -> float:
     """CPU seconds of the Postgres server: the postmaster, its live backends, and those it reaped."""
     if pg is None or pg.dir is None:
@@ -132,9 +140,12 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
             await asyncio.sleep(3)  # the SQLite runner's start: login, runner record
         per = opts.n // len(authors)
         cpu0 = [p.cpu_seconds() for p in procs], proc_cpu_seconds(stack.pid), postgres_cpu_seconds(pg)
+        machine0 = machine_jiffies()
         t0, wall0 = time.monotonic(), time.time()
-        for session, bundle in zip(sessions, bundles, strict=True):
-            await client.invoke_many(session, bundle, runner.did, "main", [{"i": i} for i in range(per)])
+        # every author at once: posted one after another, the last author's work would arrive
+        # seconds after the first's, and its run of N/A one at a time would be what is timed
+        await asyncio.gather(*(client.invoke_many(session, bundle, runner.did, "main", [{"i": i} for i in range(per)])
+                               for session, bundle in zip(sessions, bundles, strict=True)))
         posted = time.monotonic() - t0
         total = per * len(authors)
         looks = 0
@@ -154,6 +165,7 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
         took = time.monotonic() - t0
         cpu = (sum(p.cpu_seconds() for p in procs) - sum(cpu0[0]), proc_cpu_seconds(stack.pid) - cpu0[1],
                postgres_cpu_seconds(pg) - cpu0[2])
+        machine = [b - a for a, b in zip(machine0, machine_jiffies(), strict=True)]
         # The PDS's figure holds this bench's own listing of the results: what one look at all of
         # them costs (measured now, the runners idle), times the looks, is taken out (an upper
         # bound: earlier looks found fewer).
@@ -165,8 +177,18 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
         for p in procs:
             p.stop()
     # read after the stop: a serving SQLite runner keeps its database to itself (locking_mode=EXCLUSIVE)
-    rows = read("SELECT seen_at, started_at, finished_at FROM invocations WHERE started_at IS NOT NULL")
+    runs = read("SELECT author, seen_at, started_at, finished_at FROM invocations WHERE started_at IS NOT NULL")
+    rows = [run[1:] for run in runs]
     waits = [started - seen for seen, started, _ in rows]
+    # How the authors were shared out (per replica, most first), and the gap between one run of
+    # an author ending and their next starting (per-author concurrency 1: with as many authors
+    # as slots, a slot idles through it).
+    shares = "/".join(str(n) for (n,) in read("SELECT count(DISTINCT author) FROM invocations GROUP BY replica "
+                                              "ORDER BY 1 DESC")) if url is not None else str(len(authors))
+    by_author: dict[str, list[tuple[float, float]]] = {}
+    for author, _, started, finished in sorted(runs, key=lambda run: run[2]):
+        by_author.setdefault(author, []).append((started, finished))
+    gaps = [b[0] - a[1] for times in by_author.values() for a, b in zip(times, times[1:], strict=False)]
     # Where the time went: the last invocation stored (ingest), each run's slot time (claim ->
     # done, the sleep included) and how busy the fleet's slots were between the first start and
     # the last finish.
@@ -175,8 +197,9 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
     return {"label": label, "replicas": size, "invocations": total, "seconds": took, "per_second": total / took,
             "claim_p50_ms": _percentile(waits, 50) * 1000, "claim_p95_ms": _percentile(waits, 95) * 1000,
             "posted_s": posted, "ingested_s": max(seen for seen, *_ in rows) - wall0,
-            "slot_ms": statistics.mean(held) * 1000, "busy": sum(held) / (span * size * opts.concurrency),
-            "runner_ms": cpu[0] * 1000 / total, "pds_ms": (cpu[1] - reading) * 1000 / total, "pg_ms": cpu[2] * 1000 / total}
+            "slot_ms": statistics.mean(held) * 1000, "gap_ms": _percentile(gaps, 50) * 1000, "shares": shares, "busy": sum(held) / (span * size * opts.concurrency),
+            "runner_ms": cpu[0] * 1000 / total, "pds_ms": (cpu[1] - reading) * 1000 / total, "pg_ms": cpu[2] * 1000 / total,
+            "machine_busy": machine[0] / max(1, machine[1])}
 
 
 async def run_hot(label: str, affinity: bool, stack, pg: LocalPostgres, authors, sessions, bundles, opts,
@@ -262,21 +285,23 @@ async def main(opts) -> int:
                                                                  bundles, opts, tmp)})
             if opts.waves:
                 # --bundles bundles of different code (another blob each: another worker), spread over the authors
-                many = [(await client.publish(sessions[n % len(sessions)], None, f"# bundle {n}\n{source}".encode(), "python",
+                few = sessions[:opts.hot_authors]
+                many = [(await client.publish(few[n % len(few)], None, f"# bundle {n}\n{source}".encode(), "python",
                                               name=f"hot{n}.py")).ref for n in range(opts.bundles)]
                 for affinity in (False, True):
-                    hot.append(await run_hot(f"hot{int(affinity)}", affinity, stack, pg, authors, sessions, many, opts, tmp))
+                    hot.append(await run_hot(f"hot{int(affinity)}", affinity, stack, pg, authors, few, many, opts, tmp))
             for s in sessions:
                 await s.close()
     for h in hot:
-        print(f"hot hits, {opts.hot_replicas} replicas, {opts.bundles} bundles, {len(authors)} authors x {opts.waves} waves, "
+        print(f"hot hits, {opts.hot_replicas} replicas, {opts.bundles} bundles, {opts.hot_authors} authors x {opts.waves} waves, "
               f"hot_affinity = {str(h['affinity']).lower()}: {h['hits']} of {h['completed']} runs "
               f"({h['hits'] / max(1, h['completed']):.0%}), {h['cold']} cold starts")
     if not rows:
         return 0
     for work in opts.work:
         table([r for r in rows if r["work"] == work], work, opts)
-    print("PDS*: the PDS + PLC process, less this bench's own listing of the results (an upper bound of it)")
+    print("PDS*: the PDS + PLC process, less this bench's own listing of the results (an upper bound of it); "
+          f"cores busy: of the machine's {os.cpu_count()}, by anything (the fleet, its workers, this bench, other work)")
     return 0
 
 
@@ -286,21 +311,23 @@ def table(rows: list[dict], work: str, opts) -> None:
     print(f"{opts.n} invocations of {opts.sleep * 1000:.0f} ms {what} from {opts.authors} authors, "
           f"concurrency {opts.concurrency} per replica, isolation {opts.isolation}, {opts.ingest} ingest")
     print(f"{'state':8} {'replicas':>8} {'seconds':>8} {'inv/s':>7} {'ratio':>6} {'claim p50':>10} {'claim p95':>10}"
-          f"  CPU ms per invocation: {'runners':>7} {'PDS*':>5} {'pg':>5}   all posted  all stored  slot ms  slots busy")
+          f"  CPU ms per invocation: {'runners':>7} {'PDS*':>5} {'pg':>5}   all posted  all stored  slot ms  gap ms  slots busy  authors  cores busy")
     for r in rows:
         sqlite = r["label"].endswith("sqlite")
         ratio = f"{r['per_second'] / base:.2f}" if base and not sqlite else "-"
         print(f"{'sqlite' if sqlite else 'postgres':8} {r['replicas']:>8} {r['seconds']:>8.1f} "
               f"{r['per_second']:>7.1f} {ratio:>6} {r['claim_p50_ms']:>8.0f}ms {r['claim_p95_ms']:>8.0f}ms"
               f"  {'':22} {r['runner_ms']:>7.2f} {r['pds_ms']:>5.2f} {r['pg_ms']:>5.2f}   {r['posted_s']:>8.1f}s {r['ingested_s']:>10.1f}s {r['slot_ms']:>8.0f} "
-              f"{r['busy']:>10.0%}")
+              f"{r['gap_ms']:>7.0f} {r['busy']:>10.0%}  {r['shares']:>7}  {r['machine_busy'] * os.cpu_count():>10.2f}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-n", type=int, default=240, help="invocations per fleet size")
-    p.add_argument("--authors", type=int, default=12)
+    p.add_argument("-n", type=int, default=960, help="invocations per fleet size")
+    p.add_argument("--authors", type=int, default=48,
+                   help="authors (per-author concurrency is 1: with no more authors than slots, a slot idles whenever "
+                        "its author's next run is not yet claimed)")
     p.add_argument("--sleep", type=float, default=0.05, help="seconds each run sleeps (or spins, for --work cpu)")
     p.add_argument("--work", nargs="+", choices=sorted(SOURCES), default=["sleep", "cpu"],
                    help="sleep: I/O-bound (the issue's figure); cpu: CPU-bound")
@@ -312,6 +339,7 @@ if __name__ == "__main__":
     p.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip the one SQLite runner")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--hot-replicas", type=int, default=3, help="replicas of the hot-hit runs")
+    p.add_argument("--hot-authors", type=int, default=12, help="authors of the hot-hit runs (the first of --authors)")
     p.add_argument("--bundles", type=int, default=24, help="bundles of the hot-hit runs")
     p.add_argument("--waves", type=int, default=6, help="waves of the hot-hit runs (0: none)")
     p.add_argument("--hot-only", action="store_true", help="only the hot-hit runs")
