@@ -80,7 +80,10 @@ def config(directory: Path, stack: LocalStack, runner, authors: list, opts, url:
         f'{stack.identity_toml()}\n[access]\nmode = "allowlist"\nallowlist = [{allow}]\n\n'
         f'[ingest]\nmode = "{opts.ingest}"\npoll_interval = 0.2\n\n'
         f"[limits]\nper_author_per_minute = 1000000\nper_author_burst = 100000\nper_author_backlog = {opts.n}\n\n"
-        f'[executor]\nconcurrency = {opts.concurrency}\nwarm = 2\nisolation = "{opts.isolation}"\n\n'
+        # hot_max: every author's bundle may stay hot on any replica (the default 16 would make one
+        # replica serving 48 authors' bundles start a worker for nearly every run: a pool figure)
+        f'[executor]\nconcurrency = {opts.concurrency}\nwarm = 2\nisolation = "{opts.isolation}"\n'
+        f'hot_max = {max(16, len(authors))}\n\n'
         '[gateway]\nlisten = "127.0.0.1:0"\n\n'
         '[state]\ndir = "state"\n' + (f'url = "{url}"\n' if url else ""))
     return path
@@ -166,6 +169,7 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
         cpu = (sum(p.cpu_seconds() for p in procs) - sum(cpu0[0]), proc_cpu_seconds(stack.pid) - cpu0[1],
                postgres_cpu_seconds(pg) - cpu0[2])
         machine = [b - a for a, b in zip(machine0, machine_jiffies(), strict=True)]
+        pools = [await _pool(p) for p in procs]
         # The PDS's figure holds this bench's own listing of the results: what one look at all of
         # them costs (measured now, the runners idle), times the looks, is taken out (an upper
         # bound: earlier looks found fewer).
@@ -199,7 +203,8 @@ async def run_fleet(label: str, size: int, stack, pg: LocalPostgres | None, auth
             "posted_s": posted, "ingested_s": max(seen for seen, *_ in rows) - wall0,
             "slot_ms": statistics.mean(held) * 1000, "gap_ms": _percentile(gaps, 50) * 1000, "shares": shares, "busy": sum(held) / (span * size * opts.concurrency),
             "runner_ms": cpu[0] * 1000 / total, "pds_ms": (cpu[1] - reading) * 1000 / total, "pg_ms": cpu[2] * 1000 / total,
-            "machine_busy": machine[0] / max(1, machine[1])}
+            "machine_busy": machine[0] / max(1, machine[1]),
+            "hot": sum(p["hotHits"] for p in pools) / max(1, sum(p["completed"] for p in pools))}
 
 
 async def run_hot(label: str, affinity: bool, stack, pg: LocalPostgres, authors, sessions, bundles, opts,
@@ -311,14 +316,14 @@ def table(rows: list[dict], work: str, opts) -> None:
     print(f"{opts.n} invocations of {opts.sleep * 1000:.0f} ms {what} from {opts.authors} authors, "
           f"concurrency {opts.concurrency} per replica, isolation {opts.isolation}, {opts.ingest} ingest")
     print(f"{'state':8} {'replicas':>8} {'seconds':>8} {'inv/s':>7} {'ratio':>6} {'claim p50':>10} {'claim p95':>10}"
-          f"  CPU ms per invocation: {'runners':>7} {'PDS*':>5} {'pg':>5}   all posted  all stored  slot ms  gap ms  slots busy  authors  cores busy")
+          f"  CPU ms per invocation: {'runners':>7} {'PDS*':>5} {'pg':>5}   all posted  all stored  slot ms  gap ms  slots busy  authors  cores busy  hot runs")
     for r in rows:
         sqlite = r["label"].endswith("sqlite")
         ratio = f"{r['per_second'] / base:.2f}" if base and not sqlite else "-"
         print(f"{'sqlite' if sqlite else 'postgres':8} {r['replicas']:>8} {r['seconds']:>8.1f} "
               f"{r['per_second']:>7.1f} {ratio:>6} {r['claim_p50_ms']:>8.0f}ms {r['claim_p95_ms']:>8.0f}ms"
               f"  {'':22} {r['runner_ms']:>7.2f} {r['pds_ms']:>5.2f} {r['pg_ms']:>5.2f}   {r['posted_s']:>8.1f}s {r['ingested_s']:>10.1f}s {r['slot_ms']:>8.0f} "
-              f"{r['gap_ms']:>7.0f} {r['busy']:>10.0%}  {r['shares']:>7}  {r['machine_busy'] * os.cpu_count():>10.2f}")
+              f"{r['gap_ms']:>7.0f} {r['busy']:>10.0%}  {r['shares']:>7}  {r['machine_busy'] * os.cpu_count():>10.2f} {r['hot']:>9.0%}")
 
 
 if __name__ == "__main__":
