@@ -37,7 +37,7 @@ import structlog
 
 from atrund.config import Config, ConfigError
 from atrund.errors import DropFailed, ExecutorError
-from atrund.execute.microvm.backend import monitor_policy
+from atrund.execute.microvm.backend import monitor_name, monitor_policy
 from atrund.execute.probe import choose
 from atrund.execute.process.backend import CGROUP_CONTROLLERS, CGROUP_ROOT, cgroup_name, privileged_helper
 from atrund.execute.process.forked import ForkServer
@@ -119,6 +119,15 @@ def drop_privileges(cfg: Config) -> Dropped:
     if isolation == "process" and not e.process.fork_server:
         raise ConfigError("executor.process.fork_server: an unprivileged runner (runner.user) starts every worker "
                           "from the fork server: it cannot be false")
+    monitors = None
+    if isolation == "microvm":  # what monitors the helper may start: QEMU's command per runtime, fixed now
+        if (monitor := monitor_name(e)) != "qemu":
+            raise ConfigError(f"executor.microvm.monitor: {monitor} cannot run under runner.user yet (its jailer is not "
+                              "driven by the privileged helper); set it to qemu")
+        try:
+            monitors = monitor_policy(e)
+        except ExecutorError as err:
+            raise DropFailed(f"the privileged helper cannot start microVMs: {err}") from err
     groups = [gid]
     if isolation == "container" and (engine := docker_group(e.container.docker_host)) is not None:
         groups.append(engine)
@@ -129,9 +138,9 @@ def drop_privileges(cfg: Config) -> Dropped:
     helper = None
     if isolation in HELPED:
         helper = privileged_helper(e, isolation == "process", list(cfg.permissions.read), list(cfg.permissions.write), uid, gid)
+        if monitors is not None:
+            helper.policy["monitors"] = monitors
         try:
-            if isolation == "microvm":  # what monitors it may start: QEMU's command per runtime, fixed now
-                helper.policy["monitors"] = monitor_policy(e)
             helper.launch()
         except ExecutorError as err:
             raise DropFailed(f"the privileged helper did not start: {err}") from err

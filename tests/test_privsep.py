@@ -227,3 +227,19 @@ def test_an_unknown_user_is_one_clear_line(tmp_path):
     config.write_text(config.read_text().replace('user = "no-such-user-here"', 'user = "0:0"'))
     root = atrund("serve", "-c", str(config), timeout=60)
     assert root.returncode == DropFailed.exit_code and "runner.user: '0:0' is root" in root.stderr, root.stderr
+
+
+def test_firecracker_is_refused_under_a_user_before_anything_changes(tmp_path):
+    """The helper starts QEMU only: `[runner] user` with Firecracker as the monitor stops serve at
+    once with one line naming the key, before it hands anything over (the state directory is not
+    even made)."""
+    config = tmp_path / "config.toml"
+    (tmp_path / "pw").write_text("x")
+    config.write_text('[runner]\npds = "http://localhost:1"\nidentifier = "a.test"\npassword_file = "pw"\n'
+                      f'user = "{DAEMON_UID}"\n[executor]\nisolation = "microvm"\n[executor.microvm]\nmonitor = "firecracker"\n'
+                      f'[state]\ndir = "{tmp_path / "state"}"\n')
+    result = atrund("serve", "-c", str(config), timeout=60)
+    assert result.returncode != 0 and "executor.microvm.monitor: firecracker cannot run under runner.user yet" in result.stderr, \
+        result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()

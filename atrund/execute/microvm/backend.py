@@ -369,16 +369,9 @@ class MicroVmBackend(Backend):
                 raise ExecutorError(f"the {self.monitor.name} monitor did not connect the VM's channel: "
                                     f"{worker.console_tail(6) or 'no output'}")
             conn, _ = accept.result()
-            reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 20)
-            worker.attach(reader, writer)
-            if self.closed:  # shut down while this one started
-                raise ExecutorError("the microVM backend is shut down")
-            return worker
+            return self._attached(worker, *await asyncio.open_connection(sock=conn, limit=1 << 20))
         except BaseException:
-            if worker is not None:
-                await worker.kill()
-            else:
-                await self.monitor_gone(vm_dir)
+            await self._abandon(worker, vm_dir)
             raise
         finally:
             listener.close()
@@ -396,17 +389,24 @@ class MicroVmBackend(Backend):
                               Egress(grants, self.resolver) if grants else None)
             self.live.add(worker)
             await process.connect()
-            reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=channel), limit=1 << 20)
-            worker.attach(reader, writer)
-            if self.closed:  # shut down while this one started
-                raise ExecutorError("the microVM backend is shut down")
-            return worker
+            return self._attached(worker, *await asyncio.open_connection(sock=socket.socket(fileno=channel), limit=1 << 20))
         except BaseException:
-            if worker is not None:
-                await worker.kill()
-            else:
-                await self.monitor_gone(vm_dir)
+            await self._abandon(worker, vm_dir)
             raise
+
+    def _attached(self, worker: VmWorker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> VmWorker:
+        """The worker, its channel connected."""
+        worker.attach(reader, writer)
+        if self.closed:  # shut down while this one started
+            raise ExecutorError("the microVM backend is shut down")
+        return worker
+
+    async def _abandon(self, worker: VmWorker | None, vm_dir: Path) -> None:
+        """A spawn that failed leaves nothing: its VM killed, or its directory removed."""
+        if worker is not None:
+            await worker.kill()
+        else:
+            await self.monitor_gone(vm_dir)
 
     async def monitor_gone(self, vm_dir: Path) -> None:
         """A VM's directory goes once its monitor is dead (nothing of it stays behind)."""

@@ -133,9 +133,7 @@ class Policy:
         argv = self.monitors.get(asked.get("runtime")) if isinstance(asked, dict) else None
         if argv is None:
             raise Refused(f"not a runtime of this runner: {asked.get('runtime') if isinstance(asked, dict) else asked!r}")
-        ports = asked.get("ports")
-        if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
-            raise Refused("ports must be a list of TCP port numbers")
+        ports = tcp_ports(asked.get("ports"))
         argv = list(argv)
         if ports:
             cmdline = argv.index("-append") + 1
@@ -161,9 +159,7 @@ class Policy:
         name = self.worker(os.path.basename(workdir) if isinstance(workdir, str) else None)
         if not name.startswith(f"w{uid}-"):
             raise Refused(f"worker directory {name} is not uid {uid}'s")
-        ports = asked.get("ports")
-        if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
-            raise Refused("ports must be a list of TCP port numbers")
+        ports = tcp_ports(asked.get("ports"))
         rlimits = asked.get("rlimits")
         if not isinstance(rlimits, dict) or set(rlimits) != set(RLIMITS) or not all(type(v) is int and v >= 0 for v in rlimits.values()):
             raise Refused(f"rlimits must set exactly {', '.join(RLIMITS)}")
@@ -176,6 +172,13 @@ class Policy:
             "ports": ports, "rlimits": rlimits,
             "cgroups": [f"{parent}/{name}/tasks" for parent in self.cgroups] if asked.get("cgroups") else [],
         }
+
+
+def tcp_ports(ports):
+    """``ports``, checked to be a short list of TCP port numbers."""
+    if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
+        raise Refused("ports must be a list of TCP port numbers")
+    return ports
 
 
 def granted(paths, roots):
@@ -299,6 +302,12 @@ class Server:
         if not servable(spec["argv"]):
             raise ValueError(f"not a command this fork server runs: {spec['argv'][:4]}")
         code = self.programs.code(spec["argv"][3], fence.moved(spec["argv"][3], fence.relocation(spec["relocate"])))
+        pid, pidfd = self.fork_init(lambda: worker_init(self, spec, msg.get("network", False), fds, code))  # leaves only by Become
+        self.send({"id": msg["id"], "pid": pid}, [pidfd])
+
+    def fork_init(self, init):
+        """Fork a child that runs ``init`` as PID 1 of a new PID namespace (it never returns); its
+        pid, and a pidfd this server reaps it by."""
         sys.stderr.flush()
         check(libc.unshare(CLONE_NEWPID), "unshare a PID namespace")  # for the next child only
         try:
@@ -307,14 +316,14 @@ class Server:
             check(libc.setns(self.own_pidns, CLONE_NEWPID), "return to the server's PID namespace")
             raise
         if pid == 0:
-            worker_init(self, spec, msg.get("network", False), fds, code)  # leaves only by Become
-        # Later children must not land in this worker's namespace: a failure here ends the server.
+            init()
+        # Later children must not land in this child's namespace: a failure here ends the server.
         if libc.setns(self.own_pidns, CLONE_NEWPID) != 0:
             os._exit(70)
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = pid
         self.poll.register(pidfd, select.POLLIN)
-        self.send({"id": msg["id"], "pid": pid}, [pidfd])
+        return pid, pidfd
 
     def kill(self, pid):
         """SIGKILL to a worker's init, if this server forked it (an unprivileged runner may not
@@ -331,9 +340,7 @@ class Server:
         """A worker's egress namespace (anyip.build), made here for a runner that cannot: a new
         one, or a container's (``--network none``: nothing in it but loopback, which build checks)."""
         asked = msg["netns"]
-        ports = asked.get("ports") if isinstance(asked, dict) else None
-        if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
-            raise Refused("ports must be a list of TCP port numbers")
+        ports = tcp_ports(asked.get("ports") if isinstance(asked, dict) else None)
         existing = None
         if "container" in asked:
             existing, servers = self.container_netns(asked.get("container"), asked.get("pid"))
@@ -407,20 +414,7 @@ class Server:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         console, console_end = os.pipe2(os.O_CLOEXEC)
         try:
-            sys.stderr.flush()
-            check(libc.unshare(CLONE_NEWPID), "unshare a PID namespace")  # for the next child only
-            try:
-                pid = os.fork()
-            except OSError:
-                check(libc.setns(self.own_pidns, CLONE_NEWPID), "return to the server's PID namespace")
-                raise
-            if pid == 0:
-                monitor_init(self, argv, theirs.fileno(), console_end)  # never returns
-            if libc.setns(self.own_pidns, CLONE_NEWPID) != 0:
-                os._exit(70)
-            pidfd = os.pidfd_open(pid)
-            self.children[pidfd] = pid
-            self.poll.register(pidfd, select.POLLIN)
+            pid, pidfd = self.fork_init(lambda: monitor_init(self, argv, theirs.fileno(), console_end))
             self.send({"id": msg["id"], "pid": pid}, [pidfd, ours.fileno(), console])
         finally:
             for end in (ours, theirs):
