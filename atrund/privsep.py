@@ -139,7 +139,7 @@ def drop_privileges(cfg: Config) -> Dropped:
     if isolation in HELPED:
         helper = privileged_helper(e, isolation == "process", list(cfg.permissions.read), list(cfg.permissions.write), uid, gid)
         if monitors is not None:
-            helper.policy["monitors"] = monitors
+            helper.policy.update(monitors)
         try:
             helper.launch()
         except ExecutorError as err:

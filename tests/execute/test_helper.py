@@ -146,7 +146,7 @@ async def test_only_its_own_workers_can_be_killed(helper):
 
 
 @pytest.fixture
-async def vm_helper(tmp_path, vm_guest):
+async def vm_helper(tmp_path, vm_guest, request):
     """The helper of an unprivileged microvm runner: no workers to fork, QEMU's commands in its policy."""
     work = tmp_path / "work"
     work.mkdir(mode=0o711)
@@ -154,7 +154,9 @@ async def vm_helper(tmp_path, vm_guest):
                                microvm={"accelerator": "tcg", "kernel": vm_guest["kernel"],
                                         "initramfs": vm_guest["initramfs"], "rootfs": vm_guest["rootfs"]})
     server = privileged_helper(settings, False, [], [], os.geteuid(), os.getegid())
-    server.policy["monitors"] = monitor_policy(settings)
+    server.policy.update(monitor_policy(settings))
+    if limit := getattr(request, "param", None):
+        server.policy["monitor_limit"] = limit
     await server.start()
     yield server
     await server.close()
@@ -244,3 +246,21 @@ async def test_a_process_runners_helper_starts_no_monitor(helper):
     """The helper of a process runner has no monitor command in its policy: it starts none."""
     server, _, _ = helper
     await refused(server, {"monitor": {"runtime": "python", "ports": []}}, "starts no virtual machines")
+
+
+@pytest.mark.parametrize("vm_helper", [1], indirect=True)
+async def test_monitors_are_bounded_in_number(vm_helper):
+    """The policy bounds how many monitors run at once (each is bounded in memory): past it a
+    request is refused; once one is killed (and reaped), the next starts (the control)."""
+    server = vm_helper
+    pid, pidfd, exited, fds = await server.monitor("python", [])
+    await refused(server, {"monitor": {"runtime": "python", "ports": []}}, "1 monitors are running: the policy allows 1")
+    server.kill(pid, pidfd)
+    await asyncio.wait_for(exited, 10)
+    again, again_fd, again_exited, again_fds = await server.monitor("python", [])
+    server.kill(again, again_fd)
+    await asyncio.wait_for(again_exited, 10)
+    for p in (pid, again):
+        server.live.pop(p, None)
+    for fd in (pidfd, *fds, again_fd, *again_fds):
+        os.close(fd)

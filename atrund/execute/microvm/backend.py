@@ -442,9 +442,9 @@ def kernel_cmdline(settings, runtime: Runtime, accel: str, vsock_port: int | Non
     return " ".join(a for a in args if a)
 
 
-def monitor_policy(settings) -> dict[str, list[str]]:
+def monitor_policy(settings) -> dict:
     """What the privileged helper of an unprivileged runner may start (helped.policy): QEMU's
-    command per runtime, fixed now, while the runner is root (privsep.py)."""
+    command per runtime and how many at once, fixed now, while the runner is root (privsep.py)."""
     return helped.policy(settings, monitor_name(settings), lambda rt: memory_mb(settings, rt),
                          lambda rt, accel: kernel_cmdline(settings, rt, accel, None))
 

@@ -27,13 +27,15 @@ from atrund.execute.runtimes import load_runtimes
 CHANNEL_FD = 3  # where the helper puts the VM's channel in the monitor (forkserver.monitor_init)
 
 
-def policy(settings, monitor: str, memory_mb, cmdline) -> dict[str, list[str]]:
-    """The monitor command for each runtime, built now (as root, before the drop) from the
+def policy(settings, monitor: str, memory_mb, cmdline) -> dict:
+    """The helper's policy for monitors: the command for each runtime (``monitors``), built now (as root, before the drop) from the
     operator's configuration alone: the QEMU binary (resolved), the accelerator (probed now, as
     root), kernel, initramfs, rootfs, memory and vCPUs. The helper appends only a network
     grant's port numbers to the kernel command line (forkserver.Policy.monitor).
     ``monitor`` is the one chosen; ``memory_mb(runtime)`` and ``cmdline(runtime, accelerator)``
-    are the backend's own."""
+    are the backend's own. And how many may run at once (``monitor_limit``): twice what the
+    pool keeps at most (busy, hot and warm workers), room for VMs being killed while their
+    successors start; a compromised runner can hold no more host memory in VMs than that."""
     s = settings
     if monitor != "qemu":
         raise ExecutorError("executor.microvm.monitor: Firecracker cannot run under runner.user yet "
@@ -44,12 +46,14 @@ def policy(settings, monitor: str, memory_mb, cmdline) -> dict[str, list[str]]:
     accel, _ = accelerator(s)  # kept for the process: the backend's own call after the drop gets this verdict
     qemu = Qemu(os.path.realpath(binary), accel, CHANNEL_FD)
     commands = {}
-    for rt in load_runtimes(s.runtimes_dir).values():
+    runtimes = load_runtimes(s.runtimes_dir)
+    for rt in runtimes.values():
         spec = VmSpec(Path("/"), Path(s.microvm.kernel).absolute(),
                       Path(s.microvm.initramfs).absolute() if s.microvm.initramfs else None,
                       Path(s.microvm.rootfs).absolute(), memory_mb(rt), s.microvm.vcpus, cmdline(rt, accel))
         commands[rt.name] = qemu.command(spec)
-    return commands
+    warm = sum(s.warm_by_runtime.get(name, s.warm) for name in runtimes)
+    return {"monitors": commands, "monitor_limit": 2 * (s.concurrency + s.hot_max + warm)}
 
 
 class HelpedMonitor:

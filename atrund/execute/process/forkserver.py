@@ -52,7 +52,8 @@ Messages (SOCK_SEQPACKET, one JSON object each):
                     (policy only: a worker directory, by name, in the policy's work root)
   server -> runner  {"id": N, "ok": true} or {"id": N, "error": TEXT}
   runner -> server  {"id": N, "monitor": {"runtime": NAME, "ports": [PORT...]}}  (policy only:
-                    a microVM for a runtime the policy has a monitor command for; see monitor())
+                    a microVM for a runtime the policy has a monitor command for, while fewer
+                    than its monitor_limit run; see monitor())
   server -> runner  {"id": N, "pid": PID} with fds: a pidfd of the monitor's init, the VM's
                     channel (a connected stream socket) and its console (a pipe's read end);
                     later {"exit": PID, "code": CODE} as for a worker; {"kill": PID} kills it
@@ -124,6 +125,7 @@ class Policy:
         self.runtimes = raw["runtimes"]
         self.fixed = raw["fixed"]
         self.monitors = raw.get("monitors") or {}  # runtime -> the VM monitor's command (microvm only)
+        self.monitor_limit = int(raw.get("monitor_limit", 0))  # monitors running at once, at most
 
     def monitor(self, asked):
         """The monitor command for a VM of the runtime ``asked`` names, with the ports the guest
@@ -249,6 +251,7 @@ class Server:
         self.policy = policy  # set for an unprivileged runner: every request is checked against it
         self.programs = Programs()
         self.children = {}  # pidfd (the server's own copy, for reaping) -> pid
+        self.monitors = set()  # pids of the monitor inits running
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.self_fd = os.pidfd_open(os.getpid())  # a worker's init checks the server is alive through it
         self.poll = select.poll()
@@ -411,10 +414,13 @@ class Server:
         if self.policy is None:
             raise Refused("monitors are started only under a policy")
         argv = self.policy.monitor(msg["monitor"])
+        if len(self.monitors) >= self.policy.monitor_limit:
+            raise Refused(f"{len(self.monitors)} monitors are running: the policy allows {self.policy.monitor_limit} at once")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         console, console_end = os.pipe2(os.O_CLOEXEC)
         try:
             pid, pidfd = self.fork_init(lambda: monitor_init(self, argv, theirs.fileno(), console_end))
+            self.monitors.add(pid)
             self.send({"id": msg["id"], "pid": pid}, [pidfd, ours.fileno(), console])
         finally:
             for end in (ours, theirs):
@@ -427,6 +433,7 @@ class Server:
         self.poll.unregister(pidfd)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
+        self.monitors.discard(pid)
         self.send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
     def send(self, msg, fds=()):
