@@ -297,6 +297,26 @@ async def test_js_connecting_to_loopback(js, isolation):
         assert r.data["connected"] is False
 
 
+async def test_deno_granted_every_host_reaches_no_vsock(isolation):
+    """Deno with a `*` grant: its permission query says `vsock:` is granted (Deno cannot deny vsock
+    by wildcard), but a connect or a listen ends the bundle instead: Deno's vsock transport needs
+    `--unstable-vsock`, which at-run-exec never passes. Under process and container,
+    socket(AF_VSOCK) is refused by the seccomp allowlist as well (``test_a_vsock_socket``)."""
+    if isolation.endswith("runsc"):
+        pytest.skip("gVisor runs with --network=none here, so a network grant is refused (asserted in test_container.py)")
+
+    async def attempt(what: str):
+        return await execute_once("deno", str(HOSTILE.parent / "deno" / "vsock.ts"), args={"try": what}, timeout=10,
+                                  isolation=isolation, permissions={"net": ["*"]}, process={"uid_base": UID_BASE},
+                                  container={"uid": UID_BASE})
+
+    r = await attempt("query")
+    assert r.success and r.data == {"reported": "granted"}, r  # what Deno says
+    for what in ("connect", "listen"):
+        r = await attempt(what)
+        assert not r.success and "--unstable-vsock" in r.error, (what, r)  # what it can do
+
+
 async def test_js_cpu_spin(js, isolation):
     r = await js_attack(js, isolation, "cpu_spin", timeout=2)
     assert r.timed_out
