@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, _built_image, atrund, wait_result
 
-from atrund.errors import DropFailed
+from atrund.errors import DropFailed, HelperGone
 from atrund.privsep import user_ids
 
 DAEMON_UID = 64_731  # no passwd entry needed: a numeric uid[:gid]
@@ -243,3 +244,36 @@ def test_firecracker_is_refused_under_a_user_before_anything_changes(tmp_path):
         result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "state").exists()
+
+
+async def test_when_the_helper_dies_serve_stops_so_that_it_is_started_again(stack, new_account, author, reader, home):
+    """The privileged helper killed (SIGKILL) under a dropped `serve`: an unprivileged runner
+    cannot start another, so rather than failing every invocation from then on, serve stops by
+    itself within seconds, with HelperGone's exit code (which packaging/atrund.service's
+    Restart=on-failure restarts), a log line naming why, and no traceback. Before: it kept
+    serving, and every invocation failed with "restart the runner"."""
+    runner = new_account("helpergone")
+    config = _config(home, stack, runner, author, "process", 9)
+    plain = await author.publish(SOURCE)
+    log = home / "serve.log"
+    with open(log, "a") as out:
+        proc = subprocess.Popen([*as_the_unit_starts_it(), sys.executable, "-m", "atrund.cli", "serve", "-c", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        result = await wait_result(reader, runner.did, await author.invoke(plain, runner.did), timeout=60)
+        assert result["status"] == "success", (result, log.read_text()[-3000:])
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        helper = next(p for p in children if _status(p)["Uid"].split()[0] == "0")
+        os.kill(helper, signal.SIGKILL)
+        for _ in range(300):
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert proc.poll() is not None, "serve kept running without its helper"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert proc.returncode == HelperGone.exit_code, text[-3000:]
+    assert "the privileged helper is gone" in text and "Traceback" not in text, text[-3000:]

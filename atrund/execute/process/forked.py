@@ -56,6 +56,7 @@ class ForkServer:
         self.process: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.gone: str | None = None  # why it is not serving any more
+        self.lost = asyncio.Event()  # set when it is gone (the runner's watch of its privileged helper)
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future] = {}
         self._calls: set[int] = set()  # request ids of mount, unmount and netns (the rest are spawns)
@@ -249,6 +250,7 @@ class ForkServer:
     def _lost(self, why: str) -> None:
         """The fork server is gone: so are its workers (PR_SET_PDEATHSIG). Nothing waits forever."""
         self.gone = why
+        self.lost.set()
         if self.sock is not None:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
             self.sock.close()
