@@ -337,7 +337,9 @@ class Runs:
                 self.held.pop(0)
                 if session is not None:
                     session.release()
-                self._finish(inv, Outcome("error", error=str(e), error_type="StateConflict"))  # its log line says why
+                log.error("outcome not recorded: its bundle-state lock was lost; recorded as an error", uri=inv.uri,
+                          error=str(e))
+                self._finish(inv, Outcome("error", error=str(e), error_type="StateConflict"))
                 return
             except StoreError as e:
                 log.warning("outcome held: the state store failed; it is recorded once the store answers", uri=inv.uri,
