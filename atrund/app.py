@@ -32,7 +32,7 @@ from atrund.atproto.serviceauth import ServiceAuth
 from atrund.atproto.session import Session
 from atrund.bundles import BundleStore
 from atrund.config import Config
-from atrund.errors import ConfigError, StoreError
+from atrund.errors import AtrundError, ConfigError, HelperGone, StoreError
 from atrund.execute import create_executor
 from atrund.gateway import Gateway
 from atrund.health import Health
@@ -90,7 +90,9 @@ class App:
         (privsep.py): the privileged helper the backend asks for root work, and the app password."""
         self.cfg = cfg
         self._password = password
+        self._helper = helper
         self._helped = helper is not None
+        self.fatal: AtrundError | None = None  # why serve stopped by itself (HelperGone), raised by the CLI after shutdown
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = load_keyring(cfg)
         self.identities = Identities(cfg.identity.plc_url, cfg.identity.cache_seconds, cfg.identity.timeout_seconds,
@@ -329,10 +331,25 @@ class App:
                 loops["leader"] = functools.partial(self.lead_ingest, ingest, LEAD_CHECK)
             if "execute" in roles:  # what the store assigns to this replica, woken by its NOTIFY
                 loops["claims"] = functools.partial(self.runs.take_assigned, self.state.wait_for_work, WORK_POLL)
+        if self._helper is not None:
+            loops["helper"] = functools.partial(self.watch_helper, stop)
         for name, loop in loops.items():
             self.supervisor.start(name, loop)
         await stop.wait()
         await self.shutdown()
+
+    async def watch_helper(self, stop: asyncio.Event) -> None:
+        """``[runner] user``: the privileged helper starts every worker, and this runner, dropped,
+        cannot start another. When it is gone, every invocation would fail: stop instead (the
+        running ones are recorded as at any stop), and let the service manager start the whole
+        runner again (HelperGone: serve's exit code says so)."""
+        await self._helper.lost.wait()
+        self.fatal = HelperGone(f"the privileged helper is gone ({self._helper.gone}); an unprivileged runner cannot "
+                                "start another, so it stops")
+        log.error("the privileged helper is gone: stopping, to be started again by the service manager",
+                  why=self._helper.gone)
+        stop.set()
+        await asyncio.Event().wait()  # until the shutdown stops this loop
 
     async def lead_ingest(self, loops: dict, interval: float) -> None:
         """Replicas: run the ingest loops while this replica holds ingest leadership (the store's

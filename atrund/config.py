@@ -203,6 +203,9 @@ class ContainerSection(Section):
     runtime: Literal["runc", "runsc"] = Field(default="runc", description="OCI runtime; runsc is gVisor")
     cpus: float = Field(default=1.0, gt=0, description="CPUs a worker may use")
     uid: int = Field(default=900_000, ge=1, description="the unprivileged uid bundles run as")
+    seccomp: Literal["allowlist", "engine"] = Field(
+        default="allowlist", description="allowlist: the process backend's filter (the runtime's syscalls file, the rest "
+        "EPERM; no AF_VSOCK or AF_UNIX sockets) as the container's seccomp profile; engine: the engine's default profile")
 
 
 class MicroVmSection(Section):

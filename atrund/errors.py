@@ -287,6 +287,13 @@ class StateMoved(AtrundError, code=58, fix="run the runner with [state] url = th
     again would run its pending invocations a second time."""
 
 
+class HelperGone(AtrundError, code=59, fix="packaging/atrund.service's Restart=on-failure starts the runner again; "
+                                          "under another supervisor, start it again (and see what the log says killed the helper)"):
+    """Under ``[runner] user``, the privileged helper (the one process that starts workers, as
+    root) is gone, and an unprivileged runner cannot start another: serve stops, with its running
+    work recorded as usual, so that its service manager starts the whole runner again."""
+
+
 def tree() -> list[type[AtrundError]]:
     """AtrundError and every subclass, depth first: the table above, as classes."""
     out: list[type[AtrundError]] = []

@@ -8,9 +8,10 @@ before the event loop and before any thread exists:
    policy fixed now (process/backend.helper_policy): which runtimes, which uid range, which
    work root, which granted roots. It stays root and does only what the policy allows
    (forkserver.py: fork a fenced worker, mount or detach a worker's /tmp, make an egress
-   namespace, kill a worker it forked), told only names and numbers, each checked. Backends
-   without root work (none) need no helper; auto is probed first (as root, as it always is),
-   and microvm is refused for now;
+   namespace, start a microVM's monitor from a command fixed in the policy, kill a worker or
+   monitor it started), told only names and numbers, each checked. Backends without root work
+   (none) need no helper; auto is probed first (as root, as it always is), and so is microvm's
+   accelerator (the trial KVM boot opens /dev/kvm);
 2. hand over what the runner writes: the state directory (its files), the key files, the work
    root, and a cgroup parent of its own (``atrund/u{uid}`` under memory and pids);
 3. read what only root may read and the runner needs once: the app password;
@@ -36,6 +37,7 @@ import structlog
 
 from atrund.config import Config, ConfigError
 from atrund.errors import DropFailed, ExecutorError
+from atrund.execute.microvm.backend import monitor_name, monitor_policy
 from atrund.execute.probe import choose
 from atrund.execute.process.backend import CGROUP_CONTROLLERS, CGROUP_ROOT, cgroup_name, privileged_helper
 from atrund.execute.process.forked import ForkServer
@@ -45,11 +47,12 @@ from atrund.execute.workdir import work_root
 log = structlog.get_logger("atrund.privsep")
 
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
-HELPED = ("process", "container")  # the backends whose root work the helper does
+HELPED = ("process", "container", "microvm")  # the backends whose root work the helper does
 WITHOUT_ROOT = ("none",)  # the backends that need none
 # What a backend imports late (inside functions), imported before the drop: the runner's user
 # may not be able to read an interpreter installed under a private home (pyenv under /root).
-LATE_IMPORTS = {"container": ("docker", "docker.transport.unixconn", "requests.utils")}
+LATE_IMPORTS = {"container": ("docker", "docker.transport.unixconn", "requests.utils"),
+                "microvm": ("atrund.execute.container.image", "atrund.execute.microvm.guest")}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -116,6 +119,15 @@ def drop_privileges(cfg: Config) -> Dropped:
     if isolation == "process" and not e.process.fork_server:
         raise ConfigError("executor.process.fork_server: an unprivileged runner (runner.user) starts every worker "
                           "from the fork server: it cannot be false")
+    monitors = None
+    if isolation == "microvm":  # what monitors the helper may start: QEMU's command per runtime, fixed now
+        if (monitor := monitor_name(e)) != "qemu":
+            raise ConfigError(f"executor.microvm.monitor: {monitor} cannot run under runner.user yet (its jailer is not "
+                              "driven by the privileged helper); set it to qemu")
+        try:
+            monitors = monitor_policy(e)
+        except ExecutorError as err:
+            raise DropFailed(f"the privileged helper cannot start microVMs: {err}") from err
     groups = [gid]
     if isolation == "container" and (engine := docker_group(e.container.docker_host)) is not None:
         groups.append(engine)
@@ -126,6 +138,8 @@ def drop_privileges(cfg: Config) -> Dropped:
     helper = None
     if isolation in HELPED:
         helper = privileged_helper(e, isolation == "process", list(cfg.permissions.read), list(cfg.permissions.write), uid, gid)
+        if monitors is not None:
+            helper.policy.update(monitors)
         try:
             helper.launch()
         except ExecutorError as err:

@@ -19,7 +19,9 @@ Method (all on this machine, in one run, so the figures are comparable):
 
 Backends: a backend name, or ``process-exec``: the process backend with its fork server off
 (executor.process.fork_server = false), each worker a fresh setpriv + unshare + fence.py +
-interpreter, as before the fork server. A backend is prepared (the fork server started) before
+interpreter, as before the fork server; ``container-engine``: the container backend with the
+engine's default seccomp profile (executor.container.seccomp = "engine") instead of the process
+backend's allowlist, the peer of ``container``. A backend is prepared (the fork server started) before
 the timed calls: that is paid once per runner, not per cold start.
 
     .venv/bin/python bench/executors.py [-n 30] [--runtimes python,deno,node] [--backends none,process,process-exec]
@@ -91,7 +93,8 @@ class CpuMeter:
 
 
 CPU = CpuMeter()
-VARIANTS = {"process-exec": {"isolation": "process", "process": {"fork_server": False}}}
+VARIANTS = {"process-exec": {"isolation": "process", "process": {"fork_server": False}},
+            "container-engine": {"isolation": "container", "container": {"seccomp": "engine"}}}
 
 
 def section(backend: str, **settings) -> ExecutorSection:

@@ -3,7 +3,8 @@ starts its privileged helper, hands over its directories and drops for good; bun
 fenced as before, with network through the helper's namespaces.
 
 Everything is real: the local PDS and PLC, `atrund serve` as a subprocess, the process backend's
-fork server as the helper, the Docker engine for `container`. The daemon's uid is one no one
+fork server as the helper, the Docker engine for `container`, QEMU and the built guest for
+`microvm` (its monitors started by the helper). The daemon's uid is one no one
 else uses (DAEMON_UID); its state and work directories live in a directory it can reach
 (pytest's own tmp is root's alone).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, _built_image, atrund, wait_result
 
-from atrund.errors import DropFailed
+from atrund.errors import DropFailed, HelperGone
 from atrund.privsep import user_ids
 
 DAEMON_UID = 64_731  # no passwd entry needed: a numeric uid[:gid]
@@ -78,10 +80,12 @@ def home():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _config(home: Path, stack, runner, author, isolation: str, port: int) -> Path:
+def _config(home: Path, stack, runner, author, isolation: str, port: int, vm_guest: dict | None = None) -> Path:
     (home / "pw").write_text(runner.app_password)
     (home / "pw").chmod(0o600)  # root's: serve reads it before the drop
     image = f'[executor.container]\nimage = "{_built_image[0]}"\n' if isolation == "container" and _built_image else ""
+    if vm_guest:  # the accelerator is auto, as an operator leaves it: probed as root, before the drop
+        image += "[executor.microvm]\n" + "".join(f'{key} = "{path}"\n' for key, path in vm_guest.items())
     config = home / "config.toml"
     config.write_text(
         f'[runner]\npds = "{stack.pds_url}"\nidentifier = "{runner.handle}"\npassword_file = "pw"\n'
@@ -97,26 +101,50 @@ def _config(home: Path, stack, runner, author, isolation: str, port: int) -> Pat
     return config
 
 
-@pytest.fixture(params=["process", "container", "auto"])
+@pytest.fixture(params=["process", "container", "auto", "microvm"])
 def isolation(request) -> str:
     if request.param == "container":
         request.getfixturevalue("container_engine")
+    if request.param == "microvm":
+        request.getfixturevalue("vm_guest")
     return request.param
 
 
+def _monitors(helper: int) -> list[int]:
+    """The QEMU processes below the helper (each under its monitor's init)."""
+    found = []
+    for init in _children(helper):
+        for pid in _children(init):
+            if Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"):
+                found.append(pid)
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.vm
 async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_with_network(
-        isolation, stack, new_account, author, reader, home):
+        isolation, stack, new_account, author, reader, home, request):
     """`atrund serve` with `[runner] user` set answers invocations (a plain one, and one granted
     network to a loopback server, which goes through a namespace the helper made), started as
     packaging/atrund.service starts it (only its capabilities, and no_new_privs), while the serve
     process itself has the daemon's uid and gid in every slot, no capability at all (effective,
     permitted, bounding), no_new_privs, and only the groups its backend needs (the Docker
-    socket's under container). Under auto, the backend probed as root before the drop. Before:
-    serve ran as root."""
+    socket's under container). Under auto, the backend probed as root before the drop. Under
+    microvm, the helper starts QEMU, which runs as nobody, and the network grant is relayed over
+    the VM's channel (about 60 s under TCG: two VM boots). Before: serve ran as root, and refused
+    microvm under runner.user."""
     runner = new_account("unpriv")
     server = await asyncio.start_server(lambda r, w: (w.write(b"hello from the host"), w.close()), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    config = _config(home, stack, runner, author, isolation, port)
+    config = _config(home, stack, runner, author, isolation, port,
+                     request.getfixturevalue("vm_guest") if isolation == "microvm" else None)
+    boots = 120 if isolation == "microvm" else 60  # a VM's cold boot under TCG takes 10-30 s
     plain = await author.publish(SOURCE)
     spinning = await author.publish(SPIN)
     networked = await author.publish(SOURCE, permissions={"net": [f"127.0.0.1:{port}"]})
@@ -127,7 +155,7 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
 
     async def answer(bundle, status="success", **fields):
         try:
-            result = await wait_result(reader, runner.did, await author.invoke(bundle, runner.did, **fields), timeout=60)
+            result = await wait_result(reader, runner.did, await author.invoke(bundle, runner.did, **fields), timeout=boots)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{log.read_text()[-4000:]}") from None
         assert result["status"] == status, (result, log.read_text()[-3000:])
@@ -136,7 +164,7 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
     try:
         first = await answer(plain)
         backend = first["metrics"]["isolation"]  # auto: what it chose, probed as root before the drop
-        assert backend == isolation or (isolation == "auto" and backend in ("process", "container")), backend
+        assert backend == isolation or (isolation == "auto" and backend in ("process", "container", "microvm")), backend
         second = await answer(networked, args={"port": port})
         assert second["data"]["heard"] == "hello from the host"
         assert first["data"]["uid"] not in (0, DAEMON_UID)  # the worker has a uid of its own, as before
@@ -165,6 +193,13 @@ async def test_the_daemon_runs_unprivileged_and_its_workers_still_run_fenced_wit
         assert groups == expected, status["Groups"]
         helper = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert any(_status(p)["Uid"].split()[0] == "0" for p in helper)  # the privileged helper stays root
+        if backend == "microvm":  # the warm VM's QEMU: the helper's, dropped to nobody, not the runner's uid
+            for _ in range(100):
+                monitors = [m for h in helper for m in _monitors(h)]
+                if monitors and all(_status(m)["Uid"].split()[0] != "0" for m in monitors):
+                    break
+                await asyncio.sleep(0.2)
+            assert monitors and all(_status(m)["Uid"].split() == ["65534"] * 4 for m in monitors), monitors
     finally:
         proc.terminate()
         try:
@@ -193,3 +228,52 @@ def test_an_unknown_user_is_one_clear_line(tmp_path):
     config.write_text(config.read_text().replace('user = "no-such-user-here"', 'user = "0:0"'))
     root = atrund("serve", "-c", str(config), timeout=60)
     assert root.returncode == DropFailed.exit_code and "runner.user: '0:0' is root" in root.stderr, root.stderr
+
+
+def test_firecracker_is_refused_under_a_user_before_anything_changes(tmp_path):
+    """The helper starts QEMU only: `[runner] user` with Firecracker as the monitor stops serve at
+    once with one line naming the key, before it hands anything over (the state directory is not
+    even made)."""
+    config = tmp_path / "config.toml"
+    (tmp_path / "pw").write_text("x")
+    config.write_text('[runner]\npds = "http://localhost:1"\nidentifier = "a.test"\npassword_file = "pw"\n'
+                      f'user = "{DAEMON_UID}"\n[executor]\nisolation = "microvm"\n[executor.microvm]\nmonitor = "firecracker"\n'
+                      f'[state]\ndir = "{tmp_path / "state"}"\n')
+    result = atrund("serve", "-c", str(config), timeout=60)
+    assert result.returncode != 0 and "executor.microvm.monitor: firecracker cannot run under runner.user yet" in result.stderr, \
+        result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+async def test_when_the_helper_dies_serve_stops_so_that_it_is_started_again(stack, new_account, author, reader, home):
+    """The privileged helper killed (SIGKILL) under a dropped `serve`: an unprivileged runner
+    cannot start another, so rather than failing every invocation from then on, serve stops by
+    itself within seconds, with HelperGone's exit code (which packaging/atrund.service's
+    Restart=on-failure restarts), a log line naming why, and no traceback. Before: it kept
+    serving, and every invocation failed with "restart the runner"."""
+    runner = new_account("helpergone")
+    config = _config(home, stack, runner, author, "process", 9)
+    plain = await author.publish(SOURCE)
+    log = home / "serve.log"
+    with open(log, "a") as out:
+        proc = subprocess.Popen([*as_the_unit_starts_it(), sys.executable, "-m", "atrund.cli", "serve", "-c", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        result = await wait_result(reader, runner.did, await author.invoke(plain, runner.did), timeout=60)
+        assert result["status"] == "success", (result, log.read_text()[-3000:])
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        helper = next(p for p in children if _status(p)["Uid"].split()[0] == "0")
+        os.kill(helper, signal.SIGKILL)
+        for _ in range(300):
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert proc.poll() is not None, "serve kept running without its helper"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert proc.returncode == HelperGone.exit_code, text[-3000:]
+    assert "the privileged helper is gone" in text and "Traceback" not in text, text[-3000:]

@@ -42,6 +42,10 @@ def doctor(config_path: Path | None) -> None:
         out.print(f"seccomp (process): {settings.process.seccomp} (executor.process.seccomp; "
                   + ("each runtime's syscalls file, the rest EPERM)" if settings.process.seccomp == "allowlist"
                      else "all but the dangerous few)"))
+    out.print(f"seccomp (container): {settings.container.seccomp} (executor.container.seccomp; "
+              + ("the process backend's allowlist as the container's profile)" if settings.container.seccomp == "allowlist"
+                 else "the engine's default profile)") + (", not applied under runsc (gVisor's own kernel)"
+                                                          if settings.container.runtime == "runsc" else ""))
     out.print("cgroups (v1 memory, pids): " + ("per-worker limits" if Cgroups().available
                                                else "not writable (the process backend then limits each process only)"))
     out.print("runner user: " + _user_summary(config_path))

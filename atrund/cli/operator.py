@@ -121,6 +121,8 @@ def serve(config_path: Path, log_level: str, json_logs: bool | None) -> None:
         finally:
             await daemon.close()
             said.info("stopped")
+        if daemon.fatal is not None:  # it stopped by itself: the exit code says why
+            raise daemon.fatal
 
     run_async(serve_until_signalled)()
 

@@ -224,9 +224,10 @@ class _Output:
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError, ValueError):
             while chunk := await stream.read(65536):
+                new = max(0, len(self.buf) - len(OUTPUT_MARK) + 1)  # where a mark could start: what came, and its seam
                 self.buf += chunk
-                if OUTPUT_MARK in self.buf:  # also one that came in two chunks
-                    self.buf = self.buf.replace(OUTPUT_MARK, b"")
+                if self.buf.find(OUTPUT_MARK, new) >= 0:  # also one that came in two chunks
+                    self.buf = self.buf.replace(OUTPUT_MARK, b"")  # once per request: earlier marks are gone already
                     self.marked.set()
                 del self.buf[:-self.keep]
 

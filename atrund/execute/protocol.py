@@ -205,8 +205,6 @@ class StateHandler(Protocol):
     async def call(self, call: StateCall) -> StateReply: ...
 
 
-READY = {"ready": True}
-READY_FOR_MANY = {"ready": True, "reuse": True}
 # What a worker that says ``"marks": true`` writes on stderr before each answer, after the
 # request's prints: the runner keeps a request's output up to it (docs/protocol.md §7.1, item 4).
 # A bundle that prints it ends its own output early, nothing more; the runner strips it.

@@ -162,6 +162,7 @@ def test_doctor_reports_the_probe():
     assert "process ← auto" in p.stdout and "ran the python test bundle" in p.stdout and "Landlock ABI: " in p.stdout
     assert "network egress: proxy (" in p.stdout  # the runner's egress proxy can be set up here
     assert "seccomp (process): allowlist" in p.stdout and "allowlist, " in p.stdout  # the mode, and each runtime's list
+    assert "seccomp (container): allowlist" in p.stdout
     assert f"runner user: uid {os.geteuid()} (runner.user unset" in p.stdout  # the uid serve would run as
     # The microVM line names the monitor and the accelerator found (KVM only if a guest booted under it).
     import shutil

@@ -1,7 +1,8 @@
 """The privileged helper of a runner running as its own user (`[runner] user`): the process
 backend's fork server with a policy (forkserver.Policy). A compromised runner may send it
 anything; these tests send what such a runner would, and the helper must refuse every request
-the policy does not allow, and go on serving.
+the policy does not allow, and go on serving. Under microvm it also starts QEMU, from the
+command its policy holds (microvm/helped.py).
 
 The helper is real (started as an unprivileged runner starts it, with a policy); the test
 process plays the compromised runner on its socket.
@@ -19,6 +20,7 @@ import pytest
 
 from atrund.config import ExecutorSection
 from atrund.execute.base import ExecutorError
+from atrund.execute.microvm.backend import monitor_policy
 from atrund.execute.process.backend import privileged_helper, worker_mounts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the helper is root's")
@@ -141,3 +143,124 @@ async def test_only_its_own_workers_can_be_killed(helper):
     finally:
         sentinel.kill()
         sentinel.wait()
+
+
+@pytest.fixture
+async def vm_helper(tmp_path, vm_guest, request):
+    """The helper of an unprivileged microvm runner: no workers to fork, QEMU's commands in its policy."""
+    work = tmp_path / "work"
+    work.mkdir(mode=0o711)
+    settings = ExecutorSection(isolation="microvm", work_dir=work, process={"uid_base": UID_BASE, "uids": 4},
+                               microvm={"accelerator": "tcg", "kernel": vm_guest["kernel"],
+                                        "initramfs": vm_guest["initramfs"], "rootfs": vm_guest["rootfs"]})
+    server = privileged_helper(settings, False, [], [], os.geteuid(), os.getegid())
+    server.policy.update(monitor_policy(settings))
+    if limit := getattr(request, "param", None):
+        server.policy["monitor_limit"] = limit
+    await server.start()
+    yield server
+    await server.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("Uid:")))
+
+
+async def _monitor_of(init: int) -> int:
+    """The QEMU under a monitor's init, once it has dropped to nobody (after its set-up)."""
+    for _ in range(100):
+        qemu = _children(init)
+        if qemu and _uid(qemu[0]) != 0:
+            return qemu[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError("QEMU did not drop root")
+
+
+async def test_a_monitor_is_started_only_from_the_policys_command(vm_helper):
+    """A monitor request names a runtime and a grant's ports, nothing else: an unknown runtime,
+    bad ports, and a request carrying descriptors are refused. The control: QEMU runs with
+    exactly the policy's command (plus the ports, as numbers, on the guest's command line),
+    as nobody, and the runner gets the VM's channel and console, and can have it killed."""
+    server = vm_helper
+    await refused(server, {"monitor": {"runtime": "sh", "ports": []}}, "not a runtime of this runner")
+    await refused(server, {"monitor": {"runtime": "../python", "ports": []}}, "not a runtime of this runner")
+    await refused(server, {"monitor": "python"}, "not a runtime of this runner")
+    await refused(server, {"monitor": {"runtime": "python", "ports": [70000]}}, "ports must be")
+    await refused(server, {"monitor": {"runtime": "python", "ports": "443 -device evil"}}, "ports must be")
+    read, write = os.pipe()
+    try:  # a descriptor (a disk image, a socket) cannot be smuggled in with the request
+        with pytest.raises(ExecutorError, match="only a spawn carries descriptors"):
+            await server._ask({"monitor": {"runtime": "python", "ports": []}}, [read], "start a monitor", call=True)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert not server.gone
+    pid, pidfd, exited, (channel, console) = await server.monitor("python", [8443])
+    try:
+        qemu = await _monitor_of(pid)
+        assert _uid(qemu) == 65534  # nobody, as QEMU's -runas drops to
+        argv = Path(f"/proc/{qemu}/cmdline").read_bytes().decode().split("\0")[:-1]
+        expected = list(server.policy["monitors"]["python"])
+        at = expected.index("-append") + 1
+        expected[at] += " atrun.net=8443"
+        assert argv == expected
+        assert os.fstat(channel).st_mode & 0o170000 == 0o140000  # a socket, connected to the VM's port
+        server.kill(pid, pidfd)
+        assert await asyncio.wait_for(exited, 10) is not None
+        assert not Path(f"/proc/{qemu}").exists() or _stat_state(qemu) == "Z"
+    finally:
+        server.live.pop(pid, None)  # as the runner does once its monitor is dead (helped.HelpedMonitor.release)
+        for fd in (pidfd, channel, console):
+            os.close(fd)
+
+
+def _stat_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def test_monitors_die_with_the_helper(vm_helper):
+    """A runner that crashes takes its helper with it (the helper's parent-death signal), and the
+    helper its monitors, although QEMU dropped to nobody (which clears QEMU's own): the monitor's
+    init stays root with the signal set, and its PID namespace goes with it."""
+    server = vm_helper
+    pid, pidfd, _, fds = await server.monitor("python", [])
+    qemu = await _monitor_of(pid)
+    server.stop()  # SIGKILL, as the parent-death signal sends
+    for _ in range(100):
+        if not Path(f"/proc/{qemu}").exists() or _stat_state(qemu) == "Z":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("QEMU outlived the helper")
+    server.live.pop(pid, None)
+    for fd in (pidfd, *fds):
+        os.close(fd)
+
+
+async def test_a_process_runners_helper_starts_no_monitor(helper):
+    """The helper of a process runner has no monitor command in its policy: it starts none."""
+    server, _, _ = helper
+    await refused(server, {"monitor": {"runtime": "python", "ports": []}}, "starts no virtual machines")
+
+
+@pytest.mark.parametrize("vm_helper", [1], indirect=True)
+async def test_monitors_are_bounded_in_number(vm_helper):
+    """The policy bounds how many monitors run at once (each is bounded in memory): past it a
+    request is refused; once one is killed (and reaped), the next starts (the control)."""
+    server = vm_helper
+    pid, pidfd, exited, fds = await server.monitor("python", [])
+    await refused(server, {"monitor": {"runtime": "python", "ports": []}}, "1 monitors are running: the policy allows 1")
+    server.kill(pid, pidfd)
+    await asyncio.wait_for(exited, 10)
+    again, again_fd, again_exited, again_fds = await server.monitor("python", [])
+    server.kill(again, again_fd)
+    await asyncio.wait_for(again_exited, 10)
+    for p in (pid, again):
+        server.live.pop(p, None)
+    for fd in (pidfd, *fds, again_fd, *again_fds):
+        os.close(fd)

@@ -39,6 +39,7 @@ def host_dir():
 
 
 PROCESS = ("process", HELPED)
+FILTERED = (*PROCESS, "container")  # the runtime's seccomp allowlist holds (gVisor applies its own kernel instead)
 
 
 @pytest.fixture(params=[*ISOLATIONS, HELPED])
@@ -296,6 +297,26 @@ async def test_js_connecting_to_loopback(js, isolation):
         assert r.data["connected"] is False
 
 
+async def test_deno_granted_every_host_reaches_no_vsock(isolation):
+    """Deno with a `*` grant: its permission query says `vsock:` is granted (Deno cannot deny vsock
+    by wildcard), but a connect or a listen ends the bundle instead: Deno's vsock transport needs
+    `--unstable-vsock`, which at-run-exec never passes. Under process and container,
+    socket(AF_VSOCK) is refused by the seccomp allowlist as well (``test_a_vsock_socket``)."""
+    if isolation.endswith("runsc"):
+        pytest.skip("gVisor runs with --network=none here, so a network grant is refused (asserted in test_container.py)")
+
+    async def attempt(what: str):
+        return await execute_once("deno", str(HOSTILE.parent / "deno" / "vsock.ts"), args={"try": what}, timeout=10,
+                                  isolation=isolation, permissions={"net": ["*"]}, process={"uid_base": UID_BASE},
+                                  container={"uid": UID_BASE})
+
+    r = await attempt("query")
+    assert r.success and r.data == {"reported": "granted"}, r  # what Deno says
+    for what in ("connect", "listen"):
+        r = await attempt(what)
+        assert not r.success and "--unstable-vsock" in r.error, (what, r)  # what it can do
+
+
 async def test_js_cpu_spin(js, isolation):
     r = await js_attack(js, isolation, "cpu_spin", timeout=2)
     assert r.timed_out
@@ -349,7 +370,7 @@ async def test_connecting_to_a_world_writable_unix_socket(isolation, host_dir):
         server.close()
     if isolation == "none":
         assert r.success and r.data["connected"] is True  # NOT contained by none
-    elif isolation in PROCESS:
+    elif isolation in FILTERED:
         assert r.error_type == "PermissionError"  # seccomp: socket(AF_UNIX) itself is refused
     else:
         assert r.success and r.data == {"connected": False, "why": "FileNotFoundError"}  # not in the container's world
@@ -377,28 +398,33 @@ async def test_many_processes_each_under_the_limit(isolation):
 
 
 async def test_a_system_call_outside_the_runtimes_allowlist(isolation):
-    """personality() is on no runtime's list: under process it answers EPERM (the allowlist),
-    where nothing filters it (none) it succeeds, so the refusal is the filter's."""
+    """personality() is on no runtime's list: under process and container it answers EPERM (the
+    allowlist), where nothing filters it (none) it succeeds, so the refusal is the filter's."""
     r = await attack(isolation, "unlisted_syscall")
     assert r.success, r.error
-    if isolation in PROCESS:
+    if isolation in FILTERED:
         assert r.data == {"result": -1, "errno": 1}
     elif isolation == "none":
         assert r.data["result"] >= 0
 
 
 async def test_a_vsock_socket(isolation):
-    """AF_VSOCK (to a hypervisor or other guests, outside every Landlock rule): process refuses
-    the socket itself."""
+    """AF_VSOCK (to a hypervisor or other guests, outside every Landlock rule and network
+    namespace): process and container refuse the socket itself, though the container has no
+    network at all. Control: under the engine's own profile (executor.container.seccomp =
+    "engine", Docker 20.10 here) the same bundle creates one, binds it and listens."""
     r = await attack(isolation, "vsock")
     assert r.success, r.error
-    if isolation in PROCESS:
+    if isolation in FILTERED:
         assert r.data == {"created": False, "why": "PermissionError", "errno": 1}
+    if isolation == "container":
+        r = await attack(isolation, "vsock", container={"uid": UID_BASE, "seccomp": "engine"})
+        assert r.success and r.data["created"] is True, r
 
 
 async def test_a_datagram_pair_sending_to_a_host_unix_socket(isolation, host_dir):
     """socketpair(AF_UNIX, SOCK_DGRAM) then sendto() a world-writable datagram socket on the host:
-    process makes no datagram pair (EPERM), so nothing reaches the host's socket."""
+    process and container make no datagram pair (EPERM), so nothing reaches the host's socket."""
     import socket
 
     path = host_dir / "log.sock"
@@ -417,7 +443,7 @@ async def test_a_datagram_pair_sending_to_a_host_unix_socket(isolation, host_dir
     assert r.success, r.error
     if isolation == "none":
         assert r.data == {"paired": True, "sent": True} and received == b"hello from the bundle"  # NOT contained by none
-    elif isolation in PROCESS:
+    elif isolation in FILTERED:
         assert r.data == {"paired": False, "why": "PermissionError", "errno": 1} and received is None
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import structlog
 
 from atrund.execute.base import ExecutorError
+from atrund.execute.container.seccomp import profile as seccomp_profile
 from atrund.execute.egress.dns import Resolver
 from atrund.execute.egress.policy import Grants
 from atrund.execute.egress.proxy import Egress
@@ -374,6 +375,14 @@ class ContainerBackend(Backend):
             if len(owner) == 3 and not alive(owner[1].replace("_", ":")):
                 shutil.rmtree(d, ignore_errors=True)
 
+    def _seccomp(self, runtime: Runtime) -> list[str]:
+        """The seccomp option of ``runtime``'s containers: the process backend's allowlist as a
+        profile (seccomp.py), unless executor.container.seccomp is "engine" or the runtime has no
+        syscalls file (then the engine's default profile)."""
+        if self.settings.container.seccomp != "allowlist" or runtime.syscalls is None:
+            return []
+        return [f"seccomp={seccomp_profile(runtime.syscalls)}"]
+
     def _create_args(self, runtime: Runtime, permissions: ExecPermissions, name: str, bundle_dir: Path) -> dict:
         from docker.types import Mount, Ulimit
 
@@ -397,7 +406,7 @@ class ContainerBackend(Backend):
             tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={s.tmp_mb}m,mode=1777"},
             mounts=mounts,
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
+            security_opt=["no-new-privileges", *self._seccomp(runtime)],
             mem_limit=memory,
             memswap_limit=memory,  # no escape into swap
             nano_cpus=int(s.container.cpus * 1e9),

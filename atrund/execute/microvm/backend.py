@@ -43,6 +43,7 @@ from atrund.execute.base import ExecutorError
 from atrund.execute.egress.dns import Resolver
 from atrund.execute.egress.policy import Grants
 from atrund.execute.egress.proxy import Egress
+from atrund.execute.microvm import helped
 from atrund.execute.microvm.firecracker import Firecracker
 from atrund.execute.microvm.qemu import TCG_KERNEL_ARGS, Qemu, accelerator, qemu_version
 from atrund.execute.microvm.relay import KINDS, Relay
@@ -84,7 +85,7 @@ class VmStdin:
 
 
 class VmWorker(Worker):
-    def __init__(self, backend: "MicroVmBackend", vm_dir: Path, process: asyncio.subprocess.Process, limit: int,
+    def __init__(self, backend: "MicroVmBackend", vm_dir: Path, process: "asyncio.subprocess.Process | helped.HelpedMonitor", limit: int,
                  egress: Egress | None = None) -> None:
         self.backend = backend
         self.egress_proxy = egress  # a worker granted network: the proxy its guest's streams go to
@@ -203,6 +204,8 @@ class VmWorker(Worker):
             self.process.kill()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.process.wait(), 10)
+        if isinstance(self.process, helped.HelpedMonitor):
+            self.process.release()
         for task in self._tasks:
             task.cancel()
         # Ended for whoever reads them, even if the demultiplexer never got to run.
@@ -263,8 +266,11 @@ def host_support(settings) -> HostSupport:
 class MicroVmBackend(Backend):
     isolation = "microvm"
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, helper=None) -> None:
         super().__init__(settings)
+        # An unprivileged runner's privileged helper (privsep.py), which starts every monitor
+        # from the command its policy holds (helped.py); None: the runner starts them itself.
+        self.helper = helper
         self.work_root = owned_dir(work_root(settings.work_dir) / "vms", os.geteuid(), "the runner")
         self.ready_timeout = settings.microvm.boot_timeout
         self.monitor_name = monitor_name(settings)  # chosen now (cheap), so the runner record can state it
@@ -288,7 +294,12 @@ class MicroVmBackend(Backend):
         if built_with is not None and built_with != image.runtimes_hash(s.runtimes_dir):
             raise ExecutorError(f"{s.microvm.rootfs} holds other at-run-exec programs than {s.runtimes_dir}: "
                                 "rebuild it with `atrund image build --vm`")
-        if self.monitor_name == "firecracker":
+        if self.helper is not None:
+            accel, why = await asyncio.to_thread(accelerator, s)  # probed as root before the drop (privsep.py)
+            log.info("microVM monitor", monitor="qemu", accelerator=accel, why=why, started_by="the privileged helper")
+            self.monitor = Qemu(s.microvm.qemu_binary, accel, helped.CHANNEL_FD)
+            await self.helper.start()
+        elif self.monitor_name == "firecracker":
             self.monitor = Firecracker(s)
         else:
             if not shutil.which(s.microvm.qemu_binary):
@@ -312,21 +323,11 @@ class MicroVmBackend(Backend):
             log.info("removed microVMs a stopped runner left behind", count=removed)
 
     def _memory_mb(self, runtime: Runtime) -> int:
-        s = self.settings
-        return s.memory_mb + runtime.data_overhead_mb + s.tmp_mb + s.microvm.overhead_mb
+        return memory_mb(self.settings, runtime)
 
     def _cmdline(self, runtime: Runtime, ports: list[int] = ()) -> str:
-        s = self.settings
-        args = [KERNEL_ARGS, s.microvm.kernel_args]
-        if getattr(self.monitor, "accelerator", "kvm") == "tcg":
-            args.append(TCG_KERNEL_ARGS)
-        args += [f"atrun.runtime={runtime.dir.name}", f"atrun.data_mb={s.memory_mb + runtime.data_overhead_mb}",
-                 f"atrun.nproc={s.max_processes}", f"atrun.tmp_mb={s.tmp_mb}"]
-        if self.monitor.vsock_port is not None:
-            args.append(f"atrun.vsock={self.monitor.vsock_port}")
-        if ports:  # a network grant: the guest listens on these ports and relays to the proxy
-            args.append("atrun.net=" + ",".join(map(str, ports)))
-        return " ".join(a for a in args if a)
+        return kernel_cmdline(self.settings, runtime, getattr(self.monitor, "accelerator", "kvm"),
+                              self.monitor.vsock_port, ports)
 
     async def spawn(self, runtime: Runtime, settings, permissions: ExecPermissions) -> Worker:
         await self.ready()
@@ -334,6 +335,8 @@ class MicroVmBackend(Backend):
             raise ExecutorError("the microVM backend is shut down")
         vm_dir = self.work_root / f"vm-{(OWNER or '0').replace(':', '_')}-{runtime.name}-{secrets.token_hex(4)}"
         vm_dir.mkdir(mode=0o700)
+        if self.helper is not None:
+            return await self._spawn_helped(runtime, settings, permissions, vm_dir)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         worker = None
         try:
@@ -366,19 +369,44 @@ class MicroVmBackend(Backend):
                 raise ExecutorError(f"the {self.monitor.name} monitor did not connect the VM's channel: "
                                     f"{worker.console_tail(6) or 'no output'}")
             conn, _ = accept.result()
-            reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 20)
-            worker.attach(reader, writer)
-            if self.closed:  # shut down while this one started
-                raise ExecutorError("the microVM backend is shut down")
-            return worker
+            return self._attached(worker, *await asyncio.open_connection(sock=conn, limit=1 << 20))
         except BaseException:
-            if worker is not None:
-                await worker.kill()
-            else:
-                await self.monitor_gone(vm_dir)
+            await self._abandon(worker, vm_dir)
             raise
         finally:
             listener.close()
+
+    async def _spawn_helped(self, runtime: Runtime, settings, permissions: ExecPermissions, vm_dir: Path) -> Worker:
+        """spawn(), for an unprivileged runner: the privileged helper starts the monitor from
+        its policy's command for ``runtime`` and hands over the VM's channel, already connected,
+        and its console. The request names only the runtime and a network grant's ports."""
+        grants = Grants(permissions.net, permissions.net_private) if permissions.net else None
+        worker = None
+        try:
+            pid, pidfd, exited, (channel, console) = await self.helper.monitor(runtime.name, grants.ports if grants else [])
+            process = helped.HelpedMonitor(self.helper, pid, pidfd, exited, console)
+            worker = VmWorker(self, vm_dir, process, settings.max_output_bytes + 4096,
+                              Egress(grants, self.resolver) if grants else None)
+            self.live.add(worker)
+            await process.connect()
+            return self._attached(worker, *await asyncio.open_connection(sock=socket.socket(fileno=channel), limit=1 << 20))
+        except BaseException:
+            await self._abandon(worker, vm_dir)
+            raise
+
+    def _attached(self, worker: VmWorker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> VmWorker:
+        """The worker, its channel connected."""
+        worker.attach(reader, writer)
+        if self.closed:  # shut down while this one started
+            raise ExecutorError("the microVM backend is shut down")
+        return worker
+
+    async def _abandon(self, worker: VmWorker | None, vm_dir: Path) -> None:
+        """A spawn that failed leaves nothing: its VM killed, or its directory removed."""
+        if worker is not None:
+            await worker.kill()
+        else:
+            await self.monitor_gone(vm_dir)
 
     async def monitor_gone(self, vm_dir: Path) -> None:
         """A VM's directory goes once its monitor is dead (nothing of it stays behind)."""
@@ -389,6 +417,36 @@ class MicroVmBackend(Backend):
         self.closed = True
         self.stop_preparing()
         await asyncio.gather(*(w.kill() for w in list(self.live)), return_exceptions=True)
+        if self.helper is not None:
+            await self.helper.close()
+
+
+def memory_mb(settings, runtime: Runtime) -> int:
+    """A VM's memory: the bundle's, the runtime's reserve, its /tmp and the guest's own."""
+    return settings.memory_mb + runtime.data_overhead_mb + settings.tmp_mb + settings.microvm.overhead_mb
+
+
+def kernel_cmdline(settings, runtime: Runtime, accel: str, vsock_port: int | None, ports: list[int] = ()) -> str:
+    """The guest kernel's command line: what atrun-init reads (runtime, limits, the vsock port
+    and a network grant's ports), after the console and the operator's own arguments."""
+    s = settings
+    args = [KERNEL_ARGS, s.microvm.kernel_args]
+    if accel == "tcg":
+        args.append(TCG_KERNEL_ARGS)
+    args += [f"atrun.runtime={runtime.dir.name}", f"atrun.data_mb={s.memory_mb + runtime.data_overhead_mb}",
+             f"atrun.nproc={s.max_processes}", f"atrun.tmp_mb={s.tmp_mb}"]
+    if vsock_port is not None:
+        args.append(f"atrun.vsock={vsock_port}")
+    if ports:  # a network grant: the guest listens on these ports and relays to the proxy
+        args.append("atrun.net=" + ",".join(map(str, ports)))
+    return " ".join(a for a in args if a)
+
+
+def monitor_policy(settings) -> dict:
+    """What the privileged helper of an unprivileged runner may start (helped.policy): QEMU's
+    command per runtime and how many at once, fixed now, while the runner is root (privsep.py)."""
+    return helped.policy(settings, monitor_name(settings), lambda rt: memory_mb(settings, rt),
+                         lambda rt, accel: kernel_cmdline(settings, rt, accel, None))
 
 
 def kill_monitor(vm_dir: Path) -> None:
@@ -404,4 +462,4 @@ def kill_monitor(vm_dir: Path) -> None:
         return
 
 
-__all__ = ["MicroVmBackend", "host_support"]
+__all__ = ["MicroVmBackend", "host_support", "monitor_policy"]

@@ -33,9 +33,12 @@ class Qemu(Monitor):
 
     name = "qemu"
 
-    def __init__(self, binary: str, accelerator: str) -> None:
+    def __init__(self, binary: str, accelerator: str, channel_fd: int | None = None) -> None:
         self.binary = binary
         self.accelerator = accelerator
+        # The channel as a descriptor QEMU inherits (the privileged helper's socketpair), not a
+        # path it connects to: a monitor that is nobody could not reach the runner's directory.
+        self.channel_fd = channel_fd
 
     def command(self, spec: VmSpec) -> list[str]:
         cmd = [
@@ -48,7 +51,8 @@ class Qemu(Monitor):
             "-drive", f"id=root,file={spec.rootfs},format=raw,if=none,readonly=on",
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=channel,path={self.channel_path(spec.dir)}",
+            "-chardev", f"socket,id=channel,fd={self.channel_fd}" if self.channel_fd is not None
+            else f"socket,id=channel,path={self.channel_path(spec.dir)}",
             "-device", "virtserialport,chardev=channel,name=atrun",
             "-device", "virtio-rng-device",
         ]

@@ -254,10 +254,34 @@ def seccomp_filter(allowed=None):
     return True
 
 
+def seccomp_plan(allowed=None):
+    """The filter as data, the one description both backends enforce (libseccomp compiles it
+    here; the container backend hands it to the engine as a profile, container/seccomp.py).
+    ``allowed``: the system calls allowed (the rest answer EPERM), or None for the denylist
+    alone. Returns (default, rules): default is None (allow) or the errno every call no rule
+    names answers; each rule is (name, errno or None for allow, ((arg, op, datum_a, datum_b), ...)),
+    its comparisons all holding for it to apply (as libseccomp ANDs a rule's comparisons)."""
+    rules = []
+    if allowed is None:
+        rules += [(name, EPERM, ()) for name in DENIED_SYSCALLS]
+        rules.append(("socket", EACCES, ((0, SCMP_CMP_EQ, AF_UNIX, 0),)))
+        rules += [(name, EPERM, ((0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER),)) for name in ("unshare", "clone")]
+    else:
+        allowed = set(allowed)
+        rules += [(name, None, ()) for name in sorted(allowed - set(DENIED_SYSCALLS) - set(NOT_IMPLEMENTED) - set(ARGUMENT_RULES))]
+        if "socket" in allowed:
+            rules.append(("socket", EACCES, ((0, SCMP_CMP_EQ, AF_UNIX, 0),)))  # as without a list: EACCES, as before
+            rules += [("socket", None, ((0, SCMP_CMP_EQ, family, 0),)) for family in SOCKET_FAMILIES]
+        if "socketpair" in allowed:
+            rules.append(("socketpair", None, ((1, SCMP_CMP_MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM),)))
+        rules += [(name, None, ((0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, 0),)) for name in ("clone", "unshare") if name in allowed]
+    rules += [(name, ENOSYS, ()) for name in NOT_IMPLEMENTED]
+    return (None if allowed is None else EPERM), rules
+
+
 def seccomp_rules(allowed=None):
     """The filter compiled to BPF by libseccomp, once per process and allowlist (None without
-    libseccomp); loading it is per worker. ``allowed``: the system calls allowed (the rest
-    answer EPERM), or None for the denylist alone."""
+    libseccomp); loading it is per worker. ``allowed``: as seccomp_plan's."""
     key = None if allowed is None else tuple(sorted(set(allowed)))
     if key in _seccomp:
         return _seccomp[key]
@@ -269,39 +293,18 @@ def seccomp_rules(allowed=None):
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(ArgCmp)]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
-    errno = lambda e: 0x00050000 | e  # noqa: E731 - SCMP_ACT_ERRNO
-    ctx = lib.seccomp_init(SCMP_ACT_ALLOW if key is None else errno(EPERM))
+    action = lambda e: SCMP_ACT_ALLOW if e is None else 0x00050000 | e  # noqa: E731 - SCMP_ACT_ERRNO(e)
+    default, rules = seccomp_plan(key)
+    ctx = lib.seccomp_init(action(default))
     if not ctx:
         fail("seccomp_init failed")
-
-    def rule(action, name, *cmps):
+    for name, answer, cmps in rules:
         nr = lib.seccomp_syscall_resolve_name(name.encode())
         if nr < 0:
-            return  # not a syscall on this architecture
-        arr = (ArgCmp * max(1, len(cmps)))(*cmps)
-        if lib.seccomp_rule_add_array(ctypes.c_void_p(ctx), ctypes.c_uint32(action), nr, len(cmps), arr) != 0:
+            continue  # not a syscall on this architecture
+        arr = (ArgCmp * max(1, len(cmps)))(*(ArgCmp(*c) for c in cmps))
+        if lib.seccomp_rule_add_array(ctypes.c_void_p(ctx), ctypes.c_uint32(action(answer)), nr, len(cmps), arr) != 0:
             fail(f"seccomp rule for {name} failed")
-
-    if key is None:
-        for name in DENIED_SYSCALLS:
-            rule(errno(EPERM), name)
-        rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))
-        for name in ("unshare", "clone"):
-            rule(errno(EPERM), name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
-    else:
-        for name in set(key) - set(DENIED_SYSCALLS) - set(NOT_IMPLEMENTED) - set(ARGUMENT_RULES):
-            rule(SCMP_ACT_ALLOW, name)
-        if "socket" in key:
-            rule(errno(EACCES), "socket", ArgCmp(0, SCMP_CMP_EQ, AF_UNIX, 0))  # as without a list: EACCES, as before
-            for family in SOCKET_FAMILIES:
-                rule(SCMP_ACT_ALLOW, "socket", ArgCmp(0, SCMP_CMP_EQ, family, 0))
-        if "socketpair" in key:
-            rule(SCMP_ACT_ALLOW, "socketpair", ArgCmp(1, SCMP_CMP_MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM))
-        for name in ("clone", "unshare"):
-            if name in key:
-                rule(SCMP_ACT_ALLOW, name, ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, 0))
-    for name in NOT_IMPLEMENTED:
-        rule(errno(ENOSYS), name)
     read, write = os.pipe()  # the program is a few kilobytes: a pipe holds it whole
     try:
         if lib.seccomp_export_bpf(ctypes.c_void_p(ctx), write) != 0:

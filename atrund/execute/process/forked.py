@@ -10,8 +10,9 @@ the fork server reaps its children. If the fork server dies, its workers die wit
 
 For a runner that runs as its own user (``[runner] user``), the fork server is also its
 privileged helper: started before the drop (``launch``) with a policy, it mounts and detaches
-worker directories, makes egress namespaces and kills workers for the runner (``mount``,
-``unmount``, ``netns``, ``kill``), which can no longer do any of that itself.
+worker directories, makes egress namespaces, starts microVM monitors and kills workers and
+monitors for the runner (``mount``, ``unmount``, ``netns``, ``monitor``, ``kill``), which can no
+longer do any of that itself.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ForkServer:
         self.process: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.gone: str | None = None  # why it is not serving any more
+        self.lost = asyncio.Event()  # set when it is gone (the runner's watch of its privileged helper)
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future] = {}
         self._calls: set[int] = set()  # request ids of mount, unmount and netns (the rest are spawns)
@@ -120,7 +122,14 @@ class ForkServer:
     async def spawn(self, spec: dict, network: bool, fds: list[int]) -> tuple[int, int, asyncio.Future]:
         """A fenced worker on ``fds`` (stdin, stdout, stderr): its init's pid, a pidfd on it, and
         a future of its exit code (None if the fork server died first)."""
-        return await self._ask({"spec": spec, "network": network}, fds, "fork a worker")
+        pid, pidfd, exited, _ = await self._ask({"spec": spec, "network": network}, fds, "fork a worker")
+        return pid, pidfd, exited
+
+    async def monitor(self, runtime: str, ports: list[int]) -> tuple[int, int, asyncio.Future, list[int]]:
+        """A microVM's monitor started by the privileged helper, from the command its policy
+        holds for ``runtime`` (microvm/backend.monitor_policy): its init's pid, a pidfd on it, a
+        future of its exit code, and two descriptors: the VM's channel and its console."""
+        return await self._ask({"monitor": {"runtime": runtime, "ports": ports}}, [], "start a monitor")
 
     async def call(self, request: dict) -> tuple[dict, list[int]]:
         """One of the helper's requests (mount, unmount, netns): its answer and descriptors."""
@@ -219,9 +228,9 @@ class ForkServer:
                 reply.set_result((msg, fds))
             return
         if reply is None or reply.done():  # its spawn gave up waiting: do not leave the worker running
+            if "pid" in msg and fds:
+                self.kill(msg["pid"], fds[0])
             for fd in fds:
-                if "pid" in msg:
-                    self.kill(msg["pid"], fd)
                 os.close(fd)
             return
         if "error" in msg:
@@ -230,7 +239,7 @@ class ForkServer:
         exited = asyncio.get_running_loop().create_future()
         self._exits[msg["pid"]] = exited  # registered now: its exit may be the very next message
         self.live[msg["pid"]] = fds[0]
-        reply.set_result((msg["pid"], fds[0], exited))
+        reply.set_result((msg["pid"], fds[0], exited, fds[1:]))  # a monitor's channel and console follow its pidfd
 
     def _exit_reason(self) -> str:
         code = self.process.poll() if self.process else None
@@ -241,6 +250,7 @@ class ForkServer:
     def _lost(self, why: str) -> None:
         """The fork server is gone: so are its workers (PR_SET_PDEATHSIG). Nothing waits forever."""
         self.gone = why
+        self.lost.set()
         if self.sock is not None:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
             self.sock.close()

@@ -51,6 +51,12 @@ Messages (SOCK_SEQPACKET, one JSON object each):
   runner -> server  {"id": N, "mount": NAME, "size_mb": MB} / {"id": N, "unmount": NAME}
                     (policy only: a worker directory, by name, in the policy's work root)
   server -> runner  {"id": N, "ok": true} or {"id": N, "error": TEXT}
+  runner -> server  {"id": N, "monitor": {"runtime": NAME, "ports": [PORT...]}}  (policy only:
+                    a microVM for a runtime the policy has a monitor command for, while fewer
+                    than its monitor_limit run; see monitor())
+  server -> runner  {"id": N, "pid": PID} with fds: a pidfd of the monitor's init, the VM's
+                    channel (a connected stream socket) and its console (a pipe's read end);
+                    later {"exit": PID, "code": CODE} as for a worker; {"kill": PID} kills it
 
 Usage: ``python3 -I -S - SOCKET_FD`` with this program on stdin; the first message on the
 socket says the rest (see start()).
@@ -118,6 +124,23 @@ class Policy:
         self.grant_read, self.grant_write = list(raw["grant_read"]), list(raw["grant_write"])
         self.runtimes = raw["runtimes"]
         self.fixed = raw["fixed"]
+        self.monitors = raw.get("monitors") or {}  # runtime -> the VM monitor's command (microvm only)
+        self.monitor_limit = int(raw.get("monitor_limit", 0))  # monitors running at once, at most
+
+    def monitor(self, asked):
+        """The monitor command for a VM of the runtime ``asked`` names, with the ports the guest
+        relays (its only variable part, appended to the guest kernel's command line as numbers)."""
+        if not self.monitors:
+            raise Refused("this runner's backend starts no virtual machines")
+        argv = self.monitors.get(asked.get("runtime")) if isinstance(asked, dict) else None
+        if argv is None:
+            raise Refused(f"not a runtime of this runner: {asked.get('runtime') if isinstance(asked, dict) else asked!r}")
+        ports = tcp_ports(asked.get("ports"))
+        argv = list(argv)
+        if ports:
+            cmdline = argv.index("-append") + 1
+            argv[cmdline] += " atrun.net=" + ",".join(map(str, ports))
+        return argv
 
     def worker(self, name):
         """A worker directory's name, checked: ``w{uid}-{random}`` with a uid of the range."""
@@ -138,9 +161,7 @@ class Policy:
         name = self.worker(os.path.basename(workdir) if isinstance(workdir, str) else None)
         if not name.startswith(f"w{uid}-"):
             raise Refused(f"worker directory {name} is not uid {uid}'s")
-        ports = asked.get("ports")
-        if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
-            raise Refused("ports must be a list of TCP port numbers")
+        ports = tcp_ports(asked.get("ports"))
         rlimits = asked.get("rlimits")
         if not isinstance(rlimits, dict) or set(rlimits) != set(RLIMITS) or not all(type(v) is int and v >= 0 for v in rlimits.values()):
             raise Refused(f"rlimits must set exactly {', '.join(RLIMITS)}")
@@ -153,6 +174,13 @@ class Policy:
             "ports": ports, "rlimits": rlimits,
             "cgroups": [f"{parent}/{name}/tasks" for parent in self.cgroups] if asked.get("cgroups") else [],
         }
+
+
+def tcp_ports(ports):
+    """``ports``, checked to be a short list of TCP port numbers."""
+    if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
+        raise Refused("ports must be a list of TCP port numbers")
+    return ports
 
 
 def granted(paths, roots):
@@ -223,6 +251,7 @@ class Server:
         self.policy = policy  # set for an unprivileged runner: every request is checked against it
         self.programs = Programs()
         self.children = {}  # pidfd (the server's own copy, for reaping) -> pid
+        self.monitors = set()  # pids of the monitor inits running
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.self_fd = os.pidfd_open(os.getpid())  # a worker's init checks the server is alive through it
         self.poll = select.poll()
@@ -260,6 +289,8 @@ class Server:
                 self.netns(msg)
             elif "mount" in msg or "unmount" in msg:
                 self.mount(msg)
+            elif "monitor" in msg:
+                self.monitor(msg)
             else:
                 raise Refused("not a request this server knows")
         except Become:
@@ -274,6 +305,12 @@ class Server:
         if not servable(spec["argv"]):
             raise ValueError(f"not a command this fork server runs: {spec['argv'][:4]}")
         code = self.programs.code(spec["argv"][3], fence.moved(spec["argv"][3], fence.relocation(spec["relocate"])))
+        pid, pidfd = self.fork_init(lambda: worker_init(self, spec, msg.get("network", False), fds, code))  # leaves only by Become
+        self.send({"id": msg["id"], "pid": pid}, [pidfd])
+
+    def fork_init(self, init):
+        """Fork a child that runs ``init`` as PID 1 of a new PID namespace (it never returns); its
+        pid, and a pidfd this server reaps it by."""
         sys.stderr.flush()
         check(libc.unshare(CLONE_NEWPID), "unshare a PID namespace")  # for the next child only
         try:
@@ -282,14 +319,14 @@ class Server:
             check(libc.setns(self.own_pidns, CLONE_NEWPID), "return to the server's PID namespace")
             raise
         if pid == 0:
-            worker_init(self, spec, msg.get("network", False), fds, code)  # leaves only by Become
-        # Later children must not land in this worker's namespace: a failure here ends the server.
+            init()
+        # Later children must not land in this child's namespace: a failure here ends the server.
         if libc.setns(self.own_pidns, CLONE_NEWPID) != 0:
             os._exit(70)
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = pid
         self.poll.register(pidfd, select.POLLIN)
-        self.send({"id": msg["id"], "pid": pid}, [pidfd])
+        return pid, pidfd
 
     def kill(self, pid):
         """SIGKILL to a worker's init, if this server forked it (an unprivileged runner may not
@@ -306,9 +343,7 @@ class Server:
         """A worker's egress namespace (anyip.build), made here for a runner that cannot: a new
         one, or a container's (``--network none``: nothing in it but loopback, which build checks)."""
         asked = msg["netns"]
-        ports = asked.get("ports") if isinstance(asked, dict) else None
-        if not isinstance(ports, list) or len(ports) > MAX_PORTS or not all(type(p) is int and 0 < p < 65536 for p in ports):
-            raise Refused("ports must be a list of TCP port numbers")
+        ports = tcp_ports(asked.get("ports") if isinstance(asked, dict) else None)
         existing = None
         if "container" in asked:
             existing, servers = self.container_netns(asked.get("container"), asked.get("pid"))
@@ -369,11 +404,36 @@ class Server:
             libc.umount2(f"{self.policy.work_root}/{name}".encode(), MNT_DETACH | UMOUNT_NOFOLLOW)  # not mounted: nothing to do
         self.send({"id": msg["id"], "ok": True})
 
+    def monitor(self, msg):
+        """Start a microVM's monitor (QEMU) for an unprivileged runner: the command is the
+        policy's (binary, kernel, initramfs, rootfs, memory, vCPUs, its seccomp sandbox and its
+        drop to nobody, all fixed before the runner dropped); the request picks a runtime and
+        the ports of a network grant. Like a worker, the monitor's init is PID 1 of a PID
+        namespace of its own and dies with this server, and the monitor with it (QEMU's own drop
+        to nobody clears any parent-death signal QEMU had); ``kill`` names that init."""
+        if self.policy is None:
+            raise Refused("monitors are started only under a policy")
+        argv = self.policy.monitor(msg["monitor"])
+        if len(self.monitors) >= self.policy.monitor_limit:
+            raise Refused(f"{len(self.monitors)} monitors are running: the policy allows {self.policy.monitor_limit} at once")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        console, console_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid, pidfd = self.fork_init(lambda: monitor_init(self, argv, theirs.fileno(), console_end))
+            self.monitors.add(pid)
+            self.send({"id": msg["id"], "pid": pid}, [pidfd, ours.fileno(), console])
+        finally:
+            for end in (ours, theirs):
+                end.close()
+            os.close(console)
+            os.close(console_end)
+
     def reap(self, pidfd):
         pid = self.children.pop(pidfd)
         self.poll.unregister(pidfd)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
+        self.monitors.discard(pid)
         self.send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
     def send(self, msg, fds=()):
@@ -415,6 +475,38 @@ def worker_init(server, spec, network, fds, code):
     if child == 0:
         fence.seccomp_filter(spec.get("syscalls"))  # in the runtime's process only, as on the exec path
         raise Become(code, argv[3:], spec["env"])
+    fence.serve_as_init(child)
+
+
+def monitor_init(server, argv, channel, console):
+    """In the forked child, PID 1 of its new namespace, still root: the monitor's init. It runs
+    the monitor (console on stdout and stderr, the VM's channel on fd 3, where the policy's
+    command expects it), reaps, and exits with the monitor's status; it keeps this server's
+    parent-death signal, so the namespace, monitor included, goes when this server goes."""
+    try:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if select.select([server.self_fd], [], [], 0)[0]:
+            os._exit(70)  # the server died before the line above
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(console, 1)
+        os.dup2(console, 2)
+        if channel == 3:
+            os.set_inheritable(3, True)
+        else:
+            os.dup2(channel, 3)
+        os.closerange(4, 1 << 20)  # the server's socket, its pidfds, the other ends
+        child = os.fork()
+        if child == 0:
+            try:
+                os.execve(argv[0], argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+            except OSError as e:
+                os.write(2, f"cannot start {argv[0]}: {e.strerror}\n".encode())
+            os._exit(127)
+        os.close(3)  # the channel is the monitor's alone: the runner sees its end close when it dies
+    except BaseException:  # noqa: BLE001 - nothing to tell but the exit status
+        os._exit(70)
     fence.serve_as_init(child)
 
 
