@@ -344,6 +344,8 @@ class App:
         running ones are recorded as at any stop), and let the service manager start the whole
         runner again (HelperGone: serve's exit code says so)."""
         await self._helper.lost.wait()
+        if stop.is_set():  # a stop under way: its signal may have reached the helper too (a terminal's Ctrl-C)
+            await asyncio.Event().wait()
         self.fatal = HelperGone(f"the privileged helper is gone ({self._helper.gone}); an unprivileged runner cannot "
                                 "start another, so it stops")
         log.error("the privileged helper is gone: stopping, to be started again by the service manager",

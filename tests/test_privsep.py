@@ -277,3 +277,49 @@ async def test_when_the_helper_dies_serve_stops_so_that_it_is_started_again(stac
     text = log.read_text()
     assert proc.returncode == HelperGone.exit_code, text[-3000:]
     assert "the privileged helper is gone" in text and "Traceback" not in text, text[-3000:]
+
+
+async def test_a_stop_signal_to_serve_and_its_helper_drains_running_work(stack, new_account, author, reader, home):
+    """SIGTERM to serve and to its helper at once (what a service manager that signals every
+    process of the unit does: KillMode=control-group; packaging/atrund.service now says mixed):
+    the helper ignores it and the runner drains, so the invocation running at that moment
+    finishes and is recorded as a success, and serve exits 0, not HelperGone. Before: the helper
+    died of the signal, the running worker with it, and serve exited 59."""
+    runner = new_account("groupstop")
+    arrived = asyncio.Event()
+
+    async def accept(reader_, writer):
+        arrived.set()
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = _config(home, stack, runner, author, "process", port)
+    slow = await author.publish("import socket, time\ndef main(args):\n"
+                                "    socket.create_connection(('127.0.0.1', args['port']), timeout=5).close()\n"
+                                "    time.sleep(3)\n    return {'slept': True}\n", permissions={"net": [f"127.0.0.1:{port}"]})
+    log = home / "serve.log"
+    with open(log, "a") as out:
+        proc = subprocess.Popen([*as_the_unit_starts_it(), sys.executable, "-m", "atrund.cli", "serve", "-c", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        uri = await author.invoke(slow, runner.did, args={"port": port})
+        await asyncio.wait_for(arrived.wait(), 60)  # it runs
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        helper = next(p for p in children if _status(p)["Uid"].split()[0] == "0")
+        os.kill(helper, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)
+        for _ in range(300):
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        server.close()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "privileged helper is gone" not in text and "Traceback" not in text, text[-3000:]
+    result = await wait_result(reader, runner.did, uri, timeout=30)
+    assert result["status"] == "success" and result["data"] == {"slept": True}, result

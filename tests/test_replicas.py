@@ -77,6 +77,7 @@ def _open(config: str) -> str:
 
 def _no_hot_affinity(config: str) -> str:
     """Work assigned by open work alone, not by hot workers (runner.hot_affinity = false)."""
+    assert "[runner]\n" in config, "serve_config writes a [runner] table"
     return config.replace("[runner]\n", "[runner]\nhot_affinity = false\n", 1)
 
 

@@ -411,15 +411,20 @@ async def test_a_system_call_outside_the_runtimes_allowlist(isolation):
 async def test_a_vsock_socket(isolation):
     """AF_VSOCK (to a hypervisor or other guests, outside every Landlock rule and network
     namespace): process and container refuse the socket itself, though the container has no
-    network at all. Control: under the engine's own profile (executor.container.seccomp =
-    "engine", Docker 20.10 here) the same bundle creates one, binds it and listens."""
+    network at all. Control, where the engine allows it: under the engine's own profile
+    (executor.container.seccomp = "engine") Debian's Docker 20.10.24 lets the same bundle create
+    one, bind it and listen (upstream moby denies AF_VSOCK since 23.0; a host without the vsock
+    module has no such family: then the control shows nothing, and says so)."""
     r = await attack(isolation, "vsock")
     assert r.success, r.error
     if isolation in FILTERED:
         assert r.data == {"created": False, "why": "PermissionError", "errno": 1}
     if isolation == "container":
         r = await attack(isolation, "vsock", container={"uid": UID_BASE, "seccomp": "engine"})
-        assert r.success and r.data["created"] is True, r
+        assert r.success, r.error
+        if not r.data["created"]:
+            assert r.data["errno"] in (1, 97), r.data  # EPERM (the engine's profile), EAFNOSUPPORT (no vsock here)
+            print(f"control: the engine's own profile refuses AF_VSOCK here too ({r.data})")
 
 
 async def test_a_datagram_pair_sending_to_a_host_unix_socket(isolation, host_dir):

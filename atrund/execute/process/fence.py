@@ -217,6 +217,7 @@ def moved(path, moves):
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ = 4, 7
 AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, CLONE_NEWUSER = 1, 2, 10, 16, 0x10000000
+NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET (moby's mask too)
 SOCK_TYPE_MASK, SOCK_STREAM = 0xF, 1
 SOCKET_FAMILIES = (AF_INET, AF_INET6, AF_NETLINK)  # netlink: glibc's getaddrinfo asks the kernel for the host's addresses
 EPERM, EACCES, ENOSYS = 1, 13, 38
@@ -274,7 +275,9 @@ def seccomp_plan(allowed=None):
             rules += [("socket", None, ((0, SCMP_CMP_EQ, family, 0),)) for family in SOCKET_FAMILIES]
         if "socketpair" in allowed:
             rules.append(("socketpair", None, ((1, SCMP_CMP_MASKED_EQ, SOCK_TYPE_MASK, SOCK_STREAM),)))
-        rules += [(name, None, ((0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, 0),)) for name in ("clone", "unshare") if name in allowed]
+        # No new namespace of any kind: only a user namespace would work without capabilities, but
+        # the kernel judges the others after copying the caller, and no runtime makes one.
+        rules += [(name, None, ((0, SCMP_CMP_MASKED_EQ, NAMESPACE_FLAGS, 0),)) for name in ("clone", "unshare") if name in allowed]
     rules += [(name, ENOSYS, ()) for name in NOT_IMPLEMENTED]
     return (None if allowed is None else EPERM), rules
 

@@ -82,6 +82,7 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 PR_SET_PDEATHSIG = 1
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
 MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # ignored by the server, not by what it forks
 MAX_MESSAGE = 1 << 20
 MAX_PORTS, MAX_SERVERS = 64, 8  # per namespace: the egress proxy's own caps are lower
 sys.dont_write_bytecode = True  # no __pycache__ written as root into the checkout (restored for the runtime)
@@ -319,6 +320,8 @@ class Server:
             check(libc.setns(self.own_pidns, CLONE_NEWPID), "return to the server's PID namespace")
             raise
         if pid == 0:
+            for sig in STOP_SIGNALS:  # the server ignores them; a worker or monitor must not
+                signal.signal(sig, signal.SIG_DFL)
             init()
         # Later children must not land in this child's namespace: a failure here ends the server.
         if libc.setns(self.own_pidns, CLONE_NEWPID) != 0:
@@ -547,6 +550,11 @@ def start(argv):
     sock = socket.socket(fileno=int(argv[1]))
     config = json.loads(sock.recv(MAX_MESSAGE) or b"null")
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # A stop is the runner's to make: Ctrl-C in a terminal signals the whole process group, and a
+    # service manager may signal every process of the unit; the runner then drains its running
+    # work through this server, which ends when the runner closes its socket (or dies).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     if not config or os.getppid() != config["runner"]:
         os._exit(1)  # the runner died before the line above
     devnull = os.open(os.devnull, os.O_RDWR)
