@@ -46,7 +46,8 @@ the fix it names.
     ├── UnknownBackend                   54  an isolation name that is no backend, alias or auto (also a ValueError)
     ├── DropFailed                       56  `atrund serve` could not become runner.user (no such user, or the drop failed)
     ├── CopyRefused                      57  `atrund state copy` refused: the target database already holds state
-    └── StateMoved                       58  this SQLite state was copied into Postgres: it is not opened again
+    ├── StateMoved                       58  this SQLite state was copied into Postgres: it is not opened again
+    └── HelperGone                       59  under runner.user, the privileged helper died: serve stops to be restarted
 
 Exit codes 0-4 mean something else (see the README): 0 done, 1 an unexpected error (a bug: it
 prints a traceback), 2 a usage error (click), 3 a bundle's status is not success, 4 no result in
