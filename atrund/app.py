@@ -91,7 +91,6 @@ class App:
         self.cfg = cfg
         self._password = password
         self._helper = helper
-        self._helped = helper is not None
         self.fatal: AtrundError | None = None  # why serve stopped by itself (HelperGone), raised by the CLI after shutdown
         self.grants = PermissionPolicy.from_config(cfg.permissions)
         self.keyring = load_keyring(cfg)
@@ -290,7 +289,7 @@ class App:
                 # the runner record announces the mode and its source
                 await self.session.put_record(RUNNER, "self", self.declaration(self._gateway_url).to_record())
         if new.permissions != self.cfg.permissions:
-            if self._helped and (new.permissions.read, new.permissions.write) != (self.cfg.permissions.read, self.cfg.permissions.write):
+            if self._helper is not None and (new.permissions.read, new.permissions.write) != (self.cfg.permissions.read, self.cfg.permissions.write):
                 log.warning("[permissions] read and write paths are checked again by the privileged helper, against "
                             "the lists it started with: a path granted since is refused until the runner restarts")
             self.grants = PermissionPolicy.from_config(new.permissions)
@@ -344,13 +343,12 @@ class App:
         running ones are recorded as at any stop), and let the service manager start the whole
         runner again (HelperGone: serve's exit code says so)."""
         await self._helper.lost.wait()
-        if stop.is_set():  # a stop under way: its signal may have reached the helper too (a terminal's Ctrl-C)
-            await asyncio.Event().wait()
-        self.fatal = HelperGone(f"the privileged helper is gone ({self._helper.gone}); an unprivileged runner cannot "
-                                "start another, so it stops")
-        log.error("the privileged helper is gone: stopping, to be started again by the service manager",
-                  why=self._helper.gone)
-        stop.set()
+        if not stop.is_set():  # else a stop under way: its signal may have reached the helper too
+            self.fatal = HelperGone(f"the privileged helper is gone ({self._helper.gone}); an unprivileged runner cannot "
+                                    "start another, so it stops")
+            log.error("the privileged helper is gone: stopping, to be started again by the service manager",
+                      why=self._helper.gone)
+            stop.set()
         await asyncio.Event().wait()  # until the shutdown stops this loop
 
     async def lead_ingest(self, loops: dict, interval: float) -> None:

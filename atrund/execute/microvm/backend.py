@@ -322,9 +322,6 @@ class MicroVmBackend(Backend):
         if removed:
             log.info("removed microVMs a stopped runner left behind", count=removed)
 
-    def _memory_mb(self, runtime: Runtime) -> int:
-        return memory_mb(self.settings, runtime)
-
     def _cmdline(self, runtime: Runtime, ports: list[int] = ()) -> str:
         return kernel_cmdline(self.settings, runtime, getattr(self.monitor, "accelerator", "kvm"),
                               self.monitor.vsock_port, ports)
@@ -350,7 +347,7 @@ class MicroVmBackend(Backend):
             listener.setblocking(False)
             grants = Grants(permissions.net, permissions.net_private) if permissions.net else None
             spec = VmSpec(vm_dir, settings.microvm.kernel, settings.microvm.initramfs, settings.microvm.rootfs,
-                          self._memory_mb(runtime), settings.microvm.vcpus,
+                          memory_mb(self.settings, runtime), settings.microvm.vcpus,
                           self._cmdline(runtime, grants.ports if grants else []))
             process = await self.monitor.launch(spec)
             (vm_dir / PID_FILE).write_text(str(process.pid))
@@ -445,8 +442,7 @@ def kernel_cmdline(settings, runtime: Runtime, accel: str, vsock_port: int | Non
 def monitor_policy(settings) -> dict:
     """What the privileged helper of an unprivileged runner may start (helped.policy): QEMU's
     command per runtime and how many at once, fixed now, while the runner is root (privsep.py)."""
-    return helped.policy(settings, monitor_name(settings), lambda rt: memory_mb(settings, rt),
-                         lambda rt, accel: kernel_cmdline(settings, rt, accel, None))
+    return helped.policy(settings, lambda rt: memory_mb(settings, rt), lambda rt, accel: kernel_cmdline(settings, rt, accel, None))
 
 
 def kill_monitor(vm_dir: Path) -> None:

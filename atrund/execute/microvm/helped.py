@@ -27,19 +27,16 @@ from atrund.execute.runtimes import load_runtimes
 CHANNEL_FD = 3  # where the helper puts the VM's channel in the monitor (forkserver.monitor_init)
 
 
-def policy(settings, monitor: str, memory_mb, cmdline) -> dict:
+def policy(settings, memory_mb, cmdline) -> dict:
     """The helper's policy for monitors: the command for each runtime (``monitors``), built now (as root, before the drop) from the
     operator's configuration alone: the QEMU binary (resolved), the accelerator (probed now, as
     root), kernel, initramfs, rootfs, memory and vCPUs. The helper appends only a network
-    grant's port numbers to the kernel command line (forkserver.Policy.monitor).
-    ``monitor`` is the one chosen; ``memory_mb(runtime)`` and ``cmdline(runtime, accelerator)``
-    are the backend's own. And how many may run at once (``monitor_limit``): twice what the
+    grant's port numbers to the kernel command line (forkserver.Policy.monitor). QEMU only:
+    privsep refuses Firecracker before this is built. ``memory_mb(runtime)`` and
+    ``cmdline(runtime, accelerator)`` are the backend's own. And how many may run at once (``monitor_limit``): twice what the
     pool keeps at most (busy, hot and warm workers), room for VMs being killed while their
     successors start; a compromised runner can hold no more host memory in VMs than that."""
     s = settings
-    if monitor != "qemu":
-        raise ExecutorError("executor.microvm.monitor: Firecracker cannot run under runner.user yet "
-                            "(its jailer is not driven by the privileged helper); set it to qemu")
     binary = shutil.which(s.microvm.qemu_binary)
     if binary is None:
         raise ExecutorError(f"{s.microvm.qemu_binary} is not installed (Debian: apt-get install qemu-system-x86)")
