@@ -11,7 +11,7 @@ from conftest import no_result, wait_result
 
 from atrund import client
 from atrund.access import PolicyFile
-from atrund.atproto.uri import new_tid
+from atrund.atproto.uri import TID_ALPHABET
 from atrund.errors import InvalidSchedule
 from atrund.records import SCHEDULE, Result, result_rkey, tick_key, utc_second
 from atrund.timetable import Timetable
@@ -35,6 +35,14 @@ async def schedule(author, bundle, runner, **fields) -> str:
     uri, _ = await client.create_schedule(author.session, author.repos, bundle["uri"], runner.did, "main", cid=bundle["cid"],
                                           **fields)
     return uri
+
+
+def _tid_value(tid: str) -> int:
+    return sum(TID_ALPHABET.index(c) << (5 * i) for i, c in enumerate(reversed(tid)))
+
+
+def _tid(value: int) -> str:
+    return "".join(TID_ALPHABET[(value >> (5 * i)) & 31] for i in reversed(range(13)))
 
 
 async def taken(runner, uri: str, timeout: float = 10) -> None:
@@ -170,8 +178,13 @@ async def test_hostile_schedules_are_refused_or_capped(author, make_runner, read
     every_minute = await schedule(author, bundle, runner, cron="* * * * *")
     record = client.schedule_record(runner.did, bundle, "main", interval_seconds=3600)
     many = 10_000
+    # Keys after every_minute's: the PDS made that one, and its TIDs run ahead of the clock by
+    # how many it has made within one millisecond since it started (CI's PDS, late in the suite:
+    # seconds), so fresh TIDs of ours could sort before it, and the cap would keep those instead.
+    after = _tid_value(every_minute.rsplit("/", 1)[1])
+    keys = iter(_tid(after + n) for n in range(1, many + 1))
     for _ in range(0, many, 200):
-        await author.session.apply_creates(SCHEDULE, [(new_tid(), record) for _ in range(200)])
+        await author.session.apply_creates(SCHEDULE, [(next(keys), record) for _ in range(200)])
     # Usually taken before the last batch is written (the firehose wakes the round); the wait is
     # for a loaded machine, and says what the runner holds if it runs out (CI failed here once).
     deadline = time.monotonic() + 120
